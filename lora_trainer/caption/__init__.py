@@ -1,0 +1,1 @@
+"""Captioning: BLIP captions, CLIP interrogation with shipped term lists, tag tools."""

@@ -1,0 +1,572 @@
+"""TrainConfig: the one description of an image-LoRA run.
+
+YAML files, ``--set section.field=value`` overrides and the UI all fill it by field path
+(``network.rank``). The flat keys users know from lora-scripts and kohya (``lora_rank``,
+``train_data_dir``, ...) are accepted as aliases. Every value is checked before any work starts;
+a bad key or value raises :class:`ConfigError` with one line naming it and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from lora_trainer.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" is the natural name
+    """A dataclass field with help text (shown by ``config --example`` and the README)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    base_model: str = _f("demo", "Base model: a diffusers folder, a single-file .safetensors checkpoint, or 'demo' for the tiny embedded model.")
+    arch: Literal["auto", "sd1", "sd2", "sdxl"] = _f("auto", "Model family; 'auto' detects it from the files.")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = _f("auto", "What the UNet predicts; 'auto' reads it from the model (SD2 768-v models are v_prediction).")
+    vae: str | None = _f(None, "Optional separate VAE (.safetensors file or diffusers folder).")
+    allow_pickle: bool = _f(False, "Allow loading pickle checkpoints (.ckpt/.pt). They can run arbitrary code: only for files you trust.")
+    weight_dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "dtype of the frozen base weights; 'auto' is fp16/bf16 on a GPU (per mixed_precision) and fp32 on CPU.")
+    device: str = _f("auto", "'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
+
+
+@dataclass
+class DataConfig:
+    train_data_dir: str = _f("", "Folder of training images (sub-folders named '<repeats>_<name>' set repeats kohya-style).")
+    metadata_path: str | None = _f(None, "Caption file 'filename,prompt' (lora-scripts layout). Default: <train_data_dir>/metadata.csv if present, else .txt sidecars.")
+    caption_extension: str = _f(".txt", "Extension of caption sidecar files (kohya layout).")
+    trigger_word: str = _f("", "Word put in front of every caption (e.g. 'sks dog'); empty for none.")
+    shuffle_captions: bool = _f(False, "Shuffle comma-separated tags each step.")
+    keep_tokens: int = _f(0, "Keep the first N tags in place when shuffling (the trigger word counts as one).")
+    caption_dropout: float = _f(0.0, "Probability of training a step with an empty caption.")
+    repeats: int = _f(1, "How many times each image is seen per epoch.")
+    flip: bool = _f(False, "Random horizontal flip (do not use for text, logos or asymmetric characters).")
+    reg_data_dir: str | None = _f(None, "Folder of regularization (class) images with captions.")
+    prior_loss_weight: float = _f(1.0, "Loss weight of regularization images.")
+    resolution: int = _f(512, "Training resolution (side of the square area buckets are built around).")
+    enable_buckets: bool = _f(True, "Group images into aspect-ratio buckets instead of cropping to a square.")
+    min_bucket_reso: int = _f(256, "Smallest bucket side.")
+    max_bucket_reso: int = _f(1024, "Largest bucket side.")
+    bucket_step: int = _f(64, "Bucket sides are multiples of this.")
+    bucket_no_upscale: bool = _f(False, "Never upscale an image to fit a bucket; smaller images get smaller buckets.")
+    crop: Literal["center", "random"] = _f("center", "How images are cropped to their bucket (or square).")
+    min_image_size: int = _f(64, "Images with a side below this are reported and skipped.")
+    on_invalid: Literal["skip", "stop"] = _f("skip", "What to do with invalid files found by validation: skip them, or stop before training.")
+    cache_latents: Literal["memory", "disk", "off"] = _f("memory", "Cache VAE latents (needs no flip/random crop to be exact; with them the cache is skipped).")
+    cache_dir: str | None = _f(None, "Folder of the disk latent cache (default: <output_dir>/.cache).")
+    cache_text_embeddings: bool = _f(True, "Cache text-encoder outputs when the text encoder is frozen and captions are fixed.")
+    num_workers: int = _f(0, "Data loader worker processes (0 loads in the training process).")
+
+
+@dataclass
+class NetworkConfig:
+    rank: int = _f(16, "LoRA rank (network_dim).")
+    alpha: float = _f(8.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = _f(0.0, "Dropout on the LoRA path.")
+    target_modules: list[str] = _f([], "Module name patterns to adapt; empty for kohya's defaults (attention, feed-forward and 1x1 projections inside transformer blocks).")
+    train_unet: bool = _f(True, "Train LoRA on the UNet.")
+    train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s).")
+    init_from: str | None = _f(None, "Existing LoRA .safetensors to continue training from (its rank and alpha are used).")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "lion"] = _f("adamw", "Optimizer. adamw8bit needs bitsandbytes, prodigy needs prodigyopt, lion needs lion-pytorch.")
+    learning_rate: float = _f(1e-4, "Base learning rate.")
+    unet_lr: float | None = _f(None, "UNet learning rate (default: learning_rate).")
+    text_encoder_lr: float | None = _f(None, "Text-encoder learning rate (default: learning_rate).")
+    weight_decay: float = _f(0.01, "Weight decay.")
+    adam_beta1: float = _f(0.9, "Adam beta1.")
+    adam_beta2: float = _f(0.999, "Adam beta2.")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon.")
+    lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts"] = _f("cosine", "Learning-rate schedule after warmup.")
+    lr_warmup_steps: int = _f(0, "Linear warmup steps.")
+    lr_num_cycles: int = _f(1, "Restarts for cosine_with_restarts.")
+    max_grad_norm: float = _f(1.0, "Clip gradients to this norm (0 disables).")
+
+
+@dataclass
+class LoopConfig:
+    batch_size: int = _f(1, "Images per step.")
+    epochs: int = _f(10, "Passes over the dataset (ignored when max_train_steps is set).")
+    max_train_steps: int | None = _f(None, "Stop after this many optimizer steps.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "Autocast precision; LoRA parameters stay fp32 (fp16 uses loss scaling).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    noise_offset: float = _f(0.0, "Noise offset (helps very dark/bright images); 0.05-0.1 typical.")
+    min_snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5 is typical); empty disables.")
+    seed: int = _f(42, "Random seed (data order, noise, dropout).")
+    save_steps: int = _f(0, "Save a resumable checkpoint every N steps (0: only at the end).")
+    resume: str | None = _f(None, "'latest' or a checkpoint folder to continue a run.")
+    compile: bool = _f(False, "torch.compile the UNet (faster on GPUs after a warm-up).")
+
+
+@dataclass
+class OutputConfig:
+    output_dir: str = _f("output", "Folder for the LoRA file, checkpoints, logs and the run summary.")
+    output_name: str = _f("my_lora", "Name of the LoRA file (<output_name>.safetensors).")
+    overwrite: bool = _f(False, "Overwrite an existing LoRA of the same name (default: write <name>_v2, _v3, ...).")
+    save_precision: Literal["fp16", "bf16", "fp32"] = _f("fp16", "dtype of the saved LoRA tensors.")
+    tensorboard: bool = _f(True, "Write TensorBoard logs to <output_dir>/logs.")
+    keep_checkpoints: int = _f(3, "How many step checkpoints to keep (older ones are deleted; 0 keeps all).")
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = _f("", "Prompt for sample images during training (empty: no samples).")
+    negative_prompt: str = _f("", "Negative prompt for samples.")
+    every_n_steps: int = _f(0, "Render a sample every N steps (0: only when asked).")
+    seed: int = _f(1234, "Seed of sample images (fixed, so samples are comparable).")
+    steps: int = _f(20, "Denoising steps of sample images.")
+    guidance_scale: float = _f(7.0, "Classifier-free guidance scale of sample images.")
+    width: int | None = _f(None, "Sample width (default: resolution).")
+    height: int | None = _f(None, "Sample height (default: resolution).")
+
+
+@dataclass
+class TrainConfig:
+    task: Literal["image", "llm"] = _f("image", "'image' for Stable Diffusion LoRA; 'llm' for text LoRA (see the llm section).")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # -- conversions -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def get(self, path: str) -> Any:
+        section, name = _split_path(path)
+        return getattr(getattr(self, section), name) if section else getattr(self, name)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "network": NetworkConfig,
+    "optim": OptimConfig,
+    "train": LoopConfig,
+    "output": OutputConfig,
+    "sample": SampleConfig,
+}
+
+# Flat keys from lora-scripts / kohya sd-scripts -> field paths.
+ALIASES: dict[str, str] = {
+    "base_model": "model.base_model",
+    "pretrained_model_name_or_path": "model.base_model",
+    "v_parameterization": "model.prediction_type",
+    "vae": "model.vae",
+    "train_data_dir": "data.train_data_dir",
+    "metadata_path": "data.metadata_path",
+    "caption_extension": "data.caption_extension",
+    "trigger_word": "data.trigger_word",
+    "shuffle_caption": "data.shuffle_captions",
+    "shuffle_captions": "data.shuffle_captions",
+    "keep_tokens": "data.keep_tokens",
+    "caption_dropout_rate": "data.caption_dropout",
+    "caption_dropout": "data.caption_dropout",
+    "repeats": "data.repeats",
+    "num_repeats": "data.repeats",
+    "flip_aug": "data.flip",
+    "reg_data_dir": "data.reg_data_dir",
+    "prior_loss_weight": "data.prior_loss_weight",
+    "resolution": "data.resolution",
+    "enable_bucket": "data.enable_buckets",
+    "enable_buckets": "data.enable_buckets",
+    "min_bucket_reso": "data.min_bucket_reso",
+    "max_bucket_reso": "data.max_bucket_reso",
+    "bucket_reso_steps": "data.bucket_step",
+    "bucket_no_upscale": "data.bucket_no_upscale",
+    "random_crop": "data.crop",
+    "cache_latents": "data.cache_latents",
+    "cache_latents_to_disk": "data.cache_latents",
+    "max_data_loader_n_workers": "data.num_workers",
+    "lora_rank": "network.rank",
+    "network_dim": "network.rank",
+    "lora_alpha": "network.alpha",
+    "network_alpha": "network.alpha",
+    "network_dropout": "network.dropout",
+    "lora_dropout": "network.dropout",
+    "target_modules": "network.target_modules",
+    "train_text_encoder": "network.train_text_encoder",
+    "network_weights": "network.init_from",
+    "optimizer_type": "optim.optimizer",
+    "optimizer": "optim.optimizer",
+    "learning_rate": "optim.learning_rate",
+    "lr": "optim.learning_rate",
+    "unet_lr": "optim.unet_lr",
+    "text_encoder_lr": "optim.text_encoder_lr",
+    "weight_decay": "optim.weight_decay",
+    "lr_scheduler": "optim.lr_scheduler",
+    "lr_warmup_steps": "optim.lr_warmup_steps",
+    "lr_scheduler_num_cycles": "optim.lr_num_cycles",
+    "max_grad_norm": "optim.max_grad_norm",
+    "batch_size": "train.batch_size",
+    "train_batch_size": "train.batch_size",
+    "epochs": "train.epochs",
+    "max_train_epochs": "train.epochs",
+    "max_train_steps": "train.max_train_steps",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "mixed_precision": "train.mixed_precision",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "noise_offset": "train.noise_offset",
+    "min_snr_gamma": "train.min_snr_gamma",
+    "seed": "train.seed",
+    "save_steps": "train.save_steps",
+    "save_every_n_steps": "train.save_steps",
+    "resume": "train.resume",
+    "output_dir": "output.output_dir",
+    "output_name": "output.output_name",
+    "save_precision": "output.save_precision",
+    "sample_prompt": "sample.prompt",
+    "sample_every_n_steps": "sample.every_n_steps",
+}
+
+# Alias keys whose value means something different from the field's (kohya's booleans).
+_ALIAS_VALUE_MAPS: dict[str, Any] = {
+    "v_parameterization": lambda v: "v_prediction" if _coerce(v, bool, "v_parameterization") else "epsilon",
+    "random_crop": lambda v: "random" if _coerce(v, bool, "random_crop") else "center",
+    "cache_latents": lambda v: v if isinstance(v, str) else ("memory" if v else "off"),
+    "cache_latents_to_disk": lambda v: "disk" if _coerce(v, bool, "cache_latents_to_disk") else "memory",
+}
+
+
+def all_field_paths() -> list[str]:
+    paths = ["task"]
+    for section, cls in SECTIONS.items():
+        paths += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return paths
+
+
+def field_info(path: str) -> dataclasses.Field[Any]:
+    section, name = _split_path(path)
+    cls = SECTIONS[section] if section else TrainConfig
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f
+    raise ConfigError(f"unknown config field '{path}'")
+
+
+def _split_path(path: str) -> tuple[str | None, str]:
+    if "." in path:
+        section, name = path.split(".", 1)
+        return section, name
+    return None, path
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# -- value coercion ------------------------------------------------------------------------
+
+def _type_of(path: str) -> Any:
+    section, name = _split_path(path)
+    cls = SECTIONS[section] if section else TrainConfig
+    return typing.get_type_hints(cls)[name]
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        parts = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_describe(a) for a in parts) + " or empty"
+    if origin is list:
+        return "a list of " + _describe(typing.get_args(tp)[0]) + "s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI/UI value to the field's type, or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: {value!r} is not valid; expected {_describe(tp)}")
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None
+        for a in args:
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, str) and value.strip().lower() in [str(c).lower() for c in choices]:
+            return next(c for c in choices if str(c).lower() == value.strip().lower())
+        if value in choices:
+            return value
+        hint = _suggest(str(value), [str(c) for c in choices])
+        raise ConfigError(f"{where}: {value!r} is not allowed; expected {_describe(tp)}{hint}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if value is None or value == "":
+            return []
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, item, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    raise bad from None
+                if f.is_integer():
+                    return int(f)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise bad
+
+
+# -- building a config ---------------------------------------------------------------------
+
+def _resolve_key(key: str, section: str | None = None) -> str:
+    """Map a user key (flat alias, 'section.field' or a field inside ``section``) to a field path."""
+    paths = all_field_paths()
+    if section is not None:
+        candidate = f"{section}.{key}"
+        if candidate in paths:
+            return candidate
+        names = [p.split(".", 1)[1] for p in paths if p.startswith(section + ".")]
+        raise ConfigError(f"unknown key '{key}' in section '{section}'{_suggest(key, names)}; "
+                          f"allowed: {', '.join(names)}")
+    if key in paths:
+        return key
+    if "." in key and key.split(".", 1)[0] in SECTIONS:
+        return _resolve_key(key.split(".", 1)[1], key.split(".", 1)[0])
+    if key in ALIASES:
+        return ALIASES[key]
+    # a bare field name that is unique across sections is fine too
+    matches = [p for p in paths if p.endswith("." + key)]
+    if len(matches) == 1:
+        return matches[0]
+    options = paths + list(ALIASES) + [p.split(".", 1)[1] for p in paths if "." in p]
+    raise ConfigError(f"unknown config key '{key}'{_suggest(key, options)}; "
+                      "run 'python -m lora_trainer config --example' to see every key")
+
+
+def flatten_user_dict(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Turn nested sections, 'a.b' keys and flat aliases into {field_path: raw value}."""
+    out: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+
+    def put(path: str, value: Any, key: str) -> None:
+        if path in out and origin[path] != key:
+            raise ConfigError(f"{source}: '{key}' and '{origin[path]}' both set {path}; keep one")
+        out[path] = value
+        origin[path] = key
+
+    for key, value in (data or {}).items():
+        key = str(key)
+        if key in SECTIONS and isinstance(value, dict):
+            for sub, v in value.items():
+                put(_resolve_key(str(sub), key), v, f"{key}.{sub}")
+        elif key == "llm":
+            raise ConfigError(f"{source}: the 'llm' section needs 'task: llm'")
+        else:
+            path = _resolve_key(key)
+            if key in _ALIAS_VALUE_MAPS:
+                value = _ALIAS_VALUE_MAPS[key](value)
+            put(path, value, key)
+    return out
+
+
+def build_config(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """Build a TrainConfig from {field_path: value}, on top of ``base`` (or the defaults)."""
+    data = (base or TrainConfig()).to_dict()
+    for path, raw in values.items():
+        if path not in all_field_paths():
+            _resolve_key(path)  # raises with a suggestion
+        value = _coerce(raw, _type_of(path), f"{path}")
+        section, name = _split_path(path)
+        if section:
+            data[section][name] = value
+        else:
+            data[name] = value
+    kwargs: dict[str, Any] = {"task": data["task"]}
+    for section, cls in SECTIONS.items():
+        kwargs[section] = cls(**data[section])
+    return TrainConfig(**kwargs)
+
+
+def parse_set_overrides(items: list[str]) -> dict[str, Any]:
+    """``["network.rank=16", "lora_alpha=8"]`` -> {field_path: value} (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set network.rank=16")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        flat = flatten_user_dict({key: value}, source="--set")
+        out.update(flat)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a YAML config (optional) and apply ``--set`` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(flatten_user_dict(read_yaml(path), source=str(path)))
+    values.update(parse_set_overrides(overrides or []))
+    return build_config(values)
+
+
+# -- cross-field checks --------------------------------------------------------------------
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need more than one field, or a range. Called from ``__post_init__``."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    n, d, o, t = cfg.network, cfg.data, cfg.optim, cfg.train
+    need(n.rank >= 1, f"network.rank: {n.rank} must be at least 1 (4-128 is typical)")
+    need(n.alpha > 0, f"network.alpha: {n.alpha} must be above 0 (often rank or rank/2)")
+    need(0.0 <= n.dropout < 1.0, f"network.dropout: {n.dropout} must be in [0, 1)")
+    need(n.train_unet or n.train_text_encoder,
+         "network: train_unet and train_text_encoder are both false; enable at least one")
+    need(t.batch_size >= 1, f"train.batch_size: {t.batch_size} must be at least 1")
+    need(t.epochs >= 1, f"train.epochs: {t.epochs} must be at least 1")
+    need(t.max_train_steps is None or t.max_train_steps >= 1,
+         f"train.max_train_steps: {t.max_train_steps} must be at least 1 (or empty)")
+    need(t.gradient_accumulation_steps >= 1,
+         f"train.gradient_accumulation_steps: {t.gradient_accumulation_steps} must be at least 1")
+    need(t.save_steps >= 0, f"train.save_steps: {t.save_steps} must be 0 or more")
+    need(t.noise_offset >= 0, f"train.noise_offset: {t.noise_offset} must be 0 or more")
+    need(t.min_snr_gamma is None or t.min_snr_gamma > 0,
+         f"train.min_snr_gamma: {t.min_snr_gamma} must be above 0 (or empty)")
+    need(o.learning_rate > 0, f"optim.learning_rate: {o.learning_rate} must be above 0")
+    for name in ("unet_lr", "text_encoder_lr"):
+        v = getattr(o, name)
+        need(v is None or v >= 0, f"optim.{name}: {v} must be 0 or more")
+    need(o.lr_warmup_steps >= 0, f"optim.lr_warmup_steps: {o.lr_warmup_steps} must be 0 or more")
+    need(o.lr_num_cycles >= 1, f"optim.lr_num_cycles: {o.lr_num_cycles} must be at least 1")
+    need(o.max_grad_norm >= 0, f"optim.max_grad_norm: {o.max_grad_norm} must be 0 or more")
+    need(d.resolution >= 64 and d.resolution % 8 == 0,
+         f"data.resolution: {d.resolution} must be a multiple of 8 and at least 64")
+    need(d.bucket_step >= 8 and d.bucket_step % 8 == 0,
+         f"data.bucket_step: {d.bucket_step} must be a multiple of 8")
+    need(d.min_bucket_reso <= d.max_bucket_reso,
+         f"data.min_bucket_reso ({d.min_bucket_reso}) must not exceed data.max_bucket_reso ({d.max_bucket_reso})")
+    need(d.repeats >= 1, f"data.repeats: {d.repeats} must be at least 1")
+    need(d.keep_tokens >= 0, f"data.keep_tokens: {d.keep_tokens} must be 0 or more")
+    need(0.0 <= d.caption_dropout <= 1.0, f"data.caption_dropout: {d.caption_dropout} must be in [0, 1]")
+    need(d.prior_loss_weight >= 0, f"data.prior_loss_weight: {d.prior_loss_weight} must be 0 or more")
+    need(d.min_image_size >= 1, f"data.min_image_size: {d.min_image_size} must be at least 1")
+    need(d.num_workers >= 0, f"data.num_workers: {d.num_workers} must be 0 or more")
+    need(cfg.output.output_name.strip() != "", "output.output_name: must not be empty")
+    need(cfg.output.keep_checkpoints >= 0, "output.keep_checkpoints: must be 0 or more")
+    need(cfg.sample.steps >= 1, f"sample.steps: {cfg.sample.steps} must be at least 1")
+    need(cfg.sample.every_n_steps >= 0, "sample.every_n_steps: must be 0 or more")
+
+
+# -- documentation -------------------------------------------------------------------------
+
+def example_yaml() -> str:
+    """A commented YAML with every key, its default and its help text."""
+    lines = ["# lora-trainer config. Every key is optional; shown with its default.",
+             "# Flat keys from lora-scripts/kohya (lora_rank, train_data_dir, ...) work too.",
+             "task: image"]
+    defaults = TrainConfig().to_dict()
+    for section, cls in SECTIONS.items():
+        lines.append("")
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            value = yaml.safe_dump({f.name: defaults[section][f.name]}, default_flow_style=True,
+                                   allow_unicode=True).strip()[1:-1]
+            lines.append(f"  # {f.metadata.get('help', '')}")
+            lines.append(f"  {value}")
+    return "\n".join(lines) + "\n"
+
+
+def reference_markdown() -> str:
+    """The config reference table for the README, generated from the help texts."""
+    alias_of: dict[str, list[str]] = {}
+    for a, p in ALIASES.items():
+        alias_of.setdefault(p, []).append(a)
+    out = ["| key | default | aliases | what it does |", "|---|---|---|---|"]
+    defaults = TrainConfig().to_dict()
+    for path in all_field_paths():
+        section, name = _split_path(path)
+        default = defaults[section][name] if section else defaults[name]
+        info = field_info(path)
+        aliases = ", ".join(f"`{a}`" for a in alias_of.get(path, []))
+        out.append(f"| `{path}` | `{default!r}` | {aliases} | {info.metadata.get('help', '')} |")
+    return "\n".join(out) + "\n"

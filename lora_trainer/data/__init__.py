@@ -1,0 +1,1 @@
+"""Datasets: scan a folder, captions, validation, aspect buckets, latent/text caches."""

@@ -1,0 +1,1 @@
+"""LoRA injection (peft), the kohya file format (pure mapping tables) and metadata."""

@@ -1,0 +1,1 @@
+"""Model bundles and loaders (diffusers folder, single-file checkpoint, embedded demo)."""

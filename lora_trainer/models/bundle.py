@@ -1,0 +1,83 @@
+"""ModelBundle: everything the trainer needs from a Stable Diffusion model, and nothing else.
+
+The trainer sees a bundle, never a WebUI or a pipeline. Loaders (diffusers folder, single file,
+demo) and hosts (the A1111 WebUI's live ``shared.sd_model``) build one; the per-architecture
+callables hide the difference between diffusers and LDM/SGM model classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+Arch = Literal["sd1", "sd2", "sdxl"]
+PredictionType = Literal["epsilon", "v_prediction"]
+# How module paths inside a trainable root are spelled; the kohya converter reads this.
+UnetNaming = Literal["diffusers", "ldm"]
+TextEncoderNaming = Literal["hf_clip", "open_clip"]
+
+# Conditioning produced by ``encode_text``: "context" (B, T, C) always; SDXL adds "pooled" (B, 1280).
+Conditioning = dict[str, torch.Tensor]
+
+
+@dataclass
+class TextEncoderPart:
+    """One text encoder. ``key`` is its kohya prefix part: "te" (SD1/SD2), "te1"/"te2" (SDXL)."""
+
+    key: str
+    module: nn.Module
+    naming: TextEncoderNaming
+
+
+@dataclass
+class ModelBundle:
+    arch: Arch
+    prediction_type: PredictionType
+    unet: nn.Module
+    unet_naming: UnetNaming
+    text_encoders: list[TextEncoderPart]
+    vae: nn.Module | None
+    # Cumulative product of alphas of the training noise schedule, shape (num_train_timesteps,).
+    alphas_cumprod: torch.Tensor
+    # pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8)
+    encode_images: Callable[[torch.Tensor], torch.Tensor]
+    # captions -> conditioning; runs with grad when a text encoder is trained
+    encode_text: Callable[[list[str]], Conditioning]
+    # (noisy latents, timesteps (B,), conditioning, size_info (B, 6) or None) -> model output.
+    # size_info rows are [orig_h, orig_w, crop_top, crop_left, target_h, target_w] (SDXL only).
+    predict: Callable[[torch.Tensor, torch.Tensor, Conditioning, torch.Tensor | None], torch.Tensor]
+    # latents -> pixels in [-1, 1]; used for sample images
+    decode_latents: Callable[[torch.Tensor], torch.Tensor] | None = None
+    name: str = "model"
+    model_hash: str | None = None  # sha256 of the checkpoint file when known (ss_new_sd_model_hash)
+    legacy_hash: str | None = None  # A1111's short hash (ss_sd_model_hash) when known
+    default_resolution: int = 512
+    latent_channels: int = 4
+    vae_scale_factor: int = 8
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    # Free-form extras a loader or host wants to keep (tokenizers, pipeline pieces, ...).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def trainable_roots(self) -> dict[str, nn.Module]:
+        """{"unet": ..., "te"/"te1"/"te2": ...}: the modules LoRA can be injected into."""
+        roots: dict[str, nn.Module] = {"unet": self.unet}
+        for part in self.text_encoders:
+            roots[part.key] = part.module
+        return roots
+
+    def naming_of(self, root: str) -> str:
+        if root == "unet":
+            return self.unet_naming
+        for part in self.text_encoders:
+            if part.key == root:
+                return part.naming
+        raise KeyError(root)

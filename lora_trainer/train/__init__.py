@@ -1,0 +1,1 @@
+"""The training loop, its maths, checkpoints, and the events/commands a UI uses to drive it."""

@@ -1,0 +1,1 @@
+"""The host-agnostic Train LoRA tab and the standalone app."""

@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lora_trainer.config import (
+    ALIASES,
+    TrainConfig,
+    all_field_paths,
+    build_config,
+    example_yaml,
+    load_config,
+    reference_markdown,
+)
+from lora_trainer.errors import ConfigError
+
+FLAT_KEYS = {
+    "train_data_dir": ("data.train_data_dir", "imgs"),
+    "metadata_path": ("data.metadata_path", "imgs/metadata.csv"),
+    "base_model": ("model.base_model", "/models/sd15.safetensors"),
+    "lora_rank": ("network.rank", 32),
+    "network_dim": ("network.rank", 8),
+    "lora_alpha": ("network.alpha", 4.0),
+    "network_alpha": ("network.alpha", 2.0),
+    "target_modules": ("network.target_modules", ["to_q", "to_v"]),
+    "batch_size": ("train.batch_size", 4),
+    "epochs": ("train.epochs", 3),
+    "max_train_steps": ("train.max_train_steps", 100),
+    "learning_rate": ("optim.learning_rate", 3e-4),
+    "unet_lr": ("optim.unet_lr", 1e-4),
+    "text_encoder_lr": ("optim.text_encoder_lr", 5e-5),
+    "lr_scheduler": ("optim.lr_scheduler", "linear"),
+    "lr_warmup_steps": ("optim.lr_warmup_steps", 10),
+    "gradient_accumulation_steps": ("train.gradient_accumulation_steps", 2),
+    "mixed_precision": ("train.mixed_precision", "bf16"),
+    "gradient_checkpointing": ("train.gradient_checkpointing", True),
+    "resolution": ("data.resolution", 768),
+    "seed": ("train.seed", 7),
+    "output_dir": ("output.output_dir", "out"),
+    "output_name": ("output.output_name", "cat"),
+    "save_steps": ("train.save_steps", 50),
+    "resume": ("train.resume", "latest"),
+    "train_text_encoder": ("network.train_text_encoder", True),
+}
+
+
+@pytest.mark.parametrize("key", sorted(FLAT_KEYS))
+def test_flat_alias_fills_field(tmp_path: Path, key: str) -> None:
+    path, value = FLAT_KEYS[key]
+    f = tmp_path / "c.yaml"
+    import yaml
+
+    f.write_text(yaml.safe_dump({key: value}))
+    cfg = load_config(f)
+    assert cfg.get(path) == value
+
+
+def test_every_alias_points_at_a_field() -> None:
+    assert set(ALIASES.values()) <= set(all_field_paths())
+
+
+def test_nested_sections_and_set_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("network:\n  rank: 4\n  alpha: 2\noptim:\n  lr_scheduler: constant\n")
+    cfg = load_config(f, ["network.rank=12", "lora_alpha=6", "train.max_train_steps=5"])
+    assert (cfg.network.rank, cfg.network.alpha, cfg.optim.lr_scheduler) == (12, 6.0, "constant")
+    assert cfg.train.max_train_steps == 5
+
+
+def test_string_values_are_coerced() -> None:
+    cfg = build_config({"network.rank": "16", "train.gradient_checkpointing": "yes",
+                        "optim.learning_rate": "1e-4", "network.target_modules": "to_q, to_k"})
+    assert cfg.network.rank == 16 and cfg.train.gradient_checkpointing is True
+    assert cfg.optim.learning_rate == 1e-4 and cfg.network.target_modules == ["to_q", "to_k"]
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["lora_rnak=4"], "did you mean 'lora_rank'"),
+    (["network.rnak=4"], "did you mean 'rank'"),
+    (["network.rank=abc"], "network.rank: 'abc' is not valid; expected an integer"),
+    (["network.rank=0"], "network.rank: 0 must be at least 1"),
+    (["optim.lr_scheduler=cosin"], "did you mean 'cosine'"),
+    (["train.mixed_precision=fp8"], "expected one of 'no', 'fp16', 'bf16'"),
+    (["optim.learning_rate=-1"], "optim.learning_rate: -1.0 must be above 0"),
+    (["data.resolution=500"], "multiple of 8"),
+    (["data.caption_dropout=2"], "data.caption_dropout"),
+    (["train.gradient_checkpointing=maybe"], "expected true or false"),
+    (["network.train_unet=false"], "enable at least one"),
+    (["rank"], "expected key=value"),
+])
+def test_bad_values_name_key_and_allowed(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_yaml_key_and_bad_yaml(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("train_data_dri: x\n")
+    with pytest.raises(ConfigError, match="did you mean 'train_data_dir'"):
+        load_config(f)
+    f.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"c.yaml line \d+: not valid YAML"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_alias_and_field_for_same_setting_conflict(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("lora_rank: 4\nnetwork_dim: 8\n")
+    with pytest.raises(ConfigError, match="both set network.rank"):
+        load_config(f)
+
+
+def test_kohya_boolean_aliases() -> None:
+    cfg = load_config(None, ["v_parameterization=true", "random_crop=true", "cache_latents_to_disk=true"])
+    assert cfg.model.prediction_type == "v_prediction"
+    assert cfg.data.crop == "random"
+    assert cfg.data.cache_latents == "disk"
+
+
+def test_example_yaml_round_trips(tmp_path: Path) -> None:
+    text = example_yaml()
+    assert "# LoRA rank (network_dim)." in text
+    f = tmp_path / "example.yaml"
+    f.write_text(text)
+    assert load_config(f) == TrainConfig()
+
+
+def test_reference_lists_every_field() -> None:
+    ref = reference_markdown()
+    for path in all_field_paths():
+        assert f"`{path}`" in ref
