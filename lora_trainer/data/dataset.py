@@ -110,8 +110,8 @@ class BucketDataset:
         img, (top, left) = buckets.fit_to_bucket(img, bucket, self.cfg.crop, rng)
         if flip:
             # Mirror the crop offset too, as SDXL's crop conditioning describes the flipped image.
-            resized_w = orig_w * max(bucket[0] / orig_w, bucket[1] / orig_h)
-            left = max(0, int(round(resized_w)) - left - bucket[0])
+            resized_w = max(bucket[0], round(orig_w * max(bucket[0] / orig_w, bucket[1] / orig_h)))
+            left = max(0, resized_w - left - bucket[0])
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return pil_to_tensor(img), [orig_h, orig_w, top, left, bucket[1], bucket[0]]
 
