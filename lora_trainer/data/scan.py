@@ -155,7 +155,7 @@ def _caption_problems(root: Path, images: list[Path], captions: dict[str, str], 
     rels = {p.relative_to(root).as_posix() for p in images}
     problems = [Problem(csv_path, "orphan_caption", f"row '{rel}' names no image in {root}")
                 for rel in sorted(captions) if rel not in rels]
-    problems += [Problem(p, "orphan_caption", f"caption file without an image {p.stem}.*")
+    problems += [Problem(p, "orphan_caption", f"no image named {p.stem} beside this caption file")
                  for p in _orphan_sidecars(root, images, extension)]
     return problems
 
@@ -291,7 +291,8 @@ def format_summary(report: DatasetReport) -> str:
              f"{report.images_per_epoch} samples per epoch with repeats"]
     for (is_reg, top), (n, repeats) in sorted(report.folder_counts().items()):
         kind = "reg " if is_reg else ""
-        lines.append(f"    {kind}{top}: {n} image(s) x {repeats} repeat(s)")
+        shown = "(top level)" if top == "." else top
+        lines.append(f"    {kind}{shown}: {n} image(s) x {repeats} repeat(s)")
     if report.reg_dir is not None:
         lines.append(f"  regularization: {report.reg_dir}: {len(report.reg_items)} usable image(s)")
     sources = Counter(i.caption_source for i in train)
