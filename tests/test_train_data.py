@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -55,7 +54,14 @@ def test_epoch_view_resumes_at_a_position(data: Path) -> None:
 
 
 def test_regularization_images_are_interleaved_with_their_weight(tmp_path: Path, data: Path) -> None:
-    reg = make_data(tmp_path / "reg", n=2)
+    from lora_trainer.data.demo import draw_item
+
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    for i in (20, 21):  # other drawings than the training set's (duplicates would be skipped)
+        img, caption = draw_item(i)
+        img.save(reg / f"class_{i}.png")
+        (reg / f"class_{i}.txt").write_text(caption)
     cfg = _cfg(data, **{"data.reg_data_dir": str(reg), "data.prior_loss_weight": 0.5})
     ds = BucketDataset(scan_dataset(cfg.data).items, cfg.data, batch_size=1, seed=0)
     batches = [ds.load_batch(b) for b in ds.plan(0)]
@@ -88,7 +94,6 @@ def test_latent_cache_hits_and_misses(tmp_path: Path) -> None:
     same = fill(cfg)
     assert (same.hits, same.misses) == (2, 0)
     # changed image bytes -> that image misses
-    shutil.copy(data / "demo_000.png", tmp_path / "keep.png")
     from lora_trainer.data.demo import draw_item
 
     draw_item(5)[0].save(data / "demo_000.png")

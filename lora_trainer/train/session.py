@@ -44,8 +44,8 @@ def _identity(x: Any) -> Any:
 
 
 class RunSession:
-    def __init__(self, trainer: Trainer, host: Any, bundle: Any) -> None:
-        self.trainer, self.host, self.bundle = trainer, host, bundle
+    def __init__(self, trainer: Trainer, host: Any, bundle: Any, report: Any) -> None:
+        self.trainer, self.host, self.bundle, self.report = trainer, host, bundle, report
         self.cfg = trainer.config
         self.device = torch.device(bundle.device)
         self.out = Path(self.cfg.output.output_dir)
@@ -137,12 +137,8 @@ class RunSession:
 
     # == setup ============================================================================
     def setup_data(self) -> None:
-        from lora_trainer.data.scan import scan_dataset
-
-        report = scan_dataset(self.cfg.data)
-        self.status(report.summary())
         t = self.cfg.train
-        self.ds = BucketDataset(report.items, self.cfg.data, t.batch_size, t.seed)
+        self.ds = BucketDataset(self.report.items, self.cfg.data, t.batch_size, t.seed)
         per_epoch = steps_per_epoch(self.ds, t.gradient_accumulation_steps)
         self.total_steps = t.max_train_steps or t.epochs * per_epoch
 

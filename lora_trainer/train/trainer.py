@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lora_trainer.config import TrainConfig
+from lora_trainer.errors import LoraTrainerError
 from lora_trainer.train.events import Callback, Commands, RunState, TrainEvent, emit
 from lora_trainer.train.session import RunSession
 
@@ -84,25 +85,13 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        if self.host is None:
-            from lora_trainer.hosts.standalone import StandaloneHost
-
-            self.host = StandaloneHost()
+        """Train (blocking) and return the result; errors are emitted as an "error" event and raised."""
         restore_sigint = self._install_sigint()
         try:
-            self.emit(TrainEvent("status", message="preparing"))
-            with self.host.lock():
-                bundle = self.host.acquire_bundle(self.config)
-                session = RunSession(self, self.host, bundle)
-                try:
-                    self.result = session.execute()
-                finally:
-                    try:
-                        session.cleanup()
-                    finally:
-                        self.host.release_bundle(bundle)
+            self.result = self._run()
         except BaseException as e:
-            self.emit(TrainEvent("error", message=f"{type(e).__name__}: {e}" if not str(e) else str(e)))
+            msg = str(e) if isinstance(e, LoraTrainerError) else f"{type(e).__name__}: {e}"
+            self.emit(TrainEvent("error", message=msg))
             raise
         finally:
             restore_sigint()
@@ -111,6 +100,28 @@ class Trainer:
                              path=str(r.lora_path) if r.lora_path else None,
                              message=f"{'stopped' if r.stopped else 'done'}: {r.lora_path}"))
         return r
+
+    def _run(self) -> TrainResult:
+        from lora_trainer.data.scan import scan_dataset
+
+        # The dataset is scanned before a model is loaded: a mistake there fails in seconds.
+        self.emit(TrainEvent("status", message="checking the dataset"))
+        report = scan_dataset(self.config.data)
+        self.emit(TrainEvent("status", message=report.summary()))
+        if self.host is None:
+            from lora_trainer.hosts.standalone import StandaloneHost
+
+            self.host = StandaloneHost()
+        with self.host.lock():
+            bundle = self.host.acquire_bundle(self.config)
+            session = RunSession(self, self.host, bundle, report)
+            try:
+                return session.execute()
+            finally:
+                try:
+                    session.cleanup()
+                finally:
+                    self.host.release_bundle(bundle)
 
     def _install_sigint(self) -> Any:
         """First Ctrl-C: stop after this step (checkpoint + LoRA). Second: abort at once."""
