@@ -287,11 +287,13 @@ class RunSession:
         path = resolve_output_path(self.host.lora_dir(self.cfg), o.output_name, o.overwrite)
         tensors = self.network.to_kohya(dtype=_SAVE_DTYPES[o.save_precision])
         tags, dirs = dataset_stats(self.ds.items)
+        # Rank and alpha as written (with init_from they come from that file, not the config).
+        rank = next((int(v.shape[0]) for k, v in tensors.items() if k.endswith("lora_down.weight")), n.rank)
+        alpha = next((float(v) for k, v in tensors.items() if k.endswith(".alpha")), n.alpha)
         metadata = build_metadata(
             self.cfg, self.bundle, num_images=sum(not it.is_reg for it in self.ds.items), tag_frequency=tags,
             dataset_dirs=dirs, steps=self.pos.step, epoch=self.pos.epoch, started_at=started,
-            finished_at=time.time(), rank=getattr(self.network, "rank", n.rank),
-            alpha=getattr(self.network, "alpha", n.alpha), output_name=path.stem)
+            finished_at=time.time(), rank=rank, alpha=alpha, output_name=path.stem)
         save_lora_file(path, tensors, metadata)
         if self.last_sample is not None:
             from lora_trainer.lora.files import save_preview_png
