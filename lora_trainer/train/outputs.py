@@ -69,6 +69,6 @@ def save_sample(output_dir: Path, step: int, img: Image.Image) -> Path:
     return atomic_write_bytes(output_dir / "samples" / f"step-{step:06d}.png", buf.getvalue())
 
 
-def write_summary(output_dir: Path, **fields: Any) -> Path:
+def write_summary(folder: Path, **fields: Any) -> Path:
     fields.setdefault("written_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    return atomic_write_text(output_dir / "summary.json", json.dumps(fields, indent=2, default=str) + "\n")
+    return atomic_write_text(folder / "summary.json", json.dumps(fields, indent=2, default=str) + "\n")

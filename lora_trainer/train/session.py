@@ -45,7 +45,7 @@ def _identity(x: Any) -> Any:
 
 class RunSession:
     def __init__(self, trainer: Trainer, host: Any, bundle: Any, report: Any) -> None:
-        self.trainer, self.host, self.bundle, self.report = trainer, host, bundle, report
+        self.trainer, self.host, self.bundle, self.dataset_report = trainer, host, bundle, report
         self.cfg = trainer.config
         self.device = torch.device(bundle.device)
         self.out = Path(self.cfg.output.output_dir)
@@ -138,7 +138,7 @@ class RunSession:
     # == setup ============================================================================
     def setup_data(self) -> None:
         t = self.cfg.train
-        self.ds = BucketDataset(self.report.items, self.cfg.data, t.batch_size, t.seed)
+        self.ds = BucketDataset(self.dataset_report.items, self.cfg.data, t.batch_size, t.seed)
         per_epoch = steps_per_epoch(self.ds, t.gradient_accumulation_steps)
         self.total_steps = t.max_train_steps or t.epochs * per_epoch
 
