@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_trainer.config import DataConfig
-from lora_trainer.data.buckets import assign_bucket
+from lora_trainer.data.buckets import assign_bucket, bucket_resolutions
 from lora_trainer.data.captions import IMAGE_EXTENSIONS, METADATA_NAME, list_images, read_captions
 from lora_trainer.data.images import probe_image
 from lora_trainer.errors import DatasetError
@@ -308,6 +308,9 @@ def format_summary(report: DatasetReport) -> str:
     mode = "buckets" if cfg.enable_buckets else "square crop"
     upscale = ", no upscale" if cfg.bucket_no_upscale else ""
     lines.append(f"  {mode} at resolution {cfg.resolution}{upscale} (width x height: images)")
+    if cfg.enable_buckets and not cfg.bucket_no_upscale and len(
+            bucket_resolutions(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_step)) == 1:
+        lines.append(f"    (only one bucket: lower data.min_bucket_reso below {cfg.resolution} for aspect buckets)")
     for is_reg in (False, True):
         for (w, h), n in report.bucket_counts(is_reg).items():
             lines.append(f"    {'reg ' if is_reg else ''}{w}x{h}: {n}")
