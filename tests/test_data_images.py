@@ -154,3 +154,21 @@ def test_unreadable_files_raise_dataset_error_naming_the_file(tmp_path: Path, na
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="not found"):
         open_image_rgb(tmp_path / "nope.png")
+
+
+def test_min_size_decodes_large_jpegs_smaller_but_never_below(tmp_path: Path) -> None:
+    src = Image.new("RGB", (2000, 1000), (200, 10, 10))
+    src.paste((10, 10, 200), (1000, 0, 2000, 1000))
+    path = _save(src, tmp_path / "big.jpg", quality=92)
+    out = open_image_rgb(path, min_size=(256, 128))
+    assert out.size == (500, 250)  # 1/4 scale is the smallest that still covers 256x128
+    assert out.getpixel((100, 125))[0] > 180 and out.getpixel((400, 125))[2] > 180
+    assert open_image_rgb(path, min_size=(1500, 100)).size == (2000, 1000)
+    # an EXIF-rotated JPEG: min_size is in upright pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rot = _save(src, tmp_path / "rot.jpg", exif=exif.tobytes())
+    out = open_image_rgb(rot, min_size=(128, 256))
+    assert out.size == (250, 500)
+    png = _save(src, tmp_path / "big.png")
+    assert open_image_rgb(png, min_size=(256, 128)).size == (2000, 1000)  # only JPEG has draft mode

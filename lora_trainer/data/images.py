@@ -104,14 +104,30 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def open_image_rgb(path: str | Path, data: bytes | None = None) -> Image.Image:
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(_EXIF_ORIENTATION_TAG, 1))
+    except Exception:  # noqa: BLE001 - unreadable EXIF just means no rotation
+        return 1
+
+
+def open_image_rgb(path: str | Path, data: bytes | None = None, *,
+                   min_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode ``path`` (or its already-read bytes ``data``) to an EXIF-rotated 8-bit RGB image.
 
-    Raises DatasetError naming the file when it cannot be read. The file is not modified.
+    ``min_size`` (width, height of the upright image, e.g. its bucket) lets a large JPEG decode
+    at 1/2, 1/4 or 1/8 scale while staying at least that big: much faster for photos that are
+    shrunk to a bucket anyway. Raises DatasetError naming the file when it cannot be read. The
+    file is not modified.
     """
     path = Path(path)
     try:
         with _open_source(path, data) as im:
+            if min_size is not None and im.format == "JPEG":
+                want_w, want_h = min_size
+                if _orientation(im) in _ROTATING_ORIENTATIONS:
+                    want_w, want_h = want_h, want_w
+                im.draft(im.mode, (max(1, want_w), max(1, want_h)))
             im.load()
             upright = ImageOps.exif_transpose(im)
             rgb = to_rgb(upright)
@@ -137,10 +153,7 @@ def probe_image(path: str | Path, data: bytes | None = None) -> ImageProbe:
         with _open_source(path, data) as im:
             width, height = im.size
             fmt, mode = im.format or "?", im.mode
-            try:
-                orientation = im.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-            except Exception:  # noqa: BLE001 - unreadable EXIF just means no rotation
-                orientation = 1
+            orientation = _orientation(im)
             if fmt != "PNG":
                 if fmt == "JPEG":
                     im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
