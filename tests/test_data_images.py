@@ -172,3 +172,18 @@ def test_min_size_decodes_large_jpegs_smaller_but_never_below(tmp_path: Path) ->
     assert out.size == (250, 500)
     png = _save(src, tmp_path / "big.png")
     assert open_image_rgb(png, min_size=(256, 128)).size == (2000, 1000)  # only JPEG has draft mode
+
+
+def test_jpeg_with_appended_data_is_fine_and_cut_jpeg_is_not(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    Image.effect_noise((200, 150), 60).convert("RGB").save(buf, format="JPEG")
+    whole = buf.getvalue()
+    assert whole.endswith(b"\xff\xd9")
+    extra = tmp_path / "extra.jpg"
+    extra.write_bytes(whole + b"appended video or junk" * 100)  # as some phones write
+    assert probe_image(extra).width == 200
+    assert probe_image(tmp_path / "x.jpg", data=whole).height == 150
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(whole[:-200])
+    with pytest.raises(DatasetError, match="cut.jpg"):
+        probe_image(cut)

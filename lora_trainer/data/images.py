@@ -141,12 +141,26 @@ def open_image_rgb(path: str | Path, data: bytes | None = None, *,
         raise DatasetError(f"{path}: {_describe(e)}; re-export it or remove it from the folder") from None
 
 
+def _ends_with_eoi(path: Path, data: bytes | None) -> bool:
+    """True when a JPEG ends with its End-Of-Image marker (a truncated download does not)."""
+    if data is not None:
+        tail = data[-16:]
+    else:
+        with open(path, "rb") as fh:
+            fh.seek(0, io.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16))
+            tail = fh.read()
+    return tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+
+
 def probe_image(path: str | Path, data: bytes | None = None) -> ImageProbe:
     """Size (after EXIF orientation), format and mode, checking that the pixel data is intact.
 
     Much cheaper than a full decode: PNG is checked chunk by chunk (CRCs, truncation) by
-    ``verify()``; JPEG is decoded at 1/8 scale via ``draft()`` (the whole entropy-coded stream
-    is still read, so truncation is caught); other formats are small or fast to decode.
+    ``verify()``; a JPEG that ends with its End-Of-Image marker needs only its header (Pillow
+    decodes damaged scan data without complaint anyway), one that does not (truncated, or with
+    data appended) is decoded at 1/8 scale via ``draft()``, which still reads the whole stream
+    and so catches truncation; other formats are small or fast to decode.
     """
     path = Path(path)
     try:
@@ -154,7 +168,9 @@ def probe_image(path: str | Path, data: bytes | None = None) -> ImageProbe:
             width, height = im.size
             fmt, mode = im.format or "?", im.mode
             orientation = _orientation(im)
-            if fmt != "PNG":
+            if fmt == "JPEG" and _ends_with_eoi(path, data):
+                pass  # complete file: the header is enough (decoding would not catch more)
+            elif fmt != "PNG":
                 if fmt == "JPEG":
                     im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
                 im.load()

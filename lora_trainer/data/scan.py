@@ -12,8 +12,10 @@ probe from the same bytes); nothing is written into the folder.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,13 @@ from typing import Any
 from lora_trainer.config import DataConfig
 from lora_trainer.data.buckets import assign_bucket, bucket_resolutions
 from lora_trainer.data.captions import IMAGE_EXTENSIONS, METADATA_NAME, list_images, read_captions
-from lora_trainer.data.images import probe_image
+from lora_trainer.data.images import ImageProbe, probe_image
 from lora_trainer.errors import DatasetError
 
 PROBLEM_KINDS = ("corrupt", "too_small", "no_caption", "orphan_caption", "duplicate")
 _KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 _MAX_LISTED = 5  # problems named in an error message
+_MAX_WORKERS = 8
 
 
 @dataclass
@@ -160,9 +163,8 @@ def _caption_problems(root: Path, images: list[Path], captions: dict[str, str], 
     return problems
 
 
-def _read_image(path: Path, rel: str, cfg: DataConfig, seen: dict[str, str]
-                ) -> tuple[str, int, int] | Problem:
-    """(digest, width, height) of a usable image, or the Problem that rules it out."""
+def _inspect(path: Path) -> tuple[str, ImageProbe] | Problem:
+    """sha256 and probe of one file (read once), or why it cannot be used. Thread-safe."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -170,12 +172,29 @@ def _read_image(path: Path, rel: str, cfg: DataConfig, seen: dict[str, str]
     if not data:
         return Problem(path, "corrupt", "empty file (0 bytes)")
     digest = hashlib.sha256(data).hexdigest()
-    if digest in seen:
-        return Problem(path, "duplicate", f"same bytes as {seen[digest]}; kept that one")
     try:
-        probe = probe_image(path, data)
+        return digest, probe_image(path, data)
     except DatasetError as e:
         return Problem(path, "corrupt", str(e).split(": ", 1)[-1])
+
+
+def _inspect_all(paths: list[Path]) -> list[tuple[str, ImageProbe] | Problem]:
+    # Reading, hashing and decoding release the GIL: threads overlap disk and CPU work.
+    workers = min(_MAX_WORKERS, os.cpu_count() or 1, max(1, len(paths)))
+    if workers == 1:
+        return [_inspect(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lt-scan") as pool:
+        return list(pool.map(_inspect, paths))
+
+
+def _accept(path: Path, rel: str, got: tuple[str, ImageProbe] | Problem, cfg: DataConfig,
+            seen: dict[str, str]) -> tuple[str, int, int] | Problem:
+    """(digest, width, height) of a usable image, or the Problem that rules it out."""
+    if isinstance(got, Problem):
+        return got
+    digest, probe = got
+    if digest in seen:
+        return Problem(path, "duplicate", f"same bytes as {seen[digest]}; kept that one")
     if min(probe.width, probe.height) < cfg.min_image_size:
         return Problem(path, "too_small", f"{probe.width}x{probe.height} has a side below "
                                           f"data.min_image_size={cfg.min_image_size}")
@@ -209,9 +228,9 @@ def _scan_folder(report: DatasetReport, root: Path, *, is_reg: bool, metadata_pa
     csv_path = Path(metadata_path) if metadata_path else root / METADATA_NAME
     report.problems += _caption_problems(root, images, captions, csv_path, cfg.caption_extension)
     prefix = "reg:" if is_reg else ""
-    for path in images:
+    for path, inspected in zip(images, _inspect_all(images), strict=True):
         rel = path.relative_to(root).as_posix()
-        got = _read_image(path, prefix + rel, cfg, seen)
+        got = _accept(path, prefix + rel, inspected, cfg, seen)
         if isinstance(got, Problem):
             report.problems.append(got)
             continue
