@@ -98,13 +98,19 @@ def test_reg_images_use_folder_class_and_are_marked(tmp_path: Path) -> None:
     _img(reg / "1_dog" / "r1.png", colour=(1, 2, 3))
     _img(reg / "cat" / "r2.png", colour=(3, 2, 1))
     _caption(_img(reg / "r3.png", colour=(4, 4, 4)), "a photo of a dog")
-    r = scan_dataset(_cfg(train, reg_data_dir=str(reg)))
+    _img(reg / "r4.png", colour=(5, 5, 5))  # directly in "reg" with no caption: no class to use
+    r = build_report(_cfg(train, reg_data_dir=str(reg)))
+    assert _kinds(r) == {"no_caption": ["r4.png"]}
     assert [i.rel for i in r.train_items] == ["a.png"]
     assert {i.rel: i.caption for i in r.reg_items} == {"1_dog/r1.png": "dog", "cat/r2.png": "cat",
                                                        "r3.png": "a photo of a dog"}
     assert all(i.is_reg for i in r.reg_items)
     assert r.images_per_epoch == 1
     assert "regularization" in r.summary()
+    kohya_root = tmp_path / "5_cat"
+    _img(kohya_root / "k.png", colour=(6, 6, 6))
+    r = scan_dataset(_cfg(train, reg_data_dir=str(kohya_root)))
+    assert [(i.caption, i.repeats) for i in r.reg_items] == [("cat", 1)]  # root name: class, not repeats
 
 
 def test_trigger_word_makes_uncaptioned_images_usable(tmp_path: Path) -> None:
@@ -239,6 +245,15 @@ def test_buckets_in_report(tmp_path: Path) -> None:
     assert "704x320: 2" in r.summary()
     d = r.to_dict()
     assert d["usable_images"] == 4 and {"width": 704, "height": 320, "count": 2} in d["buckets"]
+
+
+def test_long_problem_lists_are_capped_in_the_summary(tmp_path: Path) -> None:
+    _caption(_img(tmp_path / "ok.png"), "ok")
+    for i in range(60):
+        (tmp_path / f"bad{i:02d}.png").write_bytes(b"")
+    r = build_report(_cfg(tmp_path))
+    assert len(r.problems) == 60
+    assert "and 20 more" in r.summary() and "bad39.png" in r.summary() and "bad40.png" not in r.summary()
 
 
 def test_many_images_scan(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ PROBLEM_KINDS = ("corrupt", "too_small", "no_caption", "orphan_caption", "duplic
 _KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 _MAX_LISTED = 5  # problems named in an error message
 _MAX_WORKERS = 8
+_MAX_SUMMARY_PROBLEMS = 40
 
 
 @dataclass
@@ -211,9 +212,13 @@ def _caption_for(rel_parts: tuple[str, ...], file_caption: str, cfg: DataConfig,
     if kohya and kohya[1]:
         return kohya[1], "folder"
     if is_reg:
-        # Class images: the folder's name is the class ("dog" for reg/dog/*.png).
-        name = rel_parts[-2] if len(rel_parts) > 1 else root.name
-        return name.replace("_", " ").strip(), "folder"
+        # Class images: the folder's name is the class ("dog" for reg/dog/*.png, or for images
+        # directly in a reg folder named "1_dog"). A bare root name like "reg" is no class.
+        root_kohya = _KOHYA_FOLDER.match(root.name)
+        name = rel_parts[-2] if len(rel_parts) > 1 else (root_kohya.group(2) if root_kohya else "")
+        if name.strip():
+            return name.replace("_", " ").strip(), "folder"
+        return None
     if cfg.trigger_word.strip():
         return "", "none"  # the trigger word alone becomes the caption (process_caption adds it)
     return None
@@ -321,9 +326,11 @@ def format_summary(report: DatasetReport) -> str:
     action = "stop" if cfg.on_invalid == "stop" else "skipped"
     lines.append("  problems: " + (", ".join(f"{k} {n}" for k, n in counts.items()) + f" ({action})"
                                    if counts else "none"))
-    for p in report.problems:
+    for p in report.problems[:_MAX_SUMMARY_PROBLEMS]:
         root = report.reg_dir if report.reg_dir and p.path.is_relative_to(report.reg_dir) else report.train_dir
         lines.append("    " + p.line(root))
+    if len(report.problems) > _MAX_SUMMARY_PROBLEMS:
+        lines.append(f"    ... and {len(report.problems) - _MAX_SUMMARY_PROBLEMS} more ('prepare --json' lists all)")
     mode = "buckets" if cfg.enable_buckets else "square crop"
     upscale = ", no upscale" if cfg.bucket_no_upscale else ""
     lines.append(f"  {mode} at resolution {cfg.resolution}{upscale} (width x height: images)")
