@@ -187,3 +187,26 @@ def test_jpeg_with_appended_data_is_fine_and_cut_jpeg_is_not(tmp_path: Path) -> 
     cut.write_bytes(whole[:-200])
     with pytest.raises(DatasetError, match="cut.jpg"):
         probe_image(cut)
+
+
+def test_truncation_found_even_when_the_host_allows_truncated_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some host applications do
+    noise = Image.effect_noise((101, 77), 60)
+    valid = {
+        "rgb.bmp": (noise.convert("RGB"), {}), "grey.bmp": (noise, {}), "pal.bmp": (noise.convert("P"), {}),
+        "bits.bmp": (noise.convert("1"), {}), "prog.jpg": (noise.convert("RGB"), {"progressive": True}),
+        "plain.jpg": (noise.convert("RGB"), {}), "x.png": (noise, {}), "x.webp": (noise.convert("RGB"), {}),
+    }
+    for name, (img, kw) in valid.items():
+        path = _save(img, tmp_path / name, **kw)
+        assert probe_image(path).width == 101, name
+        cut = tmp_path / f"cut_{name}"
+        cut.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+        with pytest.raises(DatasetError, match=f"cut_{name}"):
+            probe_image(cut)
+    extra = tmp_path / "extra.jpg"
+    extra.write_bytes((tmp_path / "plain.jpg").read_bytes() + b"\x00appended" * 50)
+    assert probe_image(extra).height == 77

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from lora_trainer.errors import DatasetError
 
@@ -153,6 +153,28 @@ def _ends_with_eoi(path: Path, data: bytes | None) -> bool:
     return tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
 
 
+def _incomplete(im: Image.Image, path: Path, data: bytes | None) -> bool:
+    """Structural truncation check, for processes that set ImageFile.LOAD_TRUNCATED_IMAGES.
+
+    Some host applications set that global; Pillow then pads missing pixel data silently
+    instead of raising, so the decode-based check above would pass a cut-off file.
+    """
+    if data is None:
+        data = path.read_bytes()
+    if im.format == "JPEG":
+        # The last scan must be followed by End-Of-Image (markers cannot occur inside scan data:
+        # 0xFF bytes there are stuffed), which also allows data appended after the image.
+        return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+    for tile in im.tile:
+        # Uncompressed tiles (BMP, ...) state their stride: the file must hold every row.
+        args = tile.args if isinstance(tile.args, tuple) else ()
+        if tile.codec_name == "raw" and len(args) > 1 and isinstance(args[1], int) and args[1] > 0:
+            rows = tile.extents[3] - tile.extents[1]
+            if tile.offset + abs(args[1]) * rows > len(data):
+                return True
+    return False
+
+
 def probe_image(path: str | Path, data: bytes | None = None) -> ImageProbe:
     """Size (after EXIF orientation), format and mode, checking that the pixel data is intact.
 
@@ -168,6 +190,8 @@ def probe_image(path: str | Path, data: bytes | None = None) -> ImageProbe:
             width, height = im.size
             fmt, mode = im.format or "?", im.mode
             orientation = _orientation(im)
+            if ImageFile.LOAD_TRUNCATED_IMAGES and _incomplete(im, path, data):
+                raise OSError("image file is truncated")
             if fmt == "JPEG" and _ends_with_eoi(path, data):
                 pass  # complete file: the header is enough (decoding would not catch more)
             elif fmt != "PNG":
