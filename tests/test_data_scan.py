@@ -264,3 +264,13 @@ def test_many_images_scan(tmp_path: Path) -> None:
         _caption(_img(tmp_path / f"{i:03d}.{ext}", (64 + i, 64 + (i * 7) % 90), (i, 255 - i, i // 2), fmt), f"c{i}")
     r = scan_dataset(_cfg(tmp_path))
     assert len(r.items) == 200 and r.problems == []
+
+
+def test_custom_caption_extension(tmp_path: Path) -> None:
+    _img(tmp_path / "a.png", colour=(1, 1, 1))
+    (tmp_path / "a.caption").write_text("from .caption", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("ignored", encoding="utf-8")
+    (tmp_path / "lost.caption").write_text("orphan", encoding="utf-8")
+    r = build_report(_cfg(tmp_path, caption_extension=".caption"))
+    assert [i.caption for i in r.items] == ["from .caption"]
+    assert _kinds(r) == {"orphan_caption": ["lost.caption"]}  # other extensions are not captions here
