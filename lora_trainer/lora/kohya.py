@@ -160,16 +160,17 @@ class Slot:
     part: str = ""
 
 
-def build_layout(arch: str, targets: dict[str, tuple[str, list[tuple[str, bool]]]]) -> dict[str, Slot]:
-    """{kohya key: Slot} for ``targets`` = {root: (naming, [(module path, is_mha), ...])}.
+def build_layout(arch: str, targets: dict[str, tuple[str, list[tuple[str, tuple[str, ...]]]]]) -> dict[str, Slot]:
+    """{kohya key: Slot} for ``targets`` = {root: (naming, [(module path, parts), ...])}; parts is
+    ("",) for a Linear/Conv2d and a subset of MHA_PARTS for an nn.MultiheadAttention.
 
     The inverse table (file key -> module) is derived from the forward naming function, so
     both directions agree by construction; two modules with one key is an error.
     """
     layout: dict[str, Slot] = {}
     for root, (naming, paths) in targets.items():
-        for path, is_mha in paths:
-            for part in module_parts(naming, is_mha):
+        for path, parts in paths:
+            for part in parts:
                 key = kohya_name(arch, root, naming, path, part)
                 if key in layout:
                     raise LoraFormatError(f"two modules map to the LoRA key {key!r}: {layout[key]} and {path!r}")
