@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lora_trainer.config import NetworkConfig
@@ -138,7 +137,7 @@ class LoraNetwork:
     def set_scale(self, w: float) -> None:
         """Multiply every LoRA delta by ``w`` (0 turns the LoRA off, 1 is the trained strength)."""
         self._multiplier = float(w)
-        for key, slot in self.layout.items():
+        for slot in self.layout.values():
             m = self._module(slot)
             if isinstance(m, LoraMultiheadAttention):
                 m.multiplier = self._multiplier
