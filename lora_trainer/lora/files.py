@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save, save_file
 
 from lora_trainer.errors import LoraFormatError, OutputError
 from lora_trainer.fsutil import atomic_path
@@ -67,13 +68,25 @@ def resolve_output_path(folder: str | Path, name: str, overwrite: bool = False) 
     return folder / f"{base}_v{n}.safetensors"
 
 
+def tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensor data section of the safetensors file (everything after the header):
+    the "addnet" hash A1111 shows and writes into infotext, unaffected by metadata."""
+    blob = save(tensors)
+    header_len = int.from_bytes(blob[:8], "little")
+    return hashlib.sha256(blob[8 + header_len:]).hexdigest()
+
+
 def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write a safetensors LoRA atomically (temporary file beside it, then rename)."""
+    """Write a safetensors LoRA atomically (temporary file beside it, then rename).
+
+    Adds ``sshs_model_hash`` (see :func:`tensor_hash`) unless given, so WebUIs need not hash it."""
     path = Path(path)
     bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise LoraFormatError(f"LoRA metadata {bad[0]!r} is not a string; metadata values must be str")
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    metadata = {**metadata}
+    metadata.setdefault("sshs_model_hash", tensor_hash(plain))
     try:
         with atomic_path(path) as tmp:
             save_file(plain, str(tmp), metadata=dict(metadata))

@@ -43,7 +43,8 @@ _RESNET_CHILDREN_INV = {v: k for k, v in RESNET_CHILDREN.items()}
 @functools.cache
 def unet_block_table(arch: str) -> dict[str, tuple[str, str]]:
     """{diffusers prefix: (LDM prefix, kind)} for the UNet of ``arch``; kind is "resnet" (children
-    renamed by RESNET_CHILDREN) or "same" (children keep their names: transformers, samplers).
+    renamed by RESNET_CHILDREN), "attn" (spatial transformer, children keep their names) or
+    "same" (single layers: samplers, embeddings, conv in/out).
 
     Computed from the topology: input block index = 1 + 3*level + i, output = 3*up_level + i.
     """
@@ -56,14 +57,14 @@ def unet_block_table(arch: str) -> dict[str, tuple[str, str]]:
         "time_embedding.linear_2": ("time_embed.2", "same"), "conv_norm_out": ("out.0", "same"),
         "conv_out": ("out.2", "same"), "add_embedding.linear_1": ("label_emb.0.0", "same"),
         "add_embedding.linear_2": ("label_emb.0.2", "same"),
-        "mid_block.resnets.0": ("middle_block.0", "resnet"), "mid_block.attentions.0": ("middle_block.1", "same"),
+        "mid_block.resnets.0": ("middle_block.0", "resnet"), "mid_block.attentions.0": ("middle_block.1", "attn"),
         "mid_block.resnets.1": ("middle_block.2", "resnet"),
     }
     for b in range(levels):
         for i in range(n):
             t[f"down_blocks.{b}.resnets.{i}"] = (f"input_blocks.{1 + (n + 1) * b + i}.0", "resnet")
             if b in attn:
-                t[f"down_blocks.{b}.attentions.{i}"] = (f"input_blocks.{1 + (n + 1) * b + i}.1", "same")
+                t[f"down_blocks.{b}.attentions.{i}"] = (f"input_blocks.{1 + (n + 1) * b + i}.1", "attn")
         if b < levels - 1:
             t[f"down_blocks.{b}.downsamplers.0.conv"] = (f"input_blocks.{(n + 1) * (b + 1)}.0.op", "same")
     for u in range(levels):
@@ -71,7 +72,7 @@ def unet_block_table(arch: str) -> dict[str, tuple[str, str]]:
         for i in range(n + 1):
             t[f"up_blocks.{u}.resnets.{i}"] = (f"output_blocks.{(n + 1) * u + i}.0", "resnet")
             if has_attn:
-                t[f"up_blocks.{u}.attentions.{i}"] = (f"output_blocks.{(n + 1) * u + i}.1", "same")
+                t[f"up_blocks.{u}.attentions.{i}"] = (f"output_blocks.{(n + 1) * u + i}.1", "attn")
         if u < levels - 1:
             t[f"up_blocks.{u}.upsamplers.0.conv"] = (f"output_blocks.{(n + 1) * u + n}.{2 if has_attn else 1}.conv", "same")
     return t
@@ -232,6 +233,34 @@ def from_kohya_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, LoraWeight
             raise LoraFormatError(f"LoRA module {module!r}: alpha must be a scalar, got shape {tuple(g['alpha'].shape)}")
         out[module] = LoraWeights(down=down, up=up, alpha=float(g["alpha"].item()))
     return out
+
+
+_ATTN_CHILD = r"(?:proj_in|proj_out|norm|transformer_blocks_\d+_(?:attn[12]_(?:to_q|to_k|to_v|to_out_0)|ff_net_0_proj|ff_net_2|norm[123]))"
+_TE_CHILD = r"text_model_encoder_layers_\d+_(?:self_attn_[qkv]_proj|self_attn_out_proj|mlp_fc[12])"
+
+
+@functools.cache
+def _unet_key_regex(arch: str) -> re.Pattern[str]:
+    alts = []
+    for dif, (ldm, kind) in unet_block_table(arch).items():
+        for prefix, children in ((dif, RESNET_CHILDREN), (ldm, _RESNET_CHILDREN_INV)):
+            head = re.escape(prefix.replace(".", "_"))
+            if kind == "attn":
+                alts.append(f"{head}_{_ATTN_CHILD}")
+            elif kind == "resnet":
+                alts.append(f"{head}_(?:{'|'.join(re.escape(c.replace('.', '_')) for c in children)})")
+            else:
+                alts.append(head)
+    return re.compile(f"lora_unet_(?:{'|'.join(alts)})")
+
+
+def known_module_key(arch: str, key: str) -> bool:
+    """Whether a module key (no tensor suffix) names a real module of an ``arch`` model, in
+    diffusers or LDM/SGM spelling (the WebUIs accept both for the UNet)."""
+    if key.startswith("lora_unet_"):
+        return _unet_key_regex(arch).fullmatch(key) is not None
+    prefixes = ("lora_te1_", "lora_te2_") if arch == "sdxl" else ("lora_te_",)
+    return any(key.startswith(p) and re.fullmatch(_TE_CHILD, key[len(p):]) for p in prefixes)
 
 
 def detect_arch(keys: list[str] | set[str]) -> str | None:
