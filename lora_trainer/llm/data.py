@@ -96,8 +96,8 @@ def _raise_bad(path: Path, bad: list[tuple[int, str]], what: str) -> None:
     raise DatasetError(f"{path}: {len(bad)} malformed {what}s: {shown}{more}; fix or remove them")
 
 
-def _iter_raw(path: Path, fmt: str, cfg: LLMDataConfig) -> tuple[list[tuple[int, Any]], str]:
-    """(line/row number, parsed object) pairs, and the word for a position ('line' or 'row')."""
+def _iter_raw(path: Path, fmt: str, cfg: LLMDataConfig) -> tuple[list[tuple[int, Any]], list[tuple[int, str]], str]:
+    """(number, parsed object) pairs, (number, problem) pairs, and the word for a number ('line' or 'row')."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -111,7 +111,7 @@ def _iter_raw(path: Path, fmt: str, cfg: LLMDataConfig) -> tuple[list[tuple[int,
                                f"'{cfg.prompt_field}','{cfg.response_field}' or '{cfg.text_field}'")
         rows = [(i + 2, {k: v for k, v in row.items() if k in known and v is not None})
                 for i, row in enumerate(reader)]
-        return rows, "row"
+        return rows, [], "row"
     out: list[tuple[int, Any]] = []
     bad: list[tuple[int, str]] = []
     for n, line in enumerate(text.splitlines(), start=1):
@@ -121,9 +121,7 @@ def _iter_raw(path: Path, fmt: str, cfg: LLMDataConfig) -> tuple[list[tuple[int,
             out.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
             bad.append((n, f"invalid JSON ({e.msg} at column {e.colno})"))
-    if bad:
-        _raise_bad(path, bad, "line")
-    return out, "line"
+    return out, bad, "line"
 
 
 def read_records(path: str | Path, cfg: LLMDataConfig) -> list[dict[str, Any]]:
@@ -134,8 +132,8 @@ def read_records(path: str | Path, cfg: LLMDataConfig) -> list[dict[str, Any]]:
     fmt = cfg.format
     if fmt == "auto":
         fmt = "csv" if path.suffix.lower() == ".csv" else "jsonl"
-    raw, what = _iter_raw(path, fmt, cfg)
-    records, bad = [], []
+    raw, bad, what = _iter_raw(path, fmt, cfg)
+    records = []
     for n, obj in raw:
         rec = _normalize(obj, cfg)
         if isinstance(rec, str):
@@ -143,7 +141,7 @@ def read_records(path: str | Path, cfg: LLMDataConfig) -> list[dict[str, Any]]:
         else:
             records.append(rec)
     if bad:
-        _raise_bad(path, bad, what)
+        _raise_bad(path, sorted(bad), what)
     if not records:
         raise DatasetError(f"{path}: no training records found; add lines like "
                            '{"prompt": "...", "response": "..."}')

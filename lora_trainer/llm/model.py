@@ -38,7 +38,7 @@ def resolve_dtype(name: str, mixed_precision: str, device: torch.device) -> torc
     return _DTYPES[mixed_precision]
 
 
-def _check_folder(path: str) -> Path:
+def check_model_folder(path: str) -> Path:
     folder = Path(path).expanduser()
     if not path.strip():
         raise ConfigError("model.base_model: empty; give the folder of a transformers model (config.json + weights)")
@@ -78,7 +78,7 @@ def load_model(cfg: LLMModelConfig, mixed_precision: str = "no") -> tuple[Any, A
     """(model, tokenizer, device). The base weights are frozen; quantized models go to the GPU."""
     from transformers import AutoModelForCausalLM
 
-    folder = _check_folder(cfg.base_model)
+    folder = check_model_folder(cfg.base_model)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, mixed_precision, device)
     quant = _quantization(cfg, dtype)

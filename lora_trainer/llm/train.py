@@ -232,6 +232,8 @@ class _Loop:
         total = max(1, sum(target_tokens(b["labels"]) for b in batches))
         loss_sum = 0.0
         for b in batches:
+            if target_tokens(b["labels"]) == 0:
+                continue  # nothing to learn here; its mean loss would be NaN
             with self._autocast():
                 loss = self.model(**b).loss * (target_tokens(b["labels"]) / total)
             self.scaler.scale(loss).backward()
