@@ -102,6 +102,8 @@ class TextLoraTrainer:
         self.state = RunState()
         self.result: TextTrainResult | None = None
         self.error: BaseException | None = None
+        self.model: Any = None  # the trained peft model (LoRA not merged), for trying it out after the run
+        self.tokenizer: Any = None
 
     def stop(self) -> None:
         self.commands.request_stop()
@@ -144,8 +146,11 @@ class TextLoraTrainer:
         peft_model, targets = add_lora(model, cfg.network, cfg.train.seed)
         self._emit("status", message=f"LoRA rank {cfg.network.rank} alpha {cfg.network.alpha} on {', '.join(targets)}")
         if cfg.train.gradient_checkpointing:
-            peft_model.base_model.model.config.use_cache = False
-            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base = peft_model.base_model.model
+            base.config.use_cache = False
+            # transformers 5 renamed it; 4.x only has the old name.
+            enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in peft_model.parameters() if p.requires_grad]
         o = cfg.optim
         optimizer = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
@@ -168,6 +173,7 @@ class TextLoraTrainer:
         info.update(steps=pos.step, final_loss=final_loss, eval_loss=eval_loss, stopped=stopped)
         adapter = save_adapter(peft_model, tokenizer, resolve_adapter_dir(out, cfg.output.output_name,
                                                                           cfg.output.overwrite), info)
+        self.model, self.tokenizer = peft_model, tokenizer
         merged = self._save_merged(peft_model, tokenizer, adapter) if cfg.output.save_merged and not stopped else None
         ctx.close()
         msg = f"saved adapter {adapter}" + (f" and merged model {merged}" if merged else "")
@@ -176,6 +182,7 @@ class TextLoraTrainer:
 
     def _save_merged(self, peft_model: Any, tokenizer: Any, adapter: Path) -> Path:
         merged = peft_model.merge_and_unload()
+        self.model = merged
 
         def fill(tmp: Path) -> None:
             merged.save_pretrained(str(tmp), safe_serialization=True)
