@@ -43,12 +43,14 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         raise ModelLoadError(f"model.device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
 
 
-def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto' is fp16 on a GPU (bf16 where supported is the user's choice) and fp32 on the CPU."""
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device, mixed_precision: str = "no") -> torch.dtype:
+    """'auto' is fp32 on the CPU; on a GPU bf16 when training in bf16, else fp16."""
     if isinstance(name, torch.dtype):
         return name
     if name in (None, "", "auto"):
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+        if device.type not in ("cuda", "mps"):
+            return torch.float32
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
     if name not in DTYPES:
         raise ModelLoadError(f"model.weight_dtype {name!r} is unknown; use auto, fp32, fp16 or bf16")
     return DTYPES[name]
