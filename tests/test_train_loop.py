@@ -32,7 +32,11 @@ def test_run_writes_lora_and_outputs_and_restores_model(tmp_path: Path, data: Pa
     names_before = sorted(n for n, _ in host.bundle.unet.named_modules())
     seen: list[TrainEvent] = []
     cfg = tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 3, "output.tensorboard": True})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.yaml").write_text("# the user's own notes\n")
     result = Trainer(cfg, host=host, callbacks=[seen.append]).run()
+    backups = list((tmp_path / "out" / ".backup").glob("config.yaml.*.bak"))
+    assert len(backups) == 1 and backups[0].read_text() == "# the user's own notes\n"
     assert result.steps == 3 and not result.stopped
     assert result.lora_path == tmp_path / "out" / "tiny.safetensors" and result.lora_path.is_file()
     keys = list(lora_tensors(result.lora_path))
