@@ -67,9 +67,12 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path: Path, data: Pat
 def test_other_architectures_train(tmp_path: Path, data: Path, arch: str, prediction_type: str) -> None:
     host = TinyHost(arch, prediction_type)
     cfg = tiny_config(data, tmp_path / "out", **{"train.min_snr_gamma": 5.0, "train.noise_offset": 0.05,
-                                                 "network.train_text_encoder": True})
+                                                 "network.train_text_encoder": True, "sample.prompt": "a red circle",
+                                                 "sample.steps": 2})
     result = Trainer(cfg, host=host).run()
     assert result.steps == 2 and result.final_loss is not None and result.final_loss == result.final_loss
     keys = list(lora_tensors(result.lora_path))
     prefixes = {k.split("_")[1] for k in keys}
     assert prefixes == ({"unet", "te1", "te2"} if arch == "sdxl" else {"unet", "te"})
+    preview = result.lora_path.with_suffix(".png")
+    assert preview.is_file() and (tmp_path / "out" / "samples" / "step-000002.png").is_file()
