@@ -133,8 +133,11 @@ def test_merged_model_matches_adapter(models, data_file, tmp_path: Path) -> None
 def test_checkpointing_and_bf16_autocast_run(models, data_file, tmp_path: Path) -> None:
     cfg = config(models["llama"], data_file, tmp_path, max_steps=2, gradient_checkpointing=True,
                  mixed_precision="bf16", packing=True, max_length=32)
-    result = TextLoraTrainer(cfg).run()
+    trainer = TextLoraTrainer(cfg)
+    result = trainer.run()
     assert result.steps == 2 and result.final_loss is not None and torch.isfinite(torch.tensor(result.final_loss))
+    base = trainer.model.base_model.model
+    assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
 
 
 def test_quantized_loading_needs_bitsandbytes(models, data_file, tmp_path: Path) -> None:

@@ -148,9 +148,11 @@ class TextLoraTrainer:
         if cfg.train.gradient_checkpointing:
             base = peft_model.base_model.model
             base.config.use_cache = False
-            # transformers 5 renamed it; 4.x only has the old name.
-            enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}  # re-entrant checkpointing needs inputs that require grad
+            if hasattr(base, "activation_checkpointing_enable"):  # the transformers 5 name
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         o = cfg.optim
         optimizer = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
