@@ -183,3 +183,15 @@ def test_eval_split_is_seeded_and_disjoint() -> None:
     assert split_indices(20, 0.25, seed=3) == (a, b) and split_indices(20, 0.25, seed=4) != (a, b)
     with pytest.raises(DatasetError, match="leaves nothing to train on"):
         split_indices(1, 0.5, seed=0)
+
+
+def test_is_llm_config_routes_by_task(tmp_path: Path) -> None:
+    from lora_trainer.llm.config import is_llm_config
+
+    (tmp_path / "a.yaml").write_text("task: llm\nbase_model: m\n", encoding="utf-8")
+    (tmp_path / "b.yaml").write_text("base_model: demo\n", encoding="utf-8")
+    assert is_llm_config(tmp_path / "a.yaml") and not is_llm_config(tmp_path / "b.yaml")
+    # An 'llm:' section holds the same keys as the top level.
+    (tmp_path / "c.yaml").write_text("task: llm\nllm:\n  base_model: m\n  lora_rank: 4\n", encoding="utf-8")
+    cfg = load_llm_config(tmp_path / "c.yaml")
+    assert (cfg.model.base_model, cfg.network.rank) == ("m", 4)
