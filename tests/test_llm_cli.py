@@ -25,7 +25,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cfg.write_text(f"task: llm\nbase_model: {model}\ntrain_file: {data}\nlora_rank: 8\nlora_alpha: 16\n"
                    f"learning_rate: 0.02\nbatch_size: 4\nmax_length: 64\noutput_dir: {root / 'out'}\n"
                    "lora_dropout: 0.0\nlr_scheduler: constant\n", encoding="utf-8")
-    assert train_main(["--config", str(cfg), "--set", "max_steps=15", "--set", "output.output_name=support"]) == 0
+    # Through the top-level command: 'train' hands a 'task: llm' config to text LoRA.
+    assert cli_main(["train", "--config", str(cfg), "--set", "max_steps=15", "--set", "output.output_name=support",
+                     "--no-progress"]) == 0
     return {"root": root, "model": model, "config": cfg, "adapter": root / "out" / "support"}
 
 

@@ -31,7 +31,7 @@ class _Progress:
                 self.bar = tqdm(total=ev.total_steps, initial=ev.step - 1, unit="step", dynamic_ncols=True)
             self.bar.update(ev.step - self.bar.n)
             self.bar.set_postfix(loss=f"{ev.loss:.4f}", lr=f"{ev.lr:.2e}", epoch=ev.epoch)
-        elif ev.message:
+        elif ev.message and ev.kind != "error":  # the CLI prints the error itself, once
             (self.bar.write if self.bar is not None else print)(ev.message)
         if ev.kind in ("done", "stopped", "error") and self.bar is not None:
             self.bar.close()
