@@ -63,7 +63,14 @@ def test_default_targets_per_family(models: dict[str, Path]) -> None:
     assert detect_target_modules(gpt2) == ["c_attn", "c_fc", "c_proj"]
     cfg.model.base_model = str(models["llama"])
     llama, _, _ = load_model(cfg.model)
-    assert detect_target_modules(llama) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    llama_targets = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert detect_target_modules(llama) == llama_targets
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    small = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 1}
+    assert detect_target_modules(Qwen2ForCausalLM(Qwen2Config(**small))) == llama_targets
+    assert detect_target_modules(MistralForCausalLM(MistralConfig(**small))) == llama_targets
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
