@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -135,4 +136,7 @@ def add_lora(model: nn.Module, cfg: LLMNetworkConfig, seed: int) -> tuple[Any, l
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(seed)  # LoRA A matrices are drawn here: same seed, same start
-    return get_peft_model(model, lora), targets
+    with warnings.catch_warnings():
+        # peft asks transformers 5 through its deprecated name; nothing the user can act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora), targets
