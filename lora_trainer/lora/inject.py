@@ -10,6 +10,7 @@ trained in place.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -192,10 +193,15 @@ def _inject_root(root: nn.Module, entries: list[tuple[str, tuple[str, ...]]], ra
     plain = [p for p, parts in entries if parts == ("",)]
     try:
         if plain:
+            # The most common rank/alpha is the default; only the others get a pattern (peft
+            # matches every pattern against every target, so patterns for all would be slow).
+            r0 = Counter(ranks[(p, "")] for p in plain).most_common(1)[0][0]
+            a0 = Counter(alphas[(p, "")] for p in plain).most_common(1)[0][0]
             config = LoraConfig(
-                r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=plain,
-                rank_pattern={re.escape(p): ranks[(p, "")] for p in plain},
-                alpha_pattern={re.escape(p): alphas[(p, "")] for p in plain}, init_lora_weights=True)
+                r=r0, lora_alpha=a0, lora_dropout=cfg.dropout, target_modules=plain,
+                rank_pattern={re.escape(p): ranks[(p, "")] for p in plain if ranks[(p, "")] != r0},
+                alpha_pattern={re.escape(p): alphas[(p, "")] for p in plain if alphas[(p, "")] != a0},
+                init_lora_weights=True)
             inject_adapter_in_model(config, root, adapter_name=ADAPTER)
         for path, parts in entries:
             if parts != ("",):
