@@ -161,3 +161,25 @@ def test_known_module_keys():
     assert not kohya.known_module_key("sd1", "lora_te1_text_model_encoder_layers_0_mlp_fc2")
     assert not kohya.known_module_key("sdxl", "lora_unet_input_blocks_1_1_proj_in")  # SDXL level 0: no attention
     assert not kohya.known_module_key("sd1", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn3_to_q")
+
+
+def _delta(w):
+    return (w.up @ w.down) * (w.alpha / w.rank)
+
+
+def test_in_proj_split_and_stack_are_exact():
+    g = torch.Generator().manual_seed(0)
+    e, r = 8, 3
+    combined = kohya.LoraWeights(torch.randn(r, e, generator=g), torch.randn(3 * e, r, generator=g), 1.5)
+    parts = kohya.split_in_proj(combined)
+    assert [p.rank for p in parts.values()] == [r, r, r]
+    assert torch.allclose(torch.cat([_delta(parts[p]) for p in "qkv"]), _delta(combined))
+    # q/k/v of different ranks and alphas, v missing: one in_proj LoRA of rank r_q + r_k.
+    q = kohya.LoraWeights(torch.randn(2, e, generator=g), torch.randn(e, 2, generator=g), 0.5)
+    k = kohya.LoraWeights(torch.randn(4, e, generator=g), torch.randn(e, 4, generator=g), 8.0)
+    stacked = kohya.stack_qkv({"q": q, "k": k})
+    assert stacked.rank == 6 and stacked.alpha == 6.0
+    want = torch.cat([_delta(q), _delta(k), torch.zeros(e, e)])
+    assert torch.allclose(_delta(stacked), want, atol=1e-6)
+    with pytest.raises(LoraFormatError, match="multiple of 3"):
+        kohya.split_in_proj(kohya.LoraWeights(torch.zeros(2, 4), torch.zeros(7, 2), 1.0))

@@ -18,7 +18,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from lora_trainer.config import NetworkConfig
-from lora_trainer.errors import LoraFormatError
+from lora_trainer.errors import ConfigError, LoraFormatError
 from lora_trainer.lora import kohya
 from lora_trainer.lora.kohya import LoraWeights, Slot
 from lora_trainer.lora.mha import LoraMultiheadAttention
@@ -249,8 +249,8 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
         ranks = {(s.root, s.path, s.part): network_cfg.rank for s in layout.values()}
         alphas = {(s.root, s.path, s.part): float(network_cfg.alpha) for s in layout.values()}
     if not layout:
-        raise LoraFormatError("no module to put a LoRA on; enable network.train_unet or "
-                              "network.train_text_encoder, or check network.target_modules")
+        raise ConfigError("network: no module to put a LoRA on; enable network.train_unet or "
+                          "network.train_text_encoder, or check network.target_modules")
     states: dict[str, _RootState] = {}
     try:
         for root in dict.fromkeys(s.root for s in layout.values()):
