@@ -191,9 +191,26 @@ def test_init_from_uses_the_files_ranks_and_alphas(tmp_path):
     net = inject_lora(bundle, net_cfg(rank=4, alpha=1.0, init_from=str(path)))
     key = next(iter(net.layout))
     assert net.alpha(key) == 2.0 and net.parameters()[0].shape[0] == 8
-    assert net.alpha(odd) == 0.5
+    assert net.alpha(odd) == 0.5 and (net.network_dim, net.network_alpha) == (8, 2.0)
     assert all(k.startswith("lora_unet_") for k in net.layout)
     back = net.to_kohya(torch.float32)
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
     with pytest.raises(LoraFormatError, match="lora_unet_down_blocks_0_attentions_0"):
         inject_lora(make_bundle("sdxl"), net_cfg(init_from=str(path)))
+
+
+def test_half_precision_base_trains_fp32_lora():
+    """WebUI models run in fp16/bf16: forward keeps the base dtype, LoRA gradients are fp32."""
+    bundle = make_bundle("sd2", te_naming="open_clip")
+    for root in bundle.trainable_roots().values():
+        root.to(torch.bfloat16)
+    net = inject_lora(bundle, net_cfg())
+    randomize(net)
+    out = bundle.trainable_roots()["te"](torch.randint(0, 49408, (2, 77)))
+    assert out.dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    sample = bundle.unet(torch.randn(1, 4, 8, 8, generator=g).bfloat16(), torch.tensor([10]),
+                         torch.randn(1, 5, 32, generator=g).bfloat16()).sample
+    assert sample.dtype == torch.bfloat16
+    (out.float().sum() + sample.float().sum()).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())

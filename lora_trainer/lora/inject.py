@@ -79,6 +79,16 @@ class LoraNetwork:
             m.lora_alpha[ADAPTER] = alpha
             m.set_scale(ADAPTER, self._multiplier)
 
+    @property
+    def network_dim(self) -> int:
+        """The most common rank (what ss_network_dim reports; from the file with init_from)."""
+        return Counter(self._params(k)[0].shape[0] for k in self.layout).most_common(1)[0][0]
+
+    @property
+    def network_alpha(self) -> float:
+        """The most common alpha (ss_network_alpha)."""
+        return Counter(self.alpha(k) for k in self.layout).most_common(1)[0][0]
+
     def parameters(self, root: str | None = None) -> list[nn.Parameter]:
         """LoRA parameters (fp32) of the trainable roots, or of ``root`` only."""
         out: list[nn.Parameter] = []
