@@ -183,3 +183,27 @@ def test_in_proj_split_and_stack_are_exact():
     assert torch.allclose(_delta(stacked), want, atol=1e-6)
     with pytest.raises(LoraFormatError, match="multiple of 3"):
         kohya.split_in_proj(kohya.LoraWeights(torch.zeros(2, 4), torch.zeros(7, 2), 1.0))
+
+
+@pytest.mark.parametrize("arch,unet_modules,te_modules", [("sd1", 192, 72), ("sd2", 192, 138), ("sdxl", 722, 192)])
+def test_full_size_models_give_kohyas_module_counts(arch, unet_modules, te_modules):
+    """The shipped full-size configs, built without weights: kohya's well-known module counts
+    (SD1: 192 UNet + 72 TE; SDXL: 722 UNet, 192 in the bigG encoder), every key known."""
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import lora_trainer.models
+
+    configs = Path(lora_trainer.models.__file__).parent / "configs" / arch
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(configs / ("text_encoder_2" if arch == "sdxl" else "text_encoder")))
+    paths = targets.default_unet_targets(unet)
+    keys = [kohya.kohya_name(arch, "unet", "diffusers", p) for p in paths]
+    assert len(keys) == unet_modules and all(kohya.known_module_key(arch, k) for k in keys)
+    if arch == "sdxl":
+        assert "lora_unet_input_blocks_8_1_transformer_blocks_9_ff_net_2" in keys
+        assert "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_v" in keys
+    assert len(targets.default_text_targets(te, "hf_clip")) == te_modules
