@@ -207,3 +207,10 @@ def test_full_size_models_give_kohyas_module_counts(arch, unet_modules, te_modul
         assert "lora_unet_input_blocks_8_1_transformer_blocks_9_ff_net_2" in keys
         assert "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_v" in keys
     assert len(targets.default_text_targets(te, "hf_clip")) == te_modules
+
+
+def test_alpha_is_saved_as_float32_in_half_precision_files():
+    flat = kohya.to_kohya_tensors({"lora_unet_a": _weights(alpha=0.1)}, torch.float16)
+    assert flat["lora_unet_a.lora_down.weight"].dtype == torch.float16
+    assert flat["lora_unet_a.alpha"].dtype == torch.float32
+    assert kohya.from_kohya_tensors(flat)["lora_unet_a"].alpha == float(torch.tensor(0.1, dtype=torch.float32))

@@ -68,6 +68,18 @@ def test_ldm_naming_gives_the_same_keys_as_diffusers_naming():
     assert ldm_keys == dif_keys and len(ldm_keys) == 192
 
 
+def test_sdxl_sgm_naming_gives_the_same_keys_as_diffusers_naming():
+    parts = build_components("sdxl")
+    sgm = make_bundle("sdxl", parts, unet=ldm_unet("sdxl"), unet_naming="ldm")
+    sgm_keys = set(inject_lora(sgm, net_cfg(train_text_encoder=False)).layout)
+    dif_keys = set(inject_lora(make_bundle("sdxl", parts), net_cfg(train_text_encoder=False)).layout)
+    # The LDM test model has one transformer block everywhere; the tiny diffusers SDXL has two
+    # at the deepest level.
+    assert sgm_keys == {k for k in dif_keys if "transformer_blocks_1_" not in k}
+    assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+               for k in sgm_keys)
+
+
 @pytest.mark.parametrize("arch", ["sd1", "sd2"])
 def test_every_unet_key_resolves_in_the_webui_model_at_trained_strength(arch):
     """Merge the file into a plain LDM UNet the way the WebUI does; it must equal our LoRA model."""

@@ -226,12 +226,15 @@ def stack_qkv(parts: dict[str, LoraWeights]) -> LoraWeights:
 
 
 def to_kohya_tensors(weights: dict[str, LoraWeights], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """{kohya key: LoraWeights} -> flat file tensors (new contiguous tensors in ``dtype``)."""
+    """{kohya key: LoraWeights} -> flat file tensors (new contiguous tensors in ``dtype``).
+
+    Alpha stays float32 whatever ``dtype``: loaders read it with ``.item()``, and an fp16 alpha
+    such as 0.1 would change the strength slightly."""
     out: dict[str, torch.Tensor] = {}
     for key, w in weights.items():
         out[f"{key}.lora_down.weight"] = w.down.detach().to("cpu", dtype).contiguous()
         out[f"{key}.lora_up.weight"] = w.up.detach().to("cpu", dtype).contiguous()
-        out[f"{key}.alpha"] = torch.tensor(float(w.alpha), dtype=dtype)
+        out[f"{key}.alpha"] = torch.tensor(float(w.alpha), dtype=torch.float32)
     return out
 
 
