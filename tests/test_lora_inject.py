@@ -7,7 +7,7 @@ import torch
 from lora_fixtures import make_bundle, net_cfg, randomize, same_snapshot, snapshot
 from torch import nn
 
-from lora_trainer.errors import LoraFormatError
+from lora_trainer.errors import HostError, LoraFormatError
 from lora_trainer.lora.files import read_lora_file, save_lora_file
 from lora_trainer.lora.inject import inject_lora
 from lora_trainer.lora.mha import LoraMultiheadAttention
@@ -142,6 +142,15 @@ def test_mha_wrapper_equals_merged_weights(batch_first):
     want = merged(x, x, x, need_weights=False, attn_mask=mask)[0]
     assert torch.allclose(got, want, atol=1e-5)
     assert wrapped.batch_first == batch_first and wrapped.embed_dim == 16
+
+
+def test_injecting_twice_is_refused():
+    bundle = make_bundle("sd2", te_naming="open_clip")
+    net = inject_lora(bundle, net_cfg())
+    with pytest.raises(HostError, match="already has LoRA layers"):
+        inject_lora(bundle, net_cfg())
+    net.remove()
+    inject_lora(bundle, net_cfg()).remove()
 
 
 def test_param_groups_and_roots():

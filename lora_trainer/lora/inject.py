@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from lora_trainer.config import NetworkConfig
-from lora_trainer.errors import ConfigError, LoraFormatError
+from lora_trainer.errors import ConfigError, HostError, LoraFormatError
 from lora_trainer.lora import kohya
 from lora_trainer.lora.kohya import LoraWeights, Slot
 from lora_trainer.lora.mha import LoraMultiheadAttention
@@ -235,6 +236,13 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
     """Add LoRA layers to ``bundle`` in place (UNet when train_unet, each text encoder when
     train_text_encoder; with init_from, the modules and ranks/alphas of that file)."""
     all_roots = {k: (m, bundle.naming_of(k)) for k, m in bundle.trainable_roots().items()}
+    for key, (module, _) in all_roots.items():
+        leftover = next((n for n, m in module.named_modules()
+                         if isinstance(m, (BaseTunerLayer, LoraMultiheadAttention))), None)
+        if leftover is not None:
+            # Injecting again would silently skip these layers (they are no longer Linear).
+            raise HostError(f"the {key} model already has LoRA layers ({leftover}) from a run that did not "
+                            "finish; reload the model before training again")
     trained = {k for k in all_roots if (k == "unet" and network_cfg.train_unet)
                or (k != "unet" and network_cfg.train_text_encoder)}
     init_tensors: dict[str, torch.Tensor] | None = None
