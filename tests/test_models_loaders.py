@@ -276,3 +276,30 @@ def test_single_file_separate_vae(sd1_checkpoint, tmp_path):
     with torch.no_grad():
         mean = bundle.vae.encode(px).latent_dist.mean
         assert torch.allclose(mean, other["quant_conv"](other["encoder"](px))[:, :4], atol=1e-4)
+
+
+# Published parameter counts of the real models: a typo in a packaged config changes them.
+REAL_SIZES = {
+    ("sd1", "unet"): 859_520_964, ("sd2", "unet"): 865_910_724, ("sd2_v", "unet"): 865_910_724,
+    ("sdxl", "unet"): 2_567_463_684, ("sd1", "vae"): 83_653_863, ("sdxl", "vae"): 83_653_863,
+    ("sd1", "text_encoder"): 123_060_480, ("sdxl", "text_encoder"): 123_060_480,
+    ("sd2", "text_encoder"): 340_387_840, ("sdxl", "text_encoder_2"): 694_659_840,
+}
+
+
+@pytest.mark.parametrize("name,part", sorted(REAL_SIZES))
+def test_packaged_configs_describe_the_real_models(name, part):
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = json.loads((ckpt.CONFIGS_DIR / name / part / "config.json").read_text())
+    with init_empty_weights():  # shapes only, no memory
+        if part == "unet":
+            model = UNet2DConditionModel.from_config(cfg)
+        elif part == "vae":
+            model = AutoencoderKL.from_config(cfg)
+        else:
+            cls = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
+            model = cls(CLIPTextConfig(**cfg))
+    assert sum(p.numel() for p in model.parameters()) == REAL_SIZES[name, part]

@@ -134,10 +134,12 @@ def load_diffusers_folder(path: Path, model_cfg: ModelConfig, device: torch.devi
     index = json.loads(index_file.read_text())
     arch = _folder_arch(path, index)
     kw = dict(torch_dtype=dtype, local_files_only=True)
+    vae_dtype = torch.float32 if arch == "sdxl" else dtype  # SDXL's VAE overflows in fp16
     try:
         parts: dict[str, Any] = {
             "unet": diffusers.UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
-            "vae": diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
+            "vae": diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype,
+                                                           local_files_only=True),
             "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
         }
         if arch == "sdxl":
@@ -164,7 +166,8 @@ def _parts_from_state_dict(sd: dict[str, torch.Tensor], arch: str, folder: Path,
     kw = dict(config=str(folder), torch_dtype=dtype, local_files_only=True)
     parts: dict[str, Any] = {"unet": diffusers.UNet2DConditionModel.from_single_file(sd, subfolder="unet", **kw)}
     if not skip_vae:
-        parts["vae"] = diffusers.AutoencoderKL.from_single_file(sd, subfolder="vae", **kw)
+        vae_kw = {**kw, "torch_dtype": torch.float32 if arch == "sdxl" else dtype}  # SDXL's VAE overflows in fp16
+        parts["vae"] = diffusers.AutoencoderKL.from_single_file(sd, subfolder="vae", **vae_kw)
     te_classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     for sub, cls in te_classes.items():
         if sub in index:
