@@ -43,9 +43,17 @@ def _images(n: int, seed: int) -> list[Any]:
 
 
 def bench_blip(size: str = "base", batch_size: int = 8, steps: int = 2, warmup: int = 1, device: str = "auto",
-               num_beams: int = 3, new_tokens: int = 20, fp16: bool = True, seed: int = 0) -> dict[str, Any]:
-    """Time ``steps`` batches (after ``warmup``) of preprocessing + generation; return one table row."""
+               num_beams: int = 3, new_tokens: int = 20, fp16: bool = True, seed: int = 0,
+               threads: int | None = None) -> dict[str, Any]:
+    """Time ``steps`` batches (after ``warmup``) of preprocessing + generation; return one table row.
+
+    ``threads`` sets torch's CPU threads: on a busy machine one thread avoids the spin-waiting
+    that makes small multi-threaded kernels many times slower.
+    """
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from transformers import BlipForConditionalGeneration, BlipImageProcessor
 
     from lora_trainer.caption.blip import resolve_device
@@ -80,16 +88,16 @@ def bench_blip(size: str = "base", batch_size: int = 8, steps: int = 2, warmup: 
     return {"model": f"blip-{size}", "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
             "device": device if not device.startswith("cuda") else torch.cuda.get_device_name(),
             "dtype": str(dtype).replace("torch.", ""), "batch": batch_size, "beams": num_beams,
-            "tokens": new_tokens, "s_per_batch": seconds, "images_per_s": batch_size / seconds, "peak_gib": peak}
+            "threads": torch.get_num_threads(), "tokens": new_tokens, "s_per_batch": seconds, "images_per_s": batch_size / seconds, "peak_gib": peak}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'model':<11} {'params':>7} {'device':<24} {'dtype':<8} {'batch':>5} {'beams':>5} " \
+    head = f"{'model':<11} {'params':>7} {'device':<24} {'threads':>7} {'dtype':<8} {'batch':>5} {'beams':>5} " \
            f"{'tokens':>6} {'s/batch':>8} {'images/s':>9} {'peak GiB':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-        lines.append(f"{r['model']:<11} {r['params_m']:>6.1f}M {r['device'][:24]:<24} {r['dtype']:<8} "
+        lines.append(f"{r['model']:<11} {r['params_m']:>6.1f}M {r['device'][:24]:<24} {r['threads']:>7} {r['dtype']:<8} "
                      f"{r['batch']:>5} {r['beams']:>5} {r['tokens']:>6} {r['s_per_batch']:>8.3f} "
                      f"{r['images_per_s']:>9.2f} {peak:>8}")
     return "\n".join(lines)
@@ -97,11 +105,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run_caption_bench(sizes: tuple[str, ...] = ("tiny", "base"), batch_size: int = 8, steps: int = 2,
                       warmup: int = 1, device: str = "auto", num_beams: int = 3, new_tokens: int = 20,
-                      fp16: bool = True, print_fn: Any = print) -> list[dict[str, Any]]:
+                      fp16: bool = True, threads: int | None = None, print_fn: Any = print) -> list[dict[str, Any]]:
     """Benchmark BLIP captioning for each size, print a table, return the rows."""
     rows = []
     for size in sizes:
-        rows.append(bench_blip(size, batch_size, steps, warmup, device, num_beams, new_tokens, fp16))
+        rows.append(bench_blip(size, batch_size, steps, warmup, device, num_beams, new_tokens, fp16, threads=threads))
     print_fn(format_table(rows))
     return rows
 
@@ -119,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beams", type=int, default=3)
     p.add_argument("--tokens", type=int, default=20)
     p.add_argument("--no-fp16", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
     run_caption_bench(tuple(s.strip() for s in a.sizes.split(",") if s.strip()), a.batch_size, a.steps,
-                      a.warmup, a.device, a.beams, a.tokens, not a.no_fp16)
+                      a.warmup, a.device, a.beams, a.tokens, not a.no_fp16, a.threads)
     return 0
 
 
