@@ -70,6 +70,7 @@ class RunSession:
         # -- seed and outputs
         seed_everything(cfg.train.seed)
         self.gen = torch.Generator(self.device).manual_seed(cfg.train.seed)
+        self.alphas = self.bundle.alphas_cumprod.to(self.device, torch.float32)  # once, not per step
         self.write_config()
         # -- data and caches (before LoRA, so the VAE and frozen text encoders can leave the GPU)
         self.setup_data()
@@ -170,7 +171,11 @@ class RunSession:
         if self.cfg.train.gradient_checkpointing:
             self.enable_checkpointing()
         if self.cfg.train.compile and hasattr(self.bundle.unet, "compile"):
-            self.bundle.unet.compile()
+            unet = self.bundle.unet
+            unet.compile()
+            # nn.Module.compile() keeps the compiled forward on the module; drop it afterwards so
+            # the host's model runs eagerly again, as it was handed over.
+            self._undo.append(lambda: setattr(unet, "_compiled_call_impl", None))
 
     def setup_optimizer(self) -> None:
         o, t = self.cfg.optim, self.cfg.train
@@ -234,16 +239,15 @@ class RunSession:
                 latents = b.encode_images(batch.pixels.to(self.device, b.dtype)).float()
         noise = offset_noise(latents, t.noise_offset, self.gen)
         steps = sample_timesteps(latents.shape[0], b.num_train_timesteps, self.gen, self.device)
-        noisy = q_sample(latents, noise, steps, b.alphas_cumprod)
+        noisy = q_sample(latents, noise, steps, self.alphas)
         size_info = batch.size_info.to(self.device) if b.arch == "sdxl" else None
         with self.autocast():
             cond = self.encode_text(batch.captions)
             pred = b.predict(noisy.to(b.dtype), steps, cond, size_info)
-        target = target_for(b.prediction_type, latents, noise, steps, b.alphas_cumprod)
+        target = target_for(b.prediction_type, latents, noise, steps, self.alphas)
         weights = batch.weights.to(self.device)
         if t.min_snr_gamma:
-            weights = weights * min_snr_weights(steps, b.alphas_cumprod, t.min_snr_gamma,
-                                                b.prediction_type).to(self.device)
+            weights = weights * min_snr_weights(steps, self.alphas, t.min_snr_gamma, b.prediction_type)
         loss = weighted_mse(pred, target, weights) / accum
         self.scaler.scale(loss).backward()
         return loss.detach()
