@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress_bar(total_hint: str):
+def _progress_bar(desc: str):
     from tqdm import tqdm
 
     bar = None
@@ -59,7 +59,7 @@ def _progress_bar(total_hint: str):
     def update(done: int, total: int, current: str) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, unit="img", desc=total_hint, file=sys.stderr)
+            bar = tqdm(total=total, unit="img", desc=desc, file=sys.stderr)
         bar.n = done
         bar.set_postfix_str(current[-40:], refresh=False)
         bar.refresh()
