@@ -17,7 +17,6 @@ import functools
 import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,10 +51,9 @@ class MemoryEstimate:
 
 def unet_config(arch: str) -> dict[str, Any]:
     """Full-size UNet config shipped with the package (the single-file loader uses the same files)."""
-    from lora_trainer.models.configs import config_folder
+    from lora_trainer.models.checkpoint import CONFIGS_DIR
 
-    folder = config_folder(arch)
-    cfg = json.loads((Path(folder) / "unet" / "config.json").read_text(encoding="utf-8"))
+    cfg = json.loads((CONFIGS_DIR / arch / "unet" / "config.json").read_text(encoding="utf-8"))
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
@@ -92,21 +90,12 @@ class _SavedBytes:
         return t
 
 
-def _lora_targets(unet: nn.Module) -> list[str]:
-    try:
-        from lora_trainer.lora.targets import default_targets
-
-        return default_targets(unet, "diffusers")
-    except ImportError:  # pragma: no cover - the lora package is always present in a full install
-        names = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
-        return [n for n, _ in unet.named_modules() if n.endswith(names) and "transformer" in n or n.endswith(("proj_in", "proj_out"))]
-
-
 def _build_meta_unet(arch: str, rank: int, dtype: torch.dtype) -> tuple[nn.Module, int]:
     from diffusers import UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
     from peft import LoraConfig, inject_adapter_in_model
 
-    from diffusers.utils import logging as diffusers_logging
+    from lora_trainer.lora.targets import default_unet_targets
 
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # .to(dtype) warns about fp32 modules; the UNet has none
@@ -115,7 +104,7 @@ def _build_meta_unet(arch: str, rank: int, dtype: torch.dtype) -> tuple[nn.Modul
     diffusers_logging.set_verbosity(level)
     with torch.device("meta"):
         unet.requires_grad_(False)
-        targets = _lora_targets(unet)
+        targets = default_unet_targets(unet)
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), unet)
     lora_params = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
     for n, p in unet.named_parameters():
