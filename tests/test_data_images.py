@@ -1,0 +1,156 @@
+"""open_image_rgb / probe_image: every mode to the right RGB pixels, files untouched."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lora_trainer.data.images import open_image_rgb, probe_image, to_rgb
+from lora_trainer.errors import DatasetError
+
+
+def _save(img: Image.Image, path: Path, **kw) -> Path:
+    img.save(path, **kw)
+    return path
+
+
+def _px(img: Image.Image, xy: tuple[int, int]) -> tuple[int, ...]:
+    return tuple(int(v) for v in img.getpixel(xy))
+
+
+@pytest.mark.parametrize("ext,fmt,lossy", [(".png", "PNG", False), (".bmp", "BMP", False),
+                                           (".jpg", "JPEG", True), (".webp", "WEBP", True)])
+def test_rgb_formats_round_trip(tmp_path: Path, ext: str, fmt: str, lossy: bool) -> None:
+    src = Image.new("RGB", (96, 64), (200, 30, 60))
+    src.paste((20, 180, 90), (48, 0, 96, 64))
+    path = _save(src, tmp_path / f"x{ext}", format=fmt, **({"quality": 95} if lossy else {}))
+    out = open_image_rgb(path)
+    assert out.mode == "RGB" and out.size == (96, 64)
+    tol = 8 if lossy else 0
+    assert np.abs(np.asarray(out, dtype=int)[10, 10] - (200, 30, 60)).max() <= tol
+    assert np.abs(np.asarray(out, dtype=int)[10, 80] - (20, 180, 90)).max() <= tol
+
+
+def test_rgba_transparent_is_white_and_partial_alpha_blends(tmp_path: Path) -> None:
+    img = Image.new("RGBA", (4, 2), (0, 0, 0, 0))  # fully transparent black
+    img.putpixel((1, 0), (255, 0, 0, 255))
+    img.putpixel((2, 0), (255, 0, 0, 128))
+    out = open_image_rgb(_save(img, tmp_path / "a.png"))
+    assert _px(out, (0, 0)) == (255, 255, 255)
+    assert _px(out, (1, 0)) == (255, 0, 0)
+    r, g, b = _px(out, (2, 0))
+    assert r == 255 and 125 <= g <= 129 and g == b
+
+
+def test_la_and_palette_transparency_on_white(tmp_path: Path) -> None:
+    la = Image.new("LA", (2, 1), (0, 0))
+    la.putpixel((1, 0), (40, 255))
+    out = open_image_rgb(_save(la, tmp_path / "la.png"))
+    assert _px(out, (0, 0)) == (255, 255, 255) and _px(out, (1, 0)) == (40, 40, 40)
+
+    p = Image.new("P", (2, 1), 0)
+    p.putpalette([0, 0, 0, 10, 200, 30] + [0] * (254 * 3))
+    p.putpixel((1, 0), 1)
+    p.info["transparency"] = 0
+    out = open_image_rgb(_save(p, tmp_path / "p.png", transparency=0))
+    assert _px(out, (0, 0)) == (255, 255, 255) and _px(out, (1, 0)) == (10, 200, 30)
+
+
+def test_palette_without_transparency_and_greyscale(tmp_path: Path) -> None:
+    p = Image.new("P", (1, 1), 0)
+    p.putpalette([90, 10, 250] + [0] * 765)
+    assert _px(open_image_rgb(_save(p, tmp_path / "p.bmp")), (0, 0)) == (90, 10, 250)
+    grey = Image.new("L", (1, 1), 77)
+    assert _px(open_image_rgb(_save(grey, tmp_path / "g.png")), (0, 0)) == (77, 77, 77)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    arr = np.array([[0, 32896, 65535]], dtype=np.uint16)
+    path = _save(Image.fromarray(arr), tmp_path / "deep.png")
+    assert Image.open(path).mode.startswith("I")
+    out = open_image_rgb(path)
+    assert [_px(out, (x, 0))[0] for x in range(3)] == [0, 128, 255]
+
+
+def test_int32_and_float_modes() -> None:
+    i32 = Image.fromarray(np.array([[0, 65535]], dtype=np.int32), mode="I")
+    assert [to_rgb(i32).getpixel((x, 0)) for x in range(2)] == [(0, 0, 0), (255, 255, 255)]
+    small = Image.fromarray(np.array([[0, 200]], dtype=np.int32), mode="I")  # already 8-bit range
+    assert to_rgb(small).getpixel((1, 0)) == (200, 200, 200)
+    f = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), mode="F")
+    assert [to_rgb(f).getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
+
+
+def test_cmyk_jpeg(tmp_path: Path) -> None:
+    img = Image.new("CMYK", (16, 8), (0, 0, 0, 0))  # no ink: white
+    img.paste((0, 255, 255, 0), (8, 0, 16, 8))  # magenta + yellow: red
+    out = open_image_rgb(_save(img, tmp_path / "c.jpg", quality=95))
+    assert out.mode == "RGB"
+    assert min(_px(out, (2, 4))) >= 245
+    r, g, b = _px(out, (12, 4))
+    assert r >= 240 and g <= 15 and b <= 15
+
+
+def test_exif_orientation_6_rotates_clockwise(tmp_path: Path) -> None:
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (20, 0, 40, 20))  # stored: left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = _save(img, tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    out = open_image_rgb(path)
+    assert out.size == (20, 40)
+    top, bottom = _px(out, (10, 5)), _px(out, (10, 35))
+    assert top[0] > 200 and top[2] < 50  # the stored left (red) edge is now on top
+    assert bottom[2] > 200 and bottom[0] < 50
+    probe = probe_image(path)
+    assert (probe.width, probe.height, probe.format) == (20, 40, "JPEG")
+
+
+def test_large_image_opens(tmp_path: Path) -> None:
+    path = _save(Image.new("RGB", (4000, 3000), (1, 2, 3)), tmp_path / "big.jpg")
+    assert probe_image(path).width == 4000
+    assert open_image_rgb(path).size == (4000, 3000)
+
+
+def test_opening_never_modifies_the_file(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    path = _save(Image.new("RGBA", (30, 10), (5, 6, 7, 100)), tmp_path / "keep.png", exif=exif.tobytes())
+    before, mtime = path.read_bytes(), path.stat().st_mtime_ns
+    open_image_rgb(path)
+    probe_image(path)
+    open_image_rgb(path, data=path.read_bytes())
+    assert path.read_bytes() == before and path.stat().st_mtime_ns == mtime
+
+
+def _truncated(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.effect_noise((200, 150), 60).convert("RGB").save(buf, format=fmt)
+    data = buf.getvalue()
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("name,data", [
+    ("empty.png", b""),
+    ("text.jpg", b"this is not an image at all\n"),
+    ("cut.png", _truncated("PNG")),
+    ("cut.jpg", _truncated("JPEG")),
+    ("cut.bmp", _truncated("BMP")),
+    ("cut.webp", _truncated("WEBP")),
+])
+def test_unreadable_files_raise_dataset_error_naming_the_file(tmp_path: Path, name: str, data: bytes) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    for fn in (open_image_rgb, probe_image):
+        with pytest.raises(DatasetError) as err:
+            fn(path)
+        assert name in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="not found"):
+        open_image_rgb(tmp_path / "nope.png")
