@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 ASSET_ROOT = Path(__file__).resolve().parents[2]
 JS_FILE = ASSET_ROOT / "javascript" / "lora_trainer.js"
 CSS_FILE = ASSET_ROOT / "style.css"
-DEMO_PROMPT = "demo shapes, a red circle on a blue background"
+DEMO_PROMPT = "a red circle on a blue background"
 
 
 def _read_asset(path: Path) -> str:
@@ -67,7 +67,8 @@ def create_app(host: Any, data_dir: str | Path | None = None, *, defaults: Train
         g.Markdown(f"## {title}", elem_id="lt-app-title")
         with g.Tabs(elem_id="lt-app-tabs"):
             with g.Tab("Image LoRA", elem_id="lt-app-image"):
-                build_tab(host, defaults=defaults, captioner=captioner).render()
+                # a Blocks built inside another is rendered into it (gradio 3.x and later)
+                build_tab(host, defaults=defaults, captioner=captioner)
             if importlib.util.find_spec("lora_trainer.llm.ui") is not None:
                 from lora_trainer.llm.ui import build_text_lora_section
 

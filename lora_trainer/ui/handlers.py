@@ -44,7 +44,6 @@ def scan(folder: str, cfg: TrainConfig) -> dict[str, Any]:
     Returns gallery items ``(path, label)``, problem rows ``[file, kind, message]``, bucket rows
     ``[bucket, images]`` and a one-paragraph summary.
     """
-    from lora_trainer.data.buckets import assign_bucket
     from lora_trainer.data.scan import scan_dataset
 
     if not folder or not Path(folder).is_dir():
@@ -55,24 +54,21 @@ def scan(folder: str, cfg: TrainConfig) -> dict[str, Any]:
     for p in report.problems:
         problems_by_path[str(p.path)].append(p.kind)
     gallery: list[tuple[str, str]] = []
-    buckets: collections.Counter[str] = collections.Counter()
     for item in report.items:
         flags = problems_by_path.pop(str(item.path), [])
         label = f"{item.rel} ({item.width}x{item.height})" + (f" [{', '.join(flags)}]" if flags else "")
-        gallery.append((str(item.path), f"{label}: {item.caption}"))
-        w, h = assign_bucket(item.width, item.height, data_cfg)
-        buckets[f"{w}x{h}"] += 1
+        reg = " (regularization)" if item.is_reg else ""
+        gallery.append((str(item.path), f"{label}{reg}: {item.caption}"))
     for path, kinds in problems_by_path.items():  # skipped files that can still be shown
         if Path(path).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp") and "corrupt" not in kinds:
             gallery.append((path, f"{Path(path).name} [{', '.join(kinds)}] (skipped)"))
     rows = [[_rel(p.path, folder), p.kind, p.message] for p in report.problems]
     counts = collections.Counter(p.kind for p in report.problems)
-    summary = (f"**{len(report.items)} images** ready to train"
-               + (", " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(counts.items())) if counts else "")
-               + f". {report.summary()}")
-    return {"gallery": gallery, "problems": rows, "buckets": sorted(([k, str(v)] for k, v in buckets.items()),
-                                                                   key=lambda r: -int(r[1])),
-            "summary": summary}
+    summary = (f"**{len(report.train_items)} images** ready to train ({report.images_per_epoch} per epoch with repeats)"
+               + ("; problems: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(counts.items())) if counts else "")
+               + ".")
+    buckets = [[f"{w}x{h}", str(n)] for (w, h), n in report.bucket_counts().items()]
+    return {"gallery": gallery, "problems": rows, "buckets": buckets, "summary": summary}
 
 
 def _rel(path: Any, folder: str) -> str:
