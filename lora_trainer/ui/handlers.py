@@ -128,67 +128,50 @@ def save_caption_rows(folder: str, rows: Rows, cfg: TrainConfig, fmt: str = "aut
     return f"saved {len(rows)} captions as {fmt}" + (f" ({len(backups)} backup(s) in .backup)" if backups else "")
 
 
-def _tags(caption: str) -> list[str]:
-    return [t.strip() for t in caption.split(",") if t.strip()]
+# Tag tools work on the table being edited (unsaved), through caption.tags' pure functions.
+def _as_dict(rows: Rows) -> dict[str, str]:
+    return {rel: caption for rel, caption in rows}
 
 
-# The tag tools below are a few lines each on the table the user is editing (unsaved rows), so
-# they work on rows here; lora_trainer.caption.tags has the same operations for folders.
+def _as_rows(rows: Rows, captions: dict[str, str]) -> Rows:
+    return [[rel, captions[rel]] for rel, _ in rows]
+
+
 def add_trigger(rows: Rows, trigger: str) -> Rows:
-    trigger = trigger.strip()
-    if not trigger:
+    from lora_trainer.caption import tags
+
+    if not trigger.strip():
         return rows
-    out = []
-    for rel, caption in rows:
-        tags = [t for t in _tags(caption) if t != trigger]
-        out.append([rel, ", ".join([trigger, *tags])])
-    return out
+    return _as_rows(rows, tags.add_trigger(_as_dict(rows), trigger))
 
 
-def find_replace(rows: Rows, find: str, replace: str, regex: bool = False) -> tuple[Rows, int]:
+def find_replace(rows: Rows, find: str, replace: str, regex: bool = False, whole_tag: bool = False) -> tuple[Rows, int]:
     """Replace in every caption; returns the rows and how many captions changed."""
-    if not find:
-        return rows, 0
-    if regex:
-        try:
-            pattern = re.compile(find)
-        except re.error as e:
-            raise DatasetError(f"find pattern {find!r} is not a valid regular expression ({e})") from None
-        fn: Callable[[str], str] = lambda s: pattern.sub(replace, s)  # noqa: E731
-    else:
-        fn = lambda s: s.replace(find, replace)  # noqa: E731
-    out, changed = [], 0
-    for rel, caption in rows:
-        new = fn(caption)
-        changed += new != caption
-        out.append([rel, new])
-    return out, changed
+    from lora_trainer.caption import tags
+
+    before = _as_dict(rows)
+    after = tags.find_replace(before, find, replace, regex=regex, whole_tag=whole_tag)
+    return _as_rows(rows, after), len(tags.changed(before, after))
 
 
 def tag_frequencies(rows: Rows) -> Rows:
-    counts = collections.Counter(t for _, c in rows for t in _tags(c))
-    return [[tag, str(n)] for tag, n in counts.most_common()]
+    from lora_trainer.caption import tags
+
+    return [[tag, str(n)] for tag, n in tags.tag_frequency(_as_dict(rows))]
 
 
-def caption_with(captioner: Any, folder: str, rows: Rows, mode: str = "overwrite", batch_size: int = 4,
-                 progress: Callable[[int, int], None] | None = None) -> Rows:
-    """Caption the table's images with a ``Captioner`` (``caption(images) -> list[str]``).
+def caption_folder(folder: str, model: str, mode: str, fmt: str, cfg: TrainConfig, captioner: Any = None,
+                   progress: Callable[[int, int], None] | None = None) -> Any:
+    """Caption the folder's images with BLIP / CLIP / both and write the captions (backed up).
 
-    ``mode``: overwrite | append | skip-existing. Returns new rows (not yet saved).
+    ``captioner`` is an already loaded BLIP-like model (``caption(images) -> list[str]``), e.g.
+    the WebUI's own; without one the caption package loads BLIP from the local cache.
     """
-    from lora_trainer.data.images import open_image_rgb
+    from lora_trainer.caption.run import caption_folder as run
 
-    todo = [i for i, (_, c) in enumerate(rows) if not (mode == "skip-existing" and c.strip())]
-    out = [list(r) for r in rows]
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start:start + batch_size]
-        images = [open_image_rgb(Path(folder) / rows[i][0]) for i in idx]
-        for i, text in zip(idx, captioner.caption(images), strict=True):
-            old = out[i][1].strip()
-            out[i][1] = f"{old}, {text}" if mode == "append" and old else text
-        if progress:
-            progress(min(start + batch_size, len(todo)), len(todo))
-    return out
+    return run(folder, model=model, fmt=caption_format(folder, cfg, fmt), trigger=cfg.data.trigger_word or None,
+               mode=mode, progress=(lambda d, t, *_: progress(d, t)) if progress else None, captioner=captioner,
+               metadata_path=cfg.data.metadata_path, extension=cfg.data.caption_extension)
 
 
 # -- training progress -----------------------------------------------------------------------

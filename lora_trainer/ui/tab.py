@@ -146,14 +146,13 @@ def _captions_section(ctx: TabContext) -> None:
         except Exception as e:  # noqa: BLE001
             return compat.update(), compat.update(), err_text(e)
 
-    def do_caption(model_value: str, mode_value: str, fmt_value: str, table_value: Any, *values: Any) -> Iterator[tuple[Any, ...]]:
+    def do_caption(model_value: str, mode_value: str, fmt_value: str, *values: Any) -> Iterator[tuple[Any, ...]]:
         try:
             cfg = ctx.config(values)
             folder = cfg.data.train_data_dir
-            rows = handlers.normalize_rows(table_value) or handlers.load_caption_rows(folder, cfg)
-            total = len(rows)
-            for done, total, partial in _caption_steps(ctx, model_value, mode_value, fmt_value, folder, rows, cfg):
-                yield partial or compat.update(), compat.update(), f"captioning… {done}/{total}"
+            total = 0
+            for done, total in _caption_steps(ctx, model_value, mode_value, fmt_value, folder, cfg):
+                yield compat.update(), compat.update(), f"captioning with {model_value}… {done}/{total or '?'}"
             rows = handlers.load_caption_rows(folder, cfg)
             yield with_freq(rows, f"captioned {total} image(s) with {model_value}; saved")
         except Exception as e:  # noqa: BLE001
@@ -162,51 +161,31 @@ def _captions_section(ctx: TabContext) -> None:
     outs = [table, freq, status]
     ctx.later(lambda: reload_.click(do_reload, ctx.inputs, outs))
     ctx.later(lambda: save.click(do_save, [table, fmt, *ctx.inputs], outs))
-    ctx.later(lambda: run.click(do_caption, [model, mode, fmt, table, *ctx.inputs], outs))
+    ctx.later(lambda: run.click(do_caption, [model, mode, fmt, *ctx.inputs], outs))
     add_trigger.click(do_trigger, [table, trigger], outs)
     do_repl.click(do_replace, [table, find, repl, regex], outs)
 
 
-def _caption_steps(ctx: TabContext, model: str, mode: str, fmt: str, folder: str, rows: handlers.Rows,
-                   cfg: TrainConfig) -> Iterator[tuple[int, int, handlers.Rows | None]]:
-    """Caption in batches, yielding (done, total, rows so far) for progress; files are saved at the end.
-
-    A captioner object (injected, or the host's own interrogator) is used directly; otherwise
-    the caption package loads BLIP / CLIP itself and writes the files.
-    """
+def _caption_steps(ctx: TabContext, model: str, mode: str, fmt: str, folder: str,
+                   cfg: TrainConfig) -> Iterator[tuple[int, int]]:
+    """Caption in a worker thread, yielding (done, total) about twice a second for the page."""
     captioner = ctx.captioner or getattr(ctx.host, "captioner", None)
-    if captioner is not None and model == "blip":
-        todo = [r for r in rows if not (mode == "skip-existing" and r[1].strip())]
-        total, done, out = len(todo), 0, [list(r) for r in rows]
-        index = {r[0]: i for i, r in enumerate(out)}
-        for start in range(0, total, 4):
-            chunk = handlers.caption_with(captioner, folder, todo[start:start + 4], mode)
-            for rel, text in chunk:
-                out[index[rel]][1] = text
-            done = min(start + 4, total)
-            yield done, total, out
-        handlers.save_caption_rows(folder, out, cfg, fmt)
-        return
-    from lora_trainer.caption.run import caption_folder
-
-    progress: dict[str, int] = {"done": 0, "total": len(rows)}
+    progress: dict[str, int] = {"done": 0, "total": 0}
     result: dict[str, Any] = {}
 
-    def cb(done: int, total: int, *_: Any) -> None:
+    def cb(done: int, total: int) -> None:
         progress.update(done=done, total=total)
 
     def work() -> None:
         try:
-            caption_folder(folder, model=model, fmt=handlers.caption_format(folder, cfg, fmt),
-                           trigger=cfg.data.trigger_word or None, mode=mode, progress=cb)
-        except Exception as e:  # noqa: BLE001 - re-raised in the UI thread below
+            result["report"] = handlers.caption_folder(folder, model, mode, fmt, cfg, captioner, cb)
+        except Exception as e:  # noqa: BLE001 - re-raised in the event handler below
             result["error"] = e
 
     thread = threading.Thread(target=work, name="lora-trainer-caption", daemon=True)
     thread.start()
     while thread.is_alive():
         thread.join(0.5)
-        yield progress["done"], progress["total"], None
+        yield progress["done"], progress["total"]
     if "error" in result:
         raise result["error"]
-    yield progress["total"], progress["total"], None
