@@ -44,12 +44,14 @@ def scan(folder: str, cfg: TrainConfig) -> dict[str, Any]:
     Returns gallery items ``(path, label)``, problem rows ``[file, kind, message]``, bucket rows
     ``[bucket, images]`` and a one-paragraph summary.
     """
-    from lora_trainer.data.scan import scan_dataset
+    from lora_trainer.data.scan import build_report
 
     if not folder or not Path(folder).is_dir():
         raise DatasetError(f"{folder or '(empty)'}: not a folder; enter the folder of your training images")
     data_cfg = build_config({"data.train_data_dir": folder, "data.on_invalid": "skip"}, base=cfg).data
-    report = scan_dataset(data_cfg)
+    # build_report lists every problem without raising (scan_dataset stops when nothing is
+    # trainable yet, e.g. before captioning, which is exactly when the user needs this view)
+    report = build_report(data_cfg)
     problems_by_path: dict[str, list[str]] = collections.defaultdict(list)
     for p in report.problems:
         problems_by_path[str(p.path)].append(p.kind)
