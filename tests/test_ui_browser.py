@@ -65,8 +65,9 @@ def tiny_blip_captioner(folder: Path) -> Any:
 def flow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from lora_trainer.config import build_config
     from lora_trainer.data.demo import make_demo_dataset
-    from lora_trainer.hosts.standalone import StandaloneHost
     from lora_trainer.ui import app as appmod
+
+    StandaloneHost = __import__("lora_trainer.hosts.standalone", fromlist=["StandaloneHost"]).StandaloneHost
 
     root = tmp_path_factory.mktemp("app")
     data = make_demo_dataset(root / "data", n=4)
@@ -161,20 +162,28 @@ def read_captions(data: Path) -> dict[str, str]:
     return read(data)
 
 
+def table_cell(d: Any, table_id: str, row: int, col: int) -> Any:
+    """A body cell: gradio 5+/6 draws grid cells (data-testid cell-R-C), 3.x/4.x a <table>."""
+    cells = css(d, f"#{table_id} [data-testid='cell-{row}-{col}']")
+    if cells:
+        return cells[0]
+    return css(d, f"#{table_id} tbody tr")[row].find_elements("css selector", "td")[col]
+
+
 def edit_cell(d: Any, table_id: str, row: int, col: int, text: str) -> None:
     """Double-click a table cell, replace its text, press Enter (how a user edits a caption)."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
-    cell = wait_for("caption cell", lambda: css(d, f"#{table_id} tbody tr")[row].find_elements("css selector", "td"))
-    cell = [c for c in cell if c.is_displayed()][col]
+    cell = wait_for("caption cell", lambda: table_cell(d, table_id, row, col))
     d.execute_script("arguments[0].scrollIntoView({block: 'center'});", cell)
     ActionChains(d).double_click(cell).perform()
-    box = wait_for("cell editor", lambda: cell.find_elements("css selector", "input, textarea"))[0]
+    box = wait_for("cell editor", lambda: table_cell(d, table_id, row, col).find_elements(
+        "css selector", "input, textarea"))[0]
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(text)
     box.send_keys(Keys.ENTER)
-    time.sleep(0.5)
+    wait_for("edited cell", lambda: text in table_cell(d, table_id, row, col).text, timeout=10)
 
 
 # -- the flow (one test per stage, in order, sharing the page) ------------------------------
