@@ -184,6 +184,7 @@ def edit_cell(d: Any, table_id: str, row: int, col: int, text: str) -> None:
     box.send_keys(text)
     box.send_keys(Keys.ENTER)
     wait_for("edited cell", lambda: text in table_cell(d, table_id, row, col).text, timeout=10)
+    time.sleep(1.5)  # the table hands its new value to the page's state asynchronously
 
 
 # -- the flow (one test per stage, in order, sharing the page) ------------------------------
