@@ -209,7 +209,7 @@ def test_2_caption_edit_and_save(flow: dict[str, Any]):
     assert all(c.strip() for c in on_disk.values()), on_disk
     edit_cell(d, "lt-caption-table", 1, 1, "a hand written caption, blue star")
     click(d, "lt-caption-save")
-    wait_for("saved", lambda: "saved" in text_of(d, "lt-caption-status"))
+    wait_for("saved", lambda: "saved 4 captions" in text_of(d, "lt-caption-status"))
     assert read_captions(data)["demo_001.png"] == "a hand written caption, blue star"
     assert any((data / ".backup").iterdir())  # the captioned file was backed up before the edit
     shot(d, "captions")

@@ -154,7 +154,7 @@ def _captions_section(ctx: TabContext) -> None:
             for done, total in _caption_steps(ctx, model_value, mode_value, fmt_value, folder, cfg):
                 yield compat.update(), compat.update(), f"captioning with {model_value}… {done}/{total or '?'}"
             rows = handlers.load_caption_rows(folder, cfg)
-            yield with_freq(rows, f"captioned {total} image(s) with {model_value}; saved")
+            yield with_freq(rows, f"captioned {total} image(s) with {model_value} and wrote them")
         except Exception as e:  # noqa: BLE001
             yield compat.update(), compat.update(), err_text(e)
 
