@@ -121,7 +121,9 @@ def open_section(d: Any, name: str) -> None:
     def find() -> Any:
         return [b for b in d.find_elements(By.XPATH, f"//button[normalize-space()='{name}']") if b.is_displayed()]
 
-    wait_for(f"section tab {name}", find)[0].click()
+    button = wait_for(f"section tab {name}", find)[0]
+    d.execute_script("window.scrollTo(0, 0); arguments[0].scrollIntoView({block: 'center'});", button)
+    button.click()
     time.sleep(0.5)
 
 
