@@ -119,7 +119,12 @@ def open_section(d: Any, name: str) -> None:
     from selenium.webdriver.common.by import By
 
     def find() -> Any:
-        return [b for b in d.find_elements(By.XPATH, f"//button[normalize-space()='{name}']") if b.is_displayed()]
+        # gradio 4+ marks the tab buttons role=tab (and keeps hidden copies for overflow menus)
+        for xpath in (f"//button[@role='tab' and normalize-space()='{name}']", f"//button[normalize-space()='{name}']"):
+            found = [b for b in d.find_elements(By.XPATH, xpath) if b.is_displayed()]
+            if found:
+                return found
+        return []
 
     button = wait_for(f"section tab {name}", find)[0]
     d.execute_script("window.scrollTo(0, 0); arguments[0].scrollIntoView({block: 'center'});", button)
