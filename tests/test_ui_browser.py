@@ -258,7 +258,9 @@ def test_3_train_shows_loss_and_samples_and_survives_reload(flow: dict[str, Any]
 def test_4_stop_writes_the_lora(flow: dict[str, Any]):
     d, out = flow["driver"], flow["out"]
     click(d, "lt-stop")
-    wait_for("stopped", lambda: "stopped" in text_of(d, "lt-progress"), timeout=LONG)
+    final = wait_for("the run to end", lambda: any(w in text_of(d, "lt-progress") for w in ("stopped", "error", "done"))
+                     and text_of(d, "lt-progress"), timeout=LONG)
+    assert "stopped" in final, final
     assert (out / "demo_lora.safetensors").is_file()
     assert page_errors(d) == []
 
