@@ -75,7 +75,7 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     defaults = build_config({"train.max_train_steps": 400, "sample.every_n_steps": 2, "sample.steps": 2,
                              "output.tensorboard": False, "model.device": "cpu"},
                             base=appmod.demo_defaults(data, root / "out"))
-    app = appmod.create_app(StandaloneHost(), data, defaults=defaults,
+    app = appmod.create_app(StandaloneHost(lora_dir=root / "out"), data, defaults=defaults,
                             captioner=tiny_blip_captioner(root / "blip"))
     url = screenshots.launch(app)
     driver = screenshots.chrome(root / "profile")

@@ -127,7 +127,8 @@ def main(argv: list[str]) -> int:
         prepare_demo_data(defaults.data.train_data_dir)
     from lora_trainer.hosts.standalone import StandaloneHost
 
-    app = create_app(StandaloneHost(), defaults.data.train_data_dir, defaults=defaults)
+    host = StandaloneHost(lora_dir=defaults.output.output_dir)
+    app = create_app(host, defaults.data.train_data_dir, defaults=defaults)
     app.queue()
     print(f"LoRA trainer on http://{server}:{args.port} (Ctrl-C to quit)")
     app.launch(server_name=server, server_port=args.port, auth=auth, inbrowser=args.inbrowser,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lora_trainer import config as cfgmod
-from lora_trainer.errors import ConfigError
+from lora_trainer.errors import ConfigError, HostError
 from lora_trainer.fsutil import atomic_write_text
 from lora_trainer.ui import compat, handlers, jobs, presets
 from lora_trainer.ui.context import TabContext, err_text
@@ -218,20 +220,42 @@ def test_section(ctx: TabContext) -> None:
         except Exception:  # noqa: BLE001 - a bad field elsewhere must not break the list
             return compat.update()
 
-    def do_render(name: str, p: str, n: str, s: float, st: float, w: float, h: float, ws: str) -> tuple[Any, str]:
+    def do_render(name: str, p: str, n: str, s: float, st: float, w: float, h: float, ws: str,
+                  *values: Any) -> tuple[Any, str]:
         try:
-            items = handlers.render_sweep(ctx.host, p, n, int(s), name or "", handlers.parse_weights(ws),
-                                          int(st), int(w), int(h))
+            weights_ = handlers.parse_weights(ws)
+            with _model_for_render(ctx, values):
+                items = handlers.render_sweep(ctx.host, p, n, int(s), name or "", weights_, int(st), int(w), int(h))
             return items, f"rendered {len(items)} image(s)"
         except Exception as e:  # noqa: BLE001
             return compat.update(), err_text(e)
 
     ctx.later(lambda: refresh.click(do_refresh, ctx.inputs, [lora]))
     lora.change(lambda name: handlers.lora_tag(name or "", 0.7), [lora], [tag])
-    render.click(do_render, [lora, prompt, negative, seed, steps, width, height, weights], [grid, msg])
+    ctx.later(lambda: render.click(do_render, [lora, prompt, negative, seed, steps, width, height, weights,
+                                               *ctx.inputs], [grid, msg]))
     copy.click(None, [tag], None, **compat.js_kwargs("(t) => { window.ltCopyTag && window.ltCopyTag(t); return []; }"))
     send.click(None, [tag], None,
                **compat.js_kwargs("(t) => { window.ltSendToTxt2img && window.ltSendToTxt2img(t); return []; }"))
+
+
+@contextlib.contextmanager
+def _model_for_render(ctx: TabContext, values: tuple[Any, ...]) -> Iterator[None]:
+    """Standalone, the host renders with the model it loaded: load the form's base model first
+    (cached, so only the first render after start-up pays for it). A WebUI renders with its own
+    loaded model, so nothing happens there. Refused while a training run holds the model."""
+    host = ctx.host
+    if getattr(host, "name", "") != "standalone":
+        yield
+        return
+    lock = host.lock()
+    if not lock.acquire(blocking=False):
+        raise HostError("a training run is using the model; render when it has finished (or press Stop)")
+    try:
+        host.release_bundle(host.acquire_bundle(ctx.config(values)))
+    finally:
+        lock.release()
+    yield
 
 
 def _lora_dir(ctx: TabContext, cfg: Any) -> Path:
