@@ -143,6 +143,12 @@ def set_text(d: Any, elem_id: str, text: str) -> None:
     box.send_keys(Keys.TAB)
 
 
+def value_of(d: Any, elem_id: str) -> str:
+    """The value of a textbox or dropdown (its <input>/<textarea>)."""
+    boxes = css(d, f"#{elem_id} textarea, #{elem_id} input")
+    return (boxes[0].get_attribute("value") or "") if boxes else ""
+
+
 def text_of(d: Any, elem_id: str) -> str:
     return " ".join(e.text for e in css(d, f"#{elem_id}"))
 
@@ -281,9 +287,9 @@ def test_4_stop_writes_the_lora(flow: dict[str, Any]):
 def test_5_test_grid_at_two_weights(flow: dict[str, Any]):
     d = flow["driver"]
     open_section(d, "Test")
-    wait_for("LoRA in the list", lambda: "demo_lora" in text_of(d, "lt-test-lora"), timeout=60)
-    wait_for("tag", lambda: "<lora:demo_lora:" in (css(d, "#lt-lora-tag textarea, #lt-lora-tag input")[0]
-                                                   .get_attribute("value") or ""))
+    # the list was refreshed when the run ended, with the new LoRA chosen
+    wait_for("LoRA chosen", lambda: value_of(d, "lt-test-lora") == "demo_lora", timeout=60)
+    wait_for("tag", lambda: value_of(d, "lt-lora-tag") == "<lora:demo_lora:0.7>")
     set_text(d, "lt-test-weights", "0, 1")
     set_text(d, "lt-test-steps", "2")
     click(d, "lt-render")
