@@ -260,10 +260,17 @@ def test_3_train_shows_loss_and_samples_and_survives_reload(flow: dict[str, Any]
         m = re.search(r"step (\d+)/", text_of(d, "lt-progress"))
         return int(m.group(1)) if m else 0
 
+    def plot_png() -> bytes:
+        el = css(d, "#lt-loss-plot")[0]
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'});", el)
+        return el.screenshot_as_png
+
     first = wait_for("first steps", step, timeout=LONG)
-    wait_for("more steps", lambda: step() > first, timeout=LONG)
-    # the plot draws marks once it has points (vega: svg paths or a canvas)
-    wait_for("loss plot", lambda: css(d, "#lt-loss-plot canvas, #lt-loss-plot svg path"), timeout=60)
+    time.sleep(1.5)  # one poll to draw it
+    before = plot_png()
+    wait_for("more steps", lambda: step() > first + 1, timeout=LONG)
+    # the loss plot is redrawn with the new points: its pixels change
+    wait_for("the loss plot to move", lambda: plot_png() != before, timeout=30)
     wait_for("a sample image", lambda: images_in(d, "lt-samples"), timeout=LONG)
     shot(d, "train")
     # closing/reloading the page does not stop the run; the new page shows it again

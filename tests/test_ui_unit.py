@@ -258,6 +258,12 @@ def test_loss_frame_raw_and_smoothed():
     assert 0.0 < smooth[2] < smooth[1] < 1.0
 
 
+def test_loss_frames_split_for_two_plots():
+    raw, smooth = handlers.loss_frames([(1, 1.0), (2, 0.0)])
+    assert list(raw.columns) == ["step", "loss"] and raw["loss"].tolist() == [1.0, 0.0]
+    assert smooth["step"].tolist() == [1, 2] and smooth["loss"].iloc[1] == pytest.approx(0.1 * 0 / 0.19 + 0.9 * 0.1 / 0.19)
+
+
 def test_progress_html_shows_step_speed_and_eta():
     html = handlers.progress_html({"status": "running", "step": 5, "total_steps": 20, "it_per_s": 2.5,
                                    "eta_s": 125.0, "error": None})

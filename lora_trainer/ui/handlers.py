@@ -220,6 +220,13 @@ def loss_frame(losses: Sequence[tuple[int, float]], smoothing: float = 0.9) -> A
     return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
+def loss_frames(losses: Sequence[tuple[int, float]], smoothing: float = 0.9) -> tuple[Any, Any]:
+    """(raw, smoothed) frames with columns step, loss: one per plot."""
+    frame = loss_frame(losses, smoothing)
+    parts = [frame[frame.series == name][["step", "loss"]].reset_index(drop=True) for name in ("raw", "smoothed")]
+    return parts[0], parts[1]
+
+
 # -- test render -----------------------------------------------------------------------------
 
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-0-9.]+))?>")

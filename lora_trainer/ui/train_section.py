@@ -64,9 +64,13 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
     msg = g.Markdown(elem_id=ctx.eid("train-msg"))
     progress = g.HTML(handlers.progress_html(None, ctx.prefix), elem_id=ctx.eid("progress"))
     with g.Row():
-        plot = compat.line_plot(x="step", y="loss", color="series", title="Loss (raw and smoothed)",
-                                elem_id=ctx.eid("loss-plot"))
-        samples = compat.gallery(label="Samples", columns=3, height=300, elem_id=ctx.eid("samples"))
+        # Two plots rather than one with a colour channel: a colour-split LinePlot that starts
+        # empty draws no lines on gradio 6 (its legend never resolves), one series per plot does.
+        with g.Column():
+            plot = compat.line_plot(x="step", y="loss", title="Loss", height=180, elem_id=ctx.eid("loss-plot"))
+            smooth = compat.line_plot(x="step", y="loss", title="Loss, smoothed", height=180,
+                                      elem_id=ctx.eid("loss-smooth-plot"))
+        samples = compat.gallery(label="Samples", columns=3, height=380, elem_id=ctx.eid("samples"))
     log = g.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id=ctx.eid("log"))
     seen = g.State(None)
 
@@ -105,7 +109,7 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
     save.click(command("save_now"), None, [msg])
     sample.click(command("sample_now"), None, [msg])
     ctx.later(lambda: compat.add_timer(blocks, lambda s: _poll(ctx, s), [seen],
-                                       [progress, plot, samples, log, ctx.parts["test_lora"], seen], 1.0))
+                                       [progress, plot, smooth, samples, log, ctx.parts["test_lora"], seen], 1.0))
 
 
 def _host_field_overrides(ctx: TabContext, path: str) -> dict[str, Any]:
@@ -121,18 +125,18 @@ def _poll(ctx: TabContext, seen: Any) -> list[Any]:
     keep = compat.update()
     job = jobs.current()
     if job is None:
-        return [handlers.progress_html(None, ctx.prefix), keep, keep, keep, keep, seen]
+        return [handlers.progress_html(None, ctx.prefix), keep, keep, keep, keep, keep, seen]
     snap = job.snapshot()
     key = [job.id, len(snap["losses"]), len(snap["samples"]), len(snap["log"]), snap["status"]]
     old = seen if isinstance(seen, list) and len(seen) == len(key) and seen[0] == job.id else [None] * len(key)
-    plot = handlers.loss_frame(snap["losses"]) if key[1] != old[1] else keep
+    raw, smooth = (handlers.loss_frames(snap["losses"]) if key[1] != old[1] else (keep, keep))
     gallery = [(img, f"step {step}") for step, img in snap["samples"]] if key[2] != old[2] else keep
     log = "\n".join(snap["log"][-200:]) if key[3] != old[3] else keep
     loras = keep
     if key[4] != old[4] and snap["status"] in ("done", "stopped", "finished"):
         names = handlers.list_loras(ctx.host.lora_dir(job.config))
         loras = compat.update(choices=names, value=names[0] if names else None)
-    return [handlers.progress_html(snap, ctx.prefix), plot, gallery, log, loras, key]
+    return [handlers.progress_html(snap, ctx.prefix), raw, smooth, gallery, log, loras, key]
 
 
 def _yaml_block(ctx: TabContext) -> None:
