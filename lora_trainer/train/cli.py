@@ -32,14 +32,16 @@ class ProgressBar:
                                      lr=f"{ev.lr:.2e}" if ev.lr is not None else "-", refresh=False)
             elif ev.step % 10 == 0 or ev.step == ev.total_steps:
                 eta = f"{ev.eta_s:.0f}s" if ev.eta_s is not None else "?"
-                print(f"step {ev.step}/{ev.total_steps} loss {ev.loss:.4f} eta {eta}", flush=True)
+                loss = f"{ev.loss:.4f}" if ev.loss is not None else "-"
+                speed = f"{ev.it_per_s:.2f} it/s" if ev.it_per_s else "- it/s"
+                print(f"step {ev.step}/{ev.total_steps} loss {loss} {speed} eta {eta}", flush=True)
         elif ev.kind in ("status", "checkpoint", "sample", "done", "stopped", "error"):
             text = ev.message or (f"{ev.kind}: {ev.path}" if ev.path else ev.kind)
-            if ev.kind == "error":
-                return  # the CLI prints the error itself, once
-            if self.bar is not None:
+            if ev.kind in ("error", "done", "stopped"):
+                text = ""  # the CLI prints the result (or the error) itself, once
+            if text and self.bar is not None:
                 self.bar.write(text)
-            else:
+            elif text:
                 print(text, flush=True)
         if ev.kind in ("done", "stopped", "error") and self.bar is not None:
             self.bar.close()
@@ -131,6 +133,12 @@ def demo_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     from lora_trainer.data.demo import make_demo_dataset
 
+    if args.device == "cpu":
+        import torch
+
+        # The demo model's operations are too small to split across threads: one thread avoids
+        # the synchronisation cost, which dominates on a small or busy CPU.
+        torch.set_num_threads(1)
     folder = Path(args.dir)
     data = make_demo_dataset(folder / "data")
     print(f"demo dataset: {data}")

@@ -153,6 +153,7 @@ class RunSession:
             self.latent_cache = LatentCache(d.cache_latents, vae_id, d.crop, folder)
             self.status("caching latents")
             fill_latent_cache(self.ds, self.latent_cache, b, self.cfg.train.batch_size)
+            self.status(f"latent cache: {self.latent_cache.hits} reused, {self.latent_cache.misses} encoded")
             self.ds.latent_cache = self.latent_cache
             self.offload(b.vae)
         captions = self.ds.fixed_captions()
@@ -326,7 +327,7 @@ class RunSession:
 
     # == helpers ===========================================================================
     def status(self, message: str) -> None:
-        log.info(message)
+        log.debug(message)  # the CLI and UIs show status events; logging them too would print twice
         self.trainer.emit(TrainEvent("status", step=self.pos.step, message=message))
 
     def host_interrupted(self) -> bool:
