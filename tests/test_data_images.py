@@ -154,3 +154,59 @@ def test_unreadable_files_raise_dataset_error_naming_the_file(tmp_path: Path, na
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="not found"):
         open_image_rgb(tmp_path / "nope.png")
+
+
+def test_min_size_decodes_large_jpegs_smaller_but_never_below(tmp_path: Path) -> None:
+    src = Image.new("RGB", (2000, 1000), (200, 10, 10))
+    src.paste((10, 10, 200), (1000, 0, 2000, 1000))
+    path = _save(src, tmp_path / "big.jpg", quality=92)
+    out = open_image_rgb(path, min_size=(256, 128))
+    assert out.size == (500, 250)  # 1/4 scale is the smallest that still covers 256x128
+    assert out.getpixel((100, 125))[0] > 180 and out.getpixel((400, 125))[2] > 180
+    assert open_image_rgb(path, min_size=(1500, 100)).size == (2000, 1000)
+    # an EXIF-rotated JPEG: min_size is in upright pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rot = _save(src, tmp_path / "rot.jpg", exif=exif.tobytes())
+    out = open_image_rgb(rot, min_size=(128, 256))
+    assert out.size == (250, 500)
+    png = _save(src, tmp_path / "big.png")
+    assert open_image_rgb(png, min_size=(256, 128)).size == (2000, 1000)  # only JPEG has draft mode
+
+
+def test_jpeg_with_appended_data_is_fine_and_cut_jpeg_is_not(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    Image.effect_noise((200, 150), 60).convert("RGB").save(buf, format="JPEG")
+    whole = buf.getvalue()
+    assert whole.endswith(b"\xff\xd9")
+    extra = tmp_path / "extra.jpg"
+    extra.write_bytes(whole + b"appended video or junk" * 100)  # as some phones write
+    assert probe_image(extra).width == 200
+    assert probe_image(tmp_path / "x.jpg", data=whole).height == 150
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(whole[:-200])
+    with pytest.raises(DatasetError, match="cut.jpg"):
+        probe_image(cut)
+
+
+def test_truncation_found_even_when_the_host_allows_truncated_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some host applications do
+    noise = Image.effect_noise((101, 77), 60)
+    valid = {
+        "rgb.bmp": (noise.convert("RGB"), {}), "grey.bmp": (noise, {}), "pal.bmp": (noise.convert("P"), {}),
+        "bits.bmp": (noise.convert("1"), {}), "prog.jpg": (noise.convert("RGB"), {"progressive": True}),
+        "plain.jpg": (noise.convert("RGB"), {}), "x.png": (noise, {}), "x.webp": (noise.convert("RGB"), {}),
+    }
+    for name, (img, kw) in valid.items():
+        path = _save(img, tmp_path / name, **kw)
+        assert probe_image(path).width == 101, name
+        cut = tmp_path / f"cut_{name}"
+        cut.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+        with pytest.raises(DatasetError, match=f"cut_{name}"):
+            probe_image(cut)
+    extra = tmp_path / "extra.jpg"
+    extra.write_bytes((tmp_path / "plain.jpg").read_bytes() + b"\x00appended" * 50)
+    assert probe_image(extra).height == 77

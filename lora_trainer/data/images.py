@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from lora_trainer.errors import DatasetError
 
@@ -104,14 +104,30 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def open_image_rgb(path: str | Path, data: bytes | None = None) -> Image.Image:
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(_EXIF_ORIENTATION_TAG, 1))
+    except Exception:  # noqa: BLE001 - unreadable EXIF just means no rotation
+        return 1
+
+
+def open_image_rgb(path: str | Path, data: bytes | None = None, *,
+                   min_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode ``path`` (or its already-read bytes ``data``) to an EXIF-rotated 8-bit RGB image.
 
-    Raises DatasetError naming the file when it cannot be read. The file is not modified.
+    ``min_size`` (width, height of the upright image, e.g. its bucket) lets a large JPEG decode
+    at 1/2, 1/4 or 1/8 scale while staying at least that big: much faster for photos that are
+    shrunk to a bucket anyway. Raises DatasetError naming the file when it cannot be read. The
+    file is not modified.
     """
     path = Path(path)
     try:
         with _open_source(path, data) as im:
+            if min_size is not None and im.format == "JPEG":
+                want_w, want_h = min_size
+                if _orientation(im) in _ROTATING_ORIENTATIONS:
+                    want_w, want_h = want_h, want_w
+                im.draft(im.mode, (max(1, want_w), max(1, want_h)))
             im.load()
             upright = ImageOps.exif_transpose(im)
             rgb = to_rgb(upright)
@@ -125,23 +141,60 @@ def open_image_rgb(path: str | Path, data: bytes | None = None) -> Image.Image:
         raise DatasetError(f"{path}: {_describe(e)}; re-export it or remove it from the folder") from None
 
 
+def _ends_with_eoi(path: Path, data: bytes | None) -> bool:
+    """True when a JPEG ends with its End-Of-Image marker (a truncated download does not)."""
+    if data is not None:
+        tail = data[-16:]
+    else:
+        with open(path, "rb") as fh:
+            fh.seek(0, io.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16))
+            tail = fh.read()
+    return tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+
+
+def _incomplete(im: Image.Image, path: Path, data: bytes | None) -> bool:
+    """Structural truncation check, for processes that set ImageFile.LOAD_TRUNCATED_IMAGES.
+
+    Some host applications set that global; Pillow then pads missing pixel data silently
+    instead of raising, so the decode-based check above would pass a cut-off file.
+    """
+    if data is None:
+        data = path.read_bytes()
+    if im.format == "JPEG":
+        # The last scan must be followed by End-Of-Image (markers cannot occur inside scan data:
+        # 0xFF bytes there are stuffed), which also allows data appended after the image.
+        return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+    for tile in im.tile:
+        # Uncompressed tiles (BMP, ...) state their stride: the file must hold every row.
+        args = tile.args if isinstance(tile.args, tuple) else ()
+        if tile.codec_name == "raw" and len(args) > 1 and isinstance(args[1], int) and args[1] > 0:
+            rows = tile.extents[3] - tile.extents[1]
+            if tile.offset + abs(args[1]) * rows > len(data):
+                return True
+    return False
+
+
 def probe_image(path: str | Path, data: bytes | None = None) -> ImageProbe:
     """Size (after EXIF orientation), format and mode, checking that the pixel data is intact.
 
     Much cheaper than a full decode: PNG is checked chunk by chunk (CRCs, truncation) by
-    ``verify()``; JPEG is decoded at 1/8 scale via ``draft()`` (the whole entropy-coded stream
-    is still read, so truncation is caught); other formats are small or fast to decode.
+    ``verify()``; a JPEG that ends with its End-Of-Image marker needs only its header (Pillow
+    decodes damaged scan data without complaint anyway), one that does not (truncated, or with
+    data appended) is decoded at 1/8 scale via ``draft()``, which still reads the whole stream
+    and so catches truncation; other formats are small or fast to decode.
     """
     path = Path(path)
     try:
         with _open_source(path, data) as im:
             width, height = im.size
             fmt, mode = im.format or "?", im.mode
-            try:
-                orientation = im.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-            except Exception:  # noqa: BLE001 - unreadable EXIF just means no rotation
-                orientation = 1
-            if fmt != "PNG":
+            orientation = _orientation(im)
+            if ImageFile.LOAD_TRUNCATED_IMAGES and _incomplete(im, path, data):
+                raise OSError("image file is truncated")
+            if fmt == "JPEG" and _ends_with_eoi(path, data):
+                pass  # complete file: the header is enough (decoding would not catch more)
+            elif fmt != "PNG":
                 if fmt == "JPEG":
                     im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
                 im.load()

@@ -12,21 +12,25 @@ probe from the same bytes); nothing is written into the folder.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lora_trainer.config import DataConfig
-from lora_trainer.data.buckets import assign_bucket
+from lora_trainer.data.buckets import assign_bucket, bucket_resolutions
 from lora_trainer.data.captions import IMAGE_EXTENSIONS, METADATA_NAME, list_images, read_captions
-from lora_trainer.data.images import probe_image
+from lora_trainer.data.images import ImageProbe, probe_image
 from lora_trainer.errors import DatasetError
 
 PROBLEM_KINDS = ("corrupt", "too_small", "no_caption", "orphan_caption", "duplicate")
 _KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 _MAX_LISTED = 5  # problems named in an error message
+_MAX_WORKERS = 8
+_MAX_SUMMARY_PROBLEMS = 40
 
 
 @dataclass
@@ -160,9 +164,8 @@ def _caption_problems(root: Path, images: list[Path], captions: dict[str, str], 
     return problems
 
 
-def _read_image(path: Path, rel: str, cfg: DataConfig, seen: dict[str, str]
-                ) -> tuple[str, int, int] | Problem:
-    """(digest, width, height) of a usable image, or the Problem that rules it out."""
+def _inspect(path: Path) -> tuple[str, ImageProbe] | Problem:
+    """sha256 and probe of one file (read once), or why it cannot be used. Thread-safe."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -170,12 +173,29 @@ def _read_image(path: Path, rel: str, cfg: DataConfig, seen: dict[str, str]
     if not data:
         return Problem(path, "corrupt", "empty file (0 bytes)")
     digest = hashlib.sha256(data).hexdigest()
-    if digest in seen:
-        return Problem(path, "duplicate", f"same bytes as {seen[digest]}; kept that one")
     try:
-        probe = probe_image(path, data)
+        return digest, probe_image(path, data)
     except DatasetError as e:
         return Problem(path, "corrupt", str(e).split(": ", 1)[-1])
+
+
+def _inspect_all(paths: list[Path]) -> list[tuple[str, ImageProbe] | Problem]:
+    # Reading, hashing and decoding release the GIL: threads overlap disk and CPU work.
+    workers = min(_MAX_WORKERS, os.cpu_count() or 1, max(1, len(paths)))
+    if workers == 1:
+        return [_inspect(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lt-scan") as pool:
+        return list(pool.map(_inspect, paths))
+
+
+def _accept(path: Path, rel: str, got: tuple[str, ImageProbe] | Problem, cfg: DataConfig,
+            seen: dict[str, str]) -> tuple[str, int, int] | Problem:
+    """(digest, width, height) of a usable image, or the Problem that rules it out."""
+    if isinstance(got, Problem):
+        return got
+    digest, probe = got
+    if digest in seen:
+        return Problem(path, "duplicate", f"same bytes as {seen[digest]}; kept that one")
     if min(probe.width, probe.height) < cfg.min_image_size:
         return Problem(path, "too_small", f"{probe.width}x{probe.height} has a side below "
                                           f"data.min_image_size={cfg.min_image_size}")
@@ -192,9 +212,13 @@ def _caption_for(rel_parts: tuple[str, ...], file_caption: str, cfg: DataConfig,
     if kohya and kohya[1]:
         return kohya[1], "folder"
     if is_reg:
-        # Class images: the folder's name is the class ("dog" for reg/dog/*.png).
-        name = rel_parts[-2] if len(rel_parts) > 1 else root.name
-        return name.replace("_", " ").strip(), "folder"
+        # Class images: the folder's name is the class ("dog" for reg/dog/*.png, or for images
+        # directly in a reg folder named "1_dog"). A bare root name like "reg" is no class.
+        root_kohya = _KOHYA_FOLDER.match(root.name)
+        name = rel_parts[-2] if len(rel_parts) > 1 else (root_kohya.group(2) if root_kohya else "")
+        if name.strip():
+            return name.replace("_", " ").strip(), "folder"
+        return None
     if cfg.trigger_word.strip():
         return "", "none"  # the trigger word alone becomes the caption (process_caption adds it)
     return None
@@ -209,9 +233,9 @@ def _scan_folder(report: DatasetReport, root: Path, *, is_reg: bool, metadata_pa
     csv_path = Path(metadata_path) if metadata_path else root / METADATA_NAME
     report.problems += _caption_problems(root, images, captions, csv_path, cfg.caption_extension)
     prefix = "reg:" if is_reg else ""
-    for path in images:
+    for path, inspected in zip(images, _inspect_all(images), strict=True):
         rel = path.relative_to(root).as_posix()
-        got = _read_image(path, prefix + rel, cfg, seen)
+        got = _accept(path, prefix + rel, inspected, cfg, seen)
         if isinstance(got, Problem):
             report.problems.append(got)
             continue
@@ -302,12 +326,17 @@ def format_summary(report: DatasetReport) -> str:
     action = "stop" if cfg.on_invalid == "stop" else "skipped"
     lines.append("  problems: " + (", ".join(f"{k} {n}" for k, n in counts.items()) + f" ({action})"
                                    if counts else "none"))
-    for p in report.problems:
+    for p in report.problems[:_MAX_SUMMARY_PROBLEMS]:
         root = report.reg_dir if report.reg_dir and p.path.is_relative_to(report.reg_dir) else report.train_dir
         lines.append("    " + p.line(root))
+    if len(report.problems) > _MAX_SUMMARY_PROBLEMS:
+        lines.append(f"    ... and {len(report.problems) - _MAX_SUMMARY_PROBLEMS} more ('prepare --json' lists all)")
     mode = "buckets" if cfg.enable_buckets else "square crop"
     upscale = ", no upscale" if cfg.bucket_no_upscale else ""
     lines.append(f"  {mode} at resolution {cfg.resolution}{upscale} (width x height: images)")
+    if cfg.enable_buckets and not cfg.bucket_no_upscale and len(
+            bucket_resolutions(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_step)) == 1:
+        lines.append(f"    (only one bucket: lower data.min_bucket_reso below {cfg.resolution} for aspect buckets)")
     for is_reg in (False, True):
         for (w, h), n in report.bucket_counts(is_reg).items():
             lines.append(f"    {'reg ' if is_reg else ''}{w}x{h}: {n}")

@@ -1,0 +1,120 @@
+"""Metadata written into the LoRA file: kohya ``ss_*`` keys, SAI ``modelspec.*`` keys and our config.
+
+WebUIs read these to show the base model version (A1111 hides LoRAs whose version does not
+match the loaded model: ``ss_base_model_version`` starting ``sdxl_`` -> SDXL, ``ss_v2 == "True"``
+-> SD2), the training tags (``ss_tag_frequency``) and the settings. Every value is a string.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from lora_trainer.config import TrainConfig
+from lora_trainer.models.bundle import ModelBundle
+
+NETWORK_MODULE = "networks.lora"
+SPEC_VERSION = "1.0.0"
+IMPL_SGM = "https://github.com/Stability-AI/generative-models"
+IMPL_DIFFUSERS = "diffusers"
+
+
+def base_model_version(arch: str, prediction_type: str) -> str:
+    """kohya's ``ss_base_model_version``: sd_v1, sd_v2, sd_v2_v or sdxl_base_v1-0."""
+    if arch == "sdxl":
+        return "sdxl_base_v1-0"
+    if arch == "sd2":
+        return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
+    return "sd_v1"
+
+
+def modelspec_architecture(arch: str, prediction_type: str) -> str:
+    if arch == "sdxl":
+        return "stable-diffusion-xl-v1-base/lora"
+    if arch == "sd2":
+        return "stable-diffusion-v2-768-v/lora" if prediction_type == "v_prediction" else "stable-diffusion-v2-512/lora"
+    return "stable-diffusion-v1/lora"
+
+
+def _timestamp(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    return float(value)
+
+
+def _num(value: float | int | None) -> str:
+    return "" if value is None else repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def build_metadata(config: TrainConfig, bundle: ModelBundle, *, num_images: int,
+                   tag_frequency: dict[str, dict[str, int]] | None, dataset_dirs: dict[str, dict[str, int]] | None,
+                   steps: int, epoch: int, started_at: float | dt.datetime | None,
+                   finished_at: float | dt.datetime | None, rank: int, alpha: float,
+                   output_name: str) -> dict[str, str]:
+    """All metadata of a finished (or checkpointed) LoRA; every value a string.
+
+    ``tag_frequency`` is {dataset dir: {tag: count}}, ``dataset_dirs`` is {dir: {"n_repeats": r,
+    "img_count": n}} (kohya's shapes); timestamps are epoch seconds or datetimes.
+    """
+    opt, data, net = config.optim, config.data, config.network
+    arch, pred = bundle.arch, bundle.prediction_type
+    started, finished = _timestamp(started_at), _timestamp(finished_at)
+    when = dt.datetime.fromtimestamp(int(finished or started or dt.datetime.now().timestamp()), dt.timezone.utc)
+    resolution = f"{data.resolution}x{data.resolution}"
+    unet_lr = opt.unet_lr if opt.unet_lr is not None else opt.learning_rate
+    te_lr = opt.text_encoder_lr if opt.text_encoder_lr is not None else opt.learning_rate
+    md: dict[str, str] = {
+        "ss_output_name": output_name,
+        "ss_base_model_version": base_model_version(arch, pred),
+        "ss_v2": str(arch == "sd2"),
+        "ss_v_parameterization": str(pred == "v_prediction"),
+        "ss_network_module": NETWORK_MODULE,
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": _num(float(alpha)),
+        "ss_network_dropout": _num(float(net.dropout)),
+        "ss_sd_model_name": bundle.name,
+        "ss_resolution": f"({data.resolution}, {data.resolution})",
+        "ss_num_train_images": str(int(num_images)),
+        "ss_tag_frequency": json.dumps(tag_frequency or {}, ensure_ascii=False),
+        "ss_dataset_dirs": json.dumps(dataset_dirs or {}, ensure_ascii=False),
+        "ss_learning_rate": _num(float(opt.learning_rate)),
+        "ss_unet_lr": _num(float(unet_lr)) if net.train_unet else "",
+        "ss_text_encoder_lr": _num(float(te_lr)) if net.train_text_encoder else "",
+        "ss_steps": str(int(steps)),
+        "ss_max_train_steps": str(config.train.max_train_steps or int(steps)),
+        "ss_epoch": str(int(epoch)),
+        "ss_num_epochs": str(config.train.epochs),
+        "ss_batch_size_per_device": str(config.train.batch_size),
+        "ss_gradient_accumulation_steps": str(config.train.gradient_accumulation_steps),
+        "ss_seed": str(config.train.seed),
+        "ss_optimizer": opt.optimizer,
+        "ss_lr_scheduler": opt.lr_scheduler,
+        "ss_mixed_precision": config.train.mixed_precision,
+        "ss_noise_offset": _num(float(config.train.noise_offset)),
+        "ss_min_snr_gamma": _num(config.train.min_snr_gamma),
+        "ss_enable_bucket": str(data.enable_buckets),
+        "ss_flip_aug": str(data.flip),
+        "ss_keep_tokens": str(data.keep_tokens),
+        "ss_shuffle_caption": str(data.shuffle_captions),
+        "ss_caption_dropout_rate": _num(float(data.caption_dropout)),
+        "ss_training_started_at": _num(started),
+        "ss_training_finished_at": _num(finished),
+        "modelspec.sai_model_spec": SPEC_VERSION,
+        "modelspec.architecture": modelspec_architecture(arch, pred),
+        "modelspec.implementation": IMPL_SGM if arch == "sdxl" else IMPL_DIFFUSERS,
+        "modelspec.title": output_name,
+        "modelspec.resolution": resolution,
+        "modelspec.prediction_type": "v" if pred == "v_prediction" else "epsilon",
+        "modelspec.date": when.strftime("%Y-%m-%dT%H:%M:%S"),
+        "lora_trainer_config": json.dumps(config.to_dict(), ensure_ascii=False, default=str),
+    }
+    if data.trigger_word:
+        md["modelspec.trigger_phrase"] = data.trigger_word
+    if bundle.legacy_hash:
+        md["ss_sd_model_hash"] = bundle.legacy_hash
+    if bundle.model_hash:
+        md["ss_new_sd_model_hash"] = bundle.model_hash
+    return md

@@ -1,0 +1,109 @@
+"""Which modules get a LoRA: kohya's defaults per trainable root, or the user's name patterns.
+
+Module paths are returned relative to the root (``bundle.trainable_roots()[key]``), in the root's
+own naming (diffusers or LDM/SGM for the UNet, HF CLIP or open_clip for text encoders). The kohya
+converter (:mod:`lora_trainer.lora.kohya`) turns them into file keys.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+from torch import nn
+
+from lora_trainer.errors import ConfigError
+
+# Inside every transformer block of the UNet (same names in diffusers and LDM/SGM code).
+UNET_BLOCK_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                      "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+                      "ff.net.0.proj", "ff.net.2")
+# proj_in / proj_out of the spatial transformer: 1x1 conv in SD1, Linear in SD2/SDXL.
+UNET_TRANSFORMER_TARGETS = ("proj_in", "proj_out")
+
+_HF_CLIP_RE = re.compile(r"(?:^|\.)encoder\.layers\.\d+\.(?:self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12])$")
+# open_clip: the whole nn.MultiheadAttention (q, k, v and out projections) plus the MLP.
+_OPEN_CLIP_RE = re.compile(r"(?:^|\.)resblocks\.\d+\.(?:attn|mlp\.c_fc|mlp\.c_proj)$")
+
+ADAPTABLE = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
+
+
+def _is_adaptable(module: nn.Module) -> bool:
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    # out_proj of nn.MultiheadAttention is never called as a module: adapt the MHA instead.
+    if type(module).__name__ == "NonDynamicallyQuantizableLinear":
+        return False
+    return isinstance(module, (nn.Linear, nn.Conv2d))
+
+
+def default_unet_targets(unet: nn.Module) -> list[str]:
+    """kohya's default UNet targets: Linear/1x1 layers inside spatial transformers."""
+    modules = dict(unet.named_modules())
+    out: list[str] = []
+    for path, module in modules.items():
+        blocks = getattr(module, "transformer_blocks", None)
+        if not isinstance(blocks, nn.ModuleList):
+            continue
+        base = f"{path}." if path else ""
+        for name in UNET_TRANSFORMER_TARGETS:
+            if f"{base}{name}" in modules and _is_adaptable(modules[f"{base}{name}"]):
+                out.append(f"{base}{name}")
+        for i in range(len(blocks)):
+            for name in UNET_BLOCK_TARGETS:
+                full = f"{base}transformer_blocks.{i}.{name}"
+                if full in modules and _is_adaptable(modules[full]):
+                    out.append(full)
+    return sorted(out, key=_natural_key)
+
+
+def default_text_targets(encoder: nn.Module, naming: str) -> list[str]:
+    """kohya's default text-encoder targets: attention projections and MLP of every layer."""
+    regex = _OPEN_CLIP_RE if naming == "open_clip" else _HF_CLIP_RE
+    out = [p for p, m in encoder.named_modules() if regex.search(p) and _is_adaptable(m)]
+    return sorted(out, key=_natural_key)
+
+
+def pattern_matches(pattern: str, path: str) -> bool:
+    """A user pattern matches a module path when it equals it, is a dotted suffix of it
+    (``attn2.to_k``), is a glob (``*attn2*``) or a regular expression prefixed ``re:``."""
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], path) is not None
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(path, pattern)
+    return path == pattern or path.endswith("." + pattern)
+
+
+def find_targets(roots: dict[str, tuple[nn.Module, str]], patterns: list[str] | None = None) -> dict[str, list[str]]:
+    """{root key: module paths} for ``roots`` = {key: (module, naming)}.
+
+    With ``patterns`` empty the kohya defaults are used; otherwise every adaptable module
+    (Linear, Conv2d, MultiheadAttention) whose path matches a pattern. A pattern that matches
+    nothing in any root is a ConfigError (a typo would silently train nothing).
+    """
+    result: dict[str, list[str]] = {}
+    used: set[str] = set()
+    for key, (module, naming) in roots.items():
+        if not patterns:
+            paths = default_unet_targets(module) if key == "unet" else default_text_targets(module, naming)
+        else:
+            paths = []
+            for path, sub in module.named_modules():
+                hits = [p for p in patterns if path and pattern_matches(p, path)]
+                if hits and _is_adaptable(sub):
+                    paths.append(path)
+                    used.update(hits)
+            paths.sort(key=_natural_key)
+        result[key] = paths
+    if patterns:
+        unused = [p for p in patterns if p not in used]
+        if unused:
+            raise ConfigError(
+                f"network.target_modules: {unused[0]!r} matches no Linear/Conv2d/attention module in "
+                f"{', '.join(roots)}; use a module name such as 'attn2.to_k', a glob or 're:<regex>'"
+            )
+    return result
+
+
+def _natural_key(path: str) -> list[object]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
