@@ -1,0 +1,116 @@
+"""Resumable checkpoints: ``<output_dir>/checkpoints/step-000123/``.
+
+A checkpoint holds what an exact resume needs: the LoRA parameters in fp32 (not the fp16 kohya
+file), optimizer, scheduler and GradScaler states, the Python/NumPy/torch RNG states and the
+trainer's noise generator, and the loop position (step, epoch, micro-batch in the epoch). It is
+written into a hidden folder and renamed into place, so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_trainer.errors import ConfigError
+from lora_trainer.fsutil import atomic_write_text
+
+STATE_FILE = "state.json"
+LORA_FILE = "lora.safetensors"
+TRAINING_FILE = "training_state.pt"
+
+
+@dataclass
+class LoopPosition:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    position: int = 0  # next micro-batch within the epoch's plan
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def rng_states(gen: torch.Generator) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "generator": gen.get_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any], gen: torch.Generator) -> None:
+    random.setstate(states["python"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    gen.set_state(states["generator"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(output_dir: str | Path, pos: LoopPosition, lora_state: dict[str, torch.Tensor],
+                    training_state: dict[str, Any], config_yaml: str, keep: int) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` atomically and delete all but the newest ``keep``."""
+    root = checkpoints_dir(output_dir)
+    final = root / f"step-{pos.step:06d}"
+    tmp = root / f".{final.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, str(tmp / LORA_FILE))
+    torch.save(training_state, tmp / TRAINING_FILE)
+    atomic_write_text(tmp / "config.yaml", config_yaml)
+    atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(pos), indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    prune_checkpoints(root, keep)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(resume: str, output_dir: str | Path) -> Path | None:
+    """The folder ``train.resume`` names: 'latest' (None when there is none yet) or a path."""
+    if resume == "latest":
+        found = list_checkpoints(checkpoints_dir(output_dir))
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"train.resume: {path} is not a checkpoint folder (no {STATE_FILE}); "
+                          f"use 'latest' or a folder like {checkpoints_dir(output_dir)}/step-000100")
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[LoopPosition, dict[str, torch.Tensor], dict[str, Any]]:
+    pos = LoopPosition(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    lora_state = load_file(str(path / LORA_FILE))
+    # Our own file: optimizer states and RNG tuples need more than weights_only allows.
+    training_state = torch.load(path / TRAINING_FILE, map_location="cpu", weights_only=False)
+    return pos, lora_state, training_state

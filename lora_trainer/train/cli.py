@@ -1,0 +1,137 @@
+"""``train``, ``config`` and ``demo`` commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from lora_trainer.config import example_yaml, load_config, parse_set_overrides, read_yaml, reference_markdown
+from lora_trainer.errors import ConfigError
+from lora_trainer.train.events import TrainEvent
+
+
+class ProgressBar:
+    """Step events -> a tqdm bar (step, loss, lr, it/s, ETA); other events as lines above it."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __call__(self, ev: TrainEvent) -> None:
+        from tqdm import tqdm
+
+        if ev.kind == "step":
+            if self.bar is None and self.enabled:
+                self.bar = tqdm(total=ev.total_steps, unit="step", dynamic_ncols=True, desc="train")
+            if self.bar is not None:
+                self.bar.total = ev.total_steps
+                self.bar.update(ev.step - self.bar.n)
+                self.bar.set_postfix(loss=f"{ev.loss:.4f}" if ev.loss is not None else "-",
+                                     lr=f"{ev.lr:.2e}" if ev.lr is not None else "-", refresh=False)
+            elif ev.step % 10 == 0 or ev.step == ev.total_steps:
+                eta = f"{ev.eta_s:.0f}s" if ev.eta_s is not None else "?"
+                print(f"step {ev.step}/{ev.total_steps} loss {ev.loss:.4f} eta {eta}", flush=True)
+        elif ev.kind in ("status", "checkpoint", "sample", "done", "stopped", "error"):
+            text = ev.message or (f"{ev.kind}: {ev.path}" if ev.path else ev.kind)
+            if ev.kind == "error":
+                return  # the CLI prints the error itself, once
+            if self.bar is not None:
+                self.bar.write(text)
+            else:
+                print(text, flush=True)
+        if ev.kind in ("done", "stopped", "error") and self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _wants_llm(config_path: str | None, sets: list[str]) -> bool:
+    task = read_yaml(config_path).get("task") if config_path else None
+    for item in sets:
+        if item.split("=", 1)[0].strip() == "task":
+            task = parse_set_overrides([item]).get("task")
+    return str(task).strip().lower() == "llm"
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lora_trainer train",
+                                 description="Train a LoRA from a YAML config (see 'config --example').")
+    ap.add_argument("--config", "-c", help="YAML config file")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set network.rank=16 (repeatable)")
+    ap.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    args = ap.parse_args(argv)
+    if args.config is None and not args.sets:
+        raise ConfigError("train: give --config my.yaml (see 'python -m lora_trainer config --example')")
+    if _wants_llm(args.config, args.sets):
+        from lora_trainer.llm.cli import train_main
+
+        return int(train_main(argv) or 0)
+    return run_training(load_config(args.config, args.sets), progress=not args.no_progress)
+
+
+def run_training(cfg: Any, progress: bool = True) -> int:
+    from lora_trainer.train.trainer import Trainer
+
+    bar = ProgressBar(enabled=progress and sys.stderr.isatty())
+    result = Trainer(cfg, callbacks=[bar]).run()
+    word = "stopped early; resume with --set resume=latest" if result.stopped else "done"
+    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    print(f"{word}: {result.steps} steps{loss}")
+    print(f"LoRA: {result.lora_path}")
+    print(f"outputs: {result.output_dir}")
+    return 0
+
+
+def config_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lora_trainer config",
+                                 description="Print an example config, the reference, or check a config.")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--example", action="store_true", help="print a commented example YAML")
+    g.add_argument("--reference", action="store_true", help="print the config reference (Markdown)")
+    g.add_argument("--check", metavar="FILE", help="validate a config file (with --set overrides)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    if args.example:
+        sys.stdout.write(example_yaml())
+    elif args.reference:
+        sys.stdout.write(reference_markdown())
+    else:
+        if _wants_llm(args.check, args.sets):
+            print(f"{args.check}: task is 'llm'; check it with 'train' (the llm section is validated there)")
+            return 0
+        cfg = load_config(args.check, args.sets)
+        print(f"{args.check}: OK (base model {cfg.model.base_model!r}, data {cfg.data.train_data_dir!r}, "
+              f"rank {cfg.network.rank}, output {Path(cfg.output.output_dir) / cfg.output.output_name})")
+    return 0
+
+
+def demo_config(folder: Path, steps: int, device: str) -> Any:
+    from lora_trainer.config import build_config
+
+    return build_config({
+        "model.base_model": "demo", "model.device": device,
+        "data.train_data_dir": str(folder / "data"), "data.resolution": 64, "data.enable_buckets": False,
+        "data.min_image_size": 32, "network.rank": 4, "network.alpha": 4.0,
+        "optim.learning_rate": 1e-3, "optim.lr_scheduler": "constant", "train.max_train_steps": steps,
+        "train.save_steps": max(1, steps // 2), "output.output_dir": str(folder / "output"),
+        "output.output_name": "demo_lora", "sample.prompt": "a red circle on a white background",
+        "sample.steps": 8, "sample.guidance_scale": 5.0,
+    })
+
+
+def demo_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lora_trainer demo",
+                                 description="Train a LoRA on the tiny embedded model and a drawn dataset (CPU, ~1 min).")
+    ap.add_argument("--dir", default="lora_demo", help="folder for the dataset and outputs (default ./lora_demo)")
+    ap.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    ap.add_argument("--device", default="cpu", help="'cpu' (default), 'cuda', 'auto'")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    from lora_trainer.data.demo import make_demo_dataset
+
+    folder = Path(args.dir)
+    data = make_demo_dataset(folder / "data")
+    print(f"demo dataset: {data}")
+    return run_training(demo_config(folder, args.steps, args.device), progress=not args.no_progress)

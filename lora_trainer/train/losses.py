@@ -1,0 +1,86 @@
+"""The diffusion training maths as small pure functions (each has its own test).
+
+Shapes: ``x0``/``noise`` (B, C, H, W), ``t`` (B,) int64 timesteps, ``alphas_cumprod`` (T,).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _at(ac: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """alphas_cumprod[t] broadcast to ``like``'s shape, in fp32 on ``like``'s device."""
+    a = ac.to(device=like.device, dtype=torch.float32)[t.to(like.device)]
+    return a.view(-1, *([1] * (like.dim() - 1)))
+
+
+def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion: sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
+    a = _at(alphas_cumprod, t, x0)
+    return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
+
+
+def v_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Velocity target of v-prediction models: sqrt(a_t) noise - sqrt(1 - a_t) x0."""
+    a = _at(alphas_cumprod, t, x0)
+    return (a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()).to(x0.dtype)
+
+
+def target_for(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+               alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return v_target(x0, noise, t, alphas_cumprod)
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def snr(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio a_t / (1 - a_t) per sample, fp32."""
+    a = alphas_cumprod.float()[t.to(alphas_cumprod.device)]
+    return a / (1 - a)
+
+
+def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
+                    prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023).
+
+    epsilon: min(SNR, gamma) / SNR; v-prediction: min(SNR, gamma) / (SNR + 1).
+    """
+    s = snr(t, alphas_cumprod)
+    clipped = torch.clamp(s, max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (s + 1)
+    return clipped / s
+
+
+def offset_noise(latents: torch.Tensor, strength: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian noise plus a per-channel constant offset (Guttenberg's noise offset).
+
+    With ``strength`` 0 this is plain ``randn_like``. The noise is drawn on the generator's
+    device and moved, so a CPU generator gives the same noise on every accelerator.
+    """
+    dev = gen.device if gen is not None else latents.device
+    noise = torch.randn(latents.shape, generator=gen, device=dev, dtype=torch.float32)
+    if strength > 0:
+        b, c = latents.shape[:2]
+        noise = noise + strength * torch.randn((b, c, *([1] * (latents.dim() - 2))), generator=gen,
+                                               device=dev, dtype=torch.float32)
+    return noise.to(device=latents.device, dtype=latents.dtype)
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, gen: torch.Generator | None,
+                     device: torch.device) -> torch.Tensor:
+    dev = gen.device if gen is not None else device
+    return torch.randint(0, num_train_timesteps, (batch,), generator=gen, device=dev).to(device)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per sample, times per-sample ``weights`` (min-SNR, prior loss), averaged.
+
+    Computed in fp32 whatever the autocast dtype, so fp16 runs do not lose the small losses.
+    """
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device, torch.float32)
+    return per_sample.mean()

@@ -1,0 +1,74 @@
+"""What a run leaves in output_dir besides checkpoints: the LoRA, config, logs, samples, summary."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from lora_trainer.fsutil import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def dataset_stats(items: list[Any]) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """(tag_frequency, dataset_dirs) as kohya writes them: per folder, tag counts and images/repeats."""
+    tags: dict[str, Counter[str]] = {}
+    dirs: dict[str, dict[str, int]] = {}
+    for it in items:
+        folder = str(Path(it.rel).parent) if Path(it.rel).parent != Path(".") else Path(it.path).parent.name
+        if it.is_reg:
+            folder = f"reg/{folder}"
+        counter = tags.setdefault(folder, Counter())
+        counter.update(t.strip() for t in it.caption.split(",") if t.strip())
+        d = dirs.setdefault(folder, {"n_repeats": it.repeats, "img_count": 0})
+        d["img_count"] += 1
+    return {k: dict(v) for k, v in tags.items()}, dirs
+
+
+class Logger:
+    """TensorBoard scalars and images under <output_dir>/logs (no-op when disabled)."""
+
+    def __init__(self, output_dir: Path, enabled: bool) -> None:
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency, but a host may lack it
+                log.warning("tensorboard is not installed; no training logs are written")
+                return
+            self.writer = SummaryWriter(log_dir=str(output_dir / "logs"))
+
+    def scalars(self, step: int, **values: float | None) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                if v is not None:
+                    self.writer.add_scalar(f"train/{k}", v, step)
+
+    def image(self, step: int, img: Image.Image) -> None:
+        if self.writer is not None:
+            import numpy as np
+
+            self.writer.add_image("sample", np.asarray(img.convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def save_sample(output_dir: Path, step: int, img: Image.Image) -> Path:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return atomic_write_bytes(output_dir / "samples" / f"step-{step:06d}.png", buf.getvalue())
+
+
+def write_summary(folder: Path, **fields: Any) -> Path:
+    fields.setdefault("written_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return atomic_write_text(folder / "summary.json", json.dumps(fields, indent=2, default=str) + "\n")

@@ -1,0 +1,61 @@
+"""Sample images during training: diffusers' DDIM scheduler over the bundle's callables.
+
+A pipeline object would need the model in diffusers form; the bundle's encode_text / predict /
+decode_latents work for every host (diffusers or the WebUI's LDM classes), so the loop that
+calls them is here and the stepping maths is diffusers' DDIMScheduler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from lora_trainer.config import SampleConfig
+
+
+def ddim_for(alphas_cumprod: torch.Tensor, prediction_type: str) -> DDIMScheduler:
+    """A DDIM scheduler with exactly the bundle's training noise schedule."""
+    ac = alphas_cumprod.double().cpu()
+    prev = torch.cat([torch.ones(1, dtype=ac.dtype), ac[:-1]])
+    betas = (1 - ac / prev).clamp(0, 0.999).numpy()
+    return DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
+def latents_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(np.ascontiguousarray(a.permute(1, 2, 0).cpu().numpy())) for a in arr]
+
+
+@torch.no_grad()
+def render_sample(bundle: Any, cfg: SampleConfig, width: int, height: int,
+                  encode: Any = None, autocast: Any = None) -> Image.Image:
+    """One image for ``cfg.prompt`` with a fixed seed.
+
+    ``encode`` defaults to bundle.encode_text; ``autocast`` is a factory of the run's autocast context.
+    """
+    encode = encode or bundle.encode_text
+    device = bundle.device
+    sched = ddim_for(bundle.alphas_cumprod, bundle.prediction_type)
+    sched.set_timesteps(cfg.steps)
+    gen = torch.Generator("cpu").manual_seed(cfg.seed)
+    f = bundle.vae_scale_factor
+    latents = torch.randn((1, bundle.latent_channels, height // f, width // f), generator=gen)
+    latents = latents.to(device) * sched.init_noise_sigma
+    cond = encode([cfg.negative_prompt, cfg.prompt])
+    size = torch.tensor([[height, width, 0, 0, height, width]] * 2, dtype=torch.float32, device=device)
+    for t in sched.timesteps:
+        x = torch.cat([latents] * 2)
+        ts = torch.full((2,), int(t), device=device, dtype=torch.long)
+        with (autocast() if autocast is not None else torch.autocast(device.type, enabled=False)):
+            out = bundle.predict(x.to(bundle.dtype), ts, cond, size).float()
+        uncond, text = out.chunk(2)
+        guided = uncond + cfg.guidance_scale * (text - uncond)
+        latents = sched.step(guided, t, latents).prev_sample
+    if bundle.decode_latents is None:
+        raise RuntimeError("this model has no decoder; sample images are not available")
+    return latents_to_pil(bundle.decode_latents(latents.to(bundle.dtype)))[0]

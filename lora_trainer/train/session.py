@@ -1,0 +1,408 @@
+"""One training run on one ModelBundle: setup, the loop, checkpoints, outputs, cleanup.
+
+``execute`` reads top to bottom as the run does; each step it names is a short method below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lora_trainer.data.cache import LatentCache, TextCache, fill_latent_cache, module_identity
+from lora_trainer.data.dataset import Batch, BucketDataset, EpochView, steps_per_epoch
+from lora_trainer.train import checkpoint as ckpt
+from lora_trainer.train.events import TrainEvent
+from lora_trainer.train.losses import (
+    min_snr_weights,
+    offset_noise,
+    q_sample,
+    sample_timesteps,
+    target_for,
+    weighted_mse,
+)
+from lora_trainer.train.optim import build_optimizer
+from lora_trainer.train.outputs import Logger, dataset_stats, save_sample, write_summary
+from lora_trainer.train.schedules import make_scheduler
+
+if TYPE_CHECKING:
+    from lora_trainer.train.trainer import Trainer, TrainResult
+
+log = logging.getLogger(__name__)
+
+_SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class RunSession:
+    def __init__(self, trainer: Trainer, host: Any, bundle: Any, report: Any) -> None:
+        self.trainer, self.host, self.bundle, self.dataset_report = trainer, host, bundle, report
+        self.cfg = trainer.config
+        self.device = torch.device(bundle.device)
+        self.out = Path(self.cfg.output.output_dir)
+        self.network: Any = None
+        self.text_cache: TextCache | None = None
+        self.latent_cache: LatentCache | None = None
+        self.pos = ckpt.LoopPosition()
+        self.final_loss: float | None = None
+        self.last_sample: Any = None
+        self.last_sample_step = -1
+        self._undo: list[Any] = []  # callables that put the model back as the host gave it
+        self.logger: Logger | None = None
+        self._train_flags: dict[int, bool] = {}
+
+    # == the run, top to bottom ============================================================
+    def execute(self) -> TrainResult:
+        from lora_trainer.train.trainer import TrainResult, seed_everything
+
+        cfg = self.cfg
+        started = time.time()
+        # -- seed and outputs
+        seed_everything(cfg.train.seed)
+        self.gen = torch.Generator(self.device).manual_seed(cfg.train.seed)
+        self.out.mkdir(parents=True, exist_ok=True)
+        from lora_trainer.fsutil import atomic_write_text
+
+        atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
+        # -- data and caches (before LoRA, so the VAE and frozen text encoders can leave the GPU)
+        self.setup_data()
+        self.setup_caches()
+        # -- LoRA, optimizer, schedule, precision
+        self.setup_network()
+        self.setup_optimizer()
+        self.resume()
+        self.logger = Logger(self.out, cfg.output.tensorboard)
+        # -- the loop
+        self.status(f"training {self.total_steps} steps ({self.ds.batches_per_epoch()} batches per epoch)")
+        stopped = self.loop()
+        # -- outputs
+        if cfg.sample.prompt and self.last_sample_step != self.pos.step and not stopped:
+            self.sample()
+        lora_path = self.save_lora(started)
+        write_summary(self.out, status="stopped" if stopped else "done", steps=self.pos.step,
+                      total_steps=self.total_steps, epoch=self.pos.epoch, final_loss=self.final_loss,
+                      seconds=round(time.time() - started, 2), lora_path=str(lora_path),
+                      output_dir=str(self.out), images=len(self.ds.items), config=str(self.out / "config.yaml"))
+        return TrainResult(lora_path, self.pos.step, self.final_loss, stopped, self.out)
+
+    def loop(self) -> bool:
+        """Train until total_steps or a stop; returns True when stopped early."""
+        t = self.cfg.train
+        accum = t.gradient_accumulation_steps
+        log_every = 1 if self.device.type == "cpu" else 10  # one host sync per N steps on GPUs
+        window = torch.zeros((), device=self.device)
+        window_steps, micro, t0 = 0, 0, time.monotonic()
+        if self.pos.step >= self.total_steps:
+            return False
+        self.set_train_mode(True)
+        for epoch, position, batch in self.batches():
+            # -- forward and backward on one micro-batch
+            window += self.micro_step(batch, accum)
+            self.pos.epoch, self.pos.position = epoch, position + 1
+            micro += 1
+            if micro % accum:
+                continue
+            # -- optimizer step
+            self.optimizer_step()
+            self.pos.step += 1
+            window_steps += 1
+            # -- report (reading the loss is the only host sync)
+            if self.pos.step % log_every == 0 or self.pos.step == self.total_steps:
+                self.report(window, window_steps, time.monotonic() - t0)
+                window, window_steps, t0 = torch.zeros((), device=self.device), 0, time.monotonic()
+            # -- commands, checkpoints, samples
+            stop = self.trainer.commands.stop_requested or self.host_interrupted()
+            every = t.save_steps
+            if stop or self.trainer.commands.take_save() or (every and self.pos.step % every == 0):
+                self.checkpoint()
+            s = self.cfg.sample
+            if self.trainer.commands.take_sample() or (s.prompt and s.every_n_steps
+                                                        and self.pos.step % s.every_n_steps == 0):
+                self.sample()
+            if stop:
+                self.status(f"stopped at step {self.pos.step}")
+                return True
+            if self.pos.step >= self.total_steps:
+                return False
+        return False
+
+    # == setup ============================================================================
+    def setup_data(self) -> None:
+        t = self.cfg.train
+        self.ds = BucketDataset(self.dataset_report.items, self.cfg.data, t.batch_size, t.seed)
+        per_epoch = steps_per_epoch(self.ds, t.gradient_accumulation_steps)
+        self.total_steps = t.max_train_steps or t.epochs * per_epoch
+
+    def setup_caches(self) -> None:
+        """Latents and text conditioning computed once; then the VAE / frozen TEs leave the GPU."""
+        b, d = self.bundle, self.cfg.data
+        if d.cache_latents != "off" and not self.ds.fixed_crop:
+            self.status("latent cache skipped: random crops change the latents every epoch")
+        elif d.cache_latents != "off" and b.vae is not None:
+            vae_id = module_identity(b.vae, extra=f"{b.arch}|{b.vae_scale_factor}")
+            folder = Path(d.cache_dir) if d.cache_dir else self.out / ".cache" / "latents"
+            self.latent_cache = LatentCache(d.cache_latents, vae_id, d.crop, folder)
+            self.status("caching latents")
+            fill_latent_cache(self.ds, self.latent_cache, b, self.cfg.train.batch_size)
+            self.ds.latent_cache = self.latent_cache
+            self.offload(b.vae)
+        captions = self.ds.fixed_captions()
+        if not self.cfg.network.train_text_encoder and d.cache_text_embeddings and captions is not None:
+            self.status(f"caching text embeddings of {len(captions)} captions")
+            self.text_cache = TextCache(b, captions + self.sample_prompts())
+            for part in b.text_encoders:
+                self.offload(part.module)
+
+    def setup_network(self) -> None:
+        from lora_trainer.lora.inject import inject_lora
+
+        self.network = inject_lora(self.bundle, self.cfg.network)
+        self.params = self.network.parameters()
+        self.status(f"LoRA: {sum(p.numel() for p in self.params):,} trainable parameters")
+        if self.cfg.train.gradient_checkpointing:
+            self.enable_checkpointing()
+        if self.cfg.train.compile and hasattr(self.bundle.unet, "compile"):
+            self.bundle.unet.compile()
+
+    def setup_optimizer(self) -> None:
+        o, t = self.cfg.optim, self.cfg.train
+        unet_lr = o.unet_lr if o.unet_lr is not None else o.learning_rate
+        te_lr = o.text_encoder_lr if o.text_encoder_lr is not None else o.learning_rate
+        self.optimizer = build_optimizer(self.network.param_groups(unet_lr, te_lr), o, self.device)
+        self.scheduler = make_scheduler(self.optimizer, self.total_steps, o.lr_warmup_steps,
+                                        o.lr_scheduler, o.lr_num_cycles)
+        amp = _AMP_DTYPES.get(t.mixed_precision)
+        self.amp_dtype = amp
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.mixed_precision == "fp16")
+
+    def resume(self) -> None:
+        if not self.cfg.train.resume:
+            return
+        found = ckpt.find_checkpoint(self.cfg.train.resume, self.out)
+        if found is None:
+            self.status(f"train.resume: no checkpoint in {ckpt.checkpoints_dir(self.out)} yet; starting fresh")
+            return
+        pos, lora_state, state = ckpt.load_checkpoint(found)
+        self.network.load_state_dict(lora_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_states(state["rng"], self.gen)
+        self.pos = pos
+        self.status(f"resumed from {found} at step {pos.step}")
+
+    # == one step ==========================================================================
+    def batches(self) -> Iterator[tuple[int, int, Batch]]:
+        """(epoch, position, batch) from the current position on, epoch after epoch."""
+        epoch, start = self.pos.epoch, self.pos.position
+        workers = self.cfg.data.num_workers
+        while True:
+            view = EpochView(self.ds, epoch, start)
+            loader: Any = view if workers == 0 else torch.utils.data.DataLoader(
+                view, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity)
+            for n, batch in enumerate(loader):
+                yield epoch, start + n, batch
+            epoch, start = epoch + 1, 0
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if self.text_cache is not None and all(c in self.text_cache for c in captions):
+            return {k: v.to(self.device) for k, v in self.text_cache.get(captions).items()}
+        if self.cfg.network.train_text_encoder:
+            return self.bundle.encode_text(captions)
+        with torch.no_grad():
+            return self.bundle.encode_text(captions)
+
+    def micro_step(self, batch: Batch, accum: int) -> torch.Tensor:
+        b, t = self.bundle, self.cfg.train
+        if batch.latents is not None:
+            latents = batch.latents.to(self.device, torch.float32)
+        else:
+            with torch.no_grad():
+                latents = b.encode_images(batch.pixels.to(self.device, b.dtype)).float()
+        noise = offset_noise(latents, t.noise_offset, self.gen)
+        steps = sample_timesteps(latents.shape[0], b.num_train_timesteps, self.gen, self.device)
+        noisy = q_sample(latents, noise, steps, b.alphas_cumprod)
+        size_info = batch.size_info.to(self.device) if b.arch == "sdxl" else None
+        with self.autocast():
+            cond = self.encode_text(batch.captions)
+            pred = b.predict(noisy.to(b.dtype), steps, cond, size_info)
+        target = target_for(b.prediction_type, latents, noise, steps, b.alphas_cumprod)
+        weights = batch.weights.to(self.device)
+        if t.min_snr_gamma:
+            weights = weights * min_snr_weights(steps, b.alphas_cumprod, t.min_snr_gamma,
+                                                b.prediction_type).to(self.device)
+        loss = weighted_mse(pred, target, weights) / accum
+        self.scaler.scale(loss).backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        if self.cfg.optim.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def report(self, window: torch.Tensor, steps: int, seconds: float) -> None:
+        loss = float(window.item()) / max(1, steps)
+        self.final_loss = loss
+        lr = float(self.scheduler.get_last_lr()[0])
+        it_s = steps / seconds if seconds > 0 else None
+        eta = (self.total_steps - self.pos.step) / it_s if it_s else None
+        if self.logger is not None:
+            self.logger.scalars(self.pos.step, loss=loss, lr=lr)
+        self.trainer.emit(TrainEvent("step", step=self.pos.step, total_steps=self.total_steps,
+                                     epoch=self.pos.epoch, loss=loss, lr=lr, it_per_s=it_s, eta_s=eta))
+
+    # == saving ============================================================================
+    def checkpoint(self) -> Path:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "rng": ckpt.rng_states(self.gen)}
+        path = ckpt.save_checkpoint(self.out, self.pos, self.network.state_dict(), state,
+                                    self.cfg.to_yaml(), self.cfg.output.keep_checkpoints)
+        self.trainer.emit(TrainEvent("checkpoint", step=self.pos.step, total_steps=self.total_steps,
+                                     path=str(path), message=f"checkpoint {path}"))
+        return path
+
+    def save_lora(self, started: float) -> Path:
+        from lora_trainer.lora.files import resolve_output_path, save_lora_file
+        from lora_trainer.lora.metadata import build_metadata
+
+        o, n = self.cfg.output, self.cfg.network
+        path = resolve_output_path(self.host.lora_dir(self.cfg), o.output_name, o.overwrite)
+        tensors = self.network.to_kohya(dtype=_SAVE_DTYPES[o.save_precision])
+        tags, dirs = dataset_stats(self.ds.items)
+        # Rank and alpha as written (with init_from they come from that file, not the config).
+        rank = next((int(v.shape[0]) for k, v in tensors.items() if k.endswith("lora_down.weight")), n.rank)
+        alpha = next((float(v) for k, v in tensors.items() if k.endswith(".alpha")), n.alpha)
+        metadata = build_metadata(
+            self.cfg, self.bundle, num_images=sum(not it.is_reg for it in self.ds.items), tag_frequency=tags,
+            dataset_dirs=dirs, steps=self.pos.step, epoch=self.pos.epoch, started_at=started,
+            finished_at=time.time(), rank=rank, alpha=alpha, output_name=path.stem)
+        save_lora_file(path, tensors, metadata)
+        if self.last_sample is not None:
+            from lora_trainer.lora.files import save_preview_png
+
+            save_preview_png(path, self.last_sample)
+        self.host.refresh_loras()
+        self.status(f"LoRA written to {path}")
+        return path
+
+    def sample(self) -> None:
+        from lora_trainer.train.sampler import render_sample
+
+        if not self.cfg.sample.prompt:
+            self.status("no sample prompt set (sample.prompt); skipping the sample")
+            return
+        s, res = self.cfg.sample, self.cfg.data.resolution
+        self.set_train_mode(False)
+        try:
+            with self.onloaded(self.bundle.vae):
+                img = render_sample(self.bundle, s, s.width or res, s.height or res,
+                                    encode=self.encode_text, autocast=self.autocast)
+        finally:
+            self.set_train_mode(True)
+        path = save_sample(self.out, self.pos.step, img)
+        if self.logger is not None:
+            self.logger.image(self.pos.step, img)
+        self.last_sample, self.last_sample_step = img, self.pos.step
+        self.trainer.emit(TrainEvent("sample", step=self.pos.step, total_steps=self.total_steps,
+                                     image=img, path=str(path)))
+
+    # == helpers ===========================================================================
+    def status(self, message: str) -> None:
+        log.info(message)
+        self.trainer.emit(TrainEvent("status", step=self.pos.step, message=message))
+
+    def host_interrupted(self) -> bool:
+        try:
+            return bool(self.host.interrupted())
+        except Exception:  # noqa: BLE001 - a host bug must not end a run without a save
+            log.exception("host.interrupted() failed")
+            return False
+
+    def sample_prompts(self) -> list[str]:
+        s = self.cfg.sample
+        return [s.negative_prompt, s.prompt] if s.prompt else []
+
+    def offload(self, module: Any) -> None:
+        """Move a module that is only needed for caching off the accelerator (put back at the end)."""
+        if module is None or self.device.type == "cpu":
+            return
+        first = next(module.parameters(), None)
+        if first is None or first.device.type == "cpu":
+            return
+        original = first.device
+        module.to("cpu")
+        self._undo.append(lambda: module.to(original))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def onloaded(self, module: Any) -> Iterator[None]:
+        """Bring an offloaded module back to the accelerator for a moment (sample decoding)."""
+        first = next(module.parameters(), None) if module is not None else None
+        if first is None or first.device == self.device or self.device.type == "cpu":
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to(first.device)
+
+    def roots_in_training(self) -> list[Any]:
+        b, n = self.bundle, self.cfg.network
+        roots = [b.unet] if n.train_unet else []
+        return roots + ([p.module for p in b.text_encoders] if n.train_text_encoder else [])
+
+    def set_train_mode(self, on: bool) -> None:
+        """Training mode on the trained roots (LoRA dropout, checkpointing); the host's flags are restored."""
+        for m in self.roots_in_training():
+            if id(m) not in self._train_flags:
+                self._train_flags[id(m)] = m.training
+                self._undo.append(lambda m=m, was=m.training: m.train(was))
+            m.train(on)
+
+    def enable_checkpointing(self) -> None:
+        hook = self.bundle.extras.get("enable_gradient_checkpointing")
+        if callable(hook):  # a host's own way (e.g. the WebUI's LDM UNet)
+            undo = hook()
+            if callable(undo):
+                self._undo.append(undo)
+        for m in self.roots_in_training():
+            if hasattr(m, "enable_gradient_checkpointing"):
+                m.enable_gradient_checkpointing()
+                self._undo.append(m.disable_gradient_checkpointing)
+            elif hasattr(m, "gradient_checkpointing_enable"):
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                self._undo.append(m.gradient_checkpointing_disable)
+
+    def cleanup(self) -> None:
+        """Always: LoRA layers out, modules back where and how the host gave them, logs closed."""
+        if self.logger is not None:
+            self.logger.close()
+        if self.network is not None:
+            self.network.remove()
+            self.network = None
+        for undo in reversed(self._undo):
+            try:
+                undo()
+            except Exception:  # noqa: BLE001 - keep restoring the rest
+                log.exception("restoring the model after training failed")
+        self._undo.clear()

@@ -1,0 +1,143 @@
+"""The torch-side dataset (deterministic plans, resume positions) and the latent cache keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_trainer.config import build_config
+from lora_trainer.data.cache import LatentCache, TextCache, fill_latent_cache, module_identity
+from lora_trainer.data.dataset import BucketDataset, EpochView
+from lora_trainer.data.scan import scan_dataset
+from tests.train_helpers import make_data, tiny_bundle
+
+
+def _cfg(data: Path, **values):
+    base = {"data.train_data_dir": str(data), "data.resolution": 64, "data.enable_buckets": False,
+            "data.min_image_size": 32}
+    base.update(values)
+    return build_config(base)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("data"), n=5)
+
+
+def test_plan_is_deterministic_and_covers_repeats(data: Path) -> None:
+    cfg = _cfg(data, **{"data.repeats": 3, "data.flip": True})
+    items = scan_dataset(cfg.data).items
+    ds = BucketDataset(items, cfg.data, batch_size=2, seed=7)
+    plan0 = ds.plan(0)
+    again = BucketDataset(items, cfg.data, batch_size=2, seed=7).plan(0)
+    assert plan0 == again
+    assert ds.plan(1) != plan0  # a new order every epoch
+    assert BucketDataset(items, cfg.data, batch_size=2, seed=8).plan(0) != plan0
+    flat = [e.index for batch in plan0 for e in batch]
+    assert sorted(flat) == sorted(list(range(5)) * 3)
+    assert all(len({e.bucket for e in batch}) == 1 for batch in plan0)
+    assert {e.flip for batch in plan0 for e in batch} == {True, False}
+
+
+def test_epoch_view_resumes_at_a_position(data: Path) -> None:
+    cfg = _cfg(data, **{"data.shuffle_captions": True, "data.flip": True})
+    ds = BucketDataset(scan_dataset(cfg.data).items, cfg.data, batch_size=2, seed=1)
+    full = [b for b in EpochView(ds, 0)]
+    tail = [b for b in EpochView(ds, 0, start=1)]
+    assert len(tail) == len(full) - 1
+    for a, b in zip(full[1:], tail, strict=True):
+        assert a.captions == b.captions and torch.equal(a.pixels, b.pixels)
+    assert full[0].pixels.shape[1:] == (3, 64, 64)
+    assert full[0].pixels.min() >= -1 and full[0].pixels.max() <= 1
+
+
+def test_regularization_images_are_interleaved_with_their_weight(tmp_path: Path, data: Path) -> None:
+    from lora_trainer.data.demo import draw_item
+
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    for i in (20, 21):  # other drawings than the training set's (duplicates would be skipped)
+        img, caption = draw_item(i)
+        img.save(reg / f"class_{i}.png")
+        (reg / f"class_{i}.txt").write_text(caption)
+    cfg = _cfg(data, **{"data.reg_data_dir": str(reg), "data.prior_loss_weight": 0.5})
+    ds = BucketDataset(scan_dataset(cfg.data).items, cfg.data, batch_size=1, seed=0)
+    batches = [ds.load_batch(b) for b in ds.plan(0)]
+    weights = [float(b.weights[0]) for b in batches]
+    assert weights.count(0.5) == weights.count(1.0) == 5  # as many reg samples as training samples
+    assert weights != sorted(weights)  # mixed in, not appended
+
+
+def test_latent_cache_hits_and_misses(tmp_path: Path) -> None:
+    data = make_data(tmp_path / "data", n=2)
+    bundle = tiny_bundle("sd1")
+    cfg = _cfg(data)
+    vae_id = module_identity(bundle.vae, "sd1")
+
+    def fill(cfg, vae_id: str = vae_id) -> LatentCache:
+        ds = BucketDataset(scan_dataset(cfg.data).items, cfg.data, 1, 0)
+        cache = LatentCache("disk", vae_id, cfg.data.crop, tmp_path / "cache")
+        fill_latent_cache(ds, cache, bundle, 2)
+        ds.latent_cache = cache
+        batch = ds.load_batch(ds.plan(0)[0])
+        assert batch.latents is not None and batch.pixels is None
+        assert batch.latents.shape == (1, 4, batch_size_side(cfg), batch_size_side(cfg))
+        return cache
+
+    def batch_size_side(cfg) -> int:
+        return cfg.data.resolution // 8
+
+    first = fill(cfg)
+    assert (first.hits, first.misses) == (0, 2)
+    same = fill(cfg)
+    assert (same.hits, same.misses) == (2, 0)
+    # changed image bytes -> that image misses
+    from lora_trainer.data.demo import draw_item
+
+    draw_item(5)[0].save(data / "demo_000.png")
+    changed = fill(cfg)
+    assert (changed.hits, changed.misses) == (1, 1)
+    # another bucket (resolution) -> all miss
+    other = fill(_cfg(data, **{"data.resolution": 128}))
+    assert (other.hits, other.misses) == (0, 2)
+    # another VAE -> all miss
+    with torch.no_grad():
+        next(bundle.vae.parameters()).add_(0.01)
+    new_id = module_identity(bundle.vae, "sd1")
+    assert new_id != vae_id
+    assert fill(cfg, new_id).misses == 2
+    # flips are cached as well: two variants per image
+    flipped = fill(_cfg(data, **{"data.flip": True}), new_id)
+    assert (flipped.hits, flipped.misses) == (2, 2)
+
+
+def test_cached_latents_equal_freshly_encoded_ones(tmp_path: Path) -> None:
+    data = make_data(tmp_path / "data", n=1)
+    bundle = tiny_bundle("sd1")
+    cfg = _cfg(data)
+    ds = BucketDataset(scan_dataset(cfg.data).items, cfg.data, 1, 0)
+    entry = ds.plan(0)[0]
+    fresh = ds.load_batch(entry)
+    cache = LatentCache("memory", module_identity(bundle.vae), "center")
+    torch.manual_seed(0)  # the VAE samples its latent distribution
+    fill_latent_cache(ds, cache, bundle, 1)
+    ds.latent_cache = cache
+    cached = ds.load_batch(entry)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = bundle.encode_images(fresh.pixels)
+    assert torch.allclose(cached.latents, expected, atol=1e-6)
+    assert cached.captions == fresh.captions and torch.equal(cached.size_info, fresh.size_info)
+
+
+def test_text_cache_matches_the_encoder(tmp_path: Path) -> None:
+    bundle = tiny_bundle("sdxl")
+    cache = TextCache(bundle, ["a cat", "a dog", ""])
+    with torch.no_grad():
+        direct = bundle.encode_text(["a dog", "a cat"])
+    got = cache.get(["a dog", "a cat"])
+    assert got.keys() == direct.keys() and "pooled" in got
+    for k in got:
+        assert torch.allclose(got[k], direct[k], atol=1e-6)

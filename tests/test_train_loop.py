@@ -1,0 +1,185 @@
+"""End-to-end training runs on tiny models (resolution 64, CPU, a few steps each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_trainer.train.events import TrainEvent
+from lora_trainer.train.trainer import Trainer
+from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
+
+
+def _state_fingerprint(module: torch.nn.Module) -> dict[str, tuple]:
+    return {k: (v.dtype, tuple(v.shape), float(v.double().sum())) for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("data"), n=4)
+
+
+@pytest.fixture(scope="module")
+def host() -> TinyHost:
+    return TinyHost("sd1")
+
+
+def test_run_writes_lora_and_outputs_and_restores_model(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    before = _state_fingerprint(host.bundle.unet)
+    names_before = sorted(n for n, _ in host.bundle.unet.named_modules())
+    seen: list[TrainEvent] = []
+    cfg = tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 3, "output.tensorboard": True})
+    result = Trainer(cfg, host=host, callbacks=[seen.append]).run()
+    assert result.steps == 3 and not result.stopped
+    assert result.lora_path == tmp_path / "out" / "tiny.safetensors" and result.lora_path.is_file()
+    keys = list(lora_tensors(result.lora_path))
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.endswith(".alpha") for k in keys)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["status"] == "done"
+    assert summary["final_loss"] == pytest.approx(result.final_loss)
+    assert (tmp_path / "out" / "config.yaml").read_text().count("max_train_steps: 3") == 1
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "out" / "logs").iterdir())
+    steps = [e for e in seen if e.kind == "step"]
+    assert [e.step for e in steps] == [1, 2, 3]
+    assert all(e.loss is not None and e.lr == pytest.approx(1e-3) and e.total_steps == 3 for e in steps)
+    assert steps[-1].eta_s == pytest.approx(0.0)
+    assert seen[-1].kind == "done" and host.events[-1].kind == "done"
+    assert host.refreshed == 1 and host.released == 1
+    # the LoRA layers are gone and the base weights are exactly as before
+    assert sorted(n for n, _ in host.bundle.unet.named_modules()) == names_before
+    assert _state_fingerprint(host.bundle.unet) == before
+    # a second run with the same name gets a new version instead of overwriting
+    again = Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 1}), host=host).run()
+    assert again.lora_path.name == "tiny_v2.safetensors"
+
+
+def _eval_loss(bundle, latents: torch.Tensor, cond: dict) -> float:
+    from lora_trainer.train.losses import q_sample
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([50, 250, 450, 650, 850])
+    lat = latents.expand(len(t), -1, -1, -1)
+    noise = torch.randn(lat.shape, generator=g)
+    c = {k: v.expand(len(t), *v.shape[1:]) for k, v in cond.items()}
+    with torch.no_grad():
+        pred = bundle.predict(q_sample(lat, noise, t, bundle.alphas_cumprod), t, c, None)
+    return float((pred - noise).pow(2).mean())
+
+
+def test_high_learning_rate_lowers_the_loss_on_a_fixed_image(tmp_path: Path, host: TinyHost) -> None:
+    from lora_trainer.data.captions import read_metadata_csv
+    from lora_trainer.data.dataset import pil_to_tensor
+    from lora_trainer.data.images import open_image_rgb
+    from lora_trainer.lora.inject import inject_lora
+
+    one = make_data(tmp_path / "one", n=1)
+    cfg = tiny_config(one, tmp_path / "out", **{"train.max_train_steps": 25, "optim.learning_rate": 1e-2,
+                                                 "output.save_precision": "fp32"})
+    b = host.bundle
+    img = pil_to_tensor(open_image_rgb(one / "demo_000.png").resize((64, 64)))[None]
+    caption = read_metadata_csv(one / "metadata.csv")["demo_000.png"]
+    with torch.no_grad():
+        latents, cond = b.encode_images(img), b.encode_text([caption])
+    before = _eval_loss(b, latents, cond)
+    result = Trainer(cfg, host=host).run()
+    net = inject_lora(b, cfg.network)
+    try:
+        net.load_kohya(lora_tensors(result.lora_path))
+        after = _eval_loss(b, latents, cond)
+    finally:
+        net.remove()
+    assert after < 0.8 * before, (before, after)
+
+
+def test_stop_command_saves_checkpoint_and_lora(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    trainer: Trainer
+
+    def stop_at_two(ev: TrainEvent) -> None:
+        if ev.kind == "step" and ev.step == 2:
+            trainer.stop()
+
+    trainer = Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 50}), host=host,
+                      callbacks=[stop_at_two])
+    result = trainer.run()
+    assert result.stopped and result.steps == 2
+    assert result.lora_path.is_file()
+    assert (tmp_path / "out" / "checkpoints" / "step-000002" / "lora.safetensors").is_file()
+    assert trainer.state.snapshot()["status"] == "stopped"
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["status"] == "stopped"
+
+
+def test_host_interrupt_stops_like_the_stop_command(tmp_path: Path, data: Path) -> None:
+    host = TinyHost("sd1")
+    host.stop_at_step = 1
+    result = Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 50}), host=host).run()
+    assert result.stopped and result.steps == 1
+    assert (tmp_path / "out" / "checkpoints" / "step-000001").is_dir()
+
+
+def test_a_raising_callback_does_not_break_the_run(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    calls = []
+
+    def broken(ev: TrainEvent) -> None:
+        calls.append(ev.kind)
+        raise RuntimeError("UI bug")
+
+    result = Trainer(tiny_config(data, tmp_path / "out"), host=host, callbacks=[broken]).run()
+    assert result.steps == 2 and result.lora_path.is_file()
+    assert "step" in calls and calls[-1] == "done"
+
+
+def test_worker_thread_with_save_and_sample_commands(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    trainer: Trainer
+    requested = []
+
+    def on_event(ev: TrainEvent) -> None:
+        if ev.kind == "step" and ev.step == 1 and not requested:
+            requested.append(1)
+            trainer.save_now()
+            trainer.sample_now()
+
+    cfg = tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 3, "sample.prompt": "a red circle",
+                                                 "sample.steps": 2})
+    trainer = Trainer(cfg, host=host, callbacks=[on_event])
+    trainer.start().join(timeout=120)
+    assert trainer.error is None and trainer.result is not None
+    snap = trainer.state.snapshot()
+    assert snap["status"] == "done" and snap["step"] == 3
+    kinds = [e.kind for e in host.events]
+    assert "checkpoint" in kinds and "sample" in kinds
+    assert (tmp_path / "out" / "checkpoints" / "step-000001").is_dir()  # taken at the same step's check
+    samples = sorted((tmp_path / "out" / "samples").glob("*.png"))
+    assert [p.name for p in samples] == ["step-000001.png", "step-000003.png"]  # asked + final preview
+    assert snap["samples"] and snap["samples"][-1][0] == 3
+
+
+def test_nothing_is_written_outside_output_dir(tmp_path: Path, host: TinyHost) -> None:
+    data = make_data(tmp_path / "data", n=2)
+
+    def listing() -> dict[str, float]:
+        return {str(p.relative_to(tmp_path)): p.stat().st_mtime for p in tmp_path.rglob("*")
+                if "out" not in p.relative_to(tmp_path).parts}
+
+    before = listing()
+    cfg = tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 2, "train.save_steps": 1,
+                                                 "data.cache_latents": "disk", "output.tensorboard": True,
+                                                 "sample.prompt": "x", "sample.steps": 1})
+    Trainer(cfg, host=host).run()
+    assert listing() == before
+    assert list((tmp_path / "out" / ".cache" / "latents").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("arch,prediction_type", [("sdxl", "epsilon"), ("sd2", "v_prediction")])
+def test_other_architectures_train(tmp_path: Path, data: Path, arch: str, prediction_type: str) -> None:
+    host = TinyHost(arch, prediction_type)
+    cfg = tiny_config(data, tmp_path / "out", **{"train.min_snr_gamma": 5.0, "train.noise_offset": 0.05,
+                                                 "network.train_text_encoder": True})
+    result = Trainer(cfg, host=host).run()
+    assert result.steps == 2 and result.final_loss is not None and result.final_loss == result.final_loss
+    keys = list(lora_tensors(result.lora_path))
+    prefixes = {k.split("_")[1] for k in keys}
+    assert prefixes == ({"unet", "te1", "te2"} if arch == "sdxl" else {"unet", "te"})

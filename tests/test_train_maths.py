@@ -1,0 +1,138 @@
+"""The training maths as pure functions, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lora_trainer.config import OptimConfig
+from lora_trainer.errors import ConfigError
+from lora_trainer.train import losses
+from lora_trainer.train.optim import build_optimizer
+from lora_trainer.train.schedules import lr_at, make_scheduler
+
+# (step, total, warmup, kind, cycles, expected lr for base 1.0)
+LR_TABLE = [
+    (0, 10, 0, "constant", 1, 1.0),
+    (9, 10, 0, "constant", 1, 1.0),
+    (0, 10, 3, "constant", 1, 0.25),
+    (2, 10, 3, "constant", 1, 0.75),
+    (3, 10, 3, "constant", 1, 1.0),
+    (0, 10, 0, "linear", 1, 1.0),
+    (5, 10, 0, "linear", 1, 0.5),
+    (3, 10, 3, "linear", 1, 1.0),
+    (10, 10, 3, "linear", 1, 0.0),
+    (1, 10, 1, "linear", 1, 1.0 - 0 / 9),
+    (2, 10, 1, "linear", 1, 1.0 - 1 / 9),
+    (0, 10, 0, "cosine", 1, 1.0),
+    (5, 10, 0, "cosine", 1, 0.5),
+    (10, 10, 0, "cosine", 1, 0.0),
+    (1, 4, 0, "cosine", 1, 0.5 * (1 + math.cos(math.pi / 4))),
+    (0, 10, 0, "cosine_with_restarts", 2, 1.0),
+    (5, 10, 0, "cosine_with_restarts", 2, 1.0),  # second cycle restarts at full lr
+    (4, 12, 0, "cosine_with_restarts", 3, 1.0),
+    (2, 12, 0, "cosine_with_restarts", 3, 0.5),  # half-way through the first of 3 cycles
+    (7, 10, 0, "cosine_with_restarts", 2, 0.5 * (1 + math.cos(math.pi * 0.4))),
+    (1, 12, 2, "cosine_with_restarts", 1, 2 / 3),
+    (12, 12, 2, "cosine_with_restarts", 2, 0.0),
+]
+
+
+@pytest.mark.parametrize("step,total,warmup,kind,cycles,expected", LR_TABLE)
+def test_lr_at_table(step: int, total: int, warmup: int, kind: str, cycles: int, expected: float) -> None:
+    assert lr_at(step, 1.0, total, warmup, kind, cycles) == pytest.approx(expected, abs=1e-12)
+    assert lr_at(step, 3e-4, total, warmup, kind, cycles) == pytest.approx(3e-4 * expected, abs=1e-15)
+
+
+def test_lr_at_rejects_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="cosine"):
+        lr_at(0, 1.0, 10, 0, "exponential")
+
+
+def test_scheduler_follows_lr_at_per_group() -> None:
+    p1, p2 = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p1], "lr": 1e-3}, {"params": [p2], "lr": 5e-4}], lr=1.0)
+    sched = make_scheduler(opt, total_steps=8, warmup=2, kind="cosine")
+    for step in range(8):
+        lrs = [g["lr"] for g in opt.param_groups]
+        assert lrs[0] == pytest.approx(lr_at(step, 1e-3, 8, 2, "cosine"))
+        assert lrs[1] == pytest.approx(lr_at(step, 5e-4, 8, 2, "cosine"))
+        opt.step()
+        sched.step()
+
+
+def _ac() -> torch.Tensor:
+    return torch.tensor([0.9, 0.5, 0.2, 0.01], dtype=torch.float32)
+
+
+def test_q_sample_and_v_target_by_hand() -> None:
+    x0 = torch.full((2, 1, 1, 1), 2.0)
+    noise = torch.full((2, 1, 1, 1), -1.0)
+    t = torch.tensor([1, 2])
+    # a=0.5: sqrt(.5)*2 + sqrt(.5)*-1 = 0.7071; a=0.2: sqrt(.2)*2 + sqrt(.8)*-1 = -0.0000 (0.8944-0.8944)
+    q = losses.q_sample(x0, noise, t, _ac()).flatten()
+    assert q[0].item() == pytest.approx(math.sqrt(0.5) * 2 - math.sqrt(0.5), abs=1e-6)
+    assert q[1].item() == pytest.approx(math.sqrt(0.2) * 2 - math.sqrt(0.8), abs=1e-6)
+    v = losses.v_target(x0, noise, t, _ac()).flatten()
+    assert v[0].item() == pytest.approx(math.sqrt(0.5) * -1 - math.sqrt(0.5) * 2, abs=1e-6)
+    assert v[1].item() == pytest.approx(math.sqrt(0.2) * -1 - math.sqrt(0.8) * 2, abs=1e-6)
+    assert torch.equal(losses.target_for("epsilon", x0, noise, t, _ac()), noise)
+    assert torch.equal(losses.target_for("v_prediction", x0, noise, t, _ac()), losses.v_target(x0, noise, t, _ac()))
+
+
+def test_v_target_identity_recovers_x0() -> None:
+    # x0 = sqrt(a) x_t - sqrt(1-a) v holds for any a: a check that q_sample and v agree.
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    ac = torch.linspace(0.99, 0.01, 1000)
+    t = torch.tensor([0, 500, 999])
+    xt, v = losses.q_sample(x0, noise, t, ac), losses.v_target(x0, noise, t, ac)
+    a = ac[t].view(-1, 1, 1, 1)
+    assert torch.allclose(a.sqrt() * xt - (1 - a).sqrt() * v, x0, atol=1e-5)
+
+
+def test_snr_and_min_snr_weights_by_hand() -> None:
+    t = torch.tensor([0, 1, 3])
+    snr = losses.snr(t, _ac())
+    assert snr.tolist() == pytest.approx([9.0, 1.0, 0.01 / 0.99], rel=1e-5)
+    eps = losses.min_snr_weights(t, _ac(), gamma=5.0, prediction_type="epsilon")
+    assert eps.tolist() == pytest.approx([5.0 / 9.0, 1.0, 1.0], rel=1e-5)
+    v = losses.min_snr_weights(t, _ac(), gamma=5.0, prediction_type="v_prediction")
+    assert v.tolist() == pytest.approx([5.0 / 10.0, 1.0 / 2.0, (0.01 / 0.99) / (0.01 / 0.99 + 1)], rel=1e-5)
+
+
+def test_offset_noise_adds_a_per_channel_constant() -> None:
+    lat = torch.zeros(2, 4, 8, 8)
+    plain = losses.offset_noise(lat, 0.0, torch.Generator().manual_seed(1))
+    again = losses.offset_noise(lat, 0.0, torch.Generator().manual_seed(1))
+    assert torch.equal(plain, again)
+    off = losses.offset_noise(lat, 0.5, torch.Generator().manual_seed(1))
+    delta = off - plain  # same base draw, then the offset
+    assert torch.allclose(delta, delta[:, :, :1, :1].expand_as(delta))
+    assert delta.abs().sum() > 0
+
+
+def test_weighted_mse_uses_per_sample_weights() -> None:
+    pred = torch.zeros(2, 1, 2, 2)
+    target = torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
+    assert losses.weighted_mse(pred, target).item() == pytest.approx((1 + 4) / 2)
+    w = torch.tensor([1.0, 0.25])  # e.g. a regularization image with prior_loss_weight 0.25
+    assert losses.weighted_mse(pred, target, w).item() == pytest.approx((1 + 1) / 2)
+
+
+def test_optimizer_param_groups_and_missing_packages() -> None:
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = build_optimizer([{"params": [a], "lr": 1e-4}, {"params": [b], "lr": 5e-5}],
+                          OptimConfig(), torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 5e-5]
+    for name, package in (("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt"), ("lion", "lion-pytorch")):
+        try:
+            build_optimizer([{"params": [a], "lr": 1.0}], OptimConfig(optimizer=name), torch.device("cpu"))
+        except ConfigError as e:
+            assert package in str(e) and "pip install" in str(e)
+            assert "\n" not in str(e)
+    with pytest.raises(ConfigError, match="target_modules"):
+        build_optimizer([{"params": [], "lr": 1.0}], OptimConfig(), torch.device("cpu"))

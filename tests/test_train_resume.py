@@ -1,0 +1,101 @@
+"""Checkpoints and resume: 3 + 3 steps give the same LoRA as 6 straight; init_from; pruning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_trainer.errors import ConfigError
+from lora_trainer.train.events import TrainEvent
+from lora_trainer.train.trainer import Trainer
+from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
+
+# Everything that draws random numbers is on: LoRA dropout, flips, caption shuffle and dropout,
+# noise offset, min-SNR, accumulation over an epoch boundary, warmup + cosine.
+BUSY = {
+    "train.max_train_steps": 6, "train.batch_size": 2, "train.gradient_accumulation_steps": 2,
+    "network.dropout": 0.1, "data.flip": True, "data.shuffle_captions": True, "data.caption_dropout": 0.2,
+    "data.repeats": 1, "train.noise_offset": 0.05, "train.min_snr_gamma": 5.0,
+    "optim.lr_scheduler": "cosine", "optim.lr_warmup_steps": 2, "optim.learning_rate": 5e-3,
+    "output.save_precision": "fp32", "output.overwrite": True,
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("data"), n=5)  # odd: batches do not divide evenly
+
+
+@pytest.fixture(scope="module")
+def host() -> TinyHost:
+    return TinyHost("sd1")
+
+
+def test_three_plus_three_equals_six(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    straight = Trainer(tiny_config(data, tmp_path / "a", **BUSY), host=host).run()
+    assert straight.steps == 6
+
+    trainer: Trainer
+
+    def stop_at_three(ev: TrainEvent) -> None:
+        if ev.kind == "step" and ev.step == 3:
+            trainer.stop()
+
+    trainer = Trainer(tiny_config(data, tmp_path / "b", **BUSY), host=host, callbacks=[stop_at_three])
+    first = trainer.run()
+    assert first.stopped and first.steps == 3
+    second = Trainer(tiny_config(data, tmp_path / "b", **BUSY, **{"train.resume": "latest"}), host=host).run()
+    assert second.steps == 6 and not second.stopped
+
+    a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    # and the 3-step LoRA really differs from the 6-step one (the comparison above is not vacuous)
+    c = lora_tensors(tmp_path / "b" / "checkpoints" / "step-000003" / "lora.safetensors")
+    assert any(not torch.equal(v, a_v) for v, a_v in zip(c.values(), a.values(), strict=False))
+
+
+def test_save_steps_keep_last_and_resume_from_a_path(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    cfg = tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 4, "train.save_steps": 1,
+                                                 "output.keep_checkpoints": 2})
+    Trainer(cfg, host=host).run()
+    kept = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert kept == ["step-000003", "step-000004"]
+    step3 = tmp_path / "out" / "checkpoints" / "step-000003"
+    assert {p.name for p in step3.iterdir()} == {"lora.safetensors", "training_state.pt", "state.json", "config.yaml"}
+    again = Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 5, "train.resume": str(step3)}),
+                    host=host).run()
+    assert again.steps == 5
+    with pytest.raises(ConfigError, match="train.resume"):
+        Trainer(tiny_config(data, tmp_path / "out", **{"train.resume": str(tmp_path)}), host=host).run()
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    seen: list[TrainEvent] = []
+    result = Trainer(tiny_config(data, tmp_path / "out", **{"train.resume": "latest"}), host=host,
+                     callbacks=[seen.append]).run()
+    assert result.steps == 2
+    assert any("starting fresh" in e.message for e in seen)
+
+
+def test_init_from_starts_from_the_files_weights(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    # A file with rank 8 / alpha 3 (not the config's 4 / 2), trained a little so it is not the init.
+    src = Trainer(tiny_config(data, tmp_path / "src", **{"network.rank": 8, "network.alpha": 3.0,
+                                                         "output.save_precision": "fp32"}), host=host).run()
+    original = lora_tensors(src.lora_path)
+    # With a learning rate of 0 and no weight decay the weights cannot move: what comes out is
+    # exactly what the run started from.
+    cfg = tiny_config(data, tmp_path / "out", **{"network.init_from": str(src.lora_path), "optim.unet_lr": 0.0,
+                                                 "optim.weight_decay": 0.0, "output.save_precision": "fp32"})
+    result = Trainer(cfg, host=host).run()
+    out = lora_tensors(result.lora_path)
+    assert out.keys() == original.keys()
+    for k in original:
+        assert torch.equal(out[k], original[k]), k
+    alpha = next(v for k, v in out.items() if k.endswith(".alpha"))
+    assert float(alpha) == pytest.approx(3.0)
+    down = next(v for k, v in out.items() if k.endswith("lora_down.weight"))
+    assert down.shape[0] == 8

@@ -1,0 +1,88 @@
+"""Shared pieces of the training tests: a tiny in-memory host and configs at resolution 64."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_trainer.config import TrainConfig, build_config
+from lora_trainer.models.bundle import ModelBundle
+from lora_trainer.train.events import TrainEvent
+
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core runner two spinning
+# threads make each step many times slower than one.
+torch.set_num_threads(1)
+
+
+def tiny_bundle(arch: str = "sd1", prediction_type: str = "epsilon", seed: int = 0) -> ModelBundle:
+    from lora_trainer.models.setups import bundle_from_diffusers
+    from lora_trainer.models.tiny import build_components
+
+    parts = build_components(arch, seed=seed, prediction_type=prediction_type)
+    return bundle_from_diffusers(parts, arch, prediction_type, torch.device("cpu"), torch.float32, f"tiny-{arch}")
+
+
+class TinyHost:
+    """A Host over a tiny model built from config; it records what the trainer asked of it."""
+
+    name = "tiny"
+
+    def __init__(self, arch: str = "sd1", prediction_type: str = "epsilon", bundle: ModelBundle | None = None) -> None:
+        self.bundle = bundle or tiny_bundle(arch, prediction_type)
+        self.events: list[TrainEvent] = []
+        self.refreshed = 0
+        self.released = 0
+        self.stop_at_step: int | None = None
+        self._lock = threading.Lock()
+
+    def acquire_bundle(self, config: TrainConfig) -> ModelBundle:
+        return self.bundle
+
+    def release_bundle(self, bundle: ModelBundle) -> None:
+        self.released += 1
+
+    def lora_dir(self, config: TrainConfig) -> Path:
+        return Path(config.output.output_dir)
+
+    def lock(self) -> Any:
+        return self._lock
+
+    def on_event(self, event: TrainEvent) -> None:
+        self.events.append(event)
+
+    def interrupted(self) -> bool:
+        steps = [e.step for e in self.events if e.kind == "step"]
+        return self.stop_at_step is not None and bool(steps) and steps[-1] >= self.stop_at_step
+
+    def refresh_loras(self) -> None:
+        self.refreshed += 1
+
+    def render(self, *args: Any, **kwargs: Any) -> list[Any]:
+        raise NotImplementedError("the tiny test host does not render")
+
+
+def make_data(folder: Path, n: int = 4) -> Path:
+    from lora_trainer.data.demo import make_demo_dataset
+
+    return make_demo_dataset(folder, n=n)
+
+
+def tiny_config(data: Path, out: Path, **values: Any) -> TrainConfig:
+    base: dict[str, Any] = {
+        "model.base_model": "demo", "model.device": "cpu",
+        "data.train_data_dir": str(data), "data.resolution": 64, "data.enable_buckets": False,
+        "data.min_image_size": 32, "network.rank": 4, "network.alpha": 2.0,
+        "optim.learning_rate": 1e-3, "optim.lr_scheduler": "constant", "train.max_train_steps": 2,
+        "output.output_dir": str(out), "output.output_name": "tiny", "output.tensorboard": False,
+    }
+    base.update(values)
+    return build_config(base)
+
+
+def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
