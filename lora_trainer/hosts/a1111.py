@@ -177,12 +177,10 @@ class A1111Host:
                 # calls the UNet directly, so it stays on the device for the whole run.
                 lowvram.send_everything_to_cpu()
                 sd_model.model.to(device)
-            if config.train.gradient_checkpointing:
-                from modules import sd_hijack_checkpoint
-                sd_hijack_checkpoint.add()
-                lease.checkpointing = True
             lease.fingerprint = live_model.fingerprint(roots)
-            return bundle_from_sd_model(sd_model, roots, device, shared)
+            bundle = bundle_from_sd_model(sd_model, roots, device, shared)
+            bundle.extras["enable_gradient_checkpointing"] = lambda: self._checkpointing(lease)
+            return bundle
         except BaseException:
             self.release_bundle(None)
             raise
@@ -215,6 +213,15 @@ class A1111Host:
                 torch.cuda.empty_cache()
         if problems:
             self._reload_weights(problems[0])
+
+    @staticmethod
+    def _checkpointing(lease: _Lease) -> Any:
+        """The WebUI's own switch for gradient checkpointing in the LDM blocks; returns its undo."""
+        from modules import sd_hijack_checkpoint
+
+        sd_hijack_checkpoint.add()
+        lease.checkpointing = True
+        return sd_hijack_checkpoint.remove
 
     def _reload_weights(self, why: str) -> None:
         from modules import sd_models

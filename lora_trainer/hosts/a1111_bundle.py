@@ -134,8 +134,7 @@ def bundle_from_sd_model(sd_model: Any, roots: dict[str, nn.Module], device: tor
         default_resolution=1024 if arch == "sdxl" else (768 if getattr(sd_model, "parameterization", "eps") == "v" else 512),
         latent_channels=int(getattr(sd_model, "latent_channels", 4)),
         device=device, dtype=unet_dtype,
-        extras={"host": "a1111", "sd_model": sd_model, "vae_dtype": vae_dtype,
-                "gradient_checkpointing": "host"},
+        extras={"host": "a1111", "sd_model": sd_model, "vae_dtype": vae_dtype},
     )
 
 

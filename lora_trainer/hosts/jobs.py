@@ -11,7 +11,7 @@ import threading
 import uuid
 from typing import Any
 
-from lora_trainer.errors import HostError, LoraTrainerError
+from lora_trainer.errors import ConfigError, HostError, LoraTrainerError
 
 
 class JobManager:
@@ -62,7 +62,7 @@ class JobManager:
 
         folder = payload.get("folder")
         if not folder:
-            raise HostError("caption request needs 'folder' (the image folder to caption)")
+            raise ConfigError("caption request needs 'folder' (the image folder to caption)")
         job = self._claim("caption")
 
         def progress(done: int, total: int, name: str) -> None:

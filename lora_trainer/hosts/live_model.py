@@ -129,18 +129,24 @@ def strip_peft_layers(root: nn.Module) -> int:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # peft missing: nothing can have been injected
         return 0
-    found = []
-    for name, module in root.named_modules():
-        if isinstance(module, BaseTunerLayer) and name:
-            found.append(name)
+    from lora_trainer.lora.mha import LoraMultiheadAttention
+
+    def base_of(module: nn.Module) -> nn.Module | None:
+        if isinstance(module, BaseTunerLayer):
+            return module.get_base_layer()
+        if isinstance(module, LoraMultiheadAttention):
+            return module.base
+        return None
+
+    found = [name for name, module in root.named_modules() if name and base_of(module) is not None]
     # Deepest first, so a parent's replacement never hides a child's path.
     count = 0
     for name in sorted(found, key=lambda n: n.count("."), reverse=True):
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
-        module = getattr(parent, child, None)
-        if isinstance(module, BaseTunerLayer):
-            setattr(parent, child, module.get_base_layer())
+        base = base_of(getattr(parent, child))
+        if base is not None:
+            setattr(parent, child, base)
             count += 1
     if count:
         log.warning("removed %d LoRA layers left in the live model by an interrupted run", count)

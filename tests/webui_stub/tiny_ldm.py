@@ -93,6 +93,12 @@ class TinyLatentDiffusion(nn.Module):
                          attention_resolutions=[4, 2, 1], channel_mult=(1, 2, 4, 4), num_heads=8,
                          use_spatial_transformer=True, transformer_depth=1, context_dim=32, use_checkpoint=False,
                          legacy=False)
+        # ldm zero-initialises output convs and attention out-projections (a fresh model predicts
+        # 0 everywhere, and no LoRA could change that); a checkpoint never has them at zero.
+        with torch.no_grad():
+            for p in unet.parameters():
+                if p.ndim > 1 and not p.any():
+                    p.normal_(0.0, 0.05)
         self.model = DiffusionWrapper(unet)
         self.first_stage_model = AutoencoderKL()
         te = CLIPTextModel430(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
