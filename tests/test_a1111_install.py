@@ -29,7 +29,7 @@ def lookup(env: dict[str, str]):
 
 def test_fresh_webui_installs_diffusers_and_peft_without_deps() -> None:
     actions = ip.plan_installs(lookup(WEBUI_ENV))
-    assert [a.spec for a in actions] == ["diffusers==0.37.1", "peft==0.13.2"]
+    assert [a.spec for a in actions] == ["diffusers==0.35.2", "peft==0.13.2"]
     assert all(a.args.endswith("--no-deps") for a in actions)
     ip.check_pins_untouched(actions)
 
@@ -47,7 +47,7 @@ def test_newer_user_versions_are_left_alone() -> None:
 
 
 def test_too_old_version_is_replaced() -> None:
-    env = dict(WEBUI_ENV, diffusers="0.37.1", peft="0.6.0")
+    env = dict(WEBUI_ENV, diffusers="0.35.2", peft="0.6.0")
     [action] = ip.plan_installs(lookup(env))
     assert action.spec == "peft==0.13.2" and "older" in action.reason
 
@@ -63,7 +63,7 @@ def test_pinned_packages_are_never_planned_even_when_missing() -> None:
 
 
 @pytest.mark.parametrize(("hub", "expected"), [
-    ("0.36.2", "0.37.1"), ("0.34.0", "0.37.1"), ("0.30.1", "0.34.0"), ("0.25.0", "0.32.2"),
+    ("0.36.2", "0.35.2"), ("0.34.0", "0.35.2"), ("0.30.1", "0.34.0"), ("0.25.0", "0.32.2"),
     ("0.20.3", "0.27.2"), ("0.14.1", None), (None, None),
 ])
 def test_diffusers_follows_the_installed_hub(hub: str | None, expected: str | None) -> None:
@@ -97,8 +97,8 @@ def test_install_py_calls_run_pip_only_for_missing(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(metadata, "version", fake_version)
     runpy.run_path(str(ROOT / "install.py"), run_name="__main__")
-    assert calls == ['install "diffusers==0.37.1" --no-deps', 'install "peft==0.13.2" --no-deps']
-    env.update({"diffusers": "0.37.1", "peft": "0.13.2"})
+    assert calls == ['install "diffusers==0.35.2" --no-deps', 'install "peft==0.13.2" --no-deps']
+    env.update({"diffusers": "0.35.2", "peft": "0.13.2"})
     calls.clear()
     runpy.run_path(str(ROOT / "install.py"), run_name="__main__")
     assert calls == []

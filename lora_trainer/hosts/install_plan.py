@@ -43,7 +43,7 @@ class Requirement:
 # accelerate 0.21.0 (0.15+ need accelerate's clear_device_cache); its dependencies are all WebUI
 # packages already present, so --no-deps keeps pip from touching them.
 REQUIREMENTS: tuple[Requirement, ...] = (
-    Requirement("diffusers", "0.27.0", "0.37.1", no_deps=True, why="schedulers and model configs"),
+    Requirement("diffusers", "0.27.0", "0.35.2", no_deps=True, why="schedulers and model configs"),
     Requirement("peft", "0.13.0", "0.13.2", no_deps=True, why="LoRA layers"),
     Requirement("pyyaml", "5.1", "6.0.2", why="training configs"),
     # diffusers' own dependencies that are not WebUI pins (normally present already).
@@ -54,9 +54,10 @@ REQUIREMENTS: tuple[Requirement, ...] = (
 
 # diffusers is installed with --no-deps so it cannot pull a huggingface_hub 1.x that breaks
 # transformers 4.30.2; the version is the newest whose hub requirement the installed hub meets
-# (from each release's metadata): (oldest hub it accepts, diffusers version).
+# (from each release's metadata): (oldest hub it accepts, diffusers version). 0.35.2 is the last
+# release that imports on the WebUI's torch 2.1.2 (0.36+ reference torch.xpu at import time).
 DIFFUSERS_BY_HUB: tuple[tuple[str, str], ...] = (
-    ("0.34.0", "0.37.1"),
+    ("0.34.0", "0.35.2"),
     ("0.27.0", "0.34.0"),
     ("0.23.2", "0.32.2"),
     ("0.20.2", "0.27.2"),
