@@ -20,3 +20,7 @@ PY="$VENV/bin/python"
 }
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 "$PY" -m pytest -q "$@"
+# Optional (~3 min): install.py and a LoRA smoke test in a venv with the A1111 WebUI's pins.
+if [ "${LORA_TRAINER_WEBUI_PINS:-0}" = "1" ]; then
+  bash tests/webui_pins/check.sh
+fi
