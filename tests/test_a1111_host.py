@@ -9,6 +9,8 @@ raises; --lowvram is refused; --medvram placement is put back.
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -35,6 +37,31 @@ def webui():
 def env(webui, tmp_path: Path):
     a1111_env.reset(webui, webui.model, tmp_path / "Lora")
     return webui
+
+
+@pytest.fixture(scope="module")
+def trained(webui, tmp_path_factory: pytest.TempPathFactory):
+    """One Trainer run through the A1111 host (shared by the tests that need a LoRA file)."""
+    from lora_trainer.train.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("trained")
+    a1111_env.reset(webui, webui.model, tmp / "Lora")
+    sd = webui.model
+    before = (live_model.state_hash(sd), flags(sd), modes(sd))
+    result = Trainer(config(tmp, **{"optim.learning_rate": 5e-2}), host=host()).run()
+    after = (live_model.state_hash(sd), flags(sd), modes(sd))
+    return {"result": result, "before": before, "after": after, "lora_dir": tmp / "Lora",
+            "locked": webui.call_queue.queue_lock.locked(), "state": webui.shared.state,
+            "listed": set(webui.networks.available_networks)}
+
+
+def install_lora(env, trained) -> str:
+    """Put the trained file into this test's LoRA folder; returns its network name."""
+    src = Path(trained["result"].lora_path)
+    dst = Path(env.shared.cmd_opts.lora_dir) / src.name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dst)
+    return dst.stem
 
 
 def flags(model: torch.nn.Module) -> dict:
@@ -89,23 +116,21 @@ def test_bundle_is_the_live_model_without_copies(env, tmp_path: Path) -> None:
     assert all(p.requires_grad for p in sd.parameters())  # as the WebUI left them
 
 
-def test_training_writes_a_lora_the_webui_resolves_and_leaves_the_model_exact(env, tmp_path: Path) -> None:
+def test_training_writes_a_lora_the_webui_resolves_and_leaves_the_model_exact(env, trained) -> None:
     from lora_trainer.lora.files import read_lora_file
-    from lora_trainer.train.trainer import Trainer
 
-    sd = env.model
-    before = (live_model.state_hash(sd), flags(sd), modes(sd))
-    result = Trainer(config(tmp_path), host=host()).run()
-    assert (live_model.state_hash(sd), flags(sd), modes(sd)) == before
-    assert not env.call_queue.queue_lock.locked()
-
-    path = Path(result.lora_path)
-    assert path.parent == Path(env.shared.cmd_opts.lora_dir) and path.name == "lt_test.safetensors"
-    assert "lt_test" in env.networks.available_networks  # list refreshed
+    assert trained["after"] == trained["before"]  # state-dict hash, requires_grad, dtypes, devices, modes
+    assert not trained["locked"]
+    path = Path(trained["result"].lora_path)
+    assert path.parent == trained["lora_dir"] and path.name == "lt_test.safetensors"
+    assert "lt_test" in trained["listed"]  # the WebUI's list was refreshed by the run
     tensors, meta = read_lora_file(path)
     assert any(k.startswith("lora_te_") for k in tensors) and any(k.startswith("lora_unet_") for k in tensors)
     assert any(v.abs().max() > 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))  # it learned
-    env.networks.load_networks(["lt_test"])
+    # The WebUI's progress saw the run (3 steps) and the job ended.
+    assert trained["state"].sampling_steps == 3 and trained["state"].job == ""
+    name = install_lora(env, trained)
+    env.networks.load_networks([name])
     net = env.networks.loaded_networks[0]
     assert env.networks.keys_failed_to_match == {}
     assert all("layer_name" in m for m in net.modules.values())
@@ -114,38 +139,45 @@ def test_training_writes_a_lora_the_webui_resolves_and_leaves_the_model_exact(en
     for mod in net.modules.values():
         w = layers[mod["layer_name"]].weight
         assert mod["lora_up.weight"].shape[0] == w.shape[0] and mod["lora_down.weight"].shape[1] == w.shape[1]
-    # The WebUI's progress saw the run.
-    assert env.shared.state.sampling_steps == 3 and env.shared.state.job == ""
 
 
-def test_render_uses_webui_txt2img_with_the_lora(env, tmp_path: Path) -> None:
-    from lora_trainer.train.trainer import Trainer
-
-    result = Trainer(config(tmp_path, **{"optim.learning_rate": 5e-2}), host=host()).run()
+def test_render_uses_webui_txt2img_with_the_lora(env, trained) -> None:
+    name = install_lora(env, trained)
     h = host()
-    imgs = h.render("a photo", "", 7, Path(result.lora_path).stem, [0.0, 1.0], 2, 64, 64)
+    imgs = h.render("a photo", "", 7, name, [0.0, 1.0], 2, 64, 64)
     assert len(imgs) == 2 and imgs[0].size == (64, 64)
-    assert env.processing.history[-1].endswith("<lora:lt_test:1>")
+    assert env.processing.history[-1].endswith(f"<lora:{name}:1>")
     diff = np.abs(np.asarray(imgs[0], dtype=np.int16) - np.asarray(imgs[1], dtype=np.int16))
     assert diff.max() > 0  # the LoRA changed the picture
     assert not env.call_queue.queue_lock.locked()
 
 
-def _apply_lora(env, tmp_path: Path) -> str:
-    """Train a LoRA, then generate with it so the WebUI merges it into the live weights."""
-    from lora_trainer.train.trainer import Trainer
+def test_a_retrained_lora_is_not_served_stale(env, trained) -> None:
+    name = install_lora(env, trained)
+    path = Path(env.shared.cmd_opts.lora_dir) / f"{name}.safetensors"
+    env.networks.load_networks([name])
+    reads = env.networks.load_count
+    # A re-run writes the file again (atomically: a new file, a new mtime).
+    stat = path.stat()
+    os.utime(path, (stat.st_atime, stat.st_mtime + 5))
+    host().refresh_loras()
+    env.networks.load_networks([name])
+    assert env.networks.load_count == reads + 1
 
-    result = Trainer(config(tmp_path, **{"optim.learning_rate": 5e-2}), host=host()).run()
-    p = env.processing.StableDiffusionProcessingTxt2Img(prompt=f"x <lora:{Path(result.lora_path).stem}:1>",
-                                                         seed=1, steps=1, width=64, height=64)
+
+def _apply_lora(env, trained) -> str:
+    """Generate with the trained LoRA so the WebUI merges it into the live weights."""
+    name = install_lora(env, trained)
+    p = env.processing.StableDiffusionProcessingTxt2Img(prompt=f"x <lora:{name}:1>", seed=1, steps=1,
+                                                         width=64, height=64)
     env.processing.process_images(p)
-    return Path(result.lora_path).stem
+    return name
 
 
-def test_applied_lora_deltas_are_removed_before_training(env, tmp_path: Path) -> None:
+def test_applied_lora_deltas_are_removed_before_training(env, trained, tmp_path: Path) -> None:
     sd = env.model
     checkpoint = live_model.state_hash(sd)
-    _apply_lora(env, tmp_path)
+    _apply_lora(env, trained)
     assert live_model.state_hash(sd) != checkpoint  # the WebUI merged the LoRA into the weights
     h = host()
     bundle = h.acquire_bundle(config(tmp_path))
