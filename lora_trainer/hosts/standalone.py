@@ -1,0 +1,177 @@
+"""StandaloneHost: the Host used by the CLI and the standalone app (no WebUI).
+
+It loads base models with ``load_bundle`` and keeps the last one loaded, so the app can train
+several LoRAs in a row without reloading. Test renders run a diffusers pipeline built from the
+bundle's own modules, with the LoRA file read by diffusers' ``load_lora_weights`` — the same
+reader other diffusers-based tools use, so a render also checks the file is readable there.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lora_trainer.errors import HostError, LoraFormatError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from lora_trainer.config import ModelConfig, TrainConfig
+    from lora_trainer.models.bundle import ModelBundle
+    from lora_trainer.train.events import TrainEvent
+
+log = logging.getLogger(__name__)
+
+# <lora:name:w>, <lyco:name:w> and <hypernet:name:w> are WebUI prompt syntax, not text to encode.
+_NETWORK_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
+RENDER_ADAPTER = "lt_render"
+
+
+def strip_network_tags(prompt: str) -> str:
+    """The prompt without WebUI ``<lora:...>`` tags (and the spaces/commas they leave behind)."""
+    if not _NETWORK_TAG.search(prompt):
+        return prompt
+    pieces = (" ".join(p.split()) for p in _NETWORK_TAG.sub("", prompt).split(","))
+    return ", ".join(p for p in pieces if p)
+
+
+def _cache_key(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> tuple:
+    return (model_cfg.base_model, model_cfg.vae, model_cfg.arch, model_cfg.prediction_type, str(device), dtype)
+
+
+def _has_adapter_layers(bundle: ModelBundle) -> bool:
+    """True when LoRA layers were left in the model (a run that failed to clean up)."""
+    return any("lora_" in name for root in bundle.trainable_roots().values() for name, _ in root.named_modules())
+
+
+class StandaloneHost:
+    """Host for the CLI and the standalone app: models from files, LoRAs into the output folder."""
+
+    name = "standalone"
+
+    def __init__(self, keep_cache: bool = True, lora_dir: str | Path | None = None) -> None:
+        self.keep_cache = keep_cache
+        self._lock = threading.Lock()
+        self._cache: dict[tuple, ModelBundle] = {}
+        self._lora_dir = Path(lora_dir) if lora_dir is not None else None
+        self._last_bundle: ModelBundle | None = None
+
+    # --- model ------------------------------------------------------------------------------
+    def acquire_bundle(self, config: TrainConfig) -> ModelBundle:
+        from lora_trainer.models.loaders import resolve_device, resolve_dtype
+
+        self._lora_dir = self.lora_dir(config)
+        device = resolve_device(config.model.device)
+        dtype = resolve_dtype(config.model.weight_dtype, device, getattr(config.train, "mixed_precision", "no"))
+        key = _cache_key(config.model, device, dtype)
+        bundle = self._cache.get(key)
+        if bundle is None:
+            from lora_trainer.models.loaders import load_bundle
+
+            self._cache.clear()  # one model at a time: free the previous one before loading
+            bundle = load_bundle(config.model, device, dtype)
+            if self.keep_cache:
+                self._cache[key] = bundle
+        self._last_bundle = bundle
+        return bundle
+
+    def release_bundle(self, bundle: ModelBundle) -> None:
+        """Nothing to restore for a model this host loaded; drop it if it was left modified."""
+        if _has_adapter_layers(bundle):
+            log.warning("LoRA layers were left in %s after training; it will be reloaded next time", bundle.name)
+            self.free()
+        elif not self.keep_cache:
+            self.free()
+
+    def free(self) -> None:
+        """Forget the cached model (its memory is released once nothing else holds it)."""
+        self._cache.clear()
+        self._last_bundle = None
+
+    # --- surroundings -----------------------------------------------------------------------
+    def lora_dir(self, config: TrainConfig) -> Path:
+        return Path(config.output.output_dir).expanduser()
+
+    def lock(self) -> threading.Lock:
+        return self._lock
+
+    def on_event(self, event: TrainEvent) -> None:
+        log.debug("train event: %s", event)
+
+    def interrupted(self) -> bool:
+        return False
+
+    def refresh_loras(self) -> None:
+        """Files are read from disk on every render: nothing to refresh."""
+
+    def lora_path_for(self, name: str) -> Path:
+        """``<lora_dir>/<name>.safetensors`` (the folder of the last run, or the one given at init)."""
+        from lora_trainer.lora.files import sanitize_name
+
+        if self._lora_dir is None:
+            raise HostError("no LoRA folder known yet; train first or create StandaloneHost(lora_dir=...)")
+        return self._lora_dir / f"{sanitize_name(name)}.safetensors"
+
+    # --- test render ------------------------------------------------------------------------
+    def render(self, prompt: str, negative_prompt: str, seed: int, lora_name: str, weights: list[float],
+               steps: int, width: int, height: int, guidance_scale: float = 7.0) -> list[Image.Image]:
+        """One image per LoRA weight, all from the same seed (weight 0 is the base model)."""
+        bundle = self._last_bundle
+        if bundle is None:
+            raise HostError("no model is loaded; train or load a model before rendering")
+        path = self.lora_path_for(lora_name)
+        if not path.is_file():
+            raise HostError(f"LoRA file {path} not found; check the name or the output folder")
+        pipe = build_render_pipeline(bundle)
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=RENDER_ADAPTER)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise LoraFormatError(f"{path}: diffusers cannot apply this LoRA to {bundle.name} ({exc})") from None
+        try:
+            text = strip_network_tags(prompt)
+            return [_render_one(pipe, bundle, text, negative_prompt, seed, w, steps, width, height, guidance_scale)
+                    for w in weights]
+        finally:
+            pipe.unload_lora_weights()
+
+
+def build_render_pipeline(bundle: ModelBundle) -> Any:
+    """A diffusers txt2img pipeline sharing the bundle's modules (no copy of the weights)."""
+    import diffusers
+
+    parts = bundle.extras.get("parts")
+    if parts is None:
+        raise HostError(f"{bundle.name} was not loaded from diffusers parts; it cannot be rendered standalone")
+    # DPM-Solver++ gives usable images in ~20 steps; it takes the model's schedule and prediction type.
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+        parts["scheduler"].config, prediction_type=bundle.prediction_type)
+    cls = getattr(diffusers, bundle.extras["pipeline_class"])
+    common = dict(vae=parts["vae"], unet=parts["unet"], scheduler=scheduler, text_encoder=parts["text_encoder"],
+                  tokenizer=parts["tokenizer"])
+    if bundle.arch == "sdxl":
+        pipe = cls(**common, text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"])
+    else:
+        pipe = cls(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _render_one(pipe: Any, bundle: ModelBundle, prompt: str, negative_prompt: str, seed: int, weight: float,
+                steps: int, width: int, height: int, guidance_scale: float) -> Image.Image:
+    from PIL import Image
+
+    pipe.set_adapters([RENDER_ADAPTER], adapter_weights=[float(weight)])
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    with torch.no_grad():
+        latents = pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                       width=width, height=height, guidance_scale=guidance_scale, generator=generator,
+                       output_type="latent").images
+        # Decode with the bundle's codec: it keeps the SDXL VAE in fp32, which the pipeline would not.
+        pixels = bundle.decode_latents(latents)
+    array = ((pixels[0].permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
+    return Image.fromarray(array)

@@ -1,0 +1,165 @@
+"""Single-file checkpoints: read, identify the family, hash, and find the packaged configs.
+
+A WebUI-style checkpoint (``.safetensors``; ``.ckpt``/``.pt`` only when pickles are allowed)
+holds the UNet, VAE and text encoder(s) in the original LDM/SGM key layout. Which family it is
+can be read from the keys and shapes; whether an SD2 model predicts v cannot (the 512 and
+768-v models have identical tensors), so that comes from the config, a ``<name>.yaml`` beside
+the file (the WebUI convention), or defaults to epsilon with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_trainer.errors import ModelLoadError
+from lora_trainer.fsutil import atomic_write_text
+from lora_trainer.models.tokenizer import EOS, cache_root, write_clip_tokenizer_files
+
+log = logging.getLogger(__name__)
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+# Keys that identify each family in the original layout.
+SD1_TE_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+SD2_TE_KEY = "cond_stage_model.model.token_embedding.weight"
+SDXL_TE2_KEY = "conditioner.embedders.1.model.token_embedding.weight"
+SDXL_TE1_KEY = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
+UNET_IN_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+# Tokenizer pad token per text encoder folder and family (SD2's and SDXL's OpenCLIP pad with "!").
+TOKENIZER_PADS = {"sd1": {"tokenizer": EOS}, "sd2": {"tokenizer": "!"},
+                  "sdxl": {"tokenizer": EOS, "tokenizer_2": "!"}}
+
+
+def read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint on the CPU (a pickle only when ``allow_pickle``)."""
+    suffix = path.suffix.lower()
+    if suffix in SAFE_SUFFIXES:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
+            raise ModelLoadError(f"{path}: not a readable .safetensors file ({exc}); re-download or re-convert it") from None
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{path}: {suffix} checkpoints are pickles that can run arbitrary code; convert it to .safetensors "
+                "or set model.allow_pickle=true if you trust the file")
+        log.warning("loading pickle checkpoint %s: only do this with files you trust", path)
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"{path}: cannot read this checkpoint ({exc}); convert it to .safetensors") from None
+        while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+            data = data["state_dict"]
+        return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    raise ModelLoadError(f"{path}: unknown checkpoint type {suffix!r}; use a .safetensors file or a diffusers folder")
+
+
+def detect_arch(state_dict: dict[str, Any], source: str = "checkpoint") -> str:
+    """"sd1", "sd2" or "sdxl" from the keys (and context width) of an original-layout state dict."""
+    unet_in = state_dict.get(UNET_IN_KEY)
+    if unet_in is None:
+        raise ModelLoadError(f"{source}: no Stable Diffusion UNet found (missing {UNET_IN_KEY}); is it a LoRA, VAE or "
+                             "a diffusers-format file? Use a full SD1/SD2/SDXL checkpoint or a diffusers folder")
+    if unet_in.shape[1] != 4:
+        raise ModelLoadError(f"{source}: UNet takes {unet_in.shape[1]} input channels (an inpainting or other special "
+                             "model); only text-to-image checkpoints with 4 latent channels can be trained")
+    if SDXL_TE2_KEY in state_dict and SDXL_TE1_KEY in state_dict:
+        return "sdxl"
+    if "conditioner.embedders.0.model.token_embedding.weight" in state_dict:
+        raise ModelLoadError(f"{source}: this is an SDXL refiner; train LoRA on the SDXL base model instead")
+    if SD2_TE_KEY in state_dict:
+        return "sd2"
+    if SD1_TE_KEY in state_dict:
+        return "sd1"
+    raise ModelLoadError(f"{source}: text encoder weights not recognised (not SD1, SD2 or SDXL)")
+
+
+def sd2_prediction_type(path: Path, requested: str) -> str:
+    """SD2's prediction type: the config's, a WebUI ``<name>.yaml`` beside the file, else epsilon."""
+    if requested in ("epsilon", "v_prediction"):
+        return requested
+    yaml_path = path.with_suffix(".yaml")
+    if yaml_path.is_file():
+        text = yaml_path.read_text(encoding="utf-8", errors="replace")
+        if re.search(r"parameterization\s*:\s*[\"']?v[\"']?\s*$", text, re.MULTILINE):
+            return "v_prediction"
+        return "epsilon"
+    log.warning("%s: an SD2 model's prediction type cannot be read from its weights; assuming epsilon (SD2 512-base). "
+                "For a 768-v model set model.prediction_type=v_prediction", path.name)
+    return "epsilon"
+
+
+def config_name(arch: str, prediction_type: str) -> str:
+    return "sd2_v" if arch == "sd2" and prediction_type == "v_prediction" else arch
+
+
+def prepared_config_folder(name: str, source: Path | None = None) -> Path:
+    """A config-only diffusers folder (packaged configs + generated tokenizer files) in the cache.
+
+    ``source`` overrides the packaged folder (tests use configs for tiny models). The copy is
+    rebuilt when the source configs change (keyed by their digest).
+    """
+    source = Path(source) if source is not None else CONFIGS_DIR / name
+    files = sorted(p for p in source.rglob("*.json") if p.is_file())
+    if not (source / "model_index.json").is_file():
+        raise ModelLoadError(f"{source}: config folder lacks model_index.json")
+    digest = hashlib.sha256(b"".join(p.relative_to(source).as_posix().encode() + p.read_bytes() for p in files))
+    target = cache_root() / "configs" / f"{name}-{digest.hexdigest()[:12]}"
+    if (target / ".complete").is_file():
+        return target
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    index = json.loads((source / "model_index.json").read_text())
+    arch = "sdxl" if "text_encoder_2" in index else ("sd2" if name.startswith("sd2") else "sd1")
+    for folder, pad in TOKENIZER_PADS[arch].items():
+        if folder in index:
+            write_clip_tokenizer_files(tmp / folder, pad_token=pad)
+    atomic_write_text(tmp / ".complete", "")
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def file_hashes(path: Path) -> tuple[str, str]:
+    """(sha256 of the file, the WebUI's legacy 8-hex short hash), cached by path, size and mtime.
+
+    The legacy hash is sha256 of 64 KiB read at offset 1 MiB — what A1111 shows as the old
+    "model hash" and what kohya writes as ss_sd_model_hash.
+    """
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = cache_root() / "hashes.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]["sha256"], cache[key]["legacy"]
+    full = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            full.update(block)
+        f.seek(0x100000)
+        legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    cache[key] = {"sha256": full.hexdigest(), "legacy": legacy}
+    try:
+        atomic_write_text(cache_file, json.dumps(cache, indent=0))
+    except OSError:
+        log.debug("could not write the hash cache %s", cache_file)
+    return full.hexdigest(), legacy

@@ -1,0 +1,225 @@
+"""Load a base model into a ModelBundle: the tiny demo model, a diffusers folder, or a single file.
+
+Everything loads offline. Single-file checkpoints are converted by diffusers' own single-file
+converters, pointed at config-only folders shipped in this package (``configs/``) so nothing is
+fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_trainer.config import ModelConfig
+from lora_trainer.errors import ModelLoadError
+from lora_trainer.models import checkpoint as ckpt
+from lora_trainer.models.bundle import ModelBundle
+from lora_trainer.models.setups import bundle_from_diffusers
+
+log = logging.getLogger(__name__)
+
+DEMO_SEED = 1234
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PIPELINE_ARCH = {"StableDiffusionPipeline": None, "StableDiffusionXLPipeline": "sdxl"}
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """'auto' is the first CUDA device, then Apple's MPS, then the CPU."""
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"model.device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device, mixed_precision: str = "no") -> torch.dtype:
+    """'auto' is fp32 on the CPU; on a GPU bf16 when training in bf16, else fp16."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "", "auto"):
+        if device.type not in ("cuda", "mps"):
+            return torch.float32
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    if name not in DTYPES:
+        raise ModelLoadError(f"model.weight_dtype {name!r} is unknown; use auto, fp32, fp16 or bf16")
+    return DTYPES[name]
+
+
+def load_bundle(model_cfg: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
+                *, config_folder: str | Path | None = None) -> ModelBundle:
+    """The model named by ``model_cfg.base_model`` as a ModelBundle on ``device`` in ``dtype``.
+
+    ``device``/``dtype`` None take ``model_cfg.device``/``weight_dtype``. ``config_folder``
+    replaces the packaged config folder of a single-file checkpoint (tests use tiny configs).
+    """
+    device = resolve_device(device if device is not None else model_cfg.device)
+    dtype = resolve_dtype(dtype if dtype is not None else model_cfg.weight_dtype, device)
+    base = (model_cfg.base_model or "").strip()
+    if base == "demo":
+        bundle = load_demo(model_cfg, device, dtype)
+    else:
+        if not base:
+            raise ModelLoadError("model.base_model is empty; give a diffusers folder, a .safetensors checkpoint or 'demo'")
+        path = Path(base).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"model.base_model: {path} does not exist; check the path")
+        if path.is_dir():
+            bundle = load_diffusers_folder(path, model_cfg, device, dtype)
+        else:
+            bundle = load_single_file(path, model_cfg, device, dtype, config_folder=config_folder)
+    if model_cfg.arch not in ("auto", bundle.arch):
+        raise ModelLoadError(f"model.arch is {model_cfg.arch} but {base} is an {bundle.arch} model; "
+                             "set model.arch to auto or to the right family")
+    return bundle
+
+
+def load_demo(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> ModelBundle:
+    """The tiny embedded SD1-topology model: same seeded weights on every load."""
+    from lora_trainer.models import tiny
+
+    prediction = model_cfg.prediction_type if model_cfg.prediction_type != "auto" else "epsilon"
+    parts = tiny.build_components("sd1", seed=DEMO_SEED, prediction_type=prediction)
+    bundle = bundle_from_diffusers(parts, "sd1", prediction, device, dtype, name="demo", default_resolution=64)
+    bundle.model_hash = bundle.legacy_hash = None
+    return bundle
+
+
+def _folder_arch(path: Path, index: dict[str, Any]) -> str:
+    cls = index.get("_class_name", "")
+    if cls not in PIPELINE_ARCH:
+        raise ModelLoadError(f"{path}: pipeline {cls or '(none)'} is not supported; use a Stable Diffusion 1.x, 2.x or "
+                             "XL text-to-image model")
+    if PIPELINE_ARCH[cls]:
+        return PIPELINE_ARCH[cls]
+    try:
+        unet_cfg = json.loads((path / "unet" / "config.json").read_text())
+        te_cfg = json.loads((path / "text_encoder" / "config.json").read_text())
+    except (OSError, ValueError):
+        raise ModelLoadError(f"{path}: unet/ or text_encoder/config.json is missing or unreadable") from None
+    # SD2 uses OpenCLIP (plain gelu, 1024 wide); SD1 OpenAI's CLIP-L (quick_gelu, 768).
+    is_sd2 = unet_cfg.get("cross_attention_dim") == 1024 or te_cfg.get("hidden_act") == "gelu"
+    return "sd2" if is_sd2 else "sd1"
+
+
+def _load_tokenizer(path: Path, sub: str, pad: str) -> Any:
+    from transformers import CLIPTokenizer
+
+    if (path / sub / "vocab.json").is_file() or (path / sub / "tokenizer.json").is_file():
+        return CLIPTokenizer.from_pretrained(str(path / sub), local_files_only=True)
+    from lora_trainer.models.tokenizer import load_clip_tokenizer
+
+    log.info("%s has no %s files; using the built-in CLIP tokenizer", path, sub)
+    return load_clip_tokenizer(pad_token=pad)
+
+
+def load_diffusers_folder(path: Path, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> ModelBundle:
+    """A diffusers pipeline folder (model_index.json + component subfolders), local files only."""
+    import diffusers
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json)")
+    index = json.loads(index_file.read_text())
+    arch = _folder_arch(path, index)
+    kw = dict(torch_dtype=dtype, local_files_only=True)
+    try:
+        parts: dict[str, Any] = {
+            "unet": diffusers.UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
+            "vae": diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
+            "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+        }
+        if arch == "sdxl":
+            parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
+        sched_cls = getattr(diffusers, index.get("scheduler", [None, "DDPMScheduler"])[1], diffusers.DDPMScheduler)
+        parts["scheduler"] = sched_cls.from_pretrained(path, subfolder="scheduler")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot load the diffusers model ({exc})") from None
+    for sub, pad in ckpt.TOKENIZER_PADS[arch].items():
+        parts[sub] = _load_tokenizer(path, sub, pad)
+    _maybe_replace_vae(parts, model_cfg, arch, dtype)
+    prediction = None if model_cfg.prediction_type == "auto" else model_cfg.prediction_type
+    return bundle_from_diffusers(parts, arch, prediction, device, dtype, name=path.name)
+
+
+def _parts_from_state_dict(sd: dict[str, torch.Tensor], arch: str, folder: Path, dtype: torch.dtype,
+                           skip_vae: bool) -> dict[str, Any]:
+    """diffusers components from an original-layout state dict, configured by ``folder``."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    index = json.loads((folder / "model_index.json").read_text())
+    kw = dict(config=str(folder), torch_dtype=dtype, local_files_only=True)
+    parts: dict[str, Any] = {"unet": diffusers.UNet2DConditionModel.from_single_file(sd, subfolder="unet", **kw)}
+    if not skip_vae:
+        parts["vae"] = diffusers.AutoencoderKL.from_single_file(sd, subfolder="vae", **kw)
+    te_classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    for sub, cls in te_classes.items():
+        if sub in index:
+            parts[sub] = create_diffusers_clip_model_from_ldm(cls, sd, subfolder=sub, **kw)
+    for sub in ckpt.TOKENIZER_PADS[arch]:
+        parts[sub] = CLIPTokenizer.from_pretrained(str(folder / sub), local_files_only=True)
+    sched_cls = getattr(diffusers, index["scheduler"][1])
+    parts["scheduler"] = sched_cls.from_pretrained(str(folder), subfolder="scheduler")
+    return parts
+
+
+def load_single_file(path: Path, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                     *, config_folder: str | Path | None = None) -> ModelBundle:
+    """A WebUI-style checkpoint of SD1.x, SD2.x (epsilon or v) or SDXL base."""
+    state_dict = ckpt.read_state_dict(path, model_cfg.allow_pickle)
+    arch = ckpt.detect_arch(state_dict, str(path))
+    if arch == "sd2":
+        prediction = ckpt.sd2_prediction_type(path, model_cfg.prediction_type)
+    else:
+        prediction = "epsilon" if model_cfg.prediction_type == "auto" else model_cfg.prediction_type
+    name = ckpt.config_name(arch, prediction)
+    folder = ckpt.prepared_config_folder(name, config_folder)
+    try:
+        parts = _parts_from_state_dict(state_dict, arch, folder, dtype, skip_vae=bool(model_cfg.vae))
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"{path}: cannot convert this {arch} checkpoint ({str(exc).splitlines()[0]})") from None
+    del state_dict
+    _maybe_replace_vae(parts, model_cfg, arch, dtype, config_folder=folder)
+    bundle = bundle_from_diffusers(parts, arch, prediction, device, dtype, name=path.stem)
+    bundle.model_hash, bundle.legacy_hash = ckpt.file_hashes(path)
+    return bundle
+
+
+def _maybe_replace_vae(parts: dict[str, Any], model_cfg: ModelConfig, arch: str, dtype: torch.dtype,
+                       config_folder: Path | None = None) -> None:
+    if model_cfg.vae:
+        parts["vae"] = load_vae(Path(model_cfg.vae).expanduser(), arch, dtype, config_folder=config_folder)
+
+
+def load_vae(path: Path, arch: str, dtype: torch.dtype, *, config_folder: Path | None = None) -> Any:
+    """A separate VAE: a diffusers folder (with config.json or a vae/ subfolder) or a single file."""
+    import diffusers
+
+    if not path.exists():
+        raise ModelLoadError(f"model.vae: {path} does not exist; check the path or leave model.vae empty")
+    vae_dtype = torch.float32 if arch == "sdxl" else dtype
+    try:
+        if path.is_dir():
+            sub = "vae" if (path / "vae" / "config.json").is_file() else None
+            return diffusers.AutoencoderKL.from_pretrained(path, subfolder=sub, torch_dtype=vae_dtype,
+                                                           local_files_only=True)
+        folder = config_folder or ckpt.prepared_config_folder(ckpt.config_name(arch, "epsilon"))
+        sd = ckpt.read_state_dict(path, allow_pickle=False)
+        # Standalone VAE files store the bare AutoencoderKL keys; diffusers accepts both layouts.
+        return diffusers.AutoencoderKL.from_single_file(sd, config=str(folder), subfolder="vae",
+                                                        torch_dtype=vae_dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"model.vae: cannot load {path} ({str(exc).splitlines()[0]})") from None

@@ -1,0 +1,269 @@
+"""load_bundle: demo, diffusers folder, single-file checkpoints in the WebUI's original key layout.
+
+The single-file tests write a tiny checkpoint from the model classes the WebUI itself runs (the
+LDM UNet and autoencoder from stable-diffusion-sdkit, an open_clip text tower for SD2), then
+check that loading it through the packaged-config path reproduces those models' outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_trainer.config import ModelConfig
+from lora_trainer.errors import ModelLoadError
+from lora_trainer.models import checkpoint as ckpt
+from lora_trainer.models import tiny
+from lora_trainer.models.loaders import load_bundle
+
+CAPTIONS = ["a photo of a cat", "a red car"]
+
+
+def _predict(bundle, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        return bundle.predict(latents, torch.tensor([3, 700]), bundle.encode_text(CAPTIONS), None)
+
+
+# --- demo and diffusers folders -------------------------------------------------------------
+
+
+def test_demo_bundle_is_deterministic():
+    a = load_bundle(ModelConfig(base_model="demo"), "cpu", torch.float32)
+    b = load_bundle(ModelConfig(base_model="demo"), "cpu", torch.float32)
+    assert a.arch == "sd1" and a.default_resolution == 64 and a.name == "demo"
+    assert torch.equal(_predict(a), _predict(b))
+    sd_a, sd_b = a.unet.state_dict(), b.unet.state_dict()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_diffusers_folder_round_trip(tmp_path, arch):
+    pipe = tiny.build_pipeline(arch, prediction_type="v_prediction" if arch == "sd2" else "epsilon")
+    pipe.save_pretrained(tmp_path / "model")
+    bundle = load_bundle(ModelConfig(base_model=str(tmp_path / "model")), "cpu", torch.float32)
+    assert bundle.arch == arch and bundle.name == "model"
+    assert bundle.prediction_type == ("v_prediction" if arch == "sd2" else "epsilon")
+    from lora_trainer.models.setups import bundle_from_diffusers
+
+    reference = bundle_from_diffusers(dict(pipe.components), arch)
+    assert torch.equal(_predict(bundle), _predict(reference))
+    assert bundle.model_hash is None
+
+
+def test_missing_and_wrong_paths(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_bundle(ModelConfig(base_model=str(tmp_path / "nope.safetensors")), "cpu", torch.float32)
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        load_bundle(ModelConfig(base_model=str(tmp_path)), "cpu", torch.float32)
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(lora))
+    with pytest.raises(ModelLoadError, match="no Stable Diffusion UNet"):
+        load_bundle(ModelConfig(base_model=str(lora)), "cpu", torch.float32)
+
+
+def test_pickle_refused_without_opt_in(tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}}, path)
+    with pytest.raises(ModelLoadError, match="allow_pickle"):
+        load_bundle(ModelConfig(base_model=str(path)), "cpu", torch.float32)
+    # Opted in, the pickle is read (and then found not to be a model).
+    with pytest.raises(ModelLoadError, match="no Stable Diffusion UNet"):
+        load_bundle(ModelConfig(base_model=str(path), allow_pickle=True), "cpu", torch.float32)
+
+
+# --- family detection ----------------------------------------------------------------------
+
+
+def _keys(*names, unet_in=4):
+    sd = {ckpt.UNET_IN_KEY: torch.empty(32, unet_in, 3, 3)}
+    sd.update({n: torch.empty(1) for n in names})
+    return sd
+
+
+@pytest.mark.parametrize("names,arch", [
+    ((ckpt.SD1_TE_KEY,), "sd1"),
+    ((ckpt.SD2_TE_KEY,), "sd2"),
+    ((ckpt.SDXL_TE1_KEY, ckpt.SDXL_TE2_KEY), "sdxl"),
+])
+def test_detect_arch(names, arch):
+    assert ckpt.detect_arch(_keys(*names)) == arch
+
+
+def test_detect_arch_rejects_inpainting_and_refiner():
+    with pytest.raises(ModelLoadError, match="inpainting"):
+        ckpt.detect_arch(_keys(ckpt.SD1_TE_KEY, unet_in=9))
+    with pytest.raises(ModelLoadError, match="refiner"):
+        ckpt.detect_arch(_keys("conditioner.embedders.0.model.token_embedding.weight"))
+
+
+def test_sd2_prediction_type_from_yaml(tmp_path):
+    model = tmp_path / "m.safetensors"
+    assert ckpt.sd2_prediction_type(model, "auto") == "epsilon"
+    assert ckpt.sd2_prediction_type(model, "v_prediction") == "v_prediction"
+    (tmp_path / "m.yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n")
+    assert ckpt.sd2_prediction_type(model, "auto") == "v_prediction"
+
+
+def test_file_hashes(tmp_path):
+    import hashlib
+
+    data = bytes(range(256)) * 8192  # 2 MiB
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(data)
+    full, legacy = ckpt.file_hashes(path)
+    assert full == hashlib.sha256(data).hexdigest()
+    assert legacy == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert ckpt.file_hashes(path) == (full, legacy)  # from the cache
+
+
+def test_packaged_configs_are_complete():
+    for name in ("sd1", "sd2", "sd2_v", "sdxl"):
+        folder = ckpt.prepared_config_folder(name)
+        index = json.loads((folder / "model_index.json").read_text())
+        for sub in ("unet", "vae", "text_encoder", "scheduler", "tokenizer"):
+            assert sub in index and (folder / sub).is_dir()
+        assert (folder / "tokenizer" / "vocab.json").is_file()
+        assert not list(folder.rglob("*.safetensors")) and not list(folder.rglob("*.bin"))
+    sd2_te = json.loads((ckpt.CONFIGS_DIR / "sd2" / "text_encoder" / "config.json").read_text())
+    assert sd2_te["num_hidden_layers"] == 23  # OpenCLIP-H minus its last block (penultimate layer)
+
+
+# --- single file, from the WebUI's own model classes ----------------------------------------
+
+
+def _tiny_config_folder(root: Path, arch: str, te_cfg: dict) -> Path:
+    """A config-only folder for the tiny models: same layout as the packaged ones."""
+    sched = "DDIMScheduler" if arch == "sd2" else "PNDMScheduler"
+    index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", sched],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    files = {
+        "model_index.json": index,
+        "unet/config.json": {"_class_name": "UNet2DConditionModel", **tiny.unet_config(arch)},
+        "vae/config.json": {"_class_name": "AutoencoderKL", **tiny.vae_config(arch)},
+        "text_encoder/config.json": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **te_cfg},
+        "scheduler/scheduler_config.json": {"_class_name": sched, **tiny.SCHEDULER_KWARGS},
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(json.dumps(data))
+    return root
+
+
+def _ldm_unet(arch: str):
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    heads = dict(num_heads=8) if arch == "sd1" else dict(num_head_channels=16, use_linear_in_transformer=True)
+    return UNetModel(image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=2,
+                     attention_resolutions=[4, 2, 1], channel_mult=[1, 2, 4, 4], use_spatial_transformer=True,
+                     transformer_depth=1, context_dim=32, legacy=False, **heads).eval()
+
+
+def _ldm_vae():
+    from ldm.modules.diffusionmodules.model import Decoder, Encoder
+
+    dd = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1, 2, 2],
+              num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    return torch.nn.ModuleDict({"encoder": Encoder(**dd), "decoder": Decoder(**dd),
+                                "quant_conv": torch.nn.Conv2d(8, 8, 1), "post_quant_conv": torch.nn.Conv2d(4, 4, 1)})
+
+
+def _prefixed(module, prefix):
+    return {prefix + k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def sd1_checkpoint(tmp_path_factory):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(1)
+    root = tmp_path_factory.mktemp("sd1")
+    unet, vae = _ldm_unet("sd1"), _ldm_vae()
+    te = CLIPTextModel(CLIPTextConfig(**tiny.text_config("quick_gelu"))).eval()
+    sd = {**_prefixed(unet, "model.diffusion_model."), **_prefixed(vae, "first_stage_model."),
+          # WebUI checkpoints spell the CLIP keys with the text_model. level (transformers 4.x layout)
+          **{"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v.contiguous()
+             for k, v in te.state_dict().items()}}
+    path = root / "tiny-sd1.safetensors"
+    save_file(sd, str(path))
+    folder = _tiny_config_folder(root / "config", "sd1", tiny.text_config("quick_gelu"))
+    return path, folder, unet, vae, te
+
+
+def test_single_file_sd1_matches_ldm_models(sd1_checkpoint):
+    path, folder, unet, vae, te = sd1_checkpoint
+    bundle = load_bundle(ModelConfig(base_model=str(path)), "cpu", torch.float32, config_folder=folder)
+    assert bundle.arch == "sd1" and bundle.prediction_type == "epsilon" and bundle.name == "tiny-sd1"
+    assert bundle.model_hash == ckpt.file_hashes(path)[0] and len(bundle.legacy_hash) == 8
+    g = torch.Generator().manual_seed(0)
+    latents, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        got = bundle.predict(latents, t, {"context": context}, None)
+        want = unet(latents, t, context=context)
+        # text encoder: same weights, same hidden states
+        cond = bundle.encode_text(CAPTIONS)["context"]
+        ids = bundle.extras["tokenizers"][0](CAPTIONS, padding="max_length", max_length=77,
+                                             return_tensors="pt").input_ids
+        assert torch.allclose(cond, te(ids).last_hidden_state, atol=1e-5)
+        # VAE: the posterior mean equals the LDM encoder's
+        px = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+        mean_ldm = vae["quant_conv"](vae["encoder"](px))[:, :4]
+        mean = bundle.vae.encode(px).latent_dist.mean
+        assert torch.allclose(mean, mean_ldm, atol=1e-4)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_single_file_sd2_uses_open_clip_penultimate_layer(tmp_path):
+    """SD2 checkpoints store OpenCLIP; the bundle must give what the WebUI computes from it."""
+    import open_clip.transformer as oct
+
+    torch.manual_seed(2)
+    layers, width = 24, 32
+    tt = oct.TextTransformer(context_length=77, vocab_size=49408, width=width, heads=4, layers=layers,
+                             output_dim=32, act_layer=torch.nn.GELU).eval()
+    unet, vae = _ldm_unet("sd2"), _ldm_vae()
+    sd = {**_prefixed(unet, "model.diffusion_model."), **_prefixed(vae, "first_stage_model."),
+          **_prefixed(tt, "cond_stage_model.model.")}
+    path = tmp_path / "tiny-sd2.safetensors"
+    save_file(sd, str(path))
+    (tmp_path / "tiny-sd2.yaml").write_text("model:\n  params:\n    parameterization: v\n")
+    te_cfg = {**tiny.text_config("gelu"), "num_hidden_layers": layers - 1, "intermediate_size": 4 * width}
+    folder = _tiny_config_folder(tmp_path / "config", "sd2", te_cfg)
+    bundle = load_bundle(ModelConfig(base_model=str(path)), "cpu", torch.float32, config_folder=folder)
+    assert bundle.arch == "sd2" and bundle.prediction_type == "v_prediction"
+
+    ids = bundle.extras["tokenizers"][0](CAPTIONS, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids[0, -1] == 0  # SD2 pads with "!"
+    with torch.no_grad():
+        # What the WebUI's FrozenOpenCLIPEmbedder(layer="penultimate") does: all blocks but the last, then ln_final.
+        x, mask = tt._embeds(ids)
+        for block in tt.transformer.resblocks[:-1]:
+            x = block(x, attn_mask=mask)
+        want = tt.ln_final(x)
+        got = bundle.encode_text(CAPTIONS)["context"]
+        g = torch.Generator().manual_seed(0)
+        latents, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 700])
+        assert torch.allclose(bundle.predict(latents, t, {"context": got}, None), unet(latents, t, context=got),
+                              atol=1e-5)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_single_file_separate_vae(sd1_checkpoint, tmp_path):
+    path, folder, _, _, _ = sd1_checkpoint
+    torch.manual_seed(3)
+    other = _ldm_vae()
+    vae_file = tmp_path / "other.vae.safetensors"
+    save_file(_prefixed(other, ""), str(vae_file))  # standalone VAE files carry the bare keys
+    cfg = ModelConfig(base_model=str(path), vae=str(vae_file))
+    bundle = load_bundle(cfg, "cpu", torch.float32, config_folder=folder)
+    px = torch.zeros(1, 3, 64, 64)
+    with torch.no_grad():
+        mean = bundle.vae.encode(px).latent_dist.mean
+        assert torch.allclose(mean, other["quant_conv"](other["encoder"](px))[:, :4], atol=1e-4)
