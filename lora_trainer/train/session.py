@@ -223,7 +223,13 @@ class RunSession:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        if self.text_cache is not None and all(c in self.text_cache for c in captions):
+        if self.text_cache is not None:
+            missing = [c for c in captions if c not in self.text_cache]
+            if missing:  # not foreseen (a prompt given later): encode once, encoders back for a moment
+                with contextlib.ExitStack() as stack:
+                    for part in self.bundle.text_encoders:
+                        stack.enter_context(self.onloaded(part.module))
+                    self.text_cache.add(self.bundle, missing)
             return {k: v.to(self.device) for k, v in self.text_cache.get(captions).items()}
         if self.cfg.network.train_text_encoder:
             return self.bundle.encode_text(captions)
