@@ -22,6 +22,7 @@ import torch
 from lora_trainer.bench.flops import training_step_flops, unet_forward_flops
 from lora_trainer.bench.reference import run_reference_loop
 from lora_trainer.config import TrainConfig, build_config
+from lora_trainer.errors import ConfigError
 from lora_trainer.hosts.standalone import StandaloneHost
 from lora_trainer.models.bundle import ModelBundle
 
@@ -166,12 +167,14 @@ def time_our_loop(spec: BenchSpec, device: torch.device, workdir: Path) -> dict[
     if device.type == "cpu":
         dtype = torch.float32
     data = make_images(workdir / "data", max(spec.batch_size * 2, 4), spec.resolution)
-    marks: dict[int, float] = {}
+    marks: list[tuple[int, float]] = []  # (step, time) of each step event
 
     def on_event(ev: Any) -> None:
-        if ev.kind == "step" and ev.step in (1, spec.warmup, spec.warmup + spec.steps):
-            _sync(device)  # only at the three marks: the loop itself never waits on the device
-            marks[ev.step] = time.perf_counter()
+        # Step events come every step on a CPU and every few steps on a GPU; the loop itself never
+        # waits on the device, so the benchmark syncs here to time what has really run.
+        if ev.kind == "step":
+            _sync(device)
+            marks.append((ev.step, time.perf_counter()))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -180,9 +183,15 @@ def time_our_loop(spec: BenchSpec, device: torch.device, workdir: Path) -> dict[
                                    name=f"{spec.size}-{spec.arch}", default_resolution=spec.resolution)
     host = BenchHost(bundle, workdir / "out")
     Trainer(bench_config(spec, data, workdir / "out", device), host, [on_event]).run()
-    last = spec.warmup + spec.steps
-    seconds = marks[last] - marks[spec.warmup]
-    return {"time_to_first_step_s": marks[1] - start, "steps_per_s": spec.steps / seconds}
+    timed = [m for m in marks if m[0] >= spec.warmup]
+    if len(timed) < 2:
+        raise ConfigError(f"--steps {spec.steps}: too few steps to time; use at least 10 on a GPU")
+    (s0, t0), (s1, t1) = timed[0], timed[-1]
+    steps_per_s = (s1 - s0) / (t1 - t0)
+    first_step, first_time = marks[0]
+    # the first event may come after several steps: take their time off at the measured rate
+    to_first = first_time - start - (first_step - 1) / steps_per_s
+    return {"time_to_first_step_s": to_first, "steps_per_s": steps_per_s}
 
 
 def time_reference(spec: BenchSpec, device: torch.device) -> float:
