@@ -273,8 +273,11 @@ def test_3_train_shows_loss_and_samples_and_survives_reload(flow: dict[str, Any]
     wait_for("the loss plot to move", lambda: plot_png() != before, timeout=30)
     wait_for("a sample image", lambda: images_in(d, "lt-samples"), timeout=LONG)
     shot(d, "train")
+    assert page_errors(d) == []
     # closing/reloading the page does not stop the run; the new page shows it again
     d.get(flow["url"])
+    time.sleep(1.0)
+    d.get_log("browser")  # drop what the old page logged while its open requests were cut off
     open_section(d, "Train")
     at_reload = wait_for("progress after reload", step, timeout=60)
     wait_for("still running after reload", lambda: step() > at_reload, timeout=LONG)

@@ -371,3 +371,22 @@ def test_model_path_run_uses_it(tmp_path: Path):
     model.write_bytes(b"")
     _, defaults, _, _ = appmod.resolve_args(["--model", str(model)])
     assert defaults.model.base_model == str(model) and defaults.data.train_data_dir == ""
+
+
+def test_app_page_ids_and_classes_are_prefixed(tmp_path: Path):
+    from lora_trainer.config import build_config
+
+    class Host:
+        name = "standalone"
+
+        def lora_dir(self, cfg: TrainConfig) -> Path:
+            return Path(cfg.output.output_dir)
+
+    page = appmod.create_app(Host(), tmp_path, defaults=build_config({"output.output_dir": str(tmp_path)}))
+    ids = [b.elem_id for b in page.blocks.values() if getattr(b, "elem_id", None)]
+    classes = [c for b in page.blocks.values() for c in (getattr(b, "elem_classes", None) or [])]
+    assert len(ids) > 50 and [i for i in ids if not i.startswith("lt-")] == []
+    assert [c for c in classes if not c.startswith("lt-")] == []
+    assert len(ids) == len(set(ids)), "elem_ids must be unique on the page (the WebUI shares one page)"
+    if __import__("importlib").util.find_spec("lora_trainer.llm.ui") is not None:
+        assert "lt-app-text" in ids  # the Text LoRA section is on the page

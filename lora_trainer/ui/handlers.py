@@ -261,7 +261,7 @@ def render_sweep(host: Any, prompt: str, negative_prompt: str, seed: int, lora_n
     m = _LORA_TAG.search(prompt or "")
     name = lora_name or (m.group(1) if m else "")
     if not name:
-        raise DatasetError("choose a LoRA to test (or put <lora:name:1> in the prompt)")
+        raise DatasetError("choose a LoRA to test (or put `<lora:name:1>` in the prompt)")
     clean = _LORA_TAG.sub("", prompt or "").strip(" ,")
     images = host.render(clean, negative_prompt or "", int(seed), name, list(weights), int(steps), int(width), int(height))
     return [(img, f"{name} @ {w:g}") for img, w in zip(images, weights, strict=True)]
