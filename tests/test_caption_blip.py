@@ -11,12 +11,24 @@ from lora_trainer.caption.blip import (
     BlipOptions,
     Captioner,
     FunctionCaptioner,
+    interrogator_captioner,
     load_blip,
     models_dir,
     resolve_blip_source,
 )
 from lora_trainer.errors import ConfigError, ModelLoadError
 from tests.caption_models import WORDS, save_tiny_blip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_cpu_thread():
+    # Tiny models spend their time in thread hand-offs on a busy CPU: one thread is several times faster.
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +125,28 @@ def test_function_captioner_adapts_a_host_interrogator() -> None:
     assert isinstance(cap, Captioner)
     assert cap.caption(_images()[:2]) == ["a picture 40", "a picture 64"]
     assert seen == [(40, 50), (64, 32)]
+
+
+def test_interrogator_captioner_loads_and_unloads_even_on_error() -> None:
+    calls = []
+
+    class FakeInterrogator:  # the shape of the A1111 WebUI's shared.interrogator
+        def load(self) -> None:
+            calls.append("load")
+
+        def generate_caption(self, img: Image.Image) -> str:
+            if img.width == 64:
+                raise RuntimeError("out of memory")
+            return "a red square"
+
+        def unload(self) -> None:
+            calls.append("unload")
+
+    with interrogator_captioner(FakeInterrogator()) as cap:
+        assert cap.caption(_images()[:1]) == ["a red square"]
+    assert calls == ["load", "unload"]
+    with pytest.raises(RuntimeError), interrogator_captioner(FakeInterrogator()) as cap:
+        cap.caption(_images()[:2])
+    assert calls == ["load", "unload", "load", "unload"]
+    with pytest.raises(ModelLoadError, match="generate_caption"), interrogator_captioner(object()):
+        pass

@@ -183,3 +183,39 @@ def test_eval_split_is_seeded_and_disjoint() -> None:
     assert split_indices(20, 0.25, seed=3) == (a, b) and split_indices(20, 0.25, seed=4) != (a, b)
     with pytest.raises(DatasetError, match="leaves nothing to train on"):
         split_indices(1, 0.5, seed=0)
+
+
+def test_is_llm_config_routes_by_task(tmp_path: Path) -> None:
+    from lora_trainer.llm.config import is_llm_config
+
+    (tmp_path / "a.yaml").write_text("task: llm\nbase_model: m\n", encoding="utf-8")
+    (tmp_path / "b.yaml").write_text("base_model: demo\n", encoding="utf-8")
+    assert is_llm_config(tmp_path / "a.yaml") and not is_llm_config(tmp_path / "b.yaml")
+    # An 'llm:' section holds the same keys as the top level.
+    (tmp_path / "c.yaml").write_text("task: llm\nllm:\n  base_model: m\n  lora_rank: 4\n", encoding="utf-8")
+    cfg = load_llm_config(tmp_path / "c.yaml")
+    assert (cfg.model.base_model, cfg.network.rank) == ("m", 4)
+
+
+def test_template_that_rewrites_earlier_turns_still_masks_replies(tmp_path: Path, chat_tok) -> None:
+    import copy
+
+    tok = copy.deepcopy(chat_tok)
+    # This template closes a finished chat with a marker, so a prefix render is not a prefix of the next.
+    tok.chat_template = chat_tok.chat_template + "{% if not add_generation_prompt %}<|end|>{% endif %}"
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                         {"role": "user", "content": "Order?"}, {"role": "assistant", "content": "It shipped."}]}
+    f = write_jsonl(tmp_path / "d.jsonl", [chat])
+    (s,), _, _ = build_datasets(data_cfg(f), tok, seed=0)
+    assert tok.decode(s.input_ids) == tok.apply_chat_template(chat["messages"], tokenize=False)
+    assert _decoded_targets(tok, s) == "Hello!It shipped."
+
+
+def test_failing_chat_template_names_the_record(tmp_path: Path, chat_tok) -> None:
+    import copy
+
+    tok = copy.deepcopy(chat_tok)
+    tok.chat_template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('needs a system turn') }}{% endif %}"
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Hi", "response": "Hello"}])
+    with pytest.raises(DatasetError, match="record 1: the tokenizer's chat template failed.*needs a system turn"):
+        build_datasets(data_cfg(f), tok, seed=0)

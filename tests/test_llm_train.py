@@ -13,7 +13,9 @@ from lora_trainer.llm.config import build_llm_config
 from lora_trainer.llm.data import build_datasets, collate
 from lora_trainer.llm.model import detect_target_modules, load_model
 from lora_trainer.llm.tiny import build_tiny_model
-from lora_trainer.llm.train import TextLoraTrainer, epoch_groups
+from lora_trainer.llm.train import TextLoraTrainer, epoch_groups, make_scheduler
+
+torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared CPU
 
 REPLY = "Thanks for reaching out! Your order has shipped."
 
@@ -61,7 +63,14 @@ def test_default_targets_per_family(models: dict[str, Path]) -> None:
     assert detect_target_modules(gpt2) == ["c_attn", "c_fc", "c_proj"]
     cfg.model.base_model = str(models["llama"])
     llama, _, _ = load_model(cfg.model)
-    assert detect_target_modules(llama) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    llama_targets = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert detect_target_modules(llama) == llama_targets
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    small = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 1}
+    assert detect_target_modules(Qwen2ForCausalLM(Qwen2Config(**small))) == llama_targets
+    assert detect_target_modules(MistralForCausalLM(MistralConfig(**small))) == llama_targets
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -102,13 +111,34 @@ def test_resume_equals_straight_run(models, data_file, tmp_path: Path) -> None:
     assert r1.stopped and r1.steps == 4
     assert (tmp_path / "b" / "checkpoints" / "step-0000004" / "trainer_state.pt").is_file()
     r2 = TextLoraTrainer(config(models["llama"], data_file, tmp_path / "b", resume="latest", **common)).run()
-    assert r2.steps == 6 and r2.adapter_path.name == "text_lora_v2"
+    # The resumed run finishes the same run: its adapter replaces the stopped one, which is kept.
+    assert r2.steps == 6 and r2.adapter_path == r1.adapter_path and list((tmp_path / "b" / ".backup").iterdir())
     a, b = adapter_tensors(straight.adapter_path), adapter_tensors(r2.adapter_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert r2.final_loss == straight.final_loss and r2.eval_loss == straight.eval_loss
     # ...and it is not trivially equal: the stopped run's adapter differs.
-    c = adapter_tensors(r1.adapter_path)
+    (stopped,) = (tmp_path / "b" / ".backup").iterdir()
+    c = adapter_tensors(stopped)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+    # Other data or another run length cannot resume from it.
+    with pytest.raises(ConfigError, match="belongs to a run of 6 steps"):
+        TextLoraTrainer(config(models["llama"], data_file, tmp_path / "b", resume="latest",
+                               **{**common, "max_steps": 8})).run()
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine", "cosine_with_restarts"])
+def test_schedules_warm_up_then_follow_their_shape(kind: str) -> None:
+    cfg = build_llm_config({"lr_scheduler": kind, "lr_warmup_steps": 2, "learning_rate": 1.0, "lr_num_cycles": 2})
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, cfg, 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == [0.0, 0.5, 1.0]
+    expected_end = {"constant": 1.0, "linear": 0.125, "cosine": 0.038, "cosine_with_restarts": 0.146}[kind]
+    assert lrs[-1] == pytest.approx(expected_end, abs=1e-3)
 
 
 def test_epoch_order_depends_only_on_seed_and_epoch() -> None:
@@ -133,8 +163,11 @@ def test_merged_model_matches_adapter(models, data_file, tmp_path: Path) -> None
 def test_checkpointing_and_bf16_autocast_run(models, data_file, tmp_path: Path) -> None:
     cfg = config(models["llama"], data_file, tmp_path, max_steps=2, gradient_checkpointing=True,
                  mixed_precision="bf16", packing=True, max_length=32)
-    result = TextLoraTrainer(cfg).run()
+    trainer = TextLoraTrainer(cfg)
+    result = trainer.run()
     assert result.steps == 2 and result.final_loss is not None and torch.isfinite(torch.tensor(result.final_loss))
+    base = trainer.model.base_model.model
+    assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
 
 
 def test_quantized_loading_needs_bitsandbytes(models, data_file, tmp_path: Path) -> None:

@@ -161,3 +161,56 @@ def test_known_module_keys():
     assert not kohya.known_module_key("sd1", "lora_te1_text_model_encoder_layers_0_mlp_fc2")
     assert not kohya.known_module_key("sdxl", "lora_unet_input_blocks_1_1_proj_in")  # SDXL level 0: no attention
     assert not kohya.known_module_key("sd1", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn3_to_q")
+
+
+def _delta(w):
+    return (w.up @ w.down) * (w.alpha / w.rank)
+
+
+def test_in_proj_split_and_stack_are_exact():
+    g = torch.Generator().manual_seed(0)
+    e, r = 8, 3
+    combined = kohya.LoraWeights(torch.randn(r, e, generator=g), torch.randn(3 * e, r, generator=g), 1.5)
+    parts = kohya.split_in_proj(combined)
+    assert [p.rank for p in parts.values()] == [r, r, r]
+    assert torch.allclose(torch.cat([_delta(parts[p]) for p in "qkv"]), _delta(combined))
+    # q/k/v of different ranks and alphas, v missing: one in_proj LoRA of rank r_q + r_k.
+    q = kohya.LoraWeights(torch.randn(2, e, generator=g), torch.randn(e, 2, generator=g), 0.5)
+    k = kohya.LoraWeights(torch.randn(4, e, generator=g), torch.randn(e, 4, generator=g), 8.0)
+    stacked = kohya.stack_qkv({"q": q, "k": k})
+    assert stacked.rank == 6 and stacked.alpha == 6.0
+    want = torch.cat([_delta(q), _delta(k), torch.zeros(e, e)])
+    assert torch.allclose(_delta(stacked), want, atol=1e-6)
+    with pytest.raises(LoraFormatError, match="multiple of 3"):
+        kohya.split_in_proj(kohya.LoraWeights(torch.zeros(2, 4), torch.zeros(7, 2), 1.0))
+
+
+@pytest.mark.parametrize("arch,unet_modules,te_modules", [("sd1", 192, 72), ("sd2", 192, 138), ("sdxl", 722, 192)])
+def test_full_size_models_give_kohyas_module_counts(arch, unet_modules, te_modules):
+    """The shipped full-size configs, built without weights: kohya's well-known module counts
+    (SD1: 192 UNet + 72 TE; SDXL: 722 UNet, 192 in the bigG encoder), every key known."""
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import lora_trainer.models
+
+    configs = Path(lora_trainer.models.__file__).parent / "configs" / arch
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(configs / ("text_encoder_2" if arch == "sdxl" else "text_encoder")))
+    paths = targets.default_unet_targets(unet)
+    keys = [kohya.kohya_name(arch, "unet", "diffusers", p) for p in paths]
+    assert len(keys) == unet_modules and all(kohya.known_module_key(arch, k) for k in keys)
+    if arch == "sdxl":
+        assert "lora_unet_input_blocks_8_1_transformer_blocks_9_ff_net_2" in keys
+        assert "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_v" in keys
+    assert len(targets.default_text_targets(te, "hf_clip")) == te_modules
+
+
+def test_alpha_is_saved_as_float32_in_half_precision_files():
+    flat = kohya.to_kohya_tensors({"lora_unet_a": _weights(alpha=0.1)}, torch.float16)
+    assert flat["lora_unet_a.lora_down.weight"].dtype == torch.float16
+    assert flat["lora_unet_a.alpha"].dtype == torch.float32
+    assert kohya.from_kohya_tensors(flat)["lora_unet_a"].alpha == float(torch.tensor(0.1, dtype=torch.float32))

@@ -22,6 +22,15 @@ from lora_trainer.models.loaders import load_bundle
 
 CAPTIONS = ["a photo of a cat", "a red car"]
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_cpu_thread():
+    # Tiny models spend their time in thread hand-offs on a busy CPU: one thread is several times faster.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 
 def _predict(bundle, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -267,3 +276,83 @@ def test_single_file_separate_vae(sd1_checkpoint, tmp_path):
     with torch.no_grad():
         mean = bundle.vae.encode(px).latent_dist.mean
         assert torch.allclose(mean, other["quant_conv"](other["encoder"](px))[:, :4], atol=1e-4)
+
+
+# Published parameter counts of the real models: a typo in a packaged config changes them.
+REAL_SIZES = {
+    ("sd1", "unet"): 859_520_964, ("sd2", "unet"): 865_910_724, ("sd2_v", "unet"): 865_910_724,
+    ("sdxl", "unet"): 2_567_463_684, ("sd1", "vae"): 83_653_863, ("sdxl", "vae"): 83_653_863,
+    ("sd1", "text_encoder"): 123_060_480, ("sdxl", "text_encoder"): 123_060_480,
+    ("sd2", "text_encoder"): 340_387_840, ("sdxl", "text_encoder_2"): 694_659_840,
+}
+
+
+@pytest.mark.parametrize("name,part", sorted(REAL_SIZES))
+def test_packaged_configs_describe_the_real_models(name, part):
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = json.loads((ckpt.CONFIGS_DIR / name / part / "config.json").read_text())
+    with init_empty_weights():  # shapes only, no memory
+        if part == "unet":
+            model = UNet2DConditionModel.from_config(cfg)
+        elif part == "vae":
+            model = AutoencoderKL.from_config(cfg)
+        else:
+            cls = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
+            model = cls(CLIPTextConfig(**cfg))
+    assert sum(p.numel() for p in model.parameters()) == REAL_SIZES[name, part]
+
+
+def test_single_file_sdxl_text_encoders_match_sgm_conditioning(tmp_path):
+    """SDXL checkpoints store CLIP-L (transformers keys) and OpenCLIP-bigG; the bundle's conditioning
+    must be what the WebUI's SGM embedders compute: both penultimate layers (no final norm) side by
+    side, and bigG's projected final-norm EOS token as the pooled vector."""
+    import open_clip.transformer as oct
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lora_trainer.models.loaders import text_encoders_from_state_dict
+    from lora_trainer.models.setups import SETUPS
+
+    torch.manual_seed(4)
+    te1 = CLIPTextModel(CLIPTextConfig(**tiny.text_config("quick_gelu"))).eval()  # width 32
+    big_g = oct.TextTransformer(context_length=77, vocab_size=49408, width=48, heads=4, layers=3, output_dim=48,
+                                act_layer=torch.nn.GELU).eval()  # a different width, as in the real pair
+    sd = {**{"conditioner.embedders.0.transformer.text_model." + k: v.contiguous()
+             for k, v in te1.state_dict().items()},
+          **_prefixed(big_g, "conditioner.embedders.1.model.")}
+    assert ckpt.detect_arch({**sd, ckpt.UNET_IN_KEY: torch.empty(32, 4, 3, 3)}) == "sdxl"
+
+    config = tmp_path / "config"
+    te2_cfg = {**tiny.text_config("gelu", projection_dim=48), "hidden_size": 48, "intermediate_size": 192,
+               "num_hidden_layers": 3}
+    files = {"model_index.json": {"_class_name": "StableDiffusionXLPipeline",
+                                  "text_encoder": ["transformers", "CLIPTextModel"],
+                                  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                                  "tokenizer": ["transformers", "CLIPTokenizer"],
+                                  "tokenizer_2": ["transformers", "CLIPTokenizer"]},
+             "text_encoder/config.json": {"model_type": "clip_text_model", **tiny.text_config("quick_gelu")},
+             "text_encoder_2/config.json": {"model_type": "clip_text_model", **te2_cfg}}
+    for rel, data in files.items():
+        (config / rel).parent.mkdir(parents=True, exist_ok=True)
+        (config / rel).write_text(json.dumps(data))
+    folder = ckpt.prepared_config_folder("sdxl-tiny-te", config)
+    parts = text_encoders_from_state_dict(sd, "sdxl", folder, torch.float32)
+    encode = SETUPS["sdxl"].make_encode_text([parts["text_encoder"], parts["text_encoder_2"]],
+                                             [parts["tokenizer"], parts["tokenizer_2"]], torch.device("cpu"))
+    ids1 = parts["tokenizer"](CAPTIONS, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids2 = parts["tokenizer_2"](CAPTIONS, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids1[0, -1] == 49407 and ids2[0, -1] == 0  # CLIP-L pads with EOS, bigG with "!"
+    with torch.no_grad():
+        got = encode(CAPTIONS)
+        want1 = te1(ids1, output_hidden_states=True).hidden_states[-2]
+        x, mask = big_g._embeds(ids2)
+        for block in big_g.transformer.resblocks[:-1]:
+            x = block(x, attn_mask=mask)
+        want2 = x
+        last = big_g.ln_final(big_g.transformer.resblocks[-1](x, attn_mask=mask))
+        pooled = last[torch.arange(len(CAPTIONS)), ids2.argmax(dim=-1)] @ big_g.text_projection
+    assert got["context"].shape == (2, 77, 80)
+    assert torch.allclose(got["context"], torch.cat([want1, want2], dim=-1), atol=1e-5)
+    assert torch.allclose(got["pooled"], pooled, atol=1e-5)

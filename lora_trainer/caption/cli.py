@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--top-p", type=float, default=0.9)
     b.add_argument("--min-length", type=int, default=5)
     b.add_argument("--max-length", type=int, default=40)
-    b.add_argument("--no-fp16", action="store_true", help="full precision on CUDA")
+    p.add_argument("--no-fp16", action="store_true", help="full precision on CUDA (BLIP and CLIP)")
     c = p.add_argument_group("CLIP")
     c.add_argument("--clip-model", default="auto", help="auto (matches --family), ViT-L-14, "
                    "ViT-bigG-14/laion2b_s39b_b160k, ... or a folder with open_clip_config.json")
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress_bar(total_hint: str):
+def _progress_bar(desc: str):
     from tqdm import tqdm
 
     bar = None
@@ -59,7 +59,7 @@ def _progress_bar(total_hint: str):
     def update(done: int, total: int, current: str) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, unit="img", desc=total_hint, file=sys.stderr)
+            bar = tqdm(total=total, unit="img", desc=desc, file=sys.stderr)
         bar.n = done
         bar.set_postfix_str(current[-40:], refresh=False)
         bar.refresh()
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     blip = BlipOptions(model=a.blip_model, device=a.device, num_beams=a.beams, sample=a.sample, top_p=a.top_p,
                        min_length=a.min_length, max_length=a.max_length, prompt=a.blip_prompt, fp16=not a.no_fp16)
     clip = ClipOptions(model=a.clip_model, family=a.family, weights=a.clip_weights, device=a.device,
-                       top_k=a.top_k, min_score=a.min_score,
+                       top_k=a.top_k, min_score=a.min_score, fp16=not a.no_fp16,
                        lists=tuple(x.strip() for x in a.lists.split(",") if x.strip()))
     report = caption_folder(a.input, model=a.model, fmt=a.format, trigger=a.trigger, prefix=a.prefix,
                             suffix=a.suffix, mode=a.mode, dry_run=a.dry_run, batch_size=a.batch_size,

@@ -46,6 +46,7 @@ class ClipOptions:
     min_score: float = 0.2  # cosine similarity a term needs to be kept
     lists: tuple[str, ...] = TERM_LISTS  # shipped list names, or paths to your own .txt lists
     batch_size: int = 64  # term texts per text-encoder batch
+    fp16: bool = True  # half precision on CUDA (ignored on CPU)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILY_MODELS:
@@ -151,12 +152,14 @@ def load_clip(options: ClipOptions | None = None) -> ClipInterrogator:
     options = options or ClipOptions()
     spec = resolve_clip(options)
     device = resolve_device(options.device)
+    precision = "fp16" if options.fp16 and device.startswith("cuda") else "fp32"
     try:
         if spec.name.startswith("local-dir:"):
-            model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device)
+            model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device, precision=precision)
         else:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.name, pretrained=spec.checkpoint, force_quick_gelu=spec.quick_gelu, device=device)
+                spec.name, pretrained=spec.checkpoint, force_quick_gelu=spec.quick_gelu, device=device,
+                precision=precision)
         tokenizer = open_clip.get_tokenizer(spec.name)
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{spec.checkpoint}: cannot load as CLIP {spec.name} "

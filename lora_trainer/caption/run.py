@@ -25,6 +25,7 @@ from lora_trainer.data.captions import (
     read_sidecar,
     write_captions,
 )
+from lora_trainer.data.images import open_image_rgb
 from lora_trainer.errors import ConfigError, DatasetError, LoraTrainerError
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 MODELS = ("blip", "clip", "both")
 FORMATS = ("csv", "txt", "both")
 MODES = ("overwrite", "append", "skip-existing")
+DECODE_MIN = 384
 ProgressFn = Callable[[int, int, str], None]  # (images done, images to do, current file)
 
 
@@ -60,25 +62,8 @@ class CaptionReport:
 
 
 def _open_image(path: Path) -> Image.Image:
-    try:
-        from lora_trainer.data.images import open_image_rgb
-    except ImportError:  # the data package's loader is optional here; PIL covers plain files
-        open_image_rgb = None
-    if open_image_rgb is not None:
-        return open_image_rgb(path)
-    from PIL import ImageOps
-
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA", "P"):
-                rgba = img.convert("RGBA")
-                bg = Image.new("RGB", rgba.size, (255, 255, 255))
-                bg.paste(rgba, mask=rgba.getchannel("A"))
-                return bg
-            return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"{path}: cannot read image ({e})") from None
+    # BLIP sees 384x384 and CLIP 224x224: large JPEGs may decode at a reduced scale (much faster).
+    return open_image_rgb(path, min_size=(DECODE_MIN, DECODE_MIN))
 
 
 def _join(*parts: str | None) -> str:

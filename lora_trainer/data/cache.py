@@ -105,7 +105,7 @@ def fill_latent_cache(ds: BucketDataset, cache: LatentCache, bundle: Any, batch_
             latents = bundle.encode_images(pixels)
             for (key, _, _), lat, (_, size) in zip(chunk, latents, loaded, strict=True):
                 cache.put(key, lat, size)
-    log.info("latent cache: %d reused, %d encoded", cache.hits, cache.misses)
+    log.debug("latent cache: %d reused, %d encoded", cache.hits, cache.misses)
 
 
 class TextCache:

@@ -14,20 +14,24 @@ from lora_trainer.train.events import TrainEvent
 
 
 class _Progress:
-    """tqdm bar over optimizer steps; other events are printed above it."""
+    """tqdm bar over optimizer steps (plain lines every 10 steps when off); other events above it."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.bar: Any = None
 
     def __call__(self, ev: TrainEvent) -> None:
         from tqdm import tqdm
 
-        if ev.kind == "step":
+        if ev.kind == "step" and not self.enabled:
+            if ev.step % 10 == 0 or ev.step == ev.total_steps:
+                print(f"step {ev.step}/{ev.total_steps} loss {ev.loss:.4f} lr {ev.lr:.2e}", flush=True)
+        elif ev.kind == "step":
             if self.bar is None:
                 self.bar = tqdm(total=ev.total_steps, initial=ev.step - 1, unit="step", dynamic_ncols=True)
             self.bar.update(ev.step - self.bar.n)
             self.bar.set_postfix(loss=f"{ev.loss:.4f}", lr=f"{ev.lr:.2e}", epoch=ev.epoch)
-        elif ev.message:
+        elif ev.message and ev.kind != "error":  # the CLI prints the error itself, once
             (self.bar.write if self.bar is not None else print)(ev.message)
         if ev.kind in ("done", "stopped", "error") and self.bar is not None:
             self.bar.close()
@@ -36,9 +40,10 @@ class _Progress:
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lora_trainer train",
                                 description="Train a text LoRA for a causal language model (task: llm).")
-    p.add_argument("--config", help="YAML file with 'task: llm' (see docs/text-lora.md)")
+    p.add_argument("--config", "-c", help="YAML file with 'task: llm' (see docs/text-lora.md)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set network.rank=16 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     p.add_argument("--check", action="store_true", help="check the config and data, print the report, do not train")
     return p
 
@@ -56,7 +61,7 @@ def train_main(argv: list[str]) -> int:
         tok = load_tokenizer(check_model_folder(cfg.model.base_model))
         print(build_datasets(cfg.data, tok, cfg.train.seed)[2].summary())
         return 0
-    trainer = TextLoraTrainer(cfg, callbacks=[_Progress()])
+    trainer = TextLoraTrainer(cfg, callbacks=[_Progress(enabled=not args.no_progress and sys.stderr.isatty())])
     thread = trainer.start()
     try:
         while thread.is_alive():

@@ -329,3 +329,18 @@ def example_yaml() -> str:
                                    allow_unicode=True).strip()[1:-1]
             lines += [f"  # {f.metadata.get('help', '')}", f"  {value}"]
     return "\n".join(lines) + "\n"
+
+
+def reference_markdown() -> str:
+    """The text-LoRA key table for the docs, generated from the help texts."""
+    alias_of: dict[str, list[str]] = {}
+    for a, p in ALIASES.items():
+        alias_of.setdefault(p, []).append(a)
+    defaults = LLMTrainConfig().to_dict()
+    out = ["| key | default | aliases | what it does |", "|---|---|---|---|"]
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            path = f"{section}.{f.name}"
+            aliases = ", ".join(f"`{a}`" for a in alias_of.get(path, []))
+            out.append(f"| `{path}` | `{defaults[section][f.name]!r}` | {aliases} | {f.metadata.get('help', '')} |")
+    return "\n".join(out) + "\n"

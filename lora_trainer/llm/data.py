@@ -263,8 +263,12 @@ def build_datasets(cfg: LLMDataConfig, tokenizer: Any, seed: int) -> tuple[list[
     records = read_records(cfg.train_file, cfg)
     report = DataReport(file=cfg.train_file, records=len(records))
     samples: list[Sample | None] = []
-    for rec in records:
-        segs, templated = record_segments(rec, tokenizer, cfg)
+    for n, rec in enumerate(records, start=1):
+        try:
+            segs, templated = record_segments(rec, tokenizer, cfg)
+        except Exception as e:  # noqa: BLE001 - chat templates raise their own jinja errors
+            raise DatasetError(f"{cfg.train_file}: record {n}: the tokenizer's chat template failed ({e}); "
+                               "fix the chat or set data.use_chat_template: false") from None
         if templated:
             report.template = "chat template"
         s = encode_segments(segs, tokenizer, templated, cfg.response_only_loss)

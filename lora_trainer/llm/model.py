@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,14 @@ def check_model_folder(path: str) -> Path:
     return folder
 
 
-def _quantization(cfg: LLMModelConfig, dtype: torch.dtype) -> Any:
+def _quantization(cfg: LLMModelConfig, dtype: torch.dtype, device: torch.device) -> Any:
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("model.load_in_4bit/load_in_8bit need the package bitsandbytes: pip install bitsandbytes "
                           "(CUDA GPU only), or turn them off")
+    if device.type != "cuda":
+        raise ConfigError(f"model.load_in_4bit/load_in_8bit need a CUDA GPU (device is {device}); turn them off")
     from transformers import BitsAndBytesConfig
 
     if cfg.load_in_4bit:
@@ -81,7 +84,7 @@ def load_model(cfg: LLMModelConfig, mixed_precision: str = "no") -> tuple[Any, A
     folder = check_model_folder(cfg.base_model)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, mixed_precision, device)
-    quant = _quantization(cfg, dtype)
+    quant = _quantization(cfg, dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "local_files_only": True}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device.index or 0})
@@ -133,4 +136,7 @@ def add_lora(model: nn.Module, cfg: LLMNetworkConfig, seed: int) -> tuple[Any, l
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(seed)  # LoRA A matrices are drawn here: same seed, same start
-    return get_peft_model(model, lora), targets
+    with warnings.catch_warnings():
+        # peft asks transformers 5 through its deprecated name; nothing the user can act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora), targets

@@ -67,12 +67,12 @@ def build_tiny_model(folder: str | Path, family: str = "gpt2", seed: int = 0) ->
     torch.manual_seed(seed)
     if family == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2,
-                                           n_head=2, bos_token_id=eos, eos_token_id=eos))
+                                           n_head=2, bos_token_id=eos, eos_token_id=eos, initializer_range=0.1))
     elif family == "llama":
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                              max_position_embeddings=256, bos_token_id=eos, eos_token_id=eos,
-                                             pad_token_id=eos))
+                                             pad_token_id=eos, initializer_range=0.1))
     else:
         raise ValueError(f"unknown tiny family {family!r}; use 'gpt2' or 'llama'")
     model.save_pretrained(str(folder))

@@ -8,6 +8,7 @@ bar and the app's Text LoRA section follow a run the same way.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import random
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lora_trainer.errors import ConfigError
 from lora_trainer.llm.checkpoint import (
     Position,
     find_checkpoint,
@@ -85,6 +87,17 @@ def target_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
+def check_same_data(ckpt: Path, n_train: int, steps: int) -> None:
+    """Refuse to resume on other data or another length: the data position would be meaningless."""
+    saved = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    if saved.get("train_samples", n_train) != n_train:
+        raise ConfigError(f"train.resume: {ckpt} was trained on {saved['train_samples']} samples, the data now "
+                          f"gives {n_train}; resume with the same data.train_file and data settings")
+    if saved.get("total_steps", steps) != steps:
+        raise ConfigError(f"train.resume: {ckpt} belongs to a run of {saved['total_steps']} steps, this config "
+                          f"gives {steps}; keep epochs/max_steps/batch settings as they were")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -148,9 +161,11 @@ class TextLoraTrainer:
         if cfg.train.gradient_checkpointing:
             base = peft_model.base_model.model
             base.config.use_cache = False
-            # transformers 5 renamed it; 4.x only has the old name.
-            enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}  # re-entrant checkpointing needs inputs that require grad
+            if hasattr(base, "activation_checkpointing_enable"):  # the transformers 5 name
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         o = cfg.optim
         optimizer = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
@@ -161,6 +176,7 @@ class TextLoraTrainer:
         pos = Position()
         if cfg.train.resume:
             ckpt = find_checkpoint(out, cfg.train.resume)
+            check_same_data(ckpt, len(train), steps)
             pos = load_checkpoint(ckpt, peft_model, optimizer, scheduler, scaler)
             self._emit("status", message=f"resumed from {ckpt} at step {pos.step}")
         ctx = _Loop(self, peft_model, tokenizer, device, optimizer, scheduler, scaler, train, evals, steps)
@@ -171,8 +187,9 @@ class TextLoraTrainer:
             ctx.log_scalar("eval/loss", eval_loss, pos.step)
             self._emit("status", step=pos.step, message=f"eval loss {eval_loss:.4f}")
         info.update(steps=pos.step, final_loss=final_loss, eval_loss=eval_loss, stopped=stopped)
-        adapter = save_adapter(peft_model, tokenizer, resolve_adapter_dir(out, cfg.output.output_name,
-                                                                          cfg.output.overwrite), info)
+        # A resumed run finishes the same run: its adapter replaces the stopped one (kept in .backup).
+        overwrite = cfg.output.overwrite or bool(cfg.train.resume)
+        adapter = save_adapter(peft_model, tokenizer, resolve_adapter_dir(out, cfg.output.output_name, overwrite), info)
         self.model, self.tokenizer = peft_model, tokenizer
         merged = self._save_merged(peft_model, tokenizer, adapter) if cfg.output.save_merged and not stopped else None
         ctx.close()
@@ -274,7 +291,8 @@ class _Loop:
     def checkpoint(self, pos: Position, info: dict[str, Any]) -> Path:
         root = Path(self.cfg.output.output_dir) / "checkpoints"
         path = save_checkpoint(root / f"step-{pos.step:07d}", self.model, self.optimizer, self.scheduler,
-                               self.scaler, pos, {"data": info.get("data", "")})
+                               self.scaler, pos, {"data": info.get("data", ""), "train_samples": len(self.train),
+                                                  "total_steps": self.steps})
         prune_checkpoints(root, self.cfg.output.keep_checkpoints)
         self.t._emit("checkpoint", step=pos.step, total_steps=self.steps, path=str(path),
                      message=f"checkpoint {path}")

@@ -10,14 +10,16 @@ trained in place.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from lora_trainer.config import NetworkConfig
-from lora_trainer.errors import LoraFormatError
+from lora_trainer.errors import ConfigError, HostError, LoraFormatError
 from lora_trainer.lora import kohya
 from lora_trainer.lora.kohya import LoraWeights, Slot
 from lora_trainer.lora.mha import LoraMultiheadAttention
@@ -77,6 +79,16 @@ class LoraNetwork:
         else:
             m.lora_alpha[ADAPTER] = alpha
             m.set_scale(ADAPTER, self._multiplier)
+
+    @property
+    def network_dim(self) -> int:
+        """The most common rank (what ss_network_dim reports; from the file with init_from)."""
+        return Counter(self._params(k)[0].shape[0] for k in self.layout).most_common(1)[0][0]
+
+    @property
+    def network_alpha(self) -> float:
+        """The most common alpha (ss_network_alpha)."""
+        return Counter(self.alpha(k) for k in self.layout).most_common(1)[0][0]
 
     def parameters(self, root: str | None = None) -> list[nn.Parameter]:
         """LoRA parameters (fp32) of the trainable roots, or of ``root`` only."""
@@ -192,10 +204,15 @@ def _inject_root(root: nn.Module, entries: list[tuple[str, tuple[str, ...]]], ra
     plain = [p for p, parts in entries if parts == ("",)]
     try:
         if plain:
+            # The most common rank/alpha is the default; only the others get a pattern (peft
+            # matches every pattern against every target, so patterns for all would be slow).
+            r0 = Counter(ranks[(p, "")] for p in plain).most_common(1)[0][0]
+            a0 = Counter(alphas[(p, "")] for p in plain).most_common(1)[0][0]
             config = LoraConfig(
-                r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=plain,
-                rank_pattern={re.escape(p): ranks[(p, "")] for p in plain},
-                alpha_pattern={re.escape(p): alphas[(p, "")] for p in plain}, init_lora_weights=True)
+                r=r0, lora_alpha=a0, lora_dropout=cfg.dropout, target_modules=plain,
+                rank_pattern={re.escape(p): ranks[(p, "")] for p in plain if ranks[(p, "")] != r0},
+                alpha_pattern={re.escape(p): alphas[(p, "")] for p in plain if alphas[(p, "")] != a0},
+                init_lora_weights=True)
             inject_adapter_in_model(config, root, adapter_name=ADAPTER)
         for path, parts in entries:
             if parts != ("",):
@@ -219,6 +236,13 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
     """Add LoRA layers to ``bundle`` in place (UNet when train_unet, each text encoder when
     train_text_encoder; with init_from, the modules and ranks/alphas of that file)."""
     all_roots = {k: (m, bundle.naming_of(k)) for k, m in bundle.trainable_roots().items()}
+    for key, (module, _) in all_roots.items():
+        leftover = next((n for n, m in module.named_modules()
+                         if isinstance(m, (BaseTunerLayer, LoraMultiheadAttention))), None)
+        if leftover is not None:
+            # Injecting again would silently skip these layers (they are no longer Linear).
+            raise HostError(f"the {key} model already has LoRA layers ({leftover}) from a run that did not "
+                            "finish; reload the model before training again")
     trained = {k for k in all_roots if (k == "unet" and network_cfg.train_unet)
                or (k != "unet" and network_cfg.train_text_encoder)}
     init_tensors: dict[str, torch.Tensor] | None = None
@@ -243,8 +267,8 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
         ranks = {(s.root, s.path, s.part): network_cfg.rank for s in layout.values()}
         alphas = {(s.root, s.path, s.part): float(network_cfg.alpha) for s in layout.values()}
     if not layout:
-        raise LoraFormatError("no module to put a LoRA on; enable network.train_unet or "
-                              "network.train_text_encoder, or check network.target_modules")
+        raise ConfigError("network: no module to put a LoRA on; enable network.train_unet or "
+                          "network.train_text_encoder, or check network.target_modules")
     states: dict[str, _RootState] = {}
     try:
         for root in dict.fromkeys(s.root for s in layout.values()):

@@ -193,13 +193,48 @@ class LoraWeights:
         return int(self.down.shape[0])
 
 
+def split_in_proj(w: LoraWeights) -> dict[str, LoraWeights]:
+    """A LoRA on a combined q/k/v ``in_proj`` (up of shape (3E, r)) -> three kohya LoRAs for
+    q, k and v sharing the down matrix. Exact: each delta is one third of the stacked delta."""
+    if w.up.shape[0] % 3:
+        raise LoraFormatError(f"in_proj LoRA up has {w.up.shape[0]} rows, not a multiple of 3")
+    return {p: LoraWeights(w.down.clone(), up.clone(), w.alpha) for p, up in zip("qkv", w.up.chunk(3), strict=True)}
+
+
+def stack_qkv(parts: dict[str, LoraWeights]) -> LoraWeights:
+    """Three kohya LoRAs (q, k, v) -> one LoRA on the combined ``in_proj``.
+
+    The downs are stacked to rank r_q + r_k + r_v and the ups placed block-diagonally, so the
+    delta is exact; each part's alpha / rank is folded into its up block and the result has
+    alpha = rank (scale 1). A missing part contributes a zero block.
+    """
+    present = [parts[p] for p in "qkv" if p in parts]
+    if not present:
+        raise LoraFormatError("stack_qkv needs at least one of q, k, v")
+    e = present[0].up.shape[0]
+    ranks = [parts[p].rank if p in parts else 0 for p in "qkv"]
+    total = sum(ranks)
+    down = torch.cat([parts[p].down for p in "qkv" if p in parts])
+    up = present[0].up.new_zeros(3 * e, total)
+    col = 0
+    for i, p in enumerate("qkv"):
+        if p in parts:
+            w = parts[p]
+            up[i * e:(i + 1) * e, col:col + w.rank] = w.up * (w.alpha / w.rank)
+            col += w.rank
+    return LoraWeights(down, up, float(total))
+
+
 def to_kohya_tensors(weights: dict[str, LoraWeights], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """{kohya key: LoraWeights} -> flat file tensors (new contiguous tensors in ``dtype``)."""
+    """{kohya key: LoraWeights} -> flat file tensors (new contiguous tensors in ``dtype``).
+
+    Alpha stays float32 whatever ``dtype``: loaders read it with ``.item()``, and an fp16 alpha
+    such as 0.1 would change the strength slightly."""
     out: dict[str, torch.Tensor] = {}
     for key, w in weights.items():
         out[f"{key}.lora_down.weight"] = w.down.detach().to("cpu", dtype).contiguous()
         out[f"{key}.lora_up.weight"] = w.up.detach().to("cpu", dtype).contiguous()
-        out[f"{key}.alpha"] = torch.tensor(float(w.alpha), dtype=dtype)
+        out[f"{key}.alpha"] = torch.tensor(float(w.alpha), dtype=torch.float32)
     return out
 
 

@@ -76,6 +76,9 @@ class LoraMultiheadAttention(nn.Module):
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         b = self.base
+        if self.multiplier == 0.0:  # LoRA off: the base module itself, bit for bit
+            return b(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                     attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
         w_in, w_out = self._weights()
         batched = query.dim() == 3
         if b.batch_first and batched:

@@ -60,7 +60,9 @@ def default_unet_targets(unet: nn.Module) -> list[str]:
 def default_text_targets(encoder: nn.Module, naming: str) -> list[str]:
     """kohya's default text-encoder targets: attention projections and MLP of every layer."""
     regex = _OPEN_CLIP_RE if naming == "open_clip" else _HF_CLIP_RE
-    out = [p for p, m in encoder.named_modules() if regex.search(p) and _is_adaptable(m)]
+    # An open_clip model that still has its image tower has resblocks there too: text only.
+    out = [p for p, m in encoder.named_modules()
+           if regex.search(p) and _is_adaptable(m) and "visual" not in p.split(".")]
     return sorted(out, key=_natural_key)
 
 

@@ -134,10 +134,12 @@ def load_diffusers_folder(path: Path, model_cfg: ModelConfig, device: torch.devi
     index = json.loads(index_file.read_text())
     arch = _folder_arch(path, index)
     kw = dict(torch_dtype=dtype, local_files_only=True)
+    vae_dtype = torch.float32 if arch == "sdxl" else dtype  # SDXL's VAE overflows in fp16
     try:
         parts: dict[str, Any] = {
             "unet": diffusers.UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
-            "vae": diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
+            "vae": diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype,
+                                                           local_files_only=True),
             "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
         }
         if arch == "sdxl":
@@ -157,22 +159,34 @@ def _parts_from_state_dict(sd: dict[str, torch.Tensor], arch: str, folder: Path,
                            skip_vae: bool) -> dict[str, Any]:
     """diffusers components from an original-layout state dict, configured by ``folder``."""
     import diffusers
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     index = json.loads((folder / "model_index.json").read_text())
     kw = dict(config=str(folder), torch_dtype=dtype, local_files_only=True)
     parts: dict[str, Any] = {"unet": diffusers.UNet2DConditionModel.from_single_file(sd, subfolder="unet", **kw)}
     if not skip_vae:
-        parts["vae"] = diffusers.AutoencoderKL.from_single_file(sd, subfolder="vae", **kw)
+        vae_kw = {**kw, "torch_dtype": torch.float32 if arch == "sdxl" else dtype}  # SDXL's VAE overflows in fp16
+        parts["vae"] = diffusers.AutoencoderKL.from_single_file(sd, subfolder="vae", **vae_kw)
+    parts.update(text_encoders_from_state_dict(sd, arch, folder, dtype))
+    sched_cls = getattr(diffusers, index["scheduler"][1])
+    parts["scheduler"] = sched_cls.from_pretrained(str(folder), subfolder="scheduler")
+    return parts
+
+
+def text_encoders_from_state_dict(sd: dict[str, torch.Tensor], arch: str, folder: Path,
+                                  dtype: torch.dtype) -> dict[str, Any]:
+    """Text encoder(s) and tokenizer(s) from an original-layout state dict (CLIP-L and/or OpenCLIP)."""
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    index = json.loads((folder / "model_index.json").read_text())
+    parts: dict[str, Any] = {}
     te_classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     for sub, cls in te_classes.items():
         if sub in index:
-            parts[sub] = create_diffusers_clip_model_from_ldm(cls, sd, subfolder=sub, **kw)
+            parts[sub] = create_diffusers_clip_model_from_ldm(cls, sd, subfolder=sub, config=str(folder),
+                                                              torch_dtype=dtype, local_files_only=True)
     for sub in ckpt.TOKENIZER_PADS[arch]:
         parts[sub] = CLIPTokenizer.from_pretrained(str(folder / sub), local_files_only=True)
-    sched_cls = getattr(diffusers, index["scheduler"][1])
-    parts["scheduler"] = sched_cls.from_pretrained(str(folder), subfolder="scheduler")
     return parts
 
 

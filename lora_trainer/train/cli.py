@@ -32,14 +32,16 @@ class ProgressBar:
                                      lr=f"{ev.lr:.2e}" if ev.lr is not None else "-", refresh=False)
             elif ev.step % 10 == 0 or ev.step == ev.total_steps:
                 eta = f"{ev.eta_s:.0f}s" if ev.eta_s is not None else "?"
-                print(f"step {ev.step}/{ev.total_steps} loss {ev.loss:.4f} eta {eta}", flush=True)
+                loss = f"{ev.loss:.4f}" if ev.loss is not None else "-"
+                speed = f"{ev.it_per_s:.2f} it/s" if ev.it_per_s else "- it/s"
+                print(f"step {ev.step}/{ev.total_steps} loss {loss} {speed} eta {eta}", flush=True)
         elif ev.kind in ("status", "checkpoint", "sample", "done", "stopped", "error"):
             text = ev.message or (f"{ev.kind}: {ev.path}" if ev.path else ev.kind)
-            if ev.kind == "error":
-                return  # the CLI prints the error itself, once
-            if self.bar is not None:
+            if ev.kind in ("error", "done", "stopped"):
+                text = ""  # the CLI prints the result (or the error) itself, once
+            if text and self.bar is not None:
                 self.bar.write(text)
-            else:
+            elif text:
                 print(text, flush=True)
         if ev.kind in ("done", "stopped", "error") and self.bar is not None:
             self.bar.close()
@@ -61,13 +63,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set network.rank=16 (repeatable)")
     ap.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
-    args = ap.parse_args(argv)
-    if args.config is None and not args.sets:
-        raise ConfigError("train: give --config my.yaml (see 'python -m lora_trainer config --example')")
-    if _wants_llm(args.config, args.sets):
+    known, _ = ap.parse_known_args(argv)  # the llm command has options of its own
+    if _wants_llm(known.config, known.sets):
         from lora_trainer.llm.cli import train_main
 
         return int(train_main(argv) or 0)
+    args = ap.parse_args(argv)
+    if args.config is None and not args.sets:
+        raise ConfigError("train: give --config my.yaml (see 'python -m lora_trainer config --example')")
     return run_training(load_config(args.config, args.sets), progress=not args.no_progress)
 
 
@@ -99,7 +102,10 @@ def config_main(argv: list[str]) -> int:
         sys.stdout.write(reference_markdown())
     else:
         if _wants_llm(args.check, args.sets):
-            print(f"{args.check}: task is 'llm'; check it with 'train' (the llm section is validated there)")
+            from lora_trainer.llm.config import load_llm_config
+
+            llm = load_llm_config(args.check, args.sets)
+            print(f"{args.check}: OK (text LoRA, base model {llm.model.base_model!r})")
             return 0
         cfg = load_config(args.check, args.sets)
         print(f"{args.check}: OK (base model {cfg.model.base_model!r}, data {cfg.data.train_data_dir!r}, "
@@ -131,6 +137,12 @@ def demo_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     from lora_trainer.data.demo import make_demo_dataset
 
+    if args.device == "cpu":
+        import torch
+
+        # The demo model's operations are too small to split across threads: one thread avoids
+        # the synchronisation cost, which dominates on a small or busy CPU.
+        torch.set_num_threads(1)
     folder = Path(args.dir)
     data = make_demo_dataset(folder / "data")
     print(f"demo dataset: {data}")

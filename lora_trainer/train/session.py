@@ -16,6 +16,7 @@ import torch
 
 from lora_trainer.data.cache import LatentCache, TextCache, fill_latent_cache, module_identity
 from lora_trainer.data.dataset import Batch, BucketDataset, EpochView, steps_per_epoch
+from lora_trainer.fsutil import atomic_write_text, backup_file
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.losses import (
@@ -69,10 +70,7 @@ class RunSession:
         # -- seed and outputs
         seed_everything(cfg.train.seed)
         self.gen = torch.Generator(self.device).manual_seed(cfg.train.seed)
-        self.out.mkdir(parents=True, exist_ok=True)
-        from lora_trainer.fsutil import atomic_write_text
-
-        atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
+        self.write_config()
         # -- data and caches (before LoRA, so the VAE and frozen text encoders can leave the GPU)
         self.setup_data()
         self.setup_caches()
@@ -153,6 +151,7 @@ class RunSession:
             self.latent_cache = LatentCache(d.cache_latents, vae_id, d.crop, folder)
             self.status("caching latents")
             fill_latent_cache(self.ds, self.latent_cache, b, self.cfg.train.batch_size)
+            self.status(f"latent cache: {self.latent_cache.hits} reused, {self.latent_cache.misses} encoded")
             self.ds.latent_cache = self.latent_cache
             self.offload(b.vae)
         captions = self.ds.fixed_captions()
@@ -325,8 +324,16 @@ class RunSession:
                                      image=img, path=str(path)))
 
     # == helpers ===========================================================================
+    def write_config(self) -> None:
+        """<output_dir>/config.yaml; a different file already there (the user's?) is backed up first."""
+        target, text = self.out / "config.yaml", self.cfg.to_yaml()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if target.is_file() and target.read_text(encoding="utf-8", errors="replace") != text:
+            backup_file(target)
+        atomic_write_text(target, text)
+
     def status(self, message: str) -> None:
-        log.info(message)
+        log.debug(message)  # the CLI and UIs show status events; logging them too would print twice
         self.trainer.emit(TrainEvent("status", step=self.pos.step, message=message))
 
     def host_interrupted(self) -> bool:

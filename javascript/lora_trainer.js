@@ -1,0 +1,56 @@
+// lora-trainer: front-end helpers for the Train LoRA tab (copy a <lora:name:w> tag, send it to
+// txt2img). The WebUI loads this file as a page script; the standalone app runs it once on load.
+// Everything is attached to window under lt-prefixed names, and it installs itself only once.
+(function () {
+  if (window.ltTrainerInstalled) return;
+  window.ltTrainerInstalled = true;
+
+  function root() {
+    return typeof gradioApp === "function" ? gradioApp() : document;
+  }
+
+  function flash(message) {
+    var box = root().querySelector("#lt-test-msg") || null;
+    if (box) box.setAttribute("data-lt-flash", message);
+    var note = document.createElement("div");
+    note.className = "lt-toast";
+    note.textContent = message;
+    document.body.appendChild(note);
+    setTimeout(function () { note.remove(); }, 1800);
+  }
+
+  function copyFallback(text) {
+    var area = document.createElement("textarea");
+    area.value = text;
+    area.className = "lt-copy-buffer";
+    document.body.appendChild(area);
+    area.select();
+    try { document.execCommand("copy"); } catch (e) { /* nothing more we can do */ }
+    area.remove();
+  }
+
+  window.ltCopyTag = function (tag) {
+    if (!tag) { flash("choose a LoRA first"); return; }
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(tag).then(
+        function () { flash("copied " + tag); },
+        function () { copyFallback(tag); flash("copied " + tag); });
+    } else {
+      copyFallback(tag);
+      flash("copied " + tag);
+    }
+  };
+
+  window.ltSendToTxt2img = function (tag) {
+    if (!tag) { flash("choose a LoRA first"); return; }
+    var area = root().querySelector("#txt2img_prompt textarea");
+    if (!area) { flash("txt2img is not on this page"); return; }
+    if (area.value.indexOf(tag) < 0) {
+      area.value = area.value ? area.value.replace(/\s+$/, "") + " " + tag : tag;
+      // gradio only notices programmatic changes through an input event
+      area.dispatchEvent(new Event("input", { bubbles: true }));
+    }
+    if (typeof switch_to_txt2img === "function") switch_to_txt2img();
+    flash("sent " + tag + " to txt2img");
+  };
+})();

@@ -1,0 +1,50 @@
+"""State shared by the tab's sections while it is built: the field map, the host, the defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lora_trainer.config import TrainConfig
+from lora_trainer.errors import LoraTrainerError
+from lora_trainer.ui.fields import config_from_values, make_field, values_from_config
+
+
+@dataclass
+class TabContext:
+    host: Any
+    prefix: str
+    captioner: Any = None
+    defaults: TrainConfig = field(default_factory=TrainConfig)
+    fields: dict[str, Any] = field(default_factory=dict)  # field path -> component
+    deferred: list[Any] = field(default_factory=list)
+    parts: dict[str, Any] = field(default_factory=dict)  # named non-field components shared by sections
+
+    def later(self, fn: Any) -> None:
+        """Wire an event once every field exists (sections are built in order; handlers that
+        rebuild the config need the components of all of them)."""
+        self.deferred.append(fn)
+
+    def eid(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.fields)
+
+    @property
+    def inputs(self) -> list[Any]:
+        return [self.fields[p] for p in self.fields]
+
+    def config(self, values: tuple[Any, ...] | list[Any]) -> TrainConfig:
+        return config_from_values(self.paths, list(values), base=self.defaults)
+
+    def field(self, path: str, **kw: Any) -> Any:
+        value = values_from_config(self.defaults, [path])[0]
+        comp = make_field(path, self.prefix, value=value, **kw)
+        self.fields[path] = comp
+        return comp
+
+
+def err_text(e: Exception) -> str:
+    return f"⚠ {e}" if isinstance(e, LoraTrainerError) else f"⚠ unexpected error: {type(e).__name__}: {e}"

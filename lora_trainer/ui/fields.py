@@ -1,0 +1,98 @@
+"""Config fields <-> gradio components, by field path (never by position).
+
+:func:`make_field` builds the right component for a :class:`TrainConfig` field from its type
+annotation and help text; the tab keeps the results in a ``{field_path: component}`` map.
+:func:`config_from_values` and :func:`values_from_config` convert in both directions through
+``config.build_config``, so the UI accepts exactly what YAML and ``--set`` accept.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, Literal, Union
+
+from lora_trainer import config as cfgmod
+from lora_trainer.config import TrainConfig
+from lora_trainer.ui import compat
+
+# Every image-task field the tab shows ("task" is fixed to "image" here; llm has its own section).
+UI_FIELDS: list[str] = [p for p in cfgmod.all_field_paths() if p != "task"]
+
+
+def _kind(path: str) -> tuple[str, Any]:
+    """("choice", choices) | ("bool", None) | ("int", None) | ("float", None) | ("text", None)."""
+    tp = cfgmod._type_of(path)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "choice", [str(c) for c in typing.get_args(tp)]
+    if origin in (Union, types.UnionType) or origin is list:
+        return "text", None  # optional values and lists: a textbox, empty means None / []
+    return {bool: "bool", int: "int", float: "float"}.get(tp, "text"), None
+
+
+def label_of(path: str) -> str:
+    return path.split(".", 1)[-1].replace("_", " ")
+
+
+def make_field(path: str, elem_prefix: str = "lt-", **overrides: Any) -> Any:
+    """The component for field ``path`` with its help text as info, elem_id ``<prefix>f-<path>``."""
+    g = compat.gr()
+    kind, choices = _kind(path)
+    help_ = cfgmod.field_info(path).metadata.get("help", "")
+    value = to_component(TrainConfig().get(path), kind)
+    kw: dict[str, Any] = {"label": label_of(path), "info": help_, "value": value,
+                          "elem_id": f"{elem_prefix}f-{path.replace('.', '-').replace('_', '-')}",
+                          "elem_classes": [f"{elem_prefix}field"]}
+    kw.update(overrides)
+    if kind == "choice":
+        return g.Dropdown(choices=choices, **kw)
+    if kind == "bool":
+        return g.Checkbox(**kw)
+    if kind in ("int", "float"):
+        return g.Number(precision=0 if kind == "int" else None, **kw)
+    return g.Textbox(lines=1, **kw)
+
+
+def to_component(value: Any, kind: str) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    if kind == "choice":
+        return str(value)
+    return value
+
+
+def config_from_values(paths: Sequence[str], values: Sequence[Any], base: TrainConfig | None = None) -> TrainConfig:
+    """Build a TrainConfig from component values in the order of ``paths`` (ConfigError names a field)."""
+    if len(paths) != len(values):
+        raise ValueError(f"{len(paths)} field paths but {len(values)} values")
+    raw: dict[str, Any] = {}
+    for path, value in zip(paths, values, strict=True):
+        kind, _ = _kind(path)
+        if isinstance(value, str) and kind in ("int", "float", "bool"):
+            value = value.strip()
+        raw[path] = value
+    return cfgmod.build_config(raw, base=base)
+
+
+def values_from_config(cfg: TrainConfig, paths: Sequence[str]) -> list[Any]:
+    """Component values for ``paths`` from a config (None -> "", lists -> "a, b")."""
+    return [to_component(cfg.get(p), _kind(p)[0]) for p in paths]
+
+
+def config_from_yaml_text(text: str) -> TrainConfig:
+    """Parse YAML (nested sections, dotted keys or flat aliases) into a TrainConfig."""
+    import yaml
+
+    from lora_trainer.errors import ConfigError
+
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config YAML is not valid ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config YAML: expected a mapping of keys to values at the top level")
+    return cfgmod.build_config(cfgmod.flatten_user_dict(data, source="config YAML"))

@@ -1,0 +1,267 @@
+"""What the tab's buttons do, without gradio: plain values in, plain values out (tested directly).
+
+Dataset scanning, caption table load/save and tag tools, progress formatting and the test
+render. The tab (tab.py) only wires these to components.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lora_trainer.config import TrainConfig, build_config
+from lora_trainer.errors import DatasetError
+
+Rows = list[list[str]]
+
+
+# -- dataset ---------------------------------------------------------------------------------
+
+def import_uploads(paths: Sequence[str], folder: str | Path) -> list[Path]:
+    """Copy uploaded files into ``folder`` (created); an existing name gets a ``_1``, ``_2`` suffix."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src in map(Path, paths):
+        dest = folder / src.name
+        n = 1
+        while dest.exists():
+            dest = folder / f"{src.stem}_{n}{src.suffix}"
+            n += 1
+        shutil.copy2(src, dest)
+        out.append(dest)
+    return out
+
+
+def scan(folder: str, cfg: TrainConfig) -> dict[str, Any]:
+    """Scan ``folder`` with the config's data settings; never raises for bad files (they are listed).
+
+    Returns gallery items ``(path, label)``, problem rows ``[file, kind, message]``, bucket rows
+    ``[bucket, images]`` and a one-paragraph summary.
+    """
+    from lora_trainer.data.scan import build_report
+
+    if not folder or not Path(folder).is_dir():
+        raise DatasetError(f"{folder or '(empty)'}: not a folder; enter the folder of your training images")
+    data_cfg = build_config({"data.train_data_dir": folder, "data.on_invalid": "skip"}, base=cfg).data
+    # build_report lists every problem without raising (scan_dataset stops when nothing is
+    # trainable yet, e.g. before captioning, which is exactly when the user needs this view)
+    report = build_report(data_cfg)
+    problems_by_path: dict[str, list[str]] = collections.defaultdict(list)
+    for p in report.problems:
+        problems_by_path[str(p.path)].append(p.kind)
+    gallery: list[tuple[str, str]] = []
+    for item in report.items:
+        flags = problems_by_path.pop(str(item.path), [])
+        label = f"{item.rel} ({item.width}x{item.height})" + (f" [{', '.join(flags)}]" if flags else "")
+        reg = " (regularization)" if item.is_reg else ""
+        gallery.append((str(item.path), f"{label}{reg}: {item.caption}"))
+    for path, kinds in problems_by_path.items():  # skipped files that can still be shown
+        if Path(path).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp") and "corrupt" not in kinds:
+            gallery.append((path, f"{Path(path).name} [{', '.join(kinds)}] (skipped)"))
+    rows = [[_rel(p.path, folder), p.kind, p.message] for p in report.problems]
+    counts = collections.Counter(p.kind for p in report.problems)
+    summary = (f"**{len(report.train_items)} images** ready to train ({report.images_per_epoch} per epoch with repeats)"
+               + ("; problems: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(counts.items())) if counts else "")
+               + ".")
+    buckets = [[f"{w}x{h}", str(n)] for (w, h), n in report.bucket_counts().items()]
+    return {"gallery": gallery, "problems": rows, "buckets": buckets, "summary": summary}
+
+
+def _rel(path: Any, folder: str) -> str:
+    try:
+        return Path(path).relative_to(folder).as_posix()
+    except ValueError:
+        return str(path)
+
+
+# -- captions --------------------------------------------------------------------------------
+
+def load_caption_rows(folder: str, cfg: TrainConfig) -> Rows:
+    """``[[relative file, caption]]`` for every image in ``folder`` (empty caption when none)."""
+    from lora_trainer.data.captions import list_images, read_captions
+
+    folder_p = Path(folder)
+    captions = read_captions(folder_p, cfg.data.metadata_path, cfg.data.caption_extension)
+    rows = []
+    for image in list_images(folder_p):
+        rel = image.relative_to(folder_p).as_posix()
+        rows.append([rel, captions.get(rel, "")])
+    return rows
+
+
+def normalize_rows(table: Any) -> Rows:
+    """Rows from a Dataframe value (list of lists, or a pandas frame on some gradio versions)."""
+    if table is None:
+        return []
+    if hasattr(table, "values") and hasattr(table, "columns"):
+        table = table.values.tolist()
+    out = []
+    for row in table:
+        if not row or not str(row[0]).strip():
+            continue
+        out.append([str(row[0]).strip(), "" if len(row) < 2 or row[1] is None else str(row[1])])
+    return out
+
+
+def caption_format(folder: str, cfg: TrainConfig, choice: str) -> str:
+    """"auto": keep the layout the folder already uses (metadata.csv if present, else .txt sidecars)."""
+    if choice != "auto":
+        return choice
+    if cfg.data.metadata_path or (Path(folder) / "metadata.csv").is_file():
+        return "csv"
+    return "txt"
+
+
+def save_caption_rows(folder: str, rows: Rows, cfg: TrainConfig, fmt: str = "auto") -> str:
+    """Write the table atomically (the replaced file is backed up first); a one-line report."""
+    from lora_trainer.data.captions import write_captions
+
+    if not rows:
+        raise DatasetError("the caption table is empty; load a dataset first")
+    fmt = caption_format(folder, cfg, fmt)
+    backups = write_captions(folder, {r[0]: r[1] for r in rows}, fmt=fmt,
+                             metadata_path=cfg.data.metadata_path, extension=cfg.data.caption_extension)
+    return f"saved {len(rows)} captions as {fmt}" + (f" ({len(backups)} backup(s) in .backup)" if backups else "")
+
+
+# Tag tools work on the table being edited (unsaved), through caption.tags' pure functions.
+def _as_dict(rows: Rows) -> dict[str, str]:
+    return {rel: caption for rel, caption in rows}
+
+
+def _as_rows(rows: Rows, captions: dict[str, str]) -> Rows:
+    return [[rel, captions[rel]] for rel, _ in rows]
+
+
+def add_trigger(rows: Rows, trigger: str) -> Rows:
+    from lora_trainer.caption import tags
+
+    if not trigger.strip():
+        return rows
+    return _as_rows(rows, tags.add_trigger(_as_dict(rows), trigger))
+
+
+def find_replace(rows: Rows, find: str, replace: str, regex: bool = False, whole_tag: bool = False) -> tuple[Rows, int]:
+    """Replace in every caption; returns the rows and how many captions changed."""
+    from lora_trainer.caption import tags
+
+    before = _as_dict(rows)
+    after = tags.find_replace(before, find, replace, regex=regex, whole_tag=whole_tag)
+    return _as_rows(rows, after), len(tags.changed(before, after))
+
+
+def tag_frequencies(rows: Rows) -> Rows:
+    from lora_trainer.caption import tags
+
+    return [[tag, str(n)] for tag, n in tags.tag_frequency(_as_dict(rows))]
+
+
+def caption_folder(folder: str, model: str, mode: str, fmt: str, cfg: TrainConfig, captioner: Any = None,
+                   progress: Callable[[int, int], None] | None = None) -> Any:
+    """Caption the folder's images with BLIP / CLIP / both and write the captions (backed up).
+
+    ``captioner`` is an already loaded BLIP-like model (``caption(images) -> list[str]``), e.g.
+    the WebUI's own; without one the caption package loads BLIP from the local cache.
+    """
+    from lora_trainer.caption.run import caption_folder as run
+
+    return run(folder, model=model, fmt=caption_format(folder, cfg, fmt), trigger=cfg.data.trigger_word or None,
+               mode=mode, progress=(lambda d, t, *_: progress(d, t)) if progress else None, captioner=captioner,
+               metadata_path=cfg.data.metadata_path, extension=cfg.data.caption_extension)
+
+
+# -- training progress -----------------------------------------------------------------------
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "-"
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def progress_html(snap: dict[str, Any] | None, prefix: str = "lt-") -> str:
+    if not snap:
+        return f"<div class='{prefix}progress'><span class='{prefix}status'>idle</span></div>"
+    total = snap.get("total_steps") or 0
+    step = snap.get("step") or 0
+    pct = 100.0 * step / total if total else 0.0
+    ips = snap.get("it_per_s")
+    text = (f"{snap.get('status')} · step {step}/{total or '?'} · "
+            f"{ips:.2f} it/s" if ips else f"{snap.get('status')} · step {step}/{total or '?'}")
+    text += f" · ETA {fmt_seconds(snap.get('eta_s'))}"
+    if snap.get("error"):
+        text += f" · {snap['error']}"
+    return (f"<div class='{prefix}progress' data-status='{snap.get('status')}'>"
+            f"<div class='{prefix}progress-bar' style='width:{pct:.1f}%'></div>"
+            f"<span class='{prefix}progress-text'>{_html_escape(text)}</span></div>")
+
+
+def _html_escape(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def loss_frame(losses: Sequence[tuple[int, float]], smoothing: float = 0.9) -> Any:
+    """Long-format frame (step, loss, series) with the raw loss and its bias-corrected EMA."""
+    import pandas as pd
+
+    rows: list[tuple[int, float, str]] = []
+    ema, n = 0.0, 0
+    for step, loss in losses:
+        rows.append((int(step), float(loss), "raw"))
+        n += 1
+        ema = smoothing * ema + (1 - smoothing) * float(loss)
+        rows.append((int(step), ema / (1 - smoothing ** n), "smoothed"))
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def loss_frames(losses: Sequence[tuple[int, float]], smoothing: float = 0.9) -> tuple[Any, Any]:
+    """(raw, smoothed) frames with columns step, loss: one per plot."""
+    frame = loss_frame(losses, smoothing)
+    parts = [frame[frame.series == name][["step", "loss"]].reset_index(drop=True) for name in ("raw", "smoothed")]
+    return parts[0], parts[1]
+
+
+# -- test render -----------------------------------------------------------------------------
+
+_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([-0-9.]+))?>")
+
+
+def parse_weights(text: str) -> list[float]:
+    try:
+        weights = [float(w) for w in re.split(r"[,\s]+", text.strip()) if w]
+    except ValueError:
+        raise DatasetError(f"weights {text!r}: expected numbers separated by commas, e.g. 0, 0.5, 0.7, 1") from None
+    if not weights:
+        raise DatasetError("weights: give at least one weight, e.g. 0, 0.5, 0.7, 1")
+    return weights
+
+
+def lora_tag(name: str, weight: float = 0.7) -> str:
+    return f"<lora:{name}:{weight:g}>" if name else ""
+
+
+def list_loras(folder: str | Path) -> list[str]:
+    """LoRA names (file stems) in ``folder``, newest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    files = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return [p.stem for p in files]
+
+
+def render_sweep(host: Any, prompt: str, negative_prompt: str, seed: int, lora_name: str,
+                 weights: list[float], steps: int, width: int, height: int) -> list[tuple[Any, str]]:
+    """One image per weight, side by side, labelled; the LoRA name may also come from the prompt."""
+    m = _LORA_TAG.search(prompt or "")
+    name = lora_name or (m.group(1) if m else "")
+    if not name:
+        raise DatasetError("choose a LoRA to test (or put <lora:name:1> in the prompt)")
+    clean = _LORA_TAG.sub("", prompt or "").strip(" ,")
+    images = host.render(clean, negative_prompt or "", int(seed), name, list(weights), int(steps), int(width), int(height))
+    return [(img, f"{name} @ {w:g}") for img, w in zip(images, weights, strict=True)]

@@ -1,0 +1,101 @@
+"""Presets by GPU memory: a table of {field path: value} per size, and "auto" that picks one.
+
+The values are conservative starting points for SD1.x/SD2.x at 512-768 px and SDXL at 1024 px
+(LoRA on the UNet, frozen text encoder, cached latents); a preset only sets the fields it names,
+everything else keeps what the user chose.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PRESET_NAMES = ["auto", "cpu (demo)", "6 GB", "8 GB", "12 GB", "16 GB", "24 GB"]
+
+_COMMON: dict[str, Any] = {
+    "data.cache_latents": "memory",
+    "data.cache_text_embeddings": True,
+    "network.train_unet": True,
+    "network.train_text_encoder": False,
+    "optim.optimizer": "adamw",
+}
+
+# gigabytes -> settings; "mixed_precision" fp16 is the safe choice on every CUDA card
+_BY_VRAM: dict[int, dict[str, Any]] = {
+    6: {"data.resolution": 512, "train.batch_size": 1, "network.rank": 8, "network.alpha": 4.0,
+        "train.gradient_checkpointing": True, "train.mixed_precision": "fp16", "optim.learning_rate": 1e-4},
+    8: {"data.resolution": 512, "train.batch_size": 1, "network.rank": 16, "network.alpha": 8.0,
+        "train.gradient_checkpointing": True, "train.mixed_precision": "fp16", "optim.learning_rate": 1e-4},
+    12: {"data.resolution": 512, "train.batch_size": 2, "network.rank": 16, "network.alpha": 8.0,
+         "train.gradient_checkpointing": False, "train.mixed_precision": "fp16", "optim.learning_rate": 1e-4},
+    16: {"data.resolution": 768, "train.batch_size": 2, "network.rank": 32, "network.alpha": 16.0,
+         "train.gradient_checkpointing": False, "train.mixed_precision": "fp16", "optim.learning_rate": 1e-4},
+    24: {"data.resolution": 768, "train.batch_size": 4, "network.rank": 32, "network.alpha": 16.0,
+         "train.gradient_checkpointing": False, "train.mixed_precision": "bf16", "optim.learning_rate": 1e-4},
+}
+
+# SDXL needs about twice the memory at 1024 px: checkpointing below 24 GB and smaller batches.
+_SDXL: dict[int, dict[str, Any]] = {
+    6: {"data.resolution": 768, "train.batch_size": 1, "network.rank": 4, "network.alpha": 2.0,
+        "train.gradient_checkpointing": True},
+    8: {"data.resolution": 1024, "train.batch_size": 1, "network.rank": 8, "network.alpha": 4.0,
+        "train.gradient_checkpointing": True},
+    12: {"data.resolution": 1024, "train.batch_size": 1, "network.rank": 16, "network.alpha": 8.0,
+         "train.gradient_checkpointing": True},
+    16: {"data.resolution": 1024, "train.batch_size": 1, "network.rank": 32, "network.alpha": 16.0,
+         "train.gradient_checkpointing": True},
+    24: {"data.resolution": 1024, "train.batch_size": 2, "network.rank": 32, "network.alpha": 16.0,
+         "train.gradient_checkpointing": False},
+}
+
+# CPU: the tiny demo model at 64 px, a run of ~30 steps that finishes in about a minute.
+_CPU: dict[str, Any] = {
+    "data.resolution": 64, "data.min_bucket_reso": 64, "data.max_bucket_reso": 128, "data.bucket_step": 32,
+    "data.min_image_size": 32,
+    "train.batch_size": 1, "train.max_train_steps": 30, "train.mixed_precision": "no",
+    "train.gradient_checkpointing": False, "network.rank": 4, "network.alpha": 4.0,
+    "optim.learning_rate": 1e-3, "optim.lr_scheduler": "constant",
+    "sample.every_n_steps": 10, "sample.steps": 4, "sample.width": 64, "sample.height": 64,
+}
+
+
+def gpu_memory_gb() -> float | None:
+    """Total memory of the current CUDA device in GB, or None without one."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        _free, total = torch.cuda.mem_get_info()
+        return total / 2**30
+    except Exception:  # noqa: BLE001 - a broken driver means "no usable GPU" here
+        return None
+
+
+def auto_preset(memory_gb: float | None = None, *, detect: bool = True) -> str:
+    """The largest preset that fits ``memory_gb`` (detected when not given); "cpu (demo)" without a GPU."""
+    if memory_gb is None and detect:
+        memory_gb = gpu_memory_gb()
+    if memory_gb is None:
+        return "cpu (demo)"
+    # cards report a little less than their label (a "8 GB" card shows ~7.6 GiB)
+    fitting = [size for size in sorted(_BY_VRAM) if size <= memory_gb + 0.75]
+    return f"{fitting[-1] if fitting else 6} GB"
+
+
+def preset_values(name: str, arch: str = "sd1", memory_gb: float | None = None) -> dict[str, Any]:
+    """{field path: value} for preset ``name`` ("auto" resolves by GPU memory first)."""
+    if name == "auto":
+        name = auto_preset(memory_gb)
+    if name == "cpu (demo)":
+        return {**_COMMON, **_CPU}
+    try:
+        size = int(name.split()[0])
+        base = _BY_VRAM[size]
+    except (ValueError, KeyError, IndexError):
+        from lora_trainer.errors import ConfigError
+
+        raise ConfigError(f"preset {name!r} is unknown; choose one of {', '.join(PRESET_NAMES)}") from None
+    values = {**_COMMON, **base}
+    if arch == "sdxl":
+        values.update(_SDXL[size])
+    return values

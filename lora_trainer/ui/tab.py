@@ -1,0 +1,191 @@
+"""The Train LoRA tab: Dataset, Captions, Train, Test. Host-agnostic (A1111, Forge, standalone).
+
+Settings live in a ``{field_path: component}`` map built from TrainConfig's fields; handlers
+receive their values in the order of ``paths`` and rebuild a TrainConfig by name. Training runs
+in the job registry's worker thread; a timer polls its snapshot, so a reloaded page shows it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from lora_trainer.config import TrainConfig
+from lora_trainer.ui import compat, handlers
+from lora_trainer.ui.context import TabContext, err_text
+from lora_trainer.ui.fields import UI_FIELDS
+from lora_trainer.ui.train_section import test_section, train_section
+
+
+def build_tab(host: Any, *, elem_prefix: str = "lt-", captioner: Any = None,
+              defaults: TrainConfig | None = None) -> Any:
+    """The whole tab as a ``gr.Blocks`` (the WebUI puts it in a tab; the app launches it)."""
+    g = compat.gr()
+    ctx = TabContext(host=host, prefix=elem_prefix, captioner=captioner, defaults=defaults or TrainConfig())
+    with g.Blocks(analytics_enabled=False, elem_id=ctx.eid("root")) as tab:
+        with g.Tabs(elem_id=ctx.eid("sections")):
+            with g.Tab("Dataset", elem_id=ctx.eid("tab-dataset")):
+                _dataset_section(ctx)
+            with g.Tab("Captions", elem_id=ctx.eid("tab-captions")):
+                _captions_section(ctx)
+            with g.Tab("Train", elem_id=ctx.eid("tab-train")):
+                train_section(ctx, tab)
+            with g.Tab("Test", elem_id=ctx.eid("tab-test")):
+                test_section(ctx)
+        _check_field_map(ctx)
+        for wire in ctx.deferred:
+            wire()
+    tab.lt_context = ctx  # for hosts and tests: the field map and the defaults
+    return tab
+
+
+def _check_field_map(ctx: TabContext) -> None:
+    missing = [p for p in UI_FIELDS if p not in ctx.fields]
+    if missing:
+        raise RuntimeError(f"Train LoRA tab: no component for config fields {missing}")
+
+
+# -- Dataset -------------------------------------------------------------------------------
+
+def _dataset_section(ctx: TabContext) -> None:
+    g = compat.gr()
+    with g.Row():
+        folder = ctx.field("data.train_data_dir", scale=4)
+        load = g.Button("Load dataset", variant="primary", elem_id=ctx.eid("load-dataset"), scale=1)
+    upload = g.File(label="Add images to the folder", file_count="multiple", file_types=["image", ".txt", ".csv"],
+                    elem_id=ctx.eid("upload"))
+    summary = g.Markdown(elem_id=ctx.eid("dataset-summary"))
+    gallery = compat.gallery(label="Images (caption and problems)", columns=6, height=420,
+                             elem_id=ctx.eid("dataset-gallery"))
+    with g.Row():
+        problems = compat.dataframe(headers=["file", "problem", "details"], label="Validation problems",
+                                    interactive=False, height=220, elem_id=ctx.eid("problems"))
+        buckets = compat.dataframe(headers=["bucket (w x h)", "images"], label="Bucket preview",
+                                   interactive=False, height=220, elem_id=ctx.eid("buckets"))
+
+    def do_scan(*values: Any) -> tuple[Any, ...]:
+        try:
+            cfg = ctx.config(values)
+            res = handlers.scan(cfg.data.train_data_dir, cfg)
+            return res["summary"], res["gallery"], res["problems"] or [["", "", ""]], res["buckets"] or [["", ""]]
+        except Exception as e:  # noqa: BLE001 - shown to the user, never a traceback page
+            return err_text(e), [], [["", "", ""]], [["", ""]]
+
+    def do_upload(files: Any, folder_value: str) -> str:
+        try:
+            if not folder_value:
+                return "⚠ enter the dataset folder first; uploads are copied into it"
+            added = handlers.import_uploads(compat.file_paths(files), folder_value)
+            return f"added {len(added)} file(s) to {folder_value}; press Load dataset"
+        except Exception as e:  # noqa: BLE001
+            return err_text(e)
+
+    outputs = [summary, gallery, problems, buckets]
+    ctx.later(lambda: load.click(do_scan, ctx.inputs, outputs))
+    ctx.later(lambda: folder.submit(do_scan, ctx.inputs, outputs))
+    upload.upload(do_upload, [upload, folder], [summary])
+
+
+# -- Captions ------------------------------------------------------------------------------
+
+def _captions_section(ctx: TabContext) -> None:
+    g = compat.gr()
+    with g.Row():
+        model = g.Dropdown(["blip", "clip", "both"], value="blip", label="Caption with", elem_id=ctx.eid("caption-model"))
+        mode = g.Dropdown(["overwrite", "append", "skip-existing"], value="overwrite", label="Existing captions",
+                          elem_id=ctx.eid("caption-mode"))
+        fmt = g.Dropdown(["auto", "csv", "txt", "both"], value="auto", label="Save as",
+                         info="auto keeps the folder's layout (metadata.csv or .txt files)", elem_id=ctx.eid("caption-format"))
+        run = g.Button("Caption images", variant="primary", elem_id=ctx.eid("caption-run"))
+    status = g.Markdown(elem_id=ctx.eid("caption-status"))
+    table = compat.dataframe(headers=["file", "caption"], label="Captions (edit, then Save)", interactive=True,
+                             height=420, elem_id=ctx.eid("caption-table"))
+    with g.Row():
+        reload_ = g.Button("Reload from disk", elem_id=ctx.eid("caption-reload"))
+        save = g.Button("Save captions", variant="primary", elem_id=ctx.eid("caption-save"))
+    with g.Row():
+        trigger = ctx.field("data.trigger_word", scale=2)
+        add_trigger = g.Button("Add trigger word to all", elem_id=ctx.eid("caption-add-trigger"), scale=1)
+    with g.Row():
+        find = g.Textbox(label="Find", elem_id=ctx.eid("caption-find"))
+        repl = g.Textbox(label="Replace with", elem_id=ctx.eid("caption-replace"))
+        regex = g.Checkbox(label="regular expression", value=False, elem_id=ctx.eid("caption-regex"))
+        do_repl = g.Button("Replace in all", elem_id=ctx.eid("caption-replace-run"))
+    freq = compat.dataframe(headers=["tag", "count"], label="Tag frequencies", interactive=False, height=240,
+                            elem_id=ctx.eid("tag-freq"))
+
+    def with_freq(rows: handlers.Rows, msg: str) -> tuple[Any, ...]:
+        return rows or [["", ""]], handlers.tag_frequencies(rows) or [["", ""]], msg
+
+    def do_reload(*values: Any) -> tuple[Any, ...]:
+        try:
+            cfg = ctx.config(values)
+            rows = handlers.load_caption_rows(cfg.data.train_data_dir, cfg)
+            return with_freq(rows, f"{len(rows)} images, {sum(1 for r in rows if r[1].strip())} with a caption")
+        except Exception as e:  # noqa: BLE001
+            return [["", ""]], [["", ""]], err_text(e)
+
+    def do_save(table_value: Any, fmt_value: str, *values: Any) -> tuple[Any, ...]:
+        try:
+            cfg = ctx.config(values)
+            rows = handlers.normalize_rows(table_value)
+            msg = handlers.save_caption_rows(cfg.data.train_data_dir, rows, cfg, fmt_value)
+            return with_freq(rows, msg)
+        except Exception as e:  # noqa: BLE001
+            return compat.update(), compat.update(), err_text(e)
+
+    def do_trigger(table_value: Any, word: str) -> tuple[Any, ...]:
+        rows = handlers.add_trigger(handlers.normalize_rows(table_value), word)
+        return with_freq(rows, f"added '{word.strip()}' in front of every caption (not saved yet)")
+
+    def do_replace(table_value: Any, f: str, r: str, rx: bool) -> tuple[Any, ...]:
+        try:
+            rows, n = handlers.find_replace(handlers.normalize_rows(table_value), f, r, rx)
+            return with_freq(rows, f"changed {n} caption(s) (not saved yet)")
+        except Exception as e:  # noqa: BLE001
+            return compat.update(), compat.update(), err_text(e)
+
+    def do_caption(model_value: str, mode_value: str, fmt_value: str, *values: Any) -> Iterator[tuple[Any, ...]]:
+        try:
+            cfg = ctx.config(values)
+            folder = cfg.data.train_data_dir
+            total = 0
+            for done, total in _caption_steps(ctx, model_value, mode_value, fmt_value, folder, cfg):
+                yield compat.update(), compat.update(), f"captioning with {model_value}… {done}/{total or '?'}"
+            rows = handlers.load_caption_rows(folder, cfg)
+            yield with_freq(rows, f"captioned {total} image(s) with {model_value} and wrote them")
+        except Exception as e:  # noqa: BLE001
+            yield compat.update(), compat.update(), err_text(e)
+
+    outs = [table, freq, status]
+    ctx.later(lambda: reload_.click(do_reload, ctx.inputs, outs))
+    ctx.later(lambda: save.click(do_save, [table, fmt, *ctx.inputs], outs))
+    ctx.later(lambda: run.click(do_caption, [model, mode, fmt, *ctx.inputs], outs))
+    add_trigger.click(do_trigger, [table, trigger], outs)
+    do_repl.click(do_replace, [table, find, repl, regex], outs)
+
+
+def _caption_steps(ctx: TabContext, model: str, mode: str, fmt: str, folder: str,
+                   cfg: TrainConfig) -> Iterator[tuple[int, int]]:
+    """Caption in a worker thread, yielding (done, total) about twice a second for the page."""
+    captioner = ctx.captioner or getattr(ctx.host, "captioner", None)
+    progress: dict[str, int] = {"done": 0, "total": 0}
+    result: dict[str, Any] = {}
+
+    def cb(done: int, total: int) -> None:
+        progress.update(done=done, total=total)
+
+    def work() -> None:
+        try:
+            result["report"] = handlers.caption_folder(folder, model, mode, fmt, cfg, captioner, cb)
+        except Exception as e:  # noqa: BLE001 - re-raised in the event handler below
+            result["error"] = e
+
+    thread = threading.Thread(target=work, name="lora-trainer-caption", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+        yield progress["done"], progress["total"]
+    if "error" in result:
+        raise result["error"]

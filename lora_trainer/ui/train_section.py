@@ -1,0 +1,271 @@
+"""The Train and Test sections of the tab."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lora_trainer import config as cfgmod
+from lora_trainer.errors import ConfigError, HostError
+from lora_trainer.fsutil import atomic_write_text
+from lora_trainer.ui import compat, handlers, jobs, presets
+from lora_trainer.ui.context import TabContext, err_text
+from lora_trainer.ui.fields import UI_FIELDS, config_from_yaml_text, to_component, values_from_config
+from lora_trainer.ui.fields import _kind as field_kind
+
+# In view at the top of the Train section; everything else goes under "Advanced".
+HEAD_FIELDS = ["output.output_name", "model.base_model"]
+COMMON_FIELDS = ["network.rank", "network.alpha", "optim.learning_rate", "train.max_train_steps",
+                 "train.epochs", "train.batch_size", "data.resolution"]
+SAMPLE_FIELDS = ["sample.prompt", "sample.every_n_steps", "sample.seed"]
+PLACED_ELSEWHERE = {"data.train_data_dir", "data.trigger_word"}  # Dataset / Captions sections
+PRESET_FIELDS = sorted({k for name in presets.PRESET_NAMES[1:] for arch in ("sd1", "sdxl")
+                        for k in presets.preset_values(name, arch)})
+WEBUI_HOSTS = ("a1111", "forge")
+
+
+def _advanced_fields() -> dict[str, list[str]]:
+    shown = set(HEAD_FIELDS) | set(COMMON_FIELDS) | set(SAMPLE_FIELDS) | PLACED_ELSEWHERE
+    out: dict[str, list[str]] = {}
+    for path in UI_FIELDS:
+        if path not in shown:
+            out.setdefault(path.split(".", 1)[0], []).append(path)
+    return out
+
+
+def train_section(ctx: TabContext, blocks: Any) -> None:
+    g = compat.gr()
+    with g.Row():
+        for path in HEAD_FIELDS:
+            ctx.field(path, **_host_field_overrides(ctx, path))
+        preset = g.Dropdown(presets.PRESET_NAMES, value=None, label="Preset (GPU memory)",
+                            info="sets resolution, batch, rank, precision and memory savers", elem_id=ctx.eid("preset"))
+    with g.Row():
+        for path in COMMON_FIELDS:
+            ctx.field(path)
+    with g.Row():
+        for path in SAMPLE_FIELDS:
+            ctx.field(path)
+    with g.Accordion("Advanced", open=False, elem_id=ctx.eid("advanced")):
+        for section, paths in _advanced_fields().items():
+            g.Markdown(f"**{section}**", elem_classes=[ctx.eid("advanced-heading")])
+            for i in range(0, len(paths), 3):
+                with g.Row():
+                    for path in paths[i:i + 3]:
+                        ctx.field(path)
+    _yaml_block(ctx)
+    with g.Row():
+        start = g.Button("Start training", variant="primary", elem_id=ctx.eid("start"))
+        stop = g.Button("Stop", variant="stop", elem_id=ctx.eid("stop"))
+        save = g.Button("Save now", elem_id=ctx.eid("save-now"))
+        sample = g.Button("Sample now", elem_id=ctx.eid("sample-now"))
+    msg = g.Markdown(elem_id=ctx.eid("train-msg"))
+    progress = g.HTML(handlers.progress_html(None, ctx.prefix), elem_id=ctx.eid("progress"))
+    with g.Row():
+        # Two plots rather than one with a colour channel: a colour-split LinePlot that starts
+        # empty draws no lines on gradio 6 (its legend never resolves), one series per plot does.
+        with g.Column():
+            plot = compat.line_plot(x="step", y="loss", title="Loss", height=180, elem_id=ctx.eid("loss-plot"))
+            smooth = compat.line_plot(x="step", y="loss", title="Loss, smoothed", height=180,
+                                      elem_id=ctx.eid("loss-smooth-plot"))
+        samples = compat.gallery(label="Samples", columns=3, height=380, elem_id=ctx.eid("samples"))
+    log = g.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id=ctx.eid("log"))
+    seen = g.State(None)
+
+    def do_preset(name: str | None, arch: str) -> list[Any]:
+        if not name:
+            return [compat.update() for _ in PRESET_FIELDS]
+        host_arch = getattr(ctx.host, "arch", None) or (arch if arch != "auto" else "sd1")
+        values = presets.preset_values(name, host_arch)
+        return [compat.update(value=to_component(values[p], field_kind(p)[0])) if p in values else compat.update()
+                for p in PRESET_FIELDS]
+
+    def do_start(*values: Any) -> str:
+        try:
+            cfg = ctx.config(values)
+            if not cfg.data.train_data_dir:
+                raise ConfigError("data.train_data_dir: choose the dataset folder in the Dataset section")
+            jobs.start(cfg, ctx.host)
+            return f"started training '{cfg.output.output_name}'"
+        except Exception as e:  # noqa: BLE001
+            return err_text(e)
+
+    def command(name: str) -> Any:
+        def run() -> str:
+            job = jobs.current()
+            if job is None or not job.alive:
+                return "no training run is in progress"
+            getattr(job, name)()
+            return {"stop": "stopping: saving a checkpoint and the LoRA…", "save_now": "saving at the next step…",
+                    "sample_now": "rendering a sample at the next step…"}[name]
+        return run
+
+    ctx.later(lambda: preset.change(do_preset, [preset, ctx.fields["model.arch"]],
+                                    [ctx.fields[p] for p in PRESET_FIELDS]))
+    ctx.later(lambda: start.click(do_start, ctx.inputs, [msg]))
+    stop.click(command("stop"), None, [msg])
+    save.click(command("save_now"), None, [msg])
+    sample.click(command("sample_now"), None, [msg])
+    ctx.later(lambda: compat.add_timer(blocks, lambda s: _poll(ctx, s), [seen],
+                                       [progress, plot, smooth, samples, log, ctx.parts["test_lora"], seen], 1.0))
+
+
+def _host_field_overrides(ctx: TabContext, path: str) -> dict[str, Any]:
+    """In a WebUI the base model is the one loaded in the WebUI: shown, not chosen here."""
+    if path == "model.base_model" and getattr(ctx.host, "name", "") in WEBUI_HOSTS:
+        return {"interactive": False, "info": "the model loaded in the WebUI is trained in place",
+                "value": getattr(ctx.host, "model_label", "(loaded model)")}
+    return {}
+
+
+def _poll(ctx: TabContext, seen: Any) -> list[Any]:
+    """Progress for the page from the current job's snapshot; unchanged parts are not re-sent."""
+    keep = compat.update()
+    job = jobs.current()
+    if job is None:
+        return [handlers.progress_html(None, ctx.prefix), keep, keep, keep, keep, keep, seen]
+    snap = job.snapshot()
+    key = [job.id, len(snap["losses"]), len(snap["samples"]), len(snap["log"]), snap["status"]]
+    old = seen if isinstance(seen, list) and len(seen) == len(key) and seen[0] == job.id else [None] * len(key)
+    raw, smooth = (handlers.loss_frames(snap["losses"]) if key[1] != old[1] else (keep, keep))
+    gallery = [(img, f"step {step}") for step, img in snap["samples"]] if key[2] != old[2] else keep
+    log = "\n".join(snap["log"][-200:]) if key[3] != old[3] else keep
+    loras = keep
+    if key[4] != old[4] and snap["status"] in ("done", "stopped", "finished"):
+        names = handlers.list_loras(ctx.host.lora_dir(job.config))
+        loras = compat.update(choices=names, value=names[0] if names else None)
+    return [handlers.progress_html(snap, ctx.prefix), raw, smooth, gallery, log, loras, key]
+
+
+def _yaml_block(ctx: TabContext) -> None:
+    g = compat.gr()
+    with g.Accordion("Config as YAML (load / save)", open=False, elem_id=ctx.eid("yaml")):
+        text = compat.textbox(copy_button=True, label="Config YAML", lines=12, elem_id=ctx.eid("config-yaml"))
+        with g.Row():
+            to_yaml = g.Button("Form → YAML", elem_id=ctx.eid("to-yaml"))
+            from_yaml = g.Button("YAML → form", elem_id=ctx.eid("from-yaml"))
+        with g.Row():
+            path = g.Textbox(label="YAML file", placeholder="my_lora.yaml", elem_id=ctx.eid("yaml-path"), scale=3)
+            save = g.Button("Save to file", elem_id=ctx.eid("yaml-save"), scale=1)
+            load = g.Button("Load file", elem_id=ctx.eid("yaml-load"), scale=1)
+        status = g.Markdown(elem_id=ctx.eid("yaml-status"))
+
+    def form_to_yaml(*values: Any) -> tuple[str, str]:
+        try:
+            return ctx.config(values).to_yaml(), ""
+        except Exception as e:  # noqa: BLE001
+            return compat.update(), err_text(e)
+
+    def yaml_to_form(yaml_text: str) -> list[Any]:
+        try:
+            cfg = config_from_yaml_text(yaml_text)
+            return [*values_from_config(cfg, ctx.paths), "loaded into the form"]
+        except Exception as e:  # noqa: BLE001
+            return [*(compat.update() for _ in ctx.paths), err_text(e)]
+
+    def save_file(p: str, *values: Any) -> str:
+        try:
+            if not p.strip():
+                raise ConfigError("YAML file: enter a file name, e.g. my_lora.yaml")
+            cfg = ctx.config(values)
+            atomic_write_text(Path(p.strip()).expanduser(), cfg.to_yaml())
+            return f"saved {p.strip()}"
+        except Exception as e:  # noqa: BLE001
+            return err_text(e)
+
+    def load_file(p: str) -> list[Any]:
+        try:
+            cfg = cfgmod.build_config(cfgmod.flatten_user_dict(cfgmod.read_yaml(Path(p.strip()).expanduser()),
+                                                              source=p.strip()))
+            return [*values_from_config(cfg, ctx.paths), cfg.to_yaml(), f"loaded {p.strip()}"]
+        except Exception as e:  # noqa: BLE001
+            return [*(compat.update() for _ in ctx.paths), compat.update(), err_text(e)]
+
+    ctx.later(lambda: to_yaml.click(form_to_yaml, ctx.inputs, [text, status]))
+    ctx.later(lambda: from_yaml.click(yaml_to_form, [text], [*ctx.inputs, status]))
+    ctx.later(lambda: save.click(save_file, [path, *ctx.inputs], [status]))
+    ctx.later(lambda: load.click(load_file, [path], [*ctx.inputs, text, status]))
+
+
+# -- Test ----------------------------------------------------------------------------------
+
+def test_section(ctx: TabContext) -> None:
+    g = compat.gr()
+    d = ctx.defaults
+    with g.Row():
+        lora = g.Dropdown(choices=handlers.list_loras(_lora_dir(ctx, d)), label="LoRA", elem_id=ctx.eid("test-lora"), scale=4)
+        refresh = g.Button("Refresh list", elem_id=ctx.eid("test-refresh"), scale=1)
+    prompt = g.Textbox(label="Prompt (a <lora:name:w> tag picks the LoRA too; the weight comes from the sweep)",
+                       value=d.sample.prompt, lines=2, elem_id=ctx.eid("test-prompt"))
+    negative = g.Textbox(label="Negative prompt", value=d.sample.negative_prompt, elem_id=ctx.eid("test-negative"))
+    with g.Row():
+        seed = g.Number(label="Seed", value=d.sample.seed, precision=0, elem_id=ctx.eid("test-seed"))
+        steps = g.Number(label="Steps", value=d.sample.steps, precision=0, elem_id=ctx.eid("test-steps"))
+        width = g.Number(label="Width", value=d.sample.width or d.data.resolution, precision=0, elem_id=ctx.eid("test-width"))
+        height = g.Number(label="Height", value=d.sample.height or d.data.resolution, precision=0,
+                          elem_id=ctx.eid("test-height"))
+        weights = g.Textbox(label="Weights", value="0, 0.5, 0.7, 1", elem_id=ctx.eid("test-weights"))
+    render = g.Button("Render weight sweep", variant="primary", elem_id=ctx.eid("render"))
+    msg = g.Markdown(elem_id=ctx.eid("test-msg"))
+    grid = compat.gallery(label="Weight sweep (same seed)", columns=4, height=320, elem_id=ctx.eid("test-grid"))
+    with g.Row():
+        tag = compat.textbox(copy_button=True, label="LoRA tag", interactive=True, elem_id=ctx.eid("lora-tag"), scale=3)
+        copy = g.Button("Copy tag", elem_id=ctx.eid("copy-tag"), scale=1)
+        send = g.Button("Send to txt2img", elem_id=ctx.eid("send-txt2img"), scale=1,
+                        visible=getattr(ctx.host, "name", "") in WEBUI_HOSTS)
+    ctx.parts["test_lora"] = lora
+
+    def do_refresh(*values: Any) -> Any:
+        try:
+            names = handlers.list_loras(_lora_dir(ctx, ctx.config(values)))
+            return compat.update(choices=names, value=names[0] if names else None)
+        except Exception:  # noqa: BLE001 - a bad field elsewhere must not break the list
+            return compat.update()
+
+    def do_render(name: str, p: str, n: str, s: float, st: float, w: float, h: float, ws: str,
+                  *values: Any) -> tuple[Any, str]:
+        try:
+            weights_ = handlers.parse_weights(ws)
+            with _model_for_render(ctx, values):
+                items = handlers.render_sweep(ctx.host, p, n, int(s), name or "", weights_, int(st), int(w), int(h))
+            return items, f"rendered {len(items)} image(s)"
+        except Exception as e:  # noqa: BLE001
+            return compat.update(), err_text(e)
+
+    ctx.later(lambda: refresh.click(do_refresh, ctx.inputs, [lora]))
+    lora.change(lambda name: handlers.lora_tag(name or "", 0.7), [lora], [tag])
+    ctx.later(lambda: render.click(do_render, [lora, prompt, negative, seed, steps, width, height, weights,
+                                               *ctx.inputs], [grid, msg]))
+    copy.click(None, [tag], None, **compat.js_kwargs("(t) => { window.ltCopyTag && window.ltCopyTag(t); return []; }"))
+    send.click(None, [tag], None,
+               **compat.js_kwargs("(t) => { window.ltSendToTxt2img && window.ltSendToTxt2img(t); return []; }"))
+
+
+@contextlib.contextmanager
+def _model_for_render(ctx: TabContext, values: tuple[Any, ...]) -> Iterator[None]:
+    """Standalone, the host renders with the model it loaded: load the form's base model first
+    (cached, so only the first render after start-up pays for it). A WebUI renders with its own
+    loaded model, so nothing happens there. Refused while a training run holds the model."""
+    host = ctx.host
+    if getattr(host, "name", "") != "standalone":
+        yield
+        return
+    lock = host.lock()
+    if not lock.acquire(blocking=False):
+        raise HostError("a training run is using the model; render when it has finished (or press Stop)")
+    try:
+        host.release_bundle(host.acquire_bundle(ctx.config(values)))
+    finally:
+        lock.release()
+    yield
+
+
+def _lora_dir(ctx: TabContext, cfg: Any) -> Path:
+    try:
+        return Path(ctx.host.lora_dir(cfg))
+    except Exception:  # noqa: BLE001 - a host that cannot tell yet lists nothing
+        return Path(cfg.output.output_dir)
+
+

@@ -1,0 +1,78 @@
+"""SDXL and SD2-v, mixed precision, gradient checkpointing, accumulation, Ctrl-C: the paths a
+quick SD1 run does not take."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_trainer.train.events import TrainEvent
+from lora_trainer.train.trainer import Trainer
+from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("data"), n=2)
+
+
+@pytest.fixture(scope="module")
+def host() -> TinyHost:
+    return TinyHost("sd1")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_with_fp32_lora_weights(tmp_path: Path, data: Path, host: TinyHost, precision: str) -> None:
+    dtypes: list[torch.dtype] = []
+
+    class Spy:
+        """Records the dtype of the LoRA parameters the optimizer updates."""
+
+        def __call__(self, ev: TrainEvent) -> None:
+            if ev.kind == "step":
+                dtypes.extend(p.dtype for n, p in host.bundle.unet.named_parameters() if "lora_" in n)
+
+    cfg = tiny_config(data, tmp_path / "out", **{"train.mixed_precision": precision,
+                                                 "train.gradient_checkpointing": True,
+                                                 "train.gradient_accumulation_steps": 2,
+                                                 "output.save_precision": "bf16"})
+    result = Trainer(cfg, host=host, callbacks=[Spy()]).run()
+    assert result.steps == 2 and result.final_loss is not None and result.final_loss == result.final_loss
+    assert dtypes and set(dtypes) == {torch.float32}
+    assert {v.dtype for v in lora_tensors(result.lora_path).values()} == {torch.bfloat16}
+    # checkpointing is switched off again afterwards
+    assert not host.bundle.unet.is_gradient_checkpointing
+    assert not host.bundle.unet.training
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    import os
+    import signal
+
+    def press_ctrl_c(ev: TrainEvent) -> None:
+        if ev.kind == "step" and ev.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    result = Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 20}), host=host,
+                     callbacks=[press_ctrl_c]).run()
+    assert result.stopped and result.steps == 1 and result.lora_path.is_file()
+    assert (tmp_path / "out" / "checkpoints" / "step-000001" / "training_state.pt").is_file()
+    assert signal.getsignal(signal.SIGINT) is before  # the CLI's own handling is back
+
+
+@pytest.mark.parametrize("arch,prediction_type", [("sdxl", "epsilon"), ("sd2", "v_prediction")])
+def test_other_architectures_train(tmp_path: Path, data: Path, arch: str, prediction_type: str) -> None:
+    host = TinyHost(arch, prediction_type)
+    cfg = tiny_config(data, tmp_path / "out", **{"train.min_snr_gamma": 5.0, "train.noise_offset": 0.05,
+                                                 "network.train_text_encoder": True, "sample.prompt": "a red circle",
+                                                 "sample.steps": 2})
+    result = Trainer(cfg, host=host).run()
+    assert result.steps == 2 and result.final_loss is not None and result.final_loss == result.final_loss
+    keys = list(lora_tensors(result.lora_path))
+    prefixes = {k.split("_")[1] for k in keys}
+    assert prefixes == ({"unet", "te1", "te2"} if arch == "sdxl" else {"unet", "te"})
+    preview = result.lora_path.with_suffix(".png")
+    assert preview.is_file() and (tmp_path / "out" / "samples" / "step-000002.png").is_file()

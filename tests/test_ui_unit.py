@@ -1,0 +1,373 @@
+"""The tab's parts without a browser: gradio shims, field map <-> TrainConfig, presets, job
+registry, handlers, the app's argument checks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lora_trainer.config import TrainConfig, all_field_paths, build_config
+from lora_trainer.errors import ConfigError, DatasetError, HostError
+from lora_trainer.train.events import Commands, RunState, TrainEvent
+from lora_trainer.ui import handlers, jobs, presets
+from lora_trainer.ui.fields import UI_FIELDS, config_from_values, config_from_yaml_text, values_from_config
+
+gr = pytest.importorskip("gradio")
+from lora_trainer.ui import app as appmod  # noqa: E402
+from lora_trainer.ui import compat  # noqa: E402
+
+# -- compat ---------------------------------------------------------------------------------
+
+
+def test_js_kwarg_matches_installed_gradio():
+    kw = compat.js_kwargs("() => 1")
+    assert list(kw) == (["_js"] if compat.version()[0] < 4 else ["js"])
+    assert compat.js_kwargs(None) == {}
+
+
+@pytest.mark.parametrize("obj, expected", [
+    ("/tmp/a.png", "/tmp/a.png"),
+    (Path("/tmp/b.png"), "/tmp/b.png"),
+    ({"name": "/tmp/c.png"}, "/tmp/c.png"),
+    ({"path": "/tmp/d.png", "name": "d.png"}, "/tmp/d.png"),
+    (type("Wrapper", (), {"name": "/tmp/e.png"})(), "/tmp/e.png"),
+    (None, None),
+])
+def test_file_path_of_every_upload_shape(obj: Any, expected: str | None):
+    assert compat.file_path(obj) == expected
+
+
+def test_file_paths_accepts_single_and_lists():
+    assert compat.file_paths(None) == []
+    assert compat.file_paths("/x.png") == ["/x.png"]
+    assert compat.file_paths(["/x.png", {"name": "/y.png"}, None]) == ["/x.png", "/y.png"]
+
+
+def test_components_build_on_installed_gradio():
+    with gr.Blocks():
+        box = compat.textbox(copy_button=True, label="t")
+        table = compat.dataframe(headers=["file", "caption"], height=200)
+        plot = compat.line_plot(x="step", y="loss", color="series")
+        gal = compat.gallery(columns=3, height=200)
+    if compat.accepts(gr.Textbox, "show_copy_button"):
+        assert box.show_copy_button
+    else:
+        assert "copy" in box.buttons
+    height_attr = "max_height" if compat.accepts(gr.Dataframe, "max_height") else "height"
+    assert getattr(table, height_attr) == 200
+    assert plot.value is not None  # an empty frame, never None (4.44 breaks on None)
+    assert isinstance(gal, gr.Gallery)
+
+
+def test_empty_frame_is_a_dataframe_not_none():
+    frame = compat.empty_frame(["step", "loss"])
+    assert list(frame.columns) == ["step", "loss"] and len(frame) == 0
+
+
+def test_css_goes_to_blocks_or_launch_but_not_both():
+    b, launch = compat.blocks_kwargs("x{}"), compat.launch_kwargs("x{}")
+    assert (b == {"css": "x{}"}) != (launch == {"css": "x{}"})
+
+
+# -- field map ------------------------------------------------------------------------------
+
+
+def test_ui_fields_cover_every_image_config_field():
+    assert set(UI_FIELDS) == set(all_field_paths()) - {"task"}
+
+
+def test_field_values_round_trip_through_config():
+    cfg = build_config({"network.rank": 12, "network.alpha": 3.5, "optim.unet_lr": 2e-4,
+                        "network.target_modules": ["to_q", "to_v"], "train.max_train_steps": 77,
+                        "data.crop": "random", "sample.width": None, "output.output_name": "x y"})
+    values = values_from_config(cfg, UI_FIELDS)
+    by_path = dict(zip(UI_FIELDS, values, strict=True))
+    assert by_path["network.target_modules"] == "to_q, to_v"
+    assert by_path["sample.width"] == ""
+    again = config_from_values(UI_FIELDS, values)
+    assert again == cfg
+
+
+def test_component_value_types_coerce_like_the_ui_sends_them():
+    # gr.Number sends floats, optional fields arrive as text, checkboxes as bools
+    paths = ["network.rank", "train.max_train_steps", "optim.text_encoder_lr", "network.train_text_encoder"]
+    cfg = config_from_values(paths, [8.0, " 30 ", "", True])
+    assert cfg.network.rank == 8 and cfg.train.max_train_steps == 30
+    assert cfg.optim.text_encoder_lr is None and cfg.network.train_text_encoder is True
+
+
+def test_bad_field_value_names_the_field():
+    with pytest.raises(ConfigError, match="network.rank"):
+        config_from_values(["network.rank"], [0])
+    with pytest.raises(ValueError):
+        config_from_values(["network.rank"], [1, 2])
+
+
+def test_yaml_text_with_aliases_loads():
+    cfg = config_from_yaml_text("lora_rank: 6\ntrain_data_dir: /data\noptim:\n  learning_rate: 0.0005\n")
+    assert cfg.network.rank == 6 and cfg.data.train_data_dir == "/data" and cfg.optim.learning_rate == 5e-4
+    with pytest.raises(ConfigError, match="lora_rnak|did you mean"):
+        config_from_yaml_text("lora_rnak: 6\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        config_from_yaml_text("a: [unclosed\n")
+
+
+def test_tab_field_map_holds_every_field_by_path():
+    class Host:
+        name = "standalone"
+
+        def lora_dir(self, cfg: TrainConfig) -> Path:
+            return Path(cfg.output.output_dir)
+
+    tab = __import__("lora_trainer.ui.tab", fromlist=["build_tab"]).build_tab(Host())
+    ctx = tab.lt_context
+    assert set(ctx.fields) == set(UI_FIELDS)
+    for path, comp in ctx.fields.items():
+        assert comp.elem_id.startswith("lt-f-"), path
+    # the defaults shown are the config defaults, and rebuild the same config
+    values = [comp.value for comp in ctx.inputs]
+    assert ctx.config(values) == TrainConfig()
+
+
+# -- presets --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("memory, expected", [
+    (None, "cpu (demo)"), (5.8, "6 GB"), (7.6, "8 GB"), (11.7, "12 GB"), (15.6, "16 GB"), (23.6, "24 GB"),
+    (79.2, "24 GB"), (4.0, "6 GB"),
+])
+def test_auto_preset_by_memory(memory: float | None, expected: str):
+    assert presets.auto_preset(memory, detect=False) == expected
+
+
+@pytest.mark.parametrize("name", presets.PRESET_NAMES[1:])
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_every_preset_is_a_valid_config(name: str, arch: str):
+    values = presets.preset_values(name, arch)
+    cfg = build_config(values)
+    for path, value in values.items():
+        assert cfg.get(path) == value
+
+
+def test_presets_use_less_memory_on_smaller_cards():
+    small, big = presets.preset_values("6 GB"), presets.preset_values("24 GB")
+    assert small["train.gradient_checkpointing"] and not big["train.gradient_checkpointing"]
+    assert small["train.batch_size"] <= big["train.batch_size"] and small["network.rank"] <= big["network.rank"]
+    assert presets.preset_values("8 GB", "sdxl")["data.resolution"] == 1024
+
+
+def test_auto_without_gpu_is_the_cpu_demo_preset():
+    assert presets.preset_values("auto", memory_gb=None)["data.resolution"] in (64, presets.preset_values(
+        presets.auto_preset())["data.resolution"])
+    with pytest.raises(ConfigError, match="preset"):
+        presets.preset_values("3 GB")
+
+
+# -- job registry ---------------------------------------------------------------------------
+
+
+class StepTrainer:
+    """A trainer double with the Trainer surface: a worker thread that emits real TrainEvents
+    into a real RunState until told to stop (the registry is what is under test)."""
+
+    def __init__(self, config: TrainConfig, host: Any, callbacks: list[Any]) -> None:
+        self.config, self.commands, self.state = config, Commands(), RunState()
+        self.release = threading.Event()
+        self.saves = 0
+
+    def start(self) -> threading.Thread:
+        def work() -> None:
+            step = 0
+            while not self.commands.stop_requested and step < 500:
+                step += 1
+                self.state.update(TrainEvent("step", step=step, total_steps=500, loss=1.0 / step, message=""))
+                if self.commands.take_save():
+                    self.saves += 1
+                time.sleep(0.005)
+            self.state.update(TrainEvent("stopped", step=step, path="/x.safetensors", message="stopped"))
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        return t
+
+    def stop(self) -> None:
+        self.commands.request_stop()
+
+    def save_now(self) -> None:
+        self.commands.request_save()
+
+    def sample_now(self) -> None:
+        self.commands.request_sample()
+
+
+def test_job_registry_keeps_the_run_and_refuses_a_second():
+    jobs.clear_finished()
+    cfg = build_config({"output.output_name": "first"})
+    job = jobs.start(cfg, host=None, factory=StepTrainer)
+    try:
+        time.sleep(0.05)
+        # a fresh page asks the registry, not its own session: it finds the running job
+        assert jobs.current() is job and job.alive
+        assert job.snapshot()["status"] == "running" and job.snapshot()["output_name"] == "first"
+        with pytest.raises(HostError, match="first"):
+            jobs.start(build_config({"output.output_name": "second"}), host=None, factory=StepTrainer)
+        job.save_now()
+        time.sleep(0.05)
+        assert job.trainer.saves == 1
+    finally:
+        job.stop()
+        job.join(5)
+    snap = job.snapshot()
+    assert not job.alive and snap["status"] == "stopped" and snap["output_path"] == "/x.safetensors"
+    second = jobs.start(build_config({"output.output_name": "second"}), host=None, factory=StepTrainer)
+    second.stop()
+    second.join(5)
+    assert jobs.current() is second and jobs.get(job.id) is job
+    jobs.clear_finished()
+    assert jobs.current() is None
+
+
+def test_dead_thread_without_final_event_is_not_running():
+    class Crashing(StepTrainer):
+        def start(self) -> threading.Thread:
+            def work() -> None:
+                self.state.update(TrainEvent("step", step=1, total_steps=9, loss=0.5))
+            t = threading.Thread(target=work, daemon=True)
+            t.start()
+            return t
+
+    job = jobs.start(build_config({}), host=None, factory=Crashing)
+    job.join(5)
+    assert job.snapshot()["status"] == "finished"
+    jobs.clear_finished()
+
+
+# -- handlers -------------------------------------------------------------------------------
+
+
+def test_loss_frame_raw_and_smoothed():
+    frame = handlers.loss_frame([(1, 1.0), (2, 0.0), (3, 0.0)])
+    raw = frame[frame.series == "raw"]["loss"].tolist()
+    smooth = frame[frame.series == "smoothed"]["loss"].tolist()
+    assert raw == [1.0, 0.0, 0.0]
+    assert smooth[0] == pytest.approx(1.0)  # bias-corrected EMA starts at the first value
+    assert 0.0 < smooth[2] < smooth[1] < 1.0
+
+
+def test_loss_frames_split_for_two_plots():
+    raw, smooth = handlers.loss_frames([(1, 1.0), (2, 0.0)])
+    assert list(raw.columns) == ["step", "loss"] and raw["loss"].tolist() == [1.0, 0.0]
+    assert smooth["step"].tolist() == [1, 2] and smooth["loss"].iloc[1] == pytest.approx(0.1 * 0 / 0.19 + 0.9 * 0.1 / 0.19)
+
+
+def test_progress_html_shows_step_speed_and_eta():
+    html = handlers.progress_html({"status": "running", "step": 5, "total_steps": 20, "it_per_s": 2.5,
+                                   "eta_s": 125.0, "error": None})
+    assert "step 5/20" in html and "2.50 it/s" in html and "ETA 2:05" in html and "width:25.0%" in html
+    assert "idle" in handlers.progress_html(None)
+    assert "&lt;b&gt;" in handlers.progress_html({"status": "error", "step": 0, "total_steps": 0, "error": "<b>"})
+
+
+def test_weights_and_tags():
+    assert handlers.parse_weights("0, 0.5 0.7,1") == [0.0, 0.5, 0.7, 1.0]
+    with pytest.raises(DatasetError, match="weights"):
+        handlers.parse_weights("0, half")
+    assert handlers.lora_tag("my_lora", 0.7) == "<lora:my_lora:0.7>"
+
+
+def test_render_sweep_strips_the_tag_and_labels_each_weight():
+    calls = []
+
+    class Host:
+        def render(self, prompt, negative, seed, name, weights, steps, width, height):
+            calls.append((prompt, name, weights))
+            from PIL import Image
+            return [Image.new("RGB", (width, height)) for _ in weights]
+
+    items = handlers.render_sweep(Host(), "<lora:cats:1> a cat, sofa", "", 3, "", [0, 1], 2, 64, 64)
+    assert calls == [("a cat, sofa", "cats", [0, 1])]
+    assert [label for _, label in items] == ["cats @ 0", "cats @ 1"]
+    with pytest.raises(DatasetError, match="LoRA"):
+        handlers.render_sweep(Host(), "a cat", "", 3, "", [0], 2, 64, 64)
+
+
+def test_dataset_scan_and_caption_rows(tmp_path: Path):
+    from lora_trainer.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", n=4)
+    (data / "tiny.png").write_bytes((data / "demo_000.png").read_bytes()[:40])  # truncated: corrupt
+    cfg = appmod.demo_defaults(data, tmp_path / "out")
+    res = handlers.scan(str(data), cfg)
+    assert len([g for g in res["gallery"] if "skipped" not in g[1]]) == 4
+    assert any(r[0] == "tiny.png" and r[1] == "corrupt" for r in res["problems"])
+    assert res["buckets"] == [["64x64", "4"]]
+    rows = handlers.load_caption_rows(str(data), cfg)
+    assert [r[0] for r in rows][:4] == ["demo_000.png", "demo_001.png", "demo_002.png", "demo_003.png"]
+    rows[1][1] = "an edited caption, with comma"
+    msg = handlers.save_caption_rows(str(data), rows[:4], cfg, "auto")
+    assert "csv" in msg and "backup" in msg
+    assert handlers.load_caption_rows(str(data), cfg)[1][1] == "an edited caption, with comma"
+    with pytest.raises(DatasetError):
+        handlers.scan(str(tmp_path / "missing"), cfg)
+
+
+def test_import_uploads_never_overwrites(tmp_path: Path):
+    src = tmp_path / "a.png"
+    src.write_bytes(b"x")
+    dest = tmp_path / "data"
+    first = handlers.import_uploads([str(src)], dest)
+    second = handlers.import_uploads([str(src)], dest)
+    assert first[0].name == "a.png" and second[0].name == "a_1.png"
+
+
+def test_normalize_rows_from_list_or_frame():
+    import pandas as pd
+
+    assert handlers.normalize_rows([["a.png", "x"], ["", ""], ["b.png", None]]) == [["a.png", "x"], ["b.png", ""]]
+    frame = pd.DataFrame([["a.png", "x"]], columns=["file", "caption"])
+    assert handlers.normalize_rows(frame) == [["a.png", "x"]]
+
+
+# -- app arguments --------------------------------------------------------------------------
+
+
+def test_app_binds_localhost_by_default(tmp_path: Path):
+    args, defaults, server, auth = appmod.resolve_args(["--data", str(tmp_path / "d"), "--port", "7999"])
+    assert server == "127.0.0.1" and auth is None and args.port == 7999
+    assert defaults.model.base_model == "demo" and defaults.data.resolution == 64
+    assert defaults.train.max_train_steps == 30 and defaults.sample.every_n_steps > 0
+
+
+def test_listen_requires_auth():
+    with pytest.raises(ConfigError, match="--auth"):
+        appmod.resolve_args(["--listen"])
+    _, _, server, auth = appmod.resolve_args(["--listen", "--auth", "alice:s3cret:x"])
+    assert server == "0.0.0.0" and auth == ("alice", "s3cret:x")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--auth", "alice"], "user:password"),
+    (["--auth", ":pw"], "user:password"),
+    (["--port", "0"], "port"),
+    (["--model", "/no/such/model.safetensors"], "no such file"),
+])
+def test_app_argument_errors(argv: list[str], match: str):
+    with pytest.raises(ConfigError, match=match):
+        appmod.resolve_args(argv)
+
+
+def test_app_main_reports_errors_through_the_cli():
+    from lora_trainer.cli import main
+
+    assert main(["app", "--listen"]) == 2
+
+
+def test_model_path_run_uses_it(tmp_path: Path):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"")
+    _, defaults, _, _ = appmod.resolve_args(["--model", str(model)])
+    assert defaults.model.base_model == str(model) and defaults.data.train_data_dir == ""
