@@ -19,7 +19,7 @@ WEBUI_ENV = {
     "gradio": "3.41.2", "transformers": "4.30.2", "accelerate": "0.21.0", "safetensors": "0.4.2",
     "huggingface-hub": "0.36.2", "numpy": "1.26.2", "pillow": "9.5.0", "open-clip-torch": "2.20.0",
     "tokenizers": "0.13.3", "pyyaml": "6.0.1", "filelock": "3.13.1", "regex": "2023.12.25",
-    "requests": "2.31.0", "fastapi": "0.94.0", "httpx": "0.24.1",
+    "requests": "2.31.0", "fastapi": "0.94.0", "httpx": "0.24.1", "importlib-metadata": "7.0.1",
 }
 
 
@@ -44,6 +44,12 @@ def test_second_start_installs_nothing() -> None:
 def test_newer_user_versions_are_left_alone() -> None:
     env = dict(WEBUI_ENV, diffusers="0.42.1", peft="0.21.2")
     assert ip.plan_installs(lookup(env)) == []
+
+
+def test_a_missing_helper_dependency_is_installed_with_its_deps() -> None:
+    env = {k: v for k, v in WEBUI_ENV.items() if k != "importlib-metadata"}
+    [action] = [a for a in ip.plan_installs(lookup(env)) if a.name == "importlib-metadata"]
+    assert action.args == 'install "importlib-metadata==8.5.0"'
 
 
 def test_too_old_version_is_replaced() -> None:

@@ -172,12 +172,13 @@ class A1111Host:
                 log.info("restored %d layers from the WebUI's LoRA backups before training", restored)
             live_model.strip_peft_layers(sd_model)
             live_model.freeze([sd_model])
+            # Fingerprinted where the tensors are now: release compares after putting them back here.
+            lease.fingerprint = live_model.fingerprint(roots)
             if medvram:
                 # Hooks would swap the UNet out whenever the text encoder or VAE runs; our predict
                 # calls the UNet directly, so it stays on the device for the whole run.
                 lowvram.send_everything_to_cpu()
                 sd_model.model.to(device)
-            lease.fingerprint = live_model.fingerprint(roots)
             bundle = bundle_from_sd_model(sd_model, roots, device, shared)
             bundle.extras["enable_gradient_checkpointing"] = lambda: self._checkpointing(lease)
             return bundle

@@ -50,6 +50,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("filelock", "3.0", "3.16.1", why="diffusers"),
     Requirement("regex", "2020.1.8", "2024.11.6", why="diffusers"),
     Requirement("requests", "2.20", "2.32.3", why="diffusers"),
+    Requirement("importlib-metadata", "4.0", "8.5.0", why="diffusers"),
 )
 
 # diffusers is installed with --no-deps so it cannot pull a huggingface_hub 1.x that breaks

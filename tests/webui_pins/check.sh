@@ -49,4 +49,17 @@ if [ "$BEFORE" != "$AFTER" ]; then
 fi
 "$PY" -m pip check || echo "(pip check reports the above; the WebUI pins are unchanged)"
 HF_HUB_OFFLINE=1 PYTHONPATH="$ROOT" "$PY" tests/webui_pins/smoke.py
-echo "webui pins check: 1 passed, 0 failed"
+
+# The A1111 host tests (LDM model, Trainer, stand-in WebUI) with these versions. open_clip (for
+# the CLIP tokenizer's BPE file) needs a torchvision; the tokenizer files are built once by the
+# main test venv instead and shared through the cache folder.
+"$PY" -m pip install -q pytest einops omegaconf
+"$PY" -c "import ldm.modules.diffusionmodules.openaimodel" 2>/dev/null \
+  || "$PY" -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5
+CACHE=${LORA_TRAINER_CACHE:-$(mktemp -d)}
+MAIN_PY=${LORA_TRAINER_VENV:-.venv}/bin/python
+[ -x "$MAIN_PY" ] || MAIN_PY=python3
+LORA_TRAINER_CACHE="$CACHE" PYTHONPATH="$ROOT" "$MAIN_PY" -c \
+  "from lora_trainer.models.tokenizer import load_clip_tokenizer as f; f(); f('!')"
+LORA_TRAINER_CACHE="$CACHE" "$PY" -m pytest -q -p no:cacheprovider tests/test_a1111_host.py tests/test_a1111_bundle_archs.py
+echo "webui pins check: smoke and A1111 host tests passed"
