@@ -64,6 +64,10 @@ def test_tab_is_built_from_the_ui_package_with_the_a1111_host(script, monkeypatc
     assert isinstance(blocks, gr.Blocks) and title == "Train LoRA" and elem_id == "lt_train_lora"
     if seen:
         assert isinstance(seen["host"], A1111Host)
+    else:  # the real tab: its model field names the checkpoint loaded in the WebUI
+        ctx = blocks.lt_context
+        assert isinstance(ctx.host, A1111Host)
+        assert "tiny-sd1" in str(ctx.fields["model.base_model"].value)
 
 
 def _client(script):

@@ -144,6 +144,15 @@ class A1111Host:
         self._started = 0.0
 
     # -- model ------------------------------------------------------------------------------
+    @property
+    def model_label(self) -> str:
+        """The loaded checkpoint's name, shown in the tab (the model trained in place)."""
+        from modules import shared
+
+        info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+        name = getattr(info, "title", None) or getattr(info, "name", None)
+        return f"{name} (loaded in the WebUI)" if name else "(no checkpoint loaded)"
+
     def acquire_bundle(self, config: TrainConfig) -> ModelBundle:
         from modules import devices, lowvram, shared
 

@@ -40,7 +40,7 @@ class TabContext:
         return config_from_values(self.paths, list(values), base=self.defaults)
 
     def field(self, path: str, **kw: Any) -> Any:
-        value = values_from_config(self.defaults, [path])[0]
+        value = kw.pop("value") if "value" in kw else values_from_config(self.defaults, [path])[0]
         comp = make_field(path, self.prefix, value=value, **kw)
         self.fields[path] = comp
         return comp
