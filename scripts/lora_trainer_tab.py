@@ -22,7 +22,6 @@ from lora_trainer.hosts.a1111 import A1111Host  # noqa: E402
 LT_TAB_TITLE = "Train LoRA"
 LT_TAB_ID = "lt_train_lora"
 LT_SECTION = ("lora_trainer", "Train LoRA")
-LT_PRESETS = ["fast", "balanced", "quality"]
 
 _lt_state: dict = {}
 
@@ -51,6 +50,8 @@ def lt_on_ui_tabs():
 def lt_on_ui_settings() -> None:
     import gradio as gr
 
+    from lora_trainer.ui.presets import PRESET_NAMES
+
     def add(key: str, info) -> None:
         info.section = LT_SECTION
         shared.opts.add_option(key, info)
@@ -58,7 +59,7 @@ def lt_on_ui_settings() -> None:
     add("lora_trainer_output_dir", shared.OptionInfo(
         "", "Folder for trained LoRAs (empty: the WebUI's LoRA folder, --lora-dir)"))
     add("lora_trainer_default_preset", shared.OptionInfo(
-        "balanced", "Default training preset", gr.Radio, {"choices": LT_PRESETS}))
+        "auto", "Default training preset (by GPU memory)", gr.Dropdown, {"choices": PRESET_NAMES}))
     add("lora_trainer_keep_checkpoints", shared.OptionInfo(
         3, "Step checkpoints to keep per run (0 keeps all)", gr.Slider, {"minimum": 0, "maximum": 20, "step": 1}))
     add("lora_trainer_preview_samples", shared.OptionInfo(

@@ -64,6 +64,10 @@ def test_tab_is_built_from_the_ui_package_with_the_a1111_host(script, monkeypatc
     assert isinstance(blocks, gr.Blocks) and title == "Train LoRA" and elem_id == "lt_train_lora"
     if seen:
         assert isinstance(seen["host"], A1111Host)
+    else:  # the real tab: its model field names the checkpoint loaded in the WebUI
+        ctx = blocks.lt_context
+        assert isinstance(ctx.host, A1111Host)
+        assert "tiny-sd1" in str(ctx.fields["model.base_model"].value)
 
 
 def _client(script):
@@ -122,10 +126,14 @@ class FakeInterrogator:
 
 
 def test_api_caption_uses_the_webui_interrogator(script, tmp_path: Path) -> None:
+    from lora_trainer.caption.blip import Captioner
     from lora_trainer.data.captions import read_captions
     from lora_trainer.data.demo import make_demo_dataset
+    from lora_trainer.hosts.a1111 import A1111Host
 
+    assert A1111Host().captioner is None  # no interrogator: the tab falls back to its own BLIP
     script.shared.interrogator = FakeInterrogator()
+    assert isinstance(A1111Host().captioner, Captioner)
     folder = make_demo_dataset(tmp_path / "cap", n=2)
     client = _client(script)
     assert client.post("/lora_trainer/caption", json={}).status_code == 400

@@ -144,6 +144,15 @@ class A1111Host:
         self._started = 0.0
 
     # -- model ------------------------------------------------------------------------------
+    @property
+    def model_label(self) -> str:
+        """The loaded checkpoint's name, shown in the tab (the model trained in place)."""
+        from modules import shared
+
+        info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+        name = getattr(info, "title", None) or getattr(info, "name", None)
+        return f"{name} (loaded in the WebUI)" if name else "(no checkpoint loaded)"
+
     def acquire_bundle(self, config: TrainConfig) -> ModelBundle:
         from modules import devices, lowvram, shared
 
@@ -287,11 +296,10 @@ class A1111Host:
     # -- test render / captions --------------------------------------------------------------
     def render(self, prompt: str, negative_prompt: str, seed: int, lora_name: str,
                weights: list[float], steps: int, width: int, height: int) -> list[Image.Image]:
-        from modules import call_queue, processing, shared
+        from modules import processing, shared
 
         images = []
-        holder = contextlib.nullcontext() if self._lock_owner == threading.get_ident() else call_queue.queue_lock
-        with holder:
+        with self._queue():
             for w in weights:
                 text = f"{prompt} <lora:{lora_name}:{w:g}>" if w else prompt
                 p = processing.StableDiffusionProcessingTxt2Img(
@@ -305,22 +313,39 @@ class A1111Host:
                 images.extend(res.images[:1])
         return images
 
-    @contextlib.contextmanager
-    def captioner(self) -> Iterator[Any | None]:
+    @property
+    def captioner(self) -> _WebUICaptioner | None:
         """The WebUI's BLIP interrogator as a ``Captioner`` (None when the WebUI has none)."""
         from modules import shared
 
-        from lora_trainer.caption.blip import FunctionCaptioner
-
         interrogator = getattr(shared, "interrogator", None)
         if interrogator is None or not hasattr(interrogator, "generate_caption"):
-            yield None
-            return
-        interrogator.load()
-        try:
-            yield FunctionCaptioner(interrogator.generate_caption, name="WebUI BLIP interrogator")
-        finally:
-            interrogator.unload()
+            return None
+        return _WebUICaptioner(self, interrogator)
+
+    def _queue(self) -> contextlib.AbstractContextManager[Any]:
+        """The WebUI's queue lock, unless this thread holds it already (it is not reentrant)."""
+        from modules import call_queue
+
+        return contextlib.nullcontext() if self._lock_owner == threading.get_ident() else call_queue.queue_lock
+
+
+class _WebUICaptioner:
+    """``caption(images)`` through ``shared.interrogator`` (A1111's BLIP), as its Interrogate does:
+    load, caption, send the models back to RAM, under the queue lock."""
+
+    name = "WebUI BLIP interrogator"
+
+    def __init__(self, host: A1111Host, interrogator: Any) -> None:
+        self.host, self.interrogator = host, interrogator
+
+    def caption(self, images: list[Any]) -> list[str]:
+        with self.host._queue():
+            self.interrogator.load()
+            try:
+                return [str(self.interrogator.generate_caption(img) or "").strip() for img in images]
+            finally:
+                self.interrogator.unload()
 
 
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))

@@ -6,7 +6,6 @@ stops it, and reports a JSON-ready snapshot. The WebUI script maps its routes on
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import uuid
 from typing import Any
@@ -70,8 +69,8 @@ class JobManager:
 
         def work() -> None:
             try:
-                host_captioner = getattr(self.host, "captioner", None)
-                with self.host.lock(), (host_captioner() if host_captioner else contextlib.nullcontext()) as cap:
+                cap = getattr(self.host, "captioner", None)  # the host's own BLIP, if it has one
+                with self.host.lock():
                     report = caption_folder(
                         folder, model=payload.get("model", "blip"), fmt=payload.get("format", "csv"),
                         trigger=payload.get("trigger"), mode=payload.get("mode", "overwrite"),

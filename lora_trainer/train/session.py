@@ -413,7 +413,10 @@ class RunSession:
                 m.enable_gradient_checkpointing()
                 self._undo.append(m.disable_gradient_checkpointing)
             elif hasattr(m, "gradient_checkpointing_enable"):
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                try:
+                    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                except TypeError:  # transformers < 4.35 (the A1111 WebUI pins 4.30) has no kwargs
+                    m.gradient_checkpointing_enable()
                 self._undo.append(m.gradient_checkpointing_disable)
 
     def cleanup(self) -> None:
