@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-reference", action="store_true", help="skip the reference loop")
+    p.add_argument("--targets", choices=["attention", "kohya"], default="attention",
+                   help="LoRA targets of our loop: the reference's attention projections (like for like, "
+                        "default) or kohya's default set (attention, feed-forward, projections)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.add_argument("--estimate", action="store_true",
                    help="only print the pre-flight memory estimate (full-size model, no GPU needed)")
@@ -83,7 +86,7 @@ def main(argv: list[str]) -> int:
         if args.size == "full" and device.type != "cuda":
             print("note: a full-size model on a CPU is very slow; use --size tiny here")
         spec = BenchSpec(args.arch, args.size, resolution, args.batch, args.rank, precision, args.checkpointing,
-                         args.steps, args.warmup, str(device), not args.no_reference)
+                         args.steps, args.warmup, str(device), not args.no_reference, args.targets)
         from lora_trainer.bench.runner import print_table
 
         result = run_bench(spec)

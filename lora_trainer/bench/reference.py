@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The diffusers example's LoRA targets: the attention projections.
+REFERENCE_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+
 
 @dataclass
 class LoopTiming:
@@ -51,9 +54,8 @@ def run_reference_loop(unet: nn.Module, latents: torch.Tensor, context: torch.Te
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear")
     unet.requires_grad_(False)
-    # The diffusers example's target list: attention projections only.
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+                                target_modules=list(REFERENCE_TARGETS)))
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lora_trainer.bench.flops import training_step_flops, unet_forward_flops
-from lora_trainer.bench.reference import run_reference_loop
+from lora_trainer.bench.reference import REFERENCE_TARGETS, run_reference_loop
 from lora_trainer.config import TrainConfig, build_config
 from lora_trainer.errors import ConfigError
 from lora_trainer.hosts.standalone import StandaloneHost
@@ -44,6 +44,8 @@ class BenchSpec:
     warmup: int = 3
     device: str = "auto"
     reference: bool = True
+    # "attention": the reference loop's targets (like for like); "kohya": our default targets
+    targets: str = "attention"
 
 
 @dataclass
@@ -143,6 +145,7 @@ def bench_config(spec: BenchSpec, data: Path, out: Path, device: torch.device) -
         "train.mixed_precision": spec.precision, "train.gradient_checkpointing": spec.gradient_checkpointing,
         "optim.lr_scheduler": "constant", "output.output_dir": str(out), "output.tensorboard": False,
         "output.output_name": "bench", "model.device": str(device),
+        "network.target_modules": list(REFERENCE_TARGETS) if spec.targets == "attention" else [],
     })
 
 
@@ -246,7 +249,7 @@ def run_bench(spec: BenchSpec) -> BenchResult:
 def format_table(r: BenchResult) -> str:
     s = r.spec
     rows = [
-        ("model", f"{s.size} {s.arch}, {s.resolution}px, batch {s.batch_size}, rank {s.rank}, "
+        ("model", f"{s.size} {s.arch}, {s.resolution}px, batch {s.batch_size}, rank {s.rank} ({s.targets} targets), "
                   f"precision {s.precision}, checkpointing {'on' if s.gradient_checkpointing else 'off'}"),
         ("device", f"{r.device} (torch {r.torch_version})"),
         ("steps/s", f"{r.steps_per_s:.3f}"),
