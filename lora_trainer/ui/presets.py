@@ -58,17 +58,26 @@ _CPU: dict[str, Any] = {
 }
 
 
-def gpu_memory_gb() -> float | None:
-    """Total memory of the current CUDA device in GB, or None without one."""
+def _cuda_memory_gb(which: int) -> float | None:
+    """(free, total)[which] memory of the current CUDA device in GB, or None without one."""
     try:
         import torch
 
         if not torch.cuda.is_available():
             return None
-        _free, total = torch.cuda.mem_get_info()
-        return total / 2**30
+        return torch.cuda.mem_get_info()[which] / 2**30
     except Exception:  # noqa: BLE001 - a broken driver means "no usable GPU" here
         return None
+
+
+def gpu_memory_gb() -> float | None:
+    """Total memory of the current CUDA device in GB, or None without one."""
+    return _cuda_memory_gb(1)
+
+
+def gpu_free_gb() -> float | None:
+    """Free memory of the current CUDA device in GB, or None without one."""
+    return _cuda_memory_gb(0)
 
 
 def auto_preset(memory_gb: float | None = None, *, detect: bool = True) -> str:
@@ -80,19 +89,6 @@ def auto_preset(memory_gb: float | None = None, *, detect: bool = True) -> str:
     # cards report a little less than their label (a "8 GB" card shows ~7.6 GiB)
     fitting = [size for size in sorted(_BY_VRAM) if size <= memory_gb + 0.75]
     return f"{fitting[-1] if fitting else 6} GB"
-
-
-def gpu_free_gb() -> float | None:
-    """Free memory of the current CUDA device in GB, or None without one."""
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        free, _total = torch.cuda.mem_get_info()
-        return free / 2**30
-    except Exception:  # noqa: BLE001 - a broken driver means "no usable GPU" here
-        return None
 
 
 def auto_values(arch: str, free_gb: float, model_resident: bool = False) -> dict[str, Any]:
