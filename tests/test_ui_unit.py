@@ -268,6 +268,7 @@ def test_progress_html_shows_step_speed_and_eta():
     html = handlers.progress_html({"status": "running", "step": 5, "total_steps": 20, "it_per_s": 2.5,
                                    "eta_s": 125.0, "error": None})
     assert "step 5/20" in html and "2.50 it/s" in html and "ETA 2:05" in html and "width:25.0%" in html
+    assert handlers.fmt_seconds(3 * 3600 + 5 * 60 + 9) == "3h 05m" and handlers.fmt_seconds(None) == "-"
     assert "idle" in handlers.progress_html(None)
     assert "&lt;b&gt;" in handlers.progress_html({"status": "error", "step": 0, "total_steps": 0, "error": "<b>"})
 
