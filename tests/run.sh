@@ -23,7 +23,7 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q -c .ci/constraints.txt gradio selenium
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    apt-get install -y -q chromium chromium-driver >/dev/null || echo "warning: chromium not installed; browser tests will be skipped"
+    { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } || echo "warning: chromium not installed; browser tests will be skipped"
   else
     echo "warning: install chromium and chromium-driver (apt) to run the browser tests"
   fi
@@ -42,4 +42,9 @@ if [ "${LORA_TRAINER_GRADIO3:-1}" = 1 ] && [ $# -eq 0 ]; then
   "$PY3" -m pip install -q -c .ci/constraints.txt -e ".[test]" selenium \
     gradio==3.41.2 fastapi==0.94.0 httpx==0.24.1 httpcore==0.15
   "$PY3" -m pytest -q tests/test_ui_unit.py tests/test_ui_browser.py
+fi
+
+# Optional (~3 min; on in CI): install.py and a LoRA smoke test in a venv with the A1111 WebUI's pins.
+if [ "${LORA_TRAINER_WEBUI_PINS:-0}" = "1" ]; then
+  bash tests/webui_pins/check.sh
 fi

@@ -134,3 +134,11 @@ def test_reference_lists_every_field() -> None:
     ref = reference_markdown()
     for path in all_field_paths():
         assert f"`{path}`" in ref
+
+
+def test_readme_config_reference_is_current() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
+    end = readme.index("<!-- config-reference:end -->")
+    assert readme[start:end] == reference_markdown(), (
+        "README's config reference is stale: regenerate it with 'python -m lora_trainer config --reference'")

@@ -150,3 +150,24 @@ def test_prediction_type_from_scheduler_and_errors():
         bundle_from_diffusers(parts, "sdxl")
     with pytest.raises(ModelLoadError, match="model.arch"):
         bundle_from_diffusers(parts, "sd3")
+
+
+def test_sdxl_conditioning_survives_lora_inject_and_remove():
+    """Training injects LoRA and encodes text, then removes it; the model must then encode as before
+    (transformers' hidden-state hooks must not be installed a second time)."""
+    from lora_trainer.config import NetworkConfig
+    from lora_trainer.lora.inject import inject_lora
+
+    parts = tiny.build_components("sdxl", seed=0)
+    bundle = bundle_from_diffusers(parts, "sdxl")
+    with torch.no_grad():
+        before = bundle_from_diffusers(_parts("sdxl"), "sdxl").encode_text(CAPTIONS)  # same seed, untouched
+        # The first text encoding of this bundle happens with LoRA injected, as in a training run.
+        net = inject_lora(bundle, NetworkConfig(rank=4, alpha=4.0, train_text_encoder=True))
+        bundle.encode_text(CAPTIONS)
+        net.remove()
+        after = bundle.encode_text(CAPTIONS)
+    assert torch.equal(before["context"], after["context"]) and torch.equal(before["pooled"], after["pooled"])
+    ids = parts["tokenizer"](CAPTIONS, max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert len(parts["text_encoder"](ids, output_hidden_states=True).hidden_states) == 3  # embeddings + 2 layers

@@ -84,7 +84,8 @@ def _to_array(img):
 
 def test_render_weights(host_and_lora):
     host, cfg, bundle, tensors = host_and_lora
-    before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+    roots = bundle.trainable_roots()
+    before = {r: {k: v.clone() for k, v in m.state_dict().items()} for r, m in roots.items()}
     images = host.render("a photo of a cat <lora:test_lora:1>", "", 7, "test_lora", [0.0, 1.0], steps=3,
                          width=64, height=64)
     assert [im.size for im in images] == [(64, 64), (64, 64)]
@@ -93,8 +94,9 @@ def test_render_weights(host_and_lora):
     pipe = build_render_pipeline(bundle)
     base = _pipeline_image(pipe, bundle, "a photo of a cat", 7)
     assert np.array_equal(_to_array(images[0]), base)
-    after = bundle.unet.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    for r, m in roots.items():
+        after = m.state_dict()
+        assert after.keys() == before[r].keys() and all(torch.equal(after[k], before[r][k]) for k in after), r
 
     # Weight 1 differs, and matches our own injection of the same file (diffusers reads alpha/rank as we do).
     assert np.abs(_to_array(images[1]) - base).max() > 10
@@ -102,9 +104,44 @@ def test_render_weights(host_and_lora):
     try:
         net.load_kohya(tensors)
         ours = _pipeline_image(pipe, bundle, "a photo of a cat", 7)
+        with pytest.raises(HostError, match="LoRA layers"):
+            host.render("x", "", 1, "test_lora", [1.0], 2, 64, 64)
     finally:
         net.remove()
     assert np.abs(_to_array(images[1]) - ours).max() <= 2
+
+
+def test_render_sdxl_matches_own_injection(tmp_path):
+    """SDXL kohya files name UNet modules the LDM way; diffusers must read the file as we do."""
+    from lora_trainer.models import tiny
+
+    tiny.build_pipeline("sdxl").save_pretrained(tmp_path / "xl")
+    cfg = _config(tmp_path)
+    cfg.model.base_model = str(tmp_path / "xl")
+    host = StandaloneHost()
+    bundle = host.acquire_bundle(cfg)
+    network_cfg = NetworkConfig(rank=4, alpha=8.0, train_text_encoder=True)
+    net = inject_lora(bundle, network_cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    tensors = net.to_kohya(torch.float32)
+    assert any(k.startswith("lora_unet_input_blocks_") for k in tensors)
+    net.remove()
+    pipe = build_render_pipeline(bundle)
+    base = _pipeline_image(pipe, bundle, "a red car", 3)
+    net = inject_lora(bundle, network_cfg)
+    try:
+        net.load_kohya(tensors)
+        ours = _pipeline_image(pipe, bundle, "a red car", 3)
+    finally:
+        net.remove()
+    save_lora_file(host.lora_dir(cfg) / "xl_lora.safetensors", tensors, {})
+    zero, one = host.render("a red car", "", 3, "xl_lora", [0.0, 1.0], 3, 64, 64)
+    assert np.array_equal(_to_array(zero), base)
+    assert np.abs(_to_array(one) - base).max() > 10
+    assert np.abs(_to_array(one) - ours).max() <= 2
 
 
 def _pipeline_image(pipe, bundle, prompt, seed):

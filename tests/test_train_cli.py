@@ -81,8 +81,8 @@ def test_task_llm_is_handed_to_the_llm_command(tmp_path: Path, monkeypatch: pyte
     fake.train_main = lambda argv: calls.append(argv) or 0
     monkeypatch.setitem(sys.modules, "lora_trainer.llm.cli", fake)
     cfg = _write(tmp_path / "llm.yaml", {"task": "llm"})
-    assert main(["train", "--config", str(cfg)]) == 0
-    assert calls == [["--config", str(cfg)]]
+    assert main(["train", "--config", str(cfg), "--check"]) == 0
+    assert calls == [["--config", str(cfg), "--check"]]
 
 
 def test_demo_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -114,3 +114,13 @@ def test_progress_bar_shows_step_loss_and_rate(capsys: pytest.CaptureFixture[str
     for step in range(1, 11):
         plain(TrainEvent("step", step=step, total_steps=10, loss=0.25, it_per_s=4.0, eta_s=0.0))
     assert "step 10/10 loss 0.2500 4.00 it/s eta 0s" in capsys.readouterr().out
+
+
+def test_config_check_of_an_llm_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _write(tmp_path / "llm.yaml", {"task": "llm", "base_model": str(tmp_path / "gpt2")})
+    assert main(["config", "--check", str(cfg)]) == 0
+    assert "OK (text LoRA" in capsys.readouterr().out
+    bad = _write(tmp_path / "bad.yaml", {"task": "llm", "lora_rnk": 4})
+    assert main(["config", "--check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lora_rnk" in err

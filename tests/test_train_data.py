@@ -141,3 +141,17 @@ def test_text_cache_matches_the_encoder(tmp_path: Path) -> None:
     assert got.keys() == direct.keys() and "pooled" in got
     for k in got:
         assert torch.allclose(got[k], direct[k], atol=1e-6)
+
+
+def test_worker_processes_load_the_same_batches(data: Path) -> None:
+    from lora_trainer.train.session import _identity
+
+    cfg = _cfg(data, **{"data.flip": True, "data.caption_dropout": 0.5})
+    ds = BucketDataset(scan_dataset(cfg.data).items, cfg.data, batch_size=2, seed=3)
+    here = list(EpochView(ds, 1, start=1))
+    loader = torch.utils.data.DataLoader(EpochView(ds, 1, start=1), batch_size=None, num_workers=1,
+                                         collate_fn=_identity)
+    there = list(loader)
+    assert len(here) == len(there) > 0
+    for a, b in zip(here, there, strict=True):
+        assert a.captions == b.captions and a.entries == b.entries and torch.equal(a.pixels, b.pixels)

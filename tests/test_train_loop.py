@@ -32,7 +32,11 @@ def test_run_writes_lora_and_outputs_and_restores_model(tmp_path: Path, data: Pa
     names_before = sorted(n for n, _ in host.bundle.unet.named_modules())
     seen: list[TrainEvent] = []
     cfg = tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 3, "output.tensorboard": True})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.yaml").write_text("# the user's own notes\n")
     result = Trainer(cfg, host=host, callbacks=[seen.append]).run()
+    backups = list((tmp_path / "out" / ".backup").glob("config.yaml.*.bak"))
+    assert len(backups) == 1 and backups[0].read_text() == "# the user's own notes\n"
     assert result.steps == 3 and not result.stopped
     assert result.lora_path == tmp_path / "out" / "tiny.safetensors" and result.lora_path.is_file()
     keys = list(lora_tensors(result.lora_path))
@@ -77,7 +81,7 @@ def test_high_learning_rate_lowers_the_loss_on_a_fixed_image(tmp_path: Path, hos
     from lora_trainer.lora.inject import inject_lora
 
     one = make_data(tmp_path / "one", n=1)
-    cfg = tiny_config(one, tmp_path / "out", **{"train.max_train_steps": 25, "optim.learning_rate": 1e-2,
+    cfg = tiny_config(one, tmp_path / "out", **{"train.max_train_steps": 16, "optim.learning_rate": 3e-2,
                                                  "output.save_precision": "fp32"})
     b = host.bundle
     img = pil_to_tensor(open_image_rgb(one / "demo_000.png").resize((64, 64)))[None]
@@ -92,6 +96,7 @@ def test_high_learning_rate_lowers_the_loss_on_a_fixed_image(tmp_path: Path, hos
         after = _eval_loss(b, latents, cond)
     finally:
         net.remove()
+    print(f"eval loss before {before:.4f} after {after:.4f}")
     assert after < 0.8 * before, (before, after)
 
 
@@ -171,15 +176,3 @@ def test_nothing_is_written_outside_output_dir(tmp_path: Path, host: TinyHost) -
     Trainer(cfg, host=host).run()
     assert listing() == before
     assert list((tmp_path / "out" / ".cache" / "latents").glob("*.safetensors"))
-
-
-@pytest.mark.parametrize("arch,prediction_type", [("sdxl", "epsilon"), ("sd2", "v_prediction")])
-def test_other_architectures_train(tmp_path: Path, data: Path, arch: str, prediction_type: str) -> None:
-    host = TinyHost(arch, prediction_type)
-    cfg = tiny_config(data, tmp_path / "out", **{"train.min_snr_gamma": 5.0, "train.noise_offset": 0.05,
-                                                 "network.train_text_encoder": True})
-    result = Trainer(cfg, host=host).run()
-    assert result.steps == 2 and result.final_loss is not None and result.final_loss == result.final_loss
-    keys = list(lora_tensors(result.lora_path))
-    prefixes = {k.split("_")[1] for k in keys}
-    assert prefixes == ({"unet", "te1", "te2"} if arch == "sdxl" else {"unet", "te"})

@@ -1,4 +1,5 @@
-"""Mixed precision, gradient checkpointing, accumulation, Ctrl-C: the paths a quick run does not take."""
+"""SDXL and SD2-v, mixed precision, gradient checkpointing, accumulation, Ctrl-C: the paths a
+quick SD1 run does not take."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def test_autocast_with_fp32_lora_weights(tmp_path: Path, data: Path, host: TinyH
     result = Trainer(cfg, host=host, callbacks=[Spy()]).run()
     assert result.steps == 2 and result.final_loss is not None and result.final_loss == result.final_loss
     assert dtypes and set(dtypes) == {torch.float32}
-    assert {v.dtype for v in lora_tensors(result.lora_path).values()} == {torch.bfloat16}
+    saved = lora_tensors(result.lora_path)
+    assert {v.dtype for k, v in saved.items() if not k.endswith(".alpha")} == {torch.bfloat16}
     # checkpointing is switched off again afterwards
     assert not host.bundle.unet.is_gradient_checkpointing
     assert not host.bundle.unet.training
@@ -60,3 +62,18 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path: Path, data: Pat
     assert result.stopped and result.steps == 1 and result.lora_path.is_file()
     assert (tmp_path / "out" / "checkpoints" / "step-000001" / "training_state.pt").is_file()
     assert signal.getsignal(signal.SIGINT) is before  # the CLI's own handling is back
+
+
+@pytest.mark.parametrize("arch,prediction_type", [("sdxl", "epsilon"), ("sd2", "v_prediction")])
+def test_other_architectures_train(tmp_path: Path, data: Path, arch: str, prediction_type: str) -> None:
+    host = TinyHost(arch, prediction_type)
+    cfg = tiny_config(data, tmp_path / "out", **{"train.min_snr_gamma": 5.0, "train.noise_offset": 0.05,
+                                                 "network.train_text_encoder": True, "sample.prompt": "a red circle",
+                                                 "sample.steps": 2})
+    result = Trainer(cfg, host=host).run()
+    assert result.steps == 2 and result.final_loss is not None and result.final_loss == result.final_loss
+    keys = list(lora_tensors(result.lora_path))
+    prefixes = {k.split("_")[1] for k in keys}
+    assert prefixes == ({"unet", "te1", "te2"} if arch == "sdxl" else {"unet", "te"})
+    preview = result.lora_path.with_suffix(".png")
+    assert preview.is_file() and (tmp_path / "out" / "samples" / "step-000002.png").is_file()

@@ -124,6 +124,8 @@ class StandaloneHost:
         bundle = self._last_bundle
         if bundle is None:
             raise HostError("no model is loaded; train or load a model before rendering")
+        if _has_adapter_layers(bundle):
+            raise HostError("the model has LoRA layers in it (a run is training it); render after the run ends")
         path = self.lora_path_for(lora_name)
         if not path.is_file():
             raise HostError(f"LoRA file {path} not found; check the name or the output folder")

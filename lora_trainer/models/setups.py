@@ -149,6 +149,19 @@ def _place(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return module.eval().requires_grad_(False)
 
 
+def _install_hidden_state_hooks(encoders: list[Any], tokenizers: list[Any], device: torch.device) -> None:
+    """Run each encoder once with output_hidden_states before any LoRA is injected.
+
+    transformers 5 installs its hidden-state capturing hooks on the first such call and marks the
+    module with an attribute; a LoRA removal that restores the module's attributes as they were
+    at injection drops that mark, the hooks get installed twice and ``hidden_states[-2]`` (what
+    SDXL uses) silently points at the wrong layer. Installing them up front keeps them stable.
+    """
+    with torch.no_grad():
+        for te, tok in zip(encoders, tokenizers, strict=True):
+            te(_tokenize(tok, [""], device), output_hidden_states=True)
+
+
 def _missing_parts(parts: dict[str, Any], setup: ArchSetup) -> list[str]:
     needed = ["unet", "vae", "scheduler"] + [k for _, te, tok in setup.text_encoders for k in (te, tok)]
     return [k for k in needed if parts.get(k) is None]
@@ -184,6 +197,8 @@ def bundle_from_diffusers(parts: dict[str, Any], arch: str, prediction_type: str
         tokenizers.append(parts[tok_key])
         te_parts.append(TextEncoderPart(key=key, module=te, naming="hf_clip"))
 
+    if setup.arch == "sdxl":
+        _install_hidden_state_hooks(encoders, tokenizers, device)
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if default_resolution is None:
         default_resolution = int(unet.config.sample_size) * vae_scale_factor

@@ -63,13 +63,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set network.rank=16 (repeatable)")
     ap.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
-    args = ap.parse_args(argv)
-    if args.config is None and not args.sets:
-        raise ConfigError("train: give --config my.yaml (see 'python -m lora_trainer config --example')")
-    if _wants_llm(args.config, args.sets):
+    known, _ = ap.parse_known_args(argv)  # the llm command has options of its own
+    if _wants_llm(known.config, known.sets):
         from lora_trainer.llm.cli import train_main
 
         return int(train_main(argv) or 0)
+    args = ap.parse_args(argv)
+    if args.config is None and not args.sets:
+        raise ConfigError("train: give --config my.yaml (see 'python -m lora_trainer config --example')")
     return run_training(load_config(args.config, args.sets), progress=not args.no_progress)
 
 
@@ -101,7 +102,10 @@ def config_main(argv: list[str]) -> int:
         sys.stdout.write(reference_markdown())
     else:
         if _wants_llm(args.check, args.sets):
-            print(f"{args.check}: task is 'llm'; check it with 'train' (the llm section is validated there)")
+            from lora_trainer.llm.config import load_llm_config
+
+            llm = load_llm_config(args.check, args.sets)
+            print(f"{args.check}: OK (text LoRA, base model {llm.model.base_model!r})")
             return 0
         cfg = load_config(args.check, args.sets)
         print(f"{args.check}: OK (base model {cfg.model.base_model!r}, data {cfg.data.train_data_dir!r}, "

@@ -16,6 +16,7 @@ import torch
 
 from lora_trainer.data.cache import LatentCache, TextCache, fill_latent_cache, module_identity
 from lora_trainer.data.dataset import Batch, BucketDataset, EpochView, steps_per_epoch
+from lora_trainer.fsutil import atomic_write_text, backup_file
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.losses import (
@@ -69,10 +70,8 @@ class RunSession:
         # -- seed and outputs
         seed_everything(cfg.train.seed)
         self.gen = torch.Generator(self.device).manual_seed(cfg.train.seed)
-        self.out.mkdir(parents=True, exist_ok=True)
-        from lora_trainer.fsutil import atomic_write_text
-
-        atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
+        self.alphas = self.bundle.alphas_cumprod.to(self.device, torch.float32)  # once, not per step
+        self.write_config()
         # -- data and caches (before LoRA, so the VAE and frozen text encoders can leave the GPU)
         self.setup_data()
         self.setup_caches()
@@ -171,8 +170,18 @@ class RunSession:
         self.status(f"LoRA: {sum(p.numel() for p in self.params):,} trainable parameters")
         if self.cfg.train.gradient_checkpointing:
             self.enable_checkpointing()
-        if self.cfg.train.compile and hasattr(self.bundle.unet, "compile"):
-            self.bundle.unet.compile()
+        self.speed_up_unet()
+
+    def speed_up_unet(self) -> None:
+        """channels_last convolutions on CUDA, and torch.compile when asked; both undone at the end
+        so a host's live model is handed back as it came."""
+        unet = self.bundle.unet
+        if self.device.type == "cuda":
+            unet.to(memory_format=torch.channels_last)
+            self._undo.append(lambda: unet.to(memory_format=torch.contiguous_format))
+        if self.cfg.train.compile and hasattr(unet, "compile"):
+            unet.compile()
+            self._undo.append(lambda: setattr(unet, "_compiled_call_impl", None))
 
     def setup_optimizer(self) -> None:
         o, t = self.cfg.optim, self.cfg.train
@@ -220,7 +229,13 @@ class RunSession:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        if self.text_cache is not None and all(c in self.text_cache for c in captions):
+        if self.text_cache is not None:
+            missing = [c for c in captions if c not in self.text_cache]
+            if missing:  # not foreseen (a prompt given later): encode once, encoders back for a moment
+                with contextlib.ExitStack() as stack:
+                    for part in self.bundle.text_encoders:
+                        stack.enter_context(self.onloaded(part.module))
+                    self.text_cache.add(self.bundle, missing)
             return {k: v.to(self.device) for k, v in self.text_cache.get(captions).items()}
         if self.cfg.network.train_text_encoder:
             return self.bundle.encode_text(captions)
@@ -236,16 +251,15 @@ class RunSession:
                 latents = b.encode_images(batch.pixels.to(self.device, b.dtype)).float()
         noise = offset_noise(latents, t.noise_offset, self.gen)
         steps = sample_timesteps(latents.shape[0], b.num_train_timesteps, self.gen, self.device)
-        noisy = q_sample(latents, noise, steps, b.alphas_cumprod)
+        noisy = q_sample(latents, noise, steps, self.alphas)
         size_info = batch.size_info.to(self.device) if b.arch == "sdxl" else None
         with self.autocast():
             cond = self.encode_text(batch.captions)
             pred = b.predict(noisy.to(b.dtype), steps, cond, size_info)
-        target = target_for(b.prediction_type, latents, noise, steps, b.alphas_cumprod)
+        target = target_for(b.prediction_type, latents, noise, steps, self.alphas)
         weights = batch.weights.to(self.device)
         if t.min_snr_gamma:
-            weights = weights * min_snr_weights(steps, b.alphas_cumprod, t.min_snr_gamma,
-                                                b.prediction_type).to(self.device)
+            weights = weights * min_snr_weights(steps, self.alphas, t.min_snr_gamma, b.prediction_type)
         loss = weighted_mse(pred, target, weights) / accum
         self.scaler.scale(loss).backward()
         return loss.detach()
@@ -326,6 +340,14 @@ class RunSession:
                                      image=img, path=str(path)))
 
     # == helpers ===========================================================================
+    def write_config(self) -> None:
+        """<output_dir>/config.yaml; a different file already there (the user's?) is backed up first."""
+        target, text = self.out / "config.yaml", self.cfg.to_yaml()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if target.is_file() and target.read_text(encoding="utf-8", errors="replace") != text:
+            backup_file(target)
+        atomic_write_text(target, text)
+
     def status(self, message: str) -> None:
         log.debug(message)  # the CLI and UIs show status events; logging them too would print twice
         self.trainer.emit(TrainEvent("status", step=self.pos.step, message=message))

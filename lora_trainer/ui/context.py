@@ -40,8 +40,8 @@ class TabContext:
         return config_from_values(self.paths, list(values), base=self.defaults)
 
     def field(self, path: str, **kw: Any) -> Any:
-        value = values_from_config(self.defaults, [path])[0]
-        comp = make_field(path, self.prefix, value=value, **kw)
+        kw.setdefault("value", values_from_config(self.defaults, [path])[0])  # a host may show its own
+        comp = make_field(path, self.prefix, **kw)
         self.fields[path] = comp
         return comp
 

@@ -1,0 +1,103 @@
+"""``python -m lora_trainer bench``: training speed and memory, memory estimates, caption speed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from lora_trainer.errors import ConfigError
+from lora_trainer.fsutil import atomic_write_text
+
+DEFAULT_RES = {("tiny", "sd1"): 64, ("tiny", "sd2"): 64, ("tiny", "sdxl"): 64,
+               ("full", "sd1"): 512, ("full", "sd2"): 768, ("full", "sdxl"): 1024}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lora_trainer bench",
+        description="Measure LoRA training speed and memory (random weights: speed does not depend on them), "
+                    "compare with a plain diffusers+peft reference loop, estimate memory, or time captioning.")
+    p.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], default="sd1")
+    p.add_argument("--size", choices=["tiny", "full"], default="tiny",
+                   help="tiny models (CPU) or full-size SD1.5/SD2/SDXL built from the packaged configs (GPU)")
+    p.add_argument("--resolution", type=int, default=None, help="default: 64 tiny, 512/768/1024 full")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="default: bf16 on a GPU, no (fp32) on a CPU")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference loop")
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    p.add_argument("--estimate", action="store_true",
+                   help="only print the pre-flight memory estimate (full-size model, no GPU needed)")
+    p.add_argument("--free-gb", type=float, default=None,
+                   help="with --estimate: also pick the fastest settings that fit this much free memory")
+    p.add_argument("--caption", action="store_true", help="time BLIP captioning (images/s) instead")
+    return p
+
+
+def _estimate(args: argparse.Namespace, resolution: int, precision: str) -> dict:
+    from lora_trainer.bench.estimate import choose_settings, estimate_peak_memory
+
+    prec = precision if precision != "no" else "fp32"
+    est = estimate_peak_memory(args.arch, resolution, args.batch, args.rank, prec, args.checkpointing)
+    print(f"predicted peak for full-size {args.arch} at {resolution}px, batch {args.batch}, rank {args.rank}, "
+          f"{prec}, checkpointing {'on' if args.checkpointing else 'off'}:")
+    for key in ("weights_gb", "lora_gb", "activations_gb", "transient_gb", "total_gb"):
+        print(f"  {key[:-3]:<12} {getattr(est, key):7.2f} GiB")
+    out = {"estimate": est.as_dict()}
+    if args.free_gb is not None:
+        choice = choose_settings(args.free_gb, args.arch, resolution=resolution, rank=args.rank, precision=prec)
+        print(f"fastest settings for {args.free_gb} GiB free: {choice}")
+        out["choice"] = choice
+    return out
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.caption:
+        from lora_trainer.bench.caption import run_caption_bench
+
+        rows = run_caption_bench(batch_size=8 if args.batch == 1 else args.batch, device=args.device)
+        if args.json:
+            atomic_write_text(args.json, json.dumps(rows, indent=2))
+        return 0
+    for name in ("batch", "rank", "steps"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name}: {getattr(args, name)} must be at least 1")
+    resolution = args.resolution or DEFAULT_RES[(args.size if not args.estimate else "full", args.arch)]
+    if resolution % 8:
+        raise ConfigError(f"--resolution: {resolution} must be a multiple of 8")
+    from lora_trainer.bench.runner import BenchSpec, resolve_device, run_bench
+
+    device = resolve_device(args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "no")
+    if args.estimate:
+        out = _estimate(args, resolution, precision)
+    else:
+        if args.size == "full" and device.type != "cuda":
+            print("note: a full-size model on a CPU is very slow; use --size tiny here")
+        spec = BenchSpec(args.arch, args.size, resolution, args.batch, args.rank, precision, args.checkpointing,
+                         args.steps, args.warmup, str(device), not args.no_reference)
+        from lora_trainer.bench.runner import print_table
+
+        result = run_bench(spec)
+        print_table(result)
+        out = asdict(result)
+        if device.type == "cuda" and args.size == "full":
+            from lora_trainer.bench.estimate import estimate_peak_memory
+
+            est = estimate_peak_memory(args.arch, resolution, args.batch, args.rank,
+                                       precision if precision != "no" else "fp32", args.checkpointing)
+            err = (est.total_gb - result.peak_memory_gb) / result.peak_memory_gb * 100
+            print(f"memory estimate {est.total_gb:.2f} GiB vs measured {result.peak_memory_gb:.2f} GiB ({err:+.1f} %)")
+            out["estimate"] = est.as_dict()
+    if args.json:
+        atomic_write_text(args.json, json.dumps(out, indent=2, default=str))
+        print(f"results written to {args.json}")
+    return 0

@@ -1,0 +1,117 @@
+"""One training or captioning job at a time, for scripted use (the WebUI's HTTP API routes).
+
+Host-agnostic: ``JobManager(host)`` starts a Trainer or a captioning run in a worker thread,
+stops it, and reports a JSON-ready snapshot. The WebUI script maps its routes onto it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from typing import Any
+
+from lora_trainer.errors import ConfigError, HostError, LoraTrainerError
+
+
+class JobManager:
+    def __init__(self, host: Any) -> None:
+        self.host = host
+        self._lock = threading.Lock()
+        self._job: dict[str, Any] | None = None
+
+    def busy(self) -> bool:
+        job = self._job
+        return job is not None and job["thread"].is_alive()
+
+    def _claim(self, kind: str) -> dict[str, Any]:
+        with self._lock:
+            if self.busy():
+                raise HostError(f"a {self._job['kind']} job ({self._job['id']}) is still running; "
+                                "stop it or wait for it to finish")
+            self._job = {"id": uuid.uuid4().hex[:12], "kind": kind, "status": "starting", "error": None,
+                         "result": None, "trainer": None, "progress": None, "thread": threading.Thread()}
+            return self._job
+
+    def start_train(self, payload: dict[str, Any]) -> str:
+        """``payload``: a config as nested sections, dotted keys or flat aliases (as in YAML)."""
+        from lora_trainer.config import build_config, flatten_user_dict
+        from lora_trainer.train.trainer import Trainer
+
+        config = build_config(flatten_user_dict(payload, source="request"))
+        job = self._claim("train")
+        trainer = Trainer(config, host=self.host)
+        job["trainer"] = trainer
+
+        def work() -> None:
+            try:
+                result = trainer.run()
+                job["result"] = {"lora_path": str(result.lora_path) if result.lora_path else None,
+                                 "steps": result.steps, "final_loss": result.final_loss, "stopped": result.stopped}
+                job["status"] = "stopped" if result.stopped else "done"
+            except LoraTrainerError as e:
+                job["status"], job["error"] = "error", str(e)
+            except Exception as e:  # noqa: BLE001 - reported to the API caller, and logged by the trainer
+                job["status"], job["error"] = "error", f"{type(e).__name__}: {e}"
+
+        return self._run(job, work)
+
+    def start_caption(self, payload: dict[str, Any]) -> str:
+        """``payload``: folder, and optionally model ("blip"/"clip"/"both"), format, trigger, mode."""
+        from lora_trainer.caption.run import caption_folder
+
+        folder = payload.get("folder")
+        if not folder:
+            raise ConfigError("caption request needs 'folder' (the image folder to caption)")
+        job = self._claim("caption")
+
+        def progress(done: int, total: int, name: str) -> None:
+            job["progress"] = {"done": done, "total": total, "current": name}
+
+        def work() -> None:
+            try:
+                host_captioner = getattr(self.host, "captioner", None)
+                with self.host.lock(), (host_captioner() if host_captioner else contextlib.nullcontext()) as cap:
+                    report = caption_folder(
+                        folder, model=payload.get("model", "blip"), fmt=payload.get("format", "csv"),
+                        trigger=payload.get("trigger"), mode=payload.get("mode", "overwrite"),
+                        progress=progress, captioner=cap)
+                job["result"] = {"captions": len(report.captions), "skipped": len(report.skipped),
+                                 "unreadable": [r for r, _ in report.unreadable]}
+                job["status"] = "done"
+            except LoraTrainerError as e:
+                job["status"], job["error"] = "error", str(e)
+            except Exception as e:  # noqa: BLE001
+                job["status"], job["error"] = "error", f"{type(e).__name__}: {e}"
+
+        return self._run(job, work)
+
+    def _run(self, job: dict[str, Any], work: Any) -> str:
+        job["status"] = "running"
+        job["thread"] = threading.Thread(target=work, name=f"lora-trainer-{job['kind']}", daemon=True)
+        job["thread"].start()
+        return job["id"]
+
+    def stop(self, job_id: str | None = None) -> bool:
+        job = self._job
+        if job is None or (job_id and job_id != job["id"]) or not self.busy():
+            return False
+        if job["trainer"] is not None:
+            job["trainer"].stop()
+        return True
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._job is not None:
+            self._job["thread"].join(timeout)
+
+    def status(self, job_id: str | None = None) -> dict[str, Any]:
+        """JSON-ready: the job's id/kind/status/error/result and the run state without images."""
+        job = self._job
+        if job is None or (job_id and job_id != job["id"]):
+            return {"id": job_id, "status": "unknown" if job_id else "idle"}
+        out = {k: job[k] for k in ("id", "kind", "status", "error", "result", "progress")}
+        if job["trainer"] is not None:
+            snap = dict(job["trainer"].state.snapshot())
+            snap["samples"] = [step for step, _ in snap.get("samples", [])]  # steps only, no images
+            out["state"] = snap
+        return out
