@@ -391,3 +391,32 @@ def test_app_page_ids_and_classes_are_prefixed(tmp_path: Path):
     assert len(ids) == len(set(ids)), "elem_ids must be unique on the page (the WebUI shares one page)"
     if __import__("importlib").util.find_spec("lora_trainer.llm.ui") is not None:
         assert "lt-app-text" in ids  # the Text LoRA section is on the page
+
+
+def test_host_captioner_object_or_context_manager_is_borrowed():
+    import contextlib
+
+    from lora_trainer.ui.context import TabContext
+    from lora_trainer.ui.tab import _borrowed_captioner
+
+    class Cap:
+        def caption(self, images: list[Any]) -> list[str]:
+            return ["x" for _ in images]
+
+    events: list[str] = []
+
+    class WebuiLike:
+        @contextlib.contextmanager
+        def captioner(self) -> Any:
+            events.append("load")
+            yield Cap()
+            events.append("unload")
+
+    with _borrowed_captioner(TabContext(host=WebuiLike(), prefix="lt-"), "blip") as cap:
+        assert isinstance(cap, Cap) and events == ["load"]
+    assert events == ["load", "unload"]
+    with _borrowed_captioner(TabContext(host=WebuiLike(), prefix="lt-"), "clip") as cap:
+        assert cap is None and events == ["load", "unload"]
+    given = Cap()
+    with _borrowed_captioner(TabContext(host=object(), prefix="lt-", captioner=given), "both") as cap:
+        assert cap is given
