@@ -223,3 +223,16 @@ def test_half_precision_base_trains_fp32_lora():
     assert sample.dtype == torch.bfloat16
     (out.float().sum() + sample.float().sum()).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.parameters())
+
+
+def test_remove_keeps_attributes_the_model_gained_while_injected():
+    """transformers marks a text encoder the first time it returns hidden states; removing the
+    LoRA must not delete that mark, or the hooks are installed twice and hidden_states doubles."""
+    bundle = make_bundle("sd1")
+    te = bundle.text_encoders[0].module
+    tokens = torch.tensor([[49406, 320, 1125, 49407]])
+    net = inject_lora(bundle, net_cfg())
+    first = te(tokens, output_hidden_states=True).hidden_states  # first run happens while injected
+    net.remove()
+    again = te(tokens, output_hidden_states=True).hidden_states
+    assert len(again) == len(first) == te.config.num_hidden_layers + 1

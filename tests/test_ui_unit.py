@@ -160,9 +160,9 @@ def test_presets_use_less_memory_on_smaller_cards():
     assert presets.preset_values("8 GB", "sdxl")["data.resolution"] == 1024
 
 
-def test_auto_without_gpu_is_the_cpu_demo_preset():
-    assert presets.preset_values("auto", memory_gb=None)["data.resolution"] in (64, presets.preset_values(
-        presets.auto_preset())["data.resolution"])
+def test_auto_without_gpu_is_the_cpu_demo_preset(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(presets, "gpu_free_gb", lambda: None)
+    assert presets.preset_values("auto") == presets.preset_values("cpu (demo)")
     with pytest.raises(ConfigError, match="preset"):
         presets.preset_values("3 GB")
 
@@ -420,3 +420,18 @@ def test_host_captioner_object_or_context_manager_is_borrowed():
     given = Cap()
     with _borrowed_captioner(TabContext(host=object(), prefix="lt-", captioner=given), "both") as cap:
         assert cap is given
+
+
+def test_auto_on_a_gpu_takes_the_estimators_fastest_fit():
+    from lora_trainer.bench.estimate import choose_settings, estimate_peak_memory
+
+    values = presets.preset_values("auto", "sd1", memory_gb=8.0)
+    choice = choose_settings(8.0, "sd1", precision=values["train.mixed_precision"])
+    assert (values["train.batch_size"], values["train.gradient_checkpointing"]) == (
+        choice["batch_size"], choice["gradient_checkpointing"])
+    est = estimate_peak_memory("sd1", values["data.resolution"], values["train.batch_size"], values["network.rank"],
+                               values["train.mixed_precision"], values["train.gradient_checkpointing"])
+    assert est.total_gb <= 8.0 - 1.5
+    # a WebUI's loaded model is already in memory: the same free memory then allows at least as much
+    resident = presets.preset_values("auto", "sd1", memory_gb=8.0, model_resident=True)
+    assert resident["train.batch_size"] >= values["train.batch_size"]

@@ -196,11 +196,16 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
 
 
 def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resolution: int | None = None,
-                    rank: int = 16, precision: str = "bf16") -> dict[str, Any]:
+                    rank: int = 16, precision: str = "bf16", model_resident: bool = False) -> dict[str, Any]:
     """The fastest settings predicted to fit ``free_gb - reserve_gb``: the biggest batch without
-    gradient checkpointing, else with it; resolution defaults to the family's native one."""
+    gradient checkpointing, else with it; resolution defaults to the family's native one.
+
+    ``model_resident``: the UNet's weights are already in memory (a WebUI's loaded model), so
+    they are not part of what must still fit."""
     res = resolution or {"sd1": 512, "sd2": 768, "sdxl": 1024}[arch]
     budget = free_gb - reserve_gb
+    if model_resident:
+        budget += trace_activations(arch, res, rank, precision)["weight_bytes"] / GiB
     for checkpointing in (False, True):
         best = None
         for batch in (8, 6, 4, 3, 2, 1):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -38,6 +38,9 @@ class _RootState:
     requires_grad: dict[str, bool]
     attrs: set[str]
     trainable: bool
+    # attributes injection added to the root (only these are deleted on removal: the model may gain
+    # its own attributes while training, e.g. transformers' output-capturing hook flags)
+    added: set[str] = field(default_factory=set)
 
 
 def _split(path: str) -> tuple[str, str]:
@@ -168,7 +171,7 @@ class LoraNetwork:
             for name, p in state.module.named_parameters():
                 if name in state.requires_grad:
                     p.requires_grad_(state.requires_grad[name])
-            for attr in set(vars(state.module)) - state.attrs:
+            for attr in state.added & set(vars(state.module)):
                 delattr(state.module, attr)
         self._removed = True
 
@@ -221,8 +224,10 @@ def _inject_root(root: nn.Module, entries: list[tuple[str, tuple[str, ...]]], ra
                 parent, child = _split(path)
                 setattr(root.get_submodule(parent) if parent else root, child, wrapper)
     except Exception:
+        state.added = set(vars(root)) - state.attrs
         LoraNetwork("", {}, {"r": state}).remove()
         raise
+    state.added = set(vars(root)) - state.attrs
     # peft froze the whole root; LoRA parameters train (in fp32) only when the root is trained.
     for name, p in root.named_parameters():
         is_lora = "lora_" in name

@@ -82,10 +82,44 @@ def auto_preset(memory_gb: float | None = None, *, detect: bool = True) -> str:
     return f"{fitting[-1] if fitting else 6} GB"
 
 
-def preset_values(name: str, arch: str = "sd1", memory_gb: float | None = None) -> dict[str, Any]:
-    """{field path: value} for preset ``name`` ("auto" resolves by GPU memory first)."""
+def gpu_free_gb() -> float | None:
+    """Free memory of the current CUDA device in GB, or None without one."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, _total = torch.cuda.mem_get_info()
+        return free / 2**30
+    except Exception:  # noqa: BLE001 - a broken driver means "no usable GPU" here
+        return None
+
+
+def auto_values(arch: str, free_gb: float, model_resident: bool = False) -> dict[str, Any]:
+    """The fastest settings the memory estimator predicts to fit ``free_gb`` (minus a reserve for
+    the host): the largest batch without gradient checkpointing, else with it."""
+    import torch
+
+    from lora_trainer.bench.estimate import choose_settings
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    precision = "bf16" if bf16 else "fp16"
+    c = choose_settings(free_gb, arch, precision=precision, model_resident=model_resident)
+    return {**_COMMON, "data.resolution": c["resolution"], "train.batch_size": c["batch_size"],
+            "train.gradient_checkpointing": c["gradient_checkpointing"], "network.rank": c["rank"],
+            "network.alpha": c["rank"] / 2, "train.mixed_precision": precision, "optim.learning_rate": 1e-4}
+
+
+def preset_values(name: str, arch: str = "sd1", memory_gb: float | None = None, *,
+                  model_resident: bool = False) -> dict[str, Any]:
+    """{field path: value} for preset ``name``. "auto" asks the memory estimator for the fastest
+    settings that fit the free GPU memory (``memory_gb`` when given); without a GPU it is the CPU
+    demo preset. ``model_resident``: the host's model already sits in that memory."""
     if name == "auto":
-        name = auto_preset(memory_gb)
+        free = memory_gb if memory_gb is not None else gpu_free_gb()
+        if free is None:
+            return {**_COMMON, **_CPU}
+        return auto_values(arch, free, model_resident)
     if name == "cpu (demo)":
         return {**_COMMON, **_CPU}
     try:

@@ -78,7 +78,8 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
         if not name:
             return [compat.update() for _ in PRESET_FIELDS]
         host_arch = getattr(ctx.host, "arch", None) or (arch if arch != "auto" else "sd1")
-        values = presets.preset_values(name, host_arch)
+        values = presets.preset_values(name, host_arch,
+                                       model_resident=getattr(ctx.host, "name", "") in WEBUI_HOSTS)
         return [compat.update(value=to_component(values[p], field_kind(p)[0])) if p in values else compat.update()
                 for p in PRESET_FIELDS]
 
