@@ -84,7 +84,7 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield {"driver": driver, "url": url, "data": data, "out": root / "out", "app": app}
     finally:
         driver.quit()
-        app.close()
+        screenshots.shutdown(app)
 
 
 # -- page helpers ---------------------------------------------------------------------------

@@ -268,6 +268,7 @@ def test_progress_html_shows_step_speed_and_eta():
     html = handlers.progress_html({"status": "running", "step": 5, "total_steps": 20, "it_per_s": 2.5,
                                    "eta_s": 125.0, "error": None})
     assert "step 5/20" in html and "2.50 it/s" in html and "ETA 2:05" in html and "width:25.0%" in html
+    assert handlers.fmt_seconds(3 * 3600 + 5 * 60 + 9) == "3h 05m" and handlers.fmt_seconds(None) == "-"
     assert "idle" in handlers.progress_html(None)
     assert "&lt;b&gt;" in handlers.progress_html({"status": "error", "step": 0, "total_steps": 0, "error": "<b>"})
 
@@ -390,6 +391,35 @@ def test_app_page_ids_and_classes_are_prefixed(tmp_path: Path):
     assert len(ids) == len(set(ids)), "elem_ids must be unique on the page (the WebUI shares one page)"
     if __import__("importlib").util.find_spec("lora_trainer.llm.ui") is not None:
         assert "lt-app-text" in ids  # the Text LoRA section is on the page
+
+
+def test_host_captioner_object_or_context_manager_is_borrowed():
+    import contextlib
+
+    from lora_trainer.ui.context import TabContext
+    from lora_trainer.ui.tab import _borrowed_captioner
+
+    class Cap:
+        def caption(self, images: list[Any]) -> list[str]:
+            return ["x" for _ in images]
+
+    events: list[str] = []
+
+    class WebuiLike:
+        @contextlib.contextmanager
+        def captioner(self) -> Any:
+            events.append("load")
+            yield Cap()
+            events.append("unload")
+
+    with _borrowed_captioner(TabContext(host=WebuiLike(), prefix="lt-"), "blip") as cap:
+        assert isinstance(cap, Cap) and events == ["load"]
+    assert events == ["load", "unload"]
+    with _borrowed_captioner(TabContext(host=WebuiLike(), prefix="lt-"), "clip") as cap:
+        assert cap is None and events == ["load", "unload"]
+    given = Cap()
+    with _borrowed_captioner(TabContext(host=object(), prefix="lt-", captioner=given), "both") as cap:
+        assert cap is given
 
 
 def test_auto_on_a_gpu_takes_the_estimators_fastest_fit():

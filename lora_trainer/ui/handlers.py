@@ -182,7 +182,8 @@ def fmt_seconds(s: float | None) -> str:
     if s is None or not math.isfinite(s):
         return "-"
     s = int(round(s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    # hours as "3h 05m": "3:05:00" reads like a clock time next to a progress bar
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def progress_html(snap: dict[str, Any] | None, prefix: str = "lt-") -> str:

@@ -42,6 +42,16 @@ def launch(app: Any, port: int | None = None) -> str:
     return f"http://127.0.0.1:{port}/"
 
 
+def shutdown(app: Any, timeout: float = 10.0) -> None:
+    """Stop the server. On gradio 3.x ``close()`` can wait forever for the periodic (``every=``)
+    event stream to end, so it runs in a daemon thread that is given ``timeout`` seconds."""
+    import threading
+
+    closer = threading.Thread(target=app.close, name="lt-close-app", daemon=True)
+    closer.start()
+    closer.join(timeout)
+
+
 def browser_paths() -> tuple[str, str] | None:
     """(chromium, chromedriver) when both are installed."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -7,6 +7,7 @@ in the job registry's worker thread; a timer polls its snapshot, so a reloaded p
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -166,10 +167,26 @@ def _captions_section(ctx: TabContext) -> None:
     do_repl.click(do_replace, [table, find, repl, regex], outs)
 
 
+@contextlib.contextmanager
+def _borrowed_captioner(ctx: TabContext, model: str) -> Iterator[Any]:
+    """The captioner to use instead of loading BLIP: one given to the tab, or the host's own.
+
+    A host offers either a ``Captioner`` object or a context manager factory that loads its
+    model and unloads it afterwards (the WebUI's interrogator). CLIP-only runs need neither.
+    """
+    offered = ctx.captioner or getattr(ctx.host, "captioner", None)
+    if offered is None or model == "clip":
+        yield None
+    elif hasattr(offered, "caption"):
+        yield offered
+    else:
+        with offered() as captioner:
+            yield captioner
+
+
 def _caption_steps(ctx: TabContext, model: str, mode: str, fmt: str, folder: str,
                    cfg: TrainConfig) -> Iterator[tuple[int, int]]:
     """Caption in a worker thread, yielding (done, total) about twice a second for the page."""
-    captioner = ctx.captioner or getattr(ctx.host, "captioner", None)
     progress: dict[str, int] = {"done": 0, "total": 0}
     result: dict[str, Any] = {}
 
@@ -178,7 +195,8 @@ def _caption_steps(ctx: TabContext, model: str, mode: str, fmt: str, folder: str
 
     def work() -> None:
         try:
-            result["report"] = handlers.caption_folder(folder, model, mode, fmt, cfg, captioner, cb)
+            with _borrowed_captioner(ctx, model) as captioner:
+                result["report"] = handlers.caption_folder(folder, model, mode, fmt, cfg, captioner, cb)
         except Exception as e:  # noqa: BLE001 - re-raised in the event handler below
             result["error"] = e
 
