@@ -33,27 +33,35 @@ class JobManager:
             return self._job
 
     def start_train(self, payload: dict[str, Any]) -> str:
-        """``payload``: a config as nested sections, dotted keys or flat aliases (as in YAML)."""
+        """``payload``: a config as nested sections, dotted keys or flat aliases (as in YAML).
+
+        The run goes into the tab's job registry, so a run started here shows in the tab too
+        (and the tab's one-run-at-a-time rule covers both)."""
         from lora_trainer.config import build_config, flatten_user_dict
-        from lora_trainer.train.trainer import Trainer
+        from lora_trainer.ui import jobs as runs
 
         config = build_config(flatten_user_dict(payload, source="request"))
         job = self._claim("train")
-        trainer = Trainer(config, host=self.host)
-        job["trainer"] = trainer
+        try:
+            run = runs.start(config, self.host)
+        except LoraTrainerError:
+            self._job = None
+            raise
+        job.update(trainer=run.trainer, thread=run.thread, status="running")
+        return job["id"]
 
-        def work() -> None:
-            try:
-                result = trainer.run()
-                job["result"] = {"lora_path": str(result.lora_path) if result.lora_path else None,
-                                 "steps": result.steps, "final_loss": result.final_loss, "stopped": result.stopped}
-                job["status"] = "stopped" if result.stopped else "done"
-            except LoraTrainerError as e:
-                job["status"], job["error"] = "error", str(e)
-            except Exception as e:  # noqa: BLE001 - reported to the API caller, and logged by the trainer
-                job["status"], job["error"] = "error", f"{type(e).__name__}: {e}"
-
-        return self._run(job, work)
+    @staticmethod
+    def _train_outcome(job: dict[str, Any]) -> None:
+        """Fill a finished training job's status/result/error from its trainer."""
+        trainer = job["trainer"]
+        if trainer.error is not None:
+            e = trainer.error
+            job["status"], job["error"] = "error", str(e) if isinstance(e, LoraTrainerError) else f"{type(e).__name__}: {e}"
+        elif trainer.result is not None:
+            r = trainer.result
+            job["result"] = {"lora_path": str(r.lora_path) if r.lora_path else None,
+                             "steps": r.steps, "final_loss": r.final_loss, "stopped": r.stopped}
+            job["status"] = "stopped" if r.stopped else "done"
 
     def start_caption(self, payload: dict[str, Any]) -> str:
         """``payload``: folder, and optionally model ("blip"/"clip"/"both"), format, trigger, mode."""
@@ -108,6 +116,8 @@ class JobManager:
         job = self._job
         if job is None or (job_id and job_id != job["id"]):
             return {"id": job_id, "status": "unknown" if job_id else "idle"}
+        if job["trainer"] is not None and job["status"] == "running" and not job["thread"].is_alive():
+            self._train_outcome(job)
         out = {k: job[k] for k in ("id", "kind", "status", "error", "result", "progress")}
         if job["trainer"] is not None:
             snap = dict(job["trainer"].state.snapshot())
