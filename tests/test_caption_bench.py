@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
-
 from lora_trainer.bench.caption import blip_config, run_caption_bench
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    # Tiny models spend their time in thread hand-offs on a busy CPU: one thread is several times faster.
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def test_bench_prints_a_row_per_size() -> None:

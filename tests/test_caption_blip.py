@@ -20,17 +20,6 @@ from lora_trainer.errors import ConfigError, ModelLoadError
 from tests.caption_models import WORDS, save_tiny_blip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    # Tiny models spend their time in thread hand-offs on a busy CPU: one thread is several times faster.
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_blip(tmp_path_factory.mktemp("blip") / "tiny-blip")

@@ -6,13 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from lora_trainer.cli import main as cli_main
 from lora_trainer.llm.cli import generate_main, train_main
 from lora_trainer.llm.tiny import build_tiny_model
-
-torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared CPU
 
 REPLY = "Thanks for reaching out! Your order has shipped."
 

@@ -15,8 +15,6 @@ from lora_trainer.llm.model import detect_target_modules, load_model
 from lora_trainer.llm.tiny import build_tiny_model
 from lora_trainer.llm.train import TextLoraTrainer, epoch_groups, make_scheduler
 
-torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared CPU
-
 REPLY = "Thanks for reaching out! Your order has shipped."
 
 

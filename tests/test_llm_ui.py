@@ -9,12 +9,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import torch
 
 from lora_trainer.llm.tiny import build_tiny_model
 from lora_trainer.llm.ui import FIELDS, TextLoraSession, build_text_lora_section
-
-torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared CPU
 
 
 @pytest.fixture(scope="module")

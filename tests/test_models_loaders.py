@@ -22,14 +22,6 @@ from lora_trainer.models.loaders import load_bundle
 
 CAPTIONS = ["a photo of a cat", "a red car"]
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    # Tiny models spend their time in thread hand-offs on a busy CPU: one thread is several times faster.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 
 def _predict(bundle, seed=0):

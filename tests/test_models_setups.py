@@ -13,14 +13,6 @@ from lora_trainer.models.setups import SETUPS, bundle_from_diffusers, default_si
 
 CAPTIONS = ["a photo of a cat", "a red car, masterpiece"]
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    # Tiny models spend their time in thread hand-offs on a busy CPU: one thread is several times faster.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 
 @functools.cache

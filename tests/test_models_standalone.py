@@ -16,16 +16,6 @@ from lora_trainer.lora.files import save_lora_file
 from lora_trainer.lora.inject import inject_lora
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    # Tiny models spend their time in thread hand-offs on a busy CPU: one thread is several times faster.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-
 def _config(tmp_path) -> TrainConfig:
     cfg = TrainConfig()
     cfg.model.base_model = "demo"

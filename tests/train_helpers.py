@@ -14,7 +14,6 @@ from lora_trainer.train.events import TrainEvent
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core runner two spinning
 # threads make each step many times slower than one.
-torch.set_num_threads(1)
 
 
 def tiny_bundle(arch: str = "sd1", prediction_type: str = "epsilon", seed: int = 0) -> ModelBundle:
