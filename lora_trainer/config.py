@@ -9,15 +9,13 @@ a bad key or value raises :class:`ConfigError` with one line naming it and what 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
+from lora_trainer.config_schema import ConfigSchema, _coerce, _split_path, _suggest  # noqa: F401 - re-exported
 from lora_trainer.errors import ConfigError
 
 
@@ -249,217 +247,42 @@ _ALIAS_VALUE_MAPS: dict[str, Any] = {
 }
 
 
+# -- building a config ---------------------------------------------------------------------
+
+SCHEMA = ConfigSchema(
+    root=TrainConfig, sections=SECTIONS, aliases=ALIASES, value_maps=_ALIAS_VALUE_MAPS, label="config",
+    help_hint="run 'python -m lora_trainer config --example' to see every key",
+    example_header=("# lora-trainer config. Every key is optional; shown with its default.",
+                    "# Flat keys from lora-scripts/kohya (lora_rank, train_data_dir, ...) work too."),
+    foreign=(("llm", "the 'llm' section needs 'task: llm'"),),
+)
+
+
 def all_field_paths() -> list[str]:
-    paths = ["task"]
-    for section, cls in SECTIONS.items():
-        paths += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
-    return paths
+    return SCHEMA.field_paths()
 
 
 def field_info(path: str) -> dataclasses.Field[Any]:
-    section, name = _split_path(path)
-    cls = SECTIONS[section] if section else TrainConfig
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f
-    raise ConfigError(f"unknown config field '{path}'")
+    return SCHEMA.field_info(path)
 
-
-def _split_path(path: str) -> tuple[str | None, str]:
-    if "." in path:
-        section, name = path.split(".", 1)
-        return section, name
-    return None, path
-
-
-def _suggest(key: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-# -- value coercion ------------------------------------------------------------------------
 
 def _type_of(path: str) -> Any:
-    section, name = _split_path(path)
-    cls = SECTIONS[section] if section else TrainConfig
-    return typing.get_type_hints(cls)[name]
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        parts = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_describe(a) for a in parts) + " or empty"
-    if origin is list:
-        return "a list of " + _describe(typing.get_args(tp)[0]) + "s"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(tp, str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Convert a YAML/CLI/UI value to the field's type, or raise ConfigError naming ``where``."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{where}: {value!r} is not valid; expected {_describe(tp)}")
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
-            return None
-        for a in args:
-            try:
-                return _coerce(value, a, where)
-            except ConfigError:
-                pass
-        raise bad
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if isinstance(value, str) and value.strip().lower() in [str(c).lower() for c in choices]:
-            return next(c for c in choices if str(c).lower() == value.strip().lower())
-        if value in choices:
-            return value
-        hint = _suggest(str(value), [str(c) for c in choices])
-        raise ConfigError(f"{where}: {value!r} is not allowed; expected {_describe(tp)}{hint}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if value is None or value == "":
-            return []
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        return [_coerce(v, item, where) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
-            return True
-        if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
-            return False
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip().replace("_", ""))
-            except ValueError:
-                try:
-                    f = float(value)
-                except ValueError:
-                    raise bad from None
-                if f.is_integer():
-                    return int(f)
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    raise bad
-
-
-# -- building a config ---------------------------------------------------------------------
-
-def _resolve_key(key: str, section: str | None = None) -> str:
-    """Map a user key (flat alias, 'section.field' or a field inside ``section``) to a field path."""
-    paths = all_field_paths()
-    if section is not None:
-        candidate = f"{section}.{key}"
-        if candidate in paths:
-            return candidate
-        names = [p.split(".", 1)[1] for p in paths if p.startswith(section + ".")]
-        raise ConfigError(f"unknown key '{key}' in section '{section}'{_suggest(key, names)}; "
-                          f"allowed: {', '.join(names)}")
-    if key in paths:
-        return key
-    if "." in key and key.split(".", 1)[0] in SECTIONS:
-        return _resolve_key(key.split(".", 1)[1], key.split(".", 1)[0])
-    if key in ALIASES:
-        return ALIASES[key]
-    # a bare field name that is unique across sections is fine too
-    matches = [p for p in paths if p.endswith("." + key)]
-    if len(matches) == 1:
-        return matches[0]
-    options = paths + list(ALIASES) + [p.split(".", 1)[1] for p in paths if "." in p]
-    raise ConfigError(f"unknown config key '{key}'{_suggest(key, options)}; "
-                      "run 'python -m lora_trainer config --example' to see every key")
+    return SCHEMA.type_of(path)
 
 
 def flatten_user_dict(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Turn nested sections, 'a.b' keys and flat aliases into {field_path: raw value}."""
-    out: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-
-    def put(path: str, value: Any, key: str) -> None:
-        if path in out and origin[path] != key:
-            raise ConfigError(f"{source}: '{key}' and '{origin[path]}' both set {path}; keep one")
-        out[path] = value
-        origin[path] = key
-
-    for key, value in (data or {}).items():
-        key = str(key)
-        if key in SECTIONS and isinstance(value, dict):
-            for sub, v in value.items():
-                put(_resolve_key(str(sub), key), v, f"{key}.{sub}")
-        elif key == "llm":
-            raise ConfigError(f"{source}: the 'llm' section needs 'task: llm'")
-        else:
-            path = _resolve_key(key)
-            if key in _ALIAS_VALUE_MAPS:
-                value = _ALIAS_VALUE_MAPS[key](value)
-            put(path, value, key)
-    return out
+    return SCHEMA.flatten(data, source)
 
 
 def build_config(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
     """Build a TrainConfig from {field_path: value}, on top of ``base`` (or the defaults)."""
-    data = (base or TrainConfig()).to_dict()
-    for path, raw in values.items():
-        if path not in all_field_paths():
-            _resolve_key(path)  # raises with a suggestion
-        value = _coerce(raw, _type_of(path), f"{path}")
-        section, name = _split_path(path)
-        if section:
-            data[section][name] = value
-        else:
-            data[name] = value
-    kwargs: dict[str, Any] = {"task": data["task"]}
-    for section, cls in SECTIONS.items():
-        kwargs[section] = cls(**data[section])
-    return TrainConfig(**kwargs)
+    return SCHEMA.build(values, base)
 
 
 def parse_set_overrides(items: list[str]) -> dict[str, Any]:
     """``["network.rank=16", "lora_alpha=8"]`` -> {field_path: value} (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set network.rank=16")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        flat = flatten_user_dict({key: value}, source="--set")
-        out.update(flat)
-    return out
+    return SCHEMA.parse_set(items)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -541,32 +364,9 @@ def validate(cfg: TrainConfig) -> None:
 
 def example_yaml() -> str:
     """A commented YAML with every key, its default and its help text."""
-    lines = ["# lora-trainer config. Every key is optional; shown with its default.",
-             "# Flat keys from lora-scripts/kohya (lora_rank, train_data_dir, ...) work too.",
-             "task: image"]
-    defaults = TrainConfig().to_dict()
-    for section, cls in SECTIONS.items():
-        lines.append("")
-        lines.append(f"{section}:")
-        for f in dataclasses.fields(cls):
-            value = yaml.safe_dump({f.name: defaults[section][f.name]}, default_flow_style=True,
-                                   allow_unicode=True).strip()[1:-1]
-            lines.append(f"  # {f.metadata.get('help', '')}")
-            lines.append(f"  {value}")
-    return "\n".join(lines) + "\n"
+    return SCHEMA.example_yaml()
 
 
 def reference_markdown() -> str:
     """The config reference table for the README, generated from the help texts."""
-    alias_of: dict[str, list[str]] = {}
-    for a, p in ALIASES.items():
-        alias_of.setdefault(p, []).append(a)
-    out = ["| key | default | aliases | what it does |", "|---|---|---|---|"]
-    defaults = TrainConfig().to_dict()
-    for path in all_field_paths():
-        section, name = _split_path(path)
-        default = defaults[section][name] if section else defaults[name]
-        info = field_info(path)
-        aliases = ", ".join(f"`{a}`" for a in alias_of.get(path, []))
-        out.append(f"| `{path}` | `{default!r}` | {aliases} | {info.metadata.get('help', '')} |")
-    return "\n".join(out) + "\n"
+    return SCHEMA.reference_markdown()

@@ -2,21 +2,22 @@
 
 Same conventions as the image :class:`~lora_trainer.config.TrainConfig`: nested dataclasses with
 help texts, filled by field path (``network.rank``) from YAML, ``--set`` overrides or the UI, with
-the flat keys people know (``base_model``, ``train_file``, ``lora_rank``, ...) as aliases. Value
-coercion and the "did you mean" hints are shared with the image config.
+the flat keys people know (``base_model``, ``train_file``, ``lora_rank``, ...) as aliases. Key
+resolution, coercion, the "did you mean" hints and the generated docs are the image config's
+(:class:`~lora_trainer.config_schema.ConfigSchema`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from lora_trainer.config import _coerce, _f, _suggest, read_yaml
+from lora_trainer.config import _f, read_yaml
+from lora_trainer.config_schema import ConfigSchema
 from lora_trainer.errors import ConfigError
 
 
@@ -182,91 +183,27 @@ ALIASES: dict[str, str] = {
 }
 
 
-def all_field_paths() -> list[str]:
-    paths = ["task"]
-    for section, cls in SECTIONS.items():
-        paths += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
-    return paths
-
-
-def _type_of(path: str) -> Any:
-    if path == "task":
-        return typing.get_type_hints(LLMTrainConfig)["task"]
-    section, name = path.split(".", 1)
-    return typing.get_type_hints(SECTIONS[section])[name]
-
-
-def _resolve_key(key: str, section: str | None = None) -> str:
-    paths = all_field_paths()
-    if section is not None:
-        if f"{section}.{key}" in paths:
-            return f"{section}.{key}"
-        names = [p.split(".", 1)[1] for p in paths if p.startswith(section + ".")]
-        raise ConfigError(f"unknown key '{key}' in section '{section}'{_suggest(key, names)}; "
-                          f"allowed: {', '.join(names)}")
-    if key in paths:
-        return key
-    if "." in key and key.split(".", 1)[0] in SECTIONS:
-        return _resolve_key(key.split(".", 1)[1], key.split(".", 1)[0])
-    if key in ALIASES:
-        return ALIASES[key]
-    matches = [p for p in paths if p.endswith("." + key)]
-    if len(matches) == 1:
-        return matches[0]
-    options = paths + list(ALIASES) + [p.split(".", 1)[1] for p in paths if "." in p]
-    raise ConfigError(f"unknown text-LoRA config key '{key}'{_suggest(key, options)}; "
-                      "see docs/text-lora.md for every key")
+SCHEMA = ConfigSchema(
+    root=LLMTrainConfig, sections=SECTIONS, aliases=ALIASES, value_maps={}, label="text-LoRA config",
+    help_hint="see docs/text-lora.md for every key",
+    example_header=("# lora-trainer text-LoRA config. Every key but model.base_model and data.train_file is optional.",),
+    nested="llm",
+)
 
 
 def flatten_user_dict(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Nested sections (also inside an ``llm:`` section), 'a.b' keys and aliases -> {path: value}."""
-    out: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-
-    def put(path: str, value: Any, key: str) -> None:
-        if path in out and origin[path] != key:
-            raise ConfigError(f"{source}: '{key}' and '{origin[path]}' both set {path}; keep one")
-        out[path], origin[path] = value, key
-
-    for key, value in (data or {}).items():
-        key = str(key)
-        if key == "llm" and isinstance(value, dict):
-            for path, v in flatten_user_dict(value, source).items():
-                put(path, v, f"llm.{path}")
-        elif key in SECTIONS and isinstance(value, dict):
-            for sub, v in value.items():
-                put(_resolve_key(str(sub), key), v, f"{key}.{sub}")
-        else:
-            put(_resolve_key(key), value, key)
-    return out
+    return SCHEMA.flatten(data, source)
 
 
 def build_llm_config(values: dict[str, Any], base: LLMTrainConfig | None = None) -> LLMTrainConfig:
     """Build an LLMTrainConfig from {field_path or alias: value} on top of ``base`` (or defaults)."""
-    data = (base or LLMTrainConfig()).to_dict()
-    for key, raw in values.items():
-        path = key if key in all_field_paths() else _resolve_key(key)
-        value = _coerce(raw, _type_of(path), path)
-        if path == "task":
-            continue
-        section, name = path.split(".", 1)
-        data[section][name] = value
-    return LLMTrainConfig(**{s: cls(**data[s]) for s, cls in SECTIONS.items()})
+    return SCHEMA.build(values, base)
 
 
 def parse_set_overrides(items: list[str]) -> dict[str, Any]:
     """``["network.rank=16", "lora_alpha=8"]`` -> {field_path: value} (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set network.rank=16")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        out.update(flatten_user_dict({key.strip(): value}, source="--set"))
-    return out
+    return SCHEMA.parse_set(items)
 
 
 def is_llm_config(path: str | Path) -> bool:
@@ -319,28 +256,9 @@ def validate(cfg: LLMTrainConfig) -> None:
 
 def example_yaml() -> str:
     """A commented YAML with every key, its default and its help text."""
-    lines = ["# lora-trainer text-LoRA config. Every key but model.base_model and data.train_file is optional.",
-             "task: llm"]
-    defaults = LLMTrainConfig().to_dict()
-    for section, cls in SECTIONS.items():
-        lines += ["", f"{section}:"]
-        for f in dataclasses.fields(cls):
-            value = yaml.safe_dump({f.name: defaults[section][f.name]}, default_flow_style=True,
-                                   allow_unicode=True).strip()[1:-1]
-            lines += [f"  # {f.metadata.get('help', '')}", f"  {value}"]
-    return "\n".join(lines) + "\n"
+    return SCHEMA.example_yaml()
 
 
 def reference_markdown() -> str:
     """The text-LoRA key table for the docs, generated from the help texts."""
-    alias_of: dict[str, list[str]] = {}
-    for a, p in ALIASES.items():
-        alias_of.setdefault(p, []).append(a)
-    defaults = LLMTrainConfig().to_dict()
-    out = ["| key | default | aliases | what it does |", "|---|---|---|---|"]
-    for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            path = f"{section}.{f.name}"
-            aliases = ", ".join(f"`{a}`" for a in alias_of.get(path, []))
-            out.append(f"| `{path}` | `{defaults[section][f.name]!r}` | {aliases} | {f.metadata.get('help', '')} |")
-    return "\n".join(out) + "\n"
+    return SCHEMA.reference_markdown()

@@ -1,0 +1,270 @@
+"""ConfigSchema: filling a config family's nested dataclasses by key, with one-line errors.
+
+The image :class:`~lora_trainer.config.TrainConfig` and the text-LoRA
+:class:`~lora_trainer.llm.config.LLMTrainConfig` share this: key resolution (field paths, flat
+aliases, bare field names, "did you mean"), YAML flattening, value coercion, ``--set`` parsing,
+and the generated commented example and reference table. Each family supplies only its data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+import yaml
+
+from lora_trainer.errors import ConfigError
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        parts = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_describe(a) for a in parts) + " or empty"
+    if origin is list:
+        return "a list of " + _describe(typing.get_args(tp)[0]) + "s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI/UI value to the field's type, or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: {value!r} is not valid; expected {_describe(tp)}")
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None
+        for a in args:
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, str) and value.strip().lower() in [str(c).lower() for c in choices]:
+            return next(c for c in choices if str(c).lower() == value.strip().lower())
+        if value in choices:
+            return value
+        hint = _suggest(str(value), [str(c) for c in choices])
+        raise ConfigError(f"{where}: {value!r} is not allowed; expected {_describe(tp)}{hint}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if value is None or value == "":
+            return []
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, item, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    raise bad from None
+                if f.is_integer():
+                    return int(f)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise bad
+
+
+
+@dataclass(frozen=True)
+class ConfigSchema:
+    """How a config family (image TrainConfig, text-LoRA LLMTrainConfig) is filled by key.
+
+    One implementation of key resolution (field paths, flat aliases, bare field names, "did you
+    mean"), YAML flattening, coercion into the dataclasses, ``--set`` parsing, and the generated
+    example and reference; each family supplies only its data.
+    """
+
+    root: type  # dataclass with a "task" field and one field per section
+    sections: dict[str, type]
+    aliases: dict[str, str]
+    value_maps: dict[str, Callable[[Any], Any]]  # alias keys whose values mean something else
+    label: str  # "config", "text-LoRA config": how errors name it
+    help_hint: str  # where to see every key
+    example_header: tuple[str, ...]
+    nested: str | None = None  # a section whose keys are read as if at the top level ("llm")
+    foreign: tuple[tuple[str, str], ...] = ()  # (top-level key, error) for keys of another family
+
+    def field_paths(self) -> list[str]:
+        paths = ["task"]
+        for section, cls in self.sections.items():
+            paths += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+        return paths
+
+    def _owner(self, path: str) -> tuple[type, str]:
+        section, name = _split_path(path)
+        if section is None:
+            return self.root, name
+        if section not in self.sections:
+            raise ConfigError(f"unknown {self.label} field '{path}'")
+        return self.sections[section], name
+
+    def field_info(self, path: str) -> dataclasses.Field[Any]:
+        cls, name = self._owner(path)
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return f
+        raise ConfigError(f"unknown {self.label} field '{path}'")
+
+    def type_of(self, path: str) -> Any:
+        cls, name = self._owner(path)
+        return typing.get_type_hints(cls)[name]
+
+    def resolve(self, key: str, section: str | None = None) -> str:
+        """A user key (field path, 'section.field', flat alias or unique bare field name) -> path."""
+        paths = self.field_paths()
+        if section is not None:
+            if f"{section}.{key}" in paths:
+                return f"{section}.{key}"
+            names = [p.split(".", 1)[1] for p in paths if p.startswith(section + ".")]
+            raise ConfigError(f"unknown key '{key}' in section '{section}'{_suggest(key, names)}; "
+                              f"allowed: {', '.join(names)}")
+        if key in paths:
+            return key
+        if "." in key and key.split(".", 1)[0] in self.sections:
+            return self.resolve(key.split(".", 1)[1], key.split(".", 1)[0])
+        if key in self.aliases:
+            return self.aliases[key]
+        matches = [p for p in paths if p.endswith("." + key)]
+        if len(matches) == 1:
+            return matches[0]
+        options = paths + list(self.aliases) + [p.split(".", 1)[1] for p in paths if "." in p]
+        raise ConfigError(f"unknown {self.label} key '{key}'{_suggest(key, options)}; {self.help_hint}")
+
+    def flatten(self, data: dict[str, Any], source: str = "config") -> dict[str, Any]:
+        """Nested sections, 'a.b' keys and flat aliases -> {field_path: raw value}."""
+        out: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+
+        def put(path: str, value: Any, key: str) -> None:
+            if path in out and origin[path] != key:
+                raise ConfigError(f"{source}: '{key}' and '{origin[path]}' both set {path}; keep one")
+            out[path], origin[path] = value, key
+
+        foreign = dict(self.foreign)
+        for key, value in (data or {}).items():
+            key = str(key)
+            if key == self.nested and isinstance(value, dict):
+                for path, v in self.flatten(value, source).items():
+                    put(path, v, f"{key}.{path}")
+            elif key in self.sections and isinstance(value, dict):
+                for sub, v in value.items():
+                    put(self.resolve(str(sub), key), v, f"{key}.{sub}")
+            elif key in foreign:
+                raise ConfigError(f"{source}: {foreign[key]}")
+            else:
+                mapped = self.value_maps[key](value) if key in self.value_maps else value
+                put(self.resolve(key), mapped, key)
+        return out
+
+    def build(self, values: dict[str, Any], base: Any = None) -> Any:
+        """A config from {field path or key: value} on top of ``base`` (or the defaults)."""
+        data = (base or self.root()).to_dict()
+        for key, raw in values.items():
+            path = self.resolve(key)
+            if key in self.value_maps:
+                raw = self.value_maps[key](raw)
+            value = _coerce(raw, self.type_of(path), path)
+            section, name = _split_path(path)
+            if section:
+                data[section][name] = value
+            else:
+                data[name] = value
+        return self.root(task=data["task"], **{s: cls(**data[s]) for s, cls in self.sections.items()})
+
+    def parse_set(self, items: list[str]) -> dict[str, Any]:
+        """``["network.rank=16", "lora_alpha=8"]`` -> {field_path: value} (values parsed as YAML)."""
+        out: dict[str, Any] = {}
+        for item in items:
+            if "=" not in item:
+                raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set network.rank=16")
+            key, raw = item.split("=", 1)
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                value = raw
+            out.update(self.flatten({key.strip(): value}, source="--set"))
+        return out
+
+    def example_yaml(self) -> str:
+        """A commented YAML with every key, its default and its help text."""
+        defaults = self.root().to_dict()
+        lines = [*self.example_header, f"task: {defaults['task']}"]
+        for section, cls in self.sections.items():
+            lines += ["", f"{section}:"]
+            for f in dataclasses.fields(cls):
+                value = yaml.safe_dump({f.name: defaults[section][f.name]}, default_flow_style=True,
+                                       allow_unicode=True).strip()[1:-1]
+                lines += [f"  # {f.metadata.get('help', '')}", f"  {value}"]
+        return "\n".join(lines) + "\n"
+
+    def reference_markdown(self) -> str:
+        """The key reference table, generated from the help texts."""
+        alias_of: dict[str, list[str]] = {}
+        for a, p in self.aliases.items():
+            alias_of.setdefault(p, []).append(a)
+        defaults = self.root().to_dict()
+        out = ["| key | default | aliases | what it does |", "|---|---|---|---|"]
+        for path in self.field_paths():
+            section, name = _split_path(path)
+            default = defaults[section][name] if section else defaults[name]
+            aliases = ", ".join(f"`{a}`" for a in alias_of.get(path, []))
+            out.append(f"| `{path}` | `{default!r}` | {aliases} | {self.field_info(path).metadata.get('help', '')} |")
+        return "\n".join(out) + "\n"
+
+
+def _split_path(path: str) -> tuple[str | None, str]:
+    if "." in path:
+        section, name = path.split(".", 1)
+        return section, name
+    return None, path
