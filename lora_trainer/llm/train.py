@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import random
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from lora_trainer.llm.checkpoint import (
 from lora_trainer.llm.config import LLMTrainConfig
 from lora_trainer.llm.data import IGNORE, DataReport, Sample, build_datasets, collate
 from lora_trainer.llm.model import add_lora, load_model
-from lora_trainer.train.events import Callback, Commands, RunState, TrainEvent, emit
+from lora_trainer.train.events import Callback, TrainEvent, WorkerRun, emit
 
 log = logging.getLogger(__name__)
 
@@ -105,35 +104,17 @@ def seed_everything(seed: int) -> None:
 
 # -- the trainer -----------------------------------------------------------------------------------
 
-class TextLoraTrainer:
+class TextLoraTrainer(WorkerRun):
     """One text-LoRA run: ``run()`` blocks; ``start()`` runs it in a worker thread."""
 
+    thread_name = "lora-trainer-llm"
+
     def __init__(self, config: LLMTrainConfig, callbacks: list[Callback] | None = None) -> None:
+        super().__init__(callbacks)
         self.config = config
-        self.callbacks = list(callbacks or [])
-        self.commands = Commands()
-        self.state = RunState()
         self.result: TextTrainResult | None = None
-        self.error: BaseException | None = None
         self.model: Any = None  # the trained peft model (LoRA not merged), for trying it out after the run
         self.tokenizer: Any = None
-
-    def stop(self) -> None:
-        self.commands.request_stop()
-
-    def save_now(self) -> None:
-        self.commands.request_save()
-
-    def start(self) -> threading.Thread:
-        def work() -> None:
-            try:
-                self.run()
-            except BaseException as e:  # noqa: BLE001 - reported through events and .error
-                self.error = e
-
-        thread = threading.Thread(target=work, name="lora-trainer-llm", daemon=True)
-        thread.start()
-        return thread
 
     def _emit(self, kind: str, **kw: Any) -> None:
         ev = TrainEvent(kind=kind, **kw)  # type: ignore[arg-type]

@@ -135,3 +135,41 @@ class RunState:
                 "samples": list(self.samples), "log": list(self.log),
                 "output_path": self.output_path, "error": self.error,
             }
+
+
+class WorkerRun:
+    """What a UI needs of any training run: commands in, a state snapshot out, and ``start()`` to
+    run it in a worker thread (the result or the error lands in ``.result`` / ``.error``).
+    Subclasses implement ``run()``."""
+
+    thread_name = "lora-trainer"
+
+    def __init__(self, callbacks: list[Callback] | None = None) -> None:
+        self.callbacks: list[Callback] = list(callbacks or [])
+        self.commands = Commands()
+        self.state = RunState()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self.commands.request_stop()
+
+    def save_now(self) -> None:
+        self.commands.request_save()
+
+    def sample_now(self) -> None:
+        self.commands.request_sample()
+
+    def start(self) -> threading.Thread:
+        def work() -> None:
+            try:
+                self.run()
+            except BaseException as e:  # noqa: BLE001 - reported through events and .error
+                self.error = e
+
+        thread = threading.Thread(target=work, name=self.thread_name, daemon=True)
+        thread.start()
+        return thread

@@ -22,7 +22,7 @@ import torch
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import LoraTrainerError
-from lora_trainer.train.events import Callback, Commands, RunState, TrainEvent, emit
+from lora_trainer.train.events import Callback, TrainEvent, WorkerRun, emit
 from lora_trainer.train.session import RunSession
 
 log = logging.getLogger(__name__)
@@ -43,38 +43,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Trainer:
+class Trainer(WorkerRun):
     def __init__(self, config: TrainConfig, host: Any = None, callbacks: list[Callback] | None = None) -> None:
+        super().__init__(callbacks)
         self.config = config
         self.host = host
-        self.callbacks: list[Callback] = list(callbacks or [])
-        self.commands = Commands()
-        self.state = RunState()
         self.result: TrainResult | None = None
-        self.error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- commands in ---------------------------------------------------------------------
-    def stop(self) -> None:
-        self.commands.request_stop()
-
-    def save_now(self) -> None:
-        self.commands.request_save()
-
-    def sample_now(self) -> None:
-        self.commands.request_sample()
-
-    def start(self) -> threading.Thread:
-        """Run in a worker thread; the result (or error) lands in ``.result`` / ``.error``."""
-        def work() -> None:
-            try:
-                self.run()
-            except BaseException as e:  # noqa: BLE001 - reported through events and .error
-                self.error = e
-
-        self._thread = threading.Thread(target=work, name="lora-trainer", daemon=True)
-        self._thread.start()
-        return self._thread
 
     # -- events out ----------------------------------------------------------------------
     def emit(self, ev: TrainEvent) -> None:
