@@ -63,3 +63,4 @@ def reset(w: SimpleNamespace, sd_model, lora_dir: Path) -> None:
     for m in sd_model.modules():
         for attr in ("network_weights_backup", "network_bias_backup", "network_current_names"):
             m.__dict__.pop(attr, None)
+

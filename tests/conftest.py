@@ -27,3 +27,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def webui():  # -> SimpleNamespace of the stand-in WebUI modules
+    """The stand-in A1111 WebUI (tests/webui_stub) with a tiny real-LDM model loaded, for one
+    test module; the stand-in is taken off sys.path again afterwards."""
+    import a1111_env
+
+    w = a1111_env.enter()
+    w.model = w.tiny_ldm.TinyLatentDiffusion(seed=0)
+    yield w
+    a1111_env.leave()

@@ -25,14 +25,6 @@ from lora_trainer.hosts import live_model
 from lora_trainer.train.events import TrainEvent
 
 
-@pytest.fixture(scope="module")
-def webui():
-    w = a1111_env.enter()
-    w.model = w.tiny_ldm.TinyLatentDiffusion(seed=0)
-    yield w
-    a1111_env.leave()
-
-
 @pytest.fixture
 def env(webui, tmp_path: Path):
     a1111_env.reset(webui, webui.model, tmp_path / "Lora")

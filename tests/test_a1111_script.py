@@ -16,14 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "lora_trainer_tab.py"
 
 
-@pytest.fixture(scope="module")
-def webui():
-    w = a1111_env.enter()
-    w.model = w.tiny_ldm.TinyLatentDiffusion(seed=0)
-    yield w
-    a1111_env.leave()
-
-
 @pytest.fixture
 def script(webui, tmp_path: Path):
     a1111_env.reset(webui, webui.model, tmp_path / "Lora")

@@ -12,7 +12,7 @@ import pytest
 
 from lora_trainer.config import TrainConfig, all_field_paths, build_config
 from lora_trainer.errors import ConfigError, DatasetError, HostError
-from lora_trainer.train.events import Commands, RunState, TrainEvent
+from lora_trainer.train.events import TrainEvent, WorkerRun
 from lora_trainer.ui import handlers, jobs, presets
 from lora_trainer.ui.fields import UI_FIELDS, config_from_values, config_from_yaml_text, values_from_config
 
@@ -170,38 +170,24 @@ def test_auto_without_gpu_is_the_cpu_demo_preset(monkeypatch: pytest.MonkeyPatch
 # -- job registry ---------------------------------------------------------------------------
 
 
-class StepTrainer:
-    """A trainer double with the Trainer surface: a worker thread that emits real TrainEvents
-    into a real RunState until told to stop (the registry is what is under test)."""
+class StepTrainer(WorkerRun):
+    """A trainer double with the Trainer surface (WorkerRun's commands, state and worker thread):
+    it emits real TrainEvents into a real RunState until told to stop (the registry is under test)."""
 
     def __init__(self, config: TrainConfig, host: Any, callbacks: list[Any]) -> None:
-        self.config, self.commands, self.state = config, Commands(), RunState()
-        self.release = threading.Event()
+        super().__init__(callbacks)
+        self.config = config
         self.saves = 0
 
-    def start(self) -> threading.Thread:
-        def work() -> None:
-            step = 0
-            while not self.commands.stop_requested and step < 500:
-                step += 1
-                self.state.update(TrainEvent("step", step=step, total_steps=500, loss=1.0 / step, message=""))
-                if self.commands.take_save():
-                    self.saves += 1
-                time.sleep(0.005)
-            self.state.update(TrainEvent("stopped", step=step, path="/x.safetensors", message="stopped"))
-
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
-        return t
-
-    def stop(self) -> None:
-        self.commands.request_stop()
-
-    def save_now(self) -> None:
-        self.commands.request_save()
-
-    def sample_now(self) -> None:
-        self.commands.request_sample()
+    def run(self) -> None:
+        step = 0
+        while not self.commands.stop_requested and step < 500:
+            step += 1
+            self.state.update(TrainEvent("step", step=step, total_steps=500, loss=1.0 / step, message=""))
+            if self.commands.take_save():
+                self.saves += 1
+            time.sleep(0.005)
+        self.state.update(TrainEvent("stopped", step=step, path="/x.safetensors", message="stopped"))
 
 
 def test_job_registry_keeps_the_run_and_refuses_a_second():
