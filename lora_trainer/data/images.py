@@ -45,6 +45,15 @@ def _describe(exc: BaseException) -> str:
     return f"damaged or truncated ({text})"
 
 
+def _read_error(path: Path, exc: BaseException) -> DatasetError:
+    """One line naming the file and what to do, for any error reading an image."""
+    if isinstance(exc, FileNotFoundError):
+        return DatasetError(f"{path}: file not found")
+    if isinstance(exc, PermissionError):
+        return DatasetError(f"{path}: permission denied; make the file readable")
+    return DatasetError(f"{path}: {_describe(exc)}; re-export it or remove it from the folder")
+
+
 def _open_source(path: Path, data: bytes | None) -> Image.Image:
     with warnings.catch_warnings():
         # Large photos trip Pillow's decompression-bomb *warning*; the hard limit still raises.
@@ -133,12 +142,8 @@ def open_image_rgb(path: str | Path, data: bytes | None = None, *,
             rgb = to_rgb(upright)
             # Detach from the file: the result must outlive the ``with`` block.
             return rgb.copy() if rgb is im else rgb
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: file not found") from None
-    except PermissionError:
-        raise DatasetError(f"{path}: permission denied; make the file readable") from None
     except _READ_ERRORS as e:
-        raise DatasetError(f"{path}: {_describe(e)}; re-export it or remove it from the folder") from None
+        raise _read_error(path, e) from None
 
 
 def _ends_with_eoi(path: Path, data: bytes | None) -> bool:
@@ -202,12 +207,8 @@ def probe_image(path: str | Path, data: bytes | None = None) -> ImageProbe:
             # verify() must come right after open, and reading EXIF may already have read chunks.
             with _open_source(path, data) as again:
                 again.verify()
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: file not found") from None
-    except PermissionError:
-        raise DatasetError(f"{path}: permission denied") from None
     except _READ_ERRORS as e:
-        raise DatasetError(f"{path}: {_describe(e)}") from None
+        raise _read_error(path, e) from None
     if orientation in _ROTATING_ORIENTATIONS:
         width, height = height, width
     return ImageProbe(width=width, height=height, format=fmt, mode=mode)

@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Any
 
+from lora_trainer.train.cli import add_run_arguments
 from lora_trainer.train.events import TrainEvent
 
 
@@ -40,10 +41,7 @@ class _Progress:
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lora_trainer train",
                                 description="Train a text LoRA for a causal language model (task: llm).")
-    p.add_argument("--config", "-c", help="YAML file with 'task: llm' (see docs/text-lora.md)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set network.rank=16 (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    add_run_arguments(p, "YAML file with 'task: llm' (see docs/text-lora.md)", dest="overrides")
     p.add_argument("--check", action="store_true", help="check the config and data, print the report, do not train")
     return p
 

@@ -56,13 +56,18 @@ def _wants_llm(config_path: str | None, sets: list[str]) -> bool:
     return str(task).strip().lower() == "llm"
 
 
+def add_run_arguments(ap: argparse.ArgumentParser, config_help: str, dest: str) -> None:
+    """--config, --set (repeatable, into ``dest``) and --no-progress: the train commands' common options."""
+    ap.add_argument("--config", "-c", help=config_help)
+    ap.add_argument("--set", dest=dest, action="append", default=[], metavar="KEY=VALUE",
+                    help="override a setting, e.g. --set network.rank=16 (repeatable)")
+    ap.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_trainer train",
                                  description="Train a LoRA from a YAML config (see 'config --example').")
-    ap.add_argument("--config", "-c", help="YAML config file")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set network.rank=16 (repeatable)")
-    ap.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    add_run_arguments(ap, "YAML config file", dest="sets")
     known, _ = ap.parse_known_args(argv)  # the llm command has options of its own
     if _wants_llm(known.config, known.sets):
         from lora_trainer.llm.cli import train_main
