@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from lora_trainer.config_schema import ConfigSchema, _coerce, _split_path, _suggest  # noqa: F401 - re-exported
+from lora_trainer.config_schema import ConfigRoot, ConfigSchema, _coerce, _split_path, _suggest  # noqa: F401 - re-exported
 from lora_trainer.errors import ConfigError
 
 
@@ -131,7 +131,7 @@ class SampleConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigRoot):
     task: Literal["image", "llm"] = _f("image", "'image' for Stable Diffusion LoRA; 'llm' for text LoRA (see the llm section).")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -143,17 +143,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-
-    # -- conversions -------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
-
-    def get(self, path: str) -> Any:
-        section, name = _split_path(path)
-        return getattr(getattr(self, section), name) if section else getattr(self, name)
 
 
 SECTIONS: dict[str, type] = {

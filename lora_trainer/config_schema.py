@@ -116,6 +116,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 
+class ConfigRoot:
+    """Conversions every root config dataclass (a "task" field plus sections) has."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def get(self, path: str) -> Any:
+        """The value at a field path such as ``network.rank``."""
+        section, name = _split_path(path)
+        return getattr(getattr(self, section), name) if section else getattr(self, name)
+
+
 @dataclass(frozen=True)
 class ConfigSchema:
     """How a config family (image TrainConfig, text-LoRA LLMTrainConfig) is filled by key.

@@ -9,15 +9,12 @@ resolution, coercion, the "did you mean" hints and the generated docs are the im
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from lora_trainer.config import _f, read_yaml
-from lora_trainer.config_schema import ConfigSchema
+from lora_trainer.config_schema import ConfigRoot, ConfigSchema
 from lora_trainer.errors import ConfigError
 
 
@@ -103,7 +100,7 @@ SECTIONS: dict[str, type] = {
 
 
 @dataclass
-class LLMTrainConfig:
+class LLMTrainConfig(ConfigRoot):
     task: Literal["llm"] = _f("llm", "Always 'llm' for text LoRA.")
     model: LLMModelConfig = field(default_factory=LLMModelConfig)
     data: LLMDataConfig = field(default_factory=LLMDataConfig)
@@ -114,12 +111,6 @@ class LLMTrainConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
 # Flat keys (the seeds' and common trainers' names) -> field paths.
