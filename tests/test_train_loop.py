@@ -176,3 +176,52 @@ def test_nothing_is_written_outside_output_dir(tmp_path: Path, host: TinyHost) -
     Trainer(cfg, host=host).run()
     assert listing() == before
     assert list((tmp_path / "out" / ".cache" / "latents").glob("*.safetensors"))
+
+
+def test_each_checkpoint_writes_a_step_lora_beside_the_final_one(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    from lora_trainer.lora.files import read_lora_file
+
+    out = tmp_path / "out"
+    cfg = tiny_config(data, out, **{"train.max_train_steps": 4, "train.save_steps": 2})
+    seen: list[TrainEvent] = []
+    result = Trainer(cfg, host=host, callbacks=[seen.append]).run()
+    steps = sorted(p.name for p in out.glob("tiny-step*.safetensors"))
+    assert steps == ["tiny-step000002.safetensors", "tiny-step000004.safetensors"]
+    final, final_meta = read_lora_file(result.lora_path)
+    step4, meta4 = read_lora_file(out / steps[1])
+    step2, meta2 = read_lora_file(out / steps[0])
+    assert set(step2) == set(final) and all(k.startswith("lora_unet_") or k.startswith("lora_te") for k in step2)
+    assert all(torch.equal(step4[k], final[k]) for k in final)  # the last step is the final LoRA
+    assert any(not torch.equal(step2[k], final[k]) for k in final if k.endswith("lora_up.weight"))
+    assert (meta2["ss_steps"], meta4["ss_steps"], final_meta["ss_steps"]) == ("2", "4", "4")
+    assert meta2["ss_output_name"] == "tiny-step000002"  # the WebUI's alias, unique per file
+    checkpoint_msgs = [e.message for e in seen if e.kind == "checkpoint"]
+    assert [m.rsplit(": ", 1)[-1] for m in checkpoint_msgs] == ["tiny-step000002", "tiny-step000004"]
+
+    # A second run into the same folder never replaces the first run's files: both get _v2 names.
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    again = Trainer(cfg, host=host).run()
+    assert again.lora_path.name == "tiny_v2.safetensors"
+    assert {p.name for p in out.glob("tiny_v2-step*.safetensors")} == {"tiny_v2-step000002.safetensors",
+                                                                       "tiny_v2-step000004.safetensors"}
+    assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in before.items())
+
+
+def test_step_loras_can_be_switched_off_and_a_stop_writes_only_the_final_lora(tmp_path: Path, data: Path,
+                                                                              host: TinyHost) -> None:
+    off = tiny_config(data, tmp_path / "a", **{"train.max_train_steps": 2, "train.save_steps": 1,
+                                               "output.save_step_loras": False})
+    Trainer(off, host=host).run()
+    assert [p.name for p in (tmp_path / "a").glob("*.safetensors")] == ["tiny.safetensors"]
+
+    trainer: Trainer
+
+    def stop_at_three(ev: TrainEvent) -> None:
+        if ev.kind == "step" and ev.step == 3:
+            trainer.stop()
+
+    on = tiny_config(data, tmp_path / "b", **{"train.max_train_steps": 50, "train.save_steps": 2})
+    trainer = Trainer(on, host=host, callbacks=[stop_at_three])
+    assert trainer.run().steps == 3
+    assert sorted(p.name for p in (tmp_path / "b").glob("*.safetensors")) == ["tiny-step000002.safetensors",
+                                                                              "tiny.safetensors"]

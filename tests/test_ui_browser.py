@@ -143,6 +143,21 @@ def set_text(d: Any, elem_id: str, text: str) -> None:
     box.send_keys(Keys.TAB)
 
 
+def choose(d: Any, elem_id: str, option: str) -> None:
+    """Pick a dropdown option the way a user does: open the list, click the option."""
+    from selenium.webdriver.common.by import By
+
+    box = wait_for(f"input of #{elem_id}", lambda: css(d, f"#{elem_id} input"))[0]
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+    box.click()
+    # gradio 4+ labels options (aria-label; the text also holds a check mark), 3.x has the text alone
+    xpath = (f"//*[@id='{elem_id}']//ul//li[@aria-label='{option}' or @data-value='{option}'"
+             f" or normalize-space()='{option}' or normalize-space(text()[last()])='{option}']")
+    item = wait_for(f"option {option}", lambda: [e for e in d.find_elements(By.XPATH, xpath) if e.is_displayed()])[0]
+    item.click()
+    wait_for(f"{option} chosen", lambda: value_of(d, elem_id) == option, timeout=10)
+
+
 def value_of(d: Any, elem_id: str) -> str:
     """The value of a textbox or dropdown (its <input>/<textarea>)."""
     boxes = css(d, f"#{elem_id} textarea, #{elem_id} input")
@@ -281,6 +296,9 @@ def test_3_train_shows_loss_and_samples_and_survives_reload(flow: dict[str, Any]
     open_section(d, "Train")
     at_reload = wait_for("progress after reload", step, timeout=60)
     wait_for("still running after reload", lambda: step() > at_reload, timeout=LONG)
+    # "Save now" saves a checkpoint, and with it this step's LoRA for the Test section
+    click(d, "lt-save-now")
+    wait_for("a step LoRA", lambda: list(flow["out"].glob("demo_lora-step*.safetensors")), timeout=LONG)
     assert page_errors(d) == []
 
 
@@ -304,7 +322,15 @@ def test_5_test_grid_at_two_weights(flow: dict[str, Any]):
     set_text(d, "lt-test-steps", "2")
     click(d, "lt-render")
     wait_for("two images", lambda: len(images_in(d, "lt-test-grid")) >= 2, timeout=LONG)
-    assert "rendered 2" in text_of(d, "lt-test-msg")
+    assert "rendered 2 image(s) of demo_lora" in text_of(d, "lt-test-msg")
+    # any saved step renders the same way: choose the step LoRA that "Save now" wrote
+    step_lora = next(flow["out"].glob("demo_lora-step*.safetensors")).stem
+    choose(d, "lt-test-lora", step_lora)
+    wait_for("tag of the step", lambda: value_of(d, "lt-lora-tag") == f"<lora:{step_lora}:0.7>")
+    click(d, "lt-render")
+    wait_for("the step's grid", lambda: f"rendered 2 image(s) of {step_lora}" in text_of(d, "lt-test-msg"),
+             timeout=LONG)
+    assert len(images_in(d, "lt-test-grid")) >= 2
     click(d, "lt-copy-tag")  # runs the page script; an error there would show in the log
     wait_for("toast", lambda: css(d, ".lt-toast"), timeout=10)
     shot(d, "test")

@@ -232,6 +232,62 @@ def test_dead_thread_without_final_event_is_not_running():
     jobs.clear_finished()
 
 
+def test_the_test_sections_list_follows_step_loras_as_they_are_written(tmp_path: Path):
+    """The page's poll offers each new step LoRA at once (keeping the user's choice while the run
+    goes on), and picks the final LoRA when the run ends."""
+    from types import SimpleNamespace
+
+    from lora_trainer.ui.train_section import _poll
+
+    go, finish = threading.Event(), threading.Event()
+
+    class CheckpointingTrainer(StepTrainer):
+        def run(self) -> None:
+            self.state.update(TrainEvent("step", step=1, total_steps=2, loss=0.5))
+            go.wait(10)
+            (tmp_path / "mine-step000001.safetensors").write_bytes(b"step")
+            self.state.update(TrainEvent("checkpoint", step=1, total_steps=2, message="checkpoint"))
+            finish.wait(10)
+            (tmp_path / "mine.safetensors").write_bytes(b"final")
+            self.state.update(TrainEvent("done", step=2, total_steps=2, path=str(tmp_path / "mine.safetensors")))
+
+    class FolderHost:
+        def lora_dir(self, config: TrainConfig) -> Path:
+            return tmp_path
+
+    ctx = SimpleNamespace(host=FolderHost(), prefix="lt")
+    jobs.clear_finished()
+    job = jobs.start(build_config({"output.output_name": "mine"}), host=None, factory=CheckpointingTrainer)
+    try:
+        wait_until(lambda: job.snapshot()["step"] == 1)
+        *_, loras, seen = _poll(ctx, None)
+        assert loras["choices"] == []  # a freshly loaded page gets the folder's list
+        *_, loras, seen = _poll(ctx, seen)
+        assert "choices" not in loras  # nothing new in the folder since
+        go.set()
+        wait_until(lambda: job.snapshot()["checkpoints"] == 1)
+        *_, loras, seen = _poll(ctx, seen)
+        assert loras["choices"] == ["mine-step000001"] and "value" not in loras
+        *_, loras, seen = _poll(ctx, seen)
+        assert "choices" not in loras  # sent once, not on every poll
+        finish.set()
+        job.join(5)
+        *_, loras, seen = _poll(ctx, seen)
+        assert set(loras["choices"]) == {"mine", "mine-step000001"} and loras["value"] == "mine"
+    finally:
+        go.set()
+        finish.set()
+        job.join(5)
+        jobs.clear_finished()
+
+
+def wait_until(cond: Any, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
 # -- handlers -------------------------------------------------------------------------------
 
 

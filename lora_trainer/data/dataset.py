@@ -9,6 +9,7 @@ own seed, for the same reason.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -40,6 +41,14 @@ class Batch:
     size_info: torch.Tensor  # (B, 6) [orig_h, orig_w, crop_top, crop_left, target_h, target_w]
     pixels: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1], when latents are not cached
     latents: torch.Tensor | None = None  # (B, C, h, w), from the latent cache
+
+    def pin_memory(self) -> Batch:
+        """The same batch in page-locked memory, so copies to a GPU can overlap its work."""
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return dataclasses.replace(self, weights=pin(self.weights), size_info=pin(self.size_info),
+                                   pixels=pin(self.pixels), latents=pin(self.latents))
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

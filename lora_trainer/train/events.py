@@ -98,6 +98,7 @@ class RunState:
     log: list[str] = field(default_factory=list)
     output_path: str | None = None
     error: str | None = None
+    checkpoints: int = 0  # checkpoints saved so far (each may add a step LoRA to the LoRA folder)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -114,6 +115,8 @@ class RunState:
                     self.lrs.append((ev.step, ev.lr))
             elif ev.kind == "sample" and ev.image is not None:
                 self.samples.append((ev.step, ev.image))
+            elif ev.kind == "checkpoint":
+                self.checkpoints += 1
             elif ev.kind in ("done", "stopped"):
                 self.status = ev.kind
                 self.output_path = ev.path or self.output_path
@@ -133,7 +136,7 @@ class RunState:
                 "epoch": self.epoch, "it_per_s": self.it_per_s, "eta_s": self.eta_s,
                 "losses": list(self.losses), "lrs": list(self.lrs),
                 "samples": list(self.samples), "log": list(self.log),
-                "output_path": self.output_path, "error": self.error,
+                "output_path": self.output_path, "error": self.error, "checkpoints": self.checkpoints,
             }
 
 

@@ -57,6 +57,8 @@ class RunSession:
         self.final_loss: float | None = None
         self.last_sample: Any = None
         self.last_sample_step = -1
+        self.started = time.time()
+        self._step_stem: str | None = None  # <name> of this run's step LoRAs, fixed at the first one
         self._undo: list[Any] = []  # callables that put the model back as the host gave it
         self.logger: Logger | None = None
         self._train_flags: dict[int, bool] = {}
@@ -66,7 +68,7 @@ class RunSession:
         from lora_trainer.train.trainer import TrainResult, seed_everything
 
         cfg = self.cfg
-        started = time.time()
+        self.started = started = time.time()
         # -- seed and outputs
         seed_everything(cfg.train.seed)
         self.gen = torch.Generator(self.device).manual_seed(cfg.train.seed)
@@ -86,7 +88,7 @@ class RunSession:
         # -- outputs
         if cfg.sample.prompt and self.last_sample_step != self.pos.step and not stopped:
             self.sample()
-        lora_path = self.save_lora(started)
+        lora_path = self.save_lora()
         write_summary(self.out, status="stopped" if stopped else "done", steps=self.pos.step,
                       total_steps=self.total_steps, epoch=self.pos.epoch, final_loss=self.final_loss,
                       seconds=round(time.time() - started, 2), lora_path=str(lora_path),
@@ -98,12 +100,17 @@ class RunSession:
         t = self.cfg.train
         accum = t.gradient_accumulation_steps
         log_every = 1 if self.device.type == "cpu" else 10  # one host sync per N steps on GPUs
-        window = torch.zeros((), device=self.device)
-        window_steps, micro, t0 = 0, 0, time.monotonic()
         if self.pos.step >= self.total_steps:
             return False
         self.set_train_mode(True)
-        for epoch, position, batch in self.batches():
+        with contextlib.closing(self.loaded_batches()) as batches:
+            return self.loop_over(batches, accum, log_every)
+
+    def loop_over(self, batches: Iterator[tuple[int, int, Batch]], accum: int, log_every: int) -> bool:
+        t = self.cfg.train
+        window = torch.zeros((), device=self.device)
+        window_steps, micro, t0 = 0, 0, time.monotonic()
+        for epoch, position, batch in batches:
             # -- forward and backward on one micro-batch
             window += self.micro_step(batch, accum)
             self.pos.epoch, self.pos.position = epoch, position + 1
@@ -122,7 +129,7 @@ class RunSession:
             stop = self.trainer.commands.stop_requested or self.host_interrupted()
             every = t.save_steps
             if stop or self.trainer.commands.take_save() or (every and self.pos.step % every == 0):
-                self.checkpoint()
+                self.checkpoint(step_lora=not stop)  # a stop writes the final LoRA right after
             s = self.cfg.sample
             if self.trainer.commands.take_sample() or (s.prompt and s.every_n_steps
                                                         and self.pos.step % s.every_n_steps == 0):
@@ -223,6 +230,20 @@ class RunSession:
                 yield epoch, start + n, batch
             epoch, start = epoch + 1, 0
 
+    def loaded_batches(self) -> Iterator[tuple[int, int, Batch]]:
+        """:meth:`batches`, loaded ahead in a background thread (``data.prefetch``) and, on CUDA,
+        pinned so the copy to the GPU does not wait for the host. Worker processes
+        (``data.num_workers``) already load ahead."""
+        from lora_trainer.data.prefetch import prefetch
+
+        pin = self.device.type == "cuda"
+
+        def pinned(item: tuple[int, int, Batch]) -> tuple[int, int, Batch]:
+            return item[0], item[1], item[2].pin_memory()
+
+        depth = self.cfg.data.prefetch if self.cfg.data.num_workers == 0 else 0
+        return prefetch(self.batches(), depth, prepare=pinned if pin else None)
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -245,19 +266,19 @@ class RunSession:
     def micro_step(self, batch: Batch, accum: int) -> torch.Tensor:
         b, t = self.bundle, self.cfg.train
         if batch.latents is not None:
-            latents = batch.latents.to(self.device, torch.float32)
+            latents = batch.latents.to(self.device, torch.float32, non_blocking=True)
         else:
             with torch.no_grad():
-                latents = b.encode_images(batch.pixels.to(self.device, b.dtype)).float()
+                latents = b.encode_images(batch.pixels.to(self.device, b.dtype, non_blocking=True)).float()
         noise = offset_noise(latents, t.noise_offset, self.gen)
         steps = sample_timesteps(latents.shape[0], b.num_train_timesteps, self.gen, self.device)
         noisy = q_sample(latents, noise, steps, self.alphas)
-        size_info = batch.size_info.to(self.device) if b.arch == "sdxl" else None
+        size_info = batch.size_info.to(self.device, non_blocking=True) if b.arch == "sdxl" else None
         with self.autocast():
             cond = self.encode_text(batch.captions)
             pred = b.predict(noisy.to(b.dtype), steps, cond, size_info)
         target = target_for(b.prediction_type, latents, noise, steps, self.alphas)
-        weights = batch.weights.to(self.device)
+        weights = batch.weights.to(self.device, non_blocking=True)
         if t.min_snr_gamma:
             weights = weights * min_snr_weights(steps, self.alphas, t.min_snr_gamma, b.prediction_type)
         loss = weighted_mse(pred, target, weights) / accum
@@ -285,21 +306,45 @@ class RunSession:
                                      epoch=self.pos.epoch, loss=loss, lr=lr, it_per_s=it_s, eta_s=eta))
 
     # == saving ============================================================================
-    def checkpoint(self) -> Path:
+    def checkpoint(self, step_lora: bool = True) -> Path:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": ckpt.rng_states(self.gen)}
         path = ckpt.save_checkpoint(self.out, self.pos, self.network.state_dict(), state,
                                     self.cfg.to_yaml(), self.cfg.output.keep_checkpoints)
+        lora = self.save_step_lora() if step_lora and self.cfg.output.save_step_loras else None
         self.trainer.emit(TrainEvent("checkpoint", step=self.pos.step, total_steps=self.total_steps,
-                                     path=str(path), message=f"checkpoint {path}"))
+                                     path=str(path), message=f"checkpoint {path}"
+                                     + (f"; LoRA of this step: {lora.stem}" if lora else "")))
         return path
 
-    def save_lora(self, started: float) -> Path:
-        from lora_trainer.lora.files import resolve_output_path, save_lora_file
+    def save_step_lora(self) -> Path:
+        """``<lora_dir>/<name>-stepNNNNNN.safetensors``: this step's LoRA in the same format as
+        the final one, so the Test section (and the WebUI) can render any saved step."""
+        from lora_trainer.lora.files import resolve_output_path
+
+        o, folder = self.cfg.output, self.host.lora_dir(self.cfg)
+        if self._step_stem is None:  # the name the final file would get now (<name>_v2 if <name> exists)
+            self._step_stem = resolve_output_path(folder, o.output_name, o.overwrite).stem
+        return self.write_lora(resolve_output_path(folder, f"{self._step_stem}-step{self.pos.step:06d}", o.overwrite))
+
+    def save_lora(self) -> Path:
+        from lora_trainer.lora.files import resolve_output_path
+
+        o = self.cfg.output
+        path = self.write_lora(resolve_output_path(self.host.lora_dir(self.cfg), o.output_name, o.overwrite))
+        if self.last_sample is not None:
+            from lora_trainer.lora.files import save_preview_png
+
+            save_preview_png(path, self.last_sample)
+        self.status(f"LoRA written to {path}")
+        return path
+
+    def write_lora(self, path: Path) -> Path:
+        """The LoRA as it is now, in kohya format with its metadata, at ``path`` (atomically)."""
+        from lora_trainer.lora.files import save_lora_file
         from lora_trainer.lora.metadata import build_metadata
 
         o, n = self.cfg.output, self.cfg.network
-        path = resolve_output_path(self.host.lora_dir(self.cfg), o.output_name, o.overwrite)
         tensors = self.network.to_kohya(dtype=_SAVE_DTYPES[o.save_precision])
         tags, dirs = dataset_stats(self.ds.items)
         # Rank and alpha as written (with init_from they come from that file, not the config).
@@ -307,15 +352,10 @@ class RunSession:
         alpha = next((float(v) for k, v in tensors.items() if k.endswith(".alpha")), n.alpha)
         metadata = build_metadata(
             self.cfg, self.bundle, num_images=sum(not it.is_reg for it in self.ds.items), tag_frequency=tags,
-            dataset_dirs=dirs, steps=self.pos.step, epoch=self.pos.epoch, started_at=started,
+            dataset_dirs=dirs, steps=self.pos.step, epoch=self.pos.epoch, started_at=self.started,
             finished_at=time.time(), rank=rank, alpha=alpha, output_name=path.stem)
         save_lora_file(path, tensors, metadata)
-        if self.last_sample is not None:
-            from lora_trainer.lora.files import save_preview_png
-
-            save_preview_png(path, self.last_sample)
         self.host.refresh_loras()
-        self.status(f"LoRA written to {path}")
         return path
 
     def sample(self) -> None:

@@ -128,15 +128,17 @@ def _poll(ctx: TabContext, seen: Any) -> list[Any]:
     if job is None:
         return [handlers.progress_html(None, ctx.prefix), keep, keep, keep, keep, keep, seen]
     snap = job.snapshot()
-    key = [job.id, len(snap["losses"]), len(snap["samples"]), len(snap["log"]), snap["status"]]
+    key = [job.id, len(snap["losses"]), len(snap["samples"]), len(snap["log"]), snap["status"],
+           snap.get("checkpoints", 0)]
     old = seen if isinstance(seen, list) and len(seen) == len(key) and seen[0] == job.id else [None] * len(key)
     raw, smooth = (handlers.loss_frames(snap["losses"]) if key[1] != old[1] else (keep, keep))
     gallery = [(img, f"step {step}") for step, img in snap["samples"]] if key[2] != old[2] else keep
     log = "\n".join(snap["log"][-200:]) if key[3] != old[3] else keep
     loras = keep
-    if key[4] != old[4] and snap["status"] in ("done", "stopped", "finished"):
+    finished = snap["status"] in ("done", "stopped", "finished")
+    if (key[4] != old[4] and finished) or key[5] != old[5]:  # a new final or step LoRA in the folder
         names = handlers.list_loras(ctx.host.lora_dir(job.config))
-        loras = compat.update(choices=names, value=names[0] if names else None)
+        loras = compat.update(choices=names, value=names[0] if names else None) if finished else compat.update(choices=names)
     return [handlers.progress_html(snap, ctx.prefix), raw, smooth, gallery, log, loras, key]
 
 
@@ -231,7 +233,8 @@ def test_section(ctx: TabContext) -> None:
             weights_ = handlers.parse_weights(ws)
             with _model_for_render(ctx, values):
                 items = handlers.render_sweep(ctx.host, p, n, int(s), name or "", weights_, int(st), int(w), int(h))
-            return items, f"rendered {len(items)} image(s)"
+            shown = items[0][1].rsplit(" @ ", 1)[0] if items else name
+            return items, f"rendered {len(items)} image(s) of {shown}"
         except Exception as e:  # noqa: BLE001
             return compat.update(), err_text(e)
 
