@@ -80,3 +80,45 @@ def test_bench_command_runs_tiny_and_writes_json(tmp_path: Path, capsys: pytest.
 def test_bench_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["bench", "--batch", "0"]) == 2
     assert "--batch" in capsys.readouterr().err
+
+
+def test_saved_bytes_counts_a_shared_input_once() -> None:
+    # q, k and v LoRA layers all keep the same input: one tensor in memory, counted once.
+    downs = [torch.nn.Linear(16, 2, bias=False) for _ in range(3)]
+    counter = estimate._SavedBytes({id(p) for m in downs for p in m.parameters()})
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        sum(d(x).sum() for d in downs)
+    assert counter.total == 4 * 16 * 4
+
+
+def test_autocast_rules_save_fp32_copies_for_normalisations() -> None:
+    # CUDA autocast runs group_norm in fp32: a bf16 model then keeps fp32 copies for the backward
+    # pass (the norm's input and the activation's input), twice the bytes of the bf16 tensors.
+    norm = torch.nn.GroupNorm(2, 8).to(device="meta", dtype=torch.bfloat16).requires_grad_(False)
+    params = {id(p) for p in norm.parameters()}
+
+    def saved(mode: object) -> int:
+        counter = estimate._SavedBytes(params)
+        x = torch.empty(1, 8, 4, 4, device="meta", dtype=torch.bfloat16, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), mode:
+            torch.nn.functional.silu(norm(x))
+        return counter.total
+
+    import contextlib
+
+    plain, autocast = saved(contextlib.nullcontext()), saved(estimate._CudaAutocast(torch.bfloat16))
+    assert autocast >= 2 * plain >= 2 * (2 * 8 * 4 * 4)
+
+
+@pytest.mark.parametrize(("arch", "resolution", "checkpointing"),
+                         [("sd1", 512, False), ("sd1", 512, True), ("sdxl", 768, True)])
+def test_estimate_matches_a_measured_step_within_15_percent(arch: str, resolution: int, checkpointing: bool) -> None:
+    # A real fp32 step of the tiny UNet (same block structure as the full one) on the CPU, in a
+    # fresh process: what it allocated beyond weights and optimizer state vs the prediction.
+    # Sizes where the step allocates 50+ MiB, so a few MiB of fixed process overhead do not count.
+    from lora_trainer.bench.memcheck import measure_step_memory
+
+    m = measure_step_memory(arch, resolution, 1, 16, checkpointing, size="tiny", threads=1)
+    assert m.measured_gb > 0.045, m
+    assert abs(m.error) < 0.15, m

@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="only print the pre-flight memory estimate (full-size model, no GPU needed)")
     p.add_argument("--free-gb", type=float, default=None,
                    help="with --estimate: also pick the fastest settings that fit this much free memory")
+    p.add_argument("--measure-cpu", action="store_true",
+                   help="with --estimate: also run one fp32 step of the full-size model on this CPU and compare "
+                        "what it allocates with the prediction (about a minute for SD1.5 at 512px)")
     p.add_argument("--caption", action="store_true", help="time BLIP captioning (images/s) instead")
     return p
 
@@ -58,6 +61,13 @@ def _estimate(args: argparse.Namespace, resolution: int, precision: str) -> dict
         choice = choose_settings(args.free_gb, args.arch, resolution=resolution, rank=args.rank, precision=prec)
         print(f"fastest settings for {args.free_gb} GiB free: {choice}")
         out["choice"] = choice
+    if args.measure_cpu:
+        from lora_trainer.bench.memcheck import format_row, measure_step_memory
+
+        m = measure_step_memory(args.arch, resolution, args.batch, args.rank, args.checkpointing, size="full")
+        print("one fp32 step on the CPU, beyond weights and optimizer state:")
+        print("  " + format_row(m))
+        out["cpu_step"] = m.as_dict()
     return out
 
 

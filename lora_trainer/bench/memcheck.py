@@ -1,0 +1,167 @@
+"""Check the memory estimator against a real training step, measured on the CPU.
+
+The estimator predicts what a step allocates beyond the resident weights and optimizer state:
+saved activations and the model output and loss buffers, or the LoRA gradients and the
+optimizer's temporaries, whichever is larger. Here the same step
+really runs, in fp32, in a fresh process whose large allocations each get their own pages
+(``MALLOC_MMAP_THRESHOLD_``), so the rise of the process's peak resident memory during the
+step is what the step allocated. On a GPU, ``bench --size full`` compares the whole estimate
+with ``torch.cuda.max_memory_allocated`` instead.
+
+    python -m lora_trainer.bench.memcheck --arch sd1 --resolution 512 [--checkpointing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+GiB = 1024**3
+# Allocations of 64 KiB and more come straight from mmap and go back to the system when freed.
+MMAP_THRESHOLD = "65536"
+
+
+@dataclass
+class StepMemory:
+    arch: str
+    size: str
+    resolution: int
+    batch_size: int
+    rank: int
+    gradient_checkpointing: bool
+    measured_gb: float  # what one step allocated beyond weights and optimizer state
+    predicted_gb: float  # the estimator's activations + transients (what a step adds)
+
+    @property
+    def error(self) -> float:
+        """(predicted - measured) / measured."""
+        return (self.predicted_gb - self.measured_gb) / self.measured_gb
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "error": self.error}
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, rank: int,
+                          checkpointing: bool) -> dict[str, int]:
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from lora_trainer.bench.estimate import _inputs, unet_config
+    from lora_trainer.lora.targets import default_unet_targets
+    from lora_trainer.models import tiny
+
+    torch.manual_seed(0)
+    config = unet_config(arch) if size == "full" else tiny.unet_config(arch)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    unet = unet.to_empty(device="cpu")  # random values do not change what a step allocates
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0, 0.02)
+        for b in unet.buffers():
+            b.zero_()
+    unet.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=default_unet_targets(unet)), unet)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    meta = _inputs(unet, arch, resolution, batch, torch.float32)
+
+    def real(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: real(v) for k, v in x.items()}
+        return torch.zeros(x.shape, dtype=x.dtype) if x.dtype == torch.long else torch.randn(x.shape)
+
+    inputs = real(meta)
+
+    def step() -> None:
+        pred = unet(**inputs).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), torch.randn_like(pred, dtype=torch.float32))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the optimizer state now exists, as it does in every later step
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+        fh.write("5")  # reset the peak resident size to the current one
+    base = _status_bytes("VmRSS")
+    step()
+    return {"step_bytes": _status_bytes("VmHWM") - base, "lora_params": sum(p.numel() for p in params)}
+
+
+def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: int = 1, rank: int = 16,
+                        gradient_checkpointing: bool = False, size: str = "full",
+                        threads: int | None = None) -> StepMemory:
+    """Run one fp32 step on the CPU in a fresh process; compare with the estimator's prediction."""
+    from lora_trainer.bench.estimate import estimate_peak_memory
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        raise RuntimeError("measuring step memory needs Linux (/proc/self/clear_refs)")
+    args = {"arch": arch, "size": size, "resolution": resolution, "batch": batch_size, "rank": rank,
+            "checkpointing": gradient_checkpointing}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run([sys.executable, "-m", "lora_trainer.bench.memcheck", "--child", json.dumps(args)],
+                          env=env, capture_output=True, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"the measuring process failed: {tail[0]}")
+    got = json.loads(lines[-1])
+    est = estimate_peak_memory(arch, resolution, batch_size, rank, "fp32", gradient_checkpointing, size=size)
+    return StepMemory(arch, size, resolution, batch_size, rank, gradient_checkpointing,
+                      got["step_bytes"] / GiB, est.activations_gb + est.transient_gb)
+
+
+def format_row(m: StepMemory) -> str:
+    ckpt = "on " if m.gradient_checkpointing else "off"
+    return (f"{m.size:>4} {m.arch:<4} {m.resolution:>5}px  batch {m.batch_size}  rank {m.rank:<3} checkpointing {ckpt}"
+            f"  measured {m.measured_gb:7.3f} GiB  predicted {m.predicted_gb:7.3f} GiB  ({m.error:+.1%})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lora_trainer.bench.memcheck", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], default="sd1")
+    p.add_argument("--size", choices=["tiny", "full"], default="full")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(_step_in_this_process(**json.loads(args.child))), flush=True)
+        return 0
+    m = measure_step_memory(args.arch, args.resolution, args.batch, args.rank, args.checkpointing, args.size)
+    print(format_row(m))
+    if args.json:
+        from pathlib import Path
+
+        from lora_trainer.fsutil import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps(m.as_dict(), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
