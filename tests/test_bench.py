@@ -122,3 +122,16 @@ def test_estimate_matches_a_measured_step_within_15_percent(arch: str, resolutio
     m = measure_step_memory(arch, resolution, 1, 16, checkpointing, size="tiny", threads=1)
     assert m.measured_gb > 0.045, m
     assert abs(m.error) < 0.15, m
+
+
+def test_estimate_command_predicts_a_gpu_run_and_picks_settings(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "estimate.json"
+    assert cli_main(["bench", "--estimate", "--arch", "sd1", "--free-gb", "8", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    est, choice = data["estimate"], data["choice"]
+    assert est["precision"] == "bf16" and est["resolution"] == 512  # a GPU run, wherever it is estimated
+    assert est["total_gb"] == pytest.approx(est["weights_gb"] + est["lora_gb"] + est["activations_gb"]
+                                            + est["transient_gb"])
+    assert choice["fits"] and choice["estimated_peak_gb"] <= 8 - 1.5
+    assert "predicted peak" in capsys.readouterr().out

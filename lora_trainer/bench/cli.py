@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="default: bf16 on a GPU, no (fp32) on a CPU")
+                   help="default: bf16 on a GPU or with --estimate, no (fp32) on a CPU")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     p.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=3)
@@ -89,7 +89,8 @@ def main(argv: list[str]) -> int:
     from lora_trainer.bench.runner import BenchSpec, resolve_device, run_bench
 
     device = resolve_device(args.device)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "no")
+    # An estimate is for a GPU run (bf16 unless asked otherwise), wherever it is computed.
+    precision = args.precision or ("bf16" if device.type == "cuda" or args.estimate else "no")
     if args.estimate:
         out = _estimate(args, resolution, precision)
     else:
