@@ -63,7 +63,8 @@ class DataConfig:
     cache_dir: str | None = _f(None, "Folder of the disk latent cache (default: <output_dir>/.cache).")
     cache_text_embeddings: bool = _f(True, "Cache text-encoder outputs when the text encoder is frozen and captions are fixed.")
     num_workers: int = _f(0, "Data loader worker processes (0 loads in the training process).")
-    prefetch: int = _f(2, "Batches loaded ahead in a background thread while the current one trains (0: none).")
+    prefetch: int | None = _f(None, "Batches loaded ahead in a background thread while the current one trains "
+                              "(default: 2 on a GPU; 0 on a CPU, where loading and training share the cores).")
 
 
 @dataclass
@@ -346,7 +347,7 @@ def validate(cfg: TrainConfig) -> None:
     need(d.prior_loss_weight >= 0, f"data.prior_loss_weight: {d.prior_loss_weight} must be 0 or more")
     need(d.min_image_size >= 1, f"data.min_image_size: {d.min_image_size} must be at least 1")
     need(d.num_workers >= 0, f"data.num_workers: {d.num_workers} must be 0 or more")
-    need(d.prefetch >= 0, f"data.prefetch: {d.prefetch} must be 0 or more")
+    need(d.prefetch is None or d.prefetch >= 0, f"data.prefetch: {d.prefetch} must be 0 or more")
     need(cfg.output.output_name.strip() != "", "output.output_name: must not be empty")
     need(cfg.output.keep_checkpoints >= 0, "output.keep_checkpoints: must be 0 or more")
     need(cfg.sample.steps >= 1, f"sample.steps: {cfg.sample.steps} must be at least 1")

@@ -95,8 +95,9 @@ def test_a_prefetched_run_trains_on_exactly_the_same_batches(tmp_path: Path, mon
     values = {"train.max_train_steps": 5, "data.cache_latents": "off", "data.flip": True,
               "data.crop": "random", "output.save_step_loras": False}
     runs = {}
-    for depth in (0, 2):
-        cfg = tiny_config(data, tmp_path / f"out{depth}", **values, **{"data.prefetch": depth})
+    for depth in (0, 2, None):  # None: the default, which on a CPU loads in the loop's thread
+        extra = {} if depth is None else {"data.prefetch": depth}
+        cfg = tiny_config(data, tmp_path / f"out{depth}", **values, **extra)
         loaded_in.clear()
         runs[depth] = lora_tensors(Trainer(cfg, host=TinyHost("sd1")).run().lora_path)
         assert set(loaded_in) == ({THREAD_NAME} if depth else {threading.current_thread().name}), loaded_in

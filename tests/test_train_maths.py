@@ -136,3 +136,29 @@ def test_optimizer_param_groups_and_missing_packages() -> None:
             assert "\n" not in str(e)
     with pytest.raises(ConfigError, match="target_modules"):
         build_optimizer([{"params": [], "lr": 1.0}], OptimConfig(), torch.device("cpu"))
+
+
+def test_adamw_on_the_cpu_is_the_fused_kernel_and_steps_like_the_plain_one() -> None:
+    torch.manual_seed(0)
+    start = [torch.randn(8, 4), torch.randn(4, 8)]
+    grads = [[torch.randn(8, 4), torch.randn(4, 8)] for _ in range(3)]
+    cfg = OptimConfig(weight_decay=0.01)
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        groups = [{"params": params, "lr": 1e-2}]
+        if fused:
+            opt = build_optimizer(groups, cfg, torch.device("cpu"))
+            assert opt.defaults.get("fused") is True
+        else:
+            opt = torch.optim.AdamW(groups, lr=1e-2, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                    weight_decay=cfg.weight_decay)
+        for gs in grads:
+            for p, g in zip(params, gs, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach() for p in params]
+
+    for got, want in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(want, start[0] if want.shape == start[0].shape else start[1])

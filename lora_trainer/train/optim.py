@@ -36,10 +36,15 @@ def build_optimizer(param_groups: list[dict[str, Any]], cfg: OptimConfig,
         raise ConfigError("network: nothing to train (no LoRA parameters were created); "
                           "check network.target_modules")
     if cfg.optimizer == "adamw":
-        # The fused kernel is faster on CUDA; on CPU the default (foreach) is the one that works.
-        fused = device.type == "cuda" and torch.cuda.is_available()
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
-                                 weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
+        kwargs = {"lr": cfg.learning_rate, "betas": betas, "eps": cfg.adam_epsilon, "weight_decay": cfg.weight_decay}
+        if device.type in ("cuda", "cpu"):
+            # One fused kernel for all parameters: on a CPU about 3x faster than the default
+            # per-tensor loop (torch 2.4+; older versions have it for CUDA only).
+            try:
+                return torch.optim.AdamW(groups, fused=True, **kwargs)
+            except (RuntimeError, TypeError, ValueError):
+                pass
+        return torch.optim.AdamW(groups, **kwargs)
     cls = _import_class(cfg.optimizer)
     if cfg.optimizer == "adamw8bit":
         return cls(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,

@@ -231,9 +231,9 @@ class RunSession:
             epoch, start = epoch + 1, 0
 
     def loaded_batches(self) -> Iterator[tuple[int, int, Batch]]:
-        """:meth:`batches`, loaded ahead in a background thread (``data.prefetch``) and, on CUDA,
-        pinned so the copy to the GPU does not wait for the host. Worker processes
-        (``data.num_workers``) already load ahead."""
+        """:meth:`batches`, loaded ahead in a background thread (``data.prefetch``; by default on
+        accelerators only) and, on CUDA, pinned so the copy to the GPU does not wait for the
+        host. Worker processes (``data.num_workers``) already load ahead."""
         from lora_trainer.data.prefetch import prefetch
 
         pin = self.device.type == "cuda"
@@ -241,7 +241,11 @@ class RunSession:
         def pinned(item: tuple[int, int, Batch]) -> tuple[int, int, Batch]:
             return item[0], item[1], item[2].pin_memory()
 
-        depth = self.cfg.data.prefetch if self.cfg.data.num_workers == 0 else 0
+        depth = self.cfg.data.prefetch
+        if depth is None:
+            depth = 0 if self.device.type == "cpu" else 2
+        if self.cfg.data.num_workers:
+            depth = 0
         return prefetch(self.batches(), depth, prepare=pinned if pin else None)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
