@@ -172,7 +172,12 @@ class _CudaAutocast(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _build_meta_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full") -> tuple[nn.Module, int]:
+def build_lora_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full",
+                    device: str = "meta") -> tuple[nn.Module, int]:
+    """The ``size`` ("full" or "tiny") UNet of ``arch`` with the trainer's default LoRA targets
+    injected (fp32 LoRA weights, the only trainable parameters), and its LoRA parameter count.
+    On "meta" nothing is allocated (the estimate traces it); on another device the frozen
+    weights are random, which does not change what a step allocates (the CPU check runs it)."""
     from diffusers import UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
     from peft import LoraConfig, inject_adapter_in_model
@@ -186,7 +191,14 @@ def _build_meta_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config).to(dtype)
     diffusers_logging.set_verbosity(level)
-    with torch.device("meta"):
+    if device != "meta":
+        unet = unet.to_empty(device=device)
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.normal_(0, 0.02)
+            for b in unet.buffers():
+                b.zero_()
+    with torch.device(device):
         unet.requires_grad_(False)
         targets = default_unet_targets(unet)
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), unet)
@@ -198,7 +210,8 @@ def _build_meta_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full
     return unet, lora_params
 
 
-def _inputs(unet: nn.Module, arch: str, resolution: int, batch: int, dtype: torch.dtype) -> dict[str, Any]:
+def meta_inputs(unet: nn.Module, resolution: int, batch: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The UNet's inputs for one step (latents, timesteps, text embeddings, SDXL's extras), on meta."""
     cfg = unet.config
     side = resolution // 8
     kw: dict[str, Any] = {
@@ -228,7 +241,7 @@ def trace_activations(arch: str, resolution: int, rank: int, precision: str, siz
     import torch.utils.checkpoint as tuc
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    unet, lora_params = _build_meta_unet(arch, rank, dtype, size)
+    unet, lora_params = build_lora_unet(arch, rank, dtype, size)
     counter = _SavedBytes({id(p) for p in unet.parameters()})
     units = _CheckpointUnits(counter)
     unet.enable_gradient_checkpointing()  # the units call torch.utils.checkpoint.checkpoint: ours, below
@@ -238,7 +251,7 @@ def trace_activations(arch: str, resolution: int, rank: int, precision: str, siz
     try:
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), autocast:
             unet.train()
-            unet(**_inputs(unet, arch, resolution, 1, dtype))
+            unet(**meta_inputs(unet, resolution, 1, dtype))
     finally:
         F.scaled_dot_product_attention, tuc.checkpoint = original_sdpa, original_ckpt
     outside = counter.total

@@ -57,33 +57,17 @@ def _status_bytes(field: str) -> int:
 def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, rank: int,
                           checkpointing: bool) -> dict[str, int]:
     import torch
-    from diffusers import UNet2DConditionModel
-    from peft import LoraConfig, inject_adapter_in_model
 
-    from lora_trainer.bench.estimate import _inputs, unet_config
-    from lora_trainer.lora.targets import default_unet_targets
-    from lora_trainer.models import tiny
+    from lora_trainer.bench.estimate import build_lora_unet, meta_inputs
 
     torch.manual_seed(0)
-    config = unet_config(arch) if size == "full" else tiny.unet_config(arch)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    unet = unet.to_empty(device="cpu")  # random values do not change what a step allocates
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.normal_(0, 0.02)
-        for b in unet.buffers():
-            b.zero_()
-    unet.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=default_unet_targets(unet)), unet)
-    params = [p for n, p in unet.named_parameters() if "lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
+    unet, _ = build_lora_unet(arch, rank, torch.float32, size, device="cpu")  # what the estimate traces
+    params = [p for p in unet.parameters() if p.requires_grad]
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    meta = _inputs(unet, arch, resolution, batch, torch.float32)
+    meta = meta_inputs(unet, resolution, batch, torch.float32)
 
     def real(x: Any) -> Any:
         if isinstance(x, dict):
@@ -104,7 +88,7 @@ def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, ran
         fh.write("5")  # reset the peak resident size to the current one
     base = _status_bytes("VmRSS")
     step()
-    return {"step_bytes": _status_bytes("VmHWM") - base, "lora_params": sum(p.numel() for p in params)}
+    return {"step_bytes": _status_bytes("VmHWM") - base}
 
 
 def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: int = 1, rank: int = 16,
