@@ -33,6 +33,7 @@ from lora_trainer.llm.checkpoint import (
 from lora_trainer.llm.config import LLMTrainConfig
 from lora_trainer.llm.data import IGNORE, DataReport, Sample, build_datasets, collate
 from lora_trainer.llm.model import add_lora, load_model
+from lora_trainer.torch_compat import grad_scaler
 from lora_trainer.train.events import Callback, TrainEvent, WorkerRun, emit
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class TextLoraTrainer(WorkerRun):
     """One text-LoRA run: ``run()`` blocks; ``start()`` runs it in a worker thread."""
 
     thread_name = "lora-trainer-llm"
+    job_label = "text LoRA training"
 
     def __init__(self, config: LLMTrainConfig, callbacks: list[Callback] | None = None) -> None:
         super().__init__(callbacks)
@@ -153,7 +155,7 @@ class TextLoraTrainer(WorkerRun):
                                       eps=o.adam_epsilon, weight_decay=o.weight_decay)
         steps = total_steps(len(train), cfg)
         scheduler = make_scheduler(optimizer, cfg, steps)
-        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.train.mixed_precision == "fp16")
+        scaler = grad_scaler(device.type, enabled=device.type == "cuda" and cfg.train.mixed_precision == "fp16")
         pos = Position()
         if cfg.train.resume:
             ckpt = find_checkpoint(out, cfg.train.resume)

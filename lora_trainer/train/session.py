@@ -17,6 +17,7 @@ import torch
 from lora_trainer.data.cache import LatentCache, TextCache, fill_latent_cache, module_identity
 from lora_trainer.data.dataset import Batch, BucketDataset, EpochView, steps_per_epoch
 from lora_trainer.fsutil import atomic_write_text, backup_file
+from lora_trainer.torch_compat import grad_scaler
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.losses import (
@@ -199,7 +200,7 @@ class RunSession:
                                         o.lr_scheduler, o.lr_num_cycles)
         amp = _AMP_DTYPES.get(t.mixed_precision)
         self.amp_dtype = amp
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.mixed_precision == "fp16")
+        self.scaler = grad_scaler(self.device.type, enabled=t.mixed_precision == "fp16")
 
     def resume(self) -> None:
         if not self.cfg.train.resume:
