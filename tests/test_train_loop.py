@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
+from lora_trainer.errors import HostError
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.trainer import Trainer
 from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
@@ -225,3 +227,23 @@ def test_step_loras_can_be_switched_off_and_a_stop_writes_only_the_final_lora(tm
     assert trainer.run().steps == 3
     assert sorted(p.name for p in (tmp_path / "b").glob("*.safetensors")) == ["tiny-step000002.safetensors",
                                                                               "tiny.safetensors"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA error: an illegal memory access\nwas encountered"),
+                                   HostError("no checkpoint is loaded in the WebUI; pick one first")])
+def test_a_failed_worker_run_says_it_in_one_line_and_logs_where_the_host_shows_logs(
+        tmp_path: Path, data: Path, caplog: pytest.LogCaptureFixture, error: Exception) -> None:
+    class FailingHost(TinyHost):
+        def acquire_bundle(self, config):
+            raise error
+
+    trainer = Trainer(tiny_config(data, tmp_path / "out"), host=FailingHost("sd1"))
+    with caplog.at_level(logging.ERROR):
+        trainer.start().join()
+    snap = trainer.state.snapshot()
+    assert trainer.error is error and snap["status"] == "error"
+    assert "\n" not in snap["error"] and snap["error"].endswith(str(error).split("\n")[-1])
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "LoRA training failed" in record.getMessage()
+    # a bug or the environment: the traceback goes to the console; a user mistake: one line
+    assert (record.exc_info is not None) == (not isinstance(error, HostError))
