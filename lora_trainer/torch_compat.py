@@ -6,6 +6,8 @@ too. Code elsewhere calls these helpers instead of an API that exists only in ne
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any
 
 import torch
@@ -35,3 +37,17 @@ def fused_adamw_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and torch_version() >= (2, 4)
+
+
+@functools.cache
+def autocast_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether autocast to ``dtype`` runs on ``device_type`` (torch 2.1 has only bfloat16 on the
+    CPU: it warns when the context is made and raises when it is entered)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autocast(device_type, dtype=dtype):
+                pass
+    except (RuntimeError, ValueError):
+        return False
+    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -48,7 +49,12 @@ def test_run_writes_lora_and_outputs_and_restores_model(tmp_path: Path, data: Pa
     assert summary["steps"] == 3 and summary["status"] == "done"
     assert summary["final_loss"] == pytest.approx(result.final_loss)
     assert (tmp_path / "out" / "config.yaml").read_text().count("max_train_steps: 3") == 1
-    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "out" / "logs").iterdir())
+    logs = tmp_path / "out" / "logs"
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert any(p.name.startswith("events.out.tfevents") for p in logs.iterdir())
+    else:  # as in the A1111 WebUI's venv
+        rows = (logs / "metrics.csv").read_text().splitlines()
+        assert rows[0].startswith("step,") and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
     steps = [e for e in seen if e.kind == "step"]
     assert [e.step for e in steps] == [1, 2, 3]
     assert all(e.loss is not None and e.lr == pytest.approx(1e-3) and e.total_steps == 3 for e in steps)
@@ -247,3 +253,18 @@ def test_a_failed_worker_run_says_it_in_one_line_and_logs_where_the_host_shows_l
     assert "LoRA training failed" in record.getMessage()
     # a bug or the environment: the traceback goes to the console; a user mistake: one line
     assert (record.exc_info is not None) == (not isinstance(error, HostError))
+
+
+def test_without_tensorboard_the_scalars_go_to_a_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from lora_trainer.train.outputs import Logger
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails, as where it is missing
+    logger = Logger(tmp_path, enabled=True)
+    logger.scalars(1, loss=0.5, lr=1e-4)
+    logger.scalars(2, loss=0.25, lr=None)
+    logger.close()
+    assert (tmp_path / "logs" / "metrics.csv").read_text().splitlines() == ["step,loss,lr", "1,0.5,0.0001", "2,0.25,"]
+    Logger(tmp_path / "off", enabled=False).scalars(1, loss=1.0)
+    assert not (tmp_path / "off").exists()

@@ -16,8 +16,9 @@ import torch
 
 from lora_trainer.data.cache import LatentCache, TextCache, fill_latent_cache, module_identity
 from lora_trainer.data.dataset import Batch, BucketDataset, EpochView, steps_per_epoch
+from lora_trainer.errors import ConfigError
 from lora_trainer.fsutil import atomic_write_text, backup_file
-from lora_trainer.torch_compat import grad_scaler
+from lora_trainer.torch_compat import autocast_supported, grad_scaler
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.losses import (
@@ -50,6 +51,10 @@ class RunSession:
         self.trainer, self.host, self.bundle, self.dataset_report = trainer, host, bundle, report
         self.cfg = trainer.config
         self.device = torch.device(bundle.device)
+        amp = _AMP_DTYPES.get(self.cfg.train.mixed_precision)
+        if amp is not None and not autocast_supported(self.device.type, amp):
+            raise ConfigError(f"train.mixed_precision: {self.cfg.train.mixed_precision} does not run on "
+                              f"{self.device.type} with torch {torch.__version__}; choose bf16 or no")
         self.out = Path(self.cfg.output.output_dir)
         self.network: Any = None
         self.text_cache: TextCache | None = None
