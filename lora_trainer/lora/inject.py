@@ -198,6 +198,18 @@ def _candidate_layout(arch: str, roots: dict[str, tuple[nn.Module, str]]) -> dic
     return kohya.build_layout(arch, targets)
 
 
+def _exact_pattern(path: str) -> str:
+    """A peft rank/alpha pattern that matches the module at ``path`` and no other.
+
+    peft matches a pattern P as ``(.*\\.)?(P)$``; before 0.14 (the version installed in the A1111
+    WebUI) as ``.*\\.P$``, which needs a dot before P, so the escaped full path never matches. The
+    first segment goes into a fixed-width lookbehind instead, which both forms accept."""
+    first, _, rest = path.partition(".")
+    if not rest:
+        return re.escape(path)
+    return f"(?<=^{re.escape(first)}\\.){re.escape(rest)}"
+
+
 def _inject_root(root: nn.Module, entries: list[tuple[str, tuple[str, ...]]], ranks: dict[tuple[str, str], int],
                  alphas: dict[tuple[str, str], float], cfg: NetworkConfig, trainable: bool) -> _RootState:
     mods = dict(root.named_modules())
@@ -213,8 +225,8 @@ def _inject_root(root: nn.Module, entries: list[tuple[str, tuple[str, ...]]], ra
             a0 = Counter(alphas[(p, "")] for p in plain).most_common(1)[0][0]
             config = LoraConfig(
                 r=r0, lora_alpha=a0, lora_dropout=cfg.dropout, target_modules=plain,
-                rank_pattern={re.escape(p): ranks[(p, "")] for p in plain if ranks[(p, "")] != r0},
-                alpha_pattern={re.escape(p): alphas[(p, "")] for p in plain if alphas[(p, "")] != a0},
+                rank_pattern={_exact_pattern(p): ranks[(p, "")] for p in plain if ranks[(p, "")] != r0},
+                alpha_pattern={_exact_pattern(p): alphas[(p, "")] for p in plain if alphas[(p, "")] != a0},
                 init_lora_weights=True)
             inject_adapter_in_model(config, root, adapter_name=ADAPTER)
         for path, parts in entries:
