@@ -1,7 +1,8 @@
-"""What differs between the torch versions we support, in one place.
+"""What differs between the torch (and transformers) versions we support, in one place.
 
-The oldest supported torch is 2.1 (the A1111 WebUI v1.10 pins 2.1.2); the newest release must work
-too. Code elsewhere calls these helpers instead of an API that exists only in newer versions.
+The oldest supported torch is 2.1 and transformers 4.30 (the A1111 WebUI v1.10 pins 2.1.2 and
+4.30.2); the newest releases must work too. Code elsewhere calls these helpers instead of an API
+that exists only in newer versions.
 """
 
 from __future__ import annotations
@@ -51,3 +52,24 @@ def autocast_supported(device_type: str, dtype: torch.dtype) -> bool:
     except (RuntimeError, ValueError):
         return False
     return True
+
+
+def enable_hf_checkpointing(model: Any) -> Any:
+    """Gradient checkpointing on a transformers model, non-reentrant where the version allows;
+    returns the call that turns it off again.
+
+    transformers 5 names it ``activation_checkpointing_enable``; before 4.35 it takes no
+    arguments and checkpoints re-entrantly, which passes gradients only to inputs that require
+    them, so the input embeddings are made to (for LoRA layers behind a frozen embedding)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        return model.activation_checkpointing_disable
+    try:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    except TypeError:
+        model.gradient_checkpointing_enable()
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+            return lambda: (model.gradient_checkpointing_disable(), model.disable_input_require_grads())
+    return model.gradient_checkpointing_disable

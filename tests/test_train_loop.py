@@ -54,7 +54,7 @@ def test_run_writes_lora_and_outputs_and_restores_model(tmp_path: Path, data: Pa
         assert any(p.name.startswith("events.out.tfevents") for p in logs.iterdir())
     else:  # as in the A1111 WebUI's venv
         rows = (logs / "metrics.csv").read_text().splitlines()
-        assert rows[0].startswith("step,") and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+        assert rows[0] == "step,name,value" and [r.split(",")[0] for r in rows if ",train/loss," in r] == ["1", "2", "3"]
     steps = [e for e in seen if e.kind == "step"]
     assert [e.step for e in steps] == [1, 2, 3]
     assert all(e.loss is not None and e.lr == pytest.approx(1e-3) and e.total_steps == 3 for e in steps)
@@ -264,7 +264,9 @@ def test_without_tensorboard_the_scalars_go_to_a_csv(tmp_path: Path, monkeypatch
     logger = Logger(tmp_path, enabled=True)
     logger.scalars(1, loss=0.5, lr=1e-4)
     logger.scalars(2, loss=0.25, lr=None)
+    logger.scalar("eval/loss", 0.75, 2)
     logger.close()
-    assert (tmp_path / "logs" / "metrics.csv").read_text().splitlines() == ["step,loss,lr", "1,0.5,0.0001", "2,0.25,"]
+    assert (tmp_path / "logs" / "metrics.csv").read_text().splitlines() == [
+        "step,name,value", "1,train/loss,0.5", "1,train/lr,0.0001", "2,train/loss,0.25", "2,eval/loss,0.75"]
     Logger(tmp_path / "off", enabled=False).scalars(1, loss=1.0)
     assert not (tmp_path / "off").exists()

@@ -34,8 +34,8 @@ def dataset_stats(items: list[Any]) -> tuple[dict[str, dict[str, int]], dict[str
 
 class Logger:
     """Training scalars and sample images under <output_dir>/logs: TensorBoard's event files, or
-    ``metrics.csv`` (step and each scalar) where tensorboard is not installed, as in the A1111
-    WebUI's venv. A no-op when disabled."""
+    ``metrics.csv`` (rows of step, name, value) where tensorboard is not installed, as in the
+    A1111 WebUI's venv. A no-op when disabled."""
 
     def __init__(self, output_dir: Path, enabled: bool) -> None:
         self.writer: Any = None
@@ -51,22 +51,20 @@ class Logger:
         self.writer = SummaryWriter(log_dir=str(output_dir / "logs"))
 
     def scalars(self, step: int, **values: float | None) -> None:
-        if self.writer is not None:
-            for k, v in values.items():
-                if v is not None:
-                    self.writer.add_scalar(f"train/{k}", v, step)
-        elif self.csv is not None:
-            self._append_csv(step, values)
+        """``train/<name>`` for each value that is not None."""
+        for k, v in values.items():
+            if v is not None:
+                self.scalar(f"train/{k}", v, step)
 
-    def _append_csv(self, step: int, values: dict[str, float | None]) -> None:
-        # An append-only log, like TensorBoard's own files; a resumed run adds to it.
-        names = sorted(values)
-        new = not self.csv.is_file()
-        self.csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.csv, "a", encoding="utf-8", newline="") as fh:
-            if new:
-                fh.write(",".join(["step", *names]) + "\n")
-            fh.write(",".join([str(step), *("" if values[n] is None else f"{values[n]:.6g}" for n in names)]) + "\n")
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+        elif self.csv is not None:
+            # An append-only log, like TensorBoard's own files; a resumed run adds to it.
+            new = not self.csv.is_file()
+            self.csv.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.csv, "a", encoding="utf-8", newline="") as fh:
+                fh.write(("step,name,value\n" if new else "") + f"{step},{tag},{value:.6g}\n")
 
     def image(self, step: int, img: Image.Image) -> None:
         if self.writer is not None:

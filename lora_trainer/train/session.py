@@ -18,7 +18,7 @@ from lora_trainer.data.cache import LatentCache, TextCache, fill_latent_cache, m
 from lora_trainer.data.dataset import Batch, BucketDataset, EpochView, steps_per_epoch
 from lora_trainer.errors import ConfigError
 from lora_trainer.fsutil import atomic_write_text, backup_file
-from lora_trainer.torch_compat import autocast_supported, grad_scaler
+from lora_trainer.torch_compat import autocast_supported, enable_hf_checkpointing, grad_scaler
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.losses import (
@@ -463,11 +463,7 @@ class RunSession:
                 m.enable_gradient_checkpointing()
                 self._undo.append(m.disable_gradient_checkpointing)
             elif hasattr(m, "gradient_checkpointing_enable"):
-                try:
-                    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                except TypeError:  # transformers < 4.35 (the A1111 WebUI pins 4.30) has no kwargs
-                    m.gradient_checkpointing_enable()
-                self._undo.append(m.gradient_checkpointing_disable)
+                self._undo.append(enable_hf_checkpointing(m))
 
     def cleanup(self) -> None:
         """Always: LoRA layers out, modules back where and how the host gave them, logs closed."""
