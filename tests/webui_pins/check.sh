@@ -25,19 +25,30 @@ PACKAGES=(torch torchvision transformers accelerate safetensors numpy Pillow hug
   pytorch_lightning protobuf PyYAML tqdm requests filelock regex)
 
 # The WebUI runs on Python 3.10 (3.11 works); torch 2.1.2 has no wheels for newer versions.
+version_ok() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 10), (3, 11)))' 2>/dev/null; }
 pick_python() {
-  local c
-  for c in ${LORA_TRAINER_PINS_PYTHON:-} python3.10 python3.11 python3; do
-    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 10), (3, 11)))' 2>/dev/null; then
-      command -v "$c"; return 0
-    fi
+  local c v
+  for c in ${LORA_TRAINER_PINS_PYTHON:-} python3.10; do
+    command -v "$c" >/dev/null 2>&1 && version_ok "$c" && { command -v "$c"; return 0; }
+  done
+  if command -v pyenv >/dev/null 2>&1; then   # pyenv's shims answer only for the selected version
+    for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.1[01](\.[0-9]+)?$' | sort -V); do
+      c="$(pyenv root)/versions/$v/bin/python"
+      version_ok "$c" && { echo "$c"; return 0; }
+    done
+  fi
+  for c in python3.11 python3; do
+    command -v "$c" >/dev/null 2>&1 && version_ok "$c" && { command -v "$c"; return 0; }
   done
   echo "webui pins check: needs Python 3.10 or 3.11 (the WebUI's torch 2.1.2 has no wheels for newer ones)" >&2
   return 1
 }
-if [ ! -x "$VENV/bin/python" ]; then
+BASE_PY=$(pick_python)
+want_version=$("$BASE_PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [ "$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" != "$want_version" ]; then
+  rm -rf "$VENV"
   mkdir -p "$(dirname "$VENV")"
-  "$(pick_python)" -m venv "$VENV"
+  "$BASE_PY" -m venv "$VENV"
 fi
 PY=$VENV/bin/python
 pip_q() { "$PY" -m pip -q --disable-pip-version-check "$@"; }
@@ -95,6 +106,16 @@ TESTS=(
   tests/test_llm_train.py
   tests/test_ui_unit.py tests/test_ui_browser.py           # the tab on the WebUI's gradio 3.41.2
 )
+# Not here: references that cannot exist on this stack. diffusers 0.35's pipelines (the reference
+# for the standalone loaders) import transformers classes newer than 4.30, and the OpenCLIP
+# references use open_clip 3 internals; the newest stack runs them.
+DESELECT=(
+  tests/test_models_setups.py::test_encode_text_matches_diffusers_pipeline
+  tests/test_models_loaders.py::test_diffusers_folder_round_trip
+  tests/test_models_loaders.py::test_single_file_sd2_uses_open_clip_penultimate_layer
+  tests/test_models_loaders.py::test_single_file_sdxl_text_encoders_match_sgm_conditioning
+)
 [ $# -gt 0 ] && TESTS=("$@")
-HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" \
+  "${DESELECT[@]/#/--deselect=}"
 echo "webui pins check: passed on $(echo "$AFTER" | tr '\n' ' ')"
