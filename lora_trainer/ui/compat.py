@@ -74,14 +74,17 @@ def update(**kwargs: Any) -> Any:
 
 # -- components -----------------------------------------------------------------------------
 
-def textbox(*, copy_button: bool = False, **kwargs: Any) -> Any:
-    """A Textbox; ``show_copy_button`` (<=5.x) or ``buttons=["copy"]`` (6.x)."""
+def textbox(*, copy_button: bool = False, autoscroll: bool | None = None, **kwargs: Any) -> Any:
+    """A Textbox; ``show_copy_button`` (<=5.x) or ``buttons=["copy"]`` (6.x); ``autoscroll`` where
+    it exists (4.x+; the page script follows the log on 3.x)."""
     g = gr()
     if copy_button:
         if accepts(g.Textbox, "show_copy_button"):
             kwargs["show_copy_button"] = True
         elif accepts(g.Textbox, "buttons"):
             kwargs["buttons"] = ["copy"]
+    if autoscroll is not None and accepts(g.Textbox, "autoscroll"):
+        kwargs["autoscroll"] = autoscroll
     return g.Textbox(**kwargs)
 
 

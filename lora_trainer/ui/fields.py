@@ -27,8 +27,13 @@ def _kind(path: str) -> tuple[str, Any]:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "choice", [str(c) for c in typing.get_args(tp)]
-    if origin in (Union, types.UnionType) or origin is list:
-        return "text", None  # optional values and lists: a textbox, empty means None / []
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if args in ([int], [float]):  # an optional number: a number input, empty means None
+            return ("int" if args == [int] else "float"), None
+        return "text", None  # other optional values: a textbox, empty means None
+    if origin is list:
+        return "text", None  # "a, b"; empty means []
     return {bool: "bool", int: "int", float: "float"}.get(tp, "text"), None
 
 
@@ -57,7 +62,7 @@ def make_field(path: str, elem_prefix: str = "lt-", **overrides: Any) -> Any:
 
 def to_component(value: Any, kind: str) -> Any:
     if value is None:
-        return ""
+        return None if kind in ("int", "float") else ""  # an empty number input holds None
     if isinstance(value, list):
         return ", ".join(str(v) for v in value)
     if kind == "choice":
@@ -79,7 +84,7 @@ def config_from_values(paths: Sequence[str], values: Sequence[Any], base: TrainC
 
 
 def values_from_config(cfg: TrainConfig, paths: Sequence[str]) -> list[Any]:
-    """Component values for ``paths`` from a config (None -> "", lists -> "a, b")."""
+    """Component values for ``paths`` from a config (None -> "" or an empty number, lists -> "a, b")."""
     return [to_component(cfg.get(p), _kind(p)[0]) for p in paths]
 
 
