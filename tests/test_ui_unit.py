@@ -101,6 +101,10 @@ def test_component_value_types_coerce_like_the_ui_sends_them():
     assert cfg.optim.text_encoder_lr is None and cfg.network.train_text_encoder is True
     cfg = config_from_values(paths, [8.0, 40.0, None, False])
     assert cfg.train.max_train_steps == 40 and cfg.optim.text_encoder_lr is None
+    # an emptied number input sends 0 on gradio 3.x: empty for these fields, where 0 means nothing else
+    cfg = config_from_values(paths + ["train.min_snr_gamma", "data.prefetch"], [8.0, 0.0, 0.0, False, 0.0, "0"])
+    assert cfg.train.max_train_steps is None and cfg.optim.text_encoder_lr is None and cfg.train.min_snr_gamma is None
+    assert cfg.data.prefetch == 0  # here 0 is a setting of its own (off): still a text box
 
 
 def test_optional_numbers_are_number_inputs_like_the_other_numbers():
@@ -111,6 +115,7 @@ def test_optional_numbers_are_number_inputs_like_the_other_numbers():
     box = make_field("train.max_train_steps")
     assert box.value is None and make_field("network.rank").value == 16
     assert isinstance(make_field("model.vae"), gr.Textbox)  # an optional path stays text
+    assert isinstance(make_field("data.prefetch"), gr.Textbox)  # 0 (off) and empty (default) differ
 
 
 def test_bad_field_value_names_the_field():

@@ -117,8 +117,12 @@ def empty_frame(columns: Sequence[str]) -> Any:
 
 
 def line_plot(*, x: str, y: str, color: str | None = None, **kwargs: Any) -> Any:
+    """A LinePlot that fills its box: gradio 3.x draws a Vega-Lite chart of the default 200 px
+    width unless told to take the container's ("container"); 4.x+ fill it on their own."""
     g = gr()
     cols = [x, y] + ([color] if color else [])
+    if version()[0] < 4:
+        kwargs.setdefault("width", "container")
     kwargs = _known(g.LinePlot, {"height": kwargs.pop("height", 260), **kwargs})
     return g.LinePlot(value=empty_frame(cols), x=x, y=y, color=color, **kwargs)
 

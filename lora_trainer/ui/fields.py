@@ -19,6 +19,11 @@ from lora_trainer.ui import compat
 
 # Every image-task field the tab shows ("task" is fixed to "image" here; llm has its own section).
 UI_FIELDS: list[str] = [p for p in cfgmod.all_field_paths() if p != "task"]
+# Optional numbers shown as number inputs. An emptied number input sends 0 on gradio 3.x (None on
+# 4.x+), so these are the ones where 0 is no setting of its own and reads as empty. Others (e.g.
+# data.prefetch, where 0 turns it off and empty means the default) stay text boxes.
+ZERO_IS_EMPTY = {"train.max_train_steps", "optim.unet_lr", "optim.text_encoder_lr", "train.min_snr_gamma",
+                 "sample.width", "sample.height"}
 
 
 def _kind(path: str) -> tuple[str, Any]:
@@ -29,7 +34,7 @@ def _kind(path: str) -> tuple[str, Any]:
         return "choice", [str(c) for c in typing.get_args(tp)]
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if args in ([int], [float]):  # an optional number: a number input, empty means None
+        if path in ZERO_IS_EMPTY and args in ([int], [float]):  # a number input; empty (or 0) means None
             return ("int" if args == [int] else "float"), None
         return "text", None  # other optional values: a textbox, empty means None
     if origin is list:
@@ -79,6 +84,8 @@ def config_from_values(paths: Sequence[str], values: Sequence[Any], base: TrainC
         kind, _ = _kind(path)
         if isinstance(value, str) and kind in ("int", "float", "bool"):
             value = value.strip()
+        if path in ZERO_IS_EMPTY and value in (0, "0"):
+            value = None
         raw[path] = value
     return cfgmod.build_config(raw, base=base)
 

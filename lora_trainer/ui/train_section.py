@@ -70,9 +70,10 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
         # Two plots rather than one with a colour channel: a colour-split LinePlot that starts
         # empty draws no lines on gradio 6 (its legend never resolves), one series per plot does.
         with g.Column():
-            plot = compat.line_plot(x="step", y="loss", title="Loss", height=180, elem_id=ctx.eid("loss-plot"))
+            plot = compat.line_plot(x="step", y="loss", title="Loss", height=180, elem_id=ctx.eid("loss-plot"),
+                                    elem_classes=[ctx.eid("plot")])
             smooth = compat.line_plot(x="step", y="loss", title="Loss, smoothed", height=180,
-                                      elem_id=ctx.eid("loss-smooth-plot"))
+                                      elem_id=ctx.eid("loss-smooth-plot"), elem_classes=[ctx.eid("plot")])
         samples = compat.gallery(label="Samples", columns=3, height=380, elem_id=ctx.eid("samples"))
     log = compat.textbox(label="Log", lines=8, max_lines=8, interactive=False, autoscroll=True, elem_id=ctx.eid("log"),
                          elem_classes=[ctx.eid("log")])
