@@ -41,6 +41,24 @@
     }
   };
 
+  // The training log shows its newest lines: keep it scrolled to the end as it grows, unless the
+  // reader scrolled up to read (gradio 3.x has no autoscroll; newer ones do not follow every update).
+  function followLog(area) {
+    if (!area.ltFollowing) {
+      area.ltFollowing = true;
+      area.ltPinned = true;
+      area.addEventListener("scroll", function () {
+        area.ltPinned = area.scrollHeight - area.scrollTop - area.clientHeight < 24;
+      });
+    }
+    if (area.ltPinned && area.scrollTop + area.clientHeight < area.scrollHeight - 1) {
+      area.scrollTop = area.scrollHeight;
+    }
+  }
+  setInterval(function () {
+    root().querySelectorAll(".lt-log textarea").forEach(followLog);
+  }, 400);
+
   window.ltSendToTxt2img = function (tag) {
     if (!tag) { flash("choose a LoRA first"); return; }
     var area = root().querySelector("#txt2img_prompt textarea");

@@ -25,6 +25,15 @@ class ModelLoadError(LoraTrainerError):
     """A base model, VAE or captioning model cannot be found or read."""
 
 
+class ModelMissingError(ModelLoadError):
+    """Weights that are not on this machine: ``message`` says where to put them, ``cli_option``
+    how the command line points elsewhere (a UI says what to do in the UI instead)."""
+
+    def __init__(self, message: str, cli_option: str) -> None:
+        super().__init__(f"{message}, or pass {cli_option}")
+        self.message, self.cli_option = message, cli_option
+
+
 class LoraFormatError(LoraTrainerError):
     """A LoRA file or state dict does not match the expected format or model."""
 

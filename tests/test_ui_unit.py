@@ -87,17 +87,35 @@ def test_field_values_round_trip_through_config():
     values = values_from_config(cfg, UI_FIELDS)
     by_path = dict(zip(UI_FIELDS, values, strict=True))
     assert by_path["network.target_modules"] == "to_q, to_v"
-    assert by_path["sample.width"] == ""
+    assert by_path["sample.width"] is None  # an empty number input
+    assert by_path["train.max_train_steps"] == 77 and by_path["output.output_name"] == "x y"
     again = config_from_values(UI_FIELDS, values)
     assert again == cfg
 
 
 def test_component_value_types_coerce_like_the_ui_sends_them():
-    # gr.Number sends floats, optional fields arrive as text, checkboxes as bools
+    # gr.Number sends floats (None when empty), old pages may send text, checkboxes send bools
     paths = ["network.rank", "train.max_train_steps", "optim.text_encoder_lr", "network.train_text_encoder"]
     cfg = config_from_values(paths, [8.0, " 30 ", "", True])
     assert cfg.network.rank == 8 and cfg.train.max_train_steps == 30
     assert cfg.optim.text_encoder_lr is None and cfg.network.train_text_encoder is True
+    cfg = config_from_values(paths, [8.0, 40.0, None, False])
+    assert cfg.train.max_train_steps == 40 and cfg.optim.text_encoder_lr is None
+    # an emptied number input sends 0 on gradio 3.x: empty for these fields, where 0 means nothing else
+    cfg = config_from_values(paths + ["train.min_snr_gamma", "data.prefetch"], [8.0, 0.0, 0.0, False, 0.0, "0"])
+    assert cfg.train.max_train_steps is None and cfg.optim.text_encoder_lr is None and cfg.train.min_snr_gamma is None
+    assert cfg.data.prefetch == 0  # here 0 is a setting of its own (off): still a text box
+
+
+def test_optional_numbers_are_number_inputs_like_the_other_numbers():
+    from lora_trainer.ui.fields import make_field
+
+    for path in ("train.max_train_steps", "optim.unet_lr", "sample.width", "network.rank"):
+        assert isinstance(make_field(path), gr.Number), path
+    box = make_field("train.max_train_steps")
+    assert box.value is None and make_field("network.rank").value == 16
+    assert isinstance(make_field("model.vae"), gr.Textbox)  # an optional path stays text
+    assert isinstance(make_field("data.prefetch"), gr.Textbox)  # 0 (off) and empty (default) differ
 
 
 def test_bad_field_value_names_the_field():
@@ -131,6 +149,27 @@ def test_tab_field_map_holds_every_field_by_path():
     # the defaults shown are the config defaults, and rebuild the same config
     values = [comp.value for comp in ctx.inputs]
     assert ctx.config(values) == TrainConfig()
+    by_id = {b.elem_id: b for b in tab.blocks.values() if getattr(b, "elem_id", None)}
+    assert by_id["lt-preset"].value == "custom"  # no preset matches the plain defaults: said so, not blank
+    assert by_id["lt-stop"].variant == "secondary"  # red only while a run is alive
+    assert isinstance(ctx.fields["train.max_train_steps"], gr.Number)
+
+
+def test_preset_dropdown_shows_the_preset_the_defaults_came_from(tmp_path: Path):
+    defaults = appmod.demo_defaults(tmp_path / "d", tmp_path / "o")
+    assert presets.preset_of(defaults) == "cpu (demo)"
+    assert presets.preset_of(TrainConfig()) is None
+    assert presets.preset_of(build_config(presets.preset_values("8 GB", "sdxl")), "sdxl") == "8 GB"
+
+    class Host:
+        name = "standalone"
+
+        def lora_dir(self, cfg: TrainConfig) -> Path:
+            return tmp_path
+
+    tab = __import__("lora_trainer.ui.tab", fromlist=["build_tab"]).build_tab(Host(), defaults=defaults)
+    preset = next(b for b in tab.blocks.values() if getattr(b, "elem_id", None) == "lt-preset")
+    assert preset.value == "cpu (demo)"
 
 
 # -- presets --------------------------------------------------------------------------------
@@ -260,25 +299,30 @@ def test_the_test_sections_list_follows_step_loras_as_they_are_written(tmp_path:
     job = jobs.start(build_config({"output.output_name": "mine"}), host=None, factory=CheckpointingTrainer)
     try:
         wait_until(lambda: job.snapshot()["step"] == 1)
-        *_, loras, seen = _poll(ctx, None)
+        loras, seen = _loras_and_seen(_poll(ctx, None))
         assert loras["choices"] == []  # a freshly loaded page gets the folder's list
-        *_, loras, seen = _poll(ctx, seen)
+        loras, seen = _loras_and_seen(_poll(ctx, seen))
         assert "choices" not in loras  # nothing new in the folder since
         go.set()
         wait_until(lambda: job.snapshot()["checkpoints"] == 1)
-        *_, loras, seen = _poll(ctx, seen)
+        loras, seen = _loras_and_seen(_poll(ctx, seen))
         assert loras["choices"] == ["mine-step000001"] and "value" not in loras
-        *_, loras, seen = _poll(ctx, seen)
+        loras, seen = _loras_and_seen(_poll(ctx, seen))
         assert "choices" not in loras  # sent once, not on every poll
         finish.set()
         job.join(5)
-        *_, loras, seen = _poll(ctx, seen)
+        loras, seen = _loras_and_seen(_poll(ctx, seen))
         assert set(loras["choices"]) == {"mine", "mine-step000001"} and loras["value"] == "mine"
     finally:
         go.set()
         finish.set()
         job.join(5)
         jobs.clear_finished()
+
+
+def _loras_and_seen(out: list[Any]) -> tuple[Any, Any]:
+    """The Test list's update and the poll's memory, of _poll's outputs."""
+    return out[5], out[-1]
 
 
 def wait_until(cond: Any, timeout: float = 10.0) -> None:
@@ -313,6 +357,90 @@ def test_progress_html_shows_step_speed_and_eta():
     assert handlers.fmt_seconds(3 * 3600 + 5 * 60 + 9) == "3h 05m" and handlers.fmt_seconds(None) == "-"
     assert "idle" in handlers.progress_html(None)
     assert "&lt;b&gt;" in handlers.progress_html({"status": "error", "step": 0, "total_steps": 0, "error": "<b>"})
+
+
+def test_progress_says_starting_then_drops_a_stale_eta_and_knows_max_steps():
+    # right after Start: the worker is alive but has sent nothing yet
+    assert "starting…" in handlers.progress_html({"status": "idle", "alive": True, "step": 0, "total_steps": 0,
+                                                  "max_train_steps": 30})
+    stopped = handlers.progress_html({"status": "stopped", "step": 12, "total_steps": 30, "it_per_s": 2.0,
+                                      "eta_s": 9.0, "error": None})
+    assert "stopped · step 12/30" in stopped and "ETA" not in stopped  # nothing left to wait for
+    failed = handlers.progress_html({"status": "error", "step": 0, "total_steps": 0, "max_train_steps": 30,
+                                     "error": "bad folder"})
+    assert "step 0/30" in failed and "0/?" not in failed and "ETA" not in failed
+
+
+def test_job_snapshot_carries_the_configured_max_steps():
+    class Silent(StepTrainer):
+        def run(self) -> None:
+            self.state.update(TrainEvent("error", message="no images"))
+
+    jobs.clear_finished()
+    job = jobs.start(build_config({"train.max_train_steps": 30}), host=None, factory=Silent)
+    job.join(5)
+    assert "step 0/30" in handlers.progress_html(job.snapshot())
+    jobs.clear_finished()
+
+
+def test_the_run_end_replaces_the_start_message_and_stop_is_red_only_while_running(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from lora_trainer.ui.train_section import _poll
+
+    release = threading.Event()
+
+    class Failing(StepTrainer):
+        def run(self) -> None:
+            release.wait(10)
+            self.state.update(TrainEvent("error", message="data.train_data_dir: no images"))
+
+    ctx = SimpleNamespace(host=SimpleNamespace(lora_dir=lambda cfg: tmp_path), prefix="lt-")
+    jobs.clear_finished()
+    job = jobs.start(build_config({}), host=None, factory=Failing)
+    try:
+        out = _poll(ctx, None)
+        msg, stop, seen = out[6], out[7], out[-1]
+        assert "starting…" in out[0] and msg == compat.update() and stop["variant"] == "stop"
+        out = _poll(ctx, seen)
+        assert "variant" not in out[7]  # sent when it changes, not every second
+        release.set()
+        job.join(5)
+        out = _poll(ctx, out[-1])
+        assert out[6].startswith("⚠") and "no images" in out[6]  # "started…" is replaced
+        assert out[7]["variant"] == "secondary"
+        out = _poll(ctx, out[-1])
+        assert out[6] == compat.update()  # said once: a later message is not overwritten
+    finally:
+        release.set()
+        job.join(5)
+        jobs.clear_finished()
+
+
+def test_outcome_text_of_each_end():
+    assert handlers.outcome_text({"status": "stopped", "step": 7, "output_path": "/o/x.safetensors"}) == \
+        "stopped at step 7; LoRA written to /o/x.safetensors"
+    assert handlers.outcome_text({"status": "done", "step": 30, "output_path": None}) == "done at step 30"
+    assert "see the log" in handlers.outcome_text({"status": "finished", "step": 3})
+
+
+def test_caption_error_in_the_ui_says_what_to_do_there():
+    from lora_trainer.errors import ModelMissingError
+
+    e = ModelMissingError("BLIP weights 'x/blip' are not on this machine: put the model folder in /c/blip",
+                          "--blip-model PATH")
+    assert str(e).endswith("or pass --blip-model PATH")  # the CLI still says it
+    text = handlers.caption_error_text(e, "blip")
+    assert "--blip-model" not in text and "/c/blip" in text and "'clip'" in text and "Save captions" in text
+    assert handlers.caption_error_text(DatasetError("no images"), "blip") == "⚠ no images"
+
+
+def test_the_missing_blip_model_error_is_a_model_missing_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from lora_trainer.caption import blip
+    from lora_trainer.errors import ModelMissingError
+
+    err = blip._missing_error("Salesforce/blip-image-captioning-base")
+    assert isinstance(err, ModelMissingError) and "--blip-model" not in err.message
 
 
 def test_weights_and_tags():
@@ -401,6 +529,23 @@ def test_listen_requires_auth():
 def test_app_argument_errors(argv: list[str], match: str):
     with pytest.raises(ConfigError, match=match):
         appmod.resolve_args(argv)
+
+
+def test_a_port_in_use_is_one_line_naming_port(capsys: pytest.CaptureFixture[str]):
+    import socket
+
+    from lora_trainer.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"--port {port}: .*in use.*--port {port + 1}"):
+            appmod.check_port("127.0.0.1", port)
+        assert main(["app", "--port", str(port), "--data", "/nonexistent/lt-data"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--port" in err[0] and "Traceback" not in err[0]
+    appmod.check_port("127.0.0.1", port)  # free again: no error
 
 
 def test_app_main_reports_errors_through_the_cli():

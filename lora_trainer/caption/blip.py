@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
-from lora_trainer.errors import ConfigError, ModelLoadError
+from lora_trainer.errors import ConfigError, ModelLoadError, ModelMissingError
 from lora_trainer.models.tokenizer import cache_root
 
 log = logging.getLogger(__name__)
@@ -112,11 +112,11 @@ def _is_model_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES)
 
 
-def _missing_message(repo_id: str) -> str:
+def _missing_error(repo_id: str) -> ModelMissingError:
     target = models_dir() / repo_id.split("/")[-1]
-    return (f"BLIP weights '{repo_id}' are not on this machine: put the model folder (config.json, "
-            f"model.safetensors, preprocessor_config.json and tokenizer files from "
-            f"https://huggingface.co/{repo_id}) in {target}, or pass --blip-model PATH")
+    return ModelMissingError(f"BLIP weights '{repo_id}' are not on this machine: put the model folder (config.json, "
+                             f"model.safetensors, preprocessor_config.json and tokenizer files from "
+                             f"https://huggingface.co/{repo_id}) in {target}", "--blip-model PATH")
 
 
 def resolve_blip_source(model: str) -> str:
@@ -149,7 +149,7 @@ def load_blip(options: BlipOptions | None = None) -> BlipCaptioner:
         if Path(source).is_dir():
             raise ModelLoadError(f"{source}: cannot load BLIP from this folder ({str(e).splitlines()[0]}); "
                                  f"it needs the files save_pretrained writes") from None
-        raise ModelLoadError(_missing_message(source)) from None
+        raise _missing_error(source) from None
     return BlipCaptioner(model, processor, options, device)
 
 

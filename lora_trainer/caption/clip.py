@@ -21,7 +21,7 @@ from typing import Any
 from PIL import Image
 
 from lora_trainer.caption.blip import models_dir, resolve_device
-from lora_trainer.errors import ConfigError, ModelLoadError
+from lora_trainer.errors import ConfigError, ModelLoadError, ModelMissingError
 from lora_trainer.fsutil import atomic_path
 from lora_trainer.models.tokenizer import cache_root
 
@@ -143,8 +143,8 @@ def resolve_clip(options: ClipOptions) -> ClipSpec:
     if cached:
         return ClipSpec(name, tag, cached, quick_gelu, _file_key(cached))
     where = f"https://huggingface.co/{pcfg['hf_hub'].rstrip('/')}" if pcfg.get("hf_hub") else "the open_clip release"
-    raise ModelLoadError(f"CLIP weights {name} ({tag}) are not on this machine: put open_clip_model.safetensors "
-                         f"from {where} at {ours / f'{name}-{tag}.safetensors'}, or pass --clip-weights PATH")
+    raise ModelMissingError(f"CLIP weights {name} ({tag}) are not on this machine: put open_clip_model.safetensors "
+                            f"from {where} at {ours / f'{name}-{tag}.safetensors'}", "--clip-weights PATH")
 
 
 def load_clip(options: ClipOptions | None = None) -> ClipInterrogator:

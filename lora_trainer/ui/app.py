@@ -121,8 +121,22 @@ def resolve_args(argv: list[str]) -> tuple[argparse.Namespace, TrainConfig, str,
     return args, defaults, ("0.0.0.0" if args.listen else "127.0.0.1"), auth
 
 
+def check_port(server: str, port: int) -> None:
+    """ConfigError naming --port when ``port`` is taken (before gradio prints a traceback about it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+        try:
+            s.bind((server, port))
+        except OSError:
+            raise ConfigError(f"--port {port}: port {port} on {server} is in use (another app, or this one "
+                              f"still running?); choose a free one, e.g. --port {port + 1}") from None
+
+
 def main(argv: list[str]) -> int:
     args, defaults, server, auth = resolve_args(argv)
+    check_port(server, args.port)
     if defaults.model.base_model == "demo" and defaults.data.train_data_dir:
         prepare_demo_data(defaults.data.train_data_dir)
     from lora_trainer.hosts.standalone import StandaloneHost
@@ -131,6 +145,13 @@ def main(argv: list[str]) -> int:
     app = create_app(host, defaults.data.train_data_dir, defaults=defaults)
     app.queue()
     print(f"LoRA trainer on http://{server}:{args.port} (Ctrl-C to quit)")
-    app.launch(server_name=server, server_port=args.port, auth=auth, inbrowser=args.inbrowser,
-               **compat.launch_kwargs(app.lt_css))
+    try:
+        app.launch(server_name=server, server_port=args.port, auth=auth, inbrowser=args.inbrowser,
+                   **compat.launch_kwargs(app.lt_css))
+    except OSError as e:  # taken between the check and the launch
+        if "port" not in str(e).lower():
+            raise
+        check_port(server, args.port)
+        raise ConfigError(f"--port {args.port}: the port cannot be used ({str(e).splitlines()[0]}); "
+                          f"choose another, e.g. --port {args.port + 1}") from None
     return 0

@@ -74,14 +74,17 @@ def update(**kwargs: Any) -> Any:
 
 # -- components -----------------------------------------------------------------------------
 
-def textbox(*, copy_button: bool = False, **kwargs: Any) -> Any:
-    """A Textbox; ``show_copy_button`` (<=5.x) or ``buttons=["copy"]`` (6.x)."""
+def textbox(*, copy_button: bool = False, autoscroll: bool | None = None, **kwargs: Any) -> Any:
+    """A Textbox; ``show_copy_button`` (<=5.x) or ``buttons=["copy"]`` (6.x); ``autoscroll`` where
+    it exists (4.x+; the page script follows the log on 3.x)."""
     g = gr()
     if copy_button:
         if accepts(g.Textbox, "show_copy_button"):
             kwargs["show_copy_button"] = True
         elif accepts(g.Textbox, "buttons"):
             kwargs["buttons"] = ["copy"]
+    if autoscroll is not None and accepts(g.Textbox, "autoscroll"):
+        kwargs["autoscroll"] = autoscroll
     return g.Textbox(**kwargs)
 
 
@@ -114,8 +117,12 @@ def empty_frame(columns: Sequence[str]) -> Any:
 
 
 def line_plot(*, x: str, y: str, color: str | None = None, **kwargs: Any) -> Any:
+    """A LinePlot that fills its box: gradio 3.x draws a Vega-Lite chart of the default 200 px
+    width unless told to take the container's ("container"); 4.x+ fill it on their own."""
     g = gr()
     cols = [x, y] + ([color] if color else [])
+    if version()[0] < 4:
+        kwargs.setdefault("width", "container")
     kwargs = _known(g.LinePlot, {"height": kwargs.pop("height", 260), **kwargs})
     return g.LinePlot(value=empty_frame(cols), x=x, y=y, color=color, **kwargs)
 

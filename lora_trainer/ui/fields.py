@@ -19,6 +19,11 @@ from lora_trainer.ui import compat
 
 # Every image-task field the tab shows ("task" is fixed to "image" here; llm has its own section).
 UI_FIELDS: list[str] = [p for p in cfgmod.all_field_paths() if p != "task"]
+# Optional numbers shown as number inputs. An emptied number input sends 0 on gradio 3.x (None on
+# 4.x+), so these are the ones where 0 is no setting of its own and reads as empty. Others (e.g.
+# data.prefetch, where 0 turns it off and empty means the default) stay text boxes.
+ZERO_IS_EMPTY = {"train.max_train_steps", "optim.unet_lr", "optim.text_encoder_lr", "train.min_snr_gamma",
+                 "sample.width", "sample.height"}
 
 
 def _kind(path: str) -> tuple[str, Any]:
@@ -27,8 +32,13 @@ def _kind(path: str) -> tuple[str, Any]:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "choice", [str(c) for c in typing.get_args(tp)]
-    if origin in (Union, types.UnionType) or origin is list:
-        return "text", None  # optional values and lists: a textbox, empty means None / []
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if path in ZERO_IS_EMPTY and args in ([int], [float]):  # a number input; empty (or 0) means None
+            return ("int" if args == [int] else "float"), None
+        return "text", None  # other optional values: a textbox, empty means None
+    if origin is list:
+        return "text", None  # "a, b"; empty means []
     return {bool: "bool", int: "int", float: "float"}.get(tp, "text"), None
 
 
@@ -57,7 +67,7 @@ def make_field(path: str, elem_prefix: str = "lt-", **overrides: Any) -> Any:
 
 def to_component(value: Any, kind: str) -> Any:
     if value is None:
-        return ""
+        return None if kind in ("int", "float") else ""  # an empty number input holds None
     if isinstance(value, list):
         return ", ".join(str(v) for v in value)
     if kind == "choice":
@@ -74,12 +84,14 @@ def config_from_values(paths: Sequence[str], values: Sequence[Any], base: TrainC
         kind, _ = _kind(path)
         if isinstance(value, str) and kind in ("int", "float", "bool"):
             value = value.strip()
+        if path in ZERO_IS_EMPTY and value in (0, "0"):
+            value = None
         raw[path] = value
     return cfgmod.build_config(raw, base=base)
 
 
 def values_from_config(cfg: TrainConfig, paths: Sequence[str]) -> list[Any]:
-    """Component values for ``paths`` from a config (None -> "", lists -> "a, b")."""
+    """Component values for ``paths`` from a config (None -> "" or an empty number, lists -> "a, b")."""
     return [to_component(cfg.get(p), _kind(p)[0]) for p in paths]
 
 

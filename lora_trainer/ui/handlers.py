@@ -73,6 +73,15 @@ def scan(folder: str, cfg: TrainConfig) -> dict[str, Any]:
     return {"gallery": gallery, "problems": rows, "buckets": buckets, "summary": summary}
 
 
+BUCKET_FIELDS = ["data.resolution", "data.enable_buckets", "data.min_bucket_reso", "data.max_bucket_reso",
+                 "data.bucket_step", "data.bucket_no_upscale"]
+
+
+def bucket_settings(cfg: TrainConfig) -> list[Any]:
+    """What the bucket preview depends on besides the images (resolution first)."""
+    return [cfg.get(path) for path in BUCKET_FIELDS]
+
+
 def _rel(path: Any, folder: str) -> str:
     try:
         return Path(path).relative_to(folder).as_posix()
@@ -176,6 +185,20 @@ def caption_folder(folder: str, model: str, mode: str, fmt: str, cfg: TrainConfi
                metadata_path=cfg.data.metadata_path, extension=cfg.data.caption_extension)
 
 
+def caption_error_text(e: Exception, model: str) -> str:
+    """The captioning error for the page: a missing model says what to do here, not which
+    command-line option to pass (the tab has no such field)."""
+    from lora_trainer.errors import ModelMissingError
+
+    if not isinstance(e, ModelMissingError):
+        from lora_trainer.ui.context import err_text
+
+        return err_text(e)
+    other = "clip" if model == "blip" else "blip"
+    return (f"⚠ {e.message}, then press Caption images again. Or choose '{other}' in 'Caption with', "
+            "or type the captions into the table below and press Save captions.")
+
+
 # -- training progress -----------------------------------------------------------------------
 
 def fmt_seconds(s: float | None) -> str:
@@ -186,21 +209,40 @@ def fmt_seconds(s: float | None) -> str:
     return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+FINAL_STATUSES = ("done", "stopped", "finished", "error")
+
+
 def progress_html(snap: dict[str, Any] | None, prefix: str = "lt-") -> str:
+    """The progress line: status, step of total, speed; an ETA only while the run is training."""
     if not snap:
         return f"<div class='{prefix}progress'><span class='{prefix}status'>idle</span></div>"
-    total = snap.get("total_steps") or 0
+    status = snap.get("status")
+    if status == "idle" and snap.get("alive"):
+        status = "starting…"  # the worker is loading the model and data; no event yet
+    # before the first step (or after an early error) the total is the configured max steps
+    total = snap.get("total_steps") or snap.get("max_train_steps") or 0
     step = snap.get("step") or 0
     pct = 100.0 * step / total if total else 0.0
     ips = snap.get("it_per_s")
-    text = (f"{snap.get('status')} · step {step}/{total or '?'} · "
-            f"{ips:.2f} it/s" if ips else f"{snap.get('status')} · step {step}/{total or '?'}")
-    text += f" · ETA {fmt_seconds(snap.get('eta_s'))}"
+    text = f"{status} · step {step}/{total or '?'}" + (f" · {ips:.2f} it/s" if ips else "")
+    if status == "running":
+        text += f" · ETA {fmt_seconds(snap.get('eta_s'))}"
     if snap.get("error"):
         text += f" · {snap['error']}"
     return (f"<div class='{prefix}progress' data-status='{snap.get('status')}'>"
             f"<div class='{prefix}progress-bar' style='width:{pct:.1f}%'></div>"
             f"<span class='{prefix}progress-text'>{_html_escape(text)}</span></div>")
+
+
+def outcome_text(snap: dict[str, Any]) -> str:
+    """One line on how a run ended, for the message under the Start button."""
+    status, step, path = snap.get("status"), snap.get("step") or 0, snap.get("output_path")
+    if status == "error":
+        return f"⚠ the run failed: {snap.get('error') or 'see the log'}"
+    if status in ("done", "stopped"):
+        where = f"; LoRA written to {path}" if path else ""
+        return f"{'done' if status == 'done' else 'stopped'} at step {step}{where}"
+    return "the run ended without a result; see the log"
 
 
 def _html_escape(s: str) -> str:

@@ -41,7 +41,8 @@ class Job:
         if not self.alive and snap.get("status") in ("idle", "running"):
             snap["status"] = "error" if snap.get("error") else "finished"
         snap.update(job_id=self.id, alive=self.alive, started_at=self.started_at,
-                    output_name=self.config.output.output_name)
+                    output_name=self.config.output.output_name,
+                    max_train_steps=self.config.train.max_train_steps)
         return snap
 
     def stop(self) -> None:

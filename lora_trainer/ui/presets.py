@@ -129,3 +129,13 @@ def preset_values(name: str, arch: str = "sd1", memory_gb: float | None = None, 
     if arch == "sdxl":
         values.update(_SDXL[size])
     return values
+
+
+def preset_of(cfg: Any, arch: str = "sd1") -> str | None:
+    """The fixed preset whose every value ``cfg`` already has (what the form shows at start), or None."""
+    for name in PRESET_NAMES:
+        if name == "auto":
+            continue  # depends on the machine, not a set of values
+        if all(cfg.get(path) == value for path, value in preset_values(name, arch).items()):
+            return name
+    return None

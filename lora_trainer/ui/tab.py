@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from lora_trainer.config import TrainConfig
-from lora_trainer.ui import compat, handlers
+from lora_trainer.ui import compat, handlers, jobs
 from lora_trainer.ui.context import TabContext, err_text
-from lora_trainer.ui.fields import UI_FIELDS
-from lora_trainer.ui.train_section import test_section, train_section
+from lora_trainer.ui.fields import UI_FIELDS, values_from_config
+from lora_trainer.ui.train_section import lora_dir_of, test_section, train_section
 
 
 def build_tab(host: Any, *, elem_prefix: str = "lt-", captioner: Any = None,
@@ -37,8 +37,24 @@ def build_tab(host: Any, *, elem_prefix: str = "lt-", captioner: Any = None,
         _check_field_map(ctx)
         for wire in ctx.deferred:
             wire()
+        _on_page_load(ctx, tab)
     tab.lt_context = ctx  # for hosts and tests: the field map and the defaults
     return tab
+
+
+def _on_page_load(ctx: TabContext, tab: Any) -> None:
+    """A (re)loaded page shows the form of the run its progress shows, that run's LoRA folder in
+    the Test list, and the captions of the form's dataset folder."""
+
+    def restore() -> list[Any]:
+        job = jobs.current()
+        if job is None:
+            return [compat.update() for _ in range(len(ctx.paths) + 1)]
+        names = handlers.list_loras(lora_dir_of(ctx, job.config))
+        return [*values_from_config(job.config, ctx.paths), compat.update(choices=names, value=names[0] if names else None)]
+
+    reload_captions, caption_outputs = ctx.parts["caption_reload"]
+    tab.load(restore, None, [*ctx.inputs, ctx.parts["test_lora"]]).then(reload_captions, ctx.inputs, caption_outputs)
 
 
 def _check_field_map(ctx: TabContext) -> None:
@@ -65,13 +81,30 @@ def _dataset_section(ctx: TabContext) -> None:
         buckets = compat.dataframe(headers=["bucket (w x h)", "images"], label="Bucket preview",
                                    interactive=False, height=220, elem_id=ctx.eid("buckets"))
 
+    shown = g.State(None)  # the settings the bucket preview was computed with
+
     def do_scan(*values: Any) -> tuple[Any, ...]:
         try:
             cfg = ctx.config(values)
             res = handlers.scan(cfg.data.train_data_dir, cfg)
-            return res["summary"], res["gallery"], res["problems"] or [["", "", ""]], res["buckets"] or [["", ""]]
+            return (res["summary"], res["gallery"], res["problems"] or [["", "", ""]],
+                    _bucket_update(res, cfg), handlers.bucket_settings(cfg))
         except Exception as e:  # noqa: BLE001 - shown to the user, never a traceback page
-            return err_text(e), [], [["", "", ""]], [["", ""]]
+            return err_text(e), [], [["", "", ""]], [["", ""]], None
+
+    def do_buckets(was: Any, *values: Any) -> tuple[Any, Any]:
+        """A bucket setting changed (typed, a preset, a loaded config): preview the new buckets."""
+        try:
+            cfg = ctx.config(values)
+        except Exception:  # noqa: BLE001 - a half-typed field elsewhere; the next change retries
+            return compat.update(), was
+        if was is None or list(was) == handlers.bucket_settings(cfg):
+            return compat.update(), was
+        try:
+            return _bucket_update(handlers.scan(cfg.data.train_data_dir, cfg), cfg), handlers.bucket_settings(cfg)
+        except Exception:  # noqa: BLE001 - say the preview is stale instead
+            return compat.update(label=f"Bucket preview (of resolution {was[0]}; the resolution is now "
+                                       f"{cfg.data.resolution}: press Load dataset)"), was
 
     def do_upload(files: Any, folder_value: str) -> str:
         try:
@@ -82,10 +115,21 @@ def _dataset_section(ctx: TabContext) -> None:
         except Exception as e:  # noqa: BLE001
             return err_text(e)
 
-    outputs = [summary, gallery, problems, buckets]
-    ctx.later(lambda: load.click(do_scan, ctx.inputs, outputs))
-    ctx.later(lambda: folder.submit(do_scan, ctx.inputs, outputs))
+    outputs = [summary, gallery, problems, buckets, shown]
+
+    def wire_scan(event: Any) -> None:  # the Captions table follows the folder too
+        reload_captions, caption_outputs = ctx.parts["caption_reload"]
+        event(do_scan, ctx.inputs, outputs).then(reload_captions, ctx.inputs, caption_outputs)
+
+    ctx.later(lambda: wire_scan(load.click))
+    ctx.later(lambda: wire_scan(folder.submit))
+    for path in handlers.BUCKET_FIELDS:
+        ctx.later(lambda path=path: ctx.fields[path].change(do_buckets, [shown, *ctx.inputs], [buckets, shown]))
     upload.upload(do_upload, [upload, folder], [summary])
+
+
+def _bucket_update(res: dict[str, Any], cfg: TrainConfig) -> Any:
+    return compat.update(value=res["buckets"] or [["", ""]], label=f"Bucket preview (resolution {cfg.data.resolution})")
 
 
 # -- Captions ------------------------------------------------------------------------------
@@ -157,9 +201,10 @@ def _captions_section(ctx: TabContext) -> None:
             rows = handlers.load_caption_rows(folder, cfg)
             yield with_freq(rows, f"captioned {total} image(s) with {model_value} and wrote them")
         except Exception as e:  # noqa: BLE001
-            yield compat.update(), compat.update(), err_text(e)
+            yield compat.update(), compat.update(), handlers.caption_error_text(e, model_value)
 
     outs = [table, freq, status]
+    ctx.parts["caption_reload"] = (do_reload, outs)
     ctx.later(lambda: reload_.click(do_reload, ctx.inputs, outs))
     ctx.later(lambda: save.click(do_save, [table, fmt, *ctx.inputs], outs))
     ctx.later(lambda: run.click(do_caption, [model, mode, fmt, *ctx.inputs], outs))

@@ -24,6 +24,7 @@ PLACED_ELSEWHERE = {"data.train_data_dir", "data.trigger_word"}  # Dataset / Cap
 PRESET_FIELDS = sorted({k for name in presets.PRESET_NAMES[1:] for arch in ("sd1", "sdxl")
                         for k in presets.preset_values(name, arch)})
 WEBUI_HOSTS = ("a1111", "forge")
+CUSTOM_PRESET = "custom"  # shown when the form's values are no preset's (choosing it changes nothing)
 
 
 def _advanced_fields() -> dict[str, list[str]]:
@@ -40,7 +41,9 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
     with g.Row():
         for path in HEAD_FIELDS:
             ctx.field(path, **_host_field_overrides(ctx, path))
-        preset = g.Dropdown(presets.PRESET_NAMES, value=None, label="Preset (GPU memory)",
+        d = ctx.defaults
+        shown = presets.preset_of(d, d.model.arch if d.model.arch != "auto" else "sd1") or CUSTOM_PRESET
+        preset = g.Dropdown([CUSTOM_PRESET, *presets.PRESET_NAMES], value=shown, label="Preset (GPU memory)",
                             info="sets resolution, batch, rank, precision and memory savers", elem_id=ctx.eid("preset"))
     with g.Row():
         for path in COMMON_FIELDS:
@@ -58,7 +61,7 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
     _yaml_block(ctx)
     with g.Row():
         start = g.Button("Start training", variant="primary", elem_id=ctx.eid("start"))
-        stop = g.Button("Stop", variant="stop", elem_id=ctx.eid("stop"))
+        stop = g.Button("Stop", variant="secondary", elem_id=ctx.eid("stop"))  # red only while a run is alive
         save = g.Button("Save now", elem_id=ctx.eid("save-now"))
         sample = g.Button("Sample now", elem_id=ctx.eid("sample-now"))
     msg = g.Markdown(elem_id=ctx.eid("train-msg"))
@@ -67,11 +70,13 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
         # Two plots rather than one with a colour channel: a colour-split LinePlot that starts
         # empty draws no lines on gradio 6 (its legend never resolves), one series per plot does.
         with g.Column():
-            plot = compat.line_plot(x="step", y="loss", title="Loss", height=180, elem_id=ctx.eid("loss-plot"))
+            plot = compat.line_plot(x="step", y="loss", title="Loss", height=180, elem_id=ctx.eid("loss-plot"),
+                                    elem_classes=[ctx.eid("plot")])
             smooth = compat.line_plot(x="step", y="loss", title="Loss, smoothed", height=180,
-                                      elem_id=ctx.eid("loss-smooth-plot"))
+                                      elem_id=ctx.eid("loss-smooth-plot"), elem_classes=[ctx.eid("plot")])
         samples = compat.gallery(label="Samples", columns=3, height=380, elem_id=ctx.eid("samples"))
-    log = g.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id=ctx.eid("log"))
+    log = compat.textbox(label="Log", lines=8, max_lines=8, interactive=False, autoscroll=True, elem_id=ctx.eid("log"),
+                         elem_classes=[ctx.eid("log")])
     seen = g.State(None)
 
     def do_preset(name: str | None, arch: str) -> list[Any]:
@@ -83,15 +88,16 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
         return [compat.update(value=to_component(values[p], field_kind(p)[0])) if p in values else compat.update()
                 for p in PRESET_FIELDS]
 
-    def do_start(*values: Any) -> str:
+    def do_start(*values: Any) -> tuple[str, Any]:
         try:
             cfg = ctx.config(values)
             if not cfg.data.train_data_dir:
                 raise ConfigError("data.train_data_dir: choose the dataset folder in the Dataset section")
-            jobs.start(cfg, ctx.host)
-            return f"started training '{cfg.output.output_name}'"
+            job = jobs.start(cfg, ctx.host)
+            # "starting…" at once: the next poll is up to a second away
+            return f"started training '{cfg.output.output_name}'", handlers.progress_html(job.snapshot(), ctx.prefix)
         except Exception as e:  # noqa: BLE001
-            return err_text(e)
+            return err_text(e), compat.update()
 
     def command(name: str) -> Any:
         def run() -> str:
@@ -103,14 +109,15 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
                     "sample_now": "rendering a sample at the next step…"}[name]
         return run
 
-    ctx.later(lambda: preset.change(do_preset, [preset, ctx.fields["model.arch"]],
-                                    [ctx.fields[p] for p in PRESET_FIELDS]))
-    ctx.later(lambda: start.click(do_start, ctx.inputs, [msg]))
+    ctx.later(lambda: preset.change(lambda name, arch: do_preset(None if name == CUSTOM_PRESET else name, arch),
+                                    [preset, ctx.fields["model.arch"]], [ctx.fields[p] for p in PRESET_FIELDS]))
+    ctx.later(lambda: start.click(do_start, ctx.inputs, [msg, progress]))
     stop.click(command("stop"), None, [msg])
     save.click(command("save_now"), None, [msg])
     sample.click(command("sample_now"), None, [msg])
     ctx.later(lambda: compat.add_timer(blocks, lambda s: _poll(ctx, s), [seen],
-                                       [progress, plot, smooth, samples, log, ctx.parts["test_lora"], seen], 1.0))
+                                       [progress, plot, smooth, samples, log, ctx.parts["test_lora"], msg, stop,
+                                        seen], 1.0))
 
 
 def _host_field_overrides(ctx: TabContext, path: str) -> dict[str, Any]:
@@ -126,10 +133,10 @@ def _poll(ctx: TabContext, seen: Any) -> list[Any]:
     keep = compat.update()
     job = jobs.current()
     if job is None:
-        return [handlers.progress_html(None, ctx.prefix), keep, keep, keep, keep, keep, seen]
+        return [handlers.progress_html(None, ctx.prefix), keep, keep, keep, keep, keep, keep, keep, seen]
     snap = job.snapshot()
     key = [job.id, len(snap["losses"]), len(snap["samples"]), len(snap["log"]), snap["status"],
-           snap.get("checkpoints", 0)]
+           snap.get("checkpoints", 0), job.alive]
     old = seen if isinstance(seen, list) and len(seen) == len(key) and seen[0] == job.id else [None] * len(key)
     raw, smooth = (handlers.loss_frames(snap["losses"]) if key[1] != old[1] else (keep, keep))
     gallery = [(img, f"step {step}") for step, img in snap["samples"]] if key[2] != old[2] else keep
@@ -139,7 +146,10 @@ def _poll(ctx: TabContext, seen: Any) -> list[Any]:
     if (key[4] != old[4] and finished) or key[5] != old[5]:  # a new final or step LoRA in the folder
         names = handlers.list_loras(ctx.host.lora_dir(job.config))
         loras = compat.update(choices=names, value=names[0] if names else None) if finished else compat.update(choices=names)
-    return [handlers.progress_html(snap, ctx.prefix), raw, smooth, gallery, log, loras, key]
+    # the run's end replaces "started…"/"stopping…" under the buttons with how it ended
+    msg = handlers.outcome_text(snap) if key[4] != old[4] and snap["status"] in handlers.FINAL_STATUSES else keep
+    stop = compat.update(variant="stop" if job.alive else "secondary") if key[6] != old[6] else keep
+    return [handlers.progress_html(snap, ctx.prefix), raw, smooth, gallery, log, loras, msg, stop, key]
 
 
 def _yaml_block(ctx: TabContext) -> None:
@@ -198,7 +208,7 @@ def test_section(ctx: TabContext) -> None:
     g = compat.gr()
     d = ctx.defaults
     with g.Row():
-        lora = g.Dropdown(choices=handlers.list_loras(_lora_dir(ctx, d)), label="LoRA", elem_id=ctx.eid("test-lora"), scale=4)
+        lora = g.Dropdown(choices=handlers.list_loras(lora_dir_of(ctx, d)), label="LoRA", elem_id=ctx.eid("test-lora"), scale=4)
         refresh = g.Button("Refresh list", elem_id=ctx.eid("test-refresh"), scale=1)
     prompt = g.Textbox(label="Prompt (a <lora:name:w> tag picks the LoRA too; the weight comes from the sweep)",
                        value=d.sample.prompt, lines=2, elem_id=ctx.eid("test-prompt"))
@@ -222,7 +232,7 @@ def test_section(ctx: TabContext) -> None:
 
     def do_refresh(*values: Any) -> Any:
         try:
-            names = handlers.list_loras(_lora_dir(ctx, ctx.config(values)))
+            names = handlers.list_loras(lora_dir_of(ctx, ctx.config(values)))
             return compat.update(choices=names, value=names[0] if names else None)
         except Exception:  # noqa: BLE001 - a bad field elsewhere must not break the list
             return compat.update()
@@ -266,7 +276,7 @@ def _model_for_render(ctx: TabContext, values: tuple[Any, ...]) -> Iterator[None
     yield
 
 
-def _lora_dir(ctx: TabContext, cfg: Any) -> Path:
+def lora_dir_of(ctx: TabContext, cfg: Any) -> Path:
     try:
         return Path(ctx.host.lora_dir(cfg))
     except Exception:  # noqa: BLE001 - a host that cannot tell yet lists nothing
