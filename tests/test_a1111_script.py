@@ -97,7 +97,7 @@ def test_api_train_status_and_errors(script, tmp_path: Path) -> None:
     assert st["status"] == "done", st
     assert Path(st["result"]["lora_path"]).parent == Path(script.shared.cmd_opts.lora_dir)
     assert st["state"]["step"] == 2 and isinstance(st["state"]["samples"], list)
-    from lora_trainer.ui import jobs as tab_jobs  # the tab shows a run started through the API
+    from lora_trainer import jobs as tab_jobs  # the tab shows a run started through the API
 
     assert tab_jobs.current().config.output.output_name == "api_lora"
     assert client.post("/lora_trainer/stop", json={}).json() == {"stopping": False}
