@@ -174,6 +174,9 @@ class ApiJobs:
         from lora_trainer.config import build_config, flatten_user_dict
 
         config = build_config(flatten_user_dict(payload, source="request"))
+        loaded = self.host.loaded_model()
+        if loaded is not None:
+            loaded.require_trainable()  # Flux, no checkpoint, ...: one line, before any work
         with self._lock:
             self._refuse_if_captioning()
             job = start(config, self.host)

@@ -1,4 +1,5 @@
-"""lora-trainer's entry point in the A1111 WebUI: the Train LoRA tab, its settings, its API.
+"""lora-trainer's entry point in A1111-style WebUIs (A1111, Forge Neo, Forge Classic): the Train
+LoRA tab, its settings, its API. The host is the one for this WebUI (``host_for_this_webui``).
 
 The WebUI executes every ``scripts/*.py`` of an extension with the extension folder on
 ``sys.path`` only while the file loads; the folder is appended for good here so that the
@@ -17,7 +18,7 @@ if _LT_ROOT not in sys.path:
 
 from modules import script_callbacks, shared  # noqa: E402
 
-from lora_trainer.hosts.a1111 import A1111Host  # noqa: E402
+from lora_trainer.hosts.webui import WebUIHost, host_for_this_webui  # noqa: E402
 
 LT_TAB_TITLE = "Train LoRA"
 LT_TAB_ID = "lt_train_lora"
@@ -26,9 +27,9 @@ LT_SECTION = ("lora_trainer", "Train LoRA")
 _lt_state: dict = {}
 
 
-def lt_host() -> A1111Host:
+def lt_host() -> WebUIHost:
     if "host" not in _lt_state:
-        _lt_state["host"] = A1111Host()
+        _lt_state["host"] = host_for_this_webui()
     return _lt_state["host"]
 
 

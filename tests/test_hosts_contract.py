@@ -21,9 +21,10 @@ from lora_trainer.ui.train_section import preset_for_host
 
 def host_classes() -> list[type]:
     from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.hosts.forge import ForgeHost
     from lora_trainer.hosts.standalone import StandaloneHost
 
-    return [StandaloneHost, A1111Host]
+    return [StandaloneHost, A1111Host, ForgeHost]
 
 
 def protocol_members() -> dict[str, object]:
@@ -53,6 +54,9 @@ def test_loaded_model_states_a_family_or_why_not() -> None:
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError):
         LoadedModel("x", "flux")  # a family the trainer has no setup for is never "trainable"
+    with pytest.raises(ValueError):
+        LoadedModel("x", "sd1", "but also unsupported")
+    assert LoadedModel("selected.safetensors", None).require_trainable() is None  # known once loaded
 
 
 @pytest.fixture

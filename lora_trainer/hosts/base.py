@@ -30,8 +30,9 @@ TRAINABLE_FAMILIES = ("sd1", "sd2", "sdxl")
 class LoadedModel:
     """The model a host has loaded and would train: a WebUI's checkpoint.
 
-    ``family`` is "sd1", "sd2" or "sdxl" when it can be trained, None when it cannot; then
-    ``unsupported`` says why in words a user acts on ("Flux", "no checkpoint is loaded").
+    ``family`` is "sd1", "sd2" or "sdxl" when it can be trained; ``unsupported`` says in words a
+    user acts on why it cannot ("the loaded model is Flux; ..."). Both None: not known until the
+    WebUI loads the selected checkpoint (Forge loads it on first use; ``acquire_bundle`` does).
     ``resident``: trained in place, so its weights already sit in the memory the run uses.
     """
 
@@ -41,8 +42,8 @@ class LoadedModel:
     resident: bool = True
 
     def __post_init__(self) -> None:
-        if (self.family is None) == (self.unsupported is None):
-            raise ValueError("LoadedModel needs a trainable family or the reason it is unsupported, not both")
+        if self.family is not None and self.unsupported is not None:
+            raise ValueError("LoadedModel has a trainable family or a reason it is unsupported, not both")
         if self.family is not None and self.family not in TRAINABLE_FAMILIES:
             raise ValueError(f"family {self.family!r} is not one of {TRAINABLE_FAMILIES}")
 
@@ -52,10 +53,10 @@ class LoadedModel:
         return cls(label, None, f"the loaded model is {what}; lora-trainer trains SD1, SD2 and SDXL "
                                 "checkpoints: load one of those in the checkpoint dropdown to train")
 
-    def require_trainable(self) -> str:
-        """The family, or HostError with one line saying what to load instead."""
-        if self.family is None:
-            raise HostError(self.unsupported or "the loaded model cannot be trained")
+    def require_trainable(self) -> str | None:
+        """The family (None while not known yet), or HostError with one line saying what to do."""
+        if self.unsupported is not None:
+            raise HostError(self.unsupported)
         return self.family
 
 

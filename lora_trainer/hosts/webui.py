@@ -49,6 +49,24 @@ def webui_networks() -> Any | None:
     return mod if hasattr(mod, "loaded_networks") else None
 
 
+def is_forge() -> bool:
+    """Forge (Neo, Classic, lllyasviel's) ships ``modules_forge`` next to A1111's ``modules``."""
+    import importlib.util
+
+    return importlib.util.find_spec("modules_forge") is not None
+
+
+def host_for_this_webui() -> WebUIHost:
+    """The host for the WebUI this process runs: Forge's when ``modules_forge`` exists, else A1111's."""
+    if is_forge():
+        from lora_trainer.hosts.forge import ForgeHost
+
+        return ForgeHost()
+    from lora_trainer.hosts.a1111 import A1111Host
+
+    return A1111Host()
+
+
 def checkpoint_label(sd_model: Any) -> str:
     """The loaded checkpoint's title as the WebUI's dropdown shows it."""
     info = getattr(sd_model, "sd_checkpoint_info", None)
@@ -146,7 +164,7 @@ class WebUIHost:
                weights: list[float], steps: int, width: int, height: int) -> list[Image.Image]:
         from modules import processing, shared
 
-        images = []
+        images: list[Image.Image] = []
         with self.queue():
             for w in weights:
                 text = f"{prompt} <lora:{lora_name}:{w:g}>" if w else prompt
@@ -155,11 +173,17 @@ class WebUIHost:
                     steps=steps, width=width, height=height, batch_size=1, n_iter=1,
                     do_not_save_samples=True, do_not_save_grid=True)
                 try:
-                    res = processing.process_images(p)
+                    res = self.process(p)
                 finally:
                     p.close()
                 images.extend(res.images[:1])
         return images
+
+    def process(self, p: Any) -> Any:
+        """Run one generation (``processing.process_images``); a WebUI may route it elsewhere."""
+        from modules import processing
+
+        return processing.process_images(p)
 
     @property
     def captioner(self) -> InterrogatorCaptioner | None:
@@ -223,12 +247,12 @@ def add_api_routes(app: Any, jobs: Callable[[], ApiJobs]) -> None:
             raise HTTPException(status_code=400, detail=str(e)) from e
 
     @app.post("/lora_trainer/train")
-    def lt_api_train(payload: dict = Body(...)) -> dict:  # noqa: B008 - FastAPI's idiom
+    def lt_api_train(payload: dict = Body(...)) -> dict:
         """Start training; the body is a config (sections, dotted keys or flat aliases)."""
         return {"job_id": call(jobs().start_train, payload)}
 
     @app.post("/lora_trainer/stop")
-    def lt_api_stop(payload: dict = Body(default={})) -> dict:  # noqa: B008
+    def lt_api_stop(payload: dict = Body(default={})) -> dict:
         return {"stopping": jobs().stop(payload.get("job_id"))}
 
     @app.get("/lora_trainer/status")
@@ -236,6 +260,6 @@ def add_api_routes(app: Any, jobs: Callable[[], ApiJobs]) -> None:
         return jobs().status(job_id)
 
     @app.post("/lora_trainer/caption")
-    def lt_api_caption(payload: dict = Body(...)) -> dict:  # noqa: B008
+    def lt_api_caption(payload: dict = Body(...)) -> dict:
         """Caption a folder: {"folder": ..., "model": "blip", "format": "csv", "trigger": ...}."""
         return {"job_id": call(jobs().start_caption, payload)}
