@@ -1,4 +1,5 @@
-"""lora-trainer's entry point in the A1111 WebUI: the Train LoRA tab, its settings, its API.
+"""lora-trainer's entry point in A1111-style WebUIs (A1111, Forge Neo, Forge Classic): the Train
+LoRA tab, its settings, its API. The host is the one for this WebUI (``host_for_this_webui``).
 
 The WebUI executes every ``scripts/*.py`` of an extension with the extension folder on
 ``sys.path`` only while the file loads; the folder is appended for good here so that the
@@ -17,7 +18,7 @@ if _LT_ROOT not in sys.path:
 
 from modules import script_callbacks, shared  # noqa: E402
 
-from lora_trainer.hosts.a1111 import A1111Host  # noqa: E402
+from lora_trainer.hosts.webui import WebUIHost, host_for_this_webui  # noqa: E402
 
 LT_TAB_TITLE = "Train LoRA"
 LT_TAB_ID = "lt_train_lora"
@@ -26,17 +27,17 @@ LT_SECTION = ("lora_trainer", "Train LoRA")
 _lt_state: dict = {}
 
 
-def lt_host() -> A1111Host:
+def lt_host() -> WebUIHost:
     if "host" not in _lt_state:
-        _lt_state["host"] = A1111Host()
+        _lt_state["host"] = host_for_this_webui()
     return _lt_state["host"]
 
 
 def lt_jobs():
     if "jobs" not in _lt_state:
-        from lora_trainer.hosts.jobs import JobManager
+        from lora_trainer.jobs import ApiJobs
 
-        _lt_state["jobs"] = JobManager(lt_host())
+        _lt_state["jobs"] = ApiJobs(lt_host())
     return _lt_state["jobs"]
 
 
@@ -67,35 +68,9 @@ def lt_on_ui_settings() -> None:
 
 
 def lt_on_app_started(demo, app) -> None:
-    from fastapi import Body, HTTPException
+    from lora_trainer.hosts.webui import add_api_routes
 
-    from lora_trainer.errors import HostError, LoraTrainerError
-
-    def call(fn, *args):
-        try:
-            return fn(*args)
-        except HostError as e:
-            raise HTTPException(status_code=409, detail=str(e)) from e
-        except LoraTrainerError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from e
-
-    @app.post("/lora_trainer/train")
-    def lt_api_train(payload: dict = Body(...)) -> dict:
-        """Start training; the body is a config (sections, dotted keys or flat aliases)."""
-        return {"job_id": call(lt_jobs().start_train, payload)}
-
-    @app.post("/lora_trainer/stop")
-    def lt_api_stop(payload: dict = Body(default={})) -> dict:
-        return {"stopping": lt_jobs().stop(payload.get("job_id"))}
-
-    @app.get("/lora_trainer/status")
-    def lt_api_status(job_id: str | None = None) -> dict:
-        return lt_jobs().status(job_id)
-
-    @app.post("/lora_trainer/caption")
-    def lt_api_caption(payload: dict = Body(...)) -> dict:
-        """Caption a folder: {"folder": ..., "model": "blip", "format": "csv", "trigger": ...}."""
-        return {"job_id": call(lt_jobs().start_caption, payload)}
+    add_api_routes(app, lt_jobs)
 
 
 script_callbacks.on_ui_tabs(lt_on_ui_tabs)

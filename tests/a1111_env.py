@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 STUB = Path(__file__).resolve().parent / "webui_stub"
-STUB_MODULES = ("modules", "networks", "tiny_ldm")
+STUB_MODULES = ("modules", "networks", "tiny_ldm", "lora_keys")
 
 
 def enter() -> SimpleNamespace:

@@ -39,3 +39,16 @@ def webui():  # -> SimpleNamespace of the stand-in WebUI modules
     w.model = w.tiny_ldm.TinyLatentDiffusion(seed=0)
     yield w
     a1111_env.leave()
+
+
+@pytest.fixture(scope="module")
+def forge():  # -> SimpleNamespace of the stand-in Forge modules
+    """The stand-in Forge (tests/forge_stub) with tiny SD1 and SDXL engines, for one test module;
+    taken off sys.path again afterwards."""
+    import forge_env
+
+    w = forge_env.enter()
+    with torch.inference_mode():  # Forge Neo loads checkpoints in inference mode
+        w.sd1 = w.tiny_forge.StableDiffusion(seed=0)
+    yield w
+    forge_env.leave()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib.util
 import runpy
 import sys
-import time
 import types
 from pathlib import Path
 
 import a1111_env
 import pytest
+import webui_api
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "lora_trainer_tab.py"
@@ -62,29 +62,10 @@ def test_tab_is_built_from_the_ui_package_with_the_a1111_host(script, monkeypatc
         assert "tiny-sd1" in str(ctx.fields["model.base_model"].value)
 
 
-def _client(script):
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
-    app = FastAPI()
-    script.script_callbacks.app_started_callback(None, app)
-    return TestClient(app)
-
-
-def _wait(client, job_id: str, timeout: float = 240) -> dict:
-    end = time.time() + timeout
-    while time.time() < end:
-        st = client.get("/lora_trainer/status", params={"job_id": job_id}).json()
-        if st["status"] not in ("running", "starting"):
-            return st
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not finish: {st}")
-
-
 def test_api_train_status_and_errors(script, tmp_path: Path) -> None:
     from lora_trainer.data.demo import make_demo_dataset
 
-    client = _client(script)
+    client = webui_api.client(script.script_callbacks)
     assert client.get("/lora_trainer/status").json()["status"] == "idle"
     bad = client.post("/lora_trainer/train", json={"network": {"rnak": 4}})
     assert bad.status_code == 400 and "rnak" in bad.json()["detail"]
@@ -93,11 +74,11 @@ def test_api_train_status_and_errors(script, tmp_path: Path) -> None:
            "network": {"rank": 2, "alpha": 1}, "train": {"max_train_steps": 2},
            "output": {"output_dir": str(tmp_path / "out"), "output_name": "api_lora", "tensorboard": False}}
     job = client.post("/lora_trainer/train", json=cfg).json()["job_id"]
-    st = _wait(client, job)
+    st = webui_api.wait(client, job)
     assert st["status"] == "done", st
     assert Path(st["result"]["lora_path"]).parent == Path(script.shared.cmd_opts.lora_dir)
     assert st["state"]["step"] == 2 and isinstance(st["state"]["samples"], list)
-    from lora_trainer.ui import jobs as tab_jobs  # the tab shows a run started through the API
+    from lora_trainer import jobs as tab_jobs  # the tab shows a run started through the API
 
     assert tab_jobs.current().config.output.output_name == "api_lora"
     assert client.post("/lora_trainer/stop", json={}).json() == {"stopping": False}
@@ -130,10 +111,10 @@ def test_api_caption_uses_the_webui_interrogator(script, tmp_path: Path) -> None
     script.shared.interrogator = FakeInterrogator()
     assert isinstance(A1111Host().captioner, Captioner)
     folder = make_demo_dataset(tmp_path / "cap", n=2)
-    client = _client(script)
+    client = webui_api.client(script.script_callbacks)
     assert client.post("/lora_trainer/caption", json={}).status_code == 400
     job = client.post("/lora_trainer/caption", json={"folder": str(folder), "format": "csv"}).json()["job_id"]
-    st = _wait(client, job)
+    st = webui_api.wait(client, job)
     assert st["status"] == "done" and st["result"]["captions"] == 2, st
     caps = read_captions(folder, None, ".txt")
     assert all(c.startswith("a picture ") for c in caps.values()) and len(caps) == 2

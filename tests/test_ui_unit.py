@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
+from lora_trainer import jobs
 from lora_trainer.config import TrainConfig, all_field_paths, build_config
 from lora_trainer.errors import ConfigError, DatasetError, HostError
 from lora_trainer.train.events import TrainEvent, WorkerRun
-from lora_trainer.ui import handlers, jobs, presets
+from lora_trainer.ui import handlers, presets
 from lora_trainer.ui.fields import UI_FIELDS, config_from_values, config_from_yaml_text, values_from_config
 
 gr = pytest.importorskip("gradio")
@@ -135,13 +136,9 @@ def test_yaml_text_with_aliases_loads():
 
 
 def test_tab_field_map_holds_every_field_by_path():
-    class Host:
-        name = "standalone"
+    from lora_trainer.hosts.standalone import StandaloneHost
 
-        def lora_dir(self, cfg: TrainConfig) -> Path:
-            return Path(cfg.output.output_dir)
-
-    tab = __import__("lora_trainer.ui.tab", fromlist=["build_tab"]).build_tab(Host())
+    tab = __import__("lora_trainer.ui.tab", fromlist=["build_tab"]).build_tab(StandaloneHost())
     ctx = tab.lt_context
     assert set(ctx.fields) == set(UI_FIELDS)
     for path, comp in ctx.fields.items():
@@ -563,14 +560,9 @@ def test_model_path_run_uses_it(tmp_path: Path):
 
 def test_app_page_ids_and_classes_are_prefixed(tmp_path: Path):
     from lora_trainer.config import build_config
+    from lora_trainer.hosts.standalone import StandaloneHost
 
-    class Host:
-        name = "standalone"
-
-        def lora_dir(self, cfg: TrainConfig) -> Path:
-            return Path(cfg.output.output_dir)
-
-    page = appmod.create_app(Host(), tmp_path, defaults=build_config({"output.output_dir": str(tmp_path)}))
+    page = appmod.create_app(StandaloneHost(), tmp_path, defaults=build_config({"output.output_dir": str(tmp_path)}))
     ids = [b.elem_id for b in page.blocks.values() if getattr(b, "elem_id", None)]
     classes = [c for b in page.blocks.values() for c in (getattr(b, "elem_classes", None) or [])]
     assert len(ids) > 50 and [i for i in ids if not i.startswith("lt-")] == []
@@ -580,9 +572,8 @@ def test_app_page_ids_and_classes_are_prefixed(tmp_path: Path):
         assert "lt-app-text" in ids  # the Text LoRA section is on the page
 
 
-def test_host_captioner_object_or_context_manager_is_borrowed():
-    import contextlib
-
+def test_the_tab_borrows_a_given_or_the_hosts_captioner_except_for_clip():
+    from lora_trainer.hosts.standalone import StandaloneHost
     from lora_trainer.ui.context import TabContext
     from lora_trainer.ui.tab import _borrowed_captioner
 
@@ -590,23 +581,18 @@ def test_host_captioner_object_or_context_manager_is_borrowed():
         def caption(self, images: list[Any]) -> list[str]:
             return ["x" for _ in images]
 
-    events: list[str] = []
+    own = Cap()
 
-    class WebuiLike:
-        @contextlib.contextmanager
-        def captioner(self) -> Any:
-            events.append("load")
-            yield Cap()
-            events.append("unload")
+    class WebuiLike(StandaloneHost):
+        @property
+        def captioner(self) -> Cap:
+            return own
 
-    with _borrowed_captioner(TabContext(host=WebuiLike(), prefix="lt-"), "blip") as cap:
-        assert isinstance(cap, Cap) and events == ["load"]
-    assert events == ["load", "unload"]
-    with _borrowed_captioner(TabContext(host=WebuiLike(), prefix="lt-"), "clip") as cap:
-        assert cap is None and events == ["load", "unload"]
+    assert _borrowed_captioner(TabContext(host=WebuiLike(), prefix="lt-"), "blip") is own
+    assert _borrowed_captioner(TabContext(host=WebuiLike(), prefix="lt-"), "clip") is None
     given = Cap()
-    with _borrowed_captioner(TabContext(host=object(), prefix="lt-", captioner=given), "both") as cap:
-        assert cap is given
+    assert _borrowed_captioner(TabContext(host=WebuiLike(), prefix="lt-", captioner=given), "both") is given
+    assert _borrowed_captioner(TabContext(host=StandaloneHost(), prefix="lt-"), "blip") is None
 
 
 def test_auto_on_a_gpu_takes_the_estimators_fastest_fit():

@@ -28,6 +28,8 @@ class TinyHost:
     """A Host over a tiny model built from config; it records what the trainer asked of it."""
 
     name = "tiny"
+    has_txt2img = False
+    captioner = None
 
     def __init__(self, arch: str = "sd1", prediction_type: str = "epsilon", bundle: ModelBundle | None = None) -> None:
         self.bundle = bundle or tiny_bundle(arch, prediction_type)
@@ -36,6 +38,9 @@ class TinyHost:
         self.released = 0
         self.stop_at_step: int | None = None
         self._lock = threading.Lock()
+
+    def loaded_model(self) -> None:
+        return None
 
     def acquire_bundle(self, config: TrainConfig) -> ModelBundle:
         return self.bundle

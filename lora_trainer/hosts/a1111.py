@@ -1,7 +1,8 @@
 """The AUTOMATIC1111 WebUI (v1.10.x) as a training host: train the loaded checkpoint in place.
 
-The only module of the package (with ``hosts/forge.py``) that imports the WebUI's ``modules``;
-every such import is inside a function, so this file imports without a WebUI.
+What every A1111-style WebUI shares (queue lock, progress, interrogator, renders, LoRA folder)
+is in ``hosts/webui.py``; this file holds only what A1111 does differently. Every ``modules``
+import is inside a function, so this file imports without a WebUI.
 
 What the WebUI gives and takes back (v1.10.1 behaviour, read from its source):
 - ``shared.sd_model`` is an LDM ``LatentDiffusion`` (SD1/SD2) or an sgm ``DiffusionEngine``
@@ -17,14 +18,8 @@ What the WebUI gives and takes back (v1.10.1 behaviour, read from its source):
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import importlib
 import logging
-import sys
-import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,28 +29,15 @@ from torch import nn
 
 from lora_trainer.errors import HostError
 from lora_trainer.hosts import live_model
-from lora_trainer.hosts.a1111_bundle import bundle_from_sd_model, trainable_modules
+from lora_trainer.hosts.a1111_bundle import arch_of, bundle_from_sd_model, trainable_modules
+from lora_trainer.hosts.base import LoadedModel
+from lora_trainer.hosts.webui import WebUIHost, checkpoint_label, webui_networks
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from lora_trainer.config import TrainConfig
     from lora_trainer.models.bundle import ModelBundle
-    from lora_trainer.train.events import TrainEvent
 
 log = logging.getLogger(__name__)
-
-
-def _webui_networks() -> Any | None:
-    """The built-in Lora extension's ``networks`` module, if the WebUI loaded it."""
-    mod = sys.modules.get("networks")
-    if mod is not None and hasattr(mod, "loaded_networks"):
-        return mod
-    try:
-        mod = importlib.import_module("networks")
-    except Exception:  # noqa: BLE001 - Lora extension disabled or absent
-        return None
-    return mod if hasattr(mod, "loaded_networks") else None
 
 
 def clear_applied_networks(sd_model: nn.Module) -> int:
@@ -66,7 +48,7 @@ def clear_applied_networks(sd_model: nn.Module) -> int:
     applied but has no backup (only a checkpoint reload can repair that).
     """
     with torch.no_grad():  # the WebUI restores inside its no_grad sampling; its weights require grad
-        return _clear_applied_networks(sd_model, _webui_networks())
+        return _clear_applied_networks(sd_model, webui_networks())
 
 
 def _clear_applied_networks(sd_model: nn.Module, networks: Any | None) -> int:
@@ -137,37 +119,32 @@ class _Lease:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-class A1111Host:
-    """Host protocol implementation for the A1111 WebUI (see ``lora_trainer.hosts.base.Host``)."""
+class A1111Host(WebUIHost):
+    """The Host protocol on the A1111 WebUI: what differs from ``WebUIHost`` is how the model
+    is lent (LDM/sgm objects, the Lora extension's merged deltas, --medvram hooks)."""
 
     name = "a1111"
 
     def __init__(self) -> None:
+        super().__init__()
         self._lease: _Lease | None = None
-        self._lock_owner: int | None = None
-        self._started = 0.0
 
     # -- model ------------------------------------------------------------------------------
-    @property
-    def model_label(self) -> str:
-        """The loaded checkpoint's name, shown in the tab (the model trained in place)."""
-        from modules import shared
-
-        info = getattr(shared.sd_model, "sd_checkpoint_info", None)
-        name = getattr(info, "title", None) or getattr(info, "name", None)
-        return f"{name} (loaded in the WebUI)" if name else "(no checkpoint loaded)"
+    def family_of(self, sd_model: Any) -> str | LoadedModel:
+        if getattr(sd_model, "is_sd3", False):
+            return LoadedModel.untrainable(checkpoint_label(sd_model), "SD3")
+        if not any(getattr(sd_model, f"is_{a}", False) for a in ("sd1", "sd2", "sdxl")):
+            return LoadedModel.untrainable(checkpoint_label(sd_model), "not SD1, SD2 or SDXL")
+        return arch_of(sd_model)
 
     def acquire_bundle(self, config: TrainConfig) -> ModelBundle:
         from modules import devices, lowvram, shared
 
+        self.loaded_model().require_trainable()
         sd_model = shared.sd_model
-        if sd_model is None:
-            raise HostError("no checkpoint is loaded in the WebUI; pick one in the checkpoint dropdown first")
         if getattr(shared.cmd_opts, "lowvram", False):
             raise HostError("training is not possible with --lowvram (the model is split layer by layer); "
                             "restart the WebUI with --medvram or without either flag")
-        if getattr(sd_model, "is_sd3", False) or not any(getattr(sd_model, f"is_{a}", False) for a in ("sd1", "sd2", "sdxl")):
-            raise HostError("the loaded checkpoint is not SD1, SD2 or SDXL; load one of those to train a LoRA")
         roots = trainable_modules(sd_model)
         if any(p.dtype in _FP8 for r in roots.values() for p in r.parameters()):
             raise HostError("the checkpoint is stored in FP8 (Settings > Optimizations > FP8 weight); "
@@ -244,130 +221,14 @@ class A1111Host:
         sd_models.reload_model_weights(forced_reload=True)
 
     # -- files ------------------------------------------------------------------------------
-    def lora_dir(self, config: TrainConfig) -> Path:
-        from modules import shared
-
-        custom = str(getattr(shared.opts, "lora_trainer_output_dir", "") or "").strip() if hasattr(shared, "opts") else ""
-        folder = Path(custom or getattr(shared.cmd_opts, "lora_dir", "") or "models/Lora")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise HostError(f"cannot create the LoRA folder {folder} ({e}); check --lora-dir") from e
-        return folder
-
-    def refresh_loras(self) -> None:
-        networks = _webui_networks()
-        if networks is None:
-            log.warning("the WebUI's Lora extension is not loaded; restart to see the new LoRA")
-            return
-        # A rescan registers a new file now; load_networks compares the file's mtime with the
-        # cached network's, so a re-trained file (new mtime, written atomically) is reloaded.
-        networks.list_available_networks()
+    def forget_cached_loras(self, networks: Any) -> None:
+        # load_networks compares the file's mtime with the cached network's, so a re-trained
+        # file (new mtime, written atomically) is reloaded; drop stale entries now all the same.
         for name in list(getattr(networks, "networks_in_memory", {}) or {}):
             entry = networks.available_networks.get(name)
             cached = networks.networks_in_memory.get(name)
             if entry is not None and cached is not None and Path(entry.filename).stat().st_mtime > getattr(cached, "mtime", 0):
                 networks.networks_in_memory.pop(name, None)
 
-    # -- run control --------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        from modules import call_queue, shared
-
-        with call_queue.queue_lock:
-            self._lock_owner = threading.get_ident()
-            shared.state.begin(job="lora_trainer")
-            self._started = time.time()
-            try:
-                yield
-            finally:
-                shared.state.end()
-                self._lock_owner = None
-
-    def on_event(self, event: TrainEvent) -> None:
-        try:
-            from modules import shared
-
-            _report(shared.state, event)
-        except Exception:  # noqa: BLE001 - progress display must never break training
-            log.debug("could not update shared.state", exc_info=True)
-
-    def interrupted(self) -> bool:
-        from modules import shared
-
-        return bool(getattr(shared.state, "interrupted", False))
-
-    # -- test render / captions --------------------------------------------------------------
-    def render(self, prompt: str, negative_prompt: str, seed: int, lora_name: str,
-               weights: list[float], steps: int, width: int, height: int) -> list[Image.Image]:
-        from modules import processing, shared
-
-        images = []
-        with self._queue():
-            for w in weights:
-                text = f"{prompt} <lora:{lora_name}:{w:g}>" if w else prompt
-                p = processing.StableDiffusionProcessingTxt2Img(
-                    sd_model=shared.sd_model, prompt=text, negative_prompt=negative_prompt, seed=seed,
-                    steps=steps, width=width, height=height, batch_size=1, n_iter=1,
-                    do_not_save_samples=True, do_not_save_grid=True)
-                try:
-                    res = processing.process_images(p)
-                finally:
-                    p.close()
-                images.extend(res.images[:1])
-        return images
-
-    @property
-    def captioner(self) -> _WebUICaptioner | None:
-        """The WebUI's BLIP interrogator as a ``Captioner`` (None when the WebUI has none)."""
-        from modules import shared
-
-        interrogator = getattr(shared, "interrogator", None)
-        if interrogator is None or not hasattr(interrogator, "generate_caption"):
-            return None
-        return _WebUICaptioner(self, interrogator)
-
-    def _queue(self) -> contextlib.AbstractContextManager[Any]:
-        """The WebUI's queue lock, unless this thread holds it already (it is not reentrant)."""
-        from modules import call_queue
-
-        return contextlib.nullcontext() if self._lock_owner == threading.get_ident() else call_queue.queue_lock
-
-
-class _WebUICaptioner:
-    """``caption(images)`` through ``shared.interrogator`` (A1111's BLIP), as its Interrogate does:
-    load, caption, send the models back to RAM, under the queue lock."""
-
-    name = "WebUI BLIP interrogator"
-
-    def __init__(self, host: A1111Host, interrogator: Any) -> None:
-        self.host, self.interrogator = host, interrogator
-
-    def caption(self, images: list[Any]) -> list[str]:
-        with self.host._queue():
-            self.interrogator.load()
-            try:
-                return [str(self.interrogator.generate_caption(img) or "").strip() for img in images]
-            finally:
-                self.interrogator.unload()
-
 
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
-
-
-def _report(state: Any, event: TrainEvent) -> None:
-    """Mirror a training event into the WebUI's progress (``shared.state``)."""
-    if event.kind == "step":
-        # One job whose "sampling steps" are the training steps: the WebUI's progress bar and
-        # ETA then read naturally.
-        state.job = "Train LoRA"
-        state.job_count = 1
-        state.job_no = 0
-        state.sampling_steps = max(int(event.total_steps), 1)
-        state.sampling_step = int(event.step)
-        loss = f", loss {event.loss:.4f}" if event.loss is not None else ""
-        state.textinfo = f"Train LoRA: step {event.step}/{event.total_steps}{loss}"
-    elif event.kind == "sample" and event.image is not None:
-        state.assign_current_image(event.image)
-    elif event.message:
-        state.textinfo = event.message

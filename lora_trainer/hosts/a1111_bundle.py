@@ -1,4 +1,7 @@
-"""A ModelBundle over the A1111 WebUI's live ``shared.sd_model`` (no weights copied).
+"""A ModelBundle over an A1111-style WebUI's live ``shared.sd_model`` (no weights copied).
+
+Used by the A1111 host and, with the schedule and size embedding passed in, by the Forge host
+(Forge's engines keep A1111's ``get_learned_conditioning``/``encode_first_stage`` methods).
 
 Kept apart from ``hosts/a1111.py`` because it needs nothing from the WebUI's ``modules``: it
 works on the model object alone (LDM ``LatentDiffusion`` for SD1/SD2, sgm ``DiffusionEngine``
@@ -15,6 +18,7 @@ Trainable roots and their module naming, as the WebUI's Lora extension resolves 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,6 +30,8 @@ from lora_trainer.models.bundle import ModelBundle, TextEncoderPart
 SDXL_POOLED_DIM = 1280
 # sgm embedders whose output follows the pooled text embedding in SDXL's ``y`` vector.
 SDXL_SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+# (B, 6) sizes [orig_h, orig_w, crop_top, crop_left, target_h, target_w] -> (B, 1536) embedding
+SizeEmbed = Callable[[torch.Tensor], torch.Tensor]
 
 
 def arch_of(sd_model: Any) -> str:
@@ -82,37 +88,55 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCo
     return contextlib.nullcontext()
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor autograd may save: Forge encodes under ``torch.inference_mode``, whose
+    tensors cannot be saved for backward (a LoRA layer on ``to_k`` saves its input)."""
+    t = t.float()
+    return t.clone() if t.is_inference() else t
+
+
 def bundle_from_sd_model(sd_model: Any, roots: dict[str, nn.Module], device: torch.device,
-                         shared: Any = None) -> ModelBundle:
-    """Build the bundle; ``shared`` (the WebUI's module) is used for names and hashes only."""
+                         shared: Any = None, *, alphas_cumprod: torch.Tensor | None = None,
+                         prediction_type: str | None = None, compute_dtype: torch.dtype | None = None,
+                         size_embed: SizeEmbed | None = None, host: str = "a1111") -> ModelBundle:
+    """Build the bundle over ``sd_model``'s own methods (``get_learned_conditioning``,
+    ``encode_first_stage``, ``decode_first_stage``); ``roots`` name the live modules.
+
+    A1111's LDM/sgm objects carry the schedule, the prediction type and SDXL's size embedders;
+    a host whose model object does not (Forge's engines) passes them. ``compute_dtype``: the
+    UNet's input dtype when it differs from its weights' (Forge casts weights per call).
+    ``shared`` (the WebUI's module) is used for names and hashes only."""
     arch = arch_of(sd_model)
     unet = roots["unet"]
-    unet_dtype = next(unet.parameters()).dtype
+    unet_dtype = compute_dtype or next(unet.parameters()).dtype
     vae = roots["vae"]
     vae_dtype = next(vae.parameters()).dtype
     te_keys = ["te1", "te2"] if arch == "sdxl" else ["te"]
-    text_encoders = [TextEncoderPart(k, roots[k], _naming(roots[k])) for k in te_keys]
-    size_embedders = _sdxl_size_embedders(sd_model) if arch == "sdxl" else {}
+    text_encoders = [TextEncoderPart(k, roots[k], _naming(roots[k])) for k in te_keys if k in roots]
+    if arch == "sdxl" and size_embed is None:
+        size_embed = sgm_size_embed(sd_model)
+    if prediction_type is None:
+        prediction_type = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
 
     def encode_images(pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             x = pixels.to(device, vae_dtype)
             latents = sd_model.get_first_stage_encoding(sd_model.encode_first_stage(x))
-        return latents.float()
+        return _plain(latents)
 
     def encode_text(captions: list[str]) -> dict[str, torch.Tensor]:
         with _autocast(device, unet_dtype):
             cond = sd_model.get_learned_conditioning(list(captions))
         if isinstance(cond, dict):  # SDXL: {"crossattn": (B,77,2048), "vector": (B,2816)}
-            vector = cond["vector"].float()
-            return {"context": cond["crossattn"].float(), "pooled": vector[:, :SDXL_POOLED_DIM], "vector": vector}
-        return {"context": cond.float()}
+            vector = _plain(cond["vector"])
+            return {"context": _plain(cond["crossattn"]), "pooled": vector[:, :SDXL_POOLED_DIM], "vector": vector}
+        return {"context": _plain(cond)}
 
     def predict(noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
                 size_info: torch.Tensor | None) -> torch.Tensor:
         kwargs: dict[str, torch.Tensor] = {"context": cond["context"].to(device, unet_dtype)}
         if arch == "sdxl":
-            kwargs["y"] = _sdxl_vector(cond, size_info, size_embedders).to(device, unet_dtype)
+            kwargs["y"] = _sdxl_vector(cond, size_info, size_embed).to(device, unet_dtype)
         with _autocast(device, unet_dtype):
             out = unet(noisy.to(device, unet_dtype), timesteps.to(device), **kwargs)
         return out.float()
@@ -120,40 +144,50 @@ def bundle_from_sd_model(sd_model: Any, roots: dict[str, nn.Module], device: tor
     def decode_latents(latents: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             pixels = sd_model.decode_first_stage(latents.to(device, vae_dtype))
-        return pixels.float().clamp(-1, 1)
+        return _plain(pixels).clamp(-1, 1)
 
     info = getattr(sd_model, "sd_checkpoint_info", None)
     return ModelBundle(
         arch=arch,  # type: ignore[arg-type]
-        prediction_type="v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon",
+        prediction_type=prediction_type,  # type: ignore[arg-type]
         unet=unet, unet_naming="ldm", text_encoders=text_encoders, vae=vae,
-        alphas_cumprod=_alphas_cumprod(sd_model),
+        alphas_cumprod=_alphas_cumprod(sd_model) if alphas_cumprod is None else alphas_cumprod,
         encode_images=encode_images, encode_text=encode_text, predict=predict, decode_latents=decode_latents,
         name=str(getattr(info, "model_name", None) or getattr(info, "name", None) or "webui-model"),
         model_hash=getattr(info, "sha256", None), legacy_hash=getattr(sd_model, "sd_model_hash", None),
-        default_resolution=1024 if arch == "sdxl" else (768 if getattr(sd_model, "parameterization", "eps") == "v" else 512),
+        default_resolution=1024 if arch == "sdxl" else (768 if prediction_type == "v_prediction" else 512),
         latent_channels=int(getattr(sd_model, "latent_channels", 4)),
         device=device, dtype=unet_dtype,
-        extras={"host": "a1111", "sd_model": sd_model, "vae_dtype": vae_dtype},
+        extras={"host": host, "sd_model": sd_model, "vae_dtype": vae_dtype},
     )
 
 
-def _sdxl_size_embedders(sd_model: Any) -> dict[str, nn.Module]:
-    return {e.input_key: e for e in sd_model.conditioner.embedders
-            if getattr(e, "input_key", None) in SDXL_SIZE_KEYS}
+def sgm_size_embed(sd_model: Any) -> SizeEmbed | None:
+    """SDXL's size embedding through the sgm conditioner's own embedders (A1111, Forge Classic);
+    None when the model has no such embedders."""
+    conditioner = getattr(sd_model, "conditioner", None)
+    embedders = {e.input_key: e for e in getattr(conditioner, "embedders", ())
+                 if getattr(e, "input_key", None) in SDXL_SIZE_KEYS}
+    if len(embedders) < len(SDXL_SIZE_KEYS):
+        return None
+
+    def embed(size_info: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for i, key in enumerate(SDXL_SIZE_KEYS):
+            emb = embedders[key](size_info[:, 2 * i:2 * i + 2])
+            parts.append(emb.reshape(emb.shape[0], -1))
+        return torch.cat(parts, dim=1)
+
+    return embed
 
 
 def _sdxl_vector(cond: dict[str, torch.Tensor], size_info: torch.Tensor | None,
-                 embedders: dict[str, nn.Module]) -> torch.Tensor:
+                 size_embed: SizeEmbed | None) -> torch.Tensor:
     """SDXL's ``y``: pooled text embedding + embeddings of (orig size, crop, target size)."""
-    if size_info is None or len(embedders) < len(SDXL_SIZE_KEYS):
+    if size_info is None or size_embed is None:
         if "vector" in cond:
             return cond["vector"]
         raise HostError("SDXL conditioning lacks its size vector; cache text embeddings again")
     pooled = cond["pooled"]
-    size_info = size_info.to(pooled.device, torch.float32)
-    parts = [pooled]
-    for i, key in enumerate(SDXL_SIZE_KEYS):
-        emb = embedders[key](size_info[:, 2 * i:2 * i + 2])
-        parts.append(emb.reshape(emb.shape[0], -1).to(pooled.dtype))
-    return torch.cat(parts, dim=1)
+    sizes = size_embed(size_info.to(pooled.device, torch.float32))
+    return torch.cat([pooled, sizes.to(pooled.dtype)], dim=1)

@@ -1,25 +1,77 @@
-"""The Host protocol: what the trainer and the tab need from their surroundings.
+"""The Host protocol: everything the trainer and the tab may ask of their surroundings.
 
-A host never knows training details; the trainer never knows which host it runs in.
+A host never knows training details; the trainer and the tab never know which host they run
+in: they ask the host, never test its name. Every host (``StandaloneHost``, ``A1111Host``,
+``ForgeHost``) implements the whole protocol.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from lora_trainer.errors import HostError
 
 if TYPE_CHECKING:
     from PIL import Image
 
+    from lora_trainer.caption.blip import Captioner
     from lora_trainer.config import TrainConfig
     from lora_trainer.models.bundle import ModelBundle
     from lora_trainer.train.events import TrainEvent
 
+# Model families the trainer has a setup for (ModelBundle.arch).
+TRAINABLE_FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The model a host has loaded and would train: a WebUI's checkpoint.
+
+    ``family`` is "sd1", "sd2" or "sdxl" when it can be trained; ``unsupported`` says in words a
+    user acts on why it cannot ("the loaded model is Flux; ..."). Both None: not known until the
+    WebUI loads the selected checkpoint (Forge loads it on first use; ``acquire_bundle`` does).
+    ``resident``: trained in place, so its weights already sit in the memory the run uses.
+    """
+
+    label: str
+    family: str | None
+    unsupported: str | None = None
+    resident: bool = True
+
+    def __post_init__(self) -> None:
+        if self.family is not None and self.unsupported is not None:
+            raise ValueError("LoadedModel has a trainable family or a reason it is unsupported, not both")
+        if self.family is not None and self.family not in TRAINABLE_FAMILIES:
+            raise ValueError(f"family {self.family!r} is not one of {TRAINABLE_FAMILIES}")
+
+    @classmethod
+    def untrainable(cls, label: str, what: str) -> LoadedModel:
+        """A loaded model of a family we cannot train yet (``what``: "Flux", "SD3", ...)."""
+        return cls(label, None, f"the loaded model is {what}; lora-trainer trains SD1, SD2 and SDXL "
+                                "checkpoints: load one of those in the checkpoint dropdown to train")
+
+    def require_trainable(self) -> str | None:
+        """The family (None while not known yet), or HostError with one line saying what to do."""
+        if self.unsupported is not None:
+            raise HostError(self.unsupported)
+        return self.family
+
 
 @runtime_checkable
 class Host(Protocol):
-    name: str
+    name: str  # for logs and metadata only: behaviour is asked of the host, never keyed on this
+    has_txt2img: bool  # a txt2img tab exists that a ``<lora:name:w>`` tag can be sent to
+
+    def loaded_model(self) -> LoadedModel | None:
+        """The host's own loaded model, which a run trains; None when the run's config names
+        the model to load (standalone: the form's base model is used)."""
+
+    @property
+    def captioner(self) -> Captioner | None:
+        """The host's own captioner (a WebUI's BLIP interrogator), or None to load our BLIP."""
 
     def acquire_bundle(self, config: TrainConfig) -> ModelBundle:
         """The model to train (loaded, or the host's live one prepared for training)."""
@@ -40,9 +92,8 @@ class Host(Protocol):
         """True when the host's own Interrupt was pressed."""
 
     def refresh_loras(self) -> None:
-        """Make a newly written LoRA file usable at once."""
+        """Make a newly written (or re-written) LoRA file usable at once."""
 
     def render(self, prompt: str, negative_prompt: str, seed: int, lora_name: str,
                weights: list[float], steps: int, width: int, height: int) -> list[Image.Image]:
         """One image per weight, rendering ``<lora:lora_name:w>`` with the host's pipeline."""
-

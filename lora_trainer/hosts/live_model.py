@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -150,4 +152,48 @@ def strip_peft_layers(root: nn.Module) -> int:
             count += 1
     if count:
         log.warning("removed %d LoRA layers left in the live model by an interrupted run", count)
+    return count
+
+
+def checkpoint_blocks(blocks: list[nn.Module]) -> Callable[[], None]:
+    """Gradient checkpointing for a UNet that has none of its own (Forge's UNets raise on
+    ``use_checkpoint``): each block's forward recomputes its activations in the backward pass.
+    Returns the undo. Hand-rolled because torch's checkpoint is a function, not a module switch."""
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(block: nn.Module) -> None:
+        inner = block.forward  # the class's bound forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return inner(*args, **kwargs)
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward  # instance attribute: nn.Module.__call__ finds it first
+
+    for block in blocks:
+        wrap(block)
+
+    def undo() -> None:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+    return undo
+
+
+def make_autograd_safe(root: nn.Module) -> int:
+    """Replace parameters and buffers created under ``torch.inference_mode`` by normal tensors
+    with the same values, device and dtype; returns how many. Forge Neo loads checkpoints in
+    inference mode, and autograd cannot save such a tensor (a frozen Linear's backward needs its
+    weight). One tensor is copied at a time, so the peak is one tensor, not a second model."""
+    count = 0
+    with torch.no_grad():
+        for module in root.modules():
+            for store in (module._parameters, module._buffers):
+                for name, t in list(store.items()):
+                    if t is None or not t.is_inference():
+                        continue
+                    plain = t.clone()
+                    store[name] = nn.Parameter(plain, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else plain
+                    count += 1
     return count

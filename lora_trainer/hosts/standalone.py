@@ -53,6 +53,7 @@ class StandaloneHost:
     """Host for the CLI and the standalone app: models from files, LoRAs into the output folder."""
 
     name = "standalone"
+    has_txt2img = False
 
     def __init__(self, keep_cache: bool = True, lora_dir: str | Path | None = None) -> None:
         self.keep_cache = keep_cache
@@ -62,6 +63,15 @@ class StandaloneHost:
         self._last_bundle: ModelBundle | None = None
 
     # --- model ------------------------------------------------------------------------------
+    def loaded_model(self) -> None:
+        """None: each run loads the model its config names (``model.base_model``)."""
+        return None
+
+    @property
+    def captioner(self) -> None:
+        """None: the caption tools load their own BLIP/CLIP."""
+        return None
+
     def acquire_bundle(self, config: TrainConfig) -> ModelBundle:
         from lora_trainer.models.loaders import resolve_device, resolve_dtype
 

@@ -80,10 +80,11 @@ def main(argv: list[str]) -> int:
 
 
 def run_training(cfg: Any, progress: bool = True) -> int:
+    from lora_trainer.hosts.standalone import StandaloneHost  # the CLI is an entry point: it picks the host
     from lora_trainer.train.trainer import Trainer
 
     bar = ProgressBar(enabled=progress and sys.stderr.isatty())
-    result = Trainer(cfg, callbacks=[bar]).run()
+    result = Trainer(cfg, StandaloneHost(), callbacks=[bar]).run()
     word = "stopped early; resume with --set resume=latest" if result.stopped else "done"
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     print(f"{word}: {result.steps} steps{loss}")

@@ -34,6 +34,8 @@ from lora_trainer.train.outputs import Logger, dataset_stats, save_sample, write
 from lora_trainer.train.schedules import make_scheduler
 
 if TYPE_CHECKING:
+    from lora_trainer.hosts.base import Host
+    from lora_trainer.models.bundle import ModelBundle
     from lora_trainer.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ def _identity(x: Any) -> Any:
 
 
 class RunSession:
-    def __init__(self, trainer: Trainer, host: Any, bundle: Any, report: Any) -> None:
+    def __init__(self, trainer: Trainer, host: Host, bundle: ModelBundle, report: Any) -> None:
         self.trainer, self.host, self.bundle, self.dataset_report = trainer, host, bundle, report
         self.cfg = trainer.config
         self.device = torch.device(bundle.device)

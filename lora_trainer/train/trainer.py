@@ -15,7 +15,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from lora_trainer.config import TrainConfig
 from lora_trainer.errors import one_line
 from lora_trainer.train.events import Callback, TrainEvent, WorkerRun, emit
 from lora_trainer.train.session import RunSession
+
+if TYPE_CHECKING:
+    from lora_trainer.hosts.base import Host
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer(WorkerRun):
-    def __init__(self, config: TrainConfig, host: Any = None, callbacks: list[Callback] | None = None) -> None:
+    def __init__(self, config: TrainConfig, host: Host, callbacks: list[Callback] | None = None) -> None:
         super().__init__(callbacks)
         self.config = config
         self.host = host
@@ -52,10 +55,7 @@ class Trainer(WorkerRun):
 
     # -- events out ----------------------------------------------------------------------
     def emit(self, ev: TrainEvent) -> None:
-        sinks: list[Callback] = [self.state.update, *self.callbacks]
-        if self.host is not None and hasattr(self.host, "on_event"):
-            sinks.append(self.host.on_event)
-        emit(sinks, ev)
+        emit([self.state.update, *self.callbacks, self.host.on_event], ev)
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -81,10 +81,6 @@ class Trainer(WorkerRun):
         self.emit(TrainEvent("status", message="checking the dataset"))
         report = scan_dataset(self.config.data)
         self.emit(TrainEvent("status", message=report.summary()))
-        if self.host is None:
-            from lora_trainer.hosts.standalone import StandaloneHost
-
-            self.host = StandaloneHost()
         with self.host.lock():
             bundle = self.host.acquire_bundle(self.config)
             session = RunSession(self, self.host, bundle, report)

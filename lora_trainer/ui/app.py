@@ -11,11 +11,15 @@ import argparse
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_trainer.config import TrainConfig, build_config
 from lora_trainer.errors import ConfigError
 from lora_trainer.ui import compat, presets
+
+if TYPE_CHECKING:
+    from lora_trainer.caption.blip import Captioner
+    from lora_trainer.hosts.base import Host
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +58,8 @@ def prepare_demo_data(folder: str | Path) -> Path:
     return Path(make_demo_dataset(folder))
 
 
-def create_app(host: Any, data_dir: str | Path | None = None, *, defaults: TrainConfig | None = None,
-               captioner: Any = None, title: str = "LoRA trainer") -> Any:
+def create_app(host: Host, data_dir: str | Path | None = None, *, defaults: TrainConfig | None = None,
+               captioner: Captioner | None = None, title: str = "LoRA trainer") -> Any:
     """The app page: the Train LoRA tab, plus the Text LoRA section when the llm package has one."""
     from lora_trainer.ui.tab import build_tab
 

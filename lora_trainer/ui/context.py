@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import LoraTrainerError, one_line
 from lora_trainer.ui.fields import config_from_values, make_field, values_from_config
 
+if TYPE_CHECKING:
+    from lora_trainer.caption.blip import Captioner
+    from lora_trainer.hosts.base import Host
+
 
 @dataclass
 class TabContext:
-    host: Any
+    host: Host
     prefix: str
-    captioner: Any = None
+    captioner: Captioner | None = None  # overrides the host's own (tests, the standalone app)
     defaults: TrainConfig = field(default_factory=TrainConfig)
     fields: dict[str, Any] = field(default_factory=dict)  # field path -> component
     deferred: list[Any] = field(default_factory=list)

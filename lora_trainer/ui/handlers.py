@@ -12,10 +12,13 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_trainer.config import TrainConfig, build_config
 from lora_trainer.errors import DatasetError
+
+if TYPE_CHECKING:
+    from lora_trainer.hosts.base import Host
 
 Rows = list[list[str]]
 
@@ -298,7 +301,7 @@ def list_loras(folder: str | Path) -> list[str]:
     return [p.stem for p in files]
 
 
-def render_sweep(host: Any, prompt: str, negative_prompt: str, seed: int, lora_name: str,
+def render_sweep(host: Host, prompt: str, negative_prompt: str, seed: int, lora_name: str,
                  weights: list[float], steps: int, width: int, height: int) -> list[tuple[Any, str]]:
     """One image per weight, side by side, labelled; the LoRA name may also come from the prompt."""
     m = _LORA_TAG.search(prompt or "")

@@ -7,10 +7,9 @@ in the job registry's worker thread; a timer polls its snapshot, so a reloaded p
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.ui import compat, handlers, jobs
@@ -18,8 +17,12 @@ from lora_trainer.ui.context import TabContext, err_text
 from lora_trainer.ui.fields import UI_FIELDS, values_from_config
 from lora_trainer.ui.train_section import lora_dir_of, test_section, train_section
 
+if TYPE_CHECKING:
+    from lora_trainer.caption.blip import Captioner
+    from lora_trainer.hosts.base import Host
 
-def build_tab(host: Any, *, elem_prefix: str = "lt-", captioner: Any = None,
+
+def build_tab(host: Host, *, elem_prefix: str = "lt-", captioner: Captioner | None = None,
               defaults: TrainConfig | None = None) -> Any:
     """The whole tab as a ``gr.Blocks`` (the WebUI puts it in a tab; the app launches it)."""
     g = compat.gr()
@@ -212,21 +215,13 @@ def _captions_section(ctx: TabContext) -> None:
     do_repl.click(do_replace, [table, find, repl, regex], outs)
 
 
-@contextlib.contextmanager
-def _borrowed_captioner(ctx: TabContext, model: str) -> Iterator[Any]:
-    """The captioner to use instead of loading BLIP: one given to the tab, or the host's own.
-
-    A host offers either a ``Captioner`` object or a context manager factory that loads its
-    model and unloads it afterwards (the WebUI's interrogator). CLIP-only runs need neither.
-    """
-    offered = ctx.captioner or getattr(ctx.host, "captioner", None)
-    if offered is None or model == "clip":
-        yield None
-    elif hasattr(offered, "caption"):
-        yield offered
-    else:
-        with offered() as captioner:
-            yield captioner
+def _borrowed_captioner(ctx: TabContext, model: str) -> Captioner | None:
+    """The captioner to use instead of loading BLIP: one given to the tab, or the host's own
+    (the WebUI's interrogator, which loads and unloads its model per call). CLIP-only runs need
+    neither."""
+    if model == "clip":
+        return None
+    return ctx.captioner or ctx.host.captioner
 
 
 def _caption_steps(ctx: TabContext, model: str, mode: str, fmt: str, folder: str,
@@ -240,8 +235,8 @@ def _caption_steps(ctx: TabContext, model: str, mode: str, fmt: str, folder: str
 
     def work() -> None:
         try:
-            with _borrowed_captioner(ctx, model) as captioner:
-                result["report"] = handlers.caption_folder(folder, model, mode, fmt, cfg, captioner, cb)
+            captioner = _borrowed_captioner(ctx, model)
+            result["report"] = handlers.caption_folder(folder, model, mode, fmt, cfg, captioner, cb)
         except Exception as e:  # noqa: BLE001 - re-raised in the event handler below
             result["error"] = e
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_trainer import config as cfgmod
+from lora_trainer import jobs
 from lora_trainer.errors import ConfigError, HostError
 from lora_trainer.fsutil import atomic_write_text
-from lora_trainer.ui import compat, handlers, jobs, presets
+from lora_trainer.ui import compat, handlers, presets
 from lora_trainer.ui.context import TabContext, err_text
 from lora_trainer.ui.fields import UI_FIELDS, config_from_yaml_text, to_component, values_from_config
 from lora_trainer.ui.fields import _kind as field_kind
+
+if TYPE_CHECKING:
+    from lora_trainer.hosts.base import Host
 
 # In view at the top of the Train section; everything else goes under "Advanced".
 HEAD_FIELDS = ["output.output_name", "model.base_model"]
@@ -23,7 +27,6 @@ SAMPLE_FIELDS = ["sample.prompt", "sample.every_n_steps", "sample.seed"]
 PLACED_ELSEWHERE = {"data.train_data_dir", "data.trigger_word"}  # Dataset / Captions sections
 PRESET_FIELDS = sorted({k for name in presets.PRESET_NAMES[1:] for arch in ("sd1", "sdxl")
                         for k in presets.preset_values(name, arch)})
-WEBUI_HOSTS = ("a1111", "forge")
 CUSTOM_PRESET = "custom"  # shown when the form's values are no preset's (choosing it changes nothing)
 
 
@@ -82,9 +85,7 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
     def do_preset(name: str | None, arch: str) -> list[Any]:
         if not name:
             return [compat.update() for _ in PRESET_FIELDS]
-        host_arch = getattr(ctx.host, "arch", None) or (arch if arch != "auto" else "sd1")
-        values = presets.preset_values(name, host_arch,
-                                       model_resident=getattr(ctx.host, "name", "") in WEBUI_HOSTS)
+        values = preset_for_host(ctx.host, name, arch)
         return [compat.update(value=to_component(values[p], field_kind(p)[0])) if p in values else compat.update()
                 for p in PRESET_FIELDS]
 
@@ -93,6 +94,9 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
             cfg = ctx.config(values)
             if not cfg.data.train_data_dir:
                 raise ConfigError("data.train_data_dir: choose the dataset folder in the Dataset section")
+            loaded = ctx.host.loaded_model()
+            if loaded is not None:
+                loaded.require_trainable()  # Flux, no checkpoint, ...: one line, before any work
             job = jobs.start(cfg, ctx.host)
             # "starting…" at once: the next poll is up to a second away
             return f"started training '{cfg.output.output_name}'", handlers.progress_html(job.snapshot(), ctx.prefix)
@@ -120,12 +124,24 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
                                         seen], 1.0))
 
 
+def preset_for_host(host: Host, name: str, form_arch: str) -> dict[str, Any]:
+    """Preset ``name``'s values for the model the run will train: the host's loaded model's
+    family when it has one (a WebUI's checkpoint), else the form's ``model.arch`` (auto: SD1)."""
+    loaded = host.loaded_model()
+    family = loaded.family if loaded is not None else None
+    if family is None:
+        family = form_arch if form_arch and form_arch != "auto" else "sd1"
+    return presets.preset_values(name, family, model_resident=loaded is not None and loaded.resident)
+
+
 def _host_field_overrides(ctx: TabContext, path: str) -> dict[str, Any]:
     """In a WebUI the base model is the one loaded in the WebUI: shown, not chosen here."""
-    if path == "model.base_model" and getattr(ctx.host, "name", "") in WEBUI_HOSTS:
-        return {"interactive": False, "info": "the model loaded in the WebUI is trained in place",
-                "value": getattr(ctx.host, "model_label", "(loaded model)")}
-    return {}
+    loaded = ctx.host.loaded_model()
+    if path != "model.base_model" or loaded is None:
+        return {}
+    info = loaded.unsupported or ("the model loaded in the WebUI is trained in place" if loaded.resident
+                                  else "the checkpoint loaded in the WebUI is trained")
+    return {"interactive": False, "info": info, "value": loaded.label}
 
 
 def _poll(ctx: TabContext, seen: Any) -> list[Any]:
@@ -227,7 +243,7 @@ def test_section(ctx: TabContext) -> None:
         tag = compat.textbox(copy_button=True, label="LoRA tag", interactive=True, elem_id=ctx.eid("lora-tag"), scale=3)
         copy = g.Button("Copy tag", elem_id=ctx.eid("copy-tag"), scale=1)
         send = g.Button("Send to txt2img", elem_id=ctx.eid("send-txt2img"), scale=1,
-                        visible=getattr(ctx.host, "name", "") in WEBUI_HOSTS)
+                        visible=ctx.host.has_txt2img)
     ctx.parts["test_lora"] = lora
 
     def do_refresh(*values: Any) -> Any:
@@ -260,14 +276,14 @@ def test_section(ctx: TabContext) -> None:
 @contextlib.contextmanager
 def _model_for_render(ctx: TabContext, values: tuple[Any, ...]) -> Iterator[None]:
     """Standalone, the host renders with the model it loaded: load the form's base model first
-    (cached, so only the first render after start-up pays for it). A WebUI renders with its own
-    loaded model, so nothing happens there. Refused while a training run holds the model."""
+    (cached, so only the first render after start-up pays for it). A host with a loaded model of
+    its own (a WebUI) renders with that, so nothing happens there. Refused while a run holds it."""
     host = ctx.host
-    if getattr(host, "name", "") != "standalone":
+    if host.loaded_model() is not None:
         yield
         return
     lock = host.lock()
-    if not lock.acquire(blocking=False):
+    if not lock.acquire(blocking=False):  # type: ignore[attr-defined] - a plain Lock off a WebUI
         raise HostError("a training run is using the model; render when it has finished (or press Stop)")
     try:
         host.release_bundle(host.acquire_bundle(ctx.config(values)))

@@ -15,9 +15,9 @@ Keeps the behaviour lora-trainer depends on, written for the tests:
 from __future__ import annotations
 
 import os
-import re
 
 import torch
+from lora_keys import webui_layer_name
 from modules import shared
 from safetensors.torch import load_file
 
@@ -69,36 +69,6 @@ def assign_network_names_to_compvis_modules(sd_model) -> None:
         mapping[name.replace(".", "_")] = module
         module.network_layer_name = name.replace(".", "_")
     sd_model.network_layer_mapping = mapping
-
-
-_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
-           "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
-
-
-def _res_suffix(kind: str, rest: str) -> str:
-    if kind != "resnets":
-        return rest
-    return next((v + rest[len(k):] for k, v in _RESNET.items() if rest.startswith(k)), rest)
-
-
-def webui_layer_name(key: str) -> str:
-    """SD1 file key (without tensor suffix) -> the layer name the WebUI looks up."""
-    m = re.match(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        return f"diffusion_model_input_blocks_{1 + 3 * i + j}_{1 if kind == 'attentions' else 0}_{_res_suffix(kind, rest)}"
-    m = re.match(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", key)
-    if m:
-        idx = 1 if m[1] == "attentions" else int(m[2]) * 2
-        return f"diffusion_model_middle_block_{idx}_{_res_suffix(m[1], m[3])}"
-    m = re.match(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        return f"diffusion_model_output_blocks_{3 * i + j}_{1 if kind == 'attentions' else 0}_{_res_suffix(kind, rest)}"
-    m = re.match(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", key)
-    if m:
-        return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
-    return key
 
 
 def resolve(sd_model, key: str):

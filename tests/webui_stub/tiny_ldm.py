@@ -83,30 +83,46 @@ class DiffusionWrapper(nn.Module):
         return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
 
 
+def tiny_sd1_unet(seed: int = 0) -> UNetModel:
+    """SD1's UNet topology at width 32 (context 32), with no zero-initialised weights."""
+    torch.manual_seed(seed)
+    unet = UNetModel(image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=2,
+                     attention_resolutions=[4, 2, 1], channel_mult=(1, 2, 4, 4), num_heads=8,
+                     use_spatial_transformer=True, transformer_depth=1, context_dim=32, use_checkpoint=False,
+                     legacy=False)
+    return unzero(unet)
+
+
+def unzero(unet: nn.Module) -> nn.Module:
+    # ldm zero-initialises output convs and attention out-projections (a fresh model predicts
+    # 0 everywhere, and no LoRA could change that); a checkpoint never has them at zero.
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(0.0, 0.05)
+    return unet
+
+
+def tiny_clip_text() -> CLIPTextModel430:
+    return CLIPTextModel430(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                           num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77,
+                                           projection_dim=32, bos_token_id=49406, eos_token_id=49407))
+
+
+def sd1_alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
 class TinyLatentDiffusion(nn.Module):
     """The attributes and methods of LatentDiffusion that the WebUI and lora-trainer use."""
 
     def __init__(self, seed: int = 0, parameterization: str = "eps") -> None:
         super().__init__()
-        torch.manual_seed(seed)
-        unet = UNetModel(image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=2,
-                         attention_resolutions=[4, 2, 1], channel_mult=(1, 2, 4, 4), num_heads=8,
-                         use_spatial_transformer=True, transformer_depth=1, context_dim=32, use_checkpoint=False,
-                         legacy=False)
-        # ldm zero-initialises output convs and attention out-projections (a fresh model predicts
-        # 0 everywhere, and no LoRA could change that); a checkpoint never has them at zero.
-        with torch.no_grad():
-            for p in unet.parameters():
-                if p.ndim > 1 and not p.any():
-                    p.normal_(0.0, 0.05)
-        self.model = DiffusionWrapper(unet)
+        self.model = DiffusionWrapper(tiny_sd1_unet(seed))
         self.first_stage_model = AutoencoderKL()
-        te = CLIPTextModel430(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                             num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77,
-                                             projection_dim=32, bos_token_id=49406, eos_token_id=49407))
-        self.cond_stage_model = FrozenCLIPEmbedderWithCustomWords(FrozenCLIPEmbedder(te))
-        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float())
+        self.cond_stage_model = FrozenCLIPEmbedderWithCustomWords(FrozenCLIPEmbedder(tiny_clip_text()))
+        self.register_buffer("alphas_cumprod", sd1_alphas_cumprod())
         self.alphas_cumprod_original = self.alphas_cumprod
         self.scale_factor = 0.18215
         self.parameterization = parameterization
