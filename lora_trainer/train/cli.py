@@ -68,6 +68,8 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_trainer train",
                                  description="Train a LoRA from a YAML config (see 'config --example').")
     add_run_arguments(ap, "YAML config file", dest="sets")
+    ap.add_argument("--check", action="store_true",
+                    help="check the config and the dataset (no model is loaded), print the report, do not train")
     known, _ = ap.parse_known_args(argv)  # the llm command has options of its own
     if _wants_llm(known.config, known.sets):
         from lora_trainer.llm.cli import train_main
@@ -76,6 +78,8 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.config is None and not args.sets:
         raise ConfigError("train: give --config my.yaml (see 'python -m lora_trainer config --example')")
+    if args.check:
+        return check_config(load_config(args.config, args.sets), args.config or "--set")
     return run_training(load_config(args.config, args.sets), progress=not args.no_progress)
 
 
@@ -112,9 +116,31 @@ def config_main(argv: list[str]) -> int:
             llm = load_llm_config(args.check, args.sets)
             print(f"{args.check}: OK (text LoRA, base model {llm.model.base_model!r})")
             return 0
-        cfg = load_config(args.check, args.sets)
-        print(f"{args.check}: OK (base model {cfg.model.base_model!r}, data {cfg.data.train_data_dir!r}, "
-              f"rank {cfg.network.rank}, output {Path(cfg.output.output_dir) / cfg.output.output_name})")
+        return check_config(load_config(args.check, args.sets), args.check)
+    return 0
+
+
+def check_config(cfg: Any, label: str) -> int:
+    """Every check that needs no model (names, folders, files, the dataset scan); each problem
+    on its own line. Exit code 0 when the run can start, 2 otherwise."""
+    from lora_trainer.data.scan import scan_dataset
+    from lora_trainer.errors import DatasetError, LoraTrainerError
+    from lora_trainer.train.preflight import find_problems
+
+    problems = find_problems(cfg)
+    report = None
+    if not any(isinstance(p, DatasetError) for p in problems):
+        try:
+            report = scan_dataset(cfg.data)
+        except LoraTrainerError as e:
+            problems.append(e)
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if problems or report is None:
+        return 2
+    print(report.summary())
+    print(f"{label}: OK (base model {cfg.model.base_model!r}, data {cfg.data.train_data_dir!r}, "
+          f"rank {cfg.network.rank}, output {Path(cfg.output.output_dir) / cfg.output.output_name})")
     return 0
 
 

@@ -77,8 +77,11 @@ class Trainer(WorkerRun):
 
     def _run(self) -> TrainResult:
         from lora_trainer.data.scan import scan_dataset
+        from lora_trainer.train.preflight import preflight
 
-        # The dataset is scanned before a model is loaded: a mistake there fails in seconds.
+        # The config and the dataset are checked before a model is loaded: a mistake there
+        # fails in seconds, not at the first save.
+        preflight(self.config, self.host)
         self.emit(TrainEvent("status", message="checking the dataset"))
         report = scan_dataset(self.config.data)
         self.emit(TrainEvent("status", message=report.summary()))
