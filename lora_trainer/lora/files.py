@@ -51,19 +51,38 @@ def sanitize_name(name: str) -> str:
     return name
 
 
-def resolve_output_path(folder: str | Path, name: str, overwrite: bool = False) -> Path:
+# Metadata key naming the run that wrote a file: a resumed run may replace its own files, never
+# another run's.
+RUN_KEY = "lora_trainer_run"
+
+
+def file_run_id(path: str | Path) -> str | None:
+    """The run id in a LoRA file's metadata (None when absent or unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get(RUN_KEY)
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def resolve_output_path(folder: str | Path, name: str, overwrite: bool = False, run_id: str | None = None) -> Path:
     """``folder/<name>.safetensors``; if it exists and not ``overwrite``, the first free
-    ``<name>_v2``, ``<name>_v3``... (an existing LoRA is never replaced by accident)."""
+    ``<name>_v2``, ``<name>_v3``... (an existing LoRA is never replaced by accident). A file
+    written by the run ``run_id`` counts as free: a resumed run continues its own files."""
     name = sanitize_name(name)
     folder = Path(folder)
+
+    def free(candidate: Path) -> bool:
+        return not candidate.exists() or (run_id is not None and file_run_id(candidate) == run_id)
+
     path = folder / f"{name}.safetensors"
-    if overwrite or not path.exists():
+    if overwrite or free(path):
         return path
     base, n = name, 2
     m = re.fullmatch(r"(.*)_v(\d+)", name)
     if m:  # my_lora_v2 exists -> my_lora_v3, not my_lora_v2_v2
         base, n = m.group(1), int(m.group(2)) + 1
-    while (folder / f"{base}_v{n}.safetensors").exists():
+    while not free(folder / f"{base}_v{n}.safetensors"):
         n += 1
     return folder / f"{base}_v{n}.safetensors"
 

@@ -12,7 +12,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +63,11 @@ def set_rng_states(states: dict[str, Any], gen: torch.Generator) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, pos: LoopPosition, lora_state: dict[str, torch.Tensor],
-                    training_state: dict[str, Any], config_yaml: str, keep: int) -> Path:
-    """Write ``checkpoints/step-NNNNNN`` atomically and delete all but the newest ``keep``."""
+                    training_state: dict[str, Any], config_yaml: str, keep: int,
+                    run: dict[str, str] | None = None) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` atomically and delete all but the newest ``keep``.
+
+    ``run`` (the run's id and LoRA name) goes into state.json, so a resumed run writes its own files."""
     root = checkpoints_dir(output_dir)
     final = root / f"step-{pos.step:06d}"
     tmp = root / f".{final.name}.partial"
@@ -74,7 +77,7 @@ def save_checkpoint(output_dir: str | Path, pos: LoopPosition, lora_state: dict[
     save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, str(tmp / LORA_FILE))
     torch.save(training_state, tmp / TRAINING_FILE)
     atomic_write_text(tmp / "config.yaml", config_yaml)
-    atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(pos), indent=2))
+    atomic_write_text(tmp / STATE_FILE, json.dumps({**asdict(pos), "run": run or {}}, indent=2))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -108,8 +111,14 @@ def find_checkpoint(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
+def checkpoint_run(path: Path) -> dict[str, str]:
+    """The run id and LoRA name a checkpoint was saved with ({} for older checkpoints)."""
+    return dict(json.loads((path / STATE_FILE).read_text(encoding="utf-8")).get("run") or {})
+
+
 def load_checkpoint(path: Path) -> tuple[LoopPosition, dict[str, torch.Tensor], dict[str, Any]]:
-    pos = LoopPosition(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    saved = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    pos = LoopPosition(**{f.name: saved[f.name] for f in fields(LoopPosition) if f.name in saved})
     lora_state = load_file(str(path / LORA_FILE))
     # Our own file: optimizer states and RNG tuples need more than weights_only allows.
     training_state = torch.load(path / TRAINING_FILE, map_location="cpu", weights_only=False)

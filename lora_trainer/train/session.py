@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,7 +59,8 @@ class RunSession:
         self.last_sample: Any = None
         self.last_sample_step = -1
         self.started = time.time()
-        self._step_stem: str | None = None  # <name> of this run's step LoRAs, fixed at the first one
+        self.run_id = uuid.uuid4().hex  # marks this run's LoRA files (a resume takes the checkpoint's)
+        self._stem: str | None = None  # the LoRA name this run writes (<name>, or <name>_v2...), fixed at first use
         self._undo: list[Any] = []  # callables that put the model back as the host gave it
         self.logger: Logger | None = None
         self._train_flags: dict[int, bool] = {}
@@ -209,6 +211,9 @@ class RunSession:
             self.status(f"train.resume: no checkpoint in {ckpt.checkpoints_dir(self.out)} yet; starting fresh")
             return
         pos, lora_state, state = ckpt.load_checkpoint(found)
+        run = ckpt.checkpoint_run(found)
+        if run.get("run_id"):  # the same run goes on: it writes over its own files, not a _v2
+            self.run_id, self._stem = run["run_id"], run.get("lora_name") or None
         self.network.load_state_dict(lora_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -314,28 +319,32 @@ class RunSession:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": ckpt.rng_states(self.gen)}
         path = ckpt.save_checkpoint(self.out, self.pos, self.network.state_dict(), state,
-                                    self.cfg.to_yaml(), self.cfg.output.keep_checkpoints)
+                                    self.cfg.to_yaml(), self.cfg.output.keep_checkpoints,
+                                    run={"run_id": self.run_id, "lora_name": self.lora_path().stem})
         lora = self.save_step_lora() if step_lora and self.cfg.output.save_step_loras else None
         self.trainer.emit(TrainEvent("checkpoint", step=self.pos.step, total_steps=self.total_steps,
                                      path=str(path), message=f"checkpoint {path}"
                                      + (f"; LoRA of this step: {lora.stem}" if lora else "")))
         return path
 
-    def save_step_lora(self) -> Path:
-        """``<lora_dir>/<name>-stepNNNNNN.safetensors``: this step's LoRA in the same format as
-        the final one, so the Test section (and the WebUI) can render any saved step."""
+    def lora_path(self, suffix: str = "") -> Path:
+        """``<lora_dir>/<name><suffix>.safetensors`` of this run. <name> is fixed at the first
+        save (``<name>_v2`` when another run's <name> exists); files this run wrote are its own
+        to replace, so a resumed run keeps its name."""
         from lora_trainer.lora.files import resolve_output_path
 
         o, folder = self.cfg.output, self.host.lora_dir(self.cfg)
-        if self._step_stem is None:  # the name the final file would get now (<name>_v2 if <name> exists)
-            self._step_stem = resolve_output_path(folder, o.output_name, o.overwrite).stem
-        return self.write_lora(resolve_output_path(folder, f"{self._step_stem}-step{self.pos.step:06d}", o.overwrite))
+        if self._stem is None:
+            self._stem = resolve_output_path(folder, o.output_name, o.overwrite, self.run_id).stem
+        return resolve_output_path(folder, self._stem + suffix, o.overwrite, self.run_id)
+
+    def save_step_lora(self) -> Path:
+        """``<lora_dir>/<name>-stepNNNNNN.safetensors``: this step's LoRA in the same format as
+        the final one, so the Test section (and the WebUI) can render any saved step."""
+        return self.write_lora(self.lora_path(f"-step{self.pos.step:06d}"))
 
     def save_lora(self) -> Path:
-        from lora_trainer.lora.files import resolve_output_path
-
-        o = self.cfg.output
-        path = self.write_lora(resolve_output_path(self.host.lora_dir(self.cfg), o.output_name, o.overwrite))
+        path = self.write_lora(self.lora_path())
         if self.last_sample is not None:
             from lora_trainer.lora.files import save_preview_png
 
@@ -345,7 +354,7 @@ class RunSession:
 
     def write_lora(self, path: Path) -> Path:
         """The LoRA as it is now, in kohya format with its metadata, at ``path`` (atomically)."""
-        from lora_trainer.lora.files import save_lora_file
+        from lora_trainer.lora.files import RUN_KEY, save_lora_file
         from lora_trainer.lora.metadata import build_metadata
 
         o, n = self.cfg.output, self.cfg.network
@@ -358,7 +367,7 @@ class RunSession:
             self.cfg, self.bundle, num_images=sum(not it.is_reg for it in self.ds.items), tag_frequency=tags,
             dataset_dirs=dirs, steps=self.pos.step, epoch=self.pos.epoch, started_at=self.started,
             finished_at=time.time(), rank=rank, alpha=alpha, output_name=path.stem)
-        save_lora_file(path, tensors, metadata)
+        save_lora_file(path, tensors, {**metadata, RUN_KEY: self.run_id})
         self.host.refresh_loras()
         return path
 
