@@ -10,6 +10,11 @@ from typing import Any
 from lora_trainer.config import example_yaml, load_config, parse_set_overrides, read_yaml, reference_markdown
 from lora_trainer.errors import ConfigError
 from lora_trainer.train.events import TrainEvent
+from lora_trainer.train.stopping import EXIT_STOPPED
+
+EXIT_CODES_HELP = (f"exit codes: 0 finished; 2 bad input (one line says what and where); {EXIT_STOPPED} stopped "
+                   "early by Ctrl-C or SIGTERM (the LoRA and a checkpoint are saved: resume with --set "
+                   "resume=latest); 1 any other failure")
 
 
 class ProgressBar:
@@ -66,7 +71,8 @@ def add_run_arguments(ap: argparse.ArgumentParser, config_help: str, dest: str) 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_trainer train",
-                                 description="Train a LoRA from a YAML config (see 'config --example').")
+                                 description="Train a LoRA from a YAML config (see 'config --example').",
+                                 epilog=EXIT_CODES_HELP)
     add_run_arguments(ap, "YAML config file", dest="sets")
     ap.add_argument("--check", action="store_true",
                     help="check the config and the dataset (no model is loaded), print the report, do not train")
@@ -93,7 +99,7 @@ def run_training(cfg: Any, progress: bool = True) -> int:
     print(f"{word}: {result.steps} steps{loss}")
     print(f"LoRA: {result.lora_path}")
     print(f"outputs: {result.output_dir}")
-    return 0
+    return EXIT_STOPPED if result.stopped else 0
 
 
 def config_main(argv: list[str]) -> int:
@@ -160,7 +166,8 @@ def demo_config(folder: Path, steps: int, device: str) -> Any:
 
 def demo_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_trainer demo",
-                                 description="Train a LoRA on the tiny embedded model and a drawn dataset (CPU, ~1 min).")
+                                 description="Train a LoRA on the tiny embedded model and a drawn dataset (CPU, ~1 min).",
+                                 epilog=EXIT_CODES_HELP)
     ap.add_argument("--dir", default="lora_demo", help="folder for the dataset and outputs (default ./lora_demo)")
     ap.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
     ap.add_argument("--device", default="cpu", help="'cpu' (default), 'cuda', 'auto'")

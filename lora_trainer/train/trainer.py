@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from lora_trainer.config import TrainConfig
 from lora_trainer.errors import LoraTrainerError
 from lora_trainer.train.events import Callback, TrainEvent, WorkerRun, emit
 from lora_trainer.train.session import RunSession
+from lora_trainer.train.stopping import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +59,13 @@ class Trainer(WorkerRun):
     # -- the run -------------------------------------------------------------------------
     def run(self) -> TrainResult:
         """Train (blocking) and return the result; errors are emitted as an "error" event and raised."""
-        restore_sigint = self._install_sigint()
         try:
-            self.result = self._run()
+            with stop_on_signals(self.commands.request_stop, lambda: self.commands.stop_requested):
+                self.result = self._run()
         except BaseException as e:
             msg = str(e) if isinstance(e, LoraTrainerError) else f"{type(e).__name__}: {e}"
             self.emit(TrainEvent("error", message=msg))
             raise
-        finally:
-            restore_sigint()
         r = self.result
         self.emit(TrainEvent("stopped" if r.stopped else "done", step=r.steps, loss=r.final_loss,
                              path=str(r.lora_path) if r.lora_path else None,
@@ -99,18 +96,3 @@ class Trainer(WorkerRun):
                     session.cleanup()
                 finally:
                     self.host.release_bundle(bundle)
-
-    def _install_sigint(self) -> Any:
-        """First Ctrl-C: stop after this step (checkpoint + LoRA). Second: abort at once."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = signal.getsignal(signal.SIGINT)
-
-        def handler(signum: int, frame: Any) -> None:
-            if self.commands.stop_requested:
-                raise KeyboardInterrupt
-            log.warning("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
-            self.commands.request_stop()
-
-        signal.signal(signal.SIGINT, handler)
-        return lambda: signal.signal(signal.SIGINT, previous)
