@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save, save_file
 
 from lora_trainer.errors import LoraFormatError, OutputError
-from lora_trainer.fsutil import atomic_path
+from lora_trainer.fsutil import atomic_path, space_problem, tensor_bytes, write_problem
 
 # Device names Windows refuses as file names, with or without an extension.
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
@@ -106,12 +106,15 @@ def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {**metadata}
     metadata.setdefault("sshs_model_hash", tensor_hash(plain))
-    try:
-        with atomic_path(path) as tmp:
-            save_file(plain, str(tmp), metadata=dict(metadata))
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}; check the folder exists and is writable") from e
-    return path
+    problem = space_problem(path.parent, tensor_bytes(plain))
+    if problem is None:
+        try:
+            with atomic_path(path) as tmp:
+                save_file(plain, str(tmp), metadata=dict(metadata))
+            return path
+        except (OSError, SafetensorError) as e:
+            problem = write_problem(e) or (e.strerror if isinstance(e, OSError) and e.strerror else str(e))
+    raise OutputError(f"LoRA {path} not written: {problem}; free some space or choose a writable output folder")
 
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

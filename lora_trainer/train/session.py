@@ -17,6 +17,7 @@ import torch
 
 from lora_trainer.data.cache import LatentCache, TextCache, fill_latent_cache, module_identity
 from lora_trainer.data.dataset import Batch, BucketDataset, EpochView, steps_per_epoch
+from lora_trainer.errors import OutputError
 from lora_trainer.fsutil import atomic_write_text, backup_file
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train.events import TrainEvent
@@ -58,6 +59,7 @@ class RunSession:
         self.final_loss: float | None = None
         self.last_sample: Any = None
         self.last_sample_step = -1
+        self.last_checkpoint_step = -1
         self.started = time.time()
         self.run_id = uuid.uuid4().hex  # marks this run's LoRA files (a resume takes the checkpoint's)
         self._stem: str | None = None  # the LoRA name this run writes (<name>, or <name>_v2...), fixed at first use
@@ -91,6 +93,8 @@ class RunSession:
         if cfg.sample.prompt and self.last_sample_step != self.pos.step and not stopped:
             self.sample()
         lora_path = self.save_lora()
+        if stopped and self.last_checkpoint_step != self.pos.step:
+            self.checkpoint(step_lora=False)  # after the small LoRA, so a full disk loses the least
         write_summary(self.out, status="stopped" if stopped else "done", steps=self.pos.step,
                       total_steps=self.total_steps, epoch=self.pos.epoch, final_loss=self.final_loss,
                       seconds=round(time.time() - started, 2), lora_path=str(lora_path),
@@ -130,8 +134,8 @@ class RunSession:
             # -- commands, checkpoints, samples
             stop = self.trainer.commands.stop_requested or self.host_interrupted()
             every = t.save_steps
-            if stop or self.trainer.commands.take_save() or (every and self.pos.step % every == 0):
-                self.checkpoint(step_lora=not stop)  # a stop writes the final LoRA right after
+            if not stop and (self.trainer.commands.take_save() or (every and self.pos.step % every == 0)):
+                self.checkpoint()  # a stop saves after the loop: the final LoRA, then the checkpoint
             s = self.cfg.sample
             if self.trainer.commands.take_sample() or (s.prompt and s.every_n_steps
                                                         and self.pos.step % s.every_n_steps == 0):
@@ -316,12 +320,14 @@ class RunSession:
 
     # == saving ============================================================================
     def checkpoint(self, step_lora: bool = True) -> Path:
+        # The step's LoRA first: it is small and usable on its own if the disk fills up.
+        lora = self.save_step_lora() if step_lora and self.cfg.output.save_step_loras else None
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": ckpt.rng_states(self.gen)}
         path = ckpt.save_checkpoint(self.out, self.pos, self.network.state_dict(), state,
                                     self.cfg.to_yaml(), self.cfg.output.keep_checkpoints,
                                     run={"run_id": self.run_id, "lora_name": self.lora_path().stem})
-        lora = self.save_step_lora() if step_lora and self.cfg.output.save_step_loras else None
+        self.last_checkpoint_step = self.pos.step
         self.trainer.emit(TrainEvent("checkpoint", step=self.pos.step, total_steps=self.total_steps,
                                      path=str(path), message=f"checkpoint {path}"
                                      + (f"; LoRA of this step: {lora.stem}" if lora else "")))
@@ -367,7 +373,10 @@ class RunSession:
             self.cfg, self.bundle, num_images=sum(not it.is_reg for it in self.ds.items), tag_frequency=tags,
             dataset_dirs=dirs, steps=self.pos.step, epoch=self.pos.epoch, started_at=self.started,
             finished_at=time.time(), rank=rank, alpha=alpha, output_name=path.stem)
-        save_lora_file(path, tensors, {**metadata, RUN_KEY: self.run_id})
+        try:
+            save_lora_file(path, tensors, {**metadata, RUN_KEY: self.run_id})
+        except OutputError as e:
+            raise OutputError(f"{e}; {ckpt.resume_hint(self.out)}") from None
         self.host.refresh_loras()
         return path
 
@@ -393,14 +402,6 @@ class RunSession:
                                      image=img, path=str(path)))
 
     # == helpers ===========================================================================
-    def write_config(self) -> None:
-        """<output_dir>/config.yaml; a different file already there (the user's?) is backed up first."""
-        target, text = self.out / "config.yaml", self.cfg.to_yaml()
-        self.out.mkdir(parents=True, exist_ok=True)
-        if target.is_file() and target.read_text(encoding="utf-8", errors="replace") != text:
-            backup_file(target)
-        atomic_write_text(target, text)
-
     def status(self, message: str) -> None:
         log.debug(message)  # the CLI and UIs show status events; logging them too would print twice
         self.trainer.emit(TrainEvent("status", step=self.pos.step, message=message))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lora_trainer.config import TrainConfig
-from lora_trainer.errors import LoraTrainerError
+from lora_trainer.errors import LoraTrainerError, OutputError
 from lora_trainer.train.events import Callback, TrainEvent, WorkerRun, emit
 from lora_trainer.train.session import RunSession
 from lora_trainer.train.stopping import stop_on_signals
@@ -34,6 +34,17 @@ class TrainResult:
     final_loss: float | None
     stopped: bool
     output_dir: Path
+
+
+def _as_output_error(error: OSError, output_dir: str) -> BaseException:
+    """A full disk or a read-only folder met outside the savers' own checks, as one line."""
+    from lora_trainer.fsutil import write_problem
+    from lora_trainer.train.checkpoint import resume_hint
+
+    problem = write_problem(error)
+    if problem is None:
+        return error
+    return OutputError(f"cannot write {error.filename or output_dir}: {problem}; {resume_hint(output_dir)}")
 
 
 def seed_everything(seed: int) -> None:
@@ -61,7 +72,13 @@ class Trainer(WorkerRun):
         """Train (blocking) and return the result; errors are emitted as an "error" event and raised."""
         try:
             with stop_on_signals(self.commands.request_stop, lambda: self.commands.stop_requested):
-                self.result = self._run()
+                try:
+                    self.result = self._run()
+                except OSError as e:
+                    converted = _as_output_error(e, self.config.output.output_dir)
+                    if converted is e:
+                        raise
+                    raise converted from e
         except BaseException as e:
             msg = str(e) if isinstance(e, LoraTrainerError) else f"{type(e).__name__}: {e}"
             self.emit(TrainEvent("error", message=msg))
