@@ -225,3 +225,16 @@ def test_step_loras_can_be_switched_off_and_a_stop_writes_only_the_final_lora(tm
     assert trainer.run().steps == 3
     assert sorted(p.name for p in (tmp_path / "b").glob("*.safetensors")) == ["tiny-step000002.safetensors",
                                                                               "tiny.safetensors"]
+
+
+def test_epochs_are_counted_from_one_like_kohya(tmp_path: Path, host: TinyHost) -> None:
+    """Two epochs of two images: summary.json and ss_epoch say 2 (kohya writes the number of
+    epochs trained), not the 0-based index 1."""
+    from lora_trainer.lora.files import read_lora_file
+
+    two = make_data(tmp_path / "two", n=2)
+    result = Trainer(tiny_config(two, tmp_path / "out", **{"train.max_train_steps": None, "train.epochs": 2}),
+                     host=host).run()
+    assert result.steps == 4
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["epoch"] == 2
+    assert read_lora_file(result.lora_path)[1]["ss_epoch"] == "2"

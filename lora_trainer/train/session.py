@@ -96,7 +96,7 @@ class RunSession:
         if stopped and self.last_checkpoint_step != self.pos.step:
             self.checkpoint(step_lora=False)  # after the small LoRA, so a full disk loses the least
         write_summary(self.out, status="stopped" if stopped else "done", steps=self.pos.step,
-                      total_steps=self.total_steps, epoch=self.pos.epoch, final_loss=self.final_loss,
+                      total_steps=self.total_steps, epoch=self.epoch_number, final_loss=self.final_loss,
                       seconds=round(time.time() - started, 2), lora_path=str(lora_path),
                       output_dir=str(self.out), images=len(self.ds.items), config=str(self.out / "config.yaml"))
         return TrainResult(lora_path, self.pos.step, self.final_loss, stopped, self.out)
@@ -316,7 +316,7 @@ class RunSession:
         if self.logger is not None:
             self.logger.scalars(self.pos.step, loss=loss, lr=lr)
         self.trainer.emit(TrainEvent("step", step=self.pos.step, total_steps=self.total_steps,
-                                     epoch=self.pos.epoch, loss=loss, lr=lr, it_per_s=it_s, eta_s=eta))
+                                     epoch=self.epoch_number, loss=loss, lr=lr, it_per_s=it_s, eta_s=eta))
 
     # == saving ============================================================================
     def checkpoint(self, step_lora: bool = True) -> Path:
@@ -371,7 +371,7 @@ class RunSession:
         alpha = next((float(v) for k, v in tensors.items() if k.endswith(".alpha")), n.alpha)
         metadata = build_metadata(
             self.cfg, self.bundle, num_images=sum(not it.is_reg for it in self.ds.items), tag_frequency=tags,
-            dataset_dirs=dirs, steps=self.pos.step, epoch=self.pos.epoch, started_at=self.started,
+            dataset_dirs=dirs, steps=self.pos.step, epoch=self.epoch_number, started_at=self.started,
             finished_at=time.time(), rank=rank, alpha=alpha, output_name=path.stem)
         try:
             save_lora_file(path, tensors, {**metadata, RUN_KEY: self.run_id})
@@ -402,6 +402,20 @@ class RunSession:
                                      image=img, path=str(path)))
 
     # == helpers ===========================================================================
+    @property
+    def epoch_number(self) -> int:
+        """The epoch the last step belongs to, counted from 1 as kohya does (0 before any step);
+        ``pos.epoch`` is the 0-based index the data order uses."""
+        return self.pos.epoch + 1 if self.pos.step else 0
+
+    def write_config(self) -> None:
+        """<output_dir>/config.yaml; a different file already there (the user's?) is backed up first."""
+        target, text = self.out / "config.yaml", self.cfg.to_yaml()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if target.is_file() and target.read_text(encoding="utf-8", errors="replace") != text:
+            backup_file(target)
+        atomic_write_text(target, text)
+
     def status(self, message: str) -> None:
         log.debug(message)  # the CLI and UIs show status events; logging them too would print twice
         self.trainer.emit(TrainEvent("status", step=self.pos.step, message=message))
