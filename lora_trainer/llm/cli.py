@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Any
 
+from lora_trainer.threads import configure_cpu_threads
 from lora_trainer.train.cli import EXIT_CODES_HELP, add_run_arguments
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.stopping import EXIT_STOPPED, stop_on_signals
@@ -61,6 +62,7 @@ def train_main(argv: list[str]) -> int:
         tok = load_tokenizer(check_model_folder(cfg.model.base_model))
         print(build_datasets(cfg.data, tok, cfg.train.seed)[2].summary())
         return 0
+    configure_cpu_threads(args.threads)
     trainer = TextLoraTrainer(cfg, callbacks=[_Progress(enabled=not args.no_progress and sys.stderr.isatty())])
     # Ctrl-C or SIGTERM: stop after this step (checkpoint and adapter saved); again: abort.
     with stop_on_signals(trainer.stop, lambda: trainer.commands.stop_requested):

@@ -9,6 +9,7 @@ from typing import Any
 
 from lora_trainer.config import example_yaml, load_config, parse_set_overrides, read_yaml, reference_markdown
 from lora_trainer.errors import ConfigError
+from lora_trainer.threads import add_threads_argument, configure_cpu_threads
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.stopping import EXIT_STOPPED
 
@@ -67,6 +68,7 @@ def add_run_arguments(ap: argparse.ArgumentParser, config_help: str, dest: str) 
     ap.add_argument("--set", dest=dest, action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting, e.g. --set network.rank=16 (repeatable)")
     ap.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    add_threads_argument(ap)
 
 
 def main(argv: list[str]) -> int:
@@ -84,9 +86,11 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.config is None and not args.sets:
         raise ConfigError("train: give --config my.yaml (see 'python -m lora_trainer config --example')")
+    cfg = load_config(args.config, args.sets)
     if args.check:
-        return check_config(load_config(args.config, args.sets), args.config or "--set")
-    return run_training(load_config(args.config, args.sets), progress=not args.no_progress)
+        return check_config(cfg, args.config or "--set")
+    configure_cpu_threads(args.threads, small_model=cfg.model.base_model == "demo")
+    return run_training(cfg, progress=not args.no_progress)
 
 
 def run_training(cfg: Any, progress: bool = True) -> int:
@@ -172,15 +176,11 @@ def demo_main(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
     ap.add_argument("--device", default="cpu", help="'cpu' (default), 'cuda', 'auto'")
     ap.add_argument("--no-progress", action="store_true")
+    add_threads_argument(ap)
     args = ap.parse_args(argv)
     from lora_trainer.data.demo import make_demo_dataset
 
-    if args.device == "cpu":
-        import torch
-
-        # The demo model's operations are too small to split across threads: one thread avoids
-        # the synchronisation cost, which dominates on a small or busy CPU.
-        torch.set_num_threads(1)
+    configure_cpu_threads(args.threads, small_model=True)
     folder = Path(args.dir)
     data = make_demo_dataset(folder / "data")
     print(f"demo dataset: {data}")
