@@ -128,6 +128,9 @@ def test_a_resumed_run_continues_its_own_files(tmp_path: Path, data: Path, host:
     again = Trainer(tiny_config(data, out, **values, **{"train.resume": "latest"}), host=host).run()
     assert again.lora_path == out / "tiny.safetensors"
     assert sorted(p.name for p in out.glob("*.safetensors")) == names  # no _v2, no _v3
+    renamed = Trainer(tiny_config(data, out, **values, **{"train.resume": "latest", "output.output_name": "new"}),
+                      host=host).run()
+    assert renamed.lora_path == out / "new.safetensors"  # a name changed on resume is the one used
 
 
 def test_a_fresh_run_never_replaces_another_runs_files(tmp_path: Path, data: Path, host: TinyHost) -> None:

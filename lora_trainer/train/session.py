@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -217,7 +218,10 @@ class RunSession:
         pos, lora_state, state = ckpt.load_checkpoint(found)
         run = ckpt.checkpoint_run(found)
         if run.get("run_id"):  # the same run goes on: it writes over its own files, not a _v2
-            self.run_id, self._stem = run["run_id"], run.get("lora_name") or None
+            self.run_id = run["run_id"]
+            stem, name = run.get("lora_name") or "", self.cfg.output.output_name
+            if stem == name or re.fullmatch(re.escape(name) + r"_v\d+", stem):  # not when renamed since
+                self._stem = stem
         self.network.load_state_dict(lora_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
