@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command '{name}'{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from lora_trainer.threads import prepare_openmp
+
+    prepare_openmp()  # before any command imports torch
     target, _ = COMMANDS[name]
     module_name, func_name = target.split(":")
     try:

@@ -15,7 +15,14 @@ from typing import Any, Literal
 
 import yaml
 
-from lora_trainer.config_schema import ConfigRoot, ConfigSchema, _coerce, _split_path, _suggest  # noqa: F401 - re-exported
+from lora_trainer.config_schema import (  # noqa: F401 - re-exported
+    ConfigRoot,
+    ConfigSchema,
+    _coerce,
+    _split_path,
+    _suggest,
+    yaml_error_message,
+)
 from lora_trainer.errors import ConfigError
 
 
@@ -285,9 +292,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise ConfigError(yaml_error_message(e, str(path))) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -116,6 +116,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 
+# Errors about something opened and never closed: PyYAML notices them lines later (often at the
+# end of the file); the line to fix is where the construct began (its "context" mark).
+_OPENED_CONTEXTS = ("while scanning a quoted scalar", "while parsing a flow sequence",
+                    "while parsing a flow mapping", "while scanning a block scalar")
+
+
+def yaml_error_message(error: Exception, source: str) -> str:
+    """``source:LINE: not valid YAML: ...`` naming the line to fix, for a PyYAML error."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark, context = getattr(error, "problem_mark", None), getattr(error, "context", None) or ""
+    start = getattr(error, "context_mark", None)
+    if start is not None and context.startswith(_OPENED_CONTEXTS):
+        what = context.replace("while scanning ", "").replace("while parsing ", "")
+        noticed = f" at line {mark.line + 1}" if mark is not None else ""
+        return f"{source}:{start.line + 1}: not valid YAML: {what} begun here is not closed ({problem}{noticed})"
+    where = f":{mark.line + 1}" if mark is not None else ""
+    return f"{source}{where}: not valid YAML: {problem}"
+
+
 class ConfigRoot:
     """Conversions every root config dataclass (a "task" field plus sections) has."""
 

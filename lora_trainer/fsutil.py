@@ -9,6 +9,7 @@ other file the user makes would have: a new file follows the umask, a replaced f
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -91,3 +92,59 @@ def backup_file(path: str | os.PathLike[str], backup_dir: str | os.PathLike[str]
         candidate = folder / f"{path.name}.{stamp}-{n}.bak"
     shutil.copy2(path, candidate)
     return candidate
+
+
+# -- full disks and read-only folders --------------------------------------------------------
+
+_WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                 errno.EPERM: "permission denied"}
+# What libraries say instead of an errno: torch's zip writer on a short write ("unexpected pos N
+# vs M"), safetensors' Rust I/O errors.
+_WRITE_TEXTS = {"No space left": "the disk is full", "unexpected pos": "the disk is full (a write was cut short)",
+                "Disk quota exceeded": "the disk quota is exceeded", "Read-only file system": "the file system is read-only",
+                "Permission denied": "permission denied"}
+SPACE_MARGIN = 1 << 20  # headers, metadata and small files beside the tensors
+
+
+def write_problem(error: BaseException) -> str | None:
+    """Why a write failed in a user's words ("the disk is full"), or None for other errors."""
+    if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+        return _WRITE_ERRNOS[error.errno]
+    text = str(error)
+    return next((words for key, words in _WRITE_TEXTS.items() if key in text), None)
+
+
+def _existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def space_problem(folder: str | os.PathLike[str], need_bytes: int) -> str | None:
+    """"the disk has 3 MB free, about 40 MB are needed" when ``folder``'s disk lacks the room."""
+    try:
+        free = shutil.disk_usage(_existing(Path(folder))).free
+    except OSError:
+        return None  # cannot tell: let the write itself report
+    need = int(need_bytes) + SPACE_MARGIN
+    if free >= need:
+        return None
+    return f"the disk has {_mb(free)} free, about {_mb(need)} are needed"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n < 10 * 2**20 else f"{n / 2**20:.0f} MB"
+
+
+def tensor_bytes(obj: object) -> int:
+    """Bytes of every tensor in a nested dict/list/tuple (the size of a save, roughly)."""
+    nbytes = getattr(obj, "nbytes", None)
+    if isinstance(nbytes, int) and hasattr(obj, "dtype"):
+        return nbytes
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0

@@ -78,8 +78,10 @@ _MAX_KEPT = 20
 
 
 def default_trainer_factory(config: TrainConfig, host: Host, callbacks: list[Any]) -> Any:
+    from lora_trainer.train.preflight import preflight
     from lora_trainer.train.trainer import Trainer
 
+    preflight(config, host)  # a bad name or folder is refused at Start, before a thread or a model
     return Trainer(config, host=host, callbacks=callbacks)
 
 

@@ -40,6 +40,17 @@ def test_caption_command_blip_and_clip(tmp_path: Path, models: dict[str, Path], 
         assert read_sidecar(data / rel) == text
 
 
+def test_output_is_lora_scripts_name_for_metadata(tmp_path: Path, models: dict[str, Path],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORA_TRAINER_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    make_images(data, 2)
+    target = data / "captions.csv"
+    assert main(["caption", "--input", str(data), "--output", str(target), "--blip-model", str(models["blip"]),
+                 "--max-length", "8", "--device", "cpu"]) == 0
+    assert len(read_metadata_csv(target)) == 2 and not (data / "metadata.csv").exists()
+
+
 def test_caption_command_missing_weights_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORA_TRAINER_CACHE", str(tmp_path / "cache"))

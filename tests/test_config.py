@@ -102,10 +102,24 @@ def test_unknown_yaml_key_and_bad_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="did you mean 'train_data_dir'"):
         load_config(f)
     f.write_text("a: [1, 2\n")
-    with pytest.raises(ConfigError, match=r"c.yaml line \d+: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"c.yaml:1: not valid YAML"):
         load_config(f)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("text,line", [
+    ("lora_rank: 4\nsample_prompt: [a cat, 2\nseed: 3\nepochs: 2\n", 2),  # unclosed list: where it opened
+    ("lora_rank: 4\nsample_prompt: \"a cat\nseed: 3\nepochs: 2\n", 2),  # unclosed quote, noticed at the end
+    ("lora_rank: 4\nseed: 3\n  epochs: 2\n", 3),  # bad indentation: the line itself
+    ("lora_rank: 4\n\tseed: 3\n", 2),  # a tab
+])
+def test_yaml_syntax_error_names_the_line_to_fix(tmp_path: Path, text: str, line: int) -> None:
+    f = tmp_path / "my.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value).startswith(f"{f}:{line}: not valid YAML: ") and "\n" not in str(e.value)
 
 
 def test_alias_and_field_for_same_setting_conflict(tmp_path: Path) -> None:

@@ -58,3 +58,19 @@ def test_rewrite_backs_up_the_old_csv(tmp_path: Path) -> None:
     write_captions(tmp_path, {"a.png": "one"}, "csv")
     backups = write_captions(tmp_path, {"a.png": "two"}, "csv")
     assert len(backups) == 1 and "one" in backups[0].read_text(encoding="utf-8")
+
+
+def test_hugging_face_header_is_read_and_kept(tmp_path: Path) -> None:
+    """An ImageFolder dataset's metadata.csv ("file_name,text", maybe more columns) trains as is,
+    and saving captions keeps its header and its other columns."""
+    _images(tmp_path, ["a.png", "b.png"])
+    (tmp_path / "metadata.csv").write_text("file_name,text,source\na.png,a cat,web\nb.png,a dog,camera\n",
+                                           encoding="utf-8")
+    assert read_captions(tmp_path) == {"a.png": "a cat", "b.png": "a dog"}
+    write_captions(tmp_path, {"b.png": "a small dog"}, "csv")
+    assert (tmp_path / "metadata.csv").read_text(encoding="utf-8") == (
+        "file_name,text,source\na.png,a cat,web\nb.png,a small dog,camera\n")
+    _images(tmp_path, ["c.png"])
+    write_captions(tmp_path, {"c.png": "a bird"}, "csv")
+    assert read_metadata_csv(tmp_path / "metadata.csv") == {"a.png": "a cat", "b.png": "a small dog", "c.png": "a bird"}
+    assert (tmp_path / "metadata.csv").read_text(encoding="utf-8").endswith("c.png,a bird,\n")

@@ -71,7 +71,7 @@ def test_save_is_atomic_and_reads_back(tmp_path, sd1_lora, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(files, "save_file", crash)
-    with pytest.raises(OutputError, match="No space left"):
+    with pytest.raises(OutputError, match="not written: the disk is full"):
         files.save_lora_file(path, tensors, {})
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["a.safetensors"]
     with pytest.raises(LoraFormatError, match="ss_x"):

@@ -68,8 +68,12 @@ def test_config_example_reference_and_check(tmp_path: Path, capsys: pytest.Captu
     assert load_config(path).network.rank == 16
     assert main(["config", "--reference"]) == 0
     assert "| `network.rank` |" in capsys.readouterr().out
-    assert main(["config", "--check", str(path), "--set", "lora_rank=8"]) == 0
+    data = make_data(tmp_path / "data", n=2)
+    assert main(["config", "--check", str(path), "--set", "lora_rank=8", "--set", f"train_data_dir={data}",
+                 "--set", "min_image_size=32", "--set", f"output_dir={tmp_path / 'out'}"]) == 0
     assert "OK" in capsys.readouterr().out
+    assert main(["config", "--check", str(path)]) == 2  # the example has no data folder yet
+    assert "data.train_data_dir is empty" in capsys.readouterr().err
     bad = _write(tmp_path / "bad.yaml", {"epochz": 3})
     assert main(["config", "--check", str(bad)]) == 2
     assert "did you mean 'epochs'" in capsys.readouterr().err

@@ -270,3 +270,16 @@ def test_without_tensorboard_the_scalars_go_to_a_csv(tmp_path: Path, monkeypatch
         "step,name,value", "1,train/loss,0.5", "1,train/lr,0.0001", "2,train/loss,0.25", "2,eval/loss,0.75"]
     Logger(tmp_path / "off", enabled=False).scalars(1, loss=1.0)
     assert not (tmp_path / "off").exists()
+
+
+def test_epochs_are_counted_from_one_like_kohya(tmp_path: Path, host: TinyHost) -> None:
+    """Two epochs of two images: summary.json and ss_epoch say 2 (kohya writes the number of
+    epochs trained), not the 0-based index 1."""
+    from lora_trainer.lora.files import read_lora_file
+
+    two = make_data(tmp_path / "two", n=2)
+    result = Trainer(tiny_config(two, tmp_path / "out", **{"train.max_train_steps": None, "train.epochs": 2}),
+                     host=host).run()
+    assert result.steps == 4
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["epoch"] == 2
+    assert read_lora_file(result.lora_path)[1]["ss_epoch"] == "2"

@@ -99,3 +99,46 @@ def test_init_from_starts_from_the_files_weights(tmp_path: Path, data: Path, hos
     assert float(alpha) == pytest.approx(3.0)
     down = next(v for k, v in out.items() if k.endswith("lora_down.weight"))
     assert down.shape[0] == 8
+
+
+def _stop_at(step: int) -> tuple[list[Trainer], object]:
+    holder: list[Trainer] = []
+
+    def cb(ev: TrainEvent) -> None:
+        if ev.kind == "step" and ev.step == step:
+            holder[0].stop()
+    return holder, cb
+
+
+def test_a_resumed_run_continues_its_own_files(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    out = tmp_path / "out"
+    values = {"train.max_train_steps": 4, "train.save_steps": 2}
+    holder, cb = _stop_at(1)
+    holder.append(Trainer(tiny_config(data, out, **values), host=host, callbacks=[cb]))
+    first = holder[0].run()
+    assert first.stopped and first.lora_path == out / "tiny.safetensors"
+    partial = (out / "tiny.safetensors").read_bytes()
+
+    resumed = Trainer(tiny_config(data, out, **values, **{"train.resume": "latest"}), host=host).run()
+    assert resumed.steps == 4 and resumed.lora_path == out / "tiny.safetensors"
+    assert (out / "tiny.safetensors").read_bytes() != partial  # the finished LoRA, not the partial one
+    names = sorted(p.name for p in out.glob("*.safetensors"))
+    assert names == ["tiny-step000002.safetensors", "tiny-step000004.safetensors", "tiny.safetensors"]
+
+    again = Trainer(tiny_config(data, out, **values, **{"train.resume": "latest"}), host=host).run()
+    assert again.lora_path == out / "tiny.safetensors"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == names  # no _v2, no _v3
+    renamed = Trainer(tiny_config(data, out, **values, **{"train.resume": "latest", "output.output_name": "new"}),
+                      host=host).run()
+    assert renamed.lora_path == out / "new.safetensors"  # a name changed on resume is the one used
+
+
+def test_a_fresh_run_never_replaces_another_runs_files(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    out = tmp_path / "out"
+    values = {"train.max_train_steps": 2, "train.save_steps": 2}
+    Trainer(tiny_config(data, out, **values), host=host).run()
+    before = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    second = Trainer(tiny_config(data, out, **values, **{"train.seed": 7}), host=host).run()
+    assert second.lora_path == out / "tiny_v2.safetensors"
+    assert (out / "tiny_v2-step000002.safetensors").is_file()
+    assert {p.name: p.read_bytes() for p in out.glob("*.safetensors") if p.name in before} == before

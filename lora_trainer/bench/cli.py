@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lora_trainer.errors import ConfigError
 from lora_trainer.fsutil import atomic_write_text
+from lora_trainer.threads import add_threads_argument, configure_cpu_threads
 
 DEFAULT_RES = {("tiny", "sd1"): 64, ("tiny", "sd2"): 64, ("tiny", "sdxl"): 64,
                ("full", "sd1"): 512, ("full", "sd2"): 768, ("full", "sdxl"): 1024}
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --estimate: also run one fp32 step of the full-size model on this CPU and compare "
                         "what it allocates with the prediction (about a minute for SD1.5 at 512px)")
     p.add_argument("--caption", action="store_true", help="time BLIP captioning (images/s) instead")
+    add_threads_argument(p)
     return p
 
 
@@ -73,6 +75,7 @@ def _estimate(args: argparse.Namespace, resolution: int, precision: str) -> dict
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    configure_cpu_threads(args.threads, small_model=args.size == "tiny" and not args.estimate)
     if args.caption:
         from lora_trainer.bench.caption import run_caption_bench
 

@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="show the captions, write nothing")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--metadata", default=None, help="CSV path (default INPUT/metadata.csv)")
+    p.add_argument("--metadata", "--output", dest="metadata", default=None,
+                   help="CSV path (default INPUT/metadata.csv); --output is lora-scripts' name for it")
     p.add_argument("--extension", default=".txt", help="sidecar extension (default .txt)")
     b = p.add_argument_group("BLIP")
     b.add_argument("--blip-model", default="base", help="base, large, a Hugging Face id in the cache, "

@@ -1,6 +1,7 @@
 """Read and write captions: ``metadata.csv`` (lora-scripts) and ``.txt`` sidecars (kohya).
 
-``metadata.csv`` has a header ``filename,prompt`` and one row per image; fields may be quoted and
+``metadata.csv`` has a header ``filename,prompt`` (Hugging Face's ``file_name,text`` is read and
+kept too) and one row per image; fields may be quoted and
 hold commas, quotes, newlines and any Unicode. Sidecars are ``<image stem><extension>`` beside the
 image. Writers are atomic and back up the file they replace; images are never touched.
 """
@@ -35,33 +36,47 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     return sorted(out)
 
 
-def read_metadata_csv(path: str | Path) -> dict[str, str]:
-    """{filename: caption} from a ``filename,prompt`` CSV (filenames relative to the CSV's folder)."""
-    path = Path(path)
+# Column names of the file name and the caption: lora-scripts' "filename,prompt" and the Hugging
+# Face ImageFolder "file_name,text" (the first of each tuple is what a new file gets).
+FILENAME_COLUMNS = ("filename", "file_name")
+CAPTION_COLUMNS = ("prompt", "caption", "text")
+
+
+def _read_rows(path: Path) -> list[list[str]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DatasetError(f"{path}: caption file not found (data.metadata_path)") from None
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    rows = list(reader)
+    return list(csv.reader(io.StringIO(text, newline="")))
+
+
+def _columns(path: Path, header: list[str]) -> tuple[int, int]:
+    """(file name column, caption column) of a header, or DatasetError."""
+    names = [h.strip().lower() for h in header]
+    fi = next((names.index(k) for k in FILENAME_COLUMNS if k in names), None)
+    pi = next((names.index(k) for k in CAPTION_COLUMNS if k in names), None)
+    if fi is None or pi is None:
+        raise DatasetError(f"{path}: first row must be the header 'filename,prompt' (or Hugging Face's "
+                           f"'file_name,text'); found {header!r}")
+    return fi, pi
+
+
+def read_metadata_csv(path: str | Path) -> dict[str, str]:
+    """{filename: caption} from a ``filename,prompt`` (or ``file_name,text``) CSV; file names are
+    relative to the CSV's folder."""
+    path = Path(path)
+    rows = _read_rows(path)
     if not rows:
         return {}
-    header = [h.strip().lower() for h in rows[0]]
-    if "filename" in header and ("prompt" in header or "caption" in header or "text" in header):
-        fi = header.index("filename")
-        pi = next(header.index(k) for k in ("prompt", "caption", "text") if k in header)
-        body = rows[1:]
-        first_line = 2
-    else:
-        raise DatasetError(f"{path}: first row must be the header 'filename,prompt' (found {rows[0]!r})")
+    fi, pi = _columns(path, rows[0])
     captions: dict[str, str] = {}
-    for n, row in enumerate(body, start=first_line):
+    for n, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) <= max(fi, pi):
-            raise DatasetError(f"{path} row {n}: expected columns filename,prompt, got {row!r}")
+            raise DatasetError(f"{path} row {n}: expected columns {rows[0][fi]},{rows[0][pi]}, got {row!r}")
         name = row[fi].strip()
         if name in captions:
             raise DatasetError(f"{path} row {n}: '{name}' appears twice; keep one row per image")
@@ -69,20 +84,32 @@ def read_metadata_csv(path: str | Path) -> dict[str, str]:
     return captions
 
 
-def format_metadata_csv(captions: dict[str, str]) -> str:
+def format_metadata_csv(captions: dict[str, str], like: list[list[str]] | None = None) -> str:
+    """The CSV text of ``captions``. ``like`` (the rows of the file being replaced) keeps its
+    header and any other columns; without it the header is ``filename,prompt``."""
+    header = list(like[0]) if like else list(CSV_COLUMNS)
+    fi, pi = _columns(Path("metadata.csv"), header) if like else (0, 1)
+    old = {row[fi].strip(): row for row in (like or [])[1:] if len(row) > max(fi, pi)}
     buf = io.StringIO(newline="")
     writer = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(header)
     for name in sorted(captions):
-        writer.writerow([name, captions[name]])
+        row = list(old.get(name, [""] * len(header)))
+        row += [""] * (len(header) - len(row))
+        row[fi], row[pi] = name, captions[name]
+        writer.writerow(row)
     return buf.getvalue()
 
 
 def write_metadata_csv(path: str | Path, captions: dict[str, str], backup: bool = True) -> Path | None:
-    """Write ``captions`` atomically; return the backup of the replaced file (if any)."""
+    """Write ``captions`` atomically, in the header (and columns) the file already has; return
+    the backup of the replaced file (if any)."""
     path = Path(path)
+    like = _read_rows(path) if path.is_file() else None
+    if like:
+        _columns(path, like[0])  # an unreadable header is named here, before anything is written
     saved = backup_file(path) if backup else None
-    atomic_write_text(path, format_metadata_csv(captions))
+    atomic_write_text(path, format_metadata_csv(captions, like or None))
     return saved
 
 

@@ -10,8 +10,10 @@ import argparse
 import sys
 from typing import Any
 
-from lora_trainer.train.cli import add_run_arguments
+from lora_trainer.threads import configure_cpu_threads
+from lora_trainer.train.cli import EXIT_CODES_HELP, add_run_arguments
 from lora_trainer.train.events import TrainEvent
+from lora_trainer.train.stopping import EXIT_STOPPED, stop_on_signals
 
 
 class _Progress:
@@ -40,7 +42,8 @@ class _Progress:
 
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lora_trainer train",
-                                description="Train a text LoRA for a causal language model (task: llm).")
+                                description="Train a text LoRA for a causal language model (task: llm).",
+                                epilog=EXIT_CODES_HELP)
     add_run_arguments(p, "YAML file with 'task: llm' (see docs/text-lora.md)", dest="overrides")
     p.add_argument("--check", action="store_true", help="check the config and data, print the report, do not train")
     return p
@@ -59,15 +62,13 @@ def train_main(argv: list[str]) -> int:
         tok = load_tokenizer(check_model_folder(cfg.model.base_model))
         print(build_datasets(cfg.data, tok, cfg.train.seed)[2].summary())
         return 0
+    configure_cpu_threads(args.threads)
     trainer = TextLoraTrainer(cfg, callbacks=[_Progress(enabled=not args.no_progress and sys.stderr.isatty())])
-    thread = trainer.start()
-    try:
+    # Ctrl-C or SIGTERM: stop after this step (checkpoint and adapter saved); again: abort.
+    with stop_on_signals(trainer.stop, lambda: trainer.commands.stop_requested):
+        thread = trainer.start()
         while thread.is_alive():
             thread.join(0.2)
-    except KeyboardInterrupt:
-        print("stopping: saving a checkpoint and the adapter (Ctrl-C again to abort)", file=sys.stderr)
-        trainer.stop()
-        thread.join()
     if trainer.error is not None:
         raise trainer.error
     result = trainer.result
@@ -77,6 +78,7 @@ def train_main(argv: list[str]) -> int:
         print(f"merged model: {result.merged_path}")
     if result.stopped:
         print(f"stopped at step {result.steps}; continue with --set train.resume=latest")
+        return EXIT_STOPPED
     return 0
 
 

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save, save_file
 
 from lora_trainer.errors import LoraFormatError, OutputError
-from lora_trainer.fsutil import atomic_path
+from lora_trainer.fsutil import atomic_path, space_problem, tensor_bytes, write_problem
 
 # Device names Windows refuses as file names, with or without an extension.
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
@@ -51,19 +51,38 @@ def sanitize_name(name: str) -> str:
     return name
 
 
-def resolve_output_path(folder: str | Path, name: str, overwrite: bool = False) -> Path:
+# Metadata key naming the run that wrote a file: a resumed run may replace its own files, never
+# another run's.
+RUN_KEY = "lora_trainer_run"
+
+
+def file_run_id(path: str | Path) -> str | None:
+    """The run id in a LoRA file's metadata (None when absent or unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get(RUN_KEY)
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def resolve_output_path(folder: str | Path, name: str, overwrite: bool = False, run_id: str | None = None) -> Path:
     """``folder/<name>.safetensors``; if it exists and not ``overwrite``, the first free
-    ``<name>_v2``, ``<name>_v3``... (an existing LoRA is never replaced by accident)."""
+    ``<name>_v2``, ``<name>_v3``... (an existing LoRA is never replaced by accident). A file
+    written by the run ``run_id`` counts as free: a resumed run continues its own files."""
     name = sanitize_name(name)
     folder = Path(folder)
+
+    def free(candidate: Path) -> bool:
+        return not candidate.exists() or (run_id is not None and file_run_id(candidate) == run_id)
+
     path = folder / f"{name}.safetensors"
-    if overwrite or not path.exists():
+    if overwrite or free(path):
         return path
     base, n = name, 2
     m = re.fullmatch(r"(.*)_v(\d+)", name)
     if m:  # my_lora_v2 exists -> my_lora_v3, not my_lora_v2_v2
         base, n = m.group(1), int(m.group(2)) + 1
-    while (folder / f"{base}_v{n}.safetensors").exists():
+    while not free(folder / f"{base}_v{n}.safetensors"):
         n += 1
     return folder / f"{base}_v{n}.safetensors"
 
@@ -87,12 +106,15 @@ def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {**metadata}
     metadata.setdefault("sshs_model_hash", tensor_hash(plain))
-    try:
-        with atomic_path(path) as tmp:
-            save_file(plain, str(tmp), metadata=dict(metadata))
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}; check the folder exists and is writable") from e
-    return path
+    problem = space_problem(path.parent, tensor_bytes(plain))
+    if problem is None:
+        try:
+            with atomic_path(path) as tmp:
+                save_file(plain, str(tmp), metadata=dict(metadata))
+            return path
+        except (OSError, SafetensorError) as e:
+            problem = write_problem(e) or (e.strerror if isinstance(e, OSError) and e.strerror else str(e))
+    raise OutputError(f"LoRA {path} not written: {problem}; free some space or choose a writable output folder")
 
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -12,16 +12,17 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lora_trainer.errors import ConfigError
-from lora_trainer.fsutil import atomic_write_text
+from lora_trainer.errors import ConfigError, OutputError
+from lora_trainer.fsutil import atomic_write_text, space_problem, tensor_bytes, write_problem
 
 STATE_FILE = "state.json"
 LORA_FILE = "lora.safetensors"
@@ -63,23 +64,52 @@ def set_rng_states(states: dict[str, Any], gen: torch.Generator) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, pos: LoopPosition, lora_state: dict[str, torch.Tensor],
-                    training_state: dict[str, Any], config_yaml: str, keep: int) -> Path:
-    """Write ``checkpoints/step-NNNNNN`` atomically and delete all but the newest ``keep``."""
+                    training_state: dict[str, Any], config_yaml: str, keep: int,
+                    run: dict[str, str] | None = None) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` atomically and delete all but the newest ``keep``.
+
+    ``run`` (the run's id and LoRA name) goes into state.json, so a resumed run writes its own files."""
     root = checkpoints_dir(output_dir)
     final = root / f"step-{pos.step:06d}"
     tmp = root / f".{final.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, str(tmp / LORA_FILE))
-    torch.save(training_state, tmp / TRAINING_FILE)
-    atomic_write_text(tmp / "config.yaml", config_yaml)
-    atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(pos), indent=2))
+    lora_cpu = {k: v.detach().cpu().contiguous() for k, v in lora_state.items()}
+    for stale in root.glob(".step-*.partial"):  # left by a killed run: it holds space
+        shutil.rmtree(stale, ignore_errors=True)
+    problem = space_problem(root, tensor_bytes(lora_cpu) + tensor_bytes(training_state))
+    if problem is None:
+        try:
+            _write_folder(tmp, lora_cpu, training_state, config_yaml,
+                          json.dumps({**asdict(pos), "run": run or {}}, indent=2))
+        except (OSError, RuntimeError, SafetensorError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial folder must not hold the space
+            problem = write_problem(e)
+            if problem is None:
+                raise
+    if problem is not None:
+        raise OutputError(f"checkpoint {final.name} not written to {root}: {problem}; {resume_hint(output_dir)}")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     prune_checkpoints(root, keep)
     return final
+
+
+def _write_folder(tmp: Path, lora_state: dict[str, torch.Tensor], training_state: dict[str, Any],
+                  config_yaml: str, state_json: str) -> None:
+    tmp.mkdir(parents=True)
+    save_file(lora_state, str(tmp / LORA_FILE))
+    torch.save(training_state, tmp / TRAINING_FILE)
+    atomic_write_text(tmp / "config.yaml", config_yaml)
+    atomic_write_text(tmp / STATE_FILE, state_json)
+
+
+def resume_hint(output_dir: str | Path) -> str:
+    """What to do after a failed save: where the last good checkpoint is and how to go on."""
+    found = list_checkpoints(checkpoints_dir(output_dir))
+    if not found:
+        return "no checkpoint of this run was saved yet: make room or choose a writable output folder, then start again"
+    return (f"the last good checkpoint is {found[-1]}: make room (or make the folder writable), "
+            "then resume with --set resume=latest")
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -108,8 +138,14 @@ def find_checkpoint(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
+def checkpoint_run(path: Path) -> dict[str, str]:
+    """The run id and LoRA name a checkpoint was saved with ({} for older checkpoints)."""
+    return dict(json.loads((path / STATE_FILE).read_text(encoding="utf-8")).get("run") or {})
+
+
 def load_checkpoint(path: Path) -> tuple[LoopPosition, dict[str, torch.Tensor], dict[str, Any]]:
-    pos = LoopPosition(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    saved = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    pos = LoopPosition(**{f.name: saved[f.name] for f in fields(LoopPosition) if f.name in saved})
     lora_state = load_file(str(path / LORA_FILE))
     # Our own file: optimizer states and RNG tuples need more than weights_only allows.
     training_state = torch.load(path / TRAINING_FILE, map_location="cpu", weights_only=False)

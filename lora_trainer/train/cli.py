@@ -9,7 +9,13 @@ from typing import Any
 
 from lora_trainer.config import example_yaml, load_config, parse_set_overrides, read_yaml, reference_markdown
 from lora_trainer.errors import ConfigError
+from lora_trainer.threads import add_threads_argument, configure_cpu_threads
 from lora_trainer.train.events import TrainEvent
+from lora_trainer.train.stopping import EXIT_STOPPED
+
+EXIT_CODES_HELP = (f"exit codes: 0 finished; 2 bad input (one line says what and where); {EXIT_STOPPED} stopped "
+                   "early by Ctrl-C or SIGTERM (the LoRA and a checkpoint are saved: resume with --set "
+                   "resume=latest); 1 any other failure")
 
 
 class ProgressBar:
@@ -62,12 +68,16 @@ def add_run_arguments(ap: argparse.ArgumentParser, config_help: str, dest: str) 
     ap.add_argument("--set", dest=dest, action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting, e.g. --set network.rank=16 (repeatable)")
     ap.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    add_threads_argument(ap)
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_trainer train",
-                                 description="Train a LoRA from a YAML config (see 'config --example').")
+                                 description="Train a LoRA from a YAML config (see 'config --example').",
+                                 epilog=EXIT_CODES_HELP)
     add_run_arguments(ap, "YAML config file", dest="sets")
+    ap.add_argument("--check", action="store_true",
+                    help="check the config and the dataset (no model is loaded), print the report, do not train")
     known, _ = ap.parse_known_args(argv)  # the llm command has options of its own
     if _wants_llm(known.config, known.sets):
         from lora_trainer.llm.cli import train_main
@@ -76,7 +86,11 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.config is None and not args.sets:
         raise ConfigError("train: give --config my.yaml (see 'python -m lora_trainer config --example')")
-    return run_training(load_config(args.config, args.sets), progress=not args.no_progress)
+    cfg = load_config(args.config, args.sets)
+    if args.check:
+        return check_config(cfg, args.config or "--set")
+    configure_cpu_threads(args.threads, small_model=cfg.model.base_model == "demo")
+    return run_training(cfg, progress=not args.no_progress)
 
 
 def run_training(cfg: Any, progress: bool = True) -> int:
@@ -90,7 +104,7 @@ def run_training(cfg: Any, progress: bool = True) -> int:
     print(f"{word}: {result.steps} steps{loss}")
     print(f"LoRA: {result.lora_path}")
     print(f"outputs: {result.output_dir}")
-    return 0
+    return EXIT_STOPPED if result.stopped else 0
 
 
 def config_main(argv: list[str]) -> int:
@@ -113,9 +127,31 @@ def config_main(argv: list[str]) -> int:
             llm = load_llm_config(args.check, args.sets)
             print(f"{args.check}: OK (text LoRA, base model {llm.model.base_model!r})")
             return 0
-        cfg = load_config(args.check, args.sets)
-        print(f"{args.check}: OK (base model {cfg.model.base_model!r}, data {cfg.data.train_data_dir!r}, "
-              f"rank {cfg.network.rank}, output {Path(cfg.output.output_dir) / cfg.output.output_name})")
+        return check_config(load_config(args.check, args.sets), args.check)
+    return 0
+
+
+def check_config(cfg: Any, label: str) -> int:
+    """Every check that needs no model (names, folders, files, the dataset scan); each problem
+    on its own line. Exit code 0 when the run can start, 2 otherwise."""
+    from lora_trainer.data.scan import scan_dataset
+    from lora_trainer.errors import DatasetError, LoraTrainerError
+    from lora_trainer.train.preflight import find_problems
+
+    problems = find_problems(cfg)
+    report = None
+    if not any(isinstance(p, DatasetError) for p in problems):
+        try:
+            report = scan_dataset(cfg.data)
+        except LoraTrainerError as e:
+            problems.append(e)
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if problems or report is None:
+        return 2
+    print(report.summary())
+    print(f"{label}: OK (base model {cfg.model.base_model!r}, data {cfg.data.train_data_dir!r}, "
+          f"rank {cfg.network.rank}, output {Path(cfg.output.output_dir) / cfg.output.output_name})")
     return 0
 
 
@@ -135,20 +171,17 @@ def demo_config(folder: Path, steps: int, device: str) -> Any:
 
 def demo_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m lora_trainer demo",
-                                 description="Train a LoRA on the tiny embedded model and a drawn dataset (CPU, ~1 min).")
+                                 description="Train a LoRA on the tiny embedded model and a drawn dataset (CPU, ~1 min).",
+                                 epilog=EXIT_CODES_HELP)
     ap.add_argument("--dir", default="lora_demo", help="folder for the dataset and outputs (default ./lora_demo)")
     ap.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
     ap.add_argument("--device", default="cpu", help="'cpu' (default), 'cuda', 'auto'")
     ap.add_argument("--no-progress", action="store_true")
+    add_threads_argument(ap)
     args = ap.parse_args(argv)
     from lora_trainer.data.demo import make_demo_dataset
 
-    if args.device == "cpu":
-        import torch
-
-        # The demo model's operations are too small to split across threads: one thread avoids
-        # the synchronisation cost, which dominates on a small or busy CPU.
-        torch.set_num_threads(1)
+    configure_cpu_threads(args.threads, small_model=True)
     folder = Path(args.dir)
     data = make_demo_dataset(folder / "data")
     print(f"demo dataset: {data}")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +18,7 @@ import torch
 
 from lora_trainer.data.cache import LatentCache, TextCache, fill_latent_cache, module_identity
 from lora_trainer.data.dataset import Batch, BucketDataset, EpochView, steps_per_epoch
-from lora_trainer.errors import ConfigError
+from lora_trainer.errors import ConfigError, OutputError
 from lora_trainer.fsutil import atomic_write_text, backup_file
 from lora_trainer.torch_compat import autocast_supported, enable_hf_checkpointing, grad_scaler
 from lora_trainer.train import checkpoint as ckpt
@@ -65,8 +67,10 @@ class RunSession:
         self.final_loss: float | None = None
         self.last_sample: Any = None
         self.last_sample_step = -1
+        self.last_checkpoint_step = -1
         self.started = time.time()
-        self._step_stem: str | None = None  # <name> of this run's step LoRAs, fixed at the first one
+        self.run_id = uuid.uuid4().hex  # marks this run's LoRA files (a resume takes the checkpoint's)
+        self._stem: str | None = None  # the LoRA name this run writes (<name>, or <name>_v2...), fixed at first use
         self._undo: list[Any] = []  # callables that put the model back as the host gave it
         self.logger: Logger | None = None
         self._train_flags: dict[int, bool] = {}
@@ -97,8 +101,10 @@ class RunSession:
         if cfg.sample.prompt and self.last_sample_step != self.pos.step and not stopped:
             self.sample()
         lora_path = self.save_lora()
+        if stopped and self.last_checkpoint_step != self.pos.step:
+            self.checkpoint(step_lora=False)  # after the small LoRA, so a full disk loses the least
         write_summary(self.out, status="stopped" if stopped else "done", steps=self.pos.step,
-                      total_steps=self.total_steps, epoch=self.pos.epoch, final_loss=self.final_loss,
+                      total_steps=self.total_steps, epoch=self.epoch_number, final_loss=self.final_loss,
                       seconds=round(time.time() - started, 2), lora_path=str(lora_path),
                       output_dir=str(self.out), images=len(self.ds.items), config=str(self.out / "config.yaml"))
         return TrainResult(lora_path, self.pos.step, self.final_loss, stopped, self.out)
@@ -136,8 +142,8 @@ class RunSession:
             # -- commands, checkpoints, samples
             stop = self.trainer.commands.stop_requested or self.host_interrupted()
             every = t.save_steps
-            if stop or self.trainer.commands.take_save() or (every and self.pos.step % every == 0):
-                self.checkpoint(step_lora=not stop)  # a stop writes the final LoRA right after
+            if not stop and (self.trainer.commands.take_save() or (every and self.pos.step % every == 0)):
+                self.checkpoint()  # a stop saves after the loop: the final LoRA, then the checkpoint
             s = self.cfg.sample
             if self.trainer.commands.take_sample() or (s.prompt and s.every_n_steps
                                                         and self.pos.step % s.every_n_steps == 0):
@@ -217,6 +223,12 @@ class RunSession:
             self.status(f"train.resume: no checkpoint in {ckpt.checkpoints_dir(self.out)} yet; starting fresh")
             return
         pos, lora_state, state = ckpt.load_checkpoint(found)
+        run = ckpt.checkpoint_run(found)
+        if run.get("run_id"):  # the same run goes on: it writes over its own files, not a _v2
+            self.run_id = run["run_id"]
+            stem, name = run.get("lora_name") or "", self.cfg.output.output_name
+            if stem == name or re.fullmatch(re.escape(name) + r"_v\d+", stem):  # not when renamed since
+                self._stem = stem
         self.network.load_state_dict(lora_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -315,35 +327,41 @@ class RunSession:
         if self.logger is not None:
             self.logger.scalars(self.pos.step, loss=loss, lr=lr)
         self.trainer.emit(TrainEvent("step", step=self.pos.step, total_steps=self.total_steps,
-                                     epoch=self.pos.epoch, loss=loss, lr=lr, it_per_s=it_s, eta_s=eta))
+                                     epoch=self.epoch_number, loss=loss, lr=lr, it_per_s=it_s, eta_s=eta))
 
     # == saving ============================================================================
     def checkpoint(self, step_lora: bool = True) -> Path:
+        # The step's LoRA first: it is small and usable on its own if the disk fills up.
+        lora = self.save_step_lora() if step_lora and self.cfg.output.save_step_loras else None
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": ckpt.rng_states(self.gen)}
         path = ckpt.save_checkpoint(self.out, self.pos, self.network.state_dict(), state,
-                                    self.cfg.to_yaml(), self.cfg.output.keep_checkpoints)
-        lora = self.save_step_lora() if step_lora and self.cfg.output.save_step_loras else None
+                                    self.cfg.to_yaml(), self.cfg.output.keep_checkpoints,
+                                    run={"run_id": self.run_id, "lora_name": self.lora_path().stem})
+        self.last_checkpoint_step = self.pos.step
         self.trainer.emit(TrainEvent("checkpoint", step=self.pos.step, total_steps=self.total_steps,
                                      path=str(path), message=f"checkpoint {path}"
                                      + (f"; LoRA of this step: {lora.stem}" if lora else "")))
         return path
 
-    def save_step_lora(self) -> Path:
-        """``<lora_dir>/<name>-stepNNNNNN.safetensors``: this step's LoRA in the same format as
-        the final one, so the Test section (and the WebUI) can render any saved step."""
+    def lora_path(self, suffix: str = "") -> Path:
+        """``<lora_dir>/<name><suffix>.safetensors`` of this run. <name> is fixed at the first
+        save (``<name>_v2`` when another run's <name> exists); files this run wrote are its own
+        to replace, so a resumed run keeps its name."""
         from lora_trainer.lora.files import resolve_output_path
 
         o, folder = self.cfg.output, self.host.lora_dir(self.cfg)
-        if self._step_stem is None:  # the name the final file would get now (<name>_v2 if <name> exists)
-            self._step_stem = resolve_output_path(folder, o.output_name, o.overwrite).stem
-        return self.write_lora(resolve_output_path(folder, f"{self._step_stem}-step{self.pos.step:06d}", o.overwrite))
+        if self._stem is None:
+            self._stem = resolve_output_path(folder, o.output_name, o.overwrite, self.run_id).stem
+        return resolve_output_path(folder, self._stem + suffix, o.overwrite, self.run_id)
+
+    def save_step_lora(self) -> Path:
+        """``<lora_dir>/<name>-stepNNNNNN.safetensors``: this step's LoRA in the same format as
+        the final one, so the Test section (and the WebUI) can render any saved step."""
+        return self.write_lora(self.lora_path(f"-step{self.pos.step:06d}"))
 
     def save_lora(self) -> Path:
-        from lora_trainer.lora.files import resolve_output_path
-
-        o = self.cfg.output
-        path = self.write_lora(resolve_output_path(self.host.lora_dir(self.cfg), o.output_name, o.overwrite))
+        path = self.write_lora(self.lora_path())
         if self.last_sample is not None:
             from lora_trainer.lora.files import save_preview_png
 
@@ -353,7 +371,7 @@ class RunSession:
 
     def write_lora(self, path: Path) -> Path:
         """The LoRA as it is now, in kohya format with its metadata, at ``path`` (atomically)."""
-        from lora_trainer.lora.files import save_lora_file
+        from lora_trainer.lora.files import RUN_KEY, save_lora_file
         from lora_trainer.lora.metadata import build_metadata
 
         o, n = self.cfg.output, self.cfg.network
@@ -364,9 +382,12 @@ class RunSession:
         alpha = next((float(v) for k, v in tensors.items() if k.endswith(".alpha")), n.alpha)
         metadata = build_metadata(
             self.cfg, self.bundle, num_images=sum(not it.is_reg for it in self.ds.items), tag_frequency=tags,
-            dataset_dirs=dirs, steps=self.pos.step, epoch=self.pos.epoch, started_at=self.started,
+            dataset_dirs=dirs, steps=self.pos.step, epoch=self.epoch_number, started_at=self.started,
             finished_at=time.time(), rank=rank, alpha=alpha, output_name=path.stem)
-        save_lora_file(path, tensors, metadata)
+        try:
+            save_lora_file(path, tensors, {**metadata, RUN_KEY: self.run_id})
+        except OutputError as e:
+            raise OutputError(f"{e}; {ckpt.resume_hint(self.out)}") from None
         self.host.refresh_loras()
         return path
 
@@ -392,6 +413,12 @@ class RunSession:
                                      image=img, path=str(path)))
 
     # == helpers ===========================================================================
+    @property
+    def epoch_number(self) -> int:
+        """The epoch the last step belongs to, counted from 1 as kohya does (0 before any step);
+        ``pos.epoch`` is the 0-based index the data order uses."""
+        return self.pos.epoch + 1 if self.pos.step else 0
+
     def write_config(self) -> None:
         """<output_dir>/config.yaml; a different file already there (the user's?) is backed up first."""
         target, text = self.out / "config.yaml", self.cfg.to_yaml()

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from lora_trainer.config import TrainConfig
-from lora_trainer.errors import one_line
+from lora_trainer.errors import OutputError, one_line
 from lora_trainer.train.events import Callback, TrainEvent, WorkerRun, emit
 from lora_trainer.train.session import RunSession
+from lora_trainer.train.stopping import stop_on_signals
 
 if TYPE_CHECKING:
     from lora_trainer.hosts.base import Host
@@ -38,6 +37,17 @@ class TrainResult:
     final_loss: float | None
     stopped: bool
     output_dir: Path
+
+
+def _as_output_error(error: OSError, output_dir: str) -> BaseException:
+    """A full disk or a read-only folder met outside the savers' own checks, as one line."""
+    from lora_trainer.fsutil import write_problem
+    from lora_trainer.train.checkpoint import resume_hint
+
+    problem = write_problem(error)
+    if problem is None:
+        return error
+    return OutputError(f"cannot write {error.filename or output_dir}: {problem}; {resume_hint(output_dir)}")
 
 
 def seed_everything(seed: int) -> None:
@@ -60,14 +70,18 @@ class Trainer(WorkerRun):
     # -- the run -------------------------------------------------------------------------
     def run(self) -> TrainResult:
         """Train (blocking) and return the result; errors are emitted as an "error" event and raised."""
-        restore_sigint = self._install_sigint()
         try:
-            self.result = self._run()
+            with stop_on_signals(self.commands.request_stop, lambda: self.commands.stop_requested):
+                try:
+                    self.result = self._run()
+                except OSError as e:
+                    converted = _as_output_error(e, self.config.output.output_dir)
+                    if converted is e:
+                        raise
+                    raise converted from e
         except BaseException as e:
             self.emit(TrainEvent("error", message=one_line(e)))
             raise
-        finally:
-            restore_sigint()
         r = self.result
         self.emit(TrainEvent("stopped" if r.stopped else "done", step=r.steps, loss=r.final_loss,
                              path=str(r.lora_path) if r.lora_path else None,
@@ -76,8 +90,11 @@ class Trainer(WorkerRun):
 
     def _run(self) -> TrainResult:
         from lora_trainer.data.scan import scan_dataset
+        from lora_trainer.train.preflight import preflight
 
-        # The dataset is scanned before a model is loaded: a mistake there fails in seconds.
+        # The config and the dataset are checked before a model is loaded: a mistake there
+        # fails in seconds, not at the first save.
+        preflight(self.config, self.host)
         self.emit(TrainEvent("status", message="checking the dataset"))
         report = scan_dataset(self.config.data)
         self.emit(TrainEvent("status", message=report.summary()))
@@ -91,18 +108,3 @@ class Trainer(WorkerRun):
                     session.cleanup()
                 finally:
                     self.host.release_bundle(bundle)
-
-    def _install_sigint(self) -> Any:
-        """First Ctrl-C: stop after this step (checkpoint + LoRA). Second: abort at once."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = signal.getsignal(signal.SIGINT)
-
-        def handler(signum: int, frame: Any) -> None:
-            if self.commands.stop_requested:
-                raise KeyboardInterrupt
-            log.warning("stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
-            self.commands.request_stop()
-
-        signal.signal(signal.SIGINT, handler)
-        return lambda: signal.signal(signal.SIGINT, previous)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_trainer.config import TrainConfig, build_config
 from lora_trainer.errors import ConfigError
+from lora_trainer.threads import add_threads_argument, configure_cpu_threads
 from lora_trainer.ui import compat, presets
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", action="store_true", help="listen on all interfaces (needs --auth)")
     p.add_argument("--auth", help="user:password required to open the page")
     p.add_argument("--inbrowser", action="store_true", help="open a browser tab")
+    add_threads_argument(p)
     return p
 
 
@@ -141,6 +143,7 @@ def check_port(server: str, port: int) -> None:
 def main(argv: list[str]) -> int:
     args, defaults, server, auth = resolve_args(argv)
     check_port(server, args.port)
+    configure_cpu_threads(args.threads, small_model=defaults.model.base_model == "demo")
     if defaults.model.base_model == "demo" and defaults.data.train_data_dir:
         prepare_demo_data(defaults.data.train_data_dir)
     from lora_trainer.hosts.standalone import StandaloneHost

@@ -104,7 +104,9 @@ def config_from_yaml_text(text: str) -> TrainConfig:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config YAML is not valid ({getattr(e, 'problem', e)})") from None
+        from lora_trainer.config_schema import yaml_error_message
+
+        raise ConfigError(yaml_error_message(e, "config YAML")) from None
     if not isinstance(data, dict):
         raise ConfigError("config YAML: expected a mapping of keys to values at the top level")
     return cfgmod.build_config(cfgmod.flatten_user_dict(data, source="config YAML"))
