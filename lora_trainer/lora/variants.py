@@ -129,11 +129,12 @@ def _scaled_lokr_delta(self: LoKrLayer, adapter_name: str, *args: Any, **kwargs:
 
 @functools.cache
 def peft_scales_lokr() -> bool:
-    """Whether this peft's LoKr update includes alpha / rank (0.14 and later), found by trying."""
-    model = nn.Sequential(nn.Linear(4, 4))
-    inject_adapter_in_model(LoKrConfig(r=1, alpha=2.0, target_modules=["0"]), model, adapter_name=ADAPTER)
-    layer = model[0]
-    with torch.no_grad():
+    """Whether this peft's LoKr update includes alpha / rank (0.14 and later), found by trying
+    (without touching the random state a training run is seeded with)."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model = nn.Sequential(nn.Linear(4, 4))
+        inject_adapter_in_model(LoKrConfig(r=1, alpha=2.0, target_modules=["0"]), model, adapter_name=ADAPTER)
+        layer = model[0]
         for p in adapter_tensors(layer).values():
             p.fill_(1.0)
         return bool(layer.get_delta_weight(ADAPTER).max() == 2.0)
@@ -142,9 +143,9 @@ def peft_scales_lokr() -> bool:
 def fix_lokr_scaling(root: nn.Module) -> int:
     """On a peft without LoKr scaling, make each LoKr layer's update include alpha / rank (per
     instance: the layers are thrown away on removal). Returns how many layers needed it."""
-    if peft_scales_lokr():
-        return 0
     layers = [m for m in root.modules() if isinstance(m, LoKrLayer)]
+    if not layers or peft_scales_lokr():
+        return 0
     for m in layers:
         m.get_delta_weight = types.MethodType(_scaled_lokr_delta, m)
     return len(layers)
