@@ -294,19 +294,20 @@ def known_module_key(arch: str, key: str) -> bool:
     diffusers or LDM/SGM spelling (the WebUIs accept both for the UNet)."""
     if key.startswith("lora_unet_"):
         return _unet_key_regex(arch).fullmatch(key) is not None
-    prefixes = ("lora_te1_", "lora_te2_") if arch == "sdxl" else ("lora_te_",)
+    # A1111, Forge and ComfyUI all read lora_te1_ as the SD1 text encoder too.
+    prefixes = {"sdxl": ("lora_te1_", "lora_te2_"), "sd1": ("lora_te_", "lora_te1_")}.get(arch, ("lora_te_",))
     return any(key.startswith(p) and re.fullmatch(_TE_CHILD, key[len(p):]) for p in prefixes)
 
 
 def detect_arch(keys: list[str] | set[str]) -> str | None:
-    """Best guess of the base architecture from file keys: "sdxl", "sd1/sd2" or None."""
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys) or any(
-            k.startswith("lora_unet_input_blocks_") or k.startswith("lora_unet_output_blocks_") for k in keys):
+    """Best guess of the base architecture from file keys: "sdxl", "sd1/sd2" or None. SDXL files
+    have LDM-named UNet keys and lora_te2_; an SD1 file may name its text encoder lora_te1_."""
+    if any(k.startswith(("lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_")) for k in keys):
         return "sdxl"
     if any(k.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_", "lora_te_"))
            for k in keys):
         return "sd1/sd2"
-    return None
+    return "sdxl" if any(k.startswith("lora_te1_") for k in keys) else None
 
 
 # --- LyCORIS variants ----------------------------------------------------------------------
