@@ -71,6 +71,10 @@ def test_reader_lokr_deltas_by_hand():
     pair = ModuleTensors("lokr", {"lokr_w1": w1, "lokr_w2_a": torch.tensor([[1.0, 0.0], [3.0, 0.0]]),
                                   "lokr_w2_b": torch.tensor([[1.0], [5.0]])}, alpha=1.0)  # rank 2 -> scale 0.5
     assert torch.equal(reader.module_delta(pair, torch.zeros(2, 2)), kron / 2)
+    both = ModuleTensors("lokr", {"lokr_w1_a": torch.tensor([[1.0]]), "lokr_w1_b": torch.tensor([[1.0, 2.0]]),
+                                  "lokr_w2_a": torch.tensor([[1.0, 0.0], [3.0, 0.0]]),
+                                  "lokr_w2_b": torch.tensor([[1.0], [5.0]])}, alpha=1.0)
+    assert torch.equal(reader.module_delta(both, torch.zeros(2, 2)), kron / 2)  # lokr_w2_b's rank (2), not w1_b's
     conv = ModuleTensors("lokr", {"lokr_w1": torch.tensor([[2.0]]), "lokr_w2": torch.ones(1, 1, 3, 3)}, alpha=1.0)
     assert torch.equal(reader.module_delta(conv, torch.zeros(1, 1, 3, 3)), torch.full((1, 1, 3, 3), 2.0))
 

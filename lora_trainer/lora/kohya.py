@@ -336,12 +336,17 @@ class ModuleTensors:
 
     @property
     def rank(self) -> int | None:
-        """The rank loaders divide alpha by (None for a LoKr with two whole factors: scale 1)."""
-        t = self.tensors
-        for name in ("lora_down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"):
-            if name in t:
-                return int(t[name].shape[0])
-        return None
+        return rank_of_tensors(self.tensors)
+
+
+def rank_of_tensors(tensors: dict[str, torch.Tensor]) -> int | None:
+    """The rank loaders divide alpha by: the inner size of lora_down, hada_w1_b or the LoKr pair
+    (lokr_w2_b before lokr_w1_b, as A1111 and ComfyUI take it); None for a LoKr with two whole
+    factors (scale 1)."""
+    for name in ("lora_down.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+        if name in tensors:
+            return int(tensors[name].shape[0])
+    return None
 
 
 def split_any_key(key: str) -> tuple[str, str]:

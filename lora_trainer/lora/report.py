@@ -89,13 +89,6 @@ def _kind_of(names: set[str]) -> str:
     return "unknown"
 
 
-def _rank(g: dict[str, torch.Tensor]) -> int | None:
-    for name in ("lora_down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"):
-        if name in g:
-            return int(g[name].shape[0])
-    return None
-
-
 def _split_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     bad_keys: list[str] = []
@@ -148,7 +141,7 @@ def analyse(tensors: dict[str, torch.Tensor], md: dict[str, str]) -> dict[str, A
     problems: list[str] = []
     if bad_keys:
         problems.append(f"{len(bad_keys)} keys are no LoRA/LyCORIS tensors (first: {bad_keys[0]})")
-    no_alpha = sorted(m for m, g in modules.items() if "alpha" not in g and _rank(g) is not None)
+    no_alpha = sorted(m for m, g in modules.items() if "alpha" not in g and kohya.rank_of_tensors(g) is not None)
     incomplete = []
     for m, g in sorted(modules.items()):
         if kinds[m] in ("lora", "loha", "lokr"):
@@ -169,8 +162,8 @@ def analyse(tensors: dict[str, torch.Tensor], md: dict[str, str]) -> dict[str, A
     for name, g in sorted(modules.items()):
         info = groups.setdefault(_group(name), {"modules": 0, "ranks": set(), "alphas": set()})
         info["modules"] += 1
-        if _rank(g) is not None:
-            info["ranks"].add(_rank(g))
+        if kohya.rank_of_tensors(g) is not None:
+            info["ranks"].add(kohya.rank_of_tensors(g))
         if "alpha" in g:
             info["alphas"].add(float(g["alpha"].float().item()))
     for info in groups.values():

@@ -98,7 +98,7 @@ def _loader_issues(loader: str, f: Facts) -> list[str]:
                           "and be lora_down.weight/lora_up.weight/alpha"
                           + (f" (this file has {'/'.join(kinds)} modules)" if kinds else ""))
         if f.dora:
-            issues.append("dora_scale is read as peft's per-output magnitude: DoRA files are not read as trained")
+            issues.append("reads dora_scale as peft's per-output magnitude: the DoRA loads, but not as trained")
     return issues
 
 
