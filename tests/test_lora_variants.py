@@ -306,6 +306,10 @@ def test_the_webuis_ldm_unet_gets_the_same_keys(typ):
 
     cfg = _cfg(typ, conv_rank=2, train_text_encoder=False)
     ldm = make_bundle("sd1", build_components("sd1"), unet=ldm_unet("sd1"), unet_naming="ldm")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LDM zero-initialises its output layers: the output would be 0 whatever the LoRA
+        for p in ldm.unet.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     base = _ldm_out(ldm.unet)
     net = inject_lora(ldm, cfg)
     ldm_keys = set(net.layout)
