@@ -74,8 +74,21 @@ class DataConfig:
                               "(default: 2 on a GPU; 0 on a CPU, where loading and training share the cores).")
 
 
+NETWORK_TYPES = ("lora", "locon", "dora", "loha", "lokr")
+# One line per network type, shown in the tab and in the config reference.
+NETWORK_TYPE_HELP = {
+    "lora": "LoRA: low-rank update of attention/feed-forward layers (kohya's default; smallest files).",
+    "locon": "LoCon: LoRA also on the 3x3 ResNet convolutions, with their own rank (conv_rank/conv_alpha).",
+    "dora": "DoRA: LoRA plus a learned per-channel magnitude (dora_scale); closer to full fine-tuning.",
+    "loha": "LoHa: Hadamard product of two low-rank pairs; more expressive at the same rank (LyCORIS).",
+    "lokr": "LoKr: Kronecker product of two small factors; very small files (LyCORIS).",
+}
+
+
 @dataclass
 class NetworkConfig:
+    type: Literal["lora", "locon", "dora", "loha", "lokr"] = _f(
+        "lora", "Network type. " + " ".join(NETWORK_TYPE_HELP.values()))
     rank: int = _f(16, "LoRA rank (network_dim).")
     alpha: float = _f(8.0, "LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = _f(0.0, "Dropout on the LoRA path.")
@@ -83,6 +96,9 @@ class NetworkConfig:
     train_unet: bool = _f(True, "Train LoRA on the UNet.")
     train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s).")
     init_from: str | None = _f(None, "Existing LoRA .safetensors to continue training from (its rank and alpha are used).")
+    conv_rank: int | None = _f(None, "Rank of the adapters on 3x3 convolutions (kohya's conv_dim). Setting it adapts "
+                               "the 3x3 convs with any type; empty: network.rank for locon, no convs otherwise.")
+    conv_alpha: float | None = _f(None, "Alpha of the 3x3 conv adapters (kohya's conv_alpha); empty: network.alpha.")
 
 
 @dataclass
@@ -206,6 +222,9 @@ ALIASES: dict[str, str] = {
     "target_modules": "network.target_modules",
     "train_text_encoder": "network.train_text_encoder",
     "network_weights": "network.init_from",
+    "network_type": "network.type",
+    "conv_dim": "network.conv_rank",
+    "conv_alpha": "network.conv_alpha",
     "optimizer_type": "optim.optimizer",
     "optimizer": "optim.optimizer",
     "learning_rate": "optim.learning_rate",
@@ -247,6 +266,56 @@ _ALIAS_VALUE_MAPS: dict[str, Any] = {
 }
 
 
+# kohya's network_module values -> network.type ("lycoris.kohya" alone is LyCORIS' default algo,
+# "lora", which adapts the 3x3 convs too: our locon).
+NETWORK_MODULES = {"networks.lora": "lora", "lycoris.kohya": "locon"}
+# LyCORIS' network_args "algo" values we train -> network.type.
+LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr", "dora": "dora"}
+_NETWORK_ARG_FIELDS = {"conv_dim": "network.conv_rank", "conv_alpha": "network.conv_alpha",
+                       "dropout": "network.dropout"}
+
+
+def _network_module(value: Any) -> dict[str, Any]:
+    if str(value).strip() not in NETWORK_MODULES:
+        raise ConfigError(f"network_module: {value!r} is not supported; use one of {', '.join(NETWORK_MODULES)} "
+                          f"(or network.type: {' | '.join(NETWORK_TYPES)})")
+    return {"network.type": NETWORK_MODULES[str(value).strip()]}
+
+
+def _network_args(value: Any) -> dict[str, Any]:
+    """kohya's ``network_args`` (a list of "key=value" strings, or a mapping) -> field paths."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split() if v]
+    if isinstance(value, (list, tuple)):
+        pairs = {}
+        for item in value:
+            if "=" not in str(item):
+                raise ConfigError(f"network_args: {item!r} is not key=value (e.g. \"algo=loha\", \"conv_dim=8\")")
+            k, v = str(item).split("=", 1)
+            pairs[k.strip()] = v.strip()
+        value = pairs
+    if not isinstance(value, dict):
+        raise ConfigError("network_args: expected a list of \"key=value\" strings such as [\"algo=loha\", \"conv_dim=8\"]")
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if k == "algo":
+            if str(v).lower() not in LYCORIS_ALGOS:
+                raise ConfigError(f"network_args: algo={v} is not supported; use one of {', '.join(LYCORIS_ALGOS)}")
+            out["network.type"] = LYCORIS_ALGOS[str(v).lower()]
+        elif k == "dora_wd":
+            if _coerce(v, bool, "network_args: dora_wd"):
+                out["network.type"] = "dora"
+        elif k in _NETWORK_ARG_FIELDS:
+            out[_NETWORK_ARG_FIELDS[k]] = v
+        else:
+            raise ConfigError(f"network_args: {k!r} is not supported; supported: algo, "
+                              f"{', '.join(_NETWORK_ARG_FIELDS)}, dora_wd")
+    if out.get("network.type") == "dora" and value.get("algo", "lora") not in ("lora", "locon", "dora"):
+        raise ConfigError(f"network_args: dora_wd with algo={value['algo']} is not supported; DoRA works with "
+                          "algo=lora/locon only")
+    return out
+
+
 # -- building a config ---------------------------------------------------------------------
 
 SCHEMA = ConfigSchema(
@@ -255,6 +324,8 @@ SCHEMA = ConfigSchema(
     example_header=("# lora-trainer config. Every key is optional; shown with its default.",
                     "# Flat keys from lora-scripts/kohya (lora_rank, train_data_dir, ...) work too."),
     foreign=(("llm", "the 'llm' section needs 'task: llm'"),),
+    # network_args (more specific) overrides the type network_module implies.
+    expanders={"network_module": _network_module, "network_args": _network_args},
 )
 
 
@@ -321,6 +392,10 @@ def validate(cfg: TrainConfig) -> None:
     need(n.rank >= 1, f"network.rank: {n.rank} must be at least 1 (4-128 is typical)")
     need(n.alpha > 0, f"network.alpha: {n.alpha} must be above 0 (often rank or rank/2)")
     need(0.0 <= n.dropout < 1.0, f"network.dropout: {n.dropout} must be in [0, 1)")
+    need(n.conv_rank is None or n.conv_rank >= 1, f"network.conv_rank: {n.conv_rank} must be at least 1 (or empty)")
+    need(n.conv_alpha is None or n.conv_alpha > 0, f"network.conv_alpha: {n.conv_alpha} must be above 0 (or empty)")
+    need(n.dropout == 0 or n.type in ("lora", "locon"),
+         f"network.dropout: {n.dropout} works with network.type lora/locon only, not {n.type}; set it to 0")
     need(n.train_unet or n.train_text_encoder,
          "network: train_unet and train_text_encoder are both false; enable at least one")
     need(t.batch_size >= 1, f"train.batch_size: {t.batch_size} must be at least 1")

@@ -13,7 +13,7 @@ import difflib
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 import yaml
@@ -168,6 +168,9 @@ class ConfigSchema:
     example_header: tuple[str, ...]
     nested: str | None = None  # a section whose keys are read as if at the top level ("llm")
     foreign: tuple[tuple[str, str], ...] = ()  # (top-level key, error) for keys of another family
+    # Keys that stand for several fields (kohya's network_args): key -> function of the value
+    # giving {field path: value}. Where two of them set one field, the later one here wins.
+    expanders: dict[str, Callable[[Any], dict[str, Any]]] = field(default_factory=dict)
 
     def field_paths(self) -> list[str]:
         paths = ["task"]
@@ -219,10 +222,15 @@ class ConfigSchema:
         """Nested sections, 'a.b' keys and flat aliases -> {field_path: raw value}."""
         out: dict[str, Any] = {}
         origin: dict[str, str] = {}
+        order = list(self.expanders)
 
         def put(path: str, value: Any, key: str) -> None:
             if path in out and origin[path] != key:
-                raise ConfigError(f"{source}: '{key}' and '{origin[path]}' both set {path}; keep one")
+                if key in order and origin[path] in order:
+                    if order.index(key) < order.index(origin[path]):
+                        return
+                else:
+                    raise ConfigError(f"{source}: '{key}' and '{origin[path]}' both set {path}; keep one")
             out[path], origin[path] = value, key
 
         foreign = dict(self.foreign)
@@ -236,6 +244,9 @@ class ConfigSchema:
                     put(self.resolve(str(sub), key), v, f"{key}.{sub}")
             elif key in foreign:
                 raise ConfigError(f"{source}: {foreign[key]}")
+            elif key in self.expanders:
+                for path, v in self.expanders[key](value).items():
+                    put(self.resolve(path), v, key)
             else:
                 mapped = self.value_maps[key](value) if key in self.value_maps else value
                 put(self.resolve(key), mapped, key)

@@ -158,7 +158,8 @@ def test_known_module_keys():
     assert kohya.known_module_key("sd1", "lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn1_to_out_0")
     assert kohya.known_module_key("sd1", "lora_unet_input_blocks_2_1_proj_in")
     assert kohya.known_module_key("sdxl", "lora_te2_text_model_encoder_layers_31_mlp_fc2")
-    assert not kohya.known_module_key("sd1", "lora_te1_text_model_encoder_layers_0_mlp_fc2")
+    assert kohya.known_module_key("sd1", "lora_te1_text_model_encoder_layers_0_mlp_fc2")  # all WebUIs read te1 on SD1
+    assert not kohya.known_module_key("sd2", "lora_te1_text_model_encoder_layers_0_mlp_fc2")
     assert not kohya.known_module_key("sdxl", "lora_unet_input_blocks_1_1_proj_in")  # SDXL level 0: no attention
     assert not kohya.known_module_key("sd1", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn3_to_q")
 

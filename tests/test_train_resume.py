@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from lora_trainer.errors import ConfigError
+from lora_trainer.lora.files import read_lora_file
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.trainer import Trainer
 from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
@@ -142,3 +144,38 @@ def test_a_fresh_run_never_replaces_another_runs_files(tmp_path: Path, data: Pat
     assert second.lora_path == out / "tiny_v2.safetensors"
     assert (out / "tiny_v2-step000002.safetensors").is_file()
     assert {p.name: p.read_bytes() for p in out.glob("*.safetensors") if p.name in before} == before
+
+
+@pytest.mark.parametrize("typ", ["locon", "dora", "loha", "lokr"])
+def test_every_network_type_resumes_exactly_and_continues_from_its_file(
+        typ: str, tmp_path: Path, data: Path, host: TinyHost) -> None:
+    # The variants take no LoRA dropout; everything else that draws random numbers stays on.
+    busy = {**BUSY, "network.dropout": 0.0, "network.type": typ, "network.alpha": 3.0,
+            "network.conv_rank": 2, "network.conv_alpha": 1.0}
+    straight = Trainer(tiny_config(data, tmp_path / "a", **busy), host=host).run()
+    trainer: Trainer
+
+    def stop_at_three(ev: TrainEvent) -> None:
+        if ev.kind == "step" and ev.step == 3:
+            trainer.stop()
+
+    trainer = Trainer(tiny_config(data, tmp_path / "b", **busy), host=host, callbacks=[stop_at_three])
+    assert trainer.run().steps == 3
+    second = Trainer(tiny_config(data, tmp_path / "b", **busy, **{"train.resume": "latest"}), host=host).run()
+    a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
+    assert a.keys() == b.keys() and any(k.endswith("conv1.alpha") for k in a)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    c = lora_tensors(tmp_path / "b" / "checkpoints" / "step-000003" / "lora.safetensors")
+    assert any(not torch.equal(c[k], a[k]) for k in a)
+    md = read_lora_file(straight.lora_path)[1]
+    assert md["ss_network_module"] == ("networks.lora" if typ == "locon" else "lycoris.kohya")
+    assert json.loads(md["ss_network_args"])["conv_dim"] == "2"
+    # continue from the file with a learning rate of 0: what comes out is what went in
+    cont = Trainer(tiny_config(data, tmp_path / "c", **{**busy, "network.init_from": str(straight.lora_path),
+                                                         "optim.unet_lr": 0.0,
+                                                         "optim.weight_decay": 0.0}), host=host).run()
+    d = lora_tensors(cont.lora_path)
+    assert d.keys() == a.keys()
+    for k in a:
+        assert torch.allclose(d[k], a[k], rtol=1e-6, atol=0), k

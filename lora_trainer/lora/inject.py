@@ -1,4 +1,6 @@
-"""Put LoRA layers into a ModelBundle (peft), read them out as kohya tensors, take them out again.
+"""Put adapter layers into a ModelBundle (peft), read them out as kohya tensors, take them out again.
+
+The layers are of ``network.type``: LoRA/LoCon, DoRA, LoHa or LoKr (see :mod:`variants`).
 
 Linear and Conv2d layers get peft's LoRA layers (``inject_adapter_in_model`` with an explicit
 list of full module paths); ``nn.MultiheadAttention`` gets :class:`LoraMultiheadAttention` (see
@@ -9,24 +11,23 @@ trained in place.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from lora_trainer.config import NetworkConfig
 from lora_trainer.errors import ConfigError, HostError, LoraFormatError
-from lora_trainer.lora import kohya
-from lora_trainer.lora.kohya import LoraWeights, Slot
+from lora_trainer.lora import kohya, variants
+from lora_trainer.lora.kohya import ModuleTensors, Slot
 from lora_trainer.lora.mha import LoraMultiheadAttention
-from lora_trainer.lora.targets import _is_adaptable, find_targets
+from lora_trainer.lora.targets import _is_adaptable, conv_block_targets, find_targets, is_spatial_conv
 from lora_trainer.models.bundle import ModelBundle
 
-ADAPTER = "default"
+ADAPTER = variants.ADAPTER
 
 
 @dataclass
@@ -49,11 +50,13 @@ def _split(path: str) -> tuple[str, str]:
 
 
 class LoraNetwork:
-    """The LoRA layers of one bundle, addressed by kohya key."""
+    """The adapter layers of one bundle, addressed by kohya key; ``kind`` is lora, dora, loha or
+    lokr (:data:`kohya.TYPE_KIND`) and says which tensors each module has in the file."""
 
-    def __init__(self, arch: str, layout: dict[str, Slot], roots: dict[str, _RootState]) -> None:
+    def __init__(self, arch: str, layout: dict[str, Slot], roots: dict[str, _RootState], kind: str = "lora") -> None:
         self.arch = arch
         self.layout = layout
+        self.kind = kind
         self._roots = roots
         self._multiplier = 1.0
         self._removed = False
@@ -62,31 +65,27 @@ class LoraNetwork:
     def _module(self, slot: Slot) -> nn.Module:
         return self._roots[slot.root].module.get_submodule(slot.path)
 
-    def _params(self, key: str) -> tuple[nn.Parameter, nn.Parameter]:
+    def tensors(self, key: str) -> dict[str, nn.Parameter]:
+        """The trained parameters of module ``key`` by file tensor name (lora_down.weight, ...)."""
         slot = self.layout[key]
-        m = self._module(slot)
-        if isinstance(m, LoraMultiheadAttention):
-            return m.lora_down[slot.part].weight, m.lora_up[slot.part].weight
-        return m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight
+        return variants.adapter_tensors(self._module(slot), slot.part)
+
+    def rank(self, key: str) -> int:
+        slot = self.layout[key]
+        return variants.rank_of(self._module(slot), slot.part)
 
     def alpha(self, key: str) -> float:
         slot = self.layout[key]
-        m = self._module(slot)
-        return float(m.alphas[slot.part] if isinstance(m, LoraMultiheadAttention) else m.lora_alpha[ADAPTER])
+        return variants.alpha_of(self._module(slot), slot.part)
 
     def _set_alpha(self, key: str, alpha: float) -> None:
         slot = self.layout[key]
-        m = self._module(slot)
-        if isinstance(m, LoraMultiheadAttention):
-            m.alphas[slot.part] = alpha
-        else:
-            m.lora_alpha[ADAPTER] = alpha
-            m.set_scale(ADAPTER, self._multiplier)
+        variants.set_alpha(self._module(slot), slot.part, alpha, self._multiplier)
 
     @property
     def network_dim(self) -> int:
         """The most common rank (what ss_network_dim reports; from the file with init_from)."""
-        return Counter(self._params(k)[0].shape[0] for k in self.layout).most_common(1)[0][0]
+        return Counter(self.rank(k) for k in self.layout).most_common(1)[0][0]
 
     @property
     def network_alpha(self) -> float:
@@ -94,11 +93,11 @@ class LoraNetwork:
         return Counter(self.alpha(k) for k in self.layout).most_common(1)[0][0]
 
     def parameters(self, root: str | None = None) -> list[nn.Parameter]:
-        """LoRA parameters (fp32) of the trainable roots, or of ``root`` only."""
+        """Adapter parameters (fp32) of the trainable roots, or of ``root`` only."""
         out: list[nn.Parameter] = []
         for key, slot in self.layout.items():
             if (root is None and self._roots[slot.root].trainable) or slot.root == root:
-                out.extend(self._params(key))
+                out.extend(self.tensors(key).values())
         return out
 
     def param_groups(self, unet_lr: float, te_lr: float) -> list[dict]:
@@ -112,15 +111,24 @@ class LoraNetwork:
         return groups
 
     # --- kohya ----------------------------------------------------------------------------
-    def weights(self) -> dict[str, LoraWeights]:
-        return {k: LoraWeights(*self._params(k), alpha=self.alpha(k)) for k in self.layout}
+    def modules(self, fold: bool = True) -> dict[str, ModuleTensors]:
+        """Every module as the file holds it (``fold=False``: the trained parameters as they are,
+        for exact checkpoints; see :func:`variants.file_factors`)."""
+        out = {}
+        for key, slot in self.layout.items():
+            m = self._module(slot)
+            factors = variants.file_factors(m, slot.part) if fold else {}
+            tensors = {n: p.detach() * factors[n] if n in factors else p.detach()
+                       for n, p in variants.adapter_tensors(m, slot.part).items()}
+            out[key] = ModuleTensors(self.kind, tensors, variants.alpha_of(m, slot.part))
+        return out
 
     def to_kohya(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-        return kohya.to_kohya_tensors(self.weights(), dtype)
+        return kohya.write_modules(self.modules(), dtype)
 
-    def load_kohya(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy file tensors into the LoRA layers; every key must match, with the same shapes."""
-        incoming = kohya.from_kohya_tensors(tensors)
+    def load_kohya(self, tensors: dict[str, torch.Tensor], fold: bool = True) -> None:
+        """Copy file tensors into the adapter layers; every key must match, with the same shapes."""
+        incoming = kohya.read_modules(tensors)
         unknown = [k for k in incoming if k not in self.layout]
         if unknown:
             raise LoraFormatError(f"LoRA key {unknown[0]!r} matches no LoRA module of this model "
@@ -129,35 +137,35 @@ class LoraNetwork:
         if missing:
             raise LoraFormatError(f"LoRA module {missing[0]!r} is missing from the tensors ({len(missing)} missing)")
         for key, w in incoming.items():
-            down, up = self._params(key)
-            for name, have, new in (("lora_down.weight", down, w.down), ("lora_up.weight", up, w.up)):
-                if tuple(have.shape) != tuple(new.shape):
-                    raise LoraFormatError(f"LoRA tensor {key}.{name} has shape {tuple(new.shape)}, "
-                                          f"the model needs {tuple(have.shape)}")
+            have = self.tensors(key)
+            if w.kind != self.kind or set(w.tensors) != set(have):
+                raise LoraFormatError(f"LoRA module {key!r} has {w.kind} tensors {sorted(w.tensors)}; this "
+                                      f"{self.kind} network needs {sorted(have)}")
+            for name, p in have.items():
+                if tuple(p.shape) != tuple(w.tensors[name].shape):
+                    raise LoraFormatError(f"LoRA tensor {key}.{name} has shape {tuple(w.tensors[name].shape)}, "
+                                          f"the model needs {tuple(p.shape)}")
         with torch.no_grad():
             for key, w in incoming.items():
-                down, up = self._params(key)
-                down.copy_(w.down)
-                up.copy_(w.up)
                 self._set_alpha(key, w.alpha)
+                slot = self.layout[key]
+                factors = variants.file_factors(self._module(slot), slot.part) if fold else {}
+                for name, p in self.tensors(key).items():
+                    p.copy_(w.tensors[name] / factors[name] if name in factors else w.tensors[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """fp32 copy of every LoRA tensor (kohya keys) for training checkpoints."""
-        return {k: v.clone() for k, v in self.to_kohya(torch.float32).items()}
+        """fp32 copy of every adapter tensor (kohya keys, nothing folded) for training checkpoints."""
+        return {k: v.clone() for k, v in kohya.write_modules(self.modules(fold=False), torch.float32).items()}
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        self.load_kohya(sd)
+        self.load_kohya(sd, fold=False)
 
     # --- strength and removal -------------------------------------------------------------
     def set_scale(self, w: float) -> None:
         """Multiply every LoRA delta by ``w`` (0 turns the LoRA off, 1 is the trained strength)."""
         self._multiplier = float(w)
         for slot in self.layout.values():
-            m = self._module(slot)
-            if isinstance(m, LoraMultiheadAttention):
-                m.multiplier = self._multiplier
-            else:
-                m.set_scale(ADAPTER, self._multiplier)
+            variants.set_strength(self._module(slot), self._multiplier)
 
     def remove(self) -> None:
         """Take every LoRA layer out: the original module objects go back where they were and
@@ -198,20 +206,8 @@ def _candidate_layout(arch: str, roots: dict[str, tuple[nn.Module, str]]) -> dic
     return kohya.build_layout(arch, targets)
 
 
-def _exact_pattern(path: str) -> str:
-    """A peft rank/alpha pattern that matches the module at ``path`` and no other.
-
-    peft matches a pattern P as ``(.*\\.)?(P)$``; before 0.14 (the version installed in the A1111
-    WebUI) as ``.*\\.P$``, which needs a dot before P, so the escaped full path never matches. The
-    first segment goes into a fixed-width lookbehind instead, which both forms accept."""
-    first, _, rest = path.partition(".")
-    if not rest:
-        return re.escape(path)
-    return f"(?<=^{re.escape(first)}\\.){re.escape(rest)}"
-
-
 def _inject_root(root: nn.Module, entries: list[tuple[str, tuple[str, ...]]], ranks: dict[tuple[str, str], int],
-                 alphas: dict[tuple[str, str], float], cfg: NetworkConfig, trainable: bool) -> _RootState:
+                 alphas: dict[tuple[str, str], float], cfg: NetworkConfig, trainable: bool, kind: str) -> _RootState:
     mods = dict(root.named_modules())
     paths = [p for p, _ in entries]
     state = _RootState(root, {p: mods[p] for p in paths},
@@ -221,14 +217,19 @@ def _inject_root(root: nn.Module, entries: list[tuple[str, tuple[str, ...]]], ra
         if plain:
             # The most common rank/alpha is the default; only the others get a pattern (peft
             # matches every pattern against every target, so patterns for all would be slow).
+            # Keys are the plain paths: peft 0.21 matches them as regexes on the path's tail,
+            # peft 0.13.2's LoRA only by exact lookup (its regex wants a dot before the key).
             r0 = Counter(ranks[(p, "")] for p in plain).most_common(1)[0][0]
             a0 = Counter(alphas[(p, "")] for p in plain).most_common(1)[0][0]
-            config = LoraConfig(
-                r=r0, lora_alpha=a0, lora_dropout=cfg.dropout, target_modules=plain,
-                rank_pattern={_exact_pattern(p): ranks[(p, "")] for p in plain if ranks[(p, "")] != r0},
-                alpha_pattern={_exact_pattern(p): alphas[(p, "")] for p in plain if alphas[(p, "")] != a0},
-                init_lora_weights=True)
+            config = variants.peft_config(
+                kind, r0, a0, plain,
+                rank_pattern={p: ranks[(p, "")] for p in plain if ranks[(p, "")] != r0},
+                alpha_pattern={p: alphas[(p, "")] for p in plain if alphas[(p, "")] != a0},
+                dropout=cfg.dropout)
             inject_adapter_in_model(config, root, adapter_name=ADAPTER)
+            if kind == "dora":
+                variants.wrap_dora(root, plain)
+            variants.fix_lokr_scaling(root)
         for path, parts in entries:
             if parts != ("",):
                 wrapper = LoraMultiheadAttention(mods[path], {q: ranks[(path, q)] for q in parts},
@@ -240,18 +241,50 @@ def _inject_root(root: nn.Module, entries: list[tuple[str, tuple[str, ...]]], ra
         LoraNetwork("", {}, {"r": state}).remove()
         raise
     state.added = set(vars(root)) - state.attrs
-    # peft froze the whole root; LoRA parameters train (in fp32) only when the root is trained.
+    # peft froze the whole root; adapter parameters train (in fp32) only when the root is trained.
     for name, p in root.named_parameters():
-        is_lora = "lora_" in name
-        p.requires_grad_(is_lora and trainable)
-        if is_lora and p.dtype != torch.float32:
+        is_adapter = any(mark in name for mark in variants.ADAPTER_PARAM_MARKS)
+        p.requires_grad_(is_adapter and trainable)
+        if is_adapter and p.dtype != torch.float32:
             p.data = p.data.float()
     return state
 
 
+def _check_init_file(path: str, kind: str, incoming: dict[str, ModuleTensors]) -> None:
+    kinds = Counter(m.kind for m in incoming.values())
+    if len(kinds) > 1:
+        raise LoraFormatError(f"{path}: mixes module kinds ({', '.join(sorted(kinds))}); it cannot be continued")
+    found = next(iter(kinds), kind)
+    if found != kind:
+        want = {"lora": "lora or locon"}.get(found, found)
+        raise ConfigError(f"network.init_from: {path} is a {found} network; set network.type to {want}")
+
+
+def _planned(bundle: ModelBundle, cfg: NetworkConfig, all_roots: dict[str, tuple[nn.Module, str]],
+             trained: set[str]) -> tuple[dict[str, Slot], dict[tuple[str, str, str], int], dict[tuple[str, str, str], float]]:
+    """Layout, ranks and alphas from the config: kohya's targets (or the user's), plus the ResNet
+    blocks and samplers for LoCon or with conv_rank, 3x3 convs at conv_rank/conv_alpha."""
+    use = {k: v for k, v in all_roots.items() if k in trained}
+    found = find_targets(use, cfg.target_modules or None)
+    with_convs = cfg.type == "locon" or cfg.conv_rank is not None
+    if with_convs and "unet" in found:
+        found["unet"] = sorted(dict.fromkeys(found["unet"] + conv_block_targets(use["unet"][0])))
+    targets = {k: (all_roots[k][1], _module_paths(all_roots[k][0], found[k])) for k in use}
+    layout = kohya.build_layout(bundle.arch, targets)
+    ranks, alphas = {}, {}
+    for s in layout.values():
+        spatial = is_spatial_conv(all_roots[s.root][0].get_submodule(s.path))
+        ranks[(s.root, s.path, s.part)] = (cfg.conv_rank or cfg.rank) if spatial else cfg.rank
+        conv_alpha = cfg.conv_alpha if cfg.conv_alpha is not None else cfg.alpha
+        alphas[(s.root, s.path, s.part)] = float(conv_alpha if spatial else cfg.alpha)
+    return layout, ranks, alphas
+
+
 def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
-    """Add LoRA layers to ``bundle`` in place (UNet when train_unet, each text encoder when
-    train_text_encoder; with init_from, the modules and ranks/alphas of that file)."""
+    """Add adapter layers of ``network_cfg.type`` to ``bundle`` in place (UNet when train_unet,
+    each text encoder when train_text_encoder; with init_from, the modules and ranks/alphas of
+    that file)."""
+    kind = kohya.TYPE_KIND[network_cfg.type]
     all_roots = {k: (m, bundle.naming_of(k)) for k, m in bundle.trainable_roots().items()}
     for key, (module, _) in all_roots.items():
         leftover = next((n for n, m in module.named_modules()
@@ -267,25 +300,27 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
         from lora_trainer.lora.files import read_lora_file
 
         init_tensors, _ = read_lora_file(network_cfg.init_from)
-        incoming = kohya.from_kohya_tensors(init_tensors)
+        incoming = kohya.read_modules(init_tensors)
+        _check_init_file(network_cfg.init_from, kind, incoming)
         candidates = _candidate_layout(bundle.arch, all_roots)
         unknown = [k for k in incoming if k not in candidates]
         if unknown:
             raise LoraFormatError(f"{network_cfg.init_from}: LoRA key {unknown[0]!r} matches no module of this "
                                   f"{bundle.arch} model ({len(unknown)} unmatched)")
         layout = {k: candidates[k] for k in sorted(incoming)}
-        ranks = {(s.root, s.path, s.part): incoming[k].rank for k, s in layout.items()}
+        # A LoKr module with two whole factors has no rank in the file: the config's is used.
+        _, cfg_ranks, _ = _planned(bundle, network_cfg, all_roots, set(all_roots)) if kind == "lokr" else ({}, {}, {})
+        ranks = {(s.root, s.path, s.part): incoming[k].rank or cfg_ranks.get((s.root, s.path, s.part), network_cfg.rank)
+                 for k, s in layout.items()}
         alphas = {(s.root, s.path, s.part): incoming[k].alpha for k, s in layout.items()}
     else:
-        use = {k: v for k, v in all_roots.items() if k in trained}
-        found = find_targets(use, network_cfg.target_modules or None)
-        targets = {k: (all_roots[k][1], _module_paths(all_roots[k][0], found[k])) for k in use}
-        layout = kohya.build_layout(bundle.arch, targets)
-        ranks = {(s.root, s.path, s.part): network_cfg.rank for s in layout.values()}
-        alphas = {(s.root, s.path, s.part): float(network_cfg.alpha) for s in layout.values()}
+        layout, ranks, alphas = _planned(bundle, network_cfg, all_roots, trained)
     if not layout:
         raise ConfigError("network: no module to put a LoRA on; enable network.train_unet or "
                           "network.train_text_encoder, or check network.target_modules")
+    if kind != "lora" and any(s.part for s in layout.values()):
+        raise ConfigError(f"network.type {network_cfg.type}: the text encoder's nn.MultiheadAttention (open_clip) "
+                          "takes LoRA/LoCon only; set network.train_text_encoder to false or use lora")
     states: dict[str, _RootState] = {}
     try:
         for root in dict.fromkeys(s.root for s in layout.values()):
@@ -296,11 +331,11 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
             states[root] = _inject_root(
                 all_roots[root][0], [(p, tuple(parts)) for p, parts in entries.items()],
                 {(p, q): r for (rt, p, q), r in ranks.items() if rt == root},
-                {(p, q): a for (rt, p, q), a in alphas.items() if rt == root}, network_cfg, root in trained)
+                {(p, q): a for (rt, p, q), a in alphas.items() if rt == root}, network_cfg, root in trained, kind)
     except Exception:
         LoraNetwork(bundle.arch, {}, states).remove()
         raise
-    net = LoraNetwork(bundle.arch, layout, states)
+    net = LoraNetwork(bundle.arch, layout, states, kind)
     if init_tensors is not None:
         net.load_kohya(init_tensors)
     return net

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -246,15 +247,22 @@ def split_key(key: str) -> tuple[str, str]:
     raise LoraFormatError(f"LoRA tensor {key!r} is not <module>.lora_down.weight, .lora_up.weight or .alpha")
 
 
-def from_kohya_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, LoraWeights]:
-    """Flat file tensors -> {kohya key: LoraWeights}; strict: every module needs down, up and alpha
-    with matching ranks. The caller's dict and tensors are left untouched."""
+def _group_by_module(tensors: dict[str, torch.Tensor],
+                     split: Callable[[str], tuple[str, str]]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module key: {tensor name: tensor}}; every module key must carry a known prefix."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        module, suffix = split_key(key)
+        module, suffix = split(key)
         if not any(module.startswith(p) for p in PREFIXES.values()):
             raise LoraFormatError(f"LoRA key {key!r} does not start with lora_unet_, lora_te_, lora_te1_ or lora_te2_")
         groups.setdefault(module, {})[suffix] = tensor
+    return groups
+
+
+def from_kohya_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, LoraWeights]:
+    """Flat file tensors -> {kohya key: LoraWeights}; strict: every module needs down, up and alpha
+    with matching ranks. The caller's dict and tensors are left untouched."""
+    groups = _group_by_module(tensors, split_key)
     out: dict[str, LoraWeights] = {}
     for module, g in groups.items():
         missing = [s for s in TENSOR_SUFFIXES if s not in g]
@@ -294,16 +302,104 @@ def known_module_key(arch: str, key: str) -> bool:
     diffusers or LDM/SGM spelling (the WebUIs accept both for the UNet)."""
     if key.startswith("lora_unet_"):
         return _unet_key_regex(arch).fullmatch(key) is not None
-    prefixes = ("lora_te1_", "lora_te2_") if arch == "sdxl" else ("lora_te_",)
+    # A1111, Forge and ComfyUI all read lora_te1_ as the SD1 text encoder too.
+    prefixes = {"sdxl": ("lora_te1_", "lora_te2_"), "sd1": ("lora_te_", "lora_te1_")}.get(arch, ("lora_te_",))
     return any(key.startswith(p) and re.fullmatch(_TE_CHILD, key[len(p):]) for p in prefixes)
 
 
 def detect_arch(keys: list[str] | set[str]) -> str | None:
-    """Best guess of the base architecture from file keys: "sdxl", "sd1/sd2" or None."""
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys) or any(
-            k.startswith("lora_unet_input_blocks_") or k.startswith("lora_unet_output_blocks_") for k in keys):
+    """Best guess of the base architecture from file keys: "sdxl", "sd1/sd2" or None. SDXL files
+    have LDM-named UNet keys and lora_te2_; an SD1 file may name its text encoder lora_te1_."""
+    if any(k.startswith(("lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_")) for k in keys):
         return "sdxl"
     if any(k.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_", "lora_te_"))
            for k in keys):
         return "sd1/sd2"
+    return "sdxl" if any(k.startswith("lora_te1_") for k in keys) else None
+
+
+# --- LyCORIS variants ----------------------------------------------------------------------
+# The tensors one module has in the file, per kind (the names A1111's network_lora/network_hada/
+# network_lokr, Forge's and ComfyUI's loaders read): (required, optional). DoRA is LoRA plus a
+# ``dora_scale``; a LoKr factor is either whole (lokr_w1) or a low-rank pair (lokr_w1_a/_b).
+KIND_TENSORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "lora": (("lora_down.weight", "lora_up.weight"), ()),
+    "dora": (("lora_down.weight", "lora_up.weight", "dora_scale"), ()),
+    "loha": (("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), ()),
+    "lokr": ((), ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")),
+}
+# network.type -> the kind of every module of that network (LoCon is LoRA on more layers).
+TYPE_KIND = {"lora": "lora", "locon": "lora", "dora": "dora", "loha": "loha", "lokr": "lokr"}
+ALL_SUFFIXES = tuple(sorted({s for req, opt in KIND_TENSORS.values() for s in (*req, *opt)} | {"alpha"},
+                            key=len, reverse=True))
+
+
+@dataclass
+class ModuleTensors:
+    """One module of any kind as in the file: its tensors (without alpha) and alpha."""
+
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    alpha: float
+
+    @property
+    def rank(self) -> int | None:
+        return rank_of_tensors(self.tensors)
+
+
+def rank_of_tensors(tensors: dict[str, torch.Tensor]) -> int | None:
+    """The rank loaders divide alpha by: the inner size of lora_down, hada_w1_b or the LoKr pair
+    (lokr_w2_b before lokr_w1_b, as A1111 and ComfyUI take it); None for a LoKr with two whole
+    factors (scale 1)."""
+    for name in ("lora_down.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+        if name in tensors:
+            return int(tensors[name].shape[0])
     return None
+
+
+def split_any_key(key: str) -> tuple[str, str]:
+    """``lora_unet_x.hada_w1_a`` -> (``lora_unet_x``, ``hada_w1_a``) for every known tensor name."""
+    for suffix in ALL_SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    raise LoraFormatError(f"LoRA tensor {key!r} is not a LoRA/DoRA/LoHa/LoKr tensor "
+                          f"(expected <module>.{'/'.join(sorted(ALL_SUFFIXES))})")
+
+
+def module_kind(module: str, names: set[str]) -> str:
+    """The kind of a module from the names of its tensors; error naming what is missing or mixed."""
+    for kind, (req, opt) in KIND_TENSORS.items():
+        allowed = set(req) | set(opt) | {"alpha"}
+        if names <= allowed and set(req) <= names:
+            if kind == "lokr":
+                for f in ("lokr_w1", "lokr_w2"):
+                    if (f in names) == ({f + "_a", f + "_b"} <= names) or ((f + "_a" in names) != (f + "_b" in names)):
+                        raise LoraFormatError(f"LoKr module {module!r} needs either {f} or both {f}_a and {f}_b")
+            return kind
+    raise LoraFormatError(f"LoRA module {module!r} has tensors {sorted(names)}, which are no complete "
+                          "LoRA (lora_down/lora_up), DoRA (+dora_scale), LoHa (hada_w1_a...) or LoKr (lokr_w1...) set")
+
+
+def read_modules(tensors: dict[str, torch.Tensor]) -> dict[str, ModuleTensors]:
+    """Flat file tensors of any kind -> {module key: ModuleTensors}; strict, input untouched."""
+    groups = _group_by_module(tensors, split_any_key)
+    out: dict[str, ModuleTensors] = {}
+    for module, g in groups.items():
+        kind = module_kind(module, set(g))
+        if "alpha" not in g:
+            raise LoraFormatError(f"LoRA module {module!r} has no alpha tensor")
+        if g["alpha"].numel() != 1:
+            raise LoraFormatError(f"LoRA module {module!r}: alpha must be a scalar, got shape {tuple(g['alpha'].shape)}")
+        out[module] = ModuleTensors(kind, {k: v for k, v in g.items() if k != "alpha"}, float(g["alpha"].item()))
+    return out
+
+
+def write_modules(modules: dict[str, ModuleTensors], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """{module key: ModuleTensors} -> flat file tensors (new contiguous CPU tensors in ``dtype``;
+    alpha float32, as in :func:`to_kohya_tensors`)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, m in modules.items():
+        for name, t in m.tensors.items():
+            out[f"{key}.{name}"] = t.detach().to("cpu", dtype).contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+    return out

@@ -11,10 +11,13 @@ import datetime as dt
 import json
 from typing import Any
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import NetworkConfig, TrainConfig
 from lora_trainer.models.bundle import ModelBundle
 
 NETWORK_MODULE = "networks.lora"
+LYCORIS_MODULE = "lycoris.kohya"
+# network.type -> LyCORIS' algo (DoRA is LyCORIS' "lora" with weight decomposition).
+LYCORIS_ALGO = {"dora": "lora", "loha": "loha", "lokr": "lokr"}
 SPEC_VERSION = "1.0.0"
 IMPL_SGM = "https://github.com/Stability-AI/generative-models"
 IMPL_DIFFUSERS = "diffusers"
@@ -35,6 +38,22 @@ def modelspec_architecture(arch: str, prediction_type: str) -> str:
     if arch == "sd2":
         return "stable-diffusion-v2-768-v/lora" if prediction_type == "v_prediction" else "stable-diffusion-v2-512/lora"
     return "stable-diffusion-v1/lora"
+
+
+def network_module_args(net: NetworkConfig) -> tuple[str, dict[str, str]]:
+    """``ss_network_module`` and ``ss_network_args`` as kohya (LoRA, LoCon) and LyCORIS (DoRA,
+    LoHa, LoKr) write them: networks.lora + conv_dim/conv_alpha; lycoris.kohya + algo, ...
+    DoRA's magnitude is per input channel, LyCORIS' ``wd_on_output=False``."""
+    args: dict[str, str] = {}
+    module = NETWORK_MODULE if net.type in ("lora", "locon") else LYCORIS_MODULE
+    if module == LYCORIS_MODULE:
+        args["algo"] = LYCORIS_ALGO[net.type]
+    if net.type == "locon" or net.conv_rank is not None:
+        args["conv_dim"] = str(net.conv_rank or net.rank)
+        args["conv_alpha"] = _num(float(net.conv_alpha if net.conv_alpha is not None else net.alpha))
+    if net.type == "dora":
+        args.update(dora_wd="True", wd_on_output="False")
+    return module, args
 
 
 def _timestamp(value: Any) -> float | None:
@@ -66,12 +85,13 @@ def build_metadata(config: TrainConfig, bundle: ModelBundle, *, num_images: int,
     resolution = f"{data.resolution}x{data.resolution}"
     unet_lr = opt.unet_lr if opt.unet_lr is not None else opt.learning_rate
     te_lr = opt.text_encoder_lr if opt.text_encoder_lr is not None else opt.learning_rate
+    module, args = network_module_args(net)
     md: dict[str, str] = {
         "ss_output_name": output_name,
         "ss_base_model_version": base_model_version(arch, pred),
         "ss_v2": str(arch == "sd2"),
         "ss_v_parameterization": str(pred == "v_prediction"),
-        "ss_network_module": NETWORK_MODULE,
+        "ss_network_module": module,
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": _num(float(alpha)),
         "ss_network_dropout": _num(float(net.dropout)),
@@ -111,6 +131,8 @@ def build_metadata(config: TrainConfig, bundle: ModelBundle, *, num_images: int,
         "modelspec.date": when.strftime("%Y-%m-%dT%H:%M:%S"),
         "lora_trainer_config": json.dumps(config.to_dict(), ensure_ascii=False, default=str),
     }
+    if args:
+        md["ss_network_args"] = json.dumps(args)
     if data.trigger_word:
         md["modelspec.trigger_phrase"] = data.trigger_word
     if bundle.legacy_hash:

@@ -1,9 +1,9 @@
-"""What a LoRA file holds and which loaders will read it fully (``python -m lora_trainer inspect``).
+"""What a LoRA file holds and what each loader does with it (``python -m lora_trainer inspect``).
 
-The checks mirror how the loaders match keys: diffusers' ``load_lora_weights`` takes a kohya
-file only when every key starts with lora_unet_/lora_te_/lora_te1_/lora_te2_; A1111 and Forge
-match module keys against the loaded model (unmatched keys are only logged, so the LoRA silently
-loses those layers); a missing alpha makes every loader use scale 1 instead of alpha / rank.
+Names, kinds and shapes: every module key is checked against the model family's layer names,
+its tensors against the shape of the layer of that name (full-size or tiny demo layout, built
+on the meta device: :mod:`lora_trainer.lora.layout`), and the verdicts say what A1111 v1.10.1,
+Forge, ComfyUI and diffusers really do with the file (:mod:`lora_trainer.lora.verdicts`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
-from lora_trainer.lora import kohya
+from lora_trainer.errors import LoraFormatError
+from lora_trainer.lora import kohya, layout
+from lora_trainer.lora.verdicts import Facts as _Facts
+from lora_trainer.lora.verdicts import verdicts as _verdicts
 
-LOADERS = ("A1111 built-in Lora", "Forge", "ComfyUI", "diffusers")
 _SUMMARY_KEYS = ("ss_output_name", "ss_base_model_version", "ss_v2", "ss_network_module", "ss_network_dim",
-                 "ss_network_alpha", "ss_sd_model_name", "ss_resolution", "ss_num_train_images", "ss_steps",
+                 "ss_network_alpha", "ss_network_args", "ss_sd_model_name", "ss_resolution", "ss_num_train_images", "ss_steps",
                  "ss_epoch", "ss_learning_rate", "ss_optimizer", "ss_training_finished_at",
                  "modelspec.architecture", "modelspec.trigger_phrase", "modelspec.date")
 
@@ -69,48 +71,115 @@ def _target_kind(key: str) -> str:
     return m.group(1) if m else key.rsplit("_", 1)[-1]
 
 
-def analyse(tensors: dict[str, torch.Tensor], md: dict[str, str]) -> dict[str, Any]:
-    """Everything ``inspect`` prints, as plain data (JSON-serialisable)."""
+# Module kinds by the names of their tensors (LyCORIS' names; kohya's LoRA; A1111's network_*.py).
+KIND_MARKS = {"lora": ("lora_up.weight", "lora_down.weight", "lora_mid.weight"),
+              "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+              "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+              "oft": ("oft_blocks", "oft_diag", "rescale"), "ia3": ("on_input",),
+              "glora": ("a1.weight", "a2.weight", "b1.weight", "b2.weight"), "full": ("diff", "diff_b")}
+_SUFFIXES = sorted({s for marks in KIND_MARKS.values() for s in marks} | {"alpha", "dora_scale", "weight"},
+                   key=len, reverse=True)
+
+_TUCKER = {"hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight"}
+
+
+def _kind_of(names: set[str]) -> str:
+    if "weight" in names and "on_input" in names:
+        return "ia3"
+    for kind, marks in KIND_MARKS.items():
+        if kind != "ia3" and names & set(marks):
+            return kind
+    return "unknown"
+
+
+def _split_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     bad_keys: list[str] = []
     for key, t in tensors.items():
-        suffix = next((s for s in kohya.TENSOR_SUFFIXES if key.endswith("." + s)), None)
+        suffix = next((s for s in _SUFFIXES if key.endswith("." + s)), None)
         if suffix is None:
             bad_keys.append(key)
             continue
         modules[key[: -len(suffix) - 1]][suffix] = t
+    return modules, bad_keys
+
+
+def _arch(modules: dict[str, Any], md: dict[str, str]) -> tuple[str | None, str | None, str | None]:
+    key_arch = kohya.detect_arch(set(modules))
+    md_arch = arch_from_metadata(md)
+    return md_arch or ("sdxl" if key_arch == "sdxl" else "sd1" if key_arch else None), key_arch, md_arch
+
+
+def _shapes(arch: str | None, modules: dict[str, dict[str, torch.Tensor]],
+            kinds: dict[str, str]) -> tuple[str | None, dict[str, str]]:
+    """Which layout the file fits (full-size or tiny demo model) and the modules that do not fit."""
+    if arch not in layout.FAMILIES:
+        return None, {}
+    best: tuple[str | None, dict[str, str]] = (None, {})
+    for size in ("full", "tiny"):
+        try:
+            shapes = layout.family_shapes(arch, size)
+        except Exception:  # noqa: BLE001 - no diffusers/transformers: names only
+            return None, {}
+        wrong, seen = {}, 0
+        for name, g in modules.items():
+            # Tucker/CP forms (hada_t1, lokr_t2, lora_mid) orient their factors otherwise: not checked.
+            if name in shapes and kinds[name] in ("lora", "loha", "lokr") and not set(g) & _TUCKER:
+                seen += 1
+                try:
+                    m = kohya.ModuleTensors("dora" if "dora_scale" in g else kinds[name],
+                                            {k: v for k, v in g.items() if k != "alpha"}, 1.0)
+                    why = layout.shape_problem(m, shapes[name])
+                except KeyError:
+                    continue  # incomplete module: reported as such
+                if why:
+                    wrong[name] = why
+        if seen and (best[0] is None or len(wrong) < len(best[1])):
+            best = (size, wrong)
+    return best
+
+
+def analyse(tensors: dict[str, torch.Tensor], md: dict[str, str]) -> dict[str, Any]:
+    """Everything ``inspect`` prints, as plain data (JSON-serialisable)."""
+    modules, bad_keys = _split_tensors(tensors)
+    kinds = {m: _kind_of(set(g)) for m, g in modules.items()}
     problems: list[str] = []
     if bad_keys:
-        problems.append(f"{len(bad_keys)} keys are not lora_down/lora_up/alpha (first: {bad_keys[0]})")
-    no_alpha = sorted(m for m, g in modules.items() if "alpha" not in g)
-    incomplete = sorted(m for m, g in modules.items() if not {"lora_down.weight", "lora_up.weight"} <= set(g))
-    bad_shape = sorted(m for m, g in modules.items() if m not in incomplete
-                       and g["lora_up.weight"].shape[1] != g["lora_down.weight"].shape[0])
+        problems.append(f"{len(bad_keys)} keys are no LoRA/LyCORIS tensors (first: {bad_keys[0]})")
+    no_alpha = sorted(m for m, g in modules.items() if "alpha" not in g and kohya.rank_of_tensors(g) is not None)
+    incomplete = []
+    for m, g in sorted(modules.items()):
+        if kinds[m] in ("lora", "loha", "lokr"):
+            try:
+                kohya.module_kind(m, (set(g) - _TUCKER) | {"alpha"})
+            except LoraFormatError:
+                incomplete.append(m)
+    bad_rank = sorted(m for m, g in modules.items() if m not in incomplete and kinds[m] == "lora"
+                      and g["lora_up.weight"].shape[1] != g["lora_down.weight"].shape[0])
     if no_alpha:
         problems.append(f"{len(no_alpha)} modules have no alpha (loaders use scale 1, not alpha/rank; first: {no_alpha[0]})")
     if incomplete:
-        problems.append(f"{len(incomplete)} modules lack lora_down or lora_up (first: {incomplete[0]})")
-    if bad_shape:
-        problems.append(f"{len(bad_shape)} modules have lora_up/lora_down of different rank (first: {bad_shape[0]})")
+        problems.append(f"{len(incomplete)} modules lack tensors of their kind (first: {incomplete[0]})")
+    if bad_rank:
+        problems.append(f"{len(bad_rank)} modules have lora_up/lora_down of different rank (first: {bad_rank[0]})")
 
     groups: dict[str, dict[str, Any]] = {}
     for name, g in sorted(modules.items()):
         info = groups.setdefault(_group(name), {"modules": 0, "ranks": set(), "alphas": set()})
         info["modules"] += 1
-        if "lora_down.weight" in g:
-            info["ranks"].add(int(g["lora_down.weight"].shape[0]))
+        if kohya.rank_of_tensors(g) is not None:
+            info["ranks"].add(kohya.rank_of_tensors(g))
         if "alpha" in g:
             info["alphas"].add(float(g["alpha"].float().item()))
     for info in groups.values():
         info["ranks"], info["alphas"] = sorted(info["ranks"]), sorted(info["alphas"])
 
     prefixes = sorted({_group(m).split(" ")[0] for m in modules})
-    key_arch = kohya.detect_arch(set(modules))
-    md_arch = arch_from_metadata(md)
-    arch = md_arch or ("sdxl" if key_arch == "sdxl" else "sd1" if key_arch else None)
+    arch, key_arch, md_arch = _arch(modules, md)
     if md_arch and key_arch and (md_arch == "sdxl") != (key_arch == "sdxl"):
         problems.append(f"metadata says {md_arch} but the keys look like {key_arch}")
-    if "te" in prefixes and ("te1" in prefixes or "te2" in prefixes):
+    mixed_te = "te" in prefixes and ("te1" in prefixes or "te2" in prefixes)
+    if mixed_te:
         problems.append("mixed text-encoder prefixes lora_te_ and lora_te1_/lora_te2_")
     unknown_prefix = sorted(m for m in modules if _group(m) == "unknown")
     unresolved = sorted(m for m in modules if arch and _group(m) != "unknown" and not kohya.known_module_key(arch, m))
@@ -119,39 +188,24 @@ def analyse(tensors: dict[str, torch.Tensor], md: dict[str, str]) -> dict[str, A
                         f"(first: {unknown_prefix[0]})")
     if unresolved:
         problems.append(f"{len(unresolved)} modules match no module of a {arch} model (first: {unresolved[0]})")
-    verdicts = _verdicts(arch, bad_keys, no_alpha, incomplete + bad_shape, unknown_prefix, unresolved)
+    fits, wrong_shape = _shapes(arch, modules, kinds)
+    if wrong_shape:
+        first = next(iter(sorted(wrong_shape)))
+        problems.append(f"{len(wrong_shape)} modules do not fit the {arch} model's layer of that name "
+                        f"(first: {first} {wrong_shape[first]}): names right, tensors from another layer")
+    dora = {m: ("output" if g["dora_scale"].shape[0] != 1 else "input") for m, g in modules.items() if "dora_scale" in g}
+    facts = _Facts(arch, bad_keys, no_alpha, incomplete + bad_rank, unknown_prefix, unresolved, wrong_shape,
+                   kinds, modules, dora, mixed_te)
     return {
         "architecture": arch, "architecture_from_keys": key_arch, "architecture_from_metadata": md_arch,
-        "a1111_version_label": a1111_version_label(md),
+        "a1111_version_label": a1111_version_label(md), "layout": fits,
         "key_count": len(tensors), "module_count": len(modules), "prefixes": prefixes,
+        "kinds": dict(sorted(Counter(("dora+" if m in dora else "") + k for m, k in kinds.items()).items())),
         "groups": groups, "targets": dict(sorted(Counter(_target_kind(m) for m in modules).items())),
         "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}),
         "metadata": {k: md[k] for k in _SUMMARY_KEYS if k in md},
-        "metadata_keys": len(md), "problems": problems, "verdicts": verdicts,
+        "metadata_keys": len(md), "problems": problems, "verdicts": _verdicts(facts),
     }
-
-
-def _verdicts(arch: str | None, bad_keys: list[str], no_alpha: list[str], broken: list[str],
-              unknown_prefix: list[str], unresolved: list[str]) -> dict[str, dict[str, Any]]:
-    common: list[str] = []
-    if arch is None:
-        common.append("architecture unknown (no metadata and no recognisable keys)")
-    if broken:
-        common.append(f"{len(broken)} broken modules")
-    if no_alpha:
-        common.append("strength differs: missing alpha means scale 1")
-    out: dict[str, dict[str, Any]] = {}
-    for loader in LOADERS:
-        issues = list(common)
-        if loader == "diffusers":
-            if unknown_prefix or bad_keys:
-                issues.append("not read as kohya: every key must start with lora_unet_/lora_te_/lora_te1_/lora_te2_ "
-                              "and end in lora_down.weight/lora_up.weight/alpha")
-        elif unknown_prefix or unresolved or bad_keys:
-            n = len(unknown_prefix) + len(unresolved) + len(bad_keys)
-            issues.append(f"{n} keys would not match the model and would be skipped silently")
-        out[loader] = {"ok": not issues, "issues": issues}
-    return out
 
 
 def format_report(path: str, r: dict[str, Any]) -> str:
@@ -159,7 +213,9 @@ def format_report(path: str, r: dict[str, Any]) -> str:
              f"  architecture: {r['architecture'] or 'unknown'} (keys: {r['architecture_from_keys'] or '?'}, "
              f"metadata: {r['architecture_from_metadata'] or '-'}; A1111 shows: {r['a1111_version_label']})",
              f"  keys: {r['key_count']} tensors, {r['module_count']} modules, prefixes: {', '.join(r['prefixes'])}, "
-             f"dtypes: {', '.join(r['dtypes'])}"]
+             f"dtypes: {', '.join(r['dtypes'])}",
+             "  kinds: " + ", ".join(f"{k}×{v}" for k, v in r["kinds"].items())
+             + (f"; shapes fit the {r['layout']}-size {r['architecture']} layout" if r["layout"] else "")]
     for name, g in r["groups"].items():
         lines.append(f"  {name:<11} {g['modules']:4d} modules  rank {_join(g['ranks'])}  alpha {_join(g['alphas'])}")
     lines.append("  targets: " + ", ".join(f"{k}×{v}" for k, v in r["targets"].items()))

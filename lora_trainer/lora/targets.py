@@ -57,6 +57,27 @@ def default_unet_targets(unet: nn.Module) -> list[str]:
     return sorted(out, key=_natural_key)
 
 
+# ResNet blocks and samplers (diffusers and LDM/SGM class names): LoCon's extra targets.
+CONV_BLOCK_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D", "ResBlock", "Downsample", "Upsample")
+
+
+def conv_block_targets(unet: nn.Module) -> list[str]:
+    """kohya's LoCon targets beyond the defaults: every Linear/Conv2d inside the ResNet blocks and
+    the down/up samplers (3x3 convs get conv_dim; time embedding and 1x1 shortcut the rank)."""
+    out: list[str] = []
+    for path, module in unet.named_modules():
+        if type(module).__name__ not in CONV_BLOCK_CLASSES:
+            continue
+        base = f"{path}." if path else ""
+        out += [base + n for n, m in module.named_modules() if n and _is_adaptable(m)]
+    return sorted(dict.fromkeys(out), key=_natural_key)
+
+
+def is_spatial_conv(module: nn.Module) -> bool:
+    """A convolution with a kernel larger than 1x1 (gets conv_rank/conv_alpha)."""
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
 def default_text_targets(encoder: nn.Module, naming: str) -> list[str]:
     """kohya's default text-encoder targets: attention projections and MLP of every layer."""
     regex = _OPEN_CLIP_RE if naming == "open_clip" else _HF_CLIP_RE

@@ -374,12 +374,11 @@ class RunSession:
         from lora_trainer.lora.files import RUN_KEY, save_lora_file
         from lora_trainer.lora.metadata import build_metadata
 
-        o, n = self.cfg.output, self.cfg.network
+        o = self.cfg.output
         tensors = self.network.to_kohya(dtype=_SAVE_DTYPES[o.save_precision])
         tags, dirs = dataset_stats(self.ds.items)
         # Rank and alpha as written (with init_from they come from that file, not the config).
-        rank = next((int(v.shape[0]) for k, v in tensors.items() if k.endswith("lora_down.weight")), n.rank)
-        alpha = next((float(v) for k, v in tensors.items() if k.endswith(".alpha")), n.alpha)
+        rank, alpha = self.network.network_dim, self.network.network_alpha
         metadata = build_metadata(
             self.cfg, self.bundle, num_images=sum(not it.is_reg for it in self.ds.items), tag_frequency=tags,
             dataset_dirs=dirs, steps=self.pos.step, epoch=self.epoch_number, started_at=self.started,

@@ -1,0 +1,87 @@
+"""The layer shapes of a model family, by kohya key: what a LoRA file's tensors must fit.
+
+Built from the config folders shipped in the package (full size) or the tiny demo model's
+configs, on PyTorch's ``meta`` device: no weights, no memory. ``inspect`` compares each module's
+tensors with the layer of that name, which catches files whose names are right but whose
+tensors belong elsewhere (q and k swapped in layers of different widths, conv1 and conv2
+swapped in a ResNet block that changes the channel count).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lora_trainer.lora.kohya import ModuleTensors
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def _roots(arch: str, size: str) -> dict[str, tuple[nn.Module, str]]:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import lora_trainer.models
+    from lora_trainer.models import tiny
+
+    folder = Path(lora_trainer.models.__file__).parent / "configs" / arch
+    with torch.device("meta"):
+        if size == "tiny":
+            unet = UNet2DConditionModel.from_config(tiny.unet_config(arch))
+            tes = [CLIPTextModel(CLIPTextConfig(**tiny.text_config()))] * (2 if arch == "sdxl" else 1)
+        else:
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+            subs = ["text_encoder", "text_encoder_2"] if arch == "sdxl" else ["text_encoder"]
+            tes = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / s)) for s in subs]
+    keys = ["te1", "te2"] if arch == "sdxl" else ["te"]
+    return {"unet": (unet, "diffusers"), **{k: (te, "hf_clip") for k, te in zip(keys, tes, strict=True)}}
+
+
+@functools.cache
+def family_shapes(arch: str, size: str = "full") -> dict[str, tuple[int, ...]]:
+    """{kohya module key: weight shape} of every Linear/Conv2d with a kohya name in ``arch``'s
+    UNet and text encoder(s); ``size`` "full" (the real models) or "tiny" (the demo model).
+    SD1 also answers to ``lora_te1_`` keys (A1111, Forge and ComfyUI all read those)."""
+    from lora_trainer.lora.inject import _candidate_layout
+
+    roots = _roots(arch, size)
+    shapes = {k: tuple(roots[s.root][0].get_submodule(s.path).weight.shape)
+              for k, s in _candidate_layout(arch, roots).items()}
+    if arch == "sd1":
+        shapes.update({"lora_te1_" + k[len("lora_te_"):]: v for k, v in shapes.items() if k.startswith("lora_te_")})
+    return shapes
+
+
+def implied_shape(m: ModuleTensors) -> tuple[int, int] | None:
+    """(out, in · kernel) of the weight a module's tensors update; None when they do not say."""
+    t = m.tensors
+
+    def flat(x: torch.Tensor) -> int:
+        return int(x.numel() // max(1, x.shape[0]))
+
+    if m.kind in ("lora", "dora"):
+        return int(t["lora_up.weight"].shape[0]), flat(t["lora_down.weight"])
+    if m.kind == "loha":
+        return int(t["hada_w1_a"].shape[0]), flat(t["hada_w1_b"])
+    if m.kind == "lokr":
+        a, c = ((t["lokr_w1"].shape[0], t["lokr_w1"].shape[1]) if "lokr_w1" in t
+                else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1]))
+        b, d = ((t["lokr_w2"].shape[0], flat(t["lokr_w2"])) if "lokr_w2" in t
+                else (t["lokr_w2_a"].shape[0], flat(t["lokr_w2_b"])))
+        return int(a * b), int(c * d)
+    return None
+
+
+def shape_problem(m: ModuleTensors, weight: tuple[int, ...]) -> str | None:
+    """Why module ``m`` does not fit a layer whose weight has shape ``weight`` (None if it fits)."""
+    want = (weight[0], int(torch.Size(weight[1:]).numel()))
+    got = implied_shape(m)
+    if got is not None and got != want:
+        return f"updates a ({got[0]}, {got[1]}) weight, the layer's is {tuple(weight)}"
+    scale = m.tensors.get("dora_scale")
+    if scale is not None and scale.numel() not in (weight[0], weight[1]):
+        return f"dora_scale has {scale.numel()} values, the layer has {weight[1]} inputs and {weight[0]} outputs"
+    return None
