@@ -22,7 +22,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class CountingHost(TinyHost):
-    name = "standalone"  # loads model.base_model itself, so the base model is checked too
+    name = "standalone"  # loaded_model() is None: it loads model.base_model, so that is checked too
 
     def __init__(self) -> None:
         super().__init__()
@@ -125,7 +125,7 @@ def test_train_help_shows_check(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_app_start_refuses_before_a_thread_starts(tmp_path: Path, data: Path) -> None:
-    from lora_trainer.ui import jobs
+    from lora_trainer import jobs
 
     jobs.clear_finished()
     host = CountingHost()

@@ -11,8 +11,9 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from lora_trainer import jobs
 from lora_trainer.config import TrainConfig
-from lora_trainer.ui import compat, handlers, jobs
+from lora_trainer.ui import compat, handlers
 from lora_trainer.ui.context import TabContext, err_text
 from lora_trainer.ui.fields import UI_FIELDS, values_from_config
 from lora_trainer.ui.train_section import lora_dir_of, test_section, train_section
