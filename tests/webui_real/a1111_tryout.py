@@ -32,7 +32,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.test_ui_browser import click, images_in, open_section, page_errors, set_text, text_of, value_of  # noqa: E402
+from tests.test_ui_browser import click, images_in, page_errors, set_text, text_of, value_of  # noqa: E402
 
 
 def api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -76,6 +76,17 @@ def train_api(url: str, data: Path, name: str, steps: int, stop_at: int | None =
         api(url, f"/lora_trainer/status?job_id={job}")))
 
 
+def open_webui_tab(d: Any, name: str) -> None:
+    """One of the WebUI's own top-level tabs (txt2img, ..., Train LoRA)."""
+    from selenium.webdriver.common.by import By
+
+    xpath = f"//*[@id='tabs']//button[normalize-space()='{name}']"
+    button = wait_until(f"WebUI tab {name}", lambda: [b for b in d.find_elements(By.XPATH, xpath) if b.is_displayed()])[0]
+    button.click()
+    wait_until(f"WebUI tab {name} shown", lambda: any(e.is_displayed() for e in d.find_elements(By.ID, "lt-sections")),
+               every=0.2)
+
+
 def open_tab_section(d: Any, name: str) -> None:
     """A section of our tab: its buttons are looked up inside the tab (the WebUI has a "Train" tab too)."""
     from selenium.webdriver.common.by import By
@@ -107,7 +118,7 @@ def tab_flow(url: str, data: Path, shots: Path | None) -> None:
     d.set_window_size(1400, 1800)
     try:
         d.get(url)
-        open_section(d, "Train LoRA")
+        open_webui_tab(d, "Train LoRA")
         set_text(d, "lt-f-data-train-data-dir", str(data))
         click(d, "lt-load-dataset")
         wait_until("dataset summary", lambda: "8 images" in text_of(d, "lt-dataset-summary"))
