@@ -252,7 +252,8 @@ def _scan_folder(report: DatasetReport, root: Path, *, is_reg: bool, metadata_pa
                                       repeats=repeats, is_reg=is_reg, digest=digest, caption_source=caption[1]))
 
 
-def _folder(value: str | None, key: str) -> Path:
+def check_folder(value: str | None, key: str) -> Path:
+    """The folder a config key names, or DatasetError (empty, missing, a file)."""
     if not value or not str(value).strip():
         raise DatasetError(f"{key} is empty; set it to the folder of your training images")
     path = Path(value).expanduser()
@@ -267,8 +268,8 @@ def build_report(data_cfg: DataConfig) -> DatasetReport:
 
     Raises DatasetError only when a folder cannot be used at all (missing, unreadable CSV).
     """
-    train_dir = _folder(data_cfg.train_data_dir, "data.train_data_dir")
-    reg_dir = _folder(data_cfg.reg_data_dir, "data.reg_data_dir") if data_cfg.reg_data_dir else None
+    train_dir = check_folder(data_cfg.train_data_dir, "data.train_data_dir")
+    reg_dir = check_folder(data_cfg.reg_data_dir, "data.reg_data_dir") if data_cfg.reg_data_dir else None
     report = DatasetReport(config=data_cfg, train_dir=train_dir, reg_dir=reg_dir)
     seen: dict[str, str] = {}
     _scan_folder(report, train_dir, is_reg=False, metadata_path=data_cfg.metadata_path, seen=seen)

@@ -22,13 +22,12 @@ import torch
 
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.fsutil import atomic_write_text
+from lora_trainer.models.paths import PICKLE_SUFFIXES, SAFE_SUFFIXES
 from lora_trainer.models.tokenizer import EOS, cache_root, write_clip_tokenizer_files
 
 log = logging.getLogger(__name__)
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
-SAFE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 # Keys that identify each family in the original layout.
 SD1_TE_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"

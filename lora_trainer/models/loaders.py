@@ -18,6 +18,7 @@ from lora_trainer.config import ModelConfig
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.models import checkpoint as ckpt
 from lora_trainer.models.bundle import ModelBundle
+from lora_trainer.models.paths import base_model_path
 from lora_trainer.models.setups import bundle_from_diffusers
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,10 @@ def load_bundle(model_cfg: ModelConfig, device: torch.device | str | None = None
     device = resolve_device(device if device is not None else model_cfg.device)
     dtype = resolve_dtype(dtype if dtype is not None else model_cfg.weight_dtype, device)
     base = (model_cfg.base_model or "").strip()
-    if base == "demo":
+    path = base_model_path(base)
+    if path is None:
         bundle = load_demo(model_cfg, device, dtype)
     else:
-        if not base:
-            raise ModelLoadError("model.base_model is empty; give a diffusers folder, a .safetensors checkpoint or 'demo'")
-        path = Path(base).expanduser()
-        if not path.exists():
-            raise ModelLoadError(f"model.base_model: {path} does not exist; check the path")
         if path.is_dir():
             bundle = load_diffusers_folder(path, model_cfg, device, dtype)
         else:

@@ -78,18 +78,13 @@ def check_output_dir(cfg: TrainConfig) -> None:
 
 
 def check_base_model(cfg: TrainConfig) -> None:
-    from lora_trainer.models.checkpoint import PICKLE_SUFFIXES, SAFE_SUFFIXES
+    from lora_trainer.models.paths import PICKLE_SUFFIXES, SAFE_SUFFIXES, base_model_path
 
     if cfg.model.vae and not Path(cfg.model.vae).expanduser().exists():
         raise ModelLoadError(f"model.vae: {cfg.model.vae} does not exist; check the path or leave model.vae empty")
-    base = (cfg.model.base_model or "").strip()
-    if base == "demo":
+    path = base_model_path(cfg.model.base_model)
+    if path is None:  # the embedded demo model
         return
-    if not base:
-        raise ModelLoadError("model.base_model is empty; give a diffusers folder, a .safetensors checkpoint or 'demo'")
-    path = Path(base).expanduser()
-    if not path.exists():
-        raise ModelLoadError(f"model.base_model: {path} does not exist; check the path")
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(f"model.base_model: {path} is not a diffusers model folder (no model_index.json)")
@@ -106,17 +101,13 @@ def check_base_model(cfg: TrainConfig) -> None:
 def check_data_dirs(cfg: TrainConfig) -> None:
     """The training folder is set, exists and holds images; a set regularization folder exists."""
     from lora_trainer.data.captions import IMAGE_EXTENSIONS, list_images
+    from lora_trainer.data.scan import check_folder
 
     d = cfg.data
     for key, value in (("data.train_data_dir", d.train_data_dir), ("data.reg_data_dir", d.reg_data_dir)):
         if key == "data.reg_data_dir" and not value:
             continue
-        if not value or not str(value).strip():
-            raise DatasetError(f"{key} is empty; set it to the folder of your training images")
-        path = Path(value).expanduser()
-        if not path.is_dir():
-            what = "is a file, not a folder" if path.exists() else "does not exist"
-            raise DatasetError(f"{key}: {path} {what}; set it to the folder of your images")
+        path = check_folder(value, key)
         if not list_images(path):
             raise DatasetError(f"{key}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}; put your images there")
 
