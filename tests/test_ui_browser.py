@@ -184,6 +184,11 @@ def text_of(d: Any, elem_id: str) -> str:
     return " ".join(e.text for e in css(d, f"#{elem_id}"))
 
 
+def said(d: Any, elem_id: str) -> str:
+    """The text of a Markdown message, without the queue/progress overlay gradio puts over it."""
+    return " ".join(e.text for e in css(d, f"#{elem_id} p"))
+
+
 def images_in(d: Any, elem_id: str) -> list[Any]:
     return [i for i in css(d, f"#{elem_id} img") if i.get_attribute("src")]
 
@@ -396,14 +401,17 @@ def test_5_test_grid_at_two_weights(flow: dict[str, Any]):
     set_text(d, "lt-test-weights", "0, 1")
     set_text(d, "lt-test-steps", "2")
     click(d, "lt-render")
+    answer = wait_for("the render to answer", lambda: said(d, "lt-test-msg"))
+    assert "rendered 2 image(s) of demo_lora" in answer, answer
     wait_for("two images", lambda: len(images_in(d, "lt-test-grid")) >= 2)
-    assert "rendered 2 image(s) of demo_lora" in text_of(d, "lt-test-msg")
     # any saved step renders the same way: choose the step LoRA that "Save now" wrote
     step_lora = next(flow["out"].glob("demo_lora-step*.safetensors")).stem
     choose(d, "lt-test-lora", step_lora)
     wait_for("tag of the step", lambda: value_of(d, "lt-lora-tag") == f"<lora:{step_lora}:0.7>")
+    before = said(d, "lt-test-msg")
     click(d, "lt-render")
-    wait_for("the step's grid", lambda: f"rendered 2 image(s) of {step_lora}" in text_of(d, "lt-test-msg"))
+    answer = wait_for("the step's render to answer", lambda: (m := said(d, "lt-test-msg")) != before and m)
+    assert f"rendered 2 image(s) of {step_lora}" in answer, answer
     assert len(images_in(d, "lt-test-grid")) >= 2
     click(d, "lt-copy-tag")  # runs the page script; an error there would show in the log
     # the toast lasts 1.8 s, which a busy machine may miss: the script also marks the message box

@@ -127,8 +127,15 @@ def _dataset_section(ctx: TabContext) -> None:
 
     ctx.later(lambda: wire_scan(load.click))
     ctx.later(lambda: wire_scan(folder.submit))
+    def wire_buckets(comp: Any) -> None:
+        # change: presets, loaded configs, clicks. gradio 3.x sends one change per keystroke and
+        # drops those that come while one runs ("1" of "128"), so leaving the box counts too.
+        for event in (comp.change, getattr(comp, "blur", None)):
+            if event is not None:
+                event(do_buckets, [shown, *ctx.inputs], [buckets, shown])
+
     for path in handlers.BUCKET_FIELDS:
-        ctx.later(lambda path=path: ctx.fields[path].change(do_buckets, [shown, *ctx.inputs], [buckets, shown]))
+        ctx.later(lambda path=path: wire_buckets(ctx.fields[path]))
     upload.upload(do_upload, [upload, folder], [summary])
 
 
