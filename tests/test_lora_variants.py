@@ -294,3 +294,41 @@ def test_the_tab_offers_every_network_type_with_a_line_each():
     values = [comp.value for comp in ctx.inputs]
     values[ctx.inputs.index(comp)] = "loha"
     assert ctx.config(values).network.type == "loha"
+
+
+@pytest.mark.parametrize("typ", ["locon", "loha"])
+def test_the_webuis_ldm_unet_gets_the_same_keys(typ):
+    """A1111 trains its own LDM UNet in place: LoCon's ResBlock/Downsample/Upsample layers get the
+    kohya names the diffusers UNet's ResnetBlock2D/Downsample2D/Upsample2D get."""
+    from lora_fixtures import ldm_unet
+
+    from lora_trainer.models.tiny import build_components
+
+    cfg = _cfg(typ, conv_rank=2, train_text_encoder=False)
+    ldm = make_bundle("sd1", build_components("sd1"), unet=ldm_unet("sd1"), unet_naming="ldm")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LDM zero-initialises its output layers: the output would be 0 whatever the LoRA
+        for p in ldm.unet.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    base = _ldm_out(ldm.unet)
+    net = inject_lora(ldm, cfg)
+    ldm_keys = set(net.layout)
+    assert ldm_keys == set(inject_lora(make_bundle("sd1"), cfg).layout)
+    assert "lora_unet_down_blocks_1_resnets_0_conv_shortcut" in ldm_keys
+    assert "lora_unet_up_blocks_0_upsamplers_0_conv" in ldm_keys
+    randomize(net, std=0.2)
+    sd = net.to_kohya(torch.float32)
+    before = _ldm_out(ldm.unet)
+    assert not torch.allclose(before, base, atol=1e-3)
+    net.remove()
+    roots = {"unet": (ldm.unet, "ldm")}
+    layers = {k: ldm.unet.get_submodule(s.path) for k, s in _candidate_layout("sd1", roots).items()}
+    reader.merge_file(sd, layers)
+    assert torch.allclose(_ldm_out(ldm.unet), before, atol=1e-5, rtol=1e-5)
+
+
+def _ldm_out(unet):
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, timesteps=torch.tensor([10]), context=ctx)
