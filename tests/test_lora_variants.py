@@ -332,3 +332,21 @@ def _ldm_out(unet):
     x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 32, generator=g)
     with torch.no_grad():
         return unet(x, timesteps=torch.tensor([10]), context=ctx)
+
+
+def test_strict_reader_of_every_kind_names_the_module():
+    z = torch.zeros(2, 2)
+    with pytest.raises(LoraFormatError, match="lora_unet_a.*lokr_w1_a and lokr_w1_b"):
+        kohya.read_modules({"lora_unet_a.lokr_w1_a": z, "lora_unet_a.lokr_w2": z, "lora_unet_a.alpha": torch.tensor(1.0)})
+    with pytest.raises(LoraFormatError, match="lora_unet_b.*no complete"):
+        kohya.read_modules({"lora_unet_b.lora_down.weight": z, "lora_unet_b.lora_up.weight": z,
+                            "lora_unet_b.hada_w1_a": z, "lora_unet_b.alpha": torch.tensor(1.0)})
+    with pytest.raises(LoraFormatError, match="lora_unet_c.*no alpha"):
+        kohya.read_modules({"lora_unet_c.lora_down.weight": z, "lora_unet_c.lora_up.weight": z})
+    with pytest.raises(LoraFormatError, match="lora_unet_d.oft_blocks"):
+        kohya.read_modules({"lora_unet_d.oft_blocks": z})
+    ok = {"lora_unet_e.lora_down.weight": z, "lora_unet_e.lora_up.weight": z, "lora_unet_e.dora_scale": z[:1],
+          "lora_unet_e.alpha": torch.tensor(2.0)}
+    m = kohya.read_modules(ok)["lora_unet_e"]
+    assert (m.kind, m.alpha, m.rank) == ("dora", 2.0, 2)
+    assert kohya.write_modules({"lora_unet_e": m}, torch.float32).keys() == ok.keys()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -246,15 +247,22 @@ def split_key(key: str) -> tuple[str, str]:
     raise LoraFormatError(f"LoRA tensor {key!r} is not <module>.lora_down.weight, .lora_up.weight or .alpha")
 
 
-def from_kohya_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, LoraWeights]:
-    """Flat file tensors -> {kohya key: LoraWeights}; strict: every module needs down, up and alpha
-    with matching ranks. The caller's dict and tensors are left untouched."""
+def _group_by_module(tensors: dict[str, torch.Tensor],
+                     split: Callable[[str], tuple[str, str]]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module key: {tensor name: tensor}}; every module key must carry a known prefix."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        module, suffix = split_key(key)
+        module, suffix = split(key)
         if not any(module.startswith(p) for p in PREFIXES.values()):
             raise LoraFormatError(f"LoRA key {key!r} does not start with lora_unet_, lora_te_, lora_te1_ or lora_te2_")
         groups.setdefault(module, {})[suffix] = tensor
+    return groups
+
+
+def from_kohya_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, LoraWeights]:
+    """Flat file tensors -> {kohya key: LoraWeights}; strict: every module needs down, up and alpha
+    with matching ranks. The caller's dict and tensors are left untouched."""
+    groups = _group_by_module(tensors, split_key)
     out: dict[str, LoraWeights] = {}
     for module, g in groups.items():
         missing = [s for s in TENSOR_SUFFIXES if s not in g]
@@ -362,9 +370,7 @@ def module_kind(module: str, names: set[str]) -> str:
     """The kind of a module from the names of its tensors; error naming what is missing or mixed."""
     for kind, (req, opt) in KIND_TENSORS.items():
         allowed = set(req) | set(opt) | {"alpha"}
-        if names <= allowed and set(req) <= names and (kind != "dora" or "dora_scale" in names):
-            if kind == "lora" and "dora_scale" in names:
-                continue
+        if names <= allowed and set(req) <= names:
             if kind == "lokr":
                 for f in ("lokr_w1", "lokr_w2"):
                     if (f in names) == ({f + "_a", f + "_b"} <= names) or ((f + "_a" in names) != (f + "_b" in names)):
@@ -376,12 +382,7 @@ def module_kind(module: str, names: set[str]) -> str:
 
 def read_modules(tensors: dict[str, torch.Tensor]) -> dict[str, ModuleTensors]:
     """Flat file tensors of any kind -> {module key: ModuleTensors}; strict, input untouched."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        module, suffix = split_any_key(key)
-        if not any(module.startswith(p) for p in PREFIXES.values()):
-            raise LoraFormatError(f"LoRA key {key!r} does not start with lora_unet_, lora_te_, lora_te1_ or lora_te2_")
-        groups.setdefault(module, {})[suffix] = tensor
+    groups = _group_by_module(tensors, split_any_key)
     out: dict[str, ModuleTensors] = {}
     for module, g in groups.items():
         kind = module_kind(module, set(g))
