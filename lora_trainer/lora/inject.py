@@ -1,4 +1,6 @@
-"""Put LoRA layers into a ModelBundle (peft), read them out as kohya tensors, take them out again.
+"""Put adapter layers into a ModelBundle (peft), read them out as kohya tensors, take them out again.
+
+The layers are of ``network.type``: LoRA/LoCon, DoRA, LoHa or LoKr (see :mod:`variants`).
 
 Linear and Conv2d layers get peft's LoRA layers (``inject_adapter_in_model`` with an explicit
 list of full module paths); ``nn.MultiheadAttention`` gets :class:`LoraMultiheadAttention` (see
@@ -25,7 +27,7 @@ from lora_trainer.lora.mha import LoraMultiheadAttention
 from lora_trainer.lora.targets import _is_adaptable, conv_block_targets, find_targets, is_spatial_conv
 from lora_trainer.models.bundle import ModelBundle
 
-ADAPTER = "default"
+ADAPTER = variants.ADAPTER
 
 
 @dataclass

@@ -80,6 +80,9 @@ KIND_MARKS = {"lora": ("lora_up.weight", "lora_down.weight", "lora_mid.weight"),
 _SUFFIXES = sorted({s for marks in KIND_MARKS.values() for s in marks} | {"alpha", "dora_scale", "weight"},
                    key=len, reverse=True)
 
+_TUCKER = {"hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight"}
+
+
 def _kind_of(names: set[str]) -> str:
     if "weight" in names and "on_input" in names:
         return "ia3"
@@ -118,9 +121,11 @@ def _shapes(arch: str | None, modules: dict[str, dict[str, torch.Tensor]],
             shapes = layout.family_shapes(arch, size)
         except Exception:  # noqa: BLE001 - no diffusers/transformers: names only
             return None, {}
-        wrong = {}
+        wrong, seen = {}, 0
         for name, g in modules.items():
-            if name in shapes and kinds[name] in ("lora", "loha", "lokr"):
+            # Tucker/CP forms (hada_t1, lokr_t2, lora_mid) orient their factors otherwise: not checked.
+            if name in shapes and kinds[name] in ("lora", "loha", "lokr") and not set(g) & _TUCKER:
+                seen += 1
                 try:
                     m = kohya.ModuleTensors("dora" if "dora_scale" in g else kinds[name],
                                             {k: v for k, v in g.items() if k != "alpha"}, 1.0)
@@ -129,7 +134,7 @@ def _shapes(arch: str | None, modules: dict[str, dict[str, torch.Tensor]],
                     continue  # incomplete module: reported as such
                 if why:
                     wrong[name] = why
-        if best[0] is None or len(wrong) < len(best[1]):
+        if seen and (best[0] is None or len(wrong) < len(best[1])):
             best = (size, wrong)
     return best
 
@@ -146,7 +151,7 @@ def analyse(tensors: dict[str, torch.Tensor], md: dict[str, str]) -> dict[str, A
     for m, g in sorted(modules.items()):
         if kinds[m] in ("lora", "loha", "lokr"):
             try:
-                kohya.module_kind(m, (set(g) - {"lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2"}) | {"alpha"})
+                kohya.module_kind(m, (set(g) - _TUCKER) | {"alpha"})
             except LoraFormatError:
                 incomplete.append(m)
     bad_rank = sorted(m for m, g in modules.items() if m not in incomplete and kinds[m] == "lora"

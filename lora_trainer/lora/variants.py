@@ -29,10 +29,9 @@ from peft.tuners.loha.layer import LoHaLayer
 from peft.tuners.lokr.layer import LoKrLayer
 from torch import nn
 
-from lora_trainer.lora.dora import ColumnDora
+from lora_trainer.lora.dora import ADAPTER, ColumnDora
 from lora_trainer.lora.mha import LoraMultiheadAttention
 
-ADAPTER = "default"
 LYCORIS_LAYERS = (LoHaLayer, LoKrLayer)
 _LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 _LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
