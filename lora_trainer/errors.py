@@ -6,6 +6,8 @@ prints ``str(error)`` on one line and exits with code 2; library code never call
 
 from __future__ import annotations
 
+import logging
+
 
 class LoraTrainerError(Exception):
     """Base class of every error caused by input the user can fix."""
@@ -33,3 +35,23 @@ class OutputError(LoraTrainerError):
 
 class HostError(LoraTrainerError):
     """The host (WebUI or standalone app) cannot do what was asked in its current state."""
+
+
+def one_line(error: BaseException) -> str:
+    """What to show a person: the message of a user mistake (written for people already), or the
+    type and message of anything else (a bug or the environment) flattened to one line."""
+    if isinstance(error, LoraTrainerError):
+        return str(error)
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def report_failure(logger: logging.Logger, what: str, error: BaseException) -> None:
+    """Log a failed background job where its host shows logs (the WebUI's console): one line for a
+    user mistake, the traceback for anything else. Never raises."""
+    try:
+        if isinstance(error, LoraTrainerError):
+            logger.error("%s failed: %s", what, one_line(error))
+        else:
+            logger.error("%s failed: %s", what, one_line(error), exc_info=error)
+    except Exception:  # noqa: BLE001 - reporting must not turn one failure into two
+        pass

@@ -1,7 +1,9 @@
 """Atomic writes and backups: every output file goes through here.
 
 A file is written to a temporary name in the same folder and renamed over the target, so a
-crash never leaves a half-written file and readers never see one.
+crash never leaves a half-written file and readers never see one. The result has the mode any
+other file the user makes would have: a new file follows the umask, a replaced file keeps its mode
+(temporary files are created private, 0600, which a WebUI running as another user cannot read).
 """
 
 from __future__ import annotations
@@ -15,6 +17,30 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def give_normal_mode(tmp: Path, target: Path) -> None:
+    """Set ``tmp``'s mode to what ``target`` should have once ``tmp`` is renamed onto it: the
+    mode of the ``target`` it replaces, else what a new file or folder gets under the umask."""
+    try:
+        mode = target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = (0o777 if tmp.is_dir() else 0o666) & ~current_umask()
+    os.chmod(tmp, mode)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it over ``target``."""
@@ -25,6 +51,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        give_normal_mode(tmp, target)
         os.replace(tmp, target)
     finally:
         if tmp.exists():

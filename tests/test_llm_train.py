@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -63,12 +64,15 @@ def test_default_targets_per_family(models: dict[str, Path]) -> None:
     llama, _, _ = load_model(cfg.model)
     llama_targets = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     assert detect_target_modules(llama) == llama_targets
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
     small = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
              "num_attention_heads": 2, "num_key_value_heads": 1}
-    assert detect_target_modules(Qwen2ForCausalLM(Qwen2Config(**small))) == llama_targets
-    assert detect_target_modules(MistralForCausalLM(MistralConfig(**small))) == llama_targets
+    # families newer than the installed transformers (4.30 has neither) cannot be loaded there at all
+    for family in ("Qwen2", "Mistral"):
+        if hasattr(transformers, f"{family}ForCausalLM"):
+            model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(**small))
+            assert detect_target_modules(model) == llama_targets
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -152,7 +156,10 @@ def test_merged_model_matches_adapter(models, data_file, tmp_path: Path) -> None
     trainer = TextLoraTrainer(cfg)
     result = trainer.run()
     assert result.merged_path == tmp_path / "text_lora-merged"
-    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+    else:  # as in the A1111 WebUI's venv
+        assert ",train/loss," in (tmp_path / "logs" / "metrics.csv").read_text()
     merged = AutoModelForCausalLM.from_pretrained(str(result.merged_path)).eval()
     batch = fixed_batch(cfg, trainer.tokenizer)
     torch.testing.assert_close(merged(**batch).logits, trainer.model.eval()(**batch).logits, atol=1e-5, rtol=1e-5)

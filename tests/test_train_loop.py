@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
+from lora_trainer.errors import HostError
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.trainer import Trainer
 from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
@@ -46,7 +49,12 @@ def test_run_writes_lora_and_outputs_and_restores_model(tmp_path: Path, data: Pa
     assert summary["steps"] == 3 and summary["status"] == "done"
     assert summary["final_loss"] == pytest.approx(result.final_loss)
     assert (tmp_path / "out" / "config.yaml").read_text().count("max_train_steps: 3") == 1
-    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "out" / "logs").iterdir())
+    logs = tmp_path / "out" / "logs"
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert any(p.name.startswith("events.out.tfevents") for p in logs.iterdir())
+    else:  # as in the A1111 WebUI's venv
+        rows = (logs / "metrics.csv").read_text().splitlines()
+        assert rows[0] == "step,name,value" and [r.split(",")[0] for r in rows if ",train/loss," in r] == ["1", "2", "3"]
     steps = [e for e in seen if e.kind == "step"]
     assert [e.step for e in steps] == [1, 2, 3]
     assert all(e.loss is not None and e.lr == pytest.approx(1e-3) and e.total_steps == 3 for e in steps)
@@ -225,3 +233,40 @@ def test_step_loras_can_be_switched_off_and_a_stop_writes_only_the_final_lora(tm
     assert trainer.run().steps == 3
     assert sorted(p.name for p in (tmp_path / "b").glob("*.safetensors")) == ["tiny-step000002.safetensors",
                                                                               "tiny.safetensors"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA error: an illegal memory access\nwas encountered"),
+                                   HostError("no checkpoint is loaded in the WebUI; pick one first")])
+def test_a_failed_worker_run_says_it_in_one_line_and_logs_where_the_host_shows_logs(
+        tmp_path: Path, data: Path, caplog: pytest.LogCaptureFixture, error: Exception) -> None:
+    class FailingHost(TinyHost):
+        def acquire_bundle(self, config):
+            raise error
+
+    trainer = Trainer(tiny_config(data, tmp_path / "out"), host=FailingHost("sd1"))
+    with caplog.at_level(logging.ERROR):
+        trainer.start().join()
+    snap = trainer.state.snapshot()
+    assert trainer.error is error and snap["status"] == "error"
+    assert "\n" not in snap["error"] and snap["error"].endswith(str(error).split("\n")[-1])
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "LoRA training failed" in record.getMessage()
+    # a bug or the environment: the traceback goes to the console; a user mistake: one line
+    assert (record.exc_info is not None) == (not isinstance(error, HostError))
+
+
+def test_without_tensorboard_the_scalars_go_to_a_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from lora_trainer.train.outputs import Logger
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails, as where it is missing
+    logger = Logger(tmp_path, enabled=True)
+    logger.scalars(1, loss=0.5, lr=1e-4)
+    logger.scalars(2, loss=0.25, lr=None)
+    logger.scalar("eval/loss", 0.75, 2)
+    logger.close()
+    assert (tmp_path / "logs" / "metrics.csv").read_text().splitlines() == [
+        "step,name,value", "1,train/loss,0.5", "1,train/lr,0.0001", "2,train/loss,0.25", "2,eval/loss,0.75"]
+    Logger(tmp_path / "off", enabled=False).scalars(1, loss=1.0)
+    assert not (tmp_path / "off").exists()

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_trainer.errors import ConfigError
+from lora_trainer.torch_compat import autocast_supported
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.trainer import Trainer
 from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
@@ -38,6 +40,12 @@ def test_autocast_with_fp32_lora_weights(tmp_path: Path, data: Path, host: TinyH
                                                  "train.gradient_checkpointing": True,
                                                  "train.gradient_accumulation_steps": 2,
                                                  "output.save_precision": "bf16"})
+    if not autocast_supported("cpu", {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]):
+        # torch 2.1 (the A1111 WebUI's) autocasts only to bf16 on the CPU: said before training
+        with pytest.raises(ConfigError, match=f"train.mixed_precision: {precision} does not run on cpu"):
+            Trainer(cfg, host=host, callbacks=[Spy()]).run()
+        assert not dtypes
+        return
     result = Trainer(cfg, host=host, callbacks=[Spy()]).run()
     assert result.steps == 2 and result.final_loss is not None and result.final_loss == result.final_loss
     assert dtypes and set(dtypes) == {torch.float32}
@@ -77,3 +85,19 @@ def test_other_architectures_train(tmp_path: Path, data: Path, arch: str, predic
     assert prefixes == ({"unet", "te1", "te2"} if arch == "sdxl" else {"unet", "te"})
     preview = result.lora_path.with_suffix(".png")
     assert preview.is_file() and (tmp_path / "out" / "samples" / "step-000002.png").is_file()
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_text_encoder_lora_learns_with_gradient_checkpointing(tmp_path: Path, data: Path, arch: str) -> None:
+    """Checkpointed CLIP layers still pass gradients to their LoRA (on transformers < 4.35, as in
+    the A1111 WebUI, checkpointing is re-entrant: only inputs that require grad get any)."""
+    moved = {}
+    for checkpointing in (False, True):
+        cfg = tiny_config(data, tmp_path / f"out-{checkpointing}", **{
+            "network.train_text_encoder": True, "train.gradient_checkpointing": checkpointing})
+        tensors = lora_tensors(Trainer(cfg, host=TinyHost(arch)).run().lora_path)
+        # lora_up starts at zero: the ones that moved got gradients (SDXL's first text encoder
+        # gives its penultimate layer, so its last layer gets none either way)
+        moved[checkpointing] = {k for k, v in tensors.items() if k.startswith("lora_te") and "lora_up" in k
+                                and v.abs().sum() > 0}
+    assert moved[True] and moved[True] == moved[False]

@@ -123,7 +123,9 @@ def resolve_clip(options: ClipOptions) -> ClipSpec:
     tags = open_clip.list_pretrained_tags_by_model(name)
     tag = tag or DEFAULT_TAGS.get(name) or (tags[0] if tags else "")
     pcfg = open_clip.get_pretrained_cfg(name, tag) or {}
-    quick_gelu = bool(pcfg.get("quick_gelu", False))
+    # OpenAI's weights need QuickGELU; open_clip 3 says so in the pretrained config, 2.x (the
+    # A1111 WebUI's) knew it from the "openai" tag alone.
+    quick_gelu = bool(pcfg.get("quick_gelu", tag == "openai"))
     if options.weights:
         path = Path(options.weights).expanduser()
         if not path.is_file():
@@ -154,17 +156,55 @@ def load_clip(options: ClipOptions | None = None) -> ClipInterrogator:
     device = resolve_device(options.device)
     precision = "fp16" if options.fp16 and device.startswith("cuda") else "fp32"
     try:
-        if spec.name.startswith("local-dir:"):
-            model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device, precision=precision)
+        if not hasattr(open_clip.factory, "LOCAL_DIR_PREFIX"):
+            model, preprocess, tokenizer = _create_with_old_open_clip(spec, device, precision)
         else:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.name, pretrained=spec.checkpoint, force_quick_gelu=spec.quick_gelu, device=device,
-                precision=precision)
-        tokenizer = open_clip.get_tokenizer(spec.name)
+            if spec.name.startswith("local-dir:"):
+                model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device,
+                                                                             precision=precision)
+            else:
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    spec.name, pretrained=spec.checkpoint, force_quick_gelu=spec.quick_gelu, device=device,
+                    precision=precision)
+            tokenizer = open_clip.get_tokenizer(spec.name)
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{spec.checkpoint}: cannot load as CLIP {spec.name} "
                              f"({str(e).splitlines()[0][:200]}); check --clip-model/--clip-weights") from None
     return ClipInterrogator(model, preprocess, tokenizer, options, device, f"{spec.name}|{spec.tag}|{spec.key}")
+
+
+def _create_with_old_open_clip(spec: ClipSpec, device: str, precision: str) -> tuple[Any, Any, Any]:
+    """open_clip before ``local-dir:`` models (the A1111 WebUI pins 2.20): it reads weights with
+    ``torch.load`` only and knows models by registered name. A folder's config is registered under
+    a name of its own; the weights (safetensors or a torch file) are read here."""
+    import open_clip
+    import torch
+
+    name, kwargs = spec.name, {"force_quick_gelu": spec.quick_gelu}
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
+        name = "lt-local-" + hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
+        registry = cache_root() / "open_clip_configs"
+        registry.mkdir(parents=True, exist_ok=True)
+        with atomic_path(registry / f"{name}.json") as tmp:
+            tmp.write_text(json.dumps(config["model_cfg"]), encoding="utf-8")
+        open_clip.add_model_config(registry / f"{name}.json")
+        pre = config.get("preprocess_cfg") or {}
+        kwargs = {"image_mean": pre.get("mean"), "image_std": pre.get("std")}
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu",
+                                                                 precision="fp32", **kwargs)
+    if spec.checkpoint.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(spec.checkpoint)
+    else:
+        state = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    model.load_state_dict(state)
+    model = model.to(device=device, dtype=torch.float16 if precision == "fp16" else torch.float32)
+    return model, preprocess, open_clip.get_tokenizer(name)
 
 
 class ClipInterrogator:

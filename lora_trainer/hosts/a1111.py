@@ -65,7 +65,11 @@ def clear_applied_networks(sd_model: nn.Module) -> int:
     the weights are the checkpoint's again. Raises HostError when a layer says a network is
     applied but has no backup (only a checkpoint reload can repair that).
     """
-    networks = _webui_networks()
+    with torch.no_grad():  # the WebUI restores inside its no_grad sampling; its weights require grad
+        return _clear_applied_networks(sd_model, _webui_networks())
+
+
+def _clear_applied_networks(sd_model: nn.Module, networks: Any | None) -> int:
     restored = 0
     for name, module in sd_model.named_modules():
         w_backup = getattr(module, "network_weights_backup", None)

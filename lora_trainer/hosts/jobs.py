@@ -6,11 +6,14 @@ stops it, and reports a JSON-ready snapshot. The WebUI script maps its routes on
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from typing import Any
 
-from lora_trainer.errors import ConfigError, HostError, LoraTrainerError
+from lora_trainer.errors import ConfigError, HostError, LoraTrainerError, one_line, report_failure
+
+log = logging.getLogger(__name__)
 
 
 class JobManager:
@@ -55,8 +58,7 @@ class JobManager:
         """Fill a finished training job's status/result/error from its trainer."""
         trainer = job["trainer"]
         if trainer.error is not None:
-            e = trainer.error
-            job["status"], job["error"] = "error", str(e) if isinstance(e, LoraTrainerError) else f"{type(e).__name__}: {e}"
+            job["status"], job["error"] = "error", one_line(trainer.error)
         elif trainer.result is not None:
             r = trainer.result
             job["result"] = {"lora_path": str(r.lora_path) if r.lora_path else None,
@@ -86,10 +88,9 @@ class JobManager:
                 job["result"] = {"captions": len(report.captions), "skipped": len(report.skipped),
                                  "unreadable": [r for r, _ in report.unreadable]}
                 job["status"] = "done"
-            except LoraTrainerError as e:
-                job["status"], job["error"] = "error", str(e)
-            except Exception as e:  # noqa: BLE001
-                job["status"], job["error"] = "error", f"{type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001 - reported in the job's status and the log
+                job["status"], job["error"] = "error", one_line(e)
+                report_failure(log, "captioning", e)
 
         return self._run(job, work)
 

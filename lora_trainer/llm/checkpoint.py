@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lora_trainer.errors import ConfigError, OutputError
+from lora_trainer.fsutil import give_normal_mode
 
 STATE_FILE = "trainer_state.pt"
 
@@ -44,6 +45,7 @@ def write_folder_atomic(target: Path, fill: Callable[[Path], None], backup: bool
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         fill(tmp)
+        give_normal_mode(tmp, target)
         if target.exists():
             if backup:
                 bdir = target.parent / ".backup"

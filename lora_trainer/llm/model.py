@@ -79,13 +79,16 @@ def load_tokenizer(path: str | Path) -> Any:
 
 def load_model(cfg: LLMModelConfig, mixed_precision: str = "no") -> tuple[Any, Any, torch.device]:
     """(model, tokenizer, device). The base weights are frozen; quantized models go to the GPU."""
+    import transformers
     from transformers import AutoModelForCausalLM
 
     folder = check_model_folder(cfg.base_model)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, mixed_precision, device)
     quant = _quantization(cfg, dtype, device)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "local_files_only": True}
+    # transformers 5 calls it dtype; 4.x (4.30 in the A1111 WebUI) torch_dtype
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    kwargs: dict[str, Any] = {dtype_key: dtype, "trust_remote_code": cfg.trust_remote_code, "local_files_only": True}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device.index or 0})
     try:

@@ -33,7 +33,9 @@ from lora_trainer.llm.checkpoint import (
 from lora_trainer.llm.config import LLMTrainConfig
 from lora_trainer.llm.data import IGNORE, DataReport, Sample, build_datasets, collate
 from lora_trainer.llm.model import add_lora, load_model
+from lora_trainer.torch_compat import enable_hf_checkpointing, grad_scaler
 from lora_trainer.train.events import Callback, TrainEvent, WorkerRun, emit
+from lora_trainer.train.outputs import Logger
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +74,17 @@ def total_steps(n: int, cfg: LLMTrainConfig) -> int:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: LLMTrainConfig, steps: int) -> Any:
     """The same schedule kinds as image training, from transformers' implementations."""
-    from transformers import get_scheduler
+    # The schedule functions themselves: get_scheduler's scheduler_specific_kwargs is newer than
+    # the transformers 4.30 of the A1111 WebUI.
+    import transformers as tf
 
     o = cfg.optim
-    name = "constant_with_warmup" if o.lr_scheduler == "constant" else o.lr_scheduler
-    extra = {"num_cycles": o.lr_num_cycles} if name == "cosine_with_restarts" else None
-    return get_scheduler(name, optimizer, num_warmup_steps=o.lr_warmup_steps, num_training_steps=steps,
-                         scheduler_specific_kwargs=extra)
+    if o.lr_scheduler == "constant":
+        return tf.get_constant_schedule_with_warmup(optimizer, o.lr_warmup_steps)
+    make = {"linear": tf.get_linear_schedule_with_warmup, "cosine": tf.get_cosine_schedule_with_warmup,
+            "cosine_with_restarts": tf.get_cosine_with_hard_restarts_schedule_with_warmup}[o.lr_scheduler]
+    extra = {"num_cycles": o.lr_num_cycles} if o.lr_scheduler == "cosine_with_restarts" else {}
+    return make(optimizer, o.lr_warmup_steps, steps, **extra)
 
 
 def target_tokens(labels: torch.Tensor) -> int:
@@ -108,6 +114,7 @@ class TextLoraTrainer(WorkerRun):
     """One text-LoRA run: ``run()`` blocks; ``start()`` runs it in a worker thread."""
 
     thread_name = "lora-trainer-llm"
+    job_label = "text LoRA training"
 
     def __init__(self, config: LLMTrainConfig, callbacks: list[Callback] | None = None) -> None:
         super().__init__(callbacks)
@@ -142,18 +149,14 @@ class TextLoraTrainer(WorkerRun):
         if cfg.train.gradient_checkpointing:
             base = peft_model.base_model.model
             base.config.use_cache = False
-            kwargs = {"use_reentrant": False}  # re-entrant checkpointing needs inputs that require grad
-            if hasattr(base, "activation_checkpointing_enable"):  # the transformers 5 name
-                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            enable_hf_checkpointing(base)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         o = cfg.optim
         optimizer = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
                                       eps=o.adam_epsilon, weight_decay=o.weight_decay)
         steps = total_steps(len(train), cfg)
         scheduler = make_scheduler(optimizer, cfg, steps)
-        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.train.mixed_precision == "fp16")
+        scaler = grad_scaler(device.type, enabled=device.type == "cuda" and cfg.train.mixed_precision == "fp16")
         pos = Position()
         if cfg.train.resume:
             ckpt = find_checkpoint(out, cfg.train.resume)
@@ -202,25 +205,13 @@ class _Loop:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         mp = self.cfg.train.mixed_precision
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp)
-        self.writer = self._writer()
-
-    def _writer(self) -> Any:
-        if not self.cfg.output.tensorboard:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log.warning("tensorboard is not installed; no TensorBoard logs")
-            return None
-        return SummaryWriter(str(Path(self.cfg.output.output_dir) / "logs"))
+        self.logger = Logger(Path(self.cfg.output.output_dir), self.cfg.output.tensorboard)
 
     def log_scalar(self, tag: str, value: float, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
+        self.logger.scalar(tag, value, step)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.logger.close()
 
     def _autocast(self) -> Any:
         if self.amp_dtype is None:

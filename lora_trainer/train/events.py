@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lora_trainer.errors import report_failure
+
 log = logging.getLogger(__name__)
 
 EventKind = Literal["status", "step", "sample", "checkpoint", "done", "stopped", "error"]
@@ -146,6 +148,7 @@ class WorkerRun:
     Subclasses implement ``run()``."""
 
     thread_name = "lora-trainer"
+    job_label = "LoRA training"  # names the run in the log when it fails
 
     def __init__(self, callbacks: list[Callback] | None = None) -> None:
         self.callbacks: list[Callback] = list(callbacks or [])
@@ -172,6 +175,7 @@ class WorkerRun:
                 self.run()
             except BaseException as e:  # noqa: BLE001 - reported through events and .error
                 self.error = e
+                report_failure(log, self.job_label, e)
 
         thread = threading.Thread(target=work, name=self.thread_name, daemon=True)
         thread.start()

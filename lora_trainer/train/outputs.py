@@ -33,23 +33,38 @@ def dataset_stats(items: list[Any]) -> tuple[dict[str, dict[str, int]], dict[str
 
 
 class Logger:
-    """TensorBoard scalars and images under <output_dir>/logs (no-op when disabled)."""
+    """Training scalars and sample images under <output_dir>/logs: TensorBoard's event files, or
+    ``metrics.csv`` (rows of step, name, value) where tensorboard is not installed, as in the
+    A1111 WebUI's venv. A no-op when disabled."""
 
     def __init__(self, output_dir: Path, enabled: bool) -> None:
-        self.writer = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is a dependency, but a host may lack it
-                log.warning("tensorboard is not installed; no training logs are written")
-                return
-            self.writer = SummaryWriter(log_dir=str(output_dir / "logs"))
+        self.writer: Any = None
+        self.csv: Path | None = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency, but a host's Python may lack it
+            self.csv = output_dir / "logs" / "metrics.csv"
+            log.warning("tensorboard is not installed; training scalars go to %s", self.csv)
+            return
+        self.writer = SummaryWriter(log_dir=str(output_dir / "logs"))
 
     def scalars(self, step: int, **values: float | None) -> None:
+        """``train/<name>`` for each value that is not None."""
+        for k, v in values.items():
+            if v is not None:
+                self.scalar(f"train/{k}", v, step)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
-            for k, v in values.items():
-                if v is not None:
-                    self.writer.add_scalar(f"train/{k}", v, step)
+            self.writer.add_scalar(tag, value, step)
+        elif self.csv is not None:
+            # An append-only log, like TensorBoard's own files; a resumed run adds to it.
+            new = not self.csv.is_file()
+            self.csv.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.csv, "a", encoding="utf-8", newline="") as fh:
+                fh.write(("step,name,value\n" if new else "") + f"{step},{tag},{value:.6g}\n")
 
     def image(self, step: int, img: Image.Image) -> None:
         if self.writer is not None:

@@ -16,7 +16,9 @@ import torch
 
 from lora_trainer.data.cache import LatentCache, TextCache, fill_latent_cache, module_identity
 from lora_trainer.data.dataset import Batch, BucketDataset, EpochView, steps_per_epoch
+from lora_trainer.errors import ConfigError
 from lora_trainer.fsutil import atomic_write_text, backup_file
+from lora_trainer.torch_compat import autocast_supported, enable_hf_checkpointing, grad_scaler
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.losses import (
@@ -49,6 +51,10 @@ class RunSession:
         self.trainer, self.host, self.bundle, self.dataset_report = trainer, host, bundle, report
         self.cfg = trainer.config
         self.device = torch.device(bundle.device)
+        amp = _AMP_DTYPES.get(self.cfg.train.mixed_precision)
+        if amp is not None and not autocast_supported(self.device.type, amp):
+            raise ConfigError(f"train.mixed_precision: {self.cfg.train.mixed_precision} does not run on "
+                              f"{self.device.type} with torch {torch.__version__}; choose bf16 or no")
         self.out = Path(self.cfg.output.output_dir)
         self.network: Any = None
         self.text_cache: TextCache | None = None
@@ -199,7 +205,7 @@ class RunSession:
                                         o.lr_scheduler, o.lr_num_cycles)
         amp = _AMP_DTYPES.get(t.mixed_precision)
         self.amp_dtype = amp
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.mixed_precision == "fp16")
+        self.scaler = grad_scaler(self.device.type, enabled=t.mixed_precision == "fp16")
 
     def resume(self) -> None:
         if not self.cfg.train.resume:
@@ -456,11 +462,7 @@ class RunSession:
                 m.enable_gradient_checkpointing()
                 self._undo.append(m.disable_gradient_checkpointing)
             elif hasattr(m, "gradient_checkpointing_enable"):
-                try:
-                    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                except TypeError:  # transformers < 4.35 (the A1111 WebUI pins 4.30) has no kwargs
-                    m.gradient_checkpointing_enable()
-                self._undo.append(m.gradient_checkpointing_disable)
+                self._undo.append(enable_hf_checkpointing(m))
 
     def cleanup(self) -> None:
         """Always: LoRA layers out, modules back where and how the host gave them, logs closed."""

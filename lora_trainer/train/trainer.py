@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lora_trainer.config import TrainConfig
-from lora_trainer.errors import LoraTrainerError
+from lora_trainer.errors import one_line
 from lora_trainer.train.events import Callback, TrainEvent, WorkerRun, emit
 from lora_trainer.train.session import RunSession
 
@@ -64,8 +64,7 @@ class Trainer(WorkerRun):
         try:
             self.result = self._run()
         except BaseException as e:
-            msg = str(e) if isinstance(e, LoraTrainerError) else f"{type(e).__name__}: {e}"
-            self.emit(TrainEvent("error", message=msg))
+            self.emit(TrainEvent("error", message=one_line(e)))
             raise
         finally:
             restore_sigint()

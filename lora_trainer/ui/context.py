@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_trainer.config import TrainConfig
-from lora_trainer.errors import LoraTrainerError
+from lora_trainer.errors import LoraTrainerError, one_line
 from lora_trainer.ui.fields import config_from_values, make_field, values_from_config
 
 
@@ -47,4 +47,4 @@ class TabContext:
 
 
 def err_text(e: Exception) -> str:
-    return f"⚠ {e}" if isinstance(e, LoraTrainerError) else f"⚠ unexpected error: {type(e).__name__}: {e}"
+    return f"⚠ {e}" if isinstance(e, LoraTrainerError) else f"⚠ unexpected error: {one_line(e)}"

@@ -144,13 +144,17 @@ def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=No
 
 
 def network_restore_weights_from_backup(layer) -> None:
+    # As the WebUI's: a plain copy_, with no torch.no_grad() of its own (the WebUI calls it from
+    # forwards that run under no_grad), so on weights that require grad it raises unless the
+    # caller disables grad.
     w = getattr(layer, "network_weights_backup", None)
     b = getattr(layer, "network_bias_backup", None)
-    with torch.no_grad():
-        if w is not None:
-            layer.weight.copy_(w)
-        if b is not None:
-            layer.bias.copy_(b)
+    if w is None and b is None:
+        return
+    if w is not None:
+        layer.weight.copy_(w)
+    if b is not None:
+        layer.bias.copy_(b)
 
 
 def network_apply_weights(layer) -> None:

@@ -45,9 +45,9 @@ def process_images(p):
     prompt = _LORA.sub("", p.prompt).strip()
     networks.load_networks([n for n, _ in found], [float(w) for _, w in found], [float(w) for _, w in found])
     model = p.sd_model or shared.sd_model
-    networks.apply_to_model(model)
     g = torch.Generator().manual_seed(int(p.seed))
-    with torch.no_grad():
+    with torch.no_grad():  # as the WebUI's: LoRA weights are merged inside the no_grad sampling
+        networks.apply_to_model(model)
         cond = model.get_learned_conditioning([prompt])
         x = torch.randn(1, 4, p.height // 8, p.width // 8, generator=g)
         ac = model.alphas_cumprod

@@ -1,0 +1,75 @@
+"""What differs between the torch (and transformers) versions we support, in one place.
+
+The oldest supported torch is 2.1 and transformers 4.30 (the A1111 WebUI v1.10 pins 2.1.2 and
+4.30.2); the newest releases must work too. Code elsewhere calls these helpers instead of an API
+that exists only in newer versions.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import torch
+
+MIN_TORCH = (2, 1)
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch, e.g. (2, 1) for "2.1.2+cu121"."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def grad_scaler(device_type: str, enabled: bool) -> Any:
+    """A GradScaler for fp16 training on ``device_type`` (a no-op one when not ``enabled``).
+
+    ``torch.amp.GradScaler(device)`` exists from torch 2.3; before that only CUDA has a scaler
+    (``torch.cuda.amp.GradScaler``), and fp16 autocast is CUDA-only there anyway.
+    """
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled and device_type == "cuda")
+
+
+def fused_adamw_supported(device: torch.device) -> bool:
+    """Whether ``AdamW(fused=True)`` runs on ``device``: CUDA from torch 2.0, the CPU from 2.4."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and torch_version() >= (2, 4)
+
+
+@functools.cache
+def autocast_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether autocast to ``dtype`` runs on ``device_type`` (torch 2.1 has only bfloat16 on the
+    CPU: it warns when the context is made and raises when it is entered)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autocast(device_type, dtype=dtype):
+                pass
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def enable_hf_checkpointing(model: Any) -> Any:
+    """Gradient checkpointing on a transformers model, non-reentrant where the version allows;
+    returns the call that turns it off again.
+
+    transformers 5 names it ``activation_checkpointing_enable``; before 4.35 it takes no
+    arguments and checkpoints re-entrantly, which passes gradients only to inputs that require
+    them, so the input embeddings are made to (for LoRA layers behind a frozen embedding)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        return model.activation_checkpointing_disable
+    try:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    except TypeError:
+        model.gradient_checkpointing_enable()
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+            return lambda: (model.gradient_checkpointing_disable(), model.disable_input_require_grads())
+    return model.gradient_checkpointing_disable
