@@ -79,7 +79,7 @@ NETWORK_TYPES = ("lora", "locon", "dora", "loha", "lokr")
 NETWORK_TYPE_HELP = {
     "lora": "LoRA: low-rank update of attention/feed-forward layers (kohya's default; smallest files).",
     "locon": "LoCon: LoRA also on the 3x3 ResNet convolutions, with their own rank (conv_rank/conv_alpha).",
-    "dora": "DoRA: LoRA plus a learned per-channel magnitude (dora_scale); closer to full fine-tuning.",
+    "dora": "DoRA: LoRA plus a learned magnitude per input channel (dora_scale); closer to full fine-tuning.",
     "loha": "LoHa: Hadamard product of two low-rank pairs; more expressive at the same rank (LyCORIS).",
     "lokr": "LoKr: Kronecker product of two small factors; very small files (LyCORIS).",
 }

@@ -11,6 +11,7 @@ trained in place.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -206,6 +207,18 @@ def _candidate_layout(arch: str, roots: dict[str, tuple[nn.Module, str]]) -> dic
     return kohya.build_layout(arch, targets)
 
 
+def _exact_pattern(path: str) -> str:
+    """A peft rank/alpha pattern that matches the module at ``path`` and no other.
+
+    peft matches a pattern P as ``(.*\\.)?(P)$``; before 0.14 (the version installed in the A1111
+    WebUI) as ``.*\\.P$``, which needs a dot before P, so the escaped full path never matches. The
+    first segment goes into a fixed-width lookbehind instead, which both forms accept."""
+    first, _, rest = path.partition(".")
+    if not rest:
+        return re.escape(path)
+    return f"(?<=^{re.escape(first)}\\.){re.escape(rest)}"
+
+
 def _inject_root(root: nn.Module, entries: list[tuple[str, tuple[str, ...]]], ranks: dict[tuple[str, str], int],
                  alphas: dict[tuple[str, str], float], cfg: NetworkConfig, trainable: bool, kind: str) -> _RootState:
     mods = dict(root.named_modules())
@@ -217,14 +230,12 @@ def _inject_root(root: nn.Module, entries: list[tuple[str, tuple[str, ...]]], ra
         if plain:
             # The most common rank/alpha is the default; only the others get a pattern (peft
             # matches every pattern against every target, so patterns for all would be slow).
-            # Keys are the plain paths: peft 0.21 matches them as regexes on the path's tail,
-            # peft 0.13.2's LoRA only by exact lookup (its regex wants a dot before the key).
             r0 = Counter(ranks[(p, "")] for p in plain).most_common(1)[0][0]
             a0 = Counter(alphas[(p, "")] for p in plain).most_common(1)[0][0]
             config = variants.peft_config(
                 kind, r0, a0, plain,
-                rank_pattern={p: ranks[(p, "")] for p in plain if ranks[(p, "")] != r0},
-                alpha_pattern={p: alphas[(p, "")] for p in plain if alphas[(p, "")] != a0},
+                rank_pattern={_exact_pattern(p): ranks[(p, "")] for p in plain if ranks[(p, "")] != r0},
+                alpha_pattern={_exact_pattern(p): alphas[(p, "")] for p in plain if alphas[(p, "")] != a0},
                 dropout=cfg.dropout)
             inject_adapter_in_model(config, root, adapter_name=ADAPTER)
             if kind == "dora":
