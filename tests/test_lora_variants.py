@@ -276,19 +276,12 @@ def test_open_clip_attention_takes_lora_only(typ):
     inject_lora(bundle, _cfg(typ, train_text_encoder=False)).remove()
 
 
-def test_the_tab_offers_every_network_type_with_a_line_each():
-    from pathlib import Path
-
+def test_the_tab_offers_every_network_type_with_a_line_each(tmp_path):
     from lora_trainer.config import NETWORK_TYPE_HELP
+    from lora_trainer.hosts.standalone import StandaloneHost
     from lora_trainer.ui.tab import build_tab
 
-    class Host:
-        name = "standalone"
-
-        def lora_dir(self, cfg):
-            return Path(cfg.output.output_dir)
-
-    ctx = build_tab(Host()).lt_context
+    ctx = build_tab(StandaloneHost(lora_dir=tmp_path)).lt_context
     comp = ctx.fields["network.type"]
     choices = [c[1] if isinstance(c, (list, tuple)) else c for c in comp.choices]
     assert choices == TYPES and set(NETWORK_TYPE_HELP) == set(TYPES)

@@ -157,14 +157,10 @@ def test_preset_dropdown_shows_the_preset_the_defaults_came_from(tmp_path: Path)
     assert presets.preset_of(defaults) == "cpu (demo)"
     assert presets.preset_of(TrainConfig()) is None
     assert presets.preset_of(build_config(presets.preset_values("8 GB", "sdxl")), "sdxl") == "8 GB"
+    from lora_trainer.hosts.standalone import StandaloneHost
 
-    class Host:
-        name = "standalone"
-
-        def lora_dir(self, cfg: TrainConfig) -> Path:
-            return tmp_path
-
-    tab = __import__("lora_trainer.ui.tab", fromlist=["build_tab"]).build_tab(Host(), defaults=defaults)
+    tab = __import__("lora_trainer.ui.tab", fromlist=["build_tab"]).build_tab(StandaloneHost(lora_dir=tmp_path),
+                                                                              defaults=defaults)
     preset = next(b for b in tab.blocks.values() if getattr(b, "elem_id", None) == "lt-preset")
     assert preset.value == "cpu (demo)"
 
