@@ -274,3 +274,22 @@ def test_forge_classics_schedule_comes_from_its_sampler_class_and_the_ldm_model(
     assert pred == expected and torch.equal(ac, original)
     with pytest.raises(HostError, match="not a noise-prediction"):
         schedule_of(SimpleNamespace(), SimpleNamespace(predictor=SimpleNamespace(prediction_type="const")))
+
+
+def test_forges_in_place_residuals_run_out_of_place_only_during_the_run(env, tmp_path: Path) -> None:
+    """Forge's transformer blocks add residuals in place, which breaks the backward pass (seen
+    in a real Forge Neo); for the run they compute the same sums out of place."""
+    unet = kmodel(env.shared.sd_model).diffusion_model
+    blocks = [m for m in unet.modules() if type(m).__module__ == "tiny_forge"]
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        forge_out = unet(x, t, context=ctx)
+    h = host()
+    bundle = h.acquire_bundle(config(tmp_path))
+    try:
+        assert blocks and all("_forward" in vars(b) for b in blocks)
+        with torch.no_grad():
+            assert torch.equal(unet(x, t, context=ctx), forge_out)
+    finally:
+        h.release_bundle(bundle)
+    assert not any("_forward" in vars(b) for b in blocks)

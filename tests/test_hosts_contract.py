@@ -123,3 +123,29 @@ def test_an_untrainable_webui_model_is_one_line_not_a_traceback(env, tmp_path: P
     env.shared.sd_model = None
     with pytest.raises(HostError, match="no checkpoint is loaded"):
         host.acquire_bundle(build_config({"data.train_data_dir": str(tmp_path)}))
+
+
+def test_the_base_model_label_follows_a_checkpoint_change_on_page_load(env) -> None:
+    from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.ui.tab import build_tab
+
+    env.shared.sd_model = make_model("sd1")
+    blocks = build_tab(A1111Host())
+    field = blocks.lt_context.fields["model.base_model"]
+    assert "tiny-sd1.safetensors" in str(field.value)
+    env.shared.sd_model = make_model("sdxl")  # the user picks another checkpoint in the WebUI
+    loads = [fn for fn in _load_functions(blocks)]
+    assert any("tiny-sdxl.safetensors" in str(fn()) for fn in loads)
+
+
+def _load_functions(blocks) -> list:
+    """The functions gradio calls on page load to refresh component values (3.x and 4.x+)."""
+    found = []
+    for block in blocks.blocks.values():
+        attached = getattr(block, "load_event_to_attach", None)  # gradio 4+: (fn, every)
+        if attached:
+            found.append(attached[0])
+        fn = getattr(block, "load_fn", None)  # gradio 3.x
+        if callable(fn):
+            found.append(fn)
+    return found

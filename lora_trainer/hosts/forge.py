@@ -23,6 +23,7 @@ lllyasviel's Forge of 2025); what it shares with A1111 is in ``hosts/webui.py``:
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib
 import logging
@@ -147,6 +148,35 @@ def engine_size_embed(sd_model: Any) -> SizeEmbed | None:
     return lambda sizes: torch.cat([embedder(sizes[:, j]) for j in range(sizes.shape[1])], dim=1)
 
 
+def _residuals_out_of_place(block: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None,
+                            transformer_options: dict | None = None) -> torch.Tensor:
+    """A transformer block's pass with its residual sums out of place: the same arithmetic as
+    Forge's ``BasicTransformerBlock._forward`` without attention patches (training has none)."""
+    if getattr(block, "ff_in", None):
+        skip, x = x, block.ff_in(block.norm_in(x))
+        x = x + skip if getattr(block, "is_res", True) else x
+    x = block.attn1(block.norm1(x), context=context if block.disable_self_attn else None) + x
+    if getattr(block, "attn2", None) is not None:
+        x = block.attn2(block.norm2(x), context=context) + x
+    h = block.ff(block.norm3(x))
+    return h + x if getattr(block, "is_res", True) else h
+
+
+def trainable_transformer_blocks(unet: nn.Module) -> Callable[[], None]:
+    """Forge's transformer blocks add their residuals in place (``x += n``, ComfyUI's code), which
+    overwrites what autograd saved for the backward pass ("modified by an inplace operation"): for
+    the run each block computes the same sums out of place. Returns the undo."""
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    for block in blocks:
+        block._forward = functools.partial(_residuals_out_of_place, block)
+
+    def undo() -> None:
+        for block in blocks:
+            block.__dict__.pop("_forward", None)
+
+    return undo
+
+
 def unet_blocks(unet: nn.Module) -> list[nn.Module]:
     return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
 
@@ -162,6 +192,7 @@ class _Lease:
     snapshot: live_model.ModelSnapshot
     fingerprint: dict[str, tuple[float, float]]
     undo_checkpointing: Callable[[], None] | None = None
+    undo_blocks: Callable[[], None] | None = None
 
 
 class ForgeHost(WebUIHost):
@@ -190,12 +221,12 @@ class ForgeHost(WebUIHost):
     def acquire_bundle(self, config: TrainConfig) -> ModelBundle:
         from modules import shared
 
-        sd_model = _load_selected()
-        if self.loaded_model().require_trainable() is None:
-            raise HostError(NO_CHECKPOINT)
         if config.network.train_text_encoder:
             raise HostError("network.train_text_encoder: Forge runs its text encoders in inference mode, so "
                             "only the UNet can be trained there; set it to false")
+        sd_model = _load_selected()
+        if self.loaded_model().require_trainable() is None:
+            raise HostError(NO_CHECKPOINT)
         mm = memory_manager()
         remove_lora_patches(sd_model, mm)
         unet = sd_model.forge_objects.unet.model.diffusion_model
@@ -210,6 +241,7 @@ class ForgeHost(WebUIHost):
             sd_model.forge_objects = sd_model.forge_objects_original.shallow_copy()
             live_model.strip_peft_layers(unet)
             live_model.freeze([unet])
+            lease.undo_blocks = trainable_transformer_blocks(unet)
             lease.fingerprint = live_model.fingerprint({"unet": unet})
             patcher = sd_model.forge_objects.unet
             device = torch.device(patcher.load_device)
@@ -233,8 +265,9 @@ class ForgeHost(WebUIHost):
         changed: list[str] = []
         try:
             live_model.strip_peft_layers(lease.unet)
-            if lease.undo_checkpointing is not None:
-                lease.undo_checkpointing()
+            for undo in (lease.undo_checkpointing, lease.undo_blocks):
+                if undo is not None:
+                    undo()
             lease.sd_model.forge_objects = lease.forge_objects
             lease.mm.unload_all_models()  # what Forge loaded for the run goes back the way Forge unloads it
             lease.snapshot.restore()
@@ -301,7 +334,11 @@ def _load_selected() -> Any:
 
 
 def _selected_label() -> str:
-    from modules import shared
+    """The checkpoint picked in Forge's dropdown (``forge_loading_parameters``), not loaded yet."""
+    from modules import sd_models, shared
 
-    name = getattr(getattr(shared, "opts", None), "sd_model_checkpoint", None)
+    params = getattr(getattr(sd_models, "model_data", None), "forge_loading_parameters", None) or {}
+    info = params.get("checkpoint_info")
+    name = getattr(info, "title", None) or getattr(info, "name", None) or (info if isinstance(info, str) else None)
+    name = name or getattr(getattr(shared, "opts", None), "sd_model_checkpoint", None)
     return f"{name} (Forge loads it when the run starts)" if name else "(no checkpoint selected)"

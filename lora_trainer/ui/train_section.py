@@ -141,7 +141,17 @@ def _host_field_overrides(ctx: TabContext, path: str) -> dict[str, Any]:
         return {}
     info = loaded.unsupported or ("the model loaded in the WebUI is trained in place" if loaded.resident
                                   else "the checkpoint loaded in the WebUI is trained")
-    return {"interactive": False, "info": info, "value": loaded.label}
+    # A callable value is read again on every page load: the WebUI's checkpoint may change (and
+    # Forge picks its checkpoint only after the tabs are built).
+    return {"interactive": False, "info": info, "value": lambda: _loaded_label(ctx.host)}
+
+
+def _loaded_label(host: Host) -> str:
+    try:
+        loaded = host.loaded_model()
+    except Exception:  # noqa: BLE001 - a label must never break the page
+        return "(the model loaded in the WebUI)"
+    return loaded.label if loaded is not None else ""
 
 
 def _poll(ctx: TabContext, seen: Any) -> list[Any]:

@@ -15,6 +15,7 @@ from backend.modules.k_prediction import Prediction, PredictionFlux
 from backend.patcher.clip import CLIP
 from backend.patcher.unet import UnetPatcher
 from backend.patcher.vae import VAE
+from ldm.modules.attention import BasicTransformerBlock as LdmTransformerBlock
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from tiny_ldm import AutoencoderKL, sd1_alphas_cumprod, tiny_clip_text, tiny_sd1_unet, unzero
@@ -27,6 +28,29 @@ SCALE = 0.18215
 def checkpoint_info(name: str) -> SimpleNamespace:
     return SimpleNamespace(title=f"{name}.safetensors [0123abcd]", name=f"{name}.safetensors", model_name=name,
                            filename=f"/models/{name}.safetensors", sha256="2" * 64)
+
+
+class BasicTransformerBlock(LdmTransformerBlock):
+    """Forge's ``backend/nn/unet.py`` transformer block adds its residuals in place (``x += n``,
+    from ComfyUI), unlike the LDM block it replaces; the same sums, written for the tests."""
+
+    def _forward(self, x, context=None, transformer_options=None):
+        n = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None)
+        x += n
+        n = self.attn2(self.norm2(x), context=context)
+        x += n
+        x_skip = x
+        x = self.ff(self.norm3(x))
+        x += x_skip
+        return x
+
+
+def forge_blocks(unet: torch.nn.Module) -> torch.nn.Module:
+    """The LDM UNet with Forge's in-place transformer blocks."""
+    for m in unet.modules():
+        if type(m) is LdmTransformerBlock:
+            m.__class__ = BasicTransformerBlock
+    return unet
 
 
 class Timestep(torch.nn.Module):
@@ -47,7 +71,7 @@ class _LdmEngine(ForgeDiffusionEngine):
         torch.manual_seed(seed + 1)
         clip = CLIP({"clip_l": tiny_clip_text()}, {"clip_l": load_clip_tokenizer()})
         vae = VAE(AutoencoderKL())
-        kmodel = KModel(unet.to(storage_dtype), Prediction(sd1_alphas_cumprod()), computation_dtype=torch.float32)
+        kmodel = KModel(forge_blocks(unet).to(storage_dtype), Prediction(sd1_alphas_cumprod()), computation_dtype=torch.float32)
         super().__init__(ForgeObjects(UnetPatcher(kmodel, torch.device("cpu"), torch.device("cpu")), clip, vae))
         self.sd_checkpoint_info = checkpoint_info(name)
         self.sd_model_hash = "0123abcd"

@@ -30,7 +30,6 @@ loads: list[str] = []  # test aid: checkpoints loaded
 def select(checkpoint_name: str, factory) -> None:
     """What choosing a checkpoint in the dropdown does (test helper): remembered, not loaded."""
     model_data.forge_loading_parameters = {"checkpoint_info": checkpoint_name, "factory": factory}
-    shared.opts.data["sd_model_checkpoint"] = checkpoint_name
 
 
 @torch.inference_mode()  # as Neo: every tensor of a loaded checkpoint is an inference tensor
