@@ -124,6 +124,7 @@ def test_a_resumed_run_continues_its_own_files(tmp_path: Path, data: Path, host:
     resumed = Trainer(tiny_config(data, out, **values, **{"train.resume": "latest"}), host=host).run()
     assert resumed.steps == 4 and resumed.lora_path == out / "tiny.safetensors"
     assert (out / "tiny.safetensors").read_bytes() != partial  # the finished LoRA, not the partial one
+    assert [p.read_bytes() for p in (out / ".backup").glob("tiny.safetensors.*.bak")] == [partial]  # kept
     names = sorted(p.name for p in out.glob("*.safetensors"))
     assert names == ["tiny-step000002.safetensors", "tiny-step000004.safetensors", "tiny.safetensors"]
 

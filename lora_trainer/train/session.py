@@ -383,6 +383,8 @@ class RunSession:
             self.cfg, self.bundle, num_images=sum(not it.is_reg for it in self.ds.items), tag_frequency=tags,
             dataset_dirs=dirs, steps=self.pos.step, epoch=self.epoch_number, started_at=self.started,
             finished_at=time.time(), rank=rank, alpha=alpha, output_name=path.stem)
+        if path.exists():  # this run's own earlier file (a resumed run) or overwrite: kept in .backup
+            backup_file(path)
         try:
             save_lora_file(path, tensors, {**metadata, RUN_KEY: self.run_id})
         except OutputError as e:
