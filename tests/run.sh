@@ -14,9 +14,10 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q -c .ci/constraints.txt -e ".[test]"
 # The WebUI's own LDM model classes, for the WebUI adapter tests. Its metadata pins ancient
 # versions of our dependencies, so it goes in without them; einops/omegaconf are what it needs.
+# (In that order: installed after it, pip would print its ancient pins as an ERROR block.)
 "$PY" -c "import ldm.modules.diffusionmodules.openaimodel" 2>/dev/null || {
-  "$PY" -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5
   "$PY" -m pip install -q einops omegaconf
+  "$PY" -m pip install -q --no-deps stable-diffusion-sdkit==2.1.5
 }
 # The Train LoRA tab and app: the newest gradio, and selenium for the browser tests, which drive
 # Debian's chromium through its chromedriver (Playwright's own browser download fails offline).
