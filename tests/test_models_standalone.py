@@ -149,3 +149,22 @@ def test_render_errors(tmp_path):
     host.acquire_bundle(_config(tmp_path))
     with pytest.raises(HostError, match="not found"):
         host.render("x", "", 1, "nope", [1.0], 2, 64, 64)
+
+
+def test_render_says_so_when_diffusers_pipelines_do_not_import(host_and_lora, monkeypatch: pytest.MonkeyPatch):
+    """diffusers 0.35's pipelines need a newer transformers than 4.30 (the A1111 WebUI's): the
+    Test section says so in one line instead of an 'unexpected error'."""
+    import diffusers
+
+    host = host_and_lora[0]
+    real = type(diffusers).__getattr__
+
+    def broken(module, attr):
+        if attr.endswith("Pipeline"):
+            raise RuntimeError("Failed to import diffusers.pipelines...\ncannot import name 'SiglipImageProcessor'")
+        return real(module, attr)
+
+    monkeypatch.delitem(vars(diffusers), "StableDiffusionPipeline", raising=False)  # as if not imported yet
+    monkeypatch.setattr(type(diffusers), "__getattr__", broken)
+    with pytest.raises(HostError, match="Test section renders with diffusers' StableDiffusionPipeline.*SiglipImage"):
+        host.render("x", "", 1, "test_lora", [1.0], 2, 64, 64)

@@ -162,7 +162,12 @@ def build_render_pipeline(bundle: ModelBundle) -> Any:
     # DPM-Solver++ gives usable images in ~20 steps; it takes the model's schedule and prediction type.
     scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
         parts["scheduler"].config, prediction_type=bundle.prediction_type)
-    cls = getattr(diffusers, bundle.extras["pipeline_class"])
+    try:
+        cls = getattr(diffusers, bundle.extras["pipeline_class"])
+    except (ImportError, RuntimeError) as e:  # diffusers imports pipelines lazily, on first use
+        raise HostError(f"the Test section renders with diffusers' {bundle.extras['pipeline_class']}, which does "
+                        f"not import with the installed packages ({str(e).splitlines()[-1][:160]}); upgrade "
+                        "transformers to a version your diffusers supports") from None
     common = dict(vae=parts["vae"], unet=parts["unet"], scheduler=scheduler, text_encoder=parts["text_encoder"],
                   tokenizer=parts["tokenizer"])
     if bundle.arch == "sdxl":
