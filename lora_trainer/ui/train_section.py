@@ -41,10 +41,7 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
     with g.Row():
         for path in HEAD_FIELDS:
             ctx.field(path, **_host_field_overrides(ctx, path))
-        d = ctx.defaults
-        shown = presets.preset_of(d, d.model.arch if d.model.arch != "auto" else "sd1") or CUSTOM_PRESET
-        preset = g.Dropdown([CUSTOM_PRESET, *presets.PRESET_NAMES], value=shown, label="Preset (GPU memory)",
-                            info="sets resolution, batch, rank, precision and memory savers", elem_id=ctx.eid("preset"))
+        preset = _preset_dropdown(ctx)
     with g.Row():
         for path in COMMON_FIELDS:
             ctx.field(path)
@@ -118,6 +115,15 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
     ctx.later(lambda: compat.add_timer(blocks, lambda s: _poll(ctx, s), [seen],
                                        [progress, plot, smooth, samples, log, ctx.parts["test_lora"], msg, stop,
                                         seen], 1.0))
+
+
+def _preset_dropdown(ctx: TabContext) -> Any:
+    """Shows the preset the form's defaults came from ("custom" when none), never a blank."""
+    d = ctx.defaults
+    shown = presets.preset_of(d, d.model.arch if d.model.arch != "auto" else "sd1") or CUSTOM_PRESET
+    return compat.gr().Dropdown([CUSTOM_PRESET, *presets.PRESET_NAMES], value=shown, label="Preset (GPU memory)",
+                                info="sets resolution, batch, rank, precision and memory savers",
+                                elem_id=ctx.eid("preset"))
 
 
 def _host_field_overrides(ctx: TabContext, path: str) -> dict[str, Any]:
