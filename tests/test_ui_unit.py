@@ -414,7 +414,7 @@ def test_app_binds_localhost_by_default(tmp_path: Path):
     args, defaults, server, auth = appmod.resolve_args(["--data", str(tmp_path / "d"), "--port", "7999"])
     assert server == "127.0.0.1" and auth is None and args.port == 7999
     assert defaults.model.base_model == "demo" and defaults.data.resolution == 64
-    assert defaults.train.max_train_steps == 30 and defaults.sample.every_n_steps > 0
+    assert defaults.train.max_train_steps == 60 and defaults.sample.every_n_steps > 0
 
 
 def test_listen_requires_auth():
