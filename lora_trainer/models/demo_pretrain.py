@@ -5,9 +5,10 @@ A seeded CPU run, in two stages on shapes drawn by ``data/demo.py``:
 1. the VAE learns to reconstruct 64 px drawings in the eight base colours and the demo's pink
    (8 x 8 x 4 latents): like SD's VAE it is a codec, not the part that knows what to draw, and
    without pink among its images it decodes the demo dataset's pink as another colour;
-2. on drawings in the eight base colours only (never the demo dataset's pink), the UNet learns to denoise their latents, conditioned on the captions through a tiny CLIP
-   text encoder trained with it (10 % empty captions, for classifier-free guidance). A random
-   text encoder's outputs differ too little between captions for the UNet to follow them.
+2. on drawings in the eight base colours only (never the demo dataset's pink), the UNet learns
+   to denoise their latents, conditioned on the captions through a tiny CLIP text encoder
+   trained with it (10 % empty captions, for classifier-free guidance). A random text encoder's
+   outputs differ too little between captions for the UNet to follow them.
 
 Same arguments, same torch and the same thread count give the same bytes. The full run takes
 about 10 minutes on one CPU core; ``--vae-steps``/``--unet-steps`` shorten it (the tests run a
