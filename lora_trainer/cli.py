@@ -18,7 +18,7 @@ from lora_trainer.errors import LoraTrainerError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lora_trainer.train.cli:main", "train a LoRA from a YAML config (image or text)"),
     "config": ("lora_trainer.train.cli:config_main", "print an example config or check one"),
-    "demo": ("lora_trainer.train.cli:demo_main", "train on the embedded demo model and dataset"),
+    "demo": ("lora_trainer.train.demo_run:demo_main", "train on the embedded demo model and dataset"),
     "prepare": ("lora_trainer.data.cli:prepare_main", "validate a dataset folder and show its buckets"),
     "caption": ("lora_trainer.caption.cli:main", "caption images with BLIP and/or CLIP; tag tools"),
     "inspect": ("lora_trainer.lora.cli:inspect_main", "show what a LoRA file holds and which loaders read it"),

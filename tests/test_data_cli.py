@@ -89,7 +89,7 @@ def test_demo_dataset_is_valid_and_idempotent(tmp_path: Path) -> None:
     assert files == [f"demo_{i:03d}.png" for i in range(8)] + ["metadata.csv"]
     r = scan_dataset(DataConfig(train_data_dir=str(folder), resolution=128, on_invalid="stop"))
     assert len(r.items) == 8 and all((i.width, i.height) == (128, 128) for i in r.items)
-    assert r.items[0].caption == "a red circle on a blue background"
+    assert r.items[0].caption == "a red circle on a pink background"
     assert len({i.caption for i in r.items}) == 8
     first = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
     make_demo_dataset(folder, n=8)

@@ -1,7 +1,11 @@
 """A small dataset drawn on the fly: coloured shapes on coloured backgrounds, with captions.
 
-It lets the demo command, tests and first-time users train end to end with no download and no
-binary files in the repository. Drawing is deterministic, so the same call gives the same bytes.
+It lets the demo command, tests and first-time users train end to end with no download. Drawing
+is deterministic, so the same call gives the same bytes.
+
+Two worlds share the drawing code: the demo base model (``models/demo_base.py``) was trained on
+shapes in the eight ``COLOURS``; the demo dataset puts every shape on a ``LESSON_COLOUR``
+background, a colour the base model has never seen, so a LoRA trained on it visibly teaches it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle", "star")
+LESSON_COLOUR = "pink"  # the demo dataset's background: never in the base model's training images
+LESSON_RGB = (255, 105, 180)
 
 
 def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -41,29 +47,37 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def draw_scene(shape: str, fg: tuple[int, int, int], bg: tuple[int, int, int], cx: float, cy: float,
+               r: float, size: int = SIZE) -> Image.Image:
+    """A ``size`` x ``size`` image of one shape; centre and radius are fractions of the side."""
+    big = size * _SUPERSAMPLE
+    img = Image.new("RGB", (big, big), bg)
+    draw = ImageDraw.Draw(img)
+    cx, cy, r = cx * big, cy * big, r * big
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fg)
+    elif shape == "square":
+        draw.rectangle((cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85), fill=fg)
+    else:
+        draw.polygon(_shape_points(shape, cx, cy, r), fill=fg)
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def caption_for(shape: str, fg: str, bg: str) -> str:
+    return f"{_article(fg)} {fg} {shape} on {_article(bg)} {bg} background"
+
+
 def draw_item(index: int) -> tuple[Image.Image, str]:
-    """The ``index``-th demo image (SIZE x SIZE RGB) and its caption."""
+    """The ``index``-th demo image (SIZE x SIZE RGB): a shape on the lesson colour, and its caption."""
     names = list(COLOURS)
     shape = SHAPES[index % len(SHAPES)]
     fg = names[(index * 3) % len(names)]
-    bg = names[(index * 5 + 1) % len(names)]
-    if bg == fg:
-        bg = names[(names.index(bg) + 1) % len(names)]
-    big = SIZE * _SUPERSAMPLE
-    img = Image.new("RGB", (big, big), COLOURS[bg])
-    draw = ImageDraw.Draw(img)
     # Position and size vary with the index so images of the same shape are not identical.
-    r = big * (0.22 + 0.06 * ((index // len(SHAPES)) % 3))
-    cx = big * (0.5 + 0.12 * math.sin(index * 1.7))
-    cy = big * (0.5 + 0.12 * math.cos(index * 1.3))
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[fg])
-    elif shape == "square":
-        draw.rectangle((cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85), fill=COLOURS[fg])
-    else:
-        draw.polygon(_shape_points(shape, cx, cy, r), fill=COLOURS[fg])
-    img = img.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
-    return img, f"{_article(fg)} {fg} {shape} on {_article(bg)} {bg} background"
+    r = 0.22 + 0.06 * ((index // len(SHAPES)) % 3)
+    cx = 0.5 + 0.12 * math.sin(index * 1.7)
+    cy = 0.5 + 0.12 * math.cos(index * 1.3)
+    img = draw_scene(shape, COLOURS[fg], LESSON_RGB, cx, cy, r)
+    return img, caption_for(shape, fg, LESSON_COLOUR)
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:

@@ -23,7 +23,6 @@ from lora_trainer.models.setups import bundle_from_diffusers
 
 log = logging.getLogger(__name__)
 
-DEMO_SEED = 1234
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PIPELINE_ARCH = {"StableDiffusionPipeline": None, "StableDiffusionXLPipeline": "sdxl"}
 
@@ -82,12 +81,15 @@ def load_bundle(model_cfg: ModelConfig, device: torch.device | str | None = None
 
 
 def load_demo(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> ModelBundle:
-    """The tiny embedded SD1-topology model: same seeded weights on every load."""
-    from lora_trainer.models import tiny
+    """The tiny embedded SD1-topology model that draws the demo shapes (weights shipped in the package)."""
+    from lora_trainer.models import demo_base
 
     prediction = model_cfg.prediction_type if model_cfg.prediction_type != "auto" else "epsilon"
-    parts = tiny.build_components("sd1", seed=DEMO_SEED, prediction_type=prediction)
-    bundle = bundle_from_diffusers(parts, "sd1", prediction, device, dtype, name="demo", default_resolution=64)
+    if prediction != "epsilon":
+        raise ModelLoadError(f"model.prediction_type {prediction!r}: the demo model predicts noise; use auto or epsilon")
+    parts = demo_base.load_components()
+    bundle = bundle_from_diffusers(parts, "sd1", prediction, device, dtype, name="demo",
+                                   default_resolution=demo_base.RESOLUTION)
     bundle.model_hash = bundle.legacy_hash = None
     return bundle
 

@@ -1,4 +1,4 @@
-"""``train``, ``config`` and ``demo`` commands."""
+"""``train`` and ``config`` commands (``demo`` is in ``demo_run.py``)."""
 
 from __future__ import annotations
 
@@ -153,36 +153,3 @@ def check_config(cfg: Any, label: str) -> int:
     print(f"{label}: OK (base model {cfg.model.base_model!r}, data {cfg.data.train_data_dir!r}, "
           f"rank {cfg.network.rank}, output {Path(cfg.output.output_dir) / cfg.output.output_name})")
     return 0
-
-
-def demo_config(folder: Path, steps: int, device: str) -> Any:
-    from lora_trainer.config import build_config
-
-    return build_config({
-        "model.base_model": "demo", "model.device": device,
-        "data.train_data_dir": str(folder / "data"), "data.resolution": 64, "data.enable_buckets": False,
-        "data.min_image_size": 32, "network.rank": 4, "network.alpha": 4.0,
-        "optim.learning_rate": 1e-3, "optim.lr_scheduler": "constant", "train.max_train_steps": steps,
-        "train.save_steps": max(1, steps // 2), "output.output_dir": str(folder / "output"),
-        "output.output_name": "demo_lora", "sample.prompt": "a red circle on a white background",
-        "sample.steps": 8, "sample.guidance_scale": 5.0,
-    })
-
-
-def demo_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lora_trainer demo",
-                                 description="Train a LoRA on the tiny embedded model and a drawn dataset (CPU, ~1 min).",
-                                 epilog=EXIT_CODES_HELP)
-    ap.add_argument("--dir", default="lora_demo", help="folder for the dataset and outputs (default ./lora_demo)")
-    ap.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
-    ap.add_argument("--device", default="cpu", help="'cpu' (default), 'cuda', 'auto'")
-    ap.add_argument("--no-progress", action="store_true")
-    add_threads_argument(ap)
-    args = ap.parse_args(argv)
-    from lora_trainer.data.demo import make_demo_dataset
-
-    configure_cpu_threads(args.threads, small_model=True)
-    folder = Path(args.dir)
-    data = make_demo_dataset(folder / "data")
-    print(f"demo dataset: {data}")
-    return run_training(demo_config(folder, args.steps, args.device), progress=not args.no_progress)

@@ -44,10 +44,7 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
     with g.Row():
         for path in HEAD_FIELDS:
             ctx.field(path, **_host_field_overrides(ctx, path))
-        d = ctx.defaults
-        shown = presets.preset_of(d, d.model.arch if d.model.arch != "auto" else "sd1") or CUSTOM_PRESET
-        preset = g.Dropdown([CUSTOM_PRESET, *presets.PRESET_NAMES], value=shown, label="Preset (GPU memory)",
-                            info="sets resolution, batch, rank, precision and memory savers", elem_id=ctx.eid("preset"))
+        preset = _preset_dropdown(ctx)
     with g.Row():
         for path in COMMON_FIELDS:
             ctx.field(path)
@@ -132,6 +129,15 @@ def preset_for_host(host: Host, name: str, form_arch: str) -> dict[str, Any]:
     if family is None:
         family = form_arch if form_arch and form_arch != "auto" else "sd1"
     return presets.preset_values(name, family, model_resident=loaded is not None and loaded.resident)
+
+
+def _preset_dropdown(ctx: TabContext) -> Any:
+    """Shows the preset the form's defaults came from ("custom" when none), never a blank."""
+    d = ctx.defaults
+    shown = presets.preset_of(d, d.model.arch if d.model.arch != "auto" else "sd1") or CUSTOM_PRESET
+    return compat.gr().Dropdown([CUSTOM_PRESET, *presets.PRESET_NAMES], value=shown, label="Preset (GPU memory)",
+                                info="sets resolution, batch, rank, precision and memory savers",
+                                elem_id=ctx.eid("preset"))
 
 
 def _host_field_overrides(ctx: TabContext, path: str) -> dict[str, Any]:

@@ -1,0 +1,153 @@
+"""The tab keeps its place (issue 17, item 6), without a browser: what the poll sends as a run
+starts, ends or fails, the preset shown, number inputs, messages that say what to do in the UI,
+a port in use."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lora_trainer.config import TrainConfig, build_config
+from lora_trainer.errors import ConfigError, DatasetError
+from lora_trainer.train.events import TrainEvent, WorkerRun
+from lora_trainer.ui import handlers, jobs, presets
+
+gr = pytest.importorskip("gradio")
+from lora_trainer.ui import app as appmod  # noqa: E402
+from lora_trainer.ui import compat  # noqa: E402
+
+
+class StepTrainer(WorkerRun):
+    """A trainer double with the Trainer surface; subclasses say what its run emits."""
+
+    def __init__(self, config: TrainConfig, host: Any, callbacks: list[Any]) -> None:
+        super().__init__(callbacks)
+        self.config = config
+
+
+def test_progress_says_starting_then_drops_a_stale_eta_and_knows_max_steps():
+    # right after Start: the worker is alive but has sent nothing yet
+    assert "starting…" in handlers.progress_html({"status": "idle", "alive": True, "step": 0, "total_steps": 0,
+                                                  "max_train_steps": 30})
+    stopped = handlers.progress_html({"status": "stopped", "step": 12, "total_steps": 30, "it_per_s": 2.0,
+                                      "eta_s": 9.0, "error": None})
+    assert "stopped · step 12/30" in stopped and "ETA" not in stopped  # nothing left to wait for
+    failed = handlers.progress_html({"status": "error", "step": 0, "total_steps": 0, "max_train_steps": 30,
+                                     "error": "bad folder"})
+    assert "step 0/30" in failed and "0/?" not in failed and "ETA" not in failed
+
+
+def test_job_snapshot_carries_the_configured_max_steps():
+    class Silent(StepTrainer):
+        def run(self) -> None:
+            self.state.update(TrainEvent("error", message="no images"))
+
+    jobs.clear_finished()
+    job = jobs.start(build_config({"train.max_train_steps": 30}), host=None, factory=Silent)
+    job.join(5)
+    assert "step 0/30" in handlers.progress_html(job.snapshot())
+    jobs.clear_finished()
+
+
+def test_the_run_end_replaces_the_start_message_and_stop_is_red_only_while_running(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from lora_trainer.ui.train_section import _poll
+
+    release = threading.Event()
+
+    class Failing(StepTrainer):
+        def run(self) -> None:
+            release.wait(10)
+            self.state.update(TrainEvent("error", message="data.train_data_dir: no images"))
+
+    ctx = SimpleNamespace(host=SimpleNamespace(lora_dir=lambda cfg: tmp_path), prefix="lt-")
+    jobs.clear_finished()
+    job = jobs.start(build_config({}), host=None, factory=Failing)
+    try:
+        out = _poll(ctx, None)
+        msg, stop, seen = out[6], out[7], out[-1]
+        assert "starting…" in out[0] and msg == compat.update() and stop["variant"] == "stop"
+        out = _poll(ctx, seen)
+        assert "variant" not in out[7]  # sent when it changes, not every second
+        release.set()
+        job.join(5)
+        out = _poll(ctx, out[-1])
+        assert out[6].startswith("⚠") and "no images" in out[6]  # "started…" is replaced
+        assert out[7]["variant"] == "secondary"
+        out = _poll(ctx, out[-1])
+        assert out[6] == compat.update()  # said once: a later message is not overwritten
+    finally:
+        release.set()
+        job.join(5)
+        jobs.clear_finished()
+
+
+def test_outcome_text_of_each_end():
+    assert handlers.outcome_text({"status": "stopped", "step": 7, "output_path": "/o/x.safetensors"}) == \
+        "stopped at step 7; LoRA written to /o/x.safetensors"
+    assert handlers.outcome_text({"status": "done", "step": 30, "output_path": None}) == "done at step 30"
+    assert "see the log" in handlers.outcome_text({"status": "finished", "step": 3})
+
+
+def test_caption_error_in_the_ui_says_what_to_do_there():
+    from lora_trainer.errors import ModelMissingError
+
+    e = ModelMissingError("BLIP weights 'x/blip' are not on this machine: put the model folder in /c/blip",
+                          "--blip-model PATH")
+    assert str(e).endswith("or pass --blip-model PATH")  # the CLI still says it
+    text = handlers.caption_error_text(e, "blip")
+    assert "--blip-model" not in text and "/c/blip" in text and "'clip'" in text and "Save captions" in text
+    assert handlers.caption_error_text(DatasetError("no images"), "blip") == "⚠ no images"
+
+
+def test_the_missing_blip_model_error_is_a_model_missing_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from lora_trainer.caption import blip
+    from lora_trainer.errors import ModelMissingError
+
+    err = blip._missing_error("Salesforce/blip-image-captioning-base")
+    assert isinstance(err, ModelMissingError) and "--blip-model" not in err.message
+
+
+def test_a_port_in_use_is_one_line_naming_port(capsys: pytest.CaptureFixture[str]):
+    import socket
+
+    from lora_trainer.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"--port {port}: .*in use.*--port {port + 1}"):
+            appmod.check_port("127.0.0.1", port)
+        assert main(["app", "--port", str(port), "--data", "/nonexistent/lt-data"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--port" in err[0] and "Traceback" not in err[0]
+    appmod.check_port("127.0.0.1", port)  # free again: no error
+
+
+def test_preset_dropdown_shows_the_preset_the_defaults_came_from(tmp_path: Path):
+    defaults = appmod.demo_defaults(tmp_path / "d", tmp_path / "o")
+    assert presets.preset_of(defaults) == "cpu (demo)"
+    assert presets.preset_of(TrainConfig()) is None
+    assert presets.preset_of(build_config(presets.preset_values("8 GB", "sdxl")), "sdxl") == "8 GB"
+    from lora_trainer.hosts.standalone import StandaloneHost
+
+    tab = __import__("lora_trainer.ui.tab", fromlist=["build_tab"]).build_tab(StandaloneHost(lora_dir=tmp_path),
+                                                                              defaults=defaults)
+    preset = next(b for b in tab.blocks.values() if getattr(b, "elem_id", None) == "lt-preset")
+    assert preset.value == "cpu (demo)"
+
+
+def test_optional_numbers_are_number_inputs_like_the_other_numbers():
+    from lora_trainer.ui.fields import make_field
+
+    for path in ("train.max_train_steps", "optim.unet_lr", "sample.width", "network.rank"):
+        assert isinstance(make_field(path), gr.Number), path
+    box = make_field("train.max_train_steps")
+    assert box.value is None and make_field("network.rank").value == 16
+    assert isinstance(make_field("model.vae"), gr.Textbox)  # an optional path stays text
+    assert isinstance(make_field("data.prefetch"), gr.Textbox)  # 0 (off) and empty (default) differ
