@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
+from lora_trainer import jobs
 from lora_trainer.config import TrainConfig, build_config
 from lora_trainer.errors import ConfigError, DatasetError
 from lora_trainer.train.events import TrainEvent, WorkerRun
-from lora_trainer.ui import handlers, jobs, presets
+from lora_trainer.ui import handlers, presets
 
 gr = pytest.importorskip("gradio")
 from lora_trainer.ui import app as appmod  # noqa: E402
