@@ -91,6 +91,15 @@ def _load_te(te: Any, tensors: dict[str, torch.Tensor]) -> None:
     te.load_state_dict(state)
 
 
+def _build(cls: Any, config: dict[str, Any]) -> Any:
+    """``cls(**config)`` without the keys an older diffusers does not take (the file is written by
+    a newer one; the keys it adds keep their defaults here)."""
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in config.items() if k in accepted})
+
+
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -111,9 +120,9 @@ def load_components(path: str | Path = WEIGHTS_PATH, prediction_type: str = "eps
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     tensors = load_file(str(path))
-    unet = UNet2DConditionModel(**json.loads(meta["unet_config"]))
+    unet = _build(UNet2DConditionModel, json.loads(meta["unet_config"]))
     unet.load_state_dict(_prefixed(tensors, "unet."))
-    vae = AutoencoderKL(**json.loads(meta["vae_config"]))
+    vae = _build(AutoencoderKL, json.loads(meta["vae_config"]))
     vae.load_state_dict(_prefixed(tensors, "vae."))
     te = CLIPTextModel(CLIPTextConfig(**json.loads(meta["text_config"])))
     _load_te(te, tensors)
