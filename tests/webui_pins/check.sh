@@ -62,6 +62,8 @@ if [ "$(cat "$VENV/.pins-stamp" 2>/dev/null)" != "$STAMP" ]; then
 fi
 "$PY" -c "import torch, transformers, gradio; print('webui pins check: torch', torch.__version__, \
 'transformers', transformers.__version__, 'gradio', gradio.__version__)"
+# What install.py adds is taken out again first, so every run checks a first start as users get it.
+"$PY" -m pip uninstall -y -q diffusers peft importlib-metadata zipp 2>/dev/null || true
 freeze_pins() { "$PY" -m pip freeze | grep -i -E '^(torch|torchvision|transformers|accelerate|safetensors|numpy|pillow|gradio|huggingface.hub|tokenizers|open.clip.torch)==' | sort; }
 BEFORE=$(freeze_pins)
 
