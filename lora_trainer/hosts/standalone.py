@@ -140,10 +140,17 @@ class StandaloneHost:
         if not path.is_file():
             raise HostError(f"LoRA file {path} not found; check the name or the output folder")
         pipe = build_render_pipeline(bundle)
+        from diffusers.utils import logging as diffusers_logging
+
+        level = diffusers_logging.get_verbosity()
+        # diffusers warns about a UNet-only LoRA ("no LoRA keys ... CLIPTextModel"): not news to a user
+        diffusers_logging.set_verbosity_error()
         try:
             pipe.load_lora_weights(str(path), adapter_name=RENDER_ADAPTER)
         except (ValueError, KeyError, RuntimeError) as exc:
             raise LoraFormatError(f"{path}: diffusers cannot apply this LoRA to {bundle.name} ({exc})") from None
+        finally:
+            diffusers_logging.set_verbosity(level)
         try:
             text = strip_network_tags(prompt)
             return [_render_one(pipe, bundle, text, negative_prompt, seed, w, steps, width, height, guidance_scale)
