@@ -152,3 +152,17 @@ def test_optional_numbers_are_number_inputs_like_the_other_numbers():
     assert box.value is None and make_field("network.rank").value == 16
     assert isinstance(make_field("model.vae"), gr.Textbox)  # an optional path stays text
     assert isinstance(make_field("data.prefetch"), gr.Textbox)  # 0 (off) and empty (default) differ
+
+
+def test_the_gradio3_poll_loop_remembers_what_it_sent():
+    """gradio 3.x repeats a periodic event with its first inputs: without carrying the poll's
+    memory itself, every poll re-sent the Test list's value and reset the user's choice."""
+    seen_by_call: list[Any] = []
+
+    def poll(memory: Any) -> list[Any]:
+        seen_by_call.append(memory)
+        return ["progress", len(seen_by_call)]
+
+    loop = compat.carrying_memory(poll, 0)(None)
+    assert [next(loop)[-1] for _ in range(3)] == [1, 2, 3]
+    assert seen_by_call == [None, 1, 2]

@@ -10,8 +10,8 @@ A seeded CPU run, in two stages on shapes drawn by ``data/demo.py``:
    trained with it (10 % empty captions, for classifier-free guidance). A random text encoder's
    outputs differ too little between captions for the UNet to follow them.
 
-Same arguments, same torch and the same thread count give the same bytes. The full run takes
-about 10 minutes on one CPU core; ``--vae-steps``/``--unet-steps`` shorten it (the tests run a
+Same arguments, same torch and the same thread count give the same tensors and metadata. The
+full run takes about 10 minutes on one CPU core; ``--vae-steps``/``--unet-steps`` shorten it (the tests run a
 few steps to check that it is reproducible).
 """
 

@@ -57,14 +57,34 @@ def run_js_on_load(blocks: Any, code: str) -> None:
 
 def add_timer(blocks: Any, fn: Callable[..., Any], inputs: Sequence[Any], outputs: Sequence[Any],
               seconds: float) -> Any:
-    """Call ``fn`` every ``seconds``: ``gr.Timer`` on 4.40+, ``load(every=)`` before that."""
+    """Call ``fn`` every ``seconds``: ``gr.Timer`` on 4.40+, ``load(every=)`` before that.
+
+    ``fn``'s last input is a State that its last output replaces (what the page has been sent)."""
     g = gr()
     if hasattr(g, "Timer"):
         timer = g.Timer(seconds)
         timer.tick(fn, list(inputs), list(outputs), show_progress="hidden")
         return timer
-    # gradio 3.x: periodic load events need the queue, which the app and the WebUI enable
-    return blocks.load(fn, list(inputs), list(outputs), every=seconds, show_progress=False)
+    # gradio 3.x: periodic load events need the queue, which the app and the WebUI enable. They
+    # call fn again and again with the inputs of the first call, so a State input never changes:
+    # the loop below carries fn's memory from one call to the next itself.
+    return blocks.load(carrying_memory(fn, seconds), list(inputs), list(outputs), every=seconds,
+                       show_progress=False)
+
+
+def carrying_memory(fn: Callable[..., Any], seconds: float) -> Callable[..., Any]:
+    """A generator function calling ``fn`` every ``seconds``, its last output fed back as its last input."""
+    import time
+
+    def loop(*args: Any) -> Any:
+        args_ = list(args)
+        while True:
+            out = fn(*args_)
+            args_[-1] = out[-1]
+            yield out
+            time.sleep(seconds)
+
+    return loop
 
 
 def update(**kwargs: Any) -> Any:
