@@ -108,7 +108,7 @@ TESTS=(
   tests/test_models_setups.py tests/test_models_loaders.py
   tests/test_caption_blip.py tests/test_caption_clip.py tests/test_caption_run.py
   tests/test_llm_train.py
-  tests/test_ui_unit.py tests/test_ui_browser.py           # the tab on the WebUI's gradio 3.41.2
+  tests/test_ui_unit.py tests/test_ui_state.py tests/test_ui_browser.py  # the tab on the WebUI's gradio 3.41.2
 )
 # Not here: what needs diffusers 0.35's pipelines, which import transformers classes newer than
 # 4.30 (the standalone loaders' reference, and the standalone app's test render: in the WebUI the
