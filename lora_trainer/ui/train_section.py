@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from lora_trainer.hosts.base import Host
 
 # In view at the top of the Train section; everything else goes under "Advanced".
-HEAD_FIELDS = ["output.output_name", "model.base_model"]
-COMMON_FIELDS = ["network.type", "network.rank", "network.alpha", "optim.learning_rate", "train.max_train_steps",
+# The network type sits in the wide first row: its help has a line per type.
+HEAD_FIELDS = ["output.output_name", "model.base_model", "network.type"]
+COMMON_FIELDS = ["network.rank", "network.alpha", "optim.learning_rate", "train.max_train_steps",
                  "train.epochs", "train.batch_size", "data.resolution"]
 SAMPLE_FIELDS = ["sample.prompt", "sample.every_n_steps", "sample.seed"]
 PLACED_ELSEWHERE = {"data.train_data_dir", "data.trigger_word"}  # Dataset / Captions sections
