@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-Arch = Literal["sd1", "sd2", "sdxl"]
-PredictionType = Literal["epsilon", "v_prediction"]
+if TYPE_CHECKING:
+    from lora_trainer.families.base import Family, ObjectiveSpec
+
+# The family's name (lora_trainer.families): "sd1", "sd2", "sdxl", ...
+Arch = str
+PredictionType = Literal["epsilon", "v_prediction", "flow"]
 # How module paths inside a trainable root are spelled; the kohya converter reads this.
 UnetNaming = Literal["diffusers", "ldm"]
 TextEncoderNaming = Literal["hf_clip", "open_clip"]
@@ -62,6 +66,18 @@ class ModelBundle:
     dtype: torch.dtype = torch.float32
     # Free-form extras a loader or host wants to keep (tokenizers, pipeline pieces, ...).
     extras: dict[str, Any] = field(default_factory=dict)
+    # The training objective when it differs from the family's (None: the family's).
+    objective: ObjectiveSpec | None = None
+
+    @property
+    def family(self) -> Family:
+        from lora_trainer.families import get_family
+
+        return get_family(self.arch)
+
+    @property
+    def objective_spec(self) -> ObjectiveSpec:
+        return self.objective if self.objective is not None else self.family.objective
 
     @property
     def num_train_timesteps(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from lora_trainer.models import checkpoint as ckpt
 from lora_trainer.models.bundle import ModelBundle
 from lora_trainer.models.paths import base_model_path
 from lora_trainer.models.setups import bundle_from_diffusers
+
+if TYPE_CHECKING:
+    from lora_trainer.families.base import Family
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +72,10 @@ def load_bundle(model_cfg: ModelConfig, device: torch.device | str | None = None
     path = base_model_path(base)
     if path is None:
         bundle = load_demo(model_cfg, device, dtype)
+    elif path.is_dir():
+        bundle = _folder_family(path).load_folder(path, model_cfg, device, dtype)
     else:
-        if path.is_dir():
-            bundle = load_diffusers_folder(path, model_cfg, device, dtype)
-        else:
-            bundle = load_single_file(path, model_cfg, device, dtype, config_folder=config_folder)
+        bundle = load_single_file(path, model_cfg, device, dtype, config_folder=config_folder)
     if model_cfg.arch not in ("auto", bundle.arch):
         raise ModelLoadError(f"model.arch is {model_cfg.arch} but {base} is an {bundle.arch} model; "
                              "set model.arch to auto or to the right family")
@@ -92,6 +94,22 @@ def load_demo(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) 
                                    default_resolution=demo_base.RESOLUTION)
     bundle.model_hash = bundle.legacy_hash = None
     return bundle
+
+
+def _read_index(path: Path) -> dict[str, Any]:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json)")
+    try:
+        return json.loads(index_file.read_text())
+    except ValueError:
+        raise ModelLoadError(f"{path}: model_index.json is not valid JSON; re-download or re-save the model") from None
+
+
+def _folder_family(path: Path) -> Family:
+    from lora_trainer.families import detect_folder
+
+    return detect_folder(path, _read_index(path))
 
 
 def _folder_arch(path: Path, index: dict[str, Any]) -> str:
@@ -127,10 +145,7 @@ def load_diffusers_folder(path: Path, model_cfg: ModelConfig, device: torch.devi
     import diffusers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json)")
-    index = json.loads(index_file.read_text())
+    index = _read_index(path)
     arch = _folder_arch(path, index)
     kw = dict(torch_dtype=dtype, local_files_only=True)
     vae_dtype = torch.float32 if arch == "sdxl" else dtype  # SDXL's VAE overflows in fp16
@@ -191,9 +206,19 @@ def text_encoders_from_state_dict(sd: dict[str, torch.Tensor], arch: str, folder
 
 def load_single_file(path: Path, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                      *, config_folder: str | Path | None = None) -> ModelBundle:
-    """A WebUI-style checkpoint of SD1.x, SD2.x (epsilon or v) or SDXL base."""
+    """A single-file checkpoint of any family (detected from its keys)."""
+    from lora_trainer.families import detect_state_dict
+
     state_dict = ckpt.read_state_dict(path, model_cfg.allow_pickle)
-    arch = ckpt.detect_arch(state_dict, str(path))
+    family = detect_state_dict(state_dict, str(path))
+    folder = Path(config_folder) if config_folder is not None else None
+    return family.load_single_file(path, state_dict, model_cfg, device, dtype, config_folder=folder)
+
+
+def load_sd_single_file(path: Path, state_dict: dict[str, torch.Tensor], arch: str, model_cfg: ModelConfig,
+                        device: torch.device, dtype: torch.dtype,
+                        *, config_folder: str | Path | None = None) -> ModelBundle:
+    """A WebUI-style checkpoint of SD1.x, SD2.x (epsilon or v) or SDXL base."""
     if arch == "sd2":
         prediction = ckpt.sd2_prediction_type(path, model_cfg.prediction_type)
     else:

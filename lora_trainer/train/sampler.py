@@ -34,28 +34,25 @@ def latents_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 @torch.no_grad()
 def render_sample(bundle: Any, cfg: SampleConfig, width: int, height: int,
                   encode: Any = None, autocast: Any = None) -> Image.Image:
-    """One image for ``cfg.prompt`` with a fixed seed.
+    """One image for ``cfg.prompt`` with a fixed seed, denoised by the bundle's objective.
 
     ``encode`` defaults to bundle.encode_text; ``autocast`` is a factory of the run's autocast context.
     """
+    from lora_trainer.train.objectives import objective_for
+
     encode = encode or bundle.encode_text
     device = bundle.device
-    sched = ddim_for(bundle.alphas_cumprod, bundle.prediction_type)
-    sched.set_timesteps(cfg.steps)
+    objective = objective_for(bundle)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     f = bundle.vae_scale_factor
-    latents = torch.randn((1, bundle.latent_channels, height // f, width // f), generator=gen)
-    latents = latents.to(device) * sched.init_noise_sigma
-    cond = encode([cfg.negative_prompt, cfg.prompt])
-    size = torch.tensor([[height, width, 0, 0, height, width]] * 2, dtype=torch.float32, device=device)
-    for t in sched.timesteps:
-        x = torch.cat([latents] * 2)
-        ts = torch.full((2,), int(t), device=device, dtype=torch.long)
-        with (autocast() if autocast is not None else torch.autocast(device.type, enabled=False)):
-            out = bundle.predict(x.to(bundle.dtype), ts, cond, size).float()
-        uncond, text = out.chunk(2)
-        guided = uncond + cfg.guidance_scale * (text - uncond)
-        latents = sched.step(guided, t, latents).prev_sample
+    noise = torch.randn((1, bundle.latent_channels, height // f, width // f), generator=gen)
+    latents = objective.initial_latents(noise.to(device), cfg.steps)
+    prompts = [cfg.negative_prompt, cfg.prompt] if objective.uses_cfg else [cfg.prompt]
+    cond = encode(prompts)
+    size = torch.tensor([[height, width, 0, 0, height, width]] * len(prompts), dtype=torch.float32,
+                        device=device)
+    latents = objective.denoise(bundle, latents, cond, size, cfg.steps, cfg.guidance_scale,
+                                autocast or (lambda: torch.autocast(device.type, enabled=False)))
     if bundle.decode_latents is None:
         raise RuntimeError("this model has no decoder; sample images are not available")
     return latents_to_pil(bundle.decode_latents(latents.to(bundle.dtype)))[0]

@@ -23,14 +23,8 @@ from lora_trainer.fsutil import atomic_write_text, backup_file
 from lora_trainer.torch_compat import autocast_supported, enable_hf_checkpointing, grad_scaler
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train.events import TrainEvent
-from lora_trainer.train.losses import (
-    min_snr_weights,
-    offset_noise,
-    q_sample,
-    sample_timesteps,
-    target_for,
-    weighted_mse,
-)
+from lora_trainer.train.losses import offset_noise, weighted_mse
+from lora_trainer.train.objectives import objective_for
 from lora_trainer.train.optim import build_optimizer
 from lora_trainer.train.outputs import Logger, dataset_stats, save_sample, write_summary
 from lora_trainer.train.schedules import make_scheduler
@@ -84,7 +78,7 @@ class RunSession:
         # -- seed and outputs
         seed_everything(cfg.train.seed)
         self.gen = torch.Generator(self.device).manual_seed(cfg.train.seed)
-        self.alphas = self.bundle.alphas_cumprod.to(self.device, torch.float32)  # once, not per step
+        self.objective = objective_for(self.bundle, cfg.train.min_snr_gamma)
         self.write_config()
         # -- data and caches (before LoRA, so the VAE and frozen text encoders can leave the GPU)
         self.setup_data()
@@ -295,17 +289,15 @@ class RunSession:
             with torch.no_grad():
                 latents = b.encode_images(batch.pixels.to(self.device, b.dtype, non_blocking=True)).float()
         noise = offset_noise(latents, t.noise_offset, self.gen)
-        steps = sample_timesteps(latents.shape[0], b.num_train_timesteps, self.gen, self.device)
-        noisy = q_sample(latents, noise, steps, self.alphas)
-        size_info = batch.size_info.to(self.device, non_blocking=True) if b.arch == "sdxl" else None
+        step = self.objective.step_inputs(latents, noise, self.gen)
+        size_info = batch.size_info.to(self.device, non_blocking=True) if b.family.uses_size_info else None
         with self.autocast():
             cond = self.encode_text(batch.captions)
-            pred = b.predict(noisy.to(b.dtype), steps, cond, size_info)
-        target = target_for(b.prediction_type, latents, noise, steps, self.alphas)
+            pred = b.predict(step.noisy.to(b.dtype), step.timesteps, cond, size_info)
         weights = batch.weights.to(self.device, non_blocking=True)
-        if t.min_snr_gamma:
-            weights = weights * min_snr_weights(steps, self.alphas, t.min_snr_gamma, b.prediction_type)
-        loss = weighted_mse(pred, target, weights) / accum
+        if step.weights is not None:
+            weights = weights * step.weights
+        loss = weighted_mse(pred, step.target, weights) / accum
         self.scaler.scale(loss).backward()
         return loss.detach()
 

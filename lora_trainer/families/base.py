@@ -1,0 +1,126 @@
+"""What a model family is: one object that answers every family question the rest of the code asks.
+
+A family (SD1, SD2, SDXL, Flux.1, SD3.5, ...) is a :class:`Family` subclass registered in
+:mod:`lora_trainer.families`. Other modules never test a family's name; they ask the family:
+
+- **detection**: does a diffusers folder, an original-layout state dict or a LoRA file belong to it;
+- **loading**: its parts from a folder or a single file, offline, into a ``ModelBundle``;
+- **objective**: how it is trained (:class:`ObjectiveSpec`: DDPM noise schedule with an epsilon
+  or v target, or rectified flow with its timestep sampling and shift) and sampled;
+- **LoRA**: the roots LoRA goes into, their file-key prefixes and naming;
+- **metadata**: ``ss_base_model_version`` and ``modelspec.architecture``;
+- **presets and memory**: native resolution, preset overrides, parameter counts of the parts the
+  memory estimate must count when they stay resident.
+
+This module imports nothing of the rest of the package at import time, so every package may ask
+a family (the layering test checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+    from lora_trainer.config import ModelConfig
+    from lora_trainer.models.bundle import ModelBundle
+
+ObjectiveKind = Literal["ddpm", "flow"]
+TimestepSampling = Literal["uniform", "logit_normal", "sigmoid"]
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """How a family is trained and sampled; read by ``train/objectives.py``.
+
+    ``ddpm``: integer timesteps drawn uniformly from the bundle's ``alphas_cumprod`` schedule,
+    target epsilon or v (the bundle's ``prediction_type``), min-SNR weighting available.
+
+    ``flow`` (rectified flow, SD3/Flux): sigma in (0, 1) drawn by ``sampling`` (logit-normal with
+    ``logit_mean``/``logit_std``; "sigmoid" is logit-normal with std ``sigmoid_scale``), then
+    shifted: with ``resolution_shift`` by the image's token count (Flux:
+    mu = base_shift .. max_shift over 256 .. 4096 tokens), else by ``shift`` (SD3: 3.0);
+    noisy = (1 - sigma) x0 + sigma noise, target = noise - x0. ``predict`` gets sigma as the
+    timestep and scales it as the model wants.
+    """
+
+    kind: ObjectiveKind = "ddpm"
+    sampling: TimestepSampling = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    sigmoid_scale: float = 1.0
+    shift: float = 1.0
+    resolution_shift: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    # Flux.1-dev takes the guidance strength as an input (distilled guidance): no CFG pass when
+    # sampling, and a fixed guidance value while training.
+    guidance_input: bool = False
+    # Samples use classifier-free guidance (two passes per step): SD1/SD2/SDXL/SD3.
+    cfg_sampling: bool = True
+
+
+class Family:
+    """One model family. Subclasses set the class attributes and override what differs."""
+
+    name: str = ""  # "sd1", "sd2", "sdxl", "flux1", "sd3" (config's model.arch, bundle.arch)
+    label: str = ""  # "Stable Diffusion 1.x" (what the tab and errors show)
+    default_resolution: int = 512
+    # LoRA roots: the denoiser's key and the text encoders' keys, in the bundle's order.
+    denoiser_root: str = "unet"
+    text_encoder_roots: tuple[str, ...] = ("te",)
+    # Text encoders LoRA may be trained on (T5 is never trained: too large to be worth it).
+    trainable_text_encoders: tuple[str, ...] = ("te",)
+    # The denoiser takes SDXL's size/crop conditioning (batch.size_info).
+    uses_size_info: bool = False
+    latent_channels: int = 4
+    objective: ObjectiveSpec = ObjectiveSpec()
+    # Memory model: parameters of the parts that stay resident when not cached or offloaded.
+    text_encoder_params: int = 0
+    vae_params: int = 83_653_863
+    # open_clip model the CLIP interrogator uses for "auto" on this family.
+    clip_caption_model: str = "ViT-L-14/openai"
+
+    # -- detection ----------------------------------------------------------------------
+    def matches_state_dict(self, keys: set[str], state_dict: dict[str, Any]) -> bool:
+        """Whether an original-layout (single-file) state dict is a model of this family."""
+        return False
+
+    def matches_folder(self, path: Path, index: dict[str, Any]) -> bool:
+        """Whether a diffusers folder (its model_index.json as ``index``) is of this family."""
+        return False
+
+    def matches_lora(self, keys: set[str], metadata: dict[str, str]) -> bool:
+        """Whether a LoRA file's module keys / metadata say it was made for this family."""
+        return False
+
+    # -- loading ------------------------------------------------------------------------
+    def load_folder(self, path: Path, model_cfg: ModelConfig, device: torch.device,
+                    dtype: torch.dtype) -> ModelBundle:
+        raise NotImplementedError(f"{self.label}: loading a diffusers folder is not supported")
+
+    def load_single_file(self, path: Path, state_dict: dict[str, Any], model_cfg: ModelConfig,
+                         device: torch.device, dtype: torch.dtype,
+                         config_folder: Path | None = None) -> ModelBundle:
+        raise NotImplementedError(f"{self.label}: loading a single-file checkpoint is not supported")
+
+    # -- metadata -----------------------------------------------------------------------
+    def base_model_version(self, prediction_type: str) -> str:
+        """kohya's ``ss_base_model_version``."""
+        raise NotImplementedError
+
+    def modelspec_architecture(self, prediction_type: str) -> str:
+        raise NotImplementedError
+
+    modelspec_implementation: str = "diffusers"
+
+    # -- presets ------------------------------------------------------------------------
+    def preset_overrides(self, preset: str) -> dict[str, Any]:
+        """Config values this family changes in a named preset (beyond its resolution)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"

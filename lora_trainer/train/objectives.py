@@ -1,0 +1,175 @@
+"""Training objectives: what one step feeds the model and what it must predict, and how a
+sample image is denoised. The family's :class:`~lora_trainer.families.base.ObjectiveSpec` says
+which; ``objective_for(bundle, train_cfg)`` builds it.
+
+- :class:`DDPMObjective` (SD1/SD2/SDXL): integer timesteps, q_sample, epsilon or v target,
+  min-SNR weights; samples with DDIM on the bundle's own schedule.
+- :class:`FlowObjective` (SD3, Flux.1): rectified flow; sigma from logit-normal/uniform sampling
+  with a fixed or resolution-dependent shift, noisy = (1 - s) x0 + s noise, target = noise - x0;
+  samples with Euler steps over the shifted sigmas.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from lora_trainer.families.base import ObjectiveSpec
+from lora_trainer.train.losses import min_snr_weights, q_sample, sample_timesteps, target_for
+
+
+@dataclass
+class StepInputs:
+    """One training step's model input and target: ``timesteps`` go to ``bundle.predict``."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    weights: torch.Tensor | None = None  # per-sample loss weights (min-SNR), None for 1
+
+
+class Objective(Protocol):
+    uses_cfg: bool  # sampling conditions on [negative, prompt] and combines them (CFG)
+
+    def step_inputs(self, latents: torch.Tensor, noise: torch.Tensor, gen: torch.Generator) -> StepInputs: ...
+
+    def denoise(self, bundle: Any, latents: torch.Tensor, cond: dict[str, torch.Tensor],
+                size: torch.Tensor | None, steps: int, guidance_scale: float,
+                autocast: Callable[[], Any]) -> torch.Tensor: ...
+
+    def initial_latents(self, noise: torch.Tensor, steps: int) -> torch.Tensor: ...
+
+
+def _cfg_combine(out: torch.Tensor, scale: float) -> torch.Tensor:
+    uncond, text = out.chunk(2)
+    return uncond + scale * (text - uncond)
+
+
+class DDPMObjective:
+    uses_cfg = True  # samples take two passes per step (negative and prompt)
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str, device: torch.device,
+                 min_snr_gamma: float | None = None) -> None:
+        self.alphas = alphas_cumprod.to(device, torch.float32)
+        self.prediction_type = prediction_type
+        self.min_snr_gamma = min_snr_gamma
+        self.device = device
+
+    def step_inputs(self, latents: torch.Tensor, noise: torch.Tensor, gen: torch.Generator) -> StepInputs:
+        steps = sample_timesteps(latents.shape[0], int(self.alphas.shape[0]), gen, self.device)
+        noisy = q_sample(latents, noise, steps, self.alphas)
+        target = target_for(self.prediction_type, latents, noise, steps, self.alphas)
+        weights = None
+        if self.min_snr_gamma:
+            weights = min_snr_weights(steps, self.alphas, self.min_snr_gamma, self.prediction_type)
+        return StepInputs(noisy, steps, target, weights)
+
+    def _scheduler(self, steps: int) -> Any:
+        from lora_trainer.train.sampler import ddim_for
+
+        sched = ddim_for(self.alphas, self.prediction_type)
+        sched.set_timesteps(steps)
+        return sched
+
+    def initial_latents(self, noise: torch.Tensor, steps: int) -> torch.Tensor:
+        return noise * self._scheduler(steps).init_noise_sigma
+
+    def denoise(self, bundle: Any, latents: torch.Tensor, cond: dict[str, torch.Tensor],
+                size: torch.Tensor | None, steps: int, guidance_scale: float,
+                autocast: Callable[[], Any]) -> torch.Tensor:
+        sched = self._scheduler(steps)
+        for t in sched.timesteps:
+            x = torch.cat([latents] * 2)
+            ts = torch.full((2,), int(t), device=latents.device, dtype=torch.long)
+            with autocast():
+                out = bundle.predict(x.to(bundle.dtype), ts, cond, size).float()
+            latents = sched.step(_cfg_combine(out, guidance_scale), t, latents).prev_sample
+        return latents
+
+
+def time_shift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's fixed shift: s' = shift s / (1 + (shift - 1) s); 1 is no shift."""
+    if shift == 1.0:
+        return sigma
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def resolution_mu(tokens: int, spec: ObjectiveSpec) -> float:
+    """Flux's shift parameter for an image of ``tokens`` latent patches: linear from
+    base_shift at 256 tokens to max_shift at 4096."""
+    slope = (spec.max_shift - spec.base_shift) / (4096 - 256)
+    return spec.base_shift + slope * (tokens - 256)
+
+
+def exponential_shift(sigma: torch.Tensor, mu: float) -> torch.Tensor:
+    """Flux's resolution-dependent shift: e^mu / (e^mu + (1/s - 1))."""
+    return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
+
+
+class FlowObjective:
+    def __init__(self, spec: ObjectiveSpec, device: torch.device, patch: int = 2) -> None:
+        self.spec, self.device, self.patch = spec, device, patch
+        self.uses_cfg = spec.cfg_sampling
+
+    def _shift(self, sigma: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        if self.spec.resolution_shift:
+            tokens = (latents.shape[-2] // self.patch) * (latents.shape[-1] // self.patch)
+            return exponential_shift(sigma, resolution_mu(tokens, self.spec))
+        return time_shift(sigma, self.spec.shift)
+
+    def sample_sigmas(self, batch: int, gen: torch.Generator, latents: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        dev = gen.device
+        if s.sampling == "uniform":
+            u = torch.rand((batch,), generator=gen, device=dev)
+        else:
+            std = s.sigmoid_scale if s.sampling == "sigmoid" else s.logit_std
+            mean = 0.0 if s.sampling == "sigmoid" else s.logit_mean
+            u = torch.sigmoid(torch.randn((batch,), generator=gen, device=dev) * std + mean)
+        return self._shift(u.to(self.device, torch.float32), latents)
+
+    def step_inputs(self, latents: torch.Tensor, noise: torch.Tensor, gen: torch.Generator) -> StepInputs:
+        sigma = self.sample_sigmas(latents.shape[0], gen, latents)
+        s = sigma.view(-1, *([1] * (latents.dim() - 1)))
+        noisy = ((1 - s) * latents.float() + s * noise.float()).to(latents.dtype)
+        target = (noise.float() - latents.float()).to(latents.dtype)
+        return StepInputs(noisy, sigma, target, None)
+
+    def schedule(self, steps: int, latents: torch.Tensor) -> torch.Tensor:
+        """The sampling sigmas from 1 to 0 (steps + 1 values), shifted as in training."""
+        sigmas = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+        shifted = self._shift(sigmas, latents).float()
+        return torch.cat([shifted, torch.zeros(1)])
+
+    def initial_latents(self, noise: torch.Tensor, steps: int) -> torch.Tensor:
+        return noise
+
+    def denoise(self, bundle: Any, latents: torch.Tensor, cond: dict[str, torch.Tensor],
+                size: torch.Tensor | None, steps: int, guidance_scale: float,
+                autocast: Callable[[], Any]) -> torch.Tensor:
+        sigmas = self.schedule(steps, latents).to(latents.device)
+        cfg = self.spec.cfg_sampling
+        if self.spec.guidance_input:  # distilled guidance: one pass with the scale as an input
+            cond = {**cond, "guidance": torch.full((latents.shape[0],), float(guidance_scale),
+                                                   device=latents.device)}
+        for i in range(steps):
+            x = torch.cat([latents] * 2) if cfg else latents
+            ts = torch.full((x.shape[0],), float(sigmas[i]), device=latents.device)
+            with autocast():
+                out = bundle.predict(x.to(bundle.dtype), ts, cond, size).float()
+            velocity = _cfg_combine(out, guidance_scale) if cfg else out
+            latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
+        return latents
+
+
+def objective_for(bundle: Any, min_snr_gamma: float | None = None) -> Objective:
+    """The training objective of ``bundle``'s family (its ObjectiveSpec, or the bundle's own)."""
+    spec: ObjectiveSpec = bundle.objective_spec
+    device = torch.device(bundle.device)
+    if spec.kind == "flow":
+        return FlowObjective(spec, device)
+    return DDPMObjective(bundle.alphas_cumprod, bundle.prediction_type, device, min_snr_gamma)

@@ -1,0 +1,107 @@
+"""Training objectives: DDPM as the loop always computed it, rectified flow as SD3/Flux define it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lora_trainer.families import ObjectiveSpec, get_family
+from lora_trainer.train.losses import min_snr_weights, q_sample, sample_timesteps, target_for
+from lora_trainer.train.objectives import (
+    DDPMObjective,
+    FlowObjective,
+    exponential_shift,
+    resolution_mu,
+    time_shift,
+)
+
+
+def _schedule() -> torch.Tensor:
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_ddpm_objective_draws_and_targets_exactly_as_the_loop_did(prediction: str) -> None:
+    ac = _schedule()
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    step = DDPMObjective(ac, prediction, torch.device("cpu"), min_snr_gamma=5.0).step_inputs(
+        x0, noise, torch.Generator().manual_seed(7))
+    t = sample_timesteps(3, 1000, torch.Generator().manual_seed(7), torch.device("cpu"))
+    assert torch.equal(step.timesteps, t)
+    assert torch.equal(step.noisy, q_sample(x0, noise, t, ac))
+    assert torch.equal(step.target, target_for(prediction, x0, noise, t, ac))
+    assert torch.equal(step.weights, min_snr_weights(t, ac, 5.0, prediction))
+
+
+def test_flow_objective_interpolates_and_targets_the_velocity() -> None:
+    spec = ObjectiveSpec(kind="flow", sampling="uniform")
+    x0, noise = torch.randn(4, 16, 8, 8), torch.randn(4, 16, 8, 8)
+    step = FlowObjective(spec, torch.device("cpu")).step_inputs(x0, noise, torch.Generator().manual_seed(1))
+    s = torch.rand(4, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(step.timesteps, s)
+    assert torch.allclose(step.noisy, (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise)
+    assert torch.allclose(step.target, noise - x0)
+    assert step.weights is None
+
+
+def test_shifts_match_their_definitions() -> None:
+    s = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(time_shift(s, 3.0), 3 * s / (1 + 2 * s))
+    assert torch.equal(time_shift(s, 1.0), s)
+    # Flux: 0.5 at 256 tokens, 1.15 at 4096 (1024x1024 images are 64x64 patches = 4096 tokens).
+    spec = ObjectiveSpec(kind="flow", resolution_shift=True)
+    assert resolution_mu(256, spec) == pytest.approx(0.5)
+    assert resolution_mu(4096, spec) == pytest.approx(1.15)
+    mu = resolution_mu(4096, spec)
+    assert torch.allclose(exponential_shift(s, mu), math.exp(mu) / (math.exp(mu) + (1 / s - 1)))
+    # A shift above 1 moves sigmas toward noise, as SD3/Flux train at high resolution.
+    assert bool((time_shift(s, 3.0) > s).all())
+
+
+def test_logit_normal_sigmas_stay_inside_zero_one_and_center_on_half() -> None:
+    spec = ObjectiveSpec(kind="flow", sampling="logit_normal")
+    latents = torch.zeros(4096, 16, 8, 8)
+    sig = FlowObjective(spec, torch.device("cpu")).sample_sigmas(4096, torch.Generator().manual_seed(0), latents)
+    assert bool(((sig > 0) & (sig < 1)).all())
+    assert sig.median().item() == pytest.approx(0.5, abs=0.03)
+
+
+class _ExactVelocity:
+    """A 'model' that predicts the true velocity toward a known x0: Euler must land on x0."""
+
+    dtype = torch.float32
+
+    def __init__(self, x0: torch.Tensor, noise: torch.Tensor) -> None:
+        self.x0, self.noise = x0, noise
+
+    def predict(self, x, t, cond, size):  # noqa: ANN001, ANN201
+        return (self.noise - self.x0).expand_as(x)
+
+
+@pytest.mark.parametrize("cfg_sampling", [True, False])
+def test_flow_sampler_follows_the_velocity_from_noise_to_the_image(cfg_sampling: bool) -> None:
+    x0, noise = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)
+    spec = ObjectiveSpec(kind="flow", shift=3.0, cfg_sampling=cfg_sampling, guidance_input=not cfg_sampling)
+    obj = FlowObjective(spec, torch.device("cpu"))
+    out = obj.denoise(_ExactVelocity(x0, noise), obj.initial_latents(noise, 6), {}, None, 6, 4.0,
+                      lambda: torch.autocast("cpu", enabled=False))
+    assert torch.allclose(out, x0, atol=1e-5)
+    sig = obj.schedule(6, noise)
+    assert sig[0].item() == pytest.approx(1.0) and sig[-1].item() == 0.0
+    assert bool((sig[1:] < sig[:-1]).all())
+
+
+def test_every_family_answers_the_family_questions() -> None:
+    for name in ("sd1", "sd2", "sdxl"):
+        fam = get_family(name)
+        assert fam.name == name and fam.label
+        assert fam.objective.kind == "ddpm"
+        assert fam.base_model_version("epsilon") and fam.modelspec_architecture("epsilon")
+    assert get_family("sdxl").uses_size_info and not get_family("sd1").uses_size_info
+    from lora_trainer.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="model.arch 'sd9'.*sd1"):
+        get_family("sd9")
