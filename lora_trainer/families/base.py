@@ -107,6 +107,17 @@ class Family:
                          config_folder: Path | None = None) -> ModelBundle:
         raise NotImplementedError(f"{self.label}: loading a single-file checkpoint is not supported")
 
+    # -- LoRA ---------------------------------------------------------------------------
+    def lora_key(self, root: str, naming: str, path: str, part: str = "") -> str | None:
+        """The file key (no tensor suffix) of module ``path`` in LoRA root ``root``; None means
+        kohya's Stable Diffusion naming (:func:`lora_trainer.lora.kohya.kohya_name`). Raise
+        ``LoraFormatError`` for a module that has no name in this family's files."""
+        return None
+
+    def default_targets(self, root: str, module: Any, naming: str) -> list[str] | None:
+        """Module paths LoRA goes into by default in ``root``; None means kohya's SD defaults."""
+        return None
+
     # -- metadata -----------------------------------------------------------------------
     def base_model_version(self, prediction_type: str) -> str:
         """kohya's ``ss_base_model_version``."""

@@ -276,7 +276,7 @@ def _planned(bundle: ModelBundle, cfg: NetworkConfig, all_roots: dict[str, tuple
     """Layout, ranks and alphas from the config: kohya's targets (or the user's), plus the ResNet
     blocks and samplers for LoCon or with conv_rank, 3x3 convs at conv_rank/conv_alpha."""
     use = {k: v for k, v in all_roots.items() if k in trained}
-    found = find_targets(use, cfg.target_modules or None)
+    found = find_targets(use, cfg.target_modules or None, bundle.family)
     with_convs = cfg.type == "locon" or cfg.conv_rank is not None
     if with_convs and "unet" in found:
         found["unet"] = sorted(dict.fromkeys(found["unet"] + conv_block_targets(use["unet"][0])))

@@ -140,6 +140,9 @@ def module_parts(naming: str, is_mha: bool) -> tuple[str, ...]:
 
 def kohya_name(arch: str, root: str, naming: str, path: str, part: str = "") -> str:
     """File key (without tensor suffix) of module ``path`` in ``root`` (``unet``, ``te``, ``te1``, ``te2``)."""
+    own = _family_key(arch, root, naming, path, part)
+    if own is not None:
+        return own
     if root not in PREFIXES:
         raise LoraFormatError(f"unknown LoRA root {root!r} (expected unet, te, te1 or te2)")
     if root == "unet":
@@ -151,6 +154,15 @@ def kohya_name(arch: str, root: str, naming: str, path: str, part: str = "") -> 
     else:
         path = te_hf_path(path, naming, part)
     return PREFIXES[root] + path.replace(".", "_")
+
+
+def _family_key(arch: str, root: str, naming: str, path: str, part: str) -> str | None:
+    """A family's own file naming (transformer families), or None for the SD naming below."""
+    from lora_trainer.families import family_names, get_family
+
+    if arch not in family_names():
+        return None
+    return get_family(arch).lora_key(root, naming, path, part)
 
 
 @dataclass(frozen=True)

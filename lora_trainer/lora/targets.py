@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from lora_trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lora_trainer.families.base import Family
 
 # Inside every transformer block of the UNet (same names in diffusers and LDM/SGM code).
 UNET_BLOCK_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -97,7 +101,8 @@ def pattern_matches(pattern: str, path: str) -> bool:
     return path == pattern or path.endswith("." + pattern)
 
 
-def find_targets(roots: dict[str, tuple[nn.Module, str]], patterns: list[str] | None = None) -> dict[str, list[str]]:
+def find_targets(roots: dict[str, tuple[nn.Module, str]], patterns: list[str] | None = None,
+                 family: Family | None = None) -> dict[str, list[str]]:
     """{root key: module paths} for ``roots`` = {key: (module, naming)}.
 
     With ``patterns`` empty the kohya defaults are used; otherwise every adaptable module
@@ -108,7 +113,13 @@ def find_targets(roots: dict[str, tuple[nn.Module, str]], patterns: list[str] | 
     used: set[str] = set()
     for key, (module, naming) in roots.items():
         if not patterns:
-            paths = default_unet_targets(module) if key == "unet" else default_text_targets(module, naming)
+            own = family.default_targets(key, module, naming) if family is not None else None
+            if own is not None:
+                paths = own
+            elif key == "unet":
+                paths = default_unet_targets(module)
+            else:
+                paths = default_text_targets(module, naming)
         else:
             paths = []
             for path, sub in module.named_modules():
