@@ -18,7 +18,8 @@ if _LT_ROOT not in sys.path:
 
 from modules import script_callbacks, shared  # noqa: E402
 
-from lora_trainer.hosts.webui import WebUIHost, host_for_this_webui  # noqa: E402
+from lora_trainer.hosts.pick import host_for_this_webui  # noqa: E402
+from lora_trainer.hosts.webui import WebUIHost  # noqa: E402
 
 LT_TAB_TITLE = "Train LoRA"
 LT_TAB_ID = "lt_train_lora"

@@ -56,17 +56,6 @@ def is_forge() -> bool:
     return importlib.util.find_spec("modules_forge") is not None
 
 
-def host_for_this_webui() -> WebUIHost:
-    """The host for the WebUI this process runs: Forge's when ``modules_forge`` exists, else A1111's."""
-    if is_forge():
-        from lora_trainer.hosts.forge import ForgeHost
-
-        return ForgeHost()
-    from lora_trainer.hosts.a1111 import A1111Host
-
-    return A1111Host()
-
-
 def checkpoint_label(sd_model: Any) -> str:
     """The loaded checkpoint's title as the WebUI's dropdown shows it."""
     info = getattr(sd_model, "sd_checkpoint_info", None)

@@ -11,8 +11,8 @@ import sys
 from typing import Any
 
 from lora_trainer.threads import configure_cpu_threads
-from lora_trainer.train.cli import EXIT_CODES_HELP, add_run_arguments
 from lora_trainer.train.events import TrainEvent
+from lora_trainer.train.run_args import EXIT_CODES_HELP, add_run_arguments
 from lora_trainer.train.stopping import EXIT_STOPPED, stop_on_signals
 
 

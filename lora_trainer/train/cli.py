@@ -9,13 +9,10 @@ from typing import Any
 
 from lora_trainer.config import example_yaml, load_config, parse_set_overrides, read_yaml, reference_markdown
 from lora_trainer.errors import ConfigError
-from lora_trainer.threads import add_threads_argument, configure_cpu_threads
+from lora_trainer.threads import configure_cpu_threads
 from lora_trainer.train.events import TrainEvent
+from lora_trainer.train.run_args import EXIT_CODES_HELP, add_run_arguments
 from lora_trainer.train.stopping import EXIT_STOPPED
-
-EXIT_CODES_HELP = (f"exit codes: 0 finished; 2 bad input (one line says what and where); {EXIT_STOPPED} stopped "
-                   "early by Ctrl-C or SIGTERM (the LoRA and a checkpoint are saved: resume with --set "
-                   "resume=latest); 1 any other failure")
 
 
 class ProgressBar:
@@ -60,15 +57,6 @@ def _wants_llm(config_path: str | None, sets: list[str]) -> bool:
         if item.split("=", 1)[0].strip() == "task":
             task = parse_set_overrides([item]).get("task")
     return str(task).strip().lower() == "llm"
-
-
-def add_run_arguments(ap: argparse.ArgumentParser, config_help: str, dest: str) -> None:
-    """--config, --set (repeatable, into ``dest``) and --no-progress: the train commands' common options."""
-    ap.add_argument("--config", "-c", help=config_help)
-    ap.add_argument("--set", dest=dest, action="append", default=[], metavar="KEY=VALUE",
-                    help="override a setting, e.g. --set network.rank=16 (repeatable)")
-    ap.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
-    add_threads_argument(ap)
 
 
 def main(argv: list[str]) -> int:

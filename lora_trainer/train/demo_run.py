@@ -85,7 +85,8 @@ def render_sweep(host: Any, cfg: Any, lora_name: str) -> tuple[list[Any], Path]:
 
 def demo_main(argv: list[str]) -> int:
     from lora_trainer.threads import add_threads_argument, configure_cpu_threads
-    from lora_trainer.train.cli import EXIT_CODES_HELP, ProgressBar
+    from lora_trainer.train.cli import ProgressBar
+    from lora_trainer.train.run_args import EXIT_CODES_HELP
     from lora_trainer.train.stopping import EXIT_STOPPED
 
     ap = argparse.ArgumentParser(prog="python -m lora_trainer demo",

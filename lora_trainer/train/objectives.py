@@ -14,12 +14,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from lora_trainer.families.base import ObjectiveSpec
 from lora_trainer.train.losses import min_snr_weights, q_sample, sample_timesteps, target_for
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler
+
+
+def ddim_for(alphas_cumprod: torch.Tensor, prediction_type: str) -> DDIMScheduler:
+    """A DDIM scheduler with exactly the bundle's training noise schedule."""
+    from diffusers import DDIMScheduler
+
+    ac = alphas_cumprod.double().cpu()
+    prev = torch.cat([torch.ones(1, dtype=ac.dtype), ac[:-1]])
+    betas = (1 - ac / prev).clamp(0, 0.999).numpy()
+    return DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
 
 
 @dataclass
@@ -69,8 +83,6 @@ class DDPMObjective:
         return StepInputs(noisy, steps, target, weights)
 
     def _scheduler(self, steps: int) -> Any:
-        from lora_trainer.train.sampler import ddim_for
-
         sched = ddim_for(self.alphas, self.prediction_type)
         sched.set_timesteps(steps)
         return sched

@@ -11,19 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 from PIL import Image
 
 from lora_trainer.config import SampleConfig
-
-
-def ddim_for(alphas_cumprod: torch.Tensor, prediction_type: str) -> DDIMScheduler:
-    """A DDIM scheduler with exactly the bundle's training noise schedule."""
-    ac = alphas_cumprod.double().cpu()
-    prev = torch.cat([torch.ones(1, dtype=ac.dtype), ac[:-1]])
-    betas = (1 - ac / prev).clamp(0, 0.999).numpy()
-    return DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas, clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+from lora_trainer.train.objectives import objective_for
 
 
 def latents_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
@@ -38,8 +29,6 @@ def render_sample(bundle: Any, cfg: SampleConfig, width: int, height: int,
 
     ``encode`` defaults to bundle.encode_text; ``autocast`` is a factory of the run's autocast context.
     """
-    from lora_trainer.train.objectives import objective_for
-
     encode = encode or bundle.encode_text
     device = bundle.device
     objective = objective_for(bundle)

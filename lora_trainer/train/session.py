@@ -27,12 +27,13 @@ from lora_trainer.train.losses import offset_noise, weighted_mse
 from lora_trainer.train.objectives import objective_for
 from lora_trainer.train.optim import build_optimizer
 from lora_trainer.train.outputs import Logger, dataset_stats, save_sample, write_summary
+from lora_trainer.train.result import TrainResult, seed_everything
 from lora_trainer.train.schedules import make_scheduler
 
 if TYPE_CHECKING:
     from lora_trainer.hosts.base import Host
     from lora_trainer.models.bundle import ModelBundle
-    from lora_trainer.train.trainer import Trainer, TrainResult
+    from lora_trainer.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,6 @@ class RunSession:
 
     # == the run, top to bottom ============================================================
     def execute(self) -> TrainResult:
-        from lora_trainer.train.trainer import TrainResult, seed_everything
-
         cfg = self.cfg
         self.started = started = time.time()
         # -- seed and outputs

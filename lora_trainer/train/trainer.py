@@ -10,17 +10,12 @@ diffusers model and the WebUI's live model.
 from __future__ import annotations
 
 import logging
-import random
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
-
-import numpy as np
-import torch
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import OutputError, one_line
 from lora_trainer.train.events import Callback, TrainEvent, WorkerRun, emit
+from lora_trainer.train.result import TrainResult
 from lora_trainer.train.session import RunSession
 from lora_trainer.train.stopping import stop_on_signals
 
@@ -28,15 +23,6 @@ if TYPE_CHECKING:
     from lora_trainer.hosts.base import Host
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    lora_path: Path | None
-    steps: int
-    final_loss: float | None
-    stopped: bool
-    output_dir: Path
 
 
 def _as_output_error(error: OSError, output_dir: str) -> BaseException:
@@ -48,12 +34,6 @@ def _as_output_error(error: OSError, output_dir: str) -> BaseException:
     if problem is None:
         return error
     return OutputError(f"cannot write {error.filename or output_dir}: {problem}; {resume_hint(output_dir)}")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer(WorkerRun):
