@@ -93,3 +93,135 @@ def test_import_detector_sees_runtime_and_type_only_imports(tmp_path: Path) -> N
                  "def f():\n    from lora_trainer.ui import jobs\n    import lora_trainer.hosts.a1111\n")
     assert _package_imports(f, runtime_only=True) == [(5, "lora_trainer.ui.jobs"), (6, "lora_trainer.hosts.a1111")]
     assert len(_package_imports(f, runtime_only=False)) == 3
+
+
+# -- the package's module graph: no cycles, and the layers ---------------------------------------
+# Every ``lora_trainer`` import counts, at module level or inside a function, except those under
+# ``if TYPE_CHECKING:`` (they never run). ``from package import name`` is an edge to the submodule
+# ``package.name`` when that file exists, else to the package.
+
+# A family loads its parts with the models package's helpers, inside its loading methods, while the
+# models package asks the family registry which family a folder or checkpoint is (and a bundle
+# names its family). Both directions are the Family contract (see lora_trainer/families/base.py);
+# the family side is only ever inside functions, so it never runs at import (checked below). These
+# edges are left out of the cycle search; every other cycle fails.
+ALLOWED_CYCLE_EDGES = (("lora_trainer.families", "lora_trainer.models"),)
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_edges(path: Path, name: str, known: set[str]) -> list[tuple[int, str, bool]]:
+    """(line, imported module, at import time) for each package import in ``path`` (module ``name``)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+    def resolve(dotted: str) -> str:
+        while dotted and dotted not in known:
+            dotted = dotted.rpartition(".")[0]
+        return dotted
+
+    found: list[tuple[int, str, bool]] = []
+
+    def visit(node: ast.AST, top: bool) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child, top)
+            return
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, resolve(a.name), top) for a in node.names if a.name.startswith("lora_trainer"))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            if base.startswith("lora_trainer"):
+                found.extend((node.lineno, resolve(f"{base}.{a.name}"), top) for a in node.names)
+        inside = top and not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), True)
+    return [(line, mod, top) for line, mod, top in found if mod and mod != name]
+
+
+def _package_graph(root: Path) -> dict[str, list[tuple[int, str, bool]]]:
+    files = {_module_name(p, root): p for p in (root / "lora_trainer").rglob("*.py")}
+    return {name: _module_edges(path, name, set(files)) for name, path in files.items()}
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _cycles(graph: dict[str, list[tuple[int, str, bool]]], allowed=ALLOWED_CYCLE_EDGES) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    succ = {m: sorted({t for _, t, _ in edges if not any(_in(m, a) and _in(t, b) for a, b in allowed)})
+            for m, edges in graph.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in succ.get(v, []):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(succ):
+        if v not in index:
+            connect(v)
+    return found
+
+
+def test_the_package_has_no_import_cycles() -> None:
+    assert _cycles(_package_graph(ROOT)) == []
+
+
+def test_lora_never_imports_train() -> None:
+    assert _offenders("lora", ("lora_trainer.train",), runtime_only=True) == []
+
+
+def test_families_import_no_other_layer_at_import_time() -> None:
+    # A family may load its parts with the models package's helpers, inside its methods only.
+    layers = ("lora_trainer.train", "lora_trainer.lora", "lora_trainer.hosts", "lora_trainer.ui",
+              "lora_trainer.models")
+    graph = _package_graph(ROOT)
+    found = [f"{m}:{line} imports {t}" for m, edges in graph.items() if _in(m, "lora_trainer.families")
+             for line, t, top in edges if top and t.startswith(layers)]
+    assert found == []
+    inside = [f"{m} imports {t}" for m, edges in graph.items() if _in(m, "lora_trainer.families")
+              for _, t, _ in edges if t.startswith(layers) and not _in(t, "lora_trainer.models")]
+    assert inside == []  # not even inside functions: these would close cycles through the registry
+
+
+def test_graph_sees_function_level_relative_and_package_imports(tmp_path: Path) -> None:
+    pkg = tmp_path / "lora_trainer"
+    (pkg / "a").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a" / "__init__.py").write_text("from .b import x\n")
+    (pkg / "a" / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                    "    from lora_trainer.c import T\nx = 1\n")
+    (pkg / "c.py").write_text("def f():\n    from lora_trainer.a import b\n")
+    graph = _package_graph(tmp_path)
+    assert graph["lora_trainer.a"] == [(1, "lora_trainer.a.b", True)]
+    assert graph["lora_trainer.a.b"] == []  # type-only imports never run
+    assert graph["lora_trainer.c"] == [(2, "lora_trainer.a.b", False)]
+    assert _cycles(graph) == []
+    (pkg / "a" / "b.py").write_text("def g():\n    import lora_trainer.c\n")
+    assert _cycles(_package_graph(tmp_path)) == [["lora_trainer.a.b", "lora_trainer.c"]]
