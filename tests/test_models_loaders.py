@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from lora_trainer.config import ModelConfig
 from lora_trainer.errors import ModelLoadError
+from lora_trainer.families import get_family, sd_detect
 from lora_trainer.models import checkpoint as ckpt
 from lora_trainer.models import tiny
 from lora_trainer.models.loaders import load_bundle
@@ -82,33 +83,33 @@ def test_pickle_refused_without_opt_in(tmp_path):
 
 
 def _keys(*names, unet_in=4):
-    sd = {ckpt.UNET_IN_KEY: torch.empty(32, unet_in, 3, 3)}
+    sd = {sd_detect.UNET_IN_KEY: torch.empty(32, unet_in, 3, 3)}
     sd.update({n: torch.empty(1) for n in names})
     return sd
 
 
 @pytest.mark.parametrize("names,arch", [
-    ((ckpt.SD1_TE_KEY,), "sd1"),
-    ((ckpt.SD2_TE_KEY,), "sd2"),
-    ((ckpt.SDXL_TE1_KEY, ckpt.SDXL_TE2_KEY), "sdxl"),
+    ((sd_detect.SD1_TE_KEY,), "sd1"),
+    ((sd_detect.SD2_TE_KEY,), "sd2"),
+    ((sd_detect.SDXL_TE1_KEY, sd_detect.SDXL_TE2_KEY), "sdxl"),
 ])
 def test_detect_arch(names, arch):
-    assert ckpt.detect_arch(_keys(*names)) == arch
+    assert sd_detect.detect_arch(_keys(*names)) == arch
 
 
 def test_detect_arch_rejects_inpainting_and_refiner():
     with pytest.raises(ModelLoadError, match="inpainting"):
-        ckpt.detect_arch(_keys(ckpt.SD1_TE_KEY, unet_in=9))
+        sd_detect.detect_arch(_keys(sd_detect.SD1_TE_KEY, unet_in=9))
     with pytest.raises(ModelLoadError, match="refiner"):
-        ckpt.detect_arch(_keys("conditioner.embedders.0.model.token_embedding.weight"))
+        sd_detect.detect_arch(_keys("conditioner.embedders.0.model.token_embedding.weight"))
 
 
 def test_sd2_prediction_type_from_yaml(tmp_path):
     model = tmp_path / "m.safetensors"
-    assert ckpt.sd2_prediction_type(model, "auto") == "epsilon"
-    assert ckpt.sd2_prediction_type(model, "v_prediction") == "v_prediction"
+    assert sd_detect.sd2_prediction_type(model, "auto") == "epsilon"
+    assert sd_detect.sd2_prediction_type(model, "v_prediction") == "v_prediction"
     (tmp_path / "m.yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n")
-    assert ckpt.sd2_prediction_type(model, "auto") == "v_prediction"
+    assert sd_detect.sd2_prediction_type(model, "auto") == "v_prediction"
 
 
 def test_file_hashes(tmp_path):
@@ -305,7 +306,6 @@ def test_single_file_sdxl_text_encoders_match_sgm_conditioning(tmp_path):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from lora_trainer.models.loaders import text_encoders_from_state_dict
-    from lora_trainer.models.setups import SETUPS
 
     torch.manual_seed(4)
     te1 = CLIPTextModel(CLIPTextConfig(**tiny.text_config("quick_gelu"))).eval()  # width 32
@@ -314,7 +314,7 @@ def test_single_file_sdxl_text_encoders_match_sgm_conditioning(tmp_path):
     sd = {**{"conditioner.embedders.0.transformer.text_model." + k: v.contiguous()
              for k, v in te1.state_dict().items()},
           **_prefixed(big_g, "conditioner.embedders.1.model.")}
-    assert ckpt.detect_arch({**sd, ckpt.UNET_IN_KEY: torch.empty(32, 4, 3, 3)}) == "sdxl"
+    assert sd_detect.detect_arch({**sd, sd_detect.UNET_IN_KEY: torch.empty(32, 4, 3, 3)}) == "sdxl"
 
     config = tmp_path / "config"
     te2_cfg = {**tiny.text_config("gelu", projection_dim=48), "hidden_size": 48, "intermediate_size": 192,
@@ -331,8 +331,8 @@ def test_single_file_sdxl_text_encoders_match_sgm_conditioning(tmp_path):
         (config / rel).write_text(json.dumps(data))
     folder = ckpt.prepared_config_folder("sdxl-tiny-te", config)
     parts = text_encoders_from_state_dict(sd, "sdxl", folder, torch.float32)
-    encode = SETUPS["sdxl"].make_encode_text([parts["text_encoder"], parts["text_encoder_2"]],
-                                             [parts["tokenizer"], parts["tokenizer_2"]], torch.device("cpu"))
+    encode = get_family("sdxl").make_encode_text([parts["text_encoder"], parts["text_encoder_2"]],
+                                                [parts["tokenizer"], parts["tokenizer_2"]], torch.device("cpu"))
     ids1 = parts["tokenizer"](CAPTIONS, padding="max_length", max_length=77, return_tensors="pt").input_ids
     ids2 = parts["tokenizer_2"](CAPTIONS, padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert ids1[0, -1] == 49407 and ids2[0, -1] == 0  # CLIP-L pads with EOS, bigG with "!"

@@ -14,11 +14,14 @@ from typing import Any
 from lora_trainer.families.base import Family, ObjectiveSpec
 from lora_trainer.families.sd import SD1, SD2, SDXL
 
-__all__ = ["Family", "ObjectiveSpec", "all_families", "detect_folder", "detect_lora", "detect_state_dict",
-           "family_names", "get_family"]
+__all__ = ["DEFAULT_FAMILY", "Family", "ObjectiveSpec", "all_families", "detect_folder", "detect_lora",
+           "detect_lora_keys", "detect_lora_metadata", "detect_state_dict", "detect_webui_model", "family_names",
+           "get_family"]
 
 _FAMILIES: tuple[Family, ...] = (SDXL(), SD2(), SD1())
 _BY_NAME: dict[str, Family] = {f.name: f for f in _FAMILIES}
+# The family assumed when nothing says which (model.arch auto before a model is read; the demo model's).
+DEFAULT_FAMILY = "sd1"
 
 
 def all_families() -> tuple[Family, ...]:
@@ -46,7 +49,7 @@ def detect_state_dict(state_dict: dict[str, Any], source: str = "checkpoint") ->
     for family in _FAMILIES:
         if family.matches_state_dict(keys, state_dict):
             return family
-    from lora_trainer.models.checkpoint import detect_arch
+    from lora_trainer.families.sd_detect import detect_arch
 
     return get_family(detect_arch(state_dict, source))  # raises the precise Stable Diffusion error
 
@@ -65,7 +68,27 @@ def detect_folder(path: Path, index: dict[str, Any]) -> Family:
 
 def detect_lora(keys: set[str], metadata: dict[str, str]) -> Family | None:
     """The family a LoRA file was made for, from its metadata or else its keys; None if unknown."""
+    return detect_lora_metadata(metadata) or next((f for f in _FAMILIES if f.matches_lora(keys, metadata)), None)
+
+
+def detect_lora_metadata(metadata: dict[str, str]) -> Family | None:
+    """The family a LoRA file's metadata names (``ss_base_model_version``, ...); None if none."""
+    return next((f for f in _FAMILIES if f.matches_lora_metadata(metadata)), None)
+
+
+def detect_lora_keys(keys: set[str]) -> Family | None:
+    """The family a LoRA file's module keys point to; None if they point to none."""
+    return next((f for f in _FAMILIES if f.matches_lora_keys(keys)), None)
+
+
+def detect_webui_model(sd_model: Any) -> Family:
+    """The family of a WebUI's model object: by the flag it sets (``is_sdxl``), else by its parts."""
     for family in _FAMILIES:
-        if family.matches_lora(keys, metadata):
+        if family.webui_flag and getattr(sd_model, family.webui_flag, False):
             return family
-    return None
+    for family in _FAMILIES:
+        if family.matches_webui_model(sd_model):
+            return family
+    from lora_trainer.errors import HostError
+
+    raise HostError(f"the loaded model ({type(sd_model).__name__}) is no model family this trainer knows")

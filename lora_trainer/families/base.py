@@ -83,6 +83,32 @@ class Family:
     vae_params: int = 83_653_863
     # open_clip model the CLIP interrogator uses for "auto" on this family.
     clip_caption_model: str = "ViT-L-14/openai"
+    # -- diffusers parts (the loaders, the tiny models and the standalone renderer read these) --
+    # The diffusers pipeline class of the family's folders and renders ("StableDiffusionPipeline").
+    pipeline_class: str = ""
+    # (LoRA root, text encoder subfolder, tokenizer subfolder) per text encoder, in bundle order.
+    text_encoder_folders: tuple[tuple[str, str, str], ...] = ()
+    # (tokenizer subfolder, pad token) per tokenizer: OpenCLIP's pad with "!", OpenAI's CLIP with EOS.
+    tokenizer_pads: tuple[tuple[str, str], ...] = ()
+    # The VAE overflows in fp16 (SDXL's): keep it in fp32 whatever the weight dtype.
+    vae_fp32: bool = False
+    # -- kohya files (lora/kohya.py, lora/layout.py, inspect) --------------------------------
+    # UNet families: (number of levels, levels with attention), 2 res blocks per level; None: no
+    # kohya UNet table (the family names its keys itself through ``lora_key``).
+    unet_topology: tuple[int, tuple[int, ...]] | None = None
+    # The UNet module naming kohya files use: "diffusers" paths or "ldm" (SGM) paths.
+    kohya_unet_naming: str = "diffusers"
+    # Text-encoder key prefixes the loaders read for this family (the first is the one written).
+    lora_te_prefixes: tuple[str, ...] = ()
+    # How ``inspect`` names the family a file's keys point to ("sd1/sd2": their keys are alike).
+    lora_keys_label: str = ""
+    # kohya's ``ss_v2`` ("True" for SD2 files; A1111 shows those as SD2).
+    kohya_v2: bool = False
+    # -- WebUIs -------------------------------------------------------------------------
+    # The flag the A1111/Forge model object sets for this family (``sd_model.is_sdxl``).
+    webui_flag: str = ""
+    # What A1111 v1.10.1 shows on a LoRA card of this family ("" when it has no label for it).
+    a1111_version_label: str = ""
 
     # -- detection ----------------------------------------------------------------------
     def matches_state_dict(self, keys: set[str], state_dict: dict[str, Any]) -> bool:
@@ -94,7 +120,21 @@ class Family:
         return False
 
     def matches_lora(self, keys: set[str], metadata: dict[str, str]) -> bool:
-        """Whether a LoRA file's module keys / metadata say it was made for this family."""
+        """Whether a LoRA file's module keys say it was made for this family (asked after every
+        family's :meth:`matches_lora_metadata` said no)."""
+        return self.matches_lora_keys(keys)
+
+    def matches_lora_metadata(self, metadata: dict[str, str]) -> bool:
+        """Whether a LoRA file's metadata (``ss_base_model_version``, ``modelspec.architecture``)
+        names this family."""
+        return False
+
+    def matches_lora_keys(self, keys: set[str]) -> bool:
+        """Whether a LoRA file's module keys (no tensor suffix) are this family's."""
+        return False
+
+    def matches_webui_model(self, sd_model: Any) -> bool:
+        """Whether a WebUI model object without family flags is this family (by its parts)."""
         return False
 
     # -- loading ------------------------------------------------------------------------
@@ -117,6 +157,55 @@ class Family:
     def default_targets(self, root: str, module: Any, naming: str) -> list[str] | None:
         """Module paths LoRA goes into by default in ``root``; None means kohya's SD defaults."""
         return None
+
+    def known_lora_key(self, key: str) -> bool | None:
+        """Whether a LoRA file's module key (no tensor suffix) names a module of this family's
+        models; None means kohya's Stable Diffusion check (``unet_topology``, ``lora_te_prefixes``)."""
+        return None
+
+    def lora_shapes(self, size: str) -> dict[str, tuple[int, ...]] | None:
+        """{module key: weight shape} of every layer a LoRA file may adapt, for the full-size
+        (``size`` "full") or tiny models; None means the Stable Diffusion layout built from the
+        packaged configs (:mod:`lora_trainer.lora.layout`)."""
+        return None
+
+    def a1111_shows(self, metadata: dict[str, str]) -> bool:
+        """Whether A1111 v1.10.1 shows this family's ``a1111_version_label`` for a LoRA file with
+        ``metadata`` (asked in registry order; it knows SD1, SD2 and SDXL only)."""
+        return False
+
+    # -- parts ----------------------------------------------------------------------------
+    def native_resolution(self, prediction_type: str) -> int:
+        """The resolution the family's models were trained at (SD2: 768 for v, 512 for epsilon)."""
+        return self.default_resolution
+
+    def config_folder_name(self, prediction_type: str) -> str:
+        """The packaged config folder (``models/configs/<name>``) of a single-file checkpoint."""
+        return self.name
+
+    def single_file_prediction_type(self, path: Path, requested: str) -> str:
+        """What a single-file checkpoint predicts: ``requested`` unless "auto"."""
+        return "epsilon" if requested == "auto" else requested
+
+    def make_encode_text(self, encoders: list[Any], tokenizers: list[Any],
+                         device: torch.device) -> Any:
+        """``encode_text`` (captions -> conditioning) over the family's diffusers text encoders."""
+        raise NotImplementedError(f"{self.label}: no text encoding for diffusers parts")
+
+    def tiny_unet_config(self) -> dict[str, Any]:
+        """The denoiser config of the family's tiny test model (real topology, small widths)."""
+        raise NotImplementedError(f"{self.label}: no tiny model")
+
+    def tiny_vae_config(self) -> dict[str, Any]:
+        raise NotImplementedError(f"{self.label}: no tiny model")
+
+    def tiny_components(self, seed: int = 0, prediction_type: str = "epsilon") -> dict[str, Any]:
+        """The diffusers parts of the family's tiny model, randomly initialised with ``seed``."""
+        raise NotImplementedError(f"{self.label}: no tiny model")
+
+    def render_pipeline_kwargs(self) -> dict[str, Any]:
+        """Extra arguments of ``pipeline_class`` beyond the model parts (SD1/SD2's safety checker)."""
+        return {}
 
     # -- metadata -----------------------------------------------------------------------
     def base_model_version(self, prediction_type: str) -> str:

@@ -1,10 +1,8 @@
-"""Single-file checkpoints: read, identify the family, hash, and find the packaged configs.
+"""Single-file checkpoints: read, hash, and find the packaged configs.
 
 A WebUI-style checkpoint (``.safetensors``; ``.ckpt``/``.pt`` only when pickles are allowed)
 holds the UNet, VAE and text encoder(s) in the original LDM/SGM key layout. Which family it is
-can be read from the keys and shapes; whether an SD2 model predicts v cannot (the 512 and
-768-v models have identical tensors), so that comes from the config, a ``<name>.yaml`` beside
-the file (the WebUI convention), or defaults to epsilon with a warning.
+the families answer (:func:`lora_trainer.families.detect_state_dict`).
 """
 
 from __future__ import annotations
@@ -13,32 +11,20 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from lora_trainer.errors import ModelLoadError
+from lora_trainer.families import detect_folder
 from lora_trainer.fsutil import atomic_write_text
 from lora_trainer.models.paths import PICKLE_SUFFIXES, SAFE_SUFFIXES
-from lora_trainer.models.tokenizer import EOS, cache_root, write_clip_tokenizer_files
+from lora_trainer.models.tokenizer import cache_root, write_clip_tokenizer_files
 
 log = logging.getLogger(__name__)
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
-
-# Keys that identify each family in the original layout.
-SD1_TE_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-SD2_TE_KEY = "cond_stage_model.model.token_embedding.weight"
-SDXL_TE2_KEY = "conditioner.embedders.1.model.token_embedding.weight"
-SDXL_TE1_KEY = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
-UNET_IN_KEY = "model.diffusion_model.input_blocks.0.0.weight"
-# Tokenizer pad token per text encoder folder and family (SD2's and SDXL's OpenCLIP pad with "!").
-TOKENIZER_PADS = {"sd1": {"tokenizer": EOS}, "sd2": {"tokenizer": "!"},
-                  "sdxl": {"tokenizer": EOS, "tokenizer_2": "!"}}
-
 
 def read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint on the CPU (a pickle only when ``allow_pickle``)."""
@@ -66,45 +52,6 @@ def read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     raise ModelLoadError(f"{path}: unknown checkpoint type {suffix!r}; use a .safetensors file or a diffusers folder")
 
 
-def detect_arch(state_dict: dict[str, Any], source: str = "checkpoint") -> str:
-    """"sd1", "sd2" or "sdxl" from the keys (and context width) of an original-layout state dict."""
-    unet_in = state_dict.get(UNET_IN_KEY)
-    if unet_in is None:
-        raise ModelLoadError(f"{source}: no Stable Diffusion UNet found (missing {UNET_IN_KEY}); is it a LoRA, VAE or "
-                             "a diffusers-format file? Use a full SD1/SD2/SDXL checkpoint or a diffusers folder")
-    if unet_in.shape[1] != 4:
-        raise ModelLoadError(f"{source}: UNet takes {unet_in.shape[1]} input channels (an inpainting or other special "
-                             "model); only text-to-image checkpoints with 4 latent channels can be trained")
-    if SDXL_TE2_KEY in state_dict and SDXL_TE1_KEY in state_dict:
-        return "sdxl"
-    if "conditioner.embedders.0.model.token_embedding.weight" in state_dict:
-        raise ModelLoadError(f"{source}: this is an SDXL refiner; train LoRA on the SDXL base model instead")
-    if SD2_TE_KEY in state_dict:
-        return "sd2"
-    if SD1_TE_KEY in state_dict:
-        return "sd1"
-    raise ModelLoadError(f"{source}: text encoder weights not recognised (not SD1, SD2 or SDXL)")
-
-
-def sd2_prediction_type(path: Path, requested: str) -> str:
-    """SD2's prediction type: the config's, a WebUI ``<name>.yaml`` beside the file, else epsilon."""
-    if requested in ("epsilon", "v_prediction"):
-        return requested
-    yaml_path = path.with_suffix(".yaml")
-    if yaml_path.is_file():
-        text = yaml_path.read_text(encoding="utf-8", errors="replace")
-        if re.search(r"parameterization\s*:\s*[\"']?v[\"']?\s*$", text, re.MULTILINE):
-            return "v_prediction"
-        return "epsilon"
-    log.warning("%s: an SD2 model's prediction type cannot be read from its weights; assuming epsilon (SD2 512-base). "
-                "For a 768-v model set model.prediction_type=v_prediction", path.name)
-    return "epsilon"
-
-
-def config_name(arch: str, prediction_type: str) -> str:
-    return "sd2_v" if arch == "sd2" and prediction_type == "v_prediction" else arch
-
-
 def prepared_config_folder(name: str, source: Path | None = None) -> Path:
     """A config-only diffusers folder (packaged configs + generated tokenizer files) in the cache.
 
@@ -123,8 +70,7 @@ def prepared_config_folder(name: str, source: Path | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
     index = json.loads((source / "model_index.json").read_text())
-    arch = "sdxl" if "text_encoder_2" in index else ("sd2" if name.startswith("sd2") else "sd1")
-    for folder, pad in TOKENIZER_PADS[arch].items():
+    for folder, pad in detect_folder(source, index).tokenizer_pads:
         if folder in index:
             write_clip_tokenizer_files(tmp / folder, pad_token=pad)
     atomic_write_text(tmp / ".complete", "")

@@ -30,17 +30,18 @@ _EMBEDDING = "embeddings.token_embedding.weight"
 # Norm groups of several channels: a group of one channel normalises a flat colour to zero (the
 # demo images are mostly flat colour), and at 64 px the UNet's last level is 1 x 1, where a group
 # of one value cannot be normalised in training mode at batch size 1.
+FAMILY = "sd1"  # the demo model has SD1's topology, so its LoRAs load as SD1 LoRAs
 NORM_GROUPS = 4
 
 
 def unet_config() -> dict[str, Any]:
     """SD1's topology (4 levels, 2 res blocks, attention at the first three) at the smallest width."""
-    return {**tiny.unet_config("sd1"), "block_out_channels": (32, 32, 32, 32), "norm_num_groups": NORM_GROUPS}
+    return {**tiny.unet_config(FAMILY), "block_out_channels": (32, 32, 32, 32), "norm_num_groups": NORM_GROUPS}
 
 
 def vae_config() -> dict[str, Any]:
     """Factor 8 like SD's; narrow at full resolution, where a VAE spends its time."""
-    return {**tiny.vae_config("sd1"), "block_out_channels": (16, 16, 32, 32), "norm_num_groups": NORM_GROUPS}
+    return {**tiny.vae_config(FAMILY), "block_out_channels": (16, 16, 32, 32), "norm_num_groups": NORM_GROUPS}
 
 
 def _te_key(key: str) -> str:

@@ -156,7 +156,7 @@ def pretrain(a: PretrainArgs, log: Any = None) -> tuple[dict[str, torch.Tensor],
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lora_trainer.models.setups import _tokenize
+    from lora_trainer.families.sd_text import tokenize as _tokenize
     from lora_trainer.models.tokenizer import load_clip_tokenizer
 
     log = log or _logger()

@@ -26,8 +26,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+# CLIP text encoder subfolders; the second one is projected (SDXL's OpenCLIP-bigG).
+CLIP_TEXT_FOLDERS = ("text_encoder", "text_encoder_2")
+
+
+def _clip_text_class(subfolder: str) -> type:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection if subfolder == "text_encoder_2" else CLIPTextModel
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PIPELINE_ARCH = {"StableDiffusionPipeline": None, "StableDiffusionXLPipeline": "sdxl"}
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -90,7 +99,7 @@ def load_demo(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) 
     if prediction != "epsilon":
         raise ModelLoadError(f"model.prediction_type {prediction!r}: the demo model predicts noise; use auto or epsilon")
     parts = demo_base.load_components()
-    bundle = bundle_from_diffusers(parts, "sd1", prediction, device, dtype, name="demo",
+    bundle = bundle_from_diffusers(parts, demo_base.FAMILY, prediction, device, dtype, name="demo",
                                    default_resolution=demo_base.RESOLUTION)
     bundle.model_hash = bundle.legacy_hash = None
     return bundle
@@ -112,23 +121,6 @@ def _folder_family(path: Path) -> Family:
     return detect_folder(path, _read_index(path))
 
 
-def _folder_arch(path: Path, index: dict[str, Any]) -> str:
-    cls = index.get("_class_name", "")
-    if cls not in PIPELINE_ARCH:
-        raise ModelLoadError(f"{path}: pipeline {cls or '(none)'} is not supported; use a Stable Diffusion 1.x, 2.x or "
-                             "XL text-to-image model")
-    if PIPELINE_ARCH[cls]:
-        return PIPELINE_ARCH[cls]
-    try:
-        unet_cfg = json.loads((path / "unet" / "config.json").read_text())
-        te_cfg = json.loads((path / "text_encoder" / "config.json").read_text())
-    except (OSError, ValueError):
-        raise ModelLoadError(f"{path}: unet/ or text_encoder/config.json is missing or unreadable") from None
-    # SD2 uses OpenCLIP (plain gelu, 1024 wide); SD1 OpenAI's CLIP-L (quick_gelu, 768).
-    is_sd2 = unet_cfg.get("cross_attention_dim") == 1024 or te_cfg.get("hidden_act") == "gelu"
-    return "sd2" if is_sd2 else "sd1"
-
-
 def _load_tokenizer(path: Path, sub: str, pad: str) -> Any:
     from transformers import CLIPTokenizer
 
@@ -140,36 +132,35 @@ def _load_tokenizer(path: Path, sub: str, pad: str) -> Any:
     return load_clip_tokenizer(pad_token=pad)
 
 
-def load_diffusers_folder(path: Path, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> ModelBundle:
-    """A diffusers pipeline folder (model_index.json + component subfolders), local files only."""
+def load_diffusers_folder(path: Path, family: Family, model_cfg: ModelConfig, device: torch.device,
+                          dtype: torch.dtype) -> ModelBundle:
+    """A diffusers pipeline folder of a UNet family with CLIP text encoders (model_index.json +
+    component subfolders), local files only."""
     import diffusers
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     index = _read_index(path)
-    arch = _folder_arch(path, index)
     kw = dict(torch_dtype=dtype, local_files_only=True)
-    vae_dtype = torch.float32 if arch == "sdxl" else dtype  # SDXL's VAE overflows in fp16
+    vae_dtype = _vae_dtype(family, dtype)
     try:
         parts: dict[str, Any] = {
             "unet": diffusers.UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
             "vae": diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype,
                                                            local_files_only=True),
-            "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
         }
-        if arch == "sdxl":
-            parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
+        for _, sub, _ in family.text_encoder_folders:
+            parts[sub] = _clip_text_class(sub).from_pretrained(path, subfolder=sub, **kw)
         sched_cls = getattr(diffusers, index.get("scheduler", [None, "DDPMScheduler"])[1], diffusers.DDPMScheduler)
         parts["scheduler"] = sched_cls.from_pretrained(path, subfolder="scheduler")
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot load the diffusers model ({exc})") from None
-    for sub, pad in ckpt.TOKENIZER_PADS[arch].items():
+    for sub, pad in family.tokenizer_pads:
         parts[sub] = _load_tokenizer(path, sub, pad)
-    _maybe_replace_vae(parts, model_cfg, arch, dtype)
+    _maybe_replace_vae(parts, model_cfg, family, dtype)
     prediction = None if model_cfg.prediction_type == "auto" else model_cfg.prediction_type
-    return bundle_from_diffusers(parts, arch, prediction, device, dtype, name=path.name)
+    return bundle_from_diffusers(parts, family.name, prediction, device, dtype, name=path.name)
 
 
-def _parts_from_state_dict(sd: dict[str, torch.Tensor], arch: str, folder: Path, dtype: torch.dtype,
+def _parts_from_state_dict(sd: dict[str, torch.Tensor], family: Family, folder: Path, dtype: torch.dtype,
                            skip_vae: bool) -> dict[str, Any]:
     """diffusers components from an original-layout state dict, configured by ``folder``."""
     import diffusers
@@ -178,9 +169,9 @@ def _parts_from_state_dict(sd: dict[str, torch.Tensor], arch: str, folder: Path,
     kw = dict(config=str(folder), torch_dtype=dtype, local_files_only=True)
     parts: dict[str, Any] = {"unet": diffusers.UNet2DConditionModel.from_single_file(sd, subfolder="unet", **kw)}
     if not skip_vae:
-        vae_kw = {**kw, "torch_dtype": torch.float32 if arch == "sdxl" else dtype}  # SDXL's VAE overflows in fp16
+        vae_kw = {**kw, "torch_dtype": _vae_dtype(family, dtype)}
         parts["vae"] = diffusers.AutoencoderKL.from_single_file(sd, subfolder="vae", **vae_kw)
-    parts.update(text_encoders_from_state_dict(sd, arch, folder, dtype))
+    parts.update(text_encoders_from_state_dict(sd, family.name, folder, dtype))
     sched_cls = getattr(diffusers, index["scheduler"][1])
     parts["scheduler"] = sched_cls.from_pretrained(str(folder), subfolder="scheduler")
     return parts
@@ -190,16 +181,17 @@ def text_encoders_from_state_dict(sd: dict[str, torch.Tensor], arch: str, folder
                                   dtype: torch.dtype) -> dict[str, Any]:
     """Text encoder(s) and tokenizer(s) from an original-layout state dict (CLIP-L and/or OpenCLIP)."""
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    from lora_trainer.families import get_family
 
     index = json.loads((folder / "model_index.json").read_text())
     parts: dict[str, Any] = {}
-    te_classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
-    for sub, cls in te_classes.items():
+    for sub in CLIP_TEXT_FOLDERS:
         if sub in index:
-            parts[sub] = create_diffusers_clip_model_from_ldm(cls, sd, subfolder=sub, config=str(folder),
+            parts[sub] = create_diffusers_clip_model_from_ldm(_clip_text_class(sub), sd, subfolder=sub, config=str(folder),
                                                               torch_dtype=dtype, local_files_only=True)
-    for sub in ckpt.TOKENIZER_PADS[arch]:
+    for sub, _ in get_family(arch).tokenizer_pads:
         parts[sub] = CLIPTokenizer.from_pretrained(str(folder / sub), local_files_only=True)
     return parts
 
@@ -215,46 +207,48 @@ def load_single_file(path: Path, model_cfg: ModelConfig, device: torch.device, d
     return family.load_single_file(path, state_dict, model_cfg, device, dtype, config_folder=folder)
 
 
-def load_sd_single_file(path: Path, state_dict: dict[str, torch.Tensor], arch: str, model_cfg: ModelConfig,
+def load_sd_single_file(path: Path, state_dict: dict[str, torch.Tensor], family: Family, model_cfg: ModelConfig,
                         device: torch.device, dtype: torch.dtype,
                         *, config_folder: str | Path | None = None) -> ModelBundle:
-    """A WebUI-style checkpoint of SD1.x, SD2.x (epsilon or v) or SDXL base."""
-    if arch == "sd2":
-        prediction = ckpt.sd2_prediction_type(path, model_cfg.prediction_type)
-    else:
-        prediction = "epsilon" if model_cfg.prediction_type == "auto" else model_cfg.prediction_type
-    name = ckpt.config_name(arch, prediction)
-    folder = ckpt.prepared_config_folder(name, config_folder)
+    """A WebUI-style checkpoint of a UNet family with CLIP text encoders (SD1.x, SD2.x epsilon or v,
+    SDXL base), converted by diffusers with the family's packaged config folder."""
+    prediction = family.single_file_prediction_type(path, model_cfg.prediction_type)
+    folder = ckpt.prepared_config_folder(family.config_folder_name(prediction), config_folder)
     try:
-        parts = _parts_from_state_dict(state_dict, arch, folder, dtype, skip_vae=bool(model_cfg.vae))
+        parts = _parts_from_state_dict(state_dict, family, folder, dtype, skip_vae=bool(model_cfg.vae))
     except (ValueError, RuntimeError, KeyError) as exc:
-        raise ModelLoadError(f"{path}: cannot convert this {arch} checkpoint ({str(exc).splitlines()[0]})") from None
+        raise ModelLoadError(f"{path}: cannot convert this {family.name} checkpoint "
+                             f"({str(exc).splitlines()[0]})") from None
     del state_dict
-    _maybe_replace_vae(parts, model_cfg, arch, dtype, config_folder=folder)
-    bundle = bundle_from_diffusers(parts, arch, prediction, device, dtype, name=path.stem)
+    _maybe_replace_vae(parts, model_cfg, family, dtype, config_folder=folder)
+    bundle = bundle_from_diffusers(parts, family.name, prediction, device, dtype, name=path.stem)
     bundle.model_hash, bundle.legacy_hash = ckpt.file_hashes(path)
     return bundle
 
 
-def _maybe_replace_vae(parts: dict[str, Any], model_cfg: ModelConfig, arch: str, dtype: torch.dtype,
+def _vae_dtype(family: Family, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if family.vae_fp32 else dtype
+
+
+def _maybe_replace_vae(parts: dict[str, Any], model_cfg: ModelConfig, family: Family, dtype: torch.dtype,
                        config_folder: Path | None = None) -> None:
     if model_cfg.vae:
-        parts["vae"] = load_vae(Path(model_cfg.vae).expanduser(), arch, dtype, config_folder=config_folder)
+        parts["vae"] = load_vae(Path(model_cfg.vae).expanduser(), family, dtype, config_folder=config_folder)
 
 
-def load_vae(path: Path, arch: str, dtype: torch.dtype, *, config_folder: Path | None = None) -> Any:
+def load_vae(path: Path, family: Family, dtype: torch.dtype, *, config_folder: Path | None = None) -> Any:
     """A separate VAE: a diffusers folder (with config.json or a vae/ subfolder) or a single file."""
     import diffusers
 
     if not path.exists():
         raise ModelLoadError(f"model.vae: {path} does not exist; check the path or leave model.vae empty")
-    vae_dtype = torch.float32 if arch == "sdxl" else dtype
+    vae_dtype = _vae_dtype(family, dtype)
     try:
         if path.is_dir():
             sub = "vae" if (path / "vae" / "config.json").is_file() else None
             return diffusers.AutoencoderKL.from_pretrained(path, subfolder=sub, torch_dtype=vae_dtype,
                                                            local_files_only=True)
-        folder = config_folder or ckpt.prepared_config_folder(ckpt.config_name(arch, "epsilon"))
+        folder = config_folder or ckpt.prepared_config_folder(family.config_folder_name("epsilon"))
         sd = ckpt.read_state_dict(path, allow_pickle=False)
         # Standalone VAE files store the bare AutoencoderKL keys; diffusers accepts both layouts.
         return diffusers.AutoencoderKL.from_single_file(sd, config=str(folder), subfolder="vae",

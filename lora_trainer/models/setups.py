@@ -1,93 +1,21 @@
-"""Per-architecture setup: turn diffusers parts into a ModelBundle the trainer can use.
+"""Turn diffusers parts into a ModelBundle the trainer can use, asking the family what differs.
 
-Each family (SD1, SD2, SDXL) is one ``ArchSetup`` entry in the explicit ``SETUPS`` table; the
-generic ``bundle_from_diffusers`` reads it. The callables it builds mirror what the diffusers
-pipelines do at inference (``encode_prompt``, the UNet call), so a LoRA trained on a bundle
+The family (:mod:`lora_trainer.families`) says which text encoders and tokenizers the parts hold,
+how captions become conditioning, whether the VAE stays fp32, whether the UNet takes SDXL's
+size conditioning, and the pipeline class that renders it; ``bundle_from_diffusers`` is the rest.
+The callables mirror what the diffusers pipelines do at inference, so a LoRA trained on a bundle
 behaves the same when rendered by diffusers or by the WebUI.
-
-Text conditioning per family:
-- SD1: CLIP-L ``last_hidden_state``.
-- SD2: the diffusers-format OpenCLIP-H text encoder already ends one layer early (23 of 24
-  layers; single-file conversion drops the last block), so its ``last_hidden_state`` *is*
-  OpenCLIP's penultimate layer followed by the final layer norm — what the WebUI and the
-  original SD2 code feed the UNet. Taking ``hidden_states[-2]`` here would skip one more layer.
-- SDXL: ``hidden_states[-2]`` of CLIP-L and of OpenCLIP-bigG (no final norm), concatenated on
-  the channel axis; pooled = bigG's projected ``text_embeds``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lora_trainer.errors import ModelLoadError
+from lora_trainer.families import Family, get_family
 from lora_trainer.models.bundle import Conditioning, ModelBundle, TextEncoderPart
-
-MAX_TOKENS = 77
-
-
-@dataclass(frozen=True)
-class ArchSetup:
-    """What differs between families; everything else in ``bundle_from_diffusers`` is shared."""
-
-    arch: str
-    # (bundle key, parts key of the text encoder, parts key of its tokenizer)
-    text_encoders: tuple[tuple[str, str, str], ...]
-    # builds encode_text from (text encoders, tokenizers, device)
-    make_encode_text: Callable[[list[Any], list[Any], torch.device], Callable[[list[str]], Conditioning]]
-    pipeline_class: str
-    # SDXL's VAE overflows in fp16 (NaN latents): keep it in fp32 whatever the weight dtype.
-    vae_fp32: bool = False
-    # SDXL's UNet takes pooled text embeddings and size/crop time ids.
-    added_cond: bool = False
-
-
-def _tokenize(tokenizer: Any, captions: list[str], device: torch.device) -> torch.Tensor:
-    ids = tokenizer(list(captions), max_length=MAX_TOKENS, padding="max_length", truncation=True,
-                    return_tensors="pt").input_ids
-    return ids.to(device)
-
-
-def _encode_last_hidden(encoders: list[Any], tokenizers: list[Any], device: torch.device):
-    (te,), (tok,) = encoders, tokenizers
-
-    def encode_text(captions: list[str]) -> Conditioning:
-        out = te(_tokenize(tok, captions, device), output_hidden_states=False)
-        return {"context": out.last_hidden_state}
-
-    return encode_text
-
-
-def _encode_sdxl(encoders: list[Any], tokenizers: list[Any], device: torch.device):
-    (te1, te2), (tok1, tok2) = encoders, tokenizers
-
-    def encode_text(captions: list[str]) -> Conditioning:
-        out1 = te1(_tokenize(tok1, captions, device), output_hidden_states=True)
-        out2 = te2(_tokenize(tok2, captions, device), output_hidden_states=True)
-        context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2].to(out1.hidden_states[-2].dtype)], dim=-1)
-        return {"context": context, "pooled": out2.text_embeds}
-
-    return encode_text
-
-
-SETUPS: dict[str, ArchSetup] = {
-    "sd1": ArchSetup("sd1", (("te", "text_encoder", "tokenizer"),), _encode_last_hidden,
-                     "StableDiffusionPipeline"),
-    "sd2": ArchSetup("sd2", (("te", "text_encoder", "tokenizer"),), _encode_last_hidden,
-                     "StableDiffusionPipeline"),
-    "sdxl": ArchSetup("sdxl", (("te1", "text_encoder", "tokenizer"), ("te2", "text_encoder_2", "tokenizer_2")),
-                      _encode_sdxl, "StableDiffusionXLPipeline", vae_fp32=True, added_cond=True),
-}
-
-
-def get_setup(arch: str) -> ArchSetup:
-    try:
-        return SETUPS[arch]
-    except KeyError:
-        raise ModelLoadError(f"model.arch {arch!r} is not supported; use one of {sorted(SETUPS)}") from None
 
 
 def training_alphas_cumprod(scheduler: Any) -> torch.Tensor:
@@ -115,14 +43,14 @@ def _make_image_codec(vae: Any, out_dtype: torch.dtype):
     return encode_images, decode_latents
 
 
-def _make_predict(unet: Any, setup: ArchSetup, vae_scale_factor: int):
+def _make_predict(unet: Any, family: Family, vae_scale_factor: int):
     def predict(noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                 size_info: torch.Tensor | None = None) -> torch.Tensor:
         p = next(unet.parameters())
         noisy = noisy.to(p.device, p.dtype)
         context = cond["context"].to(p.device, p.dtype)
         kwargs: dict[str, Any] = {}
-        if setup.added_cond:
+        if family.uses_size_info:
             if size_info is None:
                 size_info = default_size_info(noisy, vae_scale_factor)
             kwargs["added_cond_kwargs"] = {
@@ -149,21 +77,8 @@ def _place(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return module.eval().requires_grad_(False)
 
 
-def _install_hidden_state_hooks(encoders: list[Any], tokenizers: list[Any], device: torch.device) -> None:
-    """Run each encoder once with output_hidden_states before any LoRA is injected.
-
-    transformers 5 installs its hidden-state capturing hooks on the first such call and marks the
-    module with an attribute; a LoRA removal that restores the module's attributes as they were
-    at injection drops that mark, the hooks get installed twice and ``hidden_states[-2]`` (what
-    SDXL uses) silently points at the wrong layer. Installing them up front keeps them stable.
-    """
-    with torch.no_grad():
-        for te, tok in zip(encoders, tokenizers, strict=True):
-            te(_tokenize(tok, [""], device), output_hidden_states=True)
-
-
-def _missing_parts(parts: dict[str, Any], setup: ArchSetup) -> list[str]:
-    needed = ["unet", "vae", "scheduler"] + [k for _, te, tok in setup.text_encoders for k in (te, tok)]
+def _missing_parts(parts: dict[str, Any], family: Family) -> list[str]:
+    needed = ["unet", "vae", "scheduler"] + [k for _, te, tok in family.text_encoder_folders for k in (te, tok)]
     return [k for k in needed if parts.get(k) is None]
 
 
@@ -176,8 +91,8 @@ def bundle_from_diffusers(parts: dict[str, Any], arch: str, prediction_type: str
     ``prediction_type`` None or "auto" reads the scheduler's. ``default_resolution`` None derives
     it from the UNet's sample size (512 SD1, 768 SD2-v, 1024 SDXL, 64 for the tiny demo model).
     """
-    setup = get_setup(arch)
-    missing = _missing_parts(parts, setup)
+    family = get_family(arch)
+    missing = _missing_parts(parts, family)
     if missing:
         raise ModelLoadError(f"{name}: the {arch} model lacks the part(s) {', '.join(missing)}")
     device = torch.device(device)
@@ -187,18 +102,16 @@ def bundle_from_diffusers(parts: dict[str, Any], arch: str, prediction_type: str
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ModelLoadError(f"{name}: prediction type {prediction_type!r} is not supported (epsilon or v_prediction)")
 
-    vae_dtype = torch.float32 if setup.vae_fp32 else dtype
+    vae_dtype = torch.float32 if family.vae_fp32 else dtype
     _place(unet, device, dtype)
     _place(vae, device, vae_dtype)
     encoders, tokenizers, te_parts = [], [], []
-    for key, te_key, tok_key in setup.text_encoders:
+    for key, te_key, tok_key in family.text_encoder_folders:
         te = _place(parts[te_key], device, dtype)
         encoders.append(te)
         tokenizers.append(parts[tok_key])
         te_parts.append(TextEncoderPart(key=key, module=te, naming="hf_clip"))
 
-    if setup.arch == "sdxl":
-        _install_hidden_state_hooks(encoders, tokenizers, device)
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if default_resolution is None:
         default_resolution = int(unet.config.sample_size) * vae_scale_factor
@@ -206,13 +119,13 @@ def bundle_from_diffusers(parts: dict[str, Any], arch: str, prediction_type: str
     return ModelBundle(
         arch=arch, prediction_type=prediction_type, unet=unet, unet_naming="diffusers",
         text_encoders=te_parts, vae=vae, alphas_cumprod=training_alphas_cumprod(scheduler),
-        encode_images=encode_images, encode_text=setup.make_encode_text(encoders, tokenizers, device),
-        predict=_make_predict(unet, setup, vae_scale_factor), decode_latents=decode_latents,
+        encode_images=encode_images, encode_text=family.make_encode_text(encoders, tokenizers, device),
+        predict=_make_predict(unet, family, vae_scale_factor), decode_latents=decode_latents,
         name=name, default_resolution=default_resolution,
         latent_channels=int(vae.config.latent_channels), vae_scale_factor=vae_scale_factor,
         device=device, dtype=dtype,
         extras={
             "parts": parts, "scheduler": scheduler, "tokenizers": tokenizers,
-            "pipeline_class": setup.pipeline_class, "vae_dtype": vae_dtype,
+            "pipeline_class": family.pipeline_class, "vae_dtype": vae_dtype,
         },
     )

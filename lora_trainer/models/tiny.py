@@ -1,18 +1,16 @@
-"""Tiny Stable Diffusion models built from config: the embedded demo model, tests, CPU benchmarks.
+"""Tiny models built from config: the embedded demo model, tests, CPU benchmarks.
 
-They keep each family's real topology — SD1/SD2: 4 levels, 2 res blocks per level, attention at
-the first three; SDXL: 3 levels, attention at the last two — and shrink only the widths, so every
-module name (and so every LoRA key) matches the full-size model's and the WebUI's key converter
-maps them to the right layers. Weights are random, seeded.
+Each family keeps its real topology and shrinks only the widths (its ``tiny_*`` methods, e.g.
+:mod:`lora_trainer.families.sd_tiny`), so every module name (and so every LoRA key) matches the
+full-size model's and the WebUI's key converter maps them to the right layers. Weights are
+random, seeded. The shared pieces (a tiny CLIP text encoder, the DDPM schedule) are here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from lora_trainer.models.tokenizer import load_clip_tokenizer
+from lora_trainer.families import get_family
 
 VOCAB_SIZE = 49408
 SCHEDULER_KWARGS: dict[str, Any] = dict(
@@ -22,42 +20,12 @@ SCHEDULER_KWARGS: dict[str, Any] = dict(
 
 
 def unet_config(arch: str) -> dict[str, Any]:
-    common: dict[str, Any] = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
-                                  norm_num_groups=32)
-    if arch in ("sd1", "sd2"):
-        return {
-            **common,
-            "block_out_channels": (32, 64, 128, 128),
-            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            "cross_attention_dim": 32,
-            "attention_head_dim": 8 if arch == "sd1" else (2, 4, 8, 8),
-            "use_linear_projection": arch == "sd2",
-        }
-    if arch == "sdxl":
-        return {
-            **common,
-            "block_out_channels": (32, 64, 128),
-            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            "transformer_layers_per_block": (1, 1, 2),
-            "cross_attention_dim": 64,  # te1 (32) + te2 (32) hidden states, concatenated
-            "attention_head_dim": (2, 4, 8),
-            "use_linear_projection": True,
-            "addition_embed_type": "text_time",
-            "addition_time_embed_dim": 8,
-            "projection_class_embeddings_input_dim": 6 * 8 + 32,  # time ids + te2 pooled
-        }
-    raise ValueError(f"unknown arch {arch!r}")
+    """The tiny denoiser config of family ``arch``."""
+    return get_family(arch).tiny_unet_config()
 
 
 def vae_config(arch: str) -> dict[str, Any]:
-    return dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32,
-        block_out_channels=(32, 32, 64, 64), sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        scaling_factor=0.13025 if arch == "sdxl" else 0.18215,
-    )
+    return get_family(arch).tiny_vae_config()
 
 
 def text_config(act: str = "quick_gelu", projection_dim: int = 32) -> dict[str, Any]:
@@ -69,39 +37,14 @@ def text_config(act: str = "quick_gelu", projection_dim: int = 32) -> dict[str, 
 
 
 def build_components(arch: str = "sd1", seed: int = 0, prediction_type: str = "epsilon") -> dict[str, Any]:
-    """The pieces of a diffusers pipeline for ``arch`` ("sd1", "sd2", "sdxl"), randomly initialised."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    parts: dict[str, Any] = {
-        "unet": UNet2DConditionModel(**unet_config(arch)),
-        "vae": AutoencoderKL(**vae_config(arch)),
-        "scheduler": DDPMScheduler(**SCHEDULER_KWARGS, prediction_type=prediction_type),
-    }
-    if arch == "sd1":
-        parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text_config("quick_gelu")))
-        parts["tokenizer"] = load_clip_tokenizer()
-    elif arch == "sd2":
-        parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text_config("gelu")))
-        parts["tokenizer"] = load_clip_tokenizer(pad_token="!")
-    else:
-        parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text_config("quick_gelu")))
-        parts["tokenizer"] = load_clip_tokenizer()
-        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**text_config("gelu")))
-        parts["tokenizer_2"] = load_clip_tokenizer(pad_token="!")
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if name in parts:
-            parts[name].eval().requires_grad_(False)
-    return parts
+    """The pieces of a diffusers pipeline of family ``arch`` ("sd1", "sdxl", ...), randomly initialised."""
+    return get_family(arch).tiny_components(seed, prediction_type)
 
 
 def build_pipeline(arch: str = "sd1", seed: int = 0, prediction_type: str = "epsilon") -> Any:
-    """A diffusers pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) of tiny parts."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A diffusers pipeline of the family's class (StableDiffusionPipeline, ...) over tiny parts."""
+    import diffusers
 
+    family = get_family(arch)
     parts = build_components(arch, seed, prediction_type)
-    if arch == "sdxl":
-        return StableDiffusionXLPipeline(**parts)
-    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return getattr(diffusers, family.pipeline_class)(**parts, **family.render_pipeline_kwargs())
