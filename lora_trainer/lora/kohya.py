@@ -25,20 +25,27 @@ from dataclasses import dataclass
 import torch
 
 from lora_trainer.errors import LoraFormatError
+from lora_trainer.families import Family, all_families, family_names, get_family
 
 PREFIXES = {"unet": "lora_unet_", "te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
 TENSOR_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 
-# (number of levels, levels with attention); every level has 2 res blocks in SD1/SD2/SDXL.
-UNET_TOPOLOGY = {"sd1": (4, (0, 1, 2)), "sd2": (4, (0, 1, 2)), "sdxl": (3, (1, 2))}
+# Every level of a kohya-named UNet family has 2 res blocks (SD1/SD2/SDXL); the family's
+# ``unet_topology`` gives the levels and which have attention, ``kohya_unet_naming`` the naming.
 LAYERS_PER_BLOCK = 2
-# The UNet naming kohya files use per architecture.
-KOHYA_UNET_NAMING = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "ldm"}
 
 # diffusers ResnetBlock2D child -> LDM ResBlock child.
 RESNET_CHILDREN = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _RESNET_CHILDREN_INV = {v: k for k, v in RESNET_CHILDREN.items()}
+
+
+def unet_family(arch: str) -> Family:
+    """The family ``arch``, when its LoRA files use kohya's UNet tables; else LoraFormatError."""
+    if arch in family_names() and get_family(arch).unet_topology is not None:
+        return get_family(arch)
+    names = sorted(f.name for f in all_families() if f.unet_topology is not None)
+    raise LoraFormatError(f"unknown architecture {arch!r} (expected {', '.join(names[:-1])} or {names[-1]})")
 
 
 @functools.cache
@@ -49,9 +56,9 @@ def unet_block_table(arch: str) -> dict[str, tuple[str, str]]:
 
     Computed from the topology: input block index = 1 + 3*level + i, output = 3*up_level + i.
     """
-    if arch not in UNET_TOPOLOGY:
-        raise LoraFormatError(f"unknown architecture {arch!r} (expected sd1, sd2 or sdxl)")
-    levels, attn = UNET_TOPOLOGY[arch]
+    topology = unet_family(arch).unet_topology
+    assert topology is not None
+    levels, attn = topology
     n = LAYERS_PER_BLOCK
     t: dict[str, tuple[str, str]] = {
         "conv_in": ("input_blocks.0.0", "same"), "time_embedding.linear_1": ("time_embed.0", "same"),
@@ -146,9 +153,7 @@ def kohya_name(arch: str, root: str, naming: str, path: str, part: str = "") -> 
     if root not in PREFIXES:
         raise LoraFormatError(f"unknown LoRA root {root!r} (expected unet, te, te1 or te2)")
     if root == "unet":
-        want = KOHYA_UNET_NAMING.get(arch)
-        if want is None:
-            raise LoraFormatError(f"unknown architecture {arch!r} (expected sd1, sd2 or sdxl)")
+        want = unet_family(arch).kohya_unet_naming
         if naming != want:
             path = diffusers_to_ldm(path, arch) if want == "ldm" else ldm_to_diffusers(path, arch)
     else:
@@ -158,8 +163,6 @@ def kohya_name(arch: str, root: str, naming: str, path: str, part: str = "") -> 
 
 def _family_key(arch: str, root: str, naming: str, path: str, part: str) -> str | None:
     """A family's own file naming (transformer families), or None for the SD naming below."""
-    from lora_trainer.families import family_names, get_family
-
     if arch not in family_names():
         return None
     return get_family(arch).lora_key(root, naming, path, part)
@@ -310,24 +313,16 @@ def _unet_key_regex(arch: str) -> re.Pattern[str]:
 
 
 def known_module_key(arch: str, key: str) -> bool:
-    """Whether a module key (no tensor suffix) names a real module of an ``arch`` model, in
-    diffusers or LDM/SGM spelling (the WebUIs accept both for the UNet)."""
+    """Whether a module key (no tensor suffix) names a real module of an ``arch`` model. The family
+    answers when it names its keys itself; else kohya's tables: the UNet in diffusers or LDM/SGM
+    spelling (the WebUIs accept both), the text encoders under the prefixes the loaders read."""
+    own = get_family(arch).known_lora_key(key)
+    if own is not None:
+        return own
     if key.startswith("lora_unet_"):
         return _unet_key_regex(arch).fullmatch(key) is not None
-    # A1111, Forge and ComfyUI all read lora_te1_ as the SD1 text encoder too.
-    prefixes = {"sdxl": ("lora_te1_", "lora_te2_"), "sd1": ("lora_te_", "lora_te1_")}.get(arch, ("lora_te_",))
+    prefixes = get_family(arch).lora_te_prefixes
     return any(key.startswith(p) and re.fullmatch(_TE_CHILD, key[len(p):]) for p in prefixes)
-
-
-def detect_arch(keys: list[str] | set[str]) -> str | None:
-    """Best guess of the base architecture from file keys: "sdxl", "sd1/sd2" or None. SDXL files
-    have LDM-named UNet keys and lora_te2_; an SD1 file may name its text encoder lora_te1_."""
-    if any(k.startswith(("lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_")) for k in keys):
-        return "sdxl"
-    if any(k.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_", "lora_te_"))
-           for k in keys):
-        return "sd1/sd2"
-    return "sdxl" if any(k.startswith("lora_te1_") for k in keys) else None
 
 
 # --- LyCORIS variants ----------------------------------------------------------------------

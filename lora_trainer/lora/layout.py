@@ -15,28 +15,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_trainer.lora.kohya import ModuleTensors
+from lora_trainer.families import Family, get_family
+from lora_trainer.lora.kohya import PREFIXES, ModuleTensors
 
-FAMILIES = ("sd1", "sd2", "sdxl")
 
-
-def _roots(arch: str, size: str) -> dict[str, tuple[nn.Module, str]]:
+def _roots(family: Family, size: str) -> dict[str, tuple[nn.Module, str]]:
+    """A UNet family's LoRA roots on the meta device: UNet and CLIP text encoder(s)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     import lora_trainer.models
     from lora_trainer.models import tiny
 
-    folder = Path(lora_trainer.models.__file__).parent / "configs" / arch
+    folder = Path(lora_trainer.models.__file__).parent / "configs" / family.config_folder_name("epsilon")
     with torch.device("meta"):
         if size == "tiny":
-            unet = UNet2DConditionModel.from_config(tiny.unet_config(arch))
-            tes = [CLIPTextModel(CLIPTextConfig(**tiny.text_config()))] * (2 if arch == "sdxl" else 1)
+            unet = UNet2DConditionModel.from_config(family.tiny_unet_config())
+            tes = [CLIPTextModel(CLIPTextConfig(**tiny.text_config()))] * len(family.text_encoder_folders)
         else:
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-            subs = ["text_encoder", "text_encoder_2"] if arch == "sdxl" else ["text_encoder"]
-            tes = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / s)) for s in subs]
-    keys = ["te1", "te2"] if arch == "sdxl" else ["te"]
+            tes = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / sub))
+                   for _, sub, _ in family.text_encoder_folders]
+    keys = [key for key, _, _ in family.text_encoder_folders]
     return {"unet": (unet, "diffusers"), **{k: (te, "hf_clip") for k, te in zip(keys, tes, strict=True)}}
 
 
@@ -44,14 +44,21 @@ def _roots(arch: str, size: str) -> dict[str, tuple[nn.Module, str]]:
 def family_shapes(arch: str, size: str = "full") -> dict[str, tuple[int, ...]]:
     """{kohya module key: weight shape} of every Linear/Conv2d with a kohya name in ``arch``'s
     UNet and text encoder(s); ``size`` "full" (the real models) or "tiny" (the demo model).
-    SD1 also answers to ``lora_te1_`` keys (A1111, Forge and ComfyUI all read those)."""
+    A family that names its keys itself gives its own (:meth:`Family.lora_shapes`). A family with
+    one text encoder also answers to the other prefixes the loaders read for it (SD1: ``lora_te1_``)."""
     from lora_trainer.lora.inject import _candidate_layout
 
-    roots = _roots(arch, size)
+    family = get_family(arch)
+    own = family.lora_shapes(size)
+    if own is not None:
+        return own
+    roots = _roots(family, size)
     shapes = {k: tuple(roots[s.root][0].get_submodule(s.path).weight.shape)
               for k, s in _candidate_layout(arch, roots).items()}
-    if arch == "sd1":
-        shapes.update({"lora_te1_" + k[len("lora_te_"):]: v for k, v in shapes.items() if k.startswith("lora_te_")})
+    if family.text_encoder_roots == ("te",):
+        written = PREFIXES["te"]
+        for alias in (p for p in family.lora_te_prefixes if p != written):
+            shapes.update({alias + k[len(written):]: v for k, v in list(shapes.items()) if k.startswith(written)})
     return shapes
 
 

@@ -2,7 +2,8 @@
 
 WebUIs read these to show the base model version (A1111 hides LoRAs whose version does not
 match the loaded model: ``ss_base_model_version`` starting ``sdxl_`` -> SDXL, ``ss_v2 == "True"``
--> SD2), the training tags (``ss_tag_frequency``) and the settings. Every value is a string.
+-> SD2), the training tags (``ss_tag_frequency``) and the settings. Every value is a string; the
+family-specific ones (base model version, architecture, implementation) come from the family.
 """
 
 from __future__ import annotations
@@ -19,27 +20,6 @@ LYCORIS_MODULE = "lycoris.kohya"
 # network.type -> LyCORIS' algo (DoRA is LyCORIS' "lora" with weight decomposition).
 LYCORIS_ALGO = {"dora": "lora", "loha": "loha", "lokr": "lokr"}
 SPEC_VERSION = "1.0.0"
-IMPL_SGM = "https://github.com/Stability-AI/generative-models"
-IMPL_DIFFUSERS = "diffusers"
-
-
-def base_model_version(arch: str, prediction_type: str) -> str:
-    """kohya's ``ss_base_model_version``: sd_v1, sd_v2, sd_v2_v or sdxl_base_v1-0."""
-    if arch == "sdxl":
-        return "sdxl_base_v1-0"
-    if arch == "sd2":
-        return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
-    return "sd_v1"
-
-
-def modelspec_architecture(arch: str, prediction_type: str) -> str:
-    if arch == "sdxl":
-        return "stable-diffusion-xl-v1-base/lora"
-    if arch == "sd2":
-        return "stable-diffusion-v2-768-v/lora" if prediction_type == "v_prediction" else "stable-diffusion-v2-512/lora"
-    return "stable-diffusion-v1/lora"
-
-
 def network_module_args(net: NetworkConfig) -> tuple[str, dict[str, str]]:
     """``ss_network_module`` and ``ss_network_args`` as kohya (LoRA, LoCon) and LyCORIS (DoRA,
     LoHa, LoKr) write them: networks.lora + conv_dim/conv_alpha; lycoris.kohya + algo, ...
@@ -79,7 +59,7 @@ def build_metadata(config: TrainConfig, bundle: ModelBundle, *, num_images: int,
     "img_count": n}} (kohya's shapes); timestamps are epoch seconds or datetimes.
     """
     opt, data, net = config.optim, config.data, config.network
-    arch, pred = bundle.arch, bundle.prediction_type
+    family, pred = bundle.family, bundle.prediction_type
     started, finished = _timestamp(started_at), _timestamp(finished_at)
     when = dt.datetime.fromtimestamp(int(finished or started or dt.datetime.now().timestamp()), dt.timezone.utc)
     resolution = f"{data.resolution}x{data.resolution}"
@@ -88,8 +68,8 @@ def build_metadata(config: TrainConfig, bundle: ModelBundle, *, num_images: int,
     module, args = network_module_args(net)
     md: dict[str, str] = {
         "ss_output_name": output_name,
-        "ss_base_model_version": base_model_version(arch, pred),
-        "ss_v2": str(arch == "sd2"),
+        "ss_base_model_version": family.base_model_version(pred),
+        "ss_v2": str(family.kohya_v2),
         "ss_v_parameterization": str(pred == "v_prediction"),
         "ss_network_module": module,
         "ss_network_dim": str(int(rank)),
@@ -123,8 +103,8 @@ def build_metadata(config: TrainConfig, bundle: ModelBundle, *, num_images: int,
         "ss_training_started_at": _num(started),
         "ss_training_finished_at": _num(finished),
         "modelspec.sai_model_spec": SPEC_VERSION,
-        "modelspec.architecture": modelspec_architecture(arch, pred),
-        "modelspec.implementation": IMPL_SGM if arch == "sdxl" else IMPL_DIFFUSERS,
+        "modelspec.architecture": family.modelspec_architecture(pred),
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": output_name,
         "modelspec.resolution": resolution,
         "modelspec.prediction_type": "v" if pred == "v_prediction" else "epsilon",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lora_trainer.errors import LoraFormatError
+from lora_trainer.families import Family, all_families, detect_lora_keys, detect_lora_metadata
 from lora_trainer.lora import kohya, layout
 from lora_trainer.lora.verdicts import Facts as _Facts
 from lora_trainer.lora.verdicts import verdicts as _verdicts
@@ -27,26 +28,18 @@ _SUMMARY_KEYS = ("ss_output_name", "ss_base_model_version", "ss_v2", "ss_network
 
 
 def arch_from_metadata(md: dict[str, str]) -> str | None:
-    version = md.get("ss_base_model_version", "")
-    spec = md.get("modelspec.architecture", "")
-    if version.startswith("sdxl") or spec.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if version.startswith("sd_v2") or md.get("ss_v2") == "True" or spec.startswith("stable-diffusion-v2"):
-        return "sd2"
-    if version.startswith("sd_v1") or spec.startswith("stable-diffusion-v1"):
-        return "sd1"
-    return None
+    """The family the metadata names, or None."""
+    family = detect_lora_metadata(md)
+    return family.name if family is not None else None
 
 
 def a1111_version_label(md: dict[str, str]) -> str:
     """The base-model version A1111 shows on the LoRA card (it hides cards that do not match)."""
-    if not md:
-        return "Unknown"
-    if md.get("ss_base_model_version", "").startswith("sdxl_"):
-        return "SDXL"
-    if md.get("ss_v2") == "True":
-        return "SD2"
-    return "SD1"
+    if md:
+        for family in all_families():
+            if family.a1111_version_label and family.a1111_shows(md):
+                return family.a1111_version_label
+    return "Unknown"
 
 
 def _group(key: str) -> str:
@@ -104,16 +97,20 @@ def _split_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str
     return modules, bad_keys
 
 
-def _arch(modules: dict[str, Any], md: dict[str, str]) -> tuple[str | None, str | None, str | None]:
-    key_arch = kohya.detect_arch(set(modules))
-    md_arch = arch_from_metadata(md)
-    return md_arch or ("sdxl" if key_arch == "sdxl" else "sd1" if key_arch else None), key_arch, md_arch
+def _arch(modules: dict[str, Any], md: dict[str, str]) -> tuple[Family | None, Family | None]:
+    """(family from the metadata, family from the keys)."""
+    return detect_lora_metadata(md), detect_lora_keys(set(modules))
+
+
+def _keys_label(family: Family | None) -> str | None:
+    """How ``inspect`` names the family of a file's keys ("sd1/sd2": their keys are alike)."""
+    return (family.lora_keys_label or family.name) if family is not None else None
 
 
 def _shapes(arch: str | None, modules: dict[str, dict[str, torch.Tensor]],
             kinds: dict[str, str]) -> tuple[str | None, dict[str, str]]:
     """Which layout the file fits (full-size or tiny demo model) and the modules that do not fit."""
-    if arch not in layout.FAMILIES:
+    if arch is None:
         return None, {}
     best: tuple[str | None, dict[str, str]] = (None, {})
     for size in ("full", "tiny"):
@@ -175,8 +172,11 @@ def analyse(tensors: dict[str, torch.Tensor], md: dict[str, str]) -> dict[str, A
         info["ranks"], info["alphas"] = sorted(info["ranks"]), sorted(info["alphas"])
 
     prefixes = sorted({_group(m).split(" ")[0] for m in modules})
-    arch, key_arch, md_arch = _arch(modules, md)
-    if md_arch and key_arch and (md_arch == "sdxl") != (key_arch == "sdxl"):
+    md_family, key_family = _arch(modules, md)
+    key_arch, md_arch = _keys_label(key_family), md_family.name if md_family else None
+    family = md_family or key_family
+    arch = family.name if family is not None else None
+    if md_arch and key_arch and _keys_label(md_family) != key_arch:
         problems.append(f"metadata says {md_arch} but the keys look like {key_arch}")
     mixed_te = "te" in prefixes and ("te1" in prefixes or "te2" in prefixes)
     if mixed_te:
