@@ -21,9 +21,11 @@ from lora_trainer.config_schema import (  # noqa: F401 - re-exported
     _coerce,
     _split_path,
     _suggest,
+    check_choices,
     yaml_error_message,
 )
 from lora_trainer.errors import ConfigError
+from lora_trainer.families import family_names
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" is the natural name
@@ -36,7 +38,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" is the
 @dataclass
 class ModelConfig:
     base_model: str = _f("demo", "Base model: a diffusers folder, a single-file .safetensors checkpoint, or 'demo' for the tiny embedded model.")
-    arch: Literal["auto", "sd1", "sd2", "sdxl"] = _f("auto", "Model family; 'auto' detects it from the files.")
+    arch: str = _f("auto", "Model family; 'auto' detects it from the files.", choices=lambda: ("auto", *family_names()))
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = _f("auto", "What the UNet predicts; 'auto' reads it from the model (SD2 768-v models are v_prediction).")
     vae: str | None = _f(None, "Optional separate VAE (.safetensors file or diffusers folder).")
     allow_pickle: bool = _f(False, "Allow loading pickle checkpoints (.ckpt/.pt). They can run arbitrary code: only for files you trust.")
@@ -389,6 +391,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(msg)
 
     n, d, o, t = cfg.network, cfg.data, cfg.optim, cfg.train
+    cfg.model.arch = check_choices(cfg.model.arch, field_info("model.arch"), "model.arch")
     need(n.rank >= 1, f"network.rank: {n.rank} must be at least 1 (4-128 is typical)")
     need(n.alpha > 0, f"network.alpha: {n.alpha} must be above 0 (often rank or rank/2)")
     need(0.0 <= n.dropout < 1.0, f"network.dropout: {n.dropout} must be in [0, 1)")

@@ -38,6 +38,21 @@ def _describe(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "text"}.get(tp, str(tp))
 
 
+def check_choices(value: Any, field: dataclasses.Field[Any], where: str) -> Any:
+    """A text field whose allowed values are known only at run time (``choices`` in its metadata:
+    a function returning them, e.g. the registered model families): the value, normalised to the
+    choice's spelling, or a one-line ConfigError naming the choices."""
+    choices_of = field.metadata.get("choices")
+    if choices_of is None or not isinstance(value, str):
+        return value
+    choices = [str(c) for c in choices_of()]
+    match = next((c for c in choices if c.lower() == value.strip().lower()), None)
+    if match is None:
+        raise ConfigError(f"{where}: {value!r} is not allowed; expected one of "
+                          f"{', '.join(repr(c) for c in choices)}{_suggest(value, choices)}")
+    return match
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML/CLI/UI value to the field's type, or raise ConfigError naming ``where``."""
     origin = typing.get_origin(tp)
@@ -259,7 +274,7 @@ class ConfigSchema:
             path = self.resolve(key)
             if key in self.value_maps:
                 raw = self.value_maps[key](raw)
-            value = _coerce(raw, self.type_of(path), path)
+            value = check_choices(_coerce(raw, self.type_of(path), path), self.field_info(path), path)
             section, name = _split_path(path)
             if section:
                 data[section][name] = value

@@ -8,11 +8,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lora_trainer.errors import ConfigError
+from lora_trainer.families import DEFAULT_FAMILY, family_names, get_family
 from lora_trainer.fsutil import atomic_write_text
 from lora_trainer.threads import add_threads_argument, configure_cpu_threads
 
-DEFAULT_RES = {("tiny", "sd1"): 64, ("tiny", "sd2"): 64, ("tiny", "sdxl"): 64,
-               ("full", "sd1"): 512, ("full", "sd2"): 768, ("full", "sdxl"): 1024}
+TINY_RES = 64  # the tiny models of every family
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m lora_trainer bench",
         description="Measure LoRA training speed and memory (random weights: speed does not depend on them), "
                     "compare with a plain diffusers+peft reference loop, estimate memory, or time captioning.")
-    p.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], default="sd1")
+    p.add_argument("--arch", choices=family_names(), default=DEFAULT_FAMILY)
     p.add_argument("--size", choices=["tiny", "full"], default="tiny",
                    help="tiny models (CPU) or full-size SD1.5/SD2/SDXL built from the packaged configs (GPU)")
     p.add_argument("--resolution", type=int, default=None, help="default: 64 tiny, 512/768/1024 full")
@@ -86,7 +86,8 @@ def main(argv: list[str]) -> int:
     for name in ("batch", "rank", "steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name}: {getattr(args, name)} must be at least 1")
-    resolution = args.resolution or DEFAULT_RES[(args.size if not args.estimate else "full", args.arch)]
+    full = args.estimate or args.size == "full"
+    resolution = args.resolution or (get_family(args.arch).default_resolution if full else TINY_RES)
     if resolution % 8:
         raise ConfigError(f"--resolution: {resolution} must be a multiple of 8")
     from lora_trainer.bench.runner import BenchSpec, resolve_device, run_bench

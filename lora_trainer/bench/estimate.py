@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_trainer.families import get_family
+
 GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 # Text encoders and VAE parameter counts (full size), resident only when not cached/offloaded.
-TEXT_ENCODER_PARAMS = {"sd1": 123_060_480, "sd2": 340_387_840, "sdxl": 123_060_480 + 694_659_840}
 VAE_PARAMS = 83_653_863
 LATENT_CHANNELS = 4
 # Extra room choose_settings leaves on top of the predicted activations: the CUDA caching
@@ -272,7 +273,7 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
     if not cache_latents:
         weights += VAE_PARAMS * DTYPE_BYTES[act_dtype]
     if train_text_encoder or not cache_latents:
-        weights += TEXT_ENCODER_PARAMS[arch] * DTYPE_BYTES[act_dtype]
+        weights += get_family(arch).text_encoder_params * DTYPE_BYTES[act_dtype]
     # LoRA: fp32 parameters and AdamW's two fp32 moments stay resident.
     lora = tr["lora_params"] * 4 * 3
     if gradient_checkpointing:
@@ -301,7 +302,7 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
 
     ``model_resident``: the UNet's weights are already in memory (a WebUI's loaded model), so
     they are not part of what must still fit."""
-    res = resolution or {"sd1": 512, "sd2": 768, "sdxl": 1024}[arch]
+    res = resolution or get_family(arch).default_resolution
     budget = free_gb - reserve_gb
     if model_resident:
         budget += trace_activations(arch, res, rank, precision)["weight_bytes"] / GiB

@@ -21,6 +21,8 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from lora_trainer.families import DEFAULT_FAMILY, family_names
+
 GiB = 1024**3
 # Allocations of 64 KiB and more come straight from mmap and go back to the system when freed.
 MMAP_THRESHOLD = "65536"
@@ -124,7 +126,7 @@ def format_row(m: StepMemory) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lora_trainer.bench.memcheck", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], default="sd1")
+    p.add_argument("--arch", choices=family_names(), default=DEFAULT_FAMILY)
     p.add_argument("--size", choices=["tiny", "full"], default="full")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)

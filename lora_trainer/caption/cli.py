@@ -9,6 +9,7 @@ from lora_trainer.caption import tags as tagtools
 from lora_trainer.caption.blip import BlipOptions
 from lora_trainer.caption.clip import TERM_LISTS, ClipOptions
 from lora_trainer.caption.run import FORMATS, MODELS, MODES, caption_folder, edit_captions
+from lora_trainer.families import DEFAULT_FAMILY, family_names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clip-model", default="auto", help="auto (matches --family), ViT-L-14, "
                    "ViT-bigG-14/laion2b_s39b_b160k, ... or a folder with open_clip_config.json")
     c.add_argument("--clip-weights", default=None, help="weights file for --clip-model")
-    c.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1", help="base model family")
+    c.add_argument("--family", choices=family_names(), default=DEFAULT_FAMILY, help="base model family")
     c.add_argument("--top-k", type=int, default=1, help="terms kept per list (default 1)")
     c.add_argument("--min-score", type=float, default=0.2, help="cosine similarity a term needs (default 0.2)")
     c.add_argument("--lists", default=",".join(TERM_LISTS), help="comma-separated list names or .txt paths")

@@ -22,6 +22,7 @@ from PIL import Image
 
 from lora_trainer.caption.blip import models_dir, resolve_device
 from lora_trainer.errors import ConfigError, ModelLoadError, ModelMissingError
+from lora_trainer.families import DEFAULT_FAMILY, family_names, get_family
 from lora_trainer.fsutil import atomic_path
 from lora_trainer.models.tokenizer import cache_root
 
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 
 TERMS_DIR = Path(__file__).parent / "terms"
 TERM_LISTS = ("medium", "style", "lighting", "colour", "composition", "quality")
-FAMILY_MODELS = {"sd1": "ViT-L-14/openai", "sd2": "ViT-H-14/laion2b_s32b_b79k", "sdxl": "ViT-L-14/openai"}
 DEFAULT_TAGS = {"ViT-L-14": "openai", "ViT-H-14": "laion2b_s32b_b79k", "ViT-bigG-14": "laion2b_s39b_b160k"}
 HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
@@ -39,7 +39,7 @@ class ClipOptions:
     """Which CLIP to load and how many terms to keep."""
 
     model: str = "auto"  # "auto" (by family), "ViT-L-14", "ViT-bigG-14/laion2b_s39b_b160k", or a folder
-    family: str = "sd1"  # base model family for "auto": sd1, sd2, sdxl
+    family: str = DEFAULT_FAMILY  # base model family for "auto" (its clip_caption_model): sd1, sd2, sdxl, ...
     weights: str | None = None  # a weights file for the named architecture
     device: str = "auto"
     top_k: int = 1  # best terms kept per list
@@ -49,8 +49,8 @@ class ClipOptions:
     fp16: bool = True  # half precision on CUDA (ignored on CPU)
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILY_MODELS:
-            raise ConfigError(f"CLIP family {self.family!r}: expected one of {', '.join(FAMILY_MODELS)}")
+        if self.family not in family_names():
+            raise ConfigError(f"CLIP family {self.family!r}: expected one of {', '.join(family_names())}")
         if self.top_k < 1:
             raise ConfigError(f"CLIP top_k must be 1 or more, got {self.top_k}")
 
@@ -113,7 +113,7 @@ def resolve_clip(options: ClipOptions) -> ClipSpec:
     """Find the CLIP weights offline; ModelLoadError names what is missing and where it goes."""
     import open_clip
 
-    spec = FAMILY_MODELS[options.family] if options.model in ("", "auto") else options.model
+    spec = get_family(options.family).clip_caption_model if options.model in ("", "auto") else options.model
     if Path(spec).expanduser().is_dir():
         return _local_dir_spec(Path(spec).expanduser(), options.weights)
     name, _, tag = spec.partition("/")

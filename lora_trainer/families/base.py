@@ -107,6 +107,8 @@ class Family:
     # -- WebUIs -------------------------------------------------------------------------
     # The flag the A1111/Forge model object sets for this family (``sd_model.is_sdxl``).
     webui_flag: str = ""
+    # A WebUI host can train the loaded model of this family in place (hosts/a1111_bundle.py).
+    webui_trainable: bool = False
     # What A1111 v1.10.1 shows on a LoRA card of this family ("" when it has no label for it).
     a1111_version_label: str = ""
 

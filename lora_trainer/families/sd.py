@@ -35,6 +35,7 @@ class _StableDiffusion(Family):
     kohya_unet_naming = "diffusers"
     lora_te_prefixes = ("lora_te_",)
     lora_keys_label = "sd1/sd2"
+    webui_trainable = True
     # The tiny model's text encoder: (transformers class, activation) per subfolder.
     tiny_encoders: dict[str, tuple[str, str]] = {"text_encoder": ("CLIPTextModel", "quick_gelu")}
     tiny_vae_scaling = 0.18215
@@ -68,6 +69,9 @@ class _StableDiffusion(Family):
                                    config_folder=config_folder)
 
     # -- parts --------------------------------------------------------------------------
+    def native_resolution(self, prediction_type: str) -> int:
+        return 768 if prediction_type == "v_prediction" else 512  # the v models are the 768 ones
+
     def make_encode_text(self, encoders: list[Any], tokenizers: list[Any], device: torch.device) -> Any:
         return sd_text.encode_last_hidden(encoders, tokenizers, device)
 
@@ -135,9 +139,6 @@ class SD2(_StableDiffusion):
 
     def a1111_shows(self, metadata: dict[str, str]) -> bool:
         return metadata.get("ss_v2") == "True"
-
-    def native_resolution(self, prediction_type: str) -> int:
-        return 768 if prediction_type == "v_prediction" else 512
 
     def config_folder_name(self, prediction_type: str) -> str:
         return "sd2_v" if prediction_type == "v_prediction" else "sd2"
@@ -212,6 +213,9 @@ class SDXL(_StableDiffusion):
 
     def tiny_unet_config(self) -> dict[str, Any]:
         return sd_tiny.unet_config_sdxl()
+
+    def native_resolution(self, prediction_type: str) -> int:
+        return self.default_resolution
 
     def render_pipeline_kwargs(self) -> dict[str, Any]:
         return {}

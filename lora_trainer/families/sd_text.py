@@ -15,12 +15,13 @@ on a bundle behaves the same when rendered by diffusers or by the WebUI:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported when text is encoded: the families import without it
+    import torch
 
 MAX_TOKENS = 77
-Conditioning = dict[str, torch.Tensor]
+Conditioning = dict[str, "torch.Tensor"]
 EncodeText = Callable[[list[str]], Conditioning]
 
 
@@ -41,6 +42,8 @@ def encode_last_hidden(encoders: list[Any], tokenizers: list[Any], device: torch
 
 
 def encode_sdxl(encoders: list[Any], tokenizers: list[Any], device: torch.device) -> EncodeText:
+    import torch
+
     (te1, te2), (tok1, tok2) = encoders, tokenizers
     install_hidden_state_hooks(encoders, tokenizers, device)
 
@@ -61,6 +64,8 @@ def install_hidden_state_hooks(encoders: list[Any], tokenizers: list[Any], devic
     at injection drops that mark, the hooks get installed twice and ``hidden_states[-2]`` (what
     SDXL uses) silently points at the wrong layer. Installing them up front keeps them stable.
     """
+    import torch
+
     with torch.no_grad():
         for te, tok in zip(encoders, tokenizers, strict=True):
             te(tokenize(tok, [""], device), output_hidden_states=True)

@@ -30,7 +30,7 @@ from torch import nn
 from lora_trainer.errors import HostError
 from lora_trainer.hosts import live_model
 from lora_trainer.hosts.a1111_bundle import arch_of, bundle_from_sd_model, trainable_modules
-from lora_trainer.hosts.base import LoadedModel
+from lora_trainer.hosts.base import LoadedModel, trainable_families, trainable_labels
 from lora_trainer.hosts.webui import WebUIHost, checkpoint_label, webui_networks
 
 if TYPE_CHECKING:
@@ -133,8 +133,8 @@ class A1111Host(WebUIHost):
     def family_of(self, sd_model: Any) -> str | LoadedModel:
         if getattr(sd_model, "is_sd3", False):
             return LoadedModel.untrainable(checkpoint_label(sd_model), "SD3")
-        if not any(getattr(sd_model, f"is_{a}", False) for a in ("sd1", "sd2", "sdxl")):
-            return LoadedModel.untrainable(checkpoint_label(sd_model), "not SD1, SD2 or SDXL")
+        if not any(getattr(sd_model, f.webui_flag, False) for f in trainable_families()):
+            return LoadedModel.untrainable(checkpoint_label(sd_model), f"not {trainable_labels('or')}")
         return arch_of(sd_model)
 
     def acquire_bundle(self, config: TrainConfig) -> ModelBundle:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lora_trainer.errors import HostError
+from lora_trainer.families import detect_webui_model
 from lora_trainer.models.bundle import ModelBundle, TextEncoderPart
 
 SDXL_POOLED_DIM = 1280
@@ -35,12 +36,8 @@ SizeEmbed = Callable[[torch.Tensor], torch.Tensor]
 
 
 def arch_of(sd_model: Any) -> str:
-    for arch in ("sdxl", "sd2", "sd1"):
-        if getattr(sd_model, f"is_{arch}", False):
-            return arch
-    if hasattr(sd_model, "conditioner"):
-        return "sdxl"
-    return "sd2" if hasattr(getattr(sd_model, "cond_stage_model", None), "model") else "sd1"
+    """The family name of a WebUI model object (its ``is_sdxl``-style flag, else its parts)."""
+    return detect_webui_model(sd_model).name
 
 
 def _unwrap(embedder: nn.Module) -> nn.Module:
@@ -49,14 +46,16 @@ def _unwrap(embedder: nn.Module) -> nn.Module:
 
 def trainable_modules(sd_model: Any) -> dict[str, nn.Module]:
     """{"unet", "vae", "te"/"te1"/"te2"}: the live modules, by the names the kohya keys use."""
-    arch = arch_of(sd_model)
+    family = detect_webui_model(sd_model)
     roots: dict[str, nn.Module] = {"unet": sd_model.model.diffusion_model, "vae": sd_model.first_stage_model}
-    if arch == "sdxl":
+    keys = family.text_encoder_roots
+    if len(keys) > 1:  # sgm's conditioner holds the text encoders as embedders, in order
         embedders = [e for e in sd_model.conditioner.embedders if hasattr(e, "wrapped")]
-        if len(embedders) < 2:
-            raise HostError("this SDXL checkpoint lacks one of its two text encoders; load a full SDXL base model")
-        roots["te1"] = _text_root(_unwrap(embedders[0]))
-        roots["te2"] = _text_root(_unwrap(embedders[1]))
+        if len(embedders) < len(keys):
+            raise HostError(f"this {family.label} checkpoint lacks one of its {len(keys)} text encoders; "
+                            f"load a full {family.label} base model")
+        for key, embedder in zip(keys, embedders, strict=False):
+            roots[key] = _text_root(_unwrap(embedder))
     else:
         roots["te"] = _text_root(_unwrap(sd_model.cond_stage_model))
     return roots
@@ -106,14 +105,13 @@ def bundle_from_sd_model(sd_model: Any, roots: dict[str, nn.Module], device: tor
     a host whose model object does not (Forge's engines) passes them. ``compute_dtype``: the
     UNet's input dtype when it differs from its weights' (Forge casts weights per call).
     ``shared`` (the WebUI's module) is used for names and hashes only."""
-    arch = arch_of(sd_model)
+    family = detect_webui_model(sd_model)
     unet = roots["unet"]
     unet_dtype = compute_dtype or next(unet.parameters()).dtype
     vae = roots["vae"]
     vae_dtype = next(vae.parameters()).dtype
-    te_keys = ["te1", "te2"] if arch == "sdxl" else ["te"]
-    text_encoders = [TextEncoderPart(k, roots[k], _naming(roots[k])) for k in te_keys if k in roots]
-    if arch == "sdxl" and size_embed is None:
+    text_encoders = [TextEncoderPart(k, roots[k], _naming(roots[k])) for k in family.text_encoder_roots if k in roots]
+    if family.uses_size_info and size_embed is None:
         size_embed = sgm_size_embed(sd_model)
     if prediction_type is None:
         prediction_type = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
@@ -135,7 +133,7 @@ def bundle_from_sd_model(sd_model: Any, roots: dict[str, nn.Module], device: tor
     def predict(noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
                 size_info: torch.Tensor | None) -> torch.Tensor:
         kwargs: dict[str, torch.Tensor] = {"context": cond["context"].to(device, unet_dtype)}
-        if arch == "sdxl":
+        if family.uses_size_info:
             kwargs["y"] = _sdxl_vector(cond, size_info, size_embed).to(device, unet_dtype)
         with _autocast(device, unet_dtype):
             out = unet(noisy.to(device, unet_dtype), timesteps.to(device), **kwargs)
@@ -148,14 +146,14 @@ def bundle_from_sd_model(sd_model: Any, roots: dict[str, nn.Module], device: tor
 
     info = getattr(sd_model, "sd_checkpoint_info", None)
     return ModelBundle(
-        arch=arch,  # type: ignore[arg-type]
+        arch=family.name,
         prediction_type=prediction_type,  # type: ignore[arg-type]
         unet=unet, unet_naming="ldm", text_encoders=text_encoders, vae=vae,
         alphas_cumprod=_alphas_cumprod(sd_model) if alphas_cumprod is None else alphas_cumprod,
         encode_images=encode_images, encode_text=encode_text, predict=predict, decode_latents=decode_latents,
         name=str(getattr(info, "model_name", None) or getattr(info, "name", None) or "webui-model"),
         model_hash=getattr(info, "sha256", None), legacy_hash=getattr(sd_model, "sd_model_hash", None),
-        default_resolution=1024 if arch == "sdxl" else (768 if prediction_type == "v_prediction" else 512),
+        default_resolution=family.native_resolution(prediction_type),
         latent_channels=int(getattr(sd_model, "latent_channels", 4)),
         device=device, dtype=unet_dtype,
         extras={"host": host, "sd_model": sd_model, "vae_dtype": vae_dtype},

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from lora_trainer.errors import HostError
+from lora_trainer.families import Family, all_families
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -22,15 +23,24 @@ if TYPE_CHECKING:
     from lora_trainer.models.bundle import ModelBundle
     from lora_trainer.train.events import TrainEvent
 
-# Model families the trainer has a setup for (ModelBundle.arch).
-TRAINABLE_FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def trainable_families() -> tuple[Family, ...]:
+    """The families whose loaded model a WebUI host trains in place."""
+    return tuple(f for f in all_families() if f.webui_trainable)
+
+
+def trainable_labels(joiner: str = "and") -> str:
+    """"SD1, SD2 and SDXL": the short names of :func:`trainable_families`, for messages."""
+    labels = sorted(f.a1111_version_label or f.label for f in trainable_families())
+    return f"{', '.join(labels[:-1])} {joiner} {labels[-1]}" if len(labels) > 1 else "".join(labels)
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     """The model a host has loaded and would train: a WebUI's checkpoint.
 
-    ``family`` is "sd1", "sd2" or "sdxl" when it can be trained; ``unsupported`` says in words a
+    ``family`` is a family name ("sd1", "sdxl", ...) when it can be trained; ``unsupported`` says in words a
     user acts on why it cannot ("the loaded model is Flux; ..."). Both None: not known until the
     WebUI loads the selected checkpoint (Forge loads it on first use; ``acquire_bundle`` does).
     ``resident``: trained in place, so its weights already sit in the memory the run uses.
@@ -44,13 +54,14 @@ class LoadedModel:
     def __post_init__(self) -> None:
         if self.family is not None and self.unsupported is not None:
             raise ValueError("LoadedModel has a trainable family or a reason it is unsupported, not both")
-        if self.family is not None and self.family not in TRAINABLE_FAMILIES:
-            raise ValueError(f"family {self.family!r} is not one of {TRAINABLE_FAMILIES}")
+        names = tuple(f.name for f in trainable_families())
+        if self.family is not None and self.family not in names:
+            raise ValueError(f"family {self.family!r} is not one of {names}")
 
     @classmethod
     def untrainable(cls, label: str, what: str) -> LoadedModel:
         """A loaded model of a family we cannot train yet (``what``: "Flux", "SD3", ...)."""
-        return cls(label, None, f"the loaded model is {what}; lora-trainer trains SD1, SD2 and SDXL "
+        return cls(label, None, f"the loaded model is {what}; lora-trainer trains {trainable_labels()} "
                                 "checkpoints: load one of those in the checkpoint dropdown to train")
 
     def require_trainable(self) -> str | None:

@@ -37,7 +37,7 @@ from torch import nn
 from lora_trainer.errors import HostError
 from lora_trainer.hosts import live_model
 from lora_trainer.hosts.a1111_bundle import SizeEmbed, bundle_from_sd_model
-from lora_trainer.hosts.base import LoadedModel
+from lora_trainer.hosts.base import LoadedModel, trainable_families, trainable_labels
 from lora_trainer.hosts.webui import NO_CHECKPOINT, WebUIHost, checkpoint_label
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ def schedule_of(sd_model: Any, kmodel: Any) -> tuple[torch.Tensor, str]:
             ac = getattr(sd_model, name, None)
     if pred not in ("epsilon", "v_prediction") or ac is None:
         raise HostError("the loaded model is not a noise-prediction (eps or v) model; lora-trainer trains "
-                        "SD1, SD2 and SDXL checkpoints: load one of those to train")
+                        f"{trainable_labels()} checkpoints: load one of those to train")
     return torch.as_tensor(ac).detach().to("cpu", torch.float32).clone(), pred
 
 
@@ -213,9 +213,9 @@ class ForgeHost(WebUIHost):
         name = type(sd_model).__name__
         if name in ENGINE_NAMES:
             return LoadedModel.untrainable(label, ENGINE_NAMES[name])
-        for family in ("sdxl", "sd2", "sd1"):
-            if getattr(sd_model, f"is_{family}", False):
-                return family
+        for family in trainable_families():
+            if getattr(sd_model, family.webui_flag, False):
+                return family.name
         return LoadedModel.untrainable(label, name)
 
     def acquire_bundle(self, config: TrainConfig) -> ModelBundle:

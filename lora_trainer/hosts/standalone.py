@@ -175,12 +175,10 @@ def build_render_pipeline(bundle: ModelBundle) -> Any:
         raise HostError(f"the Test section renders with diffusers' {bundle.extras['pipeline_class']}, which does "
                         f"not import with the installed packages ({str(e).splitlines()[-1][:160]}); upgrade "
                         "transformers to a version your diffusers supports") from None
-    common = dict(vae=parts["vae"], unet=parts["unet"], scheduler=scheduler, text_encoder=parts["text_encoder"],
-                  tokenizer=parts["tokenizer"])
-    if bundle.arch == "sdxl":
-        pipe = cls(**common, text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"])
-    else:
-        pipe = cls(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    family = bundle.family
+    encoders = {k: parts[k] for _, te, tok in family.text_encoder_folders for k in (te, tok)}
+    pipe = cls(vae=parts["vae"], unet=parts["unet"], scheduler=scheduler, **encoders,
+               **family.render_pipeline_kwargs())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

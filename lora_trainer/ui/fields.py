@@ -30,6 +30,9 @@ def _kind(path: str) -> tuple[str, Any]:
     """("choice", choices) | ("bool", None) | ("int", None) | ("float", None) | ("text", None)."""
     tp = cfgmod._type_of(path)
     origin = typing.get_origin(tp)
+    choices_of = cfgmod.field_info(path).metadata.get("choices")
+    if choices_of is not None:  # known at run time (the model families)
+        return "choice", [str(c) for c in choices_of()]
     if origin is Literal:
         return "choice", [str(c) for c in typing.get_args(tp)]
     if origin in (Union, types.UnionType):

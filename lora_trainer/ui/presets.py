@@ -1,13 +1,16 @@
 """Presets by GPU memory: a table of {field path: value} per size, and "auto" that picks one.
 
-The values are conservative starting points for SD1.x/SD2.x at 512-768 px and SDXL at 1024 px
-(LoRA on the UNet, frozen text encoder, cached latents); a preset only sets the fields it names,
+The values are conservative starting points for SD1.x/SD2.x at 512-768 px (LoRA on the UNet,
+frozen text encoder, cached latents); a family changes what it needs on top
+(:meth:`Family.preset_overrides`: SDXL at 1024 px). A preset only sets the fields it names,
 everything else keeps what the user chose.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from lora_trainer.families import DEFAULT_FAMILY, get_family
 
 PRESET_NAMES = ["auto", "cpu (demo)", "6 GB", "8 GB", "12 GB", "16 GB", "24 GB"]
 
@@ -31,20 +34,6 @@ _BY_VRAM: dict[int, dict[str, Any]] = {
          "train.gradient_checkpointing": False, "train.mixed_precision": "fp16", "optim.learning_rate": 1e-4},
     24: {"data.resolution": 768, "train.batch_size": 4, "network.rank": 32, "network.alpha": 16.0,
          "train.gradient_checkpointing": False, "train.mixed_precision": "bf16", "optim.learning_rate": 1e-4},
-}
-
-# SDXL needs about twice the memory at 1024 px: checkpointing below 24 GB and smaller batches.
-_SDXL: dict[int, dict[str, Any]] = {
-    6: {"data.resolution": 768, "train.batch_size": 1, "network.rank": 4, "network.alpha": 2.0,
-        "train.gradient_checkpointing": True},
-    8: {"data.resolution": 1024, "train.batch_size": 1, "network.rank": 8, "network.alpha": 4.0,
-        "train.gradient_checkpointing": True},
-    12: {"data.resolution": 1024, "train.batch_size": 1, "network.rank": 16, "network.alpha": 8.0,
-         "train.gradient_checkpointing": True},
-    16: {"data.resolution": 1024, "train.batch_size": 1, "network.rank": 32, "network.alpha": 16.0,
-         "train.gradient_checkpointing": True},
-    24: {"data.resolution": 1024, "train.batch_size": 2, "network.rank": 32, "network.alpha": 16.0,
-         "train.gradient_checkpointing": False},
 }
 
 # CPU: the tiny demo model at 64 px, a run of 60 steps that finishes in well under a minute and
@@ -107,7 +96,7 @@ def auto_values(arch: str, free_gb: float, model_resident: bool = False) -> dict
             "network.alpha": c["rank"] / 2, "train.mixed_precision": precision, "optim.learning_rate": 1e-4}
 
 
-def preset_values(name: str, arch: str = "sd1", memory_gb: float | None = None, *,
+def preset_values(name: str, arch: str = DEFAULT_FAMILY, memory_gb: float | None = None, *,
                   model_resident: bool = False) -> dict[str, Any]:
     """{field path: value} for preset ``name``. "auto" asks the memory estimator for the fastest
     settings that fit the free GPU memory (``memory_gb`` when given); without a GPU it is the CPU
@@ -126,13 +115,10 @@ def preset_values(name: str, arch: str = "sd1", memory_gb: float | None = None, 
         from lora_trainer.errors import ConfigError
 
         raise ConfigError(f"preset {name!r} is unknown; choose one of {', '.join(PRESET_NAMES)}") from None
-    values = {**_COMMON, **base}
-    if arch == "sdxl":
-        values.update(_SDXL[size])
-    return values
+    return {**_COMMON, **base, **get_family(arch).preset_overrides(name)}
 
 
-def preset_of(cfg: Any, arch: str = "sd1") -> str | None:
+def preset_of(cfg: Any, arch: str = DEFAULT_FAMILY) -> str | None:
     """The fixed preset whose every value ``cfg`` already has (what the form shows at start), or None."""
     for name in PRESET_NAMES:
         if name == "auto":

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from lora_trainer import config as cfgmod
 from lora_trainer import jobs
 from lora_trainer.errors import ConfigError, HostError
+from lora_trainer.families import DEFAULT_FAMILY, family_names
 from lora_trainer.fsutil import atomic_write_text
 from lora_trainer.ui import compat, handlers, presets
 from lora_trainer.ui.context import TabContext, err_text
@@ -26,7 +27,7 @@ COMMON_FIELDS = ["network.rank", "network.alpha", "optim.learning_rate", "train.
                  "train.epochs", "train.batch_size", "data.resolution"]
 SAMPLE_FIELDS = ["sample.prompt", "sample.every_n_steps", "sample.seed"]
 PLACED_ELSEWHERE = {"data.train_data_dir", "data.trigger_word"}  # Dataset / Captions sections
-PRESET_FIELDS = sorted({k for name in presets.PRESET_NAMES[1:] for arch in ("sd1", "sdxl")
+PRESET_FIELDS = sorted({k for name in presets.PRESET_NAMES[1:] for arch in family_names()
                         for k in presets.preset_values(name, arch)})
 CUSTOM_PRESET = "custom"  # shown when the form's values are no preset's (choosing it changes nothing)
 
@@ -124,18 +125,18 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
 
 def preset_for_host(host: Host, name: str, form_arch: str) -> dict[str, Any]:
     """Preset ``name``'s values for the model the run will train: the host's loaded model's
-    family when it has one (a WebUI's checkpoint), else the form's ``model.arch`` (auto: SD1)."""
+    family when it has one (a WebUI's checkpoint), else the form's ``model.arch`` (auto: the default family)."""
     loaded = host.loaded_model()
     family = loaded.family if loaded is not None else None
     if family is None:
-        family = form_arch if form_arch and form_arch != "auto" else "sd1"
+        family = form_arch if form_arch and form_arch != "auto" else DEFAULT_FAMILY
     return presets.preset_values(name, family, model_resident=loaded is not None and loaded.resident)
 
 
 def _preset_dropdown(ctx: TabContext) -> Any:
     """Shows the preset the form's defaults came from ("custom" when none), never a blank."""
     d = ctx.defaults
-    shown = presets.preset_of(d, d.model.arch if d.model.arch != "auto" else "sd1") or CUSTOM_PRESET
+    shown = presets.preset_of(d, d.model.arch if d.model.arch != "auto" else DEFAULT_FAMILY) or CUSTOM_PRESET
     return compat.gr().Dropdown([CUSTOM_PRESET, *presets.PRESET_NAMES], value=shown, label="Preset (GPU memory)",
                                 info="sets resolution, batch, rank, precision and memory savers",
                                 elem_id=ctx.eid("preset"))
