@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_trainer.families import get_family
+from lora_trainer.families import DEFAULT_FAMILY, get_family
 
 VOCAB_SIZE = 49408
 SCHEDULER_KWARGS: dict[str, Any] = dict(
@@ -36,12 +36,12 @@ def text_config(act: str = "quick_gelu", projection_dim: int = 32) -> dict[str, 
     )
 
 
-def build_components(arch: str = "sd1", seed: int = 0, prediction_type: str = "epsilon") -> dict[str, Any]:
+def build_components(arch: str = DEFAULT_FAMILY, seed: int = 0, prediction_type: str = "epsilon") -> dict[str, Any]:
     """The pieces of a diffusers pipeline of family ``arch`` ("sd1", "sdxl", ...), randomly initialised."""
     return get_family(arch).tiny_components(seed, prediction_type)
 
 
-def build_pipeline(arch: str = "sd1", seed: int = 0, prediction_type: str = "epsilon") -> Any:
+def build_pipeline(arch: str = DEFAULT_FAMILY, seed: int = 0, prediction_type: str = "epsilon") -> Any:
     """A diffusers pipeline of the family's class (StableDiffusionPipeline, ...) over tiny parts."""
     import diffusers
 
