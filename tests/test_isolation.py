@@ -225,3 +225,14 @@ def test_graph_sees_function_level_relative_and_package_imports(tmp_path: Path) 
     assert _cycles(graph) == []
     (pkg / "a" / "b.py").write_text("def g():\n    import lora_trainer.c\n")
     assert _cycles(_package_graph(tmp_path)) == [["lora_trainer.a.b", "lora_trainer.c"]]
+
+
+def test_the_config_and_the_families_import_without_torch() -> None:
+    # Every module asks the families, the config among them: they must stay light to import (the
+    # WebUI imports the config while it starts; the CLI's config commands need no torch).
+    import subprocess
+    import sys
+
+    code = "import sys, lora_trainer.families, lora_trainer.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
