@@ -56,8 +56,8 @@ def trainable_modules(sd_model: Any) -> dict[str, nn.Module]:
                             f"load a full {family.label} base model")
         for key, embedder in zip(keys, embedders, strict=False):
             roots[key] = _text_root(_unwrap(embedder))
-    else:
-        roots["te"] = _text_root(_unwrap(sd_model.cond_stage_model))
+    else:  # LDM: one text encoder
+        roots[keys[0]] = _text_root(_unwrap(sd_model.cond_stage_model))
     return roots
 
 

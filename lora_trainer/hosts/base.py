@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from lora_trainer.train.events import TrainEvent
 
 
-
 def trainable_families() -> tuple[Family, ...]:
     """The families whose loaded model a WebUI host trains in place."""
     return tuple(f for f in all_families() if f.webui_trainable)

@@ -56,9 +56,7 @@ def unet_block_table(arch: str) -> dict[str, tuple[str, str]]:
 
     Computed from the topology: input block index = 1 + 3*level + i, output = 3*up_level + i.
     """
-    topology = unet_family(arch).unet_topology
-    assert topology is not None
-    levels, attn = topology
+    levels, attn = unet_family(arch).unet_topology or (0, ())
     n = LAYERS_PER_BLOCK
     t: dict[str, tuple[str, str]] = {
         "conv_in": ("input_blocks.0.0", "same"), "time_embedding.linear_1": ("time_embed.0", "same"),

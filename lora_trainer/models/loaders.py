@@ -26,17 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # CLIP text encoder subfolders; the second one is projected (SDXL's OpenCLIP-bigG).
 CLIP_TEXT_FOLDERS = ("text_encoder", "text_encoder_2")
-
-
-def _clip_text_class(subfolder: str) -> type:
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    return CLIPTextModelWithProjection if subfolder == "text_encoder_2" else CLIPTextModel
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -121,6 +113,12 @@ def _folder_family(path: Path) -> Family:
     return detect_folder(path, _read_index(path))
 
 
+def _clip_text_class(subfolder: str) -> type:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection if subfolder == "text_encoder_2" else CLIPTextModel
+
+
 def _load_tokenizer(path: Path, sub: str, pad: str) -> Any:
     from transformers import CLIPTokenizer
 
@@ -189,8 +187,9 @@ def text_encoders_from_state_dict(sd: dict[str, torch.Tensor], arch: str, folder
     parts: dict[str, Any] = {}
     for sub in CLIP_TEXT_FOLDERS:
         if sub in index:
-            parts[sub] = create_diffusers_clip_model_from_ldm(_clip_text_class(sub), sd, subfolder=sub, config=str(folder),
-                                                              torch_dtype=dtype, local_files_only=True)
+            parts[sub] = create_diffusers_clip_model_from_ldm(_clip_text_class(sub), sd, subfolder=sub,
+                                                              config=str(folder), torch_dtype=dtype,
+                                                              local_files_only=True)
     for sub, _ in get_family(arch).tokenizer_pads:
         parts[sub] = CLIPTokenizer.from_pretrained(str(folder / sub), local_files_only=True)
     return parts
