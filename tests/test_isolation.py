@@ -234,3 +234,39 @@ def test_the_config_and_the_families_import_without_torch() -> None:
     code = "import sys, lora_trainer.families, lora_trainer.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# Where a family's name may still be written outside lora_trainer/families, and why.
+FAMILY_NAME_ALLOWED = {
+    "lora_trainer/models/demo_base.py",  # declares which family the embedded demo model is
+    # The benchmarks' defaults and their full-size part builder (their owner moves them to the families).
+    "lora_trainer/bench/memcheck.py", "lora_trainer/bench/runner.py",
+}
+
+
+def _family_name_literals(path: Path, names: set[str]) -> list[int]:
+    """Lines of string literals (docstrings aside) that are a family's name."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docs and n.value.strip().lower() in names]
+
+
+def test_only_the_families_name_a_family() -> None:
+    from lora_trainer.families import family_names
+
+    names = set(family_names())
+    offenders = []
+    for path in (ROOT / "lora_trainer").rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        if not rel.startswith("lora_trainer/families/") and rel not in FAMILY_NAME_ALLOWED:
+            offenders += [f"{rel}:{line}" for line in _family_name_literals(path, names)]
+    assert offenders == []
+
+
+def test_family_name_detector(tmp_path: Path) -> None:
+    f = tmp_path / "x.py"
+    f.write_text('"""sdxl in a docstring is fine."""\nif arch == "sdxl":\n    pass\nTABLE = {"sd1": 1}\n')
+    assert _family_name_literals(f, {"sd1", "sdxl"}) == [2, 4]
