@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from lora_trainer.families.base import Family, ObjectiveSpec
+from lora_trainer.families.flux import Flux1
 from lora_trainer.families.sd import SD1, SD2, SDXL
+from lora_trainer.families.sd3 import SD3
 
 __all__ = ["Family", "ObjectiveSpec", "all_families", "detect_folder", "detect_lora", "detect_state_dict",
            "family_names", "get_family"]
 
-_FAMILIES: tuple[Family, ...] = (SDXL(), SD2(), SD1())
+_FAMILIES: tuple[Family, ...] = (Flux1(), SD3(), SDXL(), SD2(), SD1())
 _BY_NAME: dict[str, Family] = {f.name: f for f in _FAMILIES}
 
 
