@@ -59,8 +59,8 @@ class SD3(FlowFamily):
         from lora_trainer.families.flow_parts import config_folder as packaged
         from lora_trainer.models.checkpoint import file_hashes
 
-        blocks = {int(k.split("joint_blocks.")[1].split(".")[0]) for k in state_dict if "joint_blocks." in k}
-        folder = config_folder or packaged("sd3_large" if len(blocks) >= 38 else "sd3_medium")
+        medium = any(".x_block.attn2." in k for k in state_dict)
+        folder = config_folder or packaged("sd3_medium" if medium else "sd3_large")
         transformer = transformer_from_single_file(SD3Transformer2DModel, path, state_dict, folder, dtype)
         parts = {"transformer": transformer, **load_other_parts(model_cfg, folder, dtype, self.folder_parts())}
         bundle = sd3_bundle(parts, device, dtype, path.stem, model_cfg.weight_dtype)
@@ -74,6 +74,14 @@ class SD3(FlowFamily):
                 "text_encoder_3": ("t5", "model.t5xxl"), "vae": ("vae", "model.vae"),
                 "tokenizer": ("clip_tokenizer", ""), "tokenizer_2": ("clip_tokenizer_bang", ""),
                 "tokenizer_3": ("t5_tokenizer", "model.t5_tokenizer")}
+
+
+def sd3_variant(config: Any) -> str:
+    """3.5 medium is an MMDiT-X (second attention in early blocks); 3.5 large has qk norm and no
+    second attention; SD3.0 medium has neither and trains like 3.5 medium."""
+    if config.dual_attention_layers or config.qk_norm is None:
+        return "medium"
+    return "large"
 
 
 def _encoder(parts: dict[str, Any], device: torch.device) -> Any:
@@ -139,6 +147,6 @@ def sd3_bundle(parts: dict[str, Any], device: torch.device, dtype: torch.dtype, 
         encode_text=_encoder(parts, device), predict=_predictor(transformer, dtype),
         decode_latents=decode_latents, name=name, default_resolution=family.default_resolution,
         latent_channels=int(parts["vae"].config.latent_channels), device=device, dtype=dtype,
-        extras={"variant": "large" if transformer.config.num_layers >= 38 else "medium",
+        extras={"variant": sd3_variant(transformer.config),
                 "tokenizers": [parts["tokenizer"], parts["tokenizer_2"], parts["tokenizer_3"]]},
     )

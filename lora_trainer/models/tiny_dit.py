@@ -48,14 +48,14 @@ def t5_config(d_model: int = 32, vocab_size: int = 128) -> dict[str, Any]:
 
 def flux_transformer_config(variant: str = "dev") -> dict[str, Any]:
     return dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
                 guidance_embeds=variant == "dev", axes_dims_rope=(2, 2, 4))
 
 
 def sd3_transformer_config(variant: str = "medium") -> dict[str, Any]:
     medium = variant == "medium"  # 3.5 medium: MMDiT-X (a second attention in early blocks), qk norm
     return dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
-                num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
+                num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32,
                 pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16,
                 dual_attention_layers=(0,) if medium else (), qk_norm="rms_norm")
 
@@ -64,6 +64,16 @@ def flow_vae_config(family: str) -> dict[str, Any]:
     scale, shift = (0.3611, 0.1159) if family == "flux1" else (1.5305, 0.0609)
     return {**vae_config("sd1"), "latent_channels": 16, "scaling_factor": scale, "shift_factor": shift,
             "use_quant_conv": False, "use_post_quant_conv": False}
+
+
+def _sharp_vae(vae: Any) -> Any:
+    """A random VAE's posterior is as wide as its mean: make it near-deterministic (log variance
+    -30), so an image encodes to the same latents twice and tests can compare losses."""
+    conv, c = vae.encoder.conv_out, vae.config.latent_channels
+    with torch.no_grad():
+        conv.weight[c:] = 0
+        conv.bias[c:] = -30
+    return vae
 
 
 def build_components(family: str, variant: str, tokenizer_dir: str | Path, seed: int = 0) -> dict[str, Any]:
@@ -83,7 +93,7 @@ def build_components(family: str, variant: str, tokenizer_dir: str | Path, seed:
 
     torch.manual_seed(seed)
     t5_tok = AutoTokenizer.from_pretrained(str(t5_tokenizer_files(tokenizer_dir)), local_files_only=True)
-    parts: dict[str, Any] = {"vae": AutoencoderKL(**flow_vae_config(family)), "tokenizer": load_clip_tokenizer(),
+    parts: dict[str, Any] = {"vae": _sharp_vae(AutoencoderKL(**flow_vae_config(family))), "tokenizer": load_clip_tokenizer(),
                              "t5_max_length": T5_MAX_LENGTH}
     if family == "flux1":
         parts["transformer"] = FluxTransformer2DModel(**flux_transformer_config(variant))
@@ -94,7 +104,7 @@ def build_components(family: str, variant: str, tokenizer_dir: str | Path, seed:
         parts["transformer"] = SD3Transformer2DModel(**sd3_transformer_config(variant))
         parts["text_encoder"] = CLIPTextModelWithProjection(CLIPTextConfig(**text_config("quick_gelu")))
         parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**text_config("gelu")))
-        parts["text_encoder_3"] = T5EncoderModel(T5Config(**t5_config(64)))
+        parts["text_encoder_3"] = T5EncoderModel(T5Config(**t5_config(96)))  # wider than CLIP-L + G: padded
         parts["tokenizer_2"] = load_clip_tokenizer(pad_token="!")
         parts["tokenizer_3"] = t5_tok
     return parts

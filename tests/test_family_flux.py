@@ -1,0 +1,96 @@
+"""FLUX.1 (dev, schnell) on tiny models built from config: objective, training, files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_trainer.families import get_family
+from lora_trainer.families.flux import image_ids, pack_latents, unpack_latents
+from lora_trainer.lora.dit_keys import dit_lora_key
+from lora_trainer.models.tiny_dit import build_bundle
+from tests.family_flow_helpers import count_calls, expected_unet_keys, module_keys, train_memorises
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("t5tok")
+
+
+def test_packing_round_trips_and_ids_count_patches() -> None:
+    x = torch.randn(2, 16, 6, 10)
+    packed = pack_latents(x)
+    assert packed.shape == (2, 15, 64)
+    assert torch.equal(unpack_latents(packed, 6, 10), x)
+    # token 0 is the top-left 2x2 patch of every channel, channel-major as FluxPipeline packs it
+    assert torch.equal(packed[0, 0].view(16, 2, 2), x[0, :, :2, :2])
+    ids = image_ids(6, 10, torch.device("cpu"), torch.float32)
+    assert ids.shape == (15, 3) and ids[7].tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_variant_sets_guidance_input_and_shift(tok_dir: Path, variant: str) -> None:
+    b = build_bundle("flux1", variant, tok_dir)
+    spec = b.objective_spec
+    assert b.arch == "flux1" and b.extras["variant"] == variant and b.latent_channels == 16
+    assert b.prediction_type == "flow" and b.alphas_cumprod.numel() == 0
+    assert spec.kind == "flow" and not spec.cfg_sampling
+    assert spec.guidance_input == spec.resolution_shift == (variant == "dev")
+    assert set(b.trainable_roots()) == {"unet", "te1"}  # T5 is never trained
+
+
+def test_dev_predict_uses_the_guidance_value(tok_dir: Path) -> None:
+    b = build_bundle("flux1", "dev", tok_dir)
+    x = torch.randn(1, 16, 8, 8)
+    cond = b.encode_text(["a cat"])
+    with torch.no_grad():
+        low = b.predict(x, torch.tensor([0.5]), {**cond, "guidance": torch.tensor([1.0])}, None)
+        high = b.predict(x, torch.tensor([0.5]), {**cond, "guidance": torch.tensor([4.0])}, None)
+    assert low.shape == x.shape and not torch.allclose(low, high)
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_training_memorises_one_image_caches_text_and_round_trips(tmp_path: Path, tok_dir: Path,
+                                                                 variant: str) -> None:
+    b = build_bundle("flux1", variant, tok_dir)
+    t5_calls = count_calls(b.text_encoders[1].module)
+    extra = {"guidance": torch.tensor([3.5])} if variant == "dev" else {}
+    before, after, result, host = train_memorises(b, tmp_path, extra)
+    print(f"flux1-{variant}: eval loss before {before:.4f} after {after:.4f}; "
+          f"final training loss {result.final_loss:.4f}")
+    assert after < 0.88 * before, (before, after)
+    kinds = [e.kind for e in host.events]
+    assert "sample" in kinds
+    assert any(e.kind == "status" and "caching text embeddings" in (e.message or "") for e in host.events)
+    # T5 ran once for the cache (captions and the sample prompt), never in the loop or the
+    # sample; twice more for eval_loss before and after
+    assert t5_calls[0] == 1 + 2
+    assert module_keys(result.lora_path) == expected_unet_keys("flux1", b)
+
+
+def test_targets_are_block_attention_and_feed_forward(tok_dir: Path) -> None:
+    b = build_bundle("flux1", "dev", tok_dir)
+    keys = expected_unet_keys("flux1", b)
+    for path in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
+                 "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.ff.net.2",
+                 "transformer_blocks.0.ff_context.net.0.proj", "single_transformer_blocks.0.attn.to_v",
+                 "single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_out"):
+        assert dit_lora_key("flux1", "unet", path) in keys, path
+    assert not any("norm" in k for k in keys)  # adaLN modulation is left out, as kohya does
+    assert get_family("flux1").default_targets("te2", b.text_encoders[1].module, "hf_t5") == []
+
+
+def test_text_encoder_lora_goes_on_clip_only(tmp_path: Path, tok_dir: Path) -> None:
+    from lora_trainer.train.trainer import Trainer
+    from tests.train_helpers import TinyHost, make_data, tiny_config
+
+    b = build_bundle("flux1", "schnell", tok_dir)
+    cfg = tiny_config(make_data(tmp_path / "d", n=2), tmp_path / "out", **{"network.train_text_encoder": True})
+    result = Trainer(cfg, host=TinyHost(bundle=b)).run()
+    from lora_trainer.lora.targets import default_text_targets
+
+    clip = b.text_encoders[0].module
+    te1 = {dit_lora_key("flux1", "te1", p) for p in default_text_targets(clip, "hf_clip")}
+    assert te1 and module_keys(result.lora_path) == expected_unet_keys("flux1", b) | te1
