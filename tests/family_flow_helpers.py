@@ -73,3 +73,86 @@ def count_calls(module: torch.nn.Module) -> list[int]:
     calls = [0]
     module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
+
+
+def _swap_halves(w: torch.Tensor) -> torch.Tensor:
+    a, b = w.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+_SD3_TOP = {"pos_embed.pos_embed": "pos_embed", "pos_embed.proj": "x_embedder.proj",
+            "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+            "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+            "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+            "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "context_embedder": "context_embedder",
+            "proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1"}
+_SD3_BLOCK = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+              "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+              "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+              "attn2.to_out.0": "x_block.attn2.proj", "attn2.norm_q": "x_block.attn2.ln_q",
+              "attn2.norm_k": "x_block.attn2.ln_k", "norm1.linear": "x_block.adaLN_modulation.1",
+              "norm1_context.linear": "context_block.adaLN_modulation.1", "ff.net.0.proj": "x_block.mlp.fc1",
+              "ff.net.2": "x_block.mlp.fc2", "ff_context.net.0.proj": "context_block.mlp.fc1",
+              "ff_context.net.2": "context_block.mlp.fc2"}
+_SD3_QKV = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+            "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+            "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v")}
+
+
+def sd3_original_state_dict(transformer: torch.nn.Module, prefix: str = "model.diffusion_model.") -> dict[str, torch.Tensor]:
+    """A diffusers SD3 transformer's weights in Stability's layout (the inverse of diffusers'
+    single-file converter), to test single-file loading on a tiny model."""
+    sd = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    last = transformer.config.num_layers - 1
+    out: dict[str, torch.Tensor] = {}
+    for i in range(last + 1):
+        for orig, parts in _SD3_QKV.items():
+            for suffix in ("weight", "bias"):
+                names = [f"transformer_blocks.{i}.{p}.{suffix}" for p in parts]
+                if names[0] in sd:
+                    out[f"joint_blocks.{i}.{orig}.{suffix}"] = torch.cat([sd.pop(n) for n in names])
+        for ours, orig in _SD3_BLOCK.items():
+            for suffix in ("weight", "bias"):
+                name = f"transformer_blocks.{i}.{ours}.{suffix}"
+                if name in sd:
+                    w = sd.pop(name)
+                    out[f"joint_blocks.{i}.{orig}.{suffix}"] = _swap_halves(w) if i == last and "context" in ours else w
+    for ours, orig in _SD3_TOP.items():
+        for suffix in ("", ".weight", ".bias"):
+            if ours + suffix in sd:
+                w = sd.pop(ours + suffix)
+                out[orig + suffix] = _swap_halves(w) if ours == "norm_out.linear" else w
+    assert not sd, f"unmapped: {sorted(sd)[:5]}"
+    return {prefix + k: v for k, v in out.items()}
+
+
+def write_config_folder(parts: dict[str, Any], folder: Path) -> Path:
+    """A config-only folder (``<part>/config.json``, no weights) of tiny pipeline parts."""
+    for sub, part in parts.items():
+        if sub == "transformer" or sub == "vae":
+            part.save_config(str(folder / sub))
+        elif sub.startswith("text_encoder"):
+            part.config.save_pretrained(str(folder / sub))
+    return folder
+
+
+def save_pipeline(family: str, parts: dict[str, Any], folder: Path) -> Path:
+    """A diffusers pipeline folder (FluxPipeline / StableDiffusion3Pipeline) of tiny parts."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    cls = FluxPipeline if family == "flux1" else StableDiffusion3Pipeline
+    kept = {k: v for k, v in parts.items() if k != "t5_max_length"}
+    cls(scheduler=FlowMatchEulerDiscreteScheduler(), **kept).save_pretrained(str(folder))
+    return folder
+
+
+@torch.no_grad()
+def same_outputs(a: ModelBundle, b: ModelBundle, extra: dict[str, torch.Tensor] | None = None) -> bool:
+    """Both bundles encode a caption and predict a fixed input alike (to float tolerance)."""
+    ca, cb = a.encode_text(["a red circle"]), b.encode_text(["a red circle"])
+    if ca.keys() != cb.keys() or not all(torch.allclose(ca[k], cb[k], atol=1e-5) for k in ca):
+        return False
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([0.4])
+    pa = a.predict(x, t, {**ca, **(extra or {})}, None)
+    return torch.allclose(pa, b.predict(x, t, {**cb, **(extra or {})}, None), atol=1e-5)

@@ -77,3 +77,85 @@ def test_min_snr_gamma_on_a_flow_model_is_one_line(tmp_path: Path, tok_dir: Path
     with pytest.raises(ConfigError, match="train.min_snr_gamma") as err:
         Trainer(cfg, host=TinyHost(bundle=build_bundle("sd3", "medium", tok_dir))).run()
     assert "\n" not in str(err.value)
+
+
+def test_detection_by_keys_with_or_without_prefix() -> None:
+    from lora_trainer.families import detect_state_dict
+
+    for key in ("joint_blocks.0.x_block.attn.qkv.weight", "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"):
+        assert detect_state_dict({key: torch.zeros(1)}).name == "sd3"
+
+
+def _parts(tok_dir: Path, variant: str = "medium") -> dict:
+    from lora_trainer.models.tiny_dit import build_components
+
+    parts = build_components("sd3", variant, tok_dir)
+    parts.pop("t5_max_length")  # the loaders use the pipeline's 256 tokens
+    return parts
+
+
+def test_diffusers_folder_loads_offline(tmp_path: Path, tok_dir: Path) -> None:
+    from lora_trainer.config import ModelConfig
+    from lora_trainer.families.sd3 import sd3_bundle
+    from lora_trainer.models.loaders import load_bundle
+    from tests.family_flow_helpers import same_outputs, save_pipeline
+
+    parts = _parts(tok_dir)
+    folder = save_pipeline("sd3", parts, tmp_path / "sd35")
+    ref = sd3_bundle(parts, torch.device("cpu"), torch.float32, "ref")
+    loaded = load_bundle(ModelConfig(base_model=str(folder), device="cpu", weight_dtype="fp32"))
+    assert loaded.arch == "sd3" and loaded.extras["variant"] == "medium"
+    assert same_outputs(ref, loaded)
+
+
+@pytest.mark.parametrize("variant", ["medium", "large"])
+def test_single_file_with_separate_parts_loads_offline(tmp_path: Path, tok_dir: Path, variant: str) -> None:
+    from safetensors.torch import save_file
+
+    from lora_trainer.config import ModelConfig
+    from lora_trainer.families.sd3 import sd3_bundle
+    from lora_trainer.models.loaders import load_bundle
+    from tests.family_flow_helpers import same_outputs, sd3_original_state_dict, write_config_folder
+
+    parts = _parts(tok_dir, variant)
+    config = write_config_folder(parts, tmp_path / "config")
+    save_file(sd3_original_state_dict(parts["transformer"]), str(tmp_path / "sd35.safetensors"))
+    # CLIP-L with the "text_model." prefix most files carry, CLIP-G without, T5 without its tied copy
+    save_file({"text_model." + k.removeprefix("text_model."): v.contiguous()
+               for k, v in parts["text_encoder"].state_dict().items()}, str(tmp_path / "clip_l.safetensors"))
+    save_file(parts["text_encoder_2"].state_dict(), str(tmp_path / "clip_g.safetensors"))
+    t5 = {k: v for k, v in parts["text_encoder_3"].state_dict().items() if k != "encoder.embed_tokens.weight"}
+    save_file(t5, str(tmp_path / "t5xxl.safetensors"))
+    parts["vae"].save_pretrained(str(tmp_path / "vae"))
+    ref = sd3_bundle(parts, torch.device("cpu"), torch.float32, "ref")
+    cfg = ModelConfig(base_model=str(tmp_path / "sd35.safetensors"), clip_l=str(tmp_path / "clip_l.safetensors"),
+                      clip_g=str(tmp_path / "clip_g.safetensors"), t5xxl=str(tmp_path / "t5xxl.safetensors"),
+                      vae=str(tmp_path / "vae"), t5_tokenizer=str(tok_dir), device="cpu", weight_dtype="fp32")
+    loaded = load_bundle(cfg, config_folder=config)
+    assert loaded.arch == "sd3" and loaded.extras["variant"] == variant and loaded.model_hash
+    assert same_outputs(ref, loaded)
+
+
+def test_a_missing_part_is_one_line_naming_its_field_before_any_conversion(tmp_path: Path, tok_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    from lora_trainer.config import ModelConfig
+    from lora_trainer.errors import ModelLoadError
+    from lora_trainer.models.loaders import load_bundle
+
+    # only the detection key: a conversion would fail with another message
+    save_file({"joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(3, 1)}, str(tmp_path / "m.safetensors"))
+    (tmp_path / "clip.safetensors").write_bytes(b"")
+    base = dict(base_model=str(tmp_path / "m.safetensors"), device="cpu")
+    cases = [({}, "model.clip_l is not set"),
+             ({"clip_l": str(tmp_path / "clip.safetensors"), "clip_g": str(tmp_path / "nope")}, "model.clip_g: "),
+             ({"clip_l": str(tmp_path / "clip.safetensors"), "clip_g": str(tmp_path / "clip.safetensors"),
+               "t5xxl": str(tmp_path / "clip.safetensors"), "vae": str(tmp_path / "clip.safetensors")},
+              "model.t5_tokenizer is not set"),
+             ({"clip_l": str(tmp_path / "clip.safetensors"), "clip_g": str(tmp_path / "clip.safetensors"),
+               "t5xxl": str(tmp_path / "clip.safetensors"), "vae": str(tmp_path / "clip.safetensors"),
+               "t5_tokenizer": str(tmp_path)}, "model.t5_tokenizer: .* has no tokenizer.json")]
+    for values, message in cases:
+        with pytest.raises(ModelLoadError, match=message) as err:
+            load_bundle(ModelConfig(**base, **values))
+        assert "\n" not in str(err.value)

@@ -141,6 +141,11 @@ class Family:
     # fp32/fp16/bf16 ("fp8", "nf4"); none for the Stable Diffusion UNets.
     quantized_weights: tuple[str, ...] = ()
 
+    def meta_denoiser(self, variant: str = "") -> Any:
+        """The full-size denoiser on the meta device (memory estimate), or None when the family
+        does not ship its config here."""
+        return None
+
     # -- presets ------------------------------------------------------------------------
     def preset_overrides(self, preset: str) -> dict[str, Any]:
         """Config values this family changes in a named preset (beyond its resolution)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_trainer.errors import ModelLoadError
-from lora_trainer.families.flow_parts import clip_tokenizer, read_json, t5_tokenizer, user_path
+from lora_trainer.families.flow_parts import clip_tokenizer, read_json, t5_tokenizer, t5_tokenizer_files, user_path
 
 if TYPE_CHECKING:
     import torch
@@ -92,13 +92,10 @@ def _tokenizer(kind: str, folder: Path | None, field: str) -> Any:
 
 
 def _part(kind: str, source: Path | None, config_dir: Path, dtype: torch.dtype, field: str) -> Any:
-    if kind.endswith("tokenizer") or kind.endswith("tokenizer_bang"):
+    if kind.endswith(("tokenizer", "tokenizer_bang")):
         return _tokenizer(kind, source, field)
-    if source is None:
-        raise ModelLoadError(f"{field} is not set; a single-file transformer needs it (a .safetensors file or a "
-                             "diffusers folder of that part)")
-    if not source.exists():
-        raise ModelLoadError(f"{field}: {source} does not exist; check the path")
+    if source is None or not source.exists():
+        raise ModelLoadError(f"{field}: {source or '(not set)'} does not exist; check the path")
     if kind == "vae":
         return _vae(source, config_dir, dtype, field)
     return _text_model(kind, source, config_dir, dtype, field)
@@ -120,6 +117,21 @@ def load_pipeline_folder(path: Path, model_cfg: ModelConfig, dtype: torch.dtype,
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot load the diffusers model ({str(exc).splitlines()[0]})") from None
     return parts
+
+
+def check_part_fields(model_cfg: ModelConfig, spec: dict[str, tuple[str, str]]) -> None:
+    """Before any loading: every part a single-file transformer needs is named and exists (a
+    one-line error naming the field otherwise)."""
+    for kind, field in spec.values():
+        source = user_path(_field_value(model_cfg, field))
+        if kind == "t5_tokenizer":
+            t5_tokenizer_files(source, field)
+        elif field and not kind.endswith(("tokenizer", "tokenizer_bang")):
+            if source is None:
+                raise ModelLoadError(f"{field} is not set; a single-file transformer needs it (a .safetensors file "
+                                     "or a diffusers folder of that part)")
+            if not source.exists():
+                raise ModelLoadError(f"{field}: {source} does not exist; check the path")
 
 
 def load_other_parts(model_cfg: ModelConfig, folder: Path, dtype: torch.dtype,

@@ -66,6 +66,23 @@ class FlowFamily(Family):
             return []
         return None  # CLIP: kohya's text-encoder defaults
 
+    def config_folder(self, variant: str) -> Path:
+        """The packaged config-only folder of ``variant`` (full-size numbers, no weights)."""
+        raise NotImplementedError
+
+    def denoiser_class(self) -> Any:
+        raise NotImplementedError
+
+    def meta_denoiser(self, variant: str = "") -> nn.Module:
+        """The full-size denoiser of ``variant`` (default: the first) on the meta device: shapes and
+        parameter counts for the memory estimate, no memory used."""
+        import torch
+
+        cls = self.denoiser_class()
+        config = cls.load_config(str(self.config_folder(variant or next(iter(self.denoiser_params))) / "transformer"))
+        with torch.device("meta"):
+            return cls.from_config(config)
+
     def lora_metadata(self, bundle: ModelBundle) -> dict[str, str]:
         from lora_trainer.lora.dit_keys import DIT_METADATA
 
@@ -97,18 +114,29 @@ def clip_tokenizer(folder: Path | None, pad: str) -> Any:
     return load_clip_tokenizer(pad_token=pad)
 
 
-def t5_tokenizer(folder: Path | None, field: str) -> Any:
-    """T5's tokenizer from ``folder`` (tokenizer.json or spiece.model); its vocabulary ships with
-    no package here, so a missing folder is a one-line error naming the config field."""
+_T5_HINT = ("point it at a folder with T5's tokenizer files (tokenizer.json or spiece.model), e.g. the "
+            "tokenizer_2 folder of a FLUX.1 or the tokenizer_3 folder of an SD3.5 diffusers model")
+
+
+def t5_tokenizer_files(folder: Path | None, field: str) -> Path:
+    """``folder`` when it holds T5 tokenizer files; T5's vocabulary ships with no package here,
+    so a missing one is a one-line error naming the config field."""
     from lora_trainer.errors import ModelLoadError
 
-    hint = (f"{field}: point it at a folder with T5's tokenizer files (tokenizer.json or spiece.model), "
-            "e.g. the tokenizer_2 folder of a FLUX.1 or the tokenizer_3 folder of an SD3.5 diffusers model")
     if folder is None:
-        raise ModelLoadError(f"{field} is not set; {hint.split(': ', 1)[1]}")
+        raise ModelLoadError(f"{field} is not set; {_T5_HINT}")
     if not ((folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file()):
-        raise ModelLoadError(f"{field}: {folder} has no tokenizer.json or spiece.model; {hint.split(': ', 1)[1]}")
+        raise ModelLoadError(f"{field}: {folder} has no tokenizer.json or spiece.model; {_T5_HINT}")
+    return folder
+
+
+def t5_tokenizer(folder: Path | None, field: str) -> Any:
+    """T5's tokenizer from ``folder`` (see :func:`t5_tokenizer_files`)."""
     from transformers import AutoTokenizer
+
+    from lora_trainer.errors import ModelLoadError
+
+    folder = t5_tokenizer_files(folder, field)
 
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

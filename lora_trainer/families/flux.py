@@ -46,7 +46,7 @@ class Flux1(FlowFamily):
     # CLIP-L (123 M) + T5-XXL encoder (4.76 G); VAE with 16 latent channels; the transformer.
     text_encoder_params = 123_060_480 + 4_762_310_656
     vae_params = 83_819_683
-    denoiser_params = {"dev": 11_901_408_320, "schnell": 11_891_832_896}
+    denoiser_params = {"dev": 11_901_408_320, "schnell": 11_891_178_560}
 
     def matches_state_dict(self, keys: set[str], state_dict: dict[str, Any]) -> bool:
         return BFL_KEY in keys or BFL_PREFIX + BFL_KEY in keys
@@ -68,8 +68,9 @@ class Flux1(FlowFamily):
                          config_folder: Path | None = None) -> ModelBundle:
         from diffusers import FluxTransformer2DModel
 
-        from lora_trainer.families.flow_io import load_other_parts, transformer_from_single_file
+        from lora_trainer.families.flow_io import check_part_fields, load_other_parts, transformer_from_single_file
 
+        check_part_fields(model_cfg, self.folder_parts())
         variant = "dev" if any(k.endswith("guidance_in.in_layer.weight") for k in state_dict) else "schnell"
         folder = config_folder or self.config_folder(variant)
         transformer = transformer_from_single_file(FluxTransformer2DModel, path, state_dict, folder, dtype)
@@ -84,6 +85,11 @@ class Flux1(FlowFamily):
         from lora_trainer.families.flow_parts import config_folder
 
         return config_folder(f"flux1_{variant}")
+
+    def denoiser_class(self) -> Any:
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel
 
     @staticmethod
     def folder_parts() -> dict[str, tuple[str, str]]:

@@ -36,7 +36,7 @@ class SD3(FlowFamily):
     # CLIP-L and CLIP-G with projections (124 M + 695 M), T5-XXL encoder (4.76 G).
     text_encoder_params = 123_650_304 + 694_659_840 + 4_762_310_656
     vae_params = 83_819_683
-    denoiser_params = {"medium": 2_243_171_392, "large": 8_056_872_000}
+    denoiser_params = {"medium": 2_243_171_520, "large": 8_056_627_520}
 
     def matches_state_dict(self, keys: set[str], state_dict: dict[str, Any]) -> bool:
         return SD3_KEY in keys or SD3_PREFIX + SD3_KEY in keys
@@ -55,17 +55,27 @@ class SD3(FlowFamily):
                          config_folder: Path | None = None) -> ModelBundle:
         from diffusers import SD3Transformer2DModel
 
-        from lora_trainer.families.flow_io import load_other_parts, transformer_from_single_file
-        from lora_trainer.families.flow_parts import config_folder as packaged
+        from lora_trainer.families.flow_io import check_part_fields, load_other_parts, transformer_from_single_file
         from lora_trainer.models.checkpoint import file_hashes
 
+        check_part_fields(model_cfg, self.folder_parts())
         medium = any(".x_block.attn2." in k for k in state_dict)
-        folder = config_folder or packaged("sd3_medium" if medium else "sd3_large")
+        folder = config_folder or self.config_folder("medium" if medium else "large")
         transformer = transformer_from_single_file(SD3Transformer2DModel, path, state_dict, folder, dtype)
         parts = {"transformer": transformer, **load_other_parts(model_cfg, folder, dtype, self.folder_parts())}
         bundle = sd3_bundle(parts, device, dtype, path.stem, model_cfg.weight_dtype)
         bundle.model_hash, bundle.legacy_hash = file_hashes(path)
         return bundle
+
+    def config_folder(self, variant: str) -> Path:
+        from lora_trainer.families.flow_parts import config_folder
+
+        return config_folder(f"sd3_{variant}")
+
+    def denoiser_class(self) -> Any:
+        from diffusers import SD3Transformer2DModel
+
+        return SD3Transformer2DModel
 
     @staticmethod
     def folder_parts() -> dict[str, tuple[str, str]]:
