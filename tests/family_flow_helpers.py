@@ -156,3 +156,56 @@ def same_outputs(a: ModelBundle, b: ModelBundle, extra: dict[str, torch.Tensor] 
     t = torch.tensor([0.4])
     pa = a.predict(x, t, {**ca, **(extra or {})}, None)
     return torch.allclose(pa, b.predict(x, t, {**cb, **(extra or {})}, None), atol=1e-5)
+
+
+_FLUX_TOP = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+             "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+             "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+             "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear",
+             "norm_out.linear": "final_layer.adaLN_modulation.1"}
+_FLUX_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+                "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+                "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0",
+                "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+_FLUX_SINGLE = {"norm.linear": "modulation.lin", "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm",
+                "proj_out": "linear2"}
+_FLUX_CAT = {("double_blocks", "img_attn.qkv"): ("attn.to_q", "attn.to_k", "attn.to_v"),
+             ("double_blocks", "txt_attn.qkv"): ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+             ("single_blocks", "linear1"): ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+
+
+def _bfl_name(suffix: str, orig: str) -> str:
+    # BFL's RMSNorm keeps its weight as ``scale``
+    return f"{orig}.scale" if orig.endswith("_norm") and suffix == "weight" else f"{orig}.{suffix}"
+
+
+def flux_original_state_dict(sd: dict[str, torch.Tensor], num_double: int, num_single: int,
+                             prefix: str = "") -> dict[str, torch.Tensor]:
+    """A diffusers Flux transformer's state dict in BFL's layout (the inverse of diffusers'
+    single-file converter)."""
+    sd = dict(sd)
+    out: dict[str, torch.Tensor] = {}
+    for blocks, ours_blocks, table, n in (("double_blocks", "transformer_blocks", _FLUX_DOUBLE, num_double),
+                                          ("single_blocks", "single_transformer_blocks", _FLUX_SINGLE, num_single)):
+        for i in range(n):
+            for (kind, orig), parts in _FLUX_CAT.items():
+                for suffix in ("weight", "bias"):
+                    if kind == blocks:
+                        out[f"{blocks}.{i}.{orig}.{suffix}"] = torch.cat(
+                            [sd.pop(f"{ours_blocks}.{i}.{p}.{suffix}") for p in parts])
+            for ours, orig in table.items():
+                for suffix in ("weight", "bias"):
+                    name = f"{ours_blocks}.{i}.{ours}.{suffix}"
+                    if name in sd:
+                        out[f"{blocks}.{i}.{_bfl_name(suffix, orig)}"] = sd.pop(name)
+    for ours, orig in _FLUX_TOP.items():
+        for suffix in ("weight", "bias"):
+            if f"{ours}.{suffix}" in sd:
+                w = sd.pop(f"{ours}.{suffix}")
+                out[f"{orig}.{suffix}"] = _swap_halves(w) if ours == "norm_out.linear" else w
+    assert not sd, f"unmapped: {sorted(sd)[:5]}"
+    return {prefix + k: v for k, v in out.items()}

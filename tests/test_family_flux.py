@@ -94,3 +94,85 @@ def test_text_encoder_lora_goes_on_clip_only(tmp_path: Path, tok_dir: Path) -> N
     clip = b.text_encoders[0].module
     te1 = {dit_lora_key("flux1", "te1", p) for p in default_text_targets(clip, "hf_clip")}
     assert te1 and module_keys(result.lora_path) == expected_unet_keys("flux1", b) | te1
+
+
+def test_detection_by_keys_with_or_without_prefix() -> None:
+    from lora_trainer.families import detect_state_dict
+
+    for key in ("double_blocks.0.img_attn.qkv.weight", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight"):
+        assert detect_state_dict({key: torch.zeros(1)}).name == "flux1"
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_diffusers_folder_loads_offline(tmp_path: Path, tok_dir: Path, variant: str) -> None:
+    from lora_trainer.config import ModelConfig
+    from lora_trainer.families.flux import flux_bundle
+    from lora_trainer.models.loaders import load_bundle
+    from lora_trainer.models.tiny_dit import build_components
+    from tests.family_flow_helpers import same_outputs, save_pipeline
+
+    parts = build_components("flux1", variant, tok_dir)
+    parts.pop("t5_max_length")  # the loader uses the pipeline's 512 / 256 tokens
+    folder = save_pipeline("flux1", parts, tmp_path / "flux")
+    ref = flux_bundle(parts, torch.device("cpu"), torch.float32, "ref")
+    loaded = load_bundle(ModelConfig(base_model=str(folder), device="cpu", weight_dtype="fp32"))
+    assert loaded.arch == "flux1" and loaded.extras["variant"] == variant
+    assert loaded.objective_spec.guidance_input == (variant == "dev")
+    assert same_outputs(ref, loaded, {"guidance": torch.tensor([3.5])})
+
+
+def test_a_diffusers_folder_part_can_be_replaced_and_a_missing_t5_tokenizer_is_one_line(
+        tmp_path: Path, tok_dir: Path) -> None:
+    import shutil
+
+    from lora_trainer.config import ModelConfig
+    from lora_trainer.errors import ModelLoadError
+    from lora_trainer.models.loaders import load_bundle
+    from lora_trainer.models.tiny_dit import build_components
+    from tests.family_flow_helpers import save_pipeline
+
+    folder = save_pipeline("flux1", build_components("flux1", "schnell", tok_dir), tmp_path / "flux")
+    other = build_components("flux1", "schnell", tok_dir, seed=1)["text_encoder"]
+    other.save_pretrained(str(tmp_path / "clip_l"))
+    loaded = load_bundle(ModelConfig(base_model=str(folder), clip_l=str(tmp_path / "clip_l"), device="cpu"))
+    ours, theirs = loaded.text_encoders[0].module.state_dict(), other.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    shutil.rmtree(folder / "tokenizer_2")
+    with pytest.raises(ModelLoadError, match="model.t5_tokenizer: .*tokenizer_2 has no tokenizer.json") as err:
+        load_bundle(ModelConfig(base_model=str(folder), device="cpu"))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_single_file_parts_are_checked_before_any_conversion(tmp_path: Path, variant: str) -> None:
+    from safetensors.torch import save_file
+
+    from lora_trainer.config import ModelConfig
+    from lora_trainer.errors import ModelLoadError
+    from lora_trainer.models.loaders import load_bundle
+
+    keys = ["double_blocks.0.img_attn.qkv.weight"] + (["guidance_in.in_layer.weight"] if variant == "dev" else [])
+    save_file({k: torch.zeros(3, 1) for k in keys}, str(tmp_path / "flux.safetensors"))
+    with pytest.raises(ModelLoadError, match="model.clip_l is not set") as err:
+        load_bundle(ModelConfig(base_model=str(tmp_path / "flux.safetensors"), device="cpu"))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_packaged_config_matches_the_bfl_layout_diffusers_converts(variant: str) -> None:
+    """diffusers' BFL converter only runs at the real width (3072), so it is checked on the meta
+    device: a BFL-layout state dict of the packaged config converts to exactly the keys and
+    shapes of the model that config builds, and the parameter count is the family's figure."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from tests.family_flow_helpers import flux_original_state_dict
+
+    fam = get_family("flux1")
+    model = fam.meta_denoiser(variant)
+    assert sum(p.numel() for p in model.parameters()) == fam.denoiser_params[variant]
+    sd = model.state_dict()
+    bfl = flux_original_state_dict(sd, model.config.num_layers, model.config.num_single_layers,
+                                   "model.diffusion_model.")
+    assert fam.matches_state_dict(set(bfl), bfl)
+    back = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert sorted(back) == sorted(sd) and all(back[k].shape == sd[k].shape for k in sd)
