@@ -176,3 +176,43 @@ def test_packaged_config_matches_the_bfl_layout_diffusers_converts(variant: str)
     assert fam.matches_state_dict(set(bfl), bfl)
     back = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
     assert sorted(back) == sorted(sd) and all(back[k].shape == sd[k].shape for k in sd)
+
+
+def test_fp8_base_weights_train(tmp_path: Path, tok_dir: Path) -> None:
+    from lora_trainer.families.flow_parts import Fp8Linear, block_linear_targets
+
+    b = build_bundle("flux1", "dev", tok_dir, weight_dtype="fp8")
+    paths = block_linear_targets(b.unet)
+    layers = [b.unet.get_submodule(p) for p in paths]
+    assert layers and all(isinstance(m, Fp8Linear) and m.weight.dtype == torch.float8_e4m3fn for m in layers)
+    full = build_bundle("flux1", "dev", tok_dir)
+    x, cond = torch.randn(1, 16, 8, 8), full.encode_text(["a red circle"])
+    cond["guidance"] = torch.tensor([3.5])
+    with torch.no_grad():  # fp8 storage is close to, not equal to, the full-precision model
+        a, f = b.predict(x, torch.tensor([0.5]), cond, None), full.predict(x, torch.tensor([0.5]), cond, None)
+    assert not torch.equal(a, f) and torch.allclose(a, f, atol=0.1)
+    before, after, result, _ = train_memorises(b, tmp_path, {"guidance": torch.tensor([3.5])})
+    print(f"flux1-dev fp8: eval loss before {before:.4f} after {after:.4f}")
+    assert after < 0.88 * before, (before, after)
+    assert all(m.weight.dtype == torch.float8_e4m3fn for m in layers)  # the base stays fp8
+    assert module_keys(result.lora_path) == expected_unet_keys("flux1", b)
+
+
+def test_nf4_without_bitsandbytes_is_one_line(tok_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from lora_trainer.errors import ModelLoadError
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(ModelLoadError, match="nf4 needs bitsandbytes; pip install bitsandbytes") as err:
+        build_bundle("flux1", "schnell", tok_dir, weight_dtype="nf4")
+    assert "\n" not in str(err.value)
+
+
+def test_quantized_weights_are_refused_for_stable_diffusion(tmp_path: Path) -> None:
+    from lora_trainer.config import ModelConfig
+    from lora_trainer.errors import ModelLoadError
+    from lora_trainer.models.loaders import load_bundle
+
+    with pytest.raises(ModelLoadError, match="model.weight_dtype fp8: Stable Diffusion 1.x models load in"):
+        load_bundle(ModelConfig(base_model="demo", device="cpu", weight_dtype="fp8"))

@@ -199,6 +199,7 @@ def store_nf4(module: nn.Module, compute_dtype: torch.dtype) -> int:
         new.weight = bnb.nn.Params4bit(old.weight.detach().cpu(), requires_grad=False, quant_type="nf4")
         if old.bias is not None:
             new.bias = old.bias
+        new.to(old.weight.device)  # bitsandbytes quantizes on the move to the GPU
         parent, _, child = path.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, child, new)
         count += 1
