@@ -209,3 +209,16 @@ def flux_original_state_dict(sd: dict[str, torch.Tensor], num_double: int, num_s
                 out[f"{orig}.{suffix}"] = _swap_halves(w) if ours == "norm_out.linear" else w
     assert not sd, f"unmapped: {sorted(sd)[:5]}"
     return {prefix + k: v for k, v in out.items()}
+
+
+def assert_family_metadata(path: Path, family: str, variant: str) -> None:
+    """The file says which family and variant it was trained on, and is detected as that family."""
+    from lora_trainer.families import detect_lora
+    from lora_trainer.lora.dit_keys import DIT_METADATA
+    from lora_trainer.lora.files import read_lora_file
+
+    tensors, metadata = read_lora_file(path)
+    for key, value in DIT_METADATA[f"{family}-{variant}"].items():
+        assert metadata[key] == value, key
+    found = detect_lora({k.split(".")[0] for k in tensors}, metadata)
+    assert found is not None and found.name == family

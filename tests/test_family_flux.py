@@ -11,7 +11,7 @@ from lora_trainer.families import get_family
 from lora_trainer.families.flux import image_ids, pack_latents, unpack_latents
 from lora_trainer.lora.dit_keys import dit_lora_key
 from lora_trainer.models.tiny_dit import build_bundle
-from tests.family_flow_helpers import count_calls, expected_unet_keys, module_keys, train_memorises
+from tests.family_flow_helpers import assert_family_metadata, count_calls, expected_unet_keys, module_keys, train_memorises
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,7 @@ def test_training_memorises_one_image_caches_text_and_round_trips(tmp_path: Path
     # sample; twice more for eval_loss before and after
     assert t5_calls[0] == 1 + 2
     assert module_keys(result.lora_path) == expected_unet_keys("flux1", b)
+    assert_family_metadata(result.lora_path, "flux1", variant)
 
 
 def test_targets_are_block_attention_and_feed_forward(tok_dir: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from lora_trainer.families import get_family
 from lora_trainer.lora.dit_keys import dit_lora_key
 from lora_trainer.models.tiny_dit import T5_MAX_LENGTH, build_bundle
-from tests.family_flow_helpers import count_calls, expected_unet_keys, module_keys, train_memorises
+from tests.family_flow_helpers import assert_family_metadata, count_calls, expected_unet_keys, module_keys, train_memorises
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,7 @@ def test_training_memorises_one_image_caches_text_and_round_trips(tmp_path: Path
     assert "sample" in [e.kind for e in host.events]
     assert t5_calls[0] == 1 + 2  # the cache once (never in the loop or the sample), eval before/after
     assert module_keys(result.lora_path) == expected_unet_keys("sd3", b)
+    assert_family_metadata(result.lora_path, "sd3", variant)
 
 
 def test_targets_cover_both_streams_and_the_second_attention(tok_dir: Path) -> None:
