@@ -11,7 +11,13 @@ from lora_trainer.families import get_family
 from lora_trainer.families.flux import image_ids, pack_latents, unpack_latents
 from lora_trainer.lora.dit_keys import dit_lora_key
 from lora_trainer.models.tiny_dit import build_bundle
-from tests.family_flow_helpers import assert_family_metadata, count_calls, expected_unet_keys, module_keys, train_memorises
+from tests.family_flow_helpers import (
+    assert_family_metadata,
+    count_calls,
+    expected_unet_keys,
+    module_keys,
+    train_memorises,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,13 @@ import torch
 from lora_trainer.families import get_family
 from lora_trainer.lora.dit_keys import dit_lora_key
 from lora_trainer.models.tiny_dit import T5_MAX_LENGTH, build_bundle
-from tests.family_flow_helpers import assert_family_metadata, count_calls, expected_unet_keys, module_keys, train_memorises
+from tests.family_flow_helpers import (
+    assert_family_metadata,
+    count_calls,
+    expected_unet_keys,
+    module_keys,
+    train_memorises,
+)
 
 
 @pytest.fixture(scope="module")
