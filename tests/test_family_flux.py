@@ -186,10 +186,10 @@ def test_packaged_config_matches_the_bfl_layout_diffusers_converts(variant: str)
 
 
 def test_fp8_base_weights_train(tmp_path: Path, tok_dir: Path) -> None:
-    from lora_trainer.families.flow_parts import Fp8Linear, block_linear_targets
+    from lora_trainer.families.flow_parts import Fp8Linear, block_linears
 
     b = build_bundle("flux1", "dev", tok_dir, weight_dtype="fp8")
-    paths = block_linear_targets(b.unet)
+    paths = block_linears(b.unet)
     layers = [b.unet.get_submodule(p) for p in paths]
     assert layers and all(isinstance(m, Fp8Linear) and m.weight.dtype == torch.float8_e4m3fn for m in layers)
     full = build_bundle("flux1", "dev", tok_dir)

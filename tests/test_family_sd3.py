@@ -166,3 +166,33 @@ def test_a_missing_part_is_one_line_naming_its_field_before_any_conversion(tmp_p
         with pytest.raises(ModelLoadError, match=message) as err:
             load_bundle(ModelConfig(**base, **values))
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["flux1", "sd3"])
+def test_memory_figures_match_the_packaged_full_size_configs(name: str) -> None:
+    from diffusers import AutoencoderKL
+    from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+
+    fam = get_family(name)
+    for variant, count in fam.denoiser_params.items():
+        assert sum(p.numel() for p in fam.meta_denoiser(variant).parameters()) == count, variant
+    folder = fam.config_folder(next(iter(fam.denoiser_params)))
+    classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+               "T5EncoderModel": T5EncoderModel}
+    with torch.device("meta"):
+        te = 0
+        for sub in fam.folder_parts():
+            if sub.startswith("text_encoder"):
+                config = AutoConfig.from_pretrained(str(folder / sub))
+                te += sum(p.numel() for p in classes[config.architectures[0]](config).parameters())
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(folder / "vae")))
+    assert te == fam.text_encoder_params
+    assert sum(p.numel() for p in vae.parameters()) == fam.vae_params
+
+
+def test_fp8_and_nf4_shrink_the_denoiser_weights() -> None:
+    fam = get_family("flux1")
+    bf16, fp8, nf4 = (fam.denoiser_weight_bytes("dev", d) for d in ("bf16", "fp8", "nf4"))
+    assert bf16 == 2 * fam.denoiser_params["dev"]
+    assert 0.5 * bf16 < fp8 + 0.02 * bf16 and fp8 < 0.55 * bf16  # nearly every weight is a block Linear
+    assert nf4 < 0.32 * bf16

@@ -27,13 +27,18 @@ _MODULATION_RE = re.compile(r"(?:^|\.)norm[^.]*\.")
 CONFIGS = Path(__file__).resolve().parent.parent / "models" / "configs"
 
 
+def block_linears(transformer: nn.Module) -> list[str]:
+    """Every Linear layer inside the transformer's blocks (nearly all its weights): what fp8 /
+    nf4 storage applies to."""
+    from torch import nn
+
+    return [p for p, m in transformer.named_modules() if isinstance(m, nn.Linear) and _BLOCK_LINEAR_RE.match(p)]
+
+
 def block_linear_targets(transformer: nn.Module) -> list[str]:
     """Attention projections (q/k/v/out and the context stream's add_*/to_add_out) and the
     feed-forward Linear layers of every block: what kohya trains on Flux and SD3."""
-    from torch import nn
-
-    return [p for p, m in transformer.named_modules()
-            if isinstance(m, nn.Linear) and _BLOCK_LINEAR_RE.match(p) and not _MODULATION_RE.search(p)]
+    return [p for p in block_linears(transformer) if not _MODULATION_RE.search(p)]
 
 
 class FlowFamily(Family):
@@ -82,6 +87,19 @@ class FlowFamily(Family):
         config = cls.load_config(str(self.config_folder(variant or next(iter(self.denoiser_params))) / "transformer"))
         with torch.device("meta"):
             return cls.from_config(config)
+
+    def denoiser_weight_bytes(self, variant: str = "", weight_dtype: str = "bf16") -> int:
+        """Bytes of the frozen denoiser as stored (memory estimate): the block Linear weights at
+        1 byte (fp8) or 4 bits plus one fp32 scale per 64 (nf4), the rest in the compute dtype
+        (4 bytes for fp32, else 2)."""
+        model = self.meta_denoiser(variant)
+        compute = 4 if weight_dtype == "fp32" else 2
+        total = sum(p.numel() for p in model.parameters())
+        per_weight = {"fp8": 1.0, "nf4": 0.5 + 4 / 64}.get(weight_dtype)
+        if per_weight is None:
+            return total * compute
+        linear = sum(model.get_submodule(p).weight.numel() for p in block_linears(model))
+        return int(linear * per_weight) + (total - linear) * compute
 
     def lora_metadata(self, bundle: ModelBundle) -> dict[str, str]:
         from lora_trainer.lora.dit_keys import DIT_METADATA
@@ -173,7 +191,7 @@ def store_fp8(module: nn.Module, compute_dtype: torch.dtype) -> int:
     import torch
     from torch import nn
 
-    paths = block_linear_targets(module)
+    paths = block_linears(module)
     for path in paths:
         layer = module.get_submodule(path)
         layer.weight = nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
@@ -192,7 +210,7 @@ def store_nf4(module: nn.Module, compute_dtype: torch.dtype) -> int:
         raise ModelLoadError("model.weight_dtype nf4 needs bitsandbytes; pip install bitsandbytes "
                              "(or use fp8)") from None
     count = 0
-    for path in block_linear_targets(module):
+    for path in block_linears(module):
         old = module.get_submodule(path)
         new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
                                 compute_dtype=compute_dtype, quant_type="nf4")

@@ -81,6 +81,10 @@ class Flux1(FlowFamily):
         bundle.model_hash, bundle.legacy_hash = file_hashes(path)
         return bundle
 
+    def preset_overrides(self, preset: str) -> dict[str, Any]:
+        # dev's distilled guidance is used at ~3.5 (the pipeline's default), not a CFG scale
+        return {"sample.guidance_scale": 3.5}
+
     def config_folder(self, variant: str) -> Path:
         from lora_trainer.families.flow_parts import config_folder
 
