@@ -223,3 +223,24 @@ def test_quantized_weights_are_refused_for_stable_diffusion(tmp_path: Path) -> N
 
     with pytest.raises(ModelLoadError, match="model.weight_dtype fp8: Stable Diffusion 1.x models load in"):
         load_bundle(ModelConfig(base_model="demo", device="cpu", weight_dtype="fp8"))
+
+
+def test_standalone_host_trains_a_diffusers_folder_and_reloads_for_fp8(tmp_path: Path, tok_dir: Path) -> None:
+    from lora_trainer.hosts.standalone import StandaloneHost
+    from lora_trainer.models.tiny_dit import build_components
+    from lora_trainer.train.trainer import Trainer
+    from tests.family_flow_helpers import save_pipeline
+    from tests.train_helpers import make_data, tiny_config
+
+    folder = save_pipeline("flux1", build_components("flux1", "schnell", tok_dir), tmp_path / "flux")
+    data = make_data(tmp_path / "d", n=2)
+    host = StandaloneHost()
+    cfg = tiny_config(data, tmp_path / "out", **{"model.base_model": str(folder)})
+    result = Trainer(cfg, host=host).run()
+    assert result.steps == 2 and host._last_bundle is not None and host._last_bundle.arch == "flux1"
+    assert module_keys(result.lora_path) == expected_unet_keys("flux1", host._last_bundle)
+    first = host._last_bundle
+    Trainer(tiny_config(data, tmp_path / "out8", **{"model.base_model": str(folder), "model.weight_dtype": "fp8"}),
+            host=host).run()
+    assert host._last_bundle is not first  # fp8 storage is another model, not the cached one
+    assert host._last_bundle.unet.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn  # LoRA removed
