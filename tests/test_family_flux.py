@@ -244,3 +244,40 @@ def test_standalone_host_trains_a_diffusers_folder_and_reloads_for_fp8(tmp_path:
             host=host).run()
     assert host._last_bundle is not first  # fp8 storage is another model, not the cached one
     assert host._last_bundle.unet.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn  # LoRA removed
+
+
+def test_config_flow_settings_take_kohyas_names_and_reach_the_objective(tmp_path: Path) -> None:
+    from lora_trainer.config import build_config
+    from lora_trainer.errors import ConfigError
+    from lora_trainer.families.flux import DEV_OBJECTIVE, SCHNELL_OBJECTIVE
+    from lora_trainer.train.objectives import configured_spec
+
+    def loop(**values: object):  # noqa: ANN202
+        return build_config({"data.train_data_dir": str(tmp_path), **values}).train
+
+    assert configured_spec(DEV_OBJECTIVE, loop()) == DEV_OBJECTIVE
+    shifted = configured_spec(DEV_OBJECTIVE, loop(timestep_sampling="shift"))
+    assert (shifted.sampling, shifted.resolution_shift, shifted.shift) == ("sigmoid", False, 3.0)
+    fixed = configured_spec(DEV_OBJECTIVE, loop(discrete_flow_shift=3.1582, guidance_scale=1.0))
+    assert (fixed.shift, fixed.resolution_shift, fixed.train_guidance) == (3.1582, False, 1.0)
+    flux_shift = configured_spec(SCHNELL_OBJECTIVE, loop(timestep_sampling="flux_shift"))
+    assert flux_shift.resolution_shift and flux_shift.sampling == "sigmoid"
+    assert configured_spec(SCHNELL_OBJECTIVE, loop(timestep_sampling="uniform")).sampling == "uniform"
+    sd1 = get_family("sd1").objective
+    with pytest.raises(ConfigError, match="train.discrete_flow_shift: applies to rectified-flow models"):
+        configured_spec(sd1, loop(discrete_flow_shift=3.0))
+    with pytest.raises(ConfigError, match="train.min_snr_gamma"):
+        build_config({"data.train_data_dir": str(tmp_path), "model.arch": "flux1", "train.min_snr_gamma": 5})
+
+
+def test_training_gives_dev_its_guidance_value(tok_dir: Path) -> None:
+    from lora_trainer.train.objectives import FlowObjective, configured_spec
+    from tests.train_helpers import tiny_config
+
+    b = build_bundle("flux1", "dev", tok_dir)
+    cfg = tiny_config(Path("."), Path("out"), **{"train.guidance_scale": 2.5})
+    obj = FlowObjective(configured_spec(b.objective_spec, cfg.train), torch.device("cpu"))
+    step = obj.step_inputs(torch.zeros(2, 16, 8, 8), torch.randn(2, 16, 8, 8), torch.Generator().manual_seed(0))
+    assert torch.equal(step.cond["guidance"], torch.full((2,), 2.5))
+    schnell = FlowObjective(build_bundle("flux1", "schnell", tok_dir).objective_spec, torch.device("cpu"))
+    assert schnell.step_inputs(torch.zeros(1, 16, 8, 8), torch.randn(1, 16, 8, 8), torch.Generator()).cond == {}

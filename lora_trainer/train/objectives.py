@@ -191,9 +191,9 @@ def configured_spec(spec: ObjectiveSpec, train_cfg: Any = None) -> ObjectiveSpec
     if getattr(train_cfg, "min_snr_gamma", None):
         raise ConfigError("train.min_snr_gamma: Min-SNR weighting is for DDPM models (SD1/SD2/SDXL); "
                           "leave it empty for a rectified-flow model")
-    if sampling == "shift":  # kohya's name: the family's sampling with a fixed shift
-        sampling, spec = spec.sampling, replace(spec, resolution_shift=False)
-    if sampling == "flux_shift":
+    if sampling == "shift":  # kohya's: sigmoid of a normal, then a fixed shift (its default 3.0)
+        sampling, spec = "sigmoid", replace(spec, resolution_shift=False, shift=spec.shift if spec.shift != 1 else 3.0)
+    if sampling == "flux_shift":  # kohya's: sigmoid of a normal, then Flux's resolution shift
         sampling, spec = "sigmoid", replace(spec, resolution_shift=True)
     if sampling != "auto":
         spec = replace(spec, sampling=sampling)
