@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from lora_trainer.config import ModelConfig
     from lora_trainer.models.bundle import ModelBundle
 
 T5_NAMING = "hf_t5"
@@ -73,10 +74,42 @@ class FlowFamily(Family):
 
     def config_folder(self, variant: str) -> Path:
         """The packaged config-only folder of ``variant`` (full-size numbers, no weights)."""
-        raise NotImplementedError
+        return config_folder(f"{self.name}_{variant}")
 
     def denoiser_class(self) -> Any:
         raise NotImplementedError
+
+    def folder_parts(self) -> dict[str, tuple[str, str]]:
+        """{pipeline folder: (kind, config field that replaces it)} of everything but the transformer."""
+        raise NotImplementedError
+
+    def variant_of_state_dict(self, state_dict: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def build_bundle(self, parts: dict[str, Any], device: torch.device, dtype: torch.dtype, name: str,
+                     weight_dtype: str = "auto") -> ModelBundle:
+        raise NotImplementedError
+
+    def load_folder(self, path: Path, model_cfg: ModelConfig, device: torch.device,
+                    dtype: torch.dtype) -> ModelBundle:
+        from lora_trainer.families.flow_io import load_pipeline_folder
+
+        parts = load_pipeline_folder(path, model_cfg, dtype, self.folder_parts(), self.denoiser_class())
+        return self.build_bundle(parts, device, dtype, path.name, model_cfg.weight_dtype)
+
+    def load_single_file(self, path: Path, state_dict: dict[str, Any], model_cfg: ModelConfig,
+                         device: torch.device, dtype: torch.dtype,
+                         config_folder: Path | None = None) -> ModelBundle:
+        from lora_trainer.families.flow_io import check_part_fields, load_other_parts, transformer_from_single_file
+        from lora_trainer.models.checkpoint import file_hashes
+
+        check_part_fields(model_cfg, self.folder_parts())
+        folder = config_folder or self.config_folder(self.variant_of_state_dict(state_dict))
+        transformer = transformer_from_single_file(self.denoiser_class(), path, state_dict, folder, dtype)
+        parts = {"transformer": transformer, **load_other_parts(model_cfg, folder, dtype, self.folder_parts())}
+        bundle = self.build_bundle(parts, device, dtype, path.stem, model_cfg.weight_dtype)
+        bundle.model_hash, bundle.legacy_hash = file_hashes(path)
+        return bundle
 
     def meta_denoiser(self, variant: str = "") -> nn.Module:
         """The full-size denoiser of ``variant`` (default: the first) on the meta device: shapes and

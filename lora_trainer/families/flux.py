@@ -8,7 +8,6 @@ The bundle feeds the transformer as diffusers' FluxPipeline does: latents packed
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_trainer.families.base import ObjectiveSpec
@@ -22,7 +21,6 @@ from lora_trainer.families.flow_parts import (
 if TYPE_CHECKING:
     import torch
 
-    from lora_trainer.config import ModelConfig
     from lora_trainer.models.bundle import ModelBundle
 
 # kohya's "flux_shift" (sigmoid sampling, then the resolution shift), diffusers' guidance 3.5.
@@ -54,50 +52,23 @@ class Flux1(FlowFamily):
     def variant_objective(self, variant: str) -> ObjectiveSpec:
         return DEV_OBJECTIVE if variant == "dev" else SCHNELL_OBJECTIVE
 
-    def load_folder(self, path: Path, model_cfg: ModelConfig, device: torch.device,
-                    dtype: torch.dtype) -> ModelBundle:
-        from diffusers import FluxTransformer2DModel
+    def variant_of_state_dict(self, state_dict: dict[str, Any]) -> str:
+        return "dev" if any(k.endswith("guidance_in.in_layer.weight") for k in state_dict) else "schnell"
 
-        from lora_trainer.families.flow_io import load_pipeline_folder
-
-        parts = load_pipeline_folder(path, model_cfg, dtype, self.folder_parts(), FluxTransformer2DModel)
-        return flux_bundle(parts, device, dtype, path.name, model_cfg.weight_dtype)
-
-    def load_single_file(self, path: Path, state_dict: dict[str, Any], model_cfg: ModelConfig,
-                         device: torch.device, dtype: torch.dtype,
-                         config_folder: Path | None = None) -> ModelBundle:
-        from diffusers import FluxTransformer2DModel
-
-        from lora_trainer.families.flow_io import check_part_fields, load_other_parts, transformer_from_single_file
-
-        check_part_fields(model_cfg, self.folder_parts())
-        variant = "dev" if any(k.endswith("guidance_in.in_layer.weight") for k in state_dict) else "schnell"
-        folder = config_folder or self.config_folder(variant)
-        transformer = transformer_from_single_file(FluxTransformer2DModel, path, state_dict, folder, dtype)
-        parts = {"transformer": transformer, **load_other_parts(model_cfg, folder, dtype, self.folder_parts())}
-        bundle = flux_bundle(parts, device, dtype, path.stem, model_cfg.weight_dtype)
-        from lora_trainer.models.checkpoint import file_hashes
-
-        bundle.model_hash, bundle.legacy_hash = file_hashes(path)
-        return bundle
+    def build_bundle(self, parts: dict[str, Any], device: torch.device, dtype: torch.dtype, name: str,
+                     weight_dtype: str = "auto") -> ModelBundle:
+        return flux_bundle(parts, device, dtype, name, weight_dtype)
 
     def preset_overrides(self, preset: str) -> dict[str, Any]:
         # dev's distilled guidance is used at ~3.5 (the pipeline's default), not a CFG scale
         return {"sample.guidance_scale": 3.5}
-
-    def config_folder(self, variant: str) -> Path:
-        from lora_trainer.families.flow_parts import config_folder
-
-        return config_folder(f"flux1_{variant}")
 
     def denoiser_class(self) -> Any:
         from diffusers import FluxTransformer2DModel
 
         return FluxTransformer2DModel
 
-    @staticmethod
-    def folder_parts() -> dict[str, tuple[str, str]]:
-        """{pipeline folder: (kind, config field that replaces it)}"""
+    def folder_parts(self) -> dict[str, tuple[str, str]]:
         return {"text_encoder": ("clip", "model.clip_l"), "text_encoder_2": ("t5", "model.t5xxl"),
                 "vae": ("vae", "model.vae"), "tokenizer": ("clip_tokenizer", ""),
                 "tokenizer_2": ("t5_tokenizer", "model.t5_tokenizer")}

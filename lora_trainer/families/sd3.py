@@ -8,7 +8,6 @@ sigma * 1000.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_trainer.families.base import ObjectiveSpec
@@ -17,7 +16,6 @@ from lora_trainer.families.flow_parts import T5_NAMING, FlowFamily, quantize_den
 if TYPE_CHECKING:
     import torch
 
-    from lora_trainer.config import ModelConfig
     from lora_trainer.models.bundle import ModelBundle
 
 SD3_KEY = "joint_blocks.0.x_block.attn.qkv.weight"
@@ -41,45 +39,19 @@ class SD3(FlowFamily):
     def matches_state_dict(self, keys: set[str], state_dict: dict[str, Any]) -> bool:
         return SD3_KEY in keys or SD3_PREFIX + SD3_KEY in keys
 
-    def load_folder(self, path: Path, model_cfg: ModelConfig, device: torch.device,
-                    dtype: torch.dtype) -> ModelBundle:
-        from diffusers import SD3Transformer2DModel
+    def variant_of_state_dict(self, state_dict: dict[str, Any]) -> str:
+        return "medium" if any(".x_block.attn2." in k for k in state_dict) else "large"
 
-        from lora_trainer.families.flow_io import load_pipeline_folder
-
-        parts = load_pipeline_folder(path, model_cfg, dtype, self.folder_parts(), SD3Transformer2DModel)
-        return sd3_bundle(parts, device, dtype, path.name, model_cfg.weight_dtype)
-
-    def load_single_file(self, path: Path, state_dict: dict[str, Any], model_cfg: ModelConfig,
-                         device: torch.device, dtype: torch.dtype,
-                         config_folder: Path | None = None) -> ModelBundle:
-        from diffusers import SD3Transformer2DModel
-
-        from lora_trainer.families.flow_io import check_part_fields, load_other_parts, transformer_from_single_file
-        from lora_trainer.models.checkpoint import file_hashes
-
-        check_part_fields(model_cfg, self.folder_parts())
-        medium = any(".x_block.attn2." in k for k in state_dict)
-        folder = config_folder or self.config_folder("medium" if medium else "large")
-        transformer = transformer_from_single_file(SD3Transformer2DModel, path, state_dict, folder, dtype)
-        parts = {"transformer": transformer, **load_other_parts(model_cfg, folder, dtype, self.folder_parts())}
-        bundle = sd3_bundle(parts, device, dtype, path.stem, model_cfg.weight_dtype)
-        bundle.model_hash, bundle.legacy_hash = file_hashes(path)
-        return bundle
-
-    def config_folder(self, variant: str) -> Path:
-        from lora_trainer.families.flow_parts import config_folder
-
-        return config_folder(f"sd3_{variant}")
+    def build_bundle(self, parts: dict[str, Any], device: torch.device, dtype: torch.dtype, name: str,
+                     weight_dtype: str = "auto") -> ModelBundle:
+        return sd3_bundle(parts, device, dtype, name, weight_dtype)
 
     def denoiser_class(self) -> Any:
         from diffusers import SD3Transformer2DModel
 
         return SD3Transformer2DModel
 
-    @staticmethod
-    def folder_parts() -> dict[str, tuple[str, str]]:
-        """{pipeline folder: (kind, config field that replaces it)}"""
+    def folder_parts(self) -> dict[str, tuple[str, str]]:
         return {"text_encoder": ("clip_proj", "model.clip_l"), "text_encoder_2": ("clip_proj", "model.clip_g"),
                 "text_encoder_3": ("t5", "model.t5xxl"), "vae": ("vae", "model.vae"),
                 "tokenizer": ("clip_tokenizer", ""), "tokenizer_2": ("clip_tokenizer_bang", ""),
