@@ -281,3 +281,16 @@ def test_training_gives_dev_its_guidance_value(tok_dir: Path) -> None:
     assert torch.equal(step.cond["guidance"], torch.full((2,), 2.5))
     schnell = FlowObjective(build_bundle("flux1", "schnell", tok_dir).objective_spec, torch.device("cpu"))
     assert schnell.step_inputs(torch.zeros(1, 16, 8, 8), torch.randn(1, 16, 8, 8), torch.Generator()).cond == {}
+
+
+def test_t5_runs_in_bf16_when_the_model_is_fp16(tok_dir: Path) -> None:
+    from lora_trainer.families.flux import flux_bundle
+    from lora_trainer.models.tiny_dit import build_components
+
+    b = flux_bundle(build_components("flux1", "schnell", tok_dir), torch.device("cpu"), torch.float16, "half")
+    assert next(b.text_encoders[1].module.parameters()).dtype == torch.bfloat16  # T5 v1.1 overflows in fp16
+    assert next(b.unet.parameters()).dtype == next(b.text_encoders[0].module.parameters()).dtype == torch.float16
+    with torch.no_grad():
+        cond = b.encode_text(["a red circle"])
+        out = b.predict(torch.randn(1, 16, 8, 8, dtype=torch.float16), torch.tensor([0.5]), cond, None)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()

@@ -188,11 +188,17 @@ def t5_tokenizer(folder: Path | None, field: str) -> Any:
     from lora_trainer.errors import ModelLoadError
 
     folder = t5_tokenizer_files(folder, field)
-
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{field}: cannot read the T5 tokenizer in {folder} ({str(exc).splitlines()[0]})") from None
+
+
+def t5_dtype(dtype: torch.dtype) -> torch.dtype:
+    """T5 v1.1 overflows in fp16 (inf activations): it runs in bf16 when the model is fp16."""
+    import torch
+
+    return torch.bfloat16 if dtype == torch.float16 else dtype
 
 
 def token_ids(tokenizer: Any, captions: list[str], max_length: int, device: torch.device) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lora_trainer.families.base import ObjectiveSpec
-from lora_trainer.families.flow_parts import T5_NAMING, FlowFamily, quantize_denoiser, token_ids
+from lora_trainer.families.flow_parts import T5_NAMING, FlowFamily, quantize_denoiser, t5_dtype, token_ids
 
 if TYPE_CHECKING:
     import torch
@@ -116,7 +116,7 @@ def sd3_bundle(parts: dict[str, Any], device: torch.device, dtype: torch.dtype, 
 
     transformer = parts["transformer"]
     for key in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        _place(parts[key], device, dtype)
+        _place(parts[key], device, t5_dtype(dtype) if key == "text_encoder_3" else dtype)
     quantize_denoiser(transformer, weight_dtype, dtype)
     encode_images, decode_latents = _make_image_codec(parts["vae"], dtype)
     family = SD3()
