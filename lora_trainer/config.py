@@ -425,6 +425,9 @@ def validate(cfg: TrainConfig) -> None:
     need(t.noise_offset >= 0, f"train.noise_offset: {t.noise_offset} must be 0 or more")
     need(t.min_snr_gamma is None or t.min_snr_gamma > 0,
          f"train.min_snr_gamma: {t.min_snr_gamma} must be above 0 (or empty)")
+    need(not (n.type == "dora" and cfg.model.weight_dtype in ("fp8", "nf4")),
+         f"network.type dora needs the base weights in full precision (its magnitude is computed from them); "
+         f"set model.weight_dtype to auto, or use lora with {cfg.model.weight_dtype}")
     need(t.discrete_flow_shift is None or t.discrete_flow_shift > 0,
          f"train.discrete_flow_shift: {t.discrete_flow_shift} must be above 0 (or empty)")
     need(t.guidance_scale is None or t.guidance_scale >= 0,

@@ -294,3 +294,11 @@ def test_t5_runs_in_bf16_when_the_model_is_fp16(tok_dir: Path) -> None:
         cond = b.encode_text(["a red circle"])
         out = b.predict(torch.randn(1, 16, 8, 8, dtype=torch.float16), torch.tensor([0.5]), cond, None)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_dora_on_quantized_weights_is_refused_before_loading(tmp_path: Path) -> None:
+    from lora_trainer.config import build_config
+    from lora_trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="network.type dora needs the base weights in full precision"):
+        build_config({"data.train_data_dir": str(tmp_path), "network.type": "dora", "model.weight_dtype": "fp8"})
