@@ -143,6 +143,28 @@ def test_single_file_with_separate_parts_loads_offline(tmp_path: Path, tok_dir: 
     assert same_outputs(ref, loaded)
 
 
+def test_an_all_in_one_file_brings_its_text_encoders(tmp_path: Path, tok_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    from lora_trainer.config import ModelConfig
+    from lora_trainer.families.sd3 import sd3_bundle
+    from lora_trainer.models.loaders import load_bundle
+    from tests.family_flow_helpers import same_outputs, sd3_original_state_dict, write_config_folder
+
+    parts = _parts(tok_dir)
+    config = write_config_folder(parts, tmp_path / "config")
+    sd = sd3_original_state_dict(parts["transformer"])
+    for sub, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5xxl")):
+        sd.update({f"text_encoders.{name}.transformer.{k}": v.contiguous() for k, v in parts[sub].state_dict().items()
+                   if k != "encoder.embed_tokens.weight"})
+    save_file(sd, str(tmp_path / "sd35_all.safetensors"))
+    parts["vae"].save_pretrained(str(tmp_path / "vae"))
+    ref = sd3_bundle(parts, torch.device("cpu"), torch.float32, "ref")
+    cfg = ModelConfig(base_model=str(tmp_path / "sd35_all.safetensors"), vae=str(tmp_path / "vae"),
+                      t5_tokenizer=str(tok_dir), device="cpu", weight_dtype="fp32")
+    assert same_outputs(ref, load_bundle(cfg, config_folder=config))
+
+
 def test_a_missing_part_is_one_line_naming_its_field_before_any_conversion(tmp_path: Path, tok_dir: Path) -> None:
     from safetensors.torch import save_file
 
@@ -154,7 +176,7 @@ def test_a_missing_part_is_one_line_naming_its_field_before_any_conversion(tmp_p
     save_file({"joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(3, 1)}, str(tmp_path / "m.safetensors"))
     (tmp_path / "clip.safetensors").write_bytes(b"")
     base = dict(base_model=str(tmp_path / "m.safetensors"), device="cpu")
-    cases = [({}, "model.clip_l is not set"),
+    cases = [({}, "model.clip_l is not set and the checkpoint does not carry it"),
              ({"clip_l": str(tmp_path / "clip.safetensors"), "clip_g": str(tmp_path / "nope")}, "model.clip_g: "),
              ({"clip_l": str(tmp_path / "clip.safetensors"), "clip_g": str(tmp_path / "clip.safetensors"),
                "t5xxl": str(tmp_path / "clip.safetensors"), "vae": str(tmp_path / "clip.safetensors")},

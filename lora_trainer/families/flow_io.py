@@ -23,6 +23,9 @@ _PART_PREFIXES = ("text_encoders.clip_l.transformer.", "text_encoders.clip_g.tra
                   "vae.", "model.")
 # What a loaded module may lack from a file: tied or derived buffers.
 _MAY_MISS = ("position_ids", "encoder.embed_tokens.weight")
+# Where an all-in-one checkpoint keeps the parts besides the transformer.
+_EMBEDDED = {"model.clip_l": ("text_encoders.clip_l.",), "model.clip_g": ("text_encoders.clip_g.",),
+             "model.t5xxl": ("text_encoders.t5xxl.",), "model.vae": ("first_stage_model.", "vae.")}
 _MODEL_CLASSES = {"clip": "CLIPTextModel", "clip_proj": "CLIPTextModelWithProjection", "t5": "T5EncoderModel"}
 
 
@@ -34,17 +37,24 @@ def _text_model(kind: str, source: Path, config_dir: Path, dtype: torch.dtype, f
     """A CLIP/T5 encoder from a diffusers folder, or from a single file configured by ``config_dir``."""
     import transformers
 
-    cls = getattr(transformers, _MODEL_CLASSES[kind])
     if source.is_dir():
         sub = next((s for s in ("", "text_encoder") if (source / s / "config.json").is_file()), None)
         if sub is None:
             raise ModelLoadError(f"{field}: {source} has no config.json; point it at the model file or its folder")
+        cls = getattr(transformers, _MODEL_CLASSES[kind])
         return cls.from_pretrained(str(source / sub), torch_dtype=dtype, local_files_only=True)
     from lora_trainer.models.checkpoint import read_state_dict
 
-    config = cls.config_class.from_pretrained(str(config_dir), local_files_only=True)
-    model = cls(config)
-    load_renamed(model, read_state_dict(source, allow_pickle=False), field, source)
+    return _text_model_from(kind, read_state_dict(source, allow_pickle=False), config_dir, dtype, field, source)
+
+
+def _text_model_from(kind: str, state_dict: dict[str, torch.Tensor], config_dir: Path, dtype: torch.dtype,
+                     field: str, source: Path) -> Any:
+    import transformers
+
+    cls = getattr(transformers, _MODEL_CLASSES[kind])
+    model = cls(cls.config_class.from_pretrained(str(config_dir), local_files_only=True))
+    load_renamed(model, state_dict, field, source)
     return model.to(dtype)
 
 
@@ -72,17 +82,35 @@ def load_renamed(model: Any, state_dict: dict[str, torch.Tensor], field: str, so
 def _vae(source: Path, config_dir: Path, dtype: torch.dtype, field: str) -> Any:
     from diffusers import AutoencoderKL
 
-    try:
-        if source.is_dir():
-            sub = "vae" if (source / "vae" / "config.json").is_file() else None
-            return AutoencoderKL.from_pretrained(str(source), subfolder=sub, torch_dtype=dtype, local_files_only=True)
+    if not source.is_dir():
         from lora_trainer.models.checkpoint import read_state_dict
 
-        sd = read_state_dict(source, allow_pickle=False)
-        return AutoencoderKL.from_single_file(sd, config=str(config_dir.parent), subfolder=config_dir.name,
+        return _vae_from(read_state_dict(source, allow_pickle=False), config_dir, dtype, field, source)
+    try:
+        sub = "vae" if (source / "vae" / "config.json").is_file() else None
+        return AutoencoderKL.from_pretrained(str(source), subfolder=sub, torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"{field}: cannot load the VAE {source} ({str(exc).splitlines()[0]})") from None
+
+
+def _vae_from(state_dict: dict[str, torch.Tensor], config_dir: Path, dtype: torch.dtype, field: str,
+              source: Path) -> Any:
+    """The VAE of an original-layout (BFL / LDM) state dict, bare or under first_stage_model./vae."""
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_single_file(state_dict, config=str(config_dir.parent), subfolder=config_dir.name,
                                               torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelLoadError(f"{field}: cannot load the VAE {source} ({str(exc).splitlines()[0]})") from None
+
+
+def embedded_part(state_dict: dict[str, Any], field: str) -> dict[str, Any] | None:
+    """The tensors of the part ``field`` names when the checkpoint carries it (ComfyUI's and SD3's
+    all-in-one files: ``text_encoders.clip_l.transformer.``, ``first_stage_model.``, ...), else None."""
+    prefixes = _EMBEDDED.get(field)
+    found = {k: v for k, v in state_dict.items() if k.startswith(prefixes)} if prefixes else {}
+    return found or None
 
 
 def _tokenizer(kind: str, folder: Path | None, field: str) -> Any:
@@ -119,26 +147,36 @@ def load_pipeline_folder(path: Path, model_cfg: ModelConfig, dtype: torch.dtype,
     return parts
 
 
-def check_part_fields(model_cfg: ModelConfig, spec: dict[str, tuple[str, str]]) -> None:
-    """Before any loading: every part a single-file transformer needs is named and exists (a
-    one-line error naming the field otherwise)."""
+def check_part_fields(model_cfg: ModelConfig, spec: dict[str, tuple[str, str]], state_dict: dict[str, Any]) -> None:
+    """Before any loading: every part a single-file transformer needs is named and exists, or the
+    checkpoint carries it (a one-line error naming the field otherwise)."""
     for kind, field in spec.values():
         source = user_path(_field_value(model_cfg, field))
         if kind == "t5_tokenizer":
             t5_tokenizer_files(source, field)
         elif field and not kind.endswith(("tokenizer", "tokenizer_bang")):
-            if source is None:
-                raise ModelLoadError(f"{field} is not set; a single-file transformer needs it (a .safetensors file "
-                                     "or a diffusers folder of that part)")
-            if not source.exists():
+            if source is None and embedded_part(state_dict, field) is None:
+                raise ModelLoadError(f"{field} is not set and the checkpoint does not carry it; give its "
+                                     ".safetensors file or a diffusers folder of that part")
+            if source is not None and not source.exists():
                 raise ModelLoadError(f"{field}: {source} does not exist; check the path")
 
 
-def load_other_parts(model_cfg: ModelConfig, folder: Path, dtype: torch.dtype,
-                     spec: dict[str, tuple[str, str]]) -> dict[str, Any]:
-    """Text encoders, VAE and tokenizers of a single-file transformer, from their config fields."""
-    return {sub: _part(kind, user_path(_field_value(model_cfg, field)), folder / sub, dtype, field)
-            for sub, (kind, field) in spec.items()}
+def load_other_parts(model_cfg: ModelConfig, folder: Path, dtype: torch.dtype, spec: dict[str, tuple[str, str]],
+                     path: Path, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Text encoders, VAE and tokenizers of a single-file transformer: from their config fields,
+    else from the checkpoint ``path`` itself when it carries them."""
+    parts: dict[str, Any] = {}
+    for sub, (kind, field) in spec.items():
+        source = user_path(_field_value(model_cfg, field))
+        inside = embedded_part(state_dict, field) if source is None and field else None
+        if inside is not None and kind == "vae":
+            parts[sub] = _vae_from(inside, folder / sub, dtype, field, path)
+        elif inside is not None:
+            parts[sub] = _text_model_from(kind, inside, folder / sub, dtype, field, path)
+        else:
+            parts[sub] = _part(kind, source, folder / sub, dtype, field)
+    return parts
 
 
 def transformer_from_single_file(cls: Any, path: Path, state_dict: dict[str, Any], folder: Path,

@@ -103,10 +103,11 @@ class FlowFamily(Family):
         from lora_trainer.families.flow_io import check_part_fields, load_other_parts, transformer_from_single_file
         from lora_trainer.models.checkpoint import file_hashes
 
-        check_part_fields(model_cfg, self.folder_parts())
+        check_part_fields(model_cfg, self.folder_parts(), state_dict)
         folder = config_folder or self.config_folder(self.variant_of_state_dict(state_dict))
         transformer = transformer_from_single_file(self.denoiser_class(), path, state_dict, folder, dtype)
-        parts = {"transformer": transformer, **load_other_parts(model_cfg, folder, dtype, self.folder_parts())}
+        parts = {"transformer": transformer,
+                 **load_other_parts(model_cfg, folder, dtype, self.folder_parts(), path, state_dict)}
         bundle = self.build_bundle(parts, device, dtype, path.stem, model_cfg.weight_dtype)
         bundle.model_hash, bundle.legacy_hash = file_hashes(path)
         return bundle
