@@ -428,6 +428,8 @@ def validate(cfg: TrainConfig) -> None:
     need(not (n.type == "dora" and cfg.model.weight_dtype in ("fp8", "nf4")),
          f"network.type dora needs the base weights in full precision (its magnitude is computed from them); "
          f"set model.weight_dtype to auto, or use lora with {cfg.model.weight_dtype}")
+    need(cfg.model.arch not in ("flux1", "sd3") or d.resolution % 16 == 0,
+         f"data.resolution: {d.resolution} must be a multiple of 16 for {cfg.model.arch} (2x2 latent patches)")
     need(t.discrete_flow_shift is None or t.discrete_flow_shift > 0,
          f"train.discrete_flow_shift: {t.discrete_flow_shift} must be above 0 (or empty)")
     need(t.guidance_scale is None or t.guidance_scale >= 0,

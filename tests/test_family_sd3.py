@@ -218,3 +218,28 @@ def test_fp8_and_nf4_shrink_the_denoiser_weights() -> None:
     assert bf16 == 2 * fam.denoiser_params["dev"]
     assert 0.5 * bf16 < fp8 + 0.02 * bf16 and fp8 < 0.55 * bf16  # nearly every weight is a block Linear
     assert nf4 < 0.32 * bf16
+
+
+@pytest.mark.parametrize("family", ["flux1", "sd3"])
+def test_odd_latent_sides_are_a_clear_error(tok_dir: Path, tmp_path: Path, family: str) -> None:
+    from lora_trainer.config import build_config
+    from lora_trainer.errors import ConfigError
+
+    b = build_bundle(family, "schnell" if family == "flux1" else "medium", tok_dir)
+    cond = b.encode_text(["a cat"])
+    with pytest.raises(ConfigError, match="a 72x64 image does not cut into .* 2x2 latent patches"):
+        b.predict(torch.randn(1, 16, 8, 9), torch.tensor([0.5]), cond, None)
+    with pytest.raises(ConfigError, match="data.resolution: 72 must be a multiple of 16"):
+        build_config({"data.train_data_dir": str(tmp_path), "model.arch": family, "data.resolution": 72})
+
+
+def test_fp8_base_weights_train(tmp_path: Path, tok_dir: Path) -> None:
+    from lora_trainer.families.flow_parts import block_linears
+
+    b = build_bundle("sd3", "large", tok_dir, weight_dtype="fp8")
+    layers = [b.unet.get_submodule(p) for p in block_linears(b.unet)]
+    assert layers and all(m.weight.dtype == torch.float8_e4m3fn for m in layers)
+    before, after, result, _ = train_memorises(b, tmp_path, {})
+    print(f"sd3-large fp8: eval loss before {before:.4f} after {after:.4f}")
+    assert after < 0.88 * before, (before, after)
+    assert module_keys(result.lora_path) == expected_unet_keys("sd3", b)

@@ -202,6 +202,16 @@ def t5_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.float16 else dtype
 
 
+def check_patchable(latents: torch.Tensor) -> None:
+    """The transformers cut latents into 2x2 patches: image sides must be multiples of 16."""
+    if latents.shape[-1] % 2 or latents.shape[-2] % 2:
+        from lora_trainer.errors import ConfigError
+
+        h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
+        raise ConfigError(f"data.resolution / data.bucket_step: a {w}x{h} image does not cut into Flux.1/SD3.5's "
+                          "2x2 latent patches; use sides that are multiples of 16")
+
+
 def token_ids(tokenizer: Any, captions: list[str], max_length: int, device: torch.device) -> torch.Tensor:
     out = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     return out.input_ids.to(device)

@@ -14,6 +14,7 @@ from lora_trainer.families.base import ObjectiveSpec
 from lora_trainer.families.flow_parts import (
     T5_NAMING,
     FlowFamily,
+    check_patchable,
     quantize_denoiser,
     t5_dtype,
     token_ids,
@@ -125,6 +126,7 @@ def _predictor(transformer: Any, dtype: torch.dtype) -> Any:
 
     def predict(noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
                 size_info: torch.Tensor | None = None) -> torch.Tensor:
+        check_patchable(noisy)
         dev = noisy.device
         b, _, h, w = noisy.shape
         context = cond["context"].to(dev, dtype)

@@ -11,7 +11,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lora_trainer.families.base import ObjectiveSpec
-from lora_trainer.families.flow_parts import T5_NAMING, FlowFamily, quantize_denoiser, t5_dtype, token_ids
+from lora_trainer.families.flow_parts import (
+    T5_NAMING,
+    FlowFamily,
+    check_patchable,
+    quantize_denoiser,
+    t5_dtype,
+    token_ids,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -97,6 +104,7 @@ def _predictor(transformer: Any, dtype: torch.dtype) -> Any:
 
     def predict(noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
                 size_info: torch.Tensor | None = None) -> torch.Tensor:
+        check_patchable(noisy)
         dev = noisy.device
         return transformer(hidden_states=noisy.to(dtype), timestep=(timesteps.to(dev, torch.float32) * 1000).to(dtype),
                            encoder_hidden_states=cond["context"].to(dev, dtype),
