@@ -198,6 +198,9 @@ def test_fp8_base_weights_train(tmp_path: Path, tok_dir: Path) -> None:
     with torch.no_grad():  # fp8 storage is close to, not equal to, the full-precision model
         a, f = b.predict(x, torch.tensor([0.5]), cond, None), full.predict(x, torch.tensor([0.5]), cond, None)
     assert not torch.equal(a, f) and torch.allclose(a, f, atol=0.1)
+    t5 = b.text_encoders[1].module  # T5 is stored in fp8 too, but its feed-forward output layer
+    assert t5.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float8_e4m3fn
+    assert t5.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
     before, after, result, _ = train_memorises(b, tmp_path, {"guidance": torch.tensor([3.5])})
     print(f"flux1-dev fp8: eval loss before {before:.4f} after {after:.4f}")
     assert after < 0.88 * before, (before, after)

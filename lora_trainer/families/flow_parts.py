@@ -235,19 +235,28 @@ def _fp8_class(base: type) -> type:
     return type(f"Fp8{base.__name__}", (Fp8Linear, base), {"forward": _fp8_forward})
 
 
-def store_fp8(module: nn.Module, compute_dtype: torch.dtype) -> int:
-    """Store every block Linear weight of ``module`` as float8_e4m3fn; returns how many. The
-    layers stay ``nn.Linear`` (peft wraps them as usual) and compute in the input's dtype."""
+def store_fp8(module: nn.Module, compute_dtype: torch.dtype, paths: list[str] | None = None) -> int:
+    """Store the Linear weights at ``paths`` (default: every block Linear) of ``module`` as
+    float8_e4m3fn; returns how many. The layers stay ``nn.Linear`` (peft wraps them as usual)
+    and compute in the input's dtype."""
     import torch
     from torch import nn
 
-    paths = block_linears(module)
+    paths = block_linears(module) if paths is None else paths
     for path in paths:
         layer = module.get_submodule(path)
         layer.weight = nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
         layer.__class__ = _fp8_class(type(layer))
         layer.compute_dtype = compute_dtype
     return len(paths)
+
+
+def t5_linears(t5: nn.Module) -> list[str]:
+    """T5's Linear layers but the feed-forward output ``wo``, which T5 casts its input to (as
+    transformers keeps it in fp32 for 8-bit T5)."""
+    from torch import nn
+
+    return [p for p, m in t5.named_modules() if isinstance(m, nn.Linear) and not p.endswith(".wo")]
 
 
 def store_nf4(module: nn.Module, compute_dtype: torch.dtype) -> int:
@@ -274,12 +283,16 @@ def store_nf4(module: nn.Module, compute_dtype: torch.dtype) -> int:
     return count
 
 
-def quantize_denoiser(module: nn.Module, weight_dtype: str, compute_dtype: torch.dtype) -> None:
-    """Apply ``model.weight_dtype`` fp8 / nf4 to the denoiser's block Linear layers (else nothing)."""
+def quantize_base(module: nn.Module, t5: nn.Module, weight_dtype: str, compute_dtype: torch.dtype) -> None:
+    """Apply ``model.weight_dtype`` fp8 / nf4 to the denoiser's block Linear layers, and fp8 to
+    T5's (as kohya's fp8_base: T5-XXL then takes ~5.5 GiB instead of 9); else nothing."""
+    if weight_dtype not in ("fp8", "nf4"):
+        return
     if weight_dtype == "fp8":
         store_fp8(module, compute_dtype)
-    elif weight_dtype == "nf4":
+    else:
         store_nf4(module, compute_dtype)
+    store_fp8(t5, next(t5.parameters()).dtype, t5_linears(t5))
 
 
 # -- folders -----------------------------------------------------------------------------------

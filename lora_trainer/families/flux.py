@@ -15,7 +15,7 @@ from lora_trainer.families.flow_parts import (
     T5_NAMING,
     FlowFamily,
     check_patchable,
-    quantize_denoiser,
+    quantize_base,
     t5_dtype,
     token_ids,
 )
@@ -154,7 +154,7 @@ def flux_bundle(parts: dict[str, Any], device: torch.device, dtype: torch.dtype,
     transformer = parts["transformer"]
     for key in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         _place(parts[key], device, t5_dtype(dtype) if key == "text_encoder_2" else dtype)
-    quantize_denoiser(transformer, weight_dtype, dtype)
+    quantize_base(transformer, parts["text_encoder_2"], weight_dtype, dtype)
     variant = "dev" if transformer.config.guidance_embeds else "schnell"
     encode_images, decode_latents = _make_image_codec(parts["vae"], dtype)
     family = Flux1()

@@ -15,7 +15,7 @@ from lora_trainer.families.flow_parts import (
     T5_NAMING,
     FlowFamily,
     check_patchable,
-    quantize_denoiser,
+    quantize_base,
     t5_dtype,
     token_ids,
 )
@@ -125,7 +125,7 @@ def sd3_bundle(parts: dict[str, Any], device: torch.device, dtype: torch.dtype, 
     transformer = parts["transformer"]
     for key in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         _place(parts[key], device, t5_dtype(dtype) if key == "text_encoder_3" else dtype)
-    quantize_denoiser(transformer, weight_dtype, dtype)
+    quantize_base(transformer, parts["text_encoder_3"], weight_dtype, dtype)
     encode_images, decode_latents = _make_image_codec(parts["vae"], dtype)
     family = SD3()
     return ModelBundle(
