@@ -42,7 +42,11 @@ class ModelConfig:
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = _f("auto", "What the UNet predicts; 'auto' reads it from the model (SD2 768-v models are v_prediction).")
     vae: str | None = _f(None, "Optional separate VAE (.safetensors file or diffusers folder).")
     allow_pickle: bool = _f(False, "Allow loading pickle checkpoints (.ckpt/.pt). They can run arbitrary code: only for files you trust.")
-    weight_dtype: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "dtype of the frozen base weights; 'auto' is fp16/bf16 on a GPU (per mixed_precision) and fp32 on CPU.")
+    weight_dtype: Literal["auto", "fp32", "fp16", "bf16", "fp8", "nf4"] = _f("auto", "dtype of the frozen base weights; 'auto' is fp16/bf16 on a GPU (per mixed_precision) and fp32 on CPU. Flux.1/SD3.5: fp8 stores the transformer's Linear weights as float8 (computed in the auto dtype), nf4 as 4-bit (needs bitsandbytes).")
+    clip_l: str | None = _f(None, "Flux.1/SD3.5 single-file model: CLIP-L text encoder (.safetensors file or diffusers folder); with a diffusers folder, replaces its text_encoder.")
+    clip_g: str | None = _f(None, "SD3.5 single-file model: CLIP-G text encoder (.safetensors file or diffusers folder).")
+    t5xxl: str | None = _f(None, "Flux.1/SD3.5 single-file model: T5-XXL text encoder (.safetensors file or diffusers folder).")
+    t5_tokenizer: str | None = _f(None, "Flux.1/SD3.5: folder with T5's tokenizer files (tokenizer.json or spiece.model), e.g. tokenizer_2 of a FLUX.1 diffusers folder; a diffusers folder's own is used when empty.")
     device: str = _f("auto", "'auto', 'cpu', 'cuda', 'cuda:1', 'mps'.")
 
 
@@ -133,6 +137,12 @@ class LoopConfig:
     save_steps: int = _f(0, "Save a resumable checkpoint every N steps (0: only at the end).")
     resume: str | None = _f(None, "'latest' or a checkpoint folder to continue a run.")
     compile: bool = _f(False, "torch.compile the UNet (faster on GPUs after a warm-up).")
+    timestep_sampling: Literal["auto", "uniform", "logit_normal", "sigmoid", "shift", "flux_shift"] = _f(
+        "auto", "Flux.1/SD3.5: how sigma is drawn; 'auto' is the family's (Flux: sigmoid with the resolution "
+        "shift, kohya's flux_shift; SD3.5: logit-normal with shift 3). 'shift' uses discrete_flow_shift.")
+    discrete_flow_shift: float | None = _f(None, "Flux.1/SD3.5: fixed sigma shift (SD3: 3.0); empty: the family's.")
+    guidance_scale: float | None = _f(None, "FLUX.1-dev: guidance value the model is given while training; "
+                                      "empty: 3.5 (kohya's and diffusers' default).")
 
 
 @dataclass
@@ -190,6 +200,13 @@ ALIASES: dict[str, str] = {
     "pretrained_model_name_or_path": "model.base_model",
     "v_parameterization": "model.prediction_type",
     "vae": "model.vae",
+    "ae": "model.vae",
+    "clip_l": "model.clip_l",
+    "clip_g": "model.clip_g",
+    "t5xxl": "model.t5xxl",
+    "timestep_sampling": "train.timestep_sampling",
+    "discrete_flow_shift": "train.discrete_flow_shift",
+    "guidance_scale": "train.guidance_scale",
     "train_data_dir": "data.train_data_dir",
     "metadata_path": "data.metadata_path",
     "caption_extension": "data.caption_extension",
@@ -411,6 +428,18 @@ def validate(cfg: TrainConfig) -> None:
     need(t.noise_offset >= 0, f"train.noise_offset: {t.noise_offset} must be 0 or more")
     need(t.min_snr_gamma is None or t.min_snr_gamma > 0,
          f"train.min_snr_gamma: {t.min_snr_gamma} must be above 0 (or empty)")
+    need(not (n.type == "dora" and cfg.model.weight_dtype in ("fp8", "nf4")),
+         f"network.type dora needs the base weights in full precision (its magnitude is computed from them); "
+         f"set model.weight_dtype to auto, or use lora with {cfg.model.weight_dtype}")
+    need(cfg.model.arch not in ("flux1", "sd3") or d.resolution % 16 == 0,
+         f"data.resolution: {d.resolution} must be a multiple of 16 for {cfg.model.arch} (2x2 latent patches)")
+    need(t.discrete_flow_shift is None or t.discrete_flow_shift > 0,
+         f"train.discrete_flow_shift: {t.discrete_flow_shift} must be above 0 (or empty)")
+    need(t.guidance_scale is None or t.guidance_scale >= 0,
+         f"train.guidance_scale: {t.guidance_scale} must be 0 or more (or empty)")
+    need(t.min_snr_gamma is None or cfg.model.arch not in ("flux1", "sd3"),
+         "train.min_snr_gamma: Min-SNR weighting is for DDPM models (SD1/SD2/SDXL); leave it empty for "
+         f"{cfg.model.arch}")
     need(o.learning_rate > 0, f"optim.learning_rate: {o.learning_rate} must be above 0")
     for name in ("unet_lr", "text_encoder_lr"):
         v = getattr(o, name)

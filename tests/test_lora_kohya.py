@@ -72,8 +72,8 @@ def test_unknown_unet_module_is_an_error_naming_it():
         kohya.diffusers_to_ldm("down_blocks.7.attentions.0.proj_in", "sd1")
     with pytest.raises(LoraFormatError, match="input_blocks.1.1"):
         kohya.ldm_to_diffusers("input_blocks.1.1", "sdxl")  # level 0 of SDXL has no attention
-    with pytest.raises(LoraFormatError, match="sd3"):
-        kohya.kohya_name("sd3", "unet", "diffusers", "conv_in")
+    with pytest.raises(LoraFormatError, match="sd9"):
+        kohya.kohya_name("sd9", "unet", "diffusers", "conv_in")
 
 
 @pytest.mark.parametrize("path", ["text_model.encoder.layers.1.self_attn.q_proj", "encoder.layers.1.self_attn.q_proj",

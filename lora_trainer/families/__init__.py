@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from lora_trainer.families.base import Family, ObjectiveSpec
+from lora_trainer.families.flux import Flux1
 from lora_trainer.families.sd import SD1, SD2, SDXL
+from lora_trainer.families.sd3 import SD3
 
 __all__ = ["DEFAULT_FAMILY", "Family", "ObjectiveSpec", "all_families", "detect_folder", "detect_lora",
            "detect_lora_keys", "detect_lora_metadata", "detect_state_dict", "detect_webui_model", "family_names",
            "get_family"]
 
-_FAMILIES: tuple[Family, ...] = (SDXL(), SD2(), SD1())
+_FAMILIES: tuple[Family, ...] = (Flux1(), SD3(), SDXL(), SD2(), SD1())
 _BY_NAME: dict[str, Family] = {f.name: f for f in _FAMILIES}
 # The family assumed when nothing says which (model.arch auto before a model is read; the demo model's).
 DEFAULT_FAMILY = "sd1"

@@ -61,6 +61,9 @@ class ObjectiveSpec:
     guidance_input: bool = False
     # Samples use classifier-free guidance (two passes per step): SD1/SD2/SDXL/SD3.
     cfg_sampling: bool = True
+    # The guidance value a guidance-input model is given while training (kohya's and diffusers'
+    # Flux default: 3.5).
+    train_guidance: float = 1.0
 
 
 class Family:
@@ -218,6 +221,21 @@ class Family:
         raise NotImplementedError
 
     modelspec_implementation: str = "diffusers"
+
+    def lora_metadata(self, bundle: ModelBundle) -> dict[str, str]:
+        """``ss_base_model_version`` and ``modelspec.architecture`` of a LoRA trained on ``bundle``
+        (a family with variants answers per variant)."""
+        return {"ss_base_model_version": self.base_model_version(bundle.prediction_type),
+                "modelspec.architecture": self.modelspec_architecture(bundle.prediction_type)}
+
+    # Storage precisions of the denoiser's weights a loader accepts in model.weight_dtype besides
+    # fp32/fp16/bf16 ("fp8", "nf4"); none for the Stable Diffusion UNets.
+    quantized_weights: tuple[str, ...] = ()
+
+    def meta_denoiser(self, variant: str = "") -> Any:
+        """The full-size denoiser on the meta device (memory estimate), or None when the family
+        does not ship its config here."""
+        return None
 
     # -- presets ------------------------------------------------------------------------
     def preset_overrides(self, preset: str) -> dict[str, Any]:

@@ -41,7 +41,9 @@ def strip_network_tags(prompt: str) -> str:
 
 
 def _cache_key(model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> tuple:
-    return (model_cfg.base_model, model_cfg.vae, model_cfg.arch, model_cfg.prediction_type, str(device), dtype)
+    # the separate parts of a single-file Flux.1/SD3.5 and fp8/nf4 storage make another model too
+    parts = tuple(getattr(model_cfg, f, None) for f in ("clip_l", "clip_g", "t5xxl", "t5_tokenizer", "weight_dtype"))
+    return (model_cfg.base_model, model_cfg.vae, model_cfg.arch, model_cfg.prediction_type, str(device), dtype, *parts)
 
 
 def _has_adapter_layers(bundle: ModelBundle) -> bool:

@@ -111,6 +111,7 @@ def build_metadata(config: TrainConfig, bundle: ModelBundle, *, num_images: int,
         "modelspec.date": when.strftime("%Y-%m-%dT%H:%M:%S"),
         "lora_trainer_config": json.dumps(config.to_dict(), ensure_ascii=False, default=str),
     }
+    md.update(bundle.family.lora_metadata(bundle))  # per family and variant (Flux.1-dev, SD3.5 large, ...)
     if args:
         md["ss_network_args"] = json.dumps(args)
     if data.trigger_word:

@@ -84,10 +84,15 @@ class ModelBundle:
         return int(self.alphas_cumprod.shape[0])
 
     def trainable_roots(self) -> dict[str, nn.Module]:
-        """{"unet": ..., "te"/"te1"/"te2": ...}: the modules LoRA can be injected into."""
+        """{"unet": ..., "te"/"te1"/"te2": ...}: the modules LoRA can be injected into (the
+        family's trainable text encoders: never T5)."""
+        from lora_trainer.families import family_names
+
         roots: dict[str, nn.Module] = {"unet": self.unet}
+        trainable = self.family.trainable_text_encoders if self.arch in family_names() else None
         for part in self.text_encoders:
-            roots[part.key] = part.module
+            if trainable is None or part.key in trainable:
+                roots[part.key] = part.module
         return roots
 
     def naming_of(self, root: str) -> str:

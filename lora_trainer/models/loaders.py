@@ -51,6 +51,8 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device, mixed_pr
     """'auto' is fp32 on the CPU; on a GPU bf16 when training in bf16, else fp16."""
     if isinstance(name, torch.dtype):
         return name
+    if name in ("fp8", "nf4"):  # storage of the denoiser's weights; computed in the auto dtype
+        name = "auto"
     if name in (None, "", "auto"):
         if device.type not in ("cuda", "mps"):
             return torch.float32
@@ -77,6 +79,9 @@ def load_bundle(model_cfg: ModelConfig, device: torch.device | str | None = None
         bundle = _folder_family(path).load_folder(path, model_cfg, device, dtype)
     else:
         bundle = load_single_file(path, model_cfg, device, dtype, config_folder=config_folder)
+    if model_cfg.weight_dtype in ("fp8", "nf4") and model_cfg.weight_dtype not in bundle.family.quantized_weights:
+        raise ModelLoadError(f"model.weight_dtype {model_cfg.weight_dtype}: {bundle.family.label} models load in "
+                             "fp32/fp16/bf16 only; use auto")
     if model_cfg.arch not in ("auto", bundle.arch):
         raise ModelLoadError(f"model.arch is {model_cfg.arch} but {base} is an {bundle.arch} model; "
                              "set model.arch to auto or to the right family")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -44,6 +44,8 @@ class StepInputs:
     timesteps: torch.Tensor
     target: torch.Tensor
     weights: torch.Tensor | None = None  # per-sample loss weights (min-SNR), None for 1
+    # Conditioning the objective adds to the text's (Flux.1-dev's guidance value, (B,)).
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Objective(Protocol):
@@ -149,7 +151,10 @@ class FlowObjective:
         s = sigma.view(-1, *([1] * (latents.dim() - 1)))
         noisy = ((1 - s) * latents.float() + s * noise.float()).to(latents.dtype)
         target = (noise.float() - latents.float()).to(latents.dtype)
-        return StepInputs(noisy, sigma, target, None)
+        cond = {}
+        if self.spec.guidance_input:
+            cond["guidance"] = torch.full((latents.shape[0],), self.spec.train_guidance, device=latents.device)
+        return StepInputs(noisy, sigma, target, None, cond)
 
     def schedule(self, steps: int, latents: torch.Tensor) -> torch.Tensor:
         """The sampling sigmas from 1 to 0 (steps + 1 values), shifted as in training."""
@@ -178,9 +183,43 @@ class FlowObjective:
         return latents
 
 
-def objective_for(bundle: Any, min_snr_gamma: float | None = None) -> Objective:
-    """The training objective of ``bundle``'s family (its ObjectiveSpec, or the bundle's own)."""
-    spec: ObjectiveSpec = bundle.objective_spec
+def configured_spec(spec: ObjectiveSpec, train_cfg: Any = None) -> ObjectiveSpec:
+    """``spec`` with the config's train.timestep_sampling / discrete_flow_shift / guidance_scale
+    where they are set ("auto" / empty keeps the family's); they apply to flow families only."""
+    if train_cfg is None:
+        return spec
+    from lora_trainer.errors import ConfigError
+
+    sampling = getattr(train_cfg, "timestep_sampling", "auto")
+    shift = getattr(train_cfg, "discrete_flow_shift", None)
+    guidance = getattr(train_cfg, "guidance_scale", None)
+    if spec.kind != "flow":
+        for name, value, unset in (("timestep_sampling", sampling, "auto"), ("discrete_flow_shift", shift, None),
+                                   ("guidance_scale", guidance, None)):
+            if value != unset:
+                raise ConfigError(f"train.{name}: applies to rectified-flow models (Flux.1, SD3.5) only; "
+                                  f"leave it at {unset or 'empty'} for this model")
+        return spec
+    if getattr(train_cfg, "min_snr_gamma", None):
+        raise ConfigError("train.min_snr_gamma: Min-SNR weighting is for DDPM models (SD1/SD2/SDXL); "
+                          "leave it empty for a rectified-flow model")
+    if sampling == "shift":  # kohya's: sigmoid of a normal, then a fixed shift (its default 3.0)
+        sampling, spec = "sigmoid", replace(spec, resolution_shift=False, shift=spec.shift if spec.shift != 1 else 3.0)
+    if sampling == "flux_shift":  # kohya's: sigmoid of a normal, then Flux's resolution shift
+        sampling, spec = "sigmoid", replace(spec, resolution_shift=True)
+    if sampling != "auto":
+        spec = replace(spec, sampling=sampling)
+    if shift is not None:
+        spec = replace(spec, shift=float(shift), resolution_shift=False)
+    if guidance is not None:
+        spec = replace(spec, train_guidance=float(guidance))
+    return spec
+
+
+def objective_for(bundle: Any, min_snr_gamma: float | None = None, train_cfg: Any = None) -> Objective:
+    """The training objective of ``bundle``'s family (its ObjectiveSpec, or the bundle's own),
+    with the config's flow settings (``train_cfg``, a LoopConfig) applied."""
+    spec: ObjectiveSpec = configured_spec(bundle.objective_spec, train_cfg)
     device = torch.device(bundle.device)
     if spec.kind == "flow":
         return FlowObjective(spec, device)

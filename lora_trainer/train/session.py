@@ -77,7 +77,7 @@ class RunSession:
         # -- seed and outputs
         seed_everything(cfg.train.seed)
         self.gen = torch.Generator(self.device).manual_seed(cfg.train.seed)
-        self.objective = objective_for(self.bundle, cfg.train.min_snr_gamma)
+        self.objective = objective_for(self.bundle, cfg.train.min_snr_gamma, cfg.train)
         self.write_config()
         # -- data and caches (before LoRA, so the VAE and frozen text encoders can leave the GPU)
         self.setup_data()
@@ -291,7 +291,7 @@ class RunSession:
         step = self.objective.step_inputs(latents, noise, self.gen)
         size_info = batch.size_info.to(self.device, non_blocking=True) if b.family.uses_size_info else None
         with self.autocast():
-            cond = self.encode_text(batch.captions)
+            cond = {**self.encode_text(batch.captions), **step.cond}
             pred = b.predict(step.noisy.to(b.dtype), step.timesteps, cond, size_info)
         weights = batch.weights.to(self.device, non_blocking=True)
         if step.weights is not None:
@@ -463,7 +463,7 @@ class RunSession:
     def roots_in_training(self) -> list[Any]:
         b, n = self.bundle, self.cfg.network
         roots = [b.unet] if n.train_unet else []
-        return roots + ([p.module for p in b.text_encoders] if n.train_text_encoder else [])
+        return roots + ([m for k, m in b.trainable_roots().items() if k != "unet"] if n.train_text_encoder else [])
 
     def set_train_mode(self, on: bool) -> None:
         """Training mode on the trained roots (LoRA dropout, checkpointing); the host's flags are restored."""
