@@ -401,6 +401,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 # -- cross-field checks --------------------------------------------------------------------
 
+
+def _is_flow_family(arch: str) -> bool:
+    """Whether model.arch names a rectified-flow family (auto: not known before loading)."""
+    from lora_trainer.families import get_family
+
+    return arch != "auto" and arch in family_names() and get_family(arch).objective.kind == "flow"
+
 def validate(cfg: TrainConfig) -> None:
     """Checks that need more than one field, or a range. Called from ``__post_init__``."""
     def need(cond: bool, msg: str) -> None:
@@ -431,13 +438,14 @@ def validate(cfg: TrainConfig) -> None:
     need(not (n.type == "dora" and cfg.model.weight_dtype in ("fp8", "nf4")),
          f"network.type dora needs the base weights in full precision (its magnitude is computed from them); "
          f"set model.weight_dtype to auto, or use lora with {cfg.model.weight_dtype}")
-    need(cfg.model.arch not in ("flux1", "sd3") or d.resolution % 16 == 0,
+    flow = _is_flow_family(cfg.model.arch)
+    need(not flow or d.resolution % 16 == 0,
          f"data.resolution: {d.resolution} must be a multiple of 16 for {cfg.model.arch} (2x2 latent patches)")
     need(t.discrete_flow_shift is None or t.discrete_flow_shift > 0,
          f"train.discrete_flow_shift: {t.discrete_flow_shift} must be above 0 (or empty)")
     need(t.guidance_scale is None or t.guidance_scale >= 0,
          f"train.guidance_scale: {t.guidance_scale} must be 0 or more (or empty)")
-    need(t.min_snr_gamma is None or cfg.model.arch not in ("flux1", "sd3"),
+    need(t.min_snr_gamma is None or not flow,
          "train.min_snr_gamma: Min-SNR weighting is for DDPM models (SD1/SD2/SDXL); leave it empty for "
          f"{cfg.model.arch}")
     need(o.learning_rate > 0, f"optim.learning_rate: {o.learning_rate} must be above 0")

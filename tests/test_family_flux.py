@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lora_trainer.families import get_family
+from lora_trainer.families.flow_tiny import build_bundle
 from lora_trainer.families.flux import image_ids, pack_latents, unpack_latents
 from lora_trainer.lora.dit_keys import dit_lora_key
-from lora_trainer.models.tiny_dit import build_bundle
 from tests.family_flow_helpers import (
     assert_family_metadata,
     count_calls,
@@ -113,9 +113,9 @@ def test_detection_by_keys_with_or_without_prefix() -> None:
 @pytest.mark.parametrize("variant", ["dev", "schnell"])
 def test_diffusers_folder_loads_offline(tmp_path: Path, tok_dir: Path, variant: str) -> None:
     from lora_trainer.config import ModelConfig
+    from lora_trainer.families.flow_tiny import build_components
     from lora_trainer.families.flux import flux_bundle
     from lora_trainer.models.loaders import load_bundle
-    from lora_trainer.models.tiny_dit import build_components
     from tests.family_flow_helpers import same_outputs, save_pipeline
 
     parts = build_components("flux1", variant, tok_dir)
@@ -134,8 +134,8 @@ def test_a_diffusers_folder_part_can_be_replaced_and_a_missing_t5_tokenizer_is_o
 
     from lora_trainer.config import ModelConfig
     from lora_trainer.errors import ModelLoadError
+    from lora_trainer.families.flow_tiny import build_components
     from lora_trainer.models.loaders import load_bundle
-    from lora_trainer.models.tiny_dit import build_components
     from tests.family_flow_helpers import save_pipeline
 
     folder = save_pipeline("flux1", build_components("flux1", "schnell", tok_dir), tmp_path / "flux")
@@ -229,8 +229,8 @@ def test_quantized_weights_are_refused_for_stable_diffusion(tmp_path: Path) -> N
 
 
 def test_standalone_host_trains_a_diffusers_folder_and_reloads_for_fp8(tmp_path: Path, tok_dir: Path) -> None:
+    from lora_trainer.families.flow_tiny import build_components
     from lora_trainer.hosts.standalone import StandaloneHost
-    from lora_trainer.models.tiny_dit import build_components
     from lora_trainer.train.trainer import Trainer
     from tests.family_flow_helpers import save_pipeline
     from tests.train_helpers import make_data, tiny_config
@@ -287,8 +287,8 @@ def test_training_gives_dev_its_guidance_value(tok_dir: Path) -> None:
 
 
 def test_t5_runs_in_bf16_when_the_model_is_fp16(tok_dir: Path) -> None:
+    from lora_trainer.families.flow_tiny import build_components
     from lora_trainer.families.flux import flux_bundle
-    from lora_trainer.models.tiny_dit import build_components
 
     b = flux_bundle(build_components("flux1", "schnell", tok_dir), torch.device("cpu"), torch.float16, "half")
     assert next(b.text_encoders[1].module.parameters()).dtype == torch.bfloat16  # T5 v1.1 overflows in fp16

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lora_trainer.families import get_family
+from lora_trainer.families.flow_tiny import T5_MAX_LENGTH, build_bundle
 from lora_trainer.lora.dit_keys import dit_lora_key
-from lora_trainer.models.tiny_dit import T5_MAX_LENGTH, build_bundle
 from tests.family_flow_helpers import (
     assert_family_metadata,
     count_calls,
@@ -94,7 +94,7 @@ def test_detection_by_keys_with_or_without_prefix() -> None:
 
 
 def _parts(tok_dir: Path, variant: str = "medium") -> dict:
-    from lora_trainer.models.tiny_dit import build_components
+    from lora_trainer.families.flow_tiny import build_components
 
     parts = build_components("sd3", variant, tok_dir)
     parts.pop("t5_max_length")  # the loaders use the pipeline's 256 tokens

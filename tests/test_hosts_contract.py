@@ -116,8 +116,8 @@ def test_an_untrainable_webui_model_is_one_line_not_a_traceback(env, tmp_path: P
     sd3.is_sd1, sd3.is_sd3 = False, True
     env.shared.sd_model = sd3
     host = A1111Host()
-    assert host.loaded_model().family is None and "SD3" in host.loaded_model().unsupported
-    with pytest.raises(HostError, match="the loaded model is SD3") as e:
+    assert host.loaded_model().family is None and "Stable Diffusion 3" in host.loaded_model().unsupported
+    with pytest.raises(HostError, match="the loaded model is Stable Diffusion 3") as e:
         host.acquire_bundle(build_config({"data.train_data_dir": str(tmp_path)}))
     assert "\n" not in str(e.value)
     env.shared.sd_model = None

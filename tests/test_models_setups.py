@@ -142,7 +142,7 @@ def test_prediction_type_from_scheduler_and_errors():
     with pytest.raises(ModelLoadError, match="text_encoder_2"):
         bundle_from_diffusers(parts, "sdxl")
     with pytest.raises(ModelLoadError, match="model.arch"):
-        bundle_from_diffusers(parts, "sd3")
+        bundle_from_diffusers(parts, "sd9")
 
 
 def test_sdxl_conditioning_survives_lora_inject_and_remove():

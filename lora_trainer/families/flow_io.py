@@ -6,11 +6,11 @@ config-only folders shipped in ``models/configs``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_trainer.errors import ModelLoadError
-from lora_trainer.families.flow_parts import clip_tokenizer, read_json, t5_tokenizer, t5_tokenizer_files, user_path
 
 if TYPE_CHECKING:
     import torch
@@ -189,3 +189,57 @@ def transformer_from_single_file(cls: Any, path: Path, state_dict: dict[str, Any
                                     local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelLoadError(f"{path}: cannot convert this transformer ({str(exc).splitlines()[0]})") from None
+
+
+# -- tokenizers and user paths ----------------------------------------------------------------
+def clip_tokenizer(folder: Path | None, pad: str) -> Any:
+    """CLIP's tokenizer from a diffusers tokenizer folder, else the one built from open_clip's BPE."""
+    from transformers import CLIPTokenizer
+
+    if folder is not None and ((folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()):
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    from lora_trainer.models.tokenizer import load_clip_tokenizer
+
+    return load_clip_tokenizer(pad_token=pad)
+
+
+_T5_HINT = ("point it at a folder with T5's tokenizer files (tokenizer.json or spiece.model), e.g. the "
+            "tokenizer_2 folder of a FLUX.1 or the tokenizer_3 folder of an SD3.5 diffusers model")
+
+
+def t5_tokenizer_files(folder: Path | None, field: str) -> Path:
+    """``folder`` when it holds T5 tokenizer files; T5's vocabulary ships with no package here,
+    so a missing one is a one-line error naming the config field."""
+    from lora_trainer.errors import ModelLoadError
+
+    if folder is None:
+        raise ModelLoadError(f"{field} is not set; {_T5_HINT}")
+    if not ((folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file()):
+        raise ModelLoadError(f"{field}: {folder} has no tokenizer.json or spiece.model; {_T5_HINT}")
+    return folder
+
+
+def t5_tokenizer(folder: Path | None, field: str) -> Any:
+    """T5's tokenizer from ``folder`` (see :func:`t5_tokenizer_files`)."""
+    from transformers import AutoTokenizer
+
+    from lora_trainer.errors import ModelLoadError
+
+    folder = t5_tokenizer_files(folder, field)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{field}: cannot read the T5 tokenizer in {folder} ({str(exc).splitlines()[0]})") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    from lora_trainer.errors import ModelLoadError
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ModelLoadError(f"{path} is missing or not valid JSON") from None
+
+
+def user_path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None

@@ -132,7 +132,7 @@ class A1111Host(WebUIHost):
     # -- model ------------------------------------------------------------------------------
     def family_of(self, sd_model: Any) -> str | LoadedModel:
         if getattr(sd_model, "is_sd3", False):
-            return LoadedModel.untrainable(checkpoint_label(sd_model), "SD3")
+            return LoadedModel.untrainable(checkpoint_label(sd_model), "Stable Diffusion 3")
         if not any(getattr(sd_model, f.webui_flag, False) for f in trainable_families()):
             return LoadedModel.untrainable(checkpoint_label(sd_model), f"not {trainable_labels('or')}")
         return arch_of(sd_model)

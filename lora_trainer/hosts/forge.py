@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 ENGINE_NAMES = {
     "Flux": "Flux", "Flux2": "Flux 2", "Chroma": "Chroma", "ZImage": "Z-Image", "QwenImage": "Qwen-Image",
     "Krea2": "Krea 2", "Lumina2": "Lumina 2", "Wan": "Wan (video)", "Anima": "Anima", "ErnieImage": "Ernie-Image",
-    "StableDiffusion3": "SD3", "StableDiffusionXLRefiner": "the SDXL refiner", "PiD": "PiD", "Mugen": "Mugen",
+    "StableDiffusion3": "Stable Diffusion 3", "StableDiffusionXLRefiner": "the SDXL refiner", "PiD": "PiD", "Mugen": "Mugen",
 }
 # Forces the Lora extension to rebuild its patches at the next generation (never a real hash).
 STALE_LORA_HASH = "lora-trainer: LoRA files changed"

@@ -9,11 +9,11 @@ with the ``tokenizers`` library (the real vocabulary ships with no package here)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    pass
 
-from lora_trainer.models.tiny import text_config, vae_config
 
 T5_WORDS = ("a", "photo", "of", "the", "cat", "dog", "red", "blue", "green", "circle", "square", "triangle",
             "on", "in", "with", "and", "white", "black", "background", "shape", "demo", "sks")
@@ -61,6 +61,8 @@ def sd3_transformer_config(variant: str = "medium") -> dict[str, Any]:
 
 
 def flow_vae_config(family: str) -> dict[str, Any]:
+    from lora_trainer.models.tiny import vae_config
+
     scale, shift = (0.3611, 0.1159) if family == "flux1" else (1.5305, 0.0609)
     return {**vae_config("sd1"), "latent_channels": 16, "scaling_factor": scale, "shift_factor": shift,
             "use_quant_conv": False, "use_post_quant_conv": False}
@@ -69,6 +71,8 @@ def flow_vae_config(family: str) -> dict[str, Any]:
 def _sharp_vae(vae: Any) -> Any:
     """A random VAE's posterior is as wide as its mean: make it near-deterministic (log variance
     -30), so an image encodes to the same latents twice and tests can compare losses."""
+    import torch
+
     conv, c = vae.encoder.conv_out, vae.config.latent_channels
     with torch.no_grad():
         conv.weight[c:] = 0
@@ -79,6 +83,7 @@ def _sharp_vae(vae: Any) -> Any:
 def build_components(family: str, variant: str, tokenizer_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     """Pipeline parts of a tiny "flux1" (dev/schnell) or "sd3" (medium/large) model; the T5
     tokenizer is written to ``tokenizer_dir``. ``t5_max_length`` is kept short for speed."""
+    import torch
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
     from transformers import (
         AutoTokenizer,
@@ -89,6 +94,7 @@ def build_components(family: str, variant: str, tokenizer_dir: str | Path, seed:
         T5EncoderModel,
     )
 
+    from lora_trainer.models.tiny import text_config
     from lora_trainer.models.tokenizer import load_clip_tokenizer
 
     torch.manual_seed(seed)
@@ -113,6 +119,8 @@ def build_components(family: str, variant: str, tokenizer_dir: str | Path, seed:
 def build_bundle(family: str, variant: str, tokenizer_dir: str | Path, seed: int = 0,
                  weight_dtype: str = "auto") -> Any:
     """A tiny ModelBundle of ``family``/``variant`` on the CPU in fp32."""
+    import torch
+
     parts = build_components(family, variant, tokenizer_dir, seed)
     if family == "flux1":
         from lora_trainer.families.flux import flux_bundle
