@@ -141,6 +141,13 @@ def _shapes(arch: str | None, modules: dict[str, dict[str, torch.Tensor]],
 
 def analyse(tensors: dict[str, torch.Tensor], md: dict[str, str]) -> dict[str, Any]:
     """Everything ``inspect`` prints, as plain data (JSON-serialisable)."""
+    from lora_trainer.lora.dit_keys import dit_family_from_keys
+
+    dit = dit_family_from_keys(set(tensors), md)
+    if dit is not None:  # Flux.1 / SD3.5: their own layers and loaders
+        from lora_trainer.lora.dit_report import analyse_dit
+
+        return analyse_dit(dit, tensors, md)
     modules, bad_keys = _split_tensors(tensors)
     kinds = {m: _kind_of(set(g)) for m, g in modules.items()}
     problems: list[str] = []
