@@ -8,16 +8,15 @@ output and the exit code work the same way.
 from __future__ import annotations
 
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Any
 
 import torch
 
 from lora_trainer.lora import dit_keys
+from lora_trainer.lora.report import _SUMMARY_KEYS, _kind_of, _split_tensors
 
 _LABEL = {"flux1": "Flux.1", "sd3": "SD3.5"}
-_TENSORS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a",
-            "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
 
 def _block_kind(key: str) -> str:
@@ -33,18 +32,6 @@ def _layer_kind(key: str) -> str:
     if m:
         return m.group(1)
     return re.sub(r"_layers_\d+_", "_", key.split("_", 2)[-1])
-
-
-def _split(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    bad = []
-    for key, t in tensors.items():
-        suffix = next((s for s in _TENSORS if key.endswith("." + s)), None)
-        if suffix is None:
-            bad.append(key)
-        else:
-            modules[key[: -len(suffix) - 1]][suffix] = t
-    return modules, bad
 
 
 def _verdicts(family: str, kinds: set[str], unknown: list[str], problems: list[str]) -> dict[str, dict[str, Any]]:
@@ -65,9 +52,8 @@ def _verdicts(family: str, kinds: set[str], unknown: list[str], problems: list[s
 
 def analyse_dit(family: str, tensors: dict[str, torch.Tensor], md: dict[str, str]) -> dict[str, Any]:
     """The report of a Flux.1 / SD3.5 file (``family`` "flux1" or "sd3")."""
-    modules, bad = _split(tensors)
-    kinds = {m: ("lora" if "lora_down.weight" in g else "loha" if "hada_w1_a" in g else "lokr" if any(
-        k.startswith("lokr") for k in g) else "unknown") for m, g in modules.items()}
+    modules, bad = _split_tensors(tensors)
+    kinds = {m: _kind_of(set(g)) for m, g in modules.items()}
     problems = [f"{len(bad)} keys are no LoRA/LyCORIS tensors (first: {bad[0]})"] if bad else []
     no_alpha = sorted(m for m, g in modules.items() if "alpha" not in g)
     if no_alpha:
@@ -94,8 +80,6 @@ def analyse_dit(family: str, tensors: dict[str, torch.Tensor], md: dict[str, str
     for info in groups.values():
         info["ranks"], info["alphas"] = sorted(info["ranks"]), sorted(info["alphas"])
     variant = dit_keys.variant_from_metadata(md)
-    from lora_trainer.lora.report import _SUMMARY_KEYS
-
     return {
         "architecture": variant or family, "architecture_from_keys": key_family, "architecture_from_metadata": md_family,
         "a1111_version_label": "Unknown", "layout": None, "key_count": len(tensors), "module_count": len(modules),
