@@ -162,6 +162,11 @@ class StandInFamily(Family):
 
         return dit_default_targets(self.name, root, module)  # type: ignore[arg-type]
 
+    def matches_lora(self, keys: set[str], metadata: dict[str, str]) -> bool:
+        from lora_trainer.lora.dit_keys import dit_family_from_keys
+
+        return dit_family_from_keys(keys, metadata) == self.name
+
     def file_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from lora_trainer.lora.dit_keys import file_tensors
 

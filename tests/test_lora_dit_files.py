@@ -39,7 +39,7 @@ def family(request, monkeypatch):
     name = request.param
     if name not in families.family_names():
         fam = StandInFamily(name)
-        monkeypatch.setattr(families, "_FAMILIES", (*families._FAMILIES, fam))
+        monkeypatch.setattr(families, "_FAMILIES", (fam, *families._FAMILIES))  # specific first
         monkeypatch.setitem(families._BY_NAME, name, fam)
     return name
 
@@ -227,3 +227,25 @@ def test_family_from_metadata_and_keys():
     assert dit_keys.dit_family_from_keys({"lora_unet_down_blocks_0_attentions_0_proj_in"},
                                          {"ss_base_model_version": "sd_v1"}) is None
     assert dit_keys.variant_from_metadata(dit_keys.DIT_METADATA["flux1-schnell"]) == "flux1-schnell"
+
+
+@pytest.mark.parametrize("family", ["flux1", "sd3"], indirect=True)
+def test_registry_detects_our_files_from_keys_alone_and_from_metadata(family):
+    bundle, _ = _bundle(family)
+    net = inject_lora(bundle, net_cfg(rank=2, alpha=1.0))
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in net.to_kohya()}
+    assert families.detect_lora(modules, {}).name == family
+    variant = "flux1-dev" if family == "flux1" else "sd3.5-large"
+    assert families.detect_lora(set(), dict(dit_keys.DIT_METADATA[variant])).name == family
+
+
+def test_fp16_file_keeps_fp16_weights_and_float32_alpha_whatever_the_order():
+    key = "lora_unet_double_blocks_0_img_attn_qkv@q"
+    t = {f"{key}.alpha": torch.tensor(0.1), f"{key}.lora_down.weight": torch.randn(2, HIDDEN).half(),
+         f"{key}.lora_up.weight": torch.randn(HIDDEN, 2).half()}
+    file = dit_keys.file_tensors("flux1", t)
+    assert {str(v.dtype) for k, v in file.items() if not k.endswith("alpha")} == {"torch.float16"}
+    assert file["lora_unet_double_blocks_0_img_attn_qkv.alpha"].dtype == torch.float32
+    back = dit_keys.module_tensors("flux1", file)
+    assert torch.equal(back[f"{key}.lora_down.weight"], t[f"{key}.lora_down.weight"])
+    assert back[f"{key}.alpha"].item() == pytest.approx(0.1, rel=1e-6)

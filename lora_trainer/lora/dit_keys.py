@@ -327,18 +327,16 @@ def _fuse(key: str, parts: tuple[str, ...], got: dict[str, ModuleTensors]) -> Mo
     scale = first.alpha / first.rank
     downs, ups = [], []
     for tag in parts:
-        rows = fan_in * (_MLP_RATIO if tag == "mlp" else 1)
         down = first.tensors["lora_down.weight"].new_zeros(rank, fan_in)
-        up = first.tensors["lora_up.weight"].new_zeros(rows, rank)
-        if tag in got:
-            m = got[tag]
+        m = got.get(tag)
+        if m is None:  # not trained: a zero block
+            ups.append(down.new_zeros(fan_in * (_MLP_RATIO if tag == "mlp" else 1), rank))
+        else:
             d, u = m.tensors["lora_down.weight"], m.tensors["lora_up.weight"]
             own = m.alpha / m.rank
-            down, up = down.clone(), up.new_zeros(u.shape[0], rank)
             down[: d.shape[0]] = d
-            up[:, : u.shape[1]] = u if own == scale else u * (own / scale)
+            ups.append(torch.cat([u if own == scale else u * (own / scale), u.new_zeros(u.shape[0], rank - u.shape[1])], 1))
         downs.append(down)
-        ups.append(up)
     total = len(parts) * rank
     return ModuleTensors("lora", {"lora_down.weight": torch.cat(downs), "lora_up.weight": torch.block_diag(*ups)},
                          scale * total)
@@ -349,7 +347,7 @@ def file_tensors(family: str, tensors: dict[str, torch.Tensor]) -> dict[str, tor
     together, swapped layers reordered; every other module as it is. The input is not modified."""
     _check_family(family)
     modules = read_modules(tensors)
-    dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
+    dtype = _weight_dtype(tensors)
     out: dict[str, ModuleTensors] = {}
     fused: dict[str, dict[str, ModuleTensors]] = {}
     for key, m in modules.items():
@@ -370,6 +368,11 @@ def file_tensors(family: str, tensors: dict[str, torch.Tensor]) -> dict[str, tor
             raise LoraFormatError(f"LoRA modules {sorted(got)} of {file_key!r} are no parts of a fused layer")
         out[file_key] = _fuse(file_key, parts, got)
     return _write(out, tensors, dtype)
+
+
+def _weight_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype of the file's weights (alpha is float32 whatever they are)."""
+    return next((t.dtype for k, t in tensors.items() if not k.endswith(".alpha")), torch.float32)
 
 
 def _write(modules: dict[str, ModuleTensors], source: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -416,7 +419,7 @@ def module_tensors(family: str, tensors: dict[str, torch.Tensor]) -> dict[str, t
     them); the inverse of :func:`file_tensors`. Keys that already carry a tag pass through."""
     _check_family(family)
     modules = read_modules(tensors)
-    dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
+    dtype = _weight_dtype(tensors)
     out: dict[str, ModuleTensors] = {}
     for key, m in modules.items():
         parts = () if SEP in key else fused_parts(family, key)
