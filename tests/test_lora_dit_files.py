@@ -249,3 +249,13 @@ def test_fp16_file_keeps_fp16_weights_and_float32_alpha_whatever_the_order():
     back = dit_keys.module_tensors("flux1", file)
     assert torch.equal(back[f"{key}.lora_down.weight"], t[f"{key}.lora_down.weight"])
     assert back[f"{key}.alpha"].item() == pytest.approx(0.1, rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["flux1"], indirect=True)
+def test_lycoris_types_on_fused_layers_are_refused_before_training(family):
+    from lora_trainer.errors import ConfigError
+
+    bundle, _ = _bundle(family)
+    with pytest.raises(ConfigError, match="network.type loha: flux1 LoRA files store 'lora_unet_double_blocks_0_img_attn_qkv'"):
+        inject_lora(bundle, net_cfg(type="loha", train_text_encoder=False))
+    assert not any("lora" in n for n, _ in bundle.unet.named_modules())  # nothing was injected

@@ -22,7 +22,7 @@ from torch import nn
 
 from lora_trainer.config import NetworkConfig
 from lora_trainer.errors import ConfigError, HostError, LoraFormatError
-from lora_trainer.lora import kohya, variants
+from lora_trainer.lora import dit_keys, kohya, variants
 from lora_trainer.lora.kohya import ModuleTensors, Slot
 from lora_trainer.lora.mha import LoraMultiheadAttention
 from lora_trainer.lora.targets import _is_adaptable, conv_block_targets, find_targets, is_spatial_conv
@@ -341,6 +341,10 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
     if not layout:
         raise ConfigError("network: no module to put a LoRA on; enable network.train_unet or "
                           "network.train_text_encoder, or check network.target_modules")
+    fused = next((k for k in layout if dit_keys.SEP in k), None)
+    if kind != "lora" and fused is not None:
+        raise ConfigError(f"network.type {network_cfg.type}: {bundle.arch} LoRA files store {fused.split(dit_keys.SEP)[0]!r} "
+                          "as one layer with other modules (q/k/v), exact for LoRA/LoCon only; use lora or locon")
     if kind != "lora" and any(s.part for s in layout.values()):
         raise ConfigError(f"network.type {network_cfg.type}: the text encoder's nn.MultiheadAttention (open_clip) "
                           "takes LoRA/LoCon only; set network.train_text_encoder to false or use lora")
