@@ -194,7 +194,9 @@ def split_key(key: str) -> tuple[str, str]:
 
 def dit_module_path(family: str, key: str) -> tuple[str, str]:
     """(root, module path) of a module key (a file key, or a file key with its ``@tag``); a fused
-    file key without its tag names several modules: see :func:`fused_parts`."""
+    file key without its tag names several modules: see :func:`fused_parts`. Transformer paths
+    are diffusers'; CLIP paths carry ``text_model.`` (transformers 5's CLIPTextModel has none),
+    T5 paths start at ``encoder.``."""
     _check_family(family)
     file_key, tag = split_key(key)
     for root, prefix in PREFIXES[family].items():
