@@ -62,7 +62,8 @@ def train_memorises(bundle: ModelBundle, tmp: Path, extra: dict[str, torch.Tenso
 
 
 def expected_unet_keys(family: str, bundle: ModelBundle) -> set[str]:
-    return {dit_lora_key(family, "unet", p) for p in block_linear_targets(bundle.unet)}
+    """The file's transformer keys: one per file layer (q/k/v and Flux's linear1 parts fused)."""
+    return {dit_lora_key(family, "unet", p).partition("@")[0] for p in block_linear_targets(bundle.unet)}
 
 
 def module_keys(path: Path) -> set[str]:

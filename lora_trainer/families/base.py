@@ -212,6 +212,17 @@ class Family:
         """Extra arguments of ``pipeline_class`` beyond the model parts (SD1/SD2's safety checker)."""
         return {}
 
+    def file_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The trained modules' tensors (keys from :meth:`lora_key`) -> the tensors the file holds.
+        The same unless the family's file layers fuse or reorder modules (Flux/SD3: q/k/v in one
+        layer, see :mod:`lora_trainer.lora.dit_keys`). Never modifies its input."""
+        return tensors
+
+    def module_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`file_tensors`: a file's tensors -> one entry per module key;
+        keys that already are module keys pass through unchanged."""
+        return tensors
+
     # -- metadata -----------------------------------------------------------------------
     def base_model_version(self, prediction_type: str) -> str:
         """kohya's ``ss_base_model_version``."""

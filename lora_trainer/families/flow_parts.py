@@ -149,8 +149,30 @@ class FlowFamily(Family):
 
         return next(v["modelspec.architecture"] for k, v in DIT_METADATA.items() if k.startswith(self.name + "-"))
 
-    def matches_lora(self, keys: set[str], metadata: dict[str, str]) -> bool:
-        return metadata.get("ss_base_model_version", "") == self.base_model_version("flow")
+    def matches_lora_metadata(self, metadata: dict[str, str]) -> bool:
+        from lora_trainer.lora.dit_keys import family_from_metadata
+
+        return family_from_metadata(metadata) == self.name
+
+    def matches_lora_keys(self, keys: set[str]) -> bool:
+        from lora_trainer.lora.dit_keys import dit_family_from_keys
+
+        return dit_family_from_keys(keys, {}) == self.name
+
+    def known_lora_key(self, key: str) -> bool | None:
+        from lora_trainer.lora.dit_keys import known_file_key
+
+        return known_file_key(self.name, key)
+
+    def file_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from lora_trainer.lora.dit_keys import file_tensors
+
+        return file_tensors(self.name, tensors)
+
+    def module_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from lora_trainer.lora.dit_keys import module_tensors
+
+        return module_tensors(self.name, tensors)
 
 
 # -- tokenizers --------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from torch import nn
 
 from lora_trainer.config import NetworkConfig
 from lora_trainer.errors import ConfigError, HostError, LoraFormatError
-from lora_trainer.lora import kohya, variants
+from lora_trainer.lora import dit_keys, kohya, variants
 from lora_trainer.lora.kohya import ModuleTensors, Slot
 from lora_trainer.lora.mha import LoraMultiheadAttention
 from lora_trainer.lora.targets import _is_adaptable, conv_block_targets, find_targets, is_spatial_conv
@@ -125,11 +125,12 @@ class LoraNetwork:
         return out
 
     def to_kohya(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-        return kohya.write_modules(self.modules(), dtype)
+        """The tensors of the LoRA file (the family's file layers: Flux/SD3 fuse q/k/v)."""
+        return _file_side(self.arch, kohya.write_modules(self.modules(), dtype), to_file=True)
 
     def load_kohya(self, tensors: dict[str, torch.Tensor], fold: bool = True) -> None:
         """Copy file tensors into the adapter layers; every key must match, with the same shapes."""
-        incoming = kohya.read_modules(tensors)
+        incoming = kohya.read_modules(_file_side(self.arch, tensors, to_file=False))
         unknown = [k for k in incoming if k not in self.layout]
         if unknown:
             raise LoraFormatError(f"LoRA key {unknown[0]!r} matches no LoRA module of this model "
@@ -183,6 +184,16 @@ class LoraNetwork:
             for attr in state.added & set(vars(state.module)):
                 delattr(state.module, attr)
         self._removed = True
+
+
+def _file_side(arch: str, tensors: dict[str, torch.Tensor], to_file: bool) -> dict[str, torch.Tensor]:
+    """Module tensors -> file tensors (``to_file``) or back, as the family ``arch`` stores them."""
+    from lora_trainer.families import family_names, get_family
+
+    if arch not in family_names():
+        return tensors
+    family = get_family(arch)
+    return family.file_tensors(tensors) if to_file else family.module_tensors(tensors)
 
 
 def _module_paths(root: nn.Module, paths: list[str]) -> list[tuple[str, tuple[str, ...]]]:
@@ -311,6 +322,7 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
         from lora_trainer.lora.files import read_lora_file
 
         init_tensors, _ = read_lora_file(network_cfg.init_from)
+        init_tensors = _file_side(bundle.arch, init_tensors, to_file=False)
         incoming = kohya.read_modules(init_tensors)
         _check_init_file(network_cfg.init_from, kind, incoming)
         candidates = _candidate_layout(bundle.arch, all_roots)
@@ -329,6 +341,10 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
     if not layout:
         raise ConfigError("network: no module to put a LoRA on; enable network.train_unet or "
                           "network.train_text_encoder, or check network.target_modules")
+    fused = next((k for k in layout if dit_keys.SEP in k), None)
+    if kind != "lora" and fused is not None:
+        raise ConfigError(f"network.type {network_cfg.type}: {bundle.arch} LoRA files store {fused.split(dit_keys.SEP)[0]!r} "
+                          "as one layer with other modules (q/k/v), exact for LoRA/LoCon only; use lora or locon")
     if kind != "lora" and any(s.part for s in layout.values()):
         raise ConfigError(f"network.type {network_cfg.type}: the text encoder's nn.MultiheadAttention (open_clip) "
                           "takes LoRA/LoCon only; set network.train_text_encoder to false or use lora")

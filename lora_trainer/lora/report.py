@@ -18,6 +18,7 @@ import torch
 from lora_trainer.errors import LoraFormatError
 from lora_trainer.families import Family, all_families, detect_lora_keys, detect_lora_metadata
 from lora_trainer.lora import kohya, layout
+from lora_trainer.lora.dit_keys import dit_family_from_keys
 from lora_trainer.lora.verdicts import Facts as _Facts
 from lora_trainer.lora.verdicts import verdicts as _verdicts
 
@@ -138,6 +139,11 @@ def _shapes(arch: str | None, modules: dict[str, dict[str, torch.Tensor]],
 
 def analyse(tensors: dict[str, torch.Tensor], md: dict[str, str]) -> dict[str, Any]:
     """Everything ``inspect`` prints, as plain data (JSON-serialisable)."""
+    dit = dit_family_from_keys(set(tensors), md)
+    if dit is not None:  # Flux.1 / SD3.5: their own layers and loaders
+        from lora_trainer.lora.dit_report import analyse_dit
+
+        return analyse_dit(dit, tensors, md)
     modules, bad_keys = _split_tensors(tensors)
     kinds = {m: _kind_of(set(g)) for m, g in modules.items()}
     problems: list[str] = []
