@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from lora_trainer.families.flow_lora import dit_lora_key
 from lora_trainer.families.flow_parts import block_linear_targets
-from lora_trainer.lora.dit_keys import dit_lora_key
 from lora_trainer.models.bundle import ModelBundle
 from lora_trainer.train.trainer import Trainer
 from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
@@ -215,7 +215,7 @@ def flux_original_state_dict(sd: dict[str, torch.Tensor], num_double: int, num_s
 def assert_family_metadata(path: Path, family: str, variant: str) -> None:
     """The file says which family and variant it was trained on, and is detected as that family."""
     from lora_trainer.families import detect_lora
-    from lora_trainer.lora.dit_keys import DIT_METADATA
+    from lora_trainer.families.flow_lora import DIT_METADATA
     from lora_trainer.lora.files import read_lora_file
 
     tensors, metadata = read_lora_file(path)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from lora_trainer.families import get_family
+from lora_trainer.families.flow_lora import dit_lora_key
 from lora_trainer.families.flow_parts import block_linear_targets
 from lora_trainer.families.flow_tiny import build_bundle
 from lora_trainer.families.flux import image_ids, pack_latents, unpack_latents
-from lora_trainer.lora.dit_keys import dit_lora_key
 from tests.family_flow_helpers import (
     assert_family_metadata,
     count_calls,

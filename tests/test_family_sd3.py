@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lora_trainer.families import get_family
+from lora_trainer.families.flow_lora import dit_lora_key
 from lora_trainer.families.flow_parts import block_linear_targets
 from lora_trainer.families.flow_tiny import T5_MAX_LENGTH, build_bundle
-from lora_trainer.lora.dit_keys import dit_lora_key
 from tests.family_flow_helpers import (
     assert_family_metadata,
     count_calls,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_trainer.lora import dit_keys
+from lora_trainer.families import flow_lora as dit_keys
 
 H = 3072  # the real Flux width: diffusers' converter has it built in
 

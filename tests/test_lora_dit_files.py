@@ -21,7 +21,8 @@ from lora_fixtures import net_cfg, randomize
 
 from lora_trainer import families
 from lora_trainer.errors import LoraFormatError
-from lora_trainer.lora import dit_keys, kohya
+from lora_trainer.families import flow_lora as dit_keys
+from lora_trainer.lora import kohya
 from lora_trainer.lora.inject import inject_lora
 from lora_trainer.models.bundle import ModelBundle, TextEncoderPart
 
@@ -251,6 +252,6 @@ def test_lycoris_types_on_fused_layers_are_refused_before_training(family):
     from lora_trainer.errors import ConfigError
 
     bundle, _ = _bundle(family)
-    with pytest.raises(ConfigError, match="network.type loha: flux1 LoRA files store 'lora_unet_double_blocks_0_img_attn_qkv'"):
+    with pytest.raises(ConfigError, match="network.type loha: FLUX.1 LoRA files store 'lora_unet_double_blocks_0_img_attn_qkv'"):
         inject_lora(bundle, net_cfg(type="loha", train_text_encoder=False))
     assert not any("lora" in n for n, _ in bundle.unet.named_modules())  # nothing was injected

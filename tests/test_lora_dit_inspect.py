@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_trainer.lora import dit_keys
+from lora_trainer.families import flow_lora as dit_keys
 from lora_trainer.lora.cli import inspect_main
 from lora_trainer.lora.files import save_lora_file
 

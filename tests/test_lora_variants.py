@@ -11,10 +11,10 @@ from test_lora_inject import _te_out, _unet_out
 
 from lora_trainer.config import build_config, flatten_user_dict, load_config
 from lora_trainer.errors import ConfigError, LoraFormatError
-from lora_trainer.lora import kohya, reader, variants
+from lora_trainer.lora import kohya, kohya_tensors, reader, variants
 from lora_trainer.lora.files import save_lora_file
 from lora_trainer.lora.inject import _candidate_layout, inject_lora
-from lora_trainer.lora.kohya import ModuleTensors
+from lora_trainer.lora.kohya_tensors import ModuleTensors
 from lora_trainer.lora.metadata import network_module_args
 
 TYPES = ["lora", "locon", "dora", "loha", "lokr"]
@@ -332,16 +332,16 @@ def _ldm_out(unet):
 def test_strict_reader_of_every_kind_names_the_module():
     z = torch.zeros(2, 2)
     with pytest.raises(LoraFormatError, match="lora_unet_a.*lokr_w1_a and lokr_w1_b"):
-        kohya.read_modules({"lora_unet_a.lokr_w1_a": z, "lora_unet_a.lokr_w2": z, "lora_unet_a.alpha": torch.tensor(1.0)})
+        kohya_tensors.read_modules({"lora_unet_a.lokr_w1_a": z, "lora_unet_a.lokr_w2": z, "lora_unet_a.alpha": torch.tensor(1.0)})
     with pytest.raises(LoraFormatError, match="lora_unet_b.*no complete"):
-        kohya.read_modules({"lora_unet_b.lora_down.weight": z, "lora_unet_b.lora_up.weight": z,
+        kohya_tensors.read_modules({"lora_unet_b.lora_down.weight": z, "lora_unet_b.lora_up.weight": z,
                             "lora_unet_b.hada_w1_a": z, "lora_unet_b.alpha": torch.tensor(1.0)})
     with pytest.raises(LoraFormatError, match="lora_unet_c.*no alpha"):
-        kohya.read_modules({"lora_unet_c.lora_down.weight": z, "lora_unet_c.lora_up.weight": z})
+        kohya_tensors.read_modules({"lora_unet_c.lora_down.weight": z, "lora_unet_c.lora_up.weight": z})
     with pytest.raises(LoraFormatError, match="lora_unet_d.oft_blocks"):
-        kohya.read_modules({"lora_unet_d.oft_blocks": z})
+        kohya_tensors.read_modules({"lora_unet_d.oft_blocks": z})
     ok = {"lora_unet_e.lora_down.weight": z, "lora_unet_e.lora_up.weight": z, "lora_unet_e.dora_scale": z[:1],
           "lora_unet_e.alpha": torch.tensor(2.0)}
-    m = kohya.read_modules(ok)["lora_unet_e"]
+    m = kohya_tensors.read_modules(ok)["lora_unet_e"]
     assert (m.kind, m.alpha, m.rank) == ("dora", 2.0, 2)
-    assert kohya.write_modules({"lora_unet_e": m}, torch.float32).keys() == ok.keys()
+    assert kohya_tensors.write_modules({"lora_unet_e": m}, torch.float32).keys() == ok.keys()

@@ -215,8 +215,18 @@ class Family:
     def file_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The trained modules' tensors (keys from :meth:`lora_key`) -> the tensors the file holds.
         The same unless the family's file layers fuse or reorder modules (Flux/SD3: q/k/v in one
-        layer, see :mod:`lora_trainer.lora.dit_keys`). Never modifies its input."""
+        layer, see :mod:`lora_trainer.families.flow_lora`). Never modifies its input."""
         return tensors
+
+    def fused_file_layer(self, key: str) -> str | None:
+        """The file layer a trained module (its key from :meth:`lora_key`) shares with other
+        modules (Flux/SD3's q/k/v); None when the module is a file layer of its own."""
+        return None
+
+    def inspect_report(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Any] | None:
+        """``inspect``'s report of a file made for this family when the family has its own
+        (same shape as :func:`lora_trainer.lora.report.analyse`); None: the Stable Diffusion one."""
+        return None
 
     def module_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The inverse of :meth:`file_tensors`: a file's tensors -> one entry per module key;

@@ -58,7 +58,7 @@ class FlowFamily(Family):
 
     def lora_key(self, root: str, naming: str, path: str, part: str = "") -> str | None:
         from lora_trainer.errors import LoraFormatError
-        from lora_trainer.lora.dit_keys import dit_lora_key
+        from lora_trainer.families.flow_lora import dit_lora_key
 
         if part:
             raise LoraFormatError(f"{self.label}: module {path!r} has no part {part!r}")
@@ -135,44 +135,54 @@ class FlowFamily(Family):
         return int(linear * per_weight) + (total - linear) * compute
 
     def lora_metadata(self, bundle: ModelBundle) -> dict[str, str]:
-        from lora_trainer.lora.dit_keys import DIT_METADATA
+        from lora_trainer.families.flow_lora import DIT_METADATA
 
         return dict(DIT_METADATA[f"{self.name}-{bundle.extras.get('variant', '')}"])
 
     def base_model_version(self, prediction_type: str) -> str:
-        from lora_trainer.lora.dit_keys import DIT_METADATA
+        from lora_trainer.families.flow_lora import DIT_METADATA
 
         return next(v["ss_base_model_version"] for k, v in DIT_METADATA.items() if k.startswith(self.name + "-"))
 
     def modelspec_architecture(self, prediction_type: str) -> str:
-        from lora_trainer.lora.dit_keys import DIT_METADATA
+        from lora_trainer.families.flow_lora import DIT_METADATA
 
         return next(v["modelspec.architecture"] for k, v in DIT_METADATA.items() if k.startswith(self.name + "-"))
 
     def matches_lora_metadata(self, metadata: dict[str, str]) -> bool:
-        from lora_trainer.lora.dit_keys import family_from_metadata
+        from lora_trainer.families.flow_lora import family_from_metadata
 
         return family_from_metadata(metadata) == self.name
 
     def matches_lora_keys(self, keys: set[str]) -> bool:
-        from lora_trainer.lora.dit_keys import dit_family_from_keys
+        from lora_trainer.families.flow_lora import dit_family_from_keys
 
         return dit_family_from_keys(keys, {}) == self.name
 
     def known_lora_key(self, key: str) -> bool | None:
-        from lora_trainer.lora.dit_keys import known_file_key
+        from lora_trainer.families.flow_lora import known_file_key
 
         return known_file_key(self.name, key)
 
     def file_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from lora_trainer.lora.dit_keys import file_tensors
+        from lora_trainer.families.flow_lora import file_tensors
 
         return file_tensors(self.name, tensors)
 
     def module_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from lora_trainer.lora.dit_keys import module_tensors
+        from lora_trainer.families.flow_lora import module_tensors
 
         return module_tensors(self.name, tensors)
+
+    def fused_file_layer(self, key: str) -> str | None:
+        from lora_trainer.families.flow_lora import SEP
+
+        return key.split(SEP)[0] if SEP in key else None
+
+    def inspect_report(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Any] | None:
+        from lora_trainer.families.flow_inspect import analyse_dit
+
+        return analyse_dit(self.name, tensors, metadata)
 
 
 # -- tokenizers --------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ from torch import nn
 
 from lora_trainer.config import NetworkConfig
 from lora_trainer.errors import ConfigError, HostError, LoraFormatError
-from lora_trainer.lora import dit_keys, kohya, variants
-from lora_trainer.lora.kohya import ModuleTensors, Slot
+from lora_trainer.lora import kohya, kohya_tensors, variants
+from lora_trainer.lora.kohya import Slot
+from lora_trainer.lora.kohya_tensors import ModuleTensors
 from lora_trainer.lora.mha import LoraMultiheadAttention
 from lora_trainer.lora.targets import _is_adaptable, conv_block_targets, find_targets, is_spatial_conv
 from lora_trainer.models.bundle import ModelBundle
@@ -52,7 +53,7 @@ def _split(path: str) -> tuple[str, str]:
 
 class LoraNetwork:
     """The adapter layers of one bundle, addressed by kohya key; ``kind`` is lora, dora, loha or
-    lokr (:data:`kohya.TYPE_KIND`) and says which tensors each module has in the file."""
+    lokr (:data:`kohya_tensors.TYPE_KIND`) and says which tensors each module has in the file."""
 
     def __init__(self, arch: str, layout: dict[str, Slot], roots: dict[str, _RootState], kind: str = "lora") -> None:
         self.arch = arch
@@ -126,11 +127,11 @@ class LoraNetwork:
 
     def to_kohya(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         """The tensors of the LoRA file (the family's file layers: Flux/SD3 fuse q/k/v)."""
-        return _file_side(self.arch, kohya.write_modules(self.modules(), dtype), to_file=True)
+        return _file_side(self.arch, kohya_tensors.write_modules(self.modules(), dtype), to_file=True)
 
     def load_kohya(self, tensors: dict[str, torch.Tensor], fold: bool = True) -> None:
         """Copy file tensors into the adapter layers; every key must match, with the same shapes."""
-        incoming = kohya.read_modules(_file_side(self.arch, tensors, to_file=False))
+        incoming = kohya_tensors.read_modules(_file_side(self.arch, tensors, to_file=False))
         unknown = [k for k in incoming if k not in self.layout]
         if unknown:
             raise LoraFormatError(f"LoRA key {unknown[0]!r} matches no LoRA module of this model "
@@ -157,7 +158,7 @@ class LoraNetwork:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """fp32 copy of every adapter tensor (kohya keys, nothing folded) for training checkpoints."""
-        return {k: v.clone() for k, v in kohya.write_modules(self.modules(fold=False), torch.float32).items()}
+        return {k: v.clone() for k, v in kohya_tensors.write_modules(self.modules(fold=False), torch.float32).items()}
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         self.load_kohya(sd, fold=False)
@@ -306,7 +307,7 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
     """Add adapter layers of ``network_cfg.type`` to ``bundle`` in place (UNet when train_unet,
     each text encoder when train_text_encoder; with init_from, the modules and ranks/alphas of
     that file)."""
-    kind = kohya.TYPE_KIND[network_cfg.type]
+    kind = kohya_tensors.TYPE_KIND[network_cfg.type]
     all_roots = {k: (m, bundle.naming_of(k)) for k, m in bundle.trainable_roots().items()}
     for key, (module, _) in all_roots.items():
         leftover = next((n for n, m in module.named_modules()
@@ -323,7 +324,7 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
 
         init_tensors, _ = read_lora_file(network_cfg.init_from)
         init_tensors = _file_side(bundle.arch, init_tensors, to_file=False)
-        incoming = kohya.read_modules(init_tensors)
+        incoming = kohya_tensors.read_modules(init_tensors)
         _check_init_file(network_cfg.init_from, kind, incoming)
         candidates = _candidate_layout(bundle.arch, all_roots)
         unknown = [k for k in incoming if k not in candidates]
@@ -341,9 +342,9 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
     if not layout:
         raise ConfigError("network: no module to put a LoRA on; enable network.train_unet or "
                           "network.train_text_encoder, or check network.target_modules")
-    fused = next((k for k in layout if dit_keys.SEP in k), None)
+    fused = next((layer for k in layout if (layer := bundle.family.fused_file_layer(k))), None)
     if kind != "lora" and fused is not None:
-        raise ConfigError(f"network.type {network_cfg.type}: {bundle.arch} LoRA files store {fused.split(dit_keys.SEP)[0]!r} "
+        raise ConfigError(f"network.type {network_cfg.type}: {bundle.family.label} LoRA files store {fused!r} "
                           "as one layer with other modules (q/k/v), exact for LoRA/LoCon only; use lora or locon")
     if kind != "lora" and any(s.part for s in layout.values()):
         raise ConfigError(f"network.type {network_cfg.type}: the text encoder's nn.MultiheadAttention (open_clip) "

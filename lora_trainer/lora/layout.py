@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from lora_trainer.families import Family, get_family
-from lora_trainer.lora.kohya import PREFIXES, ModuleTensors
+from lora_trainer.lora.kohya import PREFIXES
+from lora_trainer.lora.kohya_tensors import ModuleTensors
 
 
 def _roots(family: Family, size: str) -> dict[str, tuple[nn.Module, str]]:

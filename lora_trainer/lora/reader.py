@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_trainer.lora.kohya import ModuleTensors, read_modules
+from lora_trainer.lora.kohya_tensors import ModuleTensors, read_modules
 
 
 def _pair(t: dict[str, torch.Tensor], a: str, b: str) -> torch.Tensor:

@@ -10,22 +10,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Any
 
 import torch
 
 from lora_trainer.errors import LoraFormatError
-from lora_trainer.families import Family, all_families, detect_lora_keys, detect_lora_metadata
-from lora_trainer.lora import kohya, layout
-from lora_trainer.lora.dit_keys import dit_family_from_keys
+from lora_trainer.families import Family, all_families, detect_lora, detect_lora_keys, detect_lora_metadata
+from lora_trainer.lora import kohya, kohya_tensors, layout
+from lora_trainer.lora.tensor_groups import SUMMARY_KEYS, kind_of, split_tensors
 from lora_trainer.lora.verdicts import Facts as _Facts
 from lora_trainer.lora.verdicts import verdicts as _verdicts
-
-_SUMMARY_KEYS = ("ss_output_name", "ss_base_model_version", "ss_v2", "ss_network_module", "ss_network_dim",
-                 "ss_network_alpha", "ss_network_args", "ss_sd_model_name", "ss_resolution", "ss_num_train_images", "ss_steps",
-                 "ss_epoch", "ss_learning_rate", "ss_optimizer", "ss_training_finished_at",
-                 "modelspec.architecture", "modelspec.trigger_phrase", "modelspec.date")
 
 
 def arch_from_metadata(md: dict[str, str]) -> str | None:
@@ -65,37 +60,12 @@ def _target_kind(key: str) -> str:
     return m.group(1) if m else key.rsplit("_", 1)[-1]
 
 
-# Module kinds by the names of their tensors (LyCORIS' names; kohya's LoRA; A1111's network_*.py).
-KIND_MARKS = {"lora": ("lora_up.weight", "lora_down.weight", "lora_mid.weight"),
-              "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
-              "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
-              "oft": ("oft_blocks", "oft_diag", "rescale"), "ia3": ("on_input",),
-              "glora": ("a1.weight", "a2.weight", "b1.weight", "b2.weight"), "full": ("diff", "diff_b")}
-_SUFFIXES = sorted({s for marks in KIND_MARKS.values() for s in marks} | {"alpha", "dora_scale", "weight"},
-                   key=len, reverse=True)
 
 _TUCKER = {"hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight"}
 
 
-def _kind_of(names: set[str]) -> str:
-    if "weight" in names and "on_input" in names:
-        return "ia3"
-    for kind, marks in KIND_MARKS.items():
-        if kind != "ia3" and names & set(marks):
-            return kind
-    return "unknown"
 
 
-def _split_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    bad_keys: list[str] = []
-    for key, t in tensors.items():
-        suffix = next((s for s in _SUFFIXES if key.endswith("." + s)), None)
-        if suffix is None:
-            bad_keys.append(key)
-            continue
-        modules[key[: -len(suffix) - 1]][suffix] = t
-    return modules, bad_keys
 
 
 def _arch(modules: dict[str, Any], md: dict[str, str]) -> tuple[Family | None, Family | None]:
@@ -125,7 +95,7 @@ def _shapes(arch: str | None, modules: dict[str, dict[str, torch.Tensor]],
             if name in shapes and kinds[name] in ("lora", "loha", "lokr") and not set(g) & _TUCKER:
                 seen += 1
                 try:
-                    m = kohya.ModuleTensors("dora" if "dora_scale" in g else kinds[name],
+                    m = kohya_tensors.ModuleTensors("dora" if "dora_scale" in g else kinds[name],
                                             {k: v for k, v in g.items() if k != "alpha"}, 1.0)
                     why = layout.shape_problem(m, shapes[name])
                 except KeyError:
@@ -139,22 +109,21 @@ def _shapes(arch: str | None, modules: dict[str, dict[str, torch.Tensor]],
 
 def analyse(tensors: dict[str, torch.Tensor], md: dict[str, str]) -> dict[str, Any]:
     """Everything ``inspect`` prints, as plain data (JSON-serialisable)."""
-    dit = dit_family_from_keys(set(tensors), md)
-    if dit is not None:  # Flux.1 / SD3.5: their own layers and loaders
-        from lora_trainer.lora.dit_report import analyse_dit
-
-        return analyse_dit(dit, tensors, md)
-    modules, bad_keys = _split_tensors(tensors)
-    kinds = {m: _kind_of(set(g)) for m, g in modules.items()}
+    modules, bad_keys = split_tensors(tensors)
+    family = detect_lora(set(modules), md)
+    own = family.inspect_report(tensors, md) if family is not None else None
+    if own is not None:  # a family with its own layers and loaders (Flux.1, SD3.5)
+        return own
+    kinds = {m: kind_of(set(g)) for m, g in modules.items()}
     problems: list[str] = []
     if bad_keys:
         problems.append(f"{len(bad_keys)} keys are no LoRA/LyCORIS tensors (first: {bad_keys[0]})")
-    no_alpha = sorted(m for m, g in modules.items() if "alpha" not in g and kohya.rank_of_tensors(g) is not None)
+    no_alpha = sorted(m for m, g in modules.items() if "alpha" not in g and kohya_tensors.rank_of_tensors(g) is not None)
     incomplete = []
     for m, g in sorted(modules.items()):
         if kinds[m] in ("lora", "loha", "lokr"):
             try:
-                kohya.module_kind(m, (set(g) - _TUCKER) | {"alpha"})
+                kohya_tensors.module_kind(m, (set(g) - _TUCKER) | {"alpha"})
             except LoraFormatError:
                 incomplete.append(m)
     bad_rank = sorted(m for m, g in modules.items() if m not in incomplete and kinds[m] == "lora"
@@ -170,8 +139,8 @@ def analyse(tensors: dict[str, torch.Tensor], md: dict[str, str]) -> dict[str, A
     for name, g in sorted(modules.items()):
         info = groups.setdefault(_group(name), {"modules": 0, "ranks": set(), "alphas": set()})
         info["modules"] += 1
-        if kohya.rank_of_tensors(g) is not None:
-            info["ranks"].add(kohya.rank_of_tensors(g))
+        if kohya_tensors.rank_of_tensors(g) is not None:
+            info["ranks"].add(kohya_tensors.rank_of_tensors(g))
         if "alpha" in g:
             info["alphas"].add(float(g["alpha"].float().item()))
     for info in groups.values():
@@ -209,7 +178,7 @@ def analyse(tensors: dict[str, torch.Tensor], md: dict[str, str]) -> dict[str, A
         "kinds": dict(sorted(Counter(("dora+" if m in dora else "") + k for m, k in kinds.items()).items())),
         "groups": groups, "targets": dict(sorted(Counter(_target_kind(m) for m in modules).items())),
         "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}),
-        "metadata": {k: md[k] for k in _SUMMARY_KEYS if k in md},
+        "metadata": {k: md[k] for k in SUMMARY_KEYS if k in md},
         "metadata_keys": len(md), "problems": problems, "verdicts": _verdicts(facts),
     }
 

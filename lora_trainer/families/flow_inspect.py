@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from lora_trainer.lora import dit_keys
-from lora_trainer.lora.report import _SUMMARY_KEYS, _kind_of, _split_tensors
+from lora_trainer.families import flow_lora
+from lora_trainer.lora.tensor_groups import SUMMARY_KEYS, kind_of, split_tensors
 
 _LABEL = {"flux1": "Flux.1", "sd3": "SD3.5"}
 
@@ -52,8 +52,8 @@ def _verdicts(family: str, kinds: set[str], unknown: list[str], problems: list[s
 
 def analyse_dit(family: str, tensors: dict[str, torch.Tensor], md: dict[str, str]) -> dict[str, Any]:
     """The report of a Flux.1 / SD3.5 file (``family`` "flux1" or "sd3")."""
-    modules, bad = _split_tensors(tensors)
-    kinds = {m: _kind_of(set(g)) for m, g in modules.items()}
+    modules, bad = split_tensors(tensors)
+    kinds = {m: kind_of(set(g)) for m, g in modules.items()}
     problems = [f"{len(bad)} keys are no LoRA/LyCORIS tensors (first: {bad[0]})"] if bad else []
     no_alpha = sorted(m for m, g in modules.items() if "alpha" not in g)
     if no_alpha:
@@ -62,11 +62,11 @@ def analyse_dit(family: str, tensors: dict[str, torch.Tensor], md: dict[str, str
         "lora_up.weight" not in g or g["lora_up.weight"].shape[1] != g["lora_down.weight"].shape[0]))
     if bad_rank:
         problems.append(f"{len(bad_rank)} modules have lora_up/lora_down of different rank (first: {bad_rank[0]})")
-    unknown = sorted(m for m in modules if not dit_keys.known_file_key(family, m))
+    unknown = sorted(m for m in modules if not flow_lora.known_file_key(family, m))
     if unknown:
         problems.append(f"{len(unknown)} modules match no layer of a {_LABEL[family]} model (first: {unknown[0]})")
-    md_family = dit_keys.family_from_metadata(md)
-    key_family = dit_keys.dit_family_from_keys(set(modules), {})
+    md_family = flow_lora.family_from_metadata(md)
+    key_family = flow_lora.dit_family_from_keys(set(modules), {})
     if md_family and key_family and md_family != key_family:
         problems.append(f"metadata says {md_family} but the keys look like {key_family}")
     groups: dict[str, dict[str, Any]] = {}
@@ -79,7 +79,7 @@ def analyse_dit(family: str, tensors: dict[str, torch.Tensor], md: dict[str, str
             info["alphas"].add(float(g["alpha"].float().item()))
     for info in groups.values():
         info["ranks"], info["alphas"] = sorted(info["ranks"]), sorted(info["alphas"])
-    variant = dit_keys.variant_from_metadata(md)
+    variant = flow_lora.variant_from_metadata(md)
     return {
         "architecture": variant or family, "architecture_from_keys": key_family, "architecture_from_metadata": md_family,
         "a1111_version_label": "Unknown", "layout": None, "key_count": len(tensors), "module_count": len(modules),
@@ -87,6 +87,6 @@ def analyse_dit(family: str, tensors: dict[str, torch.Tensor], md: dict[str, str
         "kinds": dict(sorted(Counter(kinds.values()).items())), "groups": groups,
         "targets": dict(sorted(Counter(_layer_kind(m) for m in modules).items())),
         "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}),
-        "metadata": {k: md[k] for k in _SUMMARY_KEYS if k in md}, "metadata_keys": len(md),
+        "metadata": {k: md[k] for k in SUMMARY_KEYS if k in md}, "metadata_keys": len(md),
         "problems": problems, "verdicts": _verdicts(family, set(kinds.values()), unknown, problems),
     }

@@ -33,7 +33,7 @@ import re
 import torch
 
 from lora_trainer.errors import LoraFormatError
-from lora_trainer.lora.kohya import ModuleTensors, read_modules, te_hf_path, write_modules
+from lora_trainer.lora.kohya_tensors import ModuleTensors, read_modules, te_hf_path, write_modules
 
 FAMILIES = ("flux1", "sd3")
 _LABELS = {"flux1": "Flux.1", "sd3": "SD3.5"}
