@@ -14,7 +14,7 @@ from lora_trainer import jobs
 from lora_trainer.config import TrainConfig, all_field_paths, build_config
 from lora_trainer.errors import ConfigError, DatasetError, HostError
 from lora_trainer.train.events import TrainEvent, WorkerRun
-from lora_trainer.ui import handlers, presets
+from lora_trainer.ui import fields, handlers, presets
 from lora_trainer.ui.fields import UI_FIELDS, config_from_values, config_from_yaml_text, values_from_config
 
 gr = pytest.importorskip("gradio")
@@ -79,6 +79,14 @@ def test_css_goes_to_blocks_or_launch_but_not_both():
 
 def test_ui_fields_cover_every_image_config_field():
     assert set(UI_FIELDS) == set(all_field_paths()) - {"task"}
+
+
+def test_every_field_has_a_label_of_its_own():
+    # A1111 and Forge save the tab's values in ui-config.json keyed by label: two fields with one
+    # label (train.guidance_scale and sample.guidance_scale were) share one saved value, and a
+    # training run got the sample's guidance 7.0 as its Flux training guidance.
+    labels = [fields.label_of(p) for p in fields.UI_FIELDS]
+    assert sorted(lab for lab in set(labels) if labels.count(lab) > 1) == []
 
 
 def test_field_values_round_trip_through_config():

@@ -45,8 +45,14 @@ def _kind(path: str) -> tuple[str, Any]:
     return {bool: "bool", int: "int", float: "float"}.get(tp, "text"), None
 
 
+# The WebUIs save and restore the tab's values in ui-config.json keyed by label (A1111's and
+# Forge's ui_loadsave): two fields with one label would share a saved value, so a field whose name
+# another section also has gets a label of its own.
+LABELS = {"train.guidance_scale": "training guidance", "sample.seed": "sample seed"}
+
+
 def label_of(path: str) -> str:
-    return path.split(".", 1)[-1].replace("_", " ")
+    return LABELS.get(path) or path.split(".", 1)[-1].replace("_", " ")
 
 
 def make_field(path: str, elem_prefix: str = "lt-", **overrides: Any) -> Any:
