@@ -59,6 +59,25 @@
     root().querySelectorAll(".lt-log textarea").forEach(followLog);
   }, 400);
 
+  // gradio 3.x sizes a plot's chart to its box (width "container") when it draws it, so a plot
+  // that got its data while its section was hidden stays 0 px wide. When a plot's box appears,
+  // a window resize makes the chart measure its box again.
+  if (typeof ResizeObserver === "function") {
+    var plots = new ResizeObserver(function (entries) {
+      var shown = false;
+      entries.forEach(function (e) {
+        if (!e.target.ltWidth && e.contentRect.width > 0) shown = true;
+        e.target.ltWidth = e.contentRect.width;
+      });
+      if (shown) window.dispatchEvent(new Event("resize"));
+    });
+    setInterval(function () {
+      root().querySelectorAll(".lt-plot").forEach(function (el) {
+        if (!el.ltObserved) { el.ltObserved = true; plots.observe(el); }
+      });
+    }, 400);
+  }
+
   window.ltSendToTxt2img = function (tag) {
     if (!tag) { flash("choose a LoRA first"); return; }
     var area = root().querySelector("#txt2img_prompt textarea");

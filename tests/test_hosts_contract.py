@@ -149,3 +149,33 @@ def _load_functions(blocks) -> list:
         if callable(fn):
             found.append(fn)
     return found
+
+
+def test_a_reloaded_page_shows_the_webuis_checkpoint_after_an_api_run(env) -> None:
+    """A run started through the API carries the config's default base model ("demo"), which the
+    WebUI host does not use; the page, reloaded, still names the WebUI's checkpoint."""
+    from lora_trainer import jobs
+    from lora_trainer.config import build_config
+    from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.ui.tab import build_tab
+
+    class Finished:
+        def __init__(self, *args: object) -> None:
+            self.thread = None
+
+        def start(self) -> None:
+            return None
+
+    env.shared.sd_model = make_model("sd1")
+    blocks = build_tab(A1111Host())
+    paths = blocks.lt_context.paths
+    jobs.clear_finished()
+    jobs.start(build_config({"train.max_train_steps": 4}), host=None, factory=Finished)
+    try:
+        fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
+        restore = next(f.fn for f in fns if getattr(f.fn, "__name__", "") == "restore")
+        values = restore()
+    finally:
+        jobs.clear_finished()
+    assert values[paths.index("train.max_train_steps")] == 4  # the run's form comes back
+    assert "tiny-sd1.safetensors" in values[paths.index("model.base_model")]

@@ -390,6 +390,14 @@ def test_4_stop_writes_the_lora(flow: dict[str, Any]):
     assert "stopping" not in text_of(d, "lt-train-msg") and "ETA" not in text_of(d, "lt-progress")
     wait_for("Stop back to grey", lambda: "stop" not in classes(d, "lt-stop"))
     assert page_errors(d) == []
+    # A page opened on another section gets the run's loss while the plots are hidden; they are
+    # drawn at their width once the Train section shows them (gradio 3.x drew them 0 px wide;
+    # gradio 5+ builds a section only when it is opened, so there is nothing hidden to wait for).
+    d.get(flow["url"])
+    wait_for("the ended run sent to the page", lambda: d.execute_script(
+        "const p = document.querySelector('#lt-progress'); return !p || p.textContent.includes('stopped');"))
+    open_section(d, "Train")
+    wait_for("the loss plot drawn at its width", lambda: chart_width(d, "lt-loss-plot") > 100)
 
 
 def test_5_test_grid_at_two_weights(flow: dict[str, Any]):
@@ -422,3 +430,10 @@ def test_5_test_grid_at_two_weights(flow: dict[str, Any]):
     d.get(flow["url"])
     open_section(d, "Test")
     wait_for("the run's LoRA listed after reload", lambda: value_of(d, "lt-test-lora") == "demo_lora")
+
+
+def chart_width(d: Any, elem_id: str) -> float:
+    """The width of the widest chart (canvas or svg, not the icons) drawn in a plot."""
+    return d.execute_script(
+        f"return Math.max(0, ...Array.from(document.querySelectorAll('#{elem_id} canvas, #{elem_id} svg'))"
+        ".map(e => e.getBoundingClientRect().width));")

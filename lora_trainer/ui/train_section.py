@@ -151,10 +151,11 @@ def _host_field_overrides(ctx: TabContext, path: str) -> dict[str, Any]:
                                   else "the checkpoint loaded in the WebUI is trained")
     # A callable value is read again on every page load: the WebUI's checkpoint may change (and
     # Forge picks its checkpoint only after the tabs are built).
-    return {"interactive": False, "info": info, "value": lambda: _loaded_label(ctx.host)}
+    return {"interactive": False, "info": info, "value": lambda: loaded_label(ctx.host)}
 
 
-def _loaded_label(host: Host) -> str:
+def loaded_label(host: Host) -> str:
+    """The base-model field's text in a WebUI: the WebUI's checkpoint, or why it cannot be trained."""
     try:
         loaded = host.loaded_model()
     except Exception:  # noqa: BLE001 - a label must never break the page

@@ -24,71 +24,26 @@ PACKAGES=(torch torchvision transformers accelerate safetensors numpy Pillow hug
   gradio gradio_client fastapi httpx httpcore pydantic open-clip-torch ftfy einops omegaconf
   pytorch_lightning protobuf PyYAML tqdm requests filelock regex)
 
+. tests/webui_pins/lib.sh
 # The WebUI runs on Python 3.10 (3.11 works); torch 2.1.2 has no wheels for newer versions.
-version_ok() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 10), (3, 11)))' 2>/dev/null; }
-pick_python() {
-  local c v
-  for c in ${LORA_TRAINER_PINS_PYTHON:-} python3.10; do
-    command -v "$c" >/dev/null 2>&1 && version_ok "$c" && { command -v "$c"; return 0; }
-  done
-  if command -v pyenv >/dev/null 2>&1; then   # pyenv's shims answer only for the selected version
-    for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.1[01](\.[0-9]+)?$' | sort -V); do
-      c="$(pyenv root)/versions/$v/bin/python"
-      version_ok "$c" && { echo "$c"; return 0; }
-    done
-  fi
-  for c in python3.11 python3; do
-    command -v "$c" >/dev/null 2>&1 && version_ok "$c" && { command -v "$c"; return 0; }
-  done
-  echo "webui pins check: needs Python 3.10 or 3.11 (the WebUI's torch 2.1.2 has no wheels for newer ones)" >&2
-  return 1
-}
-BASE_PY=$(pick_python)
-want_version=$("$BASE_PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-if [ "$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" != "$want_version" ]; then
-  rm -rf "$VENV"
-  mkdir -p "$(dirname "$VENV")"
-  "$BASE_PY" -m venv "$VENV"
-fi
-PY=$VENV/bin/python
-pip_q() { "$PY" -m pip -q --disable-pip-version-check "$@"; }
-STAMP="$(sha256sum "$PINS_FILE" | cut -c1-16) ${PACKAGES[*]}"
-if [ "$(cat "$VENV/.pins-stamp" 2>/dev/null)" != "$STAMP" ]; then
+pins_venv "$(pins_python "webui pins check" 3.10 3.11)"
+if ! pins_stamp_ok "${PACKAGES[*]}"; then
   echo "webui pins check: installing the WebUI's stack into $VENV (first time: a few minutes)"
   pip_q install -c "$PINS_FILE" "${PACKAGES[@]}"
   # Where the WebUI's pins disagree with a package's declared ranges, the WebUI wins, as it does
   # there; a new conflict shows here.
-  echo "$STAMP" > "$VENV/.pins-stamp"
+  pins_stamp_set "${PACKAGES[*]}"
 fi
 "$PY" -c "import torch, transformers, gradio; print('webui pins check: torch', torch.__version__, \
 'transformers', transformers.__version__, 'gradio', gradio.__version__)"
 # What install.py adds is taken out again first, so every run checks a first start as users get it.
 "$PY" -m pip uninstall -y -q diffusers peft importlib-metadata zipp 2>/dev/null || true
-freeze_pins() { "$PY" -m pip freeze | grep -i -E '^(torch|torchvision|transformers|accelerate|safetensors|numpy|pillow|gradio|huggingface.hub|tokenizers|open.clip.torch)==' | sort; }
-BEFORE=$(freeze_pins)
-
-# The WebUI runs install.py as `python install.py` with its own folder on PYTHONPATH; `launch`
-# there provides run_pip(args, desc). This stand-in runs pip the same way and logs each call.
-FAKE=$(mktemp -d)
-trap 'rm -rf "$FAKE"' EXIT
-cat > "$FAKE/launch.py" <<PYEOF
-import os, subprocess, sys
-def run_pip(command, desc=None, live=False):
-    with open(os.path.join("$FAKE", "pip.log"), "a") as f:
-        f.write(command + "\n")
-    subprocess.run(f'"{sys.executable}" -m pip {command} --prefer-binary -q --disable-pip-version-check', shell=True, check=True)
-PYEOF
-PYTHONPATH="$FAKE" "$PY" install.py
-echo "webui pins check: install.py, first start: $(cat "$FAKE/pip.log" 2>/dev/null | tr '\n' ';')"
-rm -f "$FAKE/pip.log"
-PYTHONPATH="$FAKE" "$PY" install.py
-if [ -s "$FAKE/pip.log" ]; then
-  echo "FAIL: a second start installed again: $(cat "$FAKE/pip.log")"; exit 1
-fi
-AFTER=$(freeze_pins)
-if [ "$BEFORE" != "$AFTER" ]; then
-  echo "FAIL: install.py changed a WebUI pin:"; diff <(echo "$BEFORE") <(echo "$AFTER") || true; exit 1
-fi
+PINNED='torch|torchvision|transformers|accelerate|safetensors|numpy|pillow|gradio|huggingface.hub|tokenizers|open.clip.torch'
+BEFORE=$(pins_freeze "$PINNED")
+pins_run_install_py
+echo "webui pins check: install.py, first start: $(echo "$PIP_CALLS" | tr '\n' ';')"
+AFTER=$(pins_freeze "$PINNED")
+pins_same "$BEFORE" "$AFTER"
 HF_HUB_OFFLINE=1 PYTHONPATH="$ROOT" "$PY" tests/webui_pins/smoke.py
 
 # Test tools (not WebUI packages, so they may be the newest that install there) and the WebUI's
@@ -122,6 +77,5 @@ DESELECT=(
   tests/test_models_loaders.py::test_single_file_sdxl_text_encoders_match_sgm_conditioning
 )
 [ $# -gt 0 ] && TESTS=("$@")
-HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" \
-  "${DESELECT[@]/#/--deselect=}"
+pins_pytest "${TESTS[@]}" "${DESELECT[@]/#/--deselect=}"
 echo "webui pins check: passed on $(echo "$AFTER" | tr '\n' ' ')"
