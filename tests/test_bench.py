@@ -10,6 +10,7 @@ import torch
 
 from lora_trainer.bench import estimate
 from lora_trainer.bench.flops import count_forward_flops, unet_forward_flops
+from lora_trainer.bench.livemem import LiveBytes
 from lora_trainer.cli import main as cli_main
 
 
@@ -32,18 +33,6 @@ def test_flop_counter_counts_a_linear_layer() -> None:
     assert count_forward_flops(Lin(), torch.ones(3, 8), torch.zeros(1), torch.ones(1)) == 2 * 3 * 8 * 4
 
 
-def test_saved_bytes_counter_counts_activations_not_parameters() -> None:
-    frozen = torch.nn.Linear(16, 16).requires_grad_(False)
-    lora_down = torch.nn.Linear(16, 2, bias=False)
-    counter = estimate._SavedBytes({id(p) for m in (frozen, lora_down) for p in m.parameters()})
-    x = torch.randn(4, 16, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-        frozen(x) + lora_down(x).sum()
-    # The frozen layer saves only its weight (a parameter, not counted); the LoRA layer must keep
-    # its input for its weight gradient: exactly x, 4 x 16 fp32 values.
-    assert counter.total == 4 * 16 * 4
-
-
 def test_estimate_behaves_like_memory() -> None:
     base = estimate.estimate_peak_memory("sd1", 512, 1, 16, "bf16", False)
     ckpt = estimate.estimate_peak_memory("sd1", 512, 1, 16, "bf16", True)
@@ -51,10 +40,10 @@ def test_estimate_behaves_like_memory() -> None:
     rank64 = estimate.estimate_peak_memory("sd1", 512, 1, 64, "bf16", False)
     # weights of an 860M-parameter UNet in bf16
     assert 1.55 < base.weights_gb < 1.65
-    assert ckpt.activations_gb < base.activations_gb
-    assert batch2.activations_gb == pytest.approx(2 * base.activations_gb)
+    assert ckpt.step_gb < base.step_gb
+    assert 1.8 * base.step_gb < batch2.step_gb < 2 * base.step_gb
     assert rank64.lora_gb > 3 * base.lora_gb
-    assert base.total_gb == pytest.approx(base.weights_gb + base.lora_gb + base.activations_gb + base.transient_gb)
+    assert base.total_gb == pytest.approx(max(base.weights_gb + base.lora_gb + base.step_gb, base.caching_gb))
 
 
 def test_choose_settings_uses_memory_it_has() -> None:
@@ -82,38 +71,62 @@ def test_bench_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None
     assert "--batch" in capsys.readouterr().err
 
 
-def test_saved_bytes_counts_a_shared_input_once() -> None:
-    # q, k and v LoRA layers all keep the same input: one tensor in memory, counted once.
-    downs = [torch.nn.Linear(16, 2, bias=False) for _ in range(3)]
-    counter = estimate._SavedBytes({id(p) for m in downs for p in m.parameters()})
-    x = torch.randn(4, 16, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-        sum(d(x).sum() for d in downs)
-    assert counter.total == 4 * 16 * 4
+def test_live_bytes_counts_what_is_alive_and_not_parameter_views() -> None:
+    weight = torch.nn.Parameter(torch.empty(16, 16, device="meta"), requires_grad=False)
+    with LiveBytes() as live:
+        x = torch.empty(4, 16, device="meta")  # 256 bytes
+        y = torch.nn.functional.linear(x, weight)  # weight.t() is a view of a parameter: nothing new
+        assert live.current == 2 * 4 * 16 * 4
+        del x
+        assert live.current == 4 * 16 * 4  # freed with its last reference
+        z = y * 2
+    assert live.peak == 2 * 4 * 16 * 4 and z.shape == (4, 16)
+
+
+def test_live_bytes_sees_what_a_checkpointed_backward_holds() -> None:
+    # Four units, each widening to 256 features inside. Without checkpointing the saved wide
+    # activations are the peak; with it the peak is lower, yet more than the units' inputs:
+    # while the last unit is recomputed its wide activation is alive too.
+    import torch.utils.checkpoint as tuc
+
+    units = [torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
+             .to("meta").requires_grad_(False) for _ in range(4)]
+
+    def peak(checkpointing: bool) -> int:
+        with LiveBytes() as live:
+            h = torch.empty(256, 64, device="meta", requires_grad=True)
+            for unit in units:
+                h = tuc.checkpoint(unit, h, use_reentrant=False) if checkpointing else unit(h)
+            h.sum().backward()
+        return live.peak
+
+    narrow, wide = 256 * 64 * 4, 256 * 256 * 4
+    assert peak(False) >= 4 * wide
+    assert peak(False) > peak(True) >= 4 * narrow + wide
 
 
 def test_autocast_rules_save_fp32_copies_for_normalisations() -> None:
-    # CUDA autocast runs group_norm in fp32: a bf16 model then keeps fp32 copies for the backward
-    # pass (the norm's input and the activation's input), twice the bytes of the bf16 tensors.
+    # CUDA autocast runs group_norm in fp32: a bf16 model then keeps fp32 copies of the norm's
+    # input for the backward pass, twice the bytes of the bf16 tensors.
     norm = torch.nn.GroupNorm(2, 8).to(device="meta", dtype=torch.bfloat16).requires_grad_(False)
-    params = {id(p) for p in norm.parameters()}
 
-    def saved(mode: object) -> int:
-        counter = estimate._SavedBytes(params)
-        x = torch.empty(1, 8, 4, 4, device="meta", dtype=torch.bfloat16, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), mode:
-            torch.nn.functional.silu(norm(x))
-        return counter.total
+    def allocated(mode: object) -> int:
+        with LiveBytes() as live, mode:
+            x = torch.empty(1, 8, 4, 4, device="meta", dtype=torch.bfloat16, requires_grad=True)
+            out = torch.nn.functional.silu(norm(x))
+        assert out.shape == x.shape
+        return live.peak
 
     import contextlib
 
-    plain, autocast = saved(contextlib.nullcontext()), saved(estimate._CudaAutocast(torch.bfloat16))
-    assert autocast >= 2 * plain >= 2 * (2 * 8 * 4 * 4)
+    plain, autocast = allocated(contextlib.nullcontext()), allocated(estimate._CudaAutocast(torch.bfloat16))
+    assert autocast > plain + 8 * 4 * 4 * 2
 
 
 @pytest.mark.parametrize(("arch", "resolution", "checkpointing"),
                          [("sd1", 512, False), ("sd1", 512, True), ("sdxl", 768, True)])
-def test_estimate_matches_a_measured_step_within_15_percent(arch: str, resolution: int, checkpointing: bool) -> None:
+def test_estimate_matches_a_measured_step_and_never_under_promises(arch: str, resolution: int,
+                                                                    checkpointing: bool) -> None:
     # A real fp32 step of the tiny UNet (same block structure as the full one) on the CPU, in a
     # fresh process: what it allocated beyond weights and optimizer state vs the prediction.
     # Sizes where the step allocates 50+ MiB, so a few MiB of fixed process overhead do not count.
@@ -121,7 +134,42 @@ def test_estimate_matches_a_measured_step_within_15_percent(arch: str, resolutio
 
     m = measure_step_memory(arch, resolution, 1, 16, checkpointing, size="tiny", threads=1)
     assert m.measured_gb > 0.045, m
-    assert abs(m.error) < 0.15, m
+    assert -0.05 <= m.error < 0.15, m
+
+
+def test_estimate_of_the_latent_caching_matches_a_measured_vae_encode() -> None:
+    # The tiny VAE encoding one 768px image on the CPU, in a fresh process, vs the prediction.
+    from lora_trainer.bench.memcheck import measure_step_memory
+
+    m = measure_step_memory("sd1", 768, size="tiny", threads=1, phase="caching")
+    assert m.measured_gb > 0.045, m
+    assert -0.05 <= m.error < 0.15, m
+
+
+def test_the_run_holds_unet_text_encoders_and_vae_while_caching_latents() -> None:
+    # Latents are cached before the VAE and text encoders leave the GPU: with checkpointing the
+    # training step is small, and the run's peak is the caching (the H200 measured 9.82 GiB for
+    # SDXL at 1024px where the estimate of the step alone said 5.99).
+    est = estimate.estimate_peak_memory("sdxl", 1024, 1, 16, "bf16", True)
+    vae = estimate.trace_latent_caching("sdxl", 1024, 1, "bf16")["vae_bytes"]
+    assert vae == 83_653_863 * 4  # the SDXL VAE stays fp32
+    vae_and_text = (estimate.TEXT_ENCODER_PARAMS["sdxl"] * 2 + vae) / estimate.GiB
+    assert est.total_gb >= est.weights_gb + vae_and_text + est.encode_gb
+    assert est.total_gb > est.weights_gb + est.lora_gb + est.step_gb
+
+
+# Peaks measured on an H200 (torch.cuda.max_memory_allocated of the whole run, bench --size full,
+# rank 16, bf16, cached latents; issue #13): arch, resolution, batch, checkpointing, targets, GiB.
+H200_PEAKS = [("sd1", 512, 1, False, "attention", 2.82), ("sd1", 512, 8, False, "attention", 10.4),
+              ("sd1", 512, 1, True, "kohya", 2.46), ("sd1", 512, 32, False, "attention", 36.5),
+              ("sdxl", 1024, 1, True, "kohya", 9.82)]
+
+
+@pytest.mark.parametrize(("arch", "resolution", "batch", "checkpointing", "targets", "measured"), H200_PEAKS)
+def test_estimate_covers_the_peaks_measured_on_a_gpu(arch: str, resolution: int, batch: int, checkpointing: bool,
+                                                     targets: str, measured: float) -> None:
+    est = estimate.estimate_peak_memory(arch, resolution, batch, 16, "bf16", checkpointing, targets=targets)
+    assert -0.05 <= (est.total_gb - measured) / measured <= 0.15, est
 
 
 def test_estimate_command_predicts_a_gpu_run_and_picks_settings(tmp_path: Path,
@@ -131,7 +179,6 @@ def test_estimate_command_predicts_a_gpu_run_and_picks_settings(tmp_path: Path,
     data = json.loads(out.read_text())
     est, choice = data["estimate"], data["choice"]
     assert est["precision"] == "bf16" and est["resolution"] == 512  # a GPU run, wherever it is estimated
-    assert est["total_gb"] == pytest.approx(est["weights_gb"] + est["lora_gb"] + est["activations_gb"]
-                                            + est["transient_gb"])
+    assert est["total_gb"] == pytest.approx(max(est["weights_gb"] + est["lora_gb"] + est["step_gb"], est["caching_gb"]))
     assert choice["fits"] and choice["estimated_peak_gb"] <= 8 - 1.5
     assert "predicted peak" in capsys.readouterr().out

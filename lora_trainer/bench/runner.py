@@ -46,6 +46,8 @@ class BenchSpec:
     reference: bool = True
     # "attention": the reference loop's targets (like for like); "kohya": our default targets
     targets: str = "attention"
+    # On a CPU, fp16/bf16 weights and autocast as on a GPU (the profile's counts), not fp32
+    cpu_low_precision: bool = False
 
 
 @dataclass
@@ -161,14 +163,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_our_loop(spec: BenchSpec, device: torch.device, workdir: Path) -> dict[str, float]:
-    """Run our Trainer; time to first step and steps/s over the steps after warm-up."""
+def _low_precision(spec: BenchSpec, device: torch.device) -> torch.dtype | None:
+    """The dtype of weights and autocast: fp16/bf16 on a GPU (or a CPU told to run as one)."""
+    if device.type == "cuda" or spec.cpu_low_precision:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
+    return None
+
+
+def time_our_loop(spec: BenchSpec, device: torch.device, workdir: Path,
+                  listeners: list[Any] | tuple = ()) -> dict[str, float]:
+    """Run our Trainer; time to first step and steps/s over the steps after warm-up.
+    ``listeners`` get the trainer's events too (the profile's step windows)."""
     from lora_trainer.models.setups import bundle_from_diffusers
     from lora_trainer.train.trainer import Trainer
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision, torch.float32)
-    if device.type == "cpu":
-        dtype = torch.float32
+    dtype = _low_precision(spec, device) or torch.float32
     data = make_images(workdir / "data", max(spec.batch_size * 2, 4), spec.resolution)
     marks: list[tuple[int, float]] = []  # (step, time) of each step event
 
@@ -185,7 +194,7 @@ def time_our_loop(spec: BenchSpec, device: torch.device, workdir: Path) -> dict[
     bundle = bundle_from_diffusers(random_parts(spec.arch, spec.size), spec.arch, None, device, dtype,
                                    name=f"{spec.size}-{spec.arch}", default_resolution=spec.resolution)
     host = BenchHost(bundle, workdir / "out")
-    Trainer(bench_config(spec, data, workdir / "out", device), host, [on_event]).run()
+    Trainer(bench_config(spec, data, workdir / "out", device), host, [on_event, *listeners]).run()
     timed = [m for m in marks if m[0] >= spec.warmup]
     if len(timed) < 2:
         raise ConfigError(f"--steps {spec.steps}: too few steps to time; use at least 10 on a GPU")
@@ -197,11 +206,12 @@ def time_our_loop(spec: BenchSpec, device: torch.device, workdir: Path) -> dict[
     return {"time_to_first_step_s": to_first, "steps_per_s": steps_per_s}
 
 
-def time_reference(spec: BenchSpec, device: torch.device) -> float:
+def time_reference(spec: BenchSpec, device: torch.device, windows: list[Any] | tuple = ()) -> float:
     parts = random_parts(spec.arch, spec.size)
     unet = parts["unet"].to(device)
-    if device.type == "cuda" and spec.precision in ("bf16", "fp16"):
-        unet = unet.to(torch.bfloat16 if spec.precision == "bf16" else torch.float16)
+    low = _low_precision(spec, device)
+    if low is not None:
+        unet = unet.to(low)
     side = spec.resolution // 8
     cfg = unet.config
     latents = torch.randn(spec.batch_size, 4, side, side, device=device, dtype=unet.dtype)
@@ -214,9 +224,8 @@ def time_reference(spec: BenchSpec, device: torch.device) -> float:
                                           device=device, dtype=unet.dtype)}
     if spec.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision) if device.type == "cuda" else None
     timing = run_reference_loop(unet, latents, context, rank=spec.rank, steps=spec.steps, warmup=spec.warmup,
-                                autocast_dtype=autocast, added_cond=added)
+                                autocast_dtype=low, added_cond=added, windows=windows)
     return timing.steps_per_s
 
 

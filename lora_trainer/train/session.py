@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_trainer.data.cache import LatentCache, TextCache, fill_latent_cache, module_identity
+from lora_trainer.data.cache import (
+    LATENT_CACHE_BATCH,
+    LatentCache,
+    TextCache,
+    fill_latent_cache,
+    module_identity,
+)
 from lora_trainer.data.dataset import Batch, BucketDataset, EpochView, steps_per_epoch
 from lora_trainer.errors import ConfigError, OutputError
 from lora_trainer.fsutil import atomic_write_text, backup_file
@@ -172,7 +178,7 @@ class RunSession:
             folder = Path(d.cache_dir) if d.cache_dir else self.out / ".cache" / "latents"
             self.latent_cache = LatentCache(d.cache_latents, vae_id, d.crop, folder)
             self.status("caching latents")
-            fill_latent_cache(self.ds, self.latent_cache, b, self.cfg.train.batch_size)
+            fill_latent_cache(self.ds, self.latent_cache, b, LATENT_CACHE_BATCH)
             self.status(f"latent cache: {self.latent_cache.hits} reused, {self.latent_cache.misses} encoded")
             self.ds.latent_cache = self.latent_cache
             self.offload(b.vae)
@@ -194,12 +200,18 @@ class RunSession:
         self.speed_up_unet()
 
     def speed_up_unet(self) -> None:
-        """channels_last convolutions on CUDA, and torch.compile when asked; both undone at the end
-        so a host's live model is handed back as it came."""
+        """channels_last convolutions on CUDA, no needless dtype casts in the LoRA layers under
+        autocast (train/speed.py), and torch.compile when asked; all undone at the end so a host's
+        live model is handed back as it came."""
         unet = self.bundle.unet
         if self.device.type == "cuda":
             unet.to(memory_format=torch.channels_last)
             self._undo.append(lambda: unet.to(memory_format=torch.contiguous_format))
+        if _AMP_DTYPES.get(self.cfg.train.mixed_precision) is not None:
+            from lora_trainer.train.speed import skip_lora_input_casts
+
+            for root in self.roots_in_training():
+                self._undo.append(skip_lora_input_casts(root))
         if self.cfg.train.compile and hasattr(unet, "compile"):
             unet.compile()
             self._undo.append(lambda: setattr(unet, "_compiled_call_impl", None))
