@@ -182,3 +182,44 @@ def test_estimate_command_predicts_a_gpu_run_and_picks_settings(tmp_path: Path,
     assert est["total_gb"] == pytest.approx(max(est["weights_gb"] + est["lora_gb"] + est["step_gb"], est["caching_gb"]))
     assert choice["fits"] and choice["estimated_peak_gb"] <= 8 - 1.5
     assert "predicted peak" in capsys.readouterr().out
+
+
+def test_profile_counts_ops_casts_and_layouts_per_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "profile.json"
+    assert cli_main(["bench", "--profile", "--steps", "2", "--warmup", "1", "--rank", "4", "--json", str(out)]) == 0
+    rows = {r["loop"]: r for r in json.loads(out.read_text())["profiles"]}
+    assert set(rows) == {"ours", "reference"}
+    for r in rows.values():
+        assert r["steps"] == 2
+        assert r["ops_per_step"] > r["computing_ops_per_step"] > 100  # views excluded from the launches
+        assert r["top_ops"] and r["top_time"]
+    assert "aten ops" in capsys.readouterr().out
+
+
+def test_op_counter_tells_casts_from_layout_conversions() -> None:
+    from lora_trainer.bench.profile import OpCounter
+
+    x = torch.randn(2, 3, 4, 4)
+    with OpCounter() as counter:
+        x.to(torch.bfloat16)
+        x.to(memory_format=torch.channels_last)
+        x.float()  # no copy: already fp32
+    assert (counter.casts, counter.format_conversions, counter.device_copies) == (1, 1, 0)
+
+
+def test_gpu_rows_script_runs_its_rows_on_tiny_models(tmp_path: Path) -> None:
+    # The script a GPU session runs, checked here on a CPU: one row, tiny models.
+    import os
+    import subprocess
+    import sys
+
+    script = Path(estimate.__file__).parent / "gpu_rows.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(script), str(tmp_path), "--size", "tiny", "--only", "3", "--steps", "2"],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads((tmp_path / "rows.json").read_text())
+    (row,) = data["rows"]
+    assert row["row"]["checkpointing"] and row["result"]["steps_per_s"] > 0
+    assert row["result"]["reference_steps_per_s"] > 0
+    assert "default targets, checkpointing" in (tmp_path / "rows.md").read_text()

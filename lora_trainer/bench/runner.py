@@ -90,8 +90,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def random_parts(arch: str, size: str, seed: int = 0) -> dict[str, Any]:
-    """Diffusers parts with random weights: tiny from config, or full size from packaged configs."""
+def random_parts(arch: str, size: str, seed: int = 0, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Diffusers parts with random weights: tiny from config, or full size from packaged configs.
+    Full-size parts are built on meta and filled with N(0, 0.02) right on ``device`` in ``dtype``
+    (the SDXL VAE in fp32): seconds instead of minutes of CPU initialisation, and no fp32 copy of
+    the UNet on the GPU."""
     from lora_trainer.models import tiny
 
     if size == "tiny":
@@ -100,22 +104,36 @@ def random_parts(arch: str, size: str, seed: int = 0) -> dict[str, Any]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from lora_trainer.models.checkpoint import prepared_config_folder
+    from lora_trainer.models.setups import get_setup
 
     folder = prepared_config_folder(arch)
     torch.manual_seed(seed)
-    parts: dict[str, Any] = {
-        "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
-        "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
-        "scheduler": DDPMScheduler.from_pretrained(folder / "scheduler"),
-        "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
-        "tokenizer": tiny.load_clip_tokenizer(),
-    }
+    with torch.device("meta"):
+        parts: dict[str, Any] = {
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+        }
+        if arch == "sdxl":
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+    vae_fp32 = get_setup(arch).vae_fp32
+    for name, module in list(parts.items()):
+        part_dtype = torch.float32 if name == "vae" and vae_fp32 else dtype
+        module = module.to(part_dtype).to_empty(device=device)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_(0, 0.02)
+            for b in module.buffers():  # position ids and the like: as the config builds them
+                if b.is_floating_point():
+                    b.zero_()
+                else:
+                    b.copy_(torch.arange(b.shape[-1], device=b.device).expand_as(b))
+        parts[name] = module.eval().requires_grad_(False)
+    parts["scheduler"] = DDPMScheduler.from_pretrained(folder / "scheduler")
+    parts["tokenizer"] = tiny.load_clip_tokenizer()
     if arch == "sdxl":
-        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
         parts["tokenizer_2"] = tiny.load_clip_tokenizer(pad_token="!")
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if name in parts:
-            parts[name].eval().requires_grad_(False)
     return parts
 
 
@@ -181,17 +199,24 @@ def time_our_loop(spec: BenchSpec, device: torch.device, workdir: Path,
     data = make_images(workdir / "data", max(spec.batch_size * 2, 4), spec.resolution)
     marks: list[tuple[int, float]] = []  # (step, time) of each step event
 
+    peaks: dict[str, float] = {}
+
     def on_event(ev: Any) -> None:
         # Step events come every step on a CPU and every few steps on a GPU; the loop itself never
         # waits on the device, so the benchmark syncs here to time what has really run.
         if ev.kind == "step":
             _sync(device)
             marks.append((ev.step, time.perf_counter()))
+        elif ev.kind == "status" and device.type == "cuda" and ev.message.startswith("training "):
+            # the loop starts: what came before (caching) and the loop get a peak each
+            peaks["setup_peak_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
+            torch.cuda.reset_peak_memory_stats(device)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    bundle = bundle_from_diffusers(random_parts(spec.arch, spec.size), spec.arch, None, device, dtype,
+    parts = random_parts(spec.arch, spec.size, device=device, dtype=dtype)
+    bundle = bundle_from_diffusers(parts, spec.arch, None, device, dtype,
                                    name=f"{spec.size}-{spec.arch}", default_resolution=spec.resolution)
     host = BenchHost(bundle, workdir / "out")
     Trainer(bench_config(spec, data, workdir / "out", device), host, [on_event, *listeners]).run()
@@ -203,13 +228,14 @@ def time_our_loop(spec: BenchSpec, device: torch.device, workdir: Path,
     first_step, first_time = marks[0]
     # the first event may come after several steps: take their time off at the measured rate
     to_first = first_time - start - (first_step - 1) / steps_per_s
-    return {"time_to_first_step_s": to_first, "steps_per_s": steps_per_s}
+    if "setup_peak_gb" in peaks:
+        peaks["loop_peak_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
+    return {"time_to_first_step_s": to_first, "steps_per_s": steps_per_s, **peaks}
 
 
 def time_reference(spec: BenchSpec, device: torch.device, windows: list[Any] | tuple = ()) -> float:
-    parts = random_parts(spec.arch, spec.size)
-    unet = parts["unet"].to(device)
     low = _low_precision(spec, device)
+    unet = random_parts(spec.arch, spec.size, device=device, dtype=low or torch.float32)["unet"].to(device)
     if low is not None:
         unet = unet.to(low)
     side = spec.resolution // 8
@@ -241,6 +267,9 @@ def run_bench(spec: BenchSpec) -> BenchResult:
     with tempfile.TemporaryDirectory(prefix="lora_trainer_bench_") as tmp:
         ours = time_our_loop(spec, device, Path(tmp))
     peak, kind = _peak_memory(device)
+    split = {k: ours[k] for k in ("setup_peak_gb", "loop_peak_gb") if k in ours}
+    if split:
+        peak = max(split.values())
     ref = time_reference(spec, device) if spec.reference else None
     fwd = unet_forward_flops(spec.arch, spec.resolution, spec.batch_size, spec.size)
     peak_tflops = _peak_tflops(device)
@@ -252,6 +281,7 @@ def run_bench(spec: BenchSpec) -> BenchResult:
         images_per_s=ours["steps_per_s"] * spec.batch_size, time_to_first_step_s=ours["time_to_first_step_s"],
         peak_memory_gb=peak, peak_memory_kind=kind, unet_forward_tflop=fwd / 1e12, mfu=mfu,
         reference_steps_per_s=ref, ratio_to_reference=(ours["steps_per_s"] / ref) if ref else None,
+        extra=split,
     )
 
 
@@ -264,7 +294,9 @@ def format_table(r: BenchResult) -> str:
         ("steps/s", f"{r.steps_per_s:.3f}"),
         ("images/s", f"{r.images_per_s:.3f}"),
         ("time to first step", f"{r.time_to_first_step_s:.1f} s (build model + scan + cache)"),
-        ("peak memory", f"{r.peak_memory_gb:.2f} GiB ({r.peak_memory_kind})"),
+        ("peak memory", f"{r.peak_memory_gb:.2f} GiB ({r.peak_memory_kind})" + (
+            f"; before the loop {r.extra['setup_peak_gb']:.2f}, in the loop {r.extra['loop_peak_gb']:.2f}"
+            if "loop_peak_gb" in r.extra else "")),
         ("UNet forward", f"{r.unet_forward_tflop * 1000:.2f} GFLOP per batch"),
         ("model-FLOP utilisation", f"{r.mfu * 100:.1f} %" if r.mfu is not None else "n/a (no known peak for this device)"),
     ]
