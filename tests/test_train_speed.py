@@ -104,3 +104,30 @@ def test_bf16_run_with_speed_options_resumes_exactly_and_restores_the_model(tmp_
     after = unet.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(isinstance(m, LoraLayer) for m in unet.modules())
+
+
+@pytest.mark.gpu
+def test_the_unet_leaves_the_gpu_while_latents_are_cached_and_comes_back_the_same(
+        tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_trainer.models.setups import bundle_from_diffusers
+    from lora_trainer.models.tiny import build_components
+    from lora_trainer.train import session
+
+    bundle = bundle_from_diffusers(build_components("sd1"), "sd1", None, torch.device("cuda"), torch.bfloat16, "tiny")
+    before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+    params = list(bundle.unet.parameters())
+    seen: list[str] = []
+    fill = session.fill_latent_cache
+
+    def spy(*args: object) -> None:
+        seen.append(next(bundle.unet.parameters()).device.type)
+        fill(*args)
+
+    monkeypatch.setattr(session, "fill_latent_cache", spy)
+    cfg = tiny_config(data, tmp_path / "out", **{"model.device": "cuda", "train.mixed_precision": "bf16",
+                                                 "train.max_train_steps": 2})
+    Trainer(cfg, host=TinyHost("sd1", bundle=bundle)).run()
+    assert seen == ["cpu"]
+    assert list(bundle.unet.parameters()) == params  # the same parameter objects, back on the GPU
+    after = bundle.unet.state_dict()
+    assert all(after[k].device.type == "cuda" and torch.equal(before[k], after[k]) for k in before)

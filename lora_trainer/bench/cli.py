@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: bf16 on a GPU or with --estimate, no (fp32) on a CPU")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the UNet in our loop")
     p.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto")
@@ -87,7 +88,7 @@ def _profile(args: argparse.Namespace, resolution: int, precision: str, device: 
 
     spec = BenchSpec(args.arch, args.size, resolution, args.batch, args.rank, precision, args.checkpointing,
                      args.steps, args.warmup, str(device), not args.no_reference, args.targets,
-                     cpu_low_precision=precision != "no")
+                     cpu_low_precision=precision != "no", compile=args.compile)
     rows = profile_bench(spec)
     print(f"{args.size} {args.arch}, {resolution}px, batch {args.batch}, rank {args.rank} ({args.targets} targets), "
           f"precision {precision}, checkpointing {'on' if args.checkpointing else 'off'}, {device}:")
@@ -125,7 +126,8 @@ def main(argv: list[str]) -> int:
         if args.size == "full" and device.type != "cuda":
             print("note: a full-size model on a CPU is very slow; use --size tiny here")
         spec = BenchSpec(args.arch, args.size, resolution, args.batch, args.rank, precision, args.checkpointing,
-                         args.steps, args.warmup, str(device), not args.no_reference, args.targets)
+                         args.steps, args.warmup, str(device), not args.no_reference, args.targets,
+                         compile=args.compile)
         from lora_trainer.bench.runner import print_table
 
         result = run_bench(spec)

@@ -5,8 +5,9 @@ and the run's two memory-heavy phases are executed there the way the trainer run
 an allocator simulated by :class:`~lora_trainer.bench.livemem.LiveBytes` (every tensor counted
 from the op that makes it until its last reference goes):
 
-- the latent caching: the VAE encodes one image while the UNet, the text encoders and the VAE
-  are all resident (the VAE and frozen text encoders leave the GPU only afterwards);
+- the latent caching: the VAE encodes one image while the text encoders and the VAE are
+  resident (the trainer parks the UNet off the GPU meanwhile; the VAE and frozen text encoders
+  leave it afterwards);
 - a training step with LoRA layers injected: forward, loss and backward, with the frozen weights
   in the training dtype, CUDA autocast's casting rules, fp32 LoRA weights, attention as a fused
   kernel allocates it (not the score matrix) and diffusers' real gradient checkpointing (so the
@@ -61,8 +62,8 @@ class MemoryEstimate:
     weights_gb: float  # frozen weights resident while training
     lora_gb: float  # LoRA parameters and AdamW's moments
     step_gb: float  # the most a training step allocates beyond those
-    encode_gb: float  # the most the VAE allocates while encoding a batch for the latent cache
-    caching_gb: float  # peak of the latent caching: UNet, text encoders and VAE resident + encode_gb
+    encode_gb: float  # the most the VAE allocates while encoding an image for the latent cache
+    caching_gb: float  # peak of the latent caching: text encoders and VAE resident + encode_gb
     total_gb: float  # the larger of training (weights + lora + step) and caching
 
     def as_dict(self) -> dict[str, Any]:
@@ -296,10 +297,12 @@ def trace_latent_caching(arch: str, resolution: int, batch: int, precision: str,
 def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: int = 16,
                          precision: str = "bf16", gradient_checkpointing: bool = False,
                          cache_latents: bool = True, train_text_encoder: bool = False,
-                         size: str = "full", targets: str = "kohya", device: str = "cuda") -> MemoryEstimate:
+                         size: str = "full", targets: str = "kohya", device: str = "cuda",
+                         unet_parked: bool = True) -> MemoryEstimate:
     """Predicted peak accelerator memory (GiB figures) of a UNet LoRA training run: the larger of
-    the latent caching (UNet, text encoders and VAE resident while the VAE encodes a batch) and a
-    training step (UNet, LoRA and AdamW state resident; the step's own allocations)."""
+    the latent caching (text encoders and VAE resident while the VAE encodes an image; the
+    trainer parks the UNet off the GPU meanwhile, ``unet_parked=False`` counts it as resident)
+    and a training step (UNet, LoRA and AdamW state resident; the step's own allocations)."""
     prec = precision if precision in ("fp16", "bf16") else "fp32"
     tr = trace_step(arch, resolution, batch_size, rank, prec, gradient_checkpointing, size, targets, device)
     cache = trace_latent_caching(arch, resolution, LATENT_CACHE_BATCH, prec, size, device)
@@ -311,7 +314,9 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
         weights += cache["vae_bytes"]
     lora = tr["lora_params"] * 4 * 3  # fp32 parameters and AdamW's two fp32 moments
     step = tr["step"] + (0 if cache_latents else cache["encode"])
-    caching = tr["weight_bytes"] + text + cache["vae_bytes"] + cache["encode"] if cache_latents else 0
+    caching = 0
+    if cache_latents:
+        caching = text + cache["vae_bytes"] + cache["encode"] + (0 if unet_parked else tr["weight_bytes"])
     return MemoryEstimate(arch, resolution, batch_size, rank, precision, gradient_checkpointing, cache_latents,
                           weights / GiB, lora / GiB, step / GiB, cache["encode"] / GiB, caching / GiB,
                           max(weights + lora + step, caching) / GiB)
@@ -328,9 +333,9 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
     loaded model), so its weights are not part of what must still fit."""
     res = resolution or {"sd1": 512, "sd2": 768, "sdxl": 1024}[arch]
     budget = free_gb - reserve_gb
-    if model_resident:
+    if model_resident:  # the UNet, the text encoders and the VAE are already counted as used
         one = estimate_peak_memory(arch, res, 1, rank, precision)
-        budget += one.weights_gb + (one.caching_gb - one.weights_gb - one.encode_gb)
+        budget += one.weights_gb + (one.caching_gb - one.encode_gb)
     for checkpointing in (False, True):
         best = None
         for batch in (8, 6, 4, 3, 2, 1):

@@ -38,4 +38,10 @@ fi
 export HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 mkdir -p "$OUT"
-"$PY" -m lora_trainer.bench.rows --out "$OUT" "$@" 2>&1 | tee "$OUT/rows.log"
+rc=0
+"$PY" -m lora_trainer.bench.rows --out "$OUT" "$@" 2>&1 | tee "$OUT/rows.log" || rc=$?
+# The GPU-only tests (the UNet parked while latents are cached, and back bit for bit)
+if "$PY" -c "import pytest, torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  "$PY" -m pytest -q -m gpu tests/test_train_speed.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.log" || rc=$?
+fi
+exit $rc

@@ -48,6 +48,7 @@ class BenchSpec:
     targets: str = "attention"
     # On a CPU, fp16/bf16 weights and autocast as on a GPU (the profile's counts), not fp32
     cpu_low_precision: bool = False
+    compile: bool = False  # train.compile: torch.compile the UNet in our loop
 
 
 @dataclass
@@ -166,6 +167,7 @@ def bench_config(spec: BenchSpec, data: Path, out: Path, device: torch.device) -
         "optim.lr_scheduler": "constant", "output.output_dir": str(out), "output.tensorboard": False,
         "output.output_name": "bench", "model.device": str(device),
         "network.target_modules": list(REFERENCE_TARGETS) if spec.targets == "attention" else [],
+        "train.compile": spec.compile,
     })
 
 
@@ -289,7 +291,8 @@ def format_table(r: BenchResult) -> str:
     s = r.spec
     rows = [
         ("model", f"{s.size} {s.arch}, {s.resolution}px, batch {s.batch_size}, rank {s.rank} ({s.targets} targets), "
-                  f"precision {s.precision}, checkpointing {'on' if s.gradient_checkpointing else 'off'}"),
+                  f"precision {s.precision}, checkpointing {'on' if s.gradient_checkpointing else 'off'}"
+                  + (", compiled" if s.compile else "")),
         ("device", f"{r.device} (torch {r.torch_version})"),
         ("steps/s", f"{r.steps_per_s:.3f}"),
         ("images/s", f"{r.images_per_s:.3f}"),

@@ -178,7 +178,8 @@ class RunSession:
             folder = Path(d.cache_dir) if d.cache_dir else self.out / ".cache" / "latents"
             self.latent_cache = LatentCache(d.cache_latents, vae_id, d.crop, folder)
             self.status("caching latents")
-            fill_latent_cache(self.ds, self.latent_cache, b, LATENT_CACHE_BATCH)
+            with self.parked(b.unet):  # the VAE's full-resolution activations need its room
+                fill_latent_cache(self.ds, self.latent_cache, b, LATENT_CACHE_BATCH)
             self.status(f"latent cache: {self.latent_cache.hits} reused, {self.latent_cache.misses} encoded")
             self.ds.latent_cache = self.latent_cache
             self.offload(b.vae)
@@ -467,6 +468,23 @@ class RunSession:
         self._undo.append(lambda: module.to(original))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def parked(self, module: Any) -> Iterator[None]:
+        """Move a module off the GPU for a moment and back (the same bits, the same parameter
+        objects): the UNet while the VAE fills the latent cache, which would otherwise set the
+        run's peak memory on top of the whole model."""
+        first = next(module.parameters(), None) if module is not None else None
+        if first is None or first.device.type != "cuda":
+            yield
+            return
+        original = first.device
+        module.to("cpu")
+        torch.cuda.empty_cache()  # the VAE needs large blocks, not the UNet's many small ones
+        try:
+            yield
+        finally:
+            module.to(original)
 
     @contextlib.contextmanager
     def onloaded(self, module: Any) -> Iterator[None]:
