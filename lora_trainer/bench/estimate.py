@@ -249,19 +249,19 @@ def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str
     side = resolution // 8
     with _tracing(precision, device) as live:
         latents = torch.empty(batch, LATENT_CHANNELS, side, side, device="meta")  # fp32, as the trainer keeps them
-        noise = torch.empty_like(latents)
+        noise = torch.empty_like(latents)  # the trainer's noise and target: as large again
         pred = unet(**meta_inputs(unet, resolution, batch, dtype)).sample
         F.mse_loss(pred.float(), noise).backward()
         del pred
         after_backward = live.current  # the LoRA gradients and the batch
     weights = sum(p.numel() * p.element_size() for n, p in unet.named_parameters() if "lora_" not in n)
-    del latents
     # The optimizer step then adds as much again as the fp32 gradients in temporaries, at most.
     return {"step": max(live.peak, after_backward + lora_params * 4), "lora_params": lora_params,
             "weight_bytes": weights}
 
 
-def _vae_config(arch: str, size: str) -> dict[str, Any]:
+def vae_config(arch: str, size: str) -> dict[str, Any]:
+    """The VAE config of ``arch`` (full size: the packaged one; else the tiny one)."""
     from lora_trainer.models import tiny
     from lora_trainer.models.checkpoint import CONFIGS_DIR
 
@@ -284,7 +284,7 @@ def trace_latent_caching(arch: str, resolution: int, batch: int, precision: str,
     dtype = _DTYPES[precision]
     vae_dtype = torch.float32 if get_setup(arch).vae_fp32 else dtype
     with _quiet_diffusers(), torch.device("meta"):
-        vae = AutoencoderKL.from_config(_vae_config(arch, size)).to(vae_dtype)
+        vae = AutoencoderKL.from_config(vae_config(arch, size)).to(vae_dtype)
     vae.requires_grad_(False)
     with _tracing("fp32", device) as live, torch.no_grad():
         pixels = torch.empty(batch, 3, resolution, resolution, device="meta", dtype=dtype)

@@ -68,10 +68,10 @@ def _caching_in_this_process(arch: str, size: str, resolution: int) -> dict[str,
     import torch
     from diffusers import AutoencoderKL
 
-    from lora_trainer.bench.estimate import _vae_config
+    from lora_trainer.bench.estimate import vae_config
 
     torch.manual_seed(0)
-    vae = AutoencoderKL.from_config(_vae_config(arch, size)).requires_grad_(False)
+    vae = AutoencoderKL.from_config(vae_config(arch, size)).requires_grad_(False)
     pixels = torch.rand(1, 3, resolution, resolution) * 2 - 1
 
     @torch.no_grad()
