@@ -12,7 +12,7 @@ from peft.tuners.lora import LoraLayer
 from lora_trainer.bench.profile import OpCounter
 from lora_trainer.torch_compat import autocast_supported
 from lora_trainer.train.events import TrainEvent
-from lora_trainer.train.speed import skip_lora_input_casts
+from lora_trainer.train.speed import LoraWeightsCastOnce, skip_lora_input_casts
 from lora_trainer.train.trainer import Trainer
 from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
 
@@ -33,14 +33,20 @@ def _lora_mlp(dropout: float = 0.0) -> torch.nn.Module:
     return model
 
 
-def _step(model: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor], OpCounter]:
+def _step(model: torch.nn.Module, once: LoraWeightsCastOnce | None = None,
+          checkpointing: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], OpCounter]:
+    import contextlib
+
+    import torch.utils.checkpoint as tuc
+
     torch.manual_seed(1)
-    x = torch.randn(8, 16, dtype=torch.bfloat16)
+    x = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
     counter = OpCounter()
-    with counter, torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x)
+    with counter:
+        with torch.autocast("cpu", dtype=torch.bfloat16), once.active() if once else contextlib.nullcontext():
+            out = tuc.checkpoint(model, x, use_reentrant=False) if checkpointing else model(x)
         out.float().pow(2).mean().backward()
-    grads = [p.grad.clone() for n, p in model.named_parameters() if "lora_" in n]
+    grads = [p.grad.clone() for n, p in model.named_parameters() if "lora_" in n] + [x.grad]
     model.zero_grad(set_to_none=True)
     return out.detach(), grads, counter
 
@@ -59,10 +65,28 @@ def test_skipping_peft_input_casts_is_exact_and_casts_less() -> None:
     assert all(m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, LoraLayer))
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_weights_cast_in_one_kernel_train_exactly(checkpointing: bool) -> None:
+    model = _lora_mlp()
+    skip_lora_input_casts(model)
+    out, grads, plain = _step(model, checkpointing=checkpointing)
+    once = LoraWeightsCastOnce([model], torch.bfloat16)
+    assert len(once.slots) == 4  # A and B of both layers
+    fast_out, fast_grads, fast = _step(model, once, checkpointing)
+    assert torch.equal(out, fast_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, fast_grads, strict=True))  # LoRA and input grads
+    # 4 weight casts forward and 4 gradient casts backward become one of each
+    assert fast.casts == plain.casts - 6, (plain.casts, fast.casts)
+    # the model holds its own parameters again, and they are what the optimizer trains
+    assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for n, p in model.named_parameters()
+               if "lora_" in n)
+
+
 def test_layers_with_dropout_keep_their_casts() -> None:
     model = _lora_mlp(dropout=0.1)
     skip_lora_input_casts(model)
     assert all(m.cast_input_dtype_enabled for m in model.modules() if isinstance(m, LoraLayer))
+    assert not LoraWeightsCastOnce([model], torch.bfloat16).slots
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +99,16 @@ FAST = {"train.mixed_precision": "bf16", "train.max_train_steps": 6, "train.batc
         "output.save_precision": "fp32", "output.overwrite": True}
 
 
-def test_bf16_run_with_speed_options_resumes_exactly_and_restores_the_model(tmp_path: Path, data: Path) -> None:
+def test_bf16_run_with_speed_options_resumes_exactly_and_restores_the_model(
+        tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    passes: list[int] = []
+    active = LoraWeightsCastOnce.active
+
+    def counted(self: LoraWeightsCastOnce) -> object:
+        passes.append(len(self.slots))
+        return active(self)
+
+    monkeypatch.setattr(LoraWeightsCastOnce, "active", counted)
     host = TinyHost("sd1")
     unet = host.bundle.unet
     before = {k: v.clone() for k, v in unet.state_dict().items()}
@@ -87,6 +120,7 @@ def test_bf16_run_with_speed_options_resumes_exactly_and_restores_the_model(tmp_
 
     straight = Trainer(tiny_config(data, tmp_path / "a", **FAST), host=host, callbacks=[spy]).run()
     assert casting and not any(casting)  # the option was on in every LoRA layer
+    assert len(passes) == 6 and all(passes)  # and every step's forward cast the LoRA weights at once
 
     trainer: Trainer
 

@@ -80,6 +80,7 @@ class RunSession:
         self._undo: list[Any] = []  # callables that put the model back as the host gave it
         self.logger: Logger | None = None
         self._train_flags: dict[int, bool] = {}
+        self._cast_once: Any = None  # LoraWeightsCastOnce under autocast (speed_up_unet)
 
     # == the run, top to bottom ============================================================
     def execute(self) -> TrainResult:
@@ -202,17 +203,20 @@ class RunSession:
 
     def speed_up_unet(self) -> None:
         """channels_last convolutions on CUDA, no needless dtype casts in the LoRA layers under
-        autocast (train/speed.py), and torch.compile when asked; all undone at the end so a host's
-        live model is handed back as it came."""
+        autocast and their weights cast in one kernel (train/speed.py), and torch.compile when
+        asked; all undone at the end so a host's live model is handed back as it came."""
         unet = self.bundle.unet
         if self.device.type == "cuda":
             unet.to(memory_format=torch.channels_last)
             self._undo.append(lambda: unet.to(memory_format=torch.contiguous_format))
-        if _AMP_DTYPES.get(self.cfg.train.mixed_precision) is not None:
-            from lora_trainer.train.speed import skip_lora_input_casts
+        amp = _AMP_DTYPES.get(self.cfg.train.mixed_precision)
+        if amp is not None:
+            from lora_trainer.train.speed import LoraWeightsCastOnce, skip_lora_input_casts
 
             for root in self.roots_in_training():
                 self._undo.append(skip_lora_input_casts(root))
+            if not self.cfg.train.compile:
+                self._cast_once = LoraWeightsCastOnce(self.roots_in_training(), amp)
         if self.cfg.train.compile and hasattr(unet, "compile"):
             unet.compile()
             self._undo.append(lambda: setattr(unet, "_compiled_call_impl", None))
@@ -286,6 +290,10 @@ class RunSession:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def lora_weights_cast_once(self) -> contextlib.AbstractContextManager[Any]:
+        """Under autocast, the LoRA weights cast to its dtype in one kernel (train/speed.py)."""
+        return self._cast_once.active() if self._cast_once is not None else contextlib.nullcontext()
+
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if self.text_cache is not None:
             missing = [c for c in captions if c not in self.text_cache]
@@ -311,7 +319,7 @@ class RunSession:
         steps = sample_timesteps(latents.shape[0], b.num_train_timesteps, self.gen, self.device)
         noisy = q_sample(latents, noise, steps, self.alphas)
         size_info = batch.size_info.to(self.device, non_blocking=True) if b.arch == "sdxl" else None
-        with self.autocast():
+        with self.autocast(), self.lora_weights_cast_once():
             cond = self.encode_text(batch.captions)
             pred = b.predict(noisy.to(b.dtype), steps, cond, size_info)
         target = target_for(b.prediction_type, latents, noise, steps, self.alphas)
