@@ -6,6 +6,7 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from lora_trainer.errors import ConfigError
 from lora_trainer.families import DEFAULT_FAMILY, family_names, get_family
@@ -29,13 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: bf16 on a GPU or with --estimate, no (fp32) on a CPU")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the UNet in our loop")
     p.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-reference", action="store_true", help="skip the reference loop")
-    p.add_argument("--targets", choices=["attention", "kohya"], default="attention",
-                   help="LoRA targets of our loop: the reference's attention projections (like for like, "
-                        "default) or kohya's default set (attention, feed-forward, projections)")
+    p.add_argument("--targets", choices=["attention", "kohya"], default=None,
+                   help="LoRA targets: the reference's attention projections (like for like; the default when "
+                        "timing) or kohya's default set (attention, feed-forward, projections; the trainer's "
+                        "default, and with --estimate)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.add_argument("--estimate", action="store_true",
                    help="only print the pre-flight memory estimate (full-size model, no GPU needed)")
@@ -44,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-cpu", action="store_true",
                    help="with --estimate: also run one fp32 step of the full-size model on this CPU and compare "
                         "what it allocates with the prediction (about a minute for SD1.5 at 512px)")
+    p.add_argument("--profile", action="store_true",
+                   help="count per step what each loop dispatches (aten ops, dtype casts, memory-format "
+                        "conversions) and the top ops, instead of timing; with --precision bf16 on a CPU the "
+                        "weights are bf16 under autocast, as on a GPU")
     p.add_argument("--caption", action="store_true", help="time BLIP captioning (images/s) instead")
     add_threads_argument(p)
     return p
@@ -53,11 +60,13 @@ def _estimate(args: argparse.Namespace, resolution: int, precision: str) -> dict
     from lora_trainer.bench.estimate import choose_settings, estimate_peak_memory
 
     prec = precision if precision != "no" else "fp32"
-    est = estimate_peak_memory(args.arch, resolution, args.batch, args.rank, prec, args.checkpointing)
-    print(f"predicted peak for full-size {args.arch} at {resolution}px, batch {args.batch}, rank {args.rank}, "
-          f"{prec}, checkpointing {'on' if args.checkpointing else 'off'}:")
-    for key in ("weights_gb", "lora_gb", "activations_gb", "transient_gb", "total_gb"):
-        print(f"  {key[:-3]:<12} {getattr(est, key):7.2f} GiB")
+    est = estimate_peak_memory(args.arch, resolution, args.batch, args.rank, prec, args.checkpointing,
+                               targets=args.targets)
+    print(f"predicted peak for full-size {args.arch} at {resolution}px, batch {args.batch}, rank {args.rank} "
+          f"({args.targets} targets), {prec}, checkpointing {'on' if args.checkpointing else 'off'}:")
+    for key, label in (("weights_gb", "weights"), ("lora_gb", "LoRA + AdamW"), ("step_gb", "step"),
+                       ("caching_gb", "caching"), ("total_gb", "total")):
+        print(f"  {label:<12} {getattr(est, key):7.2f} GiB")
     out = {"estimate": est.as_dict()}
     if args.free_gb is not None:
         choice = choose_settings(args.free_gb, args.arch, resolution=resolution, rank=args.rank, precision=prec)
@@ -73,8 +82,23 @@ def _estimate(args: argparse.Namespace, resolution: int, precision: str) -> dict
     return out
 
 
+def _profile(args: argparse.Namespace, resolution: int, precision: str, device: Any) -> dict:
+    from lora_trainer.bench.profile import format_profiles, profile_bench
+    from lora_trainer.bench.runner import BenchSpec
+
+    spec = BenchSpec(args.arch, args.size, resolution, args.batch, args.rank, precision, args.checkpointing,
+                     args.steps, args.warmup, str(device), not args.no_reference, args.targets,
+                     cpu_low_precision=precision != "no", compile=args.compile)
+    rows = profile_bench(spec)
+    print(f"{args.size} {args.arch}, {resolution}px, batch {args.batch}, rank {args.rank} ({args.targets} targets), "
+          f"precision {precision}, checkpointing {'on' if args.checkpointing else 'off'}, {device}:")
+    print(format_profiles(rows))
+    return {"spec": asdict(spec), "profiles": [r.as_dict() for r in rows]}
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    args.targets = args.targets or ("kohya" if args.estimate else "attention")
     configure_cpu_threads(args.threads, small_model=args.size == "tiny" and not args.estimate)
     if args.caption:
         from lora_trainer.bench.caption import run_caption_bench
@@ -97,11 +121,14 @@ def main(argv: list[str]) -> int:
     precision = args.precision or ("bf16" if device.type == "cuda" or args.estimate else "no")
     if args.estimate:
         out = _estimate(args, resolution, precision)
+    elif args.profile:
+        out = _profile(args, resolution, precision, device)
     else:
         if args.size == "full" and device.type != "cuda":
             print("note: a full-size model on a CPU is very slow; use --size tiny here")
         spec = BenchSpec(args.arch, args.size, resolution, args.batch, args.rank, precision, args.checkpointing,
-                         args.steps, args.warmup, str(device), not args.no_reference, args.targets)
+                         args.steps, args.warmup, str(device), not args.no_reference, args.targets,
+                         compile=args.compile)
         from lora_trainer.bench.runner import print_table
 
         result = run_bench(spec)
@@ -111,7 +138,8 @@ def main(argv: list[str]) -> int:
             from lora_trainer.bench.estimate import estimate_peak_memory
 
             est = estimate_peak_memory(args.arch, resolution, args.batch, args.rank,
-                                       precision if precision != "no" else "fp32", args.checkpointing)
+                                       precision if precision != "no" else "fp32", args.checkpointing,
+                                       targets=args.targets)
             err = (est.total_gb - result.peak_memory_gb) / result.peak_memory_gb * 100
             print(f"memory estimate {est.total_gb:.2f} GiB vs measured {result.peak_memory_gb:.2f} GiB ({err:+.1f} %)")
             out["estimate"] = est.as_dict()

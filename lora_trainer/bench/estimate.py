@@ -1,18 +1,22 @@
-"""Pre-flight memory estimate: predicted peak accelerator memory of a LoRA training step.
+"""Pre-flight memory estimate: predicted peak accelerator memory of a LoRA training run.
 
-No rule of thumb: the UNet is built on PyTorch's ``meta`` device (no memory is allocated) with
-LoRA layers injected, and one forward pass is traced the way the trainer runs it (weights in the
-training dtype, CUDA autocast's casting rules, fp32 LoRA weights). What autograd saves for the
-backward pass is summed, each storage once (parameters excluded: they are counted once as
-weights), with attention accounted as a fused kernel saves it (q, k, v, output and log-sum-exp;
-not the full score matrix). With gradient checkpointing, diffusers checkpoints every resnet and
-transformer block: those units keep only their inputs, and one unit at a time is recomputed.
+No rule of thumb: the models are built on PyTorch's ``meta`` device (no memory is allocated)
+and the run's two memory-heavy phases are executed there the way the trainer runs them, with
+an allocator simulated by :class:`~lora_trainer.bench.livemem.LiveBytes` (every tensor counted
+from the op that makes it until its last reference goes):
 
-Peak = frozen weights resident on the device + LoRA parameters and optimizer state + the
-larger of (saved activations + the model output and loss buffers) and (LoRA gradients + the
-optimizer step's temporaries). It predicts what
-``torch.cuda.max_memory_allocated`` reports (the CUDA context itself is not included);
-:mod:`lora_trainer.bench.memcheck` measures the same quantity for a real step on a CPU.
+- the latent caching: the VAE encodes one image while the text encoders and the VAE are
+  resident (the trainer parks the UNet off the GPU meanwhile; the VAE and frozen text encoders
+  leave it afterwards);
+- a training step with LoRA layers injected: forward, loss and backward, with the frozen weights
+  in the training dtype, CUDA autocast's casting rules, fp32 LoRA weights, attention as a fused
+  kernel allocates it (not the score matrix) and diffusers' real gradient checkpointing (so the
+  backward's recomputation, the gradients so far and the temporaries are all counted as they
+  happen); the UNet weights, LoRA parameters and AdamW's moments are resident.
+
+The peak is the larger of the two. It predicts what ``torch.cuda.max_memory_allocated``
+reports (the CUDA context itself is not included); :mod:`lora_trainer.bench.memcheck` measures
+a real step on a CPU, and ``bench/gpu_rows.sh`` the whole run on a GPU.
 """
 
 from __future__ import annotations
@@ -21,22 +25,28 @@ import contextlib
 import functools
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from lora_trainer.families import get_family
+from lora_trainer.bench.livemem import LiveBytes
+from lora_trainer.data.cache import LATENT_CACHE_BATCH
 
 GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 # Text encoders and VAE parameter counts (full size), resident only when not cached/offloaded.
-VAE_PARAMS = 83_653_863
 LATENT_CHANNELS = 4
 # Extra room choose_settings leaves on top of the predicted activations: the CUDA caching
 # allocator's fragmentation and cuDNN/cuBLAS workspaces are not part of the estimate.
 ACTIVATION_HEADROOM = 0.25
+# cuDNN's convolution workspace, in units of the convolution's largest tensor, counted while it
+# runs on CUDA. Not derivable on meta: cuDNN picks algorithms by the memory it finds free. Set so
+# that the H200's measured peaks of the runs the latent caching dominates (SD1.5 and SDXL with
+# checkpointing) are covered (docs/PERFORMANCE.md); the GPU rows script measures it again.
+CUDNN_WORKSPACE = 3.0
 
 
 @dataclass
@@ -48,11 +58,12 @@ class MemoryEstimate:
     precision: str
     gradient_checkpointing: bool
     cache_latents: bool
-    weights_gb: float
-    lora_gb: float
-    activations_gb: float
-    transient_gb: float
-    total_gb: float
+    weights_gb: float  # frozen weights resident while training
+    lora_gb: float  # LoRA parameters and AdamW's moments
+    step_gb: float  # the most a training step allocates beyond those
+    encode_gb: float  # the most the VAE allocates while encoding an image for the latent cache
+    caching_gb: float  # peak of the latent caching: text encoders and VAE resident + encode_gb
+    total_gb: float  # the larger of training (weights + lora + step) and caching
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,81 +77,32 @@ def unet_config(arch: str) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
-    """Stand-in for SDPA while tracing: output shape only, saving what a fused kernel saves."""
-    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
-    return _FusedAttn.apply(q, k, v, out)
+def _fused_attention(sdpa: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kw: Any) -> Any:
+    """Stand-in for SDPA while tracing: a fused kernel's memory, not the full score matrix. Real
+    tensors (another thread training while this one estimates) go to the real ``sdpa``."""
+    if q.device.type != "meta":
+        return sdpa(q, k, v, *args, **kw)
+    return _FusedAttn.apply(q, k, v)
 
 
 class _FusedAttn(torch.autograd.Function):
+    """Saves what flash / memory-efficient attention saves (inputs, output, fp32 log-sum-exp);
+    its backward allocates the three input gradients and an fp32 accumulator for dq."""
+
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(q, k, v, out, lse)
-        return out.clone()
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # never run (meta tracing only)
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # meta tracing only
         q, k, v, _, _ = ctx.saved_tensors
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
-
-
-class _SavedBytes:
-    """Counts bytes autograd saves for the backward pass: each storage once (three projections
-    saving the same input keep one tensor alive), parameters and views of them never."""
-
-    def __init__(self, params: set[int]) -> None:
-        self.params = params
-        self.total = 0
-        self.seen: dict[int, int] = {}  # storage -> bytes, in the order first saved
-        self.keep: list[torch.Tensor] = []  # held, so no storage address is reused while tracing
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        base = t._base if t._base is not None else t
-        if id(base) in self.params or id(t) in self.params:
-            return t
-        key = t.untyped_storage()._cdata
-        if key not in self.seen:
-            size = t.untyped_storage().nbytes() or t.numel() * t.element_size()
-            self.seen[key] = size
-            self.keep.append(t)
-            self.total += size
-        return t
-
-    def forget_since(self, mark: int) -> None:
-        """Drop what was counted after ``mark`` (the ``len(seen)`` then)."""
-        for key in list(self.seen)[mark:]:
-            self.total -= self.seen.pop(key)
-
-
-class _CheckpointUnits:
-    """Stands in for ``torch.utils.checkpoint.checkpoint`` while tracing: each checkpointed unit
-    (diffusers checkpoints every resnet and transformer block) keeps only its inputs, and the
-    backward pass recomputes one unit at a time, last unit first. When it recomputes a unit,
-    what the forward pass saved after that unit is already freed, so the peak is the largest
-    (saved up to the unit + the unit's recomputed activations)."""
-
-    def __init__(self, counter: _SavedBytes) -> None:
-        self.counter = counter
-        self.inputs: dict[int, int] = {}
-        self.peak = 0    # bytes alive while the worst unit is recomputed
-        self.inside = 0  # bytes the units would save without checkpointing
-
-    def __call__(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        for key in ("use_reentrant", "preserve_rng_state", "determinism_check", "debug", "context_fn"):
-            kwargs.pop(key, None)
-        for a in args:
-            if isinstance(a, torch.Tensor) and id(a) not in self.counter.params:
-                self.inputs.setdefault(a.untyped_storage()._cdata, a.numel() * a.element_size())
-                self.counter.keep.append(a)
-        before, mark = self.counter.total, len(self.counter.seen)
-        alive = before + sum(self.inputs.values())
-        out = fn(*args, **kwargs)
-        saved = self.counter.total - before
-        self.counter.forget_since(mark)
-        self.peak = max(self.peak, alive + saved)
-        self.inside += saved
-        return out
+        grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+        accumulator = torch.empty_like(q, dtype=torch.float32)  # alive with the grads, freed on return
+        del accumulator
+        return grads
 
 
 _LOW_PRECISION_OPS = ("linear", "conv1d", "conv2d", "conv_transpose2d", "matmul", "bmm", "baddbmm", "addmm")
@@ -173,25 +135,35 @@ class _CudaAutocast(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """.to(dtype) warns about modules to keep in fp32; these models have none."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def build_lora_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full",
-                    device: str = "meta") -> tuple[nn.Module, int]:
-    """The ``size`` ("full" or "tiny") UNet of ``arch`` with the trainer's default LoRA targets
-    injected (fp32 LoRA weights, the only trainable parameters), and its LoRA parameter count.
+                    device: str = "meta", targets: str = "kohya") -> tuple[nn.Module, int]:
+    """The ``size`` ("full" or "tiny") UNet of ``arch`` with LoRA layers on ``targets`` ("kohya":
+    the trainer's defaults; "attention": the attention projections the reference loop trains) (fp32 LoRA weights, the only trainable parameters), and its LoRA parameter count.
     On "meta" nothing is allocated (the estimate traces it); on another device the frozen
     weights are random, which does not change what a step allocates (the CPU check runs it)."""
     from diffusers import UNet2DConditionModel
-    from diffusers.utils import logging as diffusers_logging
     from peft import LoraConfig, inject_adapter_in_model
 
-    from lora_trainer.lora.targets import default_unet_targets
+    from lora_trainer.bench.reference import REFERENCE_TARGETS
+    from lora_trainer.lora.targets import default_unet_targets, find_targets
     from lora_trainer.models import tiny
 
     config = unet_config(arch) if size == "full" else tiny.unet_config(arch)
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # .to(dtype) warns about fp32 modules; the UNet has none
-    with torch.device("meta"):
+    with _quiet_diffusers(), torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config).to(dtype)
-    diffusers_logging.set_verbosity(level)
     if device != "meta":
         unet = unet.to_empty(device=device)
         with torch.no_grad():
@@ -201,8 +173,9 @@ def build_lora_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full"
                 b.zero_()
     with torch.device(device):
         unet.requires_grad_(False)
-        targets = default_unet_targets(unet)
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), unet)
+        paths = (default_unet_targets(unet) if targets == "kohya"
+                 else find_targets({"unet": (unet, "diffusers")}, list(REFERENCE_TARGETS))["unet"])
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=paths), unet)
     lora_params = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
     for n, p in unet.named_parameters():
         if "lora_" in n:
@@ -229,83 +202,139 @@ def meta_inputs(unet: nn.Module, resolution: int, batch: int, dtype: torch.dtype
     return kw
 
 
-@functools.lru_cache(maxsize=64)
-def trace_activations(arch: str, resolution: int, rank: int, precision: str, size: str = "full") -> dict[str, int]:
-    """Bytes saved for the backward pass at batch 1, traced as the trainer runs: weights in the
-    precision's dtype, CUDA autocast rules for fp16/bf16, fp32 LoRA weights, diffusers'
-    checkpointing units. Activation memory is linear in the batch size, so callers scale these.
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-    ``total``: everything saved without checkpointing (the peak is at the forward pass's end);
-    ``checkpointed``: the peak with checkpointing: what stays saved (outside the units, plus each
-    unit's inputs) at the forward pass's end, or while the worst unit is recomputed."""
+
+@contextlib.contextmanager
+def _tracing(precision: str, device: str) -> Iterator[LiveBytes]:
+    """Count live bytes on meta with SDPA as a fused kernel and CUDA autocast's casting rules
+    (``device`` "cuda": with convolution workspaces)."""
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = functools.partial(_fused_attention, original)
+    live = LiveBytes(conv_workspace=CUDNN_WORKSPACE if device == "cuda" else 0.0)
+    autocast = _CudaAutocast(_DTYPES[precision]) if precision != "fp32" else contextlib.nullcontext()
+    try:
+        with autocast, live:
+            yield live
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+@functools.lru_cache(maxsize=64)
+def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str, checkpointing: bool,
+               size: str = "full", targets: str = "kohya", device: str = "cuda") -> dict[str, int]:
+    """One training step run on meta as the trainer runs it (frozen weights in the precision's
+    dtype, CUDA autocast's rules, fp32 LoRA weights, diffusers' checkpointing): ``step`` is the
+    most it allocates beyond the resident weights, LoRA and optimizer state at any moment of the
+    forward and backward passes (a checkpointed backward holds the LoRA gradients so far, the
+    inputs of the units still to go, one unit's recomputed activations and its backward's
+    temporaries; all of that is counted as it happens, not modelled)."""
     import torch.nn.functional as F
     import torch.utils.checkpoint as tuc
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    unet, lora_params = build_lora_unet(arch, rank, dtype, size)
-    counter = _SavedBytes({id(p) for p in unet.parameters()})
-    units = _CheckpointUnits(counter)
-    unet.enable_gradient_checkpointing()  # the units call torch.utils.checkpoint.checkpoint: ours, below
-    original_sdpa, original_ckpt = F.scaled_dot_product_attention, tuc.checkpoint
-    F.scaled_dot_product_attention, tuc.checkpoint = _fused_attention, units
-    autocast = _CudaAutocast(dtype) if precision in ("fp16", "bf16") else contextlib.nullcontext()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), autocast:
-            unet.train()
-            unet(**meta_inputs(unet, resolution, 1, dtype))
-    finally:
-        F.scaled_dot_product_attention, tuc.checkpoint = original_sdpa, original_ckpt
-    outside = counter.total
+    dtype = _DTYPES[precision]
+    unet, lora_params = build_lora_unet(arch, rank, dtype, size, targets=targets)
+    if checkpointing:
+        # The recomputation runs inside the backward pass, where this thread's autocast
+        # stand-in is not active: the checkpoint enters one of its own.
+        def recompute_autocast() -> tuple[Any, Any]:
+            return contextlib.nullcontext(), (_CudaAutocast(dtype) if precision != "fp32" else contextlib.nullcontext())
+
+        unet.enable_gradient_checkpointing(functools.partial(
+            tuc.checkpoint, use_reentrant=False, preserve_rng_state=False, context_fn=recompute_autocast))
+    unet.train()
+    side = resolution // 8
+    with _tracing(precision, device) as live:
+        latents = torch.empty(batch, LATENT_CHANNELS, side, side, device="meta")  # fp32, as the trainer keeps them
+        noise = torch.empty_like(latents)  # the trainer's noise and target: as large again
+        pred = unet(**meta_inputs(unet, resolution, batch, dtype)).sample
+        F.mse_loss(pred.float(), noise).backward()
+        del pred
+        after_backward = live.current  # the LoRA gradients and the batch
     weights = sum(p.numel() * p.element_size() for n, p in unet.named_parameters() if "lora_" not in n)
-    return {"total": outside + units.inside,
-            "checkpointed": max(outside + sum(units.inputs.values()), units.peak),
-            "lora_params": lora_params, "weight_bytes": weights}
+    # The optimizer step then adds as much again as the fp32 gradients in temporaries, at most.
+    return {"step": max(live.peak, after_backward + lora_params * 4), "lora_params": lora_params,
+            "weight_bytes": weights}
+
+
+def vae_config(arch: str, size: str) -> dict[str, Any]:
+    """The VAE config of ``arch`` (full size: the packaged one; else the tiny one)."""
+    from lora_trainer.models import tiny
+    from lora_trainer.models.checkpoint import CONFIGS_DIR
+
+    if size != "full":
+        return tiny.vae_config(arch)
+    cfg = json.loads((CONFIGS_DIR / arch / "vae" / "config.json").read_text(encoding="utf-8"))
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+@functools.lru_cache(maxsize=64)
+def trace_latent_caching(arch: str, resolution: int, batch: int, precision: str, size: str = "full",
+                         device: str = "cuda") -> dict[str, int]:
+    """The VAE encoding a batch of images on meta, as the latent cache does before training:
+    ``encode``: the most it allocates at once; ``vae_bytes``: the VAE's weights (fp32 for SDXL,
+    whose VAE overflows in fp16, else the precision's dtype)."""
+    from diffusers import AutoencoderKL
+
+    from lora_trainer.families import get_family
+
+    dtype = _DTYPES[precision]
+    vae_dtype = torch.float32 if get_family(arch).vae_fp32 else dtype
+    with _quiet_diffusers(), torch.device("meta"):
+        vae = AutoencoderKL.from_config(vae_config(arch, size)).to(vae_dtype)
+    vae.requires_grad_(False)
+    with _tracing("fp32", device) as live, torch.no_grad():
+        pixels = torch.empty(batch, 3, resolution, resolution, device="meta", dtype=dtype)
+        latents = vae.encode(pixels.to(vae_dtype)).latent_dist.sample()
+        del pixels
+        latents = (latents * vae.config.scaling_factor).to(dtype)
+    return {"encode": live.peak, "vae_bytes": sum(p.numel() * p.element_size() for p in vae.parameters())}
 
 
 def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: int = 16,
                          precision: str = "bf16", gradient_checkpointing: bool = False,
                          cache_latents: bool = True, train_text_encoder: bool = False,
-                         size: str = "full") -> MemoryEstimate:
-    """Predicted peak accelerator memory (GiB figures) of a UNet LoRA training step."""
-    act_dtype = precision if precision in ("fp16", "bf16") else "fp32"
-    tr = trace_activations(arch, resolution, rank, act_dtype, size)
+                         size: str = "full", targets: str = "kohya", device: str = "cuda",
+                         unet_parked: bool = True) -> MemoryEstimate:
+    """Predicted peak accelerator memory (GiB figures) of a UNet LoRA training run: the larger of
+    the latent caching (text encoders and VAE resident while the VAE encodes an image; the
+    trainer parks the UNet off the GPU meanwhile, ``unet_parked=False`` counts it as resident)
+    and a training step (UNet, LoRA and AdamW state resident; the step's own allocations)."""
+    prec = precision if precision in ("fp16", "bf16") else "fp32"
+    tr = trace_step(arch, resolution, batch_size, rank, prec, gradient_checkpointing, size, targets, device)
+    cache = trace_latent_caching(arch, resolution, LATENT_CACHE_BATCH, prec, size, device)
+    text = get_family(arch).text_encoder_params * DTYPE_BYTES[prec] if size == "full" else 0
     weights = tr["weight_bytes"]
-    if not cache_latents:
-        weights += VAE_PARAMS * DTYPE_BYTES[act_dtype]
     if train_text_encoder or not cache_latents:
-        weights += get_family(arch).text_encoder_params * DTYPE_BYTES[act_dtype]
-    # LoRA: fp32 parameters and AdamW's two fp32 moments stay resident.
-    lora = tr["lora_params"] * 4 * 3
-    if gradient_checkpointing:
-        activations = batch_size * tr["checkpointed"]
-    else:
-        activations = batch_size * tr["total"]
-    # The step's peak is at the forward pass's end (activations, the model output, the target
-    # and the loss gradient in fp32; no LoRA gradients yet; the backward pass frees activations
-    # as fast as it makes gradients), or at the optimizer step (the fp32 LoRA gradients and as
-    # much again in AdamW's temporaries), whichever is larger.
-    side = resolution // 8
-    forward_end = activations + batch_size * LATENT_CHANNELS * side * side * 4 * 3
-    optimizer_step = tr["lora_params"] * 4 * 2
-    transient = max(forward_end, optimizer_step) - activations
-    total = weights + lora + activations + transient
+        weights += text
+    if not cache_latents:
+        weights += cache["vae_bytes"]
+    lora = tr["lora_params"] * 4 * 3  # fp32 parameters and AdamW's two fp32 moments
+    step = tr["step"] + (0 if cache_latents else cache["encode"])
+    caching = 0
+    if cache_latents:
+        caching = text + cache["vae_bytes"] + cache["encode"] + (0 if unet_parked else tr["weight_bytes"])
     return MemoryEstimate(arch, resolution, batch_size, rank, precision, gradient_checkpointing, cache_latents,
-                          weights / GiB, lora / GiB, activations / GiB, transient / GiB, total / GiB)
+                          weights / GiB, lora / GiB, step / GiB, cache["encode"] / GiB, caching / GiB,
+                          max(weights + lora + step, caching) / GiB)
 
 
 def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resolution: int | None = None,
                     rank: int = 16, precision: str = "bf16", model_resident: bool = False) -> dict[str, Any]:
     """The fastest settings predicted to fit ``free_gb - reserve_gb``: the biggest batch without
     gradient checkpointing, else with it; resolution defaults to the family's native one.
-    What a step allocates is given ``ACTIVATION_HEADROOM`` more room, for the allocator's
-    fragmentation and the kernels' workspaces, which the estimate does not model.
+    What a step (or the VAE) allocates is given ``ACTIVATION_HEADROOM`` more room, for the
+    allocator's fragmentation and the kernels' workspaces, which the estimate does not model.
 
-    ``model_resident``: the UNet's weights are already in memory (a WebUI's loaded model), so
-    they are not part of what must still fit."""
+    ``model_resident``: the model (UNet, text encoders, VAE) is already in memory (a WebUI's
+    loaded model), so its weights are not part of what must still fit."""
     res = resolution or get_family(arch).default_resolution
     budget = free_gb - reserve_gb
-    if model_resident:
-        budget += trace_activations(arch, res, rank, precision)["weight_bytes"] / GiB
+    if model_resident:  # the UNet, the text encoders and the VAE are already counted as used
+        one = estimate_peak_memory(arch, res, 1, rank, precision)
+        budget += one.weights_gb + (one.caching_gb - one.encode_gb)
     for checkpointing in (False, True):
         best = None
         for batch in (8, 6, 4, 3, 2, 1):
@@ -324,4 +353,5 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
 
 
 def _needed_gb(est: MemoryEstimate) -> float:
-    return est.total_gb + ACTIVATION_HEADROOM * (est.activations_gb + est.transient_gb)
+    training = est.weights_gb + est.lora_gb + est.step_gb * (1 + ACTIVATION_HEADROOM)
+    return max(training, est.caching_gb + ACTIVATION_HEADROOM * est.encode_gb)

@@ -37,7 +37,8 @@ class StepMemory:
     rank: int
     gradient_checkpointing: bool
     measured_gb: float  # what one step allocated beyond weights and optimizer state
-    predicted_gb: float  # the estimator's activations + transients (what a step adds)
+    predicted_gb: float  # the estimator's step_gb (what a step adds)
+    phase: str = "step"  # or "caching": the VAE encoding one image (what it allocates; encode_gb)
 
     @property
     def error(self) -> float:
@@ -56,9 +57,39 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, rank: int,
-                          checkpointing: bool) -> dict[str, int]:
+def _peak_rise(run: Any) -> int:
+    """How far the process's peak resident size rises above the current one while ``run()`` runs."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+        fh.write("5")  # reset the peak resident size to the current one
+    base = _status_bytes("VmRSS")
+    run()
+    return _status_bytes("VmHWM") - base
+
+
+def _caching_in_this_process(arch: str, size: str, resolution: int) -> dict[str, int]:
     import torch
+    from diffusers import AutoencoderKL
+
+    from lora_trainer.bench.estimate import vae_config
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(vae_config(arch, size)).requires_grad_(False)
+    pixels = torch.rand(1, 3, resolution, resolution) * 2 - 1
+
+    @torch.no_grad()
+    def encode() -> None:
+        vae.encode(pixels).latent_dist.sample()
+
+    encode()  # first-call allocations (thread pools, kernels) are not the cache's
+    return {"step_bytes": _peak_rise(encode)}
+
+
+def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, rank: int,
+                          checkpointing: bool, phase: str = "step") -> dict[str, int]:
+    import torch
+
+    if phase == "caching":
+        return _caching_in_this_process(arch, size, resolution)
 
     from lora_trainer.bench.estimate import build_lora_unet, meta_inputs
 
@@ -86,23 +117,20 @@ def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, ran
         optimizer.zero_grad(set_to_none=True)
 
     step()  # the optimizer state now exists, as it does in every later step
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-        fh.write("5")  # reset the peak resident size to the current one
-    base = _status_bytes("VmRSS")
-    step()
-    return {"step_bytes": _status_bytes("VmHWM") - base}
+    return {"step_bytes": _peak_rise(step)}
 
 
 def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: int = 1, rank: int = 16,
                         gradient_checkpointing: bool = False, size: str = "full",
-                        threads: int | None = None) -> StepMemory:
-    """Run one fp32 step on the CPU in a fresh process; compare with the estimator's prediction."""
+                        threads: int | None = None, phase: str = "step") -> StepMemory:
+    """Run one fp32 step (``phase`` "caching": the VAE encoding one image) on the CPU in a fresh
+    process; compare with the estimator's prediction."""
     from lora_trainer.bench.estimate import estimate_peak_memory
 
     if not os.path.exists("/proc/self/clear_refs"):
         raise RuntimeError("measuring step memory needs Linux (/proc/self/clear_refs)")
     args = {"arch": arch, "size": size, "resolution": resolution, "batch": batch_size, "rank": rank,
-            "checkpointing": gradient_checkpointing}
+            "checkpointing": gradient_checkpointing, "phase": phase}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -113,14 +141,17 @@ def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: in
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"the measuring process failed: {tail[0]}")
     got = json.loads(lines[-1])
-    est = estimate_peak_memory(arch, resolution, batch_size, rank, "fp32", gradient_checkpointing, size=size)
-    return StepMemory(arch, size, resolution, batch_size, rank, gradient_checkpointing,
-                      got["step_bytes"] / GiB, est.activations_gb + est.transient_gb)
+    est = estimate_peak_memory(arch, resolution, batch_size, rank, "fp32", gradient_checkpointing, size=size,
+                               device="cpu")
+    return StepMemory(arch, size, resolution, batch_size, rank, gradient_checkpointing, got["step_bytes"] / GiB,
+                      est.encode_gb if phase == "caching" else est.step_gb, phase)
 
 
 def format_row(m: StepMemory) -> str:
     ckpt = "on " if m.gradient_checkpointing else "off"
-    return (f"{m.size:>4} {m.arch:<4} {m.resolution:>5}px  batch {m.batch_size}  rank {m.rank:<3} checkpointing {ckpt}"
+    what = ("VAE encode, 1 image       " if m.phase == "caching"
+            else f"batch {m.batch_size}  rank {m.rank:<3} checkpointing {ckpt}")
+    return (f"{m.size:>4} {m.arch:<4} {m.resolution:>5}px  {what}"
             f"  measured {m.measured_gb:7.3f} GiB  predicted {m.predicted_gb:7.3f} GiB  ({m.error:+.1%})")
 
 
@@ -132,13 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--phase", choices=["step", "caching"], default="step",
+                   help="a training step, or the latent caching (the VAE encoding one image)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(_step_in_this_process(**json.loads(args.child))), flush=True)
         return 0
-    m = measure_step_memory(args.arch, args.resolution, args.batch, args.rank, args.checkpointing, args.size)
+    m = measure_step_memory(args.arch, args.resolution, args.batch, args.rank, args.checkpointing, args.size,
+                            phase=args.phase)
     print(format_row(m))
     if args.json:
         from pathlib import Path

@@ -10,7 +10,10 @@ stricter for us, not looser).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +45,10 @@ def _sync(device: torch.device) -> None:
 
 def run_reference_loop(unet: nn.Module, latents: torch.Tensor, context: torch.Tensor, *, rank: int,
                        steps: int, warmup: int = 2, lr: float = 1e-4, autocast_dtype: torch.dtype | None = None,
-                       added_cond: dict[str, torch.Tensor] | None = None) -> LoopTiming:
-    """Time ``steps`` optimizer steps of the reference loop on one fixed batch.
+                       added_cond: dict[str, torch.Tensor] | None = None,
+                       windows: Sequence[Callable[[], AbstractContextManager[Any]]] = ()) -> LoopTiming:
+    """Time ``steps`` optimizer steps of the reference loop on one fixed batch; then, for each of
+    ``windows`` (profilers), run ``steps`` more inside the context it makes.
 
     ``unet`` is changed in place (LoRA layers added); pass a fresh or disposable model.
     """
@@ -83,4 +88,10 @@ def run_reference_loop(unet: nn.Module, latents: torch.Tensor, context: torch.Te
     for _ in range(steps):
         step()
     _sync(device)
-    return LoopTiming(steps, time.perf_counter() - start, bsz)
+    timing = LoopTiming(steps, time.perf_counter() - start, bsz)
+    for make in windows:
+        with make():
+            for _ in range(steps):
+                step()
+            _sync(device)
+    return timing

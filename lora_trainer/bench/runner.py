@@ -46,6 +46,9 @@ class BenchSpec:
     reference: bool = True
     # "attention": the reference loop's targets (like for like); "kohya": our default targets
     targets: str = "attention"
+    # On a CPU, fp16/bf16 weights and autocast as on a GPU (the profile's counts), not fp32
+    cpu_low_precision: bool = False
+    compile: bool = False  # train.compile: torch.compile the UNet in our loop
 
 
 @dataclass
@@ -88,8 +91,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def random_parts(arch: str, size: str, seed: int = 0) -> dict[str, Any]:
-    """Diffusers parts with random weights: tiny from config, or full size from packaged configs."""
+def random_parts(arch: str, size: str, seed: int = 0, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Diffusers parts with random weights: tiny from config, or full size from packaged configs.
+    Full-size parts are built on meta and filled with N(0, 0.02) right on ``device`` in ``dtype``
+    (the SDXL VAE in fp32): seconds instead of minutes of CPU initialisation, and no fp32 copy of
+    the UNet on the GPU."""
     from lora_trainer.models import tiny
 
     if size == "tiny":
@@ -97,23 +104,36 @@ def random_parts(arch: str, size: str, seed: int = 0) -> dict[str, Any]:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from lora_trainer.families import get_family
     from lora_trainer.models.checkpoint import prepared_config_folder
 
+    family = get_family(arch)
     folder = prepared_config_folder(arch)
     torch.manual_seed(seed)
-    parts: dict[str, Any] = {
-        "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
-        "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
-        "scheduler": DDPMScheduler.from_pretrained(folder / "scheduler"),
-        "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
-        "tokenizer": tiny.load_clip_tokenizer(),
-    }
-    if arch == "sdxl":
-        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
-        parts["tokenizer_2"] = tiny.load_clip_tokenizer(pad_token="!")
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if name in parts:
-            parts[name].eval().requires_grad_(False)
+    with torch.device("meta"):
+        parts: dict[str, Any] = {
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+        }
+        for _, sub, _ in family.text_encoder_folders[1:]:  # SDXL's OpenCLIP-bigG (with projection)
+            parts[sub] = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / sub))
+    vae_fp32 = family.vae_fp32
+    for name, module in list(parts.items()):
+        part_dtype = torch.float32 if name == "vae" and vae_fp32 else dtype
+        module = module.to(part_dtype).to_empty(device=device)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_(0, 0.02)
+            for b in module.buffers():  # position ids and the like: as the config builds them
+                if b.is_floating_point():
+                    b.zero_()
+                else:
+                    b.copy_(torch.arange(b.shape[-1], device=b.device).expand_as(b))
+        parts[name] = module.eval().requires_grad_(False)
+    parts["scheduler"] = DDPMScheduler.from_pretrained(folder / "scheduler")
+    for _, sub, tok in family.text_encoder_folders:
+        parts[tok] = tiny.load_clip_tokenizer(pad_token=dict(family.tokenizer_pads)[tok])
     return parts
 
 
@@ -146,6 +166,7 @@ def bench_config(spec: BenchSpec, data: Path, out: Path, device: torch.device) -
         "optim.lr_scheduler": "constant", "output.output_dir": str(out), "output.tensorboard": False,
         "output.output_name": "bench", "model.device": str(device),
         "network.target_modules": list(REFERENCE_TARGETS) if spec.targets == "attention" else [],
+        "train.compile": spec.compile,
     })
 
 
@@ -161,16 +182,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_our_loop(spec: BenchSpec, device: torch.device, workdir: Path) -> dict[str, float]:
-    """Run our Trainer; time to first step and steps/s over the steps after warm-up."""
+def _low_precision(spec: BenchSpec, device: torch.device) -> torch.dtype | None:
+    """The dtype of weights and autocast: fp16/bf16 on a GPU (or a CPU told to run as one)."""
+    if device.type == "cuda" or spec.cpu_low_precision:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
+    return None
+
+
+def time_our_loop(spec: BenchSpec, device: torch.device, workdir: Path,
+                  listeners: list[Any] | tuple = ()) -> dict[str, float]:
+    """Run our Trainer; time to first step and steps/s over the steps after warm-up.
+    ``listeners`` get the trainer's events too (the profile's step windows)."""
     from lora_trainer.models.setups import bundle_from_diffusers
     from lora_trainer.train.trainer import Trainer
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision, torch.float32)
-    if device.type == "cpu":
-        dtype = torch.float32
+    dtype = _low_precision(spec, device) or torch.float32
     data = make_images(workdir / "data", max(spec.batch_size * 2, 4), spec.resolution)
     marks: list[tuple[int, float]] = []  # (step, time) of each step event
+
+    peaks: dict[str, float] = {}
 
     def on_event(ev: Any) -> None:
         # Step events come every step on a CPU and every few steps on a GPU; the loop itself never
@@ -178,14 +208,19 @@ def time_our_loop(spec: BenchSpec, device: torch.device, workdir: Path) -> dict[
         if ev.kind == "step":
             _sync(device)
             marks.append((ev.step, time.perf_counter()))
+        elif ev.kind == "status" and device.type == "cuda" and ev.message.startswith("training "):
+            # the loop starts: what came before (caching) and the loop get a peak each
+            peaks["setup_peak_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
+            torch.cuda.reset_peak_memory_stats(device)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    bundle = bundle_from_diffusers(random_parts(spec.arch, spec.size), spec.arch, None, device, dtype,
+    parts = random_parts(spec.arch, spec.size, device=device, dtype=dtype)
+    bundle = bundle_from_diffusers(parts, spec.arch, None, device, dtype,
                                    name=f"{spec.size}-{spec.arch}", default_resolution=spec.resolution)
     host = BenchHost(bundle, workdir / "out")
-    Trainer(bench_config(spec, data, workdir / "out", device), host, [on_event]).run()
+    Trainer(bench_config(spec, data, workdir / "out", device), host, [on_event, *listeners]).run()
     timed = [m for m in marks if m[0] >= spec.warmup]
     if len(timed) < 2:
         raise ConfigError(f"--steps {spec.steps}: too few steps to time; use at least 10 on a GPU")
@@ -194,14 +229,16 @@ def time_our_loop(spec: BenchSpec, device: torch.device, workdir: Path) -> dict[
     first_step, first_time = marks[0]
     # the first event may come after several steps: take their time off at the measured rate
     to_first = first_time - start - (first_step - 1) / steps_per_s
-    return {"time_to_first_step_s": to_first, "steps_per_s": steps_per_s}
+    if "setup_peak_gb" in peaks:
+        peaks["loop_peak_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
+    return {"time_to_first_step_s": to_first, "steps_per_s": steps_per_s, **peaks}
 
 
-def time_reference(spec: BenchSpec, device: torch.device) -> float:
-    parts = random_parts(spec.arch, spec.size)
-    unet = parts["unet"].to(device)
-    if device.type == "cuda" and spec.precision in ("bf16", "fp16"):
-        unet = unet.to(torch.bfloat16 if spec.precision == "bf16" else torch.float16)
+def time_reference(spec: BenchSpec, device: torch.device, windows: list[Any] | tuple = ()) -> float:
+    low = _low_precision(spec, device)
+    unet = random_parts(spec.arch, spec.size, device=device, dtype=low or torch.float32)["unet"].to(device)
+    if low is not None:
+        unet = unet.to(low)
     side = spec.resolution // 8
     cfg = unet.config
     latents = torch.randn(spec.batch_size, 4, side, side, device=device, dtype=unet.dtype)
@@ -214,9 +251,8 @@ def time_reference(spec: BenchSpec, device: torch.device) -> float:
                                           device=device, dtype=unet.dtype)}
     if spec.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision) if device.type == "cuda" else None
     timing = run_reference_loop(unet, latents, context, rank=spec.rank, steps=spec.steps, warmup=spec.warmup,
-                                autocast_dtype=autocast, added_cond=added)
+                                autocast_dtype=low, added_cond=added, windows=windows)
     return timing.steps_per_s
 
 
@@ -232,6 +268,9 @@ def run_bench(spec: BenchSpec) -> BenchResult:
     with tempfile.TemporaryDirectory(prefix="lora_trainer_bench_") as tmp:
         ours = time_our_loop(spec, device, Path(tmp))
     peak, kind = _peak_memory(device)
+    split = {k: ours[k] for k in ("setup_peak_gb", "loop_peak_gb") if k in ours}
+    if split:
+        peak = max(split.values())
     ref = time_reference(spec, device) if spec.reference else None
     fwd = unet_forward_flops(spec.arch, spec.resolution, spec.batch_size, spec.size)
     peak_tflops = _peak_tflops(device)
@@ -243,6 +282,7 @@ def run_bench(spec: BenchSpec) -> BenchResult:
         images_per_s=ours["steps_per_s"] * spec.batch_size, time_to_first_step_s=ours["time_to_first_step_s"],
         peak_memory_gb=peak, peak_memory_kind=kind, unet_forward_tflop=fwd / 1e12, mfu=mfu,
         reference_steps_per_s=ref, ratio_to_reference=(ours["steps_per_s"] / ref) if ref else None,
+        extra=split,
     )
 
 
@@ -250,12 +290,15 @@ def format_table(r: BenchResult) -> str:
     s = r.spec
     rows = [
         ("model", f"{s.size} {s.arch}, {s.resolution}px, batch {s.batch_size}, rank {s.rank} ({s.targets} targets), "
-                  f"precision {s.precision}, checkpointing {'on' if s.gradient_checkpointing else 'off'}"),
+                  f"precision {s.precision}, checkpointing {'on' if s.gradient_checkpointing else 'off'}"
+                  + (", compiled" if s.compile else "")),
         ("device", f"{r.device} (torch {r.torch_version})"),
         ("steps/s", f"{r.steps_per_s:.3f}"),
         ("images/s", f"{r.images_per_s:.3f}"),
         ("time to first step", f"{r.time_to_first_step_s:.1f} s (build model + scan + cache)"),
-        ("peak memory", f"{r.peak_memory_gb:.2f} GiB ({r.peak_memory_kind})"),
+        ("peak memory", f"{r.peak_memory_gb:.2f} GiB ({r.peak_memory_kind})" + (
+            f"; before the loop {r.extra['setup_peak_gb']:.2f}, in the loop {r.extra['loop_peak_gb']:.2f}"
+            if "loop_peak_gb" in r.extra else "")),
         ("UNet forward", f"{r.unet_forward_tflop * 1000:.2f} GFLOP per batch"),
         ("model-FLOP utilisation", f"{r.mfu * 100:.1f} %" if r.mfu is not None else "n/a (no known peak for this device)"),
     ]

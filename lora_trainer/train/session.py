@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_trainer.data.cache import LatentCache, TextCache, fill_latent_cache, module_identity
+from lora_trainer.data.cache import (
+    LATENT_CACHE_BATCH,
+    LatentCache,
+    TextCache,
+    fill_latent_cache,
+    module_identity,
+)
 from lora_trainer.data.dataset import Batch, BucketDataset, EpochView, steps_per_epoch
 from lora_trainer.errors import ConfigError, OutputError
 from lora_trainer.fsutil import atomic_write_text, backup_file
@@ -69,6 +75,7 @@ class RunSession:
         self._undo: list[Any] = []  # callables that put the model back as the host gave it
         self.logger: Logger | None = None
         self._train_flags: dict[int, bool] = {}
+        self._cast_once: Any = None  # LoraWeightsCastOnce under autocast (speed_up_unet)
 
     # == the run, top to bottom ============================================================
     def execute(self) -> TrainResult:
@@ -165,7 +172,8 @@ class RunSession:
             folder = Path(d.cache_dir) if d.cache_dir else self.out / ".cache" / "latents"
             self.latent_cache = LatentCache(d.cache_latents, vae_id, d.crop, folder)
             self.status("caching latents")
-            fill_latent_cache(self.ds, self.latent_cache, b, self.cfg.train.batch_size)
+            with self.parked(b.unet):  # the VAE's full-resolution activations need its room
+                fill_latent_cache(self.ds, self.latent_cache, b, LATENT_CACHE_BATCH)
             self.status(f"latent cache: {self.latent_cache.hits} reused, {self.latent_cache.misses} encoded")
             self.ds.latent_cache = self.latent_cache
             self.offload(b.vae)
@@ -187,12 +195,21 @@ class RunSession:
         self.speed_up_unet()
 
     def speed_up_unet(self) -> None:
-        """channels_last convolutions on CUDA, and torch.compile when asked; both undone at the end
-        so a host's live model is handed back as it came."""
+        """channels_last convolutions on CUDA, no needless dtype casts in the LoRA layers under
+        autocast and their weights cast in one kernel (train/speed.py), and torch.compile when
+        asked; all undone at the end so a host's live model is handed back as it came."""
         unet = self.bundle.unet
         if self.device.type == "cuda":
             unet.to(memory_format=torch.channels_last)
             self._undo.append(lambda: unet.to(memory_format=torch.contiguous_format))
+        amp = _AMP_DTYPES.get(self.cfg.train.mixed_precision)
+        if amp is not None:
+            from lora_trainer.train.speed import LoraWeightsCastOnce, skip_lora_input_casts
+
+            for root in self.roots_in_training():
+                self._undo.append(skip_lora_input_casts(root))
+            if not self.cfg.train.compile:
+                self._cast_once = LoraWeightsCastOnce(self.roots_in_training(), amp)
         if self.cfg.train.compile and hasattr(unet, "compile"):
             unet.compile()
             self._undo.append(lambda: setattr(unet, "_compiled_call_impl", None))
@@ -266,6 +283,10 @@ class RunSession:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def lora_weights_cast_once(self) -> contextlib.AbstractContextManager[Any]:
+        """Under autocast, the LoRA weights cast to its dtype in one kernel (train/speed.py)."""
+        return self._cast_once.active() if self._cast_once is not None else contextlib.nullcontext()
+
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if self.text_cache is not None:
             missing = [c for c in captions if c not in self.text_cache]
@@ -290,7 +311,7 @@ class RunSession:
         noise = offset_noise(latents, t.noise_offset, self.gen)
         step = self.objective.step_inputs(latents, noise, self.gen)
         size_info = batch.size_info.to(self.device, non_blocking=True) if b.family.uses_size_info else None
-        with self.autocast():
+        with self.autocast(), self.lora_weights_cast_once():
             cond = {**self.encode_text(batch.captions), **step.cond}
             pred = b.predict(step.noisy.to(b.dtype), step.timesteps, cond, size_info)
         weights = batch.weights.to(self.device, non_blocking=True)
@@ -446,6 +467,23 @@ class RunSession:
         self._undo.append(lambda: module.to(original))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def parked(self, module: Any) -> Iterator[None]:
+        """Move a module off the GPU for a moment and back (the same bits, the same parameter
+        objects): the UNet while the VAE fills the latent cache, which would otherwise set the
+        run's peak memory on top of the whole model."""
+        first = next(module.parameters(), None) if module is not None else None
+        if first is None or first.device.type != "cuda":
+            yield
+            return
+        original = first.device
+        module.to("cpu")
+        torch.cuda.empty_cache()  # the VAE needs large blocks, not the UNet's many small ones
+        try:
+            yield
+        finally:
+            module.to(original)
 
     @contextlib.contextmanager
     def onloaded(self, module: Any) -> Iterator[None]:
