@@ -34,6 +34,7 @@ from torch import nn
 
 from lora_trainer.bench.livemem import LiveBytes
 from lora_trainer.data.cache import LATENT_CACHE_BATCH
+from lora_trainer.families import get_family
 
 GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -277,8 +278,6 @@ def trace_latent_caching(arch: str, resolution: int, batch: int, precision: str,
     ``encode``: the most it allocates at once; ``vae_bytes``: the VAE's weights (fp32 for SDXL,
     whose VAE overflows in fp16, else the precision's dtype)."""
     from diffusers import AutoencoderKL
-
-    from lora_trainer.families import get_family
 
     dtype = _DTYPES[precision]
     vae_dtype = torch.float32 if get_family(arch).vae_fp32 else dtype

@@ -132,7 +132,7 @@ def random_parts(arch: str, size: str, seed: int = 0, device: torch.device | str
                     b.copy_(torch.arange(b.shape[-1], device=b.device).expand_as(b))
         parts[name] = module.eval().requires_grad_(False)
     parts["scheduler"] = DDPMScheduler.from_pretrained(folder / "scheduler")
-    for _, sub, tok in family.text_encoder_folders:
+    for *_, tok in family.text_encoder_folders:
         parts[tok] = tiny.load_clip_tokenizer(pad_token=dict(family.tokenizer_pads)[tok])
     return parts
 
