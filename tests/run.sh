@@ -38,3 +38,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [ "${LORA_TRAINER_WEBUI_PINS:-1}" = "1" ] && [ $# -eq 0 ]; then
   bash tests/webui_pins/check.sh
 fi
+
+# Forge Neo 2.26's and Forge Classic's exact stacks (tests/webui_pins/forge_check.sh): install.py's pip
+# calls, the Forge host tests, and the tab's UI tests on Neo's gradio 4.40. LORA_TRAINER_FORGE_PINS=0 skips it.
+if [ "${LORA_TRAINER_FORGE_PINS:-1}" = "1" ] && [ $# -eq 0 ]; then
+  bash tests/webui_pins/forge_check.sh
+fi
