@@ -111,7 +111,7 @@ def _assets_refused(url: str) -> bool:
     return False
 
 
-def tab_flow(url: str, data: Path, shots: Path | None) -> None:
+def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
     from lora_trainer.ui import screenshots
 
     d = screenshots.chrome(tempfile.mkdtemp(prefix="lt-tryout-"))
@@ -129,7 +129,7 @@ def tab_flow(url: str, data: Path, shots: Path | None) -> None:
                    or "square" in text_of(d, "lt-caption-table"))
         check(True, "tab: captions shown in the table")
         open_tab_section(d, "Train")
-        set_text(d, "lt-f-output-output-name", "tab_lora")
+        set_text(d, "lt-f-output-output-name", name)
         set_text(d, "lt-f-train-max-train-steps", "6")
         set_text(d, "lt-f-data-resolution", "64")
         set_text(d, "lt-f-train-batch-size", "2")
@@ -140,7 +140,7 @@ def tab_flow(url: str, data: Path, shots: Path | None) -> None:
             d.save_screenshot(str(shots / "a1111_train.png"))
         check("done" in progress, f"tab: trained ({' '.join(progress.split())[:90]})")
         open_tab_section(d, "Test")
-        wait_until("the new LoRA in the Test list", lambda: value_of(d, "lt-test-lora") == "tab_lora")
+        wait_until("the new LoRA in the Test list", lambda: value_of(d, "lt-test-lora") == name)
         set_text(d, "lt-test-weights", "0, 0.7, 1")
         set_text(d, "lt-test-steps", "3")
         set_text(d, "lt-test-width", "64")
@@ -171,31 +171,34 @@ def main(argv: list[str] | None = None) -> int:
     data = make_demo_dataset(Path(tempfile.mkdtemp(prefix="lt-tryout-data-")) / "shapes", n=8)
     if args.shots:
         args.shots.mkdir(parents=True, exist_ok=True)
+    # Names of this run's own (the WebUI's LoRA folder may hold files of earlier tries).
+    tag = time.strftime("%m%d%H%M%S")
+    tab, stopped, twice, after_name = (f"{n}_{tag}" for n in ("tab_lora", "stopped_lora", "twice", "after_render"))
     plain = txt2img(args.url, "a red circle")
     if not args.skip_tab:
-        tab_flow(args.url, data, args.shots)
+        tab_flow(args.url, data, args.shots, tab)
     else:
-        check(train_api(args.url, data, "tab_lora", 6)["status"] == "done", "api: trained 'tab_lora'")
-    w07, w0 = txt2img(args.url, "a red circle <lora:tab_lora:0.7>"), txt2img(args.url, "a red circle <lora:tab_lora:0>")
-    check(differs(w07, plain) > 0, f"txt2img <lora:tab_lora:0.7> right after training differs from no LoRA "
+        check(train_api(args.url, data, tab, 6)["status"] == "done", f"api: trained '{tab}'")
+    w07, w0 = txt2img(args.url, f"a red circle <lora:{tab}:0.7>"), txt2img(args.url, f"a red circle <lora:{tab}:0>")
+    check(differs(w07, plain) > 0, f"txt2img <lora:{tab}:0.7> right after training differs from no LoRA "
                                    f"(mean |diff| {differs(w07, plain):.2f})")
-    check(differs(w0, plain) == 0, "txt2img <lora:tab_lora:0> equals no LoRA")
+    check(differs(w0, plain) == 0, f"txt2img <lora:{tab}:0> equals no LoRA")
 
-    s = train_api(args.url, data, "stopped_lora", 400, stop_at=2)
+    s = train_api(args.url, data, stopped, 400, stop_at=2)
     check(s["status"] == "stopped" and s["result"]["lora_path"], f"api: a run stopped at step {s['result']['steps']} "
                                                                     f"wrote {Path(s['result']['lora_path']).name}")
-    check(differs(txt2img(args.url, "a red circle <lora:stopped_lora:1>"), plain) > 0, "txt2img of the stopped run's LoRA")
+    check(differs(txt2img(args.url, f"a red circle <lora:{stopped}:1>"), plain) > 0, "txt2img of the stopped run's LoRA")
 
-    first, second = train_api(args.url, data, "twice", 4), train_api(args.url, data, "twice", 4)
+    first, second = train_api(args.url, data, twice, 4), train_api(args.url, data, twice, 4)
     names = [Path(r["result"]["lora_path"]).stem for r in (first, second)]
     check(first["status"] == second["status"] == "done" and names[0] != names[1],
           f"api: the same name trained twice in a row: {names} (nothing overwritten)")
     check(differs(txt2img(args.url, f"a red circle <lora:{names[1]}:1>"), plain) > 0, f"txt2img <lora:{names[1]}:1>")
 
-    txt2img(args.url, "a red circle <lora:tab_lora:1>")  # the WebUI merges this LoRA into the weights
-    after = train_api(args.url, data, "after_render", 4)
+    txt2img(args.url, f"a red circle <lora:{tab}:1>")  # the WebUI merges this LoRA into the weights
+    after = train_api(args.url, data, after_name, 4)
     check(after["status"] == "done", "api: trained right after a render that used another LoRA")
-    check(differs(txt2img(args.url, "a red circle <lora:after_render:1>"), plain) > 0, "txt2img <lora:after_render:1>")
+    check(differs(txt2img(args.url, f"a red circle <lora:{after_name}:1>"), plain) > 0, f"txt2img <lora:{after_name}:1>")
     check(differs(txt2img(args.url, "a red circle"), plain) == 0,
           "a plain render after all of it equals the one before any training (the model is unchanged)")
     print("all checks passed")
