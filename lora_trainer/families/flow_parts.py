@@ -85,7 +85,7 @@ class FlowFamily(Family):
         raise NotImplementedError
 
     def tiny_vae_config(self) -> dict[str, Any]:
-        from lora_trainer.families.flow_tiny import flow_vae_config
+        from lora_trainer.families.flow_tiny_configs import flow_vae_config
 
         return flow_vae_config(self.name)
 

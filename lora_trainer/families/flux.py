@@ -72,7 +72,7 @@ class Flux1(FlowFamily):
         return _predictor(denoiser, dtype)
 
     def tiny_denoiser_config(self, variant: str) -> dict[str, Any]:
-        from lora_trainer.families.flow_tiny import flux_transformer_config
+        from lora_trainer.families.flow_tiny_configs import flux_transformer_config
 
         return flux_transformer_config(variant)
 

@@ -61,7 +61,7 @@ class SD3(FlowFamily):
         return _predictor(denoiser, dtype)
 
     def tiny_denoiser_config(self, variant: str) -> dict[str, Any]:
-        from lora_trainer.families.flow_tiny import sd3_transformer_config
+        from lora_trainer.families.flow_tiny_configs import sd3_transformer_config
 
         return sd3_transformer_config(variant)
 
