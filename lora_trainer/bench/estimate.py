@@ -166,19 +166,14 @@ def build_lora_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full"
     from peft import LoraConfig, inject_adapter_in_model
 
     from lora_trainer.bench.reference import REFERENCE_TARGETS
+    from lora_trainer.bench.transformer_step import materialize
     from lora_trainer.lora.targets import default_unet_targets, find_targets
     from lora_trainer.models import tiny
 
     config = unet_config(arch) if size == "full" else tiny.unet_config(arch)
     with _quiet_diffusers(), torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config).to(dtype)
-    if device != "meta":
-        unet = unet.to_empty(device=device)
-        with torch.no_grad():
-            for p in unet.parameters():
-                p.normal_(0, 0.02)
-            for b in unet.buffers():
-                b.zero_()
+    unet = materialize(unet, device)
     with torch.device(device):
         unet.requires_grad_(False)
         paths = (default_unet_targets(unet) if targets == "kohya"

@@ -19,6 +19,20 @@ from lora_trainer.families import get_family
 QUANTIZED = ("fp8", "nf4")
 
 
+def materialize(model: nn.Module, device: str) -> nn.Module:
+    """A meta model on ``device`` with random weights (what a step allocates does not depend on
+    them); on "meta" itself unchanged."""
+    if device == "meta":
+        return model
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+        for b in model.buffers():
+            b.zero_()
+    return model
+
+
 def build_lora_transformer(arch: str, variant: str, rank: int, dtype: torch.dtype, size: str = "full",
                            device: str = "meta", weight_dtype: str = "auto") -> tuple[nn.Module, int]:
     """The family's ``size`` transformer with fp32 LoRA layers (the only trainable parameters) on
@@ -31,14 +45,7 @@ def build_lora_transformer(arch: str, variant: str, rank: int, dtype: torch.dtyp
     from lora_trainer.families.flow_parts import store_fp8
 
     family = get_family(arch)
-    model = family.meta_denoiser(variant, size).to(dtype)
-    if device != "meta":
-        model = model.to_empty(device=device)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.02)
-            for b in model.buffers():
-                b.zero_()
+    model = materialize(family.meta_denoiser(variant, size).to(dtype), device)
     model.requires_grad_(False)
     if weight_dtype in QUANTIZED:
         store_fp8(model, dtype)
