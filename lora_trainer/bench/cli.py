@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: bf16 on a GPU or with --estimate, no (fp32) on a CPU")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument("--variant", default="",
+                   help="with --estimate: the family's variant (Flux.1: dev, schnell; SD3.5: medium, large); "
+                        "default its first")
+    p.add_argument("--weight-dtype", choices=["auto", "fp8", "nf4"], default="auto",
+                   help="with --estimate: storage of the transformer's weights (model.weight_dtype; Flux.1, SD3.5)")
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the UNet in our loop")
     p.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=3)
@@ -61,15 +66,18 @@ def _estimate(args: argparse.Namespace, resolution: int, precision: str) -> dict
 
     prec = precision if precision != "no" else "fp32"
     est = estimate_peak_memory(args.arch, resolution, args.batch, args.rank, prec, args.checkpointing,
-                               targets=args.targets)
-    print(f"predicted peak for full-size {args.arch} at {resolution}px, batch {args.batch}, rank {args.rank} "
-          f"({args.targets} targets), {prec}, checkpointing {'on' if args.checkpointing else 'off'}:")
+                               targets=args.targets, variant=args.variant, weight_dtype=args.weight_dtype)
+    model = f"{args.arch} {est.variant}".strip()
+    print(f"predicted peak for full-size {model} at {resolution}px, batch {args.batch}, rank {args.rank} "
+          f"({args.targets} targets), {prec}, weights {args.weight_dtype}, "
+          f"checkpointing {'on' if args.checkpointing else 'off'}:")
     for key, label in (("weights_gb", "weights"), ("lora_gb", "LoRA + AdamW"), ("step_gb", "step"),
-                       ("caching_gb", "caching"), ("total_gb", "total")):
+                       ("caching_gb", "caching"), ("text_caching_gb", "text caching"), ("total_gb", "total")):
         print(f"  {label:<12} {getattr(est, key):7.2f} GiB")
     out = {"estimate": est.as_dict()}
     if args.free_gb is not None:
-        choice = choose_settings(args.free_gb, args.arch, resolution=resolution, rank=args.rank, precision=prec)
+        choice = choose_settings(args.free_gb, args.arch, resolution=resolution, rank=args.rank, precision=prec,
+                                 variant=args.variant)
         print(f"fastest settings for {args.free_gb} GiB free: {choice}")
         out["choice"] = choice
     if args.measure_cpu:

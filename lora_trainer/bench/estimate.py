@@ -64,7 +64,11 @@ class MemoryEstimate:
     step_gb: float  # the most a training step allocates beyond those
     encode_gb: float  # the most the VAE allocates while encoding an image for the latent cache
     caching_gb: float  # peak of the latent caching: text encoders and VAE resident + encode_gb
-    total_gb: float  # the larger of training (weights + lora + step) and caching
+    total_gb: float  # the largest of training (weights + lora + step), caching and text_caching
+    # the text embeddings' caching: the denoiser's and the text encoders' weights resident
+    text_caching_gb: float = 0.0
+    variant: str = ""  # the family's variant ("dev", "large"; "" for families without)
+    weight_dtype: str = "auto"  # storage of the denoiser's weights (model.weight_dtype)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,11 +82,14 @@ def unet_config(arch: str) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-def _fused_attention(sdpa: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kw: Any) -> Any:
+def _fused_attention(sdpa: Any, *args: Any, **kw: Any) -> Any:
     """Stand-in for SDPA while tracing: a fused kernel's memory, not the full score matrix. Real
-    tensors (another thread training while this one estimates) go to the real ``sdpa``."""
+    tensors (another thread training while this one estimates) go to the real ``sdpa``. Takes
+    q, k, v by position or (diffusers' attention dispatch) as query, key, value."""
+    named = [kw.get(name) for name in ("query", "key", "value")[len(args):]]
+    q, k, v = (*args[:3], *named)
     if q.device.type != "meta":
-        return sdpa(q, k, v, *args, **kw)
+        return sdpa(*args, **kw)
     return _FusedAttn.apply(q, k, v)
 
 
@@ -159,19 +166,14 @@ def build_lora_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full"
     from peft import LoraConfig, inject_adapter_in_model
 
     from lora_trainer.bench.reference import REFERENCE_TARGETS
+    from lora_trainer.bench.transformer_step import materialize
     from lora_trainer.lora.targets import default_unet_targets, find_targets
     from lora_trainer.models import tiny
 
     config = unet_config(arch) if size == "full" else tiny.unet_config(arch)
     with _quiet_diffusers(), torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config).to(dtype)
-    if device != "meta":
-        unet = unet.to_empty(device=device)
-        with torch.no_grad():
-            for p in unet.parameters():
-                p.normal_(0, 0.02)
-            for b in unet.buffers():
-                b.zero_()
+    unet = materialize(unet, device)
     with torch.device(device):
         unet.requires_grad_(False)
         paths = (default_unet_targets(unet) if targets == "kohya"
@@ -223,9 +225,32 @@ def _tracing(precision: str, device: str) -> Iterator[LiveBytes]:
         F.scaled_dot_product_attention = original
 
 
+def _lora_step(arch: str, resolution: int, batch: int, rank: int, dtype: torch.dtype, size: str, targets: str,
+               variant: str, weight_dtype: str) -> tuple[nn.Module, int, Any]:
+    """(denoiser with LoRA, its LoRA parameter count, forward()) on meta; forward makes the
+    step's inputs and returns the prediction."""
+    if get_family(arch).transformer_denoiser:
+        from lora_trainer.bench.transformer_step import build_lora_transformer, step_call
+
+        model, lora_params = build_lora_transformer(arch, variant, rank, dtype, size, weight_dtype=weight_dtype)
+        return model, lora_params, step_call(model, arch, variant, resolution, batch, dtype)
+    unet, lora_params = build_lora_unet(arch, rank, dtype, size, targets=targets)
+    return unet, lora_params, lambda: unet(**meta_inputs(unet, resolution, batch, dtype)).sample
+
+
+def _weight_bytes(arch: str, model: nn.Module, size: str, variant: str, weight_dtype: str, precision: str) -> int:
+    """The frozen denoiser's bytes as stored: the family's figure for a full-size transformer (fp8
+    and nf4 storage), else the traced model's."""
+    family = get_family(arch)
+    if family.transformer_denoiser and size == "full":
+        return family.denoiser_weight_bytes(variant, weight_dtype if weight_dtype in ("fp8", "nf4") else precision)
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+
+
 @functools.lru_cache(maxsize=64)
 def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str, checkpointing: bool,
-               size: str = "full", targets: str = "kohya", device: str = "cuda") -> dict[str, int]:
+               size: str = "full", targets: str = "kohya", device: str = "cuda", variant: str = "",
+               weight_dtype: str = "auto") -> dict[str, int]:
     """One training step run on meta as the trainer runs it (frozen weights in the precision's
     dtype, CUDA autocast's rules, fp32 LoRA weights, diffusers' checkpointing): ``step`` is the
     most it allocates beyond the resident weights, LoRA and optimizer state at any moment of the
@@ -236,7 +261,8 @@ def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str
     import torch.utils.checkpoint as tuc
 
     dtype = _DTYPES[precision]
-    unet, lora_params = build_lora_unet(arch, rank, dtype, size, targets=targets)
+    unet, lora_params, forward = _lora_step(arch, resolution, batch, rank, dtype, size, targets, variant,
+                                            weight_dtype)
     if checkpointing:
         # The recomputation runs inside the backward pass, where this thread's autocast
         # stand-in is not active: the checkpoint enters one of its own.
@@ -248,13 +274,13 @@ def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str
     unet.train()
     side = resolution // 8
     with _tracing(precision, device) as live:
-        latents = torch.empty(batch, LATENT_CHANNELS, side, side, device="meta")  # fp32, as the trainer keeps them
+        latents = torch.empty(batch, get_family(arch).latent_channels, side, side, device="meta")  # fp32, as kept
         noise = torch.empty_like(latents)  # the trainer's noise and target: as large again
-        pred = unet(**meta_inputs(unet, resolution, batch, dtype)).sample
+        pred = forward()
         F.mse_loss(pred.float(), noise).backward()
         del pred
         after_backward = live.current  # the LoRA gradients and the batch
-    weights = sum(p.numel() * p.element_size() for n, p in unet.named_parameters() if "lora_" not in n)
+    weights = _weight_bytes(arch, unet, size, variant, weight_dtype, precision)
     # The optimizer step then adds as much again as the fp32 gradients in temporaries, at most.
     return {"step": max(live.peak, after_backward + lora_params * 4), "lora_params": lora_params,
             "weight_bytes": weights}
@@ -263,11 +289,11 @@ def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str
 def vae_config(arch: str, size: str) -> dict[str, Any]:
     """The VAE config of ``arch`` (full size: the packaged one; else the tiny one)."""
     from lora_trainer.models import tiny
-    from lora_trainer.models.checkpoint import CONFIGS_DIR
 
     if size != "full":
         return tiny.vae_config(arch)
-    cfg = json.loads((CONFIGS_DIR / arch / "vae" / "config.json").read_text(encoding="utf-8"))
+    folder = get_family(arch).config_folder()
+    cfg = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
@@ -296,15 +322,24 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
                          precision: str = "bf16", gradient_checkpointing: bool = False,
                          cache_latents: bool = True, train_text_encoder: bool = False,
                          size: str = "full", targets: str = "kohya", device: str = "cuda",
-                         unet_parked: bool = True) -> MemoryEstimate:
-    """Predicted peak accelerator memory (GiB figures) of a UNet LoRA training run: the larger of
+                         unet_parked: bool = True, variant: str = "", weight_dtype: str = "auto") -> MemoryEstimate:
+    """Predicted peak accelerator memory (GiB figures) of a LoRA training run: the largest of
     the latent caching (text encoders and VAE resident while the VAE encodes an image; the
-    trainer parks the UNet off the GPU meanwhile, ``unet_parked=False`` counts it as resident)
-    and a training step (UNet, LoRA and AdamW state resident; the step's own allocations)."""
+    trainer parks the denoiser off the GPU meanwhile, ``unet_parked=False`` counts it as
+    resident), the text embeddings' caching (denoiser and text encoders resident; the encoders'
+    own activations, a few captions at a time, are not counted) and a training step (denoiser,
+    LoRA and AdamW state resident; the step's own allocations).
+
+    ``variant``: the family's variant ("dev", "large"; default its first); ``weight_dtype``: the
+    denoiser's storage (``model.weight_dtype``: "auto" is the precision's dtype; fp8 / nf4 for
+    the families that offer them, which also store T5 in fp8)."""
+    family = _checked(arch, variant, weight_dtype)
+    variant = variant or family.default_variant()
     prec = precision if precision in ("fp16", "bf16") else "fp32"
-    tr = trace_step(arch, resolution, batch_size, rank, prec, gradient_checkpointing, size, targets, device)
+    tr = trace_step(arch, resolution, batch_size, rank, prec, gradient_checkpointing, size, targets, device,
+                    variant, weight_dtype)
     cache = trace_latent_caching(arch, resolution, LATENT_CACHE_BATCH, prec, size, device)
-    text = get_family(arch).text_encoder_params * DTYPE_BYTES[prec] if size == "full" else 0
+    text = family.text_encoder_bytes(weight_dtype, DTYPE_BYTES[prec]) if size == "full" else 0
     weights = tr["weight_bytes"]
     if train_text_encoder or not cache_latents:
         weights += text
@@ -315,15 +350,38 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
     caching = 0
     if cache_latents:
         caching = text + cache["vae_bytes"] + cache["encode"] + (0 if unet_parked else tr["weight_bytes"])
+    text_caching = 0 if train_text_encoder else tr["weight_bytes"] + text
     return MemoryEstimate(arch, resolution, batch_size, rank, precision, gradient_checkpointing, cache_latents,
                           weights / GiB, lora / GiB, step / GiB, cache["encode"] / GiB, caching / GiB,
-                          max(weights + lora + step, caching) / GiB)
+                          max(weights + lora + step, caching, text_caching) / GiB, text_caching / GiB,
+                          variant, weight_dtype)
+
+
+def _checked(arch: str, variant: str, weight_dtype: str) -> Any:
+    """The family of ``arch``; a one-line error for a variant or a weight storage it does not have."""
+    from lora_trainer.errors import ConfigError
+
+    family = get_family(arch)
+    if variant and variant not in family.variants():
+        known = ", ".join(family.variants()) or "none"
+        raise ConfigError(f"variant {variant!r}: {family.label} has the variants {known}")
+    if weight_dtype != "auto" and weight_dtype not in family.quantized_weights:
+        raise ConfigError(f"model.weight_dtype {weight_dtype!r}: {family.label} weights are stored in the compute "
+                          "dtype; use auto")
+    return family
+
+
+def _storages(arch: str) -> tuple[str, ...]:
+    """The denoiser storages to try, best first: the compute dtype, then the family's quantized ones."""
+    return ("auto", *get_family(arch).quantized_weights)
 
 
 def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resolution: int | None = None,
-                    rank: int = 16, precision: str = "bf16", model_resident: bool = False) -> dict[str, Any]:
+                    rank: int = 16, precision: str = "bf16", model_resident: bool = False,
+                    variant: str = "") -> dict[str, Any]:
     """The fastest settings predicted to fit ``free_gb - reserve_gb``: the biggest batch without
-    gradient checkpointing, else with it; resolution defaults to the family's native one.
+    gradient checkpointing, else with it, with the denoiser's weights in the compute dtype, else
+    (Flux.1 / SD3.5) stored in fp8, else nf4; resolution defaults to the family's native one.
     What a step (or the VAE) allocates is given ``ACTIVATION_HEADROOM`` more room, for the
     allocator's fragmentation and the kernels' workspaces, which the estimate does not model.
 
@@ -332,25 +390,29 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
     res = resolution or get_family(arch).default_resolution
     budget = free_gb - reserve_gb
     if model_resident:  # the UNet, the text encoders and the VAE are already counted as used
-        one = estimate_peak_memory(arch, res, 1, rank, precision)
+        one = estimate_peak_memory(arch, res, 1, rank, precision, variant=variant)
         budget += one.weights_gb + (one.caching_gb - one.encode_gb)
-    for checkpointing in (False, True):
-        best = None
-        for batch in (8, 6, 4, 3, 2, 1):
-            est = estimate_peak_memory(arch, res, batch, rank, precision, checkpointing)
-            if _needed_gb(est) <= budget:
+    for storage in _storages(arch):
+        for checkpointing in (False, True):
+            best = None
+            for batch in (1, 2, 3, 4, 6, 8):  # a batch that does not fit ends the search: larger ones need more
+                est = estimate_peak_memory(arch, res, batch, rank, precision, checkpointing, variant=variant,
+                                           weight_dtype=storage)
+                if _needed_gb(est) > budget:
+                    break
                 best = est
-                break
-        if best is not None:
-            return {"batch_size": best.batch_size, "gradient_checkpointing": checkpointing,
-                    "resolution": res, "rank": rank, "mixed_precision": precision,
-                    "estimated_peak_gb": round(best.total_gb, 2), "fits": True}
-    est = estimate_peak_memory(arch, res, 1, rank, precision, True)
-    return {"batch_size": 1, "gradient_checkpointing": True, "resolution": res, "rank": rank,
-            "mixed_precision": precision, "estimated_peak_gb": round(est.total_gb, 2),
-            "fits": _needed_gb(est) <= budget and not math.isnan(est.total_gb)}
+            if best is not None:
+                return _choice(best, True)
+    est = estimate_peak_memory(arch, res, 1, rank, precision, True, variant=variant, weight_dtype=_storages(arch)[-1])
+    return _choice(est, _needed_gb(est) <= budget and not math.isnan(est.total_gb))
+
+
+def _choice(est: MemoryEstimate, fits: bool) -> dict[str, Any]:
+    return {"batch_size": est.batch_size, "gradient_checkpointing": est.gradient_checkpointing,
+            "resolution": est.resolution, "rank": est.rank, "mixed_precision": est.precision,
+            "weight_dtype": est.weight_dtype, "estimated_peak_gb": round(est.total_gb, 2), "fits": fits}
 
 
 def _needed_gb(est: MemoryEstimate) -> float:
     training = est.weights_gb + est.lora_gb + est.step_gb * (1 + ACTIVATION_HEADROOM)
-    return max(training, est.caching_gb + ACTIVATION_HEADROOM * est.encode_gb)
+    return max(training, est.caching_gb + ACTIVATION_HEADROOM * est.encode_gb, est.text_caching_gb)

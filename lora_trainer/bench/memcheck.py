@@ -21,7 +21,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lora_trainer.families import DEFAULT_FAMILY, family_names
+from lora_trainer.families import DEFAULT_FAMILY, family_names, get_family
 
 GiB = 1024**3
 # Allocations of 64 KiB and more come straight from mmap and go back to the system when freed.
@@ -84,22 +84,12 @@ def _caching_in_this_process(arch: str, size: str, resolution: int) -> dict[str,
     return {"step_bytes": _peak_rise(encode)}
 
 
-def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, rank: int,
-                          checkpointing: bool, phase: str = "step") -> dict[str, int]:
+def _unet_forward(arch: str, size: str, resolution: int, batch: int, rank: int) -> tuple[Any, Any]:
     import torch
-
-    if phase == "caching":
-        return _caching_in_this_process(arch, size, resolution)
 
     from lora_trainer.bench.estimate import build_lora_unet, meta_inputs
 
-    torch.manual_seed(0)
     unet, _ = build_lora_unet(arch, rank, torch.float32, size, device="cpu")  # what the estimate traces
-    params = [p for p in unet.parameters() if p.requires_grad]
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
     meta = meta_inputs(unet, resolution, batch, torch.float32)
 
     def real(x: Any) -> Any:
@@ -108,9 +98,37 @@ def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, ran
         return torch.zeros(x.shape, dtype=x.dtype) if x.dtype == torch.long else torch.randn(x.shape)
 
     inputs = real(meta)
+    return unet, lambda: unet(**inputs).sample
+
+
+def _transformer_forward(arch: str, size: str, resolution: int, batch: int, rank: int) -> tuple[Any, Any]:
+    import torch
+
+    from lora_trainer.bench.transformer_step import build_lora_transformer, step_call
+
+    variant = get_family(arch).default_variant()
+    model, _ = build_lora_transformer(arch, variant, rank, torch.float32, size, device="cpu")
+    return model, step_call(model, arch, variant, resolution, batch, torch.float32, device="cpu")
+
+
+def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, rank: int,
+                          checkpointing: bool, phase: str = "step") -> dict[str, int]:
+    import torch
+
+    if phase == "caching":
+        return _caching_in_this_process(arch, size, resolution)
+
+    torch.manual_seed(0)
+    build = _transformer_forward if get_family(arch).transformer_denoiser else _unet_forward
+    unet, forward = build(arch, size, resolution, batch, rank)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def step() -> None:
-        pred = unet(**inputs).sample
+        pred = forward()
         loss = torch.nn.functional.mse_loss(pred.float(), torch.randn_like(pred, dtype=torch.float32))
         loss.backward()
         optimizer.step()

@@ -253,10 +253,39 @@ class Family:
     # fp32/fp16/bf16 ("fp8", "nf4"); none for the Stable Diffusion UNets.
     quantized_weights: tuple[str, ...] = ()
 
-    def meta_denoiser(self, variant: str = "") -> Any:
-        """The full-size denoiser on the meta device (memory estimate), or None when the family
-        does not ship its config here."""
+    # The denoiser is a diffusers transformer the family builds itself (``meta_denoiser``,
+    # ``make_predict``); else a UNet2DConditionModel from the packaged ``unet/config.json``.
+    transformer_denoiser: bool = False
+
+    def meta_denoiser(self, variant: str = "", size: str = "full") -> Any:
+        """The denoiser of ``variant`` on the meta device, full-size or (``size`` "tiny") the
+        tiny test model's (memory estimate), or None when the family does not build it here."""
         return None
+
+    def variants(self) -> tuple[str, ...]:
+        """The family's variants ("dev", "schnell"), first the default; none for the UNet families."""
+        return ()
+
+    def default_variant(self) -> str:
+        """The variant meant when none is named (the first: "dev", "medium"); "" without variants."""
+        return next(iter(self.variants()), "")
+
+    def config_folder(self, variant: str = "") -> Path:
+        """The packaged config-only folder of the full-size model (``models/configs/<name>``)."""
+        return Path(__file__).resolve().parent.parent / "models" / "configs" / self.name
+
+    def text_tokens(self, variant: str = "") -> int:
+        """How many text tokens the denoiser attends to per caption (memory estimate)."""
+        return 77
+
+    def make_predict(self, denoiser: Any, dtype: torch.dtype) -> Any:
+        """The bundle's ``predict`` over ``denoiser`` (what the trainer calls each step), or None
+        when the family's bundle is built elsewhere (the Stable Diffusion UNets)."""
+        return None
+
+    def text_encoder_bytes(self, weight_dtype: str, compute_bytes: int) -> int:
+        """Bytes of the text encoders as stored with ``model.weight_dtype`` (memory estimate)."""
+        return self.text_encoder_params * compute_bytes
 
     # -- presets ------------------------------------------------------------------------
     def preset_overrides(self, preset: str) -> dict[str, Any]:

@@ -71,9 +71,40 @@ class FlowFamily(Family):
             return []
         return None  # CLIP: kohya's text-encoder defaults
 
-    def config_folder(self, variant: str) -> Path:
+    transformer_denoiser = True
+
+    def config_folder(self, variant: str = "") -> Path:
         """The packaged config-only folder of ``variant`` (full-size numbers, no weights)."""
-        return config_folder(f"{self.name}_{variant}")
+        return config_folder(f"{self.name}_{variant or self.default_variant()}")
+
+    def variants(self) -> tuple[str, ...]:
+        return tuple(self.denoiser_params)
+
+    def tiny_denoiser_config(self, variant: str) -> dict[str, Any]:
+        """The transformer config of the family's tiny test model of ``variant``."""
+        raise NotImplementedError
+
+    def tiny_vae_config(self) -> dict[str, Any]:
+        from lora_trainer.families.flow_tiny_configs import flow_vae_config
+
+        return flow_vae_config(self.name)
+
+    def text_encoder_bytes(self, weight_dtype: str, compute_bytes: int) -> int:
+        """With fp8 / nf4, T5's Linear layers but ``wo`` are stored in fp8 (:func:`quantize_base`)."""
+        total = self.text_encoder_params * compute_bytes
+        if weight_dtype not in ("fp8", "nf4"):
+            return total
+        return total - sum(self._t5_linear_params()) * (compute_bytes - 1)
+
+    @functools.cache  # noqa: B019 - one per family object, which live as long as the process
+    def _t5_linear_params(self) -> tuple[int, ...]:
+        import torch
+        from transformers import T5Config, T5EncoderModel
+
+        sub = next(folder for folder, (kind, _) in self.folder_parts().items() if kind == "t5")
+        with torch.device("meta"):
+            t5 = T5EncoderModel(T5Config.from_pretrained(str(self.config_folder() / sub)))
+        return tuple(t5.get_submodule(p).weight.numel() for p in t5_linears(t5))
 
     def denoiser_class(self) -> Any:
         raise NotImplementedError
@@ -111,13 +142,17 @@ class FlowFamily(Family):
         bundle.model_hash, bundle.legacy_hash = file_hashes(path)
         return bundle
 
-    def meta_denoiser(self, variant: str = "") -> nn.Module:
-        """The full-size denoiser of ``variant`` (default: the first) on the meta device: shapes and
-        parameter counts for the memory estimate, no memory used."""
+    def meta_denoiser(self, variant: str = "", size: str = "full") -> nn.Module:
+        """The full-size (or ``size`` "tiny") denoiser of ``variant`` (default: the first) on the
+        meta device: shapes and parameter counts for the memory estimate, no memory used."""
         import torch
 
         cls = self.denoiser_class()
-        config = cls.load_config(str(self.config_folder(variant or next(iter(self.denoiser_params))) / "transformer"))
+        variant = variant or self.default_variant()
+        if size == "full":
+            config = cls.load_config(str(self.config_folder(variant) / "transformer"))
+        else:
+            config = self.tiny_denoiser_config(variant)
         with torch.device("meta"):
             return cls.from_config(config)
 

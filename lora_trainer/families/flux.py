@@ -65,6 +65,17 @@ class Flux1(FlowFamily):
         # dev's distilled guidance is used at ~3.5 (the pipeline's default), not a CFG scale
         return {"sample.guidance_scale": 3.5}
 
+    def text_tokens(self, variant: str = "") -> int:
+        return T5_MAX_LENGTH[variant or self.default_variant()]
+
+    def make_predict(self, denoiser: Any, dtype: torch.dtype) -> Any:
+        return _predictor(denoiser, dtype)
+
+    def tiny_denoiser_config(self, variant: str) -> dict[str, Any]:
+        from lora_trainer.families.flow_tiny_configs import flux_transformer_config
+
+        return flux_transformer_config(variant)
+
     def denoiser_class(self) -> Any:
         from diffusers import FluxTransformer2DModel
 

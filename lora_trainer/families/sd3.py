@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 SD3_KEY = "joint_blocks.0.x_block.attn.qkv.weight"
 SD3_PREFIX = "model.diffusion_model."
 T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length
+CLIP_TOKENS = 77
 
 
 class SD3(FlowFamily):
@@ -52,6 +53,17 @@ class SD3(FlowFamily):
     def build_bundle(self, parts: dict[str, Any], device: torch.device, dtype: torch.dtype, name: str,
                      weight_dtype: str = "auto") -> ModelBundle:
         return sd3_bundle(parts, device, dtype, name, weight_dtype)
+
+    def text_tokens(self, variant: str = "") -> int:
+        return CLIP_TOKENS + T5_MAX_LENGTH  # CLIP-L and CLIP-G side by side, then T5
+
+    def make_predict(self, denoiser: Any, dtype: torch.dtype) -> Any:
+        return _predictor(denoiser, dtype)
+
+    def tiny_denoiser_config(self, variant: str) -> dict[str, Any]:
+        from lora_trainer.families.flow_tiny_configs import sd3_transformer_config
+
+        return sd3_transformer_config(variant)
 
     def denoiser_class(self) -> Any:
         from diffusers import SD3Transformer2DModel

@@ -13,6 +13,8 @@ from typing import Any
 from lora_trainer.families import DEFAULT_FAMILY, get_family
 
 PRESET_NAMES = ["auto", "cpu (demo)", "6 GB", "8 GB", "12 GB", "16 GB", "24 GB"]
+# Fields only "auto" sets: the denoiser's storage (fp8 / nf4 when Flux.1 / SD3.5 need it to fit).
+AUTO_ONLY_FIELDS = ["model.weight_dtype"]
 
 _COMMON: dict[str, Any] = {
     "data.cache_latents": "memory",
@@ -83,7 +85,8 @@ def auto_preset(memory_gb: float | None = None, *, detect: bool = True) -> str:
 
 def auto_values(arch: str, free_gb: float, model_resident: bool = False) -> dict[str, Any]:
     """The fastest settings the memory estimator predicts to fit ``free_gb`` (minus a reserve for
-    the host): the largest batch without gradient checkpointing, else with it."""
+    the host): the largest batch without gradient checkpointing, else with it; for Flux.1 / SD3.5
+    the transformer's weights stored in fp8 or nf4 when bf16 ones do not fit."""
     import torch
 
     from lora_trainer.bench.estimate import choose_settings
@@ -93,6 +96,7 @@ def auto_values(arch: str, free_gb: float, model_resident: bool = False) -> dict
     c = choose_settings(free_gb, arch, precision=precision, model_resident=model_resident)
     return {**_COMMON, "data.resolution": c["resolution"], "train.batch_size": c["batch_size"],
             "train.gradient_checkpointing": c["gradient_checkpointing"], "network.rank": c["rank"],
+            "model.weight_dtype": c["weight_dtype"],
             "network.alpha": c["rank"] / 2, "train.mixed_precision": precision, "optim.learning_rate": 1e-4}
 
 

@@ -28,7 +28,7 @@ COMMON_FIELDS = ["network.rank", "network.alpha", "optim.learning_rate", "train.
 SAMPLE_FIELDS = ["sample.prompt", "sample.every_n_steps", "sample.seed"]
 PLACED_ELSEWHERE = {"data.train_data_dir", "data.trigger_word"}  # Dataset / Captions sections
 PRESET_FIELDS = sorted({k for name in presets.PRESET_NAMES[1:] for arch in family_names()
-                        for k in presets.preset_values(name, arch)})
+                        for k in presets.preset_values(name, arch)} | set(presets.AUTO_ONLY_FIELDS))
 CUSTOM_PRESET = "custom"  # shown when the form's values are no preset's (choosing it changes nothing)
 
 
