@@ -306,3 +306,25 @@ def test_dora_on_quantized_weights_is_refused_before_loading(tmp_path: Path) -> 
 
     with pytest.raises(ConfigError, match="network.type dora needs the base weights in full precision"):
         build_config({"data.train_data_dir": str(tmp_path), "network.type": "dora", "model.weight_dtype": "fp8"})
+
+
+def test_fp8_weights_are_stored_before_the_model_moves_to_the_device(tok_dir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # A card must never hold the transformer (or T5) at full width: quantize where the weights
+    # were loaded, then move. The meta device stands in for the card here.
+    from lora_trainer.families import flow_parts
+    from lora_trainer.families.flow_tiny import build_components
+    from lora_trainer.families.flux import flux_bundle
+
+    seen: list[str] = []
+    store = flow_parts.store_fp8
+
+    def spy(module, compute_dtype, paths=None):  # noqa: ANN001, ANN202
+        seen.append(next(module.parameters()).device.type)
+        return store(module, compute_dtype, paths)
+
+    monkeypatch.setattr(flow_parts, "store_fp8", spy)
+    b = flux_bundle(build_components("flux1", "dev", tok_dir), torch.device("meta"), torch.float32, "t", "fp8")
+    assert seen == ["cpu", "cpu"]  # transformer, then T5
+    linear = b.unet.get_submodule(block_linear_targets(b.unet)[0])
+    assert linear.weight.device.type == "meta" and linear.weight.dtype == torch.float8_e4m3fn

@@ -15,8 +15,7 @@ from lora_trainer.families.flow_parts import (
     T5_NAMING,
     FlowFamily,
     check_patchable,
-    quantize_base,
-    t5_dtype,
+    place_parts,
     token_ids,
 )
 
@@ -132,12 +131,10 @@ def sd3_bundle(parts: dict[str, Any], device: torch.device, dtype: torch.dtype, 
     import torch
 
     from lora_trainer.models.bundle import ModelBundle, TextEncoderPart
-    from lora_trainer.models.setups import _make_image_codec, _place
+    from lora_trainer.models.setups import _make_image_codec
 
     transformer = parts["transformer"]
-    for key in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        _place(parts[key], device, t5_dtype(dtype) if key == "text_encoder_3" else dtype)
-    quantize_base(transformer, parts["text_encoder_3"], weight_dtype, dtype)
+    place_parts(parts, ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"), "text_encoder_3", device, dtype, weight_dtype)
     encode_images, decode_latents = _make_image_codec(parts["vae"], dtype)
     family = SD3()
     return ModelBundle(
