@@ -234,3 +234,16 @@ def test_gpu_rows_script_runs_its_rows_on_tiny_models(tmp_path: Path) -> None:
     assert row["row"]["checkpointing"] and row["result"]["steps_per_s"] > 0
     assert row["result"]["reference_steps_per_s"] > 0
     assert "default targets, checkpointing" in (tmp_path / "rows.md").read_text()
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_full_size_random_parts_build(arch: str) -> None:
+    """The full-size bench models (the GPU rows) build from the packaged configs, here on meta."""
+    from lora_trainer.bench.runner import random_parts
+
+    parts = random_parts(arch, "full", device="meta", dtype=torch.bfloat16)
+    assert parts["unet"].config.cross_attention_dim == (2048 if arch == "sdxl" else 768)
+    assert sum(p.numel() for p in parts["unet"].parameters()) > (2_500_000_000 if arch == "sdxl" else 800_000_000)
+    tokenizers = [k for k in parts if k.startswith("tokenizer")]
+    assert len(tokenizers) == (2 if arch == "sdxl" else 1)
+    assert parts["tokenizer"]("a photo").input_ids[0] == parts["tokenizer"].bos_token_id

@@ -106,6 +106,7 @@ def random_parts(arch: str, size: str, seed: int = 0, device: torch.device | str
 
     from lora_trainer.families import get_family
     from lora_trainer.models.checkpoint import prepared_config_folder
+    from lora_trainer.models.tokenizer import load_clip_tokenizer
 
     family = get_family(arch)
     folder = prepared_config_folder(arch)
@@ -133,7 +134,7 @@ def random_parts(arch: str, size: str, seed: int = 0, device: torch.device | str
         parts[name] = module.eval().requires_grad_(False)
     parts["scheduler"] = DDPMScheduler.from_pretrained(folder / "scheduler")
     for *_, tok in family.text_encoder_folders:
-        parts[tok] = tiny.load_clip_tokenizer(pad_token=dict(family.tokenizer_pads)[tok])
+        parts[tok] = load_clip_tokenizer(pad_token=dict(family.tokenizer_pads)[tok])
     return parts
 
 
