@@ -247,3 +247,47 @@ def test_full_size_random_parts_build(arch: str) -> None:
     tokenizers = [k for k in parts if k.startswith("tokenizer")]
     assert len(tokenizers) == (2 if arch == "sdxl" else 1)
     assert parts["tokenizer"]("a photo").input_ids[0] == parts["tokenizer"].bos_token_id
+
+
+@pytest.mark.parametrize("targets", ["attention", "kohya"])
+def test_reference_loop_trains_the_same_modules_as_ours(targets: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--targets kohya`` gives the reference loop our default targets too: the ratio compares
+    the same work."""
+    from peft.tuners.lora import LoraLayer
+
+    from lora_trainer.bench import runner
+    from lora_trainer.bench.reference import REFERENCE_TARGETS
+    from lora_trainer.lora.targets import default_unet_targets
+
+    seen: dict[str, set[str]] = {}
+    real = runner.run_reference_loop
+
+    def spy(unet, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if targets == "kohya":
+            seen["expected"] = set(default_unet_targets(unet))
+        else:
+            ends = tuple("." + t for t in REFERENCE_TARGETS)
+            seen["expected"] = {n for n, _ in unet.named_modules() if n.endswith(ends)}
+        timing = real(unet, *args, **kwargs)
+        seen["adapted"] = {n for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
+        return timing
+
+    monkeypatch.setattr(runner, "run_reference_loop", spy)
+    runner.time_reference(runner.BenchSpec(steps=1, warmup=0, targets=targets), torch.device("cpu"))
+    assert seen["adapted"] == seen["expected"]
+    if targets == "kohya":
+        assert any(n.endswith("ff.net.2") for n in seen["adapted"]) and any(n.endswith("proj_in") for n in seen["adapted"])
+    else:
+        assert not any(n.endswith(("ff.net.2", "proj_in")) for n in seen["adapted"])
+
+
+def test_rows_take_one_resolution_for_checking_full_size_rows_on_a_cpu() -> None:
+    from lora_trainer.bench import rows
+
+    sdxl = rows.ROWS[4]
+    assert rows._spec(sdxl, "full", 2, 1, "cpu", False).resolution == 1024
+    assert rows._spec(sdxl, "full", 2, 1, "cpu", False, 64).resolution == 64
+    assert rows._spec(sdxl, "tiny", 2, 1, "cpu", False).resolution == 64
+    env = {"device": "CPU", "torch": "t", "diffusers": "d", "peft": "p", "size": "full"}
+    assert "(64 px)" in rows._title({**env, "resolution": 64})
+    assert "px)" not in rows._title(env)

@@ -44,13 +44,16 @@ def _sync(device: torch.device) -> None:
 
 
 def run_reference_loop(unet: nn.Module, latents: torch.Tensor, context: torch.Tensor, *, rank: int,
-                       steps: int, warmup: int = 2, lr: float = 1e-4, autocast_dtype: torch.dtype | None = None,
+                       steps: int, warmup: int = 2, targets: Sequence[str] = REFERENCE_TARGETS,
+                       lr: float = 1e-4, autocast_dtype: torch.dtype | None = None,
                        added_cond: dict[str, torch.Tensor] | None = None,
                        windows: Sequence[Callable[[], AbstractContextManager[Any]]] = ()) -> LoopTiming:
     """Time ``steps`` optimizer steps of the reference loop on one fixed batch; then, for each of
     ``windows`` (profilers), run ``steps`` more inside the context it makes.
 
     ``unet`` is changed in place (LoRA layers added); pass a fresh or disposable model.
+    ``targets``: the modules that get a LoRA (peft names; default the example's attention
+    projections), so a run with our default targets is compared with the same work.
     """
     from diffusers import DDPMScheduler
     from peft import LoraConfig
@@ -60,7 +63,7 @@ def run_reference_loop(unet: nn.Module, latents: torch.Tensor, context: torch.Te
                               beta_schedule="scaled_linear")
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=list(REFERENCE_TARGETS)))
+                                target_modules=list(targets)))
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()

@@ -42,20 +42,22 @@ ROWS = (
 )
 
 
-def _spec(row: Row, size: str, steps: int, warmup: int, device: str, compile_unet: bool) -> Any:
+def _spec(row: Row, size: str, steps: int, warmup: int, device: str, compile_unet: bool,
+          resolution: int | None = None) -> Any:
     from lora_trainer.bench.runner import BenchSpec
 
-    resolution = row.resolution if size == "full" else 64
+    resolution = resolution or (row.resolution if size == "full" else 64)
     precision = "bf16" if device == "cuda" else "no"
     return BenchSpec(row.arch, size, resolution, row.batch, 16, precision, row.checkpointing, steps, warmup,
                      device, row.reference, row.targets, compile=compile_unet)
 
 
-def run_row(row: Row, size: str, steps: int, warmup: int, device: str, compile_unet: bool = False) -> dict[str, Any]:
+def run_row(row: Row, size: str, steps: int, warmup: int, device: str, compile_unet: bool = False,
+            resolution: int | None = None) -> dict[str, Any]:
     from lora_trainer.bench.estimate import estimate_peak_memory
     from lora_trainer.bench.runner import run_bench
 
-    spec = _spec(row, size, steps, warmup, device, compile_unet)
+    spec = _spec(row, size, steps, warmup, device, compile_unet, resolution)
     started = time.perf_counter()
     result = run_bench(spec)
     out: dict[str, Any] = {"row": asdict(row), "result": json.loads(result.to_json())}
@@ -116,9 +118,15 @@ def environment(size: str, device: str) -> dict[str, Any]:
             "peft": peft.__version__, "python": platform.python_version(), "size": size}
 
 
+def _px(env: dict[str, Any]) -> str:
+    """The resolution in the title when every row has the same one (tiny models, or --resolution)."""
+    px = env.get("resolution") or (64 if env["size"] == "tiny" else None)
+    return f" ({px} px)" if px else ""
+
+
 def _title(env: dict[str, Any]) -> str:
     return (f"{env['device']}, torch {env['torch']}, diffusers {env['diffusers']}, peft {env['peft']}; "
-            f"{env['size']} models{' (64 px)' if env['size'] == 'tiny' else ''}, random weights, rank 16, "
+            f"{env['size']} models{_px(env)}, random weights, rank 16, "
             f"cached latents{', our UNet compiled' if env.get('compile') else ''}; peaks and estimate in GiB")
 
 
@@ -131,18 +139,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 30 on a GPU, 3 on a CPU)")
     p.add_argument("--only", default=None, help="comma-separated row numbers (1-based) to run")
     p.add_argument("--compile", action="store_true", help="our loop with train.compile (torch.compile the UNet)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="every row at this resolution (default: the row's own; 64 with --size tiny): "
+                        "checks the full-size rows on a CPU at 64 px")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     steps = args.steps or (30 if device == "cuda" else 3)
     warmup = 5 if device == "cuda" else 1
     chosen = [ROWS[int(i) - 1] for i in args.only.split(",")] if args.only else list(ROWS)
-    env = {**environment(args.size, device), "compile": args.compile}
+    env = {**environment(args.size, device), "compile": args.compile, "resolution": args.resolution}
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for row in chosen:
         print(f"== {row.name}", flush=True)
         try:
-            rows.append(run_row(row, args.size, steps, warmup, device, args.compile))
+            rows.append(run_row(row, args.size, steps, warmup, device, args.compile, args.resolution))
         except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
             traceback.print_exc()
             rows.append({"row": asdict(row), "error": f"{type(e).__name__}: {e}".splitlines()[0][:200]})

@@ -24,6 +24,7 @@ from lora_trainer.bench.reference import REFERENCE_TARGETS, run_reference_loop
 from lora_trainer.config import TrainConfig, build_config
 from lora_trainer.errors import ConfigError
 from lora_trainer.hosts.standalone import StandaloneHost
+from lora_trainer.lora.targets import default_unet_targets
 from lora_trainer.models.bundle import ModelBundle
 
 # Dense bf16/fp16 peak of known accelerators (TFLOP/s), for model-FLOP utilisation.
@@ -44,7 +45,7 @@ class BenchSpec:
     warmup: int = 3
     device: str = "auto"
     reference: bool = True
-    # "attention": the reference loop's targets (like for like); "kohya": our default targets
+    # "attention": the reference loop's targets; "kohya": our default targets (in both loops)
     targets: str = "attention"
     # On a CPU, fp16/bf16 weights and autocast as on a GPU (the profile's counts), not fp32
     cpu_low_precision: bool = False
@@ -252,8 +253,9 @@ def time_reference(spec: BenchSpec, device: torch.device, windows: list[Any] | t
                                           device=device, dtype=unet.dtype)}
     if spec.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    targets = REFERENCE_TARGETS if spec.targets == "attention" else default_unet_targets(unet)  # like for like
     timing = run_reference_loop(unet, latents, context, rank=spec.rank, steps=spec.steps, warmup=spec.warmup,
-                                autocast_dtype=low, added_cond=added, windows=windows)
+                                targets=targets, autocast_dtype=low, added_cond=added, windows=windows)
     return timing.steps_per_s
 
 
