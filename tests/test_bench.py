@@ -291,3 +291,40 @@ def test_rows_take_one_resolution_for_checking_full_size_rows_on_a_cpu() -> None
     env = {"device": "CPU", "torch": "t", "diffusers": "d", "peft": "p", "size": "full"}
     assert "(64 px)" in rows._title({**env, "resolution": 64})
     assert "px)" not in rows._title(env)
+
+
+@pytest.mark.parametrize("network", ["dora", "loha"])
+def test_estimate_of_other_adapter_kinds_matches_a_measured_step(network: str) -> None:
+    from lora_trainer.bench.memcheck import measure_step_memory
+
+    m = measure_step_memory("sd1", 512, 1, 16, False, size="tiny", threads=1, network=network)
+    assert m.network == network and m.measured_gb > 0.045, m
+    assert -0.05 <= m.error < 0.15, m
+
+
+def test_estimate_counts_the_full_size_weights_dora_and_loha_keep() -> None:
+    """DoRA's normalised weight and LoHa's delta weight are full-size per adapted layer and kept
+    for the backward pass (in the autocast dtype at least): a LoRA-sized estimate under-promises."""
+    import dataclasses
+    import typing
+
+    from lora_trainer.config import NetworkConfig
+    from lora_trainer.errors import ConfigError
+    from lora_trainer.lora.targets import default_unet_targets
+
+    kinds = typing.get_args(typing.get_type_hints(NetworkConfig)["type"])
+    assert set(estimate.NETWORK_TYPES) == set(kinds)
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(estimate.unet_config("sd1"))
+    adapted = sum(unet.get_submodule(p).weight.numel() for p in default_unet_targets(unet))
+    assert adapted > 250_000_000  # of the 860 M in SD1.5's UNet
+    lora = estimate.estimate_peak_memory("sd1", 512, 1, 16, "bf16", False)
+    for kind in ("dora", "loha"):
+        other = estimate.estimate_peak_memory("sd1", 512, 1, 16, "bf16", False, network=kind)
+        assert other.network == kind
+        assert other.step_gb - lora.step_gb > adapted * 2 / estimate.GiB, kind
+    with pytest.raises(ConfigError, match="network.type 'lycoris'"):
+        estimate.estimate_peak_memory("sd1", 512, network="lycoris")
+    assert [f.name for f in dataclasses.fields(estimate.MemoryEstimate)][-1] == "network"

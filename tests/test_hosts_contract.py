@@ -85,12 +85,13 @@ def test_auto_preset_counts_the_resident_webui_model(env, monkeypatch: pytest.Mo
     from lora_trainer.hosts.standalone import StandaloneHost
 
     seen = []
-    monkeypatch.setattr(presets, "auto_values", lambda arch, free, resident=False: seen.append((arch, resident)) or {})
+    monkeypatch.setattr(presets, "auto_values",
+                        lambda arch, free, resident=False, network="lora": seen.append((arch, resident, network)) or {})
     monkeypatch.setattr(presets, "gpu_free_gb", lambda: 10.0)
     env.shared.sd_model = make_model("sdxl")
     preset_for_host(A1111Host(), "auto", "auto")
-    preset_for_host(StandaloneHost(), "auto", "sd2")
-    assert seen == [("sdxl", True), ("sd2", False)]
+    preset_for_host(StandaloneHost(), "auto", "sd2", "dora")
+    assert seen == [("sdxl", True, "lora"), ("sd2", False, "dora")]
 
 
 def test_the_tab_shows_the_loaded_checkpoint_and_a_webui_send_button(env) -> None:

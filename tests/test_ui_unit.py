@@ -505,3 +505,51 @@ def test_auto_on_a_gpu_takes_the_estimators_fastest_fit():
     # a WebUI's loaded model is already in memory: the same free memory then allows at least as much
     resident = presets.preset_values("auto", "sd1", memory_gb=8.0, model_resident=True)
     assert resident["train.batch_size"] >= values["train.batch_size"]
+
+
+def test_auto_sizes_the_chosen_network_type():
+    """DoRA keeps a full-size weight per adapted layer: what "auto" picks for LoRA would not fit."""
+    from lora_trainer.bench.estimate import _needed_gb, estimate_peak_memory
+
+    lora = presets.preset_values("auto", "sd1", memory_gb=8.0)
+    dora = presets.preset_values("auto", "sd1", memory_gb=8.0, network="dora")
+
+    def needed(values: dict, network: str) -> float:
+        return _needed_gb(estimate_peak_memory(
+            "sd1", values["data.resolution"], values["train.batch_size"], values["network.rank"],
+            values["train.mixed_precision"], values["train.gradient_checkpointing"], network=network))
+
+    assert needed(dora, "dora") <= 8.0 - 1.5
+    assert needed(lora, "dora") > 8.0 - 1.5
+
+
+def test_fixed_presets_turn_checkpointing_on_for_kinds_that_build_full_weights():
+    from lora_trainer.bench.estimate import estimate_peak_memory
+
+    assert presets.preset_values("24 GB", "sdxl")["train.gradient_checkpointing"] is False
+    for kind in presets.FULL_WEIGHT_KINDS:
+        assert presets.preset_values("24 GB", "sdxl", network=kind)["train.gradient_checkpointing"] is True
+    assert presets.preset_values("24 GB", "sdxl", network="locon")["train.gradient_checkpointing"] is False
+    # why: SDXL's 24 GB preset with DoRA needs more than the card without checkpointing, and fits with it
+    v = presets.preset_values("24 GB", "sdxl", network="dora")
+    args = ("sdxl", v["data.resolution"], v["train.batch_size"], v["network.rank"], v["train.mixed_precision"])
+    assert estimate_peak_memory(*args, False, network="dora").total_gb > 24
+    assert estimate_peak_memory(*args, True, network="dora").total_gb < 24 - 1.5
+
+
+def test_choosing_a_preset_sizes_the_forms_network_type():
+    from lora_trainer.hosts.standalone import StandaloneHost
+    from lora_trainer.ui.tab import build_tab
+    from lora_trainer.ui.train_section import PRESET_FIELDS
+
+    blocks = build_tab(StandaloneHost())
+    fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
+    apply_preset = next(f.fn for f in fns if getattr(f.fn, "__name__", "") == "apply_preset")
+    at = PRESET_FIELDS.index("train.gradient_checkpointing")
+
+    def checkpointing(network: str) -> bool:
+        update = apply_preset("24 GB", "sdxl", network)[at]
+        return update["value"] if isinstance(update, dict) else update.value
+
+    assert checkpointing("lora") is False
+    assert checkpointing("dora") is True

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from lora_trainer.config import NETWORK_TYPE_HELP
 from lora_trainer.errors import ConfigError
 from lora_trainer.families import DEFAULT_FAMILY, family_names, get_family
 from lora_trainer.fsutil import atomic_write_text
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                         "default its first")
     p.add_argument("--weight-dtype", choices=["auto", "fp8", "nf4"], default="auto",
                    help="with --estimate: storage of the transformer's weights (model.weight_dtype; Flux.1, SD3.5)")
+    p.add_argument("--network", choices=tuple(NETWORK_TYPE_HELP), default="lora",
+                   help="with --estimate: the adapter kind (network.type); locon also adapts the ResNet blocks")
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the UNet in our loop")
     p.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=3)
@@ -66,10 +69,11 @@ def _estimate(args: argparse.Namespace, resolution: int, precision: str) -> dict
 
     prec = precision if precision != "no" else "fp32"
     est = estimate_peak_memory(args.arch, resolution, args.batch, args.rank, prec, args.checkpointing,
-                               targets=args.targets, variant=args.variant, weight_dtype=args.weight_dtype)
+                               targets=args.targets, variant=args.variant, weight_dtype=args.weight_dtype,
+                               network=args.network)
     model = f"{args.arch} {est.variant}".strip()
-    print(f"predicted peak for full-size {model} at {resolution}px, batch {args.batch}, rank {args.rank} "
-          f"({args.targets} targets), {prec}, weights {args.weight_dtype}, "
+    print(f"predicted peak for full-size {model} at {resolution}px, batch {args.batch}, {args.network} rank "
+          f"{args.rank} ({args.targets} targets), {prec}, weights {args.weight_dtype}, "
           f"checkpointing {'on' if args.checkpointing else 'off'}:")
     for key, label in (("weights_gb", "weights"), ("lora_gb", "LoRA + AdamW"), ("step_gb", "step"),
                        ("caching_gb", "caching"), ("text_caching_gb", "text caching"), ("total_gb", "total")):
@@ -77,13 +81,14 @@ def _estimate(args: argparse.Namespace, resolution: int, precision: str) -> dict
     out = {"estimate": est.as_dict()}
     if args.free_gb is not None:
         choice = choose_settings(args.free_gb, args.arch, resolution=resolution, rank=args.rank, precision=prec,
-                                 variant=args.variant)
+                                 variant=args.variant, network=args.network)
         print(f"fastest settings for {args.free_gb} GiB free: {choice}")
         out["choice"] = choice
     if args.measure_cpu:
         from lora_trainer.bench.memcheck import format_row, measure_step_memory
 
-        m = measure_step_memory(args.arch, resolution, args.batch, args.rank, args.checkpointing, size="full")
+        m = measure_step_memory(args.arch, resolution, args.batch, args.rank, args.checkpointing, size="full",
+                                network=args.network)
         print("one fp32 step on the CPU, beyond weights and optimizer state:")
         print("  " + format_row(m))
         out["cpu_step"] = m.as_dict()

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lora_trainer.bench.livemem import LiveBytes
+from lora_trainer.config import NETWORK_TYPE_HELP
 from lora_trainer.data.cache import LATENT_CACHE_BATCH
 from lora_trainer.families import get_family
 
@@ -48,6 +49,9 @@ ACTIVATION_HEADROOM = 0.25
 # that the H200's measured peaks of the runs the latent caching dominates (SD1.5 and SDXL with
 # checkpointing) are covered (docs/PERFORMANCE.md); the GPU rows script measures it again.
 CUDNN_WORKSPACE = 3.0
+
+
+NETWORK_TYPES = tuple(NETWORK_TYPE_HELP)  # network.type's choices
 
 
 @dataclass
@@ -69,6 +73,7 @@ class MemoryEstimate:
     text_caching_gb: float = 0.0
     variant: str = ""  # the family's variant ("dev", "large"; "" for families without)
     weight_dtype: str = "auto"  # storage of the denoiser's weights (model.weight_dtype)
+    network: str = "lora"  # the adapter kind (network.type)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,34 +162,30 @@ def _quiet_diffusers() -> Iterator[None]:
 
 
 def build_lora_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full",
-                    device: str = "meta", targets: str = "kohya") -> tuple[nn.Module, int]:
-    """The ``size`` ("full" or "tiny") UNet of ``arch`` with LoRA layers on ``targets`` ("kohya":
-    the trainer's defaults; "attention": the attention projections the reference loop trains) (fp32 LoRA weights, the only trainable parameters), and its LoRA parameter count.
-    On "meta" nothing is allocated (the estimate traces it); on another device the frozen
-    weights are random, which does not change what a step allocates (the CPU check runs it)."""
+                    device: str = "meta", targets: str = "kohya", network: str = "lora") -> tuple[nn.Module, int]:
+    """The ``size`` ("full" or "tiny") UNet of ``arch`` with ``network`` layers (lora, locon,
+    dora, loha, lokr; fp32, the only trainable parameters) on ``targets`` ("kohya": the trainer's
+    defaults, plus the ResNet blocks' and samplers' layers for locon; "attention": the attention
+    projections the reference loop trains), and their parameter count. On "meta" nothing is
+    allocated (the estimate traces it); on another device the frozen weights are random, which
+    does not change what a step allocates (the CPU check runs it)."""
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig, inject_adapter_in_model
 
     from lora_trainer.bench.reference import REFERENCE_TARGETS
-    from lora_trainer.bench.transformer_step import materialize
-    from lora_trainer.lora.targets import default_unet_targets, find_targets
+    from lora_trainer.bench.transformer_step import add_network, materialize
+    from lora_trainer.lora.targets import conv_block_targets, default_unet_targets, find_targets
     from lora_trainer.models import tiny
 
     config = unet_config(arch) if size == "full" else tiny.unet_config(arch)
     with _quiet_diffusers(), torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config).to(dtype)
     unet = materialize(unet, device)
-    with torch.device(device):
-        unet.requires_grad_(False)
-        paths = (default_unet_targets(unet) if targets == "kohya"
-                 else find_targets({"unet": (unet, "diffusers")}, list(REFERENCE_TARGETS))["unet"])
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=paths), unet)
-    lora_params = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
-    for n, p in unet.named_parameters():
-        if "lora_" in n:
-            p.data = p.data.float()  # LoRA weights train in fp32, as the trainer keeps them
-        p.requires_grad_("lora_" in n)
-    return unet, lora_params
+    unet.requires_grad_(False)
+    paths = (default_unet_targets(unet) if targets == "kohya"
+             else find_targets({"unet": (unet, "diffusers")}, list(REFERENCE_TARGETS))["unet"])
+    if network == "locon":
+        paths = sorted(dict.fromkeys(paths + conv_block_targets(unet)))
+    return unet, add_network(unet, paths, rank, network, device)
 
 
 def meta_inputs(unet: nn.Module, resolution: int, batch: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -226,15 +227,16 @@ def _tracing(precision: str, device: str) -> Iterator[LiveBytes]:
 
 
 def _lora_step(arch: str, resolution: int, batch: int, rank: int, dtype: torch.dtype, size: str, targets: str,
-               variant: str, weight_dtype: str) -> tuple[nn.Module, int, Any]:
+               variant: str, weight_dtype: str, network: str = "lora") -> tuple[nn.Module, int, Any]:
     """(denoiser with LoRA, its LoRA parameter count, forward()) on meta; forward makes the
     step's inputs and returns the prediction."""
     if get_family(arch).transformer_denoiser:
         from lora_trainer.bench.transformer_step import build_lora_transformer, step_call
 
-        model, lora_params = build_lora_transformer(arch, variant, rank, dtype, size, weight_dtype=weight_dtype)
+        model, lora_params = build_lora_transformer(arch, variant, rank, dtype, size, weight_dtype=weight_dtype,
+                                                    network=network)
         return model, lora_params, step_call(model, arch, variant, resolution, batch, dtype)
-    unet, lora_params = build_lora_unet(arch, rank, dtype, size, targets=targets)
+    unet, lora_params = build_lora_unet(arch, rank, dtype, size, targets=targets, network=network)
     return unet, lora_params, lambda: unet(**meta_inputs(unet, resolution, batch, dtype)).sample
 
 
@@ -244,13 +246,13 @@ def _weight_bytes(arch: str, model: nn.Module, size: str, variant: str, weight_d
     family = get_family(arch)
     if family.transformer_denoiser and size == "full":
         return family.denoiser_weight_bytes(variant, weight_dtype if weight_dtype in ("fp8", "nf4") else precision)
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)  # not the adapters
 
 
 @functools.lru_cache(maxsize=64)
 def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str, checkpointing: bool,
                size: str = "full", targets: str = "kohya", device: str = "cuda", variant: str = "",
-               weight_dtype: str = "auto") -> dict[str, int]:
+               weight_dtype: str = "auto", network: str = "lora") -> dict[str, int]:
     """One training step run on meta as the trainer runs it (frozen weights in the precision's
     dtype, CUDA autocast's rules, fp32 LoRA weights, diffusers' checkpointing): ``step`` is the
     most it allocates beyond the resident weights, LoRA and optimizer state at any moment of the
@@ -262,7 +264,7 @@ def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str
 
     dtype = _DTYPES[precision]
     unet, lora_params, forward = _lora_step(arch, resolution, batch, rank, dtype, size, targets, variant,
-                                            weight_dtype)
+                                            weight_dtype, network)
     if checkpointing:
         # The recomputation runs inside the backward pass, where this thread's autocast
         # stand-in is not active: the checkpoint enters one of its own.
@@ -322,7 +324,8 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
                          precision: str = "bf16", gradient_checkpointing: bool = False,
                          cache_latents: bool = True, train_text_encoder: bool = False,
                          size: str = "full", targets: str = "kohya", device: str = "cuda",
-                         unet_parked: bool = True, variant: str = "", weight_dtype: str = "auto") -> MemoryEstimate:
+                         unet_parked: bool = True, variant: str = "", weight_dtype: str = "auto",
+                         network: str = "lora") -> MemoryEstimate:
     """Predicted peak accelerator memory (GiB figures) of a LoRA training run: the largest of
     the latent caching (text encoders and VAE resident while the VAE encodes an image; the
     trainer parks the denoiser off the GPU meanwhile, ``unet_parked=False`` counts it as
@@ -332,12 +335,13 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
 
     ``variant``: the family's variant ("dev", "large"; default its first); ``weight_dtype``: the
     denoiser's storage (``model.weight_dtype``: "auto" is the precision's dtype; fp8 / nf4 for
-    the families that offer them, which also store T5 in fp8)."""
-    family = _checked(arch, variant, weight_dtype)
+    the families that offer them, which also store T5 in fp8); ``network``: the adapter kind
+    (``network.type``: lora, locon, dora, loha, lokr), traced as the trainer builds it."""
+    family = _checked(arch, variant, weight_dtype, network)
     variant = variant or family.default_variant()
     prec = precision if precision in ("fp16", "bf16") else "fp32"
     tr = trace_step(arch, resolution, batch_size, rank, prec, gradient_checkpointing, size, targets, device,
-                    variant, weight_dtype)
+                    variant, weight_dtype, network)
     cache = trace_latent_caching(arch, resolution, LATENT_CACHE_BATCH, prec, size, device)
     text = family.text_encoder_bytes(weight_dtype, DTYPE_BYTES[prec]) if size == "full" else 0
     weights = tr["weight_bytes"]
@@ -354,13 +358,16 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
     return MemoryEstimate(arch, resolution, batch_size, rank, precision, gradient_checkpointing, cache_latents,
                           weights / GiB, lora / GiB, step / GiB, cache["encode"] / GiB, caching / GiB,
                           max(weights + lora + step, caching, text_caching) / GiB, text_caching / GiB,
-                          variant, weight_dtype)
+                          variant, weight_dtype, network)
 
 
-def _checked(arch: str, variant: str, weight_dtype: str) -> Any:
-    """The family of ``arch``; a one-line error for a variant or a weight storage it does not have."""
+def _checked(arch: str, variant: str, weight_dtype: str, network: str = "lora") -> Any:
+    """The family of ``arch``; a one-line error for a variant, a weight storage or a network type
+    it does not have."""
     from lora_trainer.errors import ConfigError
 
+    if network not in NETWORK_TYPES:
+        raise ConfigError(f"network.type {network!r}: use one of {', '.join(NETWORK_TYPES)}")
     family = get_family(arch)
     if variant and variant not in family.variants():
         known = ", ".join(family.variants()) or "none"
@@ -378,7 +385,7 @@ def _storages(arch: str) -> tuple[str, ...]:
 
 def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resolution: int | None = None,
                     rank: int = 16, precision: str = "bf16", model_resident: bool = False,
-                    variant: str = "") -> dict[str, Any]:
+                    variant: str = "", network: str = "lora") -> dict[str, Any]:
     """The fastest settings predicted to fit ``free_gb - reserve_gb``: the biggest batch without
     gradient checkpointing, else with it, with the denoiser's weights in the compute dtype, else
     (Flux.1 / SD3.5) stored in fp8, else nf4; resolution defaults to the family's native one.
@@ -390,20 +397,21 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
     res = resolution or get_family(arch).default_resolution
     budget = free_gb - reserve_gb
     if model_resident:  # the UNet, the text encoders and the VAE are already counted as used
-        one = estimate_peak_memory(arch, res, 1, rank, precision, variant=variant)
+        one = estimate_peak_memory(arch, res, 1, rank, precision, variant=variant, network=network)
         budget += one.weights_gb + (one.caching_gb - one.encode_gb)
     for storage in _storages(arch):
         for checkpointing in (False, True):
             best = None
             for batch in (1, 2, 3, 4, 6, 8):  # a batch that does not fit ends the search: larger ones need more
                 est = estimate_peak_memory(arch, res, batch, rank, precision, checkpointing, variant=variant,
-                                           weight_dtype=storage)
+                                           weight_dtype=storage, network=network)
                 if _needed_gb(est) > budget:
                     break
                 best = est
             if best is not None:
                 return _choice(best, True)
-    est = estimate_peak_memory(arch, res, 1, rank, precision, True, variant=variant, weight_dtype=_storages(arch)[-1])
+    est = estimate_peak_memory(arch, res, 1, rank, precision, True, variant=variant, weight_dtype=_storages(arch)[-1],
+                               network=network)
     return _choice(est, _needed_gb(est) <= budget and not math.isnan(est.total_gb))
 
 

@@ -21,6 +21,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from lora_trainer.config import NETWORK_TYPE_HELP
 from lora_trainer.families import DEFAULT_FAMILY, family_names, get_family
 
 GiB = 1024**3
@@ -39,6 +40,7 @@ class StepMemory:
     measured_gb: float  # what one step allocated beyond weights and optimizer state
     predicted_gb: float  # the estimator's step_gb (what a step adds)
     phase: str = "step"  # or "caching": the VAE encoding one image (what it allocates; encode_gb)
+    network: str = "lora"  # the adapter kind (network.type)
 
     @property
     def error(self) -> float:
@@ -84,12 +86,12 @@ def _caching_in_this_process(arch: str, size: str, resolution: int) -> dict[str,
     return {"step_bytes": _peak_rise(encode)}
 
 
-def _unet_forward(arch: str, size: str, resolution: int, batch: int, rank: int) -> tuple[Any, Any]:
+def _unet_forward(arch: str, size: str, resolution: int, batch: int, rank: int, network: str) -> tuple[Any, Any]:
     import torch
 
     from lora_trainer.bench.estimate import build_lora_unet, meta_inputs
 
-    unet, _ = build_lora_unet(arch, rank, torch.float32, size, device="cpu")  # what the estimate traces
+    unet, _ = build_lora_unet(arch, rank, torch.float32, size, device="cpu", network=network)  # as traced
     meta = meta_inputs(unet, resolution, batch, torch.float32)
 
     def real(x: Any) -> Any:
@@ -101,18 +103,19 @@ def _unet_forward(arch: str, size: str, resolution: int, batch: int, rank: int) 
     return unet, lambda: unet(**inputs).sample
 
 
-def _transformer_forward(arch: str, size: str, resolution: int, batch: int, rank: int) -> tuple[Any, Any]:
+def _transformer_forward(arch: str, size: str, resolution: int, batch: int, rank: int,
+                         network: str) -> tuple[Any, Any]:
     import torch
 
     from lora_trainer.bench.transformer_step import build_lora_transformer, step_call
 
     variant = get_family(arch).default_variant()
-    model, _ = build_lora_transformer(arch, variant, rank, torch.float32, size, device="cpu")
+    model, _ = build_lora_transformer(arch, variant, rank, torch.float32, size, device="cpu", network=network)
     return model, step_call(model, arch, variant, resolution, batch, torch.float32, device="cpu")
 
 
 def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, rank: int,
-                          checkpointing: bool, phase: str = "step") -> dict[str, int]:
+                          checkpointing: bool, phase: str = "step", network: str = "lora") -> dict[str, int]:
     import torch
 
     if phase == "caching":
@@ -120,7 +123,7 @@ def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, ran
 
     torch.manual_seed(0)
     build = _transformer_forward if get_family(arch).transformer_denoiser else _unet_forward
-    unet, forward = build(arch, size, resolution, batch, rank)
+    unet, forward = build(arch, size, resolution, batch, rank, network)
     params = [p for p in unet.parameters() if p.requires_grad]
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -140,7 +143,7 @@ def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, ran
 
 def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: int = 1, rank: int = 16,
                         gradient_checkpointing: bool = False, size: str = "full",
-                        threads: int | None = None, phase: str = "step") -> StepMemory:
+                        threads: int | None = None, phase: str = "step", network: str = "lora") -> StepMemory:
     """Run one fp32 step (``phase`` "caching": the VAE encoding one image) on the CPU in a fresh
     process; compare with the estimator's prediction."""
     from lora_trainer.bench.estimate import estimate_peak_memory
@@ -148,7 +151,7 @@ def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: in
     if not os.path.exists("/proc/self/clear_refs"):
         raise RuntimeError("measuring step memory needs Linux (/proc/self/clear_refs)")
     args = {"arch": arch, "size": size, "resolution": resolution, "batch": batch_size, "rank": rank,
-            "checkpointing": gradient_checkpointing, "phase": phase}
+            "checkpointing": gradient_checkpointing, "phase": phase, "network": network}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -160,15 +163,15 @@ def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: in
         raise RuntimeError(f"the measuring process failed: {tail[0]}")
     got = json.loads(lines[-1])
     est = estimate_peak_memory(arch, resolution, batch_size, rank, "fp32", gradient_checkpointing, size=size,
-                               device="cpu")
+                               device="cpu", network=network)
     return StepMemory(arch, size, resolution, batch_size, rank, gradient_checkpointing, got["step_bytes"] / GiB,
-                      est.encode_gb if phase == "caching" else est.step_gb, phase)
+                      est.encode_gb if phase == "caching" else est.step_gb, phase, network)
 
 
 def format_row(m: StepMemory) -> str:
     ckpt = "on " if m.gradient_checkpointing else "off"
     what = ("VAE encode, 1 image       " if m.phase == "caching"
-            else f"batch {m.batch_size}  rank {m.rank:<3} checkpointing {ckpt}")
+            else f"{m.network:<5} batch {m.batch_size}  rank {m.rank:<3} checkpointing {ckpt}")
     return (f"{m.size:>4} {m.arch:<4} {m.resolution:>5}px  {what}"
             f"  measured {m.measured_gb:7.3f} GiB  predicted {m.predicted_gb:7.3f} GiB  ({m.error:+.1%})")
 
@@ -183,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--phase", choices=["step", "caching"], default="step",
                    help="a training step, or the latent caching (the VAE encoding one image)")
+    p.add_argument("--network", choices=tuple(NETWORK_TYPE_HELP), default="lora", help="the adapter kind (network.type)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_step_in_this_process(**json.loads(args.child))), flush=True)
         return 0
     m = measure_step_memory(args.arch, args.resolution, args.batch, args.rank, args.checkpointing, args.size,
-                            phase=args.phase)
+                            phase=args.phase, network=args.network)
     print(format_row(m))
     if args.json:
         from pathlib import Path

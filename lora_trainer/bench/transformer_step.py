@@ -33,15 +33,39 @@ def materialize(model: nn.Module, device: str) -> nn.Module:
     return model
 
 
+def add_network(model: nn.Module, paths: list[str], rank: int, network: str, device: str) -> int:
+    """Put ``network`` adapters (lora, locon, dora, loha, lokr: the trainer's own peft configs and
+    DoRA layer, at alpha = rank) on ``paths`` of the frozen ``model``, with fp32 weights as the
+    trainer keeps them and the only trainable parameters; returns their parameter count. Each
+    kind then allocates in a step what it does in training (LoHa / LoKr build a full-size delta
+    weight per layer, DoRA a normalised fp32 weight)."""
+    from peft import inject_adapter_in_model
+
+    from lora_trainer.lora.variants import ADAPTER_PARAM_MARKS, peft_config, wrap_dora
+
+    kind = "lora" if network == "locon" else network
+    with torch.device(device):
+        inject_adapter_in_model(peft_config(kind, rank, float(rank), paths, {}, {}, 0.0), model)
+        if kind == "dora":
+            wrap_dora(model, paths)
+    count = 0
+    for n, p in model.named_parameters():
+        trains = any(mark in n for mark in ADAPTER_PARAM_MARKS)
+        if trains:
+            p.data = p.data.float()
+            count += p.numel()
+        p.requires_grad_(trains)
+    return count
+
+
 def build_lora_transformer(arch: str, variant: str, rank: int, dtype: torch.dtype, size: str = "full",
-                           device: str = "meta", weight_dtype: str = "auto") -> tuple[nn.Module, int]:
-    """The family's ``size`` transformer with fp32 LoRA layers (the only trainable parameters) on
+                           device: str = "meta", weight_dtype: str = "auto",
+                           network: str = "lora") -> tuple[nn.Module, int]:
+    """The family's ``size`` transformer with fp32 ``network`` layers (:func:`add_network`) on
     its default targets, frozen weights in ``dtype`` or, with ``weight_dtype`` fp8 / nf4, its
     block Linear weights stored in fp8 and upcast per call (nf4 also dequantizes per call to the
     compute dtype: traced the same, its smaller storage is counted by the family's
     ``denoiser_weight_bytes``). Random weights off meta: a step allocates the same."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     from lora_trainer.families.flow_parts import store_fp8
 
     family = get_family(arch)
@@ -50,14 +74,7 @@ def build_lora_transformer(arch: str, variant: str, rank: int, dtype: torch.dtyp
     if weight_dtype in QUANTIZED:
         store_fp8(model, dtype)
     paths = family.default_targets(family.denoiser_root, model, "diffusers")
-    with torch.device(device):
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=paths), model)
-    lora_params = 0
-    for n, p in model.named_parameters():
-        if "lora_" in n:
-            p.data = p.data.float()  # LoRA weights train in fp32, as the trainer keeps them
-            lora_params += p.numel()
-        p.requires_grad_("lora_" in n)
+    lora_params = add_network(model, paths, rank, network, device)
     return model, lora_params
 
 

@@ -81,10 +81,10 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
                          elem_classes=[ctx.eid("log")])
     seen = g.State(None)
 
-    def do_preset(name: str | None, arch: str) -> list[Any]:
+    def do_preset(name: str | None, arch: str, network: str = "lora") -> list[Any]:
         if not name:
             return [compat.update() for _ in PRESET_FIELDS]
-        values = preset_for_host(ctx.host, name, arch)
+        values = preset_for_host(ctx.host, name, arch, network)
         return [compat.update(value=to_component(values[p], field_kind(p)[0])) if p in values else compat.update()
                 for p in PRESET_FIELDS]
 
@@ -112,8 +112,11 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
                     "sample_now": "rendering a sample at the next step…"}[name]
         return run
 
-    ctx.later(lambda: preset.change(lambda name, arch: do_preset(None if name == CUSTOM_PRESET else name, arch),
-                                    [preset, ctx.fields["model.arch"]], [ctx.fields[p] for p in PRESET_FIELDS]))
+    def apply_preset(name: str, arch: str, network: str) -> list[Any]:
+        return do_preset(None if name == CUSTOM_PRESET else name, arch, network)
+
+    ctx.later(lambda: preset.change(apply_preset, [preset, ctx.fields["model.arch"], ctx.fields["network.type"]],
+                                    [ctx.fields[p] for p in PRESET_FIELDS]))
     ctx.later(lambda: start.click(do_start, ctx.inputs, [msg, progress]))
     stop.click(command("stop"), None, [msg])
     save.click(command("save_now"), None, [msg])
@@ -123,14 +126,16 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
                                         seen], 1.0))
 
 
-def preset_for_host(host: Host, name: str, form_arch: str) -> dict[str, Any]:
+def preset_for_host(host: Host, name: str, form_arch: str, network: str = "lora") -> dict[str, Any]:
     """Preset ``name``'s values for the model the run will train: the host's loaded model's
-    family when it has one (a WebUI's checkpoint), else the form's ``model.arch`` (auto: the default family)."""
+    family when it has one (a WebUI's checkpoint), else the form's ``model.arch`` (auto: the
+    default family); sized for the form's ``network.type``."""
     loaded = host.loaded_model()
     family = loaded.family if loaded is not None else None
     if family is None:
         family = form_arch if form_arch and form_arch != "auto" else DEFAULT_FAMILY
-    return presets.preset_values(name, family, model_resident=loaded is not None and loaded.resident)
+    return presets.preset_values(name, family, model_resident=loaded is not None and loaded.resident,
+                                 network=network or "lora")
 
 
 def _preset_dropdown(ctx: TabContext) -> Any:
