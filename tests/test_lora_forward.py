@@ -18,7 +18,7 @@ from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.lora_forward import lean_layers, lean_lora_forward
 from lora_trainer.train.speed import LoraWeightsCastOnce, skip_lora_input_casts
 from lora_trainer.train.trainer import Trainer
-from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
+from tests.train_helpers import TinyHost, lora_tensors, make_data, stopped_and_resumed, tiny_config
 
 BF16 = pytest.mark.skipif(not autocast_supported("cpu", torch.bfloat16), reason="no bf16 autocast on this CPU")
 
@@ -184,15 +184,7 @@ def test_runs_with_the_lean_forward_resume_exactly_and_restore_the_model(
     straight = Trainer(tiny_config(data, tmp_path / "a", **cfg), host=host, callbacks=[spy]).run()
     assert len(seen) == 6 and all(lean == layers > 0 for lean, layers in seen), seen
 
-    trainer: Trainer
-
-    def stop_at_three(ev: TrainEvent) -> None:
-        if ev.kind == "step" and ev.step == 3:
-            trainer.stop()
-
-    trainer = Trainer(tiny_config(data, tmp_path / "b", **cfg), host=host, callbacks=[stop_at_three])
-    assert trainer.run().steps == 3
-    second = Trainer(tiny_config(data, tmp_path / "b", **cfg, **{"train.resume": "latest"}), host=host).run()
+    second = stopped_and_resumed(data, tmp_path / "b", host, **cfg)
     assert second.steps == 6
     a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
