@@ -131,6 +131,20 @@ def test_layers_and_calls_it_does_not_cover_run_peft_forward() -> None:
     assert torch.allclose(_outputs(model), peft_out, rtol=1e-5, atol=1e-6)
 
 
+def test_a_base_output_in_another_dtype_gets_peft_arithmetic_exactly() -> None:
+    """bf16 base layers with fp32 LoRA and no autocast: peft adds an fp32 update to a bf16
+    result and casts back; the lean forward does the same, bit for bit."""
+    model = _lora_mlp(torch.bfloat16)
+    torch.manual_seed(2)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        peft_out = model(x)
+        lean_lora_forward(model)
+        assert lean_layers(model) == 2
+        lean_out = model(x)
+    assert lean_out.dtype == torch.bfloat16 and torch.equal(peft_out, lean_out)
+
+
 def test_dora_layers_keep_their_own_forward() -> None:
     from lora_trainer.config import NetworkConfig
     from lora_trainer.lora.dora import ColumnDora
