@@ -73,3 +73,20 @@ def enable_hf_checkpointing(model: Any) -> Any:
             model.enable_input_require_grads()
             return lambda: (model.gradient_checkpointing_disable(), model.disable_input_require_grads())
     return model.gradient_checkpointing_disable
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device_type`` now, or None when it is off there
+    (``torch.is_autocast_enabled(device_type)`` exists from torch 2.4; before, CPU and CUDA each
+    have their own functions)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return None
+    except (TypeError, AttributeError):  # torch < 2.4: no device argument
+        pass
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    if device_type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    return None

@@ -14,7 +14,7 @@ from lora_trainer.torch_compat import autocast_supported
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.speed import LoraWeightsCastOnce, skip_lora_input_casts
 from lora_trainer.train.trainer import Trainer
-from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
+from tests.train_helpers import TinyHost, lora_tensors, make_data, stopped_and_resumed, tiny_config
 
 pytestmark = pytest.mark.skipif(not autocast_supported("cpu", torch.bfloat16),
                                 reason="this torch has no bf16 autocast on the CPU")
@@ -122,15 +122,7 @@ def test_bf16_run_with_speed_options_resumes_exactly_and_restores_the_model(
     assert casting and not any(casting)  # the option was on in every LoRA layer
     assert len(passes) == 6 and all(passes)  # and every step's forward cast the LoRA weights at once
 
-    trainer: Trainer
-
-    def stop_at_three(ev: TrainEvent) -> None:
-        if ev.kind == "step" and ev.step == 3:
-            trainer.stop()
-
-    trainer = Trainer(tiny_config(data, tmp_path / "b", **FAST), host=host, callbacks=[stop_at_three])
-    assert trainer.run().steps == 3
-    second = Trainer(tiny_config(data, tmp_path / "b", **FAST, **{"train.resume": "latest"}), host=host).run()
+    second = stopped_and_resumed(data, tmp_path / "b", host, **FAST)
     assert second.steps == 6
     a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

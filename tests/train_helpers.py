@@ -90,3 +90,19 @@ def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def stopped_and_resumed(data: Path, out: Path, host: Any, stop_at: int = 3, **values: Any) -> Any:
+    """A run stopped after step ``stop_at`` and resumed from its checkpoint to the end: the
+    resumed run's TrainResult (compare its LoRA with a straight run's)."""
+    from lora_trainer.train.trainer import Trainer
+
+    trainer: Trainer
+
+    def stop(ev: TrainEvent) -> None:
+        if ev.kind == "step" and ev.step == stop_at:
+            trainer.stop()
+
+    trainer = Trainer(tiny_config(data, out, **values), host=host, callbacks=[stop])
+    assert trainer.run().steps == stop_at
+    return Trainer(tiny_config(data, out, **values, **{"train.resume": "latest"}), host=host).run()

@@ -196,8 +196,9 @@ class RunSession:
 
     def speed_up_unet(self) -> None:
         """channels_last convolutions on CUDA, no needless dtype casts in the LoRA layers under
-        autocast and their weights cast in one kernel (train/speed.py), and torch.compile when
-        asked; all undone at the end so a host's live model is handed back as it came."""
+        autocast and their weights cast in one kernel (train/speed.py), the lean LoRA forward
+        (train/lora_forward.py) or else torch.compile when asked; all undone at the end so a
+        host's live model is handed back as it came."""
         unet = self.bundle.unet
         if self.device.type == "cuda":
             unet.to(memory_format=torch.channels_last)
@@ -210,6 +211,11 @@ class RunSession:
                 self._undo.append(skip_lora_input_casts(root))
             if not self.cfg.train.compile:
                 self._cast_once = LoraWeightsCastOnce(self.roots_in_training(), amp)
+        if not self.cfg.train.compile:
+            from lora_trainer.train.lora_forward import lean_lora_forward
+
+            for root in self.roots_in_training():
+                self._undo.append(lean_lora_forward(root))
         if self.cfg.train.compile and hasattr(unet, "compile"):
             unet.compile()
             self._undo.append(lambda: setattr(unet, "_compiled_call_impl", None))
