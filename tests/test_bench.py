@@ -12,6 +12,7 @@ from lora_trainer.bench import estimate
 from lora_trainer.bench.flops import count_forward_flops, unet_forward_flops
 from lora_trainer.bench.livemem import LiveBytes
 from lora_trainer.cli import main as cli_main
+from lora_trainer.errors import ConfigError
 from lora_trainer.families import get_family
 
 
@@ -247,3 +248,24 @@ def test_full_size_random_parts_build(arch: str) -> None:
     tokenizers = [k for k in parts if k.startswith("tokenizer")]
     assert len(tokenizers) == (2 if arch == "sdxl" else 1)
     assert parts["tokenizer"]("a photo").input_ids[0] == parts["tokenizer"].bos_token_id
+
+
+def test_weights_stored_narrow_and_cast_per_call_add_their_kept_copies() -> None:
+    # Forge with the UNet stored in bf16 and computed in fp32: the resident weights are half the
+    # size, but without checkpointing the backward pass keeps every layer's fp32 copy (the whole
+    # UNet once more, in fp32); with it, only the block being recomputed holds its copies.
+    cast = ("bf16", "fp32")
+    plain = estimate.estimate_peak_memory("sd1", 512, 1, 16, "fp32", False)
+    narrow = estimate.estimate_peak_memory("sd1", 512, 1, 16, "fp32", False, weights_cast=cast)
+    assert narrow.weights_gb == pytest.approx(plain.weights_gb / 2) and narrow.weights_cast == "bf16 -> fp32"
+    assert narrow.step_gb - plain.step_gb == pytest.approx(plain.weights_gb, rel=0.1)
+    assert narrow.total_gb > plain.total_gb
+    plain_ck = estimate.estimate_peak_memory("sd1", 512, 1, 16, "fp32", True)
+    narrow_ck = estimate.estimate_peak_memory("sd1", 512, 1, 16, "fp32", True, weights_cast=cast)
+    assert 0 < narrow_ck.step_gb - plain_ck.step_gb < plain.weights_gb / 4
+    # The tab's auto preset on a 4 GB-free card with the model loaded: checkpointing only when cast.
+    assert not estimate.choose_settings(4.0, "sd1", model_resident=True)["gradient_checkpointing"]
+    assert estimate.choose_settings(4.0, "sd1", model_resident=True, weights_cast=("fp16", "fp32"))[
+        "gradient_checkpointing"]
+    with pytest.raises(ConfigError, match="UNet families"):
+        estimate.estimate_peak_memory("flux1", 512, weights_cast=cast)
