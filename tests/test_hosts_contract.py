@@ -85,7 +85,8 @@ def test_auto_preset_counts_the_resident_webui_model(env, monkeypatch: pytest.Mo
     from lora_trainer.hosts.standalone import StandaloneHost
 
     seen = []
-    monkeypatch.setattr(presets, "auto_values", lambda arch, free, resident=False: seen.append((arch, resident)) or {})
+    monkeypatch.setattr(presets, "auto_values",
+                        lambda arch, free, resident=False, weights_cast=None: seen.append((arch, resident)) or {})
     monkeypatch.setattr(presets, "gpu_free_gb", lambda: 10.0)
     env.shared.sd_model = make_model("sdxl")
     preset_for_host(A1111Host(), "auto", "auto")

@@ -130,7 +130,8 @@ def preset_for_host(host: Host, name: str, form_arch: str) -> dict[str, Any]:
     family = loaded.family if loaded is not None else None
     if family is None:
         family = form_arch if form_arch and form_arch != "auto" else DEFAULT_FAMILY
-    return presets.preset_values(name, family, model_resident=loaded is not None and loaded.resident)
+    return presets.preset_values(name, family, model_resident=loaded is not None and loaded.resident,
+                                 weights_cast=loaded.weights_cast if loaded is not None else None)
 
 
 def _preset_dropdown(ctx: TabContext) -> Any:
