@@ -125,16 +125,19 @@ def test_autocast_rules_save_fp32_copies_for_normalisations() -> None:
     assert autocast > plain + 8 * 4 * 4 * 2
 
 
-@pytest.mark.parametrize(("arch", "resolution", "checkpointing"),
-                         [("sd1", 512, False), ("sd1", 512, True), ("sdxl", 768, True)])
+@pytest.mark.parametrize(("arch", "resolution", "checkpointing", "stored"),
+                         [("sd1", 512, False, ""), ("sd1", 512, True, ""), ("sdxl", 768, True, ""),
+                          ("sd1", 512, False, "bf16")])
 def test_estimate_matches_a_measured_step_and_never_under_promises(arch: str, resolution: int,
-                                                                    checkpointing: bool) -> None:
+                                                                    checkpointing: bool, stored: str) -> None:
     # A real fp32 step of the tiny UNet (same block structure as the full one) on the CPU, in a
     # fresh process: what it allocated beyond weights and optimizer state vs the prediction.
     # Sizes where the step allocates 50+ MiB, so a few MiB of fixed process overhead do not count.
+    # ``stored``: the frozen weights in bf16, cast to fp32 by each layer at every call (Forge's
+    # manual cast), whose copies the backward pass keeps.
     from lora_trainer.bench.memcheck import measure_step_memory
 
-    m = measure_step_memory(arch, resolution, 1, 16, checkpointing, size="tiny", threads=1)
+    m = measure_step_memory(arch, resolution, 1, 16, checkpointing, size="tiny", threads=1, stored=stored)
     assert m.measured_gb > 0.045, m
     assert -0.05 <= m.error < 0.15, m
 

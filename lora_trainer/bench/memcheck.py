@@ -39,6 +39,7 @@ class StepMemory:
     measured_gb: float  # what one step allocated beyond weights and optimizer state
     predicted_gb: float  # the estimator's step_gb (what a step adds)
     phase: str = "step"  # or "caching": the VAE encoding one image (what it allocates; encode_gb)
+    stored: str = ""  # the frozen weights stored in this dtype and cast to fp32 per call (Forge's manual cast)
 
     @property
     def error(self) -> float:
@@ -84,12 +85,14 @@ def _caching_in_this_process(arch: str, size: str, resolution: int) -> dict[str,
     return {"step_bytes": _peak_rise(encode)}
 
 
-def _unet_forward(arch: str, size: str, resolution: int, batch: int, rank: int) -> tuple[Any, Any]:
+def _unet_forward(arch: str, size: str, resolution: int, batch: int, rank: int, stored: str = "") -> tuple[Any, Any]:
     import torch
 
-    from lora_trainer.bench.estimate import build_lora_unet, meta_inputs
+    from lora_trainer.bench.estimate import _DTYPES, build_lora_unet, meta_inputs, store_cast_per_call
 
     unet, _ = build_lora_unet(arch, rank, torch.float32, size, device="cpu")  # what the estimate traces
+    if stored:
+        store_cast_per_call(unet, _DTYPES[stored])
     meta = meta_inputs(unet, resolution, batch, torch.float32)
 
     def real(x: Any) -> Any:
@@ -112,15 +115,17 @@ def _transformer_forward(arch: str, size: str, resolution: int, batch: int, rank
 
 
 def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, rank: int,
-                          checkpointing: bool, phase: str = "step") -> dict[str, int]:
+                          checkpointing: bool, phase: str = "step", stored: str = "") -> dict[str, int]:
     import torch
 
     if phase == "caching":
         return _caching_in_this_process(arch, size, resolution)
 
     torch.manual_seed(0)
-    build = _transformer_forward if get_family(arch).transformer_denoiser else _unet_forward
-    unet, forward = build(arch, size, resolution, batch, rank)
+    if get_family(arch).transformer_denoiser:
+        unet, forward = _transformer_forward(arch, size, resolution, batch, rank)
+    else:
+        unet, forward = _unet_forward(arch, size, resolution, batch, rank, stored)
     params = [p for p in unet.parameters() if p.requires_grad]
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -140,15 +145,16 @@ def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, ran
 
 def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: int = 1, rank: int = 16,
                         gradient_checkpointing: bool = False, size: str = "full",
-                        threads: int | None = None, phase: str = "step") -> StepMemory:
+                        threads: int | None = None, phase: str = "step", stored: str = "") -> StepMemory:
     """Run one fp32 step (``phase`` "caching": the VAE encoding one image) on the CPU in a fresh
-    process; compare with the estimator's prediction."""
+    process; compare with the estimator's prediction. ``stored``: the UNet's frozen weights
+    stored in that dtype and cast to fp32 by each layer at every call (as Forge does)."""
     from lora_trainer.bench.estimate import estimate_peak_memory
 
     if not os.path.exists("/proc/self/clear_refs"):
         raise RuntimeError("measuring step memory needs Linux (/proc/self/clear_refs)")
     args = {"arch": arch, "size": size, "resolution": resolution, "batch": batch_size, "rank": rank,
-            "checkpointing": gradient_checkpointing, "phase": phase}
+            "checkpointing": gradient_checkpointing, "phase": phase, "stored": stored}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -160,15 +166,16 @@ def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: in
         raise RuntimeError(f"the measuring process failed: {tail[0]}")
     got = json.loads(lines[-1])
     est = estimate_peak_memory(arch, resolution, batch_size, rank, "fp32", gradient_checkpointing, size=size,
-                               device="cpu")
+                               device="cpu", weights_cast=(stored, "fp32") if stored else None)
     return StepMemory(arch, size, resolution, batch_size, rank, gradient_checkpointing, got["step_bytes"] / GiB,
-                      est.encode_gb if phase == "caching" else est.step_gb, phase)
+                      est.encode_gb if phase == "caching" else est.step_gb, phase, stored)
 
 
 def format_row(m: StepMemory) -> str:
     ckpt = "on " if m.gradient_checkpointing else "off"
     what = ("VAE encode, 1 image       " if m.phase == "caching"
-            else f"batch {m.batch_size}  rank {m.rank:<3} checkpointing {ckpt}")
+            else f"batch {m.batch_size}  rank {m.rank:<3} checkpointing {ckpt}"
+            + (f"  stored {m.stored}, cast per call" if m.stored else ""))
     return (f"{m.size:>4} {m.arch:<4} {m.resolution:>5}px  {what}"
             f"  measured {m.measured_gb:7.3f} GiB  predicted {m.predicted_gb:7.3f} GiB  ({m.error:+.1%})")
 
@@ -181,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--stored", choices=["", "bf16", "fp16"], default="",
+                   help="the UNet's frozen weights stored in this dtype and cast to fp32 per call (Forge's manual cast)")
     p.add_argument("--phase", choices=["step", "caching"], default="step",
                    help="a training step, or the latent caching (the VAE encoding one image)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
@@ -190,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_step_in_this_process(**json.loads(args.child))), flush=True)
         return 0
     m = measure_step_memory(args.arch, args.resolution, args.batch, args.rank, args.checkpointing, args.size,
-                            phase=args.phase)
+                            phase=args.phase, stored=args.stored)
     print(format_row(m))
     if args.json:
         from pathlib import Path
