@@ -102,3 +102,17 @@ def test_on_a_gpu_checkpointing_stays_off_when_the_estimate_with_the_copies_fits
     assert why is not None and f"{short:.1f} GB free" in why
     # Where free memory is not measured (the CPU's RAM, shared with the WebUI): always on.
     assert checkpointing_needed(cfg, "sd1", cast, torch.device("cpu")) is not None
+
+
+def test_forge_classics_manual_cast_dtype_is_read_too() -> None:
+    # Classic's ldm_patched BaseModel has no storage_dtype: the UNet's own weights say it, and
+    # manual_cast_dtype (None when it computes in the storage dtype) the computation.
+    from types import SimpleNamespace
+
+    from lora_trainer.hosts.forge import unet_weights_cast
+
+    unet = torch.nn.Linear(2, 2).to(torch.float16)
+    assert unet_weights_cast(SimpleNamespace(diffusion_model=unet, manual_cast_dtype=torch.float32)) == ("fp16", "fp32")
+    assert unet_weights_cast(SimpleNamespace(diffusion_model=unet, manual_cast_dtype=None)) is None
+    neo = SimpleNamespace(diffusion_model=unet, storage_dtype="nf4", computation_dtype=torch.bfloat16)
+    assert unet_weights_cast(neo) is None  # quantized storage: refused by check_trainable_weights instead
