@@ -12,6 +12,7 @@ from lora_trainer.bench import estimate
 from lora_trainer.bench.flops import count_forward_flops, unet_forward_flops
 from lora_trainer.bench.livemem import LiveBytes
 from lora_trainer.cli import main as cli_main
+from lora_trainer.errors import ConfigError
 from lora_trainer.families import get_family
 
 
@@ -124,16 +125,19 @@ def test_autocast_rules_save_fp32_copies_for_normalisations() -> None:
     assert autocast > plain + 8 * 4 * 4 * 2
 
 
-@pytest.mark.parametrize(("arch", "resolution", "checkpointing"),
-                         [("sd1", 512, False), ("sd1", 512, True), ("sdxl", 768, True)])
+@pytest.mark.parametrize(("arch", "resolution", "checkpointing", "stored"),
+                         [("sd1", 512, False, ""), ("sd1", 512, True, ""), ("sdxl", 768, True, ""),
+                          ("sd1", 512, False, "bf16")])
 def test_estimate_matches_a_measured_step_and_never_under_promises(arch: str, resolution: int,
-                                                                    checkpointing: bool) -> None:
+                                                                    checkpointing: bool, stored: str) -> None:
     # A real fp32 step of the tiny UNet (same block structure as the full one) on the CPU, in a
     # fresh process: what it allocated beyond weights and optimizer state vs the prediction.
     # Sizes where the step allocates 50+ MiB, so a few MiB of fixed process overhead do not count.
+    # ``stored``: the frozen weights in bf16, cast to fp32 by each layer at every call (Forge's
+    # manual cast), whose copies the backward pass keeps.
     from lora_trainer.bench.memcheck import measure_step_memory
 
-    m = measure_step_memory(arch, resolution, 1, 16, checkpointing, size="tiny", threads=1)
+    m = measure_step_memory(arch, resolution, 1, 16, checkpointing, size="tiny", threads=1, stored=stored)
     assert m.measured_gb > 0.045, m
     assert -0.05 <= m.error < 0.15, m
 
@@ -328,3 +332,24 @@ def test_estimate_counts_the_full_size_weights_dora_and_loha_keep() -> None:
     with pytest.raises(ConfigError, match="network.type 'lycoris'"):
         estimate.estimate_peak_memory("sd1", 512, network="lycoris")
     assert [f.name for f in dataclasses.fields(estimate.MemoryEstimate)][-1] == "network"
+
+
+def test_weights_stored_narrow_and_cast_per_call_add_their_kept_copies() -> None:
+    # Forge with the UNet stored in bf16 and computed in fp32: the resident weights are half the
+    # size, but without checkpointing the backward pass keeps every layer's fp32 copy (the whole
+    # UNet once more, in fp32); with it, only the block being recomputed holds its copies.
+    cast = ("bf16", "fp32")
+    plain = estimate.estimate_peak_memory("sd1", 512, 1, 16, "fp32", False)
+    narrow = estimate.estimate_peak_memory("sd1", 512, 1, 16, "fp32", False, weights_cast=cast)
+    assert narrow.weights_gb == pytest.approx(plain.weights_gb / 2) and narrow.weights_cast == "bf16 -> fp32"
+    assert narrow.step_gb - plain.step_gb == pytest.approx(plain.weights_gb, rel=0.1)
+    assert narrow.total_gb > plain.total_gb
+    plain_ck = estimate.estimate_peak_memory("sd1", 512, 1, 16, "fp32", True)
+    narrow_ck = estimate.estimate_peak_memory("sd1", 512, 1, 16, "fp32", True, weights_cast=cast)
+    assert 0 < narrow_ck.step_gb - plain_ck.step_gb < plain.weights_gb / 4
+    # The tab's auto preset on a 4 GB-free card with the model loaded: checkpointing only when cast.
+    assert not estimate.choose_settings(4.0, "sd1", model_resident=True)["gradient_checkpointing"]
+    assert estimate.choose_settings(4.0, "sd1", model_resident=True, weights_cast=("fp16", "fp32"))[
+        "gradient_checkpointing"]
+    with pytest.raises(ConfigError, match="UNet families"):
+        estimate.estimate_peak_memory("flux1", 512, weights_cast=cast)

@@ -86,7 +86,8 @@ def test_auto_preset_counts_the_resident_webui_model(env, monkeypatch: pytest.Mo
 
     seen = []
     monkeypatch.setattr(presets, "auto_values",
-                        lambda arch, free, resident=False, network="lora": seen.append((arch, resident, network)) or {})
+                        lambda arch, free, resident=False, network="lora", weights_cast=None:
+                        seen.append((arch, resident, network)) or {})
     monkeypatch.setattr(presets, "gpu_free_gb", lambda: 10.0)
     env.shared.sd_model = make_model("sdxl")
     preset_for_host(A1111Host(), "auto", "auto")

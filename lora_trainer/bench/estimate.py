@@ -74,9 +74,17 @@ class MemoryEstimate:
     variant: str = ""  # the family's variant ("dev", "large"; "" for families without)
     weight_dtype: str = "auto"  # storage of the denoiser's weights (model.weight_dtype)
     network: str = "lora"  # the adapter kind (network.type)
+    weights_cast: str = ""  # "bf16 -> fp32": a host stores the UNet narrow and casts per call (WeightsCast)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# (storage, computation) dtype names of a UNet whose frozen weights a host stores in the first and
+# casts to the second in every layer at every call (Forge's manual cast, when it stores weights
+# narrower than it computes: bf16 storage with fp32 computation, ...). Autograd keeps each
+# layer's cast copy for the backward pass: without gradient checkpointing, all of them at once.
+WeightsCast = tuple[str, str]
 
 
 def unet_config(arch: str) -> dict[str, Any]:
@@ -188,6 +196,40 @@ def build_lora_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full"
     return unet, add_network(unet, paths, rank, network, device)
 
 
+def _cast_per_call_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The layer's own arithmetic with its stored weight and bias cast to the input's dtype (and
+    device) first, as Forge's operations do when ``parameters_manual_cast`` is set."""
+    import torch.nn.functional as F
+
+    w = self.weight.to(x.device, x.dtype) if self.weight is not None else None
+    b = self.bias.to(x.device, x.dtype) if getattr(self, "bias", None) is not None else None
+    if isinstance(self, nn.Linear):
+        return F.linear(x, w, b)
+    if isinstance(self, nn.GroupNorm):
+        return F.group_norm(x, self.num_groups, w, b, self.eps)
+    if isinstance(self, nn.LayerNorm):
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+    return self._conv_forward(x, w, b)
+
+
+@functools.cache
+def _cast_per_call_class(base: type) -> type:
+    return type(f"CastPerCall{base.__name__}", (base,), {"forward": _cast_per_call_forward})
+
+
+def store_cast_per_call(model: nn.Module, storage: torch.dtype) -> int:
+    """Store the frozen weights of ``model``'s Linear, Conv2d and normalisation layers in ``storage``
+    and make those layers cast them to their input's dtype at every call (a host's manual cast);
+    the trainable (LoRA) layers are left as they are. Returns how many layers."""
+    layers = [m for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
+              and not any(p.requires_grad for p in m.parameters())]
+    for layer in layers:
+        for name, p in list(layer.named_parameters(recurse=False)):
+            setattr(layer, name, nn.Parameter(p.detach().to(storage), requires_grad=False))
+        layer.__class__ = _cast_per_call_class(type(layer))
+    return len(layers)
+
+
 def meta_inputs(unet: nn.Module, resolution: int, batch: int, dtype: torch.dtype) -> dict[str, Any]:
     """The UNet's inputs for one step (latents, timesteps, text embeddings, SDXL's extras), on meta."""
     cfg = unet.config
@@ -227,9 +269,11 @@ def _tracing(precision: str, device: str) -> Iterator[LiveBytes]:
 
 
 def _lora_step(arch: str, resolution: int, batch: int, rank: int, dtype: torch.dtype, size: str, targets: str,
-               variant: str, weight_dtype: str, network: str = "lora") -> tuple[nn.Module, int, Any]:
+               variant: str, weight_dtype: str, network: str = "lora",
+               weights_cast: WeightsCast | None = None) -> tuple[nn.Module, int, Any]:
     """(denoiser with LoRA, its LoRA parameter count, forward()) on meta; forward makes the
-    step's inputs and returns the prediction."""
+    step's inputs and returns the prediction. ``weights_cast``: the UNet's frozen weights stored
+    in its first dtype and cast per call, its inputs in the second (the host's computation)."""
     if get_family(arch).transformer_denoiser:
         from lora_trainer.bench.transformer_step import build_lora_transformer, step_call
 
@@ -237,6 +281,9 @@ def _lora_step(arch: str, resolution: int, batch: int, rank: int, dtype: torch.d
                                                     network=network)
         return model, lora_params, step_call(model, arch, variant, resolution, batch, dtype)
     unet, lora_params = build_lora_unet(arch, rank, dtype, size, targets=targets, network=network)
+    if weights_cast is not None:
+        store_cast_per_call(unet, _DTYPES[weights_cast[0]])
+        dtype = _DTYPES[weights_cast[1]]
     return unet, lora_params, lambda: unet(**meta_inputs(unet, resolution, batch, dtype)).sample
 
 
@@ -252,19 +299,22 @@ def _weight_bytes(arch: str, model: nn.Module, size: str, variant: str, weight_d
 @functools.lru_cache(maxsize=64)
 def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str, checkpointing: bool,
                size: str = "full", targets: str = "kohya", device: str = "cuda", variant: str = "",
-               weight_dtype: str = "auto", network: str = "lora") -> dict[str, int]:
+               weight_dtype: str = "auto", network: str = "lora",
+               weights_cast: WeightsCast | None = None) -> dict[str, int]:
     """One training step run on meta as the trainer runs it (frozen weights in the precision's
     dtype, CUDA autocast's rules, fp32 LoRA weights, diffusers' checkpointing): ``step`` is the
     most it allocates beyond the resident weights, LoRA and optimizer state at any moment of the
     forward and backward passes (a checkpointed backward holds the LoRA gradients so far, the
     inputs of the units still to go, one unit's recomputed activations and its backward's
-    temporaries; all of that is counted as it happens, not modelled)."""
+    temporaries; all of that is counted as it happens, not modelled). ``weights_cast``: the
+    frozen weights stored narrow and cast in each layer at every call (their copies kept for the
+    backward pass are counted as they happen too)."""
     import torch.nn.functional as F
     import torch.utils.checkpoint as tuc
 
     dtype = _DTYPES[precision]
     unet, lora_params, forward = _lora_step(arch, resolution, batch, rank, dtype, size, targets, variant,
-                                            weight_dtype, network)
+                                            weight_dtype, network, weights_cast)
     if checkpointing:
         # The recomputation runs inside the backward pass, where this thread's autocast
         # stand-in is not active: the checkpoint enters one of its own.
@@ -325,7 +375,7 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
                          cache_latents: bool = True, train_text_encoder: bool = False,
                          size: str = "full", targets: str = "kohya", device: str = "cuda",
                          unet_parked: bool = True, variant: str = "", weight_dtype: str = "auto",
-                         network: str = "lora") -> MemoryEstimate:
+                         network: str = "lora", weights_cast: WeightsCast | None = None) -> MemoryEstimate:
     """Predicted peak accelerator memory (GiB figures) of a LoRA training run: the largest of
     the latent caching (text encoders and VAE resident while the VAE encodes an image; the
     trainer parks the denoiser off the GPU meanwhile, ``unet_parked=False`` counts it as
@@ -336,12 +386,14 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
     ``variant``: the family's variant ("dev", "large"; default its first); ``weight_dtype``: the
     denoiser's storage (``model.weight_dtype``: "auto" is the precision's dtype; fp8 / nf4 for
     the families that offer them, which also store T5 in fp8); ``network``: the adapter kind
-    (``network.type``: lora, locon, dora, loha, lokr), traced as the trainer builds it."""
-    family = _checked(arch, variant, weight_dtype, network)
+    (``network.type``: lora, locon, dora, loha, lokr), traced as the trainer builds it;
+    ``weights_cast``: a host's UNet stored narrower than it computes, cast per call (see
+    ``WeightsCast``)."""
+    family = _checked(arch, variant, weight_dtype, network, weights_cast)
     variant = variant or family.default_variant()
     prec = precision if precision in ("fp16", "bf16") else "fp32"
     tr = trace_step(arch, resolution, batch_size, rank, prec, gradient_checkpointing, size, targets, device,
-                    variant, weight_dtype, network)
+                    variant, weight_dtype, network, weights_cast)
     cache = trace_latent_caching(arch, resolution, LATENT_CACHE_BATCH, prec, size, device)
     text = family.text_encoder_bytes(weight_dtype, DTYPE_BYTES[prec]) if size == "full" else 0
     weights = tr["weight_bytes"]
@@ -358,17 +410,21 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
     return MemoryEstimate(arch, resolution, batch_size, rank, precision, gradient_checkpointing, cache_latents,
                           weights / GiB, lora / GiB, step / GiB, cache["encode"] / GiB, caching / GiB,
                           max(weights + lora + step, caching, text_caching) / GiB, text_caching / GiB,
-                          variant, weight_dtype, network)
+                          variant, weight_dtype, network, " -> ".join(weights_cast) if weights_cast else "")
 
 
-def _checked(arch: str, variant: str, weight_dtype: str, network: str = "lora") -> Any:
-    """The family of ``arch``; a one-line error for a variant, a weight storage or a network type
-    it does not have."""
+def _checked(arch: str, variant: str, weight_dtype: str, network: str = "lora",
+             weights_cast: WeightsCast | None = None) -> Any:
+    """The family of ``arch``; a one-line error for a variant, a weight storage, a network type or
+    a cast per call it does not have."""
     from lora_trainer.errors import ConfigError
 
     if network not in NETWORK_TYPES:
         raise ConfigError(f"network.type {network!r}: use one of {', '.join(NETWORK_TYPES)}")
     family = get_family(arch)
+    if weights_cast is not None and (family.transformer_denoiser or not set(weights_cast) <= set(_DTYPES)):
+        raise ConfigError(f"weights stored as {weights_cast[0]} and computed in {weights_cast[1]}: estimated for "
+                          f"UNet families in {', '.join(_DTYPES)} only, not {family.label}")
     if variant and variant not in family.variants():
         known = ", ".join(family.variants()) or "none"
         raise ConfigError(f"variant {variant!r}: {family.label} has the variants {known}")
@@ -385,7 +441,8 @@ def _storages(arch: str) -> tuple[str, ...]:
 
 def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resolution: int | None = None,
                     rank: int = 16, precision: str = "bf16", model_resident: bool = False,
-                    variant: str = "", network: str = "lora") -> dict[str, Any]:
+                    variant: str = "", network: str = "lora",
+                    weights_cast: WeightsCast | None = None) -> dict[str, Any]:
     """The fastest settings predicted to fit ``free_gb - reserve_gb``: the biggest batch without
     gradient checkpointing, else with it, with the denoiser's weights in the compute dtype, else
     (Flux.1 / SD3.5) stored in fp8, else nf4; resolution defaults to the family's native one.
@@ -393,25 +450,27 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
     allocator's fragmentation and the kernels' workspaces, which the estimate does not model.
 
     ``model_resident``: the model (UNet, text encoders, VAE) is already in memory (a WebUI's
-    loaded model), so its weights are not part of what must still fit."""
+    loaded model), so its weights are not part of what must still fit. ``weights_cast``: the
+    host stores the UNet narrower than it computes and casts per call (see ``WeightsCast``)."""
     res = resolution or get_family(arch).default_resolution
     budget = free_gb - reserve_gb
     if model_resident:  # the UNet, the text encoders and the VAE are already counted as used
-        one = estimate_peak_memory(arch, res, 1, rank, precision, variant=variant, network=network)
+        one = estimate_peak_memory(arch, res, 1, rank, precision, variant=variant, network=network,
+                                   weights_cast=weights_cast)
         budget += one.weights_gb + (one.caching_gb - one.encode_gb)
     for storage in _storages(arch):
         for checkpointing in (False, True):
             best = None
             for batch in (1, 2, 3, 4, 6, 8):  # a batch that does not fit ends the search: larger ones need more
                 est = estimate_peak_memory(arch, res, batch, rank, precision, checkpointing, variant=variant,
-                                           weight_dtype=storage, network=network)
+                                           weight_dtype=storage, network=network, weights_cast=weights_cast)
                 if _needed_gb(est) > budget:
                     break
                 best = est
             if best is not None:
                 return _choice(best, True)
     est = estimate_peak_memory(arch, res, 1, rank, precision, True, variant=variant, weight_dtype=_storages(arch)[-1],
-                               network=network)
+                               network=network, weights_cast=weights_cast)
     return _choice(est, _needed_gb(est) <= budget and not math.isnan(est.total_gb))
 
 
@@ -424,3 +483,9 @@ def _choice(est: MemoryEstimate, fits: bool) -> dict[str, Any]:
 def _needed_gb(est: MemoryEstimate) -> float:
     training = est.weights_gb + est.lora_gb + est.step_gb * (1 + ACTIVATION_HEADROOM)
     return max(training, est.caching_gb + ACTIVATION_HEADROOM * est.encode_gb, est.text_caching_gb)
+
+
+def fits_resident(est: MemoryEstimate, free_gb: float, reserve_gb: float = 1.5) -> bool:
+    """Whether the run of ``est`` fits ``free_gb - reserve_gb`` when its denoiser already sits in
+    memory (a WebUI's model, lent in place): its weights are not part of what must still fit."""
+    return _needed_gb(est) - est.weights_gb <= free_gb - reserve_gb

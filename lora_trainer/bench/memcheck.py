@@ -41,6 +41,7 @@ class StepMemory:
     predicted_gb: float  # the estimator's step_gb (what a step adds)
     phase: str = "step"  # or "caching": the VAE encoding one image (what it allocates; encode_gb)
     network: str = "lora"  # the adapter kind (network.type)
+    stored: str = ""  # the frozen weights stored in this dtype and cast to fp32 per call (Forge's manual cast)
 
     @property
     def error(self) -> float:
@@ -86,12 +87,15 @@ def _caching_in_this_process(arch: str, size: str, resolution: int) -> dict[str,
     return {"step_bytes": _peak_rise(encode)}
 
 
-def _unet_forward(arch: str, size: str, resolution: int, batch: int, rank: int, network: str) -> tuple[Any, Any]:
+def _unet_forward(arch: str, size: str, resolution: int, batch: int, rank: int, network: str = "lora",
+                  stored: str = "") -> tuple[Any, Any]:
     import torch
 
-    from lora_trainer.bench.estimate import build_lora_unet, meta_inputs
+    from lora_trainer.bench.estimate import _DTYPES, build_lora_unet, meta_inputs, store_cast_per_call
 
     unet, _ = build_lora_unet(arch, rank, torch.float32, size, device="cpu", network=network)  # as traced
+    if stored:
+        store_cast_per_call(unet, _DTYPES[stored])
     meta = meta_inputs(unet, resolution, batch, torch.float32)
 
     def real(x: Any) -> Any:
@@ -115,15 +119,18 @@ def _transformer_forward(arch: str, size: str, resolution: int, batch: int, rank
 
 
 def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, rank: int,
-                          checkpointing: bool, phase: str = "step", network: str = "lora") -> dict[str, int]:
+                          checkpointing: bool, phase: str = "step", network: str = "lora",
+                          stored: str = "") -> dict[str, int]:
     import torch
 
     if phase == "caching":
         return _caching_in_this_process(arch, size, resolution)
 
     torch.manual_seed(0)
-    build = _transformer_forward if get_family(arch).transformer_denoiser else _unet_forward
-    unet, forward = build(arch, size, resolution, batch, rank, network)
+    if get_family(arch).transformer_denoiser:
+        unet, forward = _transformer_forward(arch, size, resolution, batch, rank, network)
+    else:
+        unet, forward = _unet_forward(arch, size, resolution, batch, rank, network, stored)
     params = [p for p in unet.parameters() if p.requires_grad]
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -143,15 +150,17 @@ def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, ran
 
 def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: int = 1, rank: int = 16,
                         gradient_checkpointing: bool = False, size: str = "full",
-                        threads: int | None = None, phase: str = "step", network: str = "lora") -> StepMemory:
+                        threads: int | None = None, phase: str = "step", network: str = "lora",
+                        stored: str = "") -> StepMemory:
     """Run one fp32 step (``phase`` "caching": the VAE encoding one image) on the CPU in a fresh
-    process; compare with the estimator's prediction."""
+    process; compare with the estimator's prediction. ``stored``: the UNet's frozen weights
+    stored in that dtype and cast to fp32 by each layer at every call (as Forge does)."""
     from lora_trainer.bench.estimate import estimate_peak_memory
 
     if not os.path.exists("/proc/self/clear_refs"):
         raise RuntimeError("measuring step memory needs Linux (/proc/self/clear_refs)")
     args = {"arch": arch, "size": size, "resolution": resolution, "batch": batch_size, "rank": rank,
-            "checkpointing": gradient_checkpointing, "phase": phase, "network": network}
+            "checkpointing": gradient_checkpointing, "phase": phase, "network": network, "stored": stored}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -163,15 +172,16 @@ def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: in
         raise RuntimeError(f"the measuring process failed: {tail[0]}")
     got = json.loads(lines[-1])
     est = estimate_peak_memory(arch, resolution, batch_size, rank, "fp32", gradient_checkpointing, size=size,
-                               device="cpu", network=network)
+                               device="cpu", network=network, weights_cast=(stored, "fp32") if stored else None)
     return StepMemory(arch, size, resolution, batch_size, rank, gradient_checkpointing, got["step_bytes"] / GiB,
-                      est.encode_gb if phase == "caching" else est.step_gb, phase, network)
+                      est.encode_gb if phase == "caching" else est.step_gb, phase, network, stored)
 
 
 def format_row(m: StepMemory) -> str:
     ckpt = "on " if m.gradient_checkpointing else "off"
     what = ("VAE encode, 1 image       " if m.phase == "caching"
-            else f"{m.network:<5} batch {m.batch_size}  rank {m.rank:<3} checkpointing {ckpt}")
+            else f"{m.network:<5} batch {m.batch_size}  rank {m.rank:<3} checkpointing {ckpt}"
+            + (f"  stored {m.stored}, cast per call" if m.stored else ""))
     return (f"{m.size:>4} {m.arch:<4} {m.resolution:>5}px  {what}"
             f"  measured {m.measured_gb:7.3f} GiB  predicted {m.predicted_gb:7.3f} GiB  ({m.error:+.1%})")
 
@@ -184,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--stored", choices=["", "bf16", "fp16"], default="",
+                   help="the UNet's frozen weights stored in this dtype and cast to fp32 per call (Forge's manual cast)")
     p.add_argument("--phase", choices=["step", "caching"], default="step",
                    help="a training step, or the latent caching (the VAE encoding one image)")
     p.add_argument("--network", choices=tuple(NETWORK_TYPE_HELP), default="lora", help="the adapter kind (network.type)")
@@ -194,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_step_in_this_process(**json.loads(args.child))), flush=True)
         return 0
     m = measure_step_memory(args.arch, args.resolution, args.batch, args.rank, args.checkpointing, args.size,
-                            phase=args.phase, network=args.network)
+                            phase=args.phase, network=args.network, stored=args.stored)
     print(format_row(m))
     if args.json:
         from pathlib import Path

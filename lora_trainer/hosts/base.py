@@ -43,12 +43,16 @@ class LoadedModel:
     user acts on why it cannot ("the loaded model is Flux; ..."). Both None: not known until the
     WebUI loads the selected checkpoint (Forge loads it on first use; ``acquire_bundle`` does).
     ``resident``: trained in place, so its weights already sit in the memory the run uses.
+    ``weights_cast``: (storage, computation) dtype names ("bf16", "fp32") when the host stores the
+    UNet's weights narrower than it computes and casts them in every layer at every call (Forge);
+    the memory estimate counts the cast copies a backward pass keeps.
     """
 
     label: str
     family: str | None
     unsupported: str | None = None
     resident: bool = True
+    weights_cast: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.family is not None and self.unsupported is not None:

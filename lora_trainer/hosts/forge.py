@@ -177,6 +177,57 @@ def trainable_transformer_blocks(unet: nn.Module) -> Callable[[], None]:
     return undo
 
 
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def unet_weights_cast(kmodel: Any) -> tuple[str, str] | None:
+    """(storage, computation) dtype names when Forge stores the UNet narrower (or just other) than
+    it computes: its loader then builds every layer with ``parameters_manual_cast`` (Neo,
+    lllyasviel's: ``storage_dtype`` != ``computation_dtype``; Classic: ``manual_cast_dtype``), and
+    each layer casts its weights at every call. None when they are the same (or not plain floats)."""
+    storage = getattr(kmodel, "storage_dtype", None)
+    if storage is None:
+        storage = next(kmodel.diffusion_model.parameters()).dtype
+    compute = getattr(kmodel, "computation_dtype", None) or getattr(kmodel, "manual_cast_dtype", None) or storage
+    if storage == compute or storage not in _DTYPE_NAMES or compute not in _DTYPE_NAMES:
+        return None
+    return _DTYPE_NAMES[storage], _DTYPE_NAMES[compute]
+
+
+def _cuda_free_gb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0] / 2**30
+
+
+def checkpointing_needed(config: TrainConfig, arch: str, cast: tuple[str, str], device: torch.device,
+                         free_gb: Callable[[torch.device], float | None] = _cuda_free_gb) -> str | None:
+    """Why a run with gradient checkpointing off turns it on when Forge casts the UNet's weights
+    per call: autograd keeps every layer's cast copy for the backward pass (about the UNet once
+    more in the computation dtype: +10 GB for SDXL in fp32). None when it may stay off: on a GPU
+    whose free memory the estimate with those copies counted says is enough. On a CPU (RAM shared
+    with the WebUI and everything else) it is always turned on."""
+    from lora_trainer.bench.estimate import estimate_peak_memory, fits_resident
+
+    storage, compute = cast
+    why = (f"gradient checkpointing turned on for this run: Forge stores the UNet in {storage} and computes in "
+           f"{compute}, and without checkpointing the backward pass keeps every layer's weights once more, in {compute}")
+    free = free_gb(device)
+    if free is None:
+        return why
+    t = config.train
+    precision = t.mixed_precision if t.mixed_precision in ("fp16", "bf16") else "fp32"
+    try:
+        est = estimate_peak_memory(arch, config.data.resolution, t.batch_size, config.network.rank, precision,
+                                   network=config.network.type, weights_cast=cast)
+    except Exception:  # noqa: BLE001 - without an estimate the safe choice is checkpointing
+        log.warning("could not estimate the run's memory; gradient checkpointing stays on", exc_info=True)
+        return why
+    if fits_resident(est, free):
+        return None
+    return f"{why} (predicted {est.total_gb - est.weights_gb:.1f} GB more than the UNet, {free:.1f} GB free)"
+
+
 def unet_blocks(unet: nn.Module) -> list[nn.Module]:
     return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
 
@@ -206,6 +257,9 @@ class ForgeHost(WebUIHost):
         self._lease: _Lease | None = None
 
     # -- model ------------------------------------------------------------------------------
+    def weights_cast_of(self, sd_model: Any) -> tuple[str, str] | None:
+        return unet_weights_cast(sd_model.forge_objects.unet.model)
+
     def family_of(self, sd_model: Any) -> str | LoadedModel:
         if getattr(sd_model, "forge_objects", None) is None:  # selected, loaded on first use
             return LoadedModel(_selected_label(), None)
@@ -253,6 +307,11 @@ class ForgeHost(WebUIHost):
                 or getattr(patcher.model, "manual_cast_dtype", None),
                 size_embed=engine_size_embed(sd_model))
             bundle.extras["enable_gradient_checkpointing"] = lambda: self._checkpointing(lease)
+            cast = unet_weights_cast(patcher.model)
+            if cast is not None and not config.train.gradient_checkpointing:
+                why = checkpointing_needed(config, bundle.arch, cast, device)
+                if why is not None:
+                    bundle.extras["gradient_checkpointing_why"] = why
             return bundle
         except BaseException:
             self.release_bundle(None)

@@ -89,7 +89,12 @@ class WebUIHost:
         family = self.family_of(sd_model)
         if isinstance(family, LoadedModel):
             return family
-        return LoadedModel(label, family)
+        return LoadedModel(label, family, weights_cast=self.weights_cast_of(sd_model))
+
+    def weights_cast_of(self, sd_model: Any) -> tuple[str, str] | None:
+        """(storage, computation) dtype names when the WebUI stores the UNet narrower than it
+        computes and casts each layer's weights per call (``LoadedModel.weights_cast``); else None."""
+        return None
 
     # -- files ------------------------------------------------------------------------------
     def lora_dir(self, config: TrainConfig) -> Path:

@@ -12,6 +12,7 @@ from backend import memory_management
 from backend.diffusion_engine.base import ForgeDiffusionEngine, ForgeObjects
 from backend.modules.k_model import KModel
 from backend.modules.k_prediction import Prediction, PredictionFlux
+from backend.operations import manual_cast
 from backend.patcher.clip import CLIP
 from backend.patcher.unet import UnetPatcher
 from backend.patcher.vae import VAE
@@ -71,7 +72,10 @@ class _LdmEngine(ForgeDiffusionEngine):
         torch.manual_seed(seed + 1)
         clip = CLIP({"clip_l": tiny_clip_text()}, {"clip_l": load_clip_tokenizer()})
         vae = VAE(AutoencoderKL())
-        kmodel = KModel(forge_blocks(unet).to(storage_dtype), Prediction(sd1_alphas_cumprod()), computation_dtype=torch.float32)
+        unet = forge_blocks(unet).to(storage_dtype)
+        if storage_dtype != torch.float32:  # Forge's loader: manual cast when storage != computation
+            manual_cast(unet)
+        kmodel = KModel(unet, Prediction(sd1_alphas_cumprod()), computation_dtype=torch.float32)
         super().__init__(ForgeObjects(UnetPatcher(kmodel, torch.device("cpu"), torch.device("cpu")), clip, vae))
         self.sd_checkpoint_info = checkpoint_info(name)
         self.sd_model_hash = "0123abcd"

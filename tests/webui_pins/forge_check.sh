@@ -32,7 +32,7 @@ esac
 # first, so install.py and smoke.py see a first start on that Forge's own packages.
 ADDED=(diffusers peft PyYAML filelock regex requests importlib-metadata zipp open-clip-torch timm ftfy wcwidth)
 TESTS=(
-  tests/test_forge_host.py tests/test_forge_script.py tests/test_forge_install.py
+  tests/test_forge_host.py tests/test_forge_script.py tests/test_forge_install.py tests/test_forge_memory.py
   tests/test_hosts_contract.py tests/test_isolation.py
 )
 TEST_ARGS=("$@")
