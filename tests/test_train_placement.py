@@ -2,74 +2,22 @@
 denoiser parked while captions and latents are encoded), the denoiser placed after the caches
 when its loader left it in the host's memory, and everything back as it came.
 
-The CPU has no second device, so :class:`FakeCard` stands in for one where the trainer asks
-(``placement.device_of`` / ``placement.move``): it records which module is on the "card", and
-every move copies each tensor into new memory through the path ``nn.Module.to`` takes, so the
-parameter objects and bits are checked after real moves. The GPU test does it on a real card.
+The CPU has no second device: ``train_helpers.FakeCard`` stands in for one where the trainer
+asks (``placement.device_of`` / ``placement.move``), and every move copies each tensor into new
+memory through the path ``nn.Module.to`` takes, so the parameter objects and bits are checked
+after real copies. The GPU test does it on a real card.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from lora_trainer.models import placement
-from lora_trainer.models.bundle import ModelBundle
 from lora_trainer.train.trainer import Trainer
-from tests.train_helpers import TinyHost, make_data, tiny_bundle, tiny_config
-
-CARD = torch.device("cuda")
-
-
-class FakeCard:
-    """A second device for the trainer's placement calls: ``on_card`` modules start on it."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, **on_card: torch.nn.Module) -> None:
-        self.place: dict[int, torch.device] = {id(m): CARD for m in on_card.values()}
-        self.names: dict[int, str] = {}
-        self.moves: list[tuple[str, str]] = []
-        monkeypatch.setattr(placement, "device_of", self.device_of)
-        monkeypatch.setattr(placement, "move", self.move)
-
-    def name(self, **modules: torch.nn.Module) -> None:
-        self.names.update({id(m): n for n, m in modules.items()})
-
-    def device_of(self, module: Any) -> torch.device | None:
-        if module is None or next(module.parameters(), None) is None:
-            return None
-        return self.place.get(id(module), torch.device("cpu"))
-
-    def move(self, module: torch.nn.Module, device: torch.device) -> None:
-        with torch.no_grad():
-            module._apply(torch.clone)  # new memory for every tensor, as a move between devices
-        self.place[id(module)] = torch.device(device)
-        self.moves.append((self.names.get(id(module), "?"), torch.device(device).type))
-
-    def where(self, bundle: ModelBundle) -> dict[str, str]:
-        parts = {"unet": bundle.unet, "vae": bundle.vae, **{p.key: p.module for p in bundle.text_encoders}}
-        return {k: self.device_of(m).type for k, m in parts.items()}  # type: ignore[union-attr]
-
-
-def _watch(card: FakeCard, bundle: ModelBundle) -> dict[str, list[dict[str, str]]]:
-    """Where every part is each time a text encoder runs, the VAE encodes and the denoiser predicts."""
-    seen: dict[str, list[dict[str, str]]] = {"text": [], "latents": [], "step": []}
-    for part in bundle.text_encoders:
-        part.module.register_forward_pre_hook(lambda *_: seen["text"].append(card.where(bundle)))
-    encode, predict = bundle.encode_images, bundle.predict
-
-    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
-        seen["latents"].append(card.where(bundle))
-        return encode(pixels)
-
-    def step(*args: Any) -> torch.Tensor:
-        seen["step"].append(card.where(bundle))
-        return predict(*args)
-
-    bundle.encode_images, bundle.predict = encode_images, step
-    return seen
+from tests.train_helpers import CARD, FakeCard, TinyHost, make_data, tiny_bundle, tiny_config, watch_placement
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +37,7 @@ def test_each_encoder_is_alone_on_the_card_and_the_model_comes_back_exact(
     card.name(**parts)
     before = {k: _state(m) for k, m in parts.items()}
     params = {k: list(m.parameters()) for k, m in parts.items()}
-    seen = _watch(card, bundle)
+    seen = watch_placement(card, bundle)
     Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 2}), host=TinyHost("sdxl", bundle=bundle)).run()
     off = {"te1": "cpu", "te2": "cpu"}
     assert seen["text"] and all(w == {"unet": "cpu", "vae": "cpu", "te1": "cuda", "te2": "cuda"} for w in seen["text"])
@@ -114,7 +62,7 @@ def test_a_denoiser_its_loader_left_in_host_memory_is_placed_after_the_caches(
     te = bundle.text_encoders[0].module
     card = FakeCard(monkeypatch, vae=bundle.vae, te=te)  # the denoiser is in the host's memory
     card.name(unet=bundle.unet, vae=bundle.vae, te=te)
-    seen = _watch(card, bundle)
+    seen = watch_placement(card, bundle)
     Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 2}), host=TinyHost("sd1", bundle=bundle)).run()
     assert seen["text"] and all(w == {"unet": "cpu", "vae": "cpu", "te": "cuda"} for w in seen["text"])
     assert seen["latents"] and all(w == {"unet": "cpu", "vae": "cuda", "te": "cpu"} for w in seen["latents"])
