@@ -213,7 +213,7 @@ class RunSession:
         folder = Path(d.cache_dir) if d.cache_dir else self.out / ".cache" / "latents"
         self.latent_cache = LatentCache(d.cache_latents, vae_id, d.crop, folder)
         self.status("caching latents")
-        fill_latent_cache(self.ds, self.latent_cache, b, LATENT_CACHE_BATCH)  # the VAE's activations take the room
+        fill_latent_cache(self.ds, self.latent_cache, b, LATENT_CACHE_BATCH)  # in the denoiser's room
         self.status(f"latent cache: {self.latent_cache.hits} reused, {self.latent_cache.misses} encoded")
         self.ds.latent_cache = self.latent_cache
         self.offload(b.vae)
@@ -492,7 +492,7 @@ class RunSession:
     def offload(self, module: Any) -> None:
         """Move a module that is only needed for caching off the accelerator (put back at the end)."""
         home = placement.device_of(module)
-        if home is None or not placement.on_accelerator(module):
+        if home is None or not placement.on_accelerator(module):  # nothing on a card to free
             return
         placement.move(module, placement.PARK)
         self._undo.append(lambda: placement.move(module, home))
