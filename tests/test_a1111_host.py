@@ -291,7 +291,6 @@ def test_the_live_model_is_handed_back_exact_after_its_parts_were_parked(env, tm
     sd = env.model
     parts = {"unet": sd.model.diffusion_model, "vae": sd.first_stage_model, "te": sd.cond_stage_model.wrapped.transformer}
     card = FakeCard(monkeypatch, **parts)
-    card.name(**parts)
     seen: list[tuple[str, ...]] = []
     hook = parts["te"].register_forward_pre_hook(
         lambda *_: seen.append(tuple(card.device_of(m).type for m in parts.values())))

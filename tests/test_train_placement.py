@@ -34,7 +34,6 @@ def test_each_encoder_is_alone_on_the_card_and_the_model_comes_back_exact(
     bundle = tiny_bundle("sdxl")  # a host's model, all of it on the card
     parts = {"unet": bundle.unet, "vae": bundle.vae, **{p.key: p.module for p in bundle.text_encoders}}
     card = FakeCard(monkeypatch, **parts)
-    card.name(**parts)
     before = {k: _state(m) for k, m in parts.items()}
     params = {k: list(m.parameters()) for k, m in parts.items()}
     seen = watch_placement(card, bundle)
@@ -61,7 +60,7 @@ def test_a_denoiser_its_loader_left_in_host_memory_is_placed_after_the_caches(
     bundle.extras[placement.DENOISER_DEVICE] = CARD  # as the standalone loader leaves it
     te = bundle.text_encoders[0].module
     card = FakeCard(monkeypatch, vae=bundle.vae, te=te)  # the denoiser is in the host's memory
-    card.name(unet=bundle.unet, vae=bundle.vae, te=te)
+    card.name(unet=bundle.unet)
     seen = watch_placement(card, bundle)
     Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 2}), host=TinyHost("sd1", bundle=bundle)).run()
     assert seen["text"] and all(w == {"unet": "cpu", "vae": "cpu", "te": "cuda"} for w in seen["text"])
@@ -80,7 +79,6 @@ def test_a_denoiser_its_loader_left_in_host_memory_is_placed_after_the_caches(
 def test_parked_modules_come_back_when_the_block_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = tiny_bundle("sd1")
     card = FakeCard(monkeypatch, unet=bundle.unet, vae=bundle.vae)
-    card.name(unet=bundle.unet, vae=bundle.vae)
     with pytest.raises(RuntimeError, match="the encoder failed"), placement.parked(bundle.unet, bundle.vae, bundle.unet):
         assert card.where(bundle)["unet"] == card.where(bundle)["vae"] == "cpu"
         raise RuntimeError("the encoder failed")

@@ -106,12 +106,13 @@ class FakeCard:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, **on_card: torch.nn.Module) -> None:
         self.place: dict[int, torch.device] = {id(m): CARD for m in on_card.values()}
-        self.names: dict[int, str] = {}
+        self.names: dict[int, str] = {id(m): n for n, m in on_card.items()}  # for the moves' log
         self.moves: list[tuple[str, str]] = []
         monkeypatch.setattr(placement, "device_of", self.device_of)
         monkeypatch.setattr(placement, "move", self.move)
 
     def name(self, **modules: torch.nn.Module) -> None:
+        """Names for the moves' log of modules that start off the card."""
         self.names.update({id(m): n for n, m in modules.items()})
 
     def device_of(self, module: Any) -> torch.device | None:
