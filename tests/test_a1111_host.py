@@ -278,3 +278,31 @@ def test_queue_lock_progress_and_interrupt(env) -> None:
         env.shared.state.interrupt()
         assert h.interrupted()
     assert not env.call_queue.queue_lock.locked()
+
+
+def test_the_live_model_is_handed_back_exact_after_its_parts_were_parked(env, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # The WebUI's own modules leave the card while captions and latents are encoded (a stand-in
+    # card: tests/train_helpers.FakeCard) and come back as they were: the same Parameter objects
+    # (the WebUI's LoRA backups refer to them), the same bits, flags and modes.
+    from lora_trainer.train.trainer import Trainer
+    from tests.train_helpers import FakeCard
+
+    sd = env.model
+    parts = {"unet": sd.model.diffusion_model, "vae": sd.first_stage_model, "te": sd.cond_stage_model.wrapped.transformer}
+    card = FakeCard(monkeypatch, **parts)
+    seen: list[tuple[str, ...]] = []
+    hook = parts["te"].register_forward_pre_hook(
+        lambda *_: seen.append(tuple(card.device_of(m).type for m in parts.values())))
+    before, params = (live_model.state_hash(sd), flags(sd), modes(sd)), list(sd.parameters())
+    reloads = len(env.sd_models.reloads)
+    try:
+        cfg = config(tmp_path, **{"network.train_text_encoder": False, "data.cache_latents": "memory"})
+        Trainer(cfg, host=host()).run()
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {("cpu", "cpu", "cuda")}  # the encoder alone on the card
+    assert (live_model.state_hash(sd), flags(sd), modes(sd)) == before
+    assert all(p is q for p, q in zip(sd.parameters(), params, strict=True))
+    assert {k: card.device_of(m).type for k, m in parts.items()} == dict.fromkeys(parts, "cuda")
+    assert len(env.sd_models.reloads) == reloads  # nothing changed, so the WebUI reloaded nothing

@@ -328,3 +328,25 @@ def test_fp8_weights_are_stored_before_the_model_moves_to_the_device(tok_dir: Pa
     assert seen == ["cpu", "cpu"]  # transformer, then T5
     linear = b.unet.get_submodule(block_linear_targets(b.unet)[0])
     assert linear.weight.device.type == "meta" and linear.weight.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("weight_dtype", ["auto", "fp8"])
+def test_the_standalone_load_leaves_the_transformer_off_the_card_until_the_caches_are_filled(
+        tok_dir: Path, weight_dtype: str) -> None:
+    # T5-XXL and the transformer never share the card: the loader keeps the transformer (fp8
+    # already, when asked) in the host's memory and the trainer places it after caching. The
+    # meta device stands in for the card.
+    from lora_trainer.families.flow_tiny import build_components
+    from lora_trainer.families.flux import flux_bundle
+    from lora_trainer.families.sd3 import sd3_bundle
+    from lora_trainer.models import placement
+
+    meta = torch.device("meta")
+    with placement.denoiser_placed_later():
+        flux = flux_bundle(build_components("flux1", "dev", tok_dir), meta, torch.float32, "t", weight_dtype)
+        sd3 = sd3_bundle(build_components("sd3", "medium", tok_dir), meta, torch.float32, "t", weight_dtype)
+    for b in (flux, sd3):
+        assert placement.device_of(b.unet).type == "cpu" and b.extras[placement.DENOISER_DEVICE] == meta
+        assert all(placement.device_of(p.module) == meta for p in b.text_encoders) and placement.device_of(b.vae) == meta
+        linear = b.unet.get_submodule(block_linear_targets(b.unet)[0])
+        assert linear.weight.dtype == (torch.float8_e4m3fn if weight_dtype == "fp8" else torch.float32)

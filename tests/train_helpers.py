@@ -6,9 +6,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from lora_trainer.config import TrainConfig, build_config
+from lora_trainer.models import placement
 from lora_trainer.models.bundle import ModelBundle
 from lora_trainer.train.events import TrainEvent
 
@@ -106,3 +108,60 @@ def stopped_and_resumed(data: Path, out: Path, host: Any, stop_at: int = 3, **va
     trainer = Trainer(tiny_config(data, out, **values), host=host, callbacks=[stop])
     assert trainer.run().steps == stop_at
     return Trainer(tiny_config(data, out, **values, **{"train.resume": "latest"}), host=host).run()
+
+
+# -- a second device on the CPU ----------------------------------------------------------------
+CARD = torch.device("cuda")
+
+
+class FakeCard:
+    """A second device on the CPU, where the trainer asks (``placement.device_of`` / ``move``):
+    the ``on_card`` modules start on it, and every move copies each tensor into new memory
+    through ``nn.Module._apply``, the path ``.to()`` takes, so parameter objects and bits are
+    checked after real copies (a GPU test checks real moves)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, **on_card: torch.nn.Module) -> None:
+        self.place: dict[int, torch.device] = {id(m): CARD for m in on_card.values()}
+        self.names: dict[int, str] = {id(m): n for n, m in on_card.items()}  # for the moves' log
+        self.moves: list[tuple[str, str]] = []
+        monkeypatch.setattr(placement, "device_of", self.device_of)
+        monkeypatch.setattr(placement, "move", self.move)
+
+    def name(self, **modules: torch.nn.Module) -> None:
+        """Names for the moves' log of modules that start off the card."""
+        self.names.update({id(m): n for n, m in modules.items()})
+
+    def device_of(self, module: Any) -> torch.device | None:
+        if module is None or next(module.parameters(), None) is None:
+            return None
+        return self.place.get(id(module), torch.device("cpu"))
+
+    def move(self, module: torch.nn.Module, device: torch.device) -> None:
+        with torch.no_grad():
+            module._apply(torch.clone)  # new memory for every tensor, as a move between devices
+        self.place[id(module)] = torch.device(device)
+        self.moves.append((self.names.get(id(module), "?"), torch.device(device).type))
+
+    def where(self, bundle: ModelBundle) -> dict[str, str]:
+        parts = {"unet": bundle.unet, "vae": bundle.vae, **{p.key: p.module for p in bundle.text_encoders}}
+        return {k: self.device_of(m).type for k, m in parts.items()}  # type: ignore[union-attr]
+
+
+def watch_placement(card: FakeCard, bundle: ModelBundle) -> dict[str, list[dict[str, str]]]:
+    """Where every part is each time a text encoder runs, the VAE encodes and the denoiser
+    predicts (hooks on the bundle's own modules: for bundles built for one test)."""
+    seen: dict[str, list[dict[str, str]]] = {"text": [], "latents": [], "step": []}
+    for part in bundle.text_encoders:
+        part.module.register_forward_pre_hook(lambda *_: seen["text"].append(card.where(bundle)))
+    encode, predict = bundle.encode_images, bundle.predict
+
+    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
+        seen["latents"].append(card.where(bundle))
+        return encode(pixels)
+
+    def step(*args: Any) -> torch.Tensor:
+        seen["step"].append(card.where(bundle))
+        return predict(*args)
+
+    bundle.encode_images, bundle.predict = encode_images, step
+    return seen

@@ -76,7 +76,8 @@ def _estimate(args: argparse.Namespace, resolution: int, precision: str) -> dict
           f"{args.rank} ({args.targets} targets), {prec}, weights {args.weight_dtype}, "
           f"checkpointing {'on' if args.checkpointing else 'off'}:")
     for key, label in (("weights_gb", "weights"), ("lora_gb", "LoRA + AdamW"), ("step_gb", "step"),
-                       ("caching_gb", "caching"), ("text_caching_gb", "text caching"), ("total_gb", "total")):
+                       ("load_gb", "load"), ("text_caching_gb", "text caching"), ("caching_gb", "caching"),
+                       ("total_gb", "total")):
         print(f"  {label:<12} {getattr(est, key):7.2f} GiB")
     out = {"estimate": est.as_dict()}
     if args.free_gb is not None:

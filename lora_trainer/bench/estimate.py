@@ -5,16 +5,19 @@ and the run's two memory-heavy phases are executed there the way the trainer run
 an allocator simulated by :class:`~lora_trainer.bench.livemem.LiveBytes` (every tensor counted
 from the op that makes it until its last reference goes):
 
-- the latent caching: the VAE encodes one image while the text encoders and the VAE are
-  resident (the trainer parks the UNet off the GPU meanwhile; the VAE and frozen text encoders
-  leave it afterwards);
+- the model's load: the text encoders and the VAE (the standalone app puts the denoiser on the
+  card once the caches are filled; a WebUI's model is already resident);
+- the text embeddings' caching: the text encoders alone (the trainer parks the denoiser and the
+  VAE off the card meanwhile, and the encoders leave it before those come back);
+- the latent caching: the VAE encodes one image while the VAE (and text encoders that are
+  trained, so not cached) are resident; the denoiser is still parked, the VAE leaves afterwards;
 - a training step with LoRA layers injected: forward, loss and backward, with the frozen weights
   in the training dtype, CUDA autocast's casting rules, fp32 LoRA weights, attention as a fused
   kernel allocates it (not the score matrix) and diffusers' real gradient checkpointing (so the
   backward's recomputation, the gradients so far and the temporaries are all counted as they
   happen); the UNet weights, LoRA parameters and AdamW's moments are resident.
 
-The peak is the larger of the two. It predicts what ``torch.cuda.max_memory_allocated``
+The peak is the largest of them. It predicts what ``torch.cuda.max_memory_allocated``
 reports (the CUDA context itself is not included); :mod:`lora_trainer.bench.memcheck` measures
 a real step on a CPU, and ``bench/gpu_rows.sh`` the whole run on a GPU.
 """
@@ -67,14 +70,15 @@ class MemoryEstimate:
     lora_gb: float  # LoRA parameters and AdamW's moments
     step_gb: float  # the most a training step allocates beyond those
     encode_gb: float  # the most the VAE allocates while encoding an image for the latent cache
-    caching_gb: float  # peak of the latent caching: text encoders and VAE resident + encode_gb
-    total_gb: float  # the largest of training (weights + lora + step), caching and text_caching
-    # the text embeddings' caching: the denoiser's and the text encoders' weights resident
+    caching_gb: float  # peak of the latent caching: the VAE (and trained text encoders) + encode_gb
+    total_gb: float  # the largest of training (weights + lora + step), load, caching and text_caching
+    # the text embeddings' caching: the text encoders' weights alone (denoiser and VAE parked)
     text_caching_gb: float = 0.0
     variant: str = ""  # the family's variant ("dev", "large"; "" for families without)
     weight_dtype: str = "auto"  # storage of the denoiser's weights (model.weight_dtype)
     network: str = "lora"  # the adapter kind (network.type)
     weights_cast: str = ""  # "bf16 -> fp32": a host stores the UNet narrow and casts per call (WeightsCast)
+    load_gb: float = 0.0  # the model as loaded: text encoders and VAE (the denoiser comes after the caches)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -377,18 +381,21 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
                          unet_parked: bool = True, variant: str = "", weight_dtype: str = "auto",
                          network: str = "lora", weights_cast: WeightsCast | None = None) -> MemoryEstimate:
     """Predicted peak accelerator memory (GiB figures) of a LoRA training run: the largest of
-    the latent caching (text encoders and VAE resident while the VAE encodes an image; the
-    trainer parks the denoiser off the GPU meanwhile, ``unet_parked=False`` counts it as
-    resident), the text embeddings' caching (denoiser and text encoders resident; the encoders'
-    own activations, a few captions at a time, are not counted) and a training step (denoiser,
-    LoRA and AdamW state resident; the step's own allocations).
+    the model's load (text encoders and VAE; the denoiser is placed once the caches are filled),
+    the text embeddings' caching (the text encoders alone: the denoiser and the VAE are parked;
+    the encoders' own activations, a few captions at a time, are not counted), the latent
+    caching (the VAE while it encodes an image, with text encoders that are trained, hence
+    not cached) and a training step (denoiser, LoRA and AdamW state resident; the step's own
+    allocations). Captions are assumed fixed, so their embeddings are cached unless trained.
 
-    ``variant``: the family's variant ("dev", "large"; default its first); ``weight_dtype``: the
-    denoiser's storage (``model.weight_dtype``: "auto" is the precision's dtype; fp8 / nf4 for
-    the families that offer them, which also store T5 in fp8); ``network``: the adapter kind
-    (``network.type``: lora, locon, dora, loha, lokr), traced as the trainer builds it;
-    ``weights_cast``: a host's UNet stored narrower than it computes, cast per call (see
-    ``WeightsCast``)."""
+    ``unet_parked=False`` counts the trainer as it was before it parked the denoiser: the whole
+    model loaded at once and resident while latents, then captions were cached (the runs the
+    H200 measured). ``variant``: the family's variant ("dev", "large"; default its first);
+    ``weight_dtype``: the denoiser's storage (``model.weight_dtype``: "auto" is the precision's
+    dtype; fp8 / nf4 for the families that offer them, which also store T5 in fp8); ``network``:
+    the adapter kind (``network.type``: lora, locon, dora, loha, lokr), traced as the trainer
+    builds it; ``weights_cast``: a host's UNet stored narrower than it computes, cast per call
+    (see ``WeightsCast``)."""
     family = _checked(arch, variant, weight_dtype, network, weights_cast)
     variant = variant or family.default_variant()
     prec = precision if precision in ("fp16", "bf16") else "fp32"
@@ -396,21 +403,24 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
                     variant, weight_dtype, network, weights_cast)
     cache = trace_latent_caching(arch, resolution, LATENT_CACHE_BATCH, prec, size, device)
     text = family.text_encoder_bytes(weight_dtype, DTYPE_BYTES[prec]) if size == "full" else 0
-    weights = tr["weight_bytes"]
+    denoiser, vae = tr["weight_bytes"], cache["vae_bytes"]
+    weights = denoiser
     if train_text_encoder or not cache_latents:
         weights += text
     if not cache_latents:
-        weights += cache["vae_bytes"]
+        weights += vae
     lora = tr["lora_params"] * 4 * 3  # fp32 parameters and AdamW's two fp32 moments
     step = tr["step"] + (0 if cache_latents else cache["encode"])
-    caching = 0
-    if cache_latents:
-        caching = text + cache["vae_bytes"] + cache["encode"] + (0 if unet_parked else tr["weight_bytes"])
-    text_caching = 0 if train_text_encoder else tr["weight_bytes"] + text
+    resident = 0 if unet_parked else denoiser  # the denoiser beside the encoders
+    text_resident = text if train_text_encoder or not unet_parked else 0  # encoders beside the VAE
+    caching = vae + cache["encode"] + text_resident + resident if cache_latents else 0
+    text_caching = 0 if train_text_encoder else text + resident
+    load = text + vae + resident
     return MemoryEstimate(arch, resolution, batch_size, rank, precision, gradient_checkpointing, cache_latents,
                           weights / GiB, lora / GiB, step / GiB, cache["encode"] / GiB, caching / GiB,
-                          max(weights + lora + step, caching, text_caching) / GiB, text_caching / GiB,
-                          variant, weight_dtype, network, " -> ".join(weights_cast) if weights_cast else "")
+                          max(weights + lora + step, caching, text_caching, load) / GiB, text_caching / GiB,
+                          variant, weight_dtype, network, " -> ".join(weights_cast) if weights_cast else "",
+                          load / GiB)
 
 
 def _checked(arch: str, variant: str, weight_dtype: str, network: str = "lora",
@@ -457,7 +467,7 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
     if model_resident:  # the UNet, the text encoders and the VAE are already counted as used
         one = estimate_peak_memory(arch, res, 1, rank, precision, variant=variant, network=network,
                                    weights_cast=weights_cast)
-        budget += one.weights_gb + (one.caching_gb - one.encode_gb)
+        budget += one.weights_gb + one.load_gb
     for storage in _storages(arch):
         for checkpointing in (False, True):
             best = None
@@ -482,7 +492,7 @@ def _choice(est: MemoryEstimate, fits: bool) -> dict[str, Any]:
 
 def _needed_gb(est: MemoryEstimate) -> float:
     training = est.weights_gb + est.lora_gb + est.step_gb * (1 + ACTIVATION_HEADROOM)
-    return max(training, est.caching_gb + ACTIVATION_HEADROOM * est.encode_gb, est.text_caching_gb)
+    return max(training, est.caching_gb + ACTIVATION_HEADROOM * est.encode_gb, est.text_caching_gb, est.load_gb)
 
 
 def fits_resident(est: MemoryEstimate, free_gb: float, reserve_gb: float = 1.5) -> bool:

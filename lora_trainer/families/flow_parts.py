@@ -318,21 +318,26 @@ def store_nf4(module: nn.Module, compute_dtype: torch.dtype) -> int:
 
 
 def place_parts(parts: dict[str, Any], keys: tuple[str, ...], t5_key: str, device: torch.device,
-                dtype: torch.dtype, weight_dtype: str) -> None:
+                dtype: torch.dtype, weight_dtype: str) -> dict[str, Any]:
     """Move the pipeline parts ``keys`` to ``device`` in ``dtype`` (T5 in :func:`t5_dtype`), frozen.
     With fp8 / nf4 the transformer and T5 are cast and quantized where they are (the host's memory)
-    and only then moved: a card never holds them at full width."""
+    and only then moved: a card never holds them at full width. Inside
+    :func:`~lora_trainer.models.placement.denoiser_placed_later` the transformer stays in the
+    host's memory; returns the bundle extras that say where it goes."""
+    from lora_trainer.models import placement
     from lora_trainer.models.setups import _place
 
     quantized = weight_dtype in ("fp8", "nf4")
+    home = {"transformer": placement.denoiser_target(device)}
     for key in keys:
         target = t5_dtype(dtype) if key == t5_key else dtype
-        here = next(parts[key].parameters()).device if quantized and key in ("transformer", t5_key) else device
+        here = next(parts[key].parameters()).device if quantized and key in ("transformer", t5_key) else home.get(key, device)
         _place(parts[key], here, target)
     quantize_base(parts["transformer"], parts[t5_key], weight_dtype, dtype)
     if quantized:
         for key in ("transformer", t5_key):
-            parts[key].to(device)  # a device move only: fp8 weights stay fp8, bitsandbytes quantizes here
+            parts[key].to(home.get(key, device))  # a device move only: fp8 weights stay fp8, bitsandbytes quantizes here
+    return placement.deferred_extras(device)
 
 
 def quantize_base(module: nn.Module, t5: nn.Module, weight_dtype: str, compute_dtype: torch.dtype) -> None:

@@ -162,7 +162,7 @@ def flux_bundle(parts: dict[str, Any], device: torch.device, dtype: torch.dtype,
     from lora_trainer.models.setups import _make_image_codec
 
     transformer = parts["transformer"]
-    place_parts(parts, ("transformer", "vae", "text_encoder", "text_encoder_2"), "text_encoder_2", device, dtype, weight_dtype)
+    later = place_parts(parts, ("transformer", "vae", "text_encoder", "text_encoder_2"), "text_encoder_2", device, dtype, weight_dtype)
     variant = "dev" if transformer.config.guidance_embeds else "schnell"
     encode_images, decode_latents = _make_image_codec(parts["vae"], dtype)
     family = Flux1()
@@ -174,7 +174,7 @@ def flux_bundle(parts: dict[str, Any], device: torch.device, dtype: torch.dtype,
         encode_text=_encoder(parts, device), predict=_predictor(transformer, dtype),
         decode_latents=decode_latents, name=name, default_resolution=family.default_resolution,
         latent_channels=int(parts["vae"].config.latent_channels), device=device, dtype=dtype,
-        extras={"variant": variant, "tokenizers": [parts["tokenizer"], parts["tokenizer_2"]]},
+        extras={"variant": variant, "tokenizers": [parts["tokenizer"], parts["tokenizer_2"]], **later},
         objective=family.variant_objective(variant),
     )
 

@@ -134,7 +134,7 @@ def sd3_bundle(parts: dict[str, Any], device: torch.device, dtype: torch.dtype, 
     from lora_trainer.models.setups import _make_image_codec
 
     transformer = parts["transformer"]
-    place_parts(parts, ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"), "text_encoder_3", device, dtype, weight_dtype)
+    later = place_parts(parts, ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"), "text_encoder_3", device, dtype, weight_dtype)
     encode_images, decode_latents = _make_image_codec(parts["vae"], dtype)
     family = SD3()
     return ModelBundle(
@@ -147,5 +147,5 @@ def sd3_bundle(parts: dict[str, Any], device: torch.device, dtype: torch.dtype, 
         decode_latents=decode_latents, name=name, default_resolution=family.default_resolution,
         latent_channels=int(parts["vae"].config.latent_channels), device=device, dtype=dtype,
         extras={"variant": sd3_variant(transformer.config),
-                "tokenizers": [parts["tokenizer"], parts["tokenizer_2"], parts["tokenizer_3"]]},
+                "tokenizers": [parts["tokenizer"], parts["tokenizer_2"], parts["tokenizer_3"]], **later},
     )

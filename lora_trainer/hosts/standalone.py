@@ -83,10 +83,12 @@ class StandaloneHost:
         key = _cache_key(config.model, device, dtype)
         bundle = self._cache.get(key)
         if bundle is None:
+            from lora_trainer.models import placement
             from lora_trainer.models.loaders import load_bundle
 
             self._cache.clear()  # one model at a time: free the previous one before loading
-            bundle = load_bundle(config.model, device, dtype)
+            with placement.denoiser_placed_later():  # the trainer places it once the caches are filled
+                bundle = load_bundle(config.model, device, dtype)
             if self.keep_cache:
                 self._cache[key] = bundle
         self._last_bundle = bundle
@@ -141,6 +143,14 @@ class StandaloneHost:
         path = self.lora_path_for(lora_name)
         if not path.is_file():
             raise HostError(f"LoRA file {path} not found; check the name or the output folder")
+        from lora_trainer.models import placement
+
+        with placement.denoiser_placed(bundle):  # left in the host's memory between runs
+            return self._render(bundle, path, strip_network_tags(prompt), negative_prompt, seed, weights,
+                                (steps, width, height, guidance_scale))
+
+    def _render(self, bundle: ModelBundle, path: Path, text: str, negative_prompt: str, seed: int,
+                weights: list[float], sampling: tuple[int, int, int, float]) -> list[Image.Image]:
         pipe = build_render_pipeline(bundle)
         from diffusers.utils import logging as diffusers_logging
 
@@ -154,9 +164,7 @@ class StandaloneHost:
         finally:
             diffusers_logging.set_verbosity(level)
         try:
-            text = strip_network_tags(prompt)
-            return [_render_one(pipe, bundle, text, negative_prompt, seed, w, steps, width, height, guidance_scale)
-                    for w in weights]
+            return [_render_one(pipe, bundle, text, negative_prompt, seed, w, *sampling) for w in weights]
         finally:
             pipe.unload_lora_weights()
 

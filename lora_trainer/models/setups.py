@@ -15,6 +15,7 @@ import torch
 
 from lora_trainer.errors import ModelLoadError
 from lora_trainer.families import Family, get_family
+from lora_trainer.models import placement
 from lora_trainer.models.bundle import Conditioning, ModelBundle, TextEncoderPart
 
 
@@ -103,7 +104,7 @@ def bundle_from_diffusers(parts: dict[str, Any], arch: str, prediction_type: str
         raise ModelLoadError(f"{name}: prediction type {prediction_type!r} is not supported (epsilon or v_prediction)")
 
     vae_dtype = torch.float32 if family.vae_fp32 else dtype
-    _place(unet, device, dtype)
+    _place(unet, placement.denoiser_target(device), dtype)  # the host's memory until the caches are filled
     _place(vae, device, vae_dtype)
     encoders, tokenizers, te_parts = [], [], []
     for key, te_key, tok_key in family.text_encoder_folders:
@@ -126,6 +127,6 @@ def bundle_from_diffusers(parts: dict[str, Any], arch: str, prediction_type: str
         device=device, dtype=dtype,
         extras={
             "parts": parts, "scheduler": scheduler, "tokenizers": tokenizers,
-            "pipeline_class": family.pipeline_class, "vae_dtype": vae_dtype,
+            "pipeline_class": family.pipeline_class, "vae_dtype": vae_dtype, **placement.deferred_extras(device),
         },
     )

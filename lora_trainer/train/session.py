@@ -26,6 +26,7 @@ from lora_trainer.data.cache import (
 from lora_trainer.data.dataset import Batch, BucketDataset, EpochView, steps_per_epoch
 from lora_trainer.errors import ConfigError, OutputError
 from lora_trainer.fsutil import atomic_write_text, backup_file
+from lora_trainer.models import placement
 from lora_trainer.torch_compat import autocast_supported, enable_hf_checkpointing, grad_scaler
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train.events import TrainEvent
@@ -86,7 +87,7 @@ class RunSession:
         self.gen = torch.Generator(self.device).manual_seed(cfg.train.seed)
         self.objective = objective_for(self.bundle, cfg.train.min_snr_gamma, cfg.train)
         self.write_config()
-        # -- data and caches (before LoRA, so the VAE and frozen text encoders can leave the GPU)
+        # -- data and caches (before LoRA, so the frozen text encoders and the VAE can leave the GPU)
         self.setup_data()
         self.setup_caches()
         # -- LoRA, optimizer, schedule, precision
@@ -163,26 +164,59 @@ class RunSession:
         self.total_steps = t.max_train_steps or t.epochs * per_epoch
 
     def setup_caches(self) -> None:
-        """Latents and text conditioning computed once; then the VAE / frozen TEs leave the GPU."""
-        b, d = self.bundle, self.cfg.data
-        if d.cache_latents != "off" and not self.ds.fixed_crop:
-            self.status("latent cache skipped: random crops change the latents every epoch")
-        elif d.cache_latents != "off" and b.vae is not None:
-            vae_id = module_identity(b.vae, extra=f"{b.arch}|{b.vae_scale_factor}")
-            folder = Path(d.cache_dir) if d.cache_dir else self.out / ".cache" / "latents"
-            self.latent_cache = LatentCache(d.cache_latents, vae_id, d.crop, folder)
-            self.status("caching latents")
-            with self.parked(b.unet):  # the VAE's full-resolution activations need its room
-                fill_latent_cache(self.ds, self.latent_cache, b, LATENT_CACHE_BATCH)
-            self.status(f"latent cache: {self.latent_cache.hits} reused, {self.latent_cache.misses} encoded")
-            self.ds.latent_cache = self.latent_cache
-            self.offload(b.vae)
+        """Text conditioning and latents computed once, each encoder alone on the card: the
+        denoiser is parked meanwhile (Flux's transformer and T5-XXL together would not fit a
+        16 GB card), and the frozen text encoders and the VAE leave it when done."""
+        captions, latents = self.captions_to_cache(), self.latents_to_cache()
+        if captions is not None or latents:
+            with placement.parked(self.bundle.unet):  # back on the card when both caches are filled
+                if captions is not None:
+                    self.cache_text(captions)
+                if latents:
+                    self.cache_latents()
+        self.place_denoiser()
+
+    def place_denoiser(self) -> None:
+        """A denoiser its loader left in the host's memory goes to its device now that the caches
+        are filled (and back at the end, after which the encoders return)."""
+        moved = placement.place_denoiser(self.bundle)
+        if moved is not None:
+            module, where = moved
+            self._undo.append(lambda: placement.move(module, where))
+
+    def captions_to_cache(self) -> list[str] | None:
+        """The captions and sample prompts to encode once; None when the text is encoded per step."""
         captions = self.ds.fixed_captions()
-        if not self.cfg.network.train_text_encoder and d.cache_text_embeddings and captions is not None:
-            self.status(f"caching text embeddings of {len(captions)} captions")
-            self.text_cache = TextCache(b, captions + self.sample_prompts())
+        if self.cfg.network.train_text_encoder or not self.cfg.data.cache_text_embeddings or captions is None:
+            return None
+        return captions + self.sample_prompts()
+
+    def latents_to_cache(self) -> bool:
+        if self.cfg.data.cache_latents == "off" or self.bundle.vae is None:
+            return False
+        if not self.ds.fixed_crop:
+            self.status("latent cache skipped: random crops change the latents every epoch")
+            return False
+        return True
+
+    def cache_text(self, captions: list[str]) -> None:
+        b = self.bundle
+        self.status(f"caching text embeddings of {len(captions) - len(self.sample_prompts())} captions")
+        with placement.parked(b.vae):  # the text encoders alone; they leave before the VAE is back
+            self.text_cache = TextCache(b, captions)
             for part in b.text_encoders:
                 self.offload(part.module)
+
+    def cache_latents(self) -> None:
+        b, d = self.bundle, self.cfg.data
+        vae_id = module_identity(b.vae, extra=f"{b.arch}|{b.vae_scale_factor}")
+        folder = Path(d.cache_dir) if d.cache_dir else self.out / ".cache" / "latents"
+        self.latent_cache = LatentCache(d.cache_latents, vae_id, d.crop, folder)
+        self.status("caching latents")
+        fill_latent_cache(self.ds, self.latent_cache, b, LATENT_CACHE_BATCH)  # in the denoiser's room
+        self.status(f"latent cache: {self.latent_cache.hits} reused, {self.latent_cache.misses} encoded")
+        self.ds.latent_cache = self.latent_cache
+        self.offload(b.vae)
 
     def setup_network(self) -> None:
         from lora_trainer.lora.inject import inject_lora
@@ -466,46 +500,25 @@ class RunSession:
 
     def offload(self, module: Any) -> None:
         """Move a module that is only needed for caching off the accelerator (put back at the end)."""
-        if module is None or self.device.type == "cpu":
+        home = placement.device_of(module)
+        if home is None or not placement.on_accelerator(module):  # nothing on a card to free
             return
-        first = next(module.parameters(), None)
-        if first is None or first.device.type == "cpu":
-            return
-        original = first.device
-        module.to("cpu")
-        self._undo.append(lambda: module.to(original))
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    @contextlib.contextmanager
-    def parked(self, module: Any) -> Iterator[None]:
-        """Move a module off the GPU for a moment and back (the same bits, the same parameter
-        objects): the UNet while the VAE fills the latent cache, which would otherwise set the
-        run's peak memory on top of the whole model."""
-        first = next(module.parameters(), None) if module is not None else None
-        if first is None or first.device.type != "cuda":
-            yield
-            return
-        original = first.device
-        module.to("cpu")
-        torch.cuda.empty_cache()  # the VAE needs large blocks, not the UNet's many small ones
-        try:
-            yield
-        finally:
-            module.to(original)
+        placement.move(module, placement.PARK)
+        self._undo.append(lambda: placement.move(module, home))
+        placement.release_cached(home)
 
     @contextlib.contextmanager
     def onloaded(self, module: Any) -> Iterator[None]:
         """Bring an offloaded module back to the accelerator for a moment (sample decoding)."""
-        first = next(module.parameters(), None) if module is not None else None
-        if first is None or first.device == self.device or self.device.type == "cpu":
+        where = placement.device_of(module)
+        if where is None or where == self.device or self.device.type == "cpu":
             yield
             return
-        module.to(self.device)
+        placement.move(module, self.device)
         try:
             yield
         finally:
-            module.to(first.device)
+            placement.move(module, where)
 
     def roots_in_training(self) -> list[Any]:
         b, n = self.bundle, self.cfg.network
@@ -540,6 +553,10 @@ class RunSession:
         if self.network is not None:
             self.network.remove()
             self.network = None
+        # AdamW's moments leave the card before the text encoders and the VAE come back to it
+        for name in ("optimizer", "scheduler", "params", "_cast_once"):
+            if hasattr(self, name):
+                setattr(self, name, None)
         for undo in reversed(self._undo):
             try:
                 undo()
