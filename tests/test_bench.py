@@ -285,9 +285,9 @@ def test_rows_take_one_resolution_for_checking_full_size_rows_on_a_cpu() -> None
     from lora_trainer.bench import rows
 
     sdxl = rows.ROWS[4]
-    assert rows._spec(sdxl, "full", 2, 1, "cpu", False).resolution == 1024
-    assert rows._spec(sdxl, "full", 2, 1, "cpu", False, 64).resolution == 64
-    assert rows._spec(sdxl, "tiny", 2, 1, "cpu", False).resolution == 64
+    assert rows._spec(sdxl, "full", 2, 1, "cpu", None).resolution == 1024
+    assert rows._spec(sdxl, "full", 2, 1, "cpu", None, 64).resolution == 64
+    assert rows._spec(sdxl, "tiny", 2, 1, "cpu", None).resolution == 64
     env = {"device": "CPU", "torch": "t", "diffusers": "d", "peft": "p", "size": "full"}
     assert "(64 px)" in rows._title({**env, "resolution": 64})
     assert "px)" not in rows._title(env)

@@ -76,6 +76,7 @@ class RunSession:
         self.logger: Logger | None = None
         self._train_flags: dict[int, bool] = {}
         self._cast_once: Any = None  # LoraWeightsCastOnce under autocast (speed_up_unet)
+        self.compiled: Any = None  # CompiledDenoiser with train.compile (speed_up_unet)
 
     # == the run, top to bottom ============================================================
     def execute(self) -> TrainResult:
@@ -197,7 +198,7 @@ class RunSession:
     def speed_up_unet(self) -> None:
         """channels_last convolutions on CUDA, no needless dtype casts in the LoRA layers under
         autocast and their weights cast in one kernel (train/speed.py), and torch.compile when
-        asked; all undone at the end so a host's live model is handed back as it came."""
+        asked (train/compiled.py); all undone at the end so a host's live model is handed back as it came."""
         unet = self.bundle.unet
         if self.device.type == "cuda":
             unet.to(memory_format=torch.channels_last)
@@ -210,9 +211,13 @@ class RunSession:
                 self._undo.append(skip_lora_input_casts(root))
             if not self.cfg.train.compile:
                 self._cast_once = LoraWeightsCastOnce(self.roots_in_training(), amp)
-        if self.cfg.train.compile and hasattr(unet, "compile"):
-            unet.compile()
-            self._undo.append(lambda: setattr(unet, "_compiled_call_impl", None))
+        if self.cfg.train.compile:
+            from lora_trainer.train.compiled import CompiledDenoiser, batch_shapes
+
+            shapes = len(batch_shapes(self.ds.plan(0)))
+            self.compiled = CompiledDenoiser(unet, self.cfg.train.compile_mode, shapes, self.device.type)
+            self._undo.append(self.compiled.start())
+            self.status(self.compiled.status())
 
     def setup_optimizer(self) -> None:
         o, t = self.cfg.optim, self.cfg.train
@@ -311,6 +316,8 @@ class RunSession:
         noise = offset_noise(latents, t.noise_offset, self.gen)
         step = self.objective.step_inputs(latents, noise, self.gen)
         size_info = batch.size_info.to(self.device, non_blocking=True) if b.family.uses_size_info else None
+        if self.compiled is not None:
+            self.compiled.step_begin()
         with self.autocast(), self.lora_weights_cast_once():
             cond = {**self.encode_text(batch.captions), **step.cond}
             pred = b.predict(step.noisy.to(b.dtype), step.timesteps, cond, size_info)
@@ -413,7 +420,7 @@ class RunSession:
         s, res = self.cfg.sample, self.cfg.data.resolution
         self.set_train_mode(False)
         try:
-            with self.onloaded(self.bundle.vae):
+            with self.onloaded(self.bundle.vae), self.compiled.paused() if self.compiled else contextlib.nullcontext():
                 img = render_sample(self.bundle, s, s.width or res, s.height or res,
                                     encode=self.encode_text, autocast=self.autocast)
         finally:
