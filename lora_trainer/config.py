@@ -140,8 +140,8 @@ class LoopConfig:
     seed: int = _f(42, "Random seed (data order, noise, dropout).")
     save_steps: int = _f(0, "Save a resumable checkpoint every N steps (0: only at the end).")
     resume: str | None = _f(None, "'latest' or a checkpoint folder to continue a run.")
-    compile: bool = _f(False, "torch.compile the UNet (or transformer); each new batch size compiles on its first "
-                       "step (minutes with inductor), so it pays off in long runs on a GPU. Unmeasured on GPUs yet.")
+    compile: bool = _f(False, "torch.compile the UNet (or transformer). Each new batch size compiles on its first "
+                       "step (minutes with inductor): for long runs on a GPU.")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(
         "default", "With train.compile: torch.compile's mode. reduce-overhead replays CUDA graphs (fewer kernel "
         "launches, more memory); max-autotune also tries kernel variants (longer compiles).")

@@ -186,9 +186,24 @@ def test_compile_on_cuda_without_triton_is_refused_before_loading(monkeypatch: p
     monkeypatch.setattr(triton_check, "has_triton", lambda: False)
     with pytest.raises(ConfigError, match="train.compile: torch.compile on CUDA needs Triton"):
         compiled.check_compile("cuda")
-    compiled.check_compile("cpu")  # inductor builds C++ there
+    from lora_trainer.config import build_config
+    from lora_trainer.train.preflight import find_problems
+
+    problems = find_problems(build_config({"train.compile": True, "model.device": "cuda"}), check_model=False)
+    assert any("needs Triton" in str(p) for p in problems)
     monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
     compiled.check_compile("cuda")  # no Triton needed
+
+
+def test_compile_without_a_compiler_is_refused_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"train.compile: torch.compile on cpu builds its kernels with a C\+\+ comp"):
+        compiled.check_compile("cpu")
+    monkeypatch.setenv("CXX", "/opt/my/g++")
+    compiled.check_compile("cpu")
 
 
 def test_the_config_takes_compile_mode_and_kohyas_keys() -> None:

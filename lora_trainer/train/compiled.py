@@ -22,6 +22,8 @@ no graph break (``torch._dynamo.explain`` on the tiny SD1 UNet, torch 2.14, peft
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -59,12 +61,21 @@ def check_compile(device_type: str) -> None:
     if not hasattr(nn.Module, "compile"):
         raise ConfigError(f"train.compile needs torch 2.2 or newer (this is {torch.__version__}); "
                           "set train.compile to false")
-    if device_type == "cuda" and BACKEND == "inductor":
+    if BACKEND != "inductor":
+        return
+    if device_type == "cuda":
         from torch.utils._triton import has_triton
 
         if not has_triton():
             raise ConfigError("train.compile: torch.compile on CUDA needs Triton, which is not installed "
                               "(pip install triton; on Windows triton-windows), or set train.compile to false")
+    # Triton builds its launchers with a C compiler, inductor's CPU kernels with a C++ one (MSVC on
+    # Windows, found by torch itself).
+    variable, names = ("CC", ("gcc", "clang", "cc")) if device_type == "cuda" else ("CXX", ("g++", "clang++", "c++"))
+    if os.name != "nt" and not os.environ.get(variable) and not any(shutil.which(n) for n in names):
+        raise ConfigError(f"train.compile: torch.compile on {device_type} builds its kernels with a "
+                          f"{'C' if variable == 'CC' else 'C++'} compiler and none was found ({', '.join(names)}, "
+                          f"or ${variable}); install one or set train.compile to false")
 
 
 def _limit_name() -> str:
