@@ -328,3 +328,22 @@ def test_estimate_counts_the_full_size_weights_dora_and_loha_keep() -> None:
     with pytest.raises(ConfigError, match="network.type 'lycoris'"):
         estimate.estimate_peak_memory("sd1", 512, network="lycoris")
     assert [f.name for f in dataclasses.fields(estimate.MemoryEstimate)][-1] == "network"
+
+
+def test_rows_and_bench_pass_a_compile_mode_to_the_run(tmp_path: Path) -> None:
+    from lora_trainer.bench import rows
+    from lora_trainer.bench.cli import _compile_args, _parser
+    from lora_trainer.bench.runner import bench_config
+
+    row = rows.ROWS[0]
+    assert not rows._spec(row, "tiny", 2, 1, "cpu", None).compile
+    spec = rows._spec(row, "tiny", 2, 1, "cpu", "reduce-overhead")
+    assert spec.compile and spec.compile_mode == "reduce-overhead"
+    cfg = bench_config(spec, tmp_path, tmp_path / "out", torch.device("cpu"))
+    assert cfg.train.compile and cfg.train.compile_mode == "reduce-overhead"
+    assert _compile_args(_parser().parse_args(["--compile-mode", "max-autotune"])) == {
+        "compile": True, "compile_mode": "max-autotune"}
+    assert _compile_args(_parser().parse_args(["--compile"])) == {"compile": True, "compile_mode": "default"}
+    assert _compile_args(_parser().parse_args([]))["compile"] is False
+    env = {"device": "CPU", "torch": "t", "diffusers": "d", "peft": "p", "size": "full"}
+    assert "our UNet compiled (reduce-overhead" in rows._title({**env, "compile": True, "compile_mode": "reduce-overhead"})
