@@ -127,7 +127,7 @@ def check_files(cfg: TrainConfig) -> None:
 
 
 def check_compile(cfg: TrainConfig) -> None:
-    """train.compile on a torch that cannot compile for the device (no Triton for CUDA, too old)."""
+    """train.compile where this torch cannot compile for the device (too old, no Triton, no compiler)."""
     if not cfg.train.compile:
         return
     from lora_trainer.models.loaders import resolve_device
