@@ -123,6 +123,10 @@ class OptimConfig:
     max_grad_norm: float = _f(1.0, "Clip gradients to this norm (0 disables).")
 
 
+# train.compile_mode: torch.compile's modes (inductor); reduce-overhead and max-autotune record CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class LoopConfig:
     batch_size: int = _f(1, "Images per step.")
@@ -136,7 +140,11 @@ class LoopConfig:
     seed: int = _f(42, "Random seed (data order, noise, dropout).")
     save_steps: int = _f(0, "Save a resumable checkpoint every N steps (0: only at the end).")
     resume: str | None = _f(None, "'latest' or a checkpoint folder to continue a run.")
-    compile: bool = _f(False, "torch.compile the UNet (faster on GPUs after a warm-up).")
+    compile: bool = _f(False, "torch.compile the UNet (or transformer). Each new batch size compiles on its first "
+                       "step (minutes with inductor): for long runs on a GPU.")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(
+        "default", "With train.compile: torch.compile's mode. reduce-overhead replays CUDA graphs (fewer kernel "
+        "launches, more memory); max-autotune also tries kernel variants (longer compiles).")
     timestep_sampling: Literal["auto", "uniform", "logit_normal", "sigmoid", "shift", "flux_shift"] = _f(
         "auto", "Flux.1/SD3.5: how sigma is drawn; 'auto' is the family's (Flux: sigmoid with the resolution "
         "shift, kohya's flux_shift; SD3.5: logit-normal with shift 3). 'shift' uses discrete_flow_shift.")
@@ -269,6 +277,8 @@ ALIASES: dict[str, str] = {
     "save_steps": "train.save_steps",
     "save_every_n_steps": "train.save_steps",
     "resume": "train.resume",
+    "torch_compile": "train.compile",
+    "dynamo_mode": "train.compile_mode",
     "output_dir": "output.output_dir",
     "output_name": "output.output_name",
     "save_precision": "output.save_precision",

@@ -294,9 +294,9 @@ def test_rows_take_one_resolution_for_checking_full_size_rows_on_a_cpu() -> None
     from lora_trainer.bench import rows
 
     sdxl = rows.ROWS[4]
-    assert rows._spec(sdxl, "full", 2, 1, "cpu", False).resolution == 1024
-    assert rows._spec(sdxl, "full", 2, 1, "cpu", False, 64).resolution == 64
-    assert rows._spec(sdxl, "tiny", 2, 1, "cpu", False).resolution == 64
+    assert rows._spec(sdxl, "full", 2, 1, "cpu", None).resolution == 1024
+    assert rows._spec(sdxl, "full", 2, 1, "cpu", None, 64).resolution == 64
+    assert rows._spec(sdxl, "tiny", 2, 1, "cpu", None).resolution == 64
     env = {"device": "CPU", "torch": "t", "diffusers": "d", "peft": "p", "size": "full"}
     assert "(64 px)" in rows._title({**env, "resolution": 64})
     assert "px)" not in rows._title(env)
@@ -356,3 +356,22 @@ def test_weights_stored_narrow_and_cast_per_call_add_their_kept_copies() -> None
         "gradient_checkpointing"]
     with pytest.raises(ConfigError, match="UNet families"):
         estimate.estimate_peak_memory("flux1", 512, weights_cast=cast)
+
+
+def test_rows_and_bench_pass_a_compile_mode_to_the_run(tmp_path: Path) -> None:
+    from lora_trainer.bench import rows
+    from lora_trainer.bench.cli import _compile_args, _parser
+    from lora_trainer.bench.runner import bench_config
+
+    row = rows.ROWS[0]
+    assert not rows._spec(row, "tiny", 2, 1, "cpu", None).compile
+    spec = rows._spec(row, "tiny", 2, 1, "cpu", "reduce-overhead")
+    assert spec.compile and spec.compile_mode == "reduce-overhead"
+    cfg = bench_config(spec, tmp_path, tmp_path / "out", torch.device("cpu"))
+    assert cfg.train.compile and cfg.train.compile_mode == "reduce-overhead"
+    assert _compile_args(_parser().parse_args(["--compile-mode", "max-autotune"])) == {
+        "compile": True, "compile_mode": "max-autotune"}
+    assert _compile_args(_parser().parse_args(["--compile"])) == {"compile": True, "compile_mode": "default"}
+    assert _compile_args(_parser().parse_args([]))["compile"] is False
+    env = {"device": "CPU", "torch": "t", "diffusers": "d", "peft": "p", "size": "full"}
+    assert "our UNet compiled (reduce-overhead" in rows._title({**env, "compile": True, "compile_mode": "reduce-overhead"})

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lora_trainer.config import NETWORK_TYPE_HELP
+from lora_trainer.config import COMPILE_MODES, NETWORK_TYPE_HELP
 from lora_trainer.errors import ConfigError
 from lora_trainer.families import DEFAULT_FAMILY, family_names, get_family
 from lora_trainer.fsutil import atomic_write_text
@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--network", choices=tuple(NETWORK_TYPE_HELP), default="lora",
                    help="with --estimate: the adapter kind (network.type); locon also adapts the ResNet blocks")
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the UNet in our loop")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="train.compile_mode (implies --compile): reduce-overhead records CUDA graphs")
     p.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto")
@@ -62,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--caption", action="store_true", help="time BLIP captioning (images/s) instead")
     add_threads_argument(p)
     return p
+
+
+def _compile_args(args: argparse.Namespace) -> dict[str, Any]:
+    """BenchSpec's compile fields: --compile-mode alone turns compiling on."""
+    return {"compile": args.compile or args.compile_mode is not None, "compile_mode": args.compile_mode or "default"}
 
 
 def _estimate(args: argparse.Namespace, resolution: int, precision: str) -> dict:
@@ -102,7 +109,7 @@ def _profile(args: argparse.Namespace, resolution: int, precision: str, device: 
 
     spec = BenchSpec(args.arch, args.size, resolution, args.batch, args.rank, precision, args.checkpointing,
                      args.steps, args.warmup, str(device), not args.no_reference, args.targets,
-                     cpu_low_precision=precision != "no", compile=args.compile)
+                     cpu_low_precision=precision != "no", **_compile_args(args))
     rows = profile_bench(spec)
     print(f"{args.size} {args.arch}, {resolution}px, batch {args.batch}, rank {args.rank} ({args.targets} targets), "
           f"precision {precision}, checkpointing {'on' if args.checkpointing else 'off'}, {device}:")
@@ -142,7 +149,7 @@ def main(argv: list[str]) -> int:
             print("note: a full-size model on a CPU is very slow; use --size tiny here")
         spec = BenchSpec(args.arch, args.size, resolution, args.batch, args.rank, precision, args.checkpointing,
                          args.steps, args.warmup, str(device), not args.no_reference, args.targets,
-                         compile=args.compile)
+                         **_compile_args(args))
         from lora_trainer.bench.runner import print_table
 
         result = run_bench(spec)

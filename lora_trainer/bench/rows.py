@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_trainer.config import COMPILE_MODES
 from lora_trainer.fsutil import atomic_write_text
 
 
@@ -42,22 +43,24 @@ ROWS = (
 )
 
 
-def _spec(row: Row, size: str, steps: int, warmup: int, device: str, compile_unet: bool,
+def _spec(row: Row, size: str, steps: int, warmup: int, device: str, compile_mode: str | None,
           resolution: int | None = None) -> Any:
     from lora_trainer.bench.runner import BenchSpec
 
     resolution = resolution or (row.resolution if size == "full" else 64)
     precision = "bf16" if device == "cuda" else "no"
     return BenchSpec(row.arch, size, resolution, row.batch, 16, precision, row.checkpointing, steps, warmup,
-                     device, row.reference, row.targets, compile=compile_unet)
+                     device, row.reference, row.targets, compile=bool(compile_mode),
+                     compile_mode=compile_mode or "default")
 
 
-def run_row(row: Row, size: str, steps: int, warmup: int, device: str, compile_unet: bool = False,
+def run_row(row: Row, size: str, steps: int, warmup: int, device: str, compile_mode: str | None = None,
             resolution: int | None = None) -> dict[str, Any]:
+    """One row; ``compile_mode`` (train.compile_mode) compiles our loop's UNet, None leaves it eager."""
     from lora_trainer.bench.estimate import estimate_peak_memory
     from lora_trainer.bench.runner import run_bench
 
-    spec = _spec(row, size, steps, warmup, device, compile_unet, resolution)
+    spec = _spec(row, size, steps, warmup, device, compile_mode, resolution)
     started = time.perf_counter()
     result = run_bench(spec)
     out: dict[str, Any] = {"row": asdict(row), "result": json.loads(result.to_json())}
@@ -84,18 +87,18 @@ def _cell(value: float | None, fmt: str, unit: str = "") -> str:
 
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     lines = [_title(env), "",
-             "| run | ours it/s | ours img/s | plain loop it/s | ours / plain | MFU | peak before loop | "
-             "peak in loop | estimate | error |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | ours it/s | ours img/s | plain loop it/s | ours / plain | MFU | first step s | peak before loop | "
+             "peak in loop | estimate | error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']['name']} | failed: {r['error']} |||||||||")
+            lines.append(f"| {r['row']['name']} | failed: {r['error']} ||||||||||")
             continue
         res, est = r["result"], r.get("estimate")
         extra = res.get("extra", {})
         lines.append(
             f"| {r['row']['name']} | {res['steps_per_s']:.2f} | {res['images_per_s']:.1f} "
             f"| {_cell(res['reference_steps_per_s'], '.2f')} | {_cell(res['ratio_to_reference'], '.2f')} "
-            f"| {_cell(res['mfu'] and res['mfu'] * 100, '.1f', ' %')} "
+            f"| {_cell(res['mfu'] and res['mfu'] * 100, '.1f', ' %')} | {res['time_to_first_step_s']:.0f} "
             f"| {_cell(extra.get('setup_peak_gb'), '.2f')} | {_cell(extra.get('loop_peak_gb'), '.2f')} "
             f"| {_cell(est and est['total_gb'], '.2f')} | {_cell(r.get('estimate_error') and r['estimate_error'] * 100, '+.1f', ' %')} |")
     for r in rows:
@@ -124,10 +127,16 @@ def _px(env: dict[str, Any]) -> str:
     return f" ({px} px)" if px else ""
 
 
+def _compiled(env: dict[str, Any]) -> str:
+    if not env.get("compile"):
+        return ""
+    return f", our UNet compiled ({env.get('compile_mode') or 'default'}; first compiles not timed)"
+
+
 def _title(env: dict[str, Any]) -> str:
     return (f"{env['device']}, torch {env['torch']}, diffusers {env['diffusers']}, peft {env['peft']}; "
             f"{env['size']} models{_px(env)}, random weights, rank 16, "
-            f"cached latents{', our UNet compiled' if env.get('compile') else ''}; peaks and estimate in GiB")
+            f"cached latents{_compiled(env)}; peaks and estimate in GiB")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 30 on a GPU, 3 on a CPU)")
     p.add_argument("--only", default=None, help="comma-separated row numbers (1-based) to run")
     p.add_argument("--compile", action="store_true", help="our loop with train.compile (torch.compile the UNet)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="train.compile_mode (implies --compile); reduce-overhead records CUDA graphs")
     p.add_argument("--resolution", type=int, default=None,
                    help="every row at this resolution (default: the row's own; 64 with --size tiny): "
                         "checks the full-size rows on a CPU at 64 px")
@@ -147,13 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (30 if device == "cuda" else 3)
     warmup = 5 if device == "cuda" else 1
     chosen = [ROWS[int(i) - 1] for i in args.only.split(",")] if args.only else list(ROWS)
-    env = {**environment(args.size, device), "compile": args.compile, "resolution": args.resolution}
+    mode = args.compile_mode or ("default" if args.compile else None)
+    env = {**environment(args.size, device), "compile": mode is not None, "compile_mode": mode,
+           "resolution": args.resolution}
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for row in chosen:
         print(f"== {row.name}", flush=True)
         try:
-            rows.append(run_row(row, args.size, steps, warmup, device, args.compile, args.resolution))
+            rows.append(run_row(row, args.size, steps, warmup, device, mode, args.resolution))
         except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
             traceback.print_exc()
             rows.append({"row": asdict(row), "error": f"{type(e).__name__}: {e}".splitlines()[0][:200]})

@@ -50,6 +50,7 @@ class BenchSpec:
     # On a CPU, fp16/bf16 weights and autocast as on a GPU (the profile's counts), not fp32
     cpu_low_precision: bool = False
     compile: bool = False  # train.compile: torch.compile the UNet in our loop
+    compile_mode: str = "default"  # train.compile_mode
 
 
 @dataclass
@@ -168,7 +169,7 @@ def bench_config(spec: BenchSpec, data: Path, out: Path, device: torch.device) -
         "optim.lr_scheduler": "constant", "output.output_dir": str(out), "output.tensorboard": False,
         "output.output_name": "bench", "model.device": str(device),
         "network.target_modules": list(REFERENCE_TARGETS) if spec.targets == "attention" else [],
-        "train.compile": spec.compile,
+        "train.compile": spec.compile, "train.compile_mode": spec.compile_mode,
     })
 
 
@@ -294,7 +295,7 @@ def format_table(r: BenchResult) -> str:
     rows = [
         ("model", f"{s.size} {s.arch}, {s.resolution}px, batch {s.batch_size}, rank {s.rank} ({s.targets} targets), "
                   f"precision {s.precision}, checkpointing {'on' if s.gradient_checkpointing else 'off'}"
-                  + (", compiled" if s.compile else "")),
+                  + (f", compiled ({s.compile_mode})" if s.compile else "")),
         ("device", f"{r.device} (torch {r.torch_version})"),
         ("steps/s", f"{r.steps_per_s:.3f}"),
         ("images/s", f"{r.images_per_s:.3f}"),

@@ -28,7 +28,7 @@ def host_loads_base_model(host: Any) -> bool:
 def find_problems(cfg: TrainConfig, *, check_model: bool = True) -> list[LoraTrainerError]:
     """Every problem found without loading a model, each an error with a one-line message."""
     checks: list[Callable[[TrainConfig], None]] = [check_output_name, check_output_dir, check_data_dirs,
-                                                   check_files]
+                                                   check_files, check_compile]
     if check_model:
         checks.insert(2, check_base_model)
     problems: list[LoraTrainerError] = []
@@ -124,3 +124,13 @@ def check_files(cfg: TrainConfig) -> None:
         from lora_trainer.train.checkpoint import find_checkpoint
 
         find_checkpoint(cfg.train.resume, cfg.output.output_dir)
+
+
+def check_compile(cfg: TrainConfig) -> None:
+    """train.compile where this torch cannot compile for the device (too old, no Triton, no compiler)."""
+    if not cfg.train.compile:
+        return
+    from lora_trainer.models.loaders import resolve_device
+    from lora_trainer.train.compiled import check_compile as check
+
+    check(resolve_device(cfg.model.device).type)

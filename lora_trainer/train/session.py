@@ -77,6 +77,7 @@ class RunSession:
         self.logger: Logger | None = None
         self._train_flags: dict[int, bool] = {}
         self._cast_once: Any = None  # LoraWeightsCastOnce under autocast (speed_up_unet)
+        self.compiled: Any = None  # CompiledDenoiser with train.compile (speed_up_unet)
 
     # == the run, top to bottom ============================================================
     def execute(self) -> TrainResult:
@@ -234,8 +235,8 @@ class RunSession:
     def speed_up_unet(self) -> None:
         """channels_last convolutions on CUDA, no needless dtype casts in the LoRA layers under
         autocast and their weights cast in one kernel (train/speed.py), the lean LoRA forward
-        (train/lora_forward.py) or else torch.compile when asked; all undone at the end so a
-        host's live model is handed back as it came."""
+        (train/lora_forward.py) or else torch.compile when asked (train/compiled.py); all undone
+        at the end so a host's live model is handed back as it came."""
         unet = self.bundle.unet
         if self.device.type == "cuda":
             unet.to(memory_format=torch.channels_last)
@@ -253,9 +254,13 @@ class RunSession:
 
             for root in self.roots_in_training():
                 self._undo.append(lean_lora_forward(root))
-        if self.cfg.train.compile and hasattr(unet, "compile"):
-            unet.compile()
-            self._undo.append(lambda: setattr(unet, "_compiled_call_impl", None))
+        if self.cfg.train.compile:
+            from lora_trainer.train.compiled import CompiledDenoiser, batch_shapes
+
+            shapes = len(batch_shapes(self.ds.plan(0)))
+            self.compiled = CompiledDenoiser(unet, self.cfg.train.compile_mode, shapes, self.device.type)
+            self._undo.append(self.compiled.start())
+            self.status(self.compiled.status())
 
     def setup_optimizer(self) -> None:
         o, t = self.cfg.optim, self.cfg.train
@@ -354,6 +359,8 @@ class RunSession:
         noise = offset_noise(latents, t.noise_offset, self.gen)
         step = self.objective.step_inputs(latents, noise, self.gen)
         size_info = batch.size_info.to(self.device, non_blocking=True) if b.family.uses_size_info else None
+        if self.compiled is not None:
+            self.compiled.step_begin()
         with self.autocast(), self.lora_weights_cast_once():
             cond = {**self.encode_text(batch.captions), **step.cond}
             pred = b.predict(step.noisy.to(b.dtype), step.timesteps, cond, size_info)
@@ -456,7 +463,7 @@ class RunSession:
         s, res = self.cfg.sample, self.cfg.data.resolution
         self.set_train_mode(False)
         try:
-            with self.onloaded(self.bundle.vae):
+            with self.onloaded(self.bundle.vae), self.compiled.paused() if self.compiled else contextlib.nullcontext():
                 img = render_sample(self.bundle, s, s.width or res, s.height or res,
                                     encode=self.encode_text, autocast=self.autocast)
         finally:
