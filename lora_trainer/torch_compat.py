@@ -7,8 +7,11 @@ that exists only in newer versions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import types
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -90,3 +93,27 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     if device_type == "cuda":
         return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
     return None
+
+
+@contextlib.contextmanager
+def meta_checkpointing() -> Iterator[None]:
+    """Lets ``torch.utils.checkpoint`` run on meta tensors (the memory estimate's trace). Older
+    torch (2.1, A1111's) looks up a device module ``torch.<device type>`` for the checkpoint's
+    device, "meta" here, and fails ("module 'torch' has no attribute 'meta'"); an empty module
+    for the block says that meta has no autocast and no RNG state, which is what the trace needs
+    (it does not preserve RNG state). Newer torch handles meta itself: nothing is changed there."""
+    from torch.utils import checkpoint
+
+    try:
+        checkpoint._get_device_module("meta")  # newer torch: the meta device itself
+        knows_meta = True
+    except AttributeError:
+        knows_meta = False
+    if knows_meta or hasattr(torch, "meta"):
+        yield
+        return
+    torch.meta = types.ModuleType("torch.meta")  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        del torch.meta  # type: ignore[attr-defined]

@@ -89,3 +89,20 @@ def test_training_steps_on_this_torch(tmp_path: Path) -> None:
     resumed = Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 3, "train.resume": "latest"}),
                       host=host).run()
     assert resumed.steps == 3 and resumed.final_loss == resumed.final_loss
+
+
+def test_checkpointing_runs_on_meta_tensors_for_the_estimate() -> None:
+    """The memory estimate traces a checkpointed step on meta; torch 2.1 (A1111's) needs the
+    shim for that, newer torch none. torch is left as it was."""
+    import torch.utils.checkpoint as tuc
+
+    from lora_trainer.torch_compat import meta_checkpointing
+
+    had = hasattr(torch, "meta")
+    weight = torch.empty(8, 8, device="meta", requires_grad=True)
+    x = torch.empty(4, 8, device="meta")
+    with meta_checkpointing():
+        out = tuc.checkpoint(lambda t: (t @ weight).relu(), x, use_reentrant=False, preserve_rng_state=False)
+        out.sum().backward()
+    assert weight.grad is not None and weight.grad.shape == (8, 8) and weight.grad.device.type == "meta"
+    assert hasattr(torch, "meta") == had

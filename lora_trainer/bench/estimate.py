@@ -39,6 +39,7 @@ from lora_trainer.bench.livemem import LiveBytes
 from lora_trainer.config import NETWORK_TYPE_HELP
 from lora_trainer.data.cache import LATENT_CACHE_BATCH
 from lora_trainer.families import get_family
+from lora_trainer.torch_compat import meta_checkpointing
 
 GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -329,7 +330,7 @@ def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str
             tuc.checkpoint, use_reentrant=False, preserve_rng_state=False, context_fn=recompute_autocast))
     unet.train()
     side = resolution // 8
-    with _tracing(precision, device) as live:
+    with _tracing(precision, device) as live, meta_checkpointing():
         latents = torch.empty(batch, get_family(arch).latent_channels, side, side, device="meta")  # fp32, as kept
         noise = torch.empty_like(latents)  # the trainer's noise and target: as large again
         pred = forward()
