@@ -40,8 +40,10 @@ export HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 rc=0
 "$PY" -m lora_trainer.bench.rows --out "$OUT" "$@" 2>&1 | tee "$OUT/rows.log" || rc=$?
-# The GPU-only tests (the UNet parked while latents are cached, and back bit for bit)
+# The GPU-only tests (the denoiser parked while the caches fill and back bit for bit, a denoiser
+# placed on the GPU only after them)
 if "$PY" -c "import pytest, torch; assert torch.cuda.is_available()" 2>/dev/null; then
-  "$PY" -m pytest -q -m gpu tests/test_train_speed.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.log" || rc=$?
+  "$PY" -m pytest -q -m gpu tests/test_train_speed.py tests/test_train_placement.py 2>&1 | tail -5 \
+    | tee "$OUT/gpu_tests.log" || rc=$?
 fi
 exit $rc
