@@ -81,8 +81,8 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
                          elem_classes=[ctx.eid("log")])
     seen = g.State(None)
 
-    def do_preset(name: str | None, arch: str, network: str = "lora") -> list[Any]:
-        if not name:
+    def apply_preset(name: str, arch: str, network: str) -> list[Any]:
+        if not name or name == CUSTOM_PRESET:  # "custom" changes nothing
             return [compat.update() for _ in PRESET_FIELDS]
         values = preset_for_host(ctx.host, name, arch, network)
         return [compat.update(value=to_component(values[p], field_kind(p)[0])) if p in values else compat.update()
@@ -111,9 +111,6 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
             return {"stop": "stopping: saving a checkpoint and the LoRA…", "save_now": "saving at the next step…",
                     "sample_now": "rendering a sample at the next step…"}[name]
         return run
-
-    def apply_preset(name: str, arch: str, network: str) -> list[Any]:
-        return do_preset(None if name == CUSTOM_PRESET else name, arch, network)
 
     ctx.later(lambda: preset.change(apply_preset, [preset, ctx.fields["model.arch"], ctx.fields["network.type"]],
                                     [ctx.fields[p] for p in PRESET_FIELDS]))
