@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("LORA_TRAINER_CACHE", tempfile.mkdtemp(prefix="lora_trainer_test_cache_"))
+if "LORA_TRAINER_CACHE" not in os.environ:
+    # A private cache for this run, removed when the run ends (each run's is ~17 MB).
+    os.environ["LORA_TRAINER_CACHE"] = tempfile.mkdtemp(prefix="lora_trainer_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["LORA_TRAINER_CACHE"], ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Commands run in process (train, demo, bench) keep the tests' one thread (lora_trainer.threads).
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -3,6 +3,8 @@
 # Usage: bash tests/run.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The venvs take ~6 GB each (the registry's torch is a CUDA build): say what is free, for a failed run's log.
+df -Ph . | awk 'NR == 2 { print "tests/run.sh: " $4 " free on the disk of " $6 }'
 VENV=${LORA_TRAINER_VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
