@@ -223,3 +223,38 @@ def assert_family_metadata(path: Path, family: str, variant: str) -> None:
         assert metadata[key] == value, key
     found = detect_lora({k.split(".")[0] for k in tensors}, metadata)
     assert found is not None and found.name == family
+
+
+def check_test_render(family: str, variant: str, tok_dir: Path, tmp: Path, guidance: float) -> None:
+    """The standalone app's Test section on a trained LoRA of a family without a diffusers
+    pipeline here: one image per weight, weight 0 the bare model bit for bit, the family's
+    guidance unless one is given, and nothing of the LoRA left on the model."""
+    import numpy as np
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from lora_trainer.config import SampleConfig
+    from lora_trainer.families.flow_tiny import build_components
+    from lora_trainer.hosts.standalone import StandaloneHost
+    from lora_trainer.models import placement
+    from lora_trainer.train.sampler import render_sample
+
+    folder = save_pipeline(family, build_components(family, variant, tok_dir), tmp / "model")
+    host = StandaloneHost()
+    cfg = tiny_config(make_data(tmp / "d", n=2), tmp / "out", **{"model.base_model": str(folder),
+                                                                 "train.max_train_steps": 4,
+                                                                 "optim.learning_rate": 1e-2})
+    name = Trainer(cfg, host=host).run().lora_path.stem
+    bundle = host._last_bundle
+    before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
+    zero, one = host.render("a red circle", "", 3, name, [0.0, 1.0], 3, 64, 48)
+    assert zero.size == one.size == (64, 48)
+    with placement.denoiser_placed(bundle):
+        bare = render_sample(bundle, SampleConfig(prompt="a red circle", seed=3, steps=3, guidance_scale=guidance),
+                             64, 48)
+    assert np.array_equal(np.asarray(zero), np.asarray(bare))
+    assert not np.array_equal(np.asarray(one), np.asarray(zero))
+    assert np.array_equal(np.asarray(host.render("a red circle", "", 3, name, [1.0], 3, 64, 48, guidance)[0]),
+                          np.asarray(one))
+    after = bundle.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(isinstance(m, BaseTunerLayer) for root in bundle.trainable_roots().values() for m in root.modules())

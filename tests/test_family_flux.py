@@ -350,3 +350,9 @@ def test_the_standalone_load_leaves_the_transformer_off_the_card_until_the_cache
         assert all(placement.device_of(p.module) == meta for p in b.text_encoders) and placement.device_of(b.vae) == meta
         linear = b.unet.get_submodule(block_linear_targets(b.unet)[0])
         assert linear.weight.dtype == (torch.float8_e4m3fn if weight_dtype == "fp8" else torch.float32)
+
+
+def test_the_test_section_renders_a_lora_at_dev_guidance(tmp_path: Path, tok_dir: Path) -> None:
+    from tests.family_flow_helpers import check_test_render
+
+    check_test_render("flux1", "dev", tok_dir, tmp_path, 3.5)

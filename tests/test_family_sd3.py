@@ -244,3 +244,9 @@ def test_fp8_base_weights_train(tmp_path: Path, tok_dir: Path) -> None:
     print(f"sd3-large fp8: eval loss before {before:.4f} after {after:.4f}")
     assert after < 0.88 * before, (before, after)
     assert module_keys(result.lora_path) == expected_unet_keys("sd3", b)
+
+
+def test_the_test_section_renders_a_lora(tmp_path: Path, tok_dir: Path) -> None:
+    from tests.family_flow_helpers import check_test_render
+
+    check_test_render("sd3", "medium", tok_dir, tmp_path, 7.0)

@@ -81,6 +81,8 @@ class Family:
     uses_size_info: bool = False
     latent_channels: int = 4
     objective: ObjectiveSpec = ObjectiveSpec()
+    # The guidance of sample and test images: a CFG scale, or Flux.1-dev's distilled guidance.
+    sample_guidance: float = 7.0
     # Memory model: parameters of the parts that stay resident when not cached or offloaded.
     text_encoder_params: int = 0
     vae_params: int = 83_653_863

@@ -41,6 +41,7 @@ class Flux1(FlowFamily):
     t5_root = "te2"
     objective = DEV_OBJECTIVE
     pipeline_class = "FluxPipeline"
+    sample_guidance = 3.5  # dev's distilled guidance (the pipeline's default), not a CFG scale
     clip_caption_model = "ViT-L-14/openai"
     # CLIP-L (123 M) + T5-XXL encoder (4.76 G); VAE with 16 latent channels; the transformer.
     text_encoder_params = 123_060_480 + 4_762_310_656
@@ -61,8 +62,7 @@ class Flux1(FlowFamily):
         return flux_bundle(parts, device, dtype, name, weight_dtype)
 
     def preset_overrides(self, preset: str) -> dict[str, Any]:
-        # dev's distilled guidance is used at ~3.5 (the pipeline's default), not a CFG scale
-        return {"sample.guidance_scale": 3.5}
+        return {"sample.guidance_scale": self.sample_guidance}
 
     def text_tokens(self, variant: str = "") -> int:
         return T5_MAX_LENGTH[variant or self.default_variant()]

@@ -133,8 +133,9 @@ class StandaloneHost:
 
     # --- test render ------------------------------------------------------------------------
     def render(self, prompt: str, negative_prompt: str, seed: int, lora_name: str, weights: list[float],
-               steps: int, width: int, height: int, guidance_scale: float = 7.0) -> list[Image.Image]:
-        """One image per LoRA weight, all from the same seed (weight 0 is the base model)."""
+               steps: int, width: int, height: int, guidance_scale: float | None = None) -> list[Image.Image]:
+        """One image per LoRA weight, all from the same seed (weight 0 is the base model); the
+        guidance is the family's (a CFG scale of 7, Flux.1-dev's distilled 3.5) unless given."""
         bundle = self._last_bundle
         if bundle is None:
             raise HostError("no model is loaded; train or load a model before rendering")
@@ -145,9 +146,11 @@ class StandaloneHost:
             raise HostError(f"LoRA file {path} not found; check the name or the output folder")
         from lora_trainer.models import placement
 
+        guidance = bundle.family.sample_guidance if guidance_scale is None else float(guidance_scale)
+        render = self._render if "parts" in bundle.extras else _render_injected
         with placement.denoiser_placed(bundle):  # left in the host's memory between runs
-            return self._render(bundle, path, strip_network_tags(prompt), negative_prompt, seed, weights,
-                                (steps, width, height, guidance_scale))
+            return render(bundle, path, strip_network_tags(prompt), negative_prompt, seed, weights,
+                          (steps, width, height, guidance))
 
     def _render(self, bundle: ModelBundle, path: Path, text: str, negative_prompt: str, seed: int,
                 weights: list[float], sampling: tuple[int, int, int, float]) -> list[Image.Image]:
@@ -167,6 +170,32 @@ class StandaloneHost:
             return [_render_one(pipe, bundle, text, negative_prompt, seed, w, *sampling) for w in weights]
         finally:
             pipe.unload_lora_weights()
+
+
+def _render_injected(bundle: ModelBundle, path: Path, text: str, negative_prompt: str, seed: int,
+                     weights: list[float], sampling: tuple[int, int, int, float]) -> list[Image.Image]:
+    """The families without a diffusers pipeline here (Flux.1, SD3.5): the file's LoRA put on the
+    model as training puts it, and the sampler of training's sample images, once per weight."""
+    from lora_trainer.config import SampleConfig
+    from lora_trainer.lora.inject import inject_file
+    from lora_trainer.torch_compat import autocast_supported
+    from lora_trainer.train.sampler import render_sample
+
+    steps, width, height, guidance = sampling
+    cfg = SampleConfig(prompt=text, negative_prompt=negative_prompt, seed=int(seed), steps=int(steps),
+                       guidance_scale=guidance)
+    device, dtype = bundle.device, bundle.dtype
+    low = dtype in (torch.float16, torch.bfloat16) and device.type != "cpu" and autocast_supported(device.type, dtype)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if low else None
+    net = inject_file(bundle, str(path))
+    try:
+        images = []
+        for w in weights:
+            net.set_scale(w)
+            images.append(render_sample(bundle, cfg, int(width), int(height), autocast=autocast))
+        return images
+    finally:
+        net.remove()
 
 
 def build_render_pipeline(bundle: ModelBundle) -> Any:

@@ -367,3 +367,15 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
     if init_tensors is not None:
         net.load_kohya(init_tensors)
     return net
+
+
+def inject_file(bundle: ModelBundle, path: str) -> LoraNetwork:
+    """The network of a LoRA file on ``bundle`` to render with: its modules, kind, ranks, alphas
+    and weights, nothing trainable. ``remove()`` takes it off again."""
+    from lora_trainer.lora.files import read_lora_file
+
+    tensors, _ = read_lora_file(path)
+    kinds = {m.kind for m in kohya_tensors.read_modules(_file_side(bundle.arch, tensors, to_file=False)).values()}
+    kind = next(iter(kinds)) if len(kinds) == 1 else "lora"  # mixed kinds: inject_lora names the file
+    return inject_lora(bundle, NetworkConfig(type=kind, init_from=path, train_unet=False,  # type: ignore[arg-type]
+                                             train_text_encoder=False))
