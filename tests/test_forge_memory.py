@@ -1,12 +1,14 @@
 """Forge storing the UNet narrower than it computes (``--bf16-unet`` on a CPU, fp16 storage with
 fp32 computation on older cards): every layer casts its weights per call, and a backward pass
-without gradient checkpointing keeps each layer's cast copy. The host says so (the tab's memory
-estimate counts the copies) and turns checkpointing on for the run unless the estimate says it
-fits; on the Forge stand-in (tests/forge_stub), whose layers cast per call as Forge's do.
+would keep each layer's cast copy. Without checkpointing each layer casts again in the backward
+pass instead (train/recast.py): the same gradients, none of the copies kept; the tab's memory
+estimate traces that. On the Forge stand-in (tests/forge_stub), whose layers cast per call as
+Forge's do.
 """
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import forge_env
@@ -59,20 +61,91 @@ def train_recording(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **extra) ->
     return statuses, wrapped
 
 
-def test_a_unet_stored_narrow_trains_with_checkpointing_and_the_run_says_why(env, tmp_path: Path,
-                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def _run(tmp_path: Path, name: str, **extra) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """(the LoRA's tensors, layers recasting at each step) of a 2-step run on the loaded engine."""
+    from lora_trainer.hosts.forge import ForgeHost
+    from lora_trainer.lora.files import read_lora_file
+    from lora_trainer.train.recast import recasting
+    from lora_trainer.train.trainer import Trainer
+
+    recasts: list[int] = []
+    unet = forge_unet()
+
+    def seen(ev: TrainEvent) -> None:
+        if ev.kind == "step":
+            recasts.append(recasting(unet))
+
+    cfg = config(tmp_path / name, **{"output.save_precision": "fp32", **extra})
+    result = Trainer(cfg, host=ForgeHost(), callbacks=[seen]).run()
+    assert result.steps == 2
+    return read_lora_file(result.lora_path)[0], recasts
+
+
+def forge_unet() -> torch.nn.Module:
+    from modules import shared
+
+    return shared.sd_model.forge_objects_original.unet.model.diffusion_model
+
+
+def test_a_unet_stored_narrow_recasts_in_the_backward_pass_with_the_same_gradients(
+        env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_trainer.hosts import forge as forge_host
     from lora_trainer.hosts.forge import ForgeHost
 
-    engine = env.shared.sd_model
-    unet = engine.forge_objects_original.unet.model.diffusion_model
+    unet = forge_unet()
     assert next(unet.parameters()).dtype == torch.bfloat16
     assert ForgeHost().loaded_model().weights_cast == ("bf16", "fp32")
+    layers = forge_host.cast_per_call_layers(unet)
+    assert layers and all(m.parameters_manual_cast for m in layers)
     before = live_model.state_hash(unet)
-    statuses, wrapped = train_recording(tmp_path, monkeypatch)  # train.gradient_checkpointing left off
-    why = [s for s in statuses if "gradient checkpointing turned on" in s]
-    assert len(why) == 1 and "stores the UNet in bf16 and computes in fp32" in why[0] and "\n" not in why[0]
-    assert wrapped and wrapped[0] > 0  # every UNet block ran checkpointed
+    statuses, wrapped = train_recording(tmp_path / "r", monkeypatch)  # train.gradient_checkpointing left off
+    assert wrapped == [] and not any("checkpointing" in s for s in statuses)  # no recomputation
+    recast, per_step = _run(tmp_path, "recast")
+    assert per_step == [len(layers)] * 2  # every cast-per-call layer, every step
     assert live_model.state_hash(unet) == before and not any("forward" in vars(m) for m in unet.modules())
+    # without the recast: the same LoRA bit for bit (the recast copy is the same copy)
+    monkeypatch.setattr(forge_host, "recast_in_backward", lambda layers: None)
+    kept, _ = _run(tmp_path, "kept")
+    assert kept.keys() == recast.keys() and all(torch.equal(kept[k], recast[k]) for k in kept)
+    # Forge's weight casts between forward and backward: each kept by autograd, unless recast
+    linears = [m for m in layers if isinstance(m, torch.nn.Linear)]
+    assert _casts_alive_after_forward(linears, monkeypatch, recast=False) == len(linears)
+    assert _casts_alive_after_forward(linears, monkeypatch, recast=True) == 0
+
+
+def _casts_alive_after_forward(layers: list[torch.nn.Module], monkeypatch: pytest.MonkeyPatch,
+                               recast: bool) -> int:
+    """How many of the layers' fp32 weight casts are still alive after a forward through each
+    (with a gradient to take), before the backward pass."""
+    from backend import operations
+
+    from lora_trainer.train.recast import recast_in_backward
+
+    casts: list[weakref.ref] = []
+    cast = operations._cast
+
+    def recording(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        c = cast(t, x)
+        if t is not None and t.dim() == 2:  # the weights (biases are not saved for the backward)
+            casts.append(weakref.ref(c))
+        return c
+
+    monkeypatch.setattr(operations, "_cast", recording)
+    was = {p: p.requires_grad for m in layers for p in m.parameters()}
+    for p in was:  # frozen, as during a run
+        p.requires_grad_(False)
+    undo = recast_in_backward(layers) if recast else (lambda: None)
+    try:
+        outs = [m(torch.randn(2, m.in_features, requires_grad=True)) for m in layers]
+        alive = sum(ref() is not None for ref in casts)
+        sum(o.sum() for o in outs).backward()
+    finally:
+        undo()
+        monkeypatch.setattr(operations, "_cast", cast)
+        for p, before in was.items():
+            p.requires_grad_(before)
+    assert len(casts) == len(layers)
+    return alive
 
 
 def test_a_unet_stored_as_computed_keeps_the_users_setting(forge, tmp_path: Path,
@@ -85,23 +158,14 @@ def test_a_unet_stored_as_computed_keeps_the_users_setting(forge, tmp_path: Path
     assert wrapped == [] and not any("gradient checkpointing" in s for s in statuses)
 
 
-def test_on_a_gpu_checkpointing_stays_off_when_the_estimate_with_the_copies_fits(tmp_path: Path) -> None:
-    from lora_trainer.hosts.forge import checkpointing_needed
-
-    cfg = config(tmp_path, **{"data.resolution": 512, "train.mixed_precision": "fp16"})
-    cuda, cast = torch.device("cuda"), ("bf16", "fp32")
-    est = estimate.estimate_peak_memory("sd1", 512, 1, 4, "fp16", weights_cast=cast)
-    plain = estimate.estimate_peak_memory("sd1", 512, 1, 4, "fp16")
-    assert est.step_gb > plain.step_gb  # the estimate counts the copies (test_bench: by how much)
-    # Free memory beside the resident UNet: enough with the copies, then enough only without them.
-    enough = next(f / 10 for f in range(10, 400) if estimate.fits_resident(est, f / 10))
-    assert checkpointing_needed(cfg, "sd1", cast, cuda, free_gb=lambda d: enough) is None
-    short = next(f / 10 for f in range(10, 400) if estimate.fits_resident(plain, f / 10))
-    assert short < enough
-    why = checkpointing_needed(cfg, "sd1", cast, cuda, free_gb=lambda d: short)
-    assert why is not None and f"{short:.1f} GB free" in why
-    # Where free memory is not measured (the CPU's RAM, shared with the WebUI): always on.
-    assert checkpointing_needed(cfg, "sd1", cast, torch.device("cpu")) is not None
+def test_the_estimate_counts_no_copies_without_checkpointing_and_one_blocks_with_it() -> None:
+    cast = ("bf16", "fp32")
+    plain = estimate.trace_step("sd1", 256, 1, 4, "fp32", False, size="tiny", device="cpu")
+    recast = estimate.trace_step("sd1", 256, 1, 4, "fp32", False, size="tiny", device="cpu", weights_cast=cast)
+    # the copies are not kept: the step is the plain model's, plus one layer's recast at a time
+    assert plain["step"] <= recast["step"] <= plain["step"] * 1.1, (plain, recast)
+    # the resident weights are the narrow stored ones
+    assert recast["weight_bytes"] < plain["weight_bytes"]
 
 
 def test_forge_classics_manual_cast_dtype_is_read_too() -> None:

@@ -222,16 +222,22 @@ def _cast_per_call_class(base: type) -> type:
     return type(f"CastPerCall{base.__name__}", (base,), {"forward": _cast_per_call_forward})
 
 
-def store_cast_per_call(model: nn.Module, storage: torch.dtype) -> int:
+def store_cast_per_call(model: nn.Module, storage: torch.dtype, recast: bool = False) -> int:
     """Store the frozen weights of ``model``'s Linear, Conv2d and normalisation layers in ``storage``
     and make those layers cast them to their input's dtype at every call (a host's manual cast);
-    the trainable (LoRA) layers are left as they are. Returns how many layers."""
+    the trainable (LoRA) layers are left as they are. ``recast``: as a run without gradient
+    checkpointing trains them, casting again in the backward pass instead of keeping each copy
+    (train/recast.py). Returns how many layers."""
+    from lora_trainer.train.recast import recast_in_backward
+
     layers = [m for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
               and not any(p.requires_grad for p in m.parameters())]
     for layer in layers:
         for name, p in list(layer.named_parameters(recurse=False)):
             setattr(layer, name, nn.Parameter(p.detach().to(storage), requires_grad=False))
         layer.__class__ = _cast_per_call_class(type(layer))
+    if recast:
+        recast_in_backward(layers)
     return len(layers)
 
 
@@ -275,10 +281,11 @@ def _tracing(precision: str, device: str) -> Iterator[LiveBytes]:
 
 def _lora_step(arch: str, resolution: int, batch: int, rank: int, dtype: torch.dtype, size: str, targets: str,
                variant: str, weight_dtype: str, network: str = "lora",
-               weights_cast: WeightsCast | None = None) -> tuple[nn.Module, int, Any]:
+               weights_cast: WeightsCast | None = None, recast: bool = False) -> tuple[nn.Module, int, Any]:
     """(denoiser with LoRA, its LoRA parameter count, forward()) on meta; forward makes the
     step's inputs and returns the prediction. ``weights_cast``: the UNet's frozen weights stored
-    in its first dtype and cast per call, its inputs in the second (the host's computation)."""
+    in its first dtype and cast per call, its inputs in the second (the host's computation);
+    ``recast``: cast again in the backward pass (a run without checkpointing)."""
     if get_family(arch).transformer_denoiser:
         from lora_trainer.bench.transformer_step import build_lora_transformer, step_call
 
@@ -287,7 +294,7 @@ def _lora_step(arch: str, resolution: int, batch: int, rank: int, dtype: torch.d
         return model, lora_params, step_call(model, arch, variant, resolution, batch, dtype)
     unet, lora_params = build_lora_unet(arch, rank, dtype, size, targets=targets, network=network)
     if weights_cast is not None:
-        store_cast_per_call(unet, _DTYPES[weights_cast[0]])
+        store_cast_per_call(unet, _DTYPES[weights_cast[0]], recast)
         dtype = _DTYPES[weights_cast[1]]
     return unet, lora_params, lambda: unet(**meta_inputs(unet, resolution, batch, dtype)).sample
 
@@ -312,14 +319,15 @@ def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str
     forward and backward passes (a checkpointed backward holds the LoRA gradients so far, the
     inputs of the units still to go, one unit's recomputed activations and its backward's
     temporaries; all of that is counted as it happens, not modelled). ``weights_cast``: the
-    frozen weights stored narrow and cast in each layer at every call (their copies kept for the
-    backward pass are counted as they happen too)."""
+    frozen weights stored narrow and cast in each layer at every call; without checkpointing each
+    layer casts again in the backward pass (train/recast.py), with it the copies a recomputed
+    block keeps are counted as they happen."""
     import torch.nn.functional as F
     import torch.utils.checkpoint as tuc
 
     dtype = _DTYPES[precision]
     unet, lora_params, forward = _lora_step(arch, resolution, batch, rank, dtype, size, targets, variant,
-                                            weight_dtype, network, weights_cast)
+                                            weight_dtype, network, weights_cast, recast=not checkpointing)
     if checkpointing:
         # The recomputation runs inside the backward pass, where this thread's autocast
         # stand-in is not active: the checkpoint enters one of its own.

@@ -88,14 +88,14 @@ def _caching_in_this_process(arch: str, size: str, resolution: int) -> dict[str,
 
 
 def _unet_forward(arch: str, size: str, resolution: int, batch: int, rank: int, network: str = "lora",
-                  stored: str = "") -> tuple[Any, Any]:
+                  stored: str = "", recast: bool = False) -> tuple[Any, Any]:
     import torch
 
     from lora_trainer.bench.estimate import _DTYPES, build_lora_unet, meta_inputs, store_cast_per_call
 
     unet, _ = build_lora_unet(arch, rank, torch.float32, size, device="cpu", network=network)  # as traced
     if stored:
-        store_cast_per_call(unet, _DTYPES[stored])
+        store_cast_per_call(unet, _DTYPES[stored], recast)  # as the trainer runs it
     meta = meta_inputs(unet, resolution, batch, torch.float32)
 
     def real(x: Any) -> Any:
@@ -130,7 +130,7 @@ def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, ran
     if get_family(arch).transformer_denoiser:
         unet, forward = _transformer_forward(arch, size, resolution, batch, rank, network)
     else:
-        unet, forward = _unet_forward(arch, size, resolution, batch, rank, network, stored)
+        unet, forward = _unet_forward(arch, size, resolution, batch, rank, network, stored, recast=not checkpointing)
     params = [p for p in unet.parameters() if p.requires_grad]
     if checkpointing:
         unet.enable_gradient_checkpointing()

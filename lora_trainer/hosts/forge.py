@@ -39,6 +39,7 @@ from lora_trainer.hosts import live_model
 from lora_trainer.hosts.a1111_bundle import SizeEmbed, bundle_from_sd_model
 from lora_trainer.hosts.base import LoadedModel, trainable_families, trainable_labels
 from lora_trainer.hosts.webui import NO_CHECKPOINT, WebUIHost, checkpoint_label
+from lora_trainer.train.recast import recast_in_backward
 
 if TYPE_CHECKING:
     from lora_trainer.config import TrainConfig
@@ -194,38 +195,11 @@ def unet_weights_cast(kmodel: Any) -> tuple[str, str] | None:
     return _DTYPE_NAMES[storage], _DTYPE_NAMES[compute]
 
 
-def _cuda_free_gb(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    return torch.cuda.mem_get_info(device)[0] / 2**30
-
-
-def checkpointing_needed(config: TrainConfig, arch: str, cast: tuple[str, str], device: torch.device,
-                         free_gb: Callable[[torch.device], float | None] = _cuda_free_gb) -> str | None:
-    """Why a run with gradient checkpointing off turns it on when Forge casts the UNet's weights
-    per call: autograd keeps every layer's cast copy for the backward pass (about the UNet once
-    more in the computation dtype: +10 GB for SDXL in fp32). None when it may stay off: on a GPU
-    whose free memory the estimate with those copies counted says is enough. On a CPU (RAM shared
-    with the WebUI and everything else) it is always turned on."""
-    from lora_trainer.bench.estimate import estimate_peak_memory, fits_resident
-
-    storage, compute = cast
-    why = (f"gradient checkpointing turned on for this run: Forge stores the UNet in {storage} and computes in "
-           f"{compute}, and without checkpointing the backward pass keeps every layer's weights once more, in {compute}")
-    free = free_gb(device)
-    if free is None:
-        return why
-    t = config.train
-    precision = t.mixed_precision if t.mixed_precision in ("fp16", "bf16") else "fp32"
-    try:
-        est = estimate_peak_memory(arch, config.data.resolution, t.batch_size, config.network.rank, precision,
-                                   network=config.network.type, weights_cast=cast)
-    except Exception:  # noqa: BLE001 - without an estimate the safe choice is checkpointing
-        log.warning("could not estimate the run's memory; gradient checkpointing stays on", exc_info=True)
-        return why
-    if fits_resident(est, free):
-        return None
-    return f"{why} (predicted {est.total_gb - est.weights_gb:.1f} GB more than the UNet, {free:.1f} GB free)"
+def cast_per_call_layers(unet: nn.Module) -> list[nn.Module]:
+    """The UNet's layers that cast their stored weights per call (Neo and lllyasviel's Forge:
+    ``parameters_manual_cast``; Classic: ``ldm_patched_cast_weights``)."""
+    return [m for m in unet.modules()
+            if getattr(m, "parameters_manual_cast", False) or getattr(m, "ldm_patched_cast_weights", False)]
 
 
 def unet_blocks(unet: nn.Module) -> list[nn.Module]:
@@ -244,6 +218,7 @@ class _Lease:
     fingerprint: dict[str, tuple[float, float]]
     undo_checkpointing: Callable[[], None] | None = None
     undo_blocks: Callable[[], None] | None = None
+    undo_recast: Callable[[], None] | None = None
 
 
 class ForgeHost(WebUIHost):
@@ -307,11 +282,10 @@ class ForgeHost(WebUIHost):
                 or getattr(patcher.model, "manual_cast_dtype", None),
                 size_embed=engine_size_embed(sd_model))
             bundle.extras["enable_gradient_checkpointing"] = lambda: self._checkpointing(lease)
-            cast = unet_weights_cast(patcher.model)
-            if cast is not None and not config.train.gradient_checkpointing:
-                why = checkpointing_needed(config, bundle.arch, cast, device)
-                if why is not None:
-                    bundle.extras["gradient_checkpointing_why"] = why
+            if unet_weights_cast(patcher.model) is not None and not config.train.gradient_checkpointing:
+                # cast per call: each layer casts its weight again in the backward pass rather than
+                # autograd keeping every cast (with checkpointing, one block's at a time are kept)
+                lease.undo_recast = recast_in_backward(cast_per_call_layers(unet))
             return bundle
         except BaseException:
             self.release_bundle(None)
@@ -324,7 +298,7 @@ class ForgeHost(WebUIHost):
         changed: list[str] = []
         try:
             live_model.strip_peft_layers(lease.unet)
-            for undo in (lease.undo_checkpointing, lease.undo_blocks):
+            for undo in (lease.undo_checkpointing, lease.undo_blocks, lease.undo_recast):
                 if undo is not None:
                     undo()
             lease.sd_model.forge_objects = lease.forge_objects

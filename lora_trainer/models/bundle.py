@@ -65,8 +65,7 @@ class ModelBundle:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     # Free-form extras a loader or host wants to keep (tokenizers, pipeline pieces, ...). Read by
-    # the trainer: "enable_gradient_checkpointing" (a host's own way, returns the undo) and
-    # "gradient_checkpointing_why" (the host's model needs it for this run: the status line).
+    # the trainer: "enable_gradient_checkpointing" (a host's own way, returns the undo).
     extras: dict[str, Any] = field(default_factory=dict)
     # The training objective when it differs from the family's (None: the family's).
     objective: ObjectiveSpec | None = None

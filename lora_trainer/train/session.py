@@ -225,10 +225,7 @@ class RunSession:
         self.network = inject_lora(self.bundle, self.cfg.network)
         self.params = self.network.parameters()
         self.status(f"LoRA: {sum(p.numel() for p in self.params):,} trainable parameters")
-        host_why = self.bundle.extras.get("gradient_checkpointing_why")  # the host's model needs it
-        if host_why and not self.cfg.train.gradient_checkpointing:
-            self.status(host_why)
-        if self.cfg.train.gradient_checkpointing or host_why:
+        if self.cfg.train.gradient_checkpointing:
             self.enable_checkpointing()
         self.speed_up_unet()
 

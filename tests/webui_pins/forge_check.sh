@@ -33,7 +33,7 @@ esac
 ADDED=(diffusers peft PyYAML filelock regex requests importlib-metadata zipp open-clip-torch timm ftfy wcwidth)
 TESTS=(
   tests/test_forge_host.py tests/test_forge_script.py tests/test_forge_install.py tests/test_forge_memory.py
-  tests/test_hosts_contract.py tests/test_isolation.py
+  tests/test_hosts_contract.py tests/test_isolation.py tests/test_lora_forward.py
 )
 TEST_ARGS=("$@")
 
