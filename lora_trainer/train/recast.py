@@ -49,7 +49,7 @@ def _unpack(saved: Any) -> Any:
 def _forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     """Installed as ``layer.forward``: the layer's own forward on a copy it is given, saved as a recipe."""
     weight = self._parameters.get("weight")
-    if (weight is None or weight.requires_grad or not torch.is_grad_enabled()
+    if (weight is None or weight.requires_grad or not torch.is_grad_enabled() or not isinstance(x, torch.Tensor)
             or (weight.dtype == x.dtype and weight.device == x.device)):
         return type(self).forward(self, x, *args, **kwargs)
     # autograd keeps the hooks with every tensor they packed: the copy goes in a holder emptied
