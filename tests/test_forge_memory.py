@@ -95,6 +95,7 @@ def test_a_unet_stored_narrow_recasts_in_the_backward_pass_with_the_same_gradien
     unet = forge_unet()
     assert next(unet.parameters()).dtype == torch.bfloat16
     assert ForgeHost().loaded_model().weights_cast == ("bf16", "fp32")
+    assert ForgeHost().loaded_model().compute_dtype == "fp32"  # the presets' autocast: the card's choice
     layers = forge_host.cast_per_call_layers(unet)
     assert layers and all(m.parameters_manual_cast for m in layers)
     before = live_model.state_hash(unet)

@@ -86,13 +86,39 @@ def test_auto_preset_counts_the_resident_webui_model(env, monkeypatch: pytest.Mo
 
     seen = []
     monkeypatch.setattr(presets, "auto_values",
-                        lambda arch, free, resident=False, network="lora", weights_cast=None:
-                        seen.append((arch, resident, network)) or {})
+                        lambda arch, free, resident=False, network="lora", weights_cast=None, compute_dtype=None:
+                        seen.append((arch, resident, network, compute_dtype)) or {})
     monkeypatch.setattr(presets, "gpu_free_gb", lambda: 10.0)
     env.shared.sd_model = make_model("sdxl")
     preset_for_host(A1111Host(), "auto", "auto")
     preset_for_host(StandaloneHost(), "auto", "sd2", "dora")
-    assert seen == [("sdxl", True, "lora"), ("sd2", False, "dora")]
+    assert seen == [("sdxl", True, "lora", "fp32"), ("sd2", False, "dora", None)]
+
+
+def test_presets_train_in_the_half_precision_the_webui_model_computes_in(env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A WebUI's fp16 UNet trained under bf16 autocast would have every frozen weight cast at each
+    call and the casts kept for the backward pass (the UNet once more): the presets autocast in
+    the model's own half precision instead; a full-precision model keeps the card's choice."""
+    import torch
+
+    from lora_trainer.hosts.a1111 import A1111Host
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(presets, "gpu_free_gb", lambda: 10.0)
+    host = A1111Host()
+    assert host.loaded_model().compute_dtype == "fp32"  # the stand-in's model, as on a CPU
+    assert preset_for_host(host, "auto", "auto")["train.mixed_precision"] == "bf16"
+    assert preset_for_host(host, "24 GB", "auto")["train.mixed_precision"] == "bf16"
+    assert preset_for_host(host, "8 GB", "auto")["train.mixed_precision"] == "fp16"
+    for half in (torch.float16, torch.bfloat16):
+        model = make_model("sd1")
+        model.model.diffusion_model.to(half)
+        env.shared.sd_model = model
+        name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[half]
+        assert host.loaded_model().compute_dtype == name
+        for preset in ("auto", "8 GB", "24 GB"):
+            assert preset_for_host(host, preset, "auto")["train.mixed_precision"] == name, (preset, name)
 
 
 def test_the_tab_shows_the_loaded_checkpoint_and_a_webui_send_button(env) -> None:

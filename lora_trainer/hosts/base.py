@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import torch
+
 from lora_trainer.errors import HostError
 from lora_trainer.families import Family, all_families
 
@@ -22,6 +24,10 @@ if TYPE_CHECKING:
     from lora_trainer.config import TrainConfig
     from lora_trainer.models.bundle import ModelBundle
     from lora_trainer.train.events import TrainEvent
+
+
+# The dtypes a WebUI's UNet is stored or computes in, by the names configs and presets use.
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def trainable_families() -> tuple[Family, ...]:
@@ -45,7 +51,10 @@ class LoadedModel:
     ``resident``: trained in place, so its weights already sit in the memory the run uses.
     ``weights_cast``: (storage, computation) dtype names ("bf16", "fp32") when the host stores the
     UNet's weights narrower than it computes and casts them in every layer at every call (Forge);
-    the memory estimate counts the cast copies a backward pass keeps.
+    the memory estimate counts the cast copies a backward pass keeps. ``compute_dtype``: the dtype
+    name the UNet computes in ("fp16", "bf16", "fp32"); the presets train under autocast in it
+    when it is fp16 or bf16, so autocast never casts the frozen weights (and autograd never keeps
+    those casts: the UNet once more).
     """
 
     label: str
@@ -53,6 +62,7 @@ class LoadedModel:
     unsupported: str | None = None
     resident: bool = True
     weights_cast: tuple[str, str] | None = None
+    compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.family is not None and self.unsupported is not None:

@@ -37,7 +37,7 @@ from torch import nn
 from lora_trainer.errors import HostError
 from lora_trainer.hosts import live_model
 from lora_trainer.hosts.a1111_bundle import SizeEmbed, bundle_from_sd_model
-from lora_trainer.hosts.base import LoadedModel, trainable_families, trainable_labels
+from lora_trainer.hosts.base import DTYPE_NAMES, LoadedModel, trainable_families, trainable_labels
 from lora_trainer.hosts.webui import NO_CHECKPOINT, WebUIHost, checkpoint_label
 from lora_trainer.train.recast import recast_in_backward
 
@@ -178,9 +178,6 @@ def trainable_transformer_blocks(unet: nn.Module) -> Callable[[], None]:
     return undo
 
 
-_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 def unet_weights_cast(kmodel: Any) -> tuple[str, str] | None:
     """(storage, computation) dtype names when Forge stores the UNet narrower (or just other) than
     it computes: its loader then builds every layer with ``parameters_manual_cast`` (Neo,
@@ -190,9 +187,9 @@ def unet_weights_cast(kmodel: Any) -> tuple[str, str] | None:
     if storage is None:
         storage = next(kmodel.diffusion_model.parameters()).dtype
     compute = getattr(kmodel, "computation_dtype", None) or getattr(kmodel, "manual_cast_dtype", None) or storage
-    if storage == compute or storage not in _DTYPE_NAMES or compute not in _DTYPE_NAMES:
+    if storage == compute or storage not in DTYPE_NAMES or compute not in DTYPE_NAMES:
         return None
-    return _DTYPE_NAMES[storage], _DTYPE_NAMES[compute]
+    return DTYPE_NAMES[storage], DTYPE_NAMES[compute]
 
 
 def cast_per_call_layers(unet: nn.Module) -> list[nn.Module]:
@@ -234,6 +231,13 @@ class ForgeHost(WebUIHost):
     # -- model ------------------------------------------------------------------------------
     def weights_cast_of(self, sd_model: Any) -> tuple[str, str] | None:
         return unet_weights_cast(sd_model.forge_objects.unet.model)
+
+    def compute_dtype_of(self, sd_model: Any) -> str | None:
+        kmodel = sd_model.forge_objects.unet.model
+        cast = unet_weights_cast(kmodel)
+        if cast is not None:
+            return cast[1]
+        return DTYPE_NAMES.get(next(kmodel.diffusion_model.parameters()).dtype)
 
     def family_of(self, sd_model: Any) -> str | LoadedModel:
         if getattr(sd_model, "forge_objects", None) is None:  # selected, loaded on first use

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_trainer.errors import HostError, LoraTrainerError
-from lora_trainer.hosts.base import LoadedModel
+from lora_trainer.hosts.base import DTYPE_NAMES, LoadedModel
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -89,7 +89,15 @@ class WebUIHost:
         family = self.family_of(sd_model)
         if isinstance(family, LoadedModel):
             return family
-        return LoadedModel(label, family, weights_cast=self.weights_cast_of(sd_model))
+        return LoadedModel(label, family, weights_cast=self.weights_cast_of(sd_model),
+                           compute_dtype=self.compute_dtype_of(sd_model))
+
+    def compute_dtype_of(self, sd_model: Any) -> str | None:
+        """The dtype name the UNet computes in (its weights'; ``LoadedModel.compute_dtype``)."""
+        try:
+            return DTYPE_NAMES.get(next(sd_model.model.diffusion_model.parameters()).dtype)
+        except (AttributeError, StopIteration):
+            return None
 
     def weights_cast_of(self, sd_model: Any) -> tuple[str, str] | None:
         """(storage, computation) dtype names when the WebUI stores the UNet narrower than it

@@ -83,19 +83,27 @@ def auto_preset(memory_gb: float | None = None, *, detect: bool = True) -> str:
     return f"{fitting[-1] if fitting else 6} GB"
 
 
+def _mixed_precision(compute_dtype: str | None) -> str:
+    """Autocast in the dtype a host's model computes in when it is half precision (no cast of
+    the frozen weights at every call, none kept for the backward pass); else bf16 where the card
+    has it, fp16 otherwise."""
+    import torch
+
+    if compute_dtype in ("fp16", "bf16"):
+        return compute_dtype
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
+
+
 def auto_values(arch: str, free_gb: float, model_resident: bool = False, network: str = "lora",
-                weights_cast: tuple[str, str] | None = None) -> dict[str, Any]:
+                weights_cast: tuple[str, str] | None = None, compute_dtype: str | None = None) -> dict[str, Any]:
     """The fastest settings the memory estimator predicts to fit ``free_gb`` (minus a reserve for
     the host) with ``network`` adapters: the largest batch without gradient checkpointing, else
     with it; for Flux.1 / SD3.5 the transformer's weights stored in fp8 or nf4 when bf16 ones do
     not fit. ``weights_cast``: the host casts narrow-stored UNet weights per call
-    (``LoadedModel.weights_cast``)."""
-    import torch
-
+    (``LoadedModel.weights_cast``); ``compute_dtype``: the dtype the host's model computes in."""
     from lora_trainer.bench.estimate import choose_settings
 
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    precision = "bf16" if bf16 else "fp16"
+    precision = _mixed_precision(compute_dtype)
     c = choose_settings(free_gb, arch, precision=precision, model_resident=model_resident, network=network,
                         weights_cast=weights_cast)
     return {**_COMMON, "data.resolution": c["resolution"], "train.batch_size": c["batch_size"],
@@ -112,17 +120,19 @@ FULL_WEIGHT_KINDS = ("dora", "loha", "lokr")
 
 def preset_values(name: str, arch: str = DEFAULT_FAMILY, memory_gb: float | None = None, *,
                   model_resident: bool = False, network: str = "lora",
-                  weights_cast: tuple[str, str] | None = None) -> dict[str, Any]:
+                  weights_cast: tuple[str, str] | None = None, compute_dtype: str | None = None) -> dict[str, Any]:
     """{field path: value} for preset ``name``. "auto" asks the memory estimator for the fastest
     settings that fit the free GPU memory (``memory_gb`` when given) with ``network`` adapters;
     without a GPU it is the CPU demo preset. The fixed presets turn gradient checkpointing on for
     :data:`FULL_WEIGHT_KINDS`. ``model_resident``: the host's model already sits in that memory;
-    ``weights_cast``: the host casts its narrow-stored UNet weights per call."""
+    ``weights_cast``: the host casts its narrow-stored UNet weights per call; ``compute_dtype``:
+    the dtype the host's model computes in (fp16 or bf16: the mixed precision of every GPU preset)."""
     if name == "auto":
         free = memory_gb if memory_gb is not None else gpu_free_gb()
         if free is None:
             return {**_COMMON, **_CPU}
-        return auto_values(arch, free, model_resident, network, weights_cast=weights_cast)
+        return auto_values(arch, free, model_resident, network, weights_cast=weights_cast,
+                           compute_dtype=compute_dtype)
     if name == "cpu (demo)":
         return {**_COMMON, **_CPU}
     try:
@@ -135,6 +145,8 @@ def preset_values(name: str, arch: str = DEFAULT_FAMILY, memory_gb: float | None
     values = {**_COMMON, **base, **get_family(arch).preset_overrides(name)}
     if network in FULL_WEIGHT_KINDS:
         values["train.gradient_checkpointing"] = True
+    if compute_dtype in ("fp16", "bf16"):
+        values["train.mixed_precision"] = compute_dtype
     return values
 
 

@@ -133,7 +133,8 @@ def preset_for_host(host: Host, name: str, form_arch: str, network: str = "lora"
         family = form_arch if form_arch and form_arch != "auto" else DEFAULT_FAMILY
     return presets.preset_values(name, family, model_resident=loaded is not None and loaded.resident,
                                  network=network or "lora",
-                                 weights_cast=loaded.weights_cast if loaded is not None else None)
+                                 weights_cast=loaded.weights_cast if loaded is not None else None,
+                                 compute_dtype=loaded.compute_dtype if loaded is not None else None)
 
 
 def _preset_dropdown(ctx: TabContext) -> Any:
