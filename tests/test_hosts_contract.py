@@ -74,8 +74,8 @@ def test_presets_follow_the_loaded_sdxl_checkpoint_with_arch_auto(env) -> None:
     loaded = host.loaded_model()
     assert (loaded.family, loaded.resident) == ("sdxl", True) and "tiny-sdxl.safetensors" in loaded.label
     values = preset_for_host(host, "8 GB", "auto")
-    assert values == presets.preset_values("8 GB", "sdxl")
-    assert values["data.resolution"] == 1024 and values != presets.preset_values("8 GB", "sd1")
+    assert values == presets.preset_values("8 GB", "sdxl", compute_dtype="fp32")
+    assert values["data.resolution"] == 1024 and values != presets.preset_values("8 GB", "sd1", compute_dtype="fp32")
     # The form's arch does not override the WebUI's model: it is the one that is trained.
     assert preset_for_host(host, "12 GB", "sd1")["data.resolution"] == 1024
 
@@ -95,10 +95,10 @@ def test_auto_preset_counts_the_resident_webui_model(env, monkeypatch: pytest.Mo
     assert seen == [("sdxl", True, "lora", "fp32"), ("sd2", False, "dora", None)]
 
 
-def test_presets_train_in_the_half_precision_the_webui_model_computes_in(env, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A WebUI's fp16 UNet trained under bf16 autocast would have every frozen weight cast at each
-    call and the casts kept for the backward pass (the UNet once more): the presets autocast in
-    the model's own half precision instead; a full-precision model keeps the card's choice."""
+def test_presets_train_in_the_precision_the_webui_model_computes_in(env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A WebUI's fp16 UNet trained under bf16 autocast (or an fp32 one under any autocast) would
+    have every frozen weight cast at each call and the casts kept for the backward pass (the UNet
+    once more, not in the estimate): the presets train in the model's own precision instead."""
     import torch
 
     from lora_trainer.hosts.a1111 import A1111Host
@@ -107,10 +107,10 @@ def test_presets_train_in_the_half_precision_the_webui_model_computes_in(env, mo
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(presets, "gpu_free_gb", lambda: 10.0)
     host = A1111Host()
-    assert host.loaded_model().compute_dtype == "fp32"  # the stand-in's model, as on a CPU
-    assert preset_for_host(host, "auto", "auto")["train.mixed_precision"] == "bf16"
-    assert preset_for_host(host, "24 GB", "auto")["train.mixed_precision"] == "bf16"
-    assert preset_for_host(host, "8 GB", "auto")["train.mixed_precision"] == "fp16"
+    assert host.loaded_model().compute_dtype == "fp32"  # the stand-in's model (--no-half)
+    for preset in ("auto", "8 GB", "24 GB"):
+        assert preset_for_host(host, preset, "auto")["train.mixed_precision"] == "no", preset
+    assert presets.preset_values("auto", "sd1", 10.0)["train.mixed_precision"] == "bf16"  # no host model
     for half in (torch.float16, torch.bfloat16):
         model = make_model("sd1")
         model.model.diffusion_model.to(half)

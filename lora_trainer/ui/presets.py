@@ -84,13 +84,17 @@ def auto_preset(memory_gb: float | None = None, *, detect: bool = True) -> str:
 
 
 def _mixed_precision(compute_dtype: str | None) -> str:
-    """Autocast in the dtype a host's model computes in when it is half precision (no cast of
-    the frozen weights at every call, none kept for the backward pass); else bf16 where the card
-    has it, fp16 otherwise."""
+    """``train.mixed_precision`` for a host's model that computes in ``compute_dtype``: its own
+    precision (fp16/bf16 autocast, or none for fp32, a WebUI started with ``--no-half``), so
+    autocast never casts a frozen weight at every call and autograd never keeps those casts (the
+    UNet once more, which the estimate does not count); without a host's model bf16 where the
+    card has it, fp16 otherwise."""
     import torch
 
     if compute_dtype in ("fp16", "bf16"):
         return compute_dtype
+    if compute_dtype == "fp32":
+        return "no"
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
 
 
@@ -104,7 +108,8 @@ def auto_values(arch: str, free_gb: float, model_resident: bool = False, network
     from lora_trainer.bench.estimate import choose_settings
 
     precision = _mixed_precision(compute_dtype)
-    c = choose_settings(free_gb, arch, precision=precision, model_resident=model_resident, network=network,
+    c = choose_settings(free_gb, arch, precision="fp32" if precision == "no" else precision,
+                        model_resident=model_resident, network=network,
                         weights_cast=weights_cast)
     return {**_COMMON, "data.resolution": c["resolution"], "train.batch_size": c["batch_size"],
             "train.gradient_checkpointing": c["gradient_checkpointing"], "network.rank": c["rank"],
@@ -126,7 +131,7 @@ def preset_values(name: str, arch: str = DEFAULT_FAMILY, memory_gb: float | None
     without a GPU it is the CPU demo preset. The fixed presets turn gradient checkpointing on for
     :data:`FULL_WEIGHT_KINDS`. ``model_resident``: the host's model already sits in that memory;
     ``weights_cast``: the host casts its narrow-stored UNet weights per call; ``compute_dtype``:
-    the dtype the host's model computes in (fp16 or bf16: the mixed precision of every GPU preset)."""
+    the dtype the host's model computes in (the mixed precision of every GPU preset follows it)."""
     if name == "auto":
         free = memory_gb if memory_gb is not None else gpu_free_gb()
         if free is None:
@@ -145,8 +150,8 @@ def preset_values(name: str, arch: str = DEFAULT_FAMILY, memory_gb: float | None
     values = {**_COMMON, **base, **get_family(arch).preset_overrides(name)}
     if network in FULL_WEIGHT_KINDS:
         values["train.gradient_checkpointing"] = True
-    if compute_dtype in ("fp16", "bf16"):
-        values["train.mixed_precision"] = compute_dtype
+    if compute_dtype is not None:
+        values["train.mixed_precision"] = _mixed_precision(compute_dtype)
     return values
 
 
