@@ -52,9 +52,9 @@ class LoadedModel:
     ``weights_cast``: (storage, computation) dtype names ("bf16", "fp32") when the host stores the
     UNet's weights narrower than it computes and casts them in every layer at every call (Forge);
     the memory estimate counts the cast copies a backward pass keeps. ``compute_dtype``: the dtype
-    name the UNet computes in ("fp16", "bf16", "fp32"); the presets train under autocast in it
-    when it is fp16 or bf16, so autocast never casts the frozen weights (and autograd never keeps
-    those casts: the UNet once more).
+    name the UNet computes in ("fp16", "bf16", "fp32"); the presets train in it (fp16/bf16
+    autocast, or none for fp32), so autocast never casts the frozen weights (and autograd never
+    keeps those casts: the UNet once more).
     """
 
     label: str
