@@ -19,7 +19,6 @@ current ``scaling`` every time. :func:`lean_lora_forward` returns the callable t
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from lora_trainer.torch_compat import autocast_dtype
+from lora_trainer.train import forwards
 
 
 class _LoraAddmm(torch.autograd.Function):
@@ -104,19 +104,9 @@ def _lean_candidates(model: nn.Module) -> list[nn.Module]:
 
 def lean_lora_forward(model: nn.Module) -> Callable[[], None]:
     """Give every plain peft LoRA Linear layer of ``model`` the lean forward; returns the undo."""
-    layers = _lean_candidates(model)
-    for m in layers:
-        m.forward = types.MethodType(_lean_forward, m)
-
-    def undo() -> None:
-        for m in layers:
-            if isinstance(vars(m).get("forward"), types.MethodType) and m.forward.__func__ is _lean_forward:
-                del m.forward
-
-    return undo
+    return forwards.install(_lean_candidates(model), _lean_forward)
 
 
 def lean_layers(model: nn.Module) -> int:
     """How many layers of ``model`` run the lean forward now."""
-    return sum(isinstance(vars(m).get("forward"), types.MethodType) and m.forward.__func__ is _lean_forward
-               for m in model.modules())
+    return forwards.count(model, _lean_forward)

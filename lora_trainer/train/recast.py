@@ -20,12 +20,13 @@ layer saves from checkpointing's own (which keep one block's copies at a time an
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+
+from lora_trainer.train import forwards
 
 
 class _Recast(NamedTuple):
@@ -74,19 +75,9 @@ def _forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any
 def recast_in_backward(layers: Iterable[nn.Module]) -> Callable[[], None]:
     """Give each layer (one that casts its stored weight to its input's dtype and device per call)
     the forward above; returns the callable that takes it off again."""
-    changed = [m for m in layers if "forward" not in vars(m)]
-    for m in changed:
-        m.forward = types.MethodType(_forward, m)
-
-    def undo() -> None:
-        for m in changed:
-            if isinstance(vars(m).get("forward"), types.MethodType) and m.forward.__func__ is _forward:
-                del m.forward
-
-    return undo
+    return forwards.install(layers, _forward)
 
 
 def recasting(model: nn.Module) -> int:
     """How many layers of ``model`` recast their weight in the backward pass now."""
-    return sum(isinstance(vars(m).get("forward"), types.MethodType) and m.forward.__func__ is _forward
-               for m in model.modules())
+    return forwards.count(model, _forward)
