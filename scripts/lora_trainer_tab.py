@@ -50,20 +50,12 @@ def lt_on_ui_tabs():
 
 
 def lt_on_ui_settings() -> None:
-    import gradio as gr
-
-    from lora_trainer.ui.presets import PRESET_NAMES
-
     def add(key: str, info) -> None:
         info.section = LT_SECTION
         shared.opts.add_option(key, info)
 
     add("lora_trainer_output_dir", shared.OptionInfo(
         "", "Folder for trained LoRAs (empty: the WebUI's LoRA folder, --lora-dir)"))
-    add("lora_trainer_default_preset", shared.OptionInfo(
-        "auto", "Default training preset (by GPU memory)", gr.Dropdown, {"choices": PRESET_NAMES}))
-    add("lora_trainer_keep_checkpoints", shared.OptionInfo(
-        3, "Step checkpoints to keep per run (0 keeps all)", gr.Slider, {"minimum": 0, "maximum": 20, "step": 1}))
     add("lora_trainer_preview_samples", shared.OptionInfo(
         True, "Show training samples in the WebUI's live preview"))
 

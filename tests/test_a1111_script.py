@@ -30,8 +30,30 @@ def test_script_registers_tab_settings_and_routes(script) -> None:
     assert len(cm["callbacks_ui_tabs"]) == len(cm["callbacks_ui_settings"]) == len(cm["callbacks_app_started"]) == 1
     script.script_callbacks.ui_settings_callback()
     labels = script.shared.opts.data_labels
-    assert {"lora_trainer_output_dir", "lora_trainer_default_preset", "lora_trainer_keep_checkpoints"} <= set(labels)
+    # every setting is one the extension reads
+    assert set(labels) == {"lora_trainer_output_dir", "lora_trainer_preview_samples"}
     assert all(info.section == ("lora_trainer", "Train LoRA") for info in labels.values())
+
+
+def test_the_preview_setting_decides_whether_samples_reach_the_live_preview(script) -> None:
+    from PIL import Image
+
+    from lora_trainer.hosts.a1111 import A1111Host
+    from lora_trainer.train.events import TrainEvent
+
+    shown = []
+    state, opts = script.shared.state, script.shared.opts
+    original = state.assign_current_image
+    state.assign_current_image = shown.append
+    try:
+        sample = TrainEvent("sample", step=2, total_steps=4, image=Image.new("RGB", (8, 8)))
+        A1111Host().on_event(sample)
+        opts.lora_trainer_preview_samples = False
+        A1111Host().on_event(sample)
+        assert shown == [sample.image]
+    finally:
+        state.assign_current_image = original
+        opts.__dict__.pop("lora_trainer_preview_samples", None)
 
 
 def test_tab_is_built_from_the_ui_package_with_the_a1111_host(script, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -152,7 +152,8 @@ class WebUIHost:
         try:
             from modules import shared
 
-            report_progress(shared.state, event)
+            preview = bool(getattr(getattr(shared, "opts", None), "lora_trainer_preview_samples", True))
+            report_progress(shared.state, event, preview)
         except Exception:  # noqa: BLE001 - progress display must never break training
             log.debug("could not update shared.state", exc_info=True)
 
@@ -216,8 +217,9 @@ class InterrogatorCaptioner:
                 self.interrogator.unload()
 
 
-def report_progress(state: Any, event: TrainEvent) -> None:
-    """Mirror a training event into the WebUI's progress (``shared.state``)."""
+def report_progress(state: Any, event: TrainEvent, preview: bool = True) -> None:
+    """Mirror a training event into the WebUI's progress (``shared.state``); ``preview``: sample
+    images go to the WebUI's live preview (Settings → Train LoRA)."""
     if event.kind == "step":
         # One job whose "sampling steps" are the training steps: the WebUI's progress bar and
         # ETA then read naturally.
@@ -229,7 +231,8 @@ def report_progress(state: Any, event: TrainEvent) -> None:
         loss = f", loss {event.loss:.4f}" if event.loss is not None else ""
         state.textinfo = f"Train LoRA: step {event.step}/{event.total_steps}{loss}"
     elif event.kind == "sample" and event.image is not None:
-        state.assign_current_image(event.image)
+        if preview:
+            state.assign_current_image(event.image)
     elif event.message:
         state.textinfo = event.message
 
