@@ -20,7 +20,7 @@ from lora_trainer.errors import ConfigError
 from lora_trainer.train import compiled
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.trainer import Trainer
-from tests.train_helpers import TinyHost, lora_tensors, tiny_config
+from tests.train_helpers import TinyHost, lora_tensors, stopped_and_resumed, tiny_config
 
 dynamo = pytest.importorskip("torch._dynamo")
 
@@ -129,16 +129,7 @@ def test_a_compiled_run_resumes_exactly_compiles_each_bucket_once_and_restores_t
     assert len(backend.graphs) == 2 and latent_sizes == {(8, 8), (4, 12)}, latent_sizes
     assert backend.calls == 6  # the sample at the end ran uncompiled: no third graph for it
 
-    trainer: Trainer
-
-    def stop_at_three(ev: TrainEvent) -> None:
-        if ev.kind == "step" and ev.step == 3:
-            trainer.stop()
-
-    trainer = Trainer(tiny_config(two_buckets, tmp_path / "b", **COMPILED), host=host, callbacks=[stop_at_three])
-    assert trainer.run().steps == 3
-    second = Trainer(tiny_config(two_buckets, tmp_path / "b", **COMPILED, **{"train.resume": "latest"}),
-                     host=host).run()
+    second = stopped_and_resumed(two_buckets, tmp_path / "b", host, **COMPILED)
     assert second.steps == 6 and backend.calls == 12
     a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

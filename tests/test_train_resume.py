@@ -12,7 +12,7 @@ from lora_trainer.errors import ConfigError
 from lora_trainer.lora.files import read_lora_file
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.trainer import Trainer
-from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
+from tests.train_helpers import TinyHost, lora_tensors, make_data, stopped_and_resumed, tiny_config
 
 # Everything that draws random numbers is on: LoRA dropout, flips, caption shuffle and dropout,
 # noise offset, min-SNR, accumulation over an epoch boundary, warmup + cosine.
@@ -154,15 +154,7 @@ def test_every_network_type_resumes_exactly_and_continues_from_its_file(
     busy = {**BUSY, "network.dropout": 0.0, "network.type": typ, "network.alpha": 3.0,
             "network.conv_rank": 2, "network.conv_alpha": 1.0}
     straight = Trainer(tiny_config(data, tmp_path / "a", **busy), host=host).run()
-    trainer: Trainer
-
-    def stop_at_three(ev: TrainEvent) -> None:
-        if ev.kind == "step" and ev.step == 3:
-            trainer.stop()
-
-    trainer = Trainer(tiny_config(data, tmp_path / "b", **busy), host=host, callbacks=[stop_at_three])
-    assert trainer.run().steps == 3
-    second = Trainer(tiny_config(data, tmp_path / "b", **busy, **{"train.resume": "latest"}), host=host).run()
+    second = stopped_and_resumed(data, tmp_path / "b", host, **busy)
     a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
     assert a.keys() == b.keys() and any(k.endswith("conv1.alpha") for k in a)
     for k in a:
