@@ -135,6 +135,9 @@ class LoopConfig:
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "Autocast precision; LoRA parameters stay fp32 (fp16 uses loss scaling).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    checkpointing_share: float = _f(1.0, "With gradient_checkpointing: the share of the UNet's (or transformer's) "
+                                    "blocks recomputed, above 0 up to 1. Less is faster, more saves memory; the "
+                                    "auto preset picks the least that fits.")
     noise_offset: float = _f(0.0, "Noise offset (helps very dark/bright images); 0.05-0.1 typical.")
     min_snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5 is typical); empty disables.")
     seed: int = _f(42, "Random seed (data order, noise, dropout).")
@@ -442,6 +445,8 @@ def validate(cfg: TrainConfig) -> None:
     need(t.gradient_accumulation_steps >= 1,
          f"train.gradient_accumulation_steps: {t.gradient_accumulation_steps} must be at least 1")
     need(t.save_steps >= 0, f"train.save_steps: {t.save_steps} must be 0 or more")
+    need(0 < t.checkpointing_share <= 1,
+         f"train.checkpointing_share: {t.checkpointing_share} must be above 0 and at most 1 (1: every block)")
     need(t.noise_offset >= 0, f"train.noise_offset: {t.noise_offset} must be 0 or more")
     need(t.min_snr_gamma is None or t.min_snr_gamma > 0,
          f"train.min_snr_gamma: {t.min_snr_gamma} must be above 0 (or empty)")

@@ -27,7 +27,6 @@ def enter() -> SimpleNamespace:
         processing=importlib.import_module("modules.processing"),
         script_callbacks=importlib.import_module("modules.script_callbacks"),
         sd_models=importlib.import_module("modules.sd_models"),
-        sd_hijack_checkpoint=importlib.import_module("modules.sd_hijack_checkpoint"),
         shared_state=importlib.import_module("modules.shared_state"),
         networks=importlib.import_module("networks"),
         tiny_ldm=importlib.import_module("tiny_ldm"),

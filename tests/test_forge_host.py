@@ -182,13 +182,21 @@ def test_a_run_that_raises_or_is_interrupted_restores_everything(env, tmp_path: 
 
 
 def test_gradient_checkpointing_on_forges_unet_is_ours_and_undone(env, tmp_path: Path) -> None:
-    engine = env.shared.sd_model
-    before = live_model.state_hash(kmodel(engine))
-    result = train(env, tmp_path, **{"train.gradient_checkpointing": True})
-    assert result.steps == 3 and live_model.state_hash(kmodel(engine)) == before
-    from lora_trainer.hosts.forge import unet_blocks
+    from lora_trainer.train import checkpointing
+    from lora_trainer.train.trainer import Trainer
 
-    assert not any("forward" in vars(b) for b in unet_blocks(kmodel(engine).diffusion_model))
+    engine = env.shared.sd_model
+    unet = kmodel(engine).diffusion_model
+    units = checkpointing.units(unet)
+    assert {type(u).__name__ for u in units} == {"ResBlock", "BasicTransformerBlock"}  # Forge's LDM classes
+    before = live_model.state_hash(kmodel(engine))
+    during: list[int] = []
+    cfg = config(tmp_path, **{"train.gradient_checkpointing": True, "train.checkpointing_share": 0.5})
+    result = Trainer(cfg, host=host(), callbacks=[
+        lambda ev: during.append(checkpointing.count(unet)) if ev.kind == "step" else None]).run()
+    assert result.steps == 3 and live_model.state_hash(kmodel(engine)) == before
+    assert during == [round(len(units) / 2)] * 3 and checkpointing.count(unet) == 0
+    assert not any("forward" in vars(b) for b in units)
 
 
 def test_changed_weights_trigger_a_checkpoint_reload(env, tmp_path: Path) -> None:

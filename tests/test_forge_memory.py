@@ -42,23 +42,24 @@ def config(tmp_path: Path, **extra):
     return build_config({**values, **extra})
 
 
-def train_recording(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **extra) -> tuple[list[str], list[int]]:
-    """(status lines, block counts each checkpoint_blocks call wrapped) of a run."""
+def train_recording(tmp_path: Path, **extra) -> tuple[list[str], list[int]]:
+    """(status lines, blocks checkpointed at each step) of a run."""
     from lora_trainer.hosts.forge import ForgeHost
+    from lora_trainer.train import checkpointing
     from lora_trainer.train.trainer import Trainer
 
-    wrapped: list[int] = []
-    real = live_model.checkpoint_blocks
-    monkeypatch.setattr(live_model, "checkpoint_blocks", lambda blocks: wrapped.append(len(blocks)) or real(blocks))
     statuses: list[str] = []
+    checkpointed: list[int] = []
 
     def seen(ev: TrainEvent) -> None:
         if ev.kind == "status":
             statuses.append(ev.message)
+        elif ev.kind == "step":
+            checkpointed.append(checkpointing.count(forge_unet()))
 
     result = Trainer(config(tmp_path, **extra), host=ForgeHost(), callbacks=[seen]).run()
     assert result.steps == 2
-    return statuses, wrapped
+    return statuses, checkpointed
 
 
 def _run(tmp_path: Path, name: str, **extra) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -99,8 +100,8 @@ def test_a_unet_stored_narrow_recasts_in_the_backward_pass_with_the_same_gradien
     layers = forge_host.cast_per_call_layers(unet)
     assert layers and all(m.parameters_manual_cast for m in layers)
     before = live_model.state_hash(unet)
-    statuses, wrapped = train_recording(tmp_path / "r", monkeypatch)  # train.gradient_checkpointing left off
-    assert wrapped == [] and not any("checkpointing" in s for s in statuses)  # no recomputation
+    statuses, checkpointed = train_recording(tmp_path / "r")  # train.gradient_checkpointing left off
+    assert checkpointed == [0, 0] and not any("checkpointing" in s for s in statuses)  # no recomputation
     recast, per_step = _run(tmp_path, "recast")
     assert per_step == [len(layers)] * 2  # every cast-per-call layer, every step
     assert live_model.state_hash(unet) == before and not any("forward" in vars(m) for m in unet.modules())
@@ -112,6 +113,22 @@ def test_a_unet_stored_narrow_recasts_in_the_backward_pass_with_the_same_gradien
     linears = [m for m in layers if isinstance(m, torch.nn.Linear)]
     assert _casts_alive_after_forward(linears, monkeypatch, recast=False) == len(linears)
     assert _casts_alive_after_forward(linears, monkeypatch, recast=True) == 0
+
+
+def test_with_a_share_of_blocks_checkpointed_the_layers_outside_them_recast_for_the_same_lora(
+        env, tmp_path: Path) -> None:
+    from lora_trainer.hosts import forge as forge_host
+    from lora_trainer.train import checkpointing
+
+    unet = forge_unet()
+    layers = forge_host.cast_per_call_layers(unet)
+    outside = checkpointing.outside_checkpointed(unet, 0.5, layers)
+    assert 0 < len(outside) < len(layers)
+    plain, _ = _run(tmp_path, "plain")
+    half, per_step = _run(tmp_path, "half", **{"train.gradient_checkpointing": True, "train.checkpointing_share": 0.5})
+    assert per_step == [len(outside)] * 2  # inside a checkpointed block the recomputation keeps one block's copies
+    assert half.keys() == plain.keys() and all(torch.equal(half[k], plain[k]) for k in plain)
+    assert not any("forward" in vars(m) for m in unet.modules())
 
 
 def _casts_alive_after_forward(layers: list[torch.nn.Module], monkeypatch: pytest.MonkeyPatch,
@@ -155,8 +172,8 @@ def test_a_unet_stored_as_computed_keeps_the_users_setting(forge, tmp_path: Path
 
     forge_env.reset(forge, forge.sd1, tmp_path / "Lora")  # fp32 storage and computation
     assert ForgeHost().loaded_model().weights_cast is None
-    statuses, wrapped = train_recording(tmp_path, monkeypatch)
-    assert wrapped == [] and not any("gradient checkpointing" in s for s in statuses)
+    statuses, checkpointed = train_recording(tmp_path)
+    assert checkpointed == [0, 0] and not any("gradient checkpointing" in s for s in statuses)
 
 
 def test_the_estimate_counts_no_copies_without_checkpointing_and_one_blocks_with_it() -> None:

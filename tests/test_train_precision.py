@@ -10,6 +10,7 @@ import torch
 
 from lora_trainer.errors import ConfigError
 from lora_trainer.torch_compat import autocast_supported
+from lora_trainer.train import checkpointing
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.trainer import Trainer
 from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
@@ -28,6 +29,7 @@ def host() -> TinyHost:
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_autocast_with_fp32_lora_weights(tmp_path: Path, data: Path, host: TinyHost, precision: str) -> None:
     dtypes: list[torch.dtype] = []
+    checkpointed: list[int] = []
 
     class Spy:
         """Records the dtype of the LoRA parameters the optimizer updates."""
@@ -35,6 +37,7 @@ def test_autocast_with_fp32_lora_weights(tmp_path: Path, data: Path, host: TinyH
         def __call__(self, ev: TrainEvent) -> None:
             if ev.kind == "step":
                 dtypes.extend(p.dtype for n, p in host.bundle.unet.named_parameters() if "lora_" in n)
+                checkpointed.append(checkpointing.count(host.bundle.unet))
 
     cfg = tiny_config(data, tmp_path / "out", **{"train.mixed_precision": precision,
                                                  "train.gradient_checkpointing": True,
@@ -51,8 +54,9 @@ def test_autocast_with_fp32_lora_weights(tmp_path: Path, data: Path, host: TinyH
     assert dtypes and set(dtypes) == {torch.float32}
     saved = lora_tensors(result.lora_path)
     assert {v.dtype for k, v in saved.items() if not k.endswith(".alpha")} == {torch.bfloat16}
-    # checkpointing is switched off again afterwards
-    assert not host.bundle.unet.is_gradient_checkpointing
+    # checkpointing was on in every step and is switched off again afterwards
+    assert len(checkpointed) == 2 and set(checkpointed) == {len(checkpointing.units(host.bundle.unet))} != {0}
+    assert checkpointing.count(host.bundle.unet) == 0
     assert not host.bundle.unet.training
 
 

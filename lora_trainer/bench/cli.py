@@ -13,6 +13,7 @@ from lora_trainer.errors import ConfigError
 from lora_trainer.families import DEFAULT_FAMILY, family_names, get_family
 from lora_trainer.fsutil import atomic_write_text
 from lora_trainer.threads import add_threads_argument, configure_cpu_threads
+from lora_trainer.train.checkpointing import describe
 
 TINY_RES = 64  # the tiny models of every family
 
@@ -30,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: bf16 on a GPU or with --estimate, no (fp32) on a CPU")
-    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument("--checkpointing", type=float, nargs="?", const=1.0, default=0.0, metavar="SHARE",
+                   help="gradient checkpointing of every block of the denoiser, or of this share of them "
+                        "(train.checkpointing_share, e.g. 0.5)")
     p.add_argument("--variant", default="",
                    help="with --estimate: the family's variant (Flux.1: dev, schnell; SD3.5: medium, large); "
                         "default its first")
@@ -75,13 +78,13 @@ def _estimate(args: argparse.Namespace, resolution: int, precision: str) -> dict
     from lora_trainer.bench.estimate import choose_settings, estimate_peak_memory
 
     prec = precision if precision != "no" else "fp32"
-    est = estimate_peak_memory(args.arch, resolution, args.batch, args.rank, prec, args.checkpointing,
+    est = estimate_peak_memory(args.arch, resolution, args.batch, args.rank, prec, bool(args.checkpointing),
                                targets=args.targets, variant=args.variant, weight_dtype=args.weight_dtype,
-                               network=args.network)
+                               network=args.network, checkpointing_share=args.checkpointing or 1.0)
     model = f"{args.arch} {est.variant}".strip()
     print(f"predicted peak for full-size {model} at {resolution}px, batch {args.batch}, {args.network} rank "
           f"{args.rank} ({args.targets} targets), {prec}, weights {args.weight_dtype}, "
-          f"checkpointing {'on' if args.checkpointing else 'off'}:")
+          f"checkpointing {describe(args.checkpointing)}:")
     for key, label in (("weights_gb", "weights"), ("lora_gb", "LoRA + AdamW"), ("step_gb", "step"),
                        ("load_gb", "load"), ("text_caching_gb", "text caching"), ("caching_gb", "caching"),
                        ("total_gb", "total")):
@@ -112,7 +115,7 @@ def _profile(args: argparse.Namespace, resolution: int, precision: str, device: 
                      cpu_low_precision=precision != "no", **_compile_args(args))
     rows = profile_bench(spec)
     print(f"{args.size} {args.arch}, {resolution}px, batch {args.batch}, rank {args.rank} ({args.targets} targets), "
-          f"precision {precision}, checkpointing {'on' if args.checkpointing else 'off'}, {device}:")
+          f"precision {precision}, checkpointing {describe(args.checkpointing)}, {device}:")
     print(format_profiles(rows))
     return {"spec": asdict(spec), "profiles": [r.as_dict() for r in rows]}
 
@@ -159,8 +162,8 @@ def main(argv: list[str]) -> int:
             from lora_trainer.bench.estimate import estimate_peak_memory
 
             est = estimate_peak_memory(args.arch, resolution, args.batch, args.rank,
-                                       precision if precision != "no" else "fp32", args.checkpointing,
-                                       targets=args.targets)
+                                       precision if precision != "no" else "fp32", bool(args.checkpointing),
+                                       targets=args.targets, checkpointing_share=args.checkpointing or 1.0)
             err = (est.total_gb - result.peak_memory_gb) / result.peak_memory_gb * 100
             print(f"memory estimate {est.total_gb:.2f} GiB vs measured {result.peak_memory_gb:.2f} GiB ({err:+.1f} %)")
             out["estimate"] = est.as_dict()

@@ -13,8 +13,8 @@ from the op that makes it until its last reference goes):
   trained, so not cached) are resident; the denoiser is still parked, the VAE leaves afterwards;
 - a training step with LoRA layers injected: forward, loss and backward, with the frozen weights
   in the training dtype, CUDA autocast's casting rules, fp32 LoRA weights, attention as a fused
-  kernel allocates it (not the score matrix) and diffusers' real gradient checkpointing (so the
-  backward's recomputation, the gradients so far and the temporaries are all counted as they
+  kernel allocates it (not the score matrix) and the trainer's gradient checkpointing of all
+  or a share of the blocks (train/checkpointing.py; so the backward's recomputation, the gradients so far and the temporaries are all counted as they
   happen); the UNet weights, LoRA parameters and AdamW's moments are resident.
 
 The peak is the largest of them. It predicts what ``torch.cuda.max_memory_allocated``
@@ -40,6 +40,7 @@ from lora_trainer.config import NETWORK_TYPE_HELP
 from lora_trainer.data.cache import LATENT_CACHE_BATCH
 from lora_trainer.families import get_family
 from lora_trainer.torch_compat import meta_checkpointing
+from lora_trainer.train.checkpointing import SHARES
 
 GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -80,6 +81,7 @@ class MemoryEstimate:
     network: str = "lora"  # the adapter kind (network.type)
     weights_cast: str = ""  # "bf16 -> fp32": a host stores the UNet narrow and casts per call (WeightsCast)
     load_gb: float = 0.0  # the model as loaded: text encoders and VAE (the denoiser comes after the caches)
+    checkpointing_share: float = 0.0  # the share of the denoiser's blocks checkpointed (0: off)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,12 +224,14 @@ def _cast_per_call_class(base: type) -> type:
     return type(f"CastPerCall{base.__name__}", (base,), {"forward": _cast_per_call_forward})
 
 
-def store_cast_per_call(model: nn.Module, storage: torch.dtype, recast: bool = False) -> int:
+def store_cast_per_call(model: nn.Module, storage: torch.dtype, recast: bool = False,
+                        checkpointing_share: float = 0.0) -> int:
     """Store the frozen weights of ``model``'s Linear, Conv2d and normalisation layers in ``storage``
     and make those layers cast them to their input's dtype at every call (a host's manual cast);
-    the trainable (LoRA) layers are left as they are. ``recast``: as a run without gradient
-    checkpointing trains them, casting again in the backward pass instead of keeping each copy
-    (train/recast.py). Returns how many layers."""
+    the trainable (LoRA) layers are left as they are. ``recast``: as a run trains them outside
+    the blocks it checkpoints (``checkpointing_share``), casting again in the backward pass
+    instead of keeping each copy (train/recast.py). Returns how many layers."""
+    from lora_trainer.train.checkpointing import outside_checkpointed
     from lora_trainer.train.recast import recast_in_backward
 
     layers = [m for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
@@ -237,7 +241,7 @@ def store_cast_per_call(model: nn.Module, storage: torch.dtype, recast: bool = F
             setattr(layer, name, nn.Parameter(p.detach().to(storage), requires_grad=False))
         layer.__class__ = _cast_per_call_class(type(layer))
     if recast:
-        recast_in_backward(layers)
+        recast_in_backward(outside_checkpointed(model, checkpointing_share, layers))
     return len(layers)
 
 
@@ -281,11 +285,11 @@ def _tracing(precision: str, device: str) -> Iterator[LiveBytes]:
 
 def _lora_step(arch: str, resolution: int, batch: int, rank: int, dtype: torch.dtype, size: str, targets: str,
                variant: str, weight_dtype: str, network: str = "lora",
-               weights_cast: WeightsCast | None = None, recast: bool = False) -> tuple[nn.Module, int, Any]:
+               weights_cast: WeightsCast | None = None, share: float = 0.0) -> tuple[nn.Module, int, Any]:
     """(denoiser with LoRA, its LoRA parameter count, forward()) on meta; forward makes the
     step's inputs and returns the prediction. ``weights_cast``: the UNet's frozen weights stored
-    in its first dtype and cast per call, its inputs in the second (the host's computation);
-    ``recast``: cast again in the backward pass (a run without checkpointing)."""
+    in its first dtype and cast per call, its inputs in the second (the host's computation), cast
+    again in the backward pass outside the blocks checkpointed (``share`` of them)."""
     if get_family(arch).transformer_denoiser:
         from lora_trainer.bench.transformer_step import build_lora_transformer, step_call
 
@@ -294,7 +298,7 @@ def _lora_step(arch: str, resolution: int, batch: int, rank: int, dtype: torch.d
         return model, lora_params, step_call(model, arch, variant, resolution, batch, dtype)
     unet, lora_params = build_lora_unet(arch, rank, dtype, size, targets=targets, network=network)
     if weights_cast is not None:
-        store_cast_per_call(unet, _DTYPES[weights_cast[0]], recast)
+        store_cast_per_call(unet, _DTYPES[weights_cast[0]], True, share)
         dtype = _DTYPES[weights_cast[1]]
     return unet, lora_params, lambda: unet(**meta_inputs(unet, resolution, batch, dtype)).sample
 
@@ -309,32 +313,35 @@ def _weight_bytes(arch: str, model: nn.Module, size: str, variant: str, weight_d
 
 
 @functools.lru_cache(maxsize=64)
-def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str, checkpointing: bool,
+def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str, checkpointing: float,
                size: str = "full", targets: str = "kohya", device: str = "cuda", variant: str = "",
                weight_dtype: str = "auto", network: str = "lora",
                weights_cast: WeightsCast | None = None) -> dict[str, int]:
     """One training step run on meta as the trainer runs it (frozen weights in the precision's
-    dtype, CUDA autocast's rules, fp32 LoRA weights, diffusers' checkpointing): ``step`` is the
+    dtype, CUDA autocast's rules, fp32 LoRA weights, the trainer's checkpointing of the share
+    ``checkpointing`` of the denoiser's blocks, 0 for none): ``step`` is the
     most it allocates beyond the resident weights, LoRA and optimizer state at any moment of the
     forward and backward passes (a checkpointed backward holds the LoRA gradients so far, the
     inputs of the units still to go, one unit's recomputed activations and its backward's
     temporaries; all of that is counted as it happens, not modelled). ``weights_cast``: the
-    frozen weights stored narrow and cast in each layer at every call; without checkpointing each
-    layer casts again in the backward pass (train/recast.py), with it the copies a recomputed
-    block keeps are counted as they happen."""
+    frozen weights stored narrow and cast in each layer at every call; outside the checkpointed
+    blocks each layer casts again in the backward pass (train/recast.py), inside them the copies
+    a recomputed block keeps are counted as they happen."""
     import torch.nn.functional as F
     import torch.utils.checkpoint as tuc
 
+    from lora_trainer.train import checkpointing as ckpt
+
     dtype = _DTYPES[precision]
     unet, lora_params, forward = _lora_step(arch, resolution, batch, rank, dtype, size, targets, variant,
-                                            weight_dtype, network, weights_cast, recast=not checkpointing)
+                                            weight_dtype, network, weights_cast, share=checkpointing)
     if checkpointing:
         # The recomputation runs inside the backward pass, where this thread's autocast
         # stand-in is not active: the checkpoint enters one of its own.
         def recompute_autocast() -> tuple[Any, Any]:
             return contextlib.nullcontext(), (_CudaAutocast(dtype) if precision != "fp32" else contextlib.nullcontext())
 
-        unet.enable_gradient_checkpointing(functools.partial(
+        ckpt.checkpoint(unet, checkpointing, functools.partial(
             tuc.checkpoint, use_reentrant=False, preserve_rng_state=False, context_fn=recompute_autocast))
     unet.train()
     side = resolution // 8
@@ -388,7 +395,8 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
                          cache_latents: bool = True, train_text_encoder: bool = False,
                          size: str = "full", targets: str = "kohya", device: str = "cuda",
                          unet_parked: bool = True, variant: str = "", weight_dtype: str = "auto",
-                         network: str = "lora", weights_cast: WeightsCast | None = None) -> MemoryEstimate:
+                         network: str = "lora", weights_cast: WeightsCast | None = None,
+                         checkpointing_share: float = 1.0) -> MemoryEstimate:
     """Predicted peak accelerator memory (GiB figures) of a LoRA training run: the largest of
     the model's load (text encoders and VAE; the denoiser is placed once the caches are filled),
     the text embeddings' caching (the text encoders alone: the denoiser and the VAE are parked;
@@ -404,11 +412,13 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
     dtype; fp8 / nf4 for the families that offer them, which also store T5 in fp8); ``network``:
     the adapter kind (``network.type``: lora, locon, dora, loha, lokr), traced as the trainer
     builds it; ``weights_cast``: a host's UNet stored narrower than it computes, cast per call
-    (see ``WeightsCast``)."""
+    (see ``WeightsCast``); ``checkpointing_share``: with gradient checkpointing, the share of the
+    denoiser's blocks it recomputes (``train.checkpointing_share``)."""
     family = _checked(arch, variant, weight_dtype, network, weights_cast)
     variant = variant or family.default_variant()
     prec = precision if precision in ("fp16", "bf16") else "fp32"
-    tr = trace_step(arch, resolution, batch_size, rank, prec, gradient_checkpointing, size, targets, device,
+    share = float(checkpointing_share) if gradient_checkpointing else 0.0
+    tr = trace_step(arch, resolution, batch_size, rank, prec, share, size, targets, device,
                     variant, weight_dtype, network, weights_cast)
     cache = trace_latent_caching(arch, resolution, LATENT_CACHE_BATCH, prec, size, device)
     text = family.text_encoder_bytes(weight_dtype, DTYPE_BYTES[prec]) if size == "full" else 0
@@ -429,7 +439,7 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
                           weights / GiB, lora / GiB, step / GiB, cache["encode"] / GiB, caching / GiB,
                           max(weights + lora + step, caching, text_caching, load) / GiB, text_caching / GiB,
                           variant, weight_dtype, network, " -> ".join(weights_cast) if weights_cast else "",
-                          load / GiB)
+                          load / GiB, share)
 
 
 def _checked(arch: str, variant: str, weight_dtype: str, network: str = "lora",
@@ -462,9 +472,14 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
                     rank: int = 16, precision: str = "bf16", model_resident: bool = False,
                     variant: str = "", network: str = "lora",
                     weights_cast: WeightsCast | None = None) -> dict[str, Any]:
-    """The fastest settings predicted to fit ``free_gb - reserve_gb``: the biggest batch without
-    gradient checkpointing, else with it, with the denoiser's weights in the compute dtype, else
-    (Flux.1 / SD3.5) stored in fp8, else nf4; resolution defaults to the family's native one.
+    """The fastest settings predicted to fit ``free_gb - reserve_gb``: the least recomputation
+    first — no gradient checkpointing, else the smallest share of the denoiser's blocks
+    checkpointed (:data:`~lora_trainer.train.checkpointing.SHARES`) with which one image fits —
+    then the biggest batch with it; the denoiser's weights in the compute dtype, else (Flux.1 /
+    SD3.5) stored in fp8, else nf4; resolution defaults to the family's native one.
+    Recomputation before batch: each block checkpointed costs its forward again for every image,
+    while a bigger batch only spreads the per-step overhead, which is small next to a step at a
+    family's native resolution.
     What a step (or the VAE) allocates is given ``ACTIVATION_HEADROOM`` more room, for the
     allocator's fragmentation and the kernels' workspaces, which the estimate does not model.
 
@@ -478,11 +493,12 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
                                    weights_cast=weights_cast)
         budget += one.weights_gb + one.load_gb
     for storage in _storages(arch):
-        for checkpointing in (False, True):
+        for share in SHARES:
             best = None
             for batch in (1, 2, 3, 4, 6, 8):  # a batch that does not fit ends the search: larger ones need more
-                est = estimate_peak_memory(arch, res, batch, rank, precision, checkpointing, variant=variant,
-                                           weight_dtype=storage, network=network, weights_cast=weights_cast)
+                est = estimate_peak_memory(arch, res, batch, rank, precision, share > 0, variant=variant,
+                                           weight_dtype=storage, network=network, weights_cast=weights_cast,
+                                           checkpointing_share=share or 1.0)
                 if _needed_gb(est) > budget:
                     break
                 best = est
@@ -495,6 +511,7 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
 
 def _choice(est: MemoryEstimate, fits: bool) -> dict[str, Any]:
     return {"batch_size": est.batch_size, "gradient_checkpointing": est.gradient_checkpointing,
+            "checkpointing_share": est.checkpointing_share or 1.0,
             "resolution": est.resolution, "rank": est.rank, "mixed_precision": est.precision,
             "weight_dtype": est.weight_dtype, "estimated_peak_gb": round(est.total_gb, 2), "fits": fits}
 

@@ -36,7 +36,7 @@ class StepMemory:
     resolution: int
     batch_size: int
     rank: int
-    gradient_checkpointing: bool
+    gradient_checkpointing: float  # the share of the denoiser's blocks checkpointed (0: off)
     measured_gb: float  # what one step allocated beyond weights and optimizer state
     predicted_gb: float  # the estimator's step_gb (what a step adds)
     phase: str = "step"  # or "caching": the VAE encoding one image (what it allocates; encode_gb)
@@ -88,14 +88,14 @@ def _caching_in_this_process(arch: str, size: str, resolution: int) -> dict[str,
 
 
 def _unet_forward(arch: str, size: str, resolution: int, batch: int, rank: int, network: str = "lora",
-                  stored: str = "", recast: bool = False) -> tuple[Any, Any]:
+                  stored: str = "", share: float = 0.0) -> tuple[Any, Any]:
     import torch
 
     from lora_trainer.bench.estimate import _DTYPES, build_lora_unet, meta_inputs, store_cast_per_call
 
     unet, _ = build_lora_unet(arch, rank, torch.float32, size, device="cpu", network=network)  # as traced
     if stored:
-        store_cast_per_call(unet, _DTYPES[stored], recast)  # as the trainer runs it
+        store_cast_per_call(unet, _DTYPES[stored], True, share)  # as the trainer runs it
     meta = meta_inputs(unet, resolution, batch, torch.float32)
 
     def real(x: Any) -> Any:
@@ -119,9 +119,11 @@ def _transformer_forward(arch: str, size: str, resolution: int, batch: int, rank
 
 
 def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, rank: int,
-                          checkpointing: bool, phase: str = "step", network: str = "lora",
+                          checkpointing: float, phase: str = "step", network: str = "lora",
                           stored: str = "") -> dict[str, int]:
     import torch
+
+    from lora_trainer.train import checkpointing as ckpt
 
     if phase == "caching":
         return _caching_in_this_process(arch, size, resolution)
@@ -130,10 +132,10 @@ def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, ran
     if get_family(arch).transformer_denoiser:
         unet, forward = _transformer_forward(arch, size, resolution, batch, rank, network)
     else:
-        unet, forward = _unet_forward(arch, size, resolution, batch, rank, network, stored, recast=not checkpointing)
+        unet, forward = _unet_forward(arch, size, resolution, batch, rank, network, stored, share=checkpointing)
     params = [p for p in unet.parameters() if p.requires_grad]
     if checkpointing:
-        unet.enable_gradient_checkpointing()
+        ckpt.checkpoint(unet, checkpointing)  # as the trainer does
     unet.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
@@ -149,18 +151,19 @@ def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, ran
 
 
 def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: int = 1, rank: int = 16,
-                        gradient_checkpointing: bool = False, size: str = "full",
+                        gradient_checkpointing: float = 0.0, size: str = "full",
                         threads: int | None = None, phase: str = "step", network: str = "lora",
                         stored: str = "") -> StepMemory:
     """Run one fp32 step (``phase`` "caching": the VAE encoding one image) on the CPU in a fresh
-    process; compare with the estimator's prediction. ``stored``: the UNet's frozen weights
+    process; compare with the estimator's prediction. ``gradient_checkpointing``: the share of
+    the denoiser's blocks checkpointed (True: all, 0: none). ``stored``: the UNet's frozen weights
     stored in that dtype and cast to fp32 by each layer at every call (as Forge does)."""
     from lora_trainer.bench.estimate import estimate_peak_memory
 
     if not os.path.exists("/proc/self/clear_refs"):
         raise RuntimeError("measuring step memory needs Linux (/proc/self/clear_refs)")
     args = {"arch": arch, "size": size, "resolution": resolution, "batch": batch_size, "rank": rank,
-            "checkpointing": gradient_checkpointing, "phase": phase, "network": network, "stored": stored}
+            "checkpointing": float(gradient_checkpointing), "phase": phase, "network": network, "stored": stored}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -171,14 +174,17 @@ def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: in
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"the measuring process failed: {tail[0]}")
     got = json.loads(lines[-1])
-    est = estimate_peak_memory(arch, resolution, batch_size, rank, "fp32", gradient_checkpointing, size=size,
-                               device="cpu", network=network, weights_cast=(stored, "fp32") if stored else None)
+    est = estimate_peak_memory(arch, resolution, batch_size, rank, "fp32", bool(gradient_checkpointing), size=size,
+                               device="cpu", network=network, weights_cast=(stored, "fp32") if stored else None,
+                               checkpointing_share=float(gradient_checkpointing))
     return StepMemory(arch, size, resolution, batch_size, rank, gradient_checkpointing, got["step_bytes"] / GiB,
                       est.encode_gb if phase == "caching" else est.step_gb, phase, network, stored)
 
 
 def format_row(m: StepMemory) -> str:
-    ckpt = "on " if m.gradient_checkpointing else "off"
+    from lora_trainer.train.checkpointing import describe
+
+    ckpt = f"{describe(m.gradient_checkpointing):<3}"
     what = ("VAE encode, 1 image       " if m.phase == "caching"
             else f"{m.network:<5} batch {m.batch_size}  rank {m.rank:<3} checkpointing {ckpt}"
             + (f"  stored {m.stored}, cast per call" if m.stored else ""))
@@ -193,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--checkpointing", type=float, nargs="?", const=1.0, default=0.0, metavar="SHARE",
+                   help="gradient checkpointing of all the denoiser's blocks, or of this share of them")
     p.add_argument("--stored", choices=["", "bf16", "fp16"], default="",
                    help="the UNet's frozen weights stored in this dtype and cast to fp32 per call (Forge's manual cast)")
     p.add_argument("--phase", choices=["step", "caching"], default="step",

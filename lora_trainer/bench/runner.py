@@ -26,6 +26,7 @@ from lora_trainer.errors import ConfigError
 from lora_trainer.hosts.standalone import StandaloneHost
 from lora_trainer.lora.targets import default_unet_targets
 from lora_trainer.models.bundle import ModelBundle
+from lora_trainer.train.checkpointing import describe
 
 # Dense bf16/fp16 peak of known accelerators (TFLOP/s), for model-FLOP utilisation.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0,
@@ -40,7 +41,7 @@ class BenchSpec:
     batch_size: int = 1
     rank: int = 16
     precision: str = "no"  # no | fp16 | bf16
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: float = 0.0  # the share of the denoiser's blocks checkpointed (True: all)
     steps: int = 10
     warmup: int = 3
     device: str = "auto"
@@ -165,7 +166,8 @@ def bench_config(spec: BenchSpec, data: Path, out: Path, device: torch.device) -
         "data.enable_buckets": False, "data.min_image_size": 8, "data.cache_latents": "memory",
         "network.rank": spec.rank, "network.alpha": spec.rank,
         "train.batch_size": spec.batch_size, "train.max_train_steps": spec.warmup + spec.steps,
-        "train.mixed_precision": spec.precision, "train.gradient_checkpointing": spec.gradient_checkpointing,
+        "train.mixed_precision": spec.precision, "train.gradient_checkpointing": bool(spec.gradient_checkpointing),
+        "train.checkpointing_share": float(spec.gradient_checkpointing or 1.0),
         "optim.lr_scheduler": "constant", "output.output_dir": str(out), "output.tensorboard": False,
         "output.output_name": "bench", "model.device": str(device),
         "network.target_modules": list(REFERENCE_TARGETS) if spec.targets == "attention" else [],
@@ -294,7 +296,7 @@ def format_table(r: BenchResult) -> str:
     s = r.spec
     rows = [
         ("model", f"{s.size} {s.arch}, {s.resolution}px, batch {s.batch_size}, rank {s.rank} ({s.targets} targets), "
-                  f"precision {s.precision}, checkpointing {'on' if s.gradient_checkpointing else 'off'}"
+                  f"precision {s.precision}, checkpointing {describe(s.gradient_checkpointing)}"
                   + (f", compiled ({s.compile_mode})" if s.compile else "")),
         ("device", f"{r.device} (torch {r.torch_version})"),
         ("steps/s", f"{r.steps_per_s:.3f}"),

@@ -115,7 +115,6 @@ class _Lease:
     roots: dict[str, nn.Module]
     module_in_gpu: Any = None
     medvram: bool = False
-    checkpointing: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -170,7 +169,6 @@ class A1111Host(WebUIHost):
                 lowvram.send_everything_to_cpu()
                 sd_model.model.to(device)
             bundle = bundle_from_sd_model(sd_model, roots, device, shared)
-            bundle.extras["enable_gradient_checkpointing"] = lambda: self._checkpointing(lease)
             return bundle
         except BaseException:
             self.release_bundle(None)
@@ -186,9 +184,6 @@ class A1111Host(WebUIHost):
         problems = []
         try:
             live_model.strip_peft_layers(sd_model)
-            if lease.checkpointing:
-                from modules import sd_hijack_checkpoint
-                sd_hijack_checkpoint.remove()
             if lease.medvram:
                 lowvram.send_everything_to_cpu()
             lease.snapshot.restore()
@@ -204,15 +199,6 @@ class A1111Host(WebUIHost):
                 torch.cuda.empty_cache()
         if problems:
             self._reload_weights(problems[0])
-
-    @staticmethod
-    def _checkpointing(lease: _Lease) -> Any:
-        """The WebUI's own switch for gradient checkpointing in the LDM blocks; returns its undo."""
-        from modules import sd_hijack_checkpoint
-
-        sd_hijack_checkpoint.add()
-        lease.checkpointing = True
-        return sd_hijack_checkpoint.remove
 
     def _reload_weights(self, why: str) -> None:
         from modules import sd_models

@@ -39,6 +39,7 @@ from lora_trainer.hosts import live_model
 from lora_trainer.hosts.a1111_bundle import SizeEmbed, bundle_from_sd_model
 from lora_trainer.hosts.base import DTYPE_NAMES, LoadedModel, trainable_families, trainable_labels
 from lora_trainer.hosts.webui import NO_CHECKPOINT, WebUIHost, checkpoint_label
+from lora_trainer.train.checkpointing import outside_checkpointed
 from lora_trainer.train.recast import recast_in_backward
 
 if TYPE_CHECKING:
@@ -199,10 +200,6 @@ def cast_per_call_layers(unet: nn.Module) -> list[nn.Module]:
             if getattr(m, "parameters_manual_cast", False) or getattr(m, "ldm_patched_cast_weights", False)]
 
 
-def unet_blocks(unet: nn.Module) -> list[nn.Module]:
-    return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
-
-
 @dataclass
 class _Lease:
     """Everything acquire_bundle changed, so release_bundle can undo it."""
@@ -213,7 +210,6 @@ class _Lease:
     mm: Any
     snapshot: live_model.ModelSnapshot
     fingerprint: dict[str, tuple[float, float]]
-    undo_checkpointing: Callable[[], None] | None = None
     undo_blocks: Callable[[], None] | None = None
     undo_recast: Callable[[], None] | None = None
 
@@ -285,11 +281,12 @@ class ForgeHost(WebUIHost):
                 compute_dtype=getattr(patcher.model, "computation_dtype", None)
                 or getattr(patcher.model, "manual_cast_dtype", None),
                 size_embed=engine_size_embed(sd_model))
-            bundle.extras["enable_gradient_checkpointing"] = lambda: self._checkpointing(lease)
-            if unet_weights_cast(patcher.model) is not None and not config.train.gradient_checkpointing:
+            if unet_weights_cast(patcher.model) is not None:
                 # cast per call: each layer casts its weight again in the backward pass rather than
-                # autograd keeping every cast (with checkpointing, one block's at a time are kept)
-                lease.undo_recast = recast_in_backward(cast_per_call_layers(unet))
+                # autograd keeping every cast (in a checkpointed block, one block's at a time are kept)
+                t = config.train
+                share = t.checkpointing_share if t.gradient_checkpointing else 0.0
+                lease.undo_recast = recast_in_backward(outside_checkpointed(unet, share, cast_per_call_layers(unet)))
             return bundle
         except BaseException:
             self.release_bundle(None)
@@ -302,7 +299,7 @@ class ForgeHost(WebUIHost):
         changed: list[str] = []
         try:
             live_model.strip_peft_layers(lease.unet)
-            for undo in (lease.undo_checkpointing, lease.undo_blocks, lease.undo_recast):
+            for undo in (lease.undo_blocks, lease.undo_recast):
                 if undo is not None:
                     undo()
             lease.sd_model.forge_objects = lease.forge_objects
@@ -315,11 +312,6 @@ class ForgeHost(WebUIHost):
             getattr(lease.mm, "soft_empty_cache", lambda: None)()
         if changed:
             self._reload_weights(f"{len(changed)} base tensors changed (first: {changed[0]})")
-
-    @staticmethod
-    def _checkpointing(lease: _Lease) -> Callable[[], None]:
-        lease.undo_checkpointing = live_model.checkpoint_blocks(unet_blocks(lease.unet))
-        return lease.undo_checkpointing
 
     def _reload_weights(self, why: str) -> None:
         from modules import sd_models

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -153,32 +151,6 @@ def strip_peft_layers(root: nn.Module) -> int:
     if count:
         log.warning("removed %d LoRA layers left in the live model by an interrupted run", count)
     return count
-
-
-def checkpoint_blocks(blocks: list[nn.Module]) -> Callable[[], None]:
-    """Gradient checkpointing for a UNet that has none of its own (Forge's UNets raise on
-    ``use_checkpoint``): each block's forward recomputes its activations in the backward pass.
-    Returns the undo. Hand-rolled because torch's checkpoint is a function, not a module switch."""
-    from torch.utils.checkpoint import checkpoint
-
-    def wrap(block: nn.Module) -> None:
-        inner = block.forward  # the class's bound forward
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if not torch.is_grad_enabled():
-                return inner(*args, **kwargs)
-            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
-
-        block.forward = forward  # instance attribute: nn.Module.__call__ finds it first
-
-    for block in blocks:
-        wrap(block)
-
-    def undo() -> None:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
-
-    return undo
 
 
 def make_autograd_safe(root: nn.Module) -> int:

@@ -64,8 +64,7 @@ class ModelBundle:
     vae_scale_factor: int = 8
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
-    # Free-form extras a loader or host wants to keep (tokenizers, pipeline pieces, ...). Read by
-    # the trainer: "enable_gradient_checkpointing" (a host's own way, returns the undo).
+    # Free-form extras a loader or host wants to keep (tokenizers, pipeline pieces, ...).
     extras: dict[str, Any] = field(default_factory=dict)
     # The training objective when it differs from the family's (None: the family's).
     objective: ObjectiveSpec | None = None

@@ -15,8 +15,9 @@ otherwise keep GPU memory from the host after training. Sample images run the mo
 Only the denoiser is compiled. A trained text encoder runs once per step on 77 tokens, a small
 part of the step, and would cost its own compile time for every run.
 
-With peft's LoRA layers and diffusers' gradient checkpointing the UNet traces as one graph with
-no graph break (``torch._dynamo.explain`` on the tiny SD1 UNet, torch 2.14, peft 0.21).
+With peft's LoRA layers and our gradient checkpointing (train/checkpointing.py, all or a share of
+the blocks) the UNet traces as one graph with no graph break (``torch._dynamo.explain`` on the
+tiny SD1 UNet, torch 2.14, peft 0.21).
 """
 
 from __future__ import annotations

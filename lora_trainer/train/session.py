@@ -29,6 +29,7 @@ from lora_trainer.fsutil import atomic_write_text, backup_file
 from lora_trainer.models import placement
 from lora_trainer.torch_compat import autocast_supported, enable_hf_checkpointing, grad_scaler
 from lora_trainer.train import checkpoint as ckpt
+from lora_trainer.train import checkpointing
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.losses import offset_noise, weighted_mse
 from lora_trainer.train.objectives import objective_for
@@ -538,13 +539,16 @@ class RunSession:
             m.train(on)
 
     def enable_checkpointing(self) -> None:
-        hook = self.bundle.extras.get("enable_gradient_checkpointing")
-        if callable(hook):  # a host's own way (e.g. the WebUI's LDM UNet)
-            undo = hook()
-            if callable(undo):
-                self._undo.append(undo)
+        """Checkpointing of ``train.checkpointing_share`` of the denoiser's blocks (every host:
+        train/checkpointing.py) and of the text encoders that train (their own switch)."""
+        b, share = self.bundle, self.cfg.train.checkpointing_share
         for m in self.roots_in_training():
-            if hasattr(m, "enable_gradient_checkpointing"):
+            units = checkpointing.units(m) if m is b.unet else []
+            if units:
+                self._undo.append(checkpointing.checkpoint(m, share))
+                picked = len(checkpointing.chosen(units, share))
+                self.status(f"gradient checkpointing: {picked} of the {len(units)} blocks recompute their activations")
+            elif hasattr(m, "enable_gradient_checkpointing"):
                 m.enable_gradient_checkpointing()
                 self._undo.append(m.disable_gradient_checkpointing)
             elif hasattr(m, "gradient_checkpointing_enable"):

@@ -22,6 +22,7 @@ _COMMON: dict[str, Any] = {
     "network.train_unet": True,
     "network.train_text_encoder": False,
     "optim.optimizer": "adamw",
+    "train.checkpointing_share": 1.0,  # every block, where a preset turns checkpointing on ("auto" may pick less)
 }
 
 # gigabytes -> settings; "mixed_precision" fp16 is the safe choice on every CUDA card
@@ -101,8 +102,8 @@ def _mixed_precision(compute_dtype: str | None) -> str:
 def auto_values(arch: str, free_gb: float, model_resident: bool = False, network: str = "lora",
                 weights_cast: tuple[str, str] | None = None, compute_dtype: str | None = None) -> dict[str, Any]:
     """The fastest settings the memory estimator predicts to fit ``free_gb`` (minus a reserve for
-    the host) with ``network`` adapters: the largest batch without gradient checkpointing, else
-    with it; for Flux.1 / SD3.5 the transformer's weights stored in fp8 or nf4 when bf16 ones do
+    the host) with ``network`` adapters: no gradient checkpointing, else the smallest share of the
+    denoiser's blocks checkpointed that fits, with the largest batch that fits then; for Flux.1 / SD3.5 the transformer's weights stored in fp8 or nf4 when bf16 ones do
     not fit. ``weights_cast``: the host casts narrow-stored UNet weights per call
     (``LoadedModel.weights_cast``); ``compute_dtype``: the dtype the host's model computes in."""
     from lora_trainer.bench.estimate import choose_settings
@@ -112,7 +113,8 @@ def auto_values(arch: str, free_gb: float, model_resident: bool = False, network
                         model_resident=model_resident, network=network,
                         weights_cast=weights_cast)
     return {**_COMMON, "data.resolution": c["resolution"], "train.batch_size": c["batch_size"],
-            "train.gradient_checkpointing": c["gradient_checkpointing"], "network.rank": c["rank"],
+            "train.gradient_checkpointing": c["gradient_checkpointing"],
+            "train.checkpointing_share": c["checkpointing_share"], "network.rank": c["rank"],
             "model.weight_dtype": c["weight_dtype"],
             "network.alpha": c["rank"] / 2, "train.mixed_precision": precision, "optim.learning_rate": 1e-4}
 
