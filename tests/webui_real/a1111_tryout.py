@@ -65,9 +65,9 @@ def check(ok: bool, text: str) -> None:
         raise SystemExit(1)
 
 
-def train_api(url: str, data: Path, name: str, steps: int, stop_at: int | None = None) -> dict[str, Any]:
+def train_api(url: str, data: Path, name: str, steps: int, stop_at: int | None = None, **extra: Any) -> dict[str, Any]:
     job = api(url, "/lora_trainer/train", {"train_data_dir": str(data), "output_name": name, "max_train_steps": steps,
-                                           "resolution": 64, "batch_size": 2, "save_steps": 0})["job_id"]
+                                           "resolution": 64, "batch_size": 2, "save_steps": 0, **extra})["job_id"]
     if stop_at is not None:
         wait_until(f"step {stop_at}", lambda: (api(url, f"/lora_trainer/status?job_id={job}").get("state") or {})
                    .get("step", 0) >= stop_at, every=0.5)
@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         args.shots.mkdir(parents=True, exist_ok=True)
     # Names of this run's own (the WebUI's LoRA folder may hold files of earlier tries).
     tag = time.strftime("%m%d%H%M%S")
-    tab, stopped, twice, after_name = (f"{n}_{tag}" for n in ("tab_lora", "stopped_lora", "twice", "after_render"))
+    tab, stopped, twice, after_name, ckpt = (f"{n}_{tag}" for n in ("tab_lora", "stopped_lora", "twice", "after_render",
+                                                                    "checkpointed"))
     plain = txt2img(args.url, "a red circle")
     if not args.skip_tab:
         tab_flow(args.url, data, args.shots, tab)
@@ -194,6 +195,22 @@ def main(argv: list[str] | None = None) -> int:
     check(first["status"] == second["status"] == "done" and names[0] != names[1],
           f"api: the same name trained twice in a row: {names} (nothing overwritten)")
     check(differs(txt2img(args.url, f"a red circle <lora:{names[1]}:1>"), plain) > 0, f"txt2img <lora:{names[1]}:1>")
+
+    # Half the UNet's blocks checkpointed, LoCon in the residual blocks: every layer trains (the
+    # first residual block's inputs need no gradient), and the model comes back unchanged.
+    run = train_api(args.url, data, ckpt, 4, **{"train.gradient_checkpointing": True,
+                                               "train.checkpointing_share": 0.5, "network.conv_rank": 4})
+    check(run["status"] == "done", f"api: trained with half the blocks checkpointed ({run['status']})")
+    from safetensors.torch import load_file
+
+    ups = {k: v for k, v in load_file(run["result"]["lora_path"]).items() if "lora_up" in k}
+    still = [k for k, v in ups.items() if not v.abs().sum() > 0]
+    # at 64 px the middle block sees one token: its self-attention's softmax is 1 whatever q and k are
+    one_token = [k for k in still if "mid_block" in k and ("attn1_to_q" in k or "attn1_to_k" in k)]
+    first = [k for k in ups if "down_blocks_0_resnets_0" in k]  # LoCon in the first residual block
+    check(bool(first) and still == one_token, f"every lora_up trained but the {len(one_token)} of the one-token "
+                                              f"attention ({len(ups)}; first residual block: {len(first)}) {still[:2]}")
+    check(differs(txt2img(args.url, f"a red circle <lora:{ckpt}:1>"), plain) > 0, f"txt2img <lora:{ckpt}:1>")
 
     txt2img(args.url, f"a red circle <lora:{tab}:1>")  # the WebUI merges this LoRA into the weights
     after = train_api(args.url, data, after_name, 4)
