@@ -96,12 +96,12 @@ def test_text_encoder_lora_learns_with_gradient_checkpointing(tmp_path: Path, da
     """Checkpointed CLIP layers still pass gradients to their LoRA (on transformers < 4.35, as in
     the A1111 WebUI, checkpointing is re-entrant: only inputs that require grad get any)."""
     moved = {}
-    for checkpointing in (False, True):
-        cfg = tiny_config(data, tmp_path / f"out-{checkpointing}", **{
-            "network.train_text_encoder": True, "train.gradient_checkpointing": checkpointing})
+    for on in (False, True):
+        cfg = tiny_config(data, tmp_path / f"out-{on}", **{
+            "network.train_text_encoder": True, "train.gradient_checkpointing": on})
         tensors = lora_tensors(Trainer(cfg, host=TinyHost(arch)).run().lora_path)
         # lora_up starts at zero: the ones that moved got gradients (SDXL's first text encoder
         # gives its penultimate layer, so its last layer gets none either way)
-        moved[checkpointing] = {k for k, v in tensors.items() if k.startswith("lora_te") and "lora_up" in k
+        moved[on] = {k for k, v in tensors.items() if k.startswith("lora_te") and "lora_up" in k
                                 and v.abs().sum() > 0}
     assert moved[True] and moved[True] == moved[False]

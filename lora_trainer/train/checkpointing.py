@@ -60,9 +60,9 @@ def chosen(all_units: list[nn.Module], share: float) -> list[nn.Module]:
     residual blocks, each kind spread evenly along the forward pass (the i-th of k at position
     ⌊(i + ½)·n/k⌋ of its kind), so every resolution level takes its part. Transformer blocks
     first because they keep the most for the backward pass per FLOP recomputed: on SD1.5 at 512²
-    (bf16, kohya's targets) checkpointing half the units this way takes a step from 1.28 to 0.56
-    GiB, spread over both kinds to 0.79 GiB, for about the same recomputation (0.41 of a
-    forward pass)."""
+    (bf16, kohya's targets) checkpointing half the units this way takes a step from 1.28 to 0.57
+    GiB for 0.41 of a forward pass recomputed, spread over both kinds to 0.79 GiB for 0.46
+    (docs/PERFORMANCE.md)."""
     n = len(all_units)
     k = max(0, min(n, round(share * n)))
     residual = [u for u in all_units if type(u).__name__ in _RESIDUAL]
