@@ -57,6 +57,30 @@ def test_choose_settings_uses_memory_it_has() -> None:
     assert (large["batch_size"], not large["gradient_checkpointing"]) >= (small["batch_size"], not small["gradient_checkpointing"])
 
 
+def test_auto_preset_checkpoints_the_smallest_share_of_blocks_that_fits() -> None:
+    """SDXL at 1024 px: without checkpointing a step needs about 16 GB, with every block about 8;
+    between them the preset recomputes only the share it must (less recomputation, faster)."""
+    from lora_trainer.train.checkpointing import SHARES
+    from lora_trainer.ui import presets
+    from lora_trainer.ui.train_section import PRESET_FIELDS
+
+    picks = {gb: presets.auto_values("sdxl", gb) for gb in (12.0, 16.0, 24.0)}
+    got = {gb: (v["train.gradient_checkpointing"], v["train.checkpointing_share"], v["train.batch_size"])
+           for gb, v in picks.items()}
+    assert got[24.0][0] is False
+    mid = [gb for gb in (12.0, 16.0) if 0 < got[gb][1] < 1 and got[gb][0]]
+    assert mid == [12.0, 16.0] and got[16.0][1] < got[12.0][1], got
+    for gb in (12.0, 16.0):
+        share = got[gb][1]
+        fits = estimate.estimate_peak_memory("sdxl", 1024, 1, 16, "bf16", True, checkpointing_share=share)
+        assert estimate._needed_gb(fits) <= gb - 1.5
+        less = SHARES[SHARES.index(share) - 1]  # the next smaller share (or none) does not fit one image
+        tight = estimate.estimate_peak_memory("sdxl", 1024, 1, 16, "bf16", less > 0, checkpointing_share=less or 1.0)
+        assert estimate._needed_gb(tight) > gb - 1.5
+    assert "train.checkpointing_share" in PRESET_FIELDS  # the tab applies it
+    assert presets.preset_values("8 GB", "sdxl")["train.checkpointing_share"] == 1.0  # a fixed preset: every block
+
+
 def test_bench_command_runs_tiny_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     rc = cli_main(["bench", "--steps", "2", "--warmup", "1", "--rank", "4", "--json", str(out)])
