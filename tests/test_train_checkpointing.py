@@ -148,3 +148,26 @@ def test_the_run_says_how_many_blocks_it_checkpoints(data: Path, tmp_path: Path)
     n = len(checkpointing.units(host.bundle.unet))
     assert f"gradient checkpointing: {round(n / 4)} of the {n} blocks recompute their activations" in said
 
+
+
+@pytest.mark.parametrize("family,variant", [("flux1", "schnell"), ("sd3", "medium")])
+def test_flux_and_sd35_train_exactly_with_a_share_of_their_blocks_checkpointed(
+        data: Path, tmp_path: Path, family: str, variant: str) -> None:
+    from lora_trainer.families.flow_tiny import build_bundle
+
+    files, counts = {}, {}
+    for share in (None, 0.5):
+        bundle = build_bundle(family, variant, tmp_path / "tok")
+        seen: list[int] = []
+        values = {"output.save_precision": "fp32"}
+        if share is not None:
+            values.update({"train.gradient_checkpointing": True, "train.checkpointing_share": share})
+        result = Trainer(tiny_config(data, tmp_path / f"out-{share}", **values), host=TinyHost(bundle=bundle),
+                         callbacks=[lambda ev, s=seen, m=bundle.unet: s.append(checkpointing.count(m))
+                                    if ev.kind == "step" else None]).run()
+        files[share], counts[share] = lora_tensors(result.lora_path), seen
+        n = len(checkpointing.units(bundle.unet))
+        assert checkpointing.count(bundle.unet) == 0
+    assert n and counts == {None: [0, 0], 0.5: [round(n / 2)] * 2}
+    assert files[0.5].keys() == files[None].keys()
+    assert all(torch.equal(files[0.5][k], files[None][k]) for k in files[None])
