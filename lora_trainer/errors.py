@@ -42,6 +42,10 @@ class OutputError(LoraTrainerError):
     """An output name or folder cannot be used."""
 
 
+class DeviceMemoryError(LoraTrainerError):
+    """The GPU (or other accelerator) ran out of memory with the run's settings."""
+
+
 class HostError(LoraTrainerError):
     """The host (WebUI or standalone app) cannot do what was asked in its current state."""
 

@@ -283,3 +283,56 @@ def test_epochs_are_counted_from_one_like_kohya(tmp_path: Path, host: TinyHost) 
     assert result.steps == 4
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["epoch"] == 2
     assert read_lora_file(result.lora_path)[1]["ss_epoch"] == "2"
+
+
+OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 11.76 GiB of which "
+       "1.03 GiB is free. Including non-PyTorch memory, this process has 10.71 GiB memory in use. Of the "
+       "allocated memory 9.80 GiB is allocated by PyTorch, and 0.62 GiB is reserved by PyTorch but unallocated.")
+
+
+@pytest.mark.parametrize("values,says,not_says", [
+    ({"train.batch_size": 2}, ["turn on train.gradient_checkpointing", "lower train.batch_size (now 2)"],
+     "checkpointing_share"),
+    ({"train.gradient_checkpointing": True, "train.checkpointing_share": 0.5},
+     ["raise train.checkpointing_share (now 0.5) towards 1"], "batch_size"),
+])
+def test_running_out_of_gpu_memory_is_one_line_naming_the_settings_to_change(
+        data: Path, tmp_path: Path, values: dict, says: list[str], not_says: str) -> None:
+    from lora_trainer.errors import DeviceMemoryError
+    from tests.lora_fixtures import same_snapshot, snapshot
+
+    host = TinyHost("sd1")
+    before = snapshot(host.bundle.unet)
+
+    def out_of_memory(module: torch.nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled():  # the first training step
+            raise torch.cuda.OutOfMemoryError(OOM)
+
+    hook = host.bundle.unet.register_forward_pre_hook(out_of_memory)
+    events: list[TrainEvent] = []
+    try:
+        with pytest.raises(DeviceMemoryError) as caught:
+            Trainer(tiny_config(data, tmp_path / "out", **values), host=host, callbacks=[events.append]).run()
+    finally:
+        hook.remove()
+    text = str(caught.value)
+    assert text.startswith("the GPU ran out of memory (2.00 GiB more asked, 11.76 GiB in all): ")
+    assert all(s in text for s in says) and not_says not in text and "'auto' preset" in text
+    assert "\n" not in text and events[-1].kind == "error" and events[-1].message == text
+    assert same_snapshot(snapshot(host.bundle.unet), before)  # the LoRA layers came out again
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(data: Path, tmp_path: Path) -> None:
+    host = TinyHost("sd1")
+
+    def broken(module: torch.nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled():
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    hook = host.bundle.unet.register_forward_pre_hook(broken)
+    try:
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as caught:
+            Trainer(tiny_config(data, tmp_path / "out"), host=host).run()
+    finally:
+        hook.remove()
+    assert type(caught.value) is RuntimeError

@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from lora_trainer.config import TrainConfig
-from lora_trainer.errors import OutputError, one_line
+from lora_trainer.errors import DeviceMemoryError, OutputError, one_line
 from lora_trainer.train.events import Callback, TrainEvent, WorkerRun, emit
 from lora_trainer.train.result import TrainResult
 from lora_trainer.train.session import RunSession
@@ -34,6 +34,35 @@ def _as_output_error(error: OSError, output_dir: str) -> BaseException:
     if problem is None:
         return error
     return OutputError(f"cannot write {error.filename or output_dir}: {problem}; {resume_hint(output_dir)}")
+
+
+def _as_memory_error(error: BaseException, cfg: TrainConfig) -> BaseException:
+    """A device's out-of-memory error as one line saying which of the run's settings to change
+    (torch's own message is a paragraph about the allocator); anything else as it is."""
+    import re
+
+    import torch
+
+    text = str(error)
+    if not (isinstance(error, torch.cuda.OutOfMemoryError)
+            or (isinstance(error, RuntimeError) and "out of memory" in text.lower())):
+        return error
+    t, d = cfg.train, cfg.data
+    fixes = []
+    if not t.gradient_checkpointing:
+        fixes.append("turn on train.gradient_checkpointing")
+    elif t.checkpointing_share < 1:
+        fixes.append(f"raise train.checkpointing_share (now {t.checkpointing_share:g}) towards 1")
+    if t.batch_size > 1:
+        fixes.append(f"lower train.batch_size (now {t.batch_size})")
+    fixes.append(f"lower data.resolution (now {d.resolution})")
+    asked = re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", text)
+    total = re.search(r"total capacity of ([\d.]+ [KMG]iB)", text)
+    detail = ", ".join(filter(None, (asked and f"{asked.group(1)} more asked", total and f"{total.group(1)} in all")))
+    return DeviceMemoryError(
+        f"the GPU ran out of memory{f' ({detail})' if detail else ''}: {', or '.join(fixes)}; the tab's "
+        "'auto' preset picks settings that fit this card, and 'python -m lora_trainer bench --estimate' "
+        "shows what settings need")
 
 
 class Trainer(WorkerRun):
@@ -59,6 +88,13 @@ class Trainer(WorkerRun):
                     if converted is e:
                         raise
                     raise converted from e
+                except RuntimeError as e:
+                    converted = _as_memory_error(e, self.config)
+                    if converted is e:
+                        raise
+                    # the traceback's frames hold the failed step's tensors: let them go with it
+                    e.__traceback__ = None
+                    raise converted from None
         except BaseException as e:
             self.emit(TrainEvent("error", message=one_line(e)))
             raise
