@@ -13,9 +13,10 @@ from the op that makes it until its last reference goes):
   trained, so not cached) are resident; the denoiser is still parked, the VAE leaves afterwards;
 - a training step with LoRA layers injected: forward, loss and backward, with the frozen weights
   in the training dtype, CUDA autocast's casting rules, fp32 LoRA weights, attention as a fused
-  kernel allocates it (not the score matrix) and the trainer's gradient checkpointing of all
-  or a share of the blocks (train/checkpointing.py; so the backward's recomputation, the gradients so far and the temporaries are all counted as they
-  happen); the UNet weights, LoRA parameters and AdamW's moments are resident.
+  kernel allocates it (not the score matrix) and the trainer's gradient checkpointing of all or
+  a share of the blocks (train/checkpointing.py), so the backward's recomputation, the gradients
+  so far and the temporaries are all counted as they happen; the UNet weights, LoRA parameters
+  and AdamW's moments are resident.
 
 The peak is the largest of them. It predicts what ``torch.cuda.max_memory_allocated``
 reports (the CUDA context itself is not included); :mod:`lora_trainer.bench.memcheck` measures
