@@ -228,6 +228,20 @@ def test_estimate_command_predicts_a_gpu_run_and_picks_settings(tmp_path: Path,
     assert "predicted peak" in capsys.readouterr().out
 
 
+def test_estimate_command_takes_a_share_of_the_blocks_to_checkpoint(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    steps = {}
+    for flag in (["--checkpointing", "0.5"], ["--checkpointing"], []):
+        out = tmp_path / f"estimate{len(flag)}.json"
+        assert cli_main(["bench", "--estimate", "--arch", "sd1", *flag, "--json", str(out)]) == 0
+        est = json.loads(out.read_text())["estimate"]
+        steps[tuple(flag)] = est["step_gb"]
+        assert est["checkpointing_share"] == {2: 0.5, 1: 1.0, 0: 0.0}[len(flag)]
+        assert est["gradient_checkpointing"] is bool(flag)
+    assert steps[("--checkpointing",)] < steps[("--checkpointing", "0.5")] < steps[()]
+    assert "checkpointing 50 % of blocks:" in capsys.readouterr().out
+
+
 def test_profile_counts_ops_casts_and_layouts_per_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "profile.json"
     assert cli_main(["bench", "--profile", "--steps", "2", "--warmup", "1", "--rank", "4", "--json", str(out)]) == 0
