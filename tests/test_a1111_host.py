@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from lora_trainer.config import build_config
-from lora_trainer.errors import HostError
+from lora_trainer.errors import DeviceMemoryError, HostError
 from lora_trainer.hosts import live_model
 from lora_trainer.train.events import TrainEvent
 
@@ -194,9 +194,10 @@ def test_a_run_that_raises_restores_everything(env, tmp_path: Path, monkeypatch:
         calls["n"] += 1
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    # Fail inside the loop, after LoRA layers are in and a step has run.
+    # Fail inside the loop, after LoRA layers are in and a step has run; the run says it in one
+    # line naming the settings to change.
     monkeypatch.setattr(session.RunSession, "host_interrupted", boom)
-    with pytest.raises(RuntimeError, match="out of memory"):
+    with pytest.raises(DeviceMemoryError, match="the GPU ran out of memory: turn on train.gradient_checkpointing"):
         Trainer(config(tmp_path), host=host()).run()
     assert calls["n"] >= 1
     assert (live_model.state_hash(sd), flags(sd), modes(sd)) == before
