@@ -546,8 +546,8 @@ class RunSession:
             units = checkpointing.units(m) if m is b.unet else []
             if units:
                 self._undo.append(checkpointing.checkpoint(m, share))
-                picked = len(checkpointing.chosen(units, share))
-                self.status(f"gradient checkpointing: {picked} of the {len(units)} blocks recompute their activations")
+                self.status(f"gradient checkpointing: {checkpointing.count(m)} of the {len(units)} blocks "
+                            "recompute their activations")
             elif hasattr(m, "enable_gradient_checkpointing"):
                 m.enable_gradient_checkpointing()
                 self._undo.append(m.disable_gradient_checkpointing)
