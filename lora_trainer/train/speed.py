@@ -33,12 +33,16 @@ def skip_lora_input_casts(model: nn.Module) -> Callable[[], None]:
     and two more in the backward, for the same product (the round trip is exact). Only for plain
     LoRA layers without dropout (a dropout mask drawn in another dtype could differ), and only
     while every forward pass runs under autocast: without it the dtypes must match.
+
+    peft before 0.14 has no switch for that cast: there this changes nothing, and the cast goes
+    with :class:`LoraWeightsCastOnce` instead (peft casts the input to the weights' dtype, which
+    is then the autocast dtype).
     """
     changed: list[tuple[nn.Module, bool]] = []
     for module in model.modules():
-        if not _plain_lora_without_dropout(module):
+        if not _plain_lora_without_dropout(module) or not hasattr(module, "cast_input_dtype_enabled"):
             continue
-        changed.append((module, getattr(module, "cast_input_dtype_enabled", True)))
+        changed.append((module, module.cast_input_dtype_enabled))
         module.cast_input_dtype_enabled = False
 
     def undo() -> None:
