@@ -138,6 +138,9 @@ class LoopConfig:
     checkpointing_share: float = _f(1.0, "With gradient_checkpointing: the share of the UNet's (or transformer's) "
                                     "blocks recomputed, above 0 up to 1. Less is faster, more saves memory; the "
                                     "auto preset picks the least that fits.")
+    fp32_norms: bool = _f(False, "With fp16/bf16 on a GPU: run GroupNorm and LayerNorm in fp32, autocast's own rule "
+                          "(slower, more memory). Off: they compute in the mixed precision; their kernels sum in "
+                          "fp32 either way.")
     noise_offset: float = _f(0.0, "Noise offset (helps very dark/bright images); 0.05-0.1 typical.")
     min_snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5 is typical); empty disables.")
     seed: int = _f(42, "Random seed (data order, noise, dropout).")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import types
 import warnings
 from collections.abc import Iterator
@@ -78,10 +79,17 @@ def enable_hf_checkpointing(model: Any) -> Any:
     return model.gradient_checkpointing_disable
 
 
+# The meta device has no autocast: the memory estimate's trace stands in for CUDA's
+# (bench/estimate.py) and says here which dtype it computes in, for code that asks.
+_meta_autocast = threading.local()
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast computes in on ``device_type`` now, or None when it is off there
     (``torch.is_autocast_enabled(device_type)`` exists from torch 2.4; before, CPU and CUDA each
-    have their own functions)."""
+    have their own functions). On "meta": the estimate's stand-in for CUDA autocast, if active."""
+    if device_type == "meta":
+        return getattr(_meta_autocast, "dtype", None)
     try:
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
@@ -93,6 +101,24 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     if device_type == "cuda":
         return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
     return None
+
+
+@contextlib.contextmanager
+def meta_autocast(dtype: torch.dtype | None) -> Iterator[None]:
+    """What :func:`autocast_dtype` says for "meta" in this thread while the context runs."""
+    before = getattr(_meta_autocast, "dtype", None)
+    _meta_autocast.dtype = dtype
+    try:
+        yield
+    finally:
+        _meta_autocast.dtype = before
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast switched off on ``device_type`` for the block (the meta stand-in's too)."""
+    if device_type == "meta":
+        return meta_autocast(None)
+    return torch.autocast(device_type, enabled=False)
 
 
 @contextlib.contextmanager

@@ -58,19 +58,20 @@ def test_choose_settings_uses_memory_it_has() -> None:
 
 
 def test_auto_preset_checkpoints_the_smallest_share_of_blocks_that_fits() -> None:
-    """SDXL at 1024 px: without checkpointing a step needs about 16 GB, with every block about 8;
+    """SDXL at 1024 px: without checkpointing a run needs about 16 GB, with every block about 8;
     between them the preset recomputes only the share it must (less recomputation, faster)."""
     from lora_trainer.train.checkpointing import SHARES
     from lora_trainer.ui import presets
     from lora_trainer.ui.train_section import PRESET_FIELDS
 
-    picks = {gb: presets.auto_values("sdxl", gb) for gb in (12.0, 16.0, 24.0)}
+    sizes = (10.0, 12.0, 14.0, 16.0, 24.0)
+    picks = {gb: presets.auto_values("sdxl", gb) for gb in sizes}
     got = {gb: (v["train.gradient_checkpointing"], v["train.checkpointing_share"], v["train.batch_size"])
            for gb, v in picks.items()}
-    assert got[24.0][0] is False
-    mid = [gb for gb in (12.0, 16.0) if 0 < got[gb][1] < 1 and got[gb][0]]
-    assert mid == [12.0, 16.0] and got[16.0][1] < got[12.0][1], got
-    for gb in (12.0, 16.0):
+    assert got[16.0][0] is False and got[24.0][0] is False
+    mid = [gb for gb in sizes if 0 < got[gb][1] < 1 and got[gb][0]]
+    assert mid == [10.0, 12.0, 14.0] and got[10.0][1] > got[12.0][1] > got[14.0][1], got
+    for gb in mid:
         share = got[gb][1]
         fits = estimate.estimate_peak_memory("sdxl", 1024, 1, 16, "bf16", True, checkpointing_share=share)
         assert estimate._needed_gb(fits) <= gb - 1.5
@@ -201,8 +202,9 @@ def test_the_latent_caching_is_part_of_the_estimate() -> None:
 
 
 # Peaks measured on an H200 (torch.cuda.max_memory_allocated of the whole run, bench --size full,
-# rank 16, bf16, cached latents; issue #13), the UNet then resident while latents were cached:
-# arch, resolution, batch, checkpointing, targets, GiB.
+# rank 16, bf16, cached latents; issue #13), the UNet then resident while latents were cached and
+# the norms in fp32 (autocast's rule, before train.fp32_norms): arch, resolution, batch,
+# checkpointing, targets, GiB.
 H200_PEAKS = [("sd1", 512, 1, False, "attention", 2.82), ("sd1", 512, 8, False, "attention", 10.4),
               ("sd1", 512, 1, True, "kohya", 2.46), ("sd1", 512, 32, False, "attention", 36.5),
               ("sdxl", 1024, 1, True, "kohya", 9.82)]
@@ -212,7 +214,7 @@ H200_PEAKS = [("sd1", 512, 1, False, "attention", 2.82), ("sd1", 512, 8, False, 
 def test_estimate_covers_the_peaks_measured_on_a_gpu(arch: str, resolution: int, batch: int, checkpointing: bool,
                                                      targets: str, measured: float) -> None:
     est = estimate.estimate_peak_memory(arch, resolution, batch, 16, "bf16", checkpointing, targets=targets,
-                                        unet_parked=False)
+                                        unet_parked=False, fp32_norms=True)
     assert -0.05 <= (est.total_gb - measured) / measured <= 0.15, est
 
 
@@ -335,6 +337,9 @@ def test_rows_take_one_resolution_for_checking_full_size_rows_on_a_cpu() -> None
     assert rows._spec(sdxl, "full", 2, 1, "cpu", None).resolution == 1024
     assert rows._spec(sdxl, "full", 2, 1, "cpu", None, 64).resolution == 64
     assert rows._spec(sdxl, "tiny", 2, 1, "cpu", None).resolution == 64
+    norms_row = rows.ROWS[-1]  # the before of the norms in the compute dtype: our loop with them in fp32
+    assert norms_row.fp32_norms and rows._spec(norms_row, "full", 2, 1, "cuda", None).fp32_norms
+    assert not any(r.fp32_norms for r in rows.ROWS[:-1])
     env = {"device": "CPU", "torch": "t", "diffusers": "d", "peft": "p", "size": "full"}
     assert "(64 px)" in rows._title({**env, "resolution": 64})
     assert "px)" not in rows._title(env)
@@ -370,7 +375,8 @@ def test_estimate_counts_the_full_size_weights_dora_and_loha_keep() -> None:
     for kind in ("dora", "loha"):
         other = estimate.estimate_peak_memory("sd1", 512, 1, 16, "bf16", False, network=kind)
         assert other.network == kind
-        assert other.step_gb - lora.step_gb > adapted * 2 / estimate.GiB, kind
+        # a bf16 full-size weight per adapted layer, less what LoRA's own layers keep and these do not
+        assert other.step_gb - lora.step_gb > 0.8 * adapted * 2 / estimate.GiB, kind
     with pytest.raises(ConfigError, match="network.type 'lycoris'"):
         estimate.estimate_peak_memory("sd1", 512, network="lycoris")
 

@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the UNet in our loop")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                    help="train.compile_mode (implies --compile): reduce-overhead records CUDA graphs")
+    p.add_argument("--fp32-norms", action="store_true",
+                   help="train.fp32_norms: GroupNorm / LayerNorm in fp32 under mixed precision (autocast's rule), "
+                        "in our loop and the estimate")
     p.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto")
@@ -63,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="count per step what each loop dispatches (aten ops, dtype casts, memory-format "
                         "conversions) and the top ops, instead of timing; with --precision bf16 on a CPU the "
-                        "weights are bf16 under autocast, as on a GPU")
+                        "weights are bf16 under autocast, as on a GPU; with --estimate: the traced step's ops "
+                        "and casts under CUDA autocast's rules")
     p.add_argument("--caption", action="store_true", help="time BLIP captioning (images/s) instead")
     add_threads_argument(p)
     return p
@@ -80,16 +84,27 @@ def _estimate(args: argparse.Namespace, resolution: int, precision: str) -> dict
     prec = precision if precision != "no" else "fp32"
     est = estimate_peak_memory(args.arch, resolution, args.batch, args.rank, prec, bool(args.checkpointing),
                                targets=args.targets, variant=args.variant, weight_dtype=args.weight_dtype,
-                               network=args.network, checkpointing_share=args.checkpointing or 1.0)
+                               network=args.network, checkpointing_share=args.checkpointing or 1.0,
+                               fp32_norms=args.fp32_norms)
     model = f"{args.arch} {est.variant}".strip()
     print(f"predicted peak for full-size {model} at {resolution}px, batch {args.batch}, {args.network} rank "
           f"{args.rank} ({args.targets} targets), {prec}, weights {args.weight_dtype}, "
-          f"checkpointing {describe(args.checkpointing)}:")
+          f"checkpointing {describe(args.checkpointing)}, norms in {'fp32' if args.fp32_norms else prec}:")
     for key, label in (("weights_gb", "weights"), ("lora_gb", "LoRA + AdamW"), ("step_gb", "step"),
                        ("load_gb", "load"), ("text_caching_gb", "text caching"), ("caching_gb", "caching"),
                        ("total_gb", "total")):
         print(f"  {label:<12} {getattr(est, key):7.2f} GiB")
     out = {"estimate": est.as_dict()}
+    if args.profile:
+        from lora_trainer.bench.estimate import trace_step
+
+        share = float(args.checkpointing) if args.checkpointing else 0.0
+        ops = trace_step(args.arch, resolution, args.batch, args.rank, prec, share, targets=args.targets,
+                         variant=est.variant, weight_dtype=args.weight_dtype, network=args.network,
+                         fp32_norms=args.fp32_norms, count_ops=True)
+        print(f"the traced step, CUDA autocast's rules: {ops['computing_ops']} computing ops, "
+              f"{ops['casts']} dtype casts (LoRA layers as peft runs them)")
+        out["traced_ops"] = {k: ops[k] for k in ("computing_ops", "casts")}
     if args.free_gb is not None:
         choice = choose_settings(args.free_gb, args.arch, resolution=resolution, rank=args.rank, precision=prec,
                                  variant=args.variant, network=args.network)
@@ -112,7 +127,7 @@ def _profile(args: argparse.Namespace, resolution: int, precision: str, device: 
 
     spec = BenchSpec(args.arch, args.size, resolution, args.batch, args.rank, precision, args.checkpointing,
                      args.steps, args.warmup, str(device), not args.no_reference, args.targets,
-                     cpu_low_precision=precision != "no", **_compile_args(args))
+                     cpu_low_precision=precision != "no", fp32_norms=args.fp32_norms, **_compile_args(args))
     rows = profile_bench(spec)
     print(f"{args.size} {args.arch}, {resolution}px, batch {args.batch}, rank {args.rank} ({args.targets} targets), "
           f"precision {precision}, checkpointing {describe(args.checkpointing)}, {device}:")
@@ -152,7 +167,7 @@ def main(argv: list[str]) -> int:
             print("note: a full-size model on a CPU is very slow; use --size tiny here")
         spec = BenchSpec(args.arch, args.size, resolution, args.batch, args.rank, precision, args.checkpointing,
                          args.steps, args.warmup, str(device), not args.no_reference, args.targets,
-                         **_compile_args(args))
+                         fp32_norms=args.fp32_norms, **_compile_args(args))
         from lora_trainer.bench.runner import print_table
 
         result = run_bench(spec)
@@ -163,7 +178,8 @@ def main(argv: list[str]) -> int:
 
             est = estimate_peak_memory(args.arch, resolution, args.batch, args.rank,
                                        precision if precision != "no" else "fp32", bool(args.checkpointing),
-                                       targets=args.targets, checkpointing_share=args.checkpointing or 1.0)
+                                       targets=args.targets, checkpointing_share=args.checkpointing or 1.0,
+                                       fp32_norms=args.fp32_norms)
             err = (est.total_gb - result.peak_memory_gb) / result.peak_memory_gb * 100
             print(f"memory estimate {est.total_gb:.2f} GiB vs measured {result.peak_memory_gb:.2f} GiB ({err:+.1f} %)")
             out["estimate"] = est.as_dict()

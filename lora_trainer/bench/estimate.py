@@ -40,7 +40,7 @@ from lora_trainer.bench.livemem import LiveBytes
 from lora_trainer.config import NETWORK_TYPE_HELP
 from lora_trainer.data.cache import LATENT_CACHE_BATCH
 from lora_trainer.families import get_family
-from lora_trainer.torch_compat import meta_checkpointing
+from lora_trainer.torch_compat import autocast_dtype, meta_autocast, meta_checkpointing
 from lora_trainer.train.checkpointing import SHARES
 
 GiB = 1024**3
@@ -83,6 +83,7 @@ class MemoryEstimate:
     weights_cast: str = ""  # "bf16 -> fp32": a host stores the UNet narrow and casts per call (WeightsCast)
     load_gb: float = 0.0  # the model as loaded: text encoders and VAE (the denoiser comes after the caches)
     checkpointing_share: float = 0.0  # the share of the denoiser's blocks checkpointed (0: off)
+    fp32_norms: bool = False  # GroupNorm / LayerNorm in fp32 under mixed precision (train.fp32_norms)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,8 +153,23 @@ class _CudaAutocast(torch.overrides.TorchFunctionMode):
         self.fp32 = {f for name in _FP32_OPS for f in (getattr(F, name, None), getattr(torch, name, None)) if f}
         self.fp32 |= {torch.Tensor.softmax, torch.Tensor.pow, torch.Tensor.exp}
 
+    def __enter__(self) -> Any:
+        # what autocast_dtype("meta") says while this runs: code that asks (the norms' forward)
+        # sees autocast on, and switches it off for a call with autocast_off("meta")
+        self._said = meta_autocast(self.dtype)
+        self._said.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._said.__exit__(None, None, None)
+
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if autocast_dtype("meta") is None:  # switched off for this call
+            return func(*args, **kwargs)
         target = self.dtype if func in self.low else torch.float32 if func in self.fp32 else None
         if target is not None:
             def cast(x: Any) -> Any:
@@ -317,7 +333,8 @@ def _weight_bytes(arch: str, model: nn.Module, size: str, variant: str, weight_d
 def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str, checkpointing: float,
                size: str = "full", targets: str = "kohya", device: str = "cuda", variant: str = "",
                weight_dtype: str = "auto", network: str = "lora",
-               weights_cast: WeightsCast | None = None) -> dict[str, int]:
+               weights_cast: WeightsCast | None = None, fp32_norms: bool = False,
+               count_ops: bool = False) -> dict[str, int]:
     """One training step run on meta as the trainer runs it (frozen weights in the precision's
     dtype, CUDA autocast's rules, fp32 LoRA weights, the trainer's checkpointing of the share
     ``checkpointing`` of the denoiser's blocks, 0 for none): ``step`` is the
@@ -327,11 +344,16 @@ def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str
     temporaries; all of that is counted as it happens, not modelled). ``weights_cast``: the
     frozen weights stored narrow and cast in each layer at every call; outside the checkpointed
     blocks each layer casts again in the backward pass (train/recast.py), inside them the copies
-    a recomputed block keeps are counted as they happen."""
+    a recomputed block keeps are counted as they happen. The norms compute in the autocast dtype
+    as the trainer's do (train/norms.py), unless ``fp32_norms`` (``train.fp32_norms``).
+    ``count_ops``: also ``computing_ops`` and ``casts``, what the step dispatches (the launches and
+    dtype copies CUDA would run under autocast; the LoRA layers as peft runs them)."""
     import torch.nn.functional as F
     import torch.utils.checkpoint as tuc
 
+    from lora_trainer.bench.profile import OpCounter
     from lora_trainer.train import checkpointing as ckpt
+    from lora_trainer.train.norms import norms_in_compute_dtype
 
     dtype = _DTYPES[precision]
     unet, lora_params, forward = _lora_step(arch, resolution, batch, rank, dtype, size, targets, variant,
@@ -344,9 +366,12 @@ def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str
 
         ckpt.checkpoint(unet, checkpointing, functools.partial(
             tuc.checkpoint, use_reentrant=False, preserve_rng_state=False, context_fn=recompute_autocast))
+    if not fp32_norms:
+        norms_in_compute_dtype(unet)
     unet.train()
     side = resolution // 8
-    with _tracing(precision, device) as live, meta_checkpointing():
+    counter = OpCounter() if count_ops else contextlib.nullcontext()
+    with _tracing(precision, device) as live, meta_checkpointing(), counter:
         latents = torch.empty(batch, get_family(arch).latent_channels, side, side, device="meta")  # fp32, as kept
         noise = torch.empty_like(latents)  # the trainer's noise and target: as large again
         pred = forward()
@@ -355,8 +380,11 @@ def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str
         after_backward = live.current  # the LoRA gradients and the batch
     weights = _weight_bytes(arch, unet, size, variant, weight_dtype, precision)
     # The optimizer step then adds as much again as the fp32 gradients in temporaries, at most.
-    return {"step": max(live.peak, after_backward + lora_params * 4), "lora_params": lora_params,
-            "weight_bytes": weights}
+    out = {"step": max(live.peak, after_backward + lora_params * 4), "lora_params": lora_params,
+           "weight_bytes": weights}
+    if isinstance(counter, OpCounter):
+        out |= {"computing_ops": counter.computing, "casts": counter.casts}
+    return out
 
 
 def vae_config(arch: str, size: str) -> dict[str, Any]:
@@ -397,7 +425,7 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
                          size: str = "full", targets: str = "kohya", device: str = "cuda",
                          unet_parked: bool = True, variant: str = "", weight_dtype: str = "auto",
                          network: str = "lora", weights_cast: WeightsCast | None = None,
-                         checkpointing_share: float = 1.0) -> MemoryEstimate:
+                         checkpointing_share: float = 1.0, fp32_norms: bool = False) -> MemoryEstimate:
     """Predicted peak accelerator memory (GiB figures) of a LoRA training run: the largest of
     the model's load (text encoders and VAE; the denoiser is placed once the caches are filled),
     the text embeddings' caching (the text encoders alone: the denoiser and the VAE are parked;
@@ -414,13 +442,14 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
     the adapter kind (``network.type``: lora, locon, dora, loha, lokr), traced as the trainer
     builds it; ``weights_cast``: a host's UNet stored narrower than it computes, cast per call
     (see ``WeightsCast``); ``checkpointing_share``: with gradient checkpointing, the share of the
-    denoiser's blocks it recomputes (``train.checkpointing_share``)."""
+    denoiser's blocks it recomputes (``train.checkpointing_share``); ``fp32_norms``: the norms
+    in fp32 under mixed precision, autocast's own rule (``train.fp32_norms``)."""
     family = _checked(arch, variant, weight_dtype, network, weights_cast)
     variant = variant or family.default_variant()
     prec = precision if precision in ("fp16", "bf16") else "fp32"
     share = float(checkpointing_share) if gradient_checkpointing else 0.0
     tr = trace_step(arch, resolution, batch_size, rank, prec, share, size, targets, device,
-                    variant, weight_dtype, network, weights_cast)
+                    variant, weight_dtype, network, weights_cast, fp32_norms)
     cache = trace_latent_caching(arch, resolution, LATENT_CACHE_BATCH, prec, size, device)
     text = family.text_encoder_bytes(weight_dtype, DTYPE_BYTES[prec]) if size == "full" else 0
     denoiser, vae = tr["weight_bytes"], cache["vae_bytes"]
@@ -440,7 +469,7 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
                           weights / GiB, lora / GiB, step / GiB, cache["encode"] / GiB, caching / GiB,
                           max(weights + lora + step, caching, text_caching, load) / GiB, text_caching / GiB,
                           variant, weight_dtype, network, " -> ".join(weights_cast) if weights_cast else "",
-                          load / GiB, share)
+                          load / GiB, share, fp32_norms)
 
 
 def _checked(arch: str, variant: str, weight_dtype: str, network: str = "lora",

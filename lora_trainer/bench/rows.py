@@ -31,6 +31,7 @@ class Row:
     checkpointing: float  # the share of the denoiser's blocks checkpointed (True: all)
     reference: bool
     profile: bool = False
+    fp32_norms: bool = False  # train.fp32_norms: the norms as autocast runs them, for a before/after
 
 
 # The rows of issue #13's table (rank 16, bf16, cached latents).
@@ -40,8 +41,11 @@ ROWS = (
     Row("SD1.5 512² batch 1, default targets, checkpointing", "sd1", 512, 1, "kohya", True, True),
     Row("SD1.5 512² batch 32, attention targets", "sd1", 512, 32, "attention", False, False),
     Row("SDXL 1024² batch 1, default targets, checkpointing", "sdxl", 1024, 1, "kohya", True, True),
-    # what the auto preset picks for SDXL on a 16 GB card (train.checkpointing_share 0.25)
+    # what the auto preset picks for SDXL on a 14 GB card (train.checkpointing_share 0.25)
     Row("SDXL 1024² batch 1, default targets, checkpointing 25 % of blocks", "sdxl", 1024, 1, "kohya", 0.25, False),
+    # the second row with the norms in fp32, as autocast runs them (train.fp32_norms)
+    Row("SD1.5 512² batch 8, attention targets, norms in fp32", "sd1", 512, 8, "attention", False, False,
+        fp32_norms=True),
 )
 
 
@@ -53,7 +57,7 @@ def _spec(row: Row, size: str, steps: int, warmup: int, device: str, compile_mod
     precision = "bf16" if device == "cuda" else "no"
     return BenchSpec(row.arch, size, resolution, row.batch, 16, precision, row.checkpointing, steps, warmup,
                      device, row.reference, row.targets, compile=bool(compile_mode),
-                     compile_mode=compile_mode or "default")
+                     compile_mode=compile_mode or "default", fp32_norms=row.fp32_norms)
 
 
 def run_row(row: Row, size: str, steps: int, warmup: int, device: str, compile_mode: str | None = None,
@@ -68,7 +72,8 @@ def run_row(row: Row, size: str, steps: int, warmup: int, device: str, compile_m
     out: dict[str, Any] = {"row": asdict(row), "result": json.loads(result.to_json())}
     if device == "cuda" and size == "full":
         est = estimate_peak_memory(row.arch, spec.resolution, row.batch, 16, "bf16", bool(row.checkpointing),
-                                   targets=row.targets, checkpointing_share=float(row.checkpointing))
+                                   targets=row.targets, checkpointing_share=float(row.checkpointing),
+                                   fp32_norms=row.fp32_norms)
         out["estimate"] = est.as_dict()
         out["estimate_error"] = (est.total_gb - result.peak_memory_gb) / result.peak_memory_gb
     if row.profile:

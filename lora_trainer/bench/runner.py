@@ -52,6 +52,7 @@ class BenchSpec:
     cpu_low_precision: bool = False
     compile: bool = False  # train.compile: torch.compile the UNet in our loop
     compile_mode: str = "default"  # train.compile_mode
+    fp32_norms: bool = False  # train.fp32_norms: GroupNorm / LayerNorm in fp32 under mixed precision
 
 
 @dataclass
@@ -171,7 +172,7 @@ def bench_config(spec: BenchSpec, data: Path, out: Path, device: torch.device) -
         "optim.lr_scheduler": "constant", "output.output_dir": str(out), "output.tensorboard": False,
         "output.output_name": "bench", "model.device": str(device),
         "network.target_modules": list(REFERENCE_TARGETS) if spec.targets == "attention" else [],
-        "train.compile": spec.compile, "train.compile_mode": spec.compile_mode,
+        "train.compile": spec.compile, "train.compile_mode": spec.compile_mode, "train.fp32_norms": spec.fp32_norms,
     })
 
 

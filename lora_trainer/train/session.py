@@ -29,7 +29,7 @@ from lora_trainer.fsutil import atomic_write_text, backup_file
 from lora_trainer.models import placement
 from lora_trainer.torch_compat import autocast_supported, enable_hf_checkpointing, grad_scaler
 from lora_trainer.train import checkpoint as ckpt
-from lora_trainer.train import checkpointing
+from lora_trainer.train import checkpointing, norms
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.losses import offset_noise, weighted_mse
 from lora_trainer.train.objectives import objective_for
@@ -232,7 +232,8 @@ class RunSession:
 
     def speed_up_unet(self) -> None:
         """channels_last convolutions on CUDA, no needless dtype casts in the LoRA layers under
-        autocast and their weights cast in one kernel (train/speed.py), the lean LoRA forward
+        autocast and their weights cast in one kernel (train/speed.py), the norms in the compute
+        dtype (train/norms.py; CUDA autocast would run them in fp32), the lean LoRA forward
         (train/lora_forward.py) or else torch.compile when asked (train/compiled.py); all undone
         at the end so a host's live model is handed back as it came."""
         unet = self.bundle.unet
@@ -245,6 +246,8 @@ class RunSession:
 
             for root in self.roots_in_training():
                 self._undo.append(skip_lora_input_casts(root))
+                if not self.cfg.train.fp32_norms and self.device.type in norms.UPCASTING:
+                    self._undo.append(norms.norms_in_compute_dtype(root, norms.UPCASTING))
             if not self.cfg.train.compile:
                 self._cast_once = LoraWeightsCastOnce(self.roots_in_training(), amp)
         if not self.cfg.train.compile:

@@ -212,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
                                               f"attention ({len(ups)}; first residual block: {len(first)}) {still[:2]}")
     check(differs(txt2img(args.url, f"a red circle <lora:{ckpt}:1>"), plain) > 0, f"txt2img <lora:{ckpt}:1>")
 
+    # bf16 autocast over the WebUI's model: its GroupNorm32 / LayerNorm layers get our forward for
+    # the run (on a GPU: the norms in bf16) and give it back
+    mixed = train_api(args.url, data, f"bf16_{tag}", 4, **{"train.mixed_precision": "bf16"})
+    check(mixed["status"] == "done", f"api: trained in bf16 mixed precision ({mixed['status']})")
+    check(differs(txt2img(args.url, f"a red circle <lora:bf16_{tag}:1>"), plain) > 0, f"txt2img <lora:bf16_{tag}:1>")
+
     txt2img(args.url, f"a red circle <lora:{tab}:1>")  # the WebUI merges this LoRA into the weights
     after = train_api(args.url, data, after_name, 4)
     check(after["status"] == "done", "api: trained right after a render that used another LoRA")
