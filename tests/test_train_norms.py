@@ -118,6 +118,18 @@ def test_trained_norms_and_norms_with_a_forward_of_their_own_keep_theirs() -> No
     assert norms.count(block) == 0 and block.gn.forward is own
 
 
+def test_a_hosts_cast_per_call_norms_take_this_forward_not_the_recast() -> None:
+    # Forge's norms cast their stored weights per call like its linear layers; the recast, which
+    # saves the big weights' copies, leaves the norms (a few hundred numbers each) to this forward
+    from lora_trainer.train.recast import recast_in_backward, recasting
+
+    block = _block()
+    recast_in_backward([block.gn, block.conv, block.ln, block.proj])
+    assert recasting(block) == 2
+    norms.norms_in_compute_dtype(block)
+    assert norms.count(block) == 2
+
+
 def test_the_estimate_counts_the_norms_as_the_trainer_runs_them() -> None:
     fast = estimate.estimate_peak_memory("sd1", 512, 1, 16, "bf16")
     fp32 = estimate.estimate_peak_memory("sd1", 512, 1, 16, "bf16", fp32_norms=True)

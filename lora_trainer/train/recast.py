@@ -74,8 +74,10 @@ def _forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any
 
 def recast_in_backward(layers: Iterable[nn.Module]) -> Callable[[], None]:
     """Give each layer (one that casts its stored weight to its input's dtype and device per call)
-    the forward above; returns the callable that takes it off again."""
-    return forwards.install(layers, _forward)
+    the forward above; returns the callable that takes it off again. Not the norms: their weights
+    are a few hundred numbers each, and under mixed precision train/norms.py gives them its own
+    forward (in the compute dtype)."""
+    return forwards.install([m for m in layers if not isinstance(m, (nn.GroupNorm, nn.LayerNorm))], _forward)
 
 
 def recasting(model: nn.Module) -> int:
