@@ -61,6 +61,7 @@ TESTS=(
   tests/test_lora_variants.py tests/test_lora_inspect.py  # LoCon, DoRA, LoHa, LoKr on peft 0.13.2
   tests/test_lora_forward.py                               # the lean LoRA forward every run takes
   tests/test_train_speed.py                                # the casts skipped under autocast, peft 0.13.2
+  tests/test_train_norms.py                                # the norms in the compute dtype, GroupNorm32 included
   tests/test_train_checkpointing.py                        # checkpointing of all or a share of the blocks
   tests/test_preflight.py tests/test_train_disk.py
   tests/test_models_setups.py tests/test_models_loaders.py
