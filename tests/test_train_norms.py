@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
@@ -176,20 +175,3 @@ def test_a_run_computes_its_norms_in_bf16_resumes_exactly_and_restores_the_model
     after = unet.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not any("forward" in vars(m) or "_norm_devices" in vars(m) for m in unet.modules())
-
-
-@needs_cpu_bf16
-def test_torch_compile_traces_the_norms_in_one_graph() -> None:
-    dynamo = pytest.importorskip("torch._dynamo")
-    block = _block()
-    norms.norms_in_compute_dtype(block, ("cpu",))
-    x = torch.randn(2, 16, 8, 8, dtype=torch.bfloat16)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return block(x)
-
-    with contextlib.suppress(AttributeError):
-        dynamo.reset()
-    explained = dynamo.explain(run)(x)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons

@@ -233,7 +233,8 @@ class RunSession:
     def speed_up_unet(self) -> None:
         """channels_last convolutions on CUDA, no needless dtype casts in the LoRA layers under
         autocast and their weights cast in one kernel (train/speed.py), the norms in the compute
-        dtype (train/norms.py; CUDA autocast would run them in fp32), the lean LoRA forward
+        dtype (train/norms.py; CUDA autocast would run them in fp32; not compiled: inductor fuses
+        those casts into the norms' kernels), the lean LoRA forward
         (train/lora_forward.py) or else torch.compile when asked (train/compiled.py); all undone
         at the end so a host's live model is handed back as it came."""
         unet = self.bundle.unet
@@ -246,7 +247,7 @@ class RunSession:
 
             for root in self.roots_in_training():
                 self._undo.append(skip_lora_input_casts(root))
-                if not self.cfg.train.fp32_norms and self.device.type in norms.UPCASTING:
+                if not (self.cfg.train.fp32_norms or self.cfg.train.compile) and self.device.type in norms.UPCASTING:
                     self._undo.append(norms.norms_in_compute_dtype(root, norms.UPCASTING))
             if not self.cfg.train.compile:
                 self._cast_once = LoraWeightsCastOnce(self.roots_in_training(), amp)
