@@ -257,7 +257,7 @@ def test_profile_counts_ops_casts_and_layouts_per_step(tmp_path: Path, capsys: p
 
 
 def test_op_counter_tells_casts_from_layout_conversions() -> None:
-    from lora_trainer.bench.profile import OpCounter
+    from lora_trainer.bench.opcount import OpCounter
 
     x = torch.randn(2, 3, 4, 4)
     with OpCounter() as counter:

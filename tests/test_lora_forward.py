@@ -12,7 +12,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 
-from lora_trainer.bench.profile import OpCounter
+from lora_trainer.bench.opcount import OpCounter
 from lora_trainer.torch_compat import autocast_dtype, autocast_supported
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.lora_forward import lean_layers, lean_lora_forward

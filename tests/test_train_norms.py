@@ -11,7 +11,7 @@ from torch import nn
 
 from lora_trainer.bench import estimate
 from lora_trainer.bench.livemem import LiveBytes
-from lora_trainer.bench.profile import OpCounter
+from lora_trainer.bench.opcount import OpCounter
 from lora_trainer.torch_compat import autocast_supported
 from lora_trainer.train import norms
 from lora_trainer.train.events import TrainEvent

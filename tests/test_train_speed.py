@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from lora_trainer.bench.profile import OpCounter
+from lora_trainer.bench.opcount import OpCounter
 from lora_trainer.torch_compat import autocast_supported
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.speed import LoraWeightsCastOnce, skip_lora_input_casts

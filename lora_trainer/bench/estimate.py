@@ -351,7 +351,7 @@ def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str
     import torch.nn.functional as F
     import torch.utils.checkpoint as tuc
 
-    from lora_trainer.bench.profile import OpCounter
+    from lora_trainer.bench.opcount import OpCounter
     from lora_trainer.train import checkpointing as ckpt
     from lora_trainer.train.norms import norms_in_compute_dtype
 
