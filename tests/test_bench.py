@@ -241,7 +241,25 @@ def test_estimate_command_takes_a_share_of_the_blocks_to_checkpoint(tmp_path: Pa
         assert est["checkpointing_share"] == {2: 0.5, 1: 1.0, 0: 0.0}[len(flag)]
         assert est["gradient_checkpointing"] is bool(flag)
     assert steps[("--checkpointing",)] < steps[("--checkpointing", "0.5")] < steps[()]
-    assert "checkpointing 50 % of blocks:" in capsys.readouterr().out
+    assert "checkpointing 50 % of blocks, norms in bf16:" in capsys.readouterr().out
+
+
+def test_estimate_command_counts_the_traced_steps_casts_with_the_norms_in_either_dtype(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    got = {}
+    for flag in ([], ["--fp32-norms"]):
+        out = tmp_path / f"estimate{len(flag)}.json"
+        assert cli_main(["bench", "--estimate", "--arch", "sd1", "--profile", *flag, "--json", str(out)]) == 0
+        data = json.loads(out.read_text())
+        got[bool(flag)] = data["traced_ops"], data["estimate"]
+        assert data["estimate"]["fp32_norms"] is bool(flag)
+    (fast, fast_est), (fp32, fp32_est) = got[False], got[True]
+    # SD1.5's 109 norms: the input, weight and bias up to fp32 and the result back, forward and backward
+    assert fp32["casts"] - fast["casts"] > 4 * 109, (fast, fp32)
+    assert fp32["computing_ops"] - fast["computing_ops"] == fp32["casts"] - fast["casts"]  # only casts go
+    assert fast_est["step_gb"] < fp32_est["step_gb"]
+    printed = capsys.readouterr().out
+    assert "norms in fp32:" in printed and f"{fast['casts']} dtype casts" in printed
 
 
 def test_profile_counts_ops_casts_and_layouts_per_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

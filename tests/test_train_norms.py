@@ -109,10 +109,14 @@ def test_rounding_stays_that_of_the_compute_dtype() -> None:
     assert ((fp32.double() - exact).abs() <= ulp).all()
 
 
-def test_trained_norms_and_norms_with_a_forward_of_their_own_keep_theirs() -> None:
+def test_trained_norms_norms_kept_in_fp32_and_norms_with_a_forward_of_their_own_keep_theirs() -> None:
+    class FP32LayerNorm(nn.LayerNorm):  # as diffusers names its norm that upcasts on purpose
+        pass
+
     block = _block()
     block.ln.requires_grad_(True)
     own = block.gn.forward = lambda x: x  # a host's forward on this layer
+    block.extra = FP32LayerNorm(16)
     norms.norms_in_compute_dtype(block)
     assert norms.count(block) == 0 and block.gn.forward is own
 

@@ -50,8 +50,10 @@ def _in_compute_dtype(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: An
 
 def norm_layers(model: nn.Module) -> list[nn.Module]:
     """``model``'s GroupNorm and LayerNorm layers (their subclasses too: the WebUIs' ``GroupNorm32``
-    and cast-per-call norms compute the same function) whose parameters do not train."""
+    and cast-per-call norms compute the same function) whose parameters do not train; not those
+    whose class says it runs in fp32 (diffusers' ``FP32LayerNorm``, kept so on purpose)."""
     return [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))
+            and "FP32" not in type(m).__name__.upper()
             and not any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
