@@ -295,6 +295,8 @@ OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capaci
      "checkpointing_share"),
     ({"train.gradient_checkpointing": True, "train.checkpointing_share": 0.5},
      ["raise train.checkpointing_share (now 0.5) towards 1"], "batch_size"),
+    ({"train.fp32_norms": True, "train.mixed_precision": "bf16"},
+     ["turn off train.fp32_norms, or turn on train.gradient_checkpointing"], "batch_size"),
 ])
 def test_running_out_of_gpu_memory_is_one_line_naming_the_settings_to_change(
         data: Path, tmp_path: Path, values: dict, says: list[str], not_says: str) -> None:

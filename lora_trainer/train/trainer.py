@@ -49,6 +49,8 @@ def _as_memory_error(error: BaseException, cfg: TrainConfig) -> BaseException:
         return error
     t, d = cfg.train, cfg.data
     fixes = []
+    if t.fp32_norms and t.mixed_precision != "no":
+        fixes.append("turn off train.fp32_norms")
     if not t.gradient_checkpointing:
         fixes.append("turn on train.gradient_checkpointing")
     elif t.checkpointing_share < 1:
