@@ -553,3 +553,36 @@ def test_choosing_a_preset_sizes_the_forms_network_type():
 
     assert checkpointing("lora") is False
     assert checkpointing("dora") is True
+
+
+def test_choosing_auto_says_what_it_picked_for_the_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_trainer.bench.estimate import estimate_peak_memory
+    from lora_trainer.hosts.standalone import StandaloneHost
+    from lora_trainer.ui.tab import build_tab
+    from lora_trainer.ui.train_section import PRESET_FIELDS
+
+    reads: list[float] = []
+    monkeypatch.setattr(presets, "gpu_free_gb", lambda: reads.append(12.0) or 12.0)
+    blocks = build_tab(StandaloneHost())
+    fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
+    apply_preset = next(f.fn for f in fns if getattr(f.fn, "__name__", "") == "apply_preset")
+    out = apply_preset("auto", "sdxl", "lora")
+    assert len(out) == len(PRESET_FIELDS) + 1 and len(reads) == 1  # the values and the note from one reading
+    share = out[PRESET_FIELDS.index("train.checkpointing_share")]
+    share = share["value"] if isinstance(share, dict) else share.value
+    precision = presets._mixed_precision(None)  # the card's (here: none, so fp16)
+    peak = estimate_peak_memory("sdxl", 1024, 1, 16, precision, True, checkpointing_share=share).total_gb
+    assert out[-1] == (f"auto, for 12.0 GiB free: 1024 px, batch 1, gradient checkpointing of {share:.0%} of the "
+                       f"blocks, the fastest that fits (estimated peak {peak:.1f} GiB)")
+    assert 0 < share < 1
+    assert apply_preset("8 GB", "sdxl", "lora")[-1] == "preset 8 GB applied"
+
+
+def test_the_auto_note_says_when_nothing_fits_and_when_there_is_no_gpu() -> None:
+    tight = presets.auto_summary("sdxl", 6.0)
+    assert tight.startswith("auto, for 6.0 GiB free: 1024 px, batch 1, gradient checkpointing of every block: ")
+    assert "more than is free; lower data.resolution" in tight
+    assert presets.auto_summary("sd1", 24.0).startswith("auto, for 24.0 GiB free: 512 px, batch 8, no gradient "
+                                                        "checkpointing, the fastest that fits")
+    assert "beside the loaded model" in presets.auto_summary("sd1", 8.0, model_resident=True)
+    assert presets.auto_summary("sd1", None) == "auto: no GPU found, so the CPU demo settings"

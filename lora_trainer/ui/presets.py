@@ -106,17 +106,42 @@ def auto_values(arch: str, free_gb: float, model_resident: bool = False, network
     denoiser's blocks checkpointed that fits, with the largest batch that fits then; for Flux.1 / SD3.5 the transformer's weights stored in fp8 or nf4 when bf16 ones do
     not fit. ``weights_cast``: the host casts narrow-stored UNet weights per call
     (``LoadedModel.weights_cast``); ``compute_dtype``: the dtype the host's model computes in."""
-    from lora_trainer.bench.estimate import choose_settings
-
     precision = _mixed_precision(compute_dtype)
-    c = choose_settings(free_gb, arch, precision="fp32" if precision == "no" else precision,
-                        model_resident=model_resident, network=network,
-                        weights_cast=weights_cast)
+    c = _auto_choice(arch, free_gb, model_resident, network, weights_cast, precision)
     return {**_COMMON, "data.resolution": c["resolution"], "train.batch_size": c["batch_size"],
             "train.gradient_checkpointing": c["gradient_checkpointing"],
             "train.checkpointing_share": c["checkpointing_share"], "network.rank": c["rank"],
             "model.weight_dtype": c["weight_dtype"],
             "network.alpha": c["rank"] / 2, "train.mixed_precision": precision, "optim.learning_rate": 1e-4}
+
+
+def _auto_choice(arch: str, free_gb: float, model_resident: bool, network: str,
+                 weights_cast: tuple[str, str] | None, precision: str) -> dict[str, Any]:
+    from lora_trainer.bench.estimate import choose_settings
+
+    return choose_settings(free_gb, arch, precision="fp32" if precision == "no" else precision,
+                           model_resident=model_resident, network=network, weights_cast=weights_cast)
+
+
+def auto_summary(arch: str, free_gb: float | None, model_resident: bool = False, network: str = "lora",
+                 weights_cast: tuple[str, str] | None = None, compute_dtype: str | None = None) -> str:
+    """One line on what "auto" chose for ``free_gb`` and why: the settings that set the memory,
+    the estimate, and what to change when even the smallest settings are estimated not to fit."""
+    if free_gb is None:
+        return "auto: no GPU found, so the CPU demo settings"
+    c = _auto_choice(arch, free_gb, model_resident, network, weights_cast, _mixed_precision(compute_dtype))
+    share = c["checkpointing_share"]
+    ckpt = ("no gradient checkpointing" if not c["gradient_checkpointing"] else
+            "gradient checkpointing of every block" if share >= 1 else
+            f"gradient checkpointing of {share:.0%} of the blocks")
+    weights = "" if c["weight_dtype"] == "auto" else f", weights stored in {c['weight_dtype']}"
+    head = f"auto, for {free_gb:.1f} GiB free: {c['resolution']} px, batch {c['batch_size']}, {ckpt}{weights}"
+    if not c["fits"]:
+        return (f"{head}: even these are estimated to need {c['estimated_peak_gb']:.1f} GiB at the peak, more than "
+                "is free; lower data.resolution or network.rank, or free GPU memory, or the run will stop out of memory")
+    if model_resident:
+        return f"{head}, the fastest that fits beside the loaded model (estimated peak {c['estimated_peak_gb']:.1f} GiB)"
+    return f"{head}, the fastest that fits (estimated peak {c['estimated_peak_gb']:.1f} GiB)"
 
 
 # Adapter kinds that build a full-size weight per adapted layer in every step (DoRA's normalised

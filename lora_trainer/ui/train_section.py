@@ -83,10 +83,12 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
 
     def apply_preset(name: str, arch: str, network: str) -> list[Any]:
         if not name or name == CUSTOM_PRESET:  # "custom" changes nothing
-            return [compat.update() for _ in PRESET_FIELDS]
-        values = preset_for_host(ctx.host, name, arch, network)
+            return [compat.update() for _ in PRESET_FIELDS] + [compat.update()]
+        free = presets.gpu_free_gb() if name == "auto" else None  # read once: the values and the note agree
+        values = preset_for_host(ctx.host, name, arch, network, free)
+        note = auto_note_for_host(ctx.host, arch, network, free) if name == "auto" else f"preset {name} applied"
         return [compat.update(value=to_component(values[p], field_kind(p)[0])) if p in values else compat.update()
-                for p in PRESET_FIELDS]
+                for p in PRESET_FIELDS] + [note]
 
     def do_start(*values: Any) -> tuple[str, Any]:
         try:
@@ -113,7 +115,7 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
         return run
 
     ctx.later(lambda: preset.change(apply_preset, [preset, ctx.fields["model.arch"], ctx.fields["network.type"]],
-                                    [ctx.fields[p] for p in PRESET_FIELDS]))
+                                    [ctx.fields[p] for p in PRESET_FIELDS] + [msg]))
     ctx.later(lambda: start.click(do_start, ctx.inputs, [msg, progress]))
     stop.click(command("stop"), None, [msg])
     save.click(command("save_now"), None, [msg])
@@ -123,18 +125,31 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
                                         seen], 1.0))
 
 
-def preset_for_host(host: Host, name: str, form_arch: str, network: str = "lora") -> dict[str, Any]:
-    """Preset ``name``'s values for the model the run will train: the host's loaded model's
-    family when it has one (a WebUI's checkpoint), else the form's ``model.arch`` (auto: the
-    default family); sized for the form's ``network.type``."""
+def _for_host(host: Host, form_arch: str, network: str) -> tuple[str, dict[str, Any]]:
+    """The family a preset is sized for (the host's loaded model's when it has one, a WebUI's
+    checkpoint; else the form's ``model.arch``, auto: the default family) and the loaded model's
+    facts the presets take."""
     loaded = host.loaded_model()
     family = loaded.family if loaded is not None else None
     if family is None:
         family = form_arch if form_arch and form_arch != "auto" else DEFAULT_FAMILY
-    return presets.preset_values(name, family, model_resident=loaded is not None and loaded.resident,
-                                 network=network or "lora",
-                                 weights_cast=loaded.weights_cast if loaded is not None else None,
-                                 compute_dtype=loaded.compute_dtype if loaded is not None else None)
+    return family, {"model_resident": loaded is not None and loaded.resident, "network": network or "lora",
+                    "weights_cast": loaded.weights_cast if loaded is not None else None,
+                    "compute_dtype": loaded.compute_dtype if loaded is not None else None}
+
+
+def preset_for_host(host: Host, name: str, form_arch: str, network: str = "lora",
+                    free_gb: float | None = None) -> dict[str, Any]:
+    """Preset ``name``'s values for the model the run will train, sized for the form's
+    ``network.type``; "auto" for ``free_gb`` of GPU memory (read from the GPU when not given)."""
+    family, facts = _for_host(host, form_arch, network)
+    return presets.preset_values(name, family, free_gb, **facts)
+
+
+def auto_note_for_host(host: Host, form_arch: str, network: str, free_gb: float | None) -> str:
+    """The line the tab shows when "auto" is chosen: what it picked for ``free_gb`` (None: no GPU)."""
+    family, facts = _for_host(host, form_arch, network)
+    return presets.auto_summary(family, free_gb, **facts)
 
 
 def _preset_dropdown(ctx: TabContext) -> Any:
