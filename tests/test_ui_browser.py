@@ -432,6 +432,19 @@ def test_5_test_grid_at_two_weights(flow: dict[str, Any]):
     wait_for("the run's LoRA listed after reload", lambda: value_of(d, "lt-test-lora") == "demo_lora")
 
 
+def test_6_a_preset_says_what_it_set(flow: dict[str, Any]):
+    d = flow["driver"]
+    d.get(flow["url"])
+    open_section(d, "Train")
+    choose(d, "lt-preset", "8 GB")
+    wait_for("the preset's note", lambda: said(d, "lt-train-msg") == "preset 8 GB applied")
+    wait_for("its resolution", lambda: value_of(d, "lt-f-data-resolution") == "512")
+    choose(d, "lt-preset", "auto")  # no GPU here: the CPU demo settings, and the note says why
+    wait_for("auto's note", lambda: said(d, "lt-train-msg") == "auto: no GPU found, so the CPU demo settings")
+    wait_for("the demo resolution", lambda: value_of(d, "lt-f-data-resolution") == "64")
+    assert page_errors(d) == []
+
+
 def chart_width(d: Any, elem_id: str) -> float:
     """The width of the widest chart (canvas or svg, not the icons) drawn in a plot."""
     return d.execute_script(
