@@ -32,7 +32,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.test_ui_browser import click, images_in, page_errors, set_text, text_of, value_of  # noqa: E402
+from tests.test_ui_browser import choose, click, images_in, page_errors, said, set_text, text_of, value_of  # noqa: E402
 
 
 def api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -129,6 +129,9 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
                    or "square" in text_of(d, "lt-caption-table"))
         check(True, "tab: captions shown in the table")
         open_tab_section(d, "Train")
+        choose(d, "lt-preset", "auto")
+        note = wait_until("auto's note", lambda: (m := said(d, "lt-train-msg")).startswith("auto") and m)
+        check(True, f"tab: the auto preset says what it picked ({note})")
         set_text(d, "lt-f-output-output-name", name)
         set_text(d, "lt-f-train-max-train-steps", "6")
         set_text(d, "lt-f-data-resolution", "64")
