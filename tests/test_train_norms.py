@@ -68,13 +68,13 @@ def test_under_cuda_autocast_rules_the_norms_cast_nothing_and_keep_half_the_byte
     assert after.casts == 2  # the loss's fp32 copy and its gradient back, nothing in the block
     assert after_peak < before_peak
     undo()
-    assert norms.count(block) == 0 and not any("_norm_devices" in vars(m) for m in block.modules())
+    assert norms.count(block) == 0 and not any("forward" in vars(m) for m in block.modules())
     again, _ = _meta_step(block)
     assert again.casts == before.casts
 
 
 @needs_cpu_bf16
-def test_the_forward_computes_what_cpu_autocast_computes() -> None:
+def test_the_forward_computes_what_cpu_autocast_computes(monkeypatch: pytest.MonkeyPatch) -> None:
     # CPU autocast leaves the norms in the input's dtype: there the forward (made to act on the
     # CPU for this test) must give the same values and gradients, bit for bit.
     block = _block()
@@ -88,8 +88,13 @@ def test_the_forward_computes_what_cpu_autocast_computes() -> None:
         return [out.detach(), x.grad]
 
     plain = step()
-    undo = norms.norms_in_compute_dtype(block, ("cpu",))
+    monkeypatch.setattr(norms, "UPCASTING", ("cpu",))
+    off = norms.autocast_off
+    calls: list[str] = []
+    monkeypatch.setattr(norms, "autocast_off", lambda device: calls.append(device) or off(device))
+    undo = norms.norms_in_compute_dtype(block)
     fast = step()
+    assert calls == ["cpu", "cpu"]  # both norms computed by this forward, autocast off
     assert all(torch.equal(a, b) for a, b in zip(plain, fast, strict=True))
     undo()
 
@@ -178,4 +183,4 @@ def test_a_run_computes_its_norms_in_bf16_resumes_exactly_and_restores_the_model
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     after = unet.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert not any("forward" in vars(m) or "_norm_devices" in vars(m) for m in unet.modules())
+    assert not any("forward" in vars(m) for m in unet.modules())

@@ -17,7 +17,7 @@ forward is the layer's own. ``train.fp32_norms`` keeps autocast's rule.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,9 +35,9 @@ UPCASTING = ("cuda", "meta")
 def _in_compute_dtype(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     """Installed as ``layer.forward``: the norm in the autocast dtype when autocast would upcast
     it, the layer's own forward otherwise."""
-    amp = autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
-    if (args or kwargs or amp is None or x.dtype != amp or x.device.type not in self._norm_devices
-            or any(p.requires_grad for p in self.parameters(recurse=False))):
+    on = isinstance(x, torch.Tensor) and x.device.type in UPCASTING and not (args or kwargs)
+    amp = autocast_dtype(x.device.type) if on else None
+    if amp is None or x.dtype != amp:
         return type(self).forward(self, x, *args, **kwargs)
     w, b = self.weight, self.bias
     w = w.to(x.device, amp) if w is not None else None
@@ -57,21 +57,10 @@ def norm_layers(model: nn.Module) -> list[nn.Module]:
             and not any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
-def norms_in_compute_dtype(model: nn.Module, devices: Iterable[str] = UPCASTING) -> Callable[[], None]:
-    """Give ``model``'s frozen norms (those without a forward of their own already: a host's
-    recast) the forward that computes in the autocast dtype on ``devices``; returns the undo."""
-    layers = [m for m in norm_layers(model) if "forward" not in vars(m)]
-    kinds = tuple(devices)
-    for m in layers:
-        m._norm_devices = kinds
-    undo_forward = forwards.install(layers, _in_compute_dtype)
-
-    def undo() -> None:
-        undo_forward()
-        for m in layers:
-            vars(m).pop("_norm_devices", None)
-
-    return undo
+def norms_in_compute_dtype(model: nn.Module) -> Callable[[], None]:
+    """Give ``model``'s frozen norms the forward that computes in the autocast dtype on the
+    :data:`UPCASTING` devices (not those with a forward of their own already); returns the undo."""
+    return forwards.install(norm_layers(model), _in_compute_dtype)
 
 
 def count(model: nn.Module) -> int:

@@ -248,7 +248,7 @@ class RunSession:
             for root in self.roots_in_training():
                 self._undo.append(skip_lora_input_casts(root))
                 if not (self.cfg.train.fp32_norms or self.cfg.train.compile) and self.device.type in norms.UPCASTING:
-                    self._undo.append(norms.norms_in_compute_dtype(root, norms.UPCASTING))
+                    self._undo.append(norms.norms_in_compute_dtype(root))
             if not self.cfg.train.compile:
                 self._cast_once = LoraWeightsCastOnce(self.roots_in_training(), amp)
         if not self.cfg.train.compile:

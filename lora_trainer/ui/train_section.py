@@ -81,15 +81,6 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
                          elem_classes=[ctx.eid("log")])
     seen = g.State(None)
 
-    def apply_preset(name: str, arch: str, network: str) -> list[Any]:
-        if not name or name == CUSTOM_PRESET:  # "custom" changes nothing
-            return [compat.update() for _ in PRESET_FIELDS] + [compat.update()]
-        free = presets.gpu_free_gb() if name == "auto" else None  # read once: the values and the note agree
-        values = preset_for_host(ctx.host, name, arch, network, free)
-        note = auto_note_for_host(ctx.host, arch, network, free) if name == "auto" else f"preset {name} applied"
-        return [compat.update(value=to_component(values[p], field_kind(p)[0])) if p in values else compat.update()
-                for p in PRESET_FIELDS] + [note]
-
     def do_start(*values: Any) -> tuple[str, Any]:
         try:
             cfg = ctx.config(values)
@@ -114,7 +105,7 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
                     "sample_now": "rendering a sample at the next step…"}[name]
         return run
 
-    ctx.later(lambda: preset.change(apply_preset, [preset, ctx.fields["model.arch"], ctx.fields["network.type"]],
+    ctx.later(lambda: preset.change(_preset_applier(ctx), [preset, ctx.fields["model.arch"], ctx.fields["network.type"]],
                                     [ctx.fields[p] for p in PRESET_FIELDS] + [msg]))
     ctx.later(lambda: start.click(do_start, ctx.inputs, [msg, progress]))
     stop.click(command("stop"), None, [msg])
@@ -123,6 +114,20 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
     ctx.later(lambda: compat.add_timer(blocks, lambda s: _poll(ctx, s), [seen],
                                        [progress, plot, smooth, samples, log, ctx.parts["test_lora"], msg, stop,
                                         seen], 1.0))
+
+
+def _preset_applier(ctx: TabContext) -> Any:
+    """The preset dropdown's handler: the preset's values into its fields, and a line saying what
+    it set (for "auto": what it picked for the GPU's free memory) into the message."""
+    def apply_preset(name: str, arch: str, network: str) -> list[Any]:
+        if not name or name == CUSTOM_PRESET:  # "custom" changes nothing
+            return [compat.update() for _ in PRESET_FIELDS] + [compat.update()]
+        free = presets.gpu_free_gb() if name == "auto" else None  # read once: the values and the note agree
+        values = preset_for_host(ctx.host, name, arch, network, free)
+        note = auto_note_for_host(ctx.host, arch, network, free) if name == "auto" else f"preset {name} applied"
+        return [compat.update(value=to_component(values[p], field_kind(p)[0])) if p in values else compat.update()
+                for p in PRESET_FIELDS] + [note]
+    return apply_preset
 
 
 def _for_host(host: Host, form_arch: str, network: str) -> tuple[str, dict[str, Any]]:
