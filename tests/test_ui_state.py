@@ -87,6 +87,40 @@ def test_the_run_end_replaces_the_start_message_and_stop_is_red_only_while_runni
         jobs.clear_finished()
 
 
+def test_a_page_loaded_after_the_run_ended_keeps_its_own_message(tmp_path: Path):
+    """A page's first poll shows an ended run in the progress line, not over the message under
+    Start (the user's first action may already have written there); a page that was open when
+    the run ended gets the outcome."""
+    from types import SimpleNamespace
+
+    from lora_trainer.ui.train_section import _poll
+
+    release = threading.Event()
+
+    class Done(StepTrainer):
+        def run(self) -> None:
+            release.wait(10)
+            self.state.update(TrainEvent("step", step=3, total_steps=3, loss=0.5))
+            self.state.update(TrainEvent("done", step=3, total_steps=3, path=str(tmp_path / "x.safetensors")))
+
+    ctx = SimpleNamespace(host=SimpleNamespace(lora_dir=lambda cfg: tmp_path), prefix="lt-")
+    jobs.clear_finished()
+    idle = _poll(ctx, None)
+    assert idle[6] == compat.update() and idle[-1] is not None  # the page has polled once
+    job = jobs.start(build_config({"train.max_train_steps": 3}), host=None, factory=Done)
+    try:
+        release.set()
+        job.join(5)
+        open_page = _poll(ctx, idle[-1])
+        assert open_page[6] == "done at step 3; LoRA written to " + str(tmp_path / "x.safetensors")
+        new_page = _poll(ctx, None)
+        assert new_page[6] == compat.update() and "done · step 3/3" in new_page[0]
+    finally:
+        release.set()
+        job.join(5)
+        jobs.clear_finished()
+
+
 def test_outcome_text_of_each_end():
     assert handlers.outcome_text({"status": "stopped", "step": 7, "output_path": "/o/x.safetensors"}) == \
         "stopped at step 7; LoRA written to /o/x.safetensors"

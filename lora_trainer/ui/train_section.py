@@ -188,11 +188,15 @@ def loaded_label(host: Host) -> str:
 
 
 def _poll(ctx: TabContext, seen: Any) -> list[Any]:
-    """Progress for the page from the current job's snapshot; unchanged parts are not re-sent."""
+    """Progress for the page from the current job's snapshot; unchanged parts are not re-sent.
+
+    ``seen`` is None on a page's first poll only: a run that had ended before the page was loaded
+    is shown in the progress line, and its outcome is not written over the message under Start,
+    which by then may hold what the user's first action said (a preset's note)."""
     keep = compat.update()
     job = jobs.current()
     if job is None:
-        return [handlers.progress_html(None, ctx.prefix), keep, keep, keep, keep, keep, keep, keep, seen]
+        return [handlers.progress_html(None, ctx.prefix), keep, keep, keep, keep, keep, keep, keep, [None]]
     snap = job.snapshot()
     key = [job.id, len(snap["losses"]), len(snap["samples"]), len(snap["log"]), snap["status"],
            snap.get("checkpoints", 0), job.alive]
@@ -206,7 +210,8 @@ def _poll(ctx: TabContext, seen: Any) -> list[Any]:
         names = handlers.list_loras(ctx.host.lora_dir(job.config))
         loras = compat.update(choices=names, value=names[0] if names else None) if finished else compat.update(choices=names)
     # the run's end replaces "started…"/"stopping…" under the buttons with how it ended
-    msg = handlers.outcome_text(snap) if key[4] != old[4] and snap["status"] in handlers.FINAL_STATUSES else keep
+    ended_here = seen is not None and key[4] != old[4] and snap["status"] in handlers.FINAL_STATUSES
+    msg = handlers.outcome_text(snap) if ended_here else keep
     stop = compat.update(variant="stop" if job.alive else "secondary") if key[6] != old[6] else keep
     return [handlers.progress_html(snap, ctx.prefix), raw, smooth, gallery, log, loras, msg, stop, key]
 
