@@ -6,6 +6,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -38,6 +39,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if gpu:
         config.hook.pytest_deselected(items=gpu)
         items[:] = [item for item in items if "gpu" not in item.keywords]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_finished_run_from_an_earlier_module() -> Iterator[None]:
+    """Each test module starts with an empty job registry: the app and the tab show the last run
+    when a page loads (its folder, its settings), so a run that an earlier module finished would
+    fill another module's page with that run's folder."""
+    yield
+    from lora_trainer import jobs
+
+    jobs.clear_finished()
 
 
 @pytest.fixture(scope="module")
