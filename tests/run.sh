@@ -3,6 +3,9 @@
 # Usage: bash tests/run.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Each stage says how long it took, so a slow CI run's log shows where the time went.
+T0=$(date +%s) T=$T0
+took() { local now; now=$(date +%s); echo "tests/run.sh: $1 took $((now - T)) s (all so far: $((now - T0)) s)"; T=$now; }
 # The venvs take ~6 GB each (the registry's torch is a CUDA build): say what is free, for a failed run's log.
 df -Ph . | awk 'NR == 2 { print "tests/run.sh: " $4 " free on the disk of " $6 }'
 VENV=${LORA_TRAINER_VENV:-.venv}
@@ -32,17 +35,21 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   fi
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+took "installing"
 "$PY" -m pytest -q "$@"
+took "the test suite"
 
 # The A1111 WebUI v1.10.1's exact stack (torch 2.1.2, transformers 4.30.2, gradio 3.41.2, ...) in a
 # venv of its own, kept between runs: install.py, the training matrix and the tab's UI tests there
 # (tests/webui_pins/check.sh; a few minutes, the first time more). LORA_TRAINER_WEBUI_PINS=0 skips it.
 if [ "${LORA_TRAINER_WEBUI_PINS:-1}" = "1" ] && [ $# -eq 0 ]; then
   bash tests/webui_pins/check.sh
+  took "the A1111 pins check"
 fi
 
 # Forge Neo 2.26's and Forge Classic's exact stacks (tests/webui_pins/forge_check.sh): install.py's pip
 # calls, the Forge host tests, and the tab's UI tests on Neo's gradio 4.40. LORA_TRAINER_FORGE_PINS=0 skips it.
 if [ "${LORA_TRAINER_FORGE_PINS:-1}" = "1" ] && [ $# -eq 0 ]; then
   bash tests/webui_pins/forge_check.sh
+  took "the Forge pins checks"
 fi
