@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import resource
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,10 +98,25 @@ def test_estimate_of_the_16_channel_vae_encode_matches_a_measured_one() -> None:
     assert -0.05 <= m.error < 0.15, m
 
 
-def test_choose_settings_for_flux_by_free_memory() -> None:
+def test_choose_settings_for_flux_by_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     # 24 GB: bf16 weights (22 GiB) leave no room, fp8 with checkpointing fits; 16 GB: nf4;
     # 12 GB: the nf4 step with its headroom does not fit (T5 and the transformer never share it).
-    big, mid, small = (estimate.choose_settings(gb, "flux1") for gb in (24.0, 16.0, 12.0))
+    tried: list[tuple[float, str]] = []
+    real = estimate.estimate_peak_memory
+
+    def counted(*args: Any, **kw: Any) -> estimate.MemoryEstimate:
+        est = real(*args, **kw)
+        tried.append((gb, est.weight_dtype))
+        return est
+
+    monkeypatch.setattr(estimate, "estimate_peak_memory", counted)
+    gb = 0.0
+    choices = []
+    for gb in (24.0, 16.0, 12.0):
+        choices.append(estimate.choose_settings(gb, "flux1"))
+    big, mid, small = choices
+    # bf16 weights that alone do not fit are estimated once, not once per share checkpointed
+    assert tried.count((24.0, "auto")) == 1 and tried.count((16.0, "auto")) == 1
     assert big["fits"] and (big["weight_dtype"], big["gradient_checkpointing"]) == ("fp8", True)
     assert mid["fits"] and (mid["weight_dtype"], mid["gradient_checkpointing"]) == ("nf4", True)
     assert not small["fits"] and small["weight_dtype"] == "nf4"

@@ -510,6 +510,8 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
     Recomputation before batch: each block checkpointed costs its forward again for every image,
     while a bigger batch only spreads the per-step overhead, which is small next to a step at a
     family's native resolution.
+    A storage whose weights, adapter or caching alone leave no room is left after its first
+    estimate (those do not depend on the share or the batch).
     What a step (or the VAE) allocates is given ``ACTIVATION_HEADROOM`` more room, for the
     allocator's fragmentation and the kernels' workspaces, which the estimate does not model.
 
@@ -534,6 +536,8 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
                 best = est
             if best is not None:
                 return _choice(best, True)
+            if _fixed_gb(est) > budget:  # no share or batch fits with this storage: the next one
+                break
     est = estimate_peak_memory(arch, res, 1, rank, precision, True, variant=variant, weight_dtype=_storages(arch)[-1],
                                network=network, weights_cast=weights_cast)
     return _choice(est, _needed_gb(est) <= budget and not math.isnan(est.total_gb))
@@ -547,8 +551,14 @@ def _choice(est: MemoryEstimate, fits: bool) -> dict[str, Any]:
 
 
 def _needed_gb(est: MemoryEstimate) -> float:
-    training = est.weights_gb + est.lora_gb + est.step_gb * (1 + ACTIVATION_HEADROOM)
-    return max(training, est.caching_gb + ACTIVATION_HEADROOM * est.encode_gb, est.text_caching_gb, est.load_gb)
+    return max(est.weights_gb + est.lora_gb + est.step_gb * (1 + ACTIVATION_HEADROOM), _fixed_gb(est))
+
+
+def _fixed_gb(est: MemoryEstimate) -> float:
+    """What :func:`_needed_gb` asks whatever the share checkpointed and the batch: the weights with
+    the adapter and its optimizer state, and the caching and loading before the loop."""
+    return max(est.weights_gb + est.lora_gb, est.caching_gb + ACTIVATION_HEADROOM * est.encode_gb,
+               est.text_caching_gb, est.load_gb)
 
 
 def fits_resident(est: MemoryEstimate, free_gb: float, reserve_gb: float = 1.5) -> bool:
