@@ -48,7 +48,7 @@ def test_job_snapshot_carries_the_configured_max_steps():
 
     jobs.clear_finished()
     job = jobs.start(build_config({"train.max_train_steps": 30}), host=None, factory=Silent)
-    job.join(5)
+    job.join()
     assert "step 0/30" in handlers.progress_html(job.snapshot())
     jobs.clear_finished()
 
@@ -62,7 +62,7 @@ def test_the_run_end_replaces_the_start_message_and_stop_is_red_only_while_runni
 
     class Failing(StepTrainer):
         def run(self) -> None:
-            release.wait(10)
+            release.wait()
             self.state.update(TrainEvent("error", message="data.train_data_dir: no images"))
 
     ctx = SimpleNamespace(host=SimpleNamespace(lora_dir=lambda cfg: tmp_path), prefix="lt-")
@@ -75,7 +75,7 @@ def test_the_run_end_replaces_the_start_message_and_stop_is_red_only_while_runni
         out = _poll(ctx, seen)
         assert "variant" not in out[7]  # sent when it changes, not every second
         release.set()
-        job.join(5)
+        job.join()
         out = _poll(ctx, out[-1])
         assert out[6].startswith("⚠") and "no images" in out[6]  # "started…" is replaced
         assert out[7]["variant"] == "secondary"
@@ -83,7 +83,7 @@ def test_the_run_end_replaces_the_start_message_and_stop_is_red_only_while_runni
         assert out[6] == compat.update()  # said once: a later message is not overwritten
     finally:
         release.set()
-        job.join(5)
+        job.join()
         jobs.clear_finished()
 
 
@@ -99,7 +99,7 @@ def test_a_page_loaded_after_the_run_ended_keeps_its_own_message(tmp_path: Path)
 
     class Done(StepTrainer):
         def run(self) -> None:
-            release.wait(10)
+            release.wait()
             self.state.update(TrainEvent("step", step=3, total_steps=3, loss=0.5))
             self.state.update(TrainEvent("done", step=3, total_steps=3, path=str(tmp_path / "x.safetensors")))
 
@@ -110,14 +110,14 @@ def test_a_page_loaded_after_the_run_ended_keeps_its_own_message(tmp_path: Path)
     job = jobs.start(build_config({"train.max_train_steps": 3}), host=None, factory=Done)
     try:
         release.set()
-        job.join(5)
+        job.join()
         open_page = _poll(ctx, idle[-1])
         assert open_page[6] == "done at step 3; LoRA written to " + str(tmp_path / "x.safetensors")
         new_page = _poll(ctx, None)
         assert new_page[6] == compat.update() and "done · step 3/3" in new_page[0]
     finally:
         release.set()
-        job.join(5)
+        job.join()
         jobs.clear_finished()
 
 
