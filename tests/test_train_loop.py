@@ -255,13 +255,18 @@ def test_a_failed_worker_run_says_it_in_one_line_and_logs_where_the_host_shows_l
     assert (record.exc_info is not None) == (not isinstance(error, HostError))
 
 
-def test_without_tensorboard_the_scalars_go_to_a_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_tensorboard_the_scalars_go_to_a_csv(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The A1111 WebUI's venv has no tensorboard: every run there logs to a CSV, said once as
+    information, not as a warning in the WebUI's console."""
     import sys
 
     from lora_trainer.train.outputs import Logger
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails, as where it is missing
-    logger = Logger(tmp_path, enabled=True)
+    with caplog.at_level(logging.INFO, logger="lora_trainer"):
+        logger = Logger(tmp_path, enabled=True)
+    assert [r.levelno for r in caplog.records if "metrics.csv" in r.getMessage()] == [logging.INFO]
     logger.scalars(1, loss=0.5, lr=1e-4)
     logger.scalars(2, loss=0.25, lr=None)
     logger.scalar("eval/loss", 0.75, 2)

@@ -44,9 +44,9 @@ class Logger:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency, but a host's Python may lack it
+        except ImportError:  # a dependency, but the A1111 WebUI's venv lacks it: expected, not a fault
             self.csv = output_dir / "logs" / "metrics.csv"
-            log.warning("tensorboard is not installed; training scalars go to %s", self.csv)
+            log.info("tensorboard is not installed; training scalars go to %s", self.csv)
             return
         self.writer = SummaryWriter(log_dir=str(output_dir / "logs"))
 
