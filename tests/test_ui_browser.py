@@ -253,6 +253,26 @@ def classes(d: Any, elem_id: str) -> list[str]:
     return (found[0].get_attribute("class") or "").split() if found else []
 
 
+# What the once-a-second progress poll updates (train_section.py).
+POLLED = ("lt-train-msg", "lt-progress", "lt-loss-plot", "lt-loss-smooth-plot", "lt-samples", "lt-log", "lt-test-lora")
+
+
+def generating_outlines(d: Any) -> list[list[str]]:
+    """[elem id, border colour, animation] of each part of the poll's outputs that gradio marks as
+    generating (3.x: all of them, always: the poll is an endless generator there)."""
+    return d.execute_script("""
+        const out = [];
+        for (const id of arguments[0]) {
+          const el = document.getElementById(id);
+          if (!el) continue;
+          for (const g of [el, ...el.querySelectorAll('.generating')].filter(e => e.matches('.generating'))) {
+            const s = getComputedStyle(g);
+            out.push([id, s.borderTopColor, s.animationName]);
+          }
+        }
+        return out;""", list(POLLED))
+
+
 def open_advanced(d: Any) -> None:
     from selenium.webdriver.common.by import By
 
@@ -354,6 +374,14 @@ def test_3_train_shows_loss_and_samples_and_survives_reload(flow: dict[str, Any]
     assert "idle" not in text_of(d, "lt-progress")  # "starting…" from the moment Start answers
     wait_for("Stop turns red while running", lambda: "stop" in classes(d, "lt-stop"))
     wait_for("first steps", lambda: progress_step(d))
+    # The poll's outputs are not outlined as if loading all the time (gradio 3.x pulsed an accent
+    # border around the progress line, the plots, the samples, the log and the Test section's LoRA).
+    import gradio
+
+    if gradio.__version__.startswith("3."):
+        wait_for("the poll's outputs marked as generating", lambda: generating_outlines(d))
+    assert all(colour == "rgba(0, 0, 0, 0)" and animation == "none"
+               for _, colour, animation in generating_outlines(d)), generating_outlines(d)
     drawn = wait_for("the loss plot drawn", lambda: (png := plot_png()) != empty and png)
     at_draw = progress_step(d)
     wait_for("more steps", lambda: progress_step(d) > at_draw + 1)

@@ -55,6 +55,10 @@ def run_js_on_load(blocks: Any, code: str) -> None:
     blocks.load(None, None, None, **js_kwargs(f"() => {{ {code}\n return []; }}"))
 
 
+# The class of the components a periodic event updates (style.css).
+POLLED = "lt-polled"
+
+
 def add_timer(blocks: Any, fn: Callable[..., Any], inputs: Sequence[Any], outputs: Sequence[Any],
               seconds: float) -> Any:
     """Call ``fn`` every ``seconds``: ``gr.Timer`` on 4.40+, ``load(every=)`` before that.
@@ -67,7 +71,13 @@ def add_timer(blocks: Any, fn: Callable[..., Any], inputs: Sequence[Any], output
         return timer
     # gradio 3.x: periodic load events need the queue, which the app and the WebUI enable. They
     # call fn again and again with the inputs of the first call, so a State input never changes:
-    # the loop below carries fn's memory from one call to the next itself.
+    # the loop below carries fn's memory from one call to the next itself. Such an event is a
+    # generator that never ends, and gradio 3 outlines a generator's outputs in a pulsing accent
+    # colour while it runs, whatever show_progress says: style.css hides that on POLLED outputs.
+    for c in outputs:
+        classes = getattr(c, "elem_classes", None) or []
+        classes = [classes] if isinstance(classes, str) else list(classes)
+        c.elem_classes = classes if POLLED in classes else [*classes, POLLED]
     return blocks.load(carrying_memory(fn, seconds), list(inputs), list(outputs), every=seconds,
                        show_progress=False)
 
