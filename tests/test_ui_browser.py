@@ -257,20 +257,28 @@ def classes(d: Any, elem_id: str) -> list[str]:
 POLLED = ("lt-train-msg", "lt-progress", "lt-loss-plot", "lt-loss-smooth-plot", "lt-samples", "lt-log", "lt-test-lora")
 
 
-def generating_outlines(d: Any) -> list[list[str]]:
-    """[elem id, border colour, animation] of each part of the poll's outputs that gradio marks as
-    generating (3.x: all of them, always: the poll is an endless generator there)."""
+def loading_marks(d: Any) -> list[list[str]]:
+    """[elem id, mark, how it shows] for each part of the poll's outputs that gradio marks as loading
+    (3.x marks all of them, always: the poll is an endless generator there): "generating", an
+    outline (border colour and animation), and "min", the room a spinner would take (min-height)."""
     return d.execute_script("""
         const out = [];
         for (const id of arguments[0]) {
           const el = document.getElementById(id);
           if (!el) continue;
-          for (const g of [el, ...el.querySelectorAll('.generating')].filter(e => e.matches('.generating'))) {
-            const s = getComputedStyle(g);
-            out.push([id, s.borderTopColor, s.animationName]);
+          for (const m of [el, ...el.querySelectorAll('.generating, .min')]) {
+            const s = getComputedStyle(m);
+            if (m.matches('.generating')) out.push([id, 'generating', s.borderTopColor + ' ' + s.animationName]);
+            if (m.matches('.min')) out.push([id, 'min', s.minHeight]);
           }
         }
         return out;""", list(POLLED))
+
+
+def shown_loading_marks(marks: list[list[str]]) -> list[list[str]]:
+    """The marks of :func:`loading_marks` that a user sees: an outline, or room kept for a spinner."""
+    hidden = {"generating": "rgba(0, 0, 0, 0) none", "min": "0px"}
+    return [m for m in marks if m[2] != hidden[m[1]]]
 
 
 def open_advanced(d: Any) -> None:
@@ -374,14 +382,14 @@ def test_3_train_shows_loss_and_samples_and_survives_reload(flow: dict[str, Any]
     assert "idle" not in text_of(d, "lt-progress")  # "starting…" from the moment Start answers
     wait_for("Stop turns red while running", lambda: "stop" in classes(d, "lt-stop"))
     wait_for("first steps", lambda: progress_step(d))
-    # The poll's outputs are not outlined as if loading all the time (gradio 3.x pulsed an accent
-    # border around the progress line, the plots, the samples, the log and the Test section's LoRA).
+    # The poll's outputs do not look as if loading all the time (gradio 3.x pulsed an accent border
+    # around the progress line, the plots, the samples, the log and the Test section's LoRA, and
+    # kept a spinner's room under the message and the progress line).
     import gradio
 
     if gradio.__version__.startswith("3."):
-        wait_for("the poll's outputs marked as generating", lambda: generating_outlines(d))
-    assert all(colour == "rgba(0, 0, 0, 0)" and animation == "none"
-               for _, colour, animation in generating_outlines(d)), generating_outlines(d)
+        wait_for("the poll's outputs marked as loading", lambda: {m[1] for m in loading_marks(d)} == {"generating", "min"})
+    assert shown_loading_marks(loading_marks(d)) == []
     drawn = wait_for("the loss plot drawn", lambda: (png := plot_png()) != empty and png)
     at_draw = progress_step(d)
     wait_for("more steps", lambda: progress_step(d) > at_draw + 1)

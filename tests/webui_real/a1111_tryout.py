@@ -35,11 +35,12 @@ sys.path.insert(0, str(ROOT))
 from tests.test_ui_browser import (  # noqa: E402
     choose,
     click,
-    generating_outlines,
     images_in,
+    loading_marks,
     page_errors,
     said,
     set_text,
+    shown_loading_marks,
     text_of,
     value_of,
 )
@@ -152,10 +153,10 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
         if shots:
             d.save_screenshot(str(shots / "a1111_train.png"))
         check("done" in progress, f"tab: trained ({' '.join(progress.split())[:90]})")
-        marked = generating_outlines(d)  # the WebUI's gradio 3.41 marks the poll's outputs as generating
-        shown = [m for m in marked if m[1] != "rgba(0, 0, 0, 0)" or m[2] != "none"]
-        check(bool(marked) and not shown,
-              f"tab: the poll's {len(marked)} outputs are not outlined as loading {shown[:2] if shown else ''}")
+        marks = loading_marks(d)  # the WebUI's gradio 3.41 marks the poll's outputs as loading
+        shown = shown_loading_marks(marks)
+        check(bool(marks) and not shown,
+              f"tab: the poll's outputs do not look as if loading ({len(marks)} marks hidden) {shown[:3] if shown else ''}")
         open_tab_section(d, "Test")
         wait_until("the new LoRA in the Test list", lambda: value_of(d, "lt-test-lora") == name)
         set_text(d, "lt-test-weights", "0, 0.7, 1")
