@@ -72,8 +72,9 @@ def add_timer(blocks: Any, fn: Callable[..., Any], inputs: Sequence[Any], output
     # gradio 3.x: periodic load events need the queue, which the app and the WebUI enable. They
     # call fn again and again with the inputs of the first call, so a State input never changes:
     # the loop below carries fn's memory from one call to the next itself. Such an event is a
-    # generator that never ends, and gradio 3 outlines a generator's outputs in a pulsing accent
-    # colour while it runs, whatever show_progress says: style.css hides that on POLLED outputs.
+    # generator that never ends, and gradio 3 shows a generator's outputs as loading while it runs
+    # (a pulsing accent outline, a spinner's room), whatever show_progress says: style.css hides
+    # that on POLLED outputs.
     for c in outputs:
         classes = getattr(c, "elem_classes", None) or []
         classes = [classes] if isinstance(classes, str) else list(classes)

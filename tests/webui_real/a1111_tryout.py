@@ -153,9 +153,11 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
         if shots:
             d.save_screenshot(str(shots / "a1111_train.png"))
         check("done" in progress, f"tab: trained ({' '.join(progress.split())[:90]})")
-        marks = loading_marks(d)  # the WebUI's gradio 3.41 marks the poll's outputs as loading
+        # gradio 3.x (A1111, Forge Classic) marks the poll's outputs as loading all the time
+        gradio3 = str(d.execute_script("return (window.gradio_config || {}).version || ''")).startswith("3.")
+        marks = loading_marks(d)
         shown = shown_loading_marks(marks)
-        check(bool(marks) and not shown,
+        check((bool(marks) or not gradio3) and not shown,
               f"tab: the poll's outputs do not look as if loading ({len(marks)} marks hidden) {shown[:3] if shown else ''}")
         open_tab_section(d, "Test")
         wait_until("the new LoRA in the Test list", lambda: value_of(d, "lt-test-lora") == name)
