@@ -337,6 +337,8 @@ def test_2_caption_edit_and_save(flow: dict[str, Any]):
 
     wait_for("the edited caption on disk", saved)
     assert any((data / ".backup").iterdir())  # the captioned file was backed up before the edit
+    # a table of file and caption: no third column to add (gradio 3.x offered "New column")
+    assert "New column" not in text_of(d, "lt-caption-table")
     shot(d, "captions")
     # with captions, the dataset view counts every image as trainable and previews the buckets
     open_section(d, "Dataset")

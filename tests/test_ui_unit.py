@@ -3,6 +3,7 @@ registry, handlers, the app's argument checks."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -402,6 +403,24 @@ def test_import_uploads_never_overwrites(tmp_path: Path):
     first = handlers.import_uploads([str(src)], dest)
     second = handlers.import_uploads([str(src)], dest)
     assert first[0].name == "a.png" and second[0].name == "a_1.png"
+
+
+def test_a_caption_row_for_no_image_saves_nothing(tmp_path: Path):
+    """A row added to the table, or a file name edited into a typo or a path out of the folder,
+    would write a caption for no image (a stray .txt file, for "../x.png" beside the folder)."""
+    from lora_trainer.data.demo import make_demo_dataset
+    from lora_trainer.ui import app as appmod
+
+    data = make_demo_dataset(tmp_path / "data", n=2)
+    (data / "metadata.csv").unlink()  # .txt files: each row writes a file of its own
+    cfg = appmod.demo_defaults(data, tmp_path / "out")
+    rows = handlers.load_caption_rows(str(data), cfg)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for stray in ("demo_0001.png", "../escape.png", "demo_000.txt"):
+        with pytest.raises(DatasetError, match=rf"caption table: '{re.escape(stray)}' is not an image in .*Reload from disk"):
+            handlers.save_caption_rows(str(data), [*rows, [stray, "a caption"]], cfg, "auto")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert "saved 2 captions as txt" in handlers.save_caption_rows(str(data), rows, cfg, "auto")
 
 
 def test_normalize_rows_from_list_or_frame():

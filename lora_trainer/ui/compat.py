@@ -120,12 +120,18 @@ def textbox(*, copy_button: bool = False, autoscroll: bool | None = None, **kwar
 
 
 def dataframe(*, headers: list[str], height: int = 400, **kwargs: Any) -> Any:
-    """An editable table of strings; ``height=`` (3.x/4.x) or ``max_height=`` (5.x+)."""
+    """A table of strings with the headers' columns and no others (no "New column" button);
+    ``height=`` (3.x/4.x) or ``max_height=`` (5.x+); ``column_count``/``column_limits`` (6.x) or
+    ``col_count=(n, "fixed")``."""
     g = gr()
     if accepts(g.Dataframe, "max_height"):
         kwargs["max_height"] = height
     elif accepts(g.Dataframe, "height"):
         kwargs["height"] = height
+    if accepts(g.Dataframe, "column_limits"):
+        kwargs.update(column_count=len(headers), column_limits=(len(headers), len(headers)))
+    else:
+        kwargs["col_count"] = (len(headers), "fixed")
     return g.Dataframe(headers=headers, datatype="str", type="array", **kwargs)
 
 

@@ -132,10 +132,18 @@ def caption_format(folder: str, cfg: TrainConfig, choice: str) -> str:
 
 def save_caption_rows(folder: str, rows: Rows, cfg: TrainConfig, fmt: str = "auto") -> str:
     """Write the table atomically (the replaced file is backed up first); a one-line report."""
-    from lora_trainer.data.captions import write_captions
+    from lora_trainer.data.captions import list_images, write_captions
 
     if not rows:
         raise DatasetError("the caption table is empty; load a dataset first")
+    # a row the user added or a file name they edited would write a caption for no image (with
+    # .txt files: a stray file, outside the folder for "" or "../x"): nothing is written then
+    images = {p.relative_to(folder).as_posix() for p in list_images(Path(folder))}
+    strays = [r[0] for r in rows if r[0] not in images]
+    if strays:
+        raise DatasetError(f"caption table: {strays[0]!r} is not an image in {folder}"
+                           + (f" (and {len(strays) - 1} more)" if len(strays) > 1 else "")
+                           + "; the file column names the images: fix it or press Reload from disk")
     fmt = caption_format(folder, cfg, fmt)
     backups = write_captions(folder, {r[0]: r[1] for r in rows}, fmt=fmt,
                              metadata_path=cfg.data.metadata_path, extension=cfg.data.caption_extension)
