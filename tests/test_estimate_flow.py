@@ -140,8 +140,10 @@ def test_auto_preset_sets_the_storage_it_chose() -> None:
     from lora_trainer.ui import presets
     from lora_trainer.ui.train_section import PRESET_FIELDS
 
-    values = presets.auto_values("flux1", 24.0)
+    # bf16, the precision of the search above (its cached traces serve this one)
+    values = presets.auto_values("flux1", 24.0, compute_dtype="bf16")
     assert values["model.weight_dtype"] == "fp8" and values["train.gradient_checkpointing"]
+    assert values["train.mixed_precision"] == "bf16"
     assert "model.weight_dtype" in PRESET_FIELDS  # the tab applies it
     assert presets.auto_values("sd1", 24.0)["model.weight_dtype"] == "auto"
 
