@@ -75,10 +75,8 @@ def add_timer(blocks: Any, fn: Callable[..., Any], inputs: Sequence[Any], output
     # generator that never ends, and gradio 3 shows a generator's outputs as loading while it runs
     # (a pulsing accent outline, a spinner's room), whatever show_progress says: style.css hides
     # that on POLLED outputs.
-    for c in outputs:
-        classes = getattr(c, "elem_classes", None) or []
-        classes = [classes] if isinstance(classes, str) else list(classes)
-        c.elem_classes = classes if POLLED in classes else [*classes, POLLED]
+    for c in outputs:  # gradio 3 keeps elem_classes as a list or None
+        c.elem_classes = [*(c.elem_classes or []), POLLED]
     return blocks.load(carrying_memory(fn, seconds), list(inputs), list(outputs), every=seconds,
                        show_progress=False)
 

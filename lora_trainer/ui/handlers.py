@@ -94,17 +94,19 @@ def _rel(path: Any, folder: str) -> str:
 
 # -- captions --------------------------------------------------------------------------------
 
+def image_names(folder: str) -> list[str]:
+    """The images in ``folder`` as the caption table names them (relative, forward slashes)."""
+    from lora_trainer.data.captions import list_images
+
+    return [p.relative_to(folder).as_posix() for p in list_images(Path(folder))]
+
+
 def load_caption_rows(folder: str, cfg: TrainConfig) -> Rows:
     """``[[relative file, caption]]`` for every image in ``folder`` (empty caption when none)."""
-    from lora_trainer.data.captions import list_images, read_captions
+    from lora_trainer.data.captions import read_captions
 
-    folder_p = Path(folder)
-    captions = read_captions(folder_p, cfg.data.metadata_path, cfg.data.caption_extension)
-    rows = []
-    for image in list_images(folder_p):
-        rel = image.relative_to(folder_p).as_posix()
-        rows.append([rel, captions.get(rel, "")])
-    return rows
+    captions = read_captions(Path(folder), cfg.data.metadata_path, cfg.data.caption_extension)
+    return [[rel, captions.get(rel, "")] for rel in image_names(folder)]
 
 
 def normalize_rows(table: Any) -> Rows:
@@ -132,13 +134,13 @@ def caption_format(folder: str, cfg: TrainConfig, choice: str) -> str:
 
 def save_caption_rows(folder: str, rows: Rows, cfg: TrainConfig, fmt: str = "auto") -> str:
     """Write the table atomically (the replaced file is backed up first); a one-line report."""
-    from lora_trainer.data.captions import list_images, write_captions
+    from lora_trainer.data.captions import write_captions
 
     if not rows:
         raise DatasetError("the caption table is empty; load a dataset first")
     # a row the user added or a file name they edited would write a caption for no image (with
     # .txt files: a stray file, outside the folder for "" or "../x"): nothing is written then
-    images = {p.relative_to(folder).as_posix() for p in list_images(Path(folder))}
+    images = set(image_names(folder))
     strays = [r[0] for r in rows if r[0] not in images]
     if strays:
         raise DatasetError(f"caption table: {strays[0]!r} is not an image in {folder}"
