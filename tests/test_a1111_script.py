@@ -141,3 +141,45 @@ def test_api_caption_uses_the_webui_interrogator(script, tmp_path: Path) -> None
     caps = read_captions(folder, None, ".txt")
     assert all(c.startswith("a picture ") for c in caps.values()) and len(caps) == 2
     assert not script.shared.interrogator.loaded and not script.call_queue.queue_lock.locked()
+
+
+class InterrogatorWithoutModel(FakeInterrogator):
+    """A1111 v1.10.1's interrogator where models/BLIP holds no model and the download failed:
+    its model loader swallows the error and ``load_blip_model`` indexes the empty file list."""
+
+    def load(self) -> None:
+        files: list[str] = []
+        files[0]  # noqa: B018 - IndexError, as the WebUI raises it
+
+
+def test_caption_names_the_missing_webui_blip_model(script, tmp_path: Path) -> None:
+    """Captioning through a WebUI interrogator that cannot load BLIP ends with one line naming
+    the folder and the file to put there, not "IndexError: list index out of range"."""
+    from lora_trainer.data.demo import make_demo_dataset
+    from lora_trainer.hosts.webui import BLIP_FILE
+
+    paths = importlib.import_module("modules.paths")
+    paths.models_path = str(tmp_path / "models")
+    script.shared.interrogator = InterrogatorWithoutModel()
+    folder = make_demo_dataset(tmp_path / "cap", n=2)
+    before = (folder / "metadata.csv").read_bytes()
+    client = webui_api.client(script.script_callbacks)
+    job = client.post("/lora_trainer/caption", json={"folder": str(folder), "format": "csv"}).json()["job_id"]
+    st = webui_api.wait(client, job)
+    assert st["status"] == "error", st
+    assert str(tmp_path / "models" / "BLIP") in st["error"] and BLIP_FILE in st["error"], st["error"]
+    assert "IndexError" not in st["error"] and "\n" not in st["error"]
+    assert (folder / "metadata.csv").read_bytes() == before and not script.call_queue.queue_lock.locked()
+
+    # a model file is there, and loading fails for another reason: that reason, in one line
+    (tmp_path / "models" / "BLIP").mkdir(parents=True)
+    (tmp_path / "models" / "BLIP" / BLIP_FILE).write_bytes(b"not a model")
+
+    class Broken(FakeInterrogator):
+        def load(self) -> None:
+            raise RuntimeError("PytorchStreamReader failed reading zip archive")
+
+    script.shared.interrogator = Broken()
+    job = client.post("/lora_trainer/caption", json={"folder": str(folder), "format": "csv"}).json()["job_id"]
+    st = webui_api.wait(client, job)
+    assert st["status"] == "error" and "RuntimeError: PytorchStreamReader failed" in st["error"], st

@@ -11,7 +11,6 @@ from lora_trainer.caption.blip import (
     BlipOptions,
     Captioner,
     FunctionCaptioner,
-    interrogator_captioner,
     load_blip,
     models_dir,
     resolve_blip_source,
@@ -116,10 +115,26 @@ def test_function_captioner_adapts_a_host_interrogator() -> None:
     assert seen == [(40, 50), (64, 32)]
 
 
-def test_interrogator_captioner_loads_and_unloads_even_on_error() -> None:
+def test_webui_interrogator_loads_and_unloads_even_on_error() -> None:
+    """A WebUI's interrogator (the shape of A1111's ``shared.interrogator``) is loaded under the
+    host's queue for a batch and sent back afterwards, also when a caption fails; a load that
+    fails becomes one line."""
+    import contextlib
+
+    from lora_trainer.hosts.webui import InterrogatorCaptioner
+
     calls = []
 
-    class FakeInterrogator:  # the shape of the A1111 WebUI's shared.interrogator
+    class Host:
+        @contextlib.contextmanager
+        def queue(self):
+            calls.append("lock")
+            try:
+                yield
+            finally:
+                calls.append("unlock")
+
+    class FakeInterrogator:
         def load(self) -> None:
             calls.append("load")
 
@@ -131,11 +146,17 @@ def test_interrogator_captioner_loads_and_unloads_even_on_error() -> None:
         def unload(self) -> None:
             calls.append("unload")
 
-    with interrogator_captioner(FakeInterrogator()) as cap:
-        assert cap.caption(_images()[:1]) == ["a red square"]
-    assert calls == ["load", "unload"]
-    with pytest.raises(RuntimeError), interrogator_captioner(FakeInterrogator()) as cap:
+    cap = InterrogatorCaptioner(Host(), FakeInterrogator())
+    assert isinstance(cap, Captioner) and cap.caption(_images()[:1]) == ["a red square"]
+    assert calls == ["lock", "load", "unload", "unlock"]
+    with pytest.raises(RuntimeError):
         cap.caption(_images()[:2])
-    assert calls == ["load", "unload", "load", "unload"]
-    with pytest.raises(ModelLoadError, match="generate_caption"), interrogator_captioner(object()):
-        pass
+    assert calls[4:] == ["lock", "load", "unload", "unlock"]
+
+    class NoModel(FakeInterrogator):
+        def load(self) -> None:
+            raise FileNotFoundError("model_base_caption_capfilt_large.pth")
+
+    with pytest.raises(ModelLoadError, match=r"^the WebUI's BLIP interrogator could not load its models "
+                                             r"\(FileNotFoundError: model_base"):
+        InterrogatorCaptioner(Host(), NoModel()).caption(_images()[:1])

@@ -8,9 +8,8 @@ A host that has its own captioner (the A1111 WebUI's BLIP interrogator) passes a
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -46,26 +45,6 @@ class FunctionCaptioner:
 
     def caption(self, images: list[Image.Image]) -> list[str]:
         return [str(self.fn(img) or "").strip() for img in images]
-
-
-@contextlib.contextmanager
-def interrogator_captioner(interrogator: Any) -> Iterator[FunctionCaptioner]:
-    """Borrow a WebUI-style interrogator (``load()``, ``generate_caption(img)``, ``unload()``).
-
-    The A1111 WebUI's ``shared.interrogator`` has this shape: its BLIP is loaded for the run and
-    sent back to RAM afterwards, also when captioning fails.
-    """
-    if not callable(getattr(interrogator, "generate_caption", None)):
-        raise ModelLoadError("the host's interrogator has no generate_caption(image); use --blip-model instead")
-    load = getattr(interrogator, "load", None)
-    if callable(load):
-        load()
-    try:
-        yield FunctionCaptioner(interrogator.generate_caption, name="host BLIP")
-    finally:
-        unload = getattr(interrogator, "unload", None)
-        if callable(unload):
-            unload()
 
 
 @dataclass

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_trainer.errors import HostError, LoraTrainerError
+from lora_trainer.errors import HostError, LoraTrainerError, ModelLoadError, one_line
 from lora_trainer.hosts.base import DTYPE_NAMES, LoadedModel
 
 if TYPE_CHECKING:
@@ -210,11 +210,35 @@ class InterrogatorCaptioner:
 
     def caption(self, images: list[Any]) -> list[str]:
         with self.host.queue():
-            self.interrogator.load()
+            try:
+                self.interrogator.load()
+            except Exception as e:  # noqa: BLE001 - the WebUI's own loader; one line for the page
+                raise ModelLoadError(_interrogator_failure(e)) from e
             try:
                 return [str(self.interrogator.generate_caption(img) or "").strip() for img in images]
             finally:
                 self.interrogator.unload()
+
+
+# The file A1111's interrogator (v1.10, Forge Classic) downloads into models/BLIP when it finds none
+BLIP_FILE = "model_base_caption_capfilt_large.pth"
+
+
+def _interrogator_failure(error: Exception) -> str:
+    """One line for a WebUI interrogator that could not load its models. A1111's model loader
+    swallows a failed download and then indexes an empty list: an IndexError that says nothing,
+    so a BLIP folder without a model file is named as the cause."""
+    folder = None
+    with contextlib.suppress(Exception):
+        from modules import paths
+
+        folder = Path(paths.models_path) / "BLIP"
+    if folder is not None and not any(folder.glob("*.pth")):
+        return (f"the WebUI's BLIP interrogator has no model: {folder} holds no .pth file and downloading "
+                f"{BLIP_FILE} failed (the WebUI's console says why); put that file there, or write the "
+                "captions yourself in the Captions table")
+    return (f"the WebUI's BLIP interrogator could not load its models ({one_line(error)}); see the WebUI's "
+            "console, or write the captions yourself in the Captions table")
 
 
 def report_progress(state: Any, event: TrainEvent, preview: bool = True) -> None:
