@@ -203,7 +203,21 @@ def test_nothing_usable_names_the_folder_and_counts(tmp_path: Path) -> None:
     _img(tmp_path / "b.png", (10, 10))
     with pytest.raises(DatasetError) as err:
         scan_dataset(_cfg(tmp_path, trigger_word="x"))
-    assert str(tmp_path) in str(err.value) and "corrupt 1" in str(err.value) and "too_small 1" in str(err.value)
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "1 corrupt, replace or re-save them" in msg
+    assert "1 too small, use larger images or lower data.min_image_size" in msg and "\n" not in msg
+
+
+def test_nothing_captioned_says_how_to_caption(tmp_path: Path) -> None:
+    """A folder of images without captions: the error says what to do (caption them, or a
+    trigger word as their caption), not only that they cannot be used."""
+    for i in range(3):
+        _img(tmp_path / f"{i}.png", colour=(i, i, i))
+    with pytest.raises(DatasetError) as err:
+        scan_dataset(_cfg(tmp_path))
+    msg = str(err.value)
+    assert "none of the 3 images" in msg and "3 no caption, caption them" in msg and "data.trigger_word" in msg
+    assert len(scan_dataset(_cfg(tmp_path, trigger_word="sks")).items) == 3  # what it offers works
 
 
 def test_hidden_folders_are_ignored(good: Path) -> None:

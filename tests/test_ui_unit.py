@@ -396,6 +396,26 @@ def test_dataset_scan_and_caption_rows(tmp_path: Path):
         handlers.scan(str(tmp_path / "missing"), cfg)
 
 
+def test_dataset_summary_says_what_to_do(tmp_path: Path):
+    """An empty folder says which files it looks for; uncaptioned images point to the Captions
+    section and the trigger word, which then makes them ready."""
+    from PIL import Image
+
+    cfg = appmod.demo_defaults(tmp_path / "data", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    summary = handlers.scan(str(tmp_path / "empty"), cfg)["summary"]
+    assert summary.startswith("**No images** (.jpg") and str(tmp_path / "empty") in summary
+    folder = tmp_path / "uncaptioned"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (i, 0, 0)).save(folder / f"p{i}.png")
+    summary = handlers.scan(str(folder), cfg)["summary"]
+    assert summary.startswith("**0 images** ready") and "3 without a caption: caption them in the Captions" in summary
+    cfg = build_config({"data.trigger_word": "sks"}, base=cfg)
+    summary = handlers.scan(str(folder), cfg)["summary"]
+    assert summary.startswith("**3 images** ready") and "without a caption" not in summary
+
+
 def test_import_uploads_never_overwrites(tmp_path: Path):
     src = tmp_path / "a.png"
     src.write_bytes(b"x")

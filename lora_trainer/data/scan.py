@@ -278,6 +278,21 @@ def build_report(data_cfg: DataConfig) -> DatasetReport:
     return report
 
 
+# What to do about the images a kind of problem leaves out
+FIXES = {
+    "corrupt": "replace or re-save them",
+    "too_small": "use larger images or lower data.min_image_size",
+    "no_caption": "caption them with the 'caption' command or in the tab's Captions section, or set "
+                  "data.trigger_word to use it as their caption",
+}
+
+
+def unusable_summary(report: DatasetReport) -> str:
+    """Each kind of problem with its count and fix: "6 no caption, caption them ..."."""
+    return "; ".join(f"{n} {kind.replace('_', ' ')}" + (f", {FIXES[kind]}" if kind in FIXES else "")
+                     for kind, n in report.problem_counts().items())
+
+
 def check_report(report: DatasetReport) -> None:
     """Raise DatasetError when nothing can train, or when on_invalid is 'stop' and there are problems."""
     cfg = report.config
@@ -291,9 +306,9 @@ def check_report(report: DatasetReport) -> None:
             exts = ", ".join(IMAGE_EXTENSIONS)
             raise DatasetError(f"data.train_data_dir: no images ({exts}) in {report.train_dir}; "
                                "put your training images there")
-        counts = ", ".join(f"{k} {n}" for k, n in report.problem_counts().items())
         raise DatasetError(f"data.train_data_dir: none of the {report.images_found} images in "
-                           f"{report.train_dir} can be used ({counts}); run 'prepare' to see each file")
+                           f"{report.train_dir} can be used: {unusable_summary(report)} ('prepare' and the tab's "
+                           "Dataset section list each file)")
     if report.reg_dir is not None and not report.reg_items:
         raise DatasetError(f"data.reg_data_dir: no usable images in {report.reg_dir}; "
                            "add class images or clear data.reg_data_dir")

@@ -47,6 +47,7 @@ def scan(folder: str, cfg: TrainConfig) -> dict[str, Any]:
     Returns gallery items ``(path, label)``, problem rows ``[file, kind, message]``, bucket rows
     ``[bucket, images]`` and a one-paragraph summary.
     """
+    from lora_trainer.data.captions import IMAGE_EXTENSIONS
     from lora_trainer.data.scan import build_report
 
     if not folder or not Path(folder).is_dir():
@@ -65,13 +66,19 @@ def scan(folder: str, cfg: TrainConfig) -> dict[str, Any]:
         reg = " (regularization)" if item.is_reg else ""
         gallery.append((str(item.path), f"{label}{reg}: {item.caption}"))
     for path, kinds in problems_by_path.items():  # skipped files that can still be shown
-        if Path(path).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp") and "corrupt" not in kinds:
+        if Path(path).suffix.lower() in IMAGE_EXTENSIONS and "corrupt" not in kinds:
             gallery.append((path, f"{Path(path).name} [{', '.join(kinds)}] (skipped)"))
     rows = [[_rel(p.path, folder), p.kind, p.message] for p in report.problems]
     counts = collections.Counter(p.kind for p in report.problems)
     summary = (f"**{len(report.train_items)} images** ready to train ({report.images_per_epoch} per epoch with repeats)"
                + ("; problems: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(counts.items())) if counts else "")
                + ".")
+    if report.images_found == 0:
+        summary = (f"**No images** ({', '.join(IMAGE_EXTENSIONS)}) in {report.train_dir}: put your training "
+                   "images there, or drop them into the box above.")
+    elif counts["no_caption"]:
+        summary += (f"\n\n{counts['no_caption']} without a caption: caption them in the Captions section, or "
+                    "enter a trigger word there to use it as their caption.")
     buckets = [[f"{w}x{h}", str(n)] for (w, h), n in report.bucket_counts().items()]
     return {"gallery": gallery, "problems": rows, "buckets": buckets, "summary": summary}
 
