@@ -144,6 +144,37 @@ def test_render_uses_webui_txt2img_with_the_lora(env, trained) -> None:
     assert not env.call_queue.queue_lock.locked()
 
 
+def test_a_render_is_a_webui_job_that_an_old_interrupt_does_not_stop(env, trained) -> None:
+    """The Test section's render is a job of the WebUI's own, as its txt2img runs one: its
+    progress shows it, an Interrupt left from an earlier generation does not blank it (the
+    WebUI's sampling loop renders nothing while one is set), and an Interrupt during it ends it
+    with one line."""
+    from lora_trainer.hosts.a1111 import A1111Host
+
+    name = install_lora(env, trained)
+    seen = []
+
+    class Seen(A1111Host):
+        def process(self, p):
+            seen.append((env.shared.state.job, env.shared.state.job_count))
+            return super().process(p)
+
+    env.shared.state.interrupt()  # pressed on a txt2img earlier
+    imgs = Seen().render("a photo", "", 7, name, [0.0, 1.0], 2, 64, 64)
+    assert len(imgs) == 2 and seen == [("lora_trainer_test", 2)] * 2
+    assert env.shared.state.job == "" and not env.call_queue.queue_lock.locked()
+
+    class InterruptedAfterOne(A1111Host):
+        def process(self, p):
+            res = super().process(p)
+            env.shared.state.interrupt()  # the WebUI's Interrupt, pressed during the first image
+            return res
+
+    with pytest.raises(HostError, match="interrupted after 1 of 2 image"):
+        InterruptedAfterOne().render("a photo", "", 7, name, [0.0, 1.0], 2, 64, 64)
+    assert env.shared.state.job == "" and not env.call_queue.queue_lock.locked()
+
+
 def test_a_retrained_lora_is_not_served_stale(env, trained) -> None:
     name = install_lora(env, trained)
     path = Path(env.shared.cmd_opts.lora_dir) / f"{name}.safetensors"
@@ -279,6 +310,30 @@ def test_queue_lock_progress_and_interrupt(env) -> None:
         env.shared.state.interrupt()
         assert h.interrupted()
     assert not env.call_queue.queue_lock.locked()
+
+
+def test_a_run_behind_a_generation_waits_and_stop_ends_the_wait(env, tmp_path: Path) -> None:
+    """Start pressed while a generation holds the WebUI's queue: the run says it waits, touches
+    neither the model nor the progress bar, and Stop ends it without taking the queue."""
+    from lora_trainer.train.trainer import WAITING, Trainer
+
+    queue = env.call_queue.queue_lock
+    waiting = threading.Event()
+    before = live_model.state_hash(env.model)
+    assert queue.acquire(False)  # the generation
+    trainer = Trainer(config(tmp_path), host=host(),
+                      callbacks=[lambda ev: ev.kind == "status" and ev.message == WAITING and waiting.set()])
+    thread = trainer.start()
+    assert waiting.wait(timeout=300), trainer.state.snapshot()["log"]
+    assert env.shared.state.job == ""  # the WebUI's progress is the generation's, not ours
+    trainer.stop()
+    thread.join(timeout=300)
+    assert not thread.is_alive() and trainer.error is None
+    assert trainer.result.stopped and trainer.result.steps == 0 and trainer.result.lora_path is None
+    assert live_model.state_hash(env.model) == before and queue.locked()
+    queue.release()
+    assert queue.acquire(True)  # the abandoned wait let go of the queue when it came
+    queue.release()
 
 
 def test_the_live_model_is_handed_back_exact_after_its_parts_were_parked(env, tmp_path: Path,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch
 from lora_trainer.errors import HostError
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.trainer import Trainer
+from lora_trainer.ui import handlers
 from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
 
 
@@ -131,6 +134,54 @@ def test_host_interrupt_stops_like_the_stop_command(tmp_path: Path, data: Path) 
     result = Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 50}), host=host).run()
     assert result.stopped and result.steps == 1
     assert (tmp_path / "out" / "checkpoints" / "step-000001").is_dir()
+
+
+def _run_behind_a_busy_model(tmp_path: Path, data: Path, host: TinyHost) -> tuple[Trainer, Any]:
+    """A run started while another job (a WebUI generation, a render) holds the host's lock:
+    the trainer and its thread once the run says it is waiting."""
+    from lora_trainer.train.trainer import WAITING
+
+    waiting = threading.Event()
+
+    def on_event(ev: TrainEvent) -> None:
+        if ev.kind == "status" and ev.message == WAITING:
+            waiting.set()
+
+    assert host._lock.acquire(blocking=False)  # the other job
+    trainer = Trainer(tiny_config(data, tmp_path / "out"), host=host, callbacks=[on_event])
+    thread = trainer.start()
+    assert waiting.wait(timeout=300), trainer.state.snapshot()["log"]
+    assert "waiting for the model" in handlers.progress_html(trainer.state.snapshot())
+    return trainer, thread
+
+
+def test_stop_while_the_model_is_busy_ends_the_wait(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    """Stop while a generation holds the WebUI's queue: the run ends at once, nothing loaded or
+    written, and the queue is not taken from the job that holds it, nor left taken afterwards."""
+    host = TinyHost(bundle=host.bundle)  # its own lock: a failure here leaves no other test waiting
+    trainer, thread = _run_behind_a_busy_model(tmp_path, data, host)
+    trainer.stop()
+    thread.join(timeout=300)
+    assert not thread.is_alive() and trainer.error is None
+    r = trainer.result
+    assert r.stopped and r.steps == 0 and r.lora_path is None
+    assert host.released == 0 and not list(tmp_path.rglob("*.safetensors"))
+    snap = trainer.state.snapshot()
+    assert handlers.outcome_text(snap) == "stopped before the first step; nothing was written"
+    assert host._lock.locked()  # still the other job's
+    host._lock.release()
+    assert host._lock.acquire(timeout=300)  # the abandoned wait let go of it when it came
+    host._lock.release()
+
+
+def test_a_run_waiting_for_the_model_trains_when_it_is_free(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    host = TinyHost(bundle=host.bundle)
+    trainer, thread = _run_behind_a_busy_model(tmp_path, data, host)
+    assert trainer.state.snapshot()["step"] == 0 and host.released == 0
+    host._lock.release()
+    thread.join(timeout=300)
+    assert trainer.error is None and trainer.result.steps == 2 and trainer.result.lora_path.is_file()
+    assert not host._lock.locked()
 
 
 def test_a_raising_callback_does_not_break_the_run(tmp_path: Path, data: Path, host: TinyHost) -> None:

@@ -376,6 +376,28 @@ def test_render_sweep_strips_the_tag_and_labels_each_weight():
         handlers.render_sweep(Host(), "a cat", "", 3, "", [0], 2, 64, 64)
 
 
+def test_no_render_while_a_run_holds_the_model():
+    """A render pressed during training would wait, silently, until the run ends (the run holds
+    the model and a WebUI's queue): it says so at once instead, and renders once the run ended."""
+
+    class Host:
+        def render(self, prompt, negative, seed, name, weights, steps, width, height):
+            from PIL import Image
+            return [Image.new("RGB", (width, height)) for _ in weights]
+
+    jobs.clear_finished()
+    job = jobs.start(build_config({"output.output_name": "busy"}), host=None, factory=StepTrainer)
+    try:
+        wait_until(lambda: job.snapshot()["step"] >= 1)
+        with pytest.raises(HostError, match="training run 'busy' is using the model"):
+            handlers.render_sweep(Host(), "a cat", "", 3, "cats", [0, 1], 2, 64, 64)
+    finally:
+        job.stop()
+        job.join()
+    assert len(handlers.render_sweep(Host(), "a cat", "", 3, "cats", [0, 1], 2, 64, 64)) == 2
+    jobs.clear_finished()
+
+
 def test_dataset_scan_and_caption_rows(tmp_path: Path):
     from lora_trainer.data.demo import make_demo_dataset
 

@@ -53,8 +53,10 @@ class TinyHost:
     def lora_dir(self, config: TrainConfig) -> Path:
         return Path(config.output.output_dir)
 
-    def lock(self) -> Any:
-        return self._lock
+    def lock(self, waiting: Any = None) -> Any:
+        from lora_trainer.locks import hold
+
+        return hold(self._lock, waiting)
 
     def on_event(self, event: TrainEvent) -> None:
         self.events.append(event)

@@ -16,6 +16,7 @@ import torch
 
 from lora_trainer.errors import HostError
 from lora_trainer.families import Family, all_families
+from lora_trainer.locks import Waiting
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -106,8 +107,10 @@ class Host(Protocol):
     def lora_dir(self, config: TrainConfig) -> Path:
         """Folder the finished LoRA file goes to."""
 
-    def lock(self) -> contextlib.AbstractContextManager[Any]:
-        """Held for the whole run (the WebUI's queue lock; a plain lock standalone)."""
+    def lock(self, waiting: Waiting | None = None) -> contextlib.AbstractContextManager[Any]:
+        """Held for the whole run (the WebUI's queue lock; a plain lock standalone). While another
+        job holds it, ``waiting()`` is called at once and then a few times a second: False gives
+        up with ``WaitCancelled`` (see ``lora_trainer.locks.hold``)."""
 
     def on_event(self, event: TrainEvent) -> None:
         """Progress for the host's own UI (the WebUI's progress bar); must not raise."""

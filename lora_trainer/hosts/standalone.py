@@ -8,6 +8,7 @@ reader other diffusers-based tools use, so a render also checks the file is read
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lora_trainer.errors import HostError, LoraFormatError
+from lora_trainer.locks import Waiting, hold
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -111,8 +113,8 @@ class StandaloneHost:
     def lora_dir(self, config: TrainConfig) -> Path:
         return Path(config.output.output_dir).expanduser()
 
-    def lock(self) -> threading.Lock:
-        return self._lock
+    def lock(self, waiting: Waiting | None = None) -> contextlib.AbstractContextManager[None]:
+        return hold(self._lock, waiting)
 
     def on_event(self, event: TrainEvent) -> None:
         log.debug("train event: %s", event)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_trainer.errors import HostError, LoraTrainerError, ModelLoadError, one_line
 from lora_trainer.hosts.base import DTYPE_NAMES, LoadedModel
+from lora_trainer.locks import Waiting, hold
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -129,10 +130,10 @@ class WebUIHost:
 
     # -- run control --------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, waiting: Waiting | None = None) -> Iterator[None]:
         from modules import call_queue, shared
 
-        with call_queue.queue_lock:
+        with hold(call_queue.queue_lock, waiting):
             self._lock_owner = threading.get_ident()
             shared.state.begin(job="lora_trainer")
             self._started = time.time()
@@ -168,7 +169,7 @@ class WebUIHost:
         from modules import processing, shared
 
         images: list[Image.Image] = []
-        with self.queue():
+        with self.queue(), self._job("lora_trainer_test", len(weights)):
             for w in weights:
                 text = f"{prompt} <lora:{lora_name}:{w:g}>" if w else prompt
                 p = processing.StableDiffusionProcessingTxt2Img(
@@ -180,7 +181,27 @@ class WebUIHost:
                 finally:
                     p.close()
                 images.extend(res.images[:1])
+                if shared.state.interrupted or not res.images:
+                    raise HostError(f"the render was interrupted after {len(images)} of {len(weights)} image(s)")
         return images
+
+    @contextlib.contextmanager
+    def _job(self, name: str, count: int) -> Iterator[None]:
+        """A job of the WebUI's own (``shared.state``), as its txt2img runs one: the progress
+        bar shows it, its Interrupt stops it, and an Interrupt left over from an earlier
+        generation is cleared (``process_images`` renders nothing while it is set). Inside a
+        training run (which began its own job) there is nothing to begin."""
+        from modules import shared
+
+        if self._lock_owner == threading.get_ident():
+            yield
+            return
+        shared.state.begin(job=name)
+        shared.state.job_count = count
+        try:
+            yield
+        finally:
+            shared.state.end()
 
     def process(self, p: Any) -> Any:
         """Run one generation (``processing.process_images``); a WebUI may route it elsewhere."""

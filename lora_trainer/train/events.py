@@ -101,6 +101,7 @@ class RunState:
     output_path: str | None = None
     error: str | None = None
     checkpoints: int = 0  # checkpoints saved so far (each may add a step LoRA to the LoRA folder)
+    phase: str | None = None  # the first line of the latest status message (what happens before step 1)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -125,8 +126,9 @@ class RunState:
             elif ev.kind == "error":
                 self.status = "error"
                 self.error = ev.message
-            elif ev.kind == "status" and self.status == "idle":
-                self.status = "running"
+            elif ev.kind == "status":
+                self.status = "running" if self.status == "idle" else self.status
+                self.phase = ev.message.strip().split("\n", 1)[0] or self.phase
             if ev.message:
                 self.log.append(ev.message)
                 del self.log[:-500]
@@ -139,6 +141,7 @@ class RunState:
                 "losses": list(self.losses), "lrs": list(self.lrs),
                 "samples": list(self.samples), "log": list(self.log),
                 "output_path": self.output_path, "error": self.error, "checkpoints": self.checkpoints,
+                "phase": self.phase,
             }
 
 

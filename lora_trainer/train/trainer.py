@@ -10,10 +10,13 @@ diffusers model and the WebUI's live model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import DeviceMemoryError, OutputError, one_line
+from lora_trainer.locks import WaitCancelled
 from lora_trainer.train.events import Callback, TrainEvent, WorkerRun, emit
 from lora_trainer.train.result import TrainResult
 from lora_trainer.train.session import RunSession
@@ -23,6 +26,10 @@ if TYPE_CHECKING:
     from lora_trainer.hosts.base import Host
 
 log = logging.getLogger(__name__)
+
+# The status line while another job holds the host's model (a WebUI generation, a test render)
+WAITING = ("waiting for the model: another job is using it (a generation or a render); training starts "
+           "when it ends, Stop cancels")
 
 
 def _as_output_error(error: OSError, output_dir: str) -> BaseException:
@@ -101,9 +108,10 @@ class Trainer(WorkerRun):
             self.emit(TrainEvent("error", message=one_line(e)))
             raise
         r = self.result
-        self.emit(TrainEvent("stopped" if r.stopped else "done", step=r.steps, loss=r.final_loss,
-                             path=str(r.lora_path) if r.lora_path else None,
-                             message=f"{'stopped' if r.stopped else 'done'}: {r.lora_path}"))
+        kind = "stopped" if r.stopped else "done"
+        self.emit(TrainEvent(kind, step=r.steps, loss=r.final_loss, path=str(r.lora_path) if r.lora_path else None,
+                             message=f"{kind}: {r.lora_path}" if r.lora_path else f"{kind} before the first step; "
+                                                                                   "nothing was written"))
         return r
 
     def _run(self) -> TrainResult:
@@ -116,13 +124,31 @@ class Trainer(WorkerRun):
         self.emit(TrainEvent("status", message="checking the dataset"))
         report = scan_dataset(self.config.data)
         self.emit(TrainEvent("status", message=report.summary()))
-        with self.host.lock():
-            bundle = self.host.acquire_bundle(self.config)
-            session = RunSession(self, self.host, bundle, report)
-            try:
-                return session.execute()
-            finally:
+        try:
+            with self.host.lock(self._waiting()):
+                bundle = self.host.acquire_bundle(self.config)
+                session = RunSession(self, self.host, bundle, report)
                 try:
-                    session.cleanup()
+                    return session.execute()
                 finally:
-                    self.host.release_bundle(bundle)
+                    try:
+                        session.cleanup()
+                    finally:
+                        self.host.release_bundle(bundle)
+        except WaitCancelled:
+            # Stop while another job held the model: nothing was loaded, trained or written
+            return TrainResult(lora_path=None, steps=0, final_loss=None, stopped=True,
+                               output_dir=Path(self.config.output.output_dir).expanduser())
+
+    def _waiting(self) -> Callable[[], bool]:
+        """What the host's lock asks while another job (a WebUI generation, a render) holds it:
+        the first time a status line says so; Stop ends the wait."""
+        said: list[bool] = []
+
+        def waiting() -> bool:
+            if not said:
+                said.append(True)
+                self.emit(TrainEvent("status", message=WAITING))
+            return not self.commands.stop_requested
+
+        return waiting

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_trainer.config import TrainConfig, build_config
-from lora_trainer.errors import DatasetError
+from lora_trainer.errors import DatasetError, HostError
 
 if TYPE_CHECKING:
     from lora_trainer.hosts.base import Host
@@ -245,7 +245,9 @@ def progress_html(snap: dict[str, Any] | None, prefix: str = "lt-") -> str:
     pct = 100.0 * step / total if total else 0.0
     ips = snap.get("it_per_s")
     text = f"{status} · step {step}/{total or '?'}" + (f" · {ips:.2f} it/s" if ips else "")
-    if status == "running":
+    if status == "running" and not step and snap.get("phase"):
+        text += f" · {snap['phase']}"  # loading, caching, or waiting for the model: no ETA yet
+    elif status == "running":
         text += f" · ETA {fmt_seconds(snap.get('eta_s'))}"
     if snap.get("error"):
         text += f" · {snap['error']}"
@@ -259,6 +261,8 @@ def outcome_text(snap: dict[str, Any]) -> str:
     status, step, path = snap.get("status"), snap.get("step") or 0, snap.get("output_path")
     if status == "error":
         return f"⚠ the run failed: {snap.get('error') or 'see the log'}"
+    if status == "stopped" and not step and not path:
+        return "stopped before the first step; nothing was written"
     if status in ("done", "stopped"):
         where = f"; LoRA written to {path}" if path else ""
         return f"{'done' if status == 'done' else 'stopped'} at step {step}{where}"
@@ -321,10 +325,17 @@ def list_loras(folder: str | Path) -> list[str]:
 def render_sweep(host: Host, prompt: str, negative_prompt: str, seed: int, lora_name: str,
                  weights: list[float], steps: int, width: int, height: int) -> list[tuple[Any, str]]:
     """One image per weight, side by side, labelled; the LoRA name may also come from the prompt."""
+    from lora_trainer import jobs
+
     m = _LORA_TAG.search(prompt or "")
     name = lora_name or (m.group(1) if m else "")
     if not name:
         raise DatasetError("choose a LoRA to test (or put `<lora:name:1>` in the prompt)")
+    running = jobs.current()
+    if running is not None and running.alive:
+        # it holds the model (and a WebUI's queue) until it ends: the render would wait that long, silently
+        raise HostError(f"training run '{running.config.output.output_name}' is using the model; render when it ends, or "
+                        "press Stop in the Train section")
     clean = _LORA_TAG.sub("", prompt or "").strip(" ,")
     images = host.render(clean, negative_prompt or "", int(seed), name, list(weights), int(steps), int(width), int(height))
     return [(img, f"{name} @ {w:g}") for img, w in zip(images, weights, strict=True)]

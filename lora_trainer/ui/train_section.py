@@ -12,6 +12,7 @@ from lora_trainer import jobs
 from lora_trainer.errors import ConfigError, HostError
 from lora_trainer.families import DEFAULT_FAMILY, family_names
 from lora_trainer.fsutil import atomic_write_text
+from lora_trainer.locks import WaitCancelled
 from lora_trainer.ui import compat, handlers, presets
 from lora_trainer.ui.context import TabContext, err_text
 from lora_trainer.ui.fields import UI_FIELDS, config_from_yaml_text, to_component, values_from_config
@@ -330,13 +331,11 @@ def _model_for_render(ctx: TabContext, values: tuple[Any, ...]) -> Iterator[None
     if host.loaded_model() is not None:
         yield
         return
-    lock = host.lock()
-    if not lock.acquire(blocking=False):  # type: ignore[attr-defined] - a plain Lock off a WebUI
-        raise HostError("a training run is using the model; render when it has finished (or press Stop)")
     try:
-        host.release_bundle(host.acquire_bundle(ctx.config(values)))
-    finally:
-        lock.release()
+        with host.lock(lambda: False):  # busy: refused at once, a render must not wait behind a run
+            host.release_bundle(host.acquire_bundle(ctx.config(values)))
+    except WaitCancelled:
+        raise HostError("a training run is using the model; render when it has finished (or press Stop)") from None
     yield
 
 

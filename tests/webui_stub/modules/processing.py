@@ -41,6 +41,8 @@ def process_images(p):
     import networks
 
     history.append(p.prompt)
+    if shared.state.interrupted:  # the WebUI's sampling loop breaks before its first batch
+        return Processed(p, [], [])
     found = _LORA.findall(p.prompt)
     prompt = _LORA.sub("", p.prompt).strip()
     networks.load_networks([n for n, _ in found], [float(w) for _, w in found], [float(w) for _, w in found])
