@@ -323,15 +323,18 @@ def test_a_run_behind_a_generation_waits_and_stop_ends_the_wait(env, tmp_path: P
     assert queue.acquire(False)  # the generation
     trainer = Trainer(config(tmp_path), host=host(),
                       callbacks=[lambda ev: ev.kind == "status" and ev.message == WAITING and waiting.set()])
-    thread = trainer.start()
-    assert waiting.wait(timeout=300), trainer.state.snapshot()["log"]
-    assert env.shared.state.job == ""  # the WebUI's progress is the generation's, not ours
-    trainer.stop()
-    thread.join(timeout=300)
-    assert not thread.is_alive() and trainer.error is None
-    assert trainer.result.stopped and trainer.result.steps == 0 and trainer.result.lora_path is None
-    assert live_model.state_hash(env.model) == before and queue.locked()
-    queue.release()
+    try:
+        thread = trainer.start()
+        assert waiting.wait(timeout=300), trainer.state.snapshot()["log"]
+        assert env.shared.state.job == ""  # the WebUI's progress is the generation's, not ours
+        trainer.stop()
+        thread.join(timeout=300)
+        assert not thread.is_alive() and trainer.error is None
+        assert trainer.result.stopped and trainer.result.steps == 0 and trainer.result.lora_path is None
+        assert live_model.state_hash(env.model) == before and queue.locked()
+    finally:
+        trainer.stop()
+        queue.release()  # the generation ends (also when a check failed: later tests need the queue)
     assert queue.acquire(True)  # the abandoned wait let go of the queue when it came
     queue.release()
 
