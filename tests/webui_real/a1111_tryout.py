@@ -7,8 +7,9 @@ described in docs/a1111.md), then:
 
 It drives the Train LoRA tab in headless Chromium (dataset, captions, train, a weight sweep in
 the Test section), then the HTTP API: txt2img with ``<lora:name:w>`` right after training, a run
-stopped mid-way, the same name trained twice, a run after a render that used another LoRA, and a
-plain render compared with the one made before any training (the model must be unchanged).
+stopped mid-way, the same name trained twice, a run started behind a generation (it waits, and
+Stop ends the wait), a run after a render that used another LoRA, and a plain render compared
+with the one made before any training (the model must be unchanged).
 Prints one line per check and exits non-zero on the first failure.
 """
 
@@ -85,6 +86,32 @@ def train_api(url: str, data: Path, name: str, steps: int, stop_at: int | None =
         check(api(url, "/lora_trainer/stop", {"job_id": job})["stopping"], f"stop asked for '{name}' mid-run")
     return wait_until(f"run '{name}' to end", lambda: (lambda s: s if s["status"] not in ("running", "starting") else None)(
         api(url, f"/lora_trainer/status?job_id={job}")))
+
+
+def busy_queue(url: str, data: Path, name: str) -> None:
+    """A run started while a generation holds the WebUI's queue waits and says so; Stop ends the
+    wait with nothing written; the generation is then interrupted and the queue is free again."""
+    import threading
+
+    gen = threading.Thread(target=lambda: api(url, "/sdapi/v1/txt2img", {
+        "prompt": "a long render", "seed": 1, "steps": 150, "width": 256, "height": 256, "sampler_name": "Euler"}),
+        daemon=True)
+    gen.start()
+    wait_until("the generation to hold the queue", lambda: api(url, "/sdapi/v1/progress")["state"]["job"], every=0.2)
+    job = api(url, "/lora_trainer/train", {"train_data_dir": str(data), "output_name": name, "max_train_steps": 4,
+                                           "resolution": 64, "save_steps": 0})["job_id"]
+    status = lambda: api(url, f"/lora_trainer/status?job_id={job}")  # noqa: E731
+    said = wait_until("the run to say it waits", lambda: next(
+        (m for m in status()["state"]["log"] if m.startswith("waiting for the model")), None), every=0.5)
+    check(status()["state"]["step"] == 0, f"api: a run behind a generation waits ({said[:60]}...)")
+    api(url, "/lora_trainer/stop", {"job_id": job})
+    end = wait_until("the waiting run to end", lambda: (lambda s: s if s["status"] not in ("running", "starting")
+                                                         else None)(status()), every=0.5)
+    check(end["status"] == "stopped" and end["result"]["lora_path"] is None and end["result"]["steps"] == 0,
+          f"api: Stop ended the wait with nothing written ({end['state']['log'][-1]})")
+    api(url, "/sdapi/v1/interrupt", {})
+    gen.join(timeout=600)
+    check(not gen.is_alive(), "the generation, interrupted, gave the queue back")
 
 
 def open_webui_tab(d: Any, name: str) -> None:
@@ -237,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     mixed = train_api(args.url, data, f"bf16_{tag}", 4, **{"train.mixed_precision": "bf16"})
     check(mixed["status"] == "done", f"api: trained in bf16 mixed precision ({mixed['status']})")
     check(differs(txt2img(args.url, f"a red circle <lora:bf16_{tag}:1>"), plain) > 0, f"txt2img <lora:bf16_{tag}:1>")
+
+    busy_queue(args.url, data, f"behind_{tag}")
 
     txt2img(args.url, f"a red circle <lora:{tab}:1>")  # the WebUI merges this LoRA into the weights
     after = train_api(args.url, data, after_name, 4)
