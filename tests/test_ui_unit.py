@@ -647,3 +647,18 @@ def test_the_auto_note_says_when_nothing_fits_and_when_there_is_no_gpu() -> None
                                                         "checkpointing, the fastest that fits")
     assert "beside the loaded model" in presets.auto_summary("sd1", 8.0, model_resident=True)
     assert presets.auto_summary("sd1", None) == "auto: no GPU found, so the CPU demo settings"
+
+
+def test_a_standalone_render_refused_while_the_model_is_held_says_the_same():
+    """Standalone, a render first loads the form's model under the host's lock; a lock held by a
+    run refuses the render at once, with the same words as a render refused by the run check."""
+    from lora_trainer.hosts.standalone import StandaloneHost
+    from lora_trainer.ui.context import TabContext
+    from lora_trainer.ui.train_section import _model_for_render
+
+    host = StandaloneHost()
+    with host.lock(), pytest.raises(HostError) as refused:
+        with _model_for_render(TabContext(host=host, prefix="lt-"), ()):
+            raise AssertionError("rendered while the model was held")
+    assert str(refused.value) == "a training run is using the model; render when it ends, or press Stop in the Train section"
+    assert str(refused.value) == str(handlers.model_busy())

@@ -322,6 +322,17 @@ def list_loras(folder: str | Path) -> list[str]:
     return [p.stem for p in files]
 
 
+def model_busy() -> HostError:
+    """The one refusal of a render while a training run holds the model; it names the run when
+    this process started it."""
+    from lora_trainer import jobs
+
+    running = jobs.current()
+    who = (f"training run '{running.config.output.output_name}'" if running is not None and running.alive
+           else "a training run")
+    return HostError(f"{who} is using the model; render when it ends, or press Stop in the Train section")
+
+
 def render_sweep(host: Host, prompt: str, negative_prompt: str, seed: int, lora_name: str,
                  weights: list[float], steps: int, width: int, height: int) -> list[tuple[Any, str]]:
     """One image per weight, side by side, labelled; the LoRA name may also come from the prompt."""
@@ -331,11 +342,9 @@ def render_sweep(host: Host, prompt: str, negative_prompt: str, seed: int, lora_
     name = lora_name or (m.group(1) if m else "")
     if not name:
         raise DatasetError("choose a LoRA to test (or put `<lora:name:1>` in the prompt)")
-    running = jobs.current()
-    if running is not None and running.alive:
+    if (running := jobs.current()) is not None and running.alive:
         # it holds the model (and a WebUI's queue) until it ends: the render would wait that long, silently
-        raise HostError(f"training run '{running.config.output.output_name}' is using the model; render when it ends, or "
-                        "press Stop in the Train section")
+        raise model_busy()
     clean = _LORA_TAG.sub("", prompt or "").strip(" ,")
     images = host.render(clean, negative_prompt or "", int(seed), name, list(weights), int(steps), int(width), int(height))
     return [(img, f"{name} @ {w:g}") for img, w in zip(images, weights, strict=True)]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_trainer import config as cfgmod
 from lora_trainer import jobs
-from lora_trainer.errors import ConfigError, HostError
+from lora_trainer.errors import ConfigError
 from lora_trainer.families import DEFAULT_FAMILY, family_names
 from lora_trainer.fsutil import atomic_write_text
 from lora_trainer.locks import WaitCancelled
@@ -335,7 +335,7 @@ def _model_for_render(ctx: TabContext, values: tuple[Any, ...]) -> Iterator[None
         with host.lock(lambda: False):  # busy: refused at once, a render must not wait behind a run
             host.release_bundle(host.acquire_bundle(ctx.config(values)))
     except WaitCancelled:
-        raise HostError("a training run is using the model; render when it has finished (or press Stop)") from None
+        raise handlers.model_busy() from None
     yield
 
 
