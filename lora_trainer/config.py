@@ -145,7 +145,8 @@ class LoopConfig:
     min_snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5 is typical); empty disables.")
     seed: int = _f(42, "Random seed (data order, noise, dropout).")
     save_steps: int = _f(0, "Save a resumable checkpoint every N steps (0: only at the end).")
-    resume: str | None = _f(None, "'latest' or a checkpoint folder to continue a run.")
+    resume: str | None = _f(None, "'latest' (the newest checkpoint of this output_name) or a checkpoint folder to "
+                                  "continue a run.")
     compile: bool = _f(False, "torch.compile the UNet (or transformer). Each new batch size compiles on its first "
                        "step (minutes with inductor): for long runs on a GPU.")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(
@@ -165,8 +166,9 @@ class OutputConfig:
     output_name: str = _f("my_lora", "Name of the LoRA file (<output_name>.safetensors).")
     overwrite: bool = _f(False, "Overwrite an existing LoRA of the same name (default: write <name>_v2, _v3, ...).")
     save_precision: Literal["fp16", "bf16", "fp32"] = _f("fp16", "dtype of the saved LoRA tensors.")
-    tensorboard: bool = _f(True, "Write TensorBoard logs to <output_dir>/logs.")
-    keep_checkpoints: int = _f(3, "How many step checkpoints to keep (older ones are deleted; 0 keeps all).")
+    tensorboard: bool = _f(True, "Write TensorBoard logs to <output_dir>/logs/<output_name>.")
+    keep_checkpoints: int = _f(3, "How many step checkpoints of a run to keep (its older ones are deleted; 0 keeps "
+                                  "all).")
     save_step_loras: bool = _f(True, "At each checkpoint also write <output_name>-stepNNNNNN.safetensors into the "
                                "LoRA folder, to compare steps in the Test section or in txt2img (never deleted).")
 

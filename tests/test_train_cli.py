@@ -37,7 +37,7 @@ def test_train_from_yaml_with_flat_aliases(tmp_path: Path, capsys: pytest.Captur
     assert down.shape[0] == 4
     used = load_config(tmp_path / "out" / "config.yaml")
     assert used.network.dropout == 0.1 and used.train.batch_size == 2 and used.optim.lr_scheduler == "linear"
-    assert (tmp_path / "out" / "checkpoints" / "step-000002").is_dir()
+    assert (tmp_path / "out" / "checkpoints" / "cli_lora" / "step-000002").is_dir()
 
 
 @pytest.mark.parametrize("content,expected", [
@@ -95,7 +95,7 @@ def test_demo_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert rc == 0, out
     lora = tmp_path / "demo" / "output" / "demo_lora.safetensors"
     assert lora.is_file() and str(lora) in out
-    assert list((tmp_path / "demo" / "output" / "samples").glob("*.png"))
+    assert list((tmp_path / "demo" / "output" / "samples" / "demo_lora").glob("*.png"))
 
 
 def test_progress_bar_shows_step_loss_and_rate(capsys: pytest.CaptureFixture[str]) -> None:

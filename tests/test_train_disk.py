@@ -59,9 +59,9 @@ def test_disk_full_in_a_checkpoint_is_one_line_and_leaves_the_last_good_one(
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1, err
     assert "checkpoint step-000004 not written" in err and "the disk is full" in err
-    assert str(out / "checkpoints" / "step-000002") in err and "resume=latest" in err
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]  # no .partial folder left
-    pos, lora, _ = ckpt.load_checkpoint(out / "checkpoints" / "step-000002")
+    assert str(out / "checkpoints" / "tiny" / "step-000002") in err and "resume=latest" in err
+    assert [p.name for p in (out / "checkpoints" / "tiny").iterdir()] == ["step-000002"]  # no .partial folder left
+    pos, lora, _ = ckpt.load_checkpoint(out / "checkpoints" / "tiny" / "step-000002")
     assert pos.step == 2 and lora
     assert lora_tensors(out / "tiny-step000004.safetensors")  # the LoRA went first, and is whole
 

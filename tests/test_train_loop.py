@@ -52,7 +52,7 @@ def test_run_writes_lora_and_outputs_and_restores_model(tmp_path: Path, data: Pa
     assert summary["steps"] == 3 and summary["status"] == "done"
     assert summary["final_loss"] == pytest.approx(result.final_loss)
     assert (tmp_path / "out" / "config.yaml").read_text().count("max_train_steps: 3") == 1
-    logs = tmp_path / "out" / "logs"
+    logs = tmp_path / "out" / "logs" / "tiny"
     if importlib.util.find_spec("tensorboard") is not None:
         assert any(p.name.startswith("events.out.tfevents") for p in logs.iterdir())
     else:  # as in the A1111 WebUI's venv
@@ -123,7 +123,7 @@ def test_stop_command_saves_checkpoint_and_lora(tmp_path: Path, data: Path, host
     result = trainer.run()
     assert result.stopped and result.steps == 2
     assert result.lora_path.is_file()
-    assert (tmp_path / "out" / "checkpoints" / "step-000002" / "lora.safetensors").is_file()
+    assert (tmp_path / "out" / "checkpoints" / "tiny" / "step-000002" / "lora.safetensors").is_file()
     assert trainer.state.snapshot()["status"] == "stopped"
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["status"] == "stopped"
 
@@ -133,7 +133,7 @@ def test_host_interrupt_stops_like_the_stop_command(tmp_path: Path, data: Path) 
     host.stop_at_step = 1
     result = Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 50}), host=host).run()
     assert result.stopped and result.steps == 1
-    assert (tmp_path / "out" / "checkpoints" / "step-000001").is_dir()
+    assert (tmp_path / "out" / "checkpoints" / "tiny" / "step-000001").is_dir()
 
 
 def _run_behind_a_busy_model(tmp_path: Path, data: Path, host: TinyHost) -> tuple[Trainer, Any]:
@@ -215,8 +215,8 @@ def test_worker_thread_with_save_and_sample_commands(tmp_path: Path, data: Path,
     assert snap["status"] == "done" and snap["step"] == 3
     kinds = [e.kind for e in host.events]
     assert "checkpoint" in kinds and "sample" in kinds
-    assert (tmp_path / "out" / "checkpoints" / "step-000001").is_dir()  # taken at the same step's check
-    samples = sorted((tmp_path / "out" / "samples").glob("*.png"))
+    assert (tmp_path / "out" / "checkpoints" / "tiny" / "step-000001").is_dir()  # taken at the same step's check
+    samples = sorted((tmp_path / "out" / "samples" / "tiny").glob("*.png"))
     assert [p.name for p in samples] == ["step-000001.png", "step-000003.png"]  # asked + final preview
     assert snap["samples"] and snap["samples"][-1][0] == 3
 
@@ -322,7 +322,7 @@ def test_without_tensorboard_the_scalars_go_to_a_csv(
     logger.scalars(2, loss=0.25, lr=None)
     logger.scalar("eval/loss", 0.75, 2)
     logger.close()
-    assert (tmp_path / "logs" / "metrics.csv").read_text().splitlines() == [
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == [
         "step,name,value", "1,train/loss,0.5", "1,train/lr,0.0001", "2,train/loss,0.25", "2,eval/loss,0.75"]
     Logger(tmp_path / "off", enabled=False).scalars(1, loss=1.0)
     assert not (tmp_path / "off").exists()

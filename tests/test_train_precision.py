@@ -72,7 +72,7 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path: Path, data: Pat
     result = Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 20}), host=host,
                      callbacks=[press_ctrl_c]).run()
     assert result.stopped and result.steps == 1 and result.lora_path.is_file()
-    assert (tmp_path / "out" / "checkpoints" / "step-000001" / "training_state.pt").is_file()
+    assert (tmp_path / "out" / "checkpoints" / "tiny" / "step-000001" / "training_state.pt").is_file()
     assert signal.getsignal(signal.SIGINT) is before  # the CLI's own handling is back
 
 
@@ -88,7 +88,7 @@ def test_other_architectures_train(tmp_path: Path, data: Path, arch: str, predic
     prefixes = {k.split("_")[1] for k in keys}
     assert prefixes == ({"unet", "te1", "te2"} if arch == "sdxl" else {"unet", "te"})
     preview = result.lora_path.with_suffix(".png")
-    assert preview.is_file() and (tmp_path / "out" / "samples" / "step-000002.png").is_file()
+    assert preview.is_file() and (tmp_path / "out" / "samples" / "tiny" / "step-000002.png").is_file()
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])

@@ -56,7 +56,7 @@ def test_three_plus_three_equals_six(tmp_path: Path, data: Path, host: TinyHost)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
     # and the 3-step LoRA really differs from the 6-step one (the comparison above is not vacuous)
-    c = lora_tensors(tmp_path / "b" / "checkpoints" / "step-000003" / "lora.safetensors")
+    c = lora_tensors(tmp_path / "b" / "checkpoints" / "tiny" / "step-000003" / "lora.safetensors")
     assert any(not torch.equal(v, a_v) for v, a_v in zip(c.values(), a.values(), strict=False))
 
 
@@ -64,9 +64,9 @@ def test_save_steps_keep_last_and_resume_from_a_path(tmp_path: Path, data: Path,
     cfg = tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 4, "train.save_steps": 1,
                                                  "output.keep_checkpoints": 2})
     Trainer(cfg, host=host).run()
-    kept = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    kept = sorted(p.name for p in (tmp_path / "out" / "checkpoints" / "tiny").iterdir())
     assert kept == ["step-000003", "step-000004"]
-    step3 = tmp_path / "out" / "checkpoints" / "step-000003"
+    step3 = tmp_path / "out" / "checkpoints" / "tiny" / "step-000003"
     assert {p.name for p in step3.iterdir()} == {"lora.safetensors", "training_state.pt", "state.json", "config.yaml"}
     again = Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 5, "train.resume": str(step3)}),
                     host=host).run()
@@ -131,9 +131,11 @@ def test_a_resumed_run_continues_its_own_files(tmp_path: Path, data: Path, host:
     again = Trainer(tiny_config(data, out, **values, **{"train.resume": "latest"}), host=host).run()
     assert again.lora_path == out / "tiny.safetensors"
     assert sorted(p.name for p in out.glob("*.safetensors")) == names  # no _v2, no _v3
-    renamed = Trainer(tiny_config(data, out, **values, **{"train.resume": "latest", "output.output_name": "new"}),
+    step4 = out / "checkpoints" / "tiny" / "step-000004"
+    renamed = Trainer(tiny_config(data, out, **values, **{"train.resume": str(step4), "output.output_name": "new"}),
                       host=host).run()
     assert renamed.lora_path == out / "new.safetensors"  # a name changed on resume is the one used
+    assert step4.is_dir()
 
 
 def test_a_fresh_run_never_replaces_another_runs_files(tmp_path: Path, data: Path, host: TinyHost) -> None:
@@ -159,7 +161,7 @@ def test_every_network_type_resumes_exactly_and_continues_from_its_file(
     assert a.keys() == b.keys() and any(k.endswith("conv1.alpha") for k in a)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
-    c = lora_tensors(tmp_path / "b" / "checkpoints" / "step-000003" / "lora.safetensors")
+    c = lora_tensors(tmp_path / "b" / "checkpoints" / "tiny" / "step-000003" / "lora.safetensors")
     assert any(not torch.equal(c[k], a[k]) for k in a)
     md = read_lora_file(straight.lora_path)[1]
     assert md["ss_network_module"] == ("networks.lora" if typ == "locon" else "lycoris.kohya")
@@ -172,3 +174,63 @@ def test_every_network_type_resumes_exactly_and_continues_from_its_file(
     assert d.keys() == a.keys()
     for k in a:
         assert torch.allclose(d[k], a[k], rtol=1e-6, atol=0), k
+
+
+def test_runs_sharing_an_output_folder_keep_and_resume_their_own_checkpoints(
+        tmp_path: Path, data: Path, host: TinyHost) -> None:
+    """A WebUI's runs all use one output folder: a run named 'dog' must not replace or prune the
+    checkpoint of a stopped run named 'cat', and 'cat' resumed with 'latest' goes on from its own
+    checkpoint (the same rank would take the other run's weights without a word)."""
+    out = tmp_path / "out"
+    values = {"train.max_train_steps": 4, "sample.prompt": "a cat", "sample.every_n_steps": 2,
+              "output.keep_checkpoints": 1}
+    holder, cb = _stop_at(2)
+    holder.append(Trainer(tiny_config(data, out, **values, **{"output.output_name": "cat"}), host=host,
+                          callbacks=[cb]))
+    assert holder[0].run().stopped
+    cat2 = out / "checkpoints" / "cat" / "step-000002"
+    saved = (cat2 / "lora.safetensors").read_bytes()
+    dog = Trainer(tiny_config(data, out, **values, **{"output.output_name": "dog", "train.save_steps": 1,
+                                                      "train.seed": 7}), host=host).run()
+    assert dog.steps == 4
+    assert (cat2 / "lora.safetensors").read_bytes() == saved  # neither replaced (same step) nor pruned
+    assert [p.name for p in (out / "checkpoints" / "dog").iterdir()] == ["step-000004"]
+    assert (out / "samples" / "cat" / "step-000002.png").is_file()
+    assert (out / "samples" / "dog" / "step-000002.png").is_file()
+
+    seen: list[TrainEvent] = []
+    resumed = Trainer(tiny_config(data, out, **values, **{"output.output_name": "cat", "train.resume": "latest"}),
+                      host=host, callbacks=[seen.append]).run()
+    assert any(e.message == f"resumed from {cat2} at step 2" for e in seen)
+    assert resumed.steps == 4 and resumed.lora_path == out / "cat.safetensors"
+    straight = Trainer(tiny_config(data, tmp_path / "straight", **values, **{"output.output_name": "cat"}),
+                       host=host).run()
+    a, b = lora_tensors(straight.lora_path), lora_tensors(resumed.lora_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # cat's own run, to the bit
+
+    seen.clear()
+    Trainer(tiny_config(data, out, **values, **{"output.output_name": "bird", "train.resume": "latest"}),
+            host=host, callbacks=[seen.append]).run()
+    said = [e.message for e in seen if "starting fresh" in e.message]
+    assert said == [f"train.resume: no checkpoint of 'bird' in {out / 'checkpoints'} yet "
+                    "(there are checkpoints of cat, dog); starting fresh"]
+
+
+def test_latest_still_finds_a_checkpoint_of_the_older_layout(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    """Checkpoints written straight into checkpoints/ (before each run had its own folder) are
+    resumed by a run of their name, and never by a run of another name."""
+    out = tmp_path / "out"
+    holder, cb = _stop_at(1)
+    holder.append(Trainer(tiny_config(data, out, **{"train.max_train_steps": 3}), host=host, callbacks=[cb]))
+    holder[0].run()
+    (out / "checkpoints" / "tiny" / "step-000001").rename(out / "checkpoints" / "step-000001")
+    (out / "checkpoints" / "tiny").rmdir()
+    seen: list[TrainEvent] = []
+    other = Trainer(tiny_config(data, out, **{"train.max_train_steps": 3, "train.resume": "latest",
+                                              "output.output_name": "other"}), host=host, callbacks=[seen.append]).run()
+    assert other.steps == 3 and any("starting fresh" in e.message for e in seen)
+    seen.clear()
+    again = Trainer(tiny_config(data, out, **{"train.max_train_steps": 3, "train.resume": "latest"}), host=host,
+                    callbacks=[seen.append]).run()
+    assert again.lora_path == out / "tiny.safetensors"
+    assert any(e.message == f"resumed from {out / 'checkpoints' / 'step-000001'} at step 1" for e in seen)

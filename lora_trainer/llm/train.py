@@ -205,7 +205,7 @@ class _Loop:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         mp = self.cfg.train.mixed_precision
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp)
-        self.logger = Logger(Path(self.cfg.output.output_dir), self.cfg.output.tensorboard)
+        self.logger = Logger(Path(self.cfg.output.output_dir) / "logs", self.cfg.output.tensorboard)
 
     def log_scalar(self, tag: str, value: float, step: int) -> None:
         self.logger.scalar(tag, value, step)

@@ -1,4 +1,7 @@
-"""Resumable checkpoints: ``<output_dir>/checkpoints/step-000123/``.
+"""Resumable checkpoints: ``<output_dir>/checkpoints/<lora name>/step-000123/``.
+
+Each run keeps its checkpoints under its own LoRA name, so runs that share an output folder (a
+WebUI's, or a CLI user's one folder for everything) never replace, prune or resume each other's.
 
 A checkpoint holds what an exact resume needs: the LoRA parameters in fp32 (not the fp16 kohya
 file), optimizer, scheduler and GradScaler states, the Python/NumPy/torch RNG states and the
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_trainer.errors import ConfigError, OutputError
 from lora_trainer.fsutil import atomic_write_text, space_problem, tensor_bytes, write_problem
+from lora_trainer.train.outputs import run_folder
 
 STATE_FILE = "state.json"
 LORA_FILE = "lora.safetensors"
@@ -36,8 +41,9 @@ class LoopPosition:
     position: int = 0  # next micro-batch within the epoch's plan
 
 
-def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+def checkpoints_dir(output_dir: str | Path, stem: str | None = None) -> Path:
+    """``<output_dir>/checkpoints``, or the folder of the run that writes LoRA ``stem``."""
+    return run_folder(Path(output_dir), "checkpoints", stem) if stem else Path(output_dir) / "checkpoints"
 
 
 def rng_states(gen: torch.Generator) -> dict[str, Any]:
@@ -64,12 +70,13 @@ def set_rng_states(states: dict[str, Any], gen: torch.Generator) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, pos: LoopPosition, lora_state: dict[str, torch.Tensor],
-                    training_state: dict[str, Any], config_yaml: str, keep: int,
-                    run: dict[str, str] | None = None) -> Path:
-    """Write ``checkpoints/step-NNNNNN`` atomically and delete all but the newest ``keep``.
+                    training_state: dict[str, Any], config_yaml: str, keep: int, run: dict[str, str]) -> Path:
+    """Write ``checkpoints/<lora name>/step-NNNNNN`` atomically and delete all but the newest
+    ``keep`` of that run's name.
 
     ``run`` (the run's id and LoRA name) goes into state.json, so a resumed run writes its own files."""
-    root = checkpoints_dir(output_dir)
+    stem = run["lora_name"]
+    root = checkpoints_dir(output_dir, stem)
     final = root / f"step-{pos.step:06d}"
     tmp = root / f".{final.name}.partial"
     lora_cpu = {k: v.detach().cpu().contiguous() for k, v in lora_state.items()}
@@ -79,14 +86,14 @@ def save_checkpoint(output_dir: str | Path, pos: LoopPosition, lora_state: dict[
     if problem is None:
         try:
             _write_folder(tmp, lora_cpu, training_state, config_yaml,
-                          json.dumps({**asdict(pos), "run": run or {}}, indent=2))
+                          json.dumps({**asdict(pos), "run": run}, indent=2))
         except (OSError, RuntimeError, SafetensorError) as e:
             shutil.rmtree(tmp, ignore_errors=True)  # a partial folder must not hold the space
             problem = write_problem(e)
             if problem is None:
                 raise
     if problem is not None:
-        raise OutputError(f"checkpoint {final.name} not written to {root}: {problem}; {resume_hint(output_dir)}")
+        raise OutputError(f"checkpoint {final.name} not written to {root}: {problem}; {resume_hint(output_dir, stem)}")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -103,16 +110,17 @@ def _write_folder(tmp: Path, lora_state: dict[str, torch.Tensor], training_state
     atomic_write_text(tmp / STATE_FILE, state_json)
 
 
-def resume_hint(output_dir: str | Path) -> str:
-    """What to do after a failed save: where the last good checkpoint is and how to go on."""
-    found = list_checkpoints(checkpoints_dir(output_dir))
-    if not found:
+def resume_hint(output_dir: str | Path, name: str) -> str:
+    """What to do after a failed save of run ``name``: where its last good checkpoint is and how to go on."""
+    found = latest_checkpoint(output_dir, name)
+    if found is None:
         return "no checkpoint of this run was saved yet: make room or choose a writable output folder, then start again"
-    return (f"the last good checkpoint is {found[-1]}: make room (or make the folder writable), "
+    return (f"the last good checkpoint is {found}: make room (or make the folder writable), "
             "then resume with --set resume=latest")
 
 
 def list_checkpoints(root: Path) -> list[Path]:
+    """The checkpoints directly in ``root``, by step."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
@@ -126,15 +134,39 @@ def prune_checkpoints(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def find_checkpoint(resume: str, output_dir: str | Path) -> Path | None:
-    """The folder ``train.resume`` names: 'latest' (None when there is none yet) or a path."""
+def runs_named(name: str) -> re.Pattern[str]:
+    """The LoRA names runs of ``output.output_name`` write: ``name``, or ``name_v2``... when
+    another run's file had that name."""
+    return re.compile(re.escape(name) + r"(_v\d+)?")
+
+
+def latest_checkpoint(output_dir: str | Path, name: str) -> Path | None:
+    """The newest checkpoint of a run named ``name`` (or ``name_vN``) in ``output_dir``: the one
+    ``train.resume: latest`` continues. Checkpoints of runs with other names are never taken;
+    ones written directly into ``checkpoints/`` (an older layout) are, when their run's name fits."""
+    root, fits = checkpoints_dir(output_dir), runs_named(name)
+    if not root.is_dir():
+        return None
+    found = [p for d in root.iterdir() if d.is_dir() and fits.fullmatch(d.name) for p in list_checkpoints(d)]
+    found += [p for p in list_checkpoints(root) if fits.fullmatch(checkpoint_run(p).get("lora_name") or name)]
+    return max(found, key=lambda p: ((p / STATE_FILE).stat().st_mtime_ns, int(p.name.split("-", 1)[1])), default=None)
+
+
+def checkpoint_names(output_dir: str | Path) -> list[str]:
+    """The LoRA names that have checkpoints in ``output_dir``, for saying which there are."""
+    root = checkpoints_dir(output_dir)
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and list_checkpoints(d)) if root.is_dir() else []
+
+
+def find_checkpoint(resume: str, output_dir: str | Path, name: str) -> Path | None:
+    """The folder ``train.resume`` names: 'latest' (run ``name``'s newest; None when there is none
+    yet) or a path."""
     if resume == "latest":
-        found = list_checkpoints(checkpoints_dir(output_dir))
-        return found[-1] if found else None
+        return latest_checkpoint(output_dir, name)
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"train.resume: {path} is not a checkpoint folder (no {STATE_FILE}); "
-                          f"use 'latest' or a folder like {checkpoints_dir(output_dir)}/step-000100")
+                          f"use 'latest' or a folder like {checkpoints_dir(output_dir, name)}/step-000100")
     return path
 
 

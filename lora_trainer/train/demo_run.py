@@ -102,6 +102,7 @@ def demo_main(argv: list[str]) -> int:
 
     from lora_trainer.data.demo import LESSON_COLOUR, make_demo_dataset
     from lora_trainer.hosts.standalone import StandaloneHost
+    from lora_trainer.train.outputs import run_folder
     from lora_trainer.train.trainer import Trainer
 
     configure_cpu_threads(args.threads, small_model=True)
@@ -118,8 +119,9 @@ def demo_main(argv: list[str]) -> int:
     if ends is not None:
         k = max(1, min(LOSS_WINDOW, len(losses.losses) // 2))
         print(f"loss {ends[0]:.3f} -> {ends[1]:.3f} (mean of the first and last {k} steps)")
-    print(f"samples of '{cfg.sample.prompt}' as it learned: {Path(cfg.output.output_dir) / 'samples'}")
     if result.lora_path is not None:
+        samples = run_folder(Path(cfg.output.output_dir), "samples", result.lora_path.stem)
+        print(f"samples of '{cfg.sample.prompt}' as it learned: {samples}")
         _, sweep = render_sweep(host, cfg, result.lora_path.stem)
         print(f"weight sweep saved to {sweep} (LoRA weight {SWEEP_WEIGHTS[0]:g}: the base model; "
               f"{SWEEP_WEIGHTS[1]:g}: with the LoRA)")

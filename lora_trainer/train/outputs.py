@@ -32,12 +32,18 @@ def dataset_stats(items: list[Any]) -> tuple[dict[str, dict[str, int]], dict[str
     return {k: dict(v) for k, v in tags.items()}, dirs
 
 
-class Logger:
-    """Training scalars and sample images under <output_dir>/logs: TensorBoard's event files, or
-    ``metrics.csv`` (rows of step, name, value) where tensorboard is not installed, as in the
-    A1111 WebUI's venv. A no-op when disabled."""
+def run_folder(output_dir: Path, kind: str, stem: str) -> Path:
+    """``<output_dir>/<kind>/<lora name>``: a run's logs, samples or checkpoints, kept apart from
+    other runs' in the same output folder (TensorBoard shows each folder as a run of its own)."""
+    return output_dir / kind / stem
 
-    def __init__(self, output_dir: Path, enabled: bool) -> None:
+
+class Logger:
+    """Training scalars and sample images in ``folder`` (a run's ``logs/<lora name>``):
+    TensorBoard's event files, or ``metrics.csv`` (rows of step, name, value) where tensorboard is
+    not installed, as in the A1111 WebUI's venv. A no-op when disabled."""
+
+    def __init__(self, folder: Path, enabled: bool) -> None:
         self.writer: Any = None
         self.csv: Path | None = None
         if not enabled:
@@ -45,10 +51,10 @@ class Logger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # a dependency, but the A1111 WebUI's venv lacks it: expected, not a fault
-            self.csv = output_dir / "logs" / "metrics.csv"
+            self.csv = folder / "metrics.csv"
             log.info("tensorboard is not installed; training scalars go to %s", self.csv)
             return
-        self.writer = SummaryWriter(log_dir=str(output_dir / "logs"))
+        self.writer = SummaryWriter(log_dir=str(folder))
 
     def scalars(self, step: int, **values: float | None) -> None:
         """``train/<name>`` for each value that is not None."""
@@ -78,10 +84,11 @@ class Logger:
             self.writer.close()
 
 
-def save_sample(output_dir: Path, step: int, img: Image.Image) -> Path:
+def save_sample(folder: Path, step: int, img: Image.Image) -> Path:
+    """``folder/step-NNNNNN.png`` (``folder``: the run's ``samples/<lora name>``)."""
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    return atomic_write_bytes(output_dir / "samples" / f"step-{step:06d}.png", buf.getvalue())
+    return atomic_write_bytes(folder / f"step-{step:06d}.png", buf.getvalue())
 
 
 def write_summary(folder: Path, **fields: Any) -> Path:

@@ -123,7 +123,7 @@ def check_files(cfg: TrainConfig) -> None:
     if cfg.train.resume and cfg.train.resume != "latest":
         from lora_trainer.train.checkpoint import find_checkpoint
 
-        find_checkpoint(cfg.train.resume, cfg.output.output_dir)
+        find_checkpoint(cfg.train.resume, cfg.output.output_dir, cfg.output.output_name)
 
 
 def check_compile(cfg: TrainConfig) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.losses import offset_noise, weighted_mse
 from lora_trainer.train.objectives import objective_for
 from lora_trainer.train.optim import build_optimizer
-from lora_trainer.train.outputs import Logger, dataset_stats, save_sample, write_summary
+from lora_trainer.train.outputs import Logger, dataset_stats, run_folder, save_sample, write_summary
 from lora_trainer.train.result import TrainResult, seed_everything
 from lora_trainer.train.schedules import make_scheduler
 
@@ -96,7 +95,7 @@ class RunSession:
         self.setup_network()
         self.setup_optimizer()
         self.resume()
-        self.logger = Logger(self.out, cfg.output.tensorboard)
+        self.logger = Logger(run_folder(self.out, "logs", self.stem), cfg.output.tensorboard)
         # -- the loop
         self.status(f"training {self.total_steps} steps ({self.ds.batches_per_epoch()} batches per epoch)")
         stopped = self.loop()
@@ -278,16 +277,20 @@ class RunSession:
     def resume(self) -> None:
         if not self.cfg.train.resume:
             return
-        found = ckpt.find_checkpoint(self.cfg.train.resume, self.out)
+        name = self.cfg.output.output_name
+        found = ckpt.find_checkpoint(self.cfg.train.resume, self.out, name)
         if found is None:
-            self.status(f"train.resume: no checkpoint in {ckpt.checkpoints_dir(self.out)} yet; starting fresh")
+            others = ckpt.checkpoint_names(self.out)
+            elsewhere = f" (there are checkpoints of {', '.join(others)})" if others else ""
+            self.status(f"train.resume: no checkpoint of '{name}' in {ckpt.checkpoints_dir(self.out)} yet{elsewhere}; "
+                        "starting fresh")
             return
         pos, lora_state, state = ckpt.load_checkpoint(found)
         run = ckpt.checkpoint_run(found)
         if run.get("run_id"):  # the same run goes on: it writes over its own files, not a _v2
             self.run_id = run["run_id"]
-            stem, name = run.get("lora_name") or "", self.cfg.output.output_name
-            if stem == name or re.fullmatch(re.escape(name) + r"_v\d+", stem):  # not when renamed since
+            stem = run.get("lora_name") or ""
+            if ckpt.runs_named(name).fullmatch(stem):  # not when renamed since
                 self._stem = stem
         self.network.load_state_dict(lora_state)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -401,12 +404,18 @@ class RunSession:
                  "scaler": self.scaler.state_dict(), "rng": ckpt.rng_states(self.gen)}
         path = ckpt.save_checkpoint(self.out, self.pos, self.network.state_dict(), state,
                                     self.cfg.to_yaml(), self.cfg.output.keep_checkpoints,
-                                    run={"run_id": self.run_id, "lora_name": self.lora_path().stem})
+                                    run={"run_id": self.run_id, "lora_name": self.stem})
         self.last_checkpoint_step = self.pos.step
         self.trainer.emit(TrainEvent("checkpoint", step=self.pos.step, total_steps=self.total_steps,
                                      path=str(path), message=f"checkpoint {path}"
                                      + (f"; LoRA of this step: {lora.stem}" if lora else "")))
         return path
+
+    @property
+    def stem(self) -> str:
+        """The LoRA name this run writes (``<output_name>``, or ``<output_name>_v2``... when
+        another run's file has that name); its logs, samples and checkpoints are kept under it."""
+        return self.lora_path().stem
 
     def lora_path(self, suffix: str = "") -> Path:
         """``<lora_dir>/<name><suffix>.safetensors`` of this run. <name> is fixed at the first
@@ -452,7 +461,7 @@ class RunSession:
         try:
             save_lora_file(path, tensors, {**metadata, RUN_KEY: self.run_id})
         except OutputError as e:
-            raise OutputError(f"{e}; {ckpt.resume_hint(self.out)}") from None
+            raise OutputError(f"{e}; {ckpt.resume_hint(self.out, self.cfg.output.output_name)}") from None
         self.host.refresh_loras()
         return path
 
@@ -470,7 +479,7 @@ class RunSession:
                                     encode=self.encode_text, autocast=self.autocast)
         finally:
             self.set_train_mode(True)
-        path = save_sample(self.out, self.pos.step, img)
+        path = save_sample(run_folder(self.out, "samples", self.stem), self.pos.step, img)
         if self.logger is not None:
             self.logger.image(self.pos.step, img)
         self.last_sample, self.last_sample_step = img, self.pos.step

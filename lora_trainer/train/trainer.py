@@ -32,7 +32,7 @@ WAITING = ("waiting for the model: another job is using it (a generation or a re
            "when it ends, Stop cancels")
 
 
-def _as_output_error(error: OSError, output_dir: str) -> BaseException:
+def _as_output_error(error: OSError, output_dir: str, name: str) -> BaseException:
     """A full disk or a read-only folder met outside the savers' own checks, as one line."""
     from lora_trainer.fsutil import write_problem
     from lora_trainer.train.checkpoint import resume_hint
@@ -40,7 +40,7 @@ def _as_output_error(error: OSError, output_dir: str) -> BaseException:
     problem = write_problem(error)
     if problem is None:
         return error
-    return OutputError(f"cannot write {error.filename or output_dir}: {problem}; {resume_hint(output_dir)}")
+    return OutputError(f"cannot write {error.filename or output_dir}: {problem}; {resume_hint(output_dir, name)}")
 
 
 def _as_memory_error(error: BaseException, cfg: TrainConfig) -> BaseException:
@@ -93,7 +93,7 @@ class Trainer(WorkerRun):
                 try:
                     self.result = self._run()
                 except OSError as e:
-                    converted = _as_output_error(e, self.config.output.output_dir)
+                    converted = _as_output_error(e, self.config.output.output_dir, self.config.output.output_name)
                     if converted is e:
                         raise
                     raise converted from e
