@@ -428,6 +428,18 @@ def test_4_stop_writes_the_lora(flow: dict[str, Any]):
     assert "stopping" not in text_of(d, "lt-train-msg") and "ETA" not in text_of(d, "lt-progress")
     wait_for("Stop back to grey", lambda: "stop" not in classes(d, "lt-stop"))
     assert page_errors(d) == []
+    # Continue takes the stopped run on from the step it stopped at (a fresh run would start at 1)
+    stopped_at = progress_step(d)
+    assert f"Continue trains on from step {stopped_at}" in text_of(d, "lt-train-msg")
+    wait_for("Continue shown", lambda: css(d, "#lt-continue") and css(d, "#lt-continue")[0].is_displayed())
+    click(d, "lt-continue")
+    wait_for("continuing", lambda: f"continuing 'demo_lora' from step {stopped_at}" in text_of(d, "lt-train-msg"))
+    wait_for("steps after the one it stopped at", lambda: progress_step(d) > stopped_at)
+    click(d, "lt-stop")
+    wait_for("stopped again", lambda: "stopped at step" in text_of(d, "lt-train-msg")
+             and progress_step(d) > stopped_at)
+    assert [p.name for p in out.glob("demo_lora*.safetensors") if "step" not in p.name] == ["demo_lora.safetensors"]
+    assert page_errors(d) == []
     # A page opened on another section gets the run's loss while the plots are hidden; they are
     # drawn at their width once the Train section shows them (gradio 3.x drew them 0 px wide;
     # gradio 5+ builds a section only when it is opened, so there is nothing hidden to wait for).

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from lora_trainer import jobs
 from lora_trainer.config import TrainConfig, build_config
@@ -124,6 +125,12 @@ def test_a_page_loaded_after_the_run_ended_keeps_its_own_message(tmp_path: Path)
 def test_outcome_text_of_each_end():
     assert handlers.outcome_text({"status": "stopped", "step": 7, "output_path": "/o/x.safetensors"}) == \
         "stopped at step 7; LoRA written to /o/x.safetensors"
+    part_way = {"status": "stopped", "step": 7, "total_steps": 30, "checkpoints": 1, "output_path": "/o/x.safetensors"}
+    assert handlers.outcome_text(part_way) == \
+        "stopped at step 7; LoRA written to /o/x.safetensors; Continue trains on from step 7"
+    assert not handlers.continuable({**part_way, "checkpoints": 0})  # nothing to go on from
+    assert not handlers.continuable({**part_way, "step": 30})  # nothing left to do
+    assert not handlers.continuable({**part_way, "status": "done"})
     assert handlers.outcome_text({"status": "done", "step": 30, "output_path": None}) == "done at step 30"
     assert "see the log" in handlers.outcome_text({"status": "finished", "step": 3})
 
@@ -200,3 +207,43 @@ def test_the_gradio3_poll_loop_remembers_what_it_sent():
     loop = compat.carrying_memory(poll, 0)(None)
     assert [next(loop)[-1] for _ in range(3)] == [1, 2, 3]
     assert seen_by_call == [None, 1, 2]
+
+
+def test_continue_takes_a_stopped_run_on_from_its_checkpoint_with_its_own_settings(tmp_path: Path):
+    """Stop, then Continue: the run goes on from the step it stopped at, with the settings it
+    started with (not the form's), and ends with the LoRA a run never stopped would have made;
+    the page shows Continue only while there is a stopped run to continue."""
+    from types import SimpleNamespace
+
+    from lora_trainer.ui.train_section import _poll
+    from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
+
+    data, host = make_data(tmp_path / "data", n=3), TinyHost("sd1")
+    values = {"train.max_train_steps": 4, "output.save_precision": "fp32", "output.overwrite": True}
+
+    def stop_at_two(ev: TrainEvent) -> None:
+        if ev.kind == "step" and ev.step == 2:
+            jobs.current().stop()
+
+    ctx = SimpleNamespace(host=host, prefix="lt-")
+    jobs.clear_finished()
+    with pytest.raises(ConfigError, match="no stopped run to continue"):
+        handlers.continue_stopped(host)
+    first = jobs.start(tiny_config(data, tmp_path / "out", **values), host, callbacks=[stop_at_two])
+    first.join()
+    seen = _poll(ctx, None)[-1]
+    assert first.snapshot()["status"] == "stopped" and first.snapshot()["step"] == 2
+    assert _poll(ctx, None)[8]["visible"] is True
+    job, said = handlers.continue_stopped(host)
+    assert said == "continuing 'tiny' from step 2 with the settings it started with"
+    assert job.config.train.resume == "latest" and job.config.train.max_train_steps == 4
+    job.join()
+    snap = job.snapshot()
+    assert snap["status"] == "done" and snap["step"] == 4 and [s for s, _ in snap["losses"]] == [3, 4]
+    assert _poll(ctx, seen)[8]["visible"] is False
+    straight = jobs.start(tiny_config(data, tmp_path / "straight", **values), host)
+    straight.join()
+    a = lora_tensors(tmp_path / "straight" / "tiny.safetensors")
+    b = lora_tensors(tmp_path / "out" / "tiny.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    jobs.clear_finished()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_trainer.config import TrainConfig, build_config
-from lora_trainer.errors import DatasetError, HostError
+from lora_trainer.errors import ConfigError, DatasetError, HostError
 
 if TYPE_CHECKING:
     from lora_trainer.hosts.base import Host
@@ -265,8 +265,33 @@ def outcome_text(snap: dict[str, Any]) -> str:
         return "stopped before the first step; nothing was written"
     if status in ("done", "stopped"):
         where = f"; LoRA written to {path}" if path else ""
-        return f"{'done' if status == 'done' else 'stopped'} at step {step}{where}"
+        go_on = f"; Continue trains on from step {step}" if continuable(snap) else ""
+        return f"{'done' if status == 'done' else 'stopped'} at step {step}{where}{go_on}"
     return "the run ended without a result; see the log"
+
+
+def continuable(snap: dict[str, Any] | None) -> bool:
+    """A run stopped part-way that saved a checkpoint: Continue can take it on from there."""
+    if not snap or snap.get("status") != "stopped" or not snap.get("checkpoints"):
+        return False
+    return 0 < (snap.get("step") or 0) < (snap.get("total_steps") or 0)
+
+
+def continue_stopped(host: Host) -> tuple[Any, str]:
+    """Start the stopped run again from its newest checkpoint, with the settings it started with
+    (not the form's: a resume must keep them); (the new job, what to tell the user)."""
+    from lora_trainer import jobs
+
+    job = jobs.current()
+    snap = job.snapshot() if job is not None else None
+    if job is None or job.alive or not continuable(snap):
+        raise ConfigError("there is no stopped run to continue; press Start training")
+    cfg = build_config({"train.resume": "latest"}, base=job.config)
+    loaded = host.loaded_model()
+    if loaded is not None:
+        loaded.require_trainable()
+    return jobs.start(cfg, host), (f"continuing '{cfg.output.output_name}' from step {snap['step']} with the "
+                                   "settings it started with")
 
 
 def _html_escape(s: str) -> str:

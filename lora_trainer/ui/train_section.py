@@ -65,6 +65,7 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
     with g.Row():
         start = g.Button("Start training", variant="primary", elem_id=ctx.eid("start"))
         stop = g.Button("Stop", variant="secondary", elem_id=ctx.eid("stop"))  # red only while a run is alive
+        go_on = g.Button("Continue", visible=False, elem_id=ctx.eid("continue"))  # shown for a stopped run
         save = g.Button("Save now", elem_id=ctx.eid("save-now"))
         sample = g.Button("Sample now", elem_id=ctx.eid("sample-now"))
     msg = g.Markdown(elem_id=ctx.eid("train-msg"))
@@ -96,6 +97,13 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
         except Exception as e:  # noqa: BLE001
             return err_text(e), compat.update()
 
+    def do_continue() -> tuple[str, Any]:
+        try:
+            job, said = handlers.continue_stopped(ctx.host)
+            return said, handlers.progress_html(job.snapshot(), ctx.prefix)
+        except Exception as e:  # noqa: BLE001
+            return err_text(e), compat.update()
+
     def command(name: str) -> Any:
         def run() -> str:
             job = jobs.current()
@@ -110,11 +118,12 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
                                     [ctx.fields[p] for p in PRESET_FIELDS] + [msg]))
     ctx.later(lambda: start.click(do_start, ctx.inputs, [msg, progress]))
     stop.click(command("stop"), None, [msg])
+    go_on.click(do_continue, None, [msg, progress])
     save.click(command("save_now"), None, [msg])
     sample.click(command("sample_now"), None, [msg])
     ctx.later(lambda: compat.add_timer(blocks, lambda s: _poll(ctx, s), [seen],
                                        [progress, plot, smooth, samples, log, ctx.parts["test_lora"], msg, stop,
-                                        seen], 1.0))
+                                        go_on, seen], 1.0))
 
 
 def _preset_applier(ctx: TabContext) -> Any:
@@ -197,7 +206,7 @@ def _poll(ctx: TabContext, seen: Any) -> list[Any]:
     keep = compat.update()
     job = jobs.current()
     if job is None:
-        return [handlers.progress_html(None, ctx.prefix), keep, keep, keep, keep, keep, keep, keep, [None]]
+        return [handlers.progress_html(None, ctx.prefix), keep, keep, keep, keep, keep, keep, keep, keep, [None]]
     snap = job.snapshot()
     key = [job.id, len(snap["losses"]), len(snap["samples"]), len(snap["log"]), snap["status"],
            snap.get("checkpoints", 0), job.alive]
@@ -213,8 +222,10 @@ def _poll(ctx: TabContext, seen: Any) -> list[Any]:
     # the run's end replaces "started…"/"stopping…" under the buttons with how it ended
     ended_here = seen is not None and key[4] != old[4] and snap["status"] in handlers.FINAL_STATUSES
     msg = handlers.outcome_text(snap) if ended_here else keep
+    changed = key[4] != old[4] or key[6] != old[6]
     stop = compat.update(variant="stop" if job.alive else "secondary") if key[6] != old[6] else keep
-    return [handlers.progress_html(snap, ctx.prefix), raw, smooth, gallery, log, loras, msg, stop, key]
+    go_on = compat.update(visible=not job.alive and handlers.continuable(snap)) if changed else keep
+    return [handlers.progress_html(snap, ctx.prefix), raw, smooth, gallery, log, loras, msg, stop, go_on, key]
 
 
 def _yaml_block(ctx: TabContext) -> None:

@@ -6,10 +6,11 @@ described in docs/a1111.md), then:
     python tests/webui_real/a1111_tryout.py --url http://127.0.0.1:7861 --shots docs/img
 
 It drives the Train LoRA tab in headless Chromium (dataset, captions, train, a weight sweep in
-the Test section), then the HTTP API: txt2img with ``<lora:name:w>`` right after training, a run
-stopped mid-way, the same name trained twice, a run started behind a generation (it waits, and
-Stop ends the wait), a run after a render that used another LoRA, and a plain render compared
-with the one made before any training (the model must be unchanged).
+the Test section, Stop and Continue from that step), then the HTTP API: txt2img with
+``<lora:name:w>`` right after training, a run stopped mid-way, the same name trained twice, a run
+started behind a generation (it waits, and Stop ends the wait), a run after a render that used
+another LoRA, and a plain render compared with the one made before any training (the model must
+be unchanged).
 Prints one line per check and exits non-zero on the first failure.
 """
 
@@ -61,10 +62,16 @@ def txt2img(url: str, prompt: str) -> np.ndarray:
 
 
 def wait_until(what: str, fn: Any, every: float = 1.0, limit: float = 1800.0) -> Any:
-    """Poll until ``fn()`` is truthy; the limit only guards against a hung WebUI."""
+    """Poll until ``fn()`` is truthy; the limit only guards against a hung WebUI. An element the
+    page re-drew while it was read is read again at the next poll."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     end = time.monotonic() + limit
     while time.monotonic() < end:
-        got = fn()
+        try:
+            got = fn()
+        except StaleElementReferenceException:
+            got = None
         if got:
             return got
         time.sleep(every)
@@ -197,6 +204,7 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
         if shots:
             d.save_screenshot(str(shots / "a1111_test.png"))
         check(True, f"tab: weight sweep rendered ({text_of(d, 'lt-test-msg')})")
+        stop_and_continue(d, name)
         errors = page_errors(d)
         if _assets_refused(url):
             # gradio 3 refuses every file= asset under a hidden folder (~/.cache/...), the WebUI's own
@@ -205,6 +213,32 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
         check(not errors, f"tab: no page errors of ours {errors[:2] if errors else ''}")
     finally:
         d.quit()
+
+
+def progress_step(d: Any) -> int:
+    import re
+
+    m = re.search(r"step (\d+)/", text_of(d, "lt-progress"))
+    return int(m.group(1)) if m else 0
+
+
+def stop_and_continue(d: Any, name: str) -> None:
+    """Stop a long run in the tab, then Continue: it goes on from the step it stopped at."""
+    open_tab_section(d, "Train")
+    set_text(d, "lt-f-output-output-name", f"{name}_long")
+    set_text(d, "lt-f-train-max-train-steps", "400")
+    click(d, "lt-start")
+    wait_until("two steps", lambda: progress_step(d) >= 2, every=0.5)
+    click(d, "lt-stop")
+    msg = wait_until("the stop's outcome", lambda: (m := said(d, "lt-train-msg")).startswith("stopped at step") and m)
+    at = progress_step(d)
+    check(f"Continue trains on from step {at}" in msg, f"tab: Stop says how to go on ({msg[:40]}...{msg[-40:]})")
+    click(d, "lt-continue")
+    wait_until("steps after the stop", lambda: progress_step(d) > at, every=0.5)
+    check(f"continuing '{name}_long' from step {at}" in said(d, "lt-train-msg"),
+          f"tab: Continue went on from step {at} ({' '.join(text_of(d, 'lt-progress').split())[:60]})")
+    click(d, "lt-stop")
+    wait_until("stopped again", lambda: said(d, "lt-train-msg").startswith("stopped at step"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     check(s["status"] == "stopped" and s["result"]["lora_path"], f"api: a run stopped at step {s['result']['steps']} "
                                                                     f"wrote {Path(s['result']['lora_path']).name}")
     check(differs(txt2img(args.url, f"a red circle <lora:{stopped}:1>"), plain) > 0, "txt2img of the stopped run's LoRA")
+    kept = [line for line in s["state"]["log"] if f"checkpoints/{stopped}/step-" in line]
+    check(bool(kept), f"api: the stopped run's checkpoint is kept under its name ({kept[-1] if kept else s['state']['log'][-3:]})")
 
     first, second = train_api(args.url, data, twice, 4), train_api(args.url, data, twice, 4)
     names = [Path(r["result"]["lora_path"]).stem for r in (first, second)]
