@@ -144,7 +144,10 @@ class LoopConfig:
     noise_offset: float = _f(0.0, "Noise offset (helps very dark/bright images); 0.05-0.1 typical.")
     min_snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5 is typical); empty disables.")
     seed: int = _f(42, "Random seed (data order, noise, dropout).")
-    save_steps: int = _f(0, "Save a resumable checkpoint every N steps (0: only at the end).")
+    save_steps: int = _f(0, "Save a resumable checkpoint (and that step's LoRA) every N steps (0: only when "
+                         "stopped).")
+    autosave_minutes: float = _f(10.0, "Also save a resumable checkpoint when this many minutes passed since the last "
+                                 "one, so a crash, a closed WebUI or a power cut loses at most that much (0: off).")
     resume: str | None = _f(None, "'latest' (the newest checkpoint of this output_name) or a checkpoint folder to "
                                   "continue a run.")
     compile: bool = _f(False, "torch.compile the UNet (or transformer). Each new batch size compiles on its first "
@@ -450,6 +453,7 @@ def validate(cfg: TrainConfig) -> None:
     need(t.gradient_accumulation_steps >= 1,
          f"train.gradient_accumulation_steps: {t.gradient_accumulation_steps} must be at least 1")
     need(t.save_steps >= 0, f"train.save_steps: {t.save_steps} must be 0 or more")
+    need(t.autosave_minutes >= 0, f"train.autosave_minutes: {t.autosave_minutes} must be 0 (off) or more")
     need(0 < t.checkpointing_share <= 1,
          f"train.checkpointing_share: {t.checkpointing_share} must be above 0 and at most 1 (1: every block)")
     need(t.noise_offset >= 0, f"train.noise_offset: {t.noise_offset} must be 0 or more")

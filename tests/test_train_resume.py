@@ -65,7 +65,7 @@ def test_save_steps_keep_last_and_resume_from_a_path(tmp_path: Path, data: Path,
                                                  "output.keep_checkpoints": 2})
     Trainer(cfg, host=host).run()
     kept = sorted(p.name for p in (tmp_path / "out" / "checkpoints" / "tiny").iterdir())
-    assert kept == ["step-000003", "step-000004"]
+    assert kept == ["finished.json", "step-000003", "step-000004"]
     step3 = tmp_path / "out" / "checkpoints" / "tiny" / "step-000003"
     assert {p.name for p in step3.iterdir()} == {"lora.safetensors", "training_state.pt", "state.json", "config.yaml"}
     again = Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 5, "train.resume": str(step3)}),
@@ -194,7 +194,7 @@ def test_runs_sharing_an_output_folder_keep_and_resume_their_own_checkpoints(
                                                       "train.seed": 7}), host=host).run()
     assert dog.steps == 4
     assert (cat2 / "lora.safetensors").read_bytes() == saved  # neither replaced (same step) nor pruned
-    assert [p.name for p in (out / "checkpoints" / "dog").iterdir()] == ["step-000004"]
+    assert sorted(p.name for p in (out / "checkpoints" / "dog").iterdir()) == ["finished.json", "step-000004"]
     assert (out / "samples" / "cat" / "step-000002.png").is_file()
     assert (out / "samples" / "dog" / "step-000002.png").is_file()
 
@@ -234,3 +234,32 @@ def test_latest_still_finds_a_checkpoint_of_the_older_layout(tmp_path: Path, dat
                     callbacks=[seen.append]).run()
     assert again.lora_path == out / "tiny.safetensors"
     assert any(e.message == f"resumed from {out / 'checkpoints' / 'step-000001'} at step 1" for e in seen)
+
+
+def test_autosave_keeps_a_checkpoint_every_few_minutes_without_step_loras(
+        tmp_path: Path, data: Path, host: TinyHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no save_steps, a run still saves a checkpoint when train.autosave_minutes passed since
+    the last one (here each step takes a minute of a turned-forward clock), so a run killed
+    with its WebUI loses at most that much; no step LoRAs are added to the LoRA folder."""
+    from lora_trainer.train import session
+
+    now = [0.0]
+    monkeypatch.setattr(session, "clock", lambda: now[0])
+
+    def a_minute_per_step(ev: TrainEvent) -> None:
+        if ev.kind == "step":
+            now[0] += 60.0
+
+    out = tmp_path / "out"
+    result = Trainer(tiny_config(data, out, **{"train.max_train_steps": 5, "train.autosave_minutes": 1.5}),
+                     host=host, callbacks=[a_minute_per_step]).run()
+    assert result.steps == 5
+    assert sorted(p.name for p in (out / "checkpoints" / "tiny").iterdir()) == [
+        "finished.json", "step-000002", "step-000004"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["tiny.safetensors"]
+    state = json.loads((out / "checkpoints" / "tiny" / "step-000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["total_steps"] == 5
+
+    off = Trainer(tiny_config(data, tmp_path / "off", **{"train.max_train_steps": 3, "train.autosave_minutes": 0}),
+                  host=host, callbacks=[a_minute_per_step]).run()
+    assert off.steps == 3 and not (tmp_path / "off" / "checkpoints").exists()

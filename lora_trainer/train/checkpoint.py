@@ -32,6 +32,7 @@ from lora_trainer.train.outputs import run_folder
 STATE_FILE = "state.json"
 LORA_FILE = "lora.safetensors"
 TRAINING_FILE = "training_state.pt"
+FINISHED_FILE = "finished.json"  # in a run's folder: it ran to its last step
 
 
 @dataclass
@@ -70,13 +71,16 @@ def set_rng_states(states: dict[str, Any], gen: torch.Generator) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, pos: LoopPosition, lora_state: dict[str, torch.Tensor],
-                    training_state: dict[str, Any], config_yaml: str, keep: int, run: dict[str, str]) -> Path:
+                    training_state: dict[str, Any], config_yaml: str, keep: int, run: dict[str, str],
+                    total_steps: int) -> Path:
     """Write ``checkpoints/<lora name>/step-NNNNNN`` atomically and delete all but the newest
     ``keep`` of that run's name.
 
-    ``run`` (the run's id and LoRA name) goes into state.json, so a resumed run writes its own files."""
+    ``run`` (the run's id and LoRA name) goes into state.json, so a resumed run writes its own
+    files; ``total_steps`` too, so an unfinished run can be found after a restart."""
     stem = run["lora_name"]
     root = checkpoints_dir(output_dir, stem)
+    (root / FINISHED_FILE).unlink(missing_ok=True)  # the name's run is going on (again)
     final = root / f"step-{pos.step:06d}"
     tmp = root / f".{final.name}.partial"
     lora_cpu = {k: v.detach().cpu().contiguous() for k, v in lora_state.items()}
@@ -86,7 +90,7 @@ def save_checkpoint(output_dir: str | Path, pos: LoopPosition, lora_state: dict[
     if problem is None:
         try:
             _write_folder(tmp, lora_cpu, training_state, config_yaml,
-                          json.dumps({**asdict(pos), "run": run}, indent=2))
+                          json.dumps({**asdict(pos), "total_steps": total_steps, "run": run}, indent=2))
         except (OSError, RuntimeError, SafetensorError) as e:
             shutil.rmtree(tmp, ignore_errors=True)  # a partial folder must not hold the space
             problem = write_problem(e)
@@ -156,6 +160,45 @@ def checkpoint_names(output_dir: str | Path) -> list[str]:
     """The LoRA names that have checkpoints in ``output_dir``, for saying which there are."""
     root = checkpoints_dir(output_dir)
     return sorted(d.name for d in root.iterdir() if d.is_dir() and list_checkpoints(d)) if root.is_dir() else []
+
+
+def mark_finished(output_dir: str | Path, stem: str, step: int) -> None:
+    """Run ``stem`` ran to its last step: its checkpoints are not an unfinished run's."""
+    root = checkpoints_dir(output_dir, stem)
+    if root.is_dir():
+        atomic_write_text(root / FINISHED_FILE, json.dumps({"step": step}) + "\n")
+
+
+@dataclass
+class Unfinished:
+    """A run that stopped, crashed or was closed before its last step, and its newest checkpoint."""
+
+    name: str
+    checkpoint: Path
+    step: int
+    total_steps: int
+    saved_at: float  # seconds since the epoch
+
+
+def unfinished_runs(output_dir: str | Path) -> list[Unfinished]:
+    """The runs in ``output_dir`` that can be taken on from a checkpoint, the newest first."""
+    root = checkpoints_dir(output_dir)
+    found = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        saved = list_checkpoints(folder) if folder.is_dir() else []
+        if not saved:
+            continue
+        newest = max(saved, key=lambda p: ((p / STATE_FILE).stat().st_mtime_ns, int(p.name.split("-", 1)[1])))
+        try:
+            state = json.loads((newest / STATE_FILE).read_text(encoding="utf-8"))
+            done = json.loads((folder / FINISHED_FILE).read_text(encoding="utf-8"))["step"] \
+                if (folder / FINISHED_FILE).is_file() else -1
+        except (OSError, ValueError, KeyError):
+            continue  # a damaged file: not offered, and resume: latest names the problem
+        step, total = int(state.get("step", 0)), int(state.get("total_steps") or 0)
+        if step < total and done < step:
+            found.append(Unfinished(folder.name, newest, step, total, (newest / STATE_FILE).stat().st_mtime))
+    return sorted(found, key=lambda u: u.saved_at, reverse=True)
 
 
 def find_checkpoint(resume: str, output_dir: str | Path, name: str) -> Path | None:

@@ -52,6 +52,10 @@ def _identity(x: Any) -> Any:
     return x
 
 
+# What autosave_minutes measures time with (a test may turn it forward).
+clock = time.monotonic
+
+
 class RunSession:
     def __init__(self, trainer: Trainer, host: Host, bundle: ModelBundle, report: Any) -> None:
         self.trainer, self.host, self.bundle, self.dataset_report = trainer, host, bundle, report
@@ -70,6 +74,7 @@ class RunSession:
         self.last_sample: Any = None
         self.last_sample_step = -1
         self.last_checkpoint_step = -1
+        self.last_save_time = clock()
         self.started = time.time()
         self.run_id = uuid.uuid4().hex  # marks this run's LoRA files (a resume takes the checkpoint's)
         self._stem: str | None = None  # the LoRA name this run writes (<name>, or <name>_v2...), fixed at first use
@@ -105,6 +110,8 @@ class RunSession:
         lora_path = self.save_lora()
         if stopped and self.last_checkpoint_step != self.pos.step:
             self.checkpoint(step_lora=False)  # after the small LoRA, so a full disk loses the least
+        if not stopped:
+            ckpt.mark_finished(self.out, self.stem, self.pos.step)  # its checkpoints are no longer unfinished
         write_summary(self.out, status="stopped" if stopped else "done", steps=self.pos.step,
                       total_steps=self.total_steps, epoch=self.epoch_number, final_loss=self.final_loss,
                       seconds=round(time.time() - started, 2), lora_path=str(lora_path),
@@ -126,6 +133,7 @@ class RunSession:
         t = self.cfg.train
         window = torch.zeros((), device=self.device)
         window_steps, micro, t0 = 0, 0, time.monotonic()
+        self.last_save_time = clock()
         for epoch, position, batch in batches:
             # -- forward and backward on one micro-batch
             window += self.micro_step(batch, accum)
@@ -146,6 +154,8 @@ class RunSession:
             every = t.save_steps
             if not stop and (self.trainer.commands.take_save() or (every and self.pos.step % every == 0)):
                 self.checkpoint()  # a stop saves after the loop: the final LoRA, then the checkpoint
+            elif not stop and t.autosave_minutes and clock() - self.last_save_time >= t.autosave_minutes * 60:
+                self.checkpoint(step_lora=False)  # a checkpoint to resume from, not a LoRA to compare
             s = self.cfg.sample
             if self.trainer.commands.take_sample() or (s.prompt and s.every_n_steps
                                                         and self.pos.step % s.every_n_steps == 0):
@@ -404,8 +414,9 @@ class RunSession:
                  "scaler": self.scaler.state_dict(), "rng": ckpt.rng_states(self.gen)}
         path = ckpt.save_checkpoint(self.out, self.pos, self.network.state_dict(), state,
                                     self.cfg.to_yaml(), self.cfg.output.keep_checkpoints,
-                                    run={"run_id": self.run_id, "lora_name": self.stem})
-        self.last_checkpoint_step = self.pos.step
+                                    run={"run_id": self.run_id, "lora_name": self.stem},
+                                    total_steps=self.total_steps)
+        self.last_checkpoint_step, self.last_save_time = self.pos.step, clock()
         self.trainer.emit(TrainEvent("checkpoint", step=self.pos.step, total_steps=self.total_steps,
                                      path=str(path), message=f"checkpoint {path}"
                                      + (f"; LoRA of this step: {lora.stem}" if lora else "")))
