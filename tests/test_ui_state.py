@@ -66,7 +66,8 @@ def test_the_run_end_replaces_the_start_message_and_stop_is_red_only_while_runni
             release.wait()
             self.state.update(TrainEvent("error", message="data.train_data_dir: no images"))
 
-    ctx = SimpleNamespace(host=SimpleNamespace(lora_dir=lambda cfg: tmp_path), prefix="lt-")
+    ctx = SimpleNamespace(host=SimpleNamespace(lora_dir=lambda cfg: tmp_path), prefix="lt-",
+                          defaults=build_config({"output.output_dir": str(tmp_path)}))
     jobs.clear_finished()
     job = jobs.start(build_config({}), host=None, factory=Failing)
     try:
@@ -104,7 +105,8 @@ def test_a_page_loaded_after_the_run_ended_keeps_its_own_message(tmp_path: Path)
             self.state.update(TrainEvent("step", step=3, total_steps=3, loss=0.5))
             self.state.update(TrainEvent("done", step=3, total_steps=3, path=str(tmp_path / "x.safetensors")))
 
-    ctx = SimpleNamespace(host=SimpleNamespace(lora_dir=lambda cfg: tmp_path), prefix="lt-")
+    ctx = SimpleNamespace(host=SimpleNamespace(lora_dir=lambda cfg: tmp_path), prefix="lt-",
+                          defaults=build_config({"output.output_dir": str(tmp_path)}))
     jobs.clear_finished()
     idle = _poll(ctx, None)
     assert idle[6] == compat.update() and idle[-1] is not None  # the page has polled once
@@ -225,7 +227,7 @@ def test_continue_takes_a_stopped_run_on_from_its_checkpoint_with_its_own_settin
         if ev.kind == "step" and ev.step == 2:
             jobs.current().stop()
 
-    ctx = SimpleNamespace(host=host, prefix="lt-")
+    ctx = SimpleNamespace(host=host, prefix="lt-", defaults=build_config({"output.output_dir": str(tmp_path / "out")}))
     jobs.clear_finished()
     with pytest.raises(ConfigError, match="no stopped run to continue"):
         handlers.continue_stopped(host)
@@ -247,3 +249,51 @@ def test_continue_takes_a_stopped_run_on_from_its_checkpoint_with_its_own_settin
     b = lora_tensors(tmp_path / "out" / "tiny.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     jobs.clear_finished()
+
+
+def test_after_a_restart_the_page_offers_the_unfinished_run_and_continue_takes_it_on(tmp_path: Path):
+    """The WebUI closed mid-run (nothing of the run is left in memory): a page loaded afterwards
+    says which run is unfinished and at which step, and Continue takes it on from its checkpoint
+    with the settings saved with it, to the LoRA a run never stopped would have made. A run that
+    finished is not offered."""
+    from types import SimpleNamespace
+
+    from lora_trainer.ui.train_section import _poll
+    from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
+
+    data, host, out = make_data(tmp_path / "data", n=3), TinyHost("sd1"), tmp_path / "out"
+    values = {"train.max_train_steps": 4, "output.save_precision": "fp32", "train.save_steps": 1}
+
+    def stop_at_two(ev: TrainEvent) -> None:
+        if ev.kind == "step" and ev.step == 2:
+            jobs.current().stop()
+
+    ctx = SimpleNamespace(host=host, prefix="lt-", defaults=build_config({"output.output_dir": str(out)}))
+    jobs.clear_finished()
+    done = jobs.start(tiny_config(data, out, **values, **{"output.output_name": "done"}), host)
+    done.join()
+    jobs.clear_finished()
+    first = _poll(ctx, None)
+    assert first[6] == compat.update() and first[8]["visible"] is False  # a finished run is not offered
+    # the form's settings differ from the run's: Continue must take the run's own
+    cat = tiny_config(data, out, **values, **{"output.output_name": "cat", "network.rank": 2})
+    jobs.start(cat, host, callbacks=[stop_at_two]).join()
+    jobs.clear_finished()  # the WebUI was restarted
+    first = _poll(ctx, None)
+    assert first[6].startswith("an unfinished run: 'cat' at step 2 of 4 (checkpoint of ")
+    assert first[6].endswith("); Continue takes it on from there") and first[8]["visible"] is True
+    assert _poll(ctx, first[-1])[6] == compat.update()  # said once per page
+    job, said = handlers.continue_stopped(host, out)
+    assert said == "continuing 'cat' from step 2 with the settings it started with"
+    job.join()
+    snap = job.snapshot()
+    assert snap["status"] == "done" and [s for s, _ in snap["losses"]] == [3, 4]
+    assert handlers.unfinished_run(out) is None  # finished now
+    straight = jobs.start(tiny_config(data, tmp_path / "straight", **values, **{"output.output_name": "cat",
+                                                                                  "network.rank": 2}), host)
+    straight.join()
+    a, b = lora_tensors(tmp_path / "straight" / "cat.safetensors"), lora_tensors(out / "cat.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    jobs.clear_finished()
+    with pytest.raises(ConfigError, match="no stopped run to continue"):
+        handlers.continue_stopped(host, out)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_trainer.config import TrainConfig, build_config
+from lora_trainer.config import TrainConfig, build_config, load_config
 from lora_trainer.errors import ConfigError, DatasetError, HostError
 
 if TYPE_CHECKING:
@@ -277,21 +277,44 @@ def continuable(snap: dict[str, Any] | None) -> bool:
     return 0 < (snap.get("step") or 0) < (snap.get("total_steps") or 0)
 
 
-def continue_stopped(host: Host) -> tuple[Any, str]:
+def continue_stopped(host: Host, output_dir: str | Path | None = None) -> tuple[Any, str]:
     """Start the stopped run again from its newest checkpoint, with the settings it started with
-    (not the form's: a resume must keep them); (the new job, what to tell the user)."""
+    (not the form's: a resume must keep them); (the new job, what to tell the user). With no
+    stopped run in this process (the WebUI was restarted, or closed mid-run), the newest
+    unfinished run with a checkpoint in ``output_dir``."""
     from lora_trainer import jobs
 
     job = jobs.current()
     snap = job.snapshot() if job is not None else None
-    if job is None or job.alive or not continuable(snap):
+    if job is not None and not job.alive and continuable(snap):
+        cfg, step = build_config({"train.resume": "latest"}, base=job.config), snap["step"]
+    elif (found := unfinished_run(output_dir)) is not None and (job is None or not job.alive):
+        used = load_config(found.checkpoint / "config.yaml")
+        cfg, step = build_config({"train.resume": str(found.checkpoint)}, base=used), found.step
+    else:
         raise ConfigError("there is no stopped run to continue; press Start training")
-    cfg = build_config({"train.resume": "latest"}, base=job.config)
     loaded = host.loaded_model()
     if loaded is not None:
         loaded.require_trainable()
-    return jobs.start(cfg, host), (f"continuing '{cfg.output.output_name}' from step {snap['step']} with the "
+    return jobs.start(cfg, host), (f"continuing '{cfg.output.output_name}' from step {step} with the "
                                    "settings it started with")
+
+
+def unfinished_run(output_dir: str | Path | None) -> Any:
+    """The newest run in ``output_dir`` that stopped, crashed or was closed before its last step
+    (``checkpoint.Unfinished``), or None."""
+    from lora_trainer.train.checkpoint import unfinished_runs
+
+    found = unfinished_runs(output_dir) if output_dir else []
+    return found[0] if found else None
+
+
+def unfinished_text(found: Any) -> str:
+    import time
+
+    saved = time.strftime("%Y-%m-%d %H:%M", time.localtime(found.saved_at))
+    return (f"an unfinished run: '{found.name}' at step {found.step} of {found.total_steps} (checkpoint of {saved}); "
+            "Continue takes it on from there")
 
 
 def _html_escape(s: str) -> str:

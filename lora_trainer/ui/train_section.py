@@ -99,7 +99,7 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
 
     def do_continue() -> tuple[str, Any]:
         try:
-            job, said = handlers.continue_stopped(ctx.host)
+            job, said = handlers.continue_stopped(ctx.host, ctx.defaults.output.output_dir)
             return said, handlers.progress_html(job.snapshot(), ctx.prefix)
         except Exception as e:  # noqa: BLE001
             return err_text(e), compat.update()
@@ -205,8 +205,11 @@ def _poll(ctx: TabContext, seen: Any) -> list[Any]:
     which by then may hold what the user's first action said (a preset's note)."""
     keep = compat.update()
     job = jobs.current()
-    if job is None:
-        return [handlers.progress_html(None, ctx.prefix), keep, keep, keep, keep, keep, keep, keep, keep, [None]]
+    if job is None:  # nothing ran since the start: a page's first poll offers a run left unfinished before it
+        found = handlers.unfinished_run(ctx.defaults.output.output_dir) if seen is None else None
+        msg = handlers.unfinished_text(found) if found is not None else keep
+        go_on = compat.update(visible=found is not None) if seen is None else keep
+        return [handlers.progress_html(None, ctx.prefix), keep, keep, keep, keep, keep, msg, keep, go_on, [None]]
     snap = job.snapshot()
     key = [job.id, len(snap["losses"]), len(snap["samples"]), len(snap["log"]), snap["status"],
            snap.get("checkpoints", 0), job.alive]
