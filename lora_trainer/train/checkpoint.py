@@ -153,6 +153,11 @@ def latest_checkpoint(output_dir: str | Path, name: str) -> Path | None:
         return None
     found = [p for d in root.iterdir() if d.is_dir() and fits.fullmatch(d.name) for p in list_checkpoints(d)]
     found += [p for p in list_checkpoints(root) if fits.fullmatch(checkpoint_run(p).get("lora_name") or name)]
+    return _newest(found)
+
+
+def _newest(found: list[Path]) -> Path | None:
+    """The checkpoint saved last (a run resumed from an earlier step saves lower steps later)."""
     return max(found, key=lambda p: ((p / STATE_FILE).stat().st_mtime_ns, int(p.name.split("-", 1)[1])), default=None)
 
 
@@ -185,10 +190,9 @@ def unfinished_runs(output_dir: str | Path) -> list[Unfinished]:
     root = checkpoints_dir(output_dir)
     found = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        saved = list_checkpoints(folder) if folder.is_dir() else []
-        if not saved:
+        newest = _newest(list_checkpoints(folder)) if folder.is_dir() else None
+        if newest is None:
             continue
-        newest = max(saved, key=lambda p: ((p / STATE_FILE).stat().st_mtime_ns, int(p.name.split("-", 1)[1])))
         try:
             state = json.loads((newest / STATE_FILE).read_text(encoding="utf-8"))
             done = json.loads((folder / FINISHED_FILE).read_text(encoding="utf-8"))["step"] \
