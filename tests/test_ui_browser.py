@@ -432,8 +432,10 @@ def test_4_stop_writes_the_lora(flow: dict[str, Any]):
     stopped_at = progress_step(d)
     assert f"Continue trains on from step {stopped_at}" in text_of(d, "lt-train-msg")
     wait_for("Continue shown", lambda: css(d, "#lt-continue") and css(d, "#lt-continue")[0].is_displayed())
+    set_text(d, "lt-f-network-rank", "8")  # the form changed since: Continue keeps the run's own settings
     click(d, "lt-continue")
     wait_for("continuing", lambda: f"continuing 'demo_lora' from step {stopped_at}" in text_of(d, "lt-train-msg"))
+    wait_for("the run's rank back in the form", lambda: value_of(d, "lt-f-network-rank") == "2")
     wait_for("steps after the one it stopped at", lambda: progress_step(d) > stopped_at)
     click(d, "lt-stop")
     wait_for("stopped again", lambda: "stopped at step" in text_of(d, "lt-train-msg")

@@ -15,8 +15,8 @@ from lora_trainer import jobs
 from lora_trainer.config import TrainConfig
 from lora_trainer.ui import compat, handlers
 from lora_trainer.ui.context import TabContext, err_text
-from lora_trainer.ui.fields import UI_FIELDS, values_from_config
-from lora_trainer.ui.train_section import loaded_label, lora_dir_of, test_section, train_section
+from lora_trainer.ui.fields import UI_FIELDS
+from lora_trainer.ui.train_section import form_values_of, lora_dir_of, test_section, train_section
 
 if TYPE_CHECKING:
     from lora_trainer.caption.blip import Captioner
@@ -55,12 +55,7 @@ def _on_page_load(ctx: TabContext, tab: Any) -> None:
         if job is None:
             return [compat.update() for _ in range(len(ctx.paths) + 1)]
         names = handlers.list_loras(lora_dir_of(ctx, job.config))
-        values = values_from_config(job.config, ctx.paths)
-        if "model.base_model" in ctx.paths and ctx.host.loaded_model() is not None:
-            # In a WebUI the field shows the WebUI's model, which is what a run trains; a run
-            # started through the API carries the config's default base model ("demo") instead.
-            values[ctx.paths.index("model.base_model")] = loaded_label(ctx.host)
-        return [*values, compat.update(choices=names, value=names[0] if names else None)]
+        return [*form_values_of(ctx, job.config), compat.update(choices=names, value=names[0] if names else None)]
 
     reload_captions, caption_outputs = ctx.parts["caption_reload"]
     tab.load(restore, None, [*ctx.inputs, ctx.parts["test_lora"]]).then(reload_captions, ctx.inputs, caption_outputs)

@@ -97,12 +97,13 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
         except Exception as e:  # noqa: BLE001
             return err_text(e), compat.update()
 
-    def do_continue() -> tuple[str, Any]:
+    def do_continue() -> list[Any]:
+        """The continued run's settings go into the form, as a page loaded during it shows them."""
         try:
             job, said = handlers.continue_stopped(ctx.host, ctx.defaults.output.output_dir)
-            return said, handlers.progress_html(job.snapshot(), ctx.prefix)
+            return [said, handlers.progress_html(job.snapshot(), ctx.prefix), *form_values_of(ctx, job.config)]
         except Exception as e:  # noqa: BLE001
-            return err_text(e), compat.update()
+            return [err_text(e), compat.update(), *(compat.update() for _ in ctx.paths)]
 
     def command(name: str) -> Any:
         def run() -> str:
@@ -118,7 +119,7 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
                                     [ctx.fields[p] for p in PRESET_FIELDS] + [msg]))
     ctx.later(lambda: start.click(do_start, ctx.inputs, [msg, progress]))
     stop.click(command("stop"), None, [msg])
-    go_on.click(do_continue, None, [msg, progress])
+    ctx.later(lambda: go_on.click(do_continue, None, [msg, progress, *ctx.inputs]))
     save.click(command("save_now"), None, [msg])
     sample.click(command("sample_now"), None, [msg])
     ctx.later(lambda: compat.add_timer(blocks, lambda s: _poll(ctx, s), [seen],
@@ -186,6 +187,16 @@ def _host_field_overrides(ctx: TabContext, path: str) -> dict[str, Any]:
     # A callable value is read again on every page load: the WebUI's checkpoint may change (and
     # Forge picks its checkpoint only after the tabs are built).
     return {"interactive": False, "info": info, "value": lambda: loaded_label(ctx.host)}
+
+
+def form_values_of(ctx: TabContext, cfg: Any) -> list[Any]:
+    """The form's values for a run's config. In a WebUI the base-model field shows the WebUI's
+    model, which is what a run trains (a run started through the API carries the config's
+    default base model, "demo", instead)."""
+    values = values_from_config(cfg, ctx.paths)
+    if "model.base_model" in ctx.paths and ctx.host.loaded_model() is not None:
+        values[ctx.paths.index("model.base_model")] = loaded_label(ctx.host)
+    return values
 
 
 def loaded_label(host: Host) -> str:
