@@ -263,3 +263,15 @@ def test_autosave_keeps_a_checkpoint_every_few_minutes_without_step_loras(
     off = Trainer(tiny_config(data, tmp_path / "off", **{"train.max_train_steps": 3, "train.autosave_minutes": 0}),
                   host=host, callbacks=[a_minute_per_step]).run()
     assert off.steps == 3 and not (tmp_path / "off" / "checkpoints").exists()
+
+
+def test_resuming_a_checkpoint_of_other_network_settings_says_what_to_do(
+        tmp_path: Path, data: Path, host: TinyHost) -> None:
+    out = tmp_path / "out"
+    Trainer(tiny_config(data, out, **{"train.max_train_steps": 1, "train.save_steps": 1}), host=host).run()
+    step1 = out / "checkpoints" / "tiny" / "step-000001"
+    with pytest.raises(ConfigError) as e:
+        Trainer(tiny_config(data, out, **{"train.resume": str(step1), "network.rank": 8}), host=host).run()
+    said = str(e.value)
+    assert said.startswith(f"train.resume: {step1} was saved by a run with other network settings (")
+    assert said.endswith("resume with the settings in its config.yaml, or clear train.resume to start afresh")

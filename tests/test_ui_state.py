@@ -297,3 +297,21 @@ def test_after_a_restart_the_page_offers_the_unfinished_run_and_continue_takes_i
     jobs.clear_finished()
     with pytest.raises(ConfigError, match="no stopped run to continue"):
         handlers.continue_stopped(host, out)
+
+
+def test_the_form_filled_from_a_run_does_not_carry_its_resume():
+    """A page loaded during a continued run, or Continue itself, fills the form with the run's
+    settings; its train.resume stays out, or the next Start (another name, another rank) would
+    take the old run's checkpoint."""
+    from types import SimpleNamespace
+
+    from lora_trainer.hosts.standalone import StandaloneHost
+    from lora_trainer.ui.fields import UI_FIELDS
+    from lora_trainer.ui.train_section import form_values_of
+
+    ctx = SimpleNamespace(host=StandaloneHost(), paths=list(UI_FIELDS))
+    run = build_config({"train.resume": "output/checkpoints/cat/step-000005", "network.rank": 2,
+                        "output.output_name": "cat"})
+    values = dict(zip(UI_FIELDS, form_values_of(ctx, run), strict=True))
+    assert values["network.rank"] == 2 and values["output.output_name"] == "cat"
+    assert not values["train.resume"]

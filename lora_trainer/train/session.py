@@ -23,7 +23,7 @@ from lora_trainer.data.cache import (
     module_identity,
 )
 from lora_trainer.data.dataset import Batch, BucketDataset, EpochView, steps_per_epoch
-from lora_trainer.errors import ConfigError, OutputError
+from lora_trainer.errors import ConfigError, LoraFormatError, OutputError
 from lora_trainer.fsutil import atomic_write_text, backup_file
 from lora_trainer.models import placement
 from lora_trainer.torch_compat import autocast_supported, enable_hf_checkpointing, grad_scaler
@@ -302,7 +302,11 @@ class RunSession:
             stem = run.get("lora_name") or ""
             if ckpt.runs_named(name).fullmatch(stem):  # not when renamed since
                 self._stem = stem
-        self.network.load_state_dict(lora_state)
+        try:
+            self.network.load_state_dict(lora_state)
+        except LoraFormatError as e:
+            raise ConfigError(f"train.resume: {found} was saved by a run with other network settings ({e}); resume "
+                              f"with the settings in its config.yaml, or clear train.resume to start afresh") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -190,10 +190,12 @@ def _host_field_overrides(ctx: TabContext, path: str) -> dict[str, Any]:
 
 
 def form_values_of(ctx: TabContext, cfg: Any) -> list[Any]:
-    """The form's values for a run's config. In a WebUI the base-model field shows the WebUI's
+    """The form's values for a run's config, to start the next run from. In a WebUI the base-model field shows the WebUI's
     model, which is what a run trains (a run started through the API carries the config's
     default base model, "demo", instead)."""
-    values = values_from_config(cfg, ctx.paths)
+    # train.resume belongs to that run's start: kept in the form, a new run would take the old
+    # run's checkpoint (Continue sets it itself)
+    values = values_from_config(cfgmod.build_config({"train.resume": None}, base=cfg), ctx.paths)
     if "model.base_model" in ctx.paths and ctx.host.loaded_model() is not None:
         values[ctx.paths.index("model.base_model")] = loaded_label(ctx.host)
     return values
