@@ -434,6 +434,7 @@ def test_rows_and_bench_pass_a_compile_mode_to_the_run(tmp_path: Path) -> None:
     assert spec.compile and spec.compile_mode == "reduce-overhead"
     cfg = bench_config(spec, tmp_path, tmp_path / "out", torch.device("cpu"))
     assert cfg.train.compile and cfg.train.compile_mode == "reduce-overhead"
+    assert cfg.train.autosave_minutes == 0  # no checkpoint written inside the timed steps
     assert _compile_args(_parser().parse_args(["--compile-mode", "max-autotune"])) == {
         "compile": True, "compile_mode": "max-autotune"}
     assert _compile_args(_parser().parse_args(["--compile"])) == {"compile": True, "compile_mode": "default"}

@@ -170,6 +170,7 @@ def bench_config(spec: BenchSpec, data: Path, out: Path, device: torch.device) -
         "train.mixed_precision": spec.precision, "train.gradient_checkpointing": bool(spec.gradient_checkpointing),
         "train.checkpointing_share": float(spec.gradient_checkpointing or 1.0),
         "optim.lr_scheduler": "constant", "output.output_dir": str(out), "output.tensorboard": False,
+        "train.autosave_minutes": 0,  # a checkpoint written while it is timed would count as training time
         "output.output_name": "bench", "model.device": str(device),
         "network.target_modules": list(REFERENCE_TARGETS) if spec.targets == "attention" else [],
         "train.compile": spec.compile, "train.compile_mode": spec.compile_mode, "train.fp32_norms": spec.fp32_norms,
