@@ -275,3 +275,34 @@ def test_resuming_a_checkpoint_of_other_network_settings_says_what_to_do(
     said = str(e.value)
     assert said.startswith(f"train.resume: {step1} was saved by a run with other network settings (")
     assert said.endswith("resume with the settings in its config.yaml, or clear train.resume to start afresh")
+
+
+def test_a_fresh_run_leaves_a_crashed_runs_checkpoints_of_the_same_name_alone(
+        tmp_path: Path, data: Path, host: TinyHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that crashed wrote checkpoints but no LoRA: a fresh run of the same name (Start, not
+    Continue) takes the next name, so the crashed run's checkpoints stay to be continued."""
+    from lora_trainer.train.session import RunSession
+
+    out = tmp_path / "out"
+    real_step, steps = RunSession.optimizer_step, [0]
+
+    def dies_at_the_third(self: RunSession) -> None:
+        steps[0] += 1
+        if steps[0] == 3:
+            raise RuntimeError("the process died")
+        real_step(self)
+
+    values = {"train.max_train_steps": 4, "train.save_steps": 2, "output.save_step_loras": False}
+    with monkeypatch.context() as m:
+        m.setattr(RunSession, "optimizer_step", dies_at_the_third)
+        with pytest.raises(RuntimeError, match="the process died"):
+            Trainer(tiny_config(data, out, **values), host=host).run()
+    crashed = out / "checkpoints" / "tiny" / "step-000002"
+    saved = (crashed / "lora.safetensors").read_bytes()
+    assert not list(out.glob("*.safetensors"))
+    fresh = Trainer(tiny_config(data, out, **values, **{"train.seed": 7}), host=host).run()
+    assert fresh.lora_path == out / "tiny_v2.safetensors"
+    assert (crashed / "lora.safetensors").read_bytes() == saved
+    assert (out / "checkpoints" / "tiny_v2" / "step-000004").is_dir()
+    resumed = Trainer(tiny_config(data, out, **values, **{"train.resume": str(crashed)}), host=host).run()
+    assert resumed.lora_path == out / "tiny.safetensors" and resumed.steps == 4  # the crashed run, finished

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +66,18 @@ def file_run_id(path: str | Path) -> str | None:
         return None
 
 
-def resolve_output_path(folder: str | Path, name: str, overwrite: bool = False, run_id: str | None = None) -> Path:
+def resolve_output_path(folder: str | Path, name: str, overwrite: bool = False, run_id: str | None = None,
+                        taken: Callable[[str], bool] | None = None) -> Path:
     """``folder/<name>.safetensors``; if it exists and not ``overwrite``, the first free
     ``<name>_v2``, ``<name>_v3``... (an existing LoRA is never replaced by accident). A file
-    written by the run ``run_id`` counts as free: a resumed run continues its own files."""
+    written by the run ``run_id`` counts as free: a resumed run continues its own files. A name
+    ``taken(name)`` says is another run's (its checkpoints) is not free either."""
     name = sanitize_name(name)
     folder = Path(folder)
 
     def free(candidate: Path) -> bool:
+        if taken is not None and taken(candidate.name.removesuffix(".safetensors")):
+            return False
         return not candidate.exists() or (run_id is not None and file_run_id(candidate) == run_id)
 
     path = folder / f"{name}.safetensors"

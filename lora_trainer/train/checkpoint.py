@@ -161,6 +161,11 @@ def _newest(found: list[Path]) -> Path | None:
     return max(found, key=lambda p: ((p / STATE_FILE).stat().st_mtime_ns, int(p.name.split("-", 1)[1])), default=None)
 
 
+def held_by_other_run(output_dir: str | Path, stem: str, run_id: str) -> bool:
+    """Whether ``checkpoints/<stem>`` holds checkpoints of a run other than ``run_id``."""
+    return any(checkpoint_run(p).get("run_id") != run_id for p in list_checkpoints(checkpoints_dir(output_dir, stem)))
+
+
 def checkpoint_names(output_dir: str | Path) -> list[str]:
     """The LoRA names that have checkpoints in ``output_dir``, for saying which there are."""
     root = checkpoints_dir(output_dir)

@@ -439,8 +439,9 @@ class RunSession:
         from lora_trainer.lora.files import resolve_output_path
 
         o, folder = self.cfg.output, self.host.lora_dir(self.cfg)
-        if self._stem is None:
-            self._stem = resolve_output_path(folder, o.output_name, o.overwrite, self.run_id).stem
+        if self._stem is None:  # a name whose checkpoints are another run's is taken too (Continue goes on with them)
+            self._stem = resolve_output_path(folder, o.output_name, o.overwrite, self.run_id,
+                                             taken=lambda stem: ckpt.held_by_other_run(self.out, stem, self.run_id)).stem
         return resolve_output_path(folder, self._stem + suffix, o.overwrite, self.run_id)
 
     def save_step_lora(self) -> Path:
