@@ -111,7 +111,7 @@ def test_the_demo_shows_learning(tmp_path: Path, capsys: pytest.CaptureFixture[s
     to_pink = distance(border_rgb(base), drawing.LESSON_RGB), distance(border_rgb(lora), drawing.LESSON_RGB)
     # plain to see, in the trained direction: a blue background at weight 0, pink at 1 (205 -> 45 here)
     assert to_pink[1] < 80 and to_pink[0] > to_pink[1] + 100, to_pink
-    samples = sorted((tmp_path / "output" / "samples").glob("*.png"))
+    samples = sorted((tmp_path / "output" / "samples" / "demo_lora").glob("*.png"))
     assert len(samples) >= 3
     assert distance(border_rgb(Image.open(samples[-1])), drawing.LESSON_RGB) < \
         distance(border_rgb(Image.open(samples[0])), drawing.LESSON_RGB) - 50  # samples turn pink as it learns (136 -> 40)

@@ -55,7 +55,7 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_its_exit_code(tmp_path: Pa
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "stopped" and 10 <= summary["steps"] < 100000
     assert (out / "sig.safetensors").is_file()
-    assert (out / "checkpoints" / f"step-{summary['steps']:06d}").is_dir()
+    assert (out / "checkpoints" / "sig" / f"step-{summary['steps']:06d}").is_dir()
 
 
 def test_train_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
