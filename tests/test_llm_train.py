@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lora_trainer.errors import ConfigError
+from lora_trainer.llm.checkpoint import find_checkpoint
 from lora_trainer.llm.config import build_llm_config
 from lora_trainer.llm.data import build_datasets, collate
 from lora_trainer.llm.model import detect_target_modules, load_model
@@ -111,7 +112,14 @@ def test_resume_equals_straight_run(models, data_file, tmp_path: Path) -> None:
     first = TextLoraTrainer(config(models["llama"], data_file, tmp_path / "b", **common), [stop_at_4])
     r1 = first.run()
     assert r1.stopped and r1.steps == 4
-    assert (tmp_path / "b" / "checkpoints" / "step-0000004" / "trainer_state.pt").is_file()
+    assert (tmp_path / "b" / "checkpoints" / "text_lora" / "step-0000004" / "trainer_state.pt").is_file()
+    # Another run in the same folder keeps its checkpoints under its own name: its pruning (it keeps
+    # one) leaves the stopped run's alone, and its newest is not the stopped run's 'latest'.
+    TextLoraTrainer(config(models["llama"], data_file, tmp_path / "b", output_name="other", max_steps=5,
+                           save_steps=1, keep_checkpoints=1)).run()
+    assert [p.name for p in (tmp_path / "b" / "checkpoints" / "other").iterdir()] == ["step-0000005"]
+    with pytest.raises(ConfigError, match="there are checkpoints of other, text_lora"):
+        find_checkpoint(tmp_path / "b", "latest", "third")
     r2 = TextLoraTrainer(config(models["llama"], data_file, tmp_path / "b", resume="latest", **common)).run()
     # The resumed run finishes the same run: its adapter replaces the stopped one, which is kept.
     assert r2.steps == 6 and r2.adapter_path == r1.adapter_path and list((tmp_path / "b" / ".backup").iterdir())
@@ -126,6 +134,20 @@ def test_resume_equals_straight_run(models, data_file, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="belongs to a run of 6 steps"):
         TextLoraTrainer(config(models["llama"], data_file, tmp_path / "b", resume="latest",
                                **{**common, "max_steps": 8})).run()
+
+
+def test_resume_latest_takes_an_older_release_checkpoint(tmp_path: Path) -> None:
+    # Checkpoints written before they were kept per run name: <output_dir>/checkpoints/step-N.
+    flat = tmp_path / "checkpoints" / "step-0000003"
+    flat.mkdir(parents=True)
+    (flat / "trainer_state.pt").write_bytes(b"")
+    assert find_checkpoint(tmp_path, "latest", "text_lora") == flat
+    named = tmp_path / "checkpoints" / "text_lora" / "step-0000001"
+    named.mkdir(parents=True)
+    (named / "trainer_state.pt").write_bytes(b"")
+    assert find_checkpoint(tmp_path, "latest", "text_lora") == named
+    with pytest.raises(ConfigError, match="not a checkpoint folder"):
+        find_checkpoint(tmp_path, str(tmp_path), "text_lora")
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine", "cosine_with_restarts"])
@@ -157,9 +179,9 @@ def test_merged_model_matches_adapter(models, data_file, tmp_path: Path) -> None
     result = trainer.run()
     assert result.merged_path == tmp_path / "text_lora-merged"
     if importlib.util.find_spec("tensorboard") is not None:
-        assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+        assert list((tmp_path / "logs" / "text_lora").glob("events.out.tfevents.*"))
     else:  # as in the A1111 WebUI's venv
-        assert ",train/loss," in (tmp_path / "logs" / "metrics.csv").read_text()
+        assert ",train/loss," in (tmp_path / "logs" / "text_lora" / "metrics.csv").read_text()
     merged = AutoModelForCausalLM.from_pretrained(str(result.merged_path)).eval()
     batch = fixed_batch(cfg, trainer.tokenizer)
     torch.testing.assert_close(merged(**batch).logits, trainer.model.eval()(**batch).logits, atol=1e-5, rtol=1e-5)

@@ -50,7 +50,7 @@ def test_session_reports_bad_settings_and_stops(setup: dict[str, Path]) -> None:
     assert s.start(values(setup, "c")).startswith("a text-LoRA run is already going")
     s.stop()
     last = list(s.follow(poll_s=0.05))[-1]
-    assert last.startswith("stopped: step") and list((setup["root"] / "c" / "checkpoints").glob("step-*"))
+    assert last.startswith("stopped: step") and list((setup["root"] / "c" / "checkpoints" / "text_lora").glob("step-*"))
 
 
 class _Comp:

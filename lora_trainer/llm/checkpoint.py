@@ -24,6 +24,7 @@ import torch
 
 from lora_trainer.errors import ConfigError, OutputError
 from lora_trainer.fsutil import give_normal_mode
+from lora_trainer.train.outputs import run_folder
 
 STATE_FILE = "trainer_state.pt"
 
@@ -104,19 +105,32 @@ def save_checkpoint(folder: Path, peft_model: Any, optimizer: torch.optim.Optimi
     return write_folder_atomic(folder, fill, backup=False)
 
 
-def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
-    """'latest' -> the newest ``<output_dir>/checkpoints/step-*``; else the folder given."""
+def checkpoints_root(output_dir: str | Path, name: str) -> Path:
+    """``<output_dir>/checkpoints/<output_name>``: each run's checkpoints under its own name, so
+    runs that share an output folder never prune or resume each other's."""
+    return run_folder(Path(output_dir), "checkpoints", name)
+
+
+def _steps(root: Path) -> list[Path]:
+    found = sorted(root.glob("step-*"), key=lambda p: p.name) if root.is_dir() else []
+    return [p for p in found if (p / STATE_FILE).is_file()]
+
+
+def find_checkpoint(output_dir: str | Path, resume: str, name: str) -> Path:
+    """'latest' -> the newest checkpoint of run ``name`` (``<output_dir>/checkpoints/<name>/step-*``,
+    or an older release's ``<output_dir>/checkpoints/step-*``); else the folder given."""
     if resume.strip().lower() == "latest":
-        root = Path(output_dir) / "checkpoints"
-        found = sorted(root.glob("step-*"), key=lambda p: p.name) if root.is_dir() else []
-        found = [p for p in found if (p / STATE_FILE).is_file()]
+        root = checkpoints_root(output_dir, name)
+        found = _steps(root) or _steps(root.parent)
         if not found:
-            raise ConfigError(f"train.resume: latest, but {root} holds no checkpoint; run without resume first")
+            others = sorted(p.name for p in root.parent.iterdir() if p.is_dir() and _steps(p)) if root.parent.is_dir() else []
+            also = f" (there are checkpoints of {', '.join(others)}: set output.output_name to that run's name)" if others else ""
+            raise ConfigError(f"train.resume: latest, but {root} holds no checkpoint{also}; run without resume first")
         return found[-1]
     folder = Path(resume)
     if not (folder / STATE_FILE).is_file():
         raise ConfigError(f"train.resume: {folder} is not a checkpoint folder (no {STATE_FILE}); "
-                          "give <output_dir>/checkpoints/step-N or 'latest'")
+                          "give <output_dir>/checkpoints/<output_name>/step-N or 'latest'")
     return folder
 
 

@@ -85,8 +85,8 @@ class LLMOutputConfig:
     output_name: str = _f("text_lora", "Name of the adapter folder (<output_dir>/<output_name>).")
     overwrite: bool = _f(False, "Replace an adapter folder of the same name (kept in .backup); default writes <name>_v2, _v3, ...")
     save_merged: bool = _f(False, "Also save the base model with the LoRA merged in (<output_name>-merged).")
-    tensorboard: bool = _f(True, "Write TensorBoard logs to <output_dir>/logs.")
-    keep_checkpoints: int = _f(3, "How many step checkpoints to keep (0 keeps all).")
+    tensorboard: bool = _f(True, "Write TensorBoard logs to <output_dir>/logs/<output_name>.")
+    keep_checkpoints: int = _f(3, "How many step checkpoints of a run to keep (0 keeps all).")
 
 
 SECTIONS: dict[str, type] = {

@@ -22,6 +22,7 @@ import torch
 from lora_trainer.errors import ConfigError
 from lora_trainer.llm.checkpoint import (
     Position,
+    checkpoints_root,
     find_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -35,7 +36,7 @@ from lora_trainer.llm.data import IGNORE, DataReport, Sample, build_datasets, co
 from lora_trainer.llm.model import add_lora, load_model
 from lora_trainer.torch_compat import enable_hf_checkpointing, grad_scaler
 from lora_trainer.train.events import Callback, TrainEvent, WorkerRun, emit
-from lora_trainer.train.outputs import Logger
+from lora_trainer.train.outputs import Logger, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class TextLoraTrainer(WorkerRun):
         scaler = grad_scaler(device.type, enabled=device.type == "cuda" and cfg.train.mixed_precision == "fp16")
         pos = Position()
         if cfg.train.resume:
-            ckpt = find_checkpoint(out, cfg.train.resume)
+            ckpt = find_checkpoint(out, cfg.train.resume, cfg.output.output_name)
             check_same_data(ckpt, len(train), steps)
             pos = load_checkpoint(ckpt, peft_model, optimizer, scheduler, scaler)
             self._emit("status", message=f"resumed from {ckpt} at step {pos.step}")
@@ -205,7 +206,8 @@ class _Loop:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         mp = self.cfg.train.mixed_precision
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp)
-        self.logger = Logger(Path(self.cfg.output.output_dir) / "logs", self.cfg.output.tensorboard)
+        out = Path(self.cfg.output.output_dir)
+        self.logger = Logger(run_folder(out, "logs", self.cfg.output.output_name), self.cfg.output.tensorboard)
 
     def log_scalar(self, tag: str, value: float, step: int) -> None:
         self.logger.scalar(tag, value, step)
@@ -261,7 +263,7 @@ class _Loop:
         return loss_sum / max(count, 1)
 
     def checkpoint(self, pos: Position, info: dict[str, Any]) -> Path:
-        root = Path(self.cfg.output.output_dir) / "checkpoints"
+        root = checkpoints_root(self.cfg.output.output_dir, self.cfg.output.output_name)
         path = save_checkpoint(root / f"step-{pos.step:07d}", self.model, self.optimizer, self.scheduler,
                                self.scaler, pos, {"data": info.get("data", ""), "train_samples": len(self.train),
                                                   "total_steps": self.steps})
