@@ -255,6 +255,28 @@ def test_queue_lock_progress_and_interrupt_are_the_webuis(env) -> None:
     assert not env.call_queue.queue_lock.locked()
 
 
+def test_the_webuis_folder_for_temporary_images_exists_before_the_tab_shows_an_image(env, tmp_path: Path) -> None:
+    """Gradio saves each new image a gallery shows into the WebUI's ``temp_dir``; Forge Neo's
+    default (``<webui>/tmp``) is made only when that setting changes. Found in Forge Neo 2.26: the
+    Test section's sweep failed with "No such file or directory: '<webui>/tmp/tmp....png'"."""
+    from PIL import Image
+
+    temp = tmp_path / "webui" / "tmp"
+    env.shared.opts.data["temp_dir"] = str(temp)
+    h = host()
+    h.on_event(TrainEvent("step", step=1, total_steps=2, loss=0.5))
+    assert not temp.exists()  # made only for images
+    h.on_event(TrainEvent("sample", step=1, image=Image.new("RGB", (8, 8))))
+    assert temp.is_dir()  # before the Samples gallery shows it
+    temp.rmdir()
+    render(env, "a cat")
+    assert temp.is_dir()  # before the Test section's gallery shows the sweep
+    env.shared.opts.data["temp_dir"] = ""  # the system's temp folder: nothing to make
+    temp.rmdir()
+    render(env, "a cat")
+    assert not temp.exists()
+
+
 class EPS:  # Forge Classic's ldm_patched/modules/model_sampling.py builds its sampler from these
     pass
 

@@ -57,6 +57,23 @@ def is_forge() -> bool:
     return importlib.util.find_spec("modules_forge") is not None
 
 
+def make_temp_dir() -> None:
+    """Make the WebUI's folder for temporary images (Settings: "Directory for temporary images")
+    if it is missing. Gradio saves each new image a gallery shows there; Forge Neo's default,
+    ``<webui>/tmp``, is made only when that setting is changed, so on a fresh install every image
+    the tab showed (samples, the Test section's sweep) failed with "No such file or directory"."""
+    from modules import shared
+
+    folder = str(getattr(getattr(shared, "opts", None), "temp_dir", "") or "")
+    if not folder:  # the system's temp folder, which gradio makes itself
+        return
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("cannot create the WebUI's folder for temporary images %s (%s); set another one in "
+                    "Settings, or the tab's images will not show", folder, e)
+
+
 def checkpoint_label(sd_model: Any) -> str:
     """The loaded checkpoint's title as the WebUI's dropdown shows it."""
     info = getattr(sd_model, "sd_checkpoint_info", None)
@@ -155,6 +172,8 @@ class WebUIHost:
 
             preview = bool(getattr(getattr(shared, "opts", None), "lora_trainer_preview_samples", True))
             report_progress(shared.state, event, preview)
+            if event.kind == "sample":  # the tab's Samples gallery shows it next
+                make_temp_dir()
         except Exception:  # noqa: BLE001 - progress display must never break training
             log.debug("could not update shared.state", exc_info=True)
 
@@ -183,6 +202,7 @@ class WebUIHost:
                 images.extend(res.images[:1])
                 if shared.state.interrupted or not res.images:
                     raise HostError(f"the render was interrupted after {len(images)} of {len(weights)} image(s)")
+        make_temp_dir()  # the Test section's gallery shows them next
         return images
 
     @contextlib.contextmanager
