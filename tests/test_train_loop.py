@@ -70,6 +70,14 @@ def test_run_writes_lora_and_outputs_and_restores_model(tmp_path: Path, data: Pa
     # a second run with the same name gets a new version instead of overwriting
     again = Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 1}), host=host).run()
     assert again.lora_path.name == "tiny_v2.safetensors"
+    # output_dir's config.yaml and summary.json are the latest run's; each run keeps its own beside its logs
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["lora_path"] == str(again.lora_path)
+    for stem, steps in (("tiny", 3), ("tiny_v2", 1)):
+        own = json.loads((tmp_path / "out" / "logs" / stem / "summary.json").read_text())
+        assert (own["steps"], own["lora_path"]) == (steps, str(tmp_path / "out" / f"{stem}.safetensors"))
+        used = (tmp_path / "out" / "logs" / stem / "config.yaml").read_text()
+        assert own["config"] == str(tmp_path / "out" / "logs" / stem / "config.yaml")
+        assert f"max_train_steps: {steps}" in used and "tiny" in used
 
 
 def _eval_loss(bundle, latents: torch.Tensor, cond: dict) -> float:

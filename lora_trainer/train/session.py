@@ -92,7 +92,7 @@ class RunSession:
         seed_everything(cfg.train.seed)
         self.gen = torch.Generator(self.device).manual_seed(cfg.train.seed)
         self.objective = objective_for(self.bundle, cfg.train.min_snr_gamma, cfg.train)
-        self.write_config()
+        self.write_config(self.out)
         # -- data and caches (before LoRA, so the frozen text encoders and the VAE can leave the GPU)
         self.setup_data()
         self.setup_caches()
@@ -100,6 +100,7 @@ class RunSession:
         self.setup_network()
         self.setup_optimizer()
         self.resume()
+        self.write_config(run_folder(self.out, "logs", self.stem))  # the name is known once a resume has set it
         self.logger = Logger(run_folder(self.out, "logs", self.stem), cfg.output.tensorboard)
         # -- the loop
         self.status(f"training {self.total_steps} steps ({self.ds.batches_per_epoch()} batches per epoch)")
@@ -112,10 +113,12 @@ class RunSession:
             self.checkpoint(step_lora=False)  # after the small LoRA, so a full disk loses the least
         if not stopped:
             ckpt.mark_finished(self.out, self.stem, self.pos.step)  # its checkpoints are no longer unfinished
-        write_summary(self.out, status="stopped" if stopped else "done", steps=self.pos.step,
-                      total_steps=self.total_steps, epoch=self.epoch_number, final_loss=self.final_loss,
-                      seconds=round(time.time() - started, 2), lora_path=str(lora_path),
-                      output_dir=str(self.out), images=len(self.ds.items), config=str(self.out / "config.yaml"))
+        own = run_folder(self.out, "logs", self.stem)
+        summary = dict(status="stopped" if stopped else "done", steps=self.pos.step, total_steps=self.total_steps,
+                       epoch=self.epoch_number, final_loss=self.final_loss, seconds=round(time.time() - started, 2),
+                       lora_path=str(lora_path), output_dir=str(self.out), images=len(self.ds.items))
+        write_summary(own, **summary, config=str(own / "config.yaml"))  # this run's, beside its logs
+        write_summary(self.out, **summary, config=str(self.out / "config.yaml"))  # the latest run's
         return TrainResult(lora_path, self.pos.step, self.final_loss, stopped, self.out)
 
     def loop(self) -> bool:
@@ -509,10 +512,11 @@ class RunSession:
         ``pos.epoch`` is the 0-based index the data order uses."""
         return self.pos.epoch + 1 if self.pos.step else 0
 
-    def write_config(self) -> None:
-        """<output_dir>/config.yaml; a different file already there (the user's?) is backed up first."""
-        target, text = self.out / "config.yaml", self.cfg.to_yaml()
-        self.out.mkdir(parents=True, exist_ok=True)
+    def write_config(self, folder: Path) -> None:
+        """``folder/config.yaml``: <output_dir>'s is the latest run's, logs/<lora name>'s this run's
+        (kept when other runs share the folder); a different file already there is backed up first."""
+        target, text = folder / "config.yaml", self.cfg.to_yaml()
+        folder.mkdir(parents=True, exist_ok=True)
         if target.is_file() and target.read_text(encoding="utf-8", errors="replace") != text:
             backup_file(target)
         atomic_write_text(target, text)
