@@ -78,6 +78,8 @@ def test_run_writes_lora_and_outputs_and_restores_model(tmp_path: Path, data: Pa
         used = (tmp_path / "out" / "logs" / stem / "config.yaml").read_text()
         assert own["config"] == str(tmp_path / "out" / "logs" / stem / "config.yaml")
         assert f"max_train_steps: {steps}" in used and "tiny" in used
+    # the first run's config.yaml, replaced by the second's, is kept in logs/tiny: no backup of it
+    assert [p.read_text() for p in (tmp_path / "out" / ".backup").iterdir()] == ["# the user's own notes\n"]
 
 
 def _eval_loss(bundle, latents: torch.Tensor, cond: dict) -> float:

@@ -514,10 +514,14 @@ class RunSession:
 
     def write_config(self, folder: Path) -> None:
         """``folder/config.yaml``: <output_dir>'s is the latest run's, logs/<lora name>'s this run's
-        (kept when other runs share the folder); a different file already there is backed up first."""
+        (kept when other runs share the folder). A different file already there is backed up
+        first, unless it is an earlier run's config that its logs folder keeps anyway (so runs
+        sharing a folder, as a WebUI's all do, do not pile up backups)."""
         target, text = folder / "config.yaml", self.cfg.to_yaml()
         folder.mkdir(parents=True, exist_ok=True)
-        if target.is_file() and target.read_text(encoding="utf-8", errors="replace") != text:
+        old = target.read_text(encoding="utf-8", errors="replace") if target.is_file() else text
+        if old != text and not any(p != target and p.read_text(encoding="utf-8", errors="replace") == old
+                                   for p in (self.out / "logs").glob("*/config.yaml")):
             backup_file(target)
         atomic_write_text(target, text)
 
