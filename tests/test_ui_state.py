@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -297,6 +298,52 @@ def test_after_a_restart_the_page_offers_the_unfinished_run_and_continue_takes_i
     jobs.clear_finished()
     with pytest.raises(ConfigError, match="no stopped run to continue"):
         handlers.continue_stopped(host, out)
+
+
+def test_an_unfinished_run_in_another_output_folder_is_offered_once_that_folder_is_entered(tmp_path: Path):
+    """A run in an output folder of the user's choosing, then a restart: the page's first poll
+    looks in the default folder only, so leaving the form's output folder field offers that
+    folder's unfinished run, and Continue takes it on from the folder in the form."""
+    from lora_trainer.hosts.standalone import StandaloneHost
+    from lora_trainer.ui.tab import build_tab
+    from lora_trainer.ui.train_section import _poll
+    from tests.train_helpers import TinyHost, make_data, tiny_config
+
+    data, host = make_data(tmp_path / "data", n=3), TinyHost("sd1")
+    default_out, chosen = tmp_path / "out", tmp_path / "chosen"
+
+    def stop_at_two(ev: TrainEvent) -> None:
+        if ev.kind == "step" and ev.step == 2:
+            jobs.current().stop()
+
+    jobs.clear_finished()
+    run = tiny_config(data, chosen, **{"train.max_train_steps": 4, "train.save_steps": 1, "output.output_name": "dog"})
+    jobs.start(run, host, callbacks=[stop_at_two]).join()
+    jobs.clear_finished()  # the WebUI was restarted
+    blocks = build_tab(StandaloneHost(), defaults=build_config({"output.output_dir": str(default_out)}))
+    fns = list(blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns)
+    offer = next(f for f in fns if getattr(f.fn, "__name__", "") == "offer_unfinished")
+    go_on = next(f for f in fns if getattr(f.fn, "__name__", "") == "do_continue")
+    # both read the form's output folder
+    assert [c.elem_id for c in offer.inputs] == ["lt-f-output-output-dir", "lt-train-msg"]
+    assert [c.elem_id for c in offer.outputs] == ["lt-train-msg", "lt-continue"]
+    assert [c.elem_id for c in go_on.inputs] == ["lt-f-output-output-dir"]
+    ctx = SimpleNamespace(host=host, prefix="lt-", defaults=build_config({"output.output_dir": str(default_out)}))
+    assert _poll(ctx, None)[8]["visible"] is False  # nothing unfinished in the default folder
+    said, shown = offer.fn(str(chosen), "")
+    assert said.startswith("an unfinished run: 'dog' at step 2 of 4") and shown["visible"] is True
+    # back to a folder without one: the offer is taken back; another message stays
+    said2, shown2 = offer.fn(str(default_out), said)
+    assert said2 == "" and shown2["visible"] is False
+    assert offer.fn(str(default_out), "preset 8 GB applied") == [compat.update(), compat.update(visible=False)]
+    with pytest.raises(ConfigError, match="no stopped run to continue"):
+        handlers.continue_stopped(host, default_out)
+    job, _ = handlers.continue_stopped(host, chosen)  # what do_continue does with the form's folder
+    assert job.config.output.output_dir == str(chosen) and job.config.output.output_name == "dog"
+    job.join()
+    assert job.snapshot()["status"] == "done" and handlers.unfinished_run(chosen) is None
+    assert offer.fn(str(chosen), said)[1]["visible"] is False
+    jobs.clear_finished()
 
 
 def test_the_form_filled_from_a_run_does_not_carry_its_resume():

@@ -309,11 +309,14 @@ def unfinished_run(output_dir: str | Path | None) -> Any:
     return found[0] if found else None
 
 
+UNFINISHED_PREFIX = "an unfinished run: "
+
+
 def unfinished_text(found: Any) -> str:
     import time
 
     saved = time.strftime("%Y-%m-%d %H:%M", time.localtime(found.saved_at))
-    return (f"an unfinished run: '{found.name}' at step {found.step} of {found.total_steps} (checkpoint of {saved}); "
+    return (f"{UNFINISHED_PREFIX}'{found.name}' at step {found.step} of {found.total_steps} (checkpoint of {saved}); "
             "Continue takes it on from there")
 
 

@@ -97,10 +97,10 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
         except Exception as e:  # noqa: BLE001
             return err_text(e), compat.update()
 
-    def do_continue() -> list[Any]:
+    def do_continue(out_dir: str) -> list[Any]:
         """The continued run's settings go into the form, as a page loaded during it shows them."""
         try:
-            job, said = handlers.continue_stopped(ctx.host, ctx.defaults.output.output_dir)
+            job, said = handlers.continue_stopped(ctx.host, out_dir or ctx.defaults.output.output_dir)
             return [said, handlers.progress_html(job.snapshot(), ctx.prefix), *form_values_of(ctx, job.config)]
         except Exception as e:  # noqa: BLE001
             return [err_text(e), compat.update(), *(compat.update() for _ in ctx.paths)]
@@ -119,7 +119,15 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
                                     [ctx.fields[p] for p in PRESET_FIELDS] + [msg]))
     ctx.later(lambda: start.click(do_start, ctx.inputs, [msg, progress]))
     stop.click(command("stop"), None, [msg])
-    ctx.later(lambda: go_on.click(do_continue, None, [msg, progress, *ctx.inputs]))
+    out_dir = ctx.fields.get("output.output_dir")
+    ctx.later(lambda: go_on.click(do_continue, [out_dir] if out_dir is not None else None,
+                                  [msg, progress, *ctx.inputs]))
+    if out_dir is not None:  # another output folder typed in: offer its unfinished run
+
+        def offer_unfinished(folder: str, said: str) -> list[Any]:
+            return _offer_unfinished(ctx, folder, said)
+
+        out_dir.blur(offer_unfinished, [out_dir, msg], [msg, go_on])
     save.click(command("save_now"), None, [msg])
     sample.click(command("sample_now"), None, [msg])
     ctx.later(lambda: compat.add_timer(blocks, lambda s: _poll(ctx, s), [seen],
@@ -208,6 +216,22 @@ def loaded_label(host: Host) -> str:
     except Exception:  # noqa: BLE001 - a label must never break the page
         return "(the model loaded in the WebUI)"
     return loaded.label if loaded is not None else ""
+
+
+def _offer_unfinished(ctx: TabContext, folder: str, said: str) -> list[Any]:
+    """[message, Continue] when the form's output folder is left: its newest unfinished run, as the
+    page's first poll offers the default folder's (a run in another folder, then a restart, would
+    not be found otherwise). A run of this process that is going on or can be continued keeps
+    both as they are; a folder without an unfinished run takes back the offer of another."""
+    keep = compat.update()
+    job = jobs.current()
+    if job is not None and (job.alive or handlers.continuable(job.snapshot())):
+        return [keep, keep]
+    found = handlers.unfinished_run(folder or ctx.defaults.output.output_dir)
+    if found is not None:
+        return [handlers.unfinished_text(found), compat.update(visible=True)]
+    offered = str(said or "").startswith(handlers.UNFINISHED_PREFIX)
+    return [("" if offered else keep), compat.update(visible=False)]
 
 
 def _poll(ctx: TabContext, seen: Any) -> list[Any]:
