@@ -344,6 +344,19 @@ def test_an_unfinished_run_in_another_output_folder_is_offered_once_that_folder_
     assert job.snapshot()["status"] == "done" and handlers.unfinished_run(chosen) is None
     assert offer.fn(str(chosen), said)[1]["visible"] is False
     jobs.clear_finished()
+    # a folder that cannot be read offers nothing, with no error
+    blocked = tmp_path / "blocked"
+    (blocked / "checkpoints").mkdir(parents=True)
+    real_iterdir = Path.iterdir
+
+    def refuse(self: Path) -> Any:
+        if self == blocked / "checkpoints":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "iterdir", refuse)
+        assert offer.fn(str(blocked), said) == ["", compat.update(visible=False)]
 
 
 def test_the_form_filled_from_a_run_does_not_carry_its_resume():
