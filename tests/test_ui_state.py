@@ -304,7 +304,6 @@ def test_an_unfinished_run_in_another_output_folder_is_offered_once_that_folder_
     """A run in an output folder of the user's choosing, then a restart: the page's first poll
     looks in the default folder only, so leaving the form's output folder field offers that
     folder's unfinished run, and Continue takes it on from the folder in the form."""
-    from lora_trainer.hosts.standalone import StandaloneHost
     from lora_trainer.ui.tab import build_tab
     from lora_trainer.ui.train_section import _poll
     from tests.train_helpers import TinyHost, make_data, tiny_config
@@ -320,7 +319,7 @@ def test_an_unfinished_run_in_another_output_folder_is_offered_once_that_folder_
     run = tiny_config(data, chosen, **{"train.max_train_steps": 4, "train.save_steps": 1, "output.output_name": "dog"})
     jobs.start(run, host, callbacks=[stop_at_two]).join()
     jobs.clear_finished()  # the WebUI was restarted
-    blocks = build_tab(StandaloneHost(), defaults=build_config({"output.output_dir": str(default_out)}))
+    blocks = build_tab(host, defaults=build_config({"output.output_dir": str(default_out)}))
     fns = list(blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns)
     offer = next(f for f in fns if getattr(f.fn, "__name__", "") == "offer_unfinished")
     go_on = next(f for f in fns if getattr(f.fn, "__name__", "") == "do_continue")
@@ -338,7 +337,10 @@ def test_an_unfinished_run_in_another_output_folder_is_offered_once_that_folder_
     assert offer.fn(str(default_out), "preset 8 GB applied") == [compat.update(), compat.update(visible=False)]
     with pytest.raises(ConfigError, match="no stopped run to continue"):
         handlers.continue_stopped(host, default_out)
-    job, _ = handlers.continue_stopped(host, chosen)  # what do_continue does with the form's folder
+    said3, _, *form = go_on.fn(str(chosen))  # Continue with the chosen folder in the form
+    assert said3 == "continuing 'dog' from step 2 with the settings it started with"
+    assert str(chosen) in form and "dog" in form  # the form shows the continued run's folder and name
+    job = jobs.current()
     assert job.config.output.output_dir == str(chosen) and job.config.output.output_name == "dog"
     job.join()
     assert job.snapshot()["status"] == "done" and handlers.unfinished_run(chosen) is None

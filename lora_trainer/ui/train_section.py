@@ -97,14 +97,6 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
         except Exception as e:  # noqa: BLE001
             return err_text(e), compat.update()
 
-    def do_continue(out_dir: str) -> list[Any]:
-        """The continued run's settings go into the form, as a page loaded during it shows them."""
-        try:
-            job, said = handlers.continue_stopped(ctx.host, out_dir or ctx.defaults.output.output_dir)
-            return [said, handlers.progress_html(job.snapshot(), ctx.prefix), *form_values_of(ctx, job.config)]
-        except Exception as e:  # noqa: BLE001
-            return [err_text(e), compat.update(), *(compat.update() for _ in ctx.paths)]
-
     def command(name: str) -> Any:
         def run() -> str:
             job = jobs.current()
@@ -119,15 +111,7 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
                                     [ctx.fields[p] for p in PRESET_FIELDS] + [msg]))
     ctx.later(lambda: start.click(do_start, ctx.inputs, [msg, progress]))
     stop.click(command("stop"), None, [msg])
-    out_dir = ctx.fields.get("output.output_dir")
-    ctx.later(lambda: go_on.click(do_continue, [out_dir] if out_dir is not None else None,
-                                  [msg, progress, *ctx.inputs]))
-    if out_dir is not None:  # another output folder typed in: offer its unfinished run
-
-        def offer_unfinished(folder: str, said: str) -> list[Any]:
-            return _offer_unfinished(ctx, folder, said)
-
-        out_dir.blur(offer_unfinished, [out_dir, msg], [msg, go_on])
+    _wire_continue(ctx, go_on, msg, progress)
     save.click(command("save_now"), None, [msg])
     sample.click(command("sample_now"), None, [msg])
     ctx.later(lambda: compat.add_timer(blocks, lambda s: _poll(ctx, s), [seen],
@@ -216,6 +200,26 @@ def loaded_label(host: Host) -> str:
     except Exception:  # noqa: BLE001 - a label must never break the page
         return "(the model loaded in the WebUI)"
     return loaded.label if loaded is not None else ""
+
+
+def _wire_continue(ctx: TabContext, go_on: Any, msg: Any, progress: Any) -> None:
+    """Continue takes a run on from the form's output folder; leaving that field offers the
+    folder's unfinished run (the page's first poll looks in the default folder only)."""
+    out_dir = ctx.fields["output.output_dir"]
+
+    def do_continue(folder: str) -> list[Any]:
+        """The continued run's settings go into the form, as a page loaded during it shows them."""
+        try:
+            job, said = handlers.continue_stopped(ctx.host, folder or ctx.defaults.output.output_dir)
+            return [said, handlers.progress_html(job.snapshot(), ctx.prefix), *form_values_of(ctx, job.config)]
+        except Exception as e:  # noqa: BLE001
+            return [err_text(e), compat.update(), *(compat.update() for _ in ctx.paths)]
+
+    def offer_unfinished(folder: str, said: str) -> list[Any]:
+        return _offer_unfinished(ctx, folder, said)
+
+    ctx.later(lambda: go_on.click(do_continue, [out_dir], [msg, progress, *ctx.inputs]))
+    out_dir.blur(offer_unfinished, [out_dir, msg], [msg, go_on])
 
 
 def _offer_unfinished(ctx: TabContext, folder: str, said: str) -> list[Any]:
