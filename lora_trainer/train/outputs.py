@@ -17,6 +17,13 @@ from lora_trainer.fsutil import atomic_write_bytes, atomic_write_text
 log = logging.getLogger(__name__)
 
 
+def run_config_copies(output_dir: Path, text: str) -> list[Path]:
+    """The runs' own configs in ``output_dir`` (``logs/<lora name>/config.yaml``) whose text is
+    ``text``: the output folder's config.yaml is an earlier run's when one of them matches it."""
+    return [p for p in (output_dir / "logs").glob("*/config.yaml")
+            if p.read_text(encoding="utf-8", errors="replace") == text]
+
+
 def dataset_stats(items: list[Any]) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
     """(tag_frequency, dataset_dirs) as kohya writes them: per folder, tag counts and images/repeats."""
     tags: dict[str, Counter[str]] = {}

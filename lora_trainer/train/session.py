@@ -33,7 +33,7 @@ from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.losses import offset_noise, weighted_mse
 from lora_trainer.train.objectives import objective_for
 from lora_trainer.train.optim import build_optimizer
-from lora_trainer.train.outputs import Logger, dataset_stats, run_folder, save_sample, write_summary
+from lora_trainer.train.outputs import Logger, dataset_stats, run_config_copies, run_folder, save_sample, write_summary
 from lora_trainer.train.result import TrainResult, seed_everything
 from lora_trainer.train.schedules import make_scheduler
 
@@ -520,8 +520,7 @@ class RunSession:
         target, text = folder / "config.yaml", self.cfg.to_yaml()
         folder.mkdir(parents=True, exist_ok=True)
         old = target.read_text(encoding="utf-8", errors="replace") if target.is_file() else text
-        if old != text and not any(p != target and p.read_text(encoding="utf-8", errors="replace") == old
-                                   for p in (self.out / "logs").glob("*/config.yaml")):
+        if old != text and not [p for p in run_config_copies(self.out, old) if p != target]:
             backup_file(target)
         atomic_write_text(target, text)
 
