@@ -66,7 +66,7 @@ def test_tab_is_built_from_the_ui_package_with_the_a1111_host(script, monkeypatc
         # The tab's contents belong to lora_trainer.ui; here only the wiring is checked.
         fake = types.ModuleType("lora_trainer.ui.tab")
 
-        def build_tab(host):
+        def build_tab(host, **_options):
             seen["host"] = host
             with gr.Blocks() as blocks:
                 gr.Markdown("Train LoRA")
@@ -81,6 +81,7 @@ def test_tab_is_built_from_the_ui_package_with_the_a1111_host(script, monkeypatc
     else:  # the real tab: its model field names the checkpoint loaded in the WebUI
         ctx = blocks.lt_context
         assert isinstance(ctx.host, A1111Host)
+        assert ctx.remember_last_run  # after a restart the page shows the last run's settings
         assert "tiny-sd1" in str(ctx.fields["model.base_model"].value)
 
 

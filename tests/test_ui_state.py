@@ -377,3 +377,54 @@ def test_the_form_filled_from_a_run_does_not_carry_its_resume():
     values = dict(zip(UI_FIELDS, form_values_of(ctx, run), strict=True))
     assert values["network.rank"] == 2 and values["output.output_name"] == "cat"
     assert not values["train.resume"]
+
+
+def test_after_a_restart_the_webuis_page_shows_the_last_runs_settings(tmp_path: Path):
+    """The WebUI was restarted after a run: its page shows that run's settings (dataset, name,
+    rank, steps) and says whose they are, not the defaults; an unfinished run is offered instead
+    of that line. A config.yaml of the user's, or one that cannot be read, leaves the defaults."""
+    from lora_trainer.ui.tab import build_tab
+    from tests.train_helpers import TinyHost, make_data, tiny_config
+
+    data, host, out = make_data(tmp_path / "data", n=3), TinyHost("sd1"), tmp_path / "out"
+    defaults = build_config({"output.output_dir": str(out)})
+
+    def page_load(remember: bool = True) -> tuple[dict[str, Any], Any, Any]:
+        blocks = build_tab(host, defaults=defaults, remember_last_run=remember)
+        fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
+        load = next(f for f in fns if getattr(f.fn, "__name__", "") == "restore")
+        assert [c.elem_id for c in load.outputs[-2:]] == ["lt-test-lora", "lt-train-msg"]
+        *form, loras, msg = load.fn()
+        return dict(zip(blocks.lt_context.paths, form, strict=True)), loras, msg
+
+    jobs.clear_finished()
+    form, _, msg = page_load()  # nothing has run: the form keeps its defaults
+    assert all(v == compat.update() for v in form.values()) and msg == compat.update()
+    run = tiny_config(data, out, **{"output.output_name": "cat", "network.rank": 2, "train.max_train_steps": 3})
+    jobs.start(run, host).join()
+    jobs.clear_finished()  # the WebUI was restarted
+    form, loras, msg = page_load()
+    assert (form["output.output_name"], form["network.rank"], form["train.max_train_steps"]) == ("cat", 2, 3)
+    assert form["data.train_data_dir"] == str(data) and not form["train.resume"]
+    assert msg.startswith("the form holds the settings of the last run, 'cat' (started ")
+    assert msg.endswith("); Start training begins a new run with them") and loras == compat.update()
+    form, _, msg = page_load(remember=False)  # the app: its command line's defaults
+    assert form["output.output_name"] == compat.update() and msg == compat.update()
+
+    def stop_at_two(ev: TrainEvent) -> None:
+        if ev.kind == "step" and ev.step == 2:
+            jobs.current().stop()
+
+    dog = tiny_config(data, out, **{"output.output_name": "dog", "train.max_train_steps": 4, "train.save_steps": 1})
+    jobs.start(dog, host, callbacks=[stop_at_two]).join()
+    jobs.clear_finished()
+    form, _, msg = page_load()
+    assert form["output.output_name"] == "dog" and msg == compat.update()  # the first poll offers Continue
+    (out / "config.yaml").write_text("network:\n  rank: 64\n", encoding="utf-8")  # the user's own file
+    form, _, msg = page_load()
+    assert form["network.rank"] == compat.update() and msg == compat.update()
+    damaged = "network:\n  rank: [\n"
+    (out / "config.yaml").write_text(damaged, encoding="utf-8")
+    (out / "logs" / "dog" / "config.yaml").write_text(damaged, encoding="utf-8")
+    assert page_load()[2] == compat.update()
+    assert handlers.last_run(tmp_path / "nothing here") is None

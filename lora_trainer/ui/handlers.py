@@ -7,6 +7,7 @@ render. The tab (tab.py) only wires these to components.
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import re
 import shutil
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from lora_trainer.hosts.base import Host
 
 Rows = list[list[str]]
+log = logging.getLogger(__name__)
 
 
 # -- dataset ---------------------------------------------------------------------------------
@@ -307,6 +309,30 @@ def unfinished_run(output_dir: str | Path | None) -> Any:
 
     found = unfinished_runs(output_dir) if output_dir else []
     return found[0] if found else None
+
+
+def last_run(output_dir: str | Path | None) -> tuple[TrainConfig, str] | None:
+    """The settings of the latest run started in ``output_dir`` and a line that says whose they
+    are, for a page loaded after a restart; None when there was none there or its config cannot be
+    read. Its config.yaml counts only when the run's logs folder keeps the same file (a config
+    of the user's in that folder is not a run's)."""
+    import time
+
+    from lora_trainer.train.outputs import run_config_copies
+
+    if not output_dir:
+        return None
+    path = Path(output_dir) / "config.yaml"
+    try:
+        if not path.is_file() or not run_config_copies(Path(output_dir), path.read_text(encoding="utf-8")):
+            return None
+        cfg = load_config(path)
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+    except Exception as e:  # noqa: BLE001 - an older release's or a damaged file: the form keeps its defaults
+        log.warning("the last run's settings in %s cannot be shown: %s", path, e)
+        return None
+    return cfg, (f"the form holds the settings of the last run, '{cfg.output.output_name}' (started {started}); "
+                 "Start training begins a new run with them")
 
 
 UNFINISHED_PREFIX = "an unfinished run: "

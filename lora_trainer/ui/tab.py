@@ -24,10 +24,14 @@ if TYPE_CHECKING:
 
 
 def build_tab(host: Host, *, elem_prefix: str = "lt-", captioner: Captioner | None = None,
-              defaults: TrainConfig | None = None) -> Any:
-    """The whole tab as a ``gr.Blocks`` (the WebUI puts it in a tab; the app launches it)."""
+              defaults: TrainConfig | None = None, remember_last_run: bool = False) -> Any:
+    """The whole tab as a ``gr.Blocks`` (the WebUI puts it in a tab; the app launches it).
+    ``remember_last_run``: a page loaded after a restart shows the settings of the last run in
+    the default output folder rather than the defaults (the WebUI's tab; the app's defaults are
+    its command line's)."""
     g = compat.gr()
-    ctx = TabContext(host=host, prefix=elem_prefix, captioner=captioner, defaults=defaults or TrainConfig())
+    ctx = TabContext(host=host, prefix=elem_prefix, captioner=captioner, defaults=defaults or TrainConfig(),
+                     remember_last_run=remember_last_run)
     with g.Blocks(analytics_enabled=False, elem_id=ctx.eid("root")) as tab:
         with g.Tabs(elem_id=ctx.eid("sections")):
             with g.Tab("Dataset", elem_id=ctx.eid("tab-dataset")):
@@ -48,17 +52,27 @@ def build_tab(host: Host, *, elem_prefix: str = "lt-", captioner: Captioner | No
 
 def _on_page_load(ctx: TabContext, tab: Any) -> None:
     """A (re)loaded page shows the form of the run its progress shows, that run's LoRA folder in
-    the Test list, and the captions of the form's dataset folder."""
+    the Test list, and the captions of the form's dataset folder. With no run in this process
+    (the WebUI was restarted), the last run's settings where the tab remembers them, and a line
+    that says so unless the page's first poll offers an unfinished run there instead."""
 
     def restore() -> list[Any]:
+        keep = compat.update()
         job = jobs.current()
-        if job is None:
-            return [compat.update() for _ in range(len(ctx.paths) + 1)]
-        names = handlers.list_loras(lora_dir_of(ctx, job.config))
-        return [*form_values_of(ctx, job.config), compat.update(choices=names, value=names[0] if names else None)]
+        if job is not None:
+            names = handlers.list_loras(lora_dir_of(ctx, job.config))
+            return [*form_values_of(ctx, job.config), compat.update(choices=names, value=names[0] if names else None),
+                    keep]
+        out = ctx.defaults.output.output_dir
+        last = handlers.last_run(out) if ctx.remember_last_run else None
+        if last is None:
+            return [keep for _ in range(len(ctx.paths) + 2)]
+        cfg, said = last
+        return [*form_values_of(ctx, cfg), keep, keep if handlers.unfinished_run(out) is not None else said]
 
     reload_captions, caption_outputs = ctx.parts["caption_reload"]
-    tab.load(restore, None, [*ctx.inputs, ctx.parts["test_lora"]]).then(reload_captions, ctx.inputs, caption_outputs)
+    tab.load(restore, None, [*ctx.inputs, ctx.parts["test_lora"], ctx.parts["train_msg"]]).then(
+        reload_captions, ctx.inputs, caption_outputs)
 
 
 def _check_field_map(ctx: TabContext) -> None:

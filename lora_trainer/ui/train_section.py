@@ -69,6 +69,7 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
         save = g.Button("Save now", elem_id=ctx.eid("save-now"))
         sample = g.Button("Sample now", elem_id=ctx.eid("sample-now"))
     msg = g.Markdown(elem_id=ctx.eid("train-msg"))
+    ctx.parts["train_msg"] = msg
     progress = g.HTML(handlers.progress_html(None, ctx.prefix), elem_id=ctx.eid("progress"))
     with g.Row():
         # Two plots rather than one with a colour channel: a colour-split LinePlot that starts
