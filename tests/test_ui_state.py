@@ -359,6 +359,10 @@ def test_an_unfinished_run_in_another_output_folder_is_offered_once_that_folder_
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Path, "iterdir", refuse)
         assert offer.fn(str(blocked), said) == ["", compat.update(visible=False)]
+        # nor does a page's first poll when it is the default output folder
+        on_load = _poll(SimpleNamespace(host=host, prefix="lt-", defaults=build_config({"output.output_dir": str(blocked)})),
+                        None)
+        assert on_load[6] == compat.update() and on_load[8]["visible"] is False
 
 
 def test_the_form_filled_from_a_run_does_not_carry_its_resume():

@@ -304,10 +304,16 @@ def continue_stopped(host: Host, output_dir: str | Path | None = None) -> tuple[
 
 def unfinished_run(output_dir: str | Path | None) -> Any:
     """The newest run in ``output_dir`` that stopped, crashed or was closed before its last step
-    (``checkpoint.Unfinished``), or None."""
+    (``checkpoint.Unfinished``), or None; None too for a folder that cannot be read (what the page
+    asks on load and when the output folder field is left must never fail; Start says what is
+    wrong with the folder)."""
     from lora_trainer.train.checkpoint import unfinished_runs
 
-    found = unfinished_runs(output_dir) if output_dir else []
+    try:
+        found = unfinished_runs(output_dir) if output_dir else []
+    except OSError as e:
+        log.warning("cannot look for unfinished runs in %s: %s", output_dir, e)
+        return None
     return found[0] if found else None
 
 

@@ -232,10 +232,7 @@ def _offer_unfinished(ctx: TabContext, folder: str, said: str) -> list[Any]:
     job = jobs.current()
     if job is not None and (job.alive or handlers.continuable(job.snapshot())):
         return [keep, keep]
-    try:
-        found = handlers.unfinished_run(folder or ctx.defaults.output.output_dir)
-    except OSError:  # a folder that cannot be read: nothing to offer (Start says what is wrong with it)
-        found = None
+    found = handlers.unfinished_run(folder or ctx.defaults.output.output_dir)  # None for an unreadable folder
     if found is not None:
         return [handlers.unfinished_text(found), compat.update(visible=True)]
     offered = str(said or "").startswith(handlers.UNFINISHED_PREFIX)
