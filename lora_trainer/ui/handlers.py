@@ -11,6 +11,7 @@ import logging
 import math
 import re
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -322,8 +323,6 @@ def last_run(output_dir: str | Path | None) -> tuple[TrainConfig, str] | None:
     are, for a page loaded after a restart; None when there was none there or its config cannot be
     read. Its config.yaml counts only when the run's logs folder keeps the same file (a config
     of the user's in that folder is not a run's)."""
-    import time
-
     from lora_trainer.train.outputs import run_config_copies
 
     if not output_dir:
@@ -333,7 +332,7 @@ def last_run(output_dir: str | Path | None) -> tuple[TrainConfig, str] | None:
         if not path.is_file() or not run_config_copies(Path(output_dir), path.read_text(encoding="utf-8")):
             return None
         cfg = load_config(path)
-        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+        started = _local_time(path.stat().st_mtime)
     except Exception as e:  # noqa: BLE001 - an older release's or a damaged file: the form keeps its defaults
         log.warning("the last run's settings in %s cannot be shown: %s", path, e)
         return None
@@ -345,11 +344,14 @@ UNFINISHED_PREFIX = "an unfinished run: "
 
 
 def unfinished_text(found: Any) -> str:
-    import time
-
-    saved = time.strftime("%Y-%m-%d %H:%M", time.localtime(found.saved_at))
+    saved = _local_time(found.saved_at)
     return (f"{UNFINISHED_PREFIX}'{found.name}' at step {found.step} of {found.total_steps} (checkpoint of {saved}); "
             "Continue takes it on from there")
+
+
+def _local_time(timestamp: float) -> str:
+    """A file's time as the page shows it: local, to the minute."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
 
 def _html_escape(s: str) -> str:
