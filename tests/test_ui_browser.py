@@ -155,7 +155,7 @@ def set_text(d: Any, elem_id: str, text: str) -> None:
     d.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
     box.click()
     box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(text)
+    box.send_keys(text or Keys.BACKSPACE)  # "": the selected text deleted
     box.send_keys(Keys.TAB)
 
 

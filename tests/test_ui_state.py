@@ -432,3 +432,63 @@ def test_after_a_restart_the_webuis_page_shows_the_last_runs_settings(tmp_path: 
     (out / "logs" / "dog" / "config.yaml").write_text(damaged, encoding="utf-8")
     assert page_load()[2] == compat.update()
     assert handlers.last_run(tmp_path / "nothing here") is None
+
+
+def test_an_empty_sample_prompt_is_filled_from_the_datasets_captions_once(tmp_path: Path):
+    """With no sample prompt in the form, loading the dataset, captioning it or saving its
+    captions fills the prompt (and an empty Test prompt) with the caption the first image trains
+    with, trigger word included, and says so; a prompt the user typed, or cleared after the page
+    filled it, is left alone. So a run shows samples (and writes its LoRA's preview) by default."""
+    from lora_trainer.data.captions import read_captions
+    from lora_trainer.ui.fields import values_from_config
+    from lora_trainer.ui.tab import build_tab
+    from tests.train_helpers import TinyHost, make_data
+
+    data = make_data(tmp_path / "data", n=3)
+    first = read_captions(data, None, ".txt")["demo_000.png"]
+
+    class Numbered:
+        def caption(self, images: list[Any]) -> list[str]:
+            return [f"a drawing {i}" for i in range(len(images))]
+
+    blocks = build_tab(TinyHost("sd1"), defaults=build_config({"output.output_dir": str(tmp_path / "out")}),
+                       captioner=Numbered())
+    ctx = blocks.lt_context
+    fns = list(blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns)
+
+    def handler(name: str) -> Any:
+        found = next(f for f in fns if getattr(f.fn, "__name__", "") == name)
+        assert [getattr(c, "elem_id", None) for c in found.outputs[-3:-1]] == ["lt-f-sample-prompt", "lt-test-prompt"]
+        return found.fn
+
+    def form(**values: Any) -> list[Any]:
+        cfg = build_config({"data.train_data_dir": str(data), **values}, base=ctx.defaults)
+        return values_from_config(cfg, ctx.paths)
+
+    scan = handler("do_scan")
+    summary, *_, prompt, test_prompt, offered = scan(False, "", *form())
+    assert (prompt, test_prompt, offered) == (first, first, True)
+    assert f"The sample prompt (Train) is now the caption of demo_000.png: '{first}'." in summary
+    summary, *_, prompt, test_prompt, offered = scan(False, "", *form(**{"data.trigger_word": "zkw"}))
+    assert prompt == f"zkw, {first}" and test_prompt == prompt
+    keep = (compat.update(), compat.update(), False)
+    assert tuple(scan(True, "", *form())[-3:]) == (*keep[:2], True)  # filled once: a prompt cleared since stays empty
+    mine = scan(False, "", *form(**{"sample.prompt": "my prompt"}))
+    assert tuple(mine[-3:]) == keep and "sample prompt" not in mine[0]
+    assert tuple(scan(False, "a test prompt", *form())[-3:]) == (first, compat.update(), True)
+
+    # a folder without captions fills nothing on load; its captions, once saved or made, do
+    (data / "metadata.csv").unlink()
+    summary, *_, prompt, test_prompt, offered = scan(False, "", *form())
+    assert (prompt, test_prompt, offered) == keep and "sample prompt" not in summary
+    table, _, status, prompt, test_prompt, offered = handler("do_save")(
+        [["demo_000.png", ""], ["demo_001.png", "a red ball"]], "txt", False, "", *form())
+    assert (prompt, test_prompt, offered) == ("a red ball", "a red ball", True)
+    assert status.endswith("The sample prompt (Train) is now the caption of demo_001.png: 'a red ball'. Samples of it "
+                           "show what the LoRA learns: one at the end of the run, the LoRA's preview card, and one "
+                           "every 'every n steps'; edit it, or clear it for none.")
+    *_, (table, _, status, prompt, test_prompt, offered) = handler("do_caption")(
+        "blip", "overwrite", "txt", False, "", *form())
+    assert status.startswith("captioned 3 image(s)") and (prompt, offered) == ("a drawing 0", True)
+    *_, last = handler("do_caption")("blip", "overwrite", "txt", True, "", *form())
+    assert tuple(last[-3:]) == (*keep[:2], True)

@@ -83,7 +83,42 @@ def scan(folder: str, cfg: TrainConfig) -> dict[str, Any]:
         summary += (f"\n\n{counts['no_caption']} without a caption: caption them in the Captions section, or "
                     "enter a trigger word there to use it as their caption.")
     buckets = [[f"{w}x{h}", str(n)] for (w, h), n in report.bucket_counts().items()]
-    return {"gallery": gallery, "problems": rows, "buckets": buckets, "summary": summary}
+    return {"gallery": gallery, "problems": rows, "buckets": buckets, "summary": summary,
+            "sample_prompt": sample_prompt_of(report)}
+
+
+def sample_prompt_of(report: Any) -> tuple[str, str] | None:
+    """``(image, prompt)``: the caption the dataset's first training image trains with (trigger
+    word added; no shuffle or dropout), as a prompt for samples that show what the LoRA learned;
+    None when no image has a caption yet."""
+    from lora_trainer.data.text import process_caption
+
+    for item in report.train_items:
+        prompt = process_caption(item.caption, report.config.trigger_word)
+        if prompt:
+            return item.rel, prompt
+    return None
+
+
+def dataset_sample_prompt(folder: str, cfg: TrainConfig) -> tuple[str, str] | None:
+    """:func:`sample_prompt_of` the dataset in ``folder`` as the config's data settings read it."""
+    from lora_trainer.data.scan import build_report
+
+    if not folder or not Path(folder).is_dir():
+        return None
+    return sample_prompt_of(build_report(build_config({"data.train_data_dir": folder, "data.on_invalid": "skip"},
+                                                      base=cfg).data))
+
+
+def offered_sample_prompt(cfg: TrainConfig, offered: bool, found: tuple[str, str] | None) -> tuple[str, str] | None:
+    """``(prompt, line)`` when the form's sample prompt should become ``found``'s: the form has
+    none and the page has not filled it before (a prompt the user cleared stays cleared)."""
+    if offered or cfg.sample.prompt.strip() or found is None:
+        return None
+    image, prompt = found
+    return prompt, (f"The sample prompt (Train) is now the caption of {image}: '{prompt}'. Samples of it show what "
+                    "the LoRA learns: one at the end of the run, the LoRA's preview card, and one every "
+                    "'every n steps'; edit it, or clear it for none.")
 
 
 BUCKET_FIELDS = ["data.resolution", "data.enable_buckets", "data.min_bucket_reso", "data.max_bucket_reso",

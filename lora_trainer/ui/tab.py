@@ -7,6 +7,7 @@ in the job registry's worker thread; a timer polls its snapshot, so a reloaded p
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,8 @@ from lora_trainer.ui import compat, handlers
 from lora_trainer.ui.context import TabContext, err_text
 from lora_trainer.ui.fields import UI_FIELDS
 from lora_trainer.ui.train_section import form_values_of, lora_dir_of, test_section, train_section
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from lora_trainer.caption.blip import Captioner
@@ -100,15 +103,18 @@ def _dataset_section(ctx: TabContext) -> None:
                                    interactive=False, height=220, elem_id=ctx.eid("buckets"))
 
     shown = g.State(None)  # the settings the bucket preview was computed with
+    offered = g.State(False)  # the page filled the empty sample prompt from the dataset once
+    ctx.parts["prompt_offered"] = offered
 
-    def do_scan(*values: Any) -> tuple[Any, ...]:
+    def do_scan(was_offered: bool, test_prompt: str, *values: Any) -> tuple[Any, ...]:
         try:
             cfg = ctx.config(values)
             res = handlers.scan(cfg.data.train_data_dir, cfg)
-            return (res["summary"], res["gallery"], res["problems"] or [["", "", ""]],
-                    _bucket_update(res, cfg), handlers.bucket_settings(cfg))
+            prompt, line = _prompt_updates(cfg, was_offered, test_prompt, res["sample_prompt"])
+            return (res["summary"] + (f"\n\n{line}" if line else ""), res["gallery"],
+                    res["problems"] or [["", "", ""]], _bucket_update(res, cfg), handlers.bucket_settings(cfg), *prompt)
         except Exception as e:  # noqa: BLE001 - shown to the user, never a traceback page
-            return err_text(e), [], [["", "", ""]], [["", ""]], None
+            return err_text(e), [], [["", "", ""]], [["", ""]], None, *_keep_prompt(was_offered)
 
     def do_buckets(was: Any, *values: Any) -> tuple[Any, Any]:
         """A bucket setting changed (typed, a preset, a loaded config): preview the new buckets."""
@@ -133,11 +139,10 @@ def _dataset_section(ctx: TabContext) -> None:
         except Exception as e:  # noqa: BLE001
             return err_text(e)
 
-    outputs = [summary, gallery, problems, buckets, shown]
-
     def wire_scan(event: Any) -> None:  # the Captions table follows the folder too
         reload_captions, caption_outputs = ctx.parts["caption_reload"]
-        event(do_scan, ctx.inputs, outputs).then(reload_captions, ctx.inputs, caption_outputs)
+        event(do_scan, [*_prompt_inputs(ctx), *ctx.inputs], [summary, gallery, problems, buckets, shown, *_prompt_outputs(ctx)]
+              ).then(reload_captions, ctx.inputs, caption_outputs)
 
     ctx.later(lambda: wire_scan(load.click))
     ctx.later(lambda: wire_scan(folder.submit))
@@ -155,6 +160,43 @@ def _dataset_section(ctx: TabContext) -> None:
 
 def _bucket_update(res: dict[str, Any], cfg: TrainConfig) -> Any:
     return compat.update(value=res["buckets"] or [["", ""]], label=f"Bucket preview (resolution {cfg.data.resolution})")
+
+
+# A dataset whose captions become known (loaded, captioned, saved) fills an empty sample prompt
+# with one of them, and an empty prompt of the Test section; the page's flag says it did, once.
+def _prompt_inputs(ctx: TabContext) -> list[Any]:
+    return [ctx.parts["prompt_offered"], ctx.parts["test_prompt"]]
+
+
+def _prompt_outputs(ctx: TabContext) -> list[Any]:
+    return [ctx.fields["sample.prompt"], ctx.parts["test_prompt"], ctx.parts["prompt_offered"]]
+
+
+def _keep_prompt(offered: bool) -> tuple[Any, ...]:
+    return compat.update(), compat.update(), bool(offered)  # a State's update() is not ignored by every gradio
+
+
+def _prompt_from_folder(cfg: TrainConfig, offered: bool, test_prompt: str | None) -> tuple[tuple[Any, ...], str]:
+    """:func:`_prompt_updates` with the captions of the form's dataset folder as they are on disk
+    (read only while the prompt may still be filled)."""
+    if offered or cfg.sample.prompt.strip():
+        return _keep_prompt(offered), ""
+    try:
+        found = handlers.dataset_sample_prompt(cfg.data.train_data_dir, cfg)
+    except Exception:  # noqa: BLE001 - the captions were saved; a folder the scan refuses fills nothing
+        log.warning("no sample prompt from %s", cfg.data.train_data_dir, exc_info=True)
+        return _keep_prompt(offered), ""
+    return _prompt_updates(cfg, offered, test_prompt, found)
+
+
+def _prompt_updates(cfg: TrainConfig, offered: bool, test_prompt: str | None,
+                    found: tuple[str, str] | None) -> tuple[tuple[Any, ...], str]:
+    """The updates of :func:`_prompt_outputs` and the line that says what changed ("" for none)."""
+    got = handlers.offered_sample_prompt(cfg, bool(offered), found)
+    if got is None:
+        return _keep_prompt(offered), ""
+    prompt, line = got
+    return (prompt, compat.update() if (test_prompt or "").strip() else prompt, True), line
 
 
 # -- Captions ------------------------------------------------------------------------------
@@ -196,14 +238,19 @@ def _captions_section(ctx: TabContext) -> None:
         except Exception as e:  # noqa: BLE001
             return [["", ""]], [["", ""]], err_text(e)
 
-    def do_save(table_value: Any, fmt_value: str, *values: Any) -> tuple[Any, ...]:
+    def offering(cfg: TrainConfig, was_offered: bool, test_prompt: str, rows: handlers.Rows, msg: str) -> tuple[Any, ...]:
+        """:func:`with_freq`, and an empty sample prompt filled from the captions now on disk."""
+        prompt, line = _prompt_from_folder(cfg, was_offered, test_prompt)
+        return (*with_freq(rows, f"{msg}\n\n{line}" if line else msg), *prompt)
+
+    def do_save(table_value: Any, fmt_value: str, was_offered: bool, test_prompt: str, *values: Any) -> tuple[Any, ...]:
         try:
             cfg = ctx.config(values)
             rows = handlers.normalize_rows(table_value)
             msg = handlers.save_caption_rows(cfg.data.train_data_dir, rows, cfg, fmt_value)
-            return with_freq(rows, msg)
+            return offering(cfg, was_offered, test_prompt, rows, msg)
         except Exception as e:  # noqa: BLE001
-            return compat.update(), compat.update(), err_text(e)
+            return compat.update(), compat.update(), err_text(e), *_keep_prompt(was_offered)
 
     def do_trigger(table_value: Any, word: str) -> tuple[Any, ...]:
         rows = handlers.add_trigger(handlers.normalize_rows(table_value), word)
@@ -216,23 +263,26 @@ def _captions_section(ctx: TabContext) -> None:
         except Exception as e:  # noqa: BLE001
             return compat.update(), compat.update(), err_text(e)
 
-    def do_caption(model_value: str, mode_value: str, fmt_value: str, *values: Any) -> Iterator[tuple[Any, ...]]:
+    def do_caption(model_value: str, mode_value: str, fmt_value: str, was_offered: bool, test_prompt: str,
+                   *values: Any) -> Iterator[tuple[Any, ...]]:
         try:
             cfg = ctx.config(values)
             folder = cfg.data.train_data_dir
             total = 0
             for done, total in _caption_steps(ctx, model_value, mode_value, fmt_value, folder, cfg):
-                yield compat.update(), compat.update(), f"captioning with {model_value}… {done}/{total or '?'}"
+                yield (compat.update(), compat.update(), f"captioning with {model_value}… {done}/{total or '?'}",
+                       *_keep_prompt(was_offered))
             rows = handlers.load_caption_rows(folder, cfg)
-            yield with_freq(rows, f"captioned {total} image(s) with {model_value} and wrote them")
+            yield offering(cfg, was_offered, test_prompt, rows, f"captioned {total} image(s) with {model_value} and wrote them")
         except Exception as e:  # noqa: BLE001
-            yield compat.update(), compat.update(), handlers.caption_error_text(e, model_value)
+            yield compat.update(), compat.update(), handlers.caption_error_text(e, model_value), *_keep_prompt(was_offered)
 
     outs = [table, freq, status]
     ctx.parts["caption_reload"] = (do_reload, outs)
     ctx.later(lambda: reload_.click(do_reload, ctx.inputs, outs))
-    ctx.later(lambda: save.click(do_save, [table, fmt, *ctx.inputs], outs))
-    ctx.later(lambda: run.click(do_caption, [model, mode, fmt, *ctx.inputs], outs))
+    ctx.later(lambda: save.click(do_save, [table, fmt, *_prompt_inputs(ctx), *ctx.inputs], [*outs, *_prompt_outputs(ctx)]))
+    ctx.later(lambda: run.click(do_caption, [model, mode, fmt, *_prompt_inputs(ctx), *ctx.inputs],
+                                [*outs, *_prompt_outputs(ctx)]))
     add_trigger.click(do_trigger, [table, trigger], outs)
     do_repl.click(do_replace, [table, find, repl, regex], outs)
 

@@ -350,6 +350,7 @@ def test_section(ctx: TabContext) -> None:
         send = g.Button("Send to txt2img", elem_id=ctx.eid("send-txt2img"), scale=1,
                         visible=ctx.host.has_txt2img)
     ctx.parts["test_lora"] = lora
+    ctx.parts["test_prompt"] = prompt
 
     def do_refresh(*values: Any) -> Any:
         try:

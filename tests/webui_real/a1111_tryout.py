@@ -157,6 +157,7 @@ def _assets_refused(url: str) -> bool:
 
 
 def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
+    from lora_trainer.data.captions import read_captions
     from lora_trainer.ui import screenshots
 
     d = screenshots.chrome(tempfile.mkdtemp(prefix="lt-tryout-"))
@@ -164,10 +165,18 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
     try:
         d.get(url)
         open_webui_tab(d, "Train LoRA")
+        open_tab_section(d, "Train")  # as on a first visit: the page may show an earlier run's prompt
+        set_text(d, "lt-f-sample-prompt", "")
+        open_tab_section(d, "Dataset")
         set_text(d, "lt-f-data-train-data-dir", str(data))
         click(d, "lt-load-dataset")
         wait_until("dataset summary", lambda: "8 images" in text_of(d, "lt-dataset-summary"))
         check(True, f"tab: dataset loaded ({text_of(d, 'lt-dataset-summary').splitlines()[0]})")
+        filled = wait_until("the line about the sample prompt", lambda: [
+            line for line in text_of(d, "lt-dataset-summary").splitlines() if "sample prompt" in line])[0]
+        first = read_captions(data, None, ".txt")["demo_000.png"]
+        check(f"the caption of demo_000.png: '{first}'" in filled, f"tab: the empty sample prompt is the first "
+                                                                   f"caption ({filled[:70]}...)")
         open_tab_section(d, "Captions")
         click(d, "lt-caption-reload")
         wait_until("caption table", lambda: "circle" in text_of(d, "lt-caption-table")
@@ -177,6 +186,7 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
         choose(d, "lt-preset", "auto")
         note = wait_until("auto's note", lambda: (m := said(d, "lt-train-msg")).startswith("auto") and m)
         check(True, f"tab: the auto preset says what it picked ({note})")
+        check(value_of(d, "lt-f-sample-prompt") == first, f"tab: the Train section's prompt reads '{first}'")
         set_text(d, "lt-f-output-output-name", name)
         set_text(d, "lt-f-train-max-train-steps", "6")
         set_text(d, "lt-f-data-resolution", "64")
@@ -187,6 +197,11 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
         if shots:
             d.save_screenshot(str(shots / "a1111_train.png"))
         check("done" in progress, f"tab: trained ({' '.join(progress.split())[:90]})")
+        written = wait_until("the LoRA's path", lambda: [w for w in said(d, "lt-train-msg").split()
+                                                         if w.endswith(".safetensors")])[0]
+        wait_until("the end's sample in the tab", lambda: images_in(d, "lt-samples"))
+        check(Path(written).with_suffix(".png").is_file(),
+              f"tab: the run's sample is shown and is the LoRA's preview card ({Path(written).with_suffix('.png').name})")
         # gradio 3.x (A1111, Forge Classic) marks the poll's outputs as loading all the time
         gradio3 = str(d.execute_script("return (window.gradio_config || {}).version || ''")).startswith("3.")
         marks = loading_marks(d)
