@@ -9,6 +9,8 @@ a bad key or value raises :class:`ConfigError` with one line naming it and what 
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +28,8 @@ from lora_trainer.config_schema import (  # noqa: F401 - re-exported
 )
 from lora_trainer.errors import ConfigError
 from lora_trainer.families import family_names
+
+log = logging.getLogger(__name__)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" is the natural name
@@ -295,7 +299,50 @@ ALIASES: dict[str, str] = {
     "save_precision": "output.save_precision",
     "sample_prompt": "sample.prompt",
     "sample_every_n_steps": "sample.every_n_steps",
+    "lr_restart_cycles": "optim.lr_num_cycles",
+    "network_train_unet_only": "network.train_text_encoder",
 }
+
+
+def _kohya_resolution(value: Any) -> Any:
+    """kohya's "W,H" (or [W, H]) -> the side of a square of the same area (buckets keep the aspect)."""
+    parts = [p for p in str(value).strip("[]() ").replace(" ", "").split(",") if p] if not isinstance(value, int) else []
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        return value
+    width, height = (int(p) for p in parts)
+    return width if width == height else int(round((width * height) ** 0.5 / 8)) * 8
+
+
+def _false(value: Any) -> bool:
+    return value in (False, 0, "false", "False", "0", "no", None)
+
+
+# Keys of kohya's / lora-scripts' files that change nothing here: accepted, named in one warning.
+_ON_STEPS = "this trainer saves by steps (train.save_steps, train.autosave_minutes; output.keep_checkpoints)"
+IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
+    **dict.fromkeys(("xformers", "sdpa", "mem_eff_attn"), (None, "attention runs PyTorch's fused kernels")),
+    **dict.fromkeys(("lowram", "highvram", "persistent_data_loader_workers"), (None, "set by the trainer itself")),
+    "v2": (None, "the model's kind is read from the checkpoint (model.arch)"),
+    "save_model_as": (lambda v: str(v).lower() == "safetensors", "LoRA files are written as .safetensors (safetensors only)"),
+    "save_state": (None, "a checkpoint to resume from is always kept (train.save_steps, train.autosave_minutes)"),
+    **dict.fromkeys(("save_every_n_epochs", "save_n_epoch_ratio", "save_last_n_epochs"), (None, _ON_STEPS)),
+    **dict.fromkeys(("logging_dir", "log_prefix", "log_with"), (None, "logs go to <output_dir>/logs/<output_name>")),
+    "sample_every_n_epochs": (None, "samples are taken by steps: sample.every_n_steps"),
+    "sample_sampler": (None, "samples use the model's own scheduler"),
+    "sample_prompts": (None, "a prompts file is not read; put the prompt in sample.prompt"),
+    "max_token_length": (None, "captions are encoded to the text encoder's own length (77 tokens for CLIP)"),
+    "clip_skip": (None, "not applied: the text encoder's output is taken as the model's family defines it"),
+    "network_train_text_encoder_only": (_false, "the UNet always trains (false only)"),
+    "enable_contrastive": (_false, "contrastive training is not available (false only)"),
+    **dict.fromkeys(("negative_sampling_method", "noise_strength", "contrastive_weight", "contrastive_warmup_steps"),
+                    (None, "used only with enable_contrastive")),
+}
+# Tables of kohya's and lora-scripts' TOML files: their keys are read as top-level keys.
+_KOHYA_TABLES = {"dataset", "additional_network", "optimizer", "training", "sample_prompt", "saving", "others"}
+
+
+def _kohya_table(name: str) -> bool:
+    return name.endswith("_arguments") or name in _KOHYA_TABLES
 
 # Alias keys whose value means something different from the field's (kohya's booleans).
 _ALIAS_VALUE_MAPS: dict[str, Any] = {
@@ -303,6 +350,8 @@ _ALIAS_VALUE_MAPS: dict[str, Any] = {
     "random_crop": lambda v: "random" if _coerce(v, bool, "random_crop") else "center",
     "cache_latents": lambda v: v if isinstance(v, str) else ("memory" if v else "off"),
     "cache_latents_to_disk": lambda v: "disk" if _coerce(v, bool, "cache_latents_to_disk") else "memory",
+    "resolution": lambda v: _kohya_resolution(v),
+    "network_train_unet_only": lambda v: not _coerce(v, bool, "network_train_unet_only"),
 }
 
 
@@ -366,6 +415,7 @@ SCHEMA = ConfigSchema(
     foreign=(("llm", "the 'llm' section needs 'task: llm'"),),
     # network_args (more specific) overrides the type network_module implies.
     expanders={"network_module": _network_module, "network_args": _network_args},
+    ignored=IGNORED_KEYS, key_groups=_kohya_table,
 )
 
 
@@ -396,12 +446,29 @@ def parse_set_overrides(items: list[str]) -> dict[str, Any]:
     return SCHEMA.parse_set(items)
 
 
+def _read_toml(path: Path) -> Any:
+    """A TOML file (kohya's and lora-scripts' configs): tomllib on Python 3.11+, else tomli."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise ConfigError(f"{path}: reading a .toml config needs Python 3.11+ or 'pip install tomli' "
+                              "(or give the same keys as YAML)") from None
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a mapping: YAML, or TOML for a ``.toml`` file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _read_toml(path) if path.suffix.lower() == ".toml" else yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(yaml_error_message(e, str(path))) from None
     if data is None:
@@ -415,7 +482,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML config (optional) and apply ``--set`` overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        values.update(flatten_user_dict(read_yaml(path), source=str(path)))
+        data = read_yaml(path)
+        values.update(flatten_user_dict(data, source=str(path)))
+        ignored = SCHEMA.ignored_keys(data)
+        if ignored:
+            log.warning("%s: keys of other trainers, kept without effect here:\n%s", path,
+                        "\n".join(f"  {line}" for line in ignored))
     values.update(parse_set_overrides(overrides or []))
     return build_config(values)
 

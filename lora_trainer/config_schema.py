@@ -186,6 +186,11 @@ class ConfigSchema:
     # Keys that stand for several fields (kohya's network_args): key -> function of the value
     # giving {field path: value}. Where two of them set one field, the later one here wins.
     expanders: dict[str, Callable[[Any], dict[str, Any]]] = field(default_factory=dict)
+    # Keys of other trainers that change nothing here: key -> (values accepted, None: any; why).
+    # Accepted and named in one warning; a value they do not accept is an error with the why.
+    ignored: dict[str, tuple[Callable[[Any], bool] | None, str]] = field(default_factory=dict)
+    # Tables of other trainers' files whose keys are read as top-level keys ("training_arguments").
+    key_groups: Callable[[str], bool] = lambda name: False
 
     def field_paths(self) -> list[str]:
         paths = ["task"]
@@ -230,8 +235,7 @@ class ConfigSchema:
         matches = [p for p in paths if p.endswith("." + key)]
         if len(matches) == 1:
             return matches[0]
-        options = paths + list(self.aliases) + [p.split(".", 1)[1] for p in paths if "." in p]
-        raise ConfigError(f"unknown {self.label} key '{key}'{_suggest(key, options)}; {self.help_hint}")
+        raise ConfigError(f"unknown {self.label} key '{key}'{_suggest(key, self._options())}; {self.help_hint}")
 
     def flatten(self, data: dict[str, Any], source: str = "config") -> dict[str, Any]:
         """Nested sections, 'a.b' keys and flat aliases -> {field_path: raw value}."""
@@ -249,8 +253,8 @@ class ConfigSchema:
             out[path], origin[path] = value, key
 
         foreign = dict(self.foreign)
-        for key, value in (data or {}).items():
-            key = str(key)
+        unknown: list[str] = []
+        for key, value in self.top_level(data).items():
             if key == self.nested and isinstance(value, dict):
                 for path, v in self.flatten(value, source).items():
                     put(path, v, f"{key}.{path}")
@@ -262,10 +266,63 @@ class ConfigSchema:
             elif key in self.expanders:
                 for path, v in self.expanders[key](value).items():
                     put(self.resolve(path), v, key)
-            else:
+            elif key in self.ignored:
+                accepts, why = self.ignored[key]
+                if accepts is not None and not accepts(value):
+                    raise ConfigError(f"{source}: {key}: {value!r} is not supported here; {why}")
+            elif self.is_key(key):
                 mapped = self.value_maps[key](value) if key in self.value_maps else value
                 put(self.resolve(key), mapped, key)
+            else:
+                unknown.append(key)
+        if len(unknown) == 1:
+            self.resolve(unknown[0])  # raises with its "did you mean"
+        if unknown:
+            options = self._options()
+            named = ", ".join(f"'{k}'{_suggest(k, options)}" for k in unknown)
+            raise ConfigError(f"{source}: unknown {self.label} keys {named}; {self.help_hint}")
         return out
+
+    def top_level(self, data: dict[str, Any] | None) -> dict[str, Any]:
+        """``data`` with the tables of other trainers' files (:attr:`key_groups`) opened into it, and
+        a section of ours holding another trainer's key (lora-scripts' ``[model]`` has ``v2``)
+        split into that key and the rest of the section."""
+        out: dict[str, Any] = {}
+        for key, value in (data or {}).items():
+            key = str(key)
+            if isinstance(value, dict) and key not in self.sections and key != self.nested and self.key_groups(key):
+                out.update(self.top_level(value))
+            elif isinstance(value, dict) and key in self.sections:
+                names = {f.name for f in dataclasses.fields(self.sections[key])}
+                theirs = {str(k): v for k, v in value.items() if str(k) not in names
+                          and (str(k) in self.ignored or str(k) in self.aliases or str(k) in self.expanders)}
+                mine = {k: v for k, v in value.items() if str(k) not in theirs}
+                if mine or not theirs:
+                    out[key] = {**out.get(key, {}), **mine} if isinstance(out.get(key), dict) else mine
+                out.update(theirs)
+            else:
+                out[key] = value
+        return out
+
+    def ignored_keys(self, data: dict[str, Any] | None) -> list[str]:
+        """The :attr:`ignored` keys in ``data`` (tables opened), one line per reason: "keys: why"."""
+        by_reason: dict[str, list[str]] = {}
+        for key in self.top_level(data):
+            if key in self.ignored:
+                by_reason.setdefault(self.ignored[key][1], []).append(key)
+        return [f"{', '.join(keys)}: {why}" for why, keys in by_reason.items()]
+
+    def _options(self) -> list[str]:
+        paths = self.field_paths()
+        return paths + list(self.aliases) + [p.split(".", 1)[1] for p in paths if "." in p]
+
+    def is_key(self, key: str) -> bool:
+        """Whether :meth:`resolve` knows ``key``."""
+        try:
+            self.resolve(key)
+        except ConfigError:
+            return False
+        return True
 
     def build(self, values: dict[str, Any], base: Any = None) -> Any:
         """A config from {field path or key: value} on top of ``base`` (or the defaults)."""
@@ -320,6 +377,13 @@ class ConfigSchema:
             default = defaults[section][name] if section else defaults[name]
             aliases = ", ".join(f"`{a}`" for a in alias_of.get(path, []))
             out.append(f"| `{path}` | `{default!r}` | {aliases} | {self.field_info(path).metadata.get('help', '')} |")
+        if self.ignored:
+            by_reason: dict[str, list[str]] = {}
+            for key, (_, why) in self.ignored.items():
+                by_reason.setdefault(why, []).append(f"`{key}`")
+            out += ["", "Keys of other trainers' files that change nothing here are accepted and named in one "
+                        "warning; a value this trainer cannot honour is an error:", ""]
+            out += [f"- {', '.join(keys)}: {why}" for why, keys in by_reason.items()]
         return "\n".join(out) + "\n"
 
 

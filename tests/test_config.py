@@ -156,3 +156,128 @@ def test_readme_config_reference_is_current() -> None:
     end = readme.index("<!-- config-reference:end -->")
     assert readme[start:end] == reference_markdown(), (
         "README's config reference is stale: regenerate it with 'python -m lora_trainer config --reference'")
+
+
+# A lora-scripts training config (its config/lora.toml, paths and values of this test's own).
+LORA_SCRIPTS_TOML = """
+[model_arguments]
+v2 = false
+v_parameterization = false
+pretrained_model_name_or_path = "./sd-models/model.safetensors"
+
+[dataset_arguments]
+train_data_dir = "./train/aki"
+reg_data_dir = ""
+resolution = "512,512"
+prior_loss_weight = 1
+
+[additional_network_arguments]
+network_dim = 32
+network_alpha = 16
+network_train_unet_only = false
+network_train_text_encoder_only = false
+network_module = "networks.lora"
+network_args = []
+
+[optimizer_arguments]
+unet_lr = 1e-4
+text_encoder_lr = 1e-5
+optimizer_type = "AdamW8bit"
+lr_scheduler = "cosine_with_restarts"
+lr_warmup_steps = 0
+lr_restart_cycles = 2
+
+[training_arguments]
+train_batch_size = 2
+noise_offset = 0.0
+keep_tokens = 0
+min_bucket_reso = 256
+max_bucket_reso = 1024
+caption_extension = ".txt"
+max_token_length = 225
+seed = 1337
+xformers = true
+lowram = false
+max_train_epochs = 10
+clip_skip = 2
+mixed_precision = "fp16"
+enable_contrastive = false
+negative_sampling_method = "Random-Noise"
+noise_strength = 1.0
+contrastive_weight = 0.05
+contrastive_warmup_steps = 100
+
+[sample_prompt_arguments]
+sample_sampler = "euler_a"
+sample_every_n_epochs = 5
+
+[saving_arguments]
+output_name = "aki"
+save_every_n_epochs = 1
+save_state = false
+save_model_as = "safetensors"
+output_dir = "./output"
+logging_dir = "./logs"
+log_prefix = ""
+save_precision = "fp16"
+
+[others]
+cache_latents = true
+shuffle_caption = true
+enable_bucket = true
+"""
+
+
+def test_a_lora_scripts_toml_config_loads_as_it_is(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its tables are read as flat keys, its settings land in ours, and the keys that change
+    nothing here are named in one warning, each with why, instead of stopping the run."""
+    f = tmp_path / "lora.toml"
+    f.write_text(LORA_SCRIPTS_TOML, encoding="utf-8")
+    with caplog.at_level("WARNING", logger="lora_trainer.config"):
+        cfg = load_config(f)
+    assert (cfg.model.base_model, cfg.model.prediction_type) == ("./sd-models/model.safetensors", "epsilon")
+    assert (cfg.data.train_data_dir, cfg.data.resolution, cfg.data.min_bucket_reso, cfg.data.max_bucket_reso) == (
+        "./train/aki", 512, 256, 1024)
+    assert (cfg.network.type, cfg.network.rank, cfg.network.alpha) == ("lora", 32, 16.0)
+    assert cfg.network.train_text_encoder  # network_train_unet_only = false: kohya trains both
+    o = cfg.optim
+    assert (o.optimizer, o.lr_scheduler, o.lr_num_cycles, o.unet_lr, o.text_encoder_lr) == (
+        "adamw8bit", "cosine_with_restarts", 2, 1e-4, 1e-5)
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.mixed_precision, cfg.train.seed) == (2, 10, "fp16", 1337)
+    assert (cfg.output.output_name, cfg.output.save_precision, cfg.data.shuffle_captions) == ("aki", "fp16", True)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"{f}: keys of other trainers, kept without effect here:\n")
+    assert "\n  clip_skip: not applied" in warning and "\n  xformers: attention runs PyTorch's fused kernels" in warning
+    assert ("\n  negative_sampling_method, noise_strength, contrastive_weight, contrastive_warmup_steps: used only "
+            "with enable_contrastive") in warning
+    assert "train_batch_size" not in warning and "network_dim" not in warning  # those took effect
+    assert load_config(f) == load_config(f)  # the same result each time
+
+
+def test_other_trainers_tables_and_values(tmp_path: Path) -> None:
+    """lora-scripts' older tables ([model] shares our section's name), kohya's "W,H"
+    resolution, and the values that change the result: an error naming the key and why."""
+    f = tmp_path / "default.toml"
+    f.write_text('[model]\nv2 = false\npretrained_model_name_or_path = "m.ckpt"\n[training]\nresolution = "768,512"\n'
+                 '[optimizer]\noptimizer_type = "Lion"\n[saving]\nsave_model_as = "safetensors"\n', encoding="utf-8")
+    cfg = load_config(f)
+    assert (cfg.model.base_model, cfg.data.resolution, cfg.optim.optimizer) == ("m.ckpt", 624, "lion")
+    assert load_config(None, ["resolution=[640, 640]"]).data.resolution == 640
+    for bad, said in [('save_model_as = "ckpt"', "save_model_as: 'ckpt' is not supported here; LoRA files are "
+                                                 "written as .safetensors (safetensors only)"),
+                      ("network_train_text_encoder_only = true", "network_train_text_encoder_only: True is not "
+                                                                  "supported here; the UNet always trains"),
+                      ("enable_contrastive = true", "enable_contrastive: True is not supported here")]:
+        f.write_text(f"[saving_arguments]\n{bad}\n", encoding="utf-8")
+        with pytest.raises(ConfigError) as e:
+            load_config(f)
+        assert str(e.value).startswith(f"{f}: {said}")
+    f.write_text("[training_arguments]\nfoo_bar = 1\nnetwrk_dim = 4\nlearning_rat = 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value) == (f"{f}: unknown config keys 'foo_bar', 'netwrk_dim' (did you mean 'network_dim'?), "
+                            "'learning_rat' (did you mean 'learning_rate'?); run 'python -m lora_trainer config "
+                            "--example' to see every key")
+    f.write_text("[training_arguments\nx = 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(f)
