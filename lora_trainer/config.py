@@ -454,8 +454,8 @@ def _read_toml(path: Path) -> Any:
         try:
             import tomli as tomllib  # type: ignore[no-redef]
         except ImportError:
-            raise ConfigError(f"{path}: reading a .toml config needs Python 3.11+ or 'pip install tomli' "
-                              "(or give the same keys as YAML)") from None
+            raise ConfigError(f"{path}: reading a .toml config needs Python 3.11+ or the tomli package "
+                              "(pip install tomli, into this Python); or give the same keys as YAML") from None
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
@@ -478,16 +478,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def ignored_note(data: dict[str, Any]) -> str:
+    """"keys of other trainers, kept without effect here:" and a line per reason, or "" for none."""
+    lines = SCHEMA.ignored_keys(data)
+    return "keys of other trainers, kept without effect here:\n" + "\n".join(f"  {line}" for line in lines) if lines else ""
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Load a YAML config (optional) and apply ``--set`` overrides."""
     values: dict[str, Any] = {}
     if path is not None:
         data = read_yaml(path)
         values.update(flatten_user_dict(data, source=str(path)))
-        ignored = SCHEMA.ignored_keys(data)
-        if ignored:
-            log.warning("%s: keys of other trainers, kept without effect here:\n%s", path,
-                        "\n".join(f"  {line}" for line in ignored))
+        note = ignored_note(data)
+        if note:
+            log.warning("%s: %s", path, note)
     values.update(parse_set_overrides(overrides or []))
     return build_config(values)
 

@@ -492,3 +492,36 @@ def test_an_empty_sample_prompt_is_filled_from_the_datasets_captions_once(tmp_pa
     assert status.startswith("captioned 3 image(s)") and (prompt, offered) == ("a drawing 0", True)
     *_, last = handler("do_caption")("blip", "overwrite", "txt", True, "", *form())
     assert tuple(last[-3:]) == (*keep[:2], True)
+
+
+def test_the_tabs_config_load_takes_a_lora_scripts_toml_and_names_the_keys_without_effect(tmp_path: Path):
+    """Config as YAML: a lora-scripts .toml file (or the same keys typed as YAML) fills the form,
+    and the status names the keys that change nothing here, each with why."""
+    from lora_trainer.ui.tab import build_tab
+    from tests.train_helpers import TinyHost
+
+    blocks = build_tab(TinyHost("sd1"))
+    paths = blocks.lt_context.paths
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in (blocks.fns.values() if isinstance(blocks.fns, dict)
+                                                         else blocks.fns)}
+    toml = tmp_path / "lora.toml"
+    toml.write_text('[additional_network_arguments]\nnetwork_dim = 8\n[training_arguments]\nxformers = true\n'
+                    'resolution = "640,640"\n[saving_arguments]\nlogging_dir = "./logs"\n', encoding="utf-8")
+    *form, _, status = fns["load_file"](str(toml))
+    import importlib.util
+    import sys
+
+    if sys.version_info < (3, 11) and importlib.util.find_spec("tomli") is None:  # a WebUI's Python 3.10
+        assert status == (f"⚠ {toml}: reading a .toml config needs Python 3.11+ or the tomli package (pip install "
+                          "tomli, into this Python); or give the same keys as YAML")
+    else:
+        values = dict(zip(paths, form, strict=True))
+        assert (values["network.rank"], values["data.resolution"]) == (8, 640)
+        assert status == (f"loaded {toml}; keys of other trainers, kept without effect here:\n"
+                          "- `xformers`: attention runs PyTorch's fused kernels\n"
+                          "- `logging_dir`: logs go to &lt;output_dir>/logs/&lt;output_name>")
+    *form, status = fns["yaml_to_form"]("network_dim: 4\nsave_every_n_epochs: 1\nsave_n_epoch_ratio: 0\n")
+    assert dict(zip(paths, form, strict=True))["network.rank"] == 4
+    assert status.startswith("loaded into the form; keys of other trainers, kept without effect here:\n"
+                             "- `save_every_n_epochs`, `save_n_epoch_ratio`: this trainer saves by steps")
+    assert fns["yaml_to_form"]("network_dim: 4\n")[-1] == "loaded into the form"

@@ -106,6 +106,11 @@ def values_from_config(cfg: TrainConfig, paths: Sequence[str]) -> list[Any]:
 
 def config_from_yaml_text(text: str) -> TrainConfig:
     """Parse YAML (nested sections, dotted keys or flat aliases) into a TrainConfig."""
+    return config_from_data(yaml_text_data(text), "config YAML")
+
+
+def yaml_text_data(text: str) -> dict[str, Any]:
+    """The mapping a YAML text holds, or ConfigError naming the line to fix."""
     import yaml
 
     from lora_trainer.errors import ConfigError
@@ -118,4 +123,8 @@ def config_from_yaml_text(text: str) -> TrainConfig:
         raise ConfigError(yaml_error_message(e, "config YAML")) from None
     if not isinstance(data, dict):
         raise ConfigError("config YAML: expected a mapping of keys to values at the top level")
-    return cfgmod.build_config(cfgmod.flatten_user_dict(data, source="config YAML"))
+    return data
+
+
+def config_from_data(data: dict[str, Any], source: str) -> TrainConfig:
+    return cfgmod.build_config(cfgmod.flatten_user_dict(data, source=source))

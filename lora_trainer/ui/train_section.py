@@ -15,7 +15,7 @@ from lora_trainer.fsutil import atomic_write_text
 from lora_trainer.locks import WaitCancelled
 from lora_trainer.ui import compat, handlers, presets
 from lora_trainer.ui.context import TabContext, err_text
-from lora_trainer.ui.fields import UI_FIELDS, config_from_yaml_text, to_component, values_from_config
+from lora_trainer.ui.fields import UI_FIELDS, config_from_data, to_component, values_from_config, yaml_text_data
 from lora_trainer.ui.fields import _kind as field_kind
 
 if TYPE_CHECKING:
@@ -294,8 +294,9 @@ def _yaml_block(ctx: TabContext) -> None:
 
     def yaml_to_form(yaml_text: str) -> list[Any]:
         try:
-            cfg = config_from_yaml_text(yaml_text)
-            return [*values_from_config(cfg, ctx.paths), "loaded into the form"]
+            data = yaml_text_data(yaml_text)
+            cfg = config_from_data(data, "config YAML")
+            return [*values_from_config(cfg, ctx.paths), _loaded("loaded into the form", data)]
         except Exception as e:  # noqa: BLE001
             return [*(compat.update() for _ in ctx.paths), err_text(e)]
 
@@ -311,9 +312,9 @@ def _yaml_block(ctx: TabContext) -> None:
 
     def load_file(p: str) -> list[Any]:
         try:
-            cfg = cfgmod.build_config(cfgmod.flatten_user_dict(cfgmod.read_yaml(Path(p.strip()).expanduser()),
-                                                              source=p.strip()))
-            return [*values_from_config(cfg, ctx.paths), cfg.to_yaml(), f"loaded {p.strip()}"]
+            data = cfgmod.read_yaml(Path(p.strip()).expanduser())
+            cfg = config_from_data(data, p.strip())
+            return [*values_from_config(cfg, ctx.paths), cfg.to_yaml(), _loaded(f"loaded {p.strip()}", data)]
         except Exception as e:  # noqa: BLE001
             return [*(compat.update() for _ in ctx.paths), compat.update(), err_text(e)]
 
@@ -321,6 +322,19 @@ def _yaml_block(ctx: TabContext) -> None:
     ctx.later(lambda: from_yaml.click(yaml_to_form, [text], [*ctx.inputs, status]))
     ctx.later(lambda: save.click(save_file, [path, *ctx.inputs], [status]))
     ctx.later(lambda: load.click(load_file, [path], [*ctx.inputs, text, status]))
+
+
+def _loaded(said: str, data: dict[str, Any]) -> str:
+    """The load's line (Markdown), and the keys of other trainers' files it kept without effect,
+    a line per reason."""
+    lines = cfgmod.SCHEMA.ignored_keys(data)
+    if not lines:
+        return said
+    out = [f"{said}; keys of other trainers, kept without effect here:"]
+    for line in lines:
+        keys, why = line.split(": ", 1)
+        out.append(f"- {', '.join(f'`{k}`' for k in keys.split(', '))}: {why.replace('<', '&lt;')}")
+    return "\n".join(out)
 
 
 # -- Test ----------------------------------------------------------------------------------
