@@ -330,8 +330,9 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     "sample_every_n_epochs": (None, "samples are taken by steps: sample.every_n_steps"),
     "sample_sampler": (None, "samples use the model's own scheduler"),
     "sample_prompts": (None, "a prompts file is not read; put the prompt in sample.prompt"),
-    "max_token_length": (None, "captions are encoded to the text encoder's own length (77 tokens for CLIP)"),
-    "clip_skip": (None, "not applied: the text encoder's output is taken as the model's family defines it"),
+    "max_token_length": (None, "in a WebUI captions are encoded as its prompts are; standalone, to 77 tokens"),
+    "clip_skip": (None, "in a WebUI its own Clip skip setting applies, as in txt2img; standalone, the layer the "
+                        "model's family uses (the last for SD 1.x)"),
     "network_train_text_encoder_only": (_false, "the UNet always trains (false only)"),
     "enable_contrastive": (_false, "contrastive training is not available (false only)"),
     **dict.fromkeys(("negative_sampling_method", "noise_strength", "contrastive_weight", "contrastive_warmup_steps"),

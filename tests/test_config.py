@@ -247,7 +247,7 @@ def test_a_lora_scripts_toml_config_loads_as_it_is(tmp_path: Path, caplog: pytes
     assert (cfg.output.output_name, cfg.output.save_precision, cfg.data.shuffle_captions) == ("aki", "fp16", True)
     [warning] = [r.getMessage() for r in caplog.records]
     assert warning.startswith(f"{f}: keys of other trainers, kept without effect here:\n")
-    assert "\n  clip_skip: not applied" in warning and "\n  xformers: attention runs PyTorch's fused kernels" in warning
+    assert "\n  clip_skip: in a WebUI its own Clip skip setting applies" in warning and "\n  xformers: attention runs PyTorch's fused kernels" in warning
     assert ("\n  negative_sampling_method, noise_strength, contrastive_weight, contrastive_warmup_steps: used only "
             "with enable_contrastive") in warning
     assert "train_batch_size" not in warning and "network_dim" not in warning  # those took effect
