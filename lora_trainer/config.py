@@ -345,7 +345,7 @@ _KOHYA_TABLES = {"dataset", "additional_network", "optimizer", "training", "samp
 def _kohya_table(name: str) -> bool:
     return name.endswith("_arguments") or name in _KOHYA_TABLES
 
-# Alias keys whose value means something different from the field's (kohya's booleans).
+# Alias keys whose value means something different from the field's (kohya's booleans, "W,H" resolution).
 _ALIAS_VALUE_MAPS: dict[str, Any] = {
     "v_parameterization": lambda v: "v_prediction" if _coerce(v, bool, "v_parameterization") else "epsilon",
     "random_crop": lambda v: "random" if _coerce(v, bool, "random_crop") else "center",
