@@ -150,6 +150,8 @@ class LoopConfig:
     seed: int = _f(42, "Random seed (data order, noise, dropout).")
     save_steps: int = _f(0, "Save a resumable checkpoint (and that step's LoRA) every N steps (0: only when "
                          "stopped).")
+    save_every_n_epochs: int = _f(0, "Also save a checkpoint and that step's LoRA at the end of every N epochs "
+                                  "(0: off).")
     autosave_minutes: float = _f(10.0, "Also save a resumable checkpoint when this many minutes passed since the last "
                                  "one, so a crash, a closed WebUI or a power cut loses at most that much (0: off).")
     resume: str | None = _f(None, "'latest' (the newest checkpoint of this output_name) or a checkpoint folder to "
@@ -185,6 +187,7 @@ class SampleConfig:
     prompt: str = _f("", "Prompt for sample images during training (empty: no samples).")
     negative_prompt: str = _f("", "Negative prompt for samples.")
     every_n_steps: int = _f(0, "Render a sample every N steps (0: only when asked).")
+    every_n_epochs: int = _f(0, "Also render a sample at the end of every N epochs (0: off).")
     seed: int = _f(1234, "Seed of sample images (fixed, so samples are comparable).")
     steps: int = _f(20, "Denoising steps of sample images.")
     guidance_scale: float = _f(7.0, "Classifier-free guidance scale of sample images.")
@@ -291,6 +294,7 @@ ALIASES: dict[str, str] = {
     "seed": "train.seed",
     "save_steps": "train.save_steps",
     "save_every_n_steps": "train.save_steps",
+    "save_every_n_epochs": "train.save_every_n_epochs",
     "resume": "train.resume",
     "torch_compile": "train.compile",
     "dynamo_mode": "train.compile_mode",
@@ -299,6 +303,7 @@ ALIASES: dict[str, str] = {
     "save_precision": "output.save_precision",
     "sample_prompt": "sample.prompt",
     "sample_every_n_steps": "sample.every_n_steps",
+    "sample_every_n_epochs": "sample.every_n_epochs",
     "lr_restart_cycles": "optim.lr_num_cycles",
     "network_train_unet_only": "network.train_text_encoder",
 }
@@ -318,16 +323,15 @@ def _false(value: Any) -> bool:
 
 
 # Keys of kohya's / lora-scripts' files that change nothing here: accepted, named in one warning.
-_ON_STEPS = "this trainer saves by steps (train.save_steps, train.autosave_minutes; output.keep_checkpoints)"
 IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     **dict.fromkeys(("xformers", "sdpa", "mem_eff_attn"), (None, "attention runs PyTorch's fused kernels")),
     **dict.fromkeys(("lowram", "highvram", "persistent_data_loader_workers"), (None, "set by the trainer itself")),
     "v2": (None, "the model's kind is read from the checkpoint (model.arch)"),
     "save_model_as": (lambda v: str(v).lower() == "safetensors", "LoRA files are written as .safetensors (safetensors only)"),
     "save_state": (None, "a checkpoint to resume from is always kept (train.save_steps, train.autosave_minutes)"),
-    **dict.fromkeys(("save_every_n_epochs", "save_n_epoch_ratio", "save_last_n_epochs"), (None, _ON_STEPS)),
+    "save_n_epoch_ratio": (None, "saves are set by train.save_every_n_epochs or train.save_steps"),
+    "save_last_n_epochs": (None, "how many checkpoints are kept is output.keep_checkpoints; saved LoRAs are all kept"),
     **dict.fromkeys(("logging_dir", "log_prefix", "log_with"), (None, "logs go to <output_dir>/logs/<output_name>")),
-    "sample_every_n_epochs": (None, "samples are taken by steps: sample.every_n_steps"),
     "sample_sampler": (None, "samples use the model's own scheduler"),
     "sample_prompts": (None, "a prompts file is not read; put the prompt in sample.prompt"),
     "max_token_length": (None, "in a WebUI captions are encoded as its prompts are; standalone, to 77 tokens"),
@@ -531,6 +535,7 @@ def validate(cfg: TrainConfig) -> None:
     need(t.gradient_accumulation_steps >= 1,
          f"train.gradient_accumulation_steps: {t.gradient_accumulation_steps} must be at least 1")
     need(t.save_steps >= 0, f"train.save_steps: {t.save_steps} must be 0 or more")
+    need(t.save_every_n_epochs >= 0, f"train.save_every_n_epochs: {t.save_every_n_epochs} must be 0 or more")
     need(t.autosave_minutes >= 0, f"train.autosave_minutes: {t.autosave_minutes} must be 0 (off) or more")
     need(0 < t.checkpointing_share <= 1,
          f"train.checkpointing_share: {t.checkpointing_share} must be above 0 and at most 1 (1: every block)")
@@ -574,6 +579,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.output.keep_checkpoints >= 0, "output.keep_checkpoints: must be 0 or more")
     need(cfg.sample.steps >= 1, f"sample.steps: {cfg.sample.steps} must be at least 1")
     need(cfg.sample.every_n_steps >= 0, "sample.every_n_steps: must be 0 or more")
+    need(cfg.sample.every_n_epochs >= 0, "sample.every_n_epochs: must be 0 or more")
 
 
 # -- documentation -------------------------------------------------------------------------

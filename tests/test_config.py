@@ -250,7 +250,8 @@ def test_a_lora_scripts_toml_config_loads_as_it_is(tmp_path: Path, caplog: pytes
     assert "\n  clip_skip: in a WebUI its own Clip skip setting applies" in warning and "\n  xformers: attention runs PyTorch's fused kernels" in warning
     assert ("\n  negative_sampling_method, noise_strength, contrastive_weight, contrastive_warmup_steps: used only "
             "with enable_contrastive") in warning
-    assert "train_batch_size" not in warning and "network_dim" not in warning  # those took effect
+    assert (cfg.train.save_every_n_epochs, cfg.sample.every_n_epochs) == (1, 5)
+    assert "train_batch_size" not in warning and "save_every_n_epochs" not in warning  # those took effect
     assert load_config(f) == load_config(f)  # the same result each time
 
 

@@ -404,3 +404,20 @@ def test_other_runtime_errors_are_not_called_out_of_memory(data: Path, tmp_path:
     finally:
         hook.remove()
     assert type(caught.value) is RuntimeError
+
+
+def test_saves_and_samples_at_the_end_of_every_n_epochs(tmp_path: Path, host: TinyHost) -> None:
+    """kohya's save_every_n_epochs and sample_every_n_epochs: 3 epochs of 2 steps, every 2nd and
+    every epoch; the last epoch's sample is the run's end sample, not a second one."""
+    two = make_data(tmp_path / "two", n=2)
+    out = tmp_path / "out"
+    cfg = tiny_config(two, out, **{"train.max_train_steps": None, "train.epochs": 3, "train.save_every_n_epochs": 2,
+                                   "sample.prompt": "a cat", "sample.every_n_epochs": 1, "sample.steps": 2})
+    seen: list[TrainEvent] = []
+    result = Trainer(cfg, host=host, callbacks=[seen.append]).run()
+    assert result.steps == 6
+    assert [e.step for e in seen if e.kind == "checkpoint"] == [4]
+    assert sorted(p.name for p in out.glob("tiny-step*.safetensors")) == ["tiny-step000004.safetensors"]
+    assert [e.step for e in seen if e.kind == "sample"] == [2, 4, 6]
+    assert sorted(p.name for p in (out / "samples" / "tiny").iterdir()) == [
+        "step-000002.png", "step-000004.png", "step-000006.png"]

@@ -155,13 +155,14 @@ class RunSession:
             # -- commands, checkpoints, samples
             stop = self.trainer.commands.stop_requested or self.host_interrupted()
             every = t.save_steps
-            if not stop and (self.trainer.commands.take_save() or (every and self.pos.step % every == 0)):
+            if not stop and (self.trainer.commands.take_save() or (every and self.pos.step % every == 0)
+                             or self.at_epoch_end(t.save_every_n_epochs)):
                 self.checkpoint()  # a stop saves after the loop: the final LoRA, then the checkpoint
             elif not stop and t.autosave_minutes and clock() - self.last_save_time >= t.autosave_minutes * 60:
                 self.checkpoint(step_lora=False)  # a checkpoint to resume from, not a LoRA to compare
             s = self.cfg.sample
-            if self.trainer.commands.take_sample() or (s.prompt and s.every_n_steps
-                                                        and self.pos.step % s.every_n_steps == 0):
+            if self.trainer.commands.take_sample() or (s.prompt and (
+                    (s.every_n_steps and self.pos.step % s.every_n_steps == 0) or self.at_epoch_end(s.every_n_epochs))):
                 self.sample()
             if stop:
                 self.status(f"stopped at step {self.pos.step}")
@@ -174,8 +175,12 @@ class RunSession:
     def setup_data(self) -> None:
         t = self.cfg.train
         self.ds = BucketDataset(self.dataset_report.items, self.cfg.data, t.batch_size, t.seed)
-        per_epoch = steps_per_epoch(self.ds, t.gradient_accumulation_steps)
+        self.steps_per_epoch = per_epoch = steps_per_epoch(self.ds, t.gradient_accumulation_steps)
         self.total_steps = t.max_train_steps or t.epochs * per_epoch
+
+    def at_epoch_end(self, every: int) -> bool:
+        """Whether the step just taken ends an epoch whose number is a multiple of ``every`` (0: never)."""
+        return bool(every) and self.pos.step % (self.steps_per_epoch * every) == 0
 
     def setup_caches(self) -> None:
         """Text conditioning and latents computed once, each encoder alone on the card: the

@@ -48,7 +48,8 @@ def _kind(path: str) -> tuple[str, Any]:
 # The WebUIs save and restore the tab's values in ui-config.json keyed by label (A1111's and
 # Forge's ui_loadsave): two fields with one label would share a saved value, so a field whose name
 # another section also has gets a label of its own.
-LABELS = {"train.guidance_scale": "training guidance", "sample.seed": "sample seed"}
+LABELS = {"train.guidance_scale": "training guidance", "sample.seed": "sample seed",
+          "train.save_every_n_epochs": "save every n epochs", "sample.every_n_epochs": "sample every n epochs"}
 
 
 def label_of(path: str) -> str:
