@@ -333,7 +333,6 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     "save_last_n_epochs": (None, "how many checkpoints are kept is output.keep_checkpoints; saved LoRAs are all kept"),
     **dict.fromkeys(("logging_dir", "log_prefix", "log_with"), (None, "logs go to <output_dir>/logs/<output_name>")),
     "sample_sampler": (None, "samples use the model's own scheduler"),
-    "sample_prompts": (None, "a prompts file is not read; put the prompt in sample.prompt"),
     "max_token_length": (None, "in a WebUI captions are encoded as its prompts are; standalone, to 77 tokens"),
     "clip_skip": (None, "in a WebUI its own Clip skip setting applies, as in txt2img; standalone, the layer the "
                         "model's family uses (the last for SD 1.x)"),
@@ -367,6 +366,42 @@ NETWORK_MODULES = {"networks.lora": "lora", "lycoris.kohya": "locon"}
 LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr", "dora": "dora"}
 _NETWORK_ARG_FIELDS = {"conv_dim": "network.conv_rank", "conv_alpha": "network.conv_alpha",
                        "dropout": "network.dropout"}
+
+
+# kohya's per-prompt options in a sample prompts file -> our sample fields.
+_PROMPT_OPTIONS = {"n": "sample.negative_prompt", "w": "sample.width", "h": "sample.height", "d": "sample.seed",
+                   "s": "sample.steps", "l": "sample.guidance_scale"}
+
+
+def _sample_prompts(value: Any) -> dict[str, Any]:
+    """kohya's ``sample_prompts``: a .txt file of prompts (``#`` comments; options such as
+    ``--n negative --w 512 --h 512 --d seed --s steps --l scale``), or one such line itself.
+    The first prompt is the run's sample prompt (one prompt is sampled here)."""
+    text = str(value or "").strip()
+    if not text:
+        return {}
+    path = Path(text).expanduser()
+    if path.suffix.lower() in (".txt", ".toml", ".json") or path.is_file():
+        if path.suffix.lower() != ".txt":
+            raise ConfigError(f"sample_prompts: {text}: only a .txt prompts file is read; put the prompt in "
+                              "sample.prompt")
+        if not path.is_file():
+            raise ConfigError(f"sample_prompts: {text} not found; give the prompts file's path, or put the "
+                              "prompt in sample.prompt")
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+        prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not prompts:
+            raise ConfigError(f"sample_prompts: {text} holds no prompt")
+        if len(prompts) > 1:
+            log.warning("sample_prompts: %s holds %d prompts; samples use the first", text, len(prompts))
+        text = prompts[0]
+    head, *options = (" " + text).split(" --")
+    out: dict[str, Any] = {"sample.prompt": head.strip()}
+    for option in options:
+        flag, _, arg = option.partition(" ")
+        if flag in _PROMPT_OPTIONS and arg.strip():
+            out[_PROMPT_OPTIONS[flag]] = arg.strip()
+    return out
 
 
 def _network_module(value: Any) -> dict[str, Any]:
@@ -419,7 +454,7 @@ SCHEMA = ConfigSchema(
                     "# Flat keys from lora-scripts/kohya (lora_rank, train_data_dir, ...) work too."),
     foreign=(("llm", "the 'llm' section needs 'task: llm'"),),
     # network_args (more specific) overrides the type network_module implies.
-    expanders={"network_module": _network_module, "network_args": _network_args},
+    expanders={"network_module": _network_module, "network_args": _network_args, "sample_prompts": _sample_prompts},
     ignored=IGNORED_KEYS, key_groups=_kohya_table,
 )
 

@@ -282,3 +282,28 @@ def test_other_trainers_tables_and_values(tmp_path: Path) -> None:
     f.write_text("[training_arguments\nx = 1\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(f)
+
+
+def test_a_kohya_sample_prompts_file_gives_the_sample_prompt_and_its_options(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """kohya's sample_prompts: the first prompt of the .txt file (comments skipped), with its
+    --n/--w/--h/--d/--s/--l options; a line given in place of the file works too."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# my prompts\n\nsks dog, sitting --n lowres, blurry --w 768 --h 512 --d 7 --s 28 --l 5.5\n"
+                       "sks dog, running\n", encoding="utf-8")
+    f = tmp_path / "cfg.toml"
+    f.write_text(f'[sample_prompt_arguments]\nsample_prompts = "{prompts.as_posix()}"\nsample_every_n_epochs = 1\n',
+                 encoding="utf-8")
+    with caplog.at_level("WARNING", logger="lora_trainer.config"):
+        s = load_config(f).sample
+    assert (s.prompt, s.negative_prompt, s.width, s.height, s.seed, s.steps, s.guidance_scale, s.every_n_epochs) == (
+        "sks dog, sitting", "lowres, blurry", 768, 512, 7, 28, 5.5, 1)
+    assert [r.getMessage() for r in caplog.records] == [f"sample_prompts: {prompts.as_posix()} holds 2 prompts; "
+                                                         "samples use the first"]
+    assert load_config(None, ["sample_prompts=a cat --n a dog"]).sample.negative_prompt == "a dog"
+    for value, said in [(tmp_path / "none.txt", "not found"), (tmp_path / "p.json", "only a .txt prompts file")]:
+        with pytest.raises(ConfigError, match=said):
+            load_config(None, [f"sample_prompts={value}"])
+    f.write_text(f'sample_prompt = "x"\nsample_prompts = "{prompts.as_posix()}"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="'sample_prompts' and 'sample_prompt' both set sample.prompt"):
+        load_config(f)
