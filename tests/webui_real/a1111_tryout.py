@@ -192,6 +192,7 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
         set_text(d, "lt-f-data-resolution", "64")
         set_text(d, "lt-f-train-batch-size", "2")
         click(d, "lt-start")
+        started(d, name)
         wait_until("the tab's run to end", lambda: any(w in text_of(d, "lt-progress") for w in ("done", "error", "stopped")))
         progress = text_of(d, "lt-progress")
         if shots:
@@ -230,6 +231,11 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
         d.quit()
 
 
+def started(d: Any, name: str) -> None:
+    """Start's answer came: the progress line shows the new run, not the one shown before."""
+    wait_until(f"'{name}' started", lambda: name in said(d, "lt-train-msg"), every=0.2)  # or already ended: its LoRA
+
+
 def progress_step(d: Any) -> int:
     import re
 
@@ -243,6 +249,7 @@ def stop_and_continue(d: Any, name: str) -> None:
     set_text(d, "lt-f-output-output-name", f"{name}_long")
     set_text(d, "lt-f-train-max-train-steps", "400")
     click(d, "lt-start")
+    started(d, f"{name}_long")
     wait_until("two steps", lambda: progress_step(d) >= 2, every=0.5)
     click(d, "lt-stop")
     msg = wait_until("the stop's outcome", lambda: (m := said(d, "lt-train-msg")).startswith("stopped at step") and m)
