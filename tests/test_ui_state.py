@@ -520,8 +520,10 @@ def test_the_tabs_config_load_takes_a_lora_scripts_toml_and_names_the_keys_witho
         assert status == (f"loaded {toml}; keys of other trainers, kept without effect here:\n"
                           "- `xformers`: attention runs PyTorch's fused kernels\n"
                           "- `logging_dir`: logs go to &lt;output_dir>/logs/&lt;output_name>")
-    *form, status = fns["yaml_to_form"]("network_dim: 4\nsave_every_n_epochs: 1\nsave_n_epoch_ratio: 0\n")
-    assert dict(zip(paths, form, strict=True))["network.rank"] == 4
-    assert status.startswith("loaded into the form; keys of other trainers, kept without effect here:\n"
-                             "- `save_every_n_epochs`, `save_n_epoch_ratio`: this trainer saves by steps")
+    *form, status = fns["yaml_to_form"]("network_dim: 4\nsave_every_n_epochs: 2\nsave_n_epoch_ratio: 0\nlowram: true\n")
+    values = dict(zip(paths, form, strict=True))
+    assert (values["network.rank"], values["train.save_every_n_epochs"]) == (4, 2)
+    assert status == ("loaded into the form; keys of other trainers, kept without effect here:\n"
+                      "- `save_n_epoch_ratio`: saves are set by train.save_every_n_epochs or train.save_steps\n"
+                      "- `lowram`: set by the trainer itself")
     assert fns["yaml_to_form"]("network_dim: 4\n")[-1] == "loaded into the form"
