@@ -55,7 +55,7 @@ def scan(folder: str, cfg: TrainConfig) -> dict[str, Any]:
 
     if not folder or not Path(folder).is_dir():
         raise DatasetError(f"{folder or '(empty)'}: not a folder; enter the folder of your training images")
-    data_cfg = build_config({"data.train_data_dir": folder, "data.on_invalid": "skip"}, base=cfg).data
+    data_cfg = _listing_config(folder, cfg)
     # build_report lists every problem without raising (scan_dataset stops when nothing is
     # trainable yet, e.g. before captioning, which is exactly when the user needs this view)
     report = build_report(data_cfg)
@@ -106,8 +106,12 @@ def dataset_sample_prompt(folder: str, cfg: TrainConfig) -> tuple[str, str] | No
 
     if not folder or not Path(folder).is_dir():
         return None
-    return sample_prompt_of(build_report(build_config({"data.train_data_dir": folder, "data.on_invalid": "skip"},
-                                                      base=cfg).data))
+    return sample_prompt_of(build_report(_listing_config(folder, cfg)))
+
+
+def _listing_config(folder: str, cfg: TrainConfig) -> Any:
+    """The config's data settings for ``folder``, listing bad files instead of stopping at one."""
+    return build_config({"data.train_data_dir": folder, "data.on_invalid": "skip"}, base=cfg).data
 
 
 def offered_sample_prompt(cfg: TrainConfig, offered: bool, found: tuple[str, str] | None) -> tuple[str, str] | None:

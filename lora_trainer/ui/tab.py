@@ -227,42 +227,57 @@ def _captions_section(ctx: TabContext) -> None:
     freq = compat.dataframe(headers=["tag", "count"], label="Tag frequencies", interactive=False, height=240,
                             elem_id=ctx.eid("tag-freq"))
 
-    def with_freq(rows: handlers.Rows, msg: str) -> tuple[Any, ...]:
-        return rows or [["", ""]], handlers.tag_frequencies(rows) or [["", ""]], msg
-
     def do_reload(*values: Any) -> tuple[Any, ...]:
         try:
             cfg = ctx.config(values)
             rows = handlers.load_caption_rows(cfg.data.train_data_dir, cfg)
-            return with_freq(rows, f"{len(rows)} images, {sum(1 for r in rows if r[1].strip())} with a caption")
+            return _with_freq(rows, f"{len(rows)} images, {sum(1 for r in rows if r[1].strip())} with a caption")
         except Exception as e:  # noqa: BLE001
             return [["", ""]], [["", ""]], err_text(e)
-
-    def offering(cfg: TrainConfig, was_offered: bool, test_prompt: str, rows: handlers.Rows, msg: str) -> tuple[Any, ...]:
-        """:func:`with_freq`, and an empty sample prompt filled from the captions now on disk."""
-        prompt, line = _prompt_from_folder(cfg, was_offered, test_prompt)
-        return (*with_freq(rows, f"{msg}\n\n{line}" if line else msg), *prompt)
 
     def do_save(table_value: Any, fmt_value: str, was_offered: bool, test_prompt: str, *values: Any) -> tuple[Any, ...]:
         try:
             cfg = ctx.config(values)
             rows = handlers.normalize_rows(table_value)
             msg = handlers.save_caption_rows(cfg.data.train_data_dir, rows, cfg, fmt_value)
-            return offering(cfg, was_offered, test_prompt, rows, msg)
+            return _offering(cfg, was_offered, test_prompt, rows, msg)
         except Exception as e:  # noqa: BLE001
             return compat.update(), compat.update(), err_text(e), *_keep_prompt(was_offered)
 
     def do_trigger(table_value: Any, word: str) -> tuple[Any, ...]:
         rows = handlers.add_trigger(handlers.normalize_rows(table_value), word)
-        return with_freq(rows, f"added '{word.strip()}' in front of every caption (not saved yet)")
+        return _with_freq(rows, f"added '{word.strip()}' in front of every caption (not saved yet)")
 
     def do_replace(table_value: Any, f: str, r: str, rx: bool) -> tuple[Any, ...]:
         try:
             rows, n = handlers.find_replace(handlers.normalize_rows(table_value), f, r, rx)
-            return with_freq(rows, f"changed {n} caption(s) (not saved yet)")
+            return _with_freq(rows, f"changed {n} caption(s) (not saved yet)")
         except Exception as e:  # noqa: BLE001
             return compat.update(), compat.update(), err_text(e)
 
+    outs = [table, freq, status]
+    ctx.parts["caption_reload"] = (do_reload, outs)
+    ctx.later(lambda: reload_.click(do_reload, ctx.inputs, outs))
+    ctx.later(lambda: save.click(do_save, [table, fmt, *_prompt_inputs(ctx), *ctx.inputs], [*outs, *_prompt_outputs(ctx)]))
+    _wire_caption_run(ctx, run, [model, mode, fmt], outs)
+    add_trigger.click(do_trigger, [table, trigger], outs)
+    do_repl.click(do_replace, [table, find, repl, regex], outs)
+
+
+def _with_freq(rows: handlers.Rows, msg: str) -> tuple[Any, ...]:
+    """The Captions section's table, tag frequencies and status."""
+    return rows or [["", ""]], handlers.tag_frequencies(rows) or [["", ""]], msg
+
+
+def _offering(cfg: TrainConfig, was_offered: bool, test_prompt: str, rows: handlers.Rows, msg: str) -> tuple[Any, ...]:
+    """:func:`_with_freq`, and an empty sample prompt filled from the captions now on disk."""
+    prompt, line = _prompt_from_folder(cfg, was_offered, test_prompt)
+    return (*_with_freq(rows, f"{msg}\n\n{line}" if line else msg), *prompt)
+
+
+def _wire_caption_run(ctx: TabContext, run: Any, choices: list[Any], outs: list[Any]) -> None:
+    """**Caption images** (``choices``: model, mode and format dropdowns): progress in the status,
+    then the new captions in the table."""
     def do_caption(model_value: str, mode_value: str, fmt_value: str, was_offered: bool, test_prompt: str,
                    *values: Any) -> Iterator[tuple[Any, ...]]:
         try:
@@ -273,18 +288,11 @@ def _captions_section(ctx: TabContext) -> None:
                 yield (compat.update(), compat.update(), f"captioning with {model_value}… {done}/{total or '?'}",
                        *_keep_prompt(was_offered))
             rows = handlers.load_caption_rows(folder, cfg)
-            yield offering(cfg, was_offered, test_prompt, rows, f"captioned {total} image(s) with {model_value} and wrote them")
+            yield _offering(cfg, was_offered, test_prompt, rows, f"captioned {total} image(s) with {model_value} and wrote them")
         except Exception as e:  # noqa: BLE001
             yield compat.update(), compat.update(), handlers.caption_error_text(e, model_value), *_keep_prompt(was_offered)
 
-    outs = [table, freq, status]
-    ctx.parts["caption_reload"] = (do_reload, outs)
-    ctx.later(lambda: reload_.click(do_reload, ctx.inputs, outs))
-    ctx.later(lambda: save.click(do_save, [table, fmt, *_prompt_inputs(ctx), *ctx.inputs], [*outs, *_prompt_outputs(ctx)]))
-    ctx.later(lambda: run.click(do_caption, [model, mode, fmt, *_prompt_inputs(ctx), *ctx.inputs],
-                                [*outs, *_prompt_outputs(ctx)]))
-    add_trigger.click(do_trigger, [table, trigger], outs)
-    do_repl.click(do_replace, [table, find, repl, regex], outs)
+    ctx.later(lambda: run.click(do_caption, [*choices, *_prompt_inputs(ctx), *ctx.inputs], [*outs, *_prompt_outputs(ctx)]))
 
 
 def _borrowed_captioner(ctx: TabContext, model: str) -> Captioner | None:
