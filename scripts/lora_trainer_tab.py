@@ -45,7 +45,7 @@ def lt_jobs():
 def lt_on_ui_tabs():
     from lora_trainer.ui.tab import build_tab
 
-    blocks = build_tab(lt_host(), remember_last_run=True)
+    blocks = build_tab(lt_host(), remember_last_run=True, start_auto=True)
     return [(blocks, LT_TAB_TITLE, LT_TAB_ID)]
 
 

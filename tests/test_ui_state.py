@@ -383,6 +383,16 @@ def test_the_form_filled_from_a_run_does_not_carry_its_resume():
     assert not values["train.resume"]
 
 
+def page_load_outputs(blocks: Any) -> tuple[Any, ...]:
+    """What the tab's page-load handler sends: ({field path: value}, preset label, Test LoRA list,
+    the message under Start), checked against the components it sends them to."""
+    fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
+    load = next(f for f in fns if getattr(f.fn, "__name__", "") == "restore")
+    assert [c.elem_id for c in load.outputs[-3:]] == ["lt-preset", "lt-test-lora", "lt-train-msg"]
+    *form, preset, loras, msg = load.fn()
+    return dict(zip(blocks.lt_context.paths, form, strict=True)), preset, loras, msg
+
+
 def test_after_a_restart_the_webuis_page_shows_the_last_runs_settings(tmp_path: Path):
     """The WebUI was restarted after a run: its page shows that run's settings (dataset, name,
     rank, steps) and says whose they are, not the defaults; an unfinished run is offered instead
@@ -394,12 +404,8 @@ def test_after_a_restart_the_webuis_page_shows_the_last_runs_settings(tmp_path: 
     defaults = build_config({"output.output_dir": str(out)})
 
     def page_load(remember: bool = True) -> tuple[dict[str, Any], Any, Any]:
-        blocks = build_tab(host, defaults=defaults, remember_last_run=remember)
-        fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
-        load = next(f for f in fns if getattr(f.fn, "__name__", "") == "restore")
-        assert [c.elem_id for c in load.outputs[-2:]] == ["lt-test-lora", "lt-train-msg"]
-        *form, loras, msg = load.fn()
-        return dict(zip(blocks.lt_context.paths, form, strict=True)), loras, msg
+        form, preset, loras, msg = page_load_outputs(build_tab(host, defaults=defaults, remember_last_run=remember))
+        return {**form, "preset": preset}, loras, msg
 
     jobs.clear_finished()
     form, _, msg = page_load()  # nothing has run: the form keeps its defaults
@@ -410,6 +416,7 @@ def test_after_a_restart_the_webuis_page_shows_the_last_runs_settings(tmp_path: 
     form, loras, msg = page_load()
     assert (form["output.output_name"], form["network.rank"], form["train.max_train_steps"]) == ("cat", 2, 3)
     assert form["data.train_data_dir"] == str(data) and not form["train.resume"]
+    assert form["preset"] == "custom"  # the run's values are no preset's: not the label the page was built with
     assert msg.startswith("the form holds the settings of the last run, 'cat' (started ")
     assert msg.endswith("); Start training begins a new run with them") and loras == compat.update()
     form, _, msg = page_load(remember=False)  # the app: its command line's defaults
@@ -507,7 +514,7 @@ def test_the_tabs_config_load_takes_a_lora_scripts_toml_and_names_the_keys_witho
     toml = tmp_path / "lora.toml"
     toml.write_text('[additional_network_arguments]\nnetwork_dim = 8\n[training_arguments]\nxformers = true\n'
                     'resolution = "640,640"\n[saving_arguments]\nlogging_dir = "./logs"\n', encoding="utf-8")
-    *form, _, status = fns["load_file"](str(toml))
+    *form, preset, _, status = fns["load_file"](str(toml))
     import importlib.util
     import sys
 
@@ -516,14 +523,54 @@ def test_the_tabs_config_load_takes_a_lora_scripts_toml_and_names_the_keys_witho
                           "tomli, into this Python); or give the same keys as YAML")
     else:
         values = dict(zip(paths, form, strict=True))
-        assert (values["network.rank"], values["data.resolution"]) == (8, 640)
+        assert (values["network.rank"], values["data.resolution"], preset) == (8, 640, "custom")
         assert status == (f"loaded {toml}; keys of other trainers, kept without effect here:\n"
                           "- `xformers`: attention runs PyTorch's fused kernels\n"
                           "- `logging_dir`: logs go to &lt;output_dir>/logs/&lt;output_name>")
-    *form, status = fns["yaml_to_form"]("network_dim: 4\nsave_every_n_epochs: 2\nsave_n_epoch_ratio: 0\nlowram: true\n")
+    *form, _, status = fns["yaml_to_form"]("network_dim: 4\nsave_every_n_epochs: 2\nsave_n_epoch_ratio: 0\nlowram: true\n")
     values = dict(zip(paths, form, strict=True))
     assert (values["network.rank"], values["train.save_every_n_epochs"]) == (4, 2)
     assert status == ("loaded into the form; keys of other trainers, kept without effect here:\n"
                       "- `save_n_epoch_ratio`: saves are set by train.save_every_n_epochs or train.save_steps\n"
                       "- `lowram`: set by the trainer itself")
     assert fns["yaml_to_form"]("network_dim: 4\n")[-1] == "loaded into the form"
+
+
+def test_a_webuis_first_page_starts_from_auto_and_the_preset_label_follows_a_loaded_form(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A WebUI page with no run to show starts from the "auto" preset (sized for the loaded model
+    and the card's free memory at that moment) and says what it picked, rather than plain
+    defaults under a "custom" label; a form loaded from YAML shows the preset its values are, or
+    "custom"; and only the user's choice applies a preset (the label a loaded form sets must not
+    apply one over it)."""
+    from lora_trainer.ui.fields import values_from_config
+    from lora_trainer.ui.tab import build_tab
+    from tests.train_helpers import TinyHost
+
+    monkeypatch.setattr(presets, "gpu_free_gb", lambda: None)  # no GPU here: auto is the CPU demo preset
+    defaults = build_config({"output.output_dir": str(tmp_path / "out")})
+    jobs.clear_finished()
+    blocks = build_tab(TinyHost("sd1"), defaults=defaults, remember_last_run=True, start_auto=True)
+    by_id = {getattr(b, "elem_id", None): b for b in blocks.blocks.values()}
+    assert by_id["lt-preset"].value == "auto"
+    form, preset, loras, msg = page_load_outputs(blocks)
+    demo = presets.preset_values("cpu (demo)")
+    expected = dict(zip(demo, values_from_config(build_config(demo), list(demo)), strict=True))
+    sent = {p: (u["value"] if isinstance(u, dict) else u.value) for p, u in form.items() if u != compat.update()}
+    assert sent == {p: v for p, v in expected.items() if p in form}
+    assert sent["data.resolution"] == 64 and sent["network.rank"] == 4  # not the plain defaults' 512 and 16
+    assert (msg, preset) == ("auto: no GPU found, so the CPU demo settings", "auto") and loras == compat.update()
+    assert page_load_outputs(build_tab(TinyHost("sd1"), defaults=defaults, remember_last_run=True))[3] \
+        == compat.update()  # without start_auto (the app): its own defaults, nothing said
+
+    fns = list(blocks.fns.values()) if isinstance(blocks.fns, dict) else list(blocks.fns)
+    named = {getattr(f.fn, "__name__", ""): f.fn for f in fns}
+    yaml = __import__("yaml").safe_dump(demo)
+    *_, label, status = named["yaml_to_form"](yaml)
+    assert (label, status) == ("cpu (demo)", "loaded into the form")
+    assert named["yaml_to_form"](yaml + "network.rank: 5\n")[-2] == "custom"
+    deps = blocks.config["dependencies"]
+    [applier] = [i for i, f in enumerate(fns) if getattr(f.fn, "__name__", "") == "apply_preset"]
+    targets = deps[applier]["targets"]
+    events = {t[1] for t in targets} if isinstance(targets[0], (list, tuple)) else {deps[applier]["trigger"]}
+    assert events == {"input"}

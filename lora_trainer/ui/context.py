@@ -24,6 +24,7 @@ class TabContext:
     deferred: list[Any] = field(default_factory=list)
     parts: dict[str, Any] = field(default_factory=dict)  # named non-field components shared by sections
     remember_last_run: bool = False  # a page with no run in this process shows the last run's settings (WebUI)
+    start_auto: bool = False  # a page with no run to show starts from the "auto" preset (WebUI)
 
     def later(self, fn: Any) -> None:
         """Wire an event once every field exists (sections are built in order; handlers that

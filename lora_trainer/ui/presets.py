@@ -182,11 +182,12 @@ def preset_values(name: str, arch: str = DEFAULT_FAMILY, memory_gb: float | None
     return values
 
 
-def preset_of(cfg: Any, arch: str = DEFAULT_FAMILY) -> str | None:
-    """The fixed preset whose every value ``cfg`` already has (what the form shows at start), or None."""
+def preset_of(cfg: Any, arch: str = DEFAULT_FAMILY, **facts: Any) -> str | None:
+    """The fixed preset whose every value ``cfg`` already has (what the form shows), or None;
+    ``facts``: the host's model's, as :func:`preset_values` takes them."""
     for name in PRESET_NAMES:
         if name == "auto":
             continue  # depends on the machine, not a set of values
-        if all(cfg.get(path) == value for path, value in preset_values(name, arch).items()):
+        if all(cfg.get(path) == value for path, value in preset_values(name, arch, **facts).items()):
             return name
     return None

@@ -17,7 +17,7 @@ from lora_trainer.config import TrainConfig
 from lora_trainer.ui import compat, handlers
 from lora_trainer.ui.context import TabContext, err_text
 from lora_trainer.ui.fields import UI_FIELDS
-from lora_trainer.ui.train_section import form_values_of, lora_dir_of, test_section, train_section
+from lora_trainer.ui.train_section import auto_form, form_of, form_outputs, lora_dir_of, test_section, train_section
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,16 @@ if TYPE_CHECKING:
 
 
 def build_tab(host: Host, *, elem_prefix: str = "lt-", captioner: Captioner | None = None,
-              defaults: TrainConfig | None = None, remember_last_run: bool = False) -> Any:
+              defaults: TrainConfig | None = None, remember_last_run: bool = False,
+              start_auto: bool = False) -> Any:
     """The whole tab as a ``gr.Blocks`` (the WebUI puts it in a tab; the app launches it).
     ``remember_last_run``: a page loaded after a restart shows the settings of the last run in
     the default output folder rather than the defaults (the WebUI's tab; the app's defaults are
-    its command line's)."""
+    its command line's). ``start_auto``: a page with no run to show (a first visit) starts from
+    the "auto" preset, sized for the loaded model and the GPU's free memory at that moment."""
     g = compat.gr()
     ctx = TabContext(host=host, prefix=elem_prefix, captioner=captioner, defaults=defaults or TrainConfig(),
-                     remember_last_run=remember_last_run)
+                     remember_last_run=remember_last_run, start_auto=start_auto)
     with g.Blocks(analytics_enabled=False, elem_id=ctx.eid("root")) as tab:
         with g.Tabs(elem_id=ctx.eid("sections")):
             with g.Tab("Dataset", elem_id=ctx.eid("tab-dataset")):
@@ -57,24 +59,29 @@ def _on_page_load(ctx: TabContext, tab: Any) -> None:
     """A (re)loaded page shows the form of the run its progress shows, that run's LoRA folder in
     the Test list, and the captions of the form's dataset folder. With no run in this process
     (the WebUI was restarted), the last run's settings where the tab remembers them, and a line
-    that says so unless the page's first poll offers an unfinished run there instead."""
+    that says so unless the page's first poll offers an unfinished run there instead. With no run
+    at all (a first visit), the "auto" preset where the tab starts from it, and what it picked.
+    The preset dropdown names the preset the form's values are, or "custom"."""
 
     def restore() -> list[Any]:
         keep = compat.update()
         job = jobs.current()
         if job is not None:
             names = handlers.list_loras(lora_dir_of(ctx, job.config))
-            return [*form_values_of(ctx, job.config), compat.update(choices=names, value=names[0] if names else None),
-                    keep]
+            return [*form_of(ctx, job.config), compat.update(choices=names, value=names[0] if names else None), keep]
         out = ctx.defaults.output.output_dir
         last = handlers.last_run(out) if ctx.remember_last_run else None
-        if last is None:
-            return [keep for _ in range(len(ctx.paths) + 2)]
-        cfg, said = last
-        return [*form_values_of(ctx, cfg), keep, keep if handlers.unfinished_run(out) is not None else said]
+        if last is not None:
+            cfg, said = last
+            return [*form_of(ctx, cfg), keep, keep if handlers.unfinished_run(out) is not None else said]
+        if ctx.start_auto:  # a first visit: sized for the loaded model and the card, and said so
+            form, note = auto_form(ctx)
+            # "auto" said, not kept: a WebUI may have put another default on the dropdown (ui-config.json)
+            return [*form, "auto", keep, keep if handlers.unfinished_run(out) is not None else note]
+        return [keep for _ in range(len(ctx.paths) + 3)]
 
     reload_captions, caption_outputs = ctx.parts["caption_reload"]
-    tab.load(restore, None, [*ctx.inputs, ctx.parts["test_lora"], ctx.parts["train_msg"]]).then(
+    tab.load(restore, None, [*form_outputs(ctx), ctx.parts["test_lora"], ctx.parts["train_msg"]]).then(
         reload_captions, ctx.inputs, caption_outputs)
 
 

@@ -108,8 +108,9 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
                     "sample_now": "rendering a sample at the next step…"}[name]
         return run
 
-    ctx.later(lambda: preset.change(_preset_applier(ctx), [preset, ctx.fields["model.arch"], ctx.fields["network.type"]],
-                                    [ctx.fields[p] for p in PRESET_FIELDS] + [msg]))
+    # .input: the user's choice only; the label a loaded form sets (form_of) must not apply a preset again
+    ctx.later(lambda: preset.input(_preset_applier(ctx), [preset, ctx.fields["model.arch"], ctx.fields["network.type"]],
+                                   [ctx.fields[p] for p in PRESET_FIELDS] + [msg]))
     ctx.later(lambda: start.click(do_start, ctx.inputs, [msg, progress]))
     stop.click(command("stop"), None, [msg])
     _wire_continue(ctx, go_on, msg, progress)
@@ -162,12 +163,44 @@ def auto_note_for_host(host: Host, form_arch: str, network: str, free_gb: float 
 
 
 def _preset_dropdown(ctx: TabContext) -> Any:
-    """Shows the preset the form's defaults came from ("custom" when none), never a blank."""
+    """Shows the preset the form's defaults came from ("custom" when none), never a blank; "auto"
+    where a page with no run to show starts from it (``TabContext.start_auto``)."""
     d = ctx.defaults
-    shown = presets.preset_of(d, d.model.arch if d.model.arch != "auto" else DEFAULT_FAMILY) or CUSTOM_PRESET
-    return compat.gr().Dropdown([CUSTOM_PRESET, *presets.PRESET_NAMES], value=shown, label="Preset (GPU memory)",
-                                info="sets resolution, batch, rank, precision and memory savers",
-                                elem_id=ctx.eid("preset"))
+    shown = "auto" if ctx.start_auto else (
+        presets.preset_of(d, d.model.arch if d.model.arch != "auto" else DEFAULT_FAMILY) or CUSTOM_PRESET)
+    dropdown = compat.gr().Dropdown([CUSTOM_PRESET, *presets.PRESET_NAMES], value=shown, label="Preset (GPU memory)",
+                                    info="sets resolution, batch, rank, precision and memory savers",
+                                    elem_id=ctx.eid("preset"))
+    ctx.parts["preset"] = dropdown
+    return dropdown
+
+
+def auto_form(ctx: TabContext) -> tuple[list[Any], str]:
+    """The "auto" preset as the form's updates (its fields; the others as they are) and its line,
+    for the model the host has loaded now and the GPU's free memory now."""
+    d = ctx.defaults
+    *values, note = _preset_applier(ctx)("auto", d.model.arch, d.network.type)
+    by_path = dict(zip(PRESET_FIELDS, values, strict=True))
+    return [by_path.get(p, compat.update()) for p in ctx.paths], note
+
+
+def shown_preset(ctx: TabContext, cfg: Any) -> str:
+    """The dropdown's label for a form holding ``cfg``: the fixed preset whose every value it has,
+    for the model the run trains, else "custom" ("auto" is a choice, not a set of values)."""
+    family, facts = _for_host(ctx.host, cfg.model.arch, cfg.network.type)
+    return presets.preset_of(cfg, family, **facts) or CUSTOM_PRESET
+
+
+def form_outputs(ctx: TabContext) -> list[Any]:
+    """The components a whole loaded config sets: every field, then the preset's label."""
+    return [*ctx.inputs, ctx.parts["preset"]]
+
+
+def form_of(ctx: TabContext, cfg: Any, *, as_run: bool = True) -> list[Any]:
+    """``form_outputs``' values for ``cfg``: a run's (:func:`form_values_of`) or, ``as_run``
+    false, a loaded file's as it is."""
+    values = form_values_of(ctx, cfg) if as_run else values_from_config(cfg, ctx.paths)
+    return [*values, shown_preset(ctx, cfg)]
 
 
 def _host_field_overrides(ctx: TabContext, path: str) -> dict[str, Any]:
@@ -212,14 +245,14 @@ def _wire_continue(ctx: TabContext, go_on: Any, msg: Any, progress: Any) -> None
         """The continued run's settings go into the form, as a page loaded during it shows them."""
         try:
             job, said = handlers.continue_stopped(ctx.host, folder or ctx.defaults.output.output_dir)
-            return [said, handlers.progress_html(job.snapshot(), ctx.prefix), *form_values_of(ctx, job.config)]
+            return [said, handlers.progress_html(job.snapshot(), ctx.prefix), *form_of(ctx, job.config)]
         except Exception as e:  # noqa: BLE001
-            return [err_text(e), compat.update(), *(compat.update() for _ in ctx.paths)]
+            return [err_text(e), compat.update(), *(compat.update() for _ in form_outputs(ctx))]
 
     def offer_unfinished(folder: str, said: str) -> list[Any]:
         return _offer_unfinished(ctx, folder, said)
 
-    ctx.later(lambda: go_on.click(do_continue, [out_dir], [msg, progress, *ctx.inputs]))
+    ctx.later(lambda: go_on.click(do_continue, [out_dir], [msg, progress, *form_outputs(ctx)]))
     out_dir.blur(offer_unfinished, [out_dir, msg], [msg, go_on])
 
 
@@ -296,9 +329,9 @@ def _yaml_block(ctx: TabContext) -> None:
         try:
             data = yaml_text_data(yaml_text)
             cfg = config_from_data(data, "config YAML")
-            return [*values_from_config(cfg, ctx.paths), _loaded("loaded into the form", data)]
+            return [*form_of(ctx, cfg, as_run=False), _loaded("loaded into the form", data)]
         except Exception as e:  # noqa: BLE001
-            return [*(compat.update() for _ in ctx.paths), err_text(e)]
+            return [*(compat.update() for _ in form_outputs(ctx)), err_text(e)]
 
     def save_file(p: str, *values: Any) -> str:
         try:
@@ -314,14 +347,14 @@ def _yaml_block(ctx: TabContext) -> None:
         try:
             data = cfgmod.read_yaml(Path(p.strip()).expanduser())
             cfg = config_from_data(data, p.strip())
-            return [*values_from_config(cfg, ctx.paths), cfg.to_yaml(), _loaded(f"loaded {p.strip()}", data)]
+            return [*form_of(ctx, cfg, as_run=False), cfg.to_yaml(), _loaded(f"loaded {p.strip()}", data)]
         except Exception as e:  # noqa: BLE001
-            return [*(compat.update() for _ in ctx.paths), compat.update(), err_text(e)]
+            return [*(compat.update() for _ in form_outputs(ctx)), compat.update(), err_text(e)]
 
     ctx.later(lambda: to_yaml.click(form_to_yaml, ctx.inputs, [text, status]))
-    ctx.later(lambda: from_yaml.click(yaml_to_form, [text], [*ctx.inputs, status]))
+    ctx.later(lambda: from_yaml.click(yaml_to_form, [text], [*form_outputs(ctx), status]))
     ctx.later(lambda: save.click(save_file, [path, *ctx.inputs], [status]))
-    ctx.later(lambda: load.click(load_file, [path], [*ctx.inputs, text, status]))
+    ctx.later(lambda: load.click(load_file, [path], [*form_outputs(ctx), text, status]))
 
 
 def _loaded(said: str, data: dict[str, Any]) -> str:

@@ -183,6 +183,9 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
                    or "square" in text_of(d, "lt-caption-table"))
         check(True, "tab: captions shown in the table")
         open_tab_section(d, "Train")
+        choose(d, "lt-preset", "8 GB")  # a fixed one first: on a first visit the form starts from "auto"
+        wait_until("8 GB's note", lambda: said(d, "lt-train-msg") == "preset 8 GB applied")
+        check(value_of(d, "lt-f-network-rank") == "16", "tab: choosing a preset sets its values (8 GB: rank 16)")
         choose(d, "lt-preset", "auto")
         note = wait_until("auto's note", lambda: (m := said(d, "lt-train-msg")).startswith("auto") and m)
         check(True, f"tab: the auto preset says what it picked ({note})")
@@ -221,6 +224,7 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
             d.save_screenshot(str(shots / "a1111_test.png"))
         check(True, f"tab: weight sweep rendered ({text_of(d, 'lt-test-msg')})")
         stop_and_continue(d, name)
+        page_shows_the_run(d, url, f"{name}_long")
         errors = page_errors(d)
         if _assets_refused(url):
             # gradio 3 refuses every file= asset under a hidden folder (~/.cache/...), the WebUI's own
@@ -261,6 +265,17 @@ def stop_and_continue(d: Any, name: str) -> None:
           f"tab: Continue went on from step {at} ({' '.join(text_of(d, 'lt-progress').split())[:60]})")
     click(d, "lt-stop")
     wait_until("stopped again", lambda: said(d, "lt-train-msg").startswith("stopped at step"))
+
+
+def page_shows_the_run(d: Any, url: str, name: str) -> None:
+    """A page loaded again shows the run's settings, and the preset label of those values ("custom":
+    the auto preset's, with other steps and batch), not the label the page was built with."""
+    d.get(url)
+    open_webui_tab(d, "Train LoRA")
+    open_tab_section(d, "Train")
+    wait_until("the run's settings", lambda: value_of(d, "lt-f-output-output-name") == name)
+    check(value_of(d, "lt-preset") == "custom" and value_of(d, "lt-f-train-batch-size") == "2",
+          f"tab: a page loaded again shows '{name}''s settings, labelled '{value_of(d, 'lt-preset')}'")
 
 
 def main(argv: list[str] | None = None) -> int:
