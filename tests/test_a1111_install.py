@@ -23,47 +23,59 @@ WEBUI_ENV = {
 }
 
 
+PYTHON = (3, 10)  # the WebUI's: its standard library has no tomllib
+
+
 def lookup(env: dict[str, str]):
     return lambda name: env.get(ip.normalize(name))
 
 
+def plan(env: dict[str, str], *args: object) -> list[ip.Action]:
+    return ip.plan_installs(lookup(env), *args, python=PYTHON)
+
+
 def test_fresh_webui_installs_diffusers_and_peft_without_deps() -> None:
-    actions = ip.plan_installs(lookup(WEBUI_ENV))
-    assert [a.spec for a in actions] == ["diffusers==0.35.2", "peft==0.13.2"]
+    actions = plan(WEBUI_ENV)
+    assert [a.spec for a in actions] == ["diffusers==0.35.2", "peft==0.13.2", "tomli==2.2.1"]
     assert all(a.args.endswith("--no-deps") for a in actions)
     ip.check_pins_untouched(actions)
 
 
+def test_tomli_only_where_the_standard_library_has_no_tomllib() -> None:
+    assert [a.name for a in ip.plan_installs(lookup(WEBUI_ENV), python=(3, 11))] == ["diffusers", "peft"]
+    assert plan(dict(WEBUI_ENV, tomli="2.0.1"))[-1].name == "peft"  # one that is there is kept
+
+
 def test_second_start_installs_nothing() -> None:
     env = dict(WEBUI_ENV)
-    for a in ip.plan_installs(lookup(env)):
+    for a in plan(env):
         env[ip.normalize(a.name)] = a.spec.split("==")[1]
-    assert ip.plan_installs(lookup(env)) == []
+    assert plan(env) == []
 
 
 def test_newer_user_versions_are_left_alone() -> None:
-    env = dict(WEBUI_ENV, diffusers="0.42.1", peft="0.21.2")
-    assert ip.plan_installs(lookup(env)) == []
+    env = dict(WEBUI_ENV, diffusers="0.42.1", peft="0.21.2", tomli="2.3.0")
+    assert plan(env) == []
 
 
 def test_a_missing_helper_dependency_is_installed_with_its_deps() -> None:
     env = {k: v for k, v in WEBUI_ENV.items() if k != "importlib-metadata"}
-    [action] = [a for a in ip.plan_installs(lookup(env)) if a.name == "importlib-metadata"]
+    [action] = [a for a in plan(env) if a.name == "importlib-metadata"]
     assert action.args == 'install "importlib-metadata==8.5.0"'
 
 
 def test_too_old_version_is_replaced() -> None:
-    env = dict(WEBUI_ENV, diffusers="0.35.2", peft="0.6.0")
-    [action] = ip.plan_installs(lookup(env))
+    env = dict(WEBUI_ENV, diffusers="0.35.2", peft="0.6.0", tomli="2.2.1")
+    [action] = plan(env)
     assert action.spec == "peft==0.13.2" and "older" in action.reason
 
 
 def test_pinned_packages_are_never_planned_even_when_missing() -> None:
     env = {k: v for k, v in WEBUI_ENV.items() if k not in ("torch", "gradio", "transformers", "xformers")}
-    names = {ip.normalize(a.name) for a in ip.plan_installs(lookup(env))}
+    names = {ip.normalize(a.name) for a in plan(env)}
     assert names.isdisjoint(ip.HOST_PINNED)
     reqs = ip.REQUIREMENTS + (ip.Requirement("torch", "2.0", "2.5.0"),)
-    assert all(a.name != "torch" for a in ip.plan_installs(lookup({}), reqs))
+    assert all(a.name != "torch" for a in plan({}, reqs))
     with pytest.raises(ValueError, match="torch"):
         ip.check_pins_untouched([ip.Action("torch", "torch==2.5.0", 'install "torch==2.5.0"', "")])
 
@@ -77,7 +89,7 @@ def test_diffusers_follows_the_installed_hub(hub: str | None, expected: str | No
     env = {k: v for k, v in WEBUI_ENV.items() if k != "huggingface-hub"}
     if hub:
         env["huggingface-hub"] = hub
-    [diff] = [a for a in ip.plan_installs(lookup(env)) if a.name == "diffusers"]
+    [diff] = [a for a in plan(env) if a.name == "diffusers"]
     assert (diff.spec == f"diffusers=={expected}") if expected else (diff.args == "" and "huggingface_hub" in diff.reason)
 
 
@@ -103,8 +115,9 @@ def test_install_py_calls_run_pip_only_for_missing(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(metadata, "version", fake_version)
     runpy.run_path(str(ROOT / "install.py"), run_name="__main__")
-    assert calls == ['install "diffusers==0.35.2" --no-deps', 'install "peft==0.13.2" --no-deps']
-    env.update({"diffusers": "0.35.2", "peft": "0.13.2"})
+    tomli = ['install "tomli==2.2.1" --no-deps'] if sys.version_info < (3, 11) else []  # this Python's
+    assert calls == ['install "diffusers==0.35.2" --no-deps', 'install "peft==0.13.2" --no-deps', *tomli]
+    env.update({"diffusers": "0.35.2", "peft": "0.13.2", "tomli": "2.2.1"})
     calls.clear()
     runpy.run_path(str(ROOT / "install.py"), run_name="__main__")
     assert calls == []

@@ -28,12 +28,15 @@ def lookup(env: dict[str, str]):
     return lambda name: env.get(ip.normalize(name))
 
 
-@pytest.mark.parametrize(("env", "expected"), [(NEO, []), (LLLYASVIEL, []), (CLASSIC, ["peft==0.13.2"])],
-                         ids=["neo", "lllyasviel", "classic"])
-def test_forge_stacks_get_only_what_is_missing(env: dict[str, str], expected: list[str]) -> None:
-    actions = ip.plan_installs(lookup(env))
+# Python: Neo 3.13; Classic and lllyasviel's Forge 3.10, whose standard library has no tomllib.
+@pytest.mark.parametrize(("env", "python", "expected"), [
+    (NEO, (3, 13), []), (LLLYASVIEL, (3, 10), ["tomli==2.2.1"]), (CLASSIC, (3, 10), ["peft==0.13.2", "tomli==2.2.1"]),
+], ids=["neo", "lllyasviel", "classic"])
+def test_forge_stacks_get_only_what_is_missing(env: dict[str, str], python: tuple[int, int],
+                                               expected: list[str]) -> None:
+    actions = ip.plan_installs(lookup(env), python=python)
     assert [a.spec for a in actions] == expected
-    assert all(a.args.endswith("--no-deps") for a in actions)  # peft's dependencies are Forge's pins
+    assert all(a.args.endswith("--no-deps") for a in actions)  # peft's dependencies are Forge's pins; tomli has none
     ip.check_pins_untouched(actions)
     after = {**env, **{ip.normalize(a.name): a.spec.split("==")[1] for a in actions}}
-    assert ip.plan_installs(lookup(after)) == []  # a second start installs nothing
+    assert ip.plan_installs(lookup(after), python=python) == []  # a second start installs nothing

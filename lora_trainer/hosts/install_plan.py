@@ -14,6 +14,7 @@ testable anywhere.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ class Requirement:
     install: str
     no_deps: bool = False
     why: str = ""
+    python_below: tuple[int, int] | None = None  # needed only before this Python (its stdlib has it)
 
 
 # peft 0.13.2: newest that imports with transformers 4.30.2 (0.14 needs transformers' Cache) and
@@ -46,6 +48,10 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("diffusers", "0.27.0", "0.35.2", no_deps=True, why="schedulers and model configs"),
     Requirement("peft", "0.13.0", "0.13.2", no_deps=True, why="LoRA layers"),
     Requirement("pyyaml", "5.1", "6.0.2", why="training configs"),
+    # kohya / lora-scripts .toml configs: tomllib from Python 3.11; A1111 and Forge Classic run 3.10.
+    # Pure Python without dependencies.
+    Requirement("tomli", "1.1.0", "2.2.1", no_deps=True, why="kohya and lora-scripts .toml configs",
+                python_below=(3, 11)),
     # diffusers' own dependencies that are not WebUI pins (normally present already).
     Requirement("filelock", "3.0", "3.16.1", why="diffusers"),
     Requirement("regex", "2020.1.8", "2024.11.6", why="diffusers"),
@@ -102,15 +108,18 @@ def version_tuple(version: str) -> tuple[int, ...]:
 
 
 def plan_installs(installed_version: Callable[[str], str | None],
-                  requirements: tuple[Requirement, ...] = REQUIREMENTS) -> list[Action]:
-    """Actions to take, given ``installed_version(name) -> version or None``.
+                  requirements: tuple[Requirement, ...] = REQUIREMENTS,
+                  python: tuple[int, int] | None = None) -> list[Action]:
+    """Actions to take, given ``installed_version(name) -> version or None``, for the WebUI's
+    ``python`` version (default: this one).
 
     Nothing when everything is present at or above its minimum (the second start installs
     nothing). A package the WebUI pins is never planned, whatever its state.
     """
+    python = python or (sys.version_info[0], sys.version_info[1])
     actions: list[Action] = []
     for req in requirements:
-        if normalize(req.name) in HOST_PINNED:
+        if normalize(req.name) in HOST_PINNED or (req.python_below and python >= req.python_below):
             continue
         have = installed_version(req.name)
         if have is not None and version_tuple(have) >= version_tuple(req.minimum):

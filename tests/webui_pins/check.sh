@@ -37,7 +37,7 @@ fi
 "$PY" -c "import torch, transformers, gradio; print('webui pins check: torch', torch.__version__, \
 'transformers', transformers.__version__, 'gradio', gradio.__version__)"
 # What install.py adds is taken out again first, so every run checks a first start as users get it.
-"$PY" -m pip uninstall -y -q diffusers peft importlib-metadata zipp 2>/dev/null || true
+"$PY" -m pip uninstall -y -q diffusers peft importlib-metadata zipp tomli 2>/dev/null || true
 PINNED='torch|torchvision|transformers|accelerate|safetensors|numpy|pillow|gradio|huggingface.hub|tokenizers|open.clip.torch'
 BEFORE=$(pins_freeze "$PINNED")
 pins_run_install_py

@@ -9,7 +9,8 @@
 # the venv is that Forge's venv.
 #
 # 1. install.py runs there through a stand-in for Forge's `launch.run_pip` and must make exactly
-#    the pip calls that Forge needs (Neo: none; Classic: peft 0.13.2 without dependencies); a
+#    the pip calls that Forge needs (Neo: none; Classic: peft 0.13.2 without dependencies, and
+#    tomli on Python 3.10 for .toml configs); a
 #    second start makes none, and every package of the pins file keeps its version.
 # 2. smoke.py, then the Forge host tests on that stack (on Neo also the tab's UI tests).
 #
@@ -30,7 +31,7 @@ esac
 # What install.py may add (lora_trainer/hosts/install_plan.py REQUIREMENTS, and what pip brings
 # with them) and what the test tools add: whatever of it the Forge does not have is taken out
 # first, so install.py and smoke.py see a first start on that Forge's own packages.
-ADDED=(diffusers peft PyYAML filelock regex requests importlib-metadata zipp open-clip-torch timm ftfy wcwidth)
+ADDED=(diffusers peft PyYAML filelock regex requests importlib-metadata zipp tomli open-clip-torch timm ftfy wcwidth)
 TESTS=(
   tests/test_forge_host.py tests/test_forge_script.py tests/test_forge_install.py tests/test_forge_memory.py
   tests/test_hosts_contract.py tests/test_isolation.py tests/test_lora_forward.py
@@ -63,6 +64,11 @@ check_stack() {
   pins_run_install_py
   echo "$label: install.py, first start: $(echo "${PIP_CALLS:-no pip call}" | tr '\n' ';')"
   [ -z "$(not_pinned_now)" ] || { echo "FAIL: install.py moved Forge's pins: $(not_pinned_now | tr '\n' ' ')"; return 1; }
+  # Python 3.10's standard library has no tomllib: install.py adds tomli there (the .toml configs)
+  if "$PY" -c 'import sys; sys.exit(sys.version_info >= (3, 11))'; then
+    local nl=$'\n'
+    expected+="${expected:+$nl}install \"tomli==2.2.1\" --no-deps"
+  fi
   if [ "$PIP_CALLS" != "$expected" ]; then
     echo "FAIL: install.py's pip calls on $name: '$PIP_CALLS', expected '$expected'"; return 1
   fi
