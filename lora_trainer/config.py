@@ -46,7 +46,7 @@ class ModelConfig:
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = _f("auto", "What the UNet predicts; 'auto' reads it from the model (SD2 768-v models are v_prediction).")
     vae: str | None = _f(None, "Optional separate VAE (.safetensors file or diffusers folder).")
     allow_pickle: bool = _f(False, "Allow loading pickle checkpoints (.ckpt/.pt). They can run arbitrary code: only for files you trust.")
-    weight_dtype: Literal["auto", "fp32", "fp16", "bf16", "fp8", "nf4"] = _f("auto", "dtype of the frozen base weights; 'auto' is fp16/bf16 on a GPU (per mixed_precision) and fp32 on CPU. Flux.1/SD3.5: fp8 stores the transformer's Linear weights as float8 (computed in the auto dtype), nf4 as 4-bit (needs bitsandbytes).")
+    weight_dtype: Literal["auto", "fp32", "fp16", "bf16", "fp8", "nf4"] = _f("auto", "dtype of the frozen base weights; 'auto' is fp16/bf16 on a GPU (bf16 when training in bf16) and fp32 on CPU. Flux.1/SD3.5: fp8 stores the transformer's Linear weights as float8 (computed in the auto dtype), nf4 as 4-bit (needs bitsandbytes).")
     clip_l: str | None = _f(None, "Flux.1/SD3.5 single-file model: CLIP-L text encoder (.safetensors file or diffusers folder); with a diffusers folder, replaces its text_encoder.")
     clip_g: str | None = _f(None, "SD3.5 single-file model: CLIP-G text encoder (.safetensors file or diffusers folder).")
     t5xxl: str | None = _f(None, "Flux.1/SD3.5 single-file model: T5-XXL text encoder (.safetensors file or diffusers folder).")
@@ -137,7 +137,7 @@ class LoopConfig:
     epochs: int = _f(10, "Passes over the dataset (ignored when max_train_steps is set).")
     max_train_steps: int | None = _f(None, "Stop after this many optimizer steps.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "Autocast precision; LoRA parameters stay fp32 (fp16 uses loss scaling).")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _f("auto", "Autocast precision; LoRA parameters stay fp32 (fp16 uses loss scaling). auto: in a WebUI the precision its model computes in; standalone bf16 on a GPU that has it, fp16 on other GPUs, no on a CPU or Apple GPU.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     checkpointing_share: float = _f(1.0, "With gradient_checkpointing: the share of the UNet's (or transformer's) "
                                     "blocks recomputed, above 0 up to 1. Less is faster, more saves memory; the "

@@ -81,7 +81,7 @@ def test_string_values_are_coerced() -> None:
     (["network.rank=abc"], "network.rank: 'abc' is not valid; expected an integer"),
     (["network.rank=0"], "network.rank: 0 must be at least 1"),
     (["optim.lr_scheduler=cosin"], "did you mean 'cosine'"),
-    (["train.mixed_precision=fp8"], "expected one of 'no', 'fp16', 'bf16'"),
+    (["train.mixed_precision=fp8"], "expected one of 'auto', 'no', 'fp16', 'bf16'"),
     (["optim.learning_rate=-1"], "optim.learning_rate: -1.0 must be above 0"),
     (["data.resolution=500"], "multiple of 8"),
     (["data.caption_dropout=2"], "data.caption_dropout"),

@@ -105,3 +105,38 @@ def test_text_encoder_lora_learns_with_gradient_checkpointing(tmp_path: Path, da
         moved[on] = {k for k, v in tensors.items() if k.startswith("lora_te") and "lora_up" in k
                                 and v.abs().sum() > 0}
     assert moved[True] and moved[True] == moved[False]
+
+
+def test_auto_precision_is_the_hosts_compute_dtype_else_the_devices(tmp_path: Path, data: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.mixed_precision "auto" (the default) trains in the precision a WebUI's model computes
+    in, else bf16 on a CUDA GPU that has it, fp16 on other CUDA GPUs and fp32 elsewhere; the run's
+    saved config and its LoRA's metadata name the precision it trained in."""
+    import yaml
+    from safetensors import safe_open
+
+    from lora_trainer.config import TrainConfig
+    from lora_trainer.hosts.base import LoadedModel
+    from lora_trainer.models.loaders import resolve_mixed_precision as resolve
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert (resolve("auto", cuda), resolve("auto", cpu), resolve("auto", torch.device("mps"))) == ("bf16", "no", "no")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4 or an RTX 20xx
+    assert resolve("auto", cuda) == "fp16"
+    assert (resolve("auto", cuda, "fp16"), resolve("auto", cuda, "fp32"), resolve("auto", cpu, "bf16")) == (
+        "fp16", "no", "bf16")
+    assert resolve("fp16", cpu, "bf16") == "fp16" and TrainConfig().train.mixed_precision == "auto"
+
+    class WebUILike(TinyHost):
+        """A host whose loaded model computes in bf16."""
+
+        def loaded_model(self) -> LoadedModel:
+            return LoadedModel("tiny", "sd1", compute_dtype="bf16")
+
+    for run_host, expected in ((TinyHost("sd1"), "no"), (WebUILike("sd1"), "bf16")):
+        out = tmp_path / expected
+        result = Trainer(tiny_config(data, out, **{"train.max_train_steps": 1}), host=run_host).run()
+        with safe_open(str(result.lora_path), "pt") as f:
+            assert f.metadata()["ss_mixed_precision"] == expected
+        assert yaml.safe_load((out / "config.yaml").read_text())["train"]["mixed_precision"] == expected

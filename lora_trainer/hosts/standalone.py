@@ -77,11 +77,12 @@ class StandaloneHost:
         return None
 
     def acquire_bundle(self, config: TrainConfig) -> ModelBundle:
-        from lora_trainer.models.loaders import resolve_device, resolve_dtype
+        from lora_trainer.models.loaders import resolve_device, resolve_dtype, resolve_mixed_precision
 
         self._lora_dir = self.lora_dir(config)
         device = resolve_device(config.model.device)
-        dtype = resolve_dtype(config.model.weight_dtype, device, getattr(config.train, "mixed_precision", "no"))
+        precision = resolve_mixed_precision(getattr(config.train, "mixed_precision", "no"), device)
+        dtype = resolve_dtype(config.model.weight_dtype, device, precision)
         key = _cache_key(config.model, device, dtype)
         bundle = self._cache.get(key)
         if bundle is None:

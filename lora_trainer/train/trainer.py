@@ -74,6 +74,21 @@ def _as_memory_error(error: BaseException, cfg: TrainConfig) -> BaseException:
         "shows what settings need")
 
 
+def with_run_precision(cfg: TrainConfig, host: Host) -> TrainConfig:
+    """``cfg`` with ``train.mixed_precision: auto`` made the precision this run trains in, for the
+    host's model and the device (``resolve_mixed_precision``): the run's saved config, its LoRA's
+    metadata and a resume of it name what it trained in."""
+    if cfg.train.mixed_precision != "auto":
+        return cfg
+    from lora_trainer.config import build_config
+    from lora_trainer.models.loaders import resolve_device, resolve_mixed_precision
+
+    loaded = host.loaded_model()
+    precision = resolve_mixed_precision("auto", resolve_device(cfg.model.device),
+                                        loaded.compute_dtype if loaded is not None else None)
+    return build_config({"train.mixed_precision": precision}, base=cfg)
+
+
 class Trainer(WorkerRun):
     def __init__(self, config: TrainConfig, host: Host, callbacks: list[Callback] | None = None) -> None:
         super().__init__(callbacks)
@@ -120,6 +135,7 @@ class Trainer(WorkerRun):
 
         # The config and the dataset are checked before a model is loaded: a mistake there
         # fails in seconds, not at the first save.
+        self.config = with_run_precision(self.config, self.host)
         preflight(self.config, self.host)
         self.emit(TrainEvent("status", message="checking the dataset"))
         report = scan_dataset(self.config.data)
