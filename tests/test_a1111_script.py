@@ -82,6 +82,7 @@ def test_tab_is_built_from_the_ui_package_with_the_a1111_host(script, monkeypatc
         ctx = blocks.lt_context
         assert isinstance(ctx.host, A1111Host)
         assert ctx.remember_last_run  # after a restart the page shows the last run's settings
+        assert ctx.start_auto  # a first visit: the form sized for the loaded model and the card
         assert "tiny-sd1" in str(ctx.fields["model.base_model"].value)
 
 

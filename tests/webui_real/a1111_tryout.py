@@ -55,6 +55,12 @@ def api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
         return json.load(r)
 
 
+def webui_precision(url: str) -> str:
+    """The precision the WebUI's UNet computes in, as train.mixed_precision names it: "no" for a
+    WebUI started with --no-half (fp32), else fp16."""
+    return "no" if api(url, "/sdapi/v1/cmd-flags").get("no_half") else "fp16"
+
+
 def txt2img(url: str, prompt: str) -> np.ndarray:
     r = api(url, "/sdapi/v1/txt2img", {"prompt": prompt, "seed": 1234, "steps": 3, "width": 64, "height": 64,
                                        "sampler_name": "Euler", "cfg_scale": 5})
@@ -314,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     names = [Path(r["result"]["lora_path"]).stem for r in (first, second)]
     check(first["status"] == second["status"] == "done" and names[0] != names[1],
           f"api: the same name trained twice in a row: {names} (nothing overwritten)")
+    from safetensors import safe_open
+
+    with safe_open(first["result"]["lora_path"], "pt") as f:  # no mixed_precision asked: "auto"
+        said = f.metadata().get("ss_mixed_precision")
+    model_dtype = webui_precision(args.url)
+    check(said == model_dtype, f"api: a run without mixed_precision trains in the model's own precision "
+                               f"(ss_mixed_precision {said}, the WebUI's model: {model_dtype})")
     check(differs(txt2img(args.url, f"a red circle <lora:{names[1]}:1>"), plain) > 0, f"txt2img <lora:{names[1]}:1>")
 
     # Half the UNet's blocks checkpointed, LoCon in the residual blocks: every layer trains (the
