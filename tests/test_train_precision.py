@@ -111,7 +111,8 @@ def test_auto_precision_is_the_hosts_compute_dtype_else_the_devices(tmp_path: Pa
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """train.mixed_precision "auto" (the default) trains in the precision a WebUI's model computes
     in, else bf16 on a CUDA GPU that has it, fp16 on other CUDA GPUs and fp32 elsewhere; the run's
-    saved config and its LoRA's metadata name the precision it trained in."""
+    saved config and its LoRA's metadata name the precision it trained in. A host's model is asked
+    once the run has acquired it (a WebUI may load or switch it until then)."""
     import yaml
     from safetensors import safe_open
 
@@ -129,14 +130,25 @@ def test_auto_precision_is_the_hosts_compute_dtype_else_the_devices(tmp_path: Pa
     assert resolve("fp16", cpu, "bf16") == "fp16" and TrainConfig().train.mixed_precision == "auto"
 
     class WebUILike(TinyHost):
-        """A host whose loaded model computes in bf16."""
+        """A host with a model of its own (a WebUI's), which may be loaded only when a run acquires it."""
 
         def loaded_model(self) -> LoadedModel:
-            return LoadedModel("tiny", "sd1", compute_dtype="bf16")
+            return LoadedModel("tiny", None)
 
-    for run_host, expected in ((TinyHost("sd1"), "no"), (WebUILike("sd1"), "bf16")):
-        out = tmp_path / expected
-        result = Trainer(tiny_config(data, out, **{"train.max_train_steps": 1}), host=run_host).run()
-        with safe_open(str(result.lora_path), "pt") as f:
-            assert f.metadata()["ss_mixed_precision"] == expected
-        assert yaml.safe_load((out / "config.yaml").read_text())["train"]["mixed_precision"] == expected
+    from types import SimpleNamespace
+
+    from lora_trainer.train.trainer import with_run_precision
+
+    auto = tiny_config(data, tmp_path / "x")
+    assert with_run_precision(auto, WebUILike("sd1")) is auto  # decided once the model is acquired
+    for dtype, expected in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "no")):
+        bundle = SimpleNamespace(device="cuda", dtype=dtype)  # the dtype its UNet computes in
+        assert with_run_precision(auto, WebUILike("sd1"), bundle).train.mixed_precision == expected
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    standalone = with_run_precision(tiny_config(data, tmp_path / "x", **{"model.device": "cuda"}), TinyHost("sd1"))
+    assert standalone.train.mixed_precision == "bf16"
+
+    result = Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 1}), host=TinyHost("sd1")).run()
+    with safe_open(str(result.lora_path), "pt") as f:  # this CPU: fp32
+        assert f.metadata()["ss_mixed_precision"] == "no"
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["train"]["mixed_precision"] == "no"

@@ -24,6 +24,7 @@ from lora_trainer.train.stopping import stop_on_signals
 
 if TYPE_CHECKING:
     from lora_trainer.hosts.base import Host
+    from lora_trainer.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +75,26 @@ def _as_memory_error(error: BaseException, cfg: TrainConfig) -> BaseException:
         "shows what settings need")
 
 
-def with_run_precision(cfg: TrainConfig, host: Host) -> TrainConfig:
-    """``cfg`` with ``train.mixed_precision: auto`` made the precision this run trains in, for the
-    host's model and the device (``resolve_mixed_precision``): the run's saved config, its LoRA's
-    metadata and a resume of it name what it trained in."""
+def with_run_precision(cfg: TrainConfig, host: Host, bundle: ModelBundle | None = None) -> TrainConfig:
+    """``cfg`` with ``train.mixed_precision: auto`` made the precision this run trains in
+    (``resolve_mixed_precision``): standalone, where the run loads its model, the device's, before
+    the model is loaded (its weights' dtype follows); with a host's model (a WebUI's), the dtype
+    its UNet computes in, once ``bundle`` holds it (a WebUI may load or switch it until then).
+    The run's saved config, its LoRA's metadata and a resume of it name what it trained in."""
     if cfg.train.mixed_precision != "auto":
         return cfg
+    import torch
+
     from lora_trainer.config import build_config
+    from lora_trainer.hosts.base import DTYPE_NAMES
     from lora_trainer.models.loaders import resolve_device, resolve_mixed_precision
 
-    loaded = host.loaded_model()
-    precision = resolve_mixed_precision("auto", resolve_device(cfg.model.device),
-                                        loaded.compute_dtype if loaded is not None else None)
+    if bundle is not None:
+        precision = resolve_mixed_precision("auto", torch.device(bundle.device), DTYPE_NAMES.get(bundle.dtype))
+    elif host.loaded_model() is None:
+        precision = resolve_mixed_precision("auto", resolve_device(cfg.model.device))
+    else:
+        return cfg
     return build_config({"train.mixed_precision": precision}, base=cfg)
 
 
@@ -143,6 +152,7 @@ class Trainer(WorkerRun):
         try:
             with self.host.lock(self._waiting()):
                 bundle = self.host.acquire_bundle(self.config)
+                self.config = with_run_precision(self.config, self.host, bundle)
                 session = RunSession(self, self.host, bundle, report)
                 try:
                     return session.execute()
