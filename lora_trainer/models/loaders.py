@@ -47,12 +47,15 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         raise ModelLoadError(f"model.device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
 
 
-def resolve_mixed_precision(name: str, device: torch.device, host_compute_dtype: str | None = None) -> str:
+def resolve_mixed_precision(name: str, device: torch.device,
+                            host_compute_dtype: str | torch.dtype | None = None) -> str:
     """``train.mixed_precision`` as a run trains: "auto" is the precision a host's model computes
     in (a WebUI's: fp16 or bf16 autocast, "no" for an fp32 model), else bf16 on a CUDA GPU that
     has it, fp16 on other CUDA GPUs and "no" elsewhere (CPU, Apple GPU); any other value as it is."""
     if name != "auto":
         return name
+    if isinstance(host_compute_dtype, torch.dtype):
+        host_compute_dtype = next((k for k, v in DTYPES.items() if v == host_compute_dtype), None)
     if host_compute_dtype in ("fp16", "bf16"):
         return host_compute_dtype
     if host_compute_dtype == "fp32":

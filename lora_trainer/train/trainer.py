@@ -86,11 +86,10 @@ def with_run_precision(cfg: TrainConfig, host: Host, bundle: ModelBundle | None 
     import torch
 
     from lora_trainer.config import build_config
-    from lora_trainer.hosts.base import DTYPE_NAMES
     from lora_trainer.models.loaders import resolve_device, resolve_mixed_precision
 
     if bundle is not None:
-        precision = resolve_mixed_precision("auto", torch.device(bundle.device), DTYPE_NAMES.get(bundle.dtype))
+        precision = resolve_mixed_precision("auto", torch.device(bundle.device), bundle.dtype)
     elif host.loaded_model() is None:
         precision = resolve_mixed_precision("auto", resolve_device(cfg.model.device))
     else:
