@@ -130,7 +130,7 @@ def test_auto_precision_is_the_hosts_compute_dtype_else_the_devices(tmp_path: Pa
     assert resolve("fp16", cpu, "bf16") == "fp16" and TrainConfig().train.mixed_precision == "auto"
 
     class WebUILike(TinyHost):
-        """A host with a model of its own (a WebUI's), which may be loaded only when a run acquires it."""
+        """A host with a model of its own (a WebUI's), which it may load only when a run acquires it."""
 
         def loaded_model(self) -> LoadedModel:
             return LoadedModel("tiny", None)
@@ -140,13 +140,12 @@ def test_auto_precision_is_the_hosts_compute_dtype_else_the_devices(tmp_path: Pa
     from lora_trainer.train.trainer import with_run_precision
 
     auto = tiny_config(data, tmp_path / "x")
-    assert with_run_precision(auto, WebUILike("sd1")) is auto  # decided once the model is acquired
     for dtype, expected in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "no")):
-        bundle = SimpleNamespace(device="cuda", dtype=dtype)  # the dtype its UNet computes in
+        bundle = SimpleNamespace(device="cuda", dtype=dtype)  # the dtype the host's UNet computes in
         assert with_run_precision(auto, WebUILike("sd1"), bundle).train.mixed_precision == expected
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    standalone = with_run_precision(tiny_config(data, tmp_path / "x", **{"model.device": "cuda"}), TinyHost("sd1"))
-    assert standalone.train.mixed_precision == "bf16"
+    standalone = with_run_precision(auto, TinyHost("sd1"), SimpleNamespace(device="cuda", dtype=torch.float16))
+    assert standalone.train.mixed_precision == "bf16"  # the device decides, as it did the weights' dtype
 
     result = Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 1}), host=TinyHost("sd1")).run()
     with safe_open(str(result.lora_path), "pt") as f:  # this CPU: fp32

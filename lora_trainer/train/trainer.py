@@ -75,25 +75,21 @@ def _as_memory_error(error: BaseException, cfg: TrainConfig) -> BaseException:
         "shows what settings need")
 
 
-def with_run_precision(cfg: TrainConfig, host: Host, bundle: ModelBundle | None = None) -> TrainConfig:
-    """``cfg`` with ``train.mixed_precision: auto`` made the precision this run trains in
-    (``resolve_mixed_precision``): standalone, where the run loads its model, the device's, before
-    the model is loaded (its weights' dtype follows); with a host's model (a WebUI's), the dtype
-    its UNet computes in, once ``bundle`` holds it (a WebUI may load or switch it until then).
-    The run's saved config, its LoRA's metadata and a resume of it name what it trained in."""
+def with_run_precision(cfg: TrainConfig, host: Host, bundle: ModelBundle) -> TrainConfig:
+    """``cfg`` with ``train.mixed_precision: auto`` made the precision this run trains in, once
+    the run holds its model (``resolve_mixed_precision``): with a host's model (a WebUI's, which it
+    may load or switch until then) the dtype its UNet computes in; standalone the device's, as the
+    host chose the weights' dtype by. The run's saved config, its LoRA's metadata and a resume of
+    it name what it trained in."""
     if cfg.train.mixed_precision != "auto":
         return cfg
     import torch
 
     from lora_trainer.config import build_config
-    from lora_trainer.models.loaders import resolve_device, resolve_mixed_precision
+    from lora_trainer.models.loaders import resolve_mixed_precision
 
-    if bundle is not None:
-        precision = resolve_mixed_precision("auto", torch.device(bundle.device), bundle.dtype)
-    elif host.loaded_model() is None:
-        precision = resolve_mixed_precision("auto", resolve_device(cfg.model.device))
-    else:
-        return cfg
+    host_dtype = bundle.dtype if host.loaded_model() is not None else None
+    precision = resolve_mixed_precision("auto", torch.device(bundle.device), host_dtype)
     return build_config({"train.mixed_precision": precision}, base=cfg)
 
 
@@ -143,7 +139,6 @@ class Trainer(WorkerRun):
 
         # The config and the dataset are checked before a model is loaded: a mistake there
         # fails in seconds, not at the first save.
-        self.config = with_run_precision(self.config, self.host)
         preflight(self.config, self.host)
         self.emit(TrainEvent("status", message="checking the dataset"))
         report = scan_dataset(self.config.data)
