@@ -574,3 +574,23 @@ def test_a_webuis_first_page_starts_from_auto_and_the_preset_label_follows_a_loa
     targets = deps[applier]["targets"]
     events = {t[1] for t in targets} if isinstance(targets[0], (list, tuple)) else {deps[applier]["trigger"]}
     assert events == {"input"}
+
+
+def test_a_loaded_config_in_a_webui_keeps_the_webuis_model_in_the_base_model_field(tmp_path: Path):
+    """YAML → form in a WebUI: the base-model field keeps naming the WebUI's model, which is what
+    a run trains there, not the file's base_model; the file's other values (resume too) go in."""
+    from lora_trainer.hosts.base import LoadedModel
+    from lora_trainer.ui.tab import build_tab
+    from tests.train_helpers import TinyHost
+
+    class WebUILike(TinyHost):
+        def loaded_model(self) -> LoadedModel:
+            return LoadedModel("tiny.safetensors [b1144b71ec]", "sd1")
+
+    blocks = build_tab(WebUILike("sd1"))
+    fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
+    yaml_to_form = next(f.fn for f in fns if getattr(f.fn, "__name__", "") == "yaml_to_form")
+    *form, _, status = yaml_to_form("base_model: /models/other.safetensors\nnetwork_dim: 4\nresume: latest\n")
+    values = dict(zip(blocks.lt_context.paths, form, strict=True))
+    assert status == "loaded into the form" and values["network.rank"] == 4 and values["train.resume"] == "latest"
+    assert values["model.base_model"] == "tiny.safetensors [b1144b71ec]"

@@ -197,10 +197,8 @@ def form_outputs(ctx: TabContext) -> list[Any]:
 
 
 def form_of(ctx: TabContext, cfg: Any, *, as_run: bool = True) -> list[Any]:
-    """``form_outputs``' values for ``cfg``: a run's (:func:`form_values_of`) or, ``as_run``
-    false, a loaded file's as it is."""
-    values = form_values_of(ctx, cfg) if as_run else values_from_config(cfg, ctx.paths)
-    return [*values, shown_preset(ctx, cfg)]
+    """``form_outputs``' values for ``cfg`` (:func:`form_values_of`), then the preset's label."""
+    return [*form_values_of(ctx, cfg, as_run=as_run), shown_preset(ctx, cfg)]
 
 
 def _host_field_overrides(ctx: TabContext, path: str) -> dict[str, Any]:
@@ -215,13 +213,14 @@ def _host_field_overrides(ctx: TabContext, path: str) -> dict[str, Any]:
     return {"interactive": False, "info": info, "value": lambda: loaded_label(ctx.host)}
 
 
-def form_values_of(ctx: TabContext, cfg: Any) -> list[Any]:
-    """The form's values for a run's config, to start the next run from. In a WebUI the base-model field shows the WebUI's
+def form_values_of(ctx: TabContext, cfg: Any, *, as_run: bool = True) -> list[Any]:
+    """The form's values for a run's config, to start the next run from (``as_run`` false: a
+    loaded file's, its ``train.resume`` kept). In a WebUI the base-model field shows the WebUI's
     model, which is what a run trains (a run started through the API carries the config's
-    default base model, "demo", instead)."""
+    default base model, "demo", and a file may name another)."""
     # train.resume belongs to that run's start: kept in the form, a new run would take the old
     # run's checkpoint (Continue sets it itself)
-    values = values_from_config(cfgmod.build_config({"train.resume": None}, base=cfg), ctx.paths)
+    values = values_from_config(cfgmod.build_config({"train.resume": None}, base=cfg) if as_run else cfg, ctx.paths)
     if "model.base_model" in ctx.paths and ctx.host.loaded_model() is not None:
         values[ctx.paths.index("model.base_model")] = loaded_label(ctx.host)
     return values
