@@ -184,7 +184,9 @@ class OutputConfig:
 
 @dataclass
 class SampleConfig:
-    prompt: str = _f("", "Prompt for sample images during training (empty: no samples).")
+    prompt: str = _f("", "Prompt for sample images during training (empty: no samples). Several prompts: one per "
+                     "line, each may end with kohya's options --n negative --w width --h height --d seed "
+                     "--s steps --l scale.")
     negative_prompt: str = _f("", "Negative prompt for samples.")
     every_n_steps: int = _f(0, "Render a sample every N steps (0: only when asked).")
     every_n_epochs: int = _f(0, "Also render a sample at the end of every N epochs (0: off).")
@@ -368,15 +370,64 @@ _NETWORK_ARG_FIELDS = {"conv_dim": "network.conv_rank", "conv_alpha": "network.c
                        "dropout": "network.dropout"}
 
 
-# kohya's per-prompt options in a sample prompts file -> our sample fields.
-_PROMPT_OPTIONS = {"n": "sample.negative_prompt", "w": "sample.width", "h": "sample.height", "d": "sample.seed",
-                   "s": "sample.steps", "l": "sample.guidance_scale"}
+# kohya's per-prompt options in a sample prompts line -> the sample field each sets, and its type.
+_PROMPT_OPTIONS: dict[str, tuple[str, type]] = {
+    "n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
+    "s": ("steps", int), "l": ("guidance_scale", float)}
+
+
+def prompt_lines(text: str) -> list[str]:
+    """The prompts of a prompts text: one per line, blank lines and ``#`` comments skipped."""
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def prompt_options(line: str) -> tuple[str, dict[str, str]]:
+    """``(prompt, {field: text})`` of one kohya prompt line: ``a cat --n blurry --w 768``."""
+    head, *options = (" " + line).split(" --")
+    out: dict[str, str] = {}
+    for option in options:
+        flag, _, arg = option.partition(" ")
+        if flag in _PROMPT_OPTIONS and arg.strip():
+            out[_PROMPT_OPTIONS[flag][0]] = arg.strip()
+    return head.strip(), out
+
+
+def sample_prompts_of(sample: SampleConfig) -> list[SampleConfig]:
+    """Each prompt ``sample.prompt`` holds (one per line) as the sample settings it renders with:
+    the section's, with the line's own options in their place. A bad option value raises
+    :class:`ConfigError` naming the line."""
+    types = dict(_PROMPT_OPTIONS.values())
+    out = []
+    for n, line in enumerate(prompt_lines(sample.prompt), 1):
+        prompt, options = prompt_options(line)
+        values: dict[str, Any] = {}
+        for name, text in options.items():
+            try:
+                values[name] = types[name](text)
+            except ValueError:
+                kind = "a whole number" if types[name] is int else "a number"
+                raise ConfigError(f"sample.prompt line {n}: '{text}' after --{_flag_of(name)} must be {kind}") from None
+        small = [f"--{_flag_of(k)} {v} must be at least {_LEAST[k]}" for k, v in values.items()
+                 if k in _LEAST and v < _LEAST[k]]
+        if not prompt or small:
+            raise ConfigError(f"sample.prompt line {n}: " + (small[0] if small else
+                              f"'{line}' has no prompt before its options"))
+        out.append(dataclasses.replace(sample, prompt=prompt, **values))
+    return out
+
+
+_LEAST = {"width": 64, "height": 64, "steps": 1}  # the least value of a prompt line's option
+
+
+def _flag_of(name: str) -> str:
+    return next(flag for flag, (field_name, _) in _PROMPT_OPTIONS.items() if field_name == name)
 
 
 def _sample_prompts(value: Any) -> dict[str, Any]:
     """kohya's ``sample_prompts``: a .txt file of prompts (``#`` comments; options such as
     ``--n negative --w 512 --h 512 --d seed --s steps --l scale``), or one such line itself.
-    The first prompt is the run's sample prompt (one prompt is sampled here)."""
+    One prompt fills the sample fields; several go into sample.prompt a line each, their
+    options kept on their lines."""
     text = str(value or "").strip()
     if not text:
         return {}
@@ -388,20 +439,14 @@ def _sample_prompts(value: Any) -> dict[str, Any]:
         if not path.is_file():
             raise ConfigError(f"sample_prompts: {text} not found; give the prompts file's path, or put the "
                               "prompt in sample.prompt")
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-        prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+        prompts = prompt_lines(path.read_text(encoding="utf-8", errors="replace"))
         if not prompts:
             raise ConfigError(f"sample_prompts: {text} holds no prompt")
         if len(prompts) > 1:
-            log.warning("sample_prompts: %s holds %d prompts; samples use the first", text, len(prompts))
+            return {"sample.prompt": "\n".join(prompts)}
         text = prompts[0]
-    head, *options = (" " + text).split(" --")
-    out: dict[str, Any] = {"sample.prompt": head.strip()}
-    for option in options:
-        flag, _, arg = option.partition(" ")
-        if flag in _PROMPT_OPTIONS and arg.strip():
-            out[_PROMPT_OPTIONS[flag]] = arg.strip()
-    return out
+    prompt, options = prompt_options(text)
+    return {"sample.prompt": prompt, **{f"sample.{name}": arg for name, arg in options.items()}}
 
 
 def _network_module(value: Any) -> dict[str, Any]:
@@ -615,6 +660,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.sample.steps >= 1, f"sample.steps: {cfg.sample.steps} must be at least 1")
     need(cfg.sample.every_n_steps >= 0, "sample.every_n_steps: must be 0 or more")
     need(cfg.sample.every_n_epochs >= 0, "sample.every_n_epochs: must be 0 or more")
+    sample_prompts_of(cfg.sample)  # each prompt line's options
 
 
 # -- documentation -------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from lora_trainer.config import (
     example_yaml,
     load_config,
     reference_markdown,
+    sample_prompts_of,
 )
 from lora_trainer.errors import ConfigError
 
@@ -284,22 +285,25 @@ def test_other_trainers_tables_and_values(tmp_path: Path) -> None:
         load_config(f)
 
 
-def test_a_kohya_sample_prompts_file_gives_the_sample_prompt_and_its_options(tmp_path: Path,
-                                                                           caplog: pytest.LogCaptureFixture) -> None:
-    """kohya's sample_prompts: the first prompt of the .txt file (comments skipped), with its
-    --n/--w/--h/--d/--s/--l options; a line given in place of the file works too."""
+def test_a_kohya_sample_prompts_file_gives_every_prompt_with_its_options(tmp_path: Path) -> None:
+    """kohya's sample_prompts: each prompt of the .txt file (comments and blank lines skipped),
+    a line of sample.prompt each, sampled with its own --n/--w/--h/--d/--s/--l; one prompt (or a
+    line given in place of the file) fills the sample fields themselves."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# my prompts\n\nsks dog, sitting --n lowres, blurry --w 768 --h 512 --d 7 --s 28 --l 5.5\n"
                        "sks dog, running\n", encoding="utf-8")
     f = tmp_path / "cfg.toml"
     f.write_text(f'[sample_prompt_arguments]\nsample_prompts = "{prompts.as_posix()}"\nsample_every_n_epochs = 1\n',
                  encoding="utf-8")
-    with caplog.at_level("WARNING", logger="lora_trainer.config"):
-        s = load_config(f).sample
-    assert (s.prompt, s.negative_prompt, s.width, s.height, s.seed, s.steps, s.guidance_scale, s.every_n_epochs) == (
-        "sks dog, sitting", "lowres, blurry", 768, 512, 7, 28, 5.5, 1)
-    assert [r.getMessage() for r in caplog.records] == [f"sample_prompts: {prompts.as_posix()} holds 2 prompts; "
-                                                         "samples use the first"]
+    s = load_config(f).sample
+    assert (s.prompt, s.every_n_epochs) == ("sks dog, sitting --n lowres, blurry --w 768 --h 512 --d 7 --s 28 --l 5.5\n"
+                                            "sks dog, running", 1)
+    assert [(p.prompt, p.negative_prompt, p.width, p.height, p.seed, p.steps, p.guidance_scale)
+            for p in sample_prompts_of(s)] == [("sks dog, sitting", "lowres, blurry", 768, 512, 7, 28, 5.5),
+                                               ("sks dog, running", "", None, None, 1234, 20, 7.0)]
+    prompts.write_text("# one prompt\nsks dog --n lowres --w 768\n", encoding="utf-8")
+    s = load_config(f).sample
+    assert (s.prompt, s.negative_prompt, s.width) == ("sks dog", "lowres", 768)
     assert load_config(None, ["sample_prompts=a cat --n a dog"]).sample.negative_prompt == "a dog"
     for value, said in [(tmp_path / "none.txt", "not found"), (tmp_path / "p.json", "only a .txt prompts file")]:
         with pytest.raises(ConfigError, match=said):
@@ -307,3 +311,15 @@ def test_a_kohya_sample_prompts_file_gives_the_sample_prompt_and_its_options(tmp
     f.write_text(f'sample_prompt = "x"\nsample_prompts = "{prompts.as_posix()}"\n', encoding="utf-8")
     with pytest.raises(ConfigError, match="'sample_prompts' and 'sample_prompt' both set sample.prompt"):
         load_config(f)
+
+
+
+def test_a_bad_option_on_a_sample_prompt_line_is_named_before_the_run() -> None:
+    for text, said in [("a cat\na dog --w wide", "sample.prompt line 2: 'wide' after --w must be a whole number"),
+                       ("a cat --l high", "sample.prompt line 1: 'high' after --l must be a number"),
+                       ("# c\na cat --s 0", "sample.prompt line 1: --s 0 must be at least 1"),
+                       ("a cat\n--n blurry", "sample.prompt line 2: '--n blurry' has no prompt before its options")]:
+        with pytest.raises(ConfigError) as caught:
+            build_config({"sample.prompt": text})
+        assert str(caught.value) == said
+    assert sample_prompts_of(build_config({"sample.prompt": "# only a comment\n"}).sample) == []

@@ -421,3 +421,27 @@ def test_saves_and_samples_at_the_end_of_every_n_epochs(tmp_path: Path, host: Ti
     assert [e.step for e in seen if e.kind == "sample"] == [2, 4, 6]
     assert sorted(p.name for p in (out / "samples" / "tiny").iterdir()) == [
         "step-000002.png", "step-000004.png", "step-000006.png"]
+
+
+def test_each_line_of_the_sample_prompt_is_sampled_with_its_own_options(tmp_path: Path, host: TinyHost) -> None:
+    """Several sample prompts, a line each as in a kohya prompts file: every sample step renders
+    each with the section's settings and its line's --w/--h/--d/--n; the first prompt's image is
+    also the LoRA's preview card, and the gallery tells the prompts apart."""
+    from PIL import Image
+
+    two = make_data(tmp_path / "two", n=2)
+    out = tmp_path / "out"
+    cfg = tiny_config(two, out, **{"train.max_train_steps": 2, "sample.every_n_steps": 1, "sample.steps": 2,
+                                   "sample.prompt": "a cat\n# not a prompt\n\na dog --w 96 --h 64 --d 7 --n blurry"})
+    seen: list[TrainEvent] = []
+    result = Trainer(cfg, host=host, callbacks=[seen.append]).run()
+    samples = [e for e in seen if e.kind == "sample"]
+    assert [(e.step, Path(e.path).name, e.image.size) for e in samples] == [
+        (1, "step-000001.png", (64, 64)), (1, "step-000001-2.png", (96, 64)),
+        (2, "step-000002.png", (64, 64)), (2, "step-000002-2.png", (96, 64))]
+    assert sorted(p.name for p in (out / "samples" / "tiny").iterdir()) == sorted(Path(e.path).name for e in samples)
+    preview = Image.open(result.lora_path.with_suffix(".png"))
+    assert preview.size == (64, 64) and preview.tobytes() == samples[2].image.convert(preview.mode).tobytes()
+    assert [c for _, c in handlers.sample_gallery([(e.step, e.image) for e in samples])] == [
+        "step 1, prompt 1", "step 1, prompt 2", "step 2, prompt 1", "step 2, prompt 2"]
+    assert [c for _, c in handlers.sample_gallery([(5, None), (6, None)])] == ["step 5", "step 6"]

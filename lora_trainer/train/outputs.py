@@ -79,11 +79,13 @@ class Logger:
             with open(self.csv, "a", encoding="utf-8", newline="") as fh:
                 fh.write(("step,name,value\n" if new else "") + f"{step},{tag},{value:.6g}\n")
 
-    def image(self, step: int, img: Image.Image) -> None:
+    def image(self, step: int, img: Image.Image, n: int = 0) -> None:
+        """The sample of the run's ``n``-th prompt (counted from 0) at ``step``."""
         if self.writer is not None:
             import numpy as np
 
-            self.writer.add_image("sample", np.asarray(img.convert("RGB")), step, dataformats="HWC")
+            tag = f"sample_{n + 1}" if n else "sample"
+            self.writer.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")
 
     def close(self) -> None:
         if self.writer is not None:
@@ -91,11 +93,13 @@ class Logger:
             self.writer.close()
 
 
-def save_sample(folder: Path, step: int, img: Image.Image) -> Path:
-    """``folder/step-NNNNNN.png`` (``folder``: the run's ``samples/<lora name>``)."""
+def save_sample(folder: Path, step: int, img: Image.Image, n: int = 0) -> Path:
+    """``folder/step-NNNNNN.png`` for the first prompt, ``step-NNNNNN-K.png`` for the K-th
+    (``folder``: the run's ``samples/<lora name>``)."""
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    return atomic_write_bytes(folder / f"step-{step:06d}.png", buf.getvalue())
+    suffix = f"-{n + 1}" if n else ""
+    return atomic_write_bytes(folder / f"step-{step:06d}{suffix}.png", buf.getvalue())
 
 
 def write_summary(folder: Path, **fields: Any) -> Path:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lora_trainer.config import SampleConfig, sample_prompts_of
 from lora_trainer.data.cache import (
     LATENT_CACHE_BATCH,
     LatentCache,
@@ -106,7 +107,7 @@ class RunSession:
         self.status(f"training {self.total_steps} steps ({self.ds.batches_per_epoch()} batches per epoch)")
         stopped = self.loop()
         # -- outputs
-        if cfg.sample.prompt and self.last_sample_step != self.pos.step and not stopped:
+        if self.sample_settings() and self.last_sample_step != self.pos.step and not stopped:
             self.sample()
         lora_path = self.save_lora()
         if stopped and self.last_checkpoint_step != self.pos.step:
@@ -161,7 +162,7 @@ class RunSession:
             elif not stop and t.autosave_minutes and clock() - self.last_save_time >= t.autosave_minutes * 60:
                 self.checkpoint(step_lora=False)  # a checkpoint to resume from, not a LoRA to compare
             s = self.cfg.sample
-            if self.trainer.commands.take_sample() or (s.prompt and (
+            if self.trainer.commands.take_sample() or (self.sample_settings() and (
                     (s.every_n_steps and self.pos.step % s.every_n_steps == 0) or self.at_epoch_end(s.every_n_epochs))):
                 self.sample()
             if stop:
@@ -492,23 +493,25 @@ class RunSession:
     def sample(self) -> None:
         from lora_trainer.train.sampler import render_sample
 
-        if not self.cfg.sample.prompt:
+        settings, res = self.sample_settings(), self.cfg.data.resolution
+        if not settings:
             self.status("no sample prompt set (sample.prompt); skipping the sample")
             return
-        s, res = self.cfg.sample, self.cfg.data.resolution
         self.set_train_mode(False)
         try:
             with self.onloaded(self.bundle.vae), self.compiled.paused() if self.compiled else contextlib.nullcontext():
-                img = render_sample(self.bundle, s, s.width or res, s.height or res,
-                                    encode=self.encode_text, autocast=self.autocast)
+                images = [render_sample(self.bundle, s, s.width or res, s.height or res,
+                                        encode=self.encode_text, autocast=self.autocast) for s in settings]
         finally:
             self.set_train_mode(True)
-        path = save_sample(run_folder(self.out, "samples", self.stem), self.pos.step, img)
-        if self.logger is not None:
-            self.logger.image(self.pos.step, img)
-        self.last_sample, self.last_sample_step = img, self.pos.step
-        self.trainer.emit(TrainEvent("sample", step=self.pos.step, total_steps=self.total_steps,
-                                     image=img, path=str(path)))
+        folder = run_folder(self.out, "samples", self.stem)
+        for n, img in enumerate(images):  # the first prompt's is also the LoRA's preview card
+            path = save_sample(folder, self.pos.step, img, n)
+            if self.logger is not None:
+                self.logger.image(self.pos.step, img, n)
+            self.trainer.emit(TrainEvent("sample", step=self.pos.step, total_steps=self.total_steps,
+                                         image=img, path=str(path)))
+        self.last_sample, self.last_sample_step = images[0], self.pos.step
 
     # == helpers ===========================================================================
     @property
@@ -540,9 +543,13 @@ class RunSession:
             log.exception("host.interrupted() failed")
             return False
 
+    def sample_settings(self) -> list[SampleConfig]:
+        """The run's sample prompts (sample.prompt's lines), each with its own settings."""
+        return sample_prompts_of(self.cfg.sample)
+
     def sample_prompts(self) -> list[str]:
-        s = self.cfg.sample
-        return [s.negative_prompt, s.prompt] if s.prompt else []
+        """Every text a sample encodes (negative and positive prompts)."""
+        return [text for s in self.sample_settings() for text in (s.negative_prompt, s.prompt)]
 
     def offload(self, module: Any) -> None:
         """Move a module that is only needed for caching off the accelerator (put back at the end)."""

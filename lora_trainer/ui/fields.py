@@ -52,6 +52,10 @@ LABELS = {"train.guidance_scale": "training guidance", "sample.seed": "sample se
           "train.save_every_n_epochs": "save every n epochs", "sample.every_n_epochs": "sample every n epochs"}
 
 
+# Text fields that take several lines (a prompt each), and how many their box shows.
+TEXT_LINES = {"sample.prompt": 2}
+
+
 def label_of(path: str) -> str:
     return LABELS.get(path) or path.split(".", 1)[-1].replace("_", " ")
 
@@ -72,7 +76,7 @@ def make_field(path: str, elem_prefix: str = "lt-", **overrides: Any) -> Any:
         return g.Checkbox(**kw)
     if kind in ("int", "float"):
         return g.Number(precision=0 if kind == "int" else None, **kw)
-    return g.Textbox(lines=1, **kw)
+    return g.Textbox(lines=TEXT_LINES.get(path, 1), **kw)
 
 
 def to_component(value: Any, kind: str) -> Any:

@@ -87,6 +87,18 @@ def scan(folder: str, cfg: TrainConfig) -> dict[str, Any]:
             "sample_prompt": sample_prompt_of(report)}
 
 
+def sample_gallery(samples: list[tuple[int, Any]]) -> list[tuple[Any, str]]:
+    """The Samples gallery: each image captioned with its step, and with its prompt's number
+    where a step has samples of several prompts (they come in the prompts' order)."""
+    per_step = collections.Counter(step for step, _ in samples)
+    seen: collections.Counter[int] = collections.Counter()
+    out = []
+    for step, img in samples:
+        seen[step] += 1
+        out.append((img, f"step {step}" + (f", prompt {seen[step]}" if per_step[step] > 1 else "")))
+    return out
+
+
 def sample_prompt_of(report: Any) -> tuple[str, str] | None:
     """``(image, prompt)``: the caption the dataset's first training image trains with (trigger
     word added; no shuffle or dropout), as a prompt for samples that show what the LoRA learned;

@@ -289,7 +289,7 @@ def _poll(ctx: TabContext, seen: Any) -> list[Any]:
            snap.get("checkpoints", 0), job.alive]
     old = seen if isinstance(seen, list) and len(seen) == len(key) and seen[0] == job.id else [None] * len(key)
     raw, smooth = (handlers.loss_frames(snap["losses"]) if key[1] != old[1] else (keep, keep))
-    gallery = [(img, f"step {step}") for step, img in snap["samples"]] if key[2] != old[2] else keep
+    gallery = handlers.sample_gallery(snap["samples"]) if key[2] != old[2] else keep
     log = "\n".join(snap["log"][-200:]) if key[3] != old[3] else keep
     loras = keep
     finished = snap["status"] in ("done", "stopped", "finished")
@@ -374,17 +374,18 @@ def _loaded(said: str, data: dict[str, Any]) -> str:
 def test_section(ctx: TabContext) -> None:
     g = compat.gr()
     d = ctx.defaults
+    t = (cfgmod.sample_prompts_of(d.sample) or [d.sample])[0]  # the first sample prompt, with its options
     with g.Row():
         lora = g.Dropdown(choices=handlers.list_loras(lora_dir_of(ctx, d)), label="LoRA", elem_id=ctx.eid("test-lora"), scale=4)
         refresh = g.Button("Refresh list", elem_id=ctx.eid("test-refresh"), scale=1)
     prompt = g.Textbox(label="Prompt (a <lora:name:w> tag picks the LoRA too; the weight comes from the sweep)",
-                       value=d.sample.prompt, lines=2, elem_id=ctx.eid("test-prompt"))
-    negative = g.Textbox(label="Negative prompt", value=d.sample.negative_prompt, elem_id=ctx.eid("test-negative"))
+                       value=t.prompt, lines=2, elem_id=ctx.eid("test-prompt"))
+    negative = g.Textbox(label="Negative prompt", value=t.negative_prompt, elem_id=ctx.eid("test-negative"))
     with g.Row():
-        seed = g.Number(label="Seed", value=d.sample.seed, precision=0, elem_id=ctx.eid("test-seed"))
-        steps = g.Number(label="Steps", value=d.sample.steps, precision=0, elem_id=ctx.eid("test-steps"))
-        width = g.Number(label="Width", value=d.sample.width or d.data.resolution, precision=0, elem_id=ctx.eid("test-width"))
-        height = g.Number(label="Height", value=d.sample.height or d.data.resolution, precision=0,
+        seed = g.Number(label="Seed", value=t.seed, precision=0, elem_id=ctx.eid("test-seed"))
+        steps = g.Number(label="Steps", value=t.steps, precision=0, elem_id=ctx.eid("test-steps"))
+        width = g.Number(label="Width", value=t.width or d.data.resolution, precision=0, elem_id=ctx.eid("test-width"))
+        height = g.Number(label="Height", value=t.height or d.data.resolution, precision=0,
                           elem_id=ctx.eid("test-height"))
         weights = g.Textbox(label="Weights", value="0, 0.5, 0.7, 1", elem_id=ctx.eid("test-weights"))
     render = g.Button("Render weight sweep", variant="primary", elem_id=ctx.eid("render"))
