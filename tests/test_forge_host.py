@@ -224,6 +224,34 @@ def test_the_checkpoint_is_loaded_when_the_run_starts(env, tmp_path: Path) -> No
         h.release_bundle(bundle)
 
 
+def test_a_checkpoint_forge_has_not_loaded_yet_sizes_the_presets_for_its_family(env, tmp_path: Path) -> None:
+    """Before Forge loads the selected checkpoint (first visit, no generation yet) its family comes
+    from the file's header, so "auto" and the presets are sized for that model (SDXL: 1024 px),
+    with the model's weights counted as not yet in memory; a file whose header does not tell
+    (a pickle) leaves the default family."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from lora_trainer.families.sd_detect import SDXL_TE1_KEY, SDXL_TE2_KEY, UNET_IN_KEY
+    from lora_trainer.ui.train_section import preset_for_host
+
+    xl = tmp_path / "xl.safetensors"
+    save_file({UNET_IN_KEY: torch.zeros(8, 4, 3, 3), SDXL_TE1_KEY: torch.zeros(2, 2),
+               SDXL_TE2_KEY: torch.zeros(2, 2)}, str(xl))
+    old = tmp_path / "old.ckpt"
+    old.write_bytes(b"a pickle is never opened to guess")
+    env.sd_models.model_data = env.sd_models.SdModelData()  # selected, never generated with
+    env.shared.sd_model = env.sd_models.model_data.sd_model
+    h = host()
+    for file, family, resolution in ((xl, "sdxl", 1024), (old, None, 512)):
+        env.sd_models.select(SimpleNamespace(title=f"{file.name} [0123]", filename=str(file)), None)
+        pending = h.loaded_model()
+        assert (pending.family, pending.resident, pending.unsupported) == (family, False, None)
+        assert pending.label == f"{file.name} [0123] (Forge loads it when the run starts)"
+        assert preset_for_host(h, "8 GB", "auto")["data.resolution"] == resolution
+
+
 def test_what_cannot_be_trained_is_refused_in_one_line(env, tmp_path: Path) -> None:
     flux = env.tiny_forge.Flux()
     forge_env.reset(env, flux, tmp_path / "Lora")

@@ -29,6 +29,7 @@ import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -237,7 +238,7 @@ class ForgeHost(WebUIHost):
 
     def family_of(self, sd_model: Any) -> str | LoadedModel:
         if getattr(sd_model, "forge_objects", None) is None:  # selected, loaded on first use
-            return LoadedModel(_selected_label(), None)
+            return LoadedModel(_selected_label(), _selected_family(), resident=False)
         label = checkpoint_label(sd_model)
         name = type(sd_model).__name__
         if name in ENGINE_NAMES:
@@ -362,12 +363,40 @@ def _load_selected() -> Any:
     return shared.sd_model
 
 
-def _selected_label() -> str:
-    """The checkpoint picked in Forge's dropdown (``forge_loading_parameters``), not loaded yet."""
-    from modules import sd_models, shared
+def _selected() -> Any:
+    """The checkpoint picked in Forge's dropdown (``forge_loading_parameters``' checkpoint_info),
+    not loaded yet; None before Forge has picked one."""
+    from modules import sd_models
 
     params = getattr(getattr(sd_models, "model_data", None), "forge_loading_parameters", None) or {}
-    info = params.get("checkpoint_info")
+    return params.get("checkpoint_info")
+
+
+def _selected_family() -> str | None:
+    """The selected checkpoint's family, from its file's header (no tensor is read), so that a
+    first visit before Forge has loaded it sizes "auto" for that model; None when its file does
+    not tell or its family cannot be trained here (then the loaded model says why)."""
+    filename = getattr(_selected(), "filename", None)
+    try:
+        family = _family_of_file(str(filename), Path(filename).stat().st_mtime_ns) if filename else None
+    except OSError:  # moved or deleted since Forge listed it: loading it will say so
+        return None
+    return family if family in {f.name for f in trainable_families()} else None
+
+
+@functools.lru_cache(maxsize=8)
+def _family_of_file(filename: str, mtime_ns: int) -> str | None:
+    """``family_of_file`` once per file version (every page load and preset asks)."""
+    from lora_trainer.models.checkpoint import family_of_file
+
+    return family_of_file(Path(filename))
+
+
+def _selected_label() -> str:
+    """The checkpoint picked in Forge's dropdown, not loaded yet."""
+    from modules import shared
+
+    info = _selected()
     name = getattr(info, "title", None) or getattr(info, "name", None) or (info if isinstance(info, str) else None)
     name = name or getattr(getattr(shared, "opts", None), "sd_model_checkpoint", None)
     return f"{name} (Forge loads it when the run starts)" if name else "(no checkpoint selected)"

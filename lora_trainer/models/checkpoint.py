@@ -52,6 +52,25 @@ def read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     raise ModelLoadError(f"{path}: unknown checkpoint type {suffix!r}; use a .safetensors file or a diffusers folder")
 
 
+def family_of_file(path: Path) -> str | None:
+    """The family of a single-file checkpoint from its ``.safetensors`` header alone (tensor names
+    and shapes; no tensor is read), or None where that cannot tell: a pickle, an unreadable file,
+    or no family this trainer knows."""
+    if path.suffix.lower() not in SAFE_SUFFIXES:
+        return None
+    from safetensors import safe_open
+
+    from lora_trainer.families import detect_state_dict
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            shapes = {k: torch.empty(fh.get_slice(k).get_shape(), device="meta") for k in fh.keys()}  # noqa: SIM118
+        return detect_state_dict(shapes, str(path)).name
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types; detection its ModelLoadError
+        log.debug("no family from the header of %s: %s", path, exc)
+        return None
+
+
 def prepared_config_folder(name: str, source: Path | None = None) -> Path:
     """A config-only diffusers folder (packaged configs + generated tokenizer files) in the cache.
 
