@@ -140,7 +140,7 @@ def _train_status(job: Job) -> dict[str, Any]:
             out["status"], out["error"] = "error", one_line(trainer.error)
         elif getattr(trainer, "result", None) is not None:
             r = trainer.result
-            out["result"] = {"lora_path": str(r.lora_path) if r.lora_path else None,
+            out["result"] = {"lora_path": str(r.lora_path) if r.lora_path else None, "output_dir": str(r.output_dir),
                              "steps": r.steps, "final_loss": r.final_loss, "stopped": r.stopped}
             out["status"] = "stopped" if r.stopped else "done"
         else:

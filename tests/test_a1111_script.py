@@ -101,6 +101,7 @@ def test_api_train_status_and_errors(script, tmp_path: Path) -> None:
     st = webui_api.wait(client, job)
     assert st["status"] == "done", st
     assert Path(st["result"]["lora_path"]).parent == Path(script.shared.cmd_opts.lora_dir)
+    assert st["result"]["output_dir"] == str(tmp_path / "out")  # where its samples, logs and checkpoints are
     assert st["state"]["step"] == 2 and isinstance(st["state"]["samples"], list)
     from lora_trainer import jobs as tab_jobs  # the tab shows a run started through the API
 

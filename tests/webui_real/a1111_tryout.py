@@ -329,6 +329,18 @@ def main(argv: list[str] | None = None) -> int:
                                f"(ss_mixed_precision {said}, the WebUI's model: {model_dtype})")
     check(differs(txt2img(args.url, f"a red circle <lora:{names[1]}:1>"), plain) > 0, f"txt2img <lora:{names[1]}:1>")
 
+    # Two sample prompts, a line each with its own kohya options: each is rendered at every sample step
+    prompts = "a red circle\na blue square --w 96 --h 64 --d 3 --n blurry"
+    run = train_api(args.url, data, f"prompts_{tag}", 4, **{"sample.prompt": prompts, "sample.every_n_steps": 2,
+                                                           "sample.steps": 3})
+    folder = Path(run["result"]["output_dir"]) / "samples" / f"prompts_{tag}"
+    from PIL import Image
+
+    found = sorted((p.name, Image.open(p).size) for p in folder.glob("*.png")) if folder.is_dir() else []
+    check(found == [("step-000002-2.png", (96, 64)), ("step-000002.png", (64, 64)), ("step-000004-2.png", (96, 64)),
+                    ("step-000004.png", (64, 64))], f"api: each sample prompt rendered at steps 2 and 4 at its own "
+                                                    f"size ({found})")
+
     # Half the UNet's blocks checkpointed, LoCon in the residual blocks: every layer trains (the
     # first residual block's inputs need no gradient), and the model comes back unchanged.
     run = train_api(args.url, data, ckpt, 4, **{"train.gradient_checkpointing": True,
