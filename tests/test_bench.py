@@ -441,3 +441,42 @@ def test_rows_and_bench_pass_a_compile_mode_to_the_run(tmp_path: Path) -> None:
     assert _compile_args(_parser().parse_args([]))["compile"] is False
     env = {"device": "CPU", "torch": "t", "diffusers": "d", "peft": "p", "size": "full"}
     assert "our UNet compiled (reduce-overhead" in rows._title({**env, "compile": True, "compile_mode": "reduce-overhead"})
+
+
+def test_traced_figures_are_kept_on_disk_for_the_next_process_of_the_same_code(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trace's figures come back from the cache folder in a new process (the in-process cache
+    cleared) without tracing again; another version of the code (its stamp) traces again and
+    replaces the old file; the stamp follows the package's files."""
+    from lora_trainer.bench import trace_cache
+
+    monkeypatch.setenv("LORA_TRAINER_CACHE", str(tmp_path / "cache"))
+    args = ("sd1", 128, 1, 4, "fp32", 0.0)
+    estimate.trace_step.cache_clear()
+    first = estimate.trace_step(*args, size="tiny", device="cpu")
+    [file] = (tmp_path / "cache" / "estimates").glob("*.json")
+    assert file.name == f"{trace_cache.stamp()}.json"
+
+    def no_trace(*a: object, **kw: object) -> None:
+        raise AssertionError("traced again")
+
+    real_step = estimate._lora_step
+    monkeypatch.setattr(estimate, "_lora_step", no_trace)
+    estimate.trace_step.cache_clear()  # as in a new process
+    assert estimate.trace_step(*args, size="tiny", device="cpu") == first
+    monkeypatch.setattr(trace_cache, "stamp", lambda: "another-version")
+    estimate.trace_step.cache_clear()
+    with pytest.raises(AssertionError, match="traced again"):
+        estimate.trace_step(*args, size="tiny", device="cpu")
+    monkeypatch.setattr(estimate, "_lora_step", real_step)
+    assert estimate.trace_step(*args, size="tiny", device="cpu") == first
+    assert [p.name for p in file.parent.iterdir()] == ["another-version.json"]
+    estimate.trace_step.cache_clear()
+    package = tmp_path / "package"
+    (package / "sub").mkdir(parents=True)
+    (package / "sub" / "a.py").write_text("x = 1\n")
+    monkeypatch.undo()
+    before = trace_cache.stamp(package)
+    (package / "sub" / "a.py").write_text("x = 2\n")
+    trace_cache.stamp.cache_clear()
+    assert trace_cache.stamp(package) != before

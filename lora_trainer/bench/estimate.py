@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_trainer.bench import trace_cache
 from lora_trainer.bench.livemem import LiveBytes
 from lora_trainer.config import NETWORK_TYPE_HELP
 from lora_trainer.data.cache import LATENT_CACHE_BATCH
@@ -330,6 +331,7 @@ def _weight_bytes(arch: str, model: nn.Module, size: str, variant: str, weight_d
 
 
 @functools.lru_cache(maxsize=64)
+@trace_cache.on_disk
 def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str, checkpointing: float,
                size: str = "full", targets: str = "kohya", device: str = "cuda", variant: str = "",
                weight_dtype: str = "auto", network: str = "lora",
@@ -399,6 +401,7 @@ def vae_config(arch: str, size: str) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=64)
+@trace_cache.on_disk
 def trace_latent_caching(arch: str, resolution: int, batch: int, precision: str, size: str = "full",
                          device: str = "cuda") -> dict[str, int]:
     """The VAE encoding a batch of images on meta, as the latent cache does before training:
