@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_trainer.errors import ConfigError, HostError, one_line, report_failure
@@ -140,7 +141,7 @@ def _train_status(job: Job) -> dict[str, Any]:
             out["status"], out["error"] = "error", one_line(trainer.error)
         elif getattr(trainer, "result", None) is not None:
             r = trainer.result
-            out["result"] = {"lora_path": str(r.lora_path) if r.lora_path else None, "output_dir": str(r.output_dir),
+            out["result"] = {"lora_path": str(r.lora_path) if r.lora_path else None, "output_dir": str(Path(r.output_dir).absolute()),
                              "steps": r.steps, "final_loss": r.final_loss, "stopped": r.stopped}
             out["status"] = "stopped" if r.stopped else "done"
         else:

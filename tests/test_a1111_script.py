@@ -86,7 +86,7 @@ def test_tab_is_built_from_the_ui_package_with_the_a1111_host(script, monkeypatc
         assert "tiny-sd1" in str(ctx.fields["model.base_model"].value)
 
 
-def test_api_train_status_and_errors(script, tmp_path: Path) -> None:
+def test_api_train_status_and_errors(script, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lora_trainer.data.demo import make_demo_dataset
 
     client = webui_api.client(script.script_callbacks)
@@ -96,12 +96,13 @@ def test_api_train_status_and_errors(script, tmp_path: Path) -> None:
     data = make_demo_dataset(tmp_path / "data", n=2)
     cfg = {"data": {"train_data_dir": str(data), "resolution": 64, "enable_buckets": False, "min_image_size": 16},
            "network": {"rank": 2, "alpha": 1}, "train": {"max_train_steps": 2},
-           "output": {"output_dir": str(tmp_path / "out"), "output_name": "api_lora", "tensorboard": False}}
+           "output": {"output_dir": "out", "output_name": "api_lora", "tensorboard": False}}
+    monkeypatch.chdir(tmp_path)  # the WebUI's folder, which a relative output folder is in
     job = client.post("/lora_trainer/train", json=cfg).json()["job_id"]
     st = webui_api.wait(client, job)
     assert st["status"] == "done", st
     assert Path(st["result"]["lora_path"]).parent == Path(script.shared.cmd_opts.lora_dir)
-    assert st["result"]["output_dir"] == str(tmp_path / "out")  # where its samples, logs and checkpoints are
+    assert st["result"]["output_dir"] == str(tmp_path / "out")  # where its samples, logs and checkpoints are, in full
     assert st["state"]["step"] == 2 and isinstance(st["state"]["samples"], list)
     from lora_trainer import jobs as tab_jobs  # the tab shows a run started through the API
 
