@@ -150,6 +150,12 @@ def open_tab_section(d: Any, name: str) -> None:
                                                     for b in d.find_elements(By.XPATH, xpath)), every=0.2)
 
 
+def image_sizes(folder: Path) -> list[tuple[str, tuple[int, int]]]:
+    from PIL import Image
+
+    return sorted((p.name, Image.open(p).size) for p in folder.glob("*.png"))
+
+
 def differs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).mean())
 
@@ -196,6 +202,10 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
         note = wait_until("auto's note", lambda: (m := said(d, "lt-train-msg")).startswith("auto") and m)
         check(True, f"tab: the auto preset says what it picked ({note})")
         check(value_of(d, "lt-f-sample-prompt") == first, f"tab: the Train section's prompt reads '{first}'")
+        prompts = f"{first}\na blue square --w 96 --h 64"
+        set_text(d, "lt-f-sample-prompt", prompts)
+        check(value_of(d, "lt-f-sample-prompt") == prompts, "tab: the sample prompt box takes a second prompt, a line "
+                                                            "of its own with its size")
         set_text(d, "lt-f-output-output-name", name)
         set_text(d, "lt-f-train-max-train-steps", "6")
         set_text(d, "lt-f-data-resolution", "64")
@@ -209,9 +219,10 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
         check("done" in progress, f"tab: trained ({' '.join(progress.split())[:90]})")
         written = wait_until("the LoRA's path", lambda: [w for w in said(d, "lt-train-msg").split()
                                                          if w.endswith(".safetensors")])[0]
-        wait_until("the end's sample in the tab", lambda: images_in(d, "lt-samples"))
+        wait_until("the end's samples of both prompts in the tab", lambda: len(images_in(d, "lt-samples")) == 2)
         check(Path(written).with_suffix(".png").is_file(),
-              f"tab: the run's sample is shown and is the LoRA's preview card ({Path(written).with_suffix('.png').name})")
+              f"tab: the run's samples are shown, the first is the LoRA's preview card "
+              f"({Path(written).with_suffix('.png').name}; {' | '.join(text_of(d, 'lt-samples').split(chr(10))[-2:])})")
         # gradio 3.x (A1111, Forge Classic) marks the poll's outputs as loading all the time
         gradio3 = str(d.execute_script("return (window.gradio_config || {}).version || ''")).startswith("3.")
         marks = loading_marks(d)
@@ -313,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     check(s["status"] == "stopped" and s["result"]["lora_path"], f"api: a run stopped at step {s['result']['steps']} "
                                                                     f"wrote {Path(s['result']['lora_path']).name}")
     check(differs(txt2img(args.url, f"a red circle <lora:{stopped}:1>"), plain) > 0, "txt2img of the stopped run's LoRA")
+    if not args.skip_tab:  # the tab's run used the same (default) output folder
+        sizes = image_sizes(Path(s["result"]["output_dir"]) / "samples" / tab)
+        check(sizes == [("step-000006-2.png", (96, 64)), ("step-000006.png", (64, 64))],
+              f"tab: each prompt's sample written at its size ({sizes})")
     kept = [line for line in s["state"]["log"] if f"checkpoints/{stopped}/step-" in line]
     check(bool(kept), f"api: the stopped run's checkpoint is kept under its name ({kept[-1] if kept else s['state']['log'][-3:]})")
 
@@ -333,10 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = "a red circle\na blue square --w 96 --h 64 --d 3 --n blurry"
     run = train_api(args.url, data, f"prompts_{tag}", 4, **{"sample.prompt": prompts, "sample.every_n_steps": 2,
                                                            "sample.steps": 3})
-    folder = Path(run["result"]["output_dir"]) / "samples" / f"prompts_{tag}"
-    from PIL import Image
-
-    found = sorted((p.name, Image.open(p).size) for p in folder.glob("*.png")) if folder.is_dir() else []
+    found = image_sizes(Path(run["result"]["output_dir"]) / "samples" / f"prompts_{tag}")
     check(found == [("step-000002-2.png", (96, 64)), ("step-000002.png", (64, 64)), ("step-000004-2.png", (96, 64)),
                     ("step-000004.png", (64, 64))], f"api: each sample prompt rendered at steps 2 and 4 at its own "
                                                     f"size ({found})")
