@@ -190,6 +190,8 @@ class SampleConfig:
     negative_prompt: str = _f("", "Negative prompt for samples.")
     every_n_steps: int = _f(0, "Render a sample every N steps (0: only when asked).")
     every_n_epochs: int = _f(0, "Also render a sample at the end of every N epochs (0: off).")
+    every_n_minutes: float = _f(10.0, "Also render a sample when this many minutes of training passed since the "
+                                      "last one (0: off), so a long run shows how it goes.")
     seed: int = _f(1234, "Seed of sample images (fixed, so samples are comparable).")
     steps: int = _f(20, "Denoising steps of sample images.")
     guidance_scale: float = _f(7.0, "Classifier-free guidance scale of sample images.")
@@ -660,6 +662,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.sample.steps >= 1, f"sample.steps: {cfg.sample.steps} must be at least 1")
     need(cfg.sample.every_n_steps >= 0, "sample.every_n_steps: must be 0 or more")
     need(cfg.sample.every_n_epochs >= 0, "sample.every_n_epochs: must be 0 or more")
+    need(cfg.sample.every_n_minutes >= 0, f"sample.every_n_minutes: {cfg.sample.every_n_minutes} must be 0 (off) or more")
     sample_prompts_of(cfg.sample)  # each prompt line's options
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from lora_trainer.config import build_config
 from lora_trainer.errors import HostError
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.trainer import Trainer
@@ -445,3 +446,36 @@ def test_each_line_of_the_sample_prompt_is_sampled_with_its_own_options(tmp_path
     assert [c for _, c in handlers.sample_gallery([(e.step, e.image) for e in samples])] == [
         "step 1, prompt 1", "step 1, prompt 2", "step 2, prompt 1", "step 2, prompt 2"]
     assert [c for _, c in handlers.sample_gallery([(5, None), (6, None)])] == ["step 5", "step 6"]
+
+
+def test_a_sample_every_few_minutes_of_training(tmp_path: Path, host: TinyHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sample.every_n_minutes (10 by default): a run that sets no step or epoch cadence still
+    shows how it goes; each step takes a minute of a turned-forward clock here, and any sample
+    (Sample now included) starts the minutes again."""
+    from lora_trainer.train import session
+
+    assert tiny_config(tmp_path, tmp_path).sample.every_n_minutes == 10.0
+    now = [0.0]
+    monkeypatch.setattr(session, "clock", lambda: now[0])
+    trainer: Trainer
+
+    def a_minute_per_step(ev: TrainEvent) -> None:
+        if ev.kind == "step":
+            now[0] += 60.0
+            if ev.step == 4:
+                trainer.commands.request_sample()
+
+    two = make_data(tmp_path / "two", n=2)
+    cfg = tiny_config(two, tmp_path / "out", **{"train.max_train_steps": 9, "sample.prompt": "a cat", "sample.steps": 2,
+                                               "sample.every_n_minutes": 2.5})
+    seen: list[TrainEvent] = []
+    trainer = Trainer(cfg, host=host, callbacks=[seen.append, a_minute_per_step])
+    trainer.run()
+    assert [e.step for e in seen if e.kind == "sample"] == [3, 4, 7, 9]  # 3 min, asked, 3 min after, the end
+    seen.clear()
+
+    def a_minute(ev: TrainEvent) -> None:
+        now[0] += 60.0 if ev.kind == "step" else 0.0
+
+    Trainer(build_config({"sample.every_n_minutes": 0}, base=cfg), host=host, callbacks=[seen.append, a_minute]).run()
+    assert [e.step for e in seen if e.kind == "sample"] == [9]  # off: the end's alone

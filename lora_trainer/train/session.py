@@ -75,7 +75,7 @@ class RunSession:
         self.last_sample: Any = None
         self.last_sample_step = -1
         self.last_checkpoint_step = -1
-        self.last_save_time = clock()
+        self.last_save_time = self.last_sample_time = clock()
         self.started = time.time()
         self.run_id = uuid.uuid4().hex  # marks this run's LoRA files (a resume takes the checkpoint's)
         self._stem: str | None = None  # the LoRA name this run writes (<name>, or <name>_v2...), fixed at first use
@@ -137,7 +137,7 @@ class RunSession:
         t = self.cfg.train
         window = torch.zeros((), device=self.device)
         window_steps, micro, t0 = 0, 0, time.monotonic()
-        self.last_save_time = clock()
+        self.last_save_time = self.last_sample_time = clock()
         for epoch, position, batch in batches:
             # -- forward and backward on one micro-batch
             window += self.micro_step(batch, accum)
@@ -161,9 +161,7 @@ class RunSession:
                 self.checkpoint()  # a stop saves after the loop: the final LoRA, then the checkpoint
             elif not stop and t.autosave_minutes and clock() - self.last_save_time >= t.autosave_minutes * 60:
                 self.checkpoint(step_lora=False)  # a checkpoint to resume from, not a LoRA to compare
-            s = self.cfg.sample
-            if self.trainer.commands.take_sample() or (self.sample_settings() and (
-                    (s.every_n_steps and self.pos.step % s.every_n_steps == 0) or self.at_epoch_end(s.every_n_epochs))):
+            if self.trainer.commands.take_sample() or (self.sample_settings() and self.sample_due()):
                 self.sample()
             if stop:
                 self.status(f"stopped at step {self.pos.step}")
@@ -490,6 +488,12 @@ class RunSession:
         self.host.refresh_loras()
         return path
 
+    def sample_due(self) -> bool:
+        """Whether this step renders a sample: its step, its epoch's end, or the minutes since the last."""
+        s = self.cfg.sample
+        return bool((s.every_n_steps and self.pos.step % s.every_n_steps == 0) or self.at_epoch_end(s.every_n_epochs)
+                    or (s.every_n_minutes and clock() - self.last_sample_time >= s.every_n_minutes * 60))
+
     def sample(self) -> None:
         from lora_trainer.train.sampler import render_sample
 
@@ -511,7 +515,7 @@ class RunSession:
                 self.logger.image(self.pos.step, img, n)
             self.trainer.emit(TrainEvent("sample", step=self.pos.step, total_steps=self.total_steps,
                                          image=img, path=str(path)))
-        self.last_sample, self.last_sample_step = images[0], self.pos.step
+        self.last_sample, self.last_sample_step, self.last_sample_time = images[0], self.pos.step, clock()
 
     # == helpers ===========================================================================
     @property

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 HEAD_FIELDS = ["output.output_name", "model.base_model", "network.type"]
 COMMON_FIELDS = ["network.rank", "network.alpha", "optim.learning_rate", "train.max_train_steps",
                  "train.epochs", "train.batch_size", "data.resolution"]
-SAMPLE_FIELDS = ["sample.prompt", "sample.every_n_steps", "sample.seed"]
+SAMPLE_FIELDS = ["sample.prompt", "sample.every_n_steps", "sample.every_n_minutes", "sample.seed"]
 PLACED_ELSEWHERE = {"data.train_data_dir", "data.trigger_word"}  # Dataset / Captions sections
 PRESET_FIELDS = sorted({k for name in presets.PRESET_NAMES[1:] for arch in family_names()
                         for k in presets.preset_values(name, arch)} | set(presets.AUTO_ONLY_FIELDS))
