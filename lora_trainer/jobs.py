@@ -76,6 +76,18 @@ _LOCK = threading.Lock()
 _JOBS: dict[str, Job] = {}
 _COUNTER = itertools.count(1)
 _MAX_KEPT = 20
+_START_HOOKS: dict[str, Callable[[TrainConfig], None]] = {}  # by name: a rebuilt tab replaces its own
+
+
+def on_start(name: str, hook: Callable[[TrainConfig], None] | None) -> None:
+    """Call ``hook(config)`` for every run started from now on, the tab's and the API's (a
+    WebUI's tab remembers where runs go); None: no longer. A hook that fails is logged; the run
+    still starts."""
+    with _LOCK:
+        if hook is None:
+            _START_HOOKS.pop(name, None)
+        else:
+            _START_HOOKS[name] = hook
 
 
 def default_trainer_factory(config: TrainConfig, host: Host, callbacks: list[Any]) -> Any:
@@ -98,6 +110,11 @@ def start(config: TrainConfig, host: Host, *, callbacks: list[Any] | None = None
         job = Job(id=f"job{next(_COUNTER)}", config=config, trainer=trainer)
         job.thread = trainer.start()
         _JOBS[job.id] = job
+        for name, hook in _START_HOOKS.items():
+            try:
+                hook(config)
+            except Exception:  # noqa: BLE001 - remembering where a run went must never stop it
+                log.warning("%s failed for run '%s'", name, config.output.output_name, exc_info=True)
         for old in list(_JOBS)[:-_MAX_KEPT]:
             if not _JOBS[old].alive:
                 del _JOBS[old]
@@ -122,6 +139,13 @@ def current() -> Job | None:
 def all_jobs() -> list[Job]:
     with _LOCK:
         return list(_JOBS.values())
+
+
+def clear_start_hooks() -> None:
+    """Forget every :func:`on_start` hook (tests: a tab built by one test remembers nothing of
+    another's runs)."""
+    with _LOCK:
+        _START_HOOKS.clear()
 
 
 def clear_finished() -> None:

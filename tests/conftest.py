@@ -52,6 +52,16 @@ def _no_finished_run_from_an_earlier_module() -> Iterator[None]:
     jobs.clear_finished()
 
 
+@pytest.fixture(autouse=True)
+def _no_start_hook_of_an_earlier_test() -> Iterator[None]:
+    """A WebUI's tab built by a test remembers where that test's runs go (a note in its default
+    output folder); the next test's runs must not write there."""
+    yield
+    from lora_trainer import jobs
+
+    jobs.clear_start_hooks()
+
+
 @pytest.fixture(scope="module")
 def webui():  # -> SimpleNamespace of the stand-in WebUI modules
     """The stand-in A1111 WebUI (tests/webui_stub) with a tiny real-LDM model loaded, for one

@@ -67,7 +67,7 @@ def test_the_run_end_replaces_the_start_message_and_stop_is_red_only_while_runni
             release.wait()
             self.state.update(TrainEvent("error", message="data.train_data_dir: no images"))
 
-    ctx = SimpleNamespace(host=SimpleNamespace(lora_dir=lambda cfg: tmp_path), prefix="lt-",
+    ctx = SimpleNamespace(host=SimpleNamespace(lora_dir=lambda cfg: tmp_path), prefix="lt-", remember_last_run=False,
                           defaults=build_config({"output.output_dir": str(tmp_path)}))
     jobs.clear_finished()
     job = jobs.start(build_config({}), host=None, factory=Failing)
@@ -106,7 +106,7 @@ def test_a_page_loaded_after_the_run_ended_keeps_its_own_message(tmp_path: Path)
             self.state.update(TrainEvent("step", step=3, total_steps=3, loss=0.5))
             self.state.update(TrainEvent("done", step=3, total_steps=3, path=str(tmp_path / "x.safetensors")))
 
-    ctx = SimpleNamespace(host=SimpleNamespace(lora_dir=lambda cfg: tmp_path), prefix="lt-",
+    ctx = SimpleNamespace(host=SimpleNamespace(lora_dir=lambda cfg: tmp_path), prefix="lt-", remember_last_run=False,
                           defaults=build_config({"output.output_dir": str(tmp_path)}))
     jobs.clear_finished()
     idle = _poll(ctx, None)
@@ -228,7 +228,8 @@ def test_continue_takes_a_stopped_run_on_from_its_checkpoint_with_its_own_settin
         if ev.kind == "step" and ev.step == 2:
             jobs.current().stop()
 
-    ctx = SimpleNamespace(host=host, prefix="lt-", defaults=build_config({"output.output_dir": str(tmp_path / "out")}))
+    ctx = SimpleNamespace(host=host, prefix="lt-", remember_last_run=False,
+                          defaults=build_config({"output.output_dir": str(tmp_path / "out")}))
     jobs.clear_finished()
     with pytest.raises(ConfigError, match="no stopped run to continue"):
         handlers.continue_stopped(host)
@@ -269,7 +270,8 @@ def test_after_a_restart_the_page_offers_the_unfinished_run_and_continue_takes_i
         if ev.kind == "step" and ev.step == 2:
             jobs.current().stop()
 
-    ctx = SimpleNamespace(host=host, prefix="lt-", defaults=build_config({"output.output_dir": str(out)}))
+    ctx = SimpleNamespace(host=host, prefix="lt-", remember_last_run=False,
+                          defaults=build_config({"output.output_dir": str(out)}))
     jobs.clear_finished()
     done = jobs.start(tiny_config(data, out, **values, **{"output.output_name": "done"}), host)
     done.join()
@@ -327,7 +329,8 @@ def test_an_unfinished_run_in_another_output_folder_is_offered_once_that_folder_
     assert [c.elem_id for c in offer.inputs] == ["lt-f-output-output-dir", "lt-train-msg"]
     assert [c.elem_id for c in offer.outputs] == ["lt-train-msg", "lt-continue"]
     assert [c.elem_id for c in go_on.inputs] == ["lt-f-output-output-dir"]
-    ctx = SimpleNamespace(host=host, prefix="lt-", defaults=build_config({"output.output_dir": str(default_out)}))
+    ctx = SimpleNamespace(host=host, prefix="lt-", remember_last_run=False,
+                          defaults=build_config({"output.output_dir": str(default_out)}))
     assert _poll(ctx, None)[8]["visible"] is False  # nothing unfinished in the default folder
     said, shown = offer.fn(str(chosen), "")
     assert said.startswith("an unfinished run: 'dog' at step 2 of 4") and shown["visible"] is True
@@ -360,8 +363,9 @@ def test_an_unfinished_run_in_another_output_folder_is_offered_once_that_folder_
         mp.setattr(Path, "iterdir", refuse)
         assert offer.fn(str(blocked), said) == ["", compat.update(visible=False)]
         # nor does a page's first poll when it is the default output folder
-        on_load = _poll(SimpleNamespace(host=host, prefix="lt-", defaults=build_config({"output.output_dir": str(blocked)})),
-                        None)
+        page = SimpleNamespace(host=host, prefix="lt-", remember_last_run=False,
+                               defaults=build_config({"output.output_dir": str(blocked)}))
+        on_load = _poll(page, None)
         assert on_load[6] == compat.update() and on_load[8]["visible"] is False
 
 
@@ -439,6 +443,46 @@ def test_after_a_restart_the_webuis_page_shows_the_last_runs_settings(tmp_path: 
     (out / "logs" / "dog" / "config.yaml").write_text(damaged, encoding="utf-8")
     assert page_load()[2] == compat.update()
     assert handlers.last_run(tmp_path / "nothing here") is None
+
+
+def test_after_a_restart_the_webuis_page_finds_a_run_in_another_output_folder(tmp_path: Path):
+    """A run started (tab or API) in another folder than the default output folder is named in
+    the default folder's last_run_folder.txt: the page after a restart shows its settings and
+    its first poll offers to continue it there; a later run in the default folder removes the
+    note. The app (no remembering) writes none."""
+    from lora_trainer.ui.tab import build_tab
+    from lora_trainer.ui.train_section import _poll
+    from tests.train_helpers import TinyHost, make_data, tiny_config
+
+    data, host = make_data(tmp_path / "data", n=3), TinyHost("sd1")
+    default_out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    defaults = build_config({"output.output_dir": str(default_out)})
+    note = default_out / handlers.RUN_FOLDER_FILE
+
+    def stop_at_two(ev: TrainEvent) -> None:
+        if ev.kind == "step" and ev.step == 2:
+            jobs.current().stop()
+
+    build_tab(host, defaults=defaults)  # the app
+    jobs.clear_finished()
+    jobs.start(tiny_config(data, elsewhere, **{"train.max_train_steps": 2}), host).join()
+    assert not note.exists()
+    blocks = build_tab(host, defaults=defaults, remember_last_run=True)  # the WebUI's tab
+    dog = tiny_config(data, elsewhere, **{"output.output_name": "dog", "train.max_train_steps": 4,
+                                          "train.save_steps": 1})
+    jobs.start(dog, host, callbacks=[stop_at_two]).join()
+    assert note.read_text(encoding="utf-8") == f"{elsewhere.absolute()}\n"
+    jobs.clear_finished()  # the WebUI was restarted
+    form, _, _, msg = page_load_outputs(blocks)
+    assert (form["output.output_name"], form["output.output_dir"]) == ("dog", str(elsewhere))
+    first_poll = _poll(blocks.lt_context, None)
+    assert first_poll[6].startswith("an unfinished run: 'dog' at step 2 of 4") and first_poll[8]["visible"] is True
+    jobs.start(tiny_config(data, default_out, **{"output.output_name": "cat", "train.max_train_steps": 1}), host).join()
+    assert not note.exists()
+    jobs.clear_finished()
+    assert page_load_outputs(blocks)[0]["output.output_name"] == "cat"
+    note.write_text(f"{tmp_path / 'gone'}\n", encoding="utf-8")  # a folder since removed: the default's run
+    assert page_load_outputs(blocks)[0]["output.output_name"] == "cat"
 
 
 def test_an_empty_sample_prompt_is_filled_from_the_datasets_captions_once(tmp_path: Path):

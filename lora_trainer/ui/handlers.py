@@ -369,6 +369,32 @@ def unfinished_run(output_dir: str | Path | None) -> Any:
     return found[0] if found else None
 
 
+RUN_FOLDER_FILE = "last_run_folder.txt"
+
+
+def remember_run_folder(default_dir: str | Path, run_dir: str | Path) -> None:
+    """A run started in another folder than the default output folder is named in the default
+    folder's ``last_run_folder.txt``, so the page after a restart finds it there
+    (:func:`runs_folder`); a run in the default folder removes that note."""
+    from lora_trainer.fsutil import atomic_write_text
+
+    note, run = Path(default_dir) / RUN_FOLDER_FILE, Path(run_dir).absolute()
+    if run == Path(default_dir).absolute():
+        note.unlink(missing_ok=True)
+    else:
+        atomic_write_text(note, f"{run}\n")
+
+
+def runs_folder(default_dir: str | Path) -> str:
+    """The folder a page after a restart looks for the last run in: the one the default output
+    folder's ``last_run_folder.txt`` names while it is a folder, else the default folder."""
+    try:
+        named = (Path(default_dir) / RUN_FOLDER_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return str(default_dir)
+    return named if named and Path(named).is_dir() else str(default_dir)
+
+
 def last_run(output_dir: str | Path | None) -> tuple[TrainConfig, str] | None:
     """The settings of the latest run started in ``output_dir`` and a line that says whose they
     are, for a page loaded after a restart; None when there was none there or its config cannot be

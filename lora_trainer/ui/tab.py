@@ -17,7 +17,15 @@ from lora_trainer.config import TrainConfig
 from lora_trainer.ui import compat, handlers
 from lora_trainer.ui.context import TabContext, err_text
 from lora_trainer.ui.fields import UI_FIELDS
-from lora_trainer.ui.train_section import auto_form, form_of, form_outputs, lora_dir_of, test_section, train_section
+from lora_trainer.ui.train_section import (
+    auto_form,
+    form_of,
+    form_outputs,
+    lora_dir_of,
+    runs_folder_of,
+    test_section,
+    train_section,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,9 @@ def build_tab(host: Host, *, elem_prefix: str = "lt-", captioner: Captioner | No
     g = compat.gr()
     ctx = TabContext(host=host, prefix=elem_prefix, captioner=captioner, defaults=defaults or TrainConfig(),
                      remember_last_run=remember_last_run, start_auto=start_auto)
+    default_dir = ctx.defaults.output.output_dir  # a WebUI's runs (tab, API) are found after a restart
+    jobs.on_start("the tab's run folder", (lambda cfg: handlers.remember_run_folder(default_dir, cfg.output.output_dir))
+                  if remember_last_run else None)
     with g.Blocks(analytics_enabled=False, elem_id=ctx.eid("root")) as tab:
         with g.Tabs(elem_id=ctx.eid("sections")):
             with g.Tab("Dataset", elem_id=ctx.eid("tab-dataset")):
@@ -69,7 +80,7 @@ def _on_page_load(ctx: TabContext, tab: Any) -> None:
         if job is not None:
             names = handlers.list_loras(lora_dir_of(ctx, job.config))
             return [*form_of(ctx, job.config), compat.update(choices=names, value=names[0] if names else None), keep]
-        out = ctx.defaults.output.output_dir
+        out = runs_folder_of(ctx)
         last = handlers.last_run(out) if ctx.remember_last_run else None
         if last is not None:
             cfg, said = last

@@ -264,11 +264,18 @@ def _offer_unfinished(ctx: TabContext, folder: str, said: str) -> list[Any]:
     job = jobs.current()
     if job is not None and (job.alive or handlers.continuable(job.snapshot())):
         return [keep, keep]
-    found = handlers.unfinished_run(folder or ctx.defaults.output.output_dir)  # None for an unreadable folder
+    found = handlers.unfinished_run(folder or runs_folder_of(ctx))  # None for an unreadable folder
     if found is not None:
         return [handlers.unfinished_text(found), compat.update(visible=True)]
     offered = str(said or "").startswith(handlers.UNFINISHED_PREFIX)
     return [("" if offered else keep), compat.update(visible=False)]
+
+
+def runs_folder_of(ctx: TabContext) -> str:
+    """Where a page with no run of this process looks for one: the folder the last run started
+    in where the tab remembers it (a WebUI's), else the default output folder."""
+    default_dir = ctx.defaults.output.output_dir
+    return handlers.runs_folder(default_dir) if ctx.remember_last_run else default_dir
 
 
 def _poll(ctx: TabContext, seen: Any) -> list[Any]:
@@ -280,7 +287,7 @@ def _poll(ctx: TabContext, seen: Any) -> list[Any]:
     keep = compat.update()
     job = jobs.current()
     if job is None:  # nothing ran since the start: a page's first poll offers a run left unfinished before it
-        found = handlers.unfinished_run(ctx.defaults.output.output_dir) if seen is None else None
+        found = handlers.unfinished_run(runs_folder_of(ctx)) if seen is None else None
         msg = handlers.unfinished_text(found) if found is not None else keep
         go_on = compat.update(visible=found is not None) if seen is None else keep
         return [handlers.progress_html(None, ctx.prefix), keep, keep, keep, keep, keep, msg, keep, go_on, [None]]
