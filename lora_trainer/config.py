@@ -180,6 +180,8 @@ class OutputConfig:
                                   "all).")
     save_step_loras: bool = _f(True, "At each checkpoint also write <output_name>-stepNNNNNN.safetensors into the "
                                "LoRA folder, to compare steps in the Test section or in txt2img (never deleted).")
+    training_comment: str = _f("", "A note kept in the LoRA's metadata (ss_training_comment, as kohya writes it), "
+                                "e.g. the trigger word or where the images came from.")
 
 
 @dataclass
@@ -305,6 +307,7 @@ ALIASES: dict[str, str] = {
     "output_dir": "output.output_dir",
     "output_name": "output.output_name",
     "save_precision": "output.save_precision",
+    "training_comment": "output.training_comment",
     "sample_prompt": "sample.prompt",
     "sample_every_n_steps": "sample.every_n_steps",
     "sample_every_n_epochs": "sample.every_n_epochs",
@@ -341,6 +344,21 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     "clip_skip": (None, "in a WebUI its own Clip skip setting applies, as in txt2img; standalone, the layer the "
                         "model's family uses (the last for SD 1.x)"),
     "network_train_text_encoder_only": (_false, "the UNet always trains (false only)"),
+    "model_train_type": (lambda v: str(v) in ("sd-lora", "sdxl-lora", "flux-lora", "sd3-lora"),
+                         "the model's kind is read from the checkpoint (LoRA training only)"),
+    "enable_preview": (None, "samples are rendered whenever sample_prompts (sample.prompt) is set"),
+    "enable_block_weights": (_false, "block-wise learning rates are not available (false only)"),
+    "enable_base_weight": (_false, "merging other LoRAs into the base model first is not available (false only)"),
+    "no_metadata": (_false, "LoRA files always carry their training metadata (false only)"),
+    "vae_batch_size": (None, "latents are cached in batches the trainer sizes itself"),
+    **dict.fromkeys(("cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk"),
+                    (None, "text embeddings are cached in memory wherever that is exact (a frozen text encoder, "
+                           "fixed captions); data.cache_text_embeddings: false turns it off")),
+    "caption_dropout_every_n_epochs": (_false, "captions are dropped per image (caption_dropout_rate) only (0 only)"),
+    **dict.fromkeys(("log_tracker_name", "log_tracker_config", "wandb_api_key", "wandb_run_name"),
+                    (None, "logs go to <output_dir>/logs/<output_name>")),
+    **dict.fromkeys(("ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph"),
+                    (None, "a run trains on one GPU")),
     "enable_contrastive": (_false, "contrastive training is not available (false only)"),
     **dict.fromkeys(("negative_sampling_method", "noise_strength", "contrastive_weight", "contrastive_warmup_steps"),
                     (None, "used only with enable_contrastive")),
@@ -356,8 +374,6 @@ def _kohya_table(name: str) -> bool:
 _ALIAS_VALUE_MAPS: dict[str, Any] = {
     "v_parameterization": lambda v: "v_prediction" if _coerce(v, bool, "v_parameterization") else "epsilon",
     "random_crop": lambda v: "random" if _coerce(v, bool, "random_crop") else "center",
-    "cache_latents": lambda v: v if isinstance(v, str) else ("memory" if v else "off"),
-    "cache_latents_to_disk": lambda v: "disk" if _coerce(v, bool, "cache_latents_to_disk") else "memory",
     "resolution": lambda v: _kohya_resolution(v),
     "network_train_unet_only": lambda v: not _coerce(v, bool, "network_train_unet_only"),
 }
@@ -451,6 +467,17 @@ def _sample_prompts(value: Any) -> dict[str, Any]:
     return {"sample.prompt": prompt, **{f"sample.{name}": arg for name, arg in options.items()}}
 
 
+def _cache_latents(value: Any) -> dict[str, Any]:
+    """kohya's boolean ``cache_latents`` (or our value): in memory or off."""
+    return {"data.cache_latents": value if isinstance(value, str) else ("memory" if value else "off")}
+
+
+def _cache_latents_to_disk(value: Any) -> dict[str, Any]:
+    """kohya's ``cache_latents_to_disk``: true caches to disk whatever ``cache_latents`` says (files
+    of lora-scripts set both); false leaves it to ``cache_latents``."""
+    return {"data.cache_latents": "disk"} if _coerce(value, bool, "cache_latents_to_disk") else {}
+
+
 def _network_module(value: Any) -> dict[str, Any]:
     if str(value).strip() not in NETWORK_MODULES:
         raise ConfigError(f"network_module: {value!r} is not supported; use one of {', '.join(NETWORK_MODULES)} "
@@ -500,8 +527,10 @@ SCHEMA = ConfigSchema(
     example_header=("# lora-trainer config. Every key is optional; shown with its default.",
                     "# Flat keys from lora-scripts/kohya (lora_rank, train_data_dir, ...) work too."),
     foreign=(("llm", "the 'llm' section needs 'task: llm'"),),
-    # network_args (more specific) overrides the type network_module implies.
-    expanders={"network_module": _network_module, "network_args": _network_args, "sample_prompts": _sample_prompts},
+    # A later expander overrides an earlier one: network_args (more specific) the type network_module
+    # implies, cache_latents_to_disk what cache_latents says.
+    expanders={"network_module": _network_module, "network_args": _network_args, "sample_prompts": _sample_prompts,
+               "cache_latents": _cache_latents, "cache_latents_to_disk": _cache_latents_to_disk},
     ignored=IGNORED_KEYS, key_groups=_kohya_table,
 )
 

@@ -256,6 +256,90 @@ def test_a_lora_scripts_toml_config_loads_as_it_is(tmp_path: Path, caplog: pytes
     assert load_config(f) == load_config(f)  # the same result each time
 
 
+# What lora-scripts' GUI (its lora-master form, SDXL) writes for a run, with its defaults.
+LORA_SCRIPTS_GUI_TOML = """model_train_type = "sdxl-lora"
+pretrained_model_name_or_path = "./sd-models/model.safetensors"
+train_data_dir = "./train/aki"
+prior_loss_weight = 1
+resolution = "1024,1024"
+enable_bucket = true
+min_bucket_reso = 256
+max_bucket_reso = 2048
+bucket_reso_steps = 64
+output_name = "aki"
+output_dir = "./output"
+save_model_as = "safetensors"
+save_precision = "fp16"
+save_every_n_epochs = 2
+max_train_epochs = 10
+train_batch_size = 1
+gradient_checkpointing = true
+network_train_unet_only = true
+network_train_text_encoder_only = false
+learning_rate = 1e-4
+unet_lr = 1e-4
+text_encoder_lr = 1e-5
+lr_scheduler = "cosine_with_restarts"
+lr_warmup_steps = 0
+lr_scheduler_num_cycles = 1
+optimizer_type = "AdamW8bit"
+network_module = "networks.lora"
+network_dim = 32
+network_alpha = 32
+network_dropout = 0
+enable_block_weights = false
+enable_base_weight = false
+enable_preview = false
+log_with = "tensorboard"
+logging_dir = "./logs"
+caption_extension = ".txt"
+shuffle_caption = true
+keep_tokens = 0
+max_token_length = 255
+seed = 1337
+clip_skip = 2
+mixed_precision = "bf16"
+xformers = true
+lowram = false
+cache_latents = true
+cache_latents_to_disk = true
+cache_text_encoder_outputs = false
+persistent_data_loader_workers = true
+vae_batch_size = 1
+no_metadata = false
+training_comment = "aki, 30 images"
+"""
+
+
+def test_a_lora_scripts_gui_toml_loads_as_it_is(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The file lora-scripts' GUI writes: its form's switches (model_train_type, enable_preview,
+    enable_block_weights off, ...) are named in the warning; cache_latents and
+    cache_latents_to_disk together cache to disk; the training comment goes into the LoRA's
+    metadata; a switch that would change the result is an error naming it."""
+    f = tmp_path / "aki.toml"
+    f.write_text(LORA_SCRIPTS_GUI_TOML, encoding="utf-8")
+    with caplog.at_level("WARNING", logger="lora_trainer.config"):
+        cfg = load_config(f)
+    assert (cfg.data.resolution, cfg.data.cache_latents, cfg.data.cache_text_embeddings) == (1024, "disk", True)
+    assert (cfg.network.rank, cfg.network.train_text_encoder, cfg.train.mixed_precision) == (32, False, "bf16")
+    assert (cfg.train.gradient_checkpointing, cfg.output.training_comment) == (True, "aki, 30 images")
+    [warning] = [r.getMessage() for r in caplog.records]
+    for key in ("model_train_type", "enable_block_weights", "enable_base_weight", "enable_preview", "vae_batch_size",
+                "no_metadata", "cache_text_encoder_outputs"):
+        assert f"\n  {key}: " in warning, key
+    for cache, to_disk, kept in [(True, False, "memory"), (False, True, "disk"), (False, False, "off")]:
+        assert load_config(None, [f"cache_latents={cache}", f"cache_latents_to_disk={to_disk}"]).data.cache_latents == kept
+    for bad, said in [("model_train_type = 'sdxl-finetune'", "model_train_type: 'sdxl-finetune' is not supported "
+                                                             "here; the model's kind is read from the checkpoint "
+                                                             "(LoRA training only)"),
+                      ("enable_block_weights = true", "enable_block_weights: True is not supported here; block-wise "
+                                                      "learning rates are not available")]:
+        f.write_text(bad + "\n", encoding="utf-8")
+        with pytest.raises(ConfigError) as e:
+            load_config(f)
+        assert str(e.value).startswith(f"{f}: {said}")
+
+
 def test_other_trainers_tables_and_values(tmp_path: Path) -> None:
     """lora-scripts' older tables ([model] shares our section's name), kohya's "W,H"
     resolution, and the values that change the result: an error naming the key and why."""

@@ -116,6 +116,8 @@ def build_metadata(config: TrainConfig, bundle: ModelBundle, *, num_images: int,
         md["ss_network_args"] = json.dumps(args)
     if data.trigger_word:
         md["modelspec.trigger_phrase"] = data.trigger_word
+    if config.output.training_comment:
+        md["ss_training_comment"] = config.output.training_comment
     if bundle.legacy_hash:
         md["ss_sd_model_hash"] = bundle.legacy_hash
     if bundle.model_hash:
