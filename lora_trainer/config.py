@@ -125,6 +125,9 @@ class OptimConfig:
     lr_warmup_steps: int = _f(0, "Linear warmup steps.")
     lr_num_cycles: int = _f(1, "Restarts for cosine_with_restarts.")
     max_grad_norm: float = _f(1.0, "Clip gradients to this norm (0 disables).")
+    loraplus_lr_ratio: float | None = _f(None, "LoRA+: the up matrices (lora_up) learn this many times faster than "
+                                         "the down ones, which often trains in fewer steps (kohya's loraplus_lr_ratio; "
+                                         "16 is the paper's value). lora, locon and dora only.")
 
 
 # train.compile_mode: torch.compile's modes (inductor); reduce-overhead and max-autotune record CUDA graphs.
@@ -308,6 +311,7 @@ ALIASES: dict[str, str] = {
     "output_name": "output.output_name",
     "save_precision": "output.save_precision",
     "training_comment": "output.training_comment",
+    "loraplus_lr_ratio": "optim.loraplus_lr_ratio",
     "sample_prompt": "sample.prompt",
     "sample_every_n_steps": "sample.every_n_steps",
     "sample_every_n_epochs": "sample.every_n_epochs",
@@ -385,7 +389,7 @@ NETWORK_MODULES = {"networks.lora": "lora", "lycoris.kohya": "locon"}
 # LyCORIS' network_args "algo" values we train -> network.type.
 LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr", "dora": "dora"}
 _NETWORK_ARG_FIELDS = {"conv_dim": "network.conv_rank", "conv_alpha": "network.conv_alpha",
-                       "dropout": "network.dropout"}
+                       "dropout": "network.dropout", "loraplus_lr_ratio": "optim.loraplus_lr_ratio"}
 
 
 # kohya's per-prompt options in a sample prompts line -> the sample field each sets, and its type.
@@ -673,6 +677,11 @@ def validate(cfg: TrainConfig) -> None:
     need(o.lr_warmup_steps >= 0, f"optim.lr_warmup_steps: {o.lr_warmup_steps} must be 0 or more")
     need(o.lr_num_cycles >= 1, f"optim.lr_num_cycles: {o.lr_num_cycles} must be at least 1")
     need(o.max_grad_norm >= 0, f"optim.max_grad_norm: {o.max_grad_norm} must be 0 or more")
+    need(o.loraplus_lr_ratio is None or o.loraplus_lr_ratio > 0,
+         f"optim.loraplus_lr_ratio: {o.loraplus_lr_ratio} must be above 0 (or empty)")
+    need(o.loraplus_lr_ratio is None or n.type in ("lora", "locon", "dora"),
+         f"optim.loraplus_lr_ratio: LoRA+ needs the up and down matrices of lora, locon or dora, not {n.type}; "
+         "leave it empty")
     need(d.resolution >= 64 and d.resolution % 8 == 0,
          f"data.resolution: {d.resolution} must be a multiple of 8 and at least 64")
     need(d.bucket_step >= 8 and d.bucket_step % 8 == 0,

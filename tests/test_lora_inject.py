@@ -165,6 +165,24 @@ def test_param_groups_and_roots():
     assert [g["name"] for g in unet_only.param_groups(1.0, 2.0)] == ["unet"]
 
 
+
+def test_loraplus_puts_each_parts_up_matrices_in_a_group_of_their_own():
+    """LoRA+ (optim.loraplus_lr_ratio): the lora_up weights of the UNet and of the text encoders
+    learn at ratio times their part's rate, everything else (lora_down, DoRA's magnitude) at it;
+    the parameters are the same ones in the same order as without."""
+    net = inject_lora(make_bundle("sdxl"), net_cfg())
+    plain, plus = net.param_groups(1e-4, 5e-5), net.param_groups(1e-4, 5e-5, up_ratio=16.0)
+    assert [(g["name"], g["lr"]) for g in plus] == [("unet", 1e-4), ("unet_lora_up", 1.6e-3),
+                                                   ("text_encoder", 5e-5), ("text_encoder_lora_up", 8e-4)]
+    ups = {id(p) for key in net.layout for name, p in net.tensors(key).items() if name.startswith("lora_up")}
+    assert all(id(p) in ups for g in plus if g["name"].endswith("lora_up") for p in g["params"])
+    assert not any(id(p) in ups for g in plus if not g["name"].endswith("lora_up") for p in g["params"])
+    assert sorted(id(p) for g in plus for p in g["params"]) == sorted(id(p) for g in plain for p in g["params"])
+    dora = inject_lora(make_bundle("sd1"), net_cfg(type="dora", train_text_encoder=False))
+    [rest, up] = dora.param_groups(1.0, 1.0, up_ratio=4.0)
+    assert up["lr"] == 4.0 and len(up["params"]) == len(dora.layout) and len(rest["params"]) == 2 * len(dora.layout)
+
+
 def test_state_dict_round_trip_and_strict_load():
     net = inject_lora(make_bundle("sd1"), net_cfg())
     randomize(net)

@@ -306,3 +306,20 @@ def test_a_fresh_run_leaves_a_crashed_runs_checkpoints_of_the_same_name_alone(
     assert (out / "checkpoints" / "tiny_v2" / "step-000004").is_dir()
     resumed = Trainer(tiny_config(data, out, **values, **{"train.resume": str(crashed)}), host=host).run()
     assert resumed.lora_path == out / "tiny.safetensors" and resumed.steps == 4  # the crashed run, finished
+
+
+def test_loraplus_trains_the_up_matrices_faster_and_resumes_exactly(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    """optim.loraplus_lr_ratio: a run whose up matrices learn 16 times faster ends elsewhere than
+    the plain one, its file says so (ss_loraplus_lr_ratio), and stopped and resumed it ends
+    where the straight run does (the optimizer's extra groups come back from the checkpoint)."""
+    plus = {**BUSY, "optim.loraplus_lr_ratio": 16.0}
+    straight = Trainer(tiny_config(data, tmp_path / "a", **plus), host=host).run()
+    plain = Trainer(tiny_config(data, tmp_path / "plain", **BUSY), host=host).run()
+    second = stopped_and_resumed(data, tmp_path / "b", host, **plus)
+    a, b, p = lora_tensors(straight.lora_path), lora_tensors(second.lora_path), lora_tensors(plain.lora_path)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    ups = [k for k in a if "lora_up" in k]  # they start at zero: their size is how far they went
+    up_plus, up_plain = (sum(float(t[k].abs().sum()) for k in ups) for t in (a, p))
+    print(f"sum |lora_up| after 6 steps: {up_plus:.3f} with LoRA+ 16, {up_plain:.3f} without")
+    assert up_plus > 2 * up_plain and read_lora_file(straight.lora_path)[1]["ss_loraplus_lr_ratio"] == "16.0"
+    assert "ss_loraplus_lr_ratio" not in read_lora_file(plain.lora_path)[1]

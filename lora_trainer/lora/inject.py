@@ -102,14 +102,23 @@ class LoraNetwork:
                 out.extend(self.tensors(key).values())
         return out
 
-    def param_groups(self, unet_lr: float, te_lr: float) -> list[dict]:
+    def param_groups(self, unet_lr: float, te_lr: float, up_ratio: float | None = None) -> list[dict]:
+        """The optimizer's groups: the UNet's adapters and the text encoders', each at its
+        learning rate; with ``up_ratio`` (LoRA+) each part's up matrices (``lora_up``) in a group
+        of their own at ``up_ratio`` times that rate."""
         groups = []
-        unet = self.parameters("unet") if self._roots.get("unet", None) and self._roots["unet"].trainable else []
-        te = [p for r, s in self._roots.items() if r != "unet" and s.trainable for p in self.parameters(r)]
-        if unet:
-            groups.append({"params": unet, "lr": unet_lr, "name": "unet"})
-        if te:
-            groups.append({"params": te, "lr": te_lr, "name": "text_encoder"})
+        for name, lr, roots in (("unet", unet_lr, ["unet"]),
+                                ("text_encoder", te_lr, [r for r in self._roots if r != "unet"])):
+            params = [(file_name, p) for r in roots if r in self._roots and self._roots[r].trainable
+                      for key, slot in self.layout.items() if slot.root == r
+                      for file_name, p in self.tensors(key).items()]
+            is_up = [up_ratio is not None and file_name.startswith("lora_up") for file_name, _ in params]
+            up = [p for (_, p), u in zip(params, is_up, strict=True) if u]
+            rest = [p for (_, p), u in zip(params, is_up, strict=True) if not u]
+            if rest:
+                groups.append({"params": rest, "lr": lr, "name": name})
+            if up:
+                groups.append({"params": up, "lr": lr * up_ratio, "name": f"{name}_lora_up"})
         return groups
 
     # --- kohya ----------------------------------------------------------------------------

@@ -118,6 +118,8 @@ def build_metadata(config: TrainConfig, bundle: ModelBundle, *, num_images: int,
         md["modelspec.trigger_phrase"] = data.trigger_word
     if config.output.training_comment:
         md["ss_training_comment"] = config.output.training_comment
+    if opt.loraplus_lr_ratio is not None:
+        md["ss_loraplus_lr_ratio"] = _num(float(opt.loraplus_lr_ratio))
     if bundle.legacy_hash:
         md["ss_sd_model_hash"] = bundle.legacy_hash
     if bundle.model_hash:

@@ -284,7 +284,7 @@ class RunSession:
         o, t = self.cfg.optim, self.cfg.train
         unet_lr = o.unet_lr if o.unet_lr is not None else o.learning_rate
         te_lr = o.text_encoder_lr if o.text_encoder_lr is not None else o.learning_rate
-        self.optimizer = build_optimizer(self.network.param_groups(unet_lr, te_lr), o, self.device)
+        self.optimizer = build_optimizer(self.network.param_groups(unet_lr, te_lr, o.loraplus_lr_ratio), o, self.device)
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, o.lr_warmup_steps,
                                         o.lr_scheduler, o.lr_num_cycles)
         amp = _AMP_DTYPES.get(t.mixed_precision)
