@@ -125,6 +125,9 @@ class OptimConfig:
     lr_warmup_steps: int = _f(0, "Linear warmup steps.")
     lr_num_cycles: int = _f(1, "Restarts for cosine_with_restarts.")
     max_grad_norm: float = _f(1.0, "Clip gradients to this norm (0 disables).")
+    optimizer_args: str = _f("", "More keyword arguments of the optimizer, name=value separated by spaces (kohya's "
+                              "optimizer_args), e.g. 'decouple=True d_coef=2' for prodigy; they take the place of "
+                              "the settings above (weight_decay, betas=0.9,0.99, eps).")
     loraplus_lr_ratio: float | None = _f(None, "LoRA+: the up matrices (lora_up) learn this many times faster than "
                                          "the down ones, which often trains in fewer steps (kohya's loraplus_lr_ratio; "
                                          "16 is the paper's value). lora, locon and dora only.")
@@ -489,20 +492,48 @@ def _network_module(value: Any) -> dict[str, Any]:
     return {"network.type": NETWORK_MODULES[str(value).strip()]}
 
 
-def _network_args(value: Any) -> dict[str, Any]:
-    """kohya's ``network_args`` (a list of "key=value" strings, or a mapping) -> field paths."""
+def key_value_pairs(value: Any, where: str, example: str, *, commas: bool = False) -> dict[str, str]:
+    """kohya's ``*_args`` (a list of "key=value" strings, one such string, or a mapping) as
+    {key: value text}; ``commas``: a string's commas separate pairs too. ``where`` and
+    ``example`` ("algo=loha") name the key in the error."""
     if isinstance(value, str):
-        value = [v for v in value.replace(",", " ").split() if v]
-    if isinstance(value, (list, tuple)):
-        pairs = {}
-        for item in value:
-            if "=" not in str(item):
-                raise ConfigError(f"network_args: {item!r} is not key=value (e.g. \"algo=loha\", \"conv_dim=8\")")
-            k, v = str(item).split("=", 1)
-            pairs[k.strip()] = v.strip()
-        value = pairs
-    if not isinstance(value, dict):
-        raise ConfigError("network_args: expected a list of \"key=value\" strings such as [\"algo=loha\", \"conv_dim=8\"]")
+        value = [v for v in (value.replace(",", " ") if commas else value).split() if v]
+    if isinstance(value, dict):
+        return {str(k).strip(): str(v).strip() for k, v in value.items()}
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list of \"key=value\" strings such as [\"{example}\"]")
+    pairs = {}
+    for item in value:
+        k, eq, v = str(item).partition("=")
+        if not eq or not k.strip().isidentifier():
+            raise ConfigError(f"{where}: {item!r} is not key=value (e.g. \"{example}\")")
+        pairs[k.strip()] = v.strip()
+    return pairs
+
+
+def _optimizer_args(value: Any) -> dict[str, Any]:
+    """kohya's ``optimizer_args`` (a list of "name=value" strings) -> optim.optimizer_args."""
+    pairs = key_value_pairs(value, "optimizer_args", "weight_decay=0.1")
+    return {"optim.optimizer_args": " ".join(f"{k}={''.join(v.split())}" for k, v in pairs.items())}
+
+
+def optimizer_kwargs(optim: OptimConfig) -> dict[str, Any]:
+    """``optim.optimizer_args`` as keyword arguments: Python literals (``True``, ``2``,
+    ``0.9,0.99``) as values, anything else as text."""
+    import ast
+
+    out: dict[str, Any] = {}
+    for k, v in key_value_pairs(optim.optimizer_args, "optim.optimizer_args", "weight_decay=0.1").items():
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = v
+    return out
+
+
+def _network_args(value: Any) -> dict[str, Any]:
+    """kohya's ``network_args`` -> field paths."""
+    value = key_value_pairs(value, "network_args", "conv_dim=8", commas=True)
     out: dict[str, Any] = {}
     for k, v in value.items():
         if k == "algo":
@@ -534,7 +565,8 @@ SCHEMA = ConfigSchema(
     # A later expander overrides an earlier one: network_args (more specific) the type network_module
     # implies, cache_latents_to_disk what cache_latents says.
     expanders={"network_module": _network_module, "network_args": _network_args, "sample_prompts": _sample_prompts,
-               "cache_latents": _cache_latents, "cache_latents_to_disk": _cache_latents_to_disk},
+               "cache_latents": _cache_latents, "cache_latents_to_disk": _cache_latents_to_disk,
+               "optimizer_args": _optimizer_args},
     ignored=IGNORED_KEYS, key_groups=_kohya_table,
 )
 
@@ -677,6 +709,7 @@ def validate(cfg: TrainConfig) -> None:
     need(o.lr_warmup_steps >= 0, f"optim.lr_warmup_steps: {o.lr_warmup_steps} must be 0 or more")
     need(o.lr_num_cycles >= 1, f"optim.lr_num_cycles: {o.lr_num_cycles} must be at least 1")
     need(o.max_grad_norm >= 0, f"optim.max_grad_norm: {o.max_grad_norm} must be 0 or more")
+    optimizer_kwargs(o)  # each name=value
     need(o.loraplus_lr_ratio is None or o.loraplus_lr_ratio > 0,
          f"optim.loraplus_lr_ratio: {o.loraplus_lr_ratio} must be above 0 (or empty)")
     need(o.loraplus_lr_ratio is None or n.type in ("lora", "locon", "dora"),

@@ -100,7 +100,8 @@ def test_preview_png_beside_the_lora(tmp_path):
 ])
 def test_metadata_fields(arch, pred, version, spec):
     cfg = build_config({"network.rank": 4, "network.alpha": 1.5, "data.trigger_word": "sks dog",
-                        "optim.learning_rate": 2e-4, "train.seed": 7, "output.training_comment": "30 photos"})
+                        "optim.learning_rate": 2e-4, "train.seed": 7, "output.training_comment": "30 photos",
+                        "optim.optimizer_args": "weight_decay=0.1 amsgrad=True"})
     bundle = dataclasses.replace(make_bundle("sd1"), arch=arch, prediction_type=pred, model_hash="ab" * 32,
                                  legacy_hash="12345678", name="base.safetensors")
     md = build_metadata(cfg, bundle, num_images=8, tag_frequency={"img": {"dog": 8}},
@@ -117,7 +118,7 @@ def test_metadata_fields(arch, pred, version, spec):
     assert md["modelspec.trigger_phrase"] == "sks dog" and md["modelspec.prediction_type"] == (
         "v" if pred == "v_prediction" else "epsilon")
     assert md["modelspec.date"] == "2023-11-14T22:15:00" and md["ss_steps"] == "100" and md["ss_seed"] == "7"
-    assert md["ss_training_comment"] == "30 photos"
+    assert md["ss_training_comment"] == "30 photos" and md["ss_optimizer"] == "adamw(weight_decay=0.1,amsgrad=True)"
     assert "ss_training_comment" not in build_metadata(
         build_config({}), bundle, num_images=1, tag_frequency=None, dataset_dirs=None, steps=1, epoch=1,
         started_at=None, finished_at=None, rank=4, alpha=1.0, output_name="x")

@@ -138,6 +138,30 @@ def test_optimizer_param_groups_and_missing_packages() -> None:
         build_optimizer([{"params": [], "lr": 1.0}], OptimConfig(), torch.device("cpu"))
 
 
+def test_optimizer_args_reach_the_optimizer_and_a_name_it_does_not_take_stops_before_loading(tmp_path) -> None:
+    """kohya's optimizer_args: its name=value pairs are the optimizer's keyword arguments, in the
+    place of the optim fields (betas as a pair, True, numbers); a name the optimizer does not
+    take, or its missing package, is one line from the checks that run before any model loads."""
+    from lora_trainer.config import build_config, load_config, optimizer_kwargs
+    from lora_trainer.train.preflight import find_problems
+
+    cfg = load_config(None, ['optimizer_args=["weight_decay=0.5", "betas=0.8, 0.95", "amsgrad=True"]'])
+    assert cfg.optim.optimizer_args == "weight_decay=0.5 betas=0.8,0.95 amsgrad=True"
+    assert optimizer_kwargs(cfg.optim) == {"weight_decay": 0.5, "betas": (0.8, 0.95), "amsgrad": True}
+    a = torch.nn.Parameter(torch.zeros(2))
+    opt = build_optimizer([{"params": [a], "lr": 1e-3}], cfg.optim, torch.device("cpu"))
+    d = opt.defaults
+    assert (d["weight_decay"], d["betas"], d["amsgrad"], d["eps"]) == (0.5, (0.8, 0.95), True, 1e-8)
+    assert not [p for p in find_problems(cfg, check_model=False) if "optim" in str(p)]
+    for values, said in [({"optim.optimizer_args": "d_coef=2"}, "optim.optimizer_args: adamw takes no 'd_coef'; "
+                                                                  "it takes lr, betas, eps, weight_decay"),
+                         ({"optim.optimizer": "prodigy"}, "optim.optimizer: 'prodigy' needs the package 'prodigyopt'")]:
+        problems = [str(p) for p in find_problems(build_config(values), check_model=False) if "optim" in str(p)]
+        assert len(problems) == 1 and problems[0].startswith(said), problems
+    with pytest.raises(ConfigError, match=r"optimizer_args: 'decouple' is not key=value \(e.g. \"weight_decay=0.1\"\)"):
+        load_config(None, ['optimizer_args=["decouple"]'])
+
+
 def test_adamw_on_the_cpu_is_the_fused_kernel_and_steps_like_the_plain_one() -> None:
     torch.manual_seed(0)
     start = [torch.randn(8, 4), torch.randn(4, 8)]

@@ -28,7 +28,7 @@ def host_loads_base_model(host: Any) -> bool:
 def find_problems(cfg: TrainConfig, *, check_model: bool = True) -> list[LoraTrainerError]:
     """Every problem found without loading a model, each an error with a one-line message."""
     checks: list[Callable[[TrainConfig], None]] = [check_output_name, check_output_dir, check_data_dirs,
-                                                   check_files, check_compile]
+                                                   check_files, check_compile, check_optimizer]
     if check_model:
         checks.insert(2, check_base_model)
     problems: list[LoraTrainerError] = []
@@ -134,3 +134,10 @@ def check_compile(cfg: TrainConfig) -> None:
     from lora_trainer.train.compiled import check_compile as check
 
     check(resolve_device(cfg.model.device).type)
+
+
+def check_optimizer(cfg: TrainConfig) -> None:
+    """The optimizer's package is installed and takes every name of optim.optimizer_args."""
+    from lora_trainer.train.optim import check_optimizer_args
+
+    check_optimizer_args(cfg.optim)
