@@ -113,7 +113,7 @@ class NetworkConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: Literal["adamw", "adamw8bit", "prodigy", "lion"] = _f("adamw", "Optimizer. adamw8bit needs bitsandbytes, prodigy needs prodigyopt, lion needs lion-pytorch.")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "lion", "adafactor"] = _f("adamw", "Optimizer. adamw8bit needs bitsandbytes, prodigy needs prodigyopt, lion needs lion-pytorch; adafactor (transformers') runs at learning_rate, without its relative step size.")
     learning_rate: float = _f(1e-4, "Base learning rate.")
     unet_lr: float | None = _f(None, "UNet learning rate (default: learning_rate).")
     text_encoder_lr: float | None = _f(None, "Text-encoder learning rate (default: learning_rate).")
@@ -121,9 +121,10 @@ class OptimConfig:
     adam_beta1: float = _f(0.9, "Adam beta1.")
     adam_beta2: float = _f(0.999, "Adam beta2.")
     adam_epsilon: float = _f(1e-8, "Adam epsilon.")
-    lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts"] = _f("cosine", "Learning-rate schedule after warmup.")
+    lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"] = _f("cosine", "Learning-rate schedule after warmup (kohya's constant_with_warmup is constant: every schedule warms up over lr_warmup_steps).")
     lr_warmup_steps: int = _f(0, "Linear warmup steps.")
     lr_num_cycles: int = _f(1, "Restarts for cosine_with_restarts.")
+    lr_scheduler_power: float = _f(1.0, "Power of the polynomial schedule's decay (1: linear).")
     max_grad_norm: float = _f(1.0, "Clip gradients to this norm (0 disables).")
     optimizer_args: str = _f("", "More keyword arguments of the optimizer, name=value separated by spaces (kohya's "
                               "optimizer_args), e.g. 'decouple=True d_coef=2' for prodigy; they take the place of "
@@ -292,6 +293,7 @@ ALIASES: dict[str, str] = {
     "lr_scheduler": "optim.lr_scheduler",
     "lr_warmup_steps": "optim.lr_warmup_steps",
     "lr_scheduler_num_cycles": "optim.lr_num_cycles",
+    "lr_scheduler_power": "optim.lr_scheduler_power",
     "max_grad_norm": "optim.max_grad_norm",
     "batch_size": "train.batch_size",
     "train_batch_size": "train.batch_size",
@@ -383,6 +385,8 @@ _ALIAS_VALUE_MAPS: dict[str, Any] = {
     "random_crop": lambda v: "random" if _coerce(v, bool, "random_crop") else "center",
     "resolution": lambda v: _kohya_resolution(v),
     "network_train_unet_only": lambda v: not _coerce(v, bool, "network_train_unet_only"),
+    # every schedule here warms up over lr_warmup_steps
+    "lr_scheduler": lambda v: "constant" if str(v).lower() == "constant_with_warmup" else v,
 }
 
 
@@ -708,6 +712,7 @@ def validate(cfg: TrainConfig) -> None:
         need(v is None or v >= 0, f"optim.{name}: {v} must be 0 or more")
     need(o.lr_warmup_steps >= 0, f"optim.lr_warmup_steps: {o.lr_warmup_steps} must be 0 or more")
     need(o.lr_num_cycles >= 1, f"optim.lr_num_cycles: {o.lr_num_cycles} must be at least 1")
+    need(o.lr_scheduler_power > 0, f"optim.lr_scheduler_power: {o.lr_scheduler_power} must be above 0")
     need(o.max_grad_norm >= 0, f"optim.max_grad_norm: {o.max_grad_norm} must be 0 or more")
     optimizer_kwargs(o)  # each name=value
     need(o.loraplus_lr_ratio is None or o.loraplus_lr_ratio > 0,

@@ -46,6 +46,20 @@ def test_lr_at_table(step: int, total: int, warmup: int, kind: str, cycles: int,
     assert lr_at(step, 3e-4, total, warmup, kind, cycles) == pytest.approx(3e-4 * expected, abs=1e-15)
 
 
+def test_polynomial_decays_with_its_power_after_the_warmup() -> None:
+    """kohya's polynomial schedule (lr_scheduler_power): (1 - progress) ** power to 0; power 1
+    is the linear schedule; constant_with_warmup is the constant one (both warm up here)."""
+    from lora_trainer.config import load_config
+
+    assert lr_at(5, 1.0, 10, 0, "polynomial", power=2.0) == pytest.approx(0.25)
+    assert lr_at(6, 1.0, 10, 2, "polynomial", power=0.5) == pytest.approx(0.5 ** 0.5)
+    assert lr_at(0, 1.0, 10, 2, "polynomial", power=2.0) == pytest.approx(1 / 3)  # warming up
+    assert [lr_at(k, 1.0, 10, 1, "polynomial") for k in range(11)] == [lr_at(k, 1.0, 10, 1, "linear") for k in range(11)]
+    o = load_config(None, ["lr_scheduler=polynomial", "lr_scheduler_power=2"]).optim
+    assert (o.lr_scheduler, o.lr_scheduler_power) == ("polynomial", 2.0)
+    assert load_config(None, ["lr_scheduler=constant_with_warmup"]).optim.lr_scheduler == "constant"
+
+
 def test_lr_at_rejects_unknown_kind() -> None:
     with pytest.raises(ValueError, match="cosine"):
         lr_at(0, 1.0, 10, 0, "exponential")
@@ -128,6 +142,9 @@ def test_optimizer_param_groups_and_missing_packages() -> None:
                           OptimConfig(), torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["lr"] for g in opt.param_groups] == [1e-4, 5e-5]
+    ada = build_optimizer([{"params": [a], "lr": 1e-3}], OptimConfig(optimizer="adafactor"), torch.device("cpu"))
+    assert type(ada).__name__ == "Adafactor" and not ada.defaults["relative_step"]  # at the schedule's rate
+    assert not ada.defaults["scale_parameter"] and ada.param_groups[0]["lr"] == 1e-3
     for name, package in (("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt"), ("lion", "lion-pytorch")):
         try:
             build_optimizer([{"params": [a], "lr": 1.0}], OptimConfig(optimizer=name), torch.device("cpu"))

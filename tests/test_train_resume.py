@@ -323,3 +323,15 @@ def test_loraplus_trains_the_up_matrices_faster_and_resumes_exactly(tmp_path: Pa
     print(f"sum |lora_up| after 6 steps: {up_plus:.3f} with LoRA+ 16, {up_plain:.3f} without")
     assert up_plus > 2 * up_plain and read_lora_file(straight.lora_path)[1]["ss_loraplus_lr_ratio"] == "16.0"
     assert "ss_loraplus_lr_ratio" not in read_lora_file(plain.lora_path)[1]
+
+
+def test_an_adafactor_run_with_a_polynomial_schedule_resumes_exactly(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    """Adafactor (kohya's SDXL recipe, at the schedule's rate) keeps its factored moments in the
+    checkpoint: stopped and resumed, a run ends where the straight one does."""
+    values = {**BUSY, "optim.optimizer": "adafactor", "optim.lr_scheduler": "polynomial",
+              "optim.lr_scheduler_power": 2.0}
+    straight = Trainer(tiny_config(data, tmp_path / "a", **values), host=host).run()
+    second = stopped_and_resumed(data, tmp_path / "b", host, **values)
+    a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    assert read_lora_file(straight.lora_path)[1]["ss_optimizer"] == "adafactor"

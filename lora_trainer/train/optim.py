@@ -1,4 +1,5 @@
-"""Optimizers: AdamW from torch; 8-bit AdamW, Prodigy and Lion when their packages are installed."""
+"""Optimizers: AdamW from torch, Adafactor from transformers; 8-bit AdamW, Prodigy and Lion when their
+packages are installed."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ _OPTIONAL: dict[str, tuple[str, str, str]] = {
     "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
     "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
     "lion": ("lion_pytorch", "Lion", "lion-pytorch"),
+    "adafactor": ("transformers.optimization", "Adafactor", "transformers"),
 }
 
 
@@ -38,8 +40,11 @@ def optimizer_settings(cfg: OptimConfig) -> dict[str, Any]:
     """The keyword arguments the optimizer is built with: the optim fields it takes (Prodigy
     finds its own step size, lr a multiplier near 1; it and Lion take no eps), then
     ``optim.optimizer_args`` in their place."""
-    kwargs: dict[str, Any] = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2),
-                              "weight_decay": cfg.weight_decay}
+    kwargs: dict[str, Any] = {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "adafactor":  # at the schedule's learning rate, as kohya's SDXL recipe runs it
+        kwargs |= {"scale_parameter": False, "relative_step": False, "warmup_init": False}
+    else:
+        kwargs["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer in ("adamw", "adamw8bit"):
         kwargs["eps"] = cfg.adam_epsilon
     return {**kwargs, **optimizer_kwargs(cfg)}

@@ -286,7 +286,7 @@ class RunSession:
         te_lr = o.text_encoder_lr if o.text_encoder_lr is not None else o.learning_rate
         self.optimizer = build_optimizer(self.network.param_groups(unet_lr, te_lr, o.loraplus_lr_ratio), o, self.device)
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, o.lr_warmup_steps,
-                                        o.lr_scheduler, o.lr_num_cycles)
+                                        o.lr_scheduler, o.lr_num_cycles, o.lr_scheduler_power)
         amp = _AMP_DTYPES.get(t.mixed_precision)
         self.amp_dtype = amp
         self.scaler = grad_scaler(self.device.type, enabled=t.mixed_precision == "fp16")
