@@ -153,6 +153,11 @@ class LoopConfig:
                           "(slower, more memory). Off: they compute in the mixed precision; their kernels sum in "
                           "fp32 either way.")
     noise_offset: float = _f(0.0, "Noise offset (helps very dark/bright images); 0.05-0.1 typical.")
+    multires_noise_iterations: int = _f(0, "Multi-resolution (pyramid) noise: layers of coarser noise added to the "
+                                        "training noise (kohya's multires_noise_iterations; 6-10 typical, 0: off). "
+                                        "SD1/SD2/SDXL.")
+    multires_noise_discount: float = _f(0.3, "Weight of each coarser layer of the pyramid noise against the last "
+                                        "(0.3-0.8).")
     min_snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5 is typical); empty disables.")
     seed: int = _f(42, "Random seed (data order, noise, dropout).")
     save_steps: int = _f(0, "Save a resumable checkpoint (and that step's LoRA) every N steps (0: only when "
@@ -304,6 +309,8 @@ ALIASES: dict[str, str] = {
     "mixed_precision": "train.mixed_precision",
     "gradient_checkpointing": "train.gradient_checkpointing",
     "noise_offset": "train.noise_offset",
+    "multires_noise_iterations": "train.multires_noise_iterations",
+    "multires_noise_discount": "train.multires_noise_discount",
     "min_snr_gamma": "train.min_snr_gamma",
     "seed": "train.seed",
     "save_steps": "train.save_steps",
@@ -662,14 +669,20 @@ def _is_flow_family(arch: str) -> bool:
 
     return arch != "auto" and arch in family_names() and get_family(arch).objective.kind == "flow"
 
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Checks that need more than one field, or a range. Called from ``__post_init__``."""
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ConfigError(msg)
-
-    n, d, o, t = cfg.network, cfg.data, cfg.optim, cfg.train
     cfg.model.arch = check_choices(cfg.model.arch, field_info("model.arch"), "model.arch")
+    for check in (_check_network, _check_loop, _check_flow, _check_optim, _check_data, _check_outputs):
+        check(cfg)
+
+
+def _check_network(cfg: TrainConfig) -> None:
+    need, n = _need, cfg.network
     need(n.rank >= 1, f"network.rank: {n.rank} must be at least 1 (4-128 is typical)")
     need(n.alpha > 0, f"network.alpha: {n.alpha} must be above 0 (often rank or rank/2)")
     need(0.0 <= n.dropout < 1.0, f"network.dropout: {n.dropout} must be in [0, 1)")
@@ -679,6 +692,13 @@ def validate(cfg: TrainConfig) -> None:
          f"network.dropout: {n.dropout} works with network.type lora/locon only, not {n.type}; set it to 0")
     need(n.train_unet or n.train_text_encoder,
          "network: train_unet and train_text_encoder are both false; enable at least one")
+    need(not (n.type == "dora" and cfg.model.weight_dtype in ("fp8", "nf4")),
+         f"network.type dora needs the base weights in full precision (its magnitude is computed from them); "
+         f"set model.weight_dtype to auto, or use lora with {cfg.model.weight_dtype}")
+
+
+def _check_loop(cfg: TrainConfig) -> None:
+    need, t = _need, cfg.train
     need(t.batch_size >= 1, f"train.batch_size: {t.batch_size} must be at least 1")
     need(t.epochs >= 1, f"train.epochs: {t.epochs} must be at least 1")
     need(t.max_train_steps is None or t.max_train_steps >= 1,
@@ -691,21 +711,33 @@ def validate(cfg: TrainConfig) -> None:
     need(0 < t.checkpointing_share <= 1,
          f"train.checkpointing_share: {t.checkpointing_share} must be above 0 and at most 1 (1: every block)")
     need(t.noise_offset >= 0, f"train.noise_offset: {t.noise_offset} must be 0 or more")
+    need(t.multires_noise_iterations >= 0,
+         f"train.multires_noise_iterations: {t.multires_noise_iterations} must be 0 (off) or more")
+    need(0 < t.multires_noise_discount <= 1,
+         f"train.multires_noise_discount: {t.multires_noise_discount} must be above 0 and at most 1")
     need(t.min_snr_gamma is None or t.min_snr_gamma > 0,
          f"train.min_snr_gamma: {t.min_snr_gamma} must be above 0 (or empty)")
-    need(not (n.type == "dora" and cfg.model.weight_dtype in ("fp8", "nf4")),
-         f"network.type dora needs the base weights in full precision (its magnitude is computed from them); "
-         f"set model.weight_dtype to auto, or use lora with {cfg.model.weight_dtype}")
-    flow = _is_flow_family(cfg.model.arch)
-    need(not flow or d.resolution % 16 == 0,
-         f"data.resolution: {d.resolution} must be a multiple of 16 for {cfg.model.arch} (2x2 latent patches)")
     need(t.discrete_flow_shift is None or t.discrete_flow_shift > 0,
          f"train.discrete_flow_shift: {t.discrete_flow_shift} must be above 0 (or empty)")
     need(t.guidance_scale is None or t.guidance_scale >= 0,
          f"train.guidance_scale: {t.guidance_scale} must be 0 or more (or empty)")
-    need(t.min_snr_gamma is None or not flow,
-         "train.min_snr_gamma: Min-SNR weighting is for DDPM models (SD1/SD2/SDXL); leave it empty for "
-         f"{cfg.model.arch}")
+
+
+def _check_flow(cfg: TrainConfig) -> None:
+    """What a rectified-flow family (Flux.1, SD3.5) needs, and what is for DDPM models only."""
+    if not _is_flow_family(cfg.model.arch):
+        return
+    arch, t = cfg.model.arch, cfg.train
+    _need(cfg.data.resolution % 16 == 0,
+          f"data.resolution: {cfg.data.resolution} must be a multiple of 16 for {arch} (2x2 latent patches)")
+    _need(not t.multires_noise_iterations,
+          f"train.multires_noise_iterations: pyramid noise is for DDPM models (SD1/SD2/SDXL); set it to 0 for {arch}")
+    _need(t.min_snr_gamma is None,
+          f"train.min_snr_gamma: Min-SNR weighting is for DDPM models (SD1/SD2/SDXL); leave it empty for {arch}")
+
+
+def _check_optim(cfg: TrainConfig) -> None:
+    need, o, n = _need, cfg.optim, cfg.network
     need(o.learning_rate > 0, f"optim.learning_rate: {o.learning_rate} must be above 0")
     for name in ("unet_lr", "text_encoder_lr"):
         v = getattr(o, name)
@@ -720,6 +752,10 @@ def validate(cfg: TrainConfig) -> None:
     need(o.loraplus_lr_ratio is None or n.type in ("lora", "locon", "dora"),
          f"optim.loraplus_lr_ratio: LoRA+ needs the up and down matrices of lora, locon or dora, not {n.type}; "
          "leave it empty")
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    need, d = _need, cfg.data
     need(d.resolution >= 64 and d.resolution % 8 == 0,
          f"data.resolution: {d.resolution} must be a multiple of 8 and at least 64")
     need(d.bucket_step >= 8 and d.bucket_step % 8 == 0,
@@ -733,13 +769,17 @@ def validate(cfg: TrainConfig) -> None:
     need(d.min_image_size >= 1, f"data.min_image_size: {d.min_image_size} must be at least 1")
     need(d.num_workers >= 0, f"data.num_workers: {d.num_workers} must be 0 or more")
     need(d.prefetch is None or d.prefetch >= 0, f"data.prefetch: {d.prefetch} must be 0 or more")
+
+
+def _check_outputs(cfg: TrainConfig) -> None:
+    need, s = _need, cfg.sample
     need(cfg.output.output_name.strip() != "", "output.output_name: must not be empty")
     need(cfg.output.keep_checkpoints >= 0, "output.keep_checkpoints: must be 0 or more")
-    need(cfg.sample.steps >= 1, f"sample.steps: {cfg.sample.steps} must be at least 1")
-    need(cfg.sample.every_n_steps >= 0, "sample.every_n_steps: must be 0 or more")
-    need(cfg.sample.every_n_epochs >= 0, "sample.every_n_epochs: must be 0 or more")
-    need(cfg.sample.every_n_minutes >= 0, f"sample.every_n_minutes: {cfg.sample.every_n_minutes} must be 0 (off) or more")
-    sample_prompts_of(cfg.sample)  # each prompt line's options
+    need(s.steps >= 1, f"sample.steps: {s.steps} must be at least 1")
+    need(s.every_n_steps >= 0, "sample.every_n_steps: must be 0 or more")
+    need(s.every_n_epochs >= 0, "sample.every_n_epochs: must be 0 or more")
+    need(s.every_n_minutes >= 0, f"sample.every_n_minutes: {s.every_n_minutes} must be 0 (off) or more")
+    sample_prompts_of(s)  # each prompt line's options
 
 
 # -- documentation -------------------------------------------------------------------------

@@ -28,6 +28,11 @@ FLAT_KEYS = {
     "batch_size": ("train.batch_size", 4),
     "epochs": ("train.epochs", 3),
     "max_train_steps": ("train.max_train_steps", 100),
+    "multires_noise_iterations": ("train.multires_noise_iterations", 6),
+    "multires_noise_discount": ("train.multires_noise_discount", 0.5),
+    "loraplus_lr_ratio": ("optim.loraplus_lr_ratio", 16.0),
+    "lr_scheduler_power": ("optim.lr_scheduler_power", 2.0),
+    "training_comment": ("output.training_comment", "30 photos of Rex"),
     "learning_rate": ("optim.learning_rate", 3e-4),
     "unet_lr": ("optim.unet_lr", 1e-4),
     "text_encoder_lr": ("optim.text_encoder_lr", 5e-5),
@@ -55,6 +60,16 @@ def test_flat_alias_fills_field(tmp_path: Path, key: str) -> None:
     f.write_text(yaml.safe_dump({key: value}))
     cfg = load_config(f)
     assert cfg.get(path) == value
+
+
+def test_pyramid_noise_and_min_snr_are_for_ddpm_models() -> None:
+    for key, said in [("train.multires_noise_iterations=6", "pyramid noise is for DDPM models"),
+                      ("train.min_snr_gamma=5", "Min-SNR weighting is for DDPM models")]:
+        with pytest.raises(ConfigError, match=said):
+            load_config(None, ["model.arch=flux1", "data.resolution=512", key])
+    with pytest.raises(ConfigError, match="must be a multiple of 16 for sd3"):
+        load_config(None, ["model.arch=sd3", "data.resolution=520"])
+    assert load_config(None, ["model.arch=sdxl", "multires_noise_iterations=6"]).train.multires_noise_iterations == 6
 
 
 def test_every_alias_points_at_a_field() -> None:

@@ -128,6 +128,23 @@ def test_offset_noise_adds_a_per_channel_constant() -> None:
     assert delta.abs().sum() > 0
 
 
+def test_pyramid_noise_adds_coarse_noise_at_unit_scale_and_repeats_from_its_generator() -> None:
+    """kohya's multires noise: unit standard deviation, more of its power at coarse scales than
+    white noise has (8x8 block means vary more), the same noise from the same generator state,
+    and the noise itself with 0 iterations."""
+    from lora_trainer.train.losses import pyramid_noise
+
+    white = torch.randn(4, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert losses.pyramid_noise(white, 0, 0.3) is white
+    a = pyramid_noise(white, 6, 0.5, torch.Generator().manual_seed(1))
+    b = pyramid_noise(white, 6, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == white.shape and a.dtype == white.dtype
+    assert float(a.std()) == pytest.approx(1.0, abs=1e-4) and not torch.equal(a, white)
+    coarse = torch.nn.functional.avg_pool2d
+    assert float(coarse(a, 8).std()) > 1.5 * float(coarse(white, 8).std())  # white: 1/8
+    assert not torch.equal(a, pyramid_noise(white, 6, 0.5, torch.Generator().manual_seed(2)))
+
+
 def test_weighted_mse_uses_per_sample_weights() -> None:
     pred = torch.zeros(2, 1, 2, 2)
     target = torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])

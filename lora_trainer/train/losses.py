@@ -69,6 +69,28 @@ def offset_noise(latents: torch.Tensor, strength: float, gen: torch.Generator | 
     return noise.to(device=latents.device, dtype=latents.dtype)
 
 
+def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float,
+                  gen: torch.Generator | None = None) -> torch.Tensor:
+    """Multi-resolution ("pyramid") noise, kohya's multires_noise: ``noise`` plus ``iterations``
+    layers of coarser Gaussian noise, each upsampled to its size at ``discount`` ** i of the
+    weight, every layer's scale drawn between 2 and 4 times smaller than the last; then scaled
+    back to unit standard deviation. Drawn from ``gen`` (on its device), so runs and resumes
+    repeat it. With ``iterations`` 0, ``noise`` itself."""
+    if iterations <= 0:
+        return noise
+    dev = gen.device if gen is not None else noise.device
+    b, c, h, w = noise.shape
+    out = noise.to(dev, torch.float32).clone()
+    for i in range(iterations):
+        r = 2.0 + 2.0 * float(torch.rand((), generator=gen, device=dev))
+        hn, wn = max(1, int(h / r ** i)), max(1, int(w / r ** i))
+        layer = torch.randn((b, c, hn, wn), generator=gen, device=dev, dtype=torch.float32)
+        out += torch.nn.functional.interpolate(layer, size=(h, w), mode="bilinear") * discount ** i
+        if hn == 1 or wn == 1:
+            break
+    return (out / out.std()).to(device=noise.device, dtype=noise.dtype)
+
+
 def sample_timesteps(batch: int, num_train_timesteps: int, gen: torch.Generator | None,
                      device: torch.device) -> torch.Tensor:
     dev = gen.device if gen is not None else device

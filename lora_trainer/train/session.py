@@ -31,7 +31,7 @@ from lora_trainer.torch_compat import autocast_supported, enable_hf_checkpointin
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train import checkpointing, norms
 from lora_trainer.train.events import TrainEvent
-from lora_trainer.train.losses import offset_noise, weighted_mse
+from lora_trainer.train.losses import offset_noise, pyramid_noise, weighted_mse
 from lora_trainer.train.objectives import objective_for
 from lora_trainer.train.optim import build_optimizer
 from lora_trainer.train.outputs import Logger, dataset_stats, run_config_copies, run_folder, save_sample, write_summary
@@ -382,7 +382,8 @@ class RunSession:
         else:
             with torch.no_grad():
                 latents = b.encode_images(batch.pixels.to(self.device, b.dtype, non_blocking=True)).float()
-        noise = offset_noise(latents, t.noise_offset, self.gen)
+        noise = pyramid_noise(offset_noise(latents, t.noise_offset, self.gen), t.multires_noise_iterations,
+                              t.multires_noise_discount, self.gen)
         step = self.objective.step_inputs(latents, noise, self.gen)
         size_info = batch.size_info.to(self.device, non_blocking=True) if b.family.uses_size_info else None
         if self.compiled is not None:
