@@ -63,6 +63,8 @@ class DataConfig:
     shuffle_captions: bool = _f(False, "Shuffle comma-separated tags each step.")
     keep_tokens: int = _f(0, "Keep the first N tags in place when shuffling (the trigger word counts as one).")
     caption_dropout: float = _f(0.0, "Probability of training a step with an empty caption.")
+    tag_dropout: float = _f(0.0, "Probability of leaving out each comma-separated tag after the first keep_tokens "
+                                 "(kohya's caption_tag_dropout_rate); captions then change every step.")
     repeats: int = _f(1, "How many times each image is seen per epoch.")
     flip: bool = _f(False, "Random horizontal flip (do not use for text, logos or asymmetric characters).")
     reg_data_dir: str | None = _f(None, "Folder of regularization (class) images with captions.")
@@ -259,6 +261,7 @@ ALIASES: dict[str, str] = {
     "shuffle_captions": "data.shuffle_captions",
     "keep_tokens": "data.keep_tokens",
     "caption_dropout_rate": "data.caption_dropout",
+    "caption_tag_dropout_rate": "data.tag_dropout",
     "caption_dropout": "data.caption_dropout",
     "repeats": "data.repeats",
     "num_repeats": "data.repeats",
@@ -765,6 +768,7 @@ def _check_data(cfg: TrainConfig) -> None:
     need(d.repeats >= 1, f"data.repeats: {d.repeats} must be at least 1")
     need(d.keep_tokens >= 0, f"data.keep_tokens: {d.keep_tokens} must be 0 or more")
     need(0.0 <= d.caption_dropout <= 1.0, f"data.caption_dropout: {d.caption_dropout} must be in [0, 1]")
+    need(0.0 <= d.tag_dropout < 1.0, f"data.tag_dropout: {d.tag_dropout} must be in [0, 1)")
     need(d.prior_loss_weight >= 0, f"data.prior_loss_weight: {d.prior_loss_weight} must be 0 or more")
     need(d.min_image_size >= 1, f"data.min_image_size: {d.min_image_size} must be at least 1")
     need(d.num_workers >= 0, f"data.num_workers: {d.num_workers} must be 0 or more")

@@ -70,3 +70,19 @@ def test_same_rng_state_same_sequence() -> None:
         return [process_caption("a, b, c, d, e", "x", True, 1, 0.2, rng) for _ in range(50)]
     assert run(5) == run(5)
     assert run(5) != run(6)
+
+
+def test_tag_dropout_leaves_out_tags_after_the_kept_ones() -> None:
+    """kohya's caption_tag_dropout_rate: each tag after keep_tokens is left out with that
+    probability (the kept ones, the added trigger word first, never); the order of the rest stays
+    unless shuffled too."""
+    cap = ", ".join(f"t{i}" for i in range(10))
+    rng = random.Random(5)
+    outs = [split_tags(process_caption(cap, "sks", keep_tokens=2, rng=rng, tag_dropout=0.25)) for _ in range(400)]
+    assert all(tags[:2] == ["sks", "t0"] for tags in outs)
+    assert all(tags[2:] == sorted(tags[2:], key=lambda t: int(t[1:])) for tags in outs)  # order kept
+    left_out = sum(9 - (len(tags) - 2) for tags in outs) / (9 * len(outs))
+    assert 0.2 <= left_out <= 0.3  # 0.25 expected
+    shuffled = process_caption(cap, shuffle=True, rng=random.Random(1), tag_dropout=0.5)
+    assert set(split_tags(shuffled)) < set(split_tags(cap))
+    assert process_caption(cap, tag_dropout=0.0, rng=random.Random(0)) == cap

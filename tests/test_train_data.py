@@ -41,6 +41,18 @@ def test_plan_is_deterministic_and_covers_repeats(data: Path) -> None:
     assert {e.flip for batch in plan0 for e in batch} == {True, False}
 
 
+def test_captions_are_fixed_only_without_shuffle_and_tag_dropout(data: Path) -> None:
+    """The text encoder's outputs are cached only for captions that never change: tag dropout
+    (like shuffling) changes them every step."""
+    items = scan_dataset(_cfg(data).data).items
+
+    def fixed(**values):
+        return BucketDataset(items, _cfg(data, **values).data, batch_size=2, seed=7).fixed_captions()
+
+    assert fixed() is not None and fixed(**{"data.caption_dropout": 0.1})[0] == ""
+    assert fixed(**{"data.tag_dropout": 0.1}) is None and fixed(**{"data.shuffle_captions": True}) is None
+
+
 def test_epoch_view_resumes_at_a_position(data: Path) -> None:
     cfg = _cfg(data, **{"data.shuffle_captions": True, "data.flip": True})
     ds = BucketDataset(scan_dataset(cfg.data).items, cfg.data, batch_size=2, seed=1)

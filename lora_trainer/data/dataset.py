@@ -127,11 +127,12 @@ class BucketDataset:
     def caption(self, entry: Entry, rng: random.Random) -> str:
         c = self.cfg
         return text.process_caption(self.items[entry.index].caption, c.trigger_word, c.shuffle_captions,
-                                    c.keep_tokens, c.caption_dropout, rng)
+                                    c.keep_tokens, c.caption_dropout, rng, c.tag_dropout)
 
     def fixed_captions(self) -> list[str] | None:
-        """Every caption a run can use, when captions never change (no shuffle); else None."""
-        if self.cfg.shuffle_captions:
+        """Every caption a run can use, when captions never change (no shuffle, no tag dropout);
+        else None."""
+        if self.cfg.shuffle_captions or self.cfg.tag_dropout:
             return None
         c = self.cfg
         out = {text.process_caption(it.caption, c.trigger_word, False, c.keep_tokens, 0.0, random.Random(0))

@@ -22,13 +22,15 @@ def has_trigger(caption: str, trigger_word: str) -> bool:
 
 
 def process_caption(caption: str, trigger_word: str = "", shuffle: bool = False, keep_tokens: int = 0,
-                    dropout: float = 0.0, rng: random.Random | None = None) -> str:
+                    dropout: float = 0.0, rng: random.Random | None = None, tag_dropout: float = 0.0) -> str:
     """The caption one training step sees.
 
     - dropout: with probability ``dropout`` the caption is "" (trains the unconditional case).
     - trigger_word: put first, as its own tag, unless the caption already contains it.
     - shuffle: shuffle the comma-separated tags, keeping the first ``keep_tokens`` in place (the
       trigger word, when added, is the first tag and counts as one).
+    - tag_dropout: then leave out each of those other tags with this probability (kohya's
+      caption_tag_dropout_rate).
     Deterministic for a given ``rng`` state; the caption text is unchanged when nothing applies.
     """
     rng = rng or random.Random()
@@ -37,7 +39,7 @@ def process_caption(caption: str, trigger_word: str = "", shuffle: bool = False,
     text = caption.strip()
     trigger = trigger_word.strip()
     add_trigger = bool(trigger) and not has_trigger(text, trigger)
-    if not shuffle:
+    if not shuffle and not tag_dropout:
         if add_trigger:
             return f"{trigger}, {text}" if text else trigger
         return text
@@ -46,5 +48,8 @@ def process_caption(caption: str, trigger_word: str = "", shuffle: bool = False,
         tags.insert(0, trigger)
     keep = max(0, keep_tokens)
     head, tail = tags[:keep], tags[keep:]
-    rng.shuffle(tail)
+    if shuffle:
+        rng.shuffle(tail)
+    if tag_dropout:
+        tail = [tag for tag in tail if rng.random() >= tag_dropout]
     return ", ".join(head + tail)
