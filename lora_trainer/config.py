@@ -111,6 +111,9 @@ class NetworkConfig:
     conv_rank: int | None = _f(None, "Rank of the adapters on 3x3 convolutions (kohya's conv_dim). Setting it adapts "
                                "the 3x3 convs with any type; empty: network.rank for locon, no convs otherwise.")
     conv_alpha: float | None = _f(None, "Alpha of the 3x3 conv adapters (kohya's conv_alpha); empty: network.alpha.")
+    scale_weight_norms: float | None = _f(None, "Max-norm regularization (kohya's scale_weight_norms; 1 is typical): "
+                                          "after each step, a module whose update (up x down x alpha/rank) has a "
+                                          "larger norm is scaled back to it. lora and locon only; empty: off.")
 
 
 @dataclass
@@ -327,6 +330,7 @@ ALIASES: dict[str, str] = {
     "save_precision": "output.save_precision",
     "training_comment": "output.training_comment",
     "loraplus_lr_ratio": "optim.loraplus_lr_ratio",
+    "scale_weight_norms": "network.scale_weight_norms",
     "sample_prompt": "sample.prompt",
     "sample_every_n_steps": "sample.every_n_steps",
     "sample_every_n_epochs": "sample.every_n_epochs",
@@ -695,6 +699,11 @@ def _check_network(cfg: TrainConfig) -> None:
          f"network.dropout: {n.dropout} works with network.type lora/locon only, not {n.type}; set it to 0")
     need(n.train_unet or n.train_text_encoder,
          "network: train_unet and train_text_encoder are both false; enable at least one")
+    need(n.scale_weight_norms is None or n.scale_weight_norms > 0,
+         f"network.scale_weight_norms: {n.scale_weight_norms} must be above 0 (or empty)")
+    need(n.scale_weight_norms is None or n.type in ("lora", "locon"),
+         f"network.scale_weight_norms: max-norm regularization scales the up and down matrices of lora or locon, "
+         f"not {n.type}; leave it empty")
     need(not (n.type == "dora" and cfg.model.weight_dtype in ("fp8", "nf4")),
          f"network.type dora needs the base weights in full precision (its magnitude is computed from them); "
          f"set model.weight_dtype to auto, or use lora with {cfg.model.weight_dtype}")

@@ -254,3 +254,32 @@ def test_remove_keeps_attributes_the_model_gained_while_injected():
     net.remove()
     again = te(tokens, output_hidden_states=True).hidden_states
     assert len(again) == len(first) == te.config.num_hidden_layers + 1
+
+
+@pytest.mark.parametrize("typ", ["lora", "locon"])
+def test_max_norm_scales_back_the_modules_whose_update_is_too_large(typ: str):
+    """kohya's scale_weight_norms: every module whose update (up @ down * alpha / rank) has a
+    norm above the limit is brought to it, up and down scaled alike; the others are left
+    exactly as they were; the counts come back as tensors."""
+    net = inject_lora(make_bundle("sd1"), net_cfg(type=typ, conv_rank=2 if typ == "locon" else None))
+    randomize(net, std=0.2)
+
+    def norms() -> dict[str, float]:
+        out = {}
+        for key in net.layout:
+            t = net.tensors(key)
+            delta = t["lora_up.weight"].flatten(1) @ t["lora_down.weight"].flatten(1)
+            out[key] = float(delta.norm()) * net.alpha(key) / net.rank(key)
+        return out
+
+    before = norms()
+    limit = sorted(before.values())[len(before) // 2]  # about half the modules are above it
+    kept = {k: {n: p.detach().clone() for n, p in net.tensors(k).items()} for k, v in before.items() if v <= limit}
+    scaled, largest = net.apply_max_norm(limit)
+    after = norms()
+    assert int(scaled) == sum(v > limit for v in before.values()) > 0
+    assert float(largest) == pytest.approx(limit) and max(after.values()) == pytest.approx(limit, rel=1e-5)
+    assert all(after[k] == pytest.approx(limit, rel=1e-5) for k, v in before.items() if v > limit)
+    assert all(torch.equal(p, kept[k][n]) for k in kept for n, p in net.tensors(k).items())
+    if typ == "locon":
+        assert any(net.tensors(k)["lora_down.weight"].dim() == 4 for k in net.layout)  # the 3x3 convs too

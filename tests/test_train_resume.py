@@ -336,3 +336,25 @@ def test_an_adafactor_run_with_a_polynomial_schedule_resumes_exactly(tmp_path: P
     a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     assert read_lora_file(straight.lora_path)[1]["ss_optimizer"] == "adafactor"
+
+
+def test_max_norm_regularization_keeps_every_module_within_the_limit_and_resumes_exactly(
+        tmp_path: Path, data: Path, host: TinyHost) -> None:
+    """network.scale_weight_norms (kohya's): no module of the written LoRA has an update
+    (up @ down * alpha / rank) larger than the limit, where without it some do; the file says
+    so (ss_scale_weight_norms); stopped and resumed, the run ends where the straight one does."""
+    free = Trainer(tiny_config(data, tmp_path / "free", **BUSY), host=host).run()
+
+    def norms(path: Path) -> list[float]:
+        t = lora_tensors(path)
+        return [float((t[k].flatten(1) @ t[k.replace("lora_up", "lora_down")].flatten(1)).norm())
+                * float(t[k.replace("lora_up.weight", "alpha")]) / t[k].shape[1] for k in t if k.endswith("lora_up.weight")]
+
+    limit = sorted(norms(free.lora_path))[-5]  # the largest few are above it
+    capped = {**BUSY, "network.scale_weight_norms": limit}
+    straight = Trainer(tiny_config(data, tmp_path / "a", **capped), host=host).run()
+    assert max(norms(straight.lora_path)) <= limit * (1 + 1e-5) < max(norms(free.lora_path))
+    assert float(read_lora_file(straight.lora_path)[1]["ss_scale_weight_norms"]) == pytest.approx(limit)
+    second = stopped_and_resumed(data, tmp_path / "b", host, **capped)
+    a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)

@@ -121,6 +121,24 @@ class LoraNetwork:
                 groups.append({"params": up, "lr": lr * up_ratio, "name": f"{name}_lora_up"})
         return groups
 
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """kohya's scale_weight_norms, after an optimizer step: each module whose update
+        (up @ down * alpha / rank) has a Frobenius norm above ``max_norm`` gets both matrices
+        scaled by sqrt(max_norm / norm), which brings it to ``max_norm``. Returns (modules scaled,
+        the largest norm after) as tensors, so the step does not wait for the device."""
+        scaled, largest = [], []
+        for key in self.layout:
+            t = self.tensors(key)
+            down, up = t["lora_down.weight"], t["lora_up.weight"]
+            norm = (up.flatten(1) @ down.flatten(1)).norm() * (self.alpha(key) / self.rank(key))
+            ratio = (max_norm / norm.clamp(min=max_norm)).sqrt()  # 1 where the norm is within
+            down.mul_(ratio)
+            up.mul_(ratio)
+            scaled.append(norm > max_norm)
+            largest.append(norm.clamp(max=max_norm))
+        return torch.stack(scaled).sum(), torch.stack(largest).max()
+
     # --- kohya ----------------------------------------------------------------------------
     def modules(self, fold: bool = True) -> dict[str, ModuleTensors]:
         """Every module as the file holds it (``fold=False``: the trained parameters as they are,

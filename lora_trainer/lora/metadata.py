@@ -121,6 +121,8 @@ def build_metadata(config: TrainConfig, bundle: ModelBundle, *, num_images: int,
         md["modelspec.trigger_phrase"] = data.trigger_word
     if config.output.training_comment:
         md["ss_training_comment"] = config.output.training_comment
+    if net.scale_weight_norms is not None:
+        md["ss_scale_weight_norms"] = _num(float(net.scale_weight_norms))
     if opt.loraplus_lr_ratio is not None:
         md["ss_loraplus_lr_ratio"] = _num(float(opt.loraplus_lr_ratio))
     if bundle.legacy_hash:

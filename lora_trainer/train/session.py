@@ -73,6 +73,7 @@ class RunSession:
         self.pos = ckpt.LoopPosition()
         self.final_loss: float | None = None
         self.last_sample: Any = None
+        self.max_norm_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # scale_weight_norms' last step
         self.last_sample_step = -1
         self.last_checkpoint_step = -1
         self.last_save_time = self.last_sample_time = clock()
@@ -406,6 +407,8 @@ class RunSession:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.network.scale_weight_norms:
+            self.max_norm_stats = self.network.apply_max_norm(self.cfg.network.scale_weight_norms)
 
     def report(self, window: torch.Tensor, steps: int, seconds: float) -> None:
         loss = float(window.item()) / max(1, steps)
@@ -414,7 +417,8 @@ class RunSession:
         it_s = steps / seconds if seconds > 0 else None
         eta = (self.total_steps - self.pos.step) / it_s if it_s else None
         if self.logger is not None:
-            self.logger.scalars(self.pos.step, loss=loss, lr=lr)
+            scaled, largest = (float(v) for v in self.max_norm_stats) if self.max_norm_stats else (None, None)
+            self.logger.scalars(self.pos.step, loss=loss, lr=lr, keys_scaled=scaled, max_key_norm=largest)
         self.trainer.emit(TrainEvent("step", step=self.pos.step, total_steps=self.total_steps,
                                      epoch=self.epoch_number, loss=loss, lr=lr, it_per_s=it_s, eta_s=eta))
 
