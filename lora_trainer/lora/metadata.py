@@ -117,16 +117,15 @@ def build_metadata(config: TrainConfig, bundle: ModelBundle, *, num_images: int,
     md.update(bundle.family.lora_metadata(bundle))  # per family and variant (Flux.1-dev, SD3.5 large, ...)
     if args:
         md["ss_network_args"] = json.dumps(args)
-    if data.trigger_word:
-        md["modelspec.trigger_phrase"] = data.trigger_word
-    if config.output.training_comment:
-        md["ss_training_comment"] = config.output.training_comment
-    if net.scale_weight_norms is not None:
-        md["ss_scale_weight_norms"] = _num(float(net.scale_weight_norms))
-    if opt.loraplus_lr_ratio is not None:
-        md["ss_loraplus_lr_ratio"] = _num(float(opt.loraplus_lr_ratio))
-    if bundle.legacy_hash:
-        md["ss_sd_model_hash"] = bundle.legacy_hash
-    if bundle.model_hash:
-        md["ss_new_sd_model_hash"] = bundle.model_hash
-    return md
+    return {**md, **_set_only(config, bundle)}
+
+
+def _set_only(config: TrainConfig, bundle: ModelBundle) -> dict[str, str]:
+    """The metadata written only when its setting is set (kohya's keys where kohya has them)."""
+    net, opt = config.network, config.optim
+    values = {"modelspec.trigger_phrase": config.data.trigger_word,
+              "ss_training_comment": config.output.training_comment,
+              "ss_scale_weight_norms": _num(net.scale_weight_norms),
+              "ss_loraplus_lr_ratio": _num(opt.loraplus_lr_ratio),
+              "ss_sd_model_hash": bundle.legacy_hash, "ss_new_sd_model_hash": bundle.model_hash}
+    return {k: v for k, v in values.items() if v}
