@@ -164,6 +164,11 @@ class LoopConfig:
     multires_noise_discount: float = _f(0.3, "Weight of each coarser layer of the pyramid noise against the last "
                                         "(0.3-0.8).")
     min_snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5 is typical); empty disables.")
+    debiased_estimation_loss: bool = _f(False, "Weight each step's loss by 1/sqrt(SNR) of its timestep (kohya's "
+                                         "debiased estimation). SD1/SD2/SDXL.")
+    min_timestep: int = _f(0, "Train only timesteps from this one on (kohya's min_timestep; 0-999). SD1/SD2/SDXL.")
+    max_timestep: int | None = _f(None, "Train only timesteps below this one (kohya's max_timestep; 1-1000); empty: "
+                                  "all. SD1/SD2/SDXL.")
     seed: int = _f(42, "Random seed (data order, noise, dropout).")
     save_steps: int = _f(0, "Save a resumable checkpoint (and that step's LoRA) every N steps (0: only when "
                          "stopped).")
@@ -316,6 +321,9 @@ ALIASES: dict[str, str] = {
     "gradient_checkpointing": "train.gradient_checkpointing",
     "noise_offset": "train.noise_offset",
     "multires_noise_iterations": "train.multires_noise_iterations",
+    "debiased_estimation_loss": "train.debiased_estimation_loss",
+    "min_timestep": "train.min_timestep",
+    "max_timestep": "train.max_timestep",
     "multires_noise_discount": "train.multires_noise_discount",
     "min_snr_gamma": "train.min_snr_gamma",
     "seed": "train.seed",
@@ -729,6 +737,9 @@ def _check_loop(cfg: TrainConfig) -> None:
          f"train.multires_noise_discount: {t.multires_noise_discount} must be above 0 and at most 1")
     need(t.min_snr_gamma is None or t.min_snr_gamma > 0,
          f"train.min_snr_gamma: {t.min_snr_gamma} must be above 0 (or empty)")
+    top = t.max_timestep if t.max_timestep is not None else 1000
+    need(0 <= t.min_timestep < top <= 1000,
+         f"train.min_timestep ({t.min_timestep}) and max_timestep ({t.max_timestep}) must keep 0 <= min < max <= 1000")
     need(t.discrete_flow_shift is None or t.discrete_flow_shift > 0,
          f"train.discrete_flow_shift: {t.discrete_flow_shift} must be above 0 (or empty)")
     need(t.guidance_scale is None or t.guidance_scale >= 0,
@@ -744,8 +755,11 @@ def _check_flow(cfg: TrainConfig) -> None:
           f"data.resolution: {cfg.data.resolution} must be a multiple of 16 for {arch} (2x2 latent patches)")
     _need(not t.multires_noise_iterations,
           f"train.multires_noise_iterations: pyramid noise is for DDPM models (SD1/SD2/SDXL); set it to 0 for {arch}")
-    _need(t.min_snr_gamma is None,
-          f"train.min_snr_gamma: Min-SNR weighting is for DDPM models (SD1/SD2/SDXL); leave it empty for {arch}")
+    for name, what, unset in (("min_snr_gamma", "Min-SNR weighting", None),
+                              ("debiased_estimation_loss", "the debiased estimation loss", False),
+                              ("min_timestep", "a timestep range", 0), ("max_timestep", "a timestep range", None)):
+        _need(getattr(t, name) == unset,
+              f"train.{name}: {what} is for DDPM models (SD1/SD2/SDXL); leave it at {unset} for {arch}")
 
 
 def _check_optim(cfg: TrainConfig) -> None:

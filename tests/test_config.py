@@ -62,14 +62,19 @@ def test_flat_alias_fills_field(tmp_path: Path, key: str) -> None:
     assert cfg.get(path) == value
 
 
-def test_pyramid_noise_and_min_snr_are_for_ddpm_models() -> None:
+def test_what_shapes_ddpm_training_is_refused_for_a_flow_model() -> None:
     for key, said in [("train.multires_noise_iterations=6", "pyramid noise is for DDPM models"),
-                      ("train.min_snr_gamma=5", "Min-SNR weighting is for DDPM models")]:
+                      ("train.min_snr_gamma=5", "Min-SNR weighting is for DDPM models"),
+                      ("debiased_estimation_loss=true", "the debiased estimation loss is for DDPM models"),
+                      ("min_timestep=100", "a timestep range is for DDPM models")]:
         with pytest.raises(ConfigError, match=said):
             load_config(None, ["model.arch=flux1", "data.resolution=512", key])
     with pytest.raises(ConfigError, match="must be a multiple of 16 for sd3"):
         load_config(None, ["model.arch=sd3", "data.resolution=520"])
     assert load_config(None, ["model.arch=sdxl", "multires_noise_iterations=6"]).train.multires_noise_iterations == 6
+    for values in (["min_timestep=500", "max_timestep=500"], ["max_timestep=1001"], ["min_timestep=-1"]):
+        with pytest.raises(ConfigError, match="must keep 0 <= min < max <= 1000"):
+            load_config(None, values)
 
 
 def test_every_alias_points_at_a_field() -> None:

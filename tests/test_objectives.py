@@ -36,6 +36,28 @@ def test_ddpm_objective_draws_and_targets_exactly_as_the_loop_did(prediction: st
     assert torch.equal(step.weights, min_snr_weights(t, ac, 5.0, prediction))
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_a_timestep_range_and_the_debiased_estimation_weights(prediction: str) -> None:
+    """kohya's min_timestep / max_timestep: every drawn timestep in [min, max); its
+    debiased_estimation_loss: weights 1 / sqrt(SNR) (v-prediction 1 / (SNR + 1)), SNR capped at
+    1000, times Min-SNR's where both are on."""
+    from lora_trainer.train.losses import debiased_weights, snr
+
+    ac = _schedule()
+    x0, noise = torch.randn(64, 4, 8, 8), torch.randn(64, 4, 8, 8)
+    ranged = DDPMObjective(ac, prediction, torch.device("cpu"), timesteps=(200, 300)).step_inputs(
+        x0, noise, torch.Generator().manual_seed(3))
+    assert 200 <= int(ranged.timesteps.min()) and int(ranged.timesteps.max()) < 300 and ranged.weights is None
+    both = DDPMObjective(ac, prediction, torch.device("cpu"), min_snr_gamma=5.0, debiased=True).step_inputs(
+        x0, noise, torch.Generator().manual_seed(3))
+    t = both.timesteps
+    s = torch.clamp(snr(t, ac), max=1000.0)
+    expected = 1 / (s + 1) if prediction == "v_prediction" else 1 / s.sqrt()
+    assert torch.allclose(debiased_weights(t, ac, prediction), expected)
+    assert torch.allclose(both.weights, min_snr_weights(t, ac, 5.0, prediction) * expected)
+    assert float(debiased_weights(torch.tensor([0]), ac, "epsilon")) == pytest.approx(1 / 1000 ** 0.5)  # capped
+
+
 def test_flow_objective_interpolates_and_targets_the_velocity() -> None:
     spec = ObjectiveSpec(kind="flow", sampling="uniform")
     x0, noise = torch.randn(4, 16, 8, 8), torch.randn(4, 16, 8, 8)

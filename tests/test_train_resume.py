@@ -15,12 +15,14 @@ from lora_trainer.train.trainer import Trainer
 from tests.train_helpers import TinyHost, lora_tensors, make_data, stopped_and_resumed, tiny_config
 
 # Everything that draws random numbers is on: LoRA dropout, flips, caption shuffle, tag and caption dropout,
-# noise offset, pyramid noise, min-SNR, accumulation over an epoch boundary, warmup + cosine.
+# noise offset, pyramid noise, a timestep range, min-SNR and debiased weights, accumulation over an
+# epoch boundary, warmup + cosine.
 BUSY = {
     "train.max_train_steps": 6, "train.batch_size": 2, "train.gradient_accumulation_steps": 2,
     "network.dropout": 0.1, "data.flip": True, "data.shuffle_captions": True, "data.caption_dropout": 0.2,
     "data.tag_dropout": 0.2,
     "data.repeats": 1, "train.noise_offset": 0.05, "train.multires_noise_iterations": 3, "train.min_snr_gamma": 5.0,
+    "train.debiased_estimation_loss": True, "train.min_timestep": 50, "train.max_timestep": 950,
     "optim.lr_scheduler": "cosine", "optim.lr_warmup_steps": 2, "optim.learning_rate": 5e-3,
     "output.save_precision": "fp32", "output.overwrite": True,
 }

@@ -92,9 +92,18 @@ def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float,
 
 
 def sample_timesteps(batch: int, num_train_timesteps: int, gen: torch.Generator | None,
-                     device: torch.device) -> torch.Tensor:
+                     device: torch.device, low: int = 0, high: int | None = None) -> torch.Tensor:
+    """Uniform timesteps in [low, high) (high: ``num_train_timesteps`` when None)."""
     dev = gen.device if gen is not None else device
-    return torch.randint(0, num_train_timesteps, (batch,), generator=gen, device=dev).to(device)
+    top = num_train_timesteps if high is None else min(high, num_train_timesteps)
+    return torch.randint(low, top, (batch,), generator=gen, device=dev).to(device)
+
+
+def debiased_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """kohya's debiased estimation loss weights: 1 / sqrt(SNR) (v-prediction: 1 / (SNR + 1)),
+    the SNR capped at 1000, which evens out what each timestep contributes."""
+    s = torch.clamp(snr(t, alphas_cumprod), max=1000.0)
+    return 1 / (s + 1) if prediction_type == "v_prediction" else 1 / s.sqrt()
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from lora_trainer.families.base import ObjectiveSpec
-from lora_trainer.train.losses import min_snr_weights, q_sample, sample_timesteps, target_for
+from lora_trainer.train.losses import debiased_weights, min_snr_weights, q_sample, sample_timesteps, target_for
 
 if TYPE_CHECKING:
     from diffusers import DDIMScheduler
@@ -69,19 +69,25 @@ class DDPMObjective:
     uses_cfg = True  # samples take two passes per step (negative and prompt)
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str, device: torch.device,
-                 min_snr_gamma: float | None = None) -> None:
+                 min_snr_gamma: float | None = None, timesteps: tuple[int, int | None] = (0, None),
+                 debiased: bool = False) -> None:
         self.alphas = alphas_cumprod.to(device, torch.float32)
         self.prediction_type = prediction_type
         self.min_snr_gamma = min_snr_gamma
+        self.timesteps = timesteps  # [low, high) of the timesteps trained (kohya's min/max_timestep)
+        self.debiased = debiased
         self.device = device
 
     def step_inputs(self, latents: torch.Tensor, noise: torch.Tensor, gen: torch.Generator) -> StepInputs:
-        steps = sample_timesteps(latents.shape[0], int(self.alphas.shape[0]), gen, self.device)
+        steps = sample_timesteps(latents.shape[0], int(self.alphas.shape[0]), gen, self.device, *self.timesteps)
         noisy = q_sample(latents, noise, steps, self.alphas)
         target = target_for(self.prediction_type, latents, noise, steps, self.alphas)
         weights = None
         if self.min_snr_gamma:
             weights = min_snr_weights(steps, self.alphas, self.min_snr_gamma, self.prediction_type)
+        if self.debiased:
+            debiased = debiased_weights(steps, self.alphas, self.prediction_type)
+            weights = debiased if weights is None else weights * debiased
         return StepInputs(noisy, steps, target, weights)
 
     def _scheduler(self, steps: int) -> Any:
@@ -200,9 +206,10 @@ def configured_spec(spec: ObjectiveSpec, train_cfg: Any = None) -> ObjectiveSpec
                 raise ConfigError(f"train.{name}: applies to rectified-flow models (Flux.1, SD3.5) only; "
                                   f"leave it at {unset or 'empty'} for this model")
         return spec
-    if getattr(train_cfg, "min_snr_gamma", None):
-        raise ConfigError("train.min_snr_gamma: Min-SNR weighting is for DDPM models (SD1/SD2/SDXL); "
-                          "leave it empty for a rectified-flow model")
+    for name, ddpm_only in _DDPM_ONLY.items():
+        if getattr(train_cfg, name, None) not in (None, 0, False):
+            raise ConfigError(f"train.{name}: {ddpm_only} is for DDPM models (SD1/SD2/SDXL); leave it at its "
+                              "default for a rectified-flow model")
     if sampling == "shift":  # kohya's: sigmoid of a normal, then a fixed shift (its default 3.0)
         sampling, spec = "sigmoid", replace(spec, resolution_shift=False, shift=spec.shift if spec.shift != 1 else 3.0)
     if sampling == "flux_shift":  # kohya's: sigmoid of a normal, then Flux's resolution shift
@@ -216,11 +223,18 @@ def configured_spec(spec: ObjectiveSpec, train_cfg: Any = None) -> ObjectiveSpec
     return spec
 
 
+# LoopConfig fields that shape DDPM training only -> what they are, for the error on a flow model.
+_DDPM_ONLY = {"min_snr_gamma": "Min-SNR weighting", "debiased_estimation_loss": "the debiased estimation loss",
+              "min_timestep": "a timestep range", "max_timestep": "a timestep range"}
+
+
 def objective_for(bundle: Any, min_snr_gamma: float | None = None, train_cfg: Any = None) -> Objective:
     """The training objective of ``bundle``'s family (its ObjectiveSpec, or the bundle's own),
-    with the config's flow settings (``train_cfg``, a LoopConfig) applied."""
+    with the config's flow or DDPM settings (``train_cfg``, a LoopConfig) applied."""
     spec: ObjectiveSpec = configured_spec(bundle.objective_spec, train_cfg)
     device = torch.device(bundle.device)
     if spec.kind == "flow":
         return FlowObjective(spec, device)
-    return DDPMObjective(bundle.alphas_cumprod, bundle.prediction_type, device, min_snr_gamma)
+    timesteps = (getattr(train_cfg, "min_timestep", 0), getattr(train_cfg, "max_timestep", None))
+    return DDPMObjective(bundle.alphas_cumprod, bundle.prediction_type, device, min_snr_gamma, timesteps,
+                         bool(getattr(train_cfg, "debiased_estimation_loss", False)))
