@@ -360,6 +360,11 @@ def _false(value: Any) -> bool:
     return value in (False, 0, "false", "False", "0", "no", None)
 
 
+def _unset(value: Any) -> bool:
+    """false, 0, empty or None: a switch of another trainer left off."""
+    return _false(value) or value in ("", "none", "None", [], ())
+
+
 # Keys of kohya's / lora-scripts' files that change nothing here: accepted, named in one warning.
 IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     **dict.fromkeys(("xformers", "sdpa", "mem_eff_attn"), (None, "attention runs PyTorch's fused kernels")),
@@ -390,6 +395,24 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
                     (None, "logs go to <output_dir>/logs/<output_name>")),
     **dict.fromkeys(("ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph"),
                     (None, "a run trains on one GPU")),
+    **dict.fromkeys(("async_upload", "cache_info", "huggingface_repo_id", "huggingface_repo_type",
+                     "huggingface_path_in_repo", "huggingface_token", "huggingface_repo_visibility",
+                     "save_state_to_huggingface", "resume_from_huggingface"),
+                    (None, "nothing is uploaded; outputs stay in output_dir")),
+    "dim_from_weights": (None, "a LoRA continued from network_weights (network.init_from) takes its rank and alpha"),
+    "no_half_vae": (None, "the VAE runs in fp32 where fp16 overflows (SDXL's), else in the weights' precision"),
+    **dict.fromkeys(("full_fp16", "full_bf16"), (_false, "the LoRA trains in fp32 under mixed precision (false only)")),
+    "fp8_base": (_false, "fp8 base weights are model.weight_dtype: fp8, for Flux.1 and SD3.5 (false only)"),
+    "loss_type": (lambda v: str(v).lower() == "l2", "the loss is the mean squared error (l2 only)"),
+    **dict.fromkeys(("huber_c", "huber_schedule"), (None, "used only with loss_type huber or smooth_l1")),
+    **dict.fromkeys(("token_warmup_min", "token_warmup_step"),
+                    (lambda v: v in (0, 1, None), "captions are used whole from the first step (1 and 0 only)")),
+    **dict.fromkeys(("ip_noise_gamma", "ip_noise_gamma_random_strength", "noise_offset_random_strength",
+                     "adaptive_noise_scale", "zero_terminal_snr", "scale_v_pred_loss_like_noise_pred",
+                     "v_pred_like_loss", "weighted_captions", "color_aug", "face_crop_aug_range",
+                     "stop_text_encoder_training", "masked_loss", "alpha_mask", "caption_prefix", "caption_suffix",
+                     "secondary_separator", "enable_wildcard", "keep_tokens_separator"),
+                    (_unset, "lora-trainer has no such setting; leave it off")),
     "enable_contrastive": (_false, "contrastive training is not available (false only)"),
     **dict.fromkeys(("negative_sampling_method", "noise_strength", "contrastive_weight", "contrastive_warmup_steps"),
                     (None, "used only with enable_contrastive")),

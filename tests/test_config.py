@@ -360,6 +360,30 @@ def test_a_lora_scripts_gui_toml_loads_as_it_is(tmp_path: Path, caplog: pytest.L
         assert str(e.value).startswith(f"{f}: {said}")
 
 
+def test_kohya_switches_left_off_load_and_switched_on_are_named(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A kohya config carries switches this trainer has no counterpart for: left off (false, 0,
+    empty) they are named in the warning; switched on, the run stops with the key named."""
+    f = tmp_path / "kohya.toml"
+    f.write_text('[training_arguments]\nip_noise_gamma = 0\nzero_terminal_snr = false\ncaption_prefix = ""\n'
+                 'loss_type = "l2"\nhuber_c = 0.1\nfull_fp16 = false\nno_half_vae = true\ncolor_aug = false\n',
+                 encoding="utf-8")
+    with caplog.at_level("WARNING", logger="lora_trainer.config"):
+        load_config(f)
+    [warning] = [r.getMessage() for r in caplog.records]
+    for key in ("ip_noise_gamma", "zero_terminal_snr", "caption_prefix", "loss_type", "huber_c", "no_half_vae"):
+        assert key in warning, key
+    for bad, said in [("ip_noise_gamma = 0.1", "ip_noise_gamma: 0.1 is not supported here; lora-trainer has no such "
+                                               "setting; leave it off"),
+                      ('loss_type = "huber"', "loss_type: 'huber' is not supported here; the loss is the mean "
+                                              "squared error (l2 only)"),
+                      ("full_bf16 = true", "full_bf16: True is not supported here")]:
+        f.write_text(f"{bad}\n", encoding="utf-8")
+        with pytest.raises(ConfigError) as e:
+            load_config(f)
+        assert str(e.value).startswith(f"{f}: {said}")
+
+
 def test_other_trainers_tables_and_values(tmp_path: Path) -> None:
     """lora-scripts' older tables ([model] shares our section's name), kohya's "W,H"
     resolution, and the values that change the result: an error naming the key and why."""
