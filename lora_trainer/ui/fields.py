@@ -23,7 +23,8 @@ UI_FIELDS: list[str] = [p for p in cfgmod.all_field_paths() if p != "task"]
 # 4.x+), so these are the ones where 0 is no setting of its own and reads as empty. Others (e.g.
 # data.prefetch, where 0 turns it off and empty means the default) stay text boxes.
 ZERO_IS_EMPTY = {"train.max_train_steps", "optim.unet_lr", "optim.text_encoder_lr", "train.min_snr_gamma",
-                 "sample.width", "sample.height", "optim.loraplus_lr_ratio"}
+                 "sample.width", "sample.height", "optim.loraplus_lr_ratio", "network.scale_weight_norms",
+                 "train.max_timestep"}
 
 
 def _kind(path: str) -> tuple[str, Any]:
