@@ -369,6 +369,23 @@ def main(argv: list[str] | None = None) -> int:
                                               f"attention ({len(ups)}; first residual block: {len(first)}) {still[:2]}")
     check(differs(txt2img(args.url, f"a red circle <lora:{ckpt}:1>"), plain) > 0, f"txt2img <lora:{ckpt}:1>")
 
+    # kohya's training options as a lora-scripts user sets them, on the WebUI's torch: LoRA+,
+    # Adafactor with a polynomial schedule, pyramid noise, tag dropout, max norm, debiased loss
+    kohya = {"loraplus_lr_ratio": 16, "optimizer_type": "AdaFactor", "lr_scheduler": "polynomial",
+             "lr_scheduler_power": 2, "multires_noise_iterations": 4, "caption_tag_dropout_rate": 0.1,
+             "shuffle_caption": True, "scale_weight_norms": 1.0, "debiased_estimation_loss": True,
+             "training_comment": "tryout"}
+    run = train_api(args.url, data, f"kohya_{tag}", 4, **kohya)
+    with safe_open(run["result"]["lora_path"], "pt") as f:
+        md = f.metadata()
+    shown = {k: md.get(k) for k in ("ss_loraplus_lr_ratio", "ss_optimizer", "ss_lr_scheduler", "ss_scale_weight_norms",
+                                    "ss_multires_noise_iterations", "ss_training_comment")}
+    check(run["status"] == "done" and shown == {
+        "ss_loraplus_lr_ratio": "16.0", "ss_optimizer": "adafactor", "ss_lr_scheduler": "polynomial",
+        "ss_scale_weight_norms": "1.0", "ss_multires_noise_iterations": "4", "ss_training_comment": "tryout"},
+          f"api: trained with kohya's LoRA+, Adafactor, polynomial, pyramid noise, tag dropout, max norm ({shown})")
+    check(differs(txt2img(args.url, f"a red circle <lora:kohya_{tag}:1>"), plain) > 0, f"txt2img <lora:kohya_{tag}:1>")
+
     # bf16 autocast over the WebUI's model: its GroupNorm32 / LayerNorm layers get our forward for
     # the run (on a GPU: the norms in bf16) and give it back
     mixed = train_api(args.url, data, f"bf16_{tag}", 4, **{"train.mixed_precision": "bf16"})
