@@ -165,7 +165,8 @@ def _train_status(job: Job) -> dict[str, Any]:
             out["status"], out["error"] = "error", one_line(trainer.error)
         elif getattr(trainer, "result", None) is not None:
             r = trainer.result
-            out["result"] = {"lora_path": str(r.lora_path) if r.lora_path else None, "output_dir": str(Path(r.output_dir).absolute()),
+            out["result"] = {"lora_path": str(r.lora_path) if r.lora_path else None,
+                             "output_dir": str(Path(r.output_dir).absolute()),  # samples, logs, checkpoints
                              "steps": r.steps, "final_loss": r.final_loss, "stopped": r.stopped}
             out["status"] = "stopped" if r.stopped else "done"
         else:

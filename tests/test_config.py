@@ -348,7 +348,8 @@ def test_a_lora_scripts_gui_toml_loads_as_it_is(tmp_path: Path, caplog: pytest.L
                 "no_metadata", "cache_text_encoder_outputs"):
         assert f"\n  {key}: " in warning, key
     for cache, to_disk, kept in [(True, False, "memory"), (False, True, "disk"), (False, False, "off")]:
-        assert load_config(None, [f"cache_latents={cache}", f"cache_latents_to_disk={to_disk}"]).data.cache_latents == kept
+        both = [f"cache_latents={cache}", f"cache_latents_to_disk={to_disk}"]
+        assert load_config(None, both).data.cache_latents == kept
     for bad, said in [("model_train_type = 'sdxl-finetune'", "model_train_type: 'sdxl-finetune' is not supported "
                                                              "here; the model's kind is read from the checkpoint "
                                                              "(LoRA training only)"),

@@ -448,7 +448,8 @@ def test_each_line_of_the_sample_prompt_is_sampled_with_its_own_options(tmp_path
     assert [c for _, c in handlers.sample_gallery([(5, None), (6, None)])] == ["step 5", "step 6"]
 
 
-def test_a_sample_every_few_minutes_of_training(tmp_path: Path, host: TinyHost, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sample_every_few_minutes_of_training(tmp_path: Path, host: TinyHost,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """sample.every_n_minutes (10 by default): a run that sets no step or epoch cadence still
     shows how it goes; each step takes a minute of a turned-forward clock here, and any sample
     (Sample now included) starts the minutes again."""

@@ -54,7 +54,8 @@ def test_polynomial_decays_with_its_power_after_the_warmup() -> None:
     assert lr_at(5, 1.0, 10, 0, "polynomial", power=2.0) == pytest.approx(0.25)
     assert lr_at(6, 1.0, 10, 2, "polynomial", power=0.5) == pytest.approx(0.5 ** 0.5)
     assert lr_at(0, 1.0, 10, 2, "polynomial", power=2.0) == pytest.approx(1 / 3)  # warming up
-    assert [lr_at(k, 1.0, 10, 1, "polynomial") for k in range(11)] == [lr_at(k, 1.0, 10, 1, "linear") for k in range(11)]
+    linear = [lr_at(k, 1.0, 10, 1, "linear") for k in range(11)]
+    assert [lr_at(k, 1.0, 10, 1, "polynomial") for k in range(11)] == linear
     o = load_config(None, ["lr_scheduler=polynomial", "lr_scheduler_power=2"]).optim
     assert (o.lr_scheduler, o.lr_scheduler_power) == ("polynomial", 2.0)
     assert load_config(None, ["lr_scheduler=constant_with_warmup"]).optim.lr_scheduler == "constant"

@@ -328,7 +328,8 @@ def test_loraplus_trains_the_up_matrices_faster_and_resumes_exactly(tmp_path: Pa
     assert "ss_loraplus_lr_ratio" not in read_lora_file(plain.lora_path)[1]
 
 
-def test_an_adafactor_run_with_a_polynomial_schedule_resumes_exactly(tmp_path: Path, data: Path, host: TinyHost) -> None:
+def test_an_adafactor_run_with_a_polynomial_schedule_resumes_exactly(tmp_path: Path, data: Path,
+                                                                      host: TinyHost) -> None:
     """Adafactor (kohya's SDXL recipe, at the schedule's rate) keeps its factored moments in the
     checkpoint: stopped and resumed, a run ends where the straight one does."""
     values = {**BUSY, "optim.optimizer": "adafactor", "optim.lr_scheduler": "polynomial",
@@ -349,8 +350,9 @@ def test_max_norm_regularization_keeps_every_module_within_the_limit_and_resumes
 
     def norms(path: Path) -> list[float]:
         t = lora_tensors(path)
+        ups = [k for k in t if k.endswith("lora_up.weight")]
         return [float((t[k].flatten(1) @ t[k.replace("lora_up", "lora_down")].flatten(1)).norm())
-                * float(t[k.replace("lora_up.weight", "alpha")]) / t[k].shape[1] for k in t if k.endswith("lora_up.weight")]
+                * float(t[k.replace("lora_up.weight", "alpha")]) / t[k].shape[1] for k in ups]
 
     limit = sorted(norms(free.lora_path))[-5]  # the largest few are above it
     capped = {**BUSY, "network.scale_weight_norms": limit}
