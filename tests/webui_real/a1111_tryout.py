@@ -168,7 +168,9 @@ def _assets_refused(url: str) -> bool:
     return False
 
 
-def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
+def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> str:
+    """The tab as a user drives it; returns the output folder its run used, as the form shows it
+    (the page may have restored a last run's folder)."""
     from lora_trainer.data.captions import read_captions
     from lora_trainer.ui import screenshots
 
@@ -210,6 +212,7 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
         set_text(d, "lt-f-train-max-train-steps", "6")
         set_text(d, "lt-f-data-resolution", "64")
         set_text(d, "lt-f-train-batch-size", "2")
+        folder = value_of(d, "lt-f-output-output-dir")
         click(d, "lt-start")
         started(d, name)
         wait_until("the tab's run to end", lambda: any(w in text_of(d, "lt-progress") for w in ("done", "error", "stopped")))
@@ -248,6 +251,7 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> None:
             # too: there, a refused stylesheet or script says nothing about the extension.
             errors = [e for e in errors if "status of 403" not in e]
         check(not errors, f"tab: no page errors of ours {errors[:2] if errors else ''}")
+        return folder
     finally:
         d.quit()
 
@@ -311,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     tab, stopped, twice, after_name, ckpt = (f"{n}_{tag}" for n in ("tab_lora", "stopped_lora", "twice", "after_render",
                                                                     "checkpointed"))
     plain = txt2img(args.url, "a red circle")
+    tab_folder = ""
     if not args.skip_tab:
-        tab_flow(args.url, data, args.shots, tab)
+        tab_folder = tab_flow(args.url, data, args.shots, tab)
     else:
         check(train_api(args.url, data, tab, 6)["status"] == "done", f"api: trained '{tab}'")
     w07, w0 = txt2img(args.url, f"a red circle <lora:{tab}:0.7>"), txt2img(args.url, f"a red circle <lora:{tab}:0>")
@@ -324,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     check(s["status"] == "stopped" and s["result"]["lora_path"], f"api: a run stopped at step {s['result']['steps']} "
                                                                     f"wrote {Path(s['result']['lora_path']).name}")
     check(differs(txt2img(args.url, f"a red circle <lora:{stopped}:1>"), plain) > 0, "txt2img of the stopped run's LoRA")
-    if not args.skip_tab:  # the tab's run used the same (default) output folder
-        sizes = image_sizes(Path(s["result"]["output_dir"]) / "samples" / tab)
+    if not args.skip_tab:  # a relative folder is in the WebUI's, which holds the API run's default "output"
+        sizes = image_sizes(Path(s["result"]["output_dir"]).parent / tab_folder / "samples" / tab)
         check(sizes == [("step-000006-2.png", (96, 64)), ("step-000006.png", (64, 64))],
               f"tab: each prompt's sample written at its size ({sizes})")
     kept = [line for line in s["state"]["log"] if f"checkpoints/{stopped}/step-" in line]
