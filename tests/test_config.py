@@ -276,6 +276,14 @@ def test_a_lora_scripts_toml_config_loads_as_it_is(tmp_path: Path, caplog: pytes
     assert load_config(f) == load_config(f)  # the same result each time
 
 
+def assert_refused(f: Path, text: str, said: str) -> None:
+    """``text`` alone in the config file ``f`` stops its load with one line starting ``said``."""
+    f.write_text(f"{text}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value).startswith(f"{f}: {said}")
+
+
 # What lora-scripts' GUI (its lora-master form, SDXL) writes for a run, with its defaults.
 LORA_SCRIPTS_GUI_TOML = """model_train_type = "sdxl-lora"
 pretrained_model_name_or_path = "./sd-models/model.safetensors"
@@ -355,10 +363,7 @@ def test_a_lora_scripts_gui_toml_loads_as_it_is(tmp_path: Path, caplog: pytest.L
                                                              "(LoRA training only)"),
                       ("enable_block_weights = true", "enable_block_weights: True is not supported here; block-wise "
                                                       "learning rates are not available")]:
-        f.write_text(bad + "\n", encoding="utf-8")
-        with pytest.raises(ConfigError) as e:
-            load_config(f)
-        assert str(e.value).startswith(f"{f}: {said}")
+        assert_refused(f, bad, said)
 
 
 def test_kohya_switches_left_off_load_and_switched_on_are_named(tmp_path: Path,
@@ -379,10 +384,7 @@ def test_kohya_switches_left_off_load_and_switched_on_are_named(tmp_path: Path,
                       ('loss_type = "huber"', "loss_type: 'huber' is not supported here; the loss is the mean "
                                               "squared error (l2 only)"),
                       ("full_bf16 = true", "full_bf16: True is not supported here")]:
-        f.write_text(f"{bad}\n", encoding="utf-8")
-        with pytest.raises(ConfigError) as e:
-            load_config(f)
-        assert str(e.value).startswith(f"{f}: {said}")
+        assert_refused(f, bad, said)
 
 
 def test_other_trainers_tables_and_values(tmp_path: Path) -> None:
@@ -399,10 +401,7 @@ def test_other_trainers_tables_and_values(tmp_path: Path) -> None:
                       ("network_train_text_encoder_only = true", "network_train_text_encoder_only: True is not "
                                                                   "supported here; the UNet always trains"),
                       ("enable_contrastive = true", "enable_contrastive: True is not supported here")]:
-        f.write_text(f"[saving_arguments]\n{bad}\n", encoding="utf-8")
-        with pytest.raises(ConfigError) as e:
-            load_config(f)
-        assert str(e.value).startswith(f"{f}: {said}")
+        assert_refused(f, f"[saving_arguments]\n{bad}", said)
     f.write_text("[training_arguments]\nfoo_bar = 1\nnetwrk_dim = 4\nlearning_rat = 1\n", encoding="utf-8")
     with pytest.raises(ConfigError) as e:
         load_config(f)
