@@ -13,9 +13,9 @@ from lora_trainer.errors import ConfigError
 from lora_trainer.llm.checkpoint import find_checkpoint
 from lora_trainer.llm.config import build_llm_config
 from lora_trainer.llm.data import build_datasets, collate
-from lora_trainer.llm.model import detect_target_modules, load_model
+from lora_trainer.llm.model import add_lora, detect_target_modules, load_model
 from lora_trainer.llm.tiny import build_tiny_model
-from lora_trainer.llm.train import TextLoraTrainer, epoch_groups, make_scheduler
+from lora_trainer.llm.train import TextLoraTrainer, epoch_groups, make_scheduler, with_run_precision
 
 REPLY = "Thanks for reaching out! Your order has shipped."
 
@@ -195,6 +195,30 @@ def test_checkpointing_and_bf16_autocast_run(models, data_file, tmp_path: Path) 
     assert result.steps == 2 and result.final_loss is not None and torch.isfinite(torch.tensor(result.final_loss))
     base = trainer.model.base_model.model
     assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
+
+
+def test_auto_precision_is_the_devices_and_the_saved_run_names_it(models, data_file, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config(models["llama"], data_file, tmp_path, max_steps=1)
+    assert cfg.train.mixed_precision == "auto"
+    on_gpu = build_llm_config({"model.device": "cuda"}, base=cfg)
+    for bf16, expected in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, bf16=bf16, **k: bf16)
+        assert with_run_precision(on_gpu).train.mixed_precision == expected
+        chosen = build_llm_config({"train.mixed_precision": "no"}, base=on_gpu)
+        assert with_run_precision(chosen).train.mixed_precision == "no"
+    result = TextLoraTrainer(cfg).run()  # on the CPU auto trains in fp32
+    saved = json.loads((result.adapter_path / "lora_trainer.json").read_text())
+    assert saved["config"]["train"]["mixed_precision"] == "no"
+
+
+def test_lora_weights_train_in_fp32_over_half_precision_base_weights(models) -> None:
+    cfg = build_llm_config({"base_model": str(models["gpt2"]), "model.dtype": "bf16", "train_file": "x.jsonl"})
+    base, _, _ = load_model(cfg.model)
+    assert next(base.parameters()).dtype == torch.bfloat16
+    peft_model, _ = add_lora(base, cfg.network, seed=1)
+    trained = [p for p in peft_model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
 
 
 def test_quantized_loading_needs_bitsandbytes(models, data_file, tmp_path: Path) -> None:

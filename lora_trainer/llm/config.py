@@ -71,7 +71,7 @@ class LLMLoopConfig:
     max_steps: int | None = _f(None, "Stop after this many optimizer steps.")
     batch_size: int = _f(4, "Samples per micro-batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "Autocast precision; LoRA weights stay fp32 (fp16 uses loss scaling on CUDA).")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _f("auto", "Autocast precision: auto is bf16 on a CUDA GPU that has it, fp16 on other CUDA GPUs, no (fp32) on a CPU or Apple GPU. LoRA weights stay fp32 (fp16 uses loss scaling on CUDA).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     seed: int = _f(42, "Random seed (LoRA init, data order, dropout, eval split).")
     save_steps: int = _f(0, "Save a resumable checkpoint every N steps (0: only when stopped).")

@@ -31,6 +31,15 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"model.device: '{name}' is not a device; use auto, cpu, cuda, cuda:1 or mps") from None
 
 
+def run_precision(mixed_precision: str, device: torch.device) -> str:
+    """``train.mixed_precision`` as a text run trains on ``device``: "auto" follows the image
+    trainer's rule for a run without a host (bf16 on a CUDA GPU that has it, fp16 on other CUDA
+    GPUs, "no" elsewhere)."""
+    from lora_trainer.models.loaders import resolve_mixed_precision
+
+    return resolve_mixed_precision(mixed_precision, device)
+
+
 def resolve_dtype(name: str, mixed_precision: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return _DTYPES[name]
@@ -142,4 +151,10 @@ def add_lora(model: nn.Module, cfg: LLMNetworkConfig, seed: int) -> tuple[Any, l
     with warnings.catch_warnings():
         # peft asks transformers 5 through its deprecated name; nothing the user can act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, lora), targets
+        peft_model = get_peft_model(model, lora)
+    # LoRA weights train in fp32 over fp16/bf16 base weights (the fp16 loss scaler needs fp32
+    # gradients); peft before 0.12 leaves them in the base layer's dtype.
+    for p in peft_model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return peft_model, targets

@@ -8,6 +8,7 @@ bar and the app's Text LoRA section follow a run the same way.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from lora_trainer.llm.checkpoint import (
 )
 from lora_trainer.llm.config import LLMTrainConfig
 from lora_trainer.llm.data import IGNORE, DataReport, Sample, build_datasets, collate
-from lora_trainer.llm.model import add_lora, load_model
+from lora_trainer.llm.model import add_lora, load_model, resolve_device, run_precision
 from lora_trainer.torch_compat import enable_hf_checkpointing, grad_scaler
 from lora_trainer.train.events import Callback, TrainEvent, WorkerRun, emit
 from lora_trainer.train.outputs import Logger, run_folder
@@ -104,6 +105,15 @@ def check_same_data(ckpt: Path, n_train: int, steps: int) -> None:
                           f"gives {steps}; keep epochs/max_steps/batch settings as they were")
 
 
+def with_run_precision(cfg: LLMTrainConfig) -> LLMTrainConfig:
+    """``cfg`` with ``train.mixed_precision: auto`` made the precision the run trains in on its
+    device, so the saved config and a resume name it."""
+    if cfg.train.mixed_precision != "auto":
+        return cfg
+    precision = run_precision("auto", resolve_device(cfg.model.device))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=precision))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -138,7 +148,7 @@ class TextLoraTrainer(WorkerRun):
             raise
 
     def _run(self) -> TextTrainResult:
-        cfg = self.config
+        cfg = self.config = with_run_precision(self.config)
         out = Path(cfg.output.output_dir)
         self._emit("status", message=f"loading {cfg.model.base_model}")
         model, tokenizer, device = load_model(cfg.model, cfg.train.mixed_precision)
