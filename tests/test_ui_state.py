@@ -620,6 +620,32 @@ def test_a_webuis_first_page_starts_from_auto_and_the_preset_label_follows_a_loa
     assert events == {"input"}
 
 
+def test_a_webuis_tab_hides_the_fields_it_does_not_read_and_keeps_their_values():
+    """In a WebUI the loaded checkpoint trains on the WebUI's device in its weights, and only
+    SD1/SD2/SDXL: the model section (but the base model) and the rectified-flow settings are
+    hidden there, shown standalone; a loaded file's values for them still go through the form."""
+    from lora_trainer.hosts.base import LoadedModel
+    from lora_trainer.ui.tab import build_tab
+    from lora_trainer.ui.train_section import NOT_READ_IN_A_WEBUI
+    from tests.train_helpers import TinyHost
+
+    class WebUILike(TinyHost):
+        def loaded_model(self) -> LoadedModel:
+            return LoadedModel("tiny.safetensors [b1144b71ec]", "sd1")
+
+    assert {"model.vae", "model.t5xxl", "model.device", "train.discrete_flow_shift"} <= NOT_READ_IN_A_WEBUI
+    assert "model.base_model" not in NOT_READ_IN_A_WEBUI
+    in_webui, standalone = build_tab(WebUILike("sd1")), build_tab(TinyHost("sd1"))
+    for blocks, hidden in ((in_webui, NOT_READ_IN_A_WEBUI), (standalone, set())):
+        fields = blocks.lt_context.fields
+        assert {p for p, comp in fields.items() if comp.visible is False} == hidden
+    fns = in_webui.fns.values() if isinstance(in_webui.fns, dict) else in_webui.fns
+    yaml_to_form = next(f.fn for f in fns if getattr(f.fn, "__name__", "") == "yaml_to_form")
+    *form, _, status = yaml_to_form("model:\n  vae: /models/vae.safetensors\nnetwork_dim: 4\n")
+    values = dict(zip(in_webui.lt_context.paths, form, strict=True))
+    assert status == "loaded into the form" and values["model.vae"] == "/models/vae.safetensors"
+
+
 def test_a_loaded_config_in_a_webui_keeps_the_webuis_model_in_the_base_model_field(tmp_path: Path):
     """YAML → form in a WebUI: the base-model field keeps naming the WebUI's model, which is what
     a run trains there, not the file's base_model; the file's other values (resume too) go in."""

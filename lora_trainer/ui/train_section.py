@@ -31,10 +31,21 @@ PLACED_ELSEWHERE = {"data.train_data_dir", "data.trigger_word"}  # Dataset / Cap
 PRESET_FIELDS = sorted({k for name in presets.PRESET_NAMES[1:] for arch in family_names()
                         for k in presets.preset_values(name, arch)} | set(presets.AUTO_ONLY_FIELDS))
 CUSTOM_PRESET = "custom"  # shown when the form's values are no preset's (choosing it changes nothing)
+# What a WebUI does not read: it trains the checkpoint it has loaded, on its device and in its
+# weights (the model section but the base model it shows), and SD1/SD2/SDXL only (the
+# rectified-flow settings of Flux.1 and SD3.5). There these fields are hidden, not left out, so a
+# loaded file or run keeps its values through the form.
+NOT_READ_IN_A_WEBUI = frozenset([p for p in UI_FIELDS if p.startswith("model.") and p != "model.base_model"]
+                                + ["train.timestep_sampling", "train.discrete_flow_shift", "train.guidance_scale"])
 
 
-def _advanced_fields() -> dict[str, list[str]]:
-    shown = set(HEAD_FIELDS) | set(COMMON_FIELDS) | set(SAMPLE_FIELDS) | PLACED_ELSEWHERE
+def hidden_fields(host: Host) -> frozenset[str]:
+    """The fields the tab hides for ``host``: those a WebUI does not read; none standalone."""
+    return NOT_READ_IN_A_WEBUI if host.loaded_model() is not None else frozenset()
+
+
+def _advanced_fields(hidden: frozenset[str] = frozenset()) -> dict[str, list[str]]:
+    shown = set(HEAD_FIELDS) | set(COMMON_FIELDS) | set(SAMPLE_FIELDS) | PLACED_ELSEWHERE | hidden
     out: dict[str, list[str]] = {}
     for path in UI_FIELDS:
         if path not in shown:
@@ -54,13 +65,16 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
     with g.Row():
         for path in SAMPLE_FIELDS:
             ctx.field(path)
+    hidden = hidden_fields(ctx.host)
     with g.Accordion("Advanced", open=False, elem_id=ctx.eid("advanced")):
-        for section, paths in _advanced_fields().items():
+        for section, paths in _advanced_fields(hidden).items():
             g.Markdown(f"**{section}**", elem_classes=[ctx.eid("advanced-heading")])
             for i in range(0, len(paths), 3):
                 with g.Row():
                     for path in paths[i:i + 3]:
                         ctx.field(path)
+        for path in sorted(hidden):
+            ctx.field(path, visible=False)
     _yaml_block(ctx)
     with g.Row():
         start = g.Button("Start training", variant="primary", elem_id=ctx.eid("start"))

@@ -37,8 +37,10 @@ sys.path.insert(0, str(ROOT))
 from tests.test_ui_browser import (  # noqa: E402
     choose,
     click,
+    displayed,
     images_in,
     loading_marks,
+    open_advanced,
     page_errors,
     said,
     set_text,
@@ -213,6 +215,11 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> str:
         set_text(d, "lt-f-data-resolution", "64")
         set_text(d, "lt-f-train-batch-size", "2")
         folder = value_of(d, "lt-f-output-output-dir")
+        open_advanced(d)
+        shown = [f for f in ("model-arch", "model-vae", "model-t5xxl", "model-device", "train-discrete-flow-shift",
+                             "optim-optimizer", "train-mixed-precision") if displayed(d, f"lt-f-{f}")]
+        check(shown == ["optim-optimizer", "train-mixed-precision"],
+              f"tab: Advanced shows what the WebUI reads, not the model fields it does not ({shown})")
         click(d, "lt-start")
         started(d, name)
         wait_until("the tab's run to end", lambda: any(w in text_of(d, "lt-progress") for w in ("done", "error", "stopped")))
