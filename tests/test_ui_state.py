@@ -646,6 +646,38 @@ def test_a_webuis_tab_hides_the_fields_it_does_not_read_and_keeps_their_values()
     assert status == "loaded into the form" and values["model.vae"] == "/models/vae.safetensors"
 
 
+def test_images_dropped_without_a_folder_go_into_a_new_one_named_after_the_lora_and_are_shown(tmp_path: Path):
+    """A newcomer drops images before choosing a folder: they land in <output_dir>/datasets/<name>,
+    the folder field names it, and the dataset is shown as Load dataset shows it; dropped again
+    with that folder in the field, the files join it, none overwritten."""
+    from lora_trainer.data.demo import make_demo_dataset
+    from lora_trainer.ui.fields import values_from_config
+    from lora_trainer.ui.tab import build_tab
+    from tests.train_helpers import TinyHost
+
+    demo = make_demo_dataset(tmp_path / "demo", n=3)
+    files = sorted(str(p) for p in demo.iterdir())  # three images and their metadata.csv
+    blocks = build_tab(TinyHost("sd1"))
+    ctx = blocks.lt_context
+    fns = blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns
+    do_upload = next(f.fn for f in fns if getattr(f.fn, "__name__", "") == "do_upload")
+    cfg = build_config({"output.output_dir": str(tmp_path / "out"), "output.output_name": "my_cat",
+                        "data.train_data_dir": ""}, base=ctx.defaults)
+    values = values_from_config(cfg, ctx.paths)
+    folder, summary, gallery, *_ = do_upload(files, False, "", *values)
+    expected = tmp_path / "out" / "datasets" / "my_cat"
+    assert folder == str(expected) and sorted(p.name for p in expected.iterdir()) == sorted(Path(f).name for f in files)
+    assert summary.startswith(f"added 4 file(s) to {expected}") and "**3 images** ready" in summary
+    assert len(gallery) == 3
+    values[ctx.paths.index("data.train_data_dir")] = folder
+    folder, summary, gallery, *_ = do_upload(files[:1], True, "", *values)
+    assert folder == str(expected) and len(gallery) == 4 and (expected / f"{Path(files[0]).stem}_1.png").is_file()
+    values[ctx.paths.index("output.output_name")] = "a/b"  # no folder, and a name no folder can take
+    values[ctx.paths.index("data.train_data_dir")] = ""
+    folder, summary, *_ = do_upload(files[:1], True, "", *values)
+    assert summary.startswith("⚠ output.output_name") and folder == compat.update()
+
+
 def test_a_loaded_config_in_a_webui_keeps_the_webuis_model_in_the_base_model_field(tmp_path: Path):
     """YAML → form in a WebUI: the base-model field keeps naming the WebUI's model, which is what
     a run trains there, not the file's base_model; the file's other values (resume too) go in."""

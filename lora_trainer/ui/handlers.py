@@ -44,6 +44,16 @@ def import_uploads(paths: Sequence[str], folder: str | Path) -> list[Path]:
     return out
 
 
+def upload_folder(cfg: TrainConfig) -> Path:
+    """Where dropped files go: the form's dataset folder, or without one a new folder named after
+    the LoRA, ``<output_dir>/datasets/<output_name>`` (as an absolute path, for the form)."""
+    from lora_trainer.lora.files import sanitize_name
+
+    if cfg.data.train_data_dir:
+        return Path(cfg.data.train_data_dir).expanduser()
+    return (Path(cfg.output.output_dir).expanduser() / "datasets" / sanitize_name(cfg.output.output_name)).absolute()
+
+
 def scan(folder: str, cfg: TrainConfig) -> dict[str, Any]:
     """Scan ``folder`` with the config's data settings; never raises for bad files (they are listed).
 

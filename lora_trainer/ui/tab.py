@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from lora_trainer import jobs
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import TrainConfig, build_config
 from lora_trainer.ui import compat, handlers
 from lora_trainer.ui.context import TabContext, err_text
 from lora_trainer.ui.fields import UI_FIELDS
@@ -109,8 +109,9 @@ def _dataset_section(ctx: TabContext) -> None:
     with g.Row():
         folder = ctx.field("data.train_data_dir", scale=4)
         load = g.Button("Load dataset", variant="primary", elem_id=ctx.eid("load-dataset"), scale=1)
-    upload = g.File(label="Add images to the folder", file_count="multiple", file_types=["image", ".txt", ".csv"],
-                    elem_id=ctx.eid("upload"))
+    upload = g.File(label="Drop images (and their .txt captions) here: they are copied into the folder above, "
+                          "or without one into a new folder named after the LoRA",
+                    file_count="multiple", file_types=["image", ".txt", ".csv"], elem_id=ctx.eid("upload"))
     summary = g.Markdown(elem_id=ctx.eid("dataset-summary"))
     gallery = compat.gallery(label="Images (caption and problems)", columns=6, height=420,
                              elem_id=ctx.eid("dataset-gallery"))
@@ -124,15 +125,21 @@ def _dataset_section(ctx: TabContext) -> None:
     offered = g.State(False)  # the page filled the empty sample prompt from the dataset once
     ctx.parts["prompt_offered"] = offered
 
+    def scan_outputs(cfg: TrainConfig, was_offered: bool, test_prompt: str, said: str = "") -> tuple[Any, ...]:
+        res = handlers.scan(cfg.data.train_data_dir, cfg)
+        prompt, line = _prompt_updates(cfg, was_offered, test_prompt, res["sample_prompt"])
+        text = "\n\n".join(t for t in (said, res["summary"], line) if t)
+        return (text, res["gallery"], res["problems"] or [["", "", ""]], _bucket_update(res, cfg),
+                handlers.bucket_settings(cfg), *prompt)
+
+    def scan_failed(e: Exception, was_offered: bool) -> tuple[Any, ...]:
+        return err_text(e), [], [["", "", ""]], [["", ""]], None, *_keep_prompt(was_offered)
+
     def do_scan(was_offered: bool, test_prompt: str, *values: Any) -> tuple[Any, ...]:
         try:
-            cfg = ctx.config(values)
-            res = handlers.scan(cfg.data.train_data_dir, cfg)
-            prompt, line = _prompt_updates(cfg, was_offered, test_prompt, res["sample_prompt"])
-            return (res["summary"] + (f"\n\n{line}" if line else ""), res["gallery"],
-                    res["problems"] or [["", "", ""]], _bucket_update(res, cfg), handlers.bucket_settings(cfg), *prompt)
+            return scan_outputs(ctx.config(values), was_offered, test_prompt)
         except Exception as e:  # noqa: BLE001 - shown to the user, never a traceback page
-            return err_text(e), [], [["", "", ""]], [["", ""]], None, *_keep_prompt(was_offered)
+            return scan_failed(e, was_offered)
 
     def do_buckets(was: Any, *values: Any) -> tuple[Any, Any]:
         """A bucket setting changed (typed, a preset, a loaded config): preview the new buckets."""
@@ -148,18 +155,24 @@ def _dataset_section(ctx: TabContext) -> None:
             return compat.update(label=f"Bucket preview (of resolution {was[0]}; the resolution is now "
                                        f"{cfg.data.resolution}: press Load dataset)"), was
 
-    def do_upload(files: Any, folder_value: str) -> str:
+    def do_upload(files: Any, was_offered: bool, test_prompt: str, *values: Any) -> tuple[Any, ...]:
+        """Dropped files go into the dataset folder (without one, a new folder named after the
+        LoRA: handlers.upload_folder), which is then shown as Load dataset shows it."""
         try:
-            if not folder_value:
-                return "⚠ enter the dataset folder first; uploads are copied into it"
-            added = handlers.import_uploads(compat.file_paths(files), folder_value)
-            return f"added {len(added)} file(s) to {folder_value}; press Load dataset"
+            cfg = ctx.config(values)
+            target = handlers.upload_folder(cfg)
+            added = handlers.import_uploads(compat.file_paths(files), target)
+            cfg = build_config({"data.train_data_dir": str(target)}, base=cfg)
+            said = f"added {len(added)} file(s) to {target}"
+            return str(target), *scan_outputs(cfg, was_offered, test_prompt, said)
         except Exception as e:  # noqa: BLE001
-            return err_text(e)
+            return compat.update(), *scan_failed(e, was_offered)
 
-    def wire_scan(event: Any) -> None:  # the Captions table follows the folder too
+    def wire_scan(event: Any, fn: Any = do_scan, first: tuple[Any, ...] = (), shows: tuple[Any, ...] = ()) -> None:
+        # the Captions table follows the folder too
         reload_captions, caption_outputs = ctx.parts["caption_reload"]
-        event(do_scan, [*_prompt_inputs(ctx), *ctx.inputs], [summary, gallery, problems, buckets, shown, *_prompt_outputs(ctx)]
+        scanned = [summary, gallery, problems, buckets, shown, *_prompt_outputs(ctx)]
+        event(fn, [*first, *_prompt_inputs(ctx), *ctx.inputs], [*shows, *scanned]
               ).then(reload_captions, ctx.inputs, caption_outputs)
 
     ctx.later(lambda: wire_scan(load.click))
@@ -173,7 +186,7 @@ def _dataset_section(ctx: TabContext) -> None:
 
     for path in handlers.BUCKET_FIELDS:
         ctx.later(lambda path=path: wire_buckets(ctx.fields[path]))
-    upload.upload(do_upload, [upload, folder], [summary])
+    ctx.later(lambda: wire_scan(upload.upload, do_upload, (upload,), (folder,)))
 
 
 def _bucket_update(res: dict[str, Any], cfg: TrainConfig) -> Any:

@@ -183,16 +183,18 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> str:
         open_webui_tab(d, "Train LoRA")
         open_tab_section(d, "Train")  # as on a first visit: the page may show an earlier run's prompt
         set_text(d, "lt-f-sample-prompt", "")
-        open_tab_section(d, "Dataset")
-        set_text(d, "lt-f-data-train-data-dir", str(data))
-        click(d, "lt-load-dataset")
-        wait_until("dataset summary", lambda: "8 images" in text_of(d, "lt-dataset-summary"))
-        check(True, f"tab: dataset loaded ({text_of(d, 'lt-dataset-summary').splitlines()[0]})")
+        set_text(d, "lt-f-output-output-name", name)
+        drop_without_a_folder(d, data, name)
         filled = wait_until("the line about the sample prompt", lambda: [
             line for line in text_of(d, "lt-dataset-summary").splitlines() if "sample prompt" in line])[0]
         first = read_captions(data, None, ".txt")["demo_000.png"]
         check(f"the caption of demo_000.png: '{first}'" in filled, f"tab: the empty sample prompt is the first "
                                                                    f"caption ({filled[:70]}...)")
+        set_text(d, "lt-f-data-train-data-dir", str(data))
+        click(d, "lt-load-dataset")
+        wait_until("dataset summary", lambda: "8 images" in text_of(d, "lt-dataset-summary")
+                   and not text_of(d, "lt-dataset-summary").startswith("added"))
+        check(True, f"tab: dataset loaded ({text_of(d, 'lt-dataset-summary').splitlines()[0]})")
         open_tab_section(d, "Captions")
         click(d, "lt-caption-reload")
         wait_until("caption table", lambda: "circle" in text_of(d, "lt-caption-table")
@@ -261,6 +263,23 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> str:
         return folder
     finally:
         d.quit()
+
+
+def drop_without_a_folder(d: Any, data: Path, name: str) -> None:
+    """Images and captions dropped on the Dataset section before a folder is chosen go into a new
+    folder named after the LoRA, which the folder field then names and the section shows."""
+    from selenium.webdriver.common.by import By
+
+    open_tab_section(d, "Dataset")
+    set_text(d, "lt-f-data-train-data-dir", "")
+    files = sorted(str(p) for p in data.iterdir())  # the images and their captions
+    d.find_element(By.CSS_SELECTOR, "#lt-upload input[type=file]").send_keys("\n".join(files))
+    summary = wait_until("the dropped files shown", lambda: (t := text_of(d, "lt-dataset-summary")).startswith("added")
+                         and "ready to train" in t and t)
+    folder = Path(value_of(d, "lt-f-data-train-data-dir"))
+    check(folder.parts[-2:] == ("datasets", name) and len(list(folder.iterdir())) == len(files)
+          and "8 images" in summary, f"tab: {len(files)} dropped files went into {folder} and show "
+                                     f"({summary.splitlines()[-1][:60]})")
 
 
 def started(d: Any, name: str) -> None:
