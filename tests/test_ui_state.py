@@ -111,6 +111,10 @@ def test_a_page_loaded_after_the_run_ended_keeps_its_own_message(tmp_path: Path)
     jobs.clear_finished()
     idle = _poll(ctx, None)
     assert idle[6] == compat.update() and idle[-1] is not None  # the page has polled once
+    assert "idle" in idle[0]
+    # "idle" is not sent again: a poll that saw no job yet but is answered after Start's
+    # "starting…" must not write "idle" over it
+    assert _poll(ctx, idle[-1])[0] == compat.update()
     job = jobs.start(build_config({"train.max_train_steps": 3}), host=None, factory=Done)
     try:
         release.set()

@@ -304,7 +304,9 @@ def _poll(ctx: TabContext, seen: Any) -> list[Any]:
         found = handlers.unfinished_run(runs_folder_of(ctx)) if seen is None else None
         msg = handlers.unfinished_text(found) if found is not None else keep
         go_on = compat.update(visible=found is not None) if seen is None else keep
-        return [handlers.progress_html(None, ctx.prefix), keep, keep, keep, keep, keep, msg, keep, go_on, [None]]
+        # "idle" once: sent every second, a poll answered just after Start would overwrite its "starting…"
+        idle = handlers.progress_html(None, ctx.prefix) if seen is None else keep
+        return [idle, keep, keep, keep, keep, keep, msg, keep, go_on, [None]]
     snap = job.snapshot()
     key = [job.id, len(snap["losses"]), len(snap["samples"]), len(snap["log"]), snap["status"],
            snap.get("checkpoints", 0), job.alive]
