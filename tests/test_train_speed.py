@@ -48,8 +48,8 @@ def _step(model: torch.nn.Module, once: LoraWeightsCastOnce | None = None,
     torch.manual_seed(1)
     x = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
     counter = OpCounter()
-    with counter:
-        with torch.autocast("cpu", dtype=torch.bfloat16), once.active() if once else contextlib.nullcontext():
+    with counter, once.active() if once else contextlib.nullcontext():  # forward and backward, as a step
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             out = tuc.checkpoint(model, x, use_reentrant=False) if checkpointing else model(x)
         out.float().pow(2).mean().backward()
     grads = [p.grad.clone() for n, p in model.named_parameters() if "lora_" in n] + [x.grad]
@@ -90,6 +90,8 @@ def test_lora_weights_cast_in_one_kernel_train_exactly(checkpointing: bool) -> N
     # the layers cast their input to the weights' dtype, bf16 now: per layer, the input's round
     # trip to fp32 (2 casts forward, 2 backward) goes too
     fewer = 6 if _peft_has_input_cast_switch() else 6 + 2 * 4
+    if checkpointing:  # the backward pass recomputes the forward with the cast copy: 4 weight casts fewer again
+        fewer += 4 if _peft_has_input_cast_switch() else 4 + 2 * 2
     assert fast.casts == plain.casts - fewer, (plain.casts, fast.casts)
     # the model holds its own parameters again, and they are what the optimizer trains
     assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for n, p in model.named_parameters()
@@ -173,3 +175,20 @@ def test_the_unet_leaves_the_gpu_while_latents_are_cached_and_comes_back_the_sam
     assert list(bundle.unet.parameters()) == params  # the same parameter objects, back on the GPU
     after = bundle.unet.state_dict()
     assert all(after[k].device.type == "cuda" and torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_checkpointed_bf16_run_trains_the_same_with_one_cast_of_the_lora_weights_per_step(
+        tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The low-precision copy of the LoRA weights stays in the layers through the backward pass,
+    where checkpointed blocks recompute their forward with it: the same LoRA, bit for bit, as a
+    run in which autocast casts each weight in each pass."""
+    import contextlib
+
+    cfg = {**FAST, "train.max_train_steps": 3, "train.gradient_checkpointing": True}
+    host = TinyHost("sd1")
+    once = Trainer(tiny_config(data, tmp_path / "a", **cfg), host=host).run()
+    monkeypatch.setattr(LoraWeightsCastOnce, "active", lambda self: contextlib.nullcontext())
+    per_weight = Trainer(tiny_config(data, tmp_path / "b", **cfg), host=host).run()
+    a, b = lora_tensors(once.lora_path), lora_tensors(per_weight.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("lora_up" in k and a[k].abs().max() > 0 for k in a)  # trained: the up weights left zero

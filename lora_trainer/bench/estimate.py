@@ -381,8 +381,11 @@ def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str
         del pred
         after_backward = live.current  # the LoRA gradients and the batch
     weights = _weight_bytes(arch, unet, size, variant, weight_dtype, precision)
+    # The trainer keeps the LoRA weights' low-precision copy (train/speed.py) through the backward
+    # pass, where the recomputation of checkpointed blocks uses it: peft here casts per layer.
+    kept_copy = lora_params * dtype.itemsize if checkpointing and precision != "fp32" else 0
     # The optimizer step then adds as much again as the fp32 gradients in temporaries, at most.
-    out = {"step": max(live.peak, after_backward + lora_params * 4), "lora_params": lora_params,
+    out = {"step": max(live.peak + kept_copy, after_backward + lora_params * 4), "lora_params": lora_params,
            "weight_bytes": weights}
     if isinstance(counter, OpCounter):
         out |= {"computing_ops": counter.computing, "casts": counter.casts}

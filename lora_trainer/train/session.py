@@ -359,7 +359,8 @@ class RunSession:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def lora_weights_cast_once(self) -> contextlib.AbstractContextManager[Any]:
-        """Under autocast, the LoRA weights cast to its dtype in one kernel (train/speed.py)."""
+        """Under autocast, the LoRA weights cast to its dtype in one kernel (train/speed.py), for
+        a step's forward and backward pass."""
         return self._cast_once.active() if self._cast_once is not None else contextlib.nullcontext()
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -389,14 +390,17 @@ class RunSession:
         size_info = batch.size_info.to(self.device, non_blocking=True) if b.family.uses_size_info else None
         if self.compiled is not None:
             self.compiled.step_begin()
-        with self.autocast(), self.lora_weights_cast_once():
-            cond = {**self.encode_text(batch.captions), **step.cond}
-            pred = b.predict(step.noisy.to(b.dtype), step.timesteps, cond, size_info)
-        weights = batch.weights.to(self.device, non_blocking=True)
-        if step.weights is not None:
-            weights = weights * step.weights
-        loss = weighted_mse(pred, step.target, weights) / accum
-        self.scaler.scale(loss).backward()
+        # the LoRA weights' low-precision copy stays in the layers through the backward pass too:
+        # checkpointed blocks recompute their forward there and use it instead of casting again
+        with self.lora_weights_cast_once():
+            with self.autocast():
+                cond = {**self.encode_text(batch.captions), **step.cond}
+                pred = b.predict(step.noisy.to(b.dtype), step.timesteps, cond, size_info)
+            weights = batch.weights.to(self.device, non_blocking=True)
+            if step.weights is not None:
+                weights = weights * step.weights
+            loss = weighted_mse(pred, step.target, weights) / accum
+            self.scaler.scale(loss).backward()
         return loss.detach()
 
     def optimizer_step(self) -> None:

@@ -55,10 +55,12 @@ def skip_lora_input_casts(model: nn.Module) -> Callable[[], None]:
 class LoraWeightsCastOnce:
     """Under autocast, cast every fp32 LoRA weight to the autocast dtype in one kernel per
     forward pass instead of one per weight: the weights are concatenated, cast together, and
-    each LoRA layer gets a view of the low-precision copy while the pass runs. The values are
-    the ones autocast would make, and the backward pass gives each weight the same fp32
-    gradient (one concatenation and one cast instead of a cast per weight). Plain LoRA layers
-    without dropout only; not with torch.compile (the weights change identity every pass)."""
+    each LoRA layer gets a view of the low-precision copy while the context is open. The values
+    are the ones autocast would make, and the backward pass gives each weight the same fp32
+    gradient (one concatenation and one cast instead of a cast per weight). Open it around the
+    backward pass too: checkpointed blocks recompute their forward there and then take the same
+    copy, where autocast would cast every weight again. Plain LoRA layers without dropout only;
+    not with torch.compile (the weights change identity every pass)."""
 
     def __init__(self, models: list[nn.Module], dtype: torch.dtype) -> None:
         self.dtype = dtype
