@@ -8,6 +8,7 @@ everything else keeps what the user chose.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lora_trainer.families import DEFAULT_FAMILY, get_family
@@ -136,12 +137,13 @@ def auto_summary(arch: str, free_gb: float | None, model_resident: bool = False,
             f"gradient checkpointing of {share:.0%} of the blocks")
     weights = "" if c["weight_dtype"] == "auto" else f", weights stored in {c['weight_dtype']}"
     head = f"auto, for {free_gb:.1f} GiB free: {c['resolution']} px, batch {c['batch_size']}, {ckpt}{weights}"
+    peak = f"{math.ceil(c['estimated_peak_gb'] * 10 - 1e-6) / 10:.1f}"  # rounded up: never less than estimated
     if not c["fits"]:
-        return (f"{head}: even these are estimated to need {c['estimated_peak_gb']:.1f} GiB at the peak, more than "
-                "is free; lower data.resolution or network.rank, or free GPU memory, or the run will stop out of memory")
+        return (f"{head}: even these are estimated to need {peak} GiB at the peak, more than is free; lower "
+                "data.resolution or network.rank, or free GPU memory, or the run will stop out of memory")
     if model_resident:
-        return f"{head}, the fastest that fits beside the loaded model (estimated peak {c['estimated_peak_gb']:.1f} GiB)"
-    return f"{head}, the fastest that fits (estimated peak {c['estimated_peak_gb']:.1f} GiB)"
+        return f"{head}, the fastest that fits beside the loaded model (estimated peak {peak} GiB)"
+    return f"{head}, the fastest that fits (estimated peak {peak} GiB)"
 
 
 # Adapter kinds that build a full-size weight per adapted layer in every step (DoRA's normalised
