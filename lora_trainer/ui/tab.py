@@ -141,20 +141,6 @@ def _dataset_section(ctx: TabContext) -> None:
         except Exception as e:  # noqa: BLE001 - shown to the user, never a traceback page
             return scan_failed(e, was_offered)
 
-    def do_buckets(was: Any, *values: Any) -> tuple[Any, Any]:
-        """A bucket setting changed (typed, a preset, a loaded config): preview the new buckets."""
-        try:
-            cfg = ctx.config(values)
-        except Exception:  # noqa: BLE001 - a half-typed field elsewhere; the next change retries
-            return compat.update(), was
-        if was is None or list(was) == handlers.bucket_settings(cfg):
-            return compat.update(), was
-        try:
-            return _bucket_update(handlers.scan(cfg.data.train_data_dir, cfg), cfg), handlers.bucket_settings(cfg)
-        except Exception:  # noqa: BLE001 - say the preview is stale instead
-            return compat.update(label=f"Bucket preview (of resolution {was[0]}; the resolution is now "
-                                       f"{cfg.data.resolution}: press Load dataset)"), was
-
     def do_upload(files: Any, was_offered: bool, test_prompt: str, *values: Any) -> tuple[Any, ...]:
         """Dropped files go into the dataset folder (without one, a new folder named after the
         LoRA: handlers.upload_folder), which is then shown as Load dataset shows it."""
@@ -182,11 +168,30 @@ def _dataset_section(ctx: TabContext) -> None:
         # drops those that come while one runs ("1" of "128"), so leaving the box counts too.
         for event in (comp.change, getattr(comp, "blur", None)):
             if event is not None:
-                event(do_buckets, [shown, *ctx.inputs], [buckets, shown])
+                event(_bucket_refresher(ctx), [shown, *ctx.inputs], [buckets, shown])
 
     for path in handlers.BUCKET_FIELDS:
         ctx.later(lambda path=path: wire_buckets(ctx.fields[path]))
     ctx.later(lambda: wire_scan(upload.upload, do_upload, (upload,), (folder,)))
+
+
+def _bucket_refresher(ctx: TabContext) -> Any:
+    """The handler of a bucket setting's change (typed, a preset, a loaded config): the preview
+    of the new buckets, once the dataset was loaded (``was``: the settings it was shown with)."""
+    def do_buckets(was: Any, *values: Any) -> tuple[Any, Any]:
+        try:
+            cfg = ctx.config(values)
+        except Exception:  # noqa: BLE001 - a half-typed field elsewhere; the next change retries
+            return compat.update(), was
+        if was is None or list(was) == handlers.bucket_settings(cfg):
+            return compat.update(), was
+        try:
+            return _bucket_update(handlers.scan(cfg.data.train_data_dir, cfg), cfg), handlers.bucket_settings(cfg)
+        except Exception:  # noqa: BLE001 - say the preview is stale instead
+            return compat.update(label=f"Bucket preview (of resolution {was[0]}; the resolution is now "
+                                       f"{cfg.data.resolution}: press Load dataset)"), was
+
+    return do_buckets
 
 
 def _bucket_update(res: dict[str, Any], cfg: TrainConfig) -> Any:

@@ -173,7 +173,6 @@ def _assets_refused(url: str) -> bool:
 def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> str:
     """The tab as a user drives it; returns the output folder its run used, as the form shows it
     (the page may have restored a last run's folder)."""
-    from lora_trainer.data.captions import read_captions
     from lora_trainer.ui import screenshots
 
     d = screenshots.chrome(tempfile.mkdtemp(prefix="lt-tryout-"))
@@ -184,22 +183,7 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> str:
         open_tab_section(d, "Train")  # as on a first visit: the page may show an earlier run's prompt
         set_text(d, "lt-f-sample-prompt", "")
         set_text(d, "lt-f-output-output-name", name)
-        drop_without_a_folder(d, data, name)
-        filled = wait_until("the line about the sample prompt", lambda: [
-            line for line in text_of(d, "lt-dataset-summary").splitlines() if "sample prompt" in line])[0]
-        first = read_captions(data, None, ".txt")["demo_000.png"]
-        check(f"the caption of demo_000.png: '{first}'" in filled, f"tab: the empty sample prompt is the first "
-                                                                   f"caption ({filled[:70]}...)")
-        set_text(d, "lt-f-data-train-data-dir", str(data))
-        click(d, "lt-load-dataset")
-        wait_until("dataset summary", lambda: "8 images" in text_of(d, "lt-dataset-summary")
-                   and not text_of(d, "lt-dataset-summary").startswith("added"))
-        check(True, f"tab: dataset loaded ({text_of(d, 'lt-dataset-summary').splitlines()[0]})")
-        open_tab_section(d, "Captions")
-        click(d, "lt-caption-reload")
-        wait_until("caption table", lambda: "circle" in text_of(d, "lt-caption-table")
-                   or "square" in text_of(d, "lt-caption-table"))
-        check(True, "tab: captions shown in the table")
+        first = dataset_steps(d, data, name)
         open_tab_section(d, "Train")
         choose(d, "lt-preset", "8 GB")  # a fixed one first: on a first visit the form starts from "auto"
         wait_until("8 GB's note", lambda: said(d, "lt-train-msg") == "preset 8 GB applied")
@@ -241,17 +225,7 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> str:
         shown = shown_loading_marks(marks)
         check((bool(marks) or not gradio3) and not shown,
               f"tab: the poll's outputs do not look as if loading ({len(marks)} marks hidden) {shown[:3] if shown else ''}")
-        open_tab_section(d, "Test")
-        wait_until("the new LoRA in the Test list", lambda: value_of(d, "lt-test-lora") == name)
-        set_text(d, "lt-test-weights", "0, 0.7, 1")
-        set_text(d, "lt-test-steps", "3")
-        set_text(d, "lt-test-width", "64")
-        set_text(d, "lt-test-height", "64")
-        click(d, "lt-render")
-        wait_until("three test images", lambda: len(images_in(d, "lt-test-grid")) >= 3)
-        if shots:
-            d.save_screenshot(str(shots / "a1111_test.png"))
-        check(True, f"tab: weight sweep rendered ({text_of(d, 'lt-test-msg')})")
+        weight_sweep(d, name, shots)
         stop_and_continue(d, name)
         page_shows_the_run(d, url, f"{name}_long")
         errors = page_errors(d)
@@ -263,6 +237,45 @@ def tab_flow(url: str, data: Path, shots: Path | None, name: str) -> str:
         return folder
     finally:
         d.quit()
+
+
+def dataset_steps(d: Any, data: Path, name: str) -> str:
+    """Files dropped without a folder, then the dataset's own folder loaded and its captions
+    shown; returns the first image's caption (the sample prompt the page offered)."""
+    from lora_trainer.data.captions import read_captions
+
+    drop_without_a_folder(d, data, name)
+    filled = wait_until("the line about the sample prompt", lambda: [
+        line for line in text_of(d, "lt-dataset-summary").splitlines() if "sample prompt" in line])[0]
+    first = read_captions(data, None, ".txt")["demo_000.png"]
+    check(f"the caption of demo_000.png: '{first}'" in filled, f"tab: the empty sample prompt is the first "
+                                                               f"caption ({filled[:70]}...)")
+    set_text(d, "lt-f-data-train-data-dir", str(data))
+    click(d, "lt-load-dataset")
+    wait_until("dataset summary", lambda: "8 images" in text_of(d, "lt-dataset-summary")
+               and not text_of(d, "lt-dataset-summary").startswith("added"))
+    check(True, f"tab: dataset loaded ({text_of(d, 'lt-dataset-summary').splitlines()[0]})")
+    open_tab_section(d, "Captions")
+    click(d, "lt-caption-reload")
+    wait_until("caption table", lambda: "circle" in text_of(d, "lt-caption-table")
+               or "square" in text_of(d, "lt-caption-table"))
+    check(True, "tab: captions shown in the table")
+    return first
+
+
+def weight_sweep(d: Any, name: str, shots: Path | None) -> None:
+    """The Test section renders the new LoRA at three weights."""
+    open_tab_section(d, "Test")
+    wait_until("the new LoRA in the Test list", lambda: value_of(d, "lt-test-lora") == name)
+    set_text(d, "lt-test-weights", "0, 0.7, 1")
+    set_text(d, "lt-test-steps", "3")
+    set_text(d, "lt-test-width", "64")
+    set_text(d, "lt-test-height", "64")
+    click(d, "lt-render")
+    wait_until("three test images", lambda: len(images_in(d, "lt-test-grid")) >= 3)
+    if shots:
+        d.save_screenshot(str(shots / "a1111_test.png"))
+    check(True, f"tab: weight sweep rendered ({text_of(d, 'lt-test-msg')})")
 
 
 def drop_without_a_folder(d: Any, data: Path, name: str) -> None:
@@ -325,6 +338,54 @@ def page_shows_the_run(d: Any, url: str, name: str) -> None:
           f"tab: a page loaded again shows '{name}''s settings, labelled '{value_of(d, 'lt-preset')}'")
 
 
+def checkpointed_locon(url: str, data: Path, ckpt: str, plain: np.ndarray) -> None:
+    # Half the UNet's blocks checkpointed, LoCon in the residual blocks: every layer trains (the
+    # first residual block's inputs need no gradient), and the model comes back unchanged.
+    run = train_api(url, data, ckpt, 4, **{"train.gradient_checkpointing": True,
+                                          "train.checkpointing_share": 0.5, "network.conv_rank": 4})
+    check(run["status"] == "done", f"api: trained with half the blocks checkpointed ({run['status']})")
+    from safetensors.torch import load_file
+
+    ups = {k: v for k, v in load_file(run["result"]["lora_path"]).items() if "lora_up" in k}
+    still = [k for k, v in ups.items() if not v.abs().sum() > 0]
+    # at 64 px the middle block sees one token: its self-attention's softmax is 1 whatever q and k are
+    one_token = [k for k in still if "mid_block" in k and ("attn1_to_q" in k or "attn1_to_k" in k)]
+    first = [k for k in ups if "down_blocks_0_resnets_0" in k]  # LoCon in the first residual block
+    check(bool(first) and still == one_token, f"every lora_up trained but the {len(one_token)} of the one-token "
+                                              f"attention ({len(ups)}; first residual block: {len(first)}) {still[:2]}")
+    check(differs(txt2img(url, f"a red circle <lora:{ckpt}:1>"), plain) > 0, f"txt2img <lora:{ckpt}:1>")
+
+
+def kohya_options_and_bf16(url: str, data: Path, tag: str, plain: np.ndarray) -> None:
+    from safetensors import safe_open
+
+    # kohya's training options as a lora-scripts user sets them, on the WebUI's torch: LoRA+,
+    # Adafactor with a polynomial schedule, pyramid noise, tag dropout, max norm, debiased loss
+    kohya = {"loraplus_lr_ratio": 16, "optimizer_type": "AdaFactor", "lr_scheduler": "polynomial",
+             "lr_scheduler_power": 2, "multires_noise_iterations": 4, "caption_tag_dropout_rate": 0.1,
+             "shuffle_caption": True, "scale_weight_norms": 1.0, "debiased_estimation_loss": True,
+             "training_comment": "tryout"}
+    run = train_api(url, data, f"kohya_{tag}", 4, **kohya)
+    with safe_open(run["result"]["lora_path"], "pt") as f:
+        md = f.metadata()
+    shown = {k: md.get(k) for k in ("ss_loraplus_lr_ratio", "ss_optimizer", "ss_lr_scheduler", "ss_scale_weight_norms",
+                                    "ss_multires_noise_iterations", "ss_training_comment")}
+    check(run["status"] == "done" and shown == {
+        "ss_loraplus_lr_ratio": "16.0", "ss_optimizer": "adafactor", "ss_lr_scheduler": "polynomial",
+        "ss_scale_weight_norms": "1.0", "ss_multires_noise_iterations": "4", "ss_training_comment": "tryout"},
+          f"api: trained with kohya's LoRA+, Adafactor, polynomial, pyramid noise, tag dropout, max norm ({shown})")
+    check(differs(txt2img(url, f"a red circle <lora:kohya_{tag}:1>"), plain) > 0, f"txt2img <lora:kohya_{tag}:1>")
+
+    # bf16 autocast over the WebUI's model: its GroupNorm32 / LayerNorm layers get our forward for
+    # the run (on a GPU: the norms in bf16) and give it back; every block checkpointed, whose
+    # recomputation takes the LoRA weights' bf16 copy
+    mixed = train_api(url, data, f"bf16_{tag}", 4, **{"train.mixed_precision": "bf16",
+                                                     "train.gradient_checkpointing": True})
+    check(mixed["status"] == "done", f"api: trained in bf16 mixed precision, every block checkpointed "
+                                      f"({mixed['status']})")
+    check(differs(txt2img(url, f"a red circle <lora:bf16_{tag}:1>"), plain) > 0, f"txt2img <lora:bf16_{tag}:1>")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:7861")
@@ -384,44 +445,9 @@ def main(argv: list[str] | None = None) -> int:
                     ("step-000004.png", (64, 64))], f"api: each sample prompt rendered at steps 2 and 4 at its own "
                                                     f"size ({found})")
 
-    # Half the UNet's blocks checkpointed, LoCon in the residual blocks: every layer trains (the
-    # first residual block's inputs need no gradient), and the model comes back unchanged.
-    run = train_api(args.url, data, ckpt, 4, **{"train.gradient_checkpointing": True,
-                                               "train.checkpointing_share": 0.5, "network.conv_rank": 4})
-    check(run["status"] == "done", f"api: trained with half the blocks checkpointed ({run['status']})")
-    from safetensors.torch import load_file
+    checkpointed_locon(args.url, data, ckpt, plain)
 
-    ups = {k: v for k, v in load_file(run["result"]["lora_path"]).items() if "lora_up" in k}
-    still = [k for k, v in ups.items() if not v.abs().sum() > 0]
-    # at 64 px the middle block sees one token: its self-attention's softmax is 1 whatever q and k are
-    one_token = [k for k in still if "mid_block" in k and ("attn1_to_q" in k or "attn1_to_k" in k)]
-    first = [k for k in ups if "down_blocks_0_resnets_0" in k]  # LoCon in the first residual block
-    check(bool(first) and still == one_token, f"every lora_up trained but the {len(one_token)} of the one-token "
-                                              f"attention ({len(ups)}; first residual block: {len(first)}) {still[:2]}")
-    check(differs(txt2img(args.url, f"a red circle <lora:{ckpt}:1>"), plain) > 0, f"txt2img <lora:{ckpt}:1>")
-
-    # kohya's training options as a lora-scripts user sets them, on the WebUI's torch: LoRA+,
-    # Adafactor with a polynomial schedule, pyramid noise, tag dropout, max norm, debiased loss
-    kohya = {"loraplus_lr_ratio": 16, "optimizer_type": "AdaFactor", "lr_scheduler": "polynomial",
-             "lr_scheduler_power": 2, "multires_noise_iterations": 4, "caption_tag_dropout_rate": 0.1,
-             "shuffle_caption": True, "scale_weight_norms": 1.0, "debiased_estimation_loss": True,
-             "training_comment": "tryout"}
-    run = train_api(args.url, data, f"kohya_{tag}", 4, **kohya)
-    with safe_open(run["result"]["lora_path"], "pt") as f:
-        md = f.metadata()
-    shown = {k: md.get(k) for k in ("ss_loraplus_lr_ratio", "ss_optimizer", "ss_lr_scheduler", "ss_scale_weight_norms",
-                                    "ss_multires_noise_iterations", "ss_training_comment")}
-    check(run["status"] == "done" and shown == {
-        "ss_loraplus_lr_ratio": "16.0", "ss_optimizer": "adafactor", "ss_lr_scheduler": "polynomial",
-        "ss_scale_weight_norms": "1.0", "ss_multires_noise_iterations": "4", "ss_training_comment": "tryout"},
-          f"api: trained with kohya's LoRA+, Adafactor, polynomial, pyramid noise, tag dropout, max norm ({shown})")
-    check(differs(txt2img(args.url, f"a red circle <lora:kohya_{tag}:1>"), plain) > 0, f"txt2img <lora:kohya_{tag}:1>")
-
-    # bf16 autocast over the WebUI's model: its GroupNorm32 / LayerNorm layers get our forward for
-    # the run (on a GPU: the norms in bf16) and give it back
-    mixed = train_api(args.url, data, f"bf16_{tag}", 4, **{"train.mixed_precision": "bf16"})
-    check(mixed["status"] == "done", f"api: trained in bf16 mixed precision ({mixed['status']})")
-    check(differs(txt2img(args.url, f"a red circle <lora:bf16_{tag}:1>"), plain) > 0, f"txt2img <lora:bf16_{tag}:1>")
+    kohya_options_and_bf16(args.url, data, tag, plain)
 
     busy_queue(args.url, data, f"behind_{tag}")
 
