@@ -553,12 +553,13 @@ def _choice(est: MemoryEstimate, fits: bool) -> dict[str, Any]:
     return {"batch_size": est.batch_size, "gradient_checkpointing": est.gradient_checkpointing,
             "checkpointing_share": est.checkpointing_share or 1.0,
             "resolution": est.resolution, "rank": est.rank, "mixed_precision": est.precision,
-            "weight_dtype": est.weight_dtype, "estimated_peak_gb": _up(est.total_gb, 2), "fits": fits}
+            "weight_dtype": est.weight_dtype, "estimated_peak_gb": round_up(est.total_gb, 2), "fits": fits}
 
 
-def _up(gb: float, digits: int) -> float:
-    """``gb`` rounded up to ``digits`` decimals: a figure shown never says less than the estimate."""
-    return gb if math.isnan(gb) else math.ceil(gb * 10**digits) / 10**digits
+def round_up(gb: float, digits: int) -> float:
+    """``gb`` rounded up to ``digits`` decimals, so a figure shown never says less than the
+    estimate (a figure already at those decimals stays: 8.7 is not 8.8 for binary noise)."""
+    return gb if math.isnan(gb) else math.ceil(round(gb * 10**digits, 6)) / 10**digits
 
 
 def _needed_gb(est: MemoryEstimate) -> float:

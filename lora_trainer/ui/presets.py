@@ -8,7 +8,6 @@ everything else keeps what the user chose.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from lora_trainer.families import DEFAULT_FAMILY, get_family
@@ -128,6 +127,8 @@ def auto_summary(arch: str, free_gb: float | None, model_resident: bool = False,
                  weights_cast: tuple[str, str] | None = None, compute_dtype: str | None = None) -> str:
     """One line on what "auto" chose for ``free_gb`` and why: the settings that set the memory,
     the estimate, and what to change when even the smallest settings are estimated not to fit."""
+    from lora_trainer.bench.estimate import round_up
+
     if free_gb is None:
         return "auto: no GPU found, so the CPU demo settings"
     c = _auto_choice(arch, free_gb, model_resident, network, weights_cast, _mixed_precision(compute_dtype))
@@ -137,7 +138,7 @@ def auto_summary(arch: str, free_gb: float | None, model_resident: bool = False,
             f"gradient checkpointing of {share:.0%} of the blocks")
     weights = "" if c["weight_dtype"] == "auto" else f", weights stored in {c['weight_dtype']}"
     head = f"auto, for {free_gb:.1f} GiB free: {c['resolution']} px, batch {c['batch_size']}, {ckpt}{weights}"
-    peak = f"{math.ceil(c['estimated_peak_gb'] * 10 - 1e-6) / 10:.1f}"  # rounded up: never less than estimated
+    peak = f"{round_up(c['estimated_peak_gb'], 1):.1f}"
     if not c["fits"]:
         return (f"{head}: even these are estimated to need {peak} GiB at the peak, more than is free; lower "
                 "data.resolution or network.rank, or free GPU memory, or the run will stop out of memory")
