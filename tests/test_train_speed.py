@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -186,7 +187,21 @@ def test_a_checkpointed_bf16_run_trains_the_same_with_one_cast_of_the_lora_weigh
 
     cfg = {**FAST, "train.max_train_steps": 3, "train.gradient_checkpointing": True}
     host = TinyHost("sd1")
-    once = Trainer(tiny_config(data, tmp_path / "a", **cfg), host=host).run()
+    active, backward_inside = LoraWeightsCastOnce.active, []
+
+    @contextlib.contextmanager
+    def spied(self: LoraWeightsCastOnce) -> Iterator[None]:
+        with active(self):
+            yield
+            # the step's backward pass ran while the copy was in the layers: the weights have gradients
+            backward_inside.append(all(w.grad is not None for _, w in self.slots))
+
+    monkeypatch.setattr(LoraWeightsCastOnce, "active", spied)
+    said: list[str] = []
+    once = Trainer(tiny_config(data, tmp_path / "a", **cfg), host=host,
+                   callbacks=[lambda ev: said.append(ev.message or "")]).run()
+    assert any(m.startswith("gradient checkpointing: ") for m in said)  # blocks did recompute
+    assert len(backward_inside) == 3 and all(backward_inside)
     monkeypatch.setattr(LoraWeightsCastOnce, "active", lambda self: contextlib.nullcontext())
     per_weight = Trainer(tiny_config(data, tmp_path / "b", **cfg), host=host).run()
     a, b = lora_tensors(once.lora_path), lora_tensors(per_weight.lora_path)

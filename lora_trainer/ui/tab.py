@@ -163,12 +163,14 @@ def _dataset_section(ctx: TabContext) -> None:
 
     ctx.later(lambda: wire_scan(load.click))
     ctx.later(lambda: wire_scan(folder.submit))
+    do_buckets = _bucket_refresher(ctx)
+
     def wire_buckets(comp: Any) -> None:
         # change: presets, loaded configs, clicks. gradio 3.x sends one change per keystroke and
         # drops those that come while one runs ("1" of "128"), so leaving the box counts too.
         for event in (comp.change, getattr(comp, "blur", None)):
             if event is not None:
-                event(_bucket_refresher(ctx), [shown, *ctx.inputs], [buckets, shown])
+                event(do_buckets, [shown, *ctx.inputs], [buckets, shown])
 
     for path in handlers.BUCKET_FIELDS:
         ctx.later(lambda path=path: wire_buckets(ctx.fields[path]))
