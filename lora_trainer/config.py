@@ -65,6 +65,20 @@ class DataConfig:
     caption_dropout: float = _f(0.0, "Probability of training a step with an empty caption.")
     tag_dropout: float = _f(0.0, "Probability of leaving out each comma-separated tag after the first keep_tokens "
                                  "(kohya's caption_tag_dropout_rate); captions then change every step.")
+    caption_prefix: str = _f("", "Text put before every caption, regularization images' too, joined with a space "
+                                 "(kohya's caption_prefix; end it with ',' to make it its own tags). Applied before "
+                                 "the trigger word check, shuffle, keep_tokens and tag dropout; a dropped caption "
+                                 "stays empty.")
+    caption_suffix: str = _f("", "Text put after every caption, joined with a space (kohya's caption_suffix; start "
+                                 "it with ',' to make it its own tags), like caption_prefix.")
+    keep_tokens_separator: str = _f("", "kohya's keep_tokens_separator, e.g. '|||': in a caption containing it, the "
+                                        "tags before it stay first and in place instead of the first keep_tokens "
+                                        "(the trigger word, when added, first of them); tags after a second one stay "
+                                        "at the end. The text encoder never sees it: such captions are their tags "
+                                        "joined with ', ', shuffled or not.")
+    secondary_separator: str = _f("", "kohya's secondary_separator, e.g. ';;;': tags joined with it count as one "
+                                      "tag for shuffle, keep_tokens and tag dropout; the text encoder sees ', ' "
+                                      "in its place.")
     repeats: int = _f(1, "How many times each image is seen per epoch.")
     flip: bool = _f(False, "Random horizontal flip (do not use for text, logos or asymmetric characters).")
     reg_data_dir: str | None = _f(None, "Folder of regularization (class) images with captions.")
@@ -158,6 +172,26 @@ class LoopConfig:
                           "(slower, more memory). Off: they compute in the mixed precision; their kernels sum in "
                           "fp32 either way.")
     noise_offset: float = _f(0.0, "Noise offset (helps very dark/bright images); 0.05-0.1 typical.")
+    noise_offset_random_strength: bool = _f(False, "With noise_offset: each step's offset strength drawn between 0 and "
+                                            "noise_offset (kohya's noise_offset_random_strength).")
+    adaptive_noise_scale: float = _f(0.0, "With noise_offset: add this multiple of each latent channel's absolute mean "
+                                     "to the offset (kohya's adaptive_noise_scale; about a tenth of noise_offset "
+                                     "is typical; 0: off).")
+    ip_noise_gamma: float = _f(0.0, "Input perturbation: extra noise in the model's input only, not in its target "
+                               "(kohya's ip_noise_gamma; 0.1 typical, 0: off).")
+    ip_noise_gamma_random_strength: bool = _f(False, "With ip_noise_gamma: each step's strength drawn between 0 and "
+                                              "ip_noise_gamma.")
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = _f(
+        "l2", "Loss: l2 (mean squared error), l1, huber or smooth_l1 (pseudo-Huber with threshold huber_c: "
+        "squared error for small errors, linear for large ones, so outlier images pull less).")
+    huber_c: float = _f(0.1, "huber / smooth_l1: the threshold between squared and linear error (kohya's "
+                        "huber_c; 0.1 typical), above 0 and at most 1.")
+    huber_schedule: Literal["snr", "exponential", "constant"] = _f(
+        "snr", "huber / smooth_l1: how the threshold follows the noise level. snr: about squared error at low "
+        "noise, huber_c at high noise (SD1/SD2/SDXL); exponential: from huber_scale down to huber_c x "
+        "huber_scale; constant: huber_c x huber_scale.")
+    huber_scale: float = _f(1.0, "huber / smooth_l1 with the exponential or constant schedule: the threshold's "
+                            "scale.")
     multires_noise_iterations: int = _f(0, "Multi-resolution (pyramid) noise: layers of coarser noise added to the "
                                         "training noise (kohya's multires_noise_iterations; 6-10 typical, 0: off). "
                                         "SD1/SD2/SDXL.")
@@ -270,6 +304,10 @@ ALIASES: dict[str, str] = {
     "keep_tokens": "data.keep_tokens",
     "caption_dropout_rate": "data.caption_dropout",
     "caption_tag_dropout_rate": "data.tag_dropout",
+    "caption_prefix": "data.caption_prefix",
+    "caption_suffix": "data.caption_suffix",
+    "keep_tokens_separator": "data.keep_tokens_separator",
+    "secondary_separator": "data.secondary_separator",
     "caption_dropout": "data.caption_dropout",
     "repeats": "data.repeats",
     "num_repeats": "data.repeats",
@@ -320,6 +358,14 @@ ALIASES: dict[str, str] = {
     "mixed_precision": "train.mixed_precision",
     "gradient_checkpointing": "train.gradient_checkpointing",
     "noise_offset": "train.noise_offset",
+    "noise_offset_random_strength": "train.noise_offset_random_strength",
+    "adaptive_noise_scale": "train.adaptive_noise_scale",
+    "ip_noise_gamma": "train.ip_noise_gamma",
+    "ip_noise_gamma_random_strength": "train.ip_noise_gamma_random_strength",
+    "loss_type": "train.loss_type",
+    "huber_c": "train.huber_c",
+    "huber_schedule": "train.huber_schedule",
+    "huber_scale": "train.huber_scale",
     "multires_noise_iterations": "train.multires_noise_iterations",
     "debiased_estimation_loss": "train.debiased_estimation_loss",
     "min_timestep": "train.min_timestep",
@@ -403,15 +449,11 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     "no_half_vae": (None, "the VAE runs in fp32 where fp16 overflows (SDXL's), else in the weights' precision"),
     **dict.fromkeys(("full_fp16", "full_bf16"), (_false, "the LoRA trains in fp32 under mixed precision (false only)")),
     "fp8_base": (_false, "fp8 base weights are model.weight_dtype: fp8, for Flux.1 and SD3.5 (false only)"),
-    "loss_type": (lambda v: str(v).lower() == "l2", "the loss is the mean squared error (l2 only)"),
-    **dict.fromkeys(("huber_c", "huber_schedule"), (None, "used only with loss_type huber or smooth_l1")),
     **dict.fromkeys(("token_warmup_min", "token_warmup_step"),
                     (lambda v: v in (0, 1, None), "captions are used whole from the first step (1 and 0 only)")),
-    **dict.fromkeys(("ip_noise_gamma", "ip_noise_gamma_random_strength", "noise_offset_random_strength",
-                     "adaptive_noise_scale", "zero_terminal_snr", "scale_v_pred_loss_like_noise_pred",
+    **dict.fromkeys(("zero_terminal_snr", "scale_v_pred_loss_like_noise_pred",
                      "v_pred_like_loss", "weighted_captions", "color_aug", "face_crop_aug_range",
-                     "stop_text_encoder_training", "masked_loss", "alpha_mask", "caption_prefix", "caption_suffix",
-                     "secondary_separator", "enable_wildcard", "keep_tokens_separator"),
+                     "stop_text_encoder_training", "masked_loss", "alpha_mask", "enable_wildcard"),
                     (_unset, "lora-trainer has no such setting; leave it off")),
     "enable_contrastive": (_false, "contrastive training is not available (false only)"),
     **dict.fromkeys(("negative_sampling_method", "noise_strength", "contrastive_weight", "contrastive_warmup_steps"),
@@ -715,7 +757,8 @@ def _need(cond: bool, msg: str) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Checks that need more than one field, or a range. Called from ``__post_init__``."""
     cfg.model.arch = check_choices(cfg.model.arch, field_info("model.arch"), "model.arch")
-    for check in (_check_network, _check_loop, _check_flow, _check_optim, _check_data, _check_outputs):
+    for check in (_check_network, _check_loop, _check_noise_and_loss, _check_flow, _check_optim, _check_data,
+                  _check_outputs):
         check(cfg)
 
 
@@ -753,11 +796,6 @@ def _check_loop(cfg: TrainConfig) -> None:
     need(t.autosave_minutes >= 0, f"train.autosave_minutes: {t.autosave_minutes} must be 0 (off) or more")
     need(0 < t.checkpointing_share <= 1,
          f"train.checkpointing_share: {t.checkpointing_share} must be above 0 and at most 1 (1: every block)")
-    need(t.noise_offset >= 0, f"train.noise_offset: {t.noise_offset} must be 0 or more")
-    need(t.multires_noise_iterations >= 0,
-         f"train.multires_noise_iterations: {t.multires_noise_iterations} must be 0 (off) or more")
-    need(0 < t.multires_noise_discount <= 1,
-         f"train.multires_noise_discount: {t.multires_noise_discount} must be above 0 and at most 1")
     need(t.min_snr_gamma is None or t.min_snr_gamma > 0,
          f"train.min_snr_gamma: {t.min_snr_gamma} must be above 0 (or empty)")
     top = t.max_timestep if t.max_timestep is not None else 1000
@@ -767,6 +805,24 @@ def _check_loop(cfg: TrainConfig) -> None:
          f"train.discrete_flow_shift: {t.discrete_flow_shift} must be above 0 (or empty)")
     need(t.guidance_scale is None or t.guidance_scale >= 0,
          f"train.guidance_scale: {t.guidance_scale} must be 0 or more (or empty)")
+
+
+def _check_noise_and_loss(cfg: TrainConfig) -> None:
+    need, t = _need, cfg.train
+    need(t.noise_offset >= 0, f"train.noise_offset: {t.noise_offset} must be 0 or more")
+    for name in ("noise_offset_random_strength", "adaptive_noise_scale"):
+        need(not getattr(t, name) or t.noise_offset > 0,
+             f"train.{name}: works on the noise offset; set train.noise_offset (0.05-0.1 typical) or turn it off")
+    need(t.multires_noise_iterations >= 0,
+         f"train.multires_noise_iterations: {t.multires_noise_iterations} must be 0 (off) or more")
+    need(0 < t.multires_noise_discount <= 1,
+         f"train.multires_noise_discount: {t.multires_noise_discount} must be above 0 and at most 1")
+    need(t.ip_noise_gamma >= 0, f"train.ip_noise_gamma: {t.ip_noise_gamma} must be 0 (off) or more (0.1 typical)")
+    need(not t.ip_noise_gamma_random_strength or t.ip_noise_gamma > 0,
+         "train.ip_noise_gamma_random_strength: works on the input perturbation; set train.ip_noise_gamma "
+         "(0.1 typical) or turn it off")
+    need(0 < t.huber_c <= 1, f"train.huber_c: {t.huber_c} must be above 0 and at most 1 (0.1 typical)")
+    need(t.huber_scale > 0, f"train.huber_scale: {t.huber_scale} must be above 0 (1 keeps huber_c as it is)")
 
 
 def _check_flow(cfg: TrainConfig) -> None:
@@ -783,6 +839,9 @@ def _check_flow(cfg: TrainConfig) -> None:
                               ("min_timestep", "a timestep range", 0), ("max_timestep", "a timestep range", None)):
         _need(getattr(t, name) == unset,
               f"train.{name}: {what} is for DDPM models (SD1/SD2/SDXL); leave it at {unset} for {arch}")
+    _need(t.loss_type not in ("huber", "smooth_l1") or t.huber_schedule != "snr",
+          f"train.huber_schedule: snr follows a DDPM noise schedule (SD1/SD2/SDXL); set it to exponential or "
+          f"constant for {arch}")
 
 
 def _check_optim(cfg: TrainConfig) -> None:
@@ -815,6 +874,15 @@ def _check_data(cfg: TrainConfig) -> None:
     need(d.keep_tokens >= 0, f"data.keep_tokens: {d.keep_tokens} must be 0 or more")
     need(0.0 <= d.caption_dropout <= 1.0, f"data.caption_dropout: {d.caption_dropout} must be in [0, 1]")
     need(0.0 <= d.tag_dropout < 1.0, f"data.tag_dropout: {d.tag_dropout} must be in [0, 1)")
+    for name in ("keep_tokens_separator", "secondary_separator"):
+        sep = getattr(d, name)
+        need(not sep or (sep.strip() != "" and "," not in sep),
+             f"data.{name}: {sep!r} cannot mark tags (blank, or has a comma: tags are split at commas); use a mark "
+             "your captions have nowhere else, e.g. '|||' or ';;;', or leave it empty")
+    keep_sep, second = d.keep_tokens_separator, d.secondary_separator
+    need(not (keep_sep and second and (keep_sep in second or second in keep_sep)),
+         f"data.secondary_separator: {second!r} overlaps data.keep_tokens_separator {keep_sep!r}; use marks "
+         "that do not contain one another, e.g. '|||' and ';;;'")
     need(d.prior_loss_weight >= 0, f"data.prior_loss_weight: {d.prior_loss_weight} must be 0 or more")
     need(d.min_image_size >= 1, f"data.min_image_size: {d.min_image_size} must be at least 1")
     need(d.num_workers >= 0, f"data.num_workers: {d.num_workers} must be 0 or more")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -371,20 +372,44 @@ def test_kohya_switches_left_off_load_and_switched_on_are_named(tmp_path: Path,
     """A kohya config carries switches this trainer has no counterpart for: left off (false, 0,
     empty) they are named in the warning; switched on, the run stops with the key named."""
     f = tmp_path / "kohya.toml"
-    f.write_text('[training_arguments]\nip_noise_gamma = 0\nzero_terminal_snr = false\ncaption_prefix = ""\n'
-                 'loss_type = "l2"\nhuber_c = 0.1\nfull_fp16 = false\nno_half_vae = true\ncolor_aug = false\n',
+    f.write_text('[training_arguments]\nv_pred_like_loss = 0\nzero_terminal_snr = false\ncaption_prefix = ""\n'
+                 'stop_text_encoder_training = 0\nfull_fp16 = false\nno_half_vae = true\ncolor_aug = false\n',
                  encoding="utf-8")
     with caplog.at_level("WARNING", logger="lora_trainer.config"):
         load_config(f)
     [warning] = [r.getMessage() for r in caplog.records]
-    for key in ("ip_noise_gamma", "zero_terminal_snr", "caption_prefix", "loss_type", "huber_c", "no_half_vae"):
+    for key in ("v_pred_like_loss", "zero_terminal_snr", "stop_text_encoder_training", "no_half_vae"):
         assert key in warning, key
-    for bad, said in [("ip_noise_gamma = 0.1", "ip_noise_gamma: 0.1 is not supported here; lora-trainer has no such "
-                                               "setting; leave it off"),
-                      ('loss_type = "huber"', "loss_type: 'huber' is not supported here; the loss is the mean "
-                                              "squared error (l2 only)"),
+    for bad, said in [("zero_terminal_snr = true", "zero_terminal_snr: True is not supported here; lora-trainer has "
+                                                   "no such setting; leave it off"),
                       ("full_bf16 = true", "full_bf16: True is not supported here")]:
         assert_refused(f, bad, said)
+
+
+def test_kohya_noise_and_loss_keys_load_into_their_settings(tmp_path: Path) -> None:
+    """kohya's input perturbation, noise offset variants and Huber loss keys set the run's
+    options; what does not fit is refused before anything loads, naming the field."""
+    f = tmp_path / "kohya.toml"
+    f.write_text('[training_arguments]\nnoise_offset = 0.05\nnoise_offset_random_strength = true\n'
+                 'adaptive_noise_scale = 0.005\nip_noise_gamma = 0.1\nip_noise_gamma_random_strength = true\n'
+                 'loss_type = "smooth_l1"\nhuber_c = 0.2\nhuber_schedule = "exponential"\nhuber_scale = 2\n',
+                 encoding="utf-8")
+    t = load_config(f).train
+    assert (t.noise_offset, t.noise_offset_random_strength, t.adaptive_noise_scale) == (0.05, True, 0.005)
+    assert (t.ip_noise_gamma, t.ip_noise_gamma_random_strength) == (0.1, True)
+    assert (t.loss_type, t.huber_c, t.huber_schedule, t.huber_scale) == ("smooth_l1", 0.2, "exponential", 2.0)
+    for sets, said in [(["train.ip_noise_gamma=-0.1"], "train.ip_noise_gamma: -0.1 must be 0 (off) or more"),
+                       (["train.ip_noise_gamma_random_strength=true"], "train.ip_noise_gamma_random_strength: works "
+                                                                        "on the input perturbation"),
+                       (["train.adaptive_noise_scale=0.01"], "train.adaptive_noise_scale: works on the noise offset"),
+                       (["train.huber_c=0"], "train.huber_c: 0.0 must be above 0 and at most 1"),
+                       (["train.loss_type=huber", "model.arch=flux1"], "train.huber_schedule: snr follows a DDPM "
+                                                                        "noise schedule"),
+                       (["train.loss_type=mae"], "train.loss_type")]:
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            load_config(None, sets)
+    assert load_config(None, ["train.loss_type=huber", "train.huber_schedule=constant", "model.arch=flux1",
+                              "data.resolution=512"]).train.loss_type == "huber"
 
 
 def test_other_trainers_tables_and_values(tmp_path: Path) -> None:
@@ -451,3 +476,27 @@ def test_a_bad_option_on_a_sample_prompt_line_is_named_before_the_run() -> None:
             build_config({"sample.prompt": text})
         assert str(caught.value) == said
     assert sample_prompts_of(build_config({"sample.prompt": "# only a comment\n"}).sample) == []
+
+
+def test_kohya_caption_options_load_into_data_settings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """kohya's caption_prefix, caption_suffix, keep_tokens_separator and secondary_separator set
+    the data options (no longer named as ignored); a separator that cannot mark tags (blank, a
+    comma, overlapping the other) is refused with one line naming the field."""
+    f = tmp_path / "kohya.toml"
+    f.write_text('[dataset_arguments]\ncaption_prefix = "masterpiece, "\ncaption_suffix = ", from side"\n'
+                 'keep_tokens_separator = "|||"\nsecondary_separator = ";;;"\n', encoding="utf-8")
+    with caplog.at_level("WARNING", logger="lora_trainer.config"):
+        d = load_config(f).data
+    assert (d.caption_prefix, d.caption_suffix) == ("masterpiece, ", ", from side")
+    assert (d.keep_tokens_separator, d.secondary_separator) == ("|||", ";;;")
+    assert not any("caption_prefix" in r.getMessage() for r in caplog.records)
+    for name in ("caption_prefix", "caption_suffix", "keep_tokens_separator", "secondary_separator"):
+        assert ALIASES[name] == f"data.{name}"
+        assert build_config({f"data.{name}": ""}).data == TrainConfig().data  # default: off
+    for values, said in [({"data.keep_tokens_separator": "  "}, "data.keep_tokens_separator: '  ' cannot mark tags"),
+                         ({"data.secondary_separator": ","}, "data.secondary_separator: ',' cannot mark tags"),
+                         ({"data.keep_tokens_separator": "|||", "data.secondary_separator": "||"},
+                          "data.secondary_separator: '||' overlaps data.keep_tokens_separator '|||'")]:
+        with pytest.raises(ConfigError) as caught:
+            build_config(values)
+        assert str(caught.value).startswith(said) and "\n" not in str(caught.value)

@@ -1,4 +1,5 @@
-"""process_caption: trigger word, tag shuffle with keep_tokens, dropout, determinism."""
+"""process_caption: trigger word, tag shuffle with keep_tokens, dropout, determinism, and kohya's
+caption_prefix/caption_suffix, keep_tokens_separator and secondary_separator."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import random
 
 import pytest
 
-from lora_trainer.data.text import has_trigger, process_caption, split_tags
+from lora_trainer.config import DataConfig
+from lora_trainer.data.text import caption_options, has_trigger, process_caption, split_tags
 
 
 @pytest.mark.parametrize("caption,trigger,expected", [
@@ -86,3 +88,102 @@ def test_tag_dropout_leaves_out_tags_after_the_kept_ones() -> None:
     shuffled = process_caption(cap, shuffle=True, rng=random.Random(1), tag_dropout=0.5)
     assert set(split_tags(shuffled)) < set(split_tags(cap))
     assert process_caption(cap, tag_dropout=0.0, rng=random.Random(0)) == cap
+
+
+# Outputs and the next rng.random() of process_caption before the caption options existed (seed 42,
+# trigger "sks"): with them off, runs and their resumes must stay bit-identical.
+_OLD_CAPTIONS = ["1girl, red hair, smile, outdoors, sky", "a photo of a dog", "", "sks, a, b,, c ,d"]
+_OLD_RESULTS = [
+    ({}, ["sks, 1girl, red hair, smile, outdoors, sky", "sks, a photo of a dog", "sks", "sks, a, b,, c ,d"],
+     0.6394267984578837),
+    ({"shuffle": True, "keep_tokens": 1}, ["sks, outdoors, red hair, smile, sky, 1girl", "sks, a photo of a dog",
+                                           "sks", "sks, d, c, a, b"], 0.7364712141640124),
+    ({"shuffle": True, "tag_dropout": 0.3, "dropout": 0.2}, ["smile, outdoors, sky, red hair",
+                                                            "a photo of a dog, sks", "sks", "d, c, sks"],
+     0.09671637683346401),
+    ({"tag_dropout": 0.5, "keep_tokens": 2}, ["sks, 1girl, red hair", "sks, a photo of a dog", "sks",
+                                              "sks, a, b, c, d"], 0.08693883262941615),
+]
+
+
+@pytest.mark.parametrize("options,expected,next_draw", _OLD_RESULTS)
+def test_caption_options_off_keep_earlier_outputs_and_draws(options: dict, expected: list[str],
+                                                            next_draw: float) -> None:
+    """Off (empty, as a DataConfig's defaults pass them), the new options change neither the
+    captions nor how many numbers are drawn from the rng."""
+    for extra in ({}, caption_options(DataConfig())):
+        rng = random.Random(42)
+        assert [process_caption(c, "sks", rng=rng, **options, **extra) for c in _OLD_CAPTIONS] == expected
+        assert rng.random() == next_draw
+
+
+@pytest.mark.parametrize("caption,trigger,expected", [
+    ("a dog", "", "masterpiece, best quality, a dog, from side"),
+    ("a dog", "sks", "sks, masterpiece, best quality, a dog, from side"),  # trigger first
+    ("", "sks", "sks, masterpiece, best quality, from side"),  # a trigger-only caption gets them too
+])
+def test_caption_prefix_and_suffix(caption: str, trigger: str, expected: str) -> None:
+    """kohya's caption_prefix/caption_suffix: joined with a space (none before a leading comma)."""
+    out = process_caption(caption, trigger, rng=random.Random(0), caption_prefix="masterpiece, best quality, ",
+                          caption_suffix=", from side")
+    assert out == expected
+
+
+def test_caption_prefix_is_seen_by_the_trigger_check_shuffle_and_dropout() -> None:
+    assert process_caption("a dog", "sks", rng=random.Random(0), caption_prefix="sks") == "sks a dog"
+    assert process_caption("a dog", rng=random.Random(0), caption_prefix="photo of", caption_suffix="outdoors") == \
+        "photo of a dog outdoors"
+    outs = {process_caption("b, c, d, e", shuffle=True, keep_tokens=1, rng=random.Random(s), caption_prefix="a,")
+            for s in range(20)}
+    assert len(outs) > 3 and all(split_tags(o)[0] == "a" and sorted(split_tags(o)) == list("abcde") for o in outs)
+    assert process_caption("a dog", dropout=1.0, rng=random.Random(0), caption_prefix="p", caption_suffix="s") == ""
+
+
+def test_keep_tokens_separator_keeps_head_and_tail_in_place() -> None:
+    """Before the separator: kept first (instead of keep_tokens), the added trigger first of all;
+    after a second one: kept at the end; only the middle is shuffled and dropped."""
+    cap = "1girl, hatsune miku ||| stage, microphone, white shirt, smile, sky ||| best quality, rating: general"
+    outs = {process_caption(cap, "sks", shuffle=True, keep_tokens=5, rng=random.Random(s), tag_dropout=0.2,
+                            keep_tokens_separator="|||") for s in range(30)}
+    assert len(outs) > 5
+    for out in outs:
+        tags = split_tags(out)
+        assert "|||" not in out
+        assert tags[:3] == ["sks", "1girl", "hatsune miku"] and tags[-2:] == ["best quality", "rating: general"]
+        assert set(tags[3:-2]) <= {"stage", "microphone", "white shirt", "smile", "sky"}
+    assert {tuple(split_tags(o)[3:-2]) for o in outs} != {("stage", "microphone", "white shirt", "smile", "sky")}
+
+
+def test_keep_tokens_separator_never_reaches_the_encoder() -> None:
+    """Without shuffle or tag dropout the caption is fixed but still written without the separator
+    (kohya would leave it in); a later occurrence reads as a comma; without one, keep_tokens rules."""
+    sep = {"keep_tokens_separator": "|||"}
+    assert process_caption("a, b ||| c, d", rng=random.Random(0), **sep) == "a, b, c, d"
+    assert process_caption("a ||| b ||| c ||| d", rng=random.Random(0), **sep) == "a, b, c, d"
+    assert process_caption("x", rng=random.Random(0), caption_prefix="a |||", **sep) == "a, x"
+    assert process_caption("a, b", "sks", rng=random.Random(0), **sep) == "sks, a, b"
+    outs = {process_caption("a, b, c, d, e", shuffle=True, keep_tokens=2, rng=random.Random(s), **sep)
+            for s in range(20)}
+    assert len(outs) > 3 and all(split_tags(o)[:2] == ["a", "b"] for o in outs)
+
+
+def test_secondary_separator_makes_one_tag_of_several() -> None:
+    """Joined tags move and drop together, count as one for keep_tokens, and reach the encoder
+    comma-separated."""
+    sec = {"secondary_separator": ";;;"}
+    assert process_caption("a, sky;;;cloud ;;; day, b", rng=random.Random(0), **sec) == "a, sky, cloud, day, b"
+    for s in range(40):
+        out = process_caption("x;;;y, a, sky;;;cloud, b, c", shuffle=True, keep_tokens=1, rng=random.Random(s),
+                              tag_dropout=0.4, **sec)
+        tags = split_tags(out)
+        assert ";" not in out and tags[:2] == ["x", "y"]
+        assert ("sky" in tags) == ("cloud" in tags)
+        if "sky" in tags:
+            assert tags.index("cloud") == tags.index("sky") + 1
+
+
+def test_caption_options_come_from_the_data_config() -> None:
+    cfg = DataConfig(caption_prefix="p", caption_suffix="s", keep_tokens_separator="|||", secondary_separator=";;;")
+    assert caption_options(cfg) == {"caption_prefix": "p", "caption_suffix": "s", "keep_tokens_separator": "|||",
+                                    "secondary_separator": ";;;"}
+    assert process_caption("a ||| b;;;c", rng=random.Random(0), **caption_options(cfg)) == "p a, b, c s"

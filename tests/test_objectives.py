@@ -69,6 +69,34 @@ def test_flow_objective_interpolates_and_targets_the_velocity() -> None:
     assert step.weights is None
 
 
+def test_input_perturbation_noises_the_input_not_the_target_and_huber_thresholds_ride_along() -> None:
+    """ip_noise_gamma: the noisy input is built from the perturbed noise, the target from the
+    noise itself (DDPM and flow); with a Huber loss each sample gets its timestep's threshold."""
+    from lora_trainer.train.losses import huber_threshold
+    from lora_trainer.train.objectives import LossSpec
+
+    ac = _schedule()
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    perturbed = noise + 0.1 * torch.randn(3, 4, 8, 8)
+    huber = LossSpec("huber", 0.1, "snr")
+    step = DDPMObjective(ac, "v_prediction", torch.device("cpu"), loss=huber).step_inputs(
+        x0, noise, torch.Generator().manual_seed(7), perturbed)
+    t = step.timesteps
+    assert torch.equal(step.noisy, q_sample(x0, perturbed, t, ac))
+    assert torch.equal(step.target, target_for("v_prediction", x0, noise, t, ac))
+    assert torch.equal(step.threshold, huber_threshold("snr", 0.1, 1.0, t, ac, 1000))
+    plain = DDPMObjective(ac, "epsilon", torch.device("cpu")).step_inputs(x0, noise, torch.Generator().manual_seed(7))
+    assert plain.threshold is None and torch.equal(plain.noisy, q_sample(x0, noise, t, ac))
+
+    spec = ObjectiveSpec(kind="flow", sampling="uniform")
+    flow = FlowObjective(spec, torch.device("cpu"), loss=LossSpec("smooth_l1", 0.2, "exponential", 3.0)).step_inputs(
+        x0, noise, torch.Generator().manual_seed(1), perturbed)
+    s = flow.timesteps.view(-1, 1, 1, 1)
+    assert torch.allclose(flow.noisy, (1 - s) * x0 + s * perturbed)
+    assert torch.allclose(flow.target, noise - x0)
+    assert torch.allclose(flow.threshold, 0.2 ** flow.timesteps * 3.0)
+
+
 def test_shifts_match_their_definitions() -> None:
     s = torch.tensor([0.1, 0.5, 0.9])
     assert torch.allclose(time_shift(s, 3.0), 3 * s / (1 + 2 * s))

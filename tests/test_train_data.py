@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,20 @@ def test_captions_are_fixed_only_without_shuffle_and_tag_dropout(data: Path) -> 
 
     assert fixed() is not None and fixed(**{"data.caption_dropout": 0.1})[0] == ""
     assert fixed(**{"data.tag_dropout": 0.1}) is None and fixed(**{"data.shuffle_captions": True}) is None
+
+
+def test_fixed_captions_are_the_captions_steps_train_with(data: Path) -> None:
+    """Text embeddings are cached from fixed_captions(): with a caption prefix/suffix, the trigger
+    word and kohya's separators they must be exactly the captions the batches carry."""
+    cfg = _cfg(data, **{"data.caption_prefix": "art,", "data.caption_suffix": ", flat", "data.trigger_word": "sks",
+                        "data.keep_tokens_separator": "|||", "data.secondary_separator": ";;;"})
+    items = [dataclasses.replace(it, caption=it.caption + (" ||| big;;;bold" if i % 2 else ""))
+             for i, it in enumerate(scan_dataset(cfg.data).items)]
+    ds = BucketDataset(items, cfg.data, batch_size=2, seed=7)
+    seen = {c for b in ds.plan(0) for c in ds.load_batch(b).captions}
+    assert sorted(seen) == ds.fixed_captions()
+    assert all(c.startswith("sks, art, ") and c.endswith(", flat") and "|" not in c and ";" not in c for c in seen)
+    assert any(c.endswith("background, big, bold, flat") for c in seen)
 
 
 def test_epoch_view_resumes_at_a_position(data: Path) -> None:

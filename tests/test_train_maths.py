@@ -129,6 +129,83 @@ def test_offset_noise_adds_a_per_channel_constant() -> None:
     assert delta.abs().sum() > 0
 
 
+def test_offset_noise_random_and_adaptive_strength() -> None:
+    """kohya's noise_offset_random_strength draws the batch's strength in [0, offset) from the
+    run's generator; adaptive_noise_scale adds that multiple of each channel's |latent mean| to
+    it (kept at 0 or more). Off, the draws are the same as before."""
+    lat = torch.zeros(2, 4, 8, 8)
+    lat[:, 1] = 2.0  # channel 1 has mean 2, the others 0
+    lat[:, 2] = -1.0
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    base = torch.randn(lat.shape, generator=gen())
+    g = gen()
+    torch.randn(lat.shape, generator=g)
+    strength = 0.5 * float(torch.rand((), generator=g))
+    unit = torch.randn((2, 4, 1, 1), generator=g)
+    rand = losses.offset_noise(lat, 0.5, gen(), random_strength=True)
+    assert 0 < strength < 0.5
+    assert torch.allclose(rand, base + strength * unit)
+    adaptive = losses.offset_noise(lat, 0.1, gen(), adaptive_scale=0.25)
+    g = gen()
+    torch.randn(lat.shape, generator=g)
+    unit = torch.randn((2, 4, 1, 1), generator=g)
+    scale = torch.tensor([0.1, 0.1 + 0.25 * 2.0, 0.1 + 0.25 * 1.0, 0.1]).view(1, 4, 1, 1)
+    assert torch.allclose(adaptive, base + scale * unit)
+    negative = losses.offset_noise(lat, 0.1, gen(), adaptive_scale=-0.25)  # 0.1 - 0.5 clamps to 0
+    assert torch.allclose(negative[:, 1], base[:, 1]) and not torch.allclose(negative[:, 0], base[:, 0])
+    assert torch.equal(losses.offset_noise(lat, 0.5, gen()), losses.offset_noise(lat, 0.5, gen(), False, 0.0))
+
+
+def test_input_perturbation_adds_fresh_noise_from_the_generator() -> None:
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(5)
+    assert losses.perturbed_noise(noise, 0.0, True, g) is None
+    assert torch.equal(torch.rand((), generator=g), torch.rand((), generator=torch.Generator().manual_seed(5)))
+    xi = torch.randn(noise.shape, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(losses.perturbed_noise(noise, 0.1, False, torch.Generator().manual_seed(5)), noise + 0.1 * xi)
+    g = torch.Generator().manual_seed(5)
+    gamma = 0.1 * float(torch.rand((), generator=g))
+    xi = torch.randn(noise.shape, generator=g)
+    assert torch.allclose(losses.perturbed_noise(noise, 0.1, True, torch.Generator().manual_seed(5)),
+                          noise + gamma * xi)
+
+
+def test_huber_thresholds_follow_their_schedules() -> None:
+    t = torch.tensor([0, 500, 1000 - 1])
+    const = losses.huber_threshold("constant", 0.1, 2.0, t)
+    assert const.tolist() == pytest.approx([0.2, 0.2, 0.2])
+    exp = losses.huber_threshold("exponential", 0.1, 1.0, t, None, 1000)
+    assert exp.tolist() == pytest.approx([1.0, 0.1 ** 0.5, 0.1 ** 0.999], rel=1e-5)
+    ac = _ac()  # a_t of 0.9, 0.5, 0.01
+    snr_c = losses.huber_threshold("snr", 0.1, 1.0, torch.tensor([0, 1, 3]), ac)
+    sigma = torch.tensor([(0.1 / 0.9) ** 0.5, 1.0, (0.99 / 0.01) ** 0.5])
+    assert torch.allclose(snr_c, 0.9 / (1 + sigma) ** 2 + 0.1)
+    assert snr_c[0] > snr_c[1] > snr_c[2] > 0.1
+    with pytest.raises(ValueError, match="snr schedule needs"):
+        losses.huber_threshold("snr", 0.1, 1.0, t, None)
+
+
+def test_loss_types_per_sample() -> None:
+    """l2 is weighted_mse bit for bit; l1 the mean |d|; huber 2c(sqrt(d^2 + c^2) - c), squared
+    error for |d| << c and 2c|d| - 2c^2 for |d| >> c; smooth_l1 the same over c; each per sample
+    with its own c and the per-sample weights."""
+    pred = torch.zeros(2, 1, 2, 2)
+    target = torch.stack([0.01 * torch.ones(1, 2, 2), 100 * torch.ones(1, 2, 2)])
+    w = torch.tensor([1.0, 0.5])
+    assert torch.equal(losses.weighted_loss(pred, target, w), losses.weighted_mse(pred, target, w))
+    assert losses.weighted_loss(pred, target, w, "l1").item() == pytest.approx((0.01 + 0.5 * 100) / 2)
+    c = torch.tensor([1.0, 0.1])
+    huber = losses.weighted_loss(pred, target, None, "huber", c)
+    small = 2 * 1.0 * ((0.01 ** 2 + 1.0) ** 0.5 - 1.0)  # about 0.01^2
+    large = 2 * 0.1 * ((100 ** 2 + 0.01) ** 0.5 - 0.1)  # about 2 * 0.1 * 100
+    assert small == pytest.approx(1e-4, rel=1e-3) and large == pytest.approx(20.0, rel=1e-2)
+    assert huber.item() == pytest.approx((small + large) / 2, rel=1e-5)
+    smooth = losses.weighted_loss(pred, target, None, "smooth_l1", c)
+    assert smooth.item() == pytest.approx((small / 1.0 + large / 0.1) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="needs a threshold"):
+        losses.weighted_loss(pred, target, None, "huber")
+
+
 def test_pyramid_noise_adds_coarse_noise_at_unit_scale_and_repeats_from_its_generator() -> None:
     """kohya's multires noise: unit standard deviation, more of its power at coarse scales than
     white noise has (8x8 block means vary more), the same noise from the same generator state,

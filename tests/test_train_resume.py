@@ -362,3 +362,36 @@ def test_max_norm_regularization_keeps_every_module_within_the_limit_and_resumes
     second = stopped_and_resumed(data, tmp_path / "b", host, **capped)
     a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+def test_input_perturbation_random_offsets_and_a_huber_loss_resume_exactly(
+        tmp_path: Path, data: Path, host: TinyHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kohya's ip_noise_gamma (random strength), noise_offset_random_strength, adaptive_noise_scale
+    and a Huber loss on its snr schedule draw from the run's generator: stopped and resumed, a run
+    ends where the straight one does; each changes what is trained; the file names them as
+    kohya does."""
+    from lora_trainer.train import session
+
+    values = {**BUSY, "train.ip_noise_gamma": 0.1, "train.ip_noise_gamma_random_strength": True,
+              "train.noise_offset_random_strength": True, "train.adaptive_noise_scale": 0.01,
+              "train.loss_type": "huber", "train.huber_c": 0.1, "train.huber_schedule": "snr"}
+    straight = Trainer(tiny_config(data, tmp_path / "a", **values), host=host).run()
+    second = stopped_and_resumed(data, tmp_path / "b", host, **values)
+    a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+    def differs(out: str, **change: object) -> bool:
+        other = lora_tensors(Trainer(tiny_config(data, tmp_path / out, **{**values, **change}), host=host).run()
+                             .lora_path)
+        return any(not torch.equal(v, other[k]) for k, v in a.items())
+
+    assert differs("adaptive", **{"train.adaptive_noise_scale": 0.0})  # no draw changes: the offset's effect
+    assert differs("l2", **{"train.loss_type": "l2"})
+    # the same draws with the perturbation thrown away: the model's input is what differs
+    real = session.perturbed_noise
+    monkeypatch.setattr(session, "perturbed_noise", lambda noise, *a, **k: (real(noise, *a, **k), noise)[1])
+    assert differs("drawn_not_used")
+    meta = read_lora_file(straight.lora_path)[1]
+    assert (meta["ss_ip_noise_gamma"], meta["ss_ip_noise_gamma_random_strength"]) == ("0.1", "True")
+    assert (meta["ss_noise_offset_random_strength"], meta["ss_adaptive_noise_scale"]) == ("True", "0.01")
+    assert (meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_huber_c"]) == ("huber", "snr", "0.1")

@@ -526,6 +526,9 @@ def test_an_empty_sample_prompt_is_filled_from_the_datasets_captions_once(tmp_pa
     assert f"The sample prompt (Train) is now the caption of demo_000.png: '{first}'." in summary
     summary, *_, prompt, test_prompt, offered = scan(False, "", *form(**{"data.trigger_word": "zkw"}))
     assert prompt == f"zkw, {first}" and test_prompt == prompt
+    affixed = form(**{"data.caption_prefix": "art |||", "data.caption_suffix": ", flat",
+                      "data.keep_tokens_separator": "|||"})
+    assert scan(False, "", *affixed)[-3] == f"art, {first}, flat"  # as training sees it: no separator
     keep = (compat.update(), compat.update(), False)
     assert tuple(scan(True, "", *form())[-3:]) == (*keep[:2], True)  # filled once: a prompt cleared since stays empty
     mine = scan(False, "", *form(**{"sample.prompt": "my prompt"}))

@@ -127,15 +127,18 @@ class BucketDataset:
     def caption(self, entry: Entry, rng: random.Random) -> str:
         c = self.cfg
         return text.process_caption(self.items[entry.index].caption, c.trigger_word, c.shuffle_captions,
-                                    c.keep_tokens, c.caption_dropout, rng, c.tag_dropout)
+                                    c.keep_tokens, c.caption_dropout, rng, c.tag_dropout,
+                                    **text.caption_options(c))
 
     def fixed_captions(self) -> list[str] | None:
         """Every caption a run can use, when captions never change (no shuffle, no tag dropout);
-        else None."""
+        else None. Each is what :meth:`caption` returns (prefix, suffix and separators applied):
+        text embeddings are cached from these."""
         if self.cfg.shuffle_captions or self.cfg.tag_dropout:
             return None
         c = self.cfg
-        out = {text.process_caption(it.caption, c.trigger_word, False, c.keep_tokens, 0.0, random.Random(0))
+        out = {text.process_caption(it.caption, c.trigger_word, False, c.keep_tokens, 0.0, random.Random(0),
+                                    **text.caption_options(c))
                for it in self.items}
         if c.caption_dropout > 0:
             out.add("")

@@ -54,19 +54,44 @@ def min_snr_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
     return clipped / s
 
 
-def offset_noise(latents: torch.Tensor, strength: float, gen: torch.Generator | None = None) -> torch.Tensor:
+def offset_noise(latents: torch.Tensor, strength: float, gen: torch.Generator | None = None,
+                 random_strength: bool = False, adaptive_scale: float = 0.0) -> torch.Tensor:
     """Gaussian noise plus a per-channel constant offset (Guttenberg's noise offset).
 
     With ``strength`` 0 this is plain ``randn_like``. The noise is drawn on the generator's
     device and moved, so a CPU generator gives the same noise on every accelerator.
+    ``random_strength`` (kohya's noise_offset_random_strength) draws the batch's strength
+    uniformly from [0, strength); ``adaptive_scale`` (kohya's adaptive_noise_scale) adds that
+    multiple of each channel's absolute latent mean to the strength, the sum kept at 0 or more.
+    With both off the draws are the same as without them.
     """
     dev = gen.device if gen is not None else latents.device
     noise = torch.randn(latents.shape, generator=gen, device=dev, dtype=torch.float32)
     if strength > 0:
         b, c = latents.shape[:2]
-        noise = noise + strength * torch.randn((b, c, *([1] * (latents.dim() - 2))), generator=gen,
-                                               device=dev, dtype=torch.float32)
+        unit = (b, c, *([1] * (latents.dim() - 2)))
+        scale: float | torch.Tensor = strength
+        if random_strength:
+            scale = strength * float(torch.rand((), generator=gen, device=dev))
+        if adaptive_scale:
+            means = latents.detach().float().mean(dim=tuple(range(2, latents.dim())), keepdim=True).abs()
+            scale = (scale + adaptive_scale * means.to(dev)).clamp(min=0.0)
+        noise = noise + scale * torch.randn(unit, generator=gen, device=dev, dtype=torch.float32)
     return noise.to(device=latents.device, dtype=latents.dtype)
+
+
+def perturbed_noise(noise: torch.Tensor, gamma: float, random_strength: bool = False,
+                    gen: torch.Generator | None = None) -> torch.Tensor | None:
+    """Input perturbation (Ning et al. 2023, kohya's ip_noise_gamma): the noise the model's input
+    is built from, ``noise + gamma * xi`` with fresh Gaussian ``xi``, while the target keeps
+    ``noise``. ``random_strength`` draws the batch's gamma uniformly from [0, gamma). None when
+    ``gamma`` is 0 (nothing is drawn)."""
+    if not gamma:
+        return None
+    dev = gen.device if gen is not None else noise.device
+    strength = gamma * float(torch.rand((), generator=gen, device=dev)) if random_strength else gamma
+    xi = torch.randn(noise.shape, generator=gen, device=dev, dtype=torch.float32)
+    return (noise.float() + strength * xi.to(noise.device)).to(noise.dtype)
 
 
 def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float,
@@ -112,6 +137,62 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     Computed in fp32 whatever the autocast dtype, so fp16 runs do not lose the small losses.
     """
     per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device, torch.float32)
+    return per_sample.mean()
+
+
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
+
+
+def huber_threshold(schedule: str, c: float, scale: float, t: torch.Tensor,
+                    alphas_cumprod: torch.Tensor | None = None, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The Huber loss's threshold per sample (kohya's huber_c with huber_schedule), fp32:
+
+    - constant: ``c * scale``;
+    - exponential: ``c ** (t / T) * scale``, from ``scale`` at the clean end to ``c * scale`` at
+      full noise (``t``: timesteps out of ``T``; a flow model's sigma with ``T`` 1);
+    - snr (DDPM models): ``(1 - c) / (1 + sigma_t) ** 2 + c``, sigma_t = sqrt((1 - a_t) / a_t):
+      near 1 (about squared error) at low noise, ``c`` at high noise.
+    """
+    if schedule == "constant":
+        return torch.full(t.shape, c * scale, device=t.device, dtype=torch.float32)
+    if schedule == "exponential":
+        return torch.pow(torch.tensor(c, dtype=torch.float32), t.float() / num_train_timesteps).to(t.device) * scale
+    if schedule == "snr":
+        if alphas_cumprod is None:
+            raise ValueError("the snr schedule needs a DDPM noise schedule")
+        a = alphas_cumprod.float()[t.to(alphas_cumprod.device)]
+        sigma = ((1 - a) / a).sqrt()
+        return ((1 - c) / (1 + sigma) ** 2 + c).to(t.device)
+    raise ValueError(f"unknown huber schedule {schedule!r}")
+
+
+def weighted_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+                  kind: str = "l2", threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of one step per sample, times per-sample ``weights``, averaged; in fp32.
+
+    - l2: :func:`weighted_mse`, bit for bit;
+    - l1: mean absolute error;
+    - huber: pseudo-Huber with per-sample ``threshold`` c, ``2 c (sqrt(d^2 + c^2) - c)``: squared
+      error for |d| much below c, ``2 c |d|`` above it;
+    - smooth_l1: the same divided by c, ``2 (sqrt(d^2 + c^2) - c)``: |d|-like above c.
+    """
+    if kind == "l2":
+        return weighted_mse(pred, target, weights)
+    diff = pred.float() - target.float()
+    if kind == "l1":
+        elementwise = diff.abs()
+    elif kind in ("huber", "smooth_l1"):
+        if threshold is None:
+            raise ValueError(f"the {kind} loss needs a threshold per sample")
+        c = threshold.to(diff.device, torch.float32).view(-1, *([1] * (diff.dim() - 1)))
+        elementwise = torch.sqrt(diff * diff + c * c) - c
+        elementwise = 2 * c * elementwise if kind == "huber" else 2 * elementwise
+    else:
+        raise ValueError(f"unknown loss type {kind!r}")
+    per_sample = elementwise.flatten(1).mean(dim=1)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device, torch.float32)
     return per_sample.mean()

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from lora_trainer.families.base import ObjectiveSpec
-from lora_trainer.train.losses import debiased_weights, min_snr_weights, q_sample, sample_timesteps, target_for
+from lora_trainer.train.losses import (
+    debiased_weights,
+    huber_threshold,
+    min_snr_weights,
+    q_sample,
+    sample_timesteps,
+    target_for,
+)
 
 if TYPE_CHECKING:
     from diffusers import DDIMScheduler
@@ -46,12 +53,32 @@ class StepInputs:
     weights: torch.Tensor | None = None  # per-sample loss weights (min-SNR), None for 1
     # Conditioning the objective adds to the text's (Flux.1-dev's guidance value, (B,)).
     cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    threshold: torch.Tensor | None = None  # the Huber loss's c per sample (B,), None for l2 and l1
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The step's loss (train.loss_type) and, for huber and smooth_l1, its threshold's schedule."""
+
+    kind: str = "l2"
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
+    huber_scale: float = 1.0
+
+    def threshold(self, t: torch.Tensor, alphas_cumprod: torch.Tensor | None,
+                  num_train_timesteps: int) -> torch.Tensor | None:
+        """The Huber threshold per sample of timesteps ``t`` (None for l2 and l1)."""
+        if self.kind not in ("huber", "smooth_l1"):
+            return None
+        return huber_threshold(self.huber_schedule, self.huber_c, self.huber_scale, t, alphas_cumprod,
+                               num_train_timesteps)
 
 
 class Objective(Protocol):
     uses_cfg: bool  # sampling conditions on [negative, prompt] and combines them (CFG)
 
-    def step_inputs(self, latents: torch.Tensor, noise: torch.Tensor, gen: torch.Generator) -> StepInputs: ...
+    def step_inputs(self, latents: torch.Tensor, noise: torch.Tensor, gen: torch.Generator,
+                    input_noise: torch.Tensor | None = None) -> StepInputs: ...
 
     def denoise(self, bundle: Any, latents: torch.Tensor, cond: dict[str, torch.Tensor],
                 size: torch.Tensor | None, steps: int, guidance_scale: float,
@@ -70,17 +97,21 @@ class DDPMObjective:
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str, device: torch.device,
                  min_snr_gamma: float | None = None, timesteps: tuple[int, int | None] = (0, None),
-                 debiased: bool = False) -> None:
+                 debiased: bool = False, loss: LossSpec = LossSpec()) -> None:
         self.alphas = alphas_cumprod.to(device, torch.float32)
+        self.loss = loss
         self.prediction_type = prediction_type
         self.min_snr_gamma = min_snr_gamma
         self.timesteps = timesteps  # [low, high) of the timesteps trained (kohya's min/max_timestep)
         self.debiased = debiased
         self.device = device
 
-    def step_inputs(self, latents: torch.Tensor, noise: torch.Tensor, gen: torch.Generator) -> StepInputs:
+    def step_inputs(self, latents: torch.Tensor, noise: torch.Tensor, gen: torch.Generator,
+                    input_noise: torch.Tensor | None = None) -> StepInputs:
+        """``input_noise`` (input perturbation) builds the noisy input in place of ``noise``; the
+        target is still made from ``noise``."""
         steps = sample_timesteps(latents.shape[0], int(self.alphas.shape[0]), gen, self.device, *self.timesteps)
-        noisy = q_sample(latents, noise, steps, self.alphas)
+        noisy = q_sample(latents, noise if input_noise is None else input_noise, steps, self.alphas)
         target = target_for(self.prediction_type, latents, noise, steps, self.alphas)
         weights = None
         if self.min_snr_gamma:
@@ -88,7 +119,8 @@ class DDPMObjective:
         if self.debiased:
             debiased = debiased_weights(steps, self.alphas, self.prediction_type)
             weights = debiased if weights is None else weights * debiased
-        return StepInputs(noisy, steps, target, weights)
+        threshold = self.loss.threshold(steps, self.alphas, int(self.alphas.shape[0]))
+        return StepInputs(noisy, steps, target, weights, threshold=threshold)
 
     def _scheduler(self, steps: int) -> Any:
         sched = ddim_for(self.alphas, self.prediction_type)
@@ -131,8 +163,8 @@ def exponential_shift(sigma: torch.Tensor, mu: float) -> torch.Tensor:
 
 
 class FlowObjective:
-    def __init__(self, spec: ObjectiveSpec, device: torch.device, patch: int = 2) -> None:
-        self.spec, self.device, self.patch = spec, device, patch
+    def __init__(self, spec: ObjectiveSpec, device: torch.device, patch: int = 2, loss: LossSpec = LossSpec()) -> None:
+        self.spec, self.device, self.patch, self.loss = spec, device, patch, loss
         self.uses_cfg = spec.cfg_sampling
 
     def _shift(self, sigma: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
@@ -152,15 +184,18 @@ class FlowObjective:
             u = torch.sigmoid(torch.randn((batch,), generator=gen, device=dev) * std + mean)
         return self._shift(u.to(self.device, torch.float32), latents)
 
-    def step_inputs(self, latents: torch.Tensor, noise: torch.Tensor, gen: torch.Generator) -> StepInputs:
+    def step_inputs(self, latents: torch.Tensor, noise: torch.Tensor, gen: torch.Generator,
+                    input_noise: torch.Tensor | None = None) -> StepInputs:
         sigma = self.sample_sigmas(latents.shape[0], gen, latents)
         s = sigma.view(-1, *([1] * (latents.dim() - 1)))
-        noisy = ((1 - s) * latents.float() + s * noise.float()).to(latents.dtype)
+        noised = noise if input_noise is None else input_noise
+        noisy = ((1 - s) * latents.float() + s * noised.float()).to(latents.dtype)
         target = (noise.float() - latents.float()).to(latents.dtype)
         cond = {}
         if self.spec.guidance_input:
             cond["guidance"] = torch.full((latents.shape[0],), self.spec.train_guidance, device=latents.device)
-        return StepInputs(noisy, sigma, target, None, cond)
+        threshold = self.loss.threshold(sigma, None, 1)  # sigma in [0, 1] stands for timestep / T
+        return StepInputs(noisy, sigma, target, None, cond, threshold)
 
     def schedule(self, steps: int, latents: torch.Tensor) -> torch.Tensor:
         """The sampling sigmas from 1 to 0 (steps + 1 values), shifted as in training."""
@@ -210,6 +245,10 @@ def configured_spec(spec: ObjectiveSpec, train_cfg: Any = None) -> ObjectiveSpec
         if getattr(train_cfg, name, None) not in (None, 0, False):
             raise ConfigError(f"train.{name}: {ddpm_only} is for DDPM models (SD1/SD2/SDXL); leave it at its "
                               "default for a rectified-flow model")
+    if getattr(train_cfg, "loss_type", "l2") in ("huber", "smooth_l1") and \
+            getattr(train_cfg, "huber_schedule", "snr") == "snr":
+        raise ConfigError("train.huber_schedule: snr follows a DDPM noise schedule (SD1/SD2/SDXL); set it to "
+                          "exponential or constant for a rectified-flow model")
     if sampling == "shift":  # kohya's: sigmoid of a normal, then a fixed shift (its default 3.0)
         sampling, spec = "sigmoid", replace(spec, resolution_shift=False, shift=spec.shift if spec.shift != 1 else 3.0)
     if sampling == "flux_shift":  # kohya's: sigmoid of a normal, then Flux's resolution shift
@@ -233,8 +272,10 @@ def objective_for(bundle: Any, min_snr_gamma: float | None = None, train_cfg: An
     with the config's flow or DDPM settings (``train_cfg``, a LoopConfig) applied."""
     spec: ObjectiveSpec = configured_spec(bundle.objective_spec, train_cfg)
     device = torch.device(bundle.device)
+    loss = LossSpec(getattr(train_cfg, "loss_type", "l2"), getattr(train_cfg, "huber_c", 0.1),
+                    getattr(train_cfg, "huber_schedule", "snr"), getattr(train_cfg, "huber_scale", 1.0))
     if spec.kind == "flow":
-        return FlowObjective(spec, device)
+        return FlowObjective(spec, device, loss=loss)
     timesteps = (getattr(train_cfg, "min_timestep", 0), getattr(train_cfg, "max_timestep", None))
     return DDPMObjective(bundle.alphas_cumprod, bundle.prediction_type, device, min_snr_gamma, timesteps,
-                         bool(getattr(train_cfg, "debiased_estimation_loss", False)))
+                         bool(getattr(train_cfg, "debiased_estimation_loss", False)), loss)

@@ -31,7 +31,7 @@ from lora_trainer.torch_compat import autocast_supported, enable_hf_checkpointin
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train import checkpointing, norms
 from lora_trainer.train.events import TrainEvent
-from lora_trainer.train.losses import offset_noise, pyramid_noise, weighted_mse
+from lora_trainer.train.losses import offset_noise, perturbed_noise, pyramid_noise, weighted_loss
 from lora_trainer.train.objectives import objective_for
 from lora_trainer.train.optim import build_optimizer
 from lora_trainer.train.outputs import Logger, dataset_stats, run_config_copies, run_folder, save_sample, write_summary
@@ -384,9 +384,10 @@ class RunSession:
         else:
             with torch.no_grad():
                 latents = b.encode_images(batch.pixels.to(self.device, b.dtype, non_blocking=True)).float()
-        noise = pyramid_noise(offset_noise(latents, t.noise_offset, self.gen), t.multires_noise_iterations,
-                              t.multires_noise_discount, self.gen)
-        step = self.objective.step_inputs(latents, noise, self.gen)
+        noise = offset_noise(latents, t.noise_offset, self.gen, t.noise_offset_random_strength, t.adaptive_noise_scale)
+        noise = pyramid_noise(noise, t.multires_noise_iterations, t.multires_noise_discount, self.gen)
+        input_noise = perturbed_noise(noise, t.ip_noise_gamma, t.ip_noise_gamma_random_strength, self.gen)
+        step = self.objective.step_inputs(latents, noise, self.gen, input_noise)
         size_info = batch.size_info.to(self.device, non_blocking=True) if b.family.uses_size_info else None
         if self.compiled is not None:
             self.compiled.step_begin()
@@ -399,7 +400,7 @@ class RunSession:
             weights = batch.weights.to(self.device, non_blocking=True)
             if step.weights is not None:
                 weights = weights * step.weights
-            loss = weighted_mse(pred, step.target, weights) / accum
+            loss = weighted_loss(pred, step.target, weights, t.loss_type, step.threshold) / accum
             self.scaler.scale(loss).backward()
         return loss.detach()
 

@@ -111,12 +111,12 @@ def sample_gallery(samples: list[tuple[int, Any]]) -> list[tuple[Any, str]]:
 
 def sample_prompt_of(report: Any) -> tuple[str, str] | None:
     """``(image, prompt)``: the caption the dataset's first training image trains with (trigger
-    word added; no shuffle or dropout), as a prompt for samples that show what the LoRA learned;
-    None when no image has a caption yet."""
-    from lora_trainer.data.text import process_caption
+    word, caption prefix/suffix added, separators written out; no shuffle or dropout), as a prompt
+    for samples that show what the LoRA learned; None when no image has a caption yet."""
+    from lora_trainer.data.text import caption_options, process_caption
 
     for item in report.train_items:
-        prompt = process_caption(item.caption, report.config.trigger_word)
+        prompt = process_caption(item.caption, report.config.trigger_word, **caption_options(report.config))
         if prompt:
             return item.rel, prompt
     return None

@@ -360,20 +360,31 @@ def kohya_options_and_bf16(url: str, data: Path, tag: str, plain: np.ndarray) ->
     from safetensors import safe_open
 
     # kohya's training options as a lora-scripts user sets them, on the WebUI's torch: LoRA+,
-    # Adafactor with a polynomial schedule, pyramid noise, tag dropout, max norm, debiased loss
+    # Adafactor with a polynomial schedule, pyramid noise, tag dropout, max norm, debiased loss,
+    # input perturbation, a random and adaptive noise offset, a Huber loss, caption prefix and
+    # kohya's keep-tokens separator
     kohya = {"loraplus_lr_ratio": 16, "optimizer_type": "AdaFactor", "lr_scheduler": "polynomial",
              "lr_scheduler_power": 2, "multires_noise_iterations": 4, "caption_tag_dropout_rate": 0.1,
              "shuffle_caption": True, "scale_weight_norms": 1.0, "debiased_estimation_loss": True,
-             "training_comment": "tryout"}
+             "training_comment": "tryout", "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True,
+             "noise_offset": 0.05, "noise_offset_random_strength": True, "adaptive_noise_scale": 0.005,
+             "loss_type": "huber", "huber_schedule": "snr", "huber_c": 0.1, "caption_prefix": "tryout style,",
+             "keep_tokens_separator": "|||"}
     run = train_api(url, data, f"kohya_{tag}", 4, **kohya)
     with safe_open(run["result"]["lora_path"], "pt") as f:
         md = f.metadata()
     shown = {k: md.get(k) for k in ("ss_loraplus_lr_ratio", "ss_optimizer", "ss_lr_scheduler", "ss_scale_weight_norms",
-                                    "ss_multires_noise_iterations", "ss_training_comment")}
+                                    "ss_multires_noise_iterations", "ss_training_comment", "ss_ip_noise_gamma",
+                                    "ss_adaptive_noise_scale", "ss_loss_type", "ss_huber_schedule")}
+    config = json.loads(md.get("lora_trainer_config") or "{}").get("data", {})
     check(run["status"] == "done" and shown == {
         "ss_loraplus_lr_ratio": "16.0", "ss_optimizer": "adafactor", "ss_lr_scheduler": "polynomial",
-        "ss_scale_weight_norms": "1.0", "ss_multires_noise_iterations": "4", "ss_training_comment": "tryout"},
-          f"api: trained with kohya's LoRA+, Adafactor, polynomial, pyramid noise, tag dropout, max norm ({shown})")
+        "ss_scale_weight_norms": "1.0", "ss_multires_noise_iterations": "4", "ss_training_comment": "tryout",
+        "ss_ip_noise_gamma": "0.1", "ss_adaptive_noise_scale": "0.005", "ss_loss_type": "huber",
+        "ss_huber_schedule": "snr"} and (config.get("caption_prefix"), config.get("keep_tokens_separator")) == (
+        "tryout style,", "|||"),
+          f"api: trained with kohya's LoRA+, Adafactor, polynomial, pyramid noise, tag dropout, max norm, input "
+          f"perturbation, adaptive noise offset, Huber loss, caption prefix and separator ({shown})")
     check(differs(txt2img(url, f"a red circle <lora:kohya_{tag}:1>"), plain) > 0, f"txt2img <lora:kohya_{tag}:1>")
 
     # bf16 autocast over the WebUI's model: its GroupNorm32 / LayerNorm layers get our forward for
