@@ -81,6 +81,9 @@ class DataConfig:
                                       "in its place.")
     repeats: int = _f(1, "How many times each image is seen per epoch.")
     flip: bool = _f(False, "Random horizontal flip (do not use for text, logos or asymmetric characters).")
+    alpha_mask: bool = _f(False, "Weight the loss by each image's alpha channel (kohya's alpha_mask with masked_loss): "
+                                 "transparent areas of PNGs/WebPs do not train, so the LoRA learns the subject, not "
+                                 "the background. Images without transparency train everywhere.")
     reg_data_dir: str | None = _f(None, "Folder of regularization (class) images with captions.")
     prior_loss_weight: float = _f(1.0, "Loss weight of regularization images.")
     resolution: int = _f(512, "Training resolution (side of the square area buckets are built around).")
@@ -200,6 +203,11 @@ class LoopConfig:
     min_snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5 is typical); empty disables.")
     debiased_estimation_loss: bool = _f(False, "Weight each step's loss by 1/sqrt(SNR) of its timestep (kohya's "
                                          "debiased estimation). SD1/SD2/SDXL.")
+    scale_v_pred_loss_like_noise_pred: bool = _f(False, "v-prediction models (SD2 768-v): weight each step's loss "
+                                                 "by SNR/(SNR+1) of its timestep, as an epsilon model's loss "
+                                                 "weighs it (kohya's scale_v_pred_loss_like_noise_pred).")
+    v_pred_like_loss: float = _f(0.0, "Add this multiple of a v-prediction-like loss term, the loss x (SNR+1)/SNR "
+                                 "(kohya's v_pred_like_loss; 0: off). SD1/SD2/SDXL.")
     min_timestep: int = _f(0, "Train only timesteps from this one on (kohya's min_timestep; 0-999). SD1/SD2/SDXL.")
     max_timestep: int | None = _f(None, "Train only timesteps below this one (kohya's max_timestep; 1-1000); empty: "
                                   "all. SD1/SD2/SDXL.")
@@ -312,6 +320,7 @@ ALIASES: dict[str, str] = {
     "repeats": "data.repeats",
     "num_repeats": "data.repeats",
     "flip_aug": "data.flip",
+    "alpha_mask": "data.alpha_mask",
     "reg_data_dir": "data.reg_data_dir",
     "prior_loss_weight": "data.prior_loss_weight",
     "resolution": "data.resolution",
@@ -368,6 +377,8 @@ ALIASES: dict[str, str] = {
     "huber_scale": "train.huber_scale",
     "multires_noise_iterations": "train.multires_noise_iterations",
     "debiased_estimation_loss": "train.debiased_estimation_loss",
+    "scale_v_pred_loss_like_noise_pred": "train.scale_v_pred_loss_like_noise_pred",
+    "v_pred_like_loss": "train.v_pred_like_loss",
     "min_timestep": "train.min_timestep",
     "max_timestep": "train.max_timestep",
     "multires_noise_discount": "train.multires_noise_discount",
@@ -451,10 +462,13 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     "fp8_base": (_false, "fp8 base weights are model.weight_dtype: fp8, for Flux.1 and SD3.5 (false only)"),
     **dict.fromkeys(("token_warmup_min", "token_warmup_step"),
                     (lambda v: v in (0, 1, None), "captions are used whole from the first step (1 and 0 only)")),
-    **dict.fromkeys(("zero_terminal_snr", "scale_v_pred_loss_like_noise_pred",
-                     "v_pred_like_loss", "weighted_captions", "color_aug", "face_crop_aug_range",
-                     "stop_text_encoder_training", "masked_loss", "alpha_mask", "enable_wildcard"),
+    **dict.fromkeys(("zero_terminal_snr", "weighted_captions", "color_aug", "face_crop_aug_range",
+                     "stop_text_encoder_training", "enable_wildcard"),
                     (_unset, "lora-trainer has no such setting; leave it off")),
+    # masked_loss: true is accepted with alpha_mask: true only (_check_masked_loss)
+    "masked_loss": (None, "the loss is masked by the images' alpha channel when alpha_mask is on"),
+    "conditioning_data_dir": (_unset, "masks from a folder of mask images are not available; use alpha_mask: true "
+                                      "(masks from the images' alpha channel)"),
     "enable_contrastive": (_false, "contrastive training is not available (false only)"),
     **dict.fromkeys(("negative_sampling_method", "noise_strength", "contrastive_weight", "contrastive_warmup_steps"),
                     (None, "used only with enable_contrastive")),
@@ -676,7 +690,22 @@ def _type_of(path: str) -> Any:
 
 def flatten_user_dict(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Turn nested sections, 'a.b' keys and flat aliases into {field_path: raw value}."""
-    return SCHEMA.flatten(data, source)
+    values = SCHEMA.flatten(data, source)
+    _check_masked_loss(SCHEMA.top_level(data).get("masked_loss"), values, source)
+    return values
+
+
+def _check_masked_loss(masked_loss: Any, values: dict[str, Any], source: str) -> None:
+    """kohya's ``masked_loss`` alone takes masks from a conditioning_data_dir, which is not
+    available: it is accepted only where the same values turn ``data.alpha_mask`` on (the mask
+    is then the alpha channel, and masked_loss is implied)."""
+    if _unset(masked_loss):
+        return
+    alpha = values.get("data.alpha_mask", False)
+    if not _coerce(alpha, bool, "data.alpha_mask"):
+        raise ConfigError(f"{source}: masked_loss: {masked_loss!r} needs alpha_mask: true (masks come from the "
+                          "images' alpha channel; masks from a conditioning_data_dir are not available); set "
+                          "alpha_mask: true or leave masked_loss off")
 
 
 def build_config(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
@@ -686,7 +715,11 @@ def build_config(values: dict[str, Any], base: TrainConfig | None = None) -> Tra
 
 def parse_set_overrides(items: list[str]) -> dict[str, Any]:
     """``["network.rank=16", "lora_alpha=8"]`` -> {field_path: value} (values parsed as YAML)."""
-    return SCHEMA.parse_set(items)
+    values = SCHEMA.parse_set(items)
+    masked = [raw for key, _, raw in (i.partition("=") for i in items) if key.strip() == "masked_loss"]
+    if masked:
+        _check_masked_loss(yaml.safe_load(masked[-1]) if masked[-1].strip() else "", values, "--set")
+    return values
 
 
 def _read_toml(path: Path) -> Any:
@@ -822,6 +855,10 @@ def _check_noise_and_loss(cfg: TrainConfig) -> None:
          "train.ip_noise_gamma_random_strength: works on the input perturbation; set train.ip_noise_gamma "
          "(0.1 typical) or turn it off")
     need(0 < t.huber_c <= 1, f"train.huber_c: {t.huber_c} must be above 0 and at most 1 (0.1 typical)")
+    need(t.v_pred_like_loss >= 0, f"train.v_pred_like_loss: {t.v_pred_like_loss} must be 0 (off) or more")
+    need(not (t.scale_v_pred_loss_like_noise_pred and cfg.model.prediction_type == "epsilon"),
+         "train.scale_v_pred_loss_like_noise_pred: model.prediction_type is epsilon; the scale is for v-prediction "
+         "models, turn it off")
     need(t.huber_scale > 0, f"train.huber_scale: {t.huber_scale} must be above 0 (1 keeps huber_c as it is)")
 
 
@@ -836,6 +873,8 @@ def _check_flow(cfg: TrainConfig) -> None:
           f"train.multires_noise_iterations: pyramid noise is for DDPM models (SD1/SD2/SDXL); set it to 0 for {arch}")
     for name, what, unset in (("min_snr_gamma", "Min-SNR weighting", None),
                               ("debiased_estimation_loss", "the debiased estimation loss", False),
+                              ("scale_v_pred_loss_like_noise_pred", "the v-prediction loss scale", False),
+                              ("v_pred_like_loss", "the v-prediction-like loss", 0.0),
                               ("min_timestep", "a timestep range", 0), ("max_timestep", "a timestep range", None)):
         _need(getattr(t, name) == unset,
               f"train.{name}: {what} is for DDPM models (SD1/SD2/SDXL); leave it at {unset} for {arch}")

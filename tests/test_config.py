@@ -372,13 +372,13 @@ def test_kohya_switches_left_off_load_and_switched_on_are_named(tmp_path: Path,
     """A kohya config carries switches this trainer has no counterpart for: left off (false, 0,
     empty) they are named in the warning; switched on, the run stops with the key named."""
     f = tmp_path / "kohya.toml"
-    f.write_text('[training_arguments]\nv_pred_like_loss = 0\nzero_terminal_snr = false\ncaption_prefix = ""\n'
+    f.write_text('[training_arguments]\nweighted_captions = false\nzero_terminal_snr = false\ncaption_prefix = ""\n'
                  'stop_text_encoder_training = 0\nfull_fp16 = false\nno_half_vae = true\ncolor_aug = false\n',
                  encoding="utf-8")
     with caplog.at_level("WARNING", logger="lora_trainer.config"):
         load_config(f)
     [warning] = [r.getMessage() for r in caplog.records]
-    for key in ("v_pred_like_loss", "zero_terminal_snr", "stop_text_encoder_training", "no_half_vae"):
+    for key in ("weighted_captions", "zero_terminal_snr", "stop_text_encoder_training", "no_half_vae"):
         assert key in warning, key
     for bad, said in [("zero_terminal_snr = true", "zero_terminal_snr: True is not supported here; lora-trainer has "
                                                    "no such setting; leave it off"),
@@ -406,6 +406,14 @@ def test_kohya_noise_and_loss_keys_load_into_their_settings(tmp_path: Path) -> N
                        (["train.loss_type=huber", "model.arch=flux1"], "train.huber_schedule: snr follows a DDPM "
                                                                         "noise schedule"),
                        (["train.loss_type=mae"], "train.loss_type")]:
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            load_config(None, sets)
+    t = load_config(None, ["scale_v_pred_loss_like_noise_pred=true", "v_pred_like_loss=0.1"]).train
+    assert (t.scale_v_pred_loss_like_noise_pred, t.v_pred_like_loss) == (True, 0.1)
+    for sets, said in [(["scale_v_pred_loss_like_noise_pred=true", "model.prediction_type=epsilon"],
+                        "train.scale_v_pred_loss_like_noise_pred: model.prediction_type is epsilon"),
+                       (["v_pred_like_loss=0.1", "model.arch=flux1", "data.resolution=512"],
+                        "train.v_pred_like_loss: the v-prediction-like loss is for DDPM models")]:
         with pytest.raises(ConfigError, match=re.escape(said)):
             load_config(None, sets)
     assert load_config(None, ["train.loss_type=huber", "train.huber_schedule=constant", "model.arch=flux1",

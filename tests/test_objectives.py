@@ -97,6 +97,36 @@ def test_input_perturbation_noises_the_input_not_the_target_and_huber_thresholds
     assert torch.allclose(flow.threshold, 0.2 ** flow.timesteps * 3.0)
 
 
+def test_kohya_v_prediction_loss_weights() -> None:
+    """scale_v_pred_loss_like_noise_pred weights each sample by s = SNR / (SNR + 1) (SNR capped
+    at 1000); v_pred_like_loss adds v x the loss / s; with Min-SNR both multiply its weights. An
+    epsilon model refuses the scale in one line before training."""
+    from lora_trainer.errors import ConfigError
+    from lora_trainer.train.losses import snr
+    from lora_trainer.train.objectives import objective_for
+
+    ac = _schedule()
+    x0, noise = torch.randn(64, 4, 8, 8), torch.randn(64, 4, 8, 8)
+    gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    step = DDPMObjective(ac, "v_prediction", torch.device("cpu"), min_snr_gamma=5.0, v_like=(True, 0.2)).step_inputs(
+        x0, noise, gen())
+    t = step.timesteps
+    s = torch.clamp(snr(t, ac), max=1000.0)
+    s = s / (s + 1)
+    expected = min_snr_weights(t, ac, 5.0, "v_prediction") * s * (1 + 0.2 / s)
+    assert torch.allclose(step.weights, expected)
+    plain = DDPMObjective(ac, "epsilon", torch.device("cpu"), v_like=(False, 0.1)).step_inputs(x0, noise, gen())
+    assert torch.allclose(plain.weights, 1 + 0.1 / s)
+    assert float(plain.weights.min()) > 1.0 and float(plain.weights.max()) > 1.5  # noisy steps gain the most
+    bundle = type("B", (), {"objective_spec": get_family("sd1").objective, "device": "cpu",
+                            "alphas_cumprod": ac, "prediction_type": "epsilon"})()
+    like = objective_for(bundle, None, type("T", (), {"v_pred_like_loss": 0.1})()).step_inputs(x0, noise, gen())
+    assert torch.equal(like.weights, plain.weights)  # the config's key reaches the objective
+    cfg = type("T", (), {"scale_v_pred_loss_like_noise_pred": True})()
+    with pytest.raises(ConfigError, match="scale_v_pred_loss_like_noise_pred: this model predicts noise"):
+        objective_for(bundle, None, cfg)
+
+
 def test_shifts_match_their_definitions() -> None:
     s = torch.tensor([0.1, 0.5, 0.9])
     assert torch.allclose(time_shift(s, 3.0), 3 * s / (1 + 2 * s))

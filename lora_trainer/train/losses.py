@@ -131,6 +131,21 @@ def debiased_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_t
     return 1 / (s + 1) if prediction_type == "v_prediction" else 1 / s.sqrt()
 
 
+def v_like_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, scale_like_noise: bool = False,
+                   v_pred_like: float = 0.0) -> torch.Tensor | None:
+    """kohya's v-prediction loss weights, with s = SNR / (SNR + 1), the SNR capped at 1000:
+    ``scale_like_noise`` (scale_v_pred_loss_like_noise_pred) weights a v-prediction loss by s,
+    which gives each timestep the weight an epsilon-prediction loss would; ``v_pred_like``
+    (v_pred_like_loss) adds that multiple of the loss divided by s, a v-prediction-like term
+    for an epsilon model. None when both are off."""
+    if not scale_like_noise and not v_pred_like:
+        return None
+    s = torch.clamp(snr(t, alphas_cumprod), max=1000.0)
+    s = s / (s + 1)
+    weights = s if scale_like_noise else torch.ones_like(s)
+    return weights * (1 + v_pred_like / s) if v_pred_like else weights
+
+
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error per sample, times per-sample ``weights`` (min-SNR, prior loss), averaged.
 

@@ -26,6 +26,7 @@ from lora_trainer.train.losses import (
     q_sample,
     sample_timesteps,
     target_for,
+    v_like_weights,
 )
 
 if TYPE_CHECKING:
@@ -97,13 +98,14 @@ class DDPMObjective:
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str, device: torch.device,
                  min_snr_gamma: float | None = None, timesteps: tuple[int, int | None] = (0, None),
-                 debiased: bool = False, loss: LossSpec = LossSpec()) -> None:
+                 debiased: bool = False, loss: LossSpec = LossSpec(), v_like: tuple[bool, float] = (False, 0.0)) -> None:
         self.alphas = alphas_cumprod.to(device, torch.float32)
         self.loss = loss
         self.prediction_type = prediction_type
         self.min_snr_gamma = min_snr_gamma
         self.timesteps = timesteps  # [low, high) of the timesteps trained (kohya's min/max_timestep)
         self.debiased = debiased
+        self.v_like = v_like  # kohya's (scale_v_pred_loss_like_noise_pred, v_pred_like_loss)
         self.device = device
 
     def step_inputs(self, latents: torch.Tensor, noise: torch.Tensor, gen: torch.Generator,
@@ -119,6 +121,9 @@ class DDPMObjective:
         if self.debiased:
             debiased = debiased_weights(steps, self.alphas, self.prediction_type)
             weights = debiased if weights is None else weights * debiased
+        v_like = v_like_weights(steps, self.alphas, *self.v_like)
+        if v_like is not None:
+            weights = v_like if weights is None else weights * v_like
         threshold = self.loss.threshold(steps, self.alphas, int(self.alphas.shape[0]))
         return StepInputs(noisy, steps, target, weights, threshold=threshold)
 
@@ -264,7 +269,8 @@ def configured_spec(spec: ObjectiveSpec, train_cfg: Any = None) -> ObjectiveSpec
 
 # LoopConfig fields that shape DDPM training only -> what they are, for the error on a flow model.
 _DDPM_ONLY = {"min_snr_gamma": "Min-SNR weighting", "debiased_estimation_loss": "the debiased estimation loss",
-              "min_timestep": "a timestep range", "max_timestep": "a timestep range"}
+              "min_timestep": "a timestep range", "max_timestep": "a timestep range",
+              "scale_v_pred_loss_like_noise_pred": "the v-prediction loss scale", "v_pred_like_loss": "the v-prediction-like loss"}
 
 
 def objective_for(bundle: Any, min_snr_gamma: float | None = None, train_cfg: Any = None) -> Objective:
@@ -277,5 +283,12 @@ def objective_for(bundle: Any, min_snr_gamma: float | None = None, train_cfg: An
     if spec.kind == "flow":
         return FlowObjective(spec, device, loss=loss)
     timesteps = (getattr(train_cfg, "min_timestep", 0), getattr(train_cfg, "max_timestep", None))
+    v_like = (bool(getattr(train_cfg, "scale_v_pred_loss_like_noise_pred", False)),
+              float(getattr(train_cfg, "v_pred_like_loss", 0.0) or 0.0))
+    if v_like[0] and bundle.prediction_type != "v_prediction":
+        from lora_trainer.errors import ConfigError
+
+        raise ConfigError("train.scale_v_pred_loss_like_noise_pred: this model predicts noise (epsilon), not v; "
+                          "turn it off (it is for v-prediction models such as SD2 768-v)")
     return DDPMObjective(bundle.alphas_cumprod, bundle.prediction_type, device, min_snr_gamma, timesteps,
-                         bool(getattr(train_cfg, "debiased_estimation_loss", False)), loss)
+                         bool(getattr(train_cfg, "debiased_estimation_loss", False)), loss, v_like)

@@ -56,6 +56,8 @@ TESTS=(
   tests/test_torch_compat.py tests/test_fsutil.py          # the torch-version shims, file modes
   tests/test_train_loop.py tests/test_train_precision.py   # fp32 CPU runs, checkpointing, SDXL, SD2-v
   tests/test_train_resume.py tests/test_train_data.py      # exact resume, text-encoder training
+  tests/test_train_maths.py tests/test_objectives.py       # noise, losses, weights, optimizers
+  tests/test_data_text.py                                  # the captions a step trains with
   tests/test_a1111_host.py tests/test_a1111_bundle_archs.py tests/test_a1111_script.py
   tests/test_lora_inject.py tests/test_lora_kohya.py tests/test_lora_files.py tests/test_lora_webui_keys.py
   tests/test_lora_variants.py tests/test_lora_inspect.py  # LoCon, DoRA, LoHa, LoKr on peft 0.13.2
