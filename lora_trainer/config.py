@@ -63,6 +63,9 @@ class DataConfig:
     shuffle_captions: bool = _f(False, "Shuffle comma-separated tags each step.")
     keep_tokens: int = _f(0, "Keep the first N tags in place when shuffling (the trigger word counts as one).")
     caption_dropout: float = _f(0.0, "Probability of training a step with an empty caption.")
+    caption_dropout_every_n_epochs: int = _f(0, "Train every caption empty in epochs N, 2N, ... (counted from 1; "
+                                                "kohya's caption_dropout_every_n_epochs): whole epochs of the "
+                                                "unconditional case. 0: off.")
     tag_dropout: float = _f(0.0, "Probability of leaving out each comma-separated tag after the first keep_tokens "
                                  "(kohya's caption_tag_dropout_rate); captions then change every step.")
     caption_prefix: str = _f("", "Text put before every caption, regularization images' too, joined with a space "
@@ -79,6 +82,10 @@ class DataConfig:
     secondary_separator: str = _f("", "kohya's secondary_separator, e.g. ';;;': tags joined with it count as one "
                                       "tag for shuffle, keep_tokens and tag dropout; the text encoder sees ', ' "
                                       "in its place.")
+    enable_wildcard: bool = _f(False, "kohya's enable_wildcard: each time a caption is used, one of its lines (of a "
+                                      "caption file with several) and one option of each '{a|b|c}' in it are drawn, "
+                                      "before the prefix, suffix, trigger word and shuffle see it. Off, lines and "
+                                      "braces are used as written.")
     repeats: int = _f(1, "How many times each image is seen per epoch.")
     flip: bool = _f(False, "Random horizontal flip (do not use for text, logos or asymmetric characters).")
     alpha_mask: bool = _f(False, "Weight the loss by each image's alpha channel (kohya's alpha_mask with masked_loss): "
@@ -208,6 +215,10 @@ class LoopConfig:
                                                  "weighs it (kohya's scale_v_pred_loss_like_noise_pred).")
     v_pred_like_loss: float = _f(0.0, "Add this multiple of a v-prediction-like loss term, the loss x (SNR+1)/SNR "
                                  "(kohya's v_pred_like_loss; 0: off). SD1/SD2/SDXL.")
+    zero_terminal_snr: bool = _f(False, "Rescale the noise schedule so its last timestep is pure noise (kohya's "
+                                 "zero_terminal_snr; Lin et al.): the model learns to start from noise alone, for "
+                                 "very dark or bright images. Meant for v-prediction models; the WebUI then samples "
+                                 "best with 'Noise schedule for sampling: Zero Terminal SNR'. SD1/SD2/SDXL.")
     min_timestep: int = _f(0, "Train only timesteps from this one on (kohya's min_timestep; 0-999). SD1/SD2/SDXL.")
     max_timestep: int | None = _f(None, "Train only timesteps below this one (kohya's max_timestep; 1-1000); empty: "
                                   "all. SD1/SD2/SDXL.")
@@ -317,6 +328,8 @@ ALIASES: dict[str, str] = {
     "keep_tokens_separator": "data.keep_tokens_separator",
     "secondary_separator": "data.secondary_separator",
     "caption_dropout": "data.caption_dropout",
+    "caption_dropout_every_n_epochs": "data.caption_dropout_every_n_epochs",
+    "enable_wildcard": "data.enable_wildcard",
     "repeats": "data.repeats",
     "num_repeats": "data.repeats",
     "flip_aug": "data.flip",
@@ -379,6 +392,7 @@ ALIASES: dict[str, str] = {
     "debiased_estimation_loss": "train.debiased_estimation_loss",
     "scale_v_pred_loss_like_noise_pred": "train.scale_v_pred_loss_like_noise_pred",
     "v_pred_like_loss": "train.v_pred_like_loss",
+    "zero_terminal_snr": "train.zero_terminal_snr",
     "min_timestep": "train.min_timestep",
     "max_timestep": "train.max_timestep",
     "multires_noise_discount": "train.multires_noise_discount",
@@ -447,7 +461,6 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     **dict.fromkeys(("cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk"),
                     (None, "text embeddings are cached in memory wherever that is exact (a frozen text encoder, "
                            "fixed captions); data.cache_text_embeddings: false turns it off")),
-    "caption_dropout_every_n_epochs": (_false, "captions are dropped per image (caption_dropout_rate) only (0 only)"),
     **dict.fromkeys(("log_tracker_name", "log_tracker_config", "wandb_api_key", "wandb_run_name"),
                     (None, "logs go to <output_dir>/logs/<output_name>")),
     **dict.fromkeys(("ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph"),
@@ -462,8 +475,8 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     "fp8_base": (_false, "fp8 base weights are model.weight_dtype: fp8, for Flux.1 and SD3.5 (false only)"),
     **dict.fromkeys(("token_warmup_min", "token_warmup_step"),
                     (lambda v: v in (0, 1, None), "captions are used whole from the first step (1 and 0 only)")),
-    **dict.fromkeys(("zero_terminal_snr", "weighted_captions", "color_aug", "face_crop_aug_range",
-                     "stop_text_encoder_training", "enable_wildcard"),
+    **dict.fromkeys(("weighted_captions", "color_aug", "face_crop_aug_range",
+                     "stop_text_encoder_training"),
                     (_unset, "lora-trainer has no such setting; leave it off")),
     # masked_loss: true is accepted with alpha_mask: true only (_check_masked_loss)
     "masked_loss": (None, "the loss is masked by the images' alpha channel when alpha_mask is on"),
@@ -486,6 +499,7 @@ _ALIAS_VALUE_MAPS: dict[str, Any] = {
     "random_crop": lambda v: "random" if _coerce(v, bool, "random_crop") else "center",
     "resolution": lambda v: _kohya_resolution(v),
     "network_train_unet_only": lambda v: not _coerce(v, bool, "network_train_unet_only"),
+    "caption_dropout_every_n_epochs": lambda v: 0 if v is None else v,  # lora-scripts may leave it empty
     # every schedule here warms up over lr_warmup_steps
     "lr_scheduler": lambda v: "constant" if str(v).lower() == "constant_with_warmup" else v,
 }
@@ -715,11 +729,13 @@ def build_config(values: dict[str, Any], base: TrainConfig | None = None) -> Tra
 
 def parse_set_overrides(items: list[str]) -> dict[str, Any]:
     """``["network.rank=16", "lora_alpha=8"]`` -> {field_path: value} (values parsed as YAML)."""
-    values = SCHEMA.parse_set(items)
+    return SCHEMA.parse_set(items)
+
+
+def _masked_loss_of_set(items: list[str]) -> Any:
+    """The value of the last ``masked_loss=...`` among ``--set`` items (None when absent)."""
     masked = [raw for key, _, raw in (i.partition("=") for i in items) if key.strip() == "masked_loss"]
-    if masked:
-        _check_masked_loss(yaml.safe_load(masked[-1]) if masked[-1].strip() else "", values, "--set")
-    return values
+    return (yaml.safe_load(masked[-1]) if masked[-1].strip() else "") if masked else None
 
 
 def _read_toml(path: Path) -> Any:
@@ -763,13 +779,19 @@ def ignored_note(data: dict[str, Any]) -> str:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Load a YAML config (optional) and apply ``--set`` overrides."""
     values: dict[str, Any] = {}
+    masked_loss, source = None, "--set"
     if path is not None:
         data = read_yaml(path)
-        values.update(flatten_user_dict(data, source=str(path)))
+        values.update(SCHEMA.flatten(data, str(path)))
+        masked_loss, source = SCHEMA.top_level(data).get("masked_loss"), str(path)
         note = ignored_note(data)
         if note:
             log.warning("%s: %s", path, note)
     values.update(parse_set_overrides(overrides or []))
+    set_masked = _masked_loss_of_set(overrides or [])
+    if set_masked is not None:
+        masked_loss, source = set_masked, "--set"
+    _check_masked_loss(masked_loss, values, source)  # against the file and --set together
     return build_config(values)
 
 
@@ -875,6 +897,7 @@ def _check_flow(cfg: TrainConfig) -> None:
                               ("debiased_estimation_loss", "the debiased estimation loss", False),
                               ("scale_v_pred_loss_like_noise_pred", "the v-prediction loss scale", False),
                               ("v_pred_like_loss", "the v-prediction-like loss", 0.0),
+                              ("zero_terminal_snr", "a zero-terminal-SNR schedule", False),
                               ("min_timestep", "a timestep range", 0), ("max_timestep", "a timestep range", None)):
         _need(getattr(t, name) == unset,
               f"train.{name}: {what} is for DDPM models (SD1/SD2/SDXL); leave it at {unset} for {arch}")
@@ -913,6 +936,8 @@ def _check_data(cfg: TrainConfig) -> None:
     need(d.keep_tokens >= 0, f"data.keep_tokens: {d.keep_tokens} must be 0 or more")
     need(0.0 <= d.caption_dropout <= 1.0, f"data.caption_dropout: {d.caption_dropout} must be in [0, 1]")
     need(0.0 <= d.tag_dropout < 1.0, f"data.tag_dropout: {d.tag_dropout} must be in [0, 1)")
+    need(d.caption_dropout_every_n_epochs >= 0,
+         f"data.caption_dropout_every_n_epochs: {d.caption_dropout_every_n_epochs} must be 0 (off) or more")
     for name in ("keep_tokens_separator", "secondary_separator"):
         sep = getattr(d, name)
         need(not sep or (sep.strip() != "" and "," not in sep),

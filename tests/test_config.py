@@ -372,18 +372,55 @@ def test_kohya_switches_left_off_load_and_switched_on_are_named(tmp_path: Path,
     """A kohya config carries switches this trainer has no counterpart for: left off (false, 0,
     empty) they are named in the warning; switched on, the run stops with the key named."""
     f = tmp_path / "kohya.toml"
-    f.write_text('[training_arguments]\nweighted_captions = false\nzero_terminal_snr = false\ncaption_prefix = ""\n'
+    f.write_text('[training_arguments]\nweighted_captions = false\nface_crop_aug_range = ""\ncaption_prefix = ""\n'
                  'stop_text_encoder_training = 0\nfull_fp16 = false\nno_half_vae = true\ncolor_aug = false\n',
                  encoding="utf-8")
     with caplog.at_level("WARNING", logger="lora_trainer.config"):
         load_config(f)
     [warning] = [r.getMessage() for r in caplog.records]
-    for key in ("weighted_captions", "zero_terminal_snr", "stop_text_encoder_training", "no_half_vae"):
+    for key in ("weighted_captions", "face_crop_aug_range", "stop_text_encoder_training", "no_half_vae"):
         assert key in warning, key
-    for bad, said in [("zero_terminal_snr = true", "zero_terminal_snr: True is not supported here; lora-trainer has "
+    for bad, said in [("weighted_captions = true", "weighted_captions: True is not supported here; lora-trainer has "
                                                    "no such setting; leave it off"),
                       ("full_bf16 = true", "full_bf16: True is not supported here")]:
         assert_refused(f, bad, said)
+
+
+
+def test_alpha_mask_and_masked_loss_load_and_masks_of_other_sources_are_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """kohya's alpha_mask (with masked_loss, which it then implies) turns data.alpha_mask on;
+    masked_loss without alpha_mask (masks from a conditioning_data_dir) and a conditioning_data_dir
+    stop the load in one line saying to use alpha_mask, from a file and from --set alike."""
+    from lora_trainer.config import parse_set_overrides
+
+    f = tmp_path / "kohya.toml"
+    f.write_text("[training_arguments]\nalpha_mask = true\nmasked_loss = true\n", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="lora_trainer.config"):
+        assert load_config(f).data.alpha_mask is True
+    assert "masked_loss" in caplog.text
+    for text in ("alpha_mask = true", "[data]\nalpha_mask = true", "alpha_mask = true\nmasked_loss = false"):
+        f.write_text(text + "\n", encoding="utf-8")
+        assert load_config(f).data.alpha_mask is True, text
+    f.write_text("masked_loss = false\n", encoding="utf-8")
+    assert load_config(f).data.alpha_mask is False and build_config({}).data.alpha_mask is False
+    for bad in ("masked_loss = true", "masked_loss = true\nalpha_mask = false"):
+        assert_refused(f, bad, "masked_loss: True needs alpha_mask: true")
+        assert "\n" not in str(pytest.raises(ConfigError, load_config, f).value)
+    assert_refused(f, 'alpha_mask = true\nconditioning_data_dir = "masks"',
+                   "conditioning_data_dir: 'masks' is not supported here; masks from a folder of mask images are "
+                   "not available; use alpha_mask: true")
+    assert parse_set_overrides(["masked_loss=true", "alpha_mask=true"]) == {"data.alpha_mask": True}
+    with pytest.raises(ConfigError, match=r"^--set: masked_loss: True needs alpha_mask: true"):
+        load_config(None, ["masked_loss=true"])
+    assert load_config(None, ["data.alpha_mask=true"]).data.alpha_mask is True
+    # the file and --set are read together: either may hold the other half
+    f.write_text("alpha_mask = true\n", encoding="utf-8")
+    assert load_config(f, ["masked_loss=true"]).data.alpha_mask is True
+    f.write_text("masked_loss = true\n", encoding="utf-8")
+    assert load_config(f, ["alpha_mask=true"]).data.alpha_mask is True
+    with pytest.raises(ConfigError, match=r"^--set: masked_loss: True needs"):
+        load_config(f, ["alpha_mask=true", "alpha_mask=false", "masked_loss=true"])
 
 
 def test_kohya_noise_and_loss_keys_load_into_their_settings(tmp_path: Path) -> None:
@@ -508,3 +545,27 @@ def test_kohya_caption_options_load_into_data_settings(tmp_path: Path, caplog: p
         with pytest.raises(ConfigError) as caught:
             build_config(values)
         assert str(caught.value).startswith(said) and "\n" not in str(caught.value)
+
+
+def test_kohya_wildcard_and_epoch_caption_dropout_load_into_data_settings(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """kohya's enable_wildcard and caption_dropout_every_n_epochs set the data options (no longer
+    named as ignored nor refused when on); off by default, a negative epoch count refused in one
+    line naming the field."""
+    from lora_trainer.config import IGNORED_KEYS
+
+    f = tmp_path / "kohya.toml"
+    f.write_text('[dataset_arguments]\nenable_wildcard = true\ncaption_dropout_every_n_epochs = 3\n',
+                 encoding="utf-8")
+    with caplog.at_level("WARNING", logger="lora_trainer.config"):
+        d = load_config(f).data
+    assert (d.enable_wildcard, d.caption_dropout_every_n_epochs) == (True, 3)
+    assert not any("wildcard" in r.getMessage() or "every_n" in r.getMessage() for r in caplog.records)
+    assert "enable_wildcard" not in IGNORED_KEYS and "caption_dropout_every_n_epochs" not in IGNORED_KEYS
+    for name in ("enable_wildcard", "caption_dropout_every_n_epochs"):
+        assert ALIASES[name] == f"data.{name}"
+    assert (TrainConfig().data.enable_wildcard, TrainConfig().data.caption_dropout_every_n_epochs) == (False, 0)
+    assert build_config({"caption_dropout_every_n_epochs": None}).data == TrainConfig().data
+    with pytest.raises(ConfigError) as caught:
+        build_config({"data.caption_dropout_every_n_epochs": -1})
+    assert str(caught.value) == "data.caption_dropout_every_n_epochs: -1 must be 0 (off) or more"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_trainer.data.images import open_image_rgb, probe_image, to_rgb
+from lora_trainer.data.images import open_image_and_alpha, open_image_rgb, probe_image, to_rgb
 from lora_trainer.errors import DatasetError
 
 
@@ -210,3 +210,24 @@ def test_truncation_found_even_when_the_host_allows_truncated_loads(
     extra = tmp_path / "extra.jpg"
     extra.write_bytes((tmp_path / "plain.jpg").read_bytes() + b"\x00appended" * 50)
     assert probe_image(extra).height == 77
+
+
+def test_alpha_comes_beside_the_image_on_white_and_none_without_transparency(tmp_path: Path) -> None:
+    """alpha_mask's source: the alpha band (also of a palette's transparent colour) at the upright
+    size, with the same RGB image open_image_rgb gives; an opaque file has none."""
+    img = Image.new("RGBA", (4, 2), (0, 0, 0, 0))
+    img.putpixel((1, 0), (255, 0, 0, 255))
+    img.putpixel((2, 1), (0, 0, 255, 100))
+    path = _save(img, tmp_path / "a.png")
+    rgb, alpha = open_image_and_alpha(path)
+    assert np.array_equal(np.asarray(rgb), np.asarray(open_image_rgb(path)))
+    assert alpha is not None and alpha.mode == "L" and alpha.size == (4, 2)
+    assert np.asarray(alpha).tolist() == [[0, 255, 0, 0], [0, 0, 100, 0]]
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([0, 0, 0, 255, 255, 255])
+    pal.putpixel((1, 0), 1)
+    pal.info["transparency"] = 0
+    _, pal_alpha = open_image_and_alpha(_save(pal, tmp_path / "p.png", transparency=0))
+    assert pal_alpha is not None and np.asarray(pal_alpha).tolist() == [[0, 255]]
+    opaque = _save(Image.new("RGB", (3, 3), (9, 9, 9)), tmp_path / "o.png")
+    assert open_image_and_alpha(opaque)[1] is None

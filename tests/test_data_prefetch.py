@@ -104,3 +104,22 @@ def test_a_prefetched_run_trains_on_exactly_the_same_batches(tmp_path: Path, mon
     assert runs[0].keys() == runs[2].keys()
     assert all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
     assert not prefetch_threads()
+
+
+def test_pinning_a_batch_pins_its_alpha_masks_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch.pin_memory (the prefetch thread's step on CUDA) pins every tensor, the loss masks of
+    data.alpha_mask included, so their copy to the card is non-blocking like the latents'."""
+    from lora_trainer.data.dataset import Batch, Entry
+
+    pinned: list[tuple[int, ...]] = []
+
+    def fake_pin(t: torch.Tensor) -> torch.Tensor:
+        pinned.append(tuple(t.shape))
+        return t.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batch = Batch(entries=[Entry(0, (64, 64), False, 1)], captions=["x"], weights=torch.ones(1),
+                  size_info=torch.zeros(1, 6), latents=torch.zeros(1, 4, 8, 8), masks=torch.rand(1, 1, 8, 8))
+    out = batch.pin_memory()
+    assert (1, 1, 8, 8) in pinned and torch.equal(out.masks, batch.masks) and out.masks is not batch.masks
+    assert Batch(entries=[], captions=[], weights=torch.ones(0), size_info=torch.zeros(0, 6)).pin_memory().masks is None

@@ -1,5 +1,5 @@
 """process_caption: trigger word, tag shuffle with keep_tokens, dropout, determinism, and kohya's
-caption_prefix/caption_suffix, keep_tokens_separator and secondary_separator."""
+caption_prefix/caption_suffix, keep_tokens_separator, secondary_separator and wildcards."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import random
 import pytest
 
 from lora_trainer.config import DataConfig
-from lora_trainer.data.text import caption_options, has_trigger, process_caption, split_tags
+from lora_trainer.data.text import (
+    caption_options,
+    expand_wildcards,
+    has_trigger,
+    process_caption,
+    split_tags,
+    wildcard_expansions,
+)
 
 
 @pytest.mark.parametrize("caption,trigger,expected", [
@@ -185,5 +192,79 @@ def test_secondary_separator_makes_one_tag_of_several() -> None:
 def test_caption_options_come_from_the_data_config() -> None:
     cfg = DataConfig(caption_prefix="p", caption_suffix="s", keep_tokens_separator="|||", secondary_separator=";;;")
     assert caption_options(cfg) == {"caption_prefix": "p", "caption_suffix": "s", "keep_tokens_separator": "|||",
-                                    "secondary_separator": ";;;"}
+                                    "secondary_separator": ";;;", "enable_wildcard": False}
     assert process_caption("a ||| b;;;c", rng=random.Random(0), **caption_options(cfg)) == "p a, b, c s"
+    assert caption_options(DataConfig(enable_wildcard=True))["enable_wildcard"] is True
+
+
+# Captions with kohya's wildcard syntax and several lines, with their outputs and the next
+# rng.random() before enable_wildcard existed (seed 42, trigger "sks"): off, they stay literal
+# (a multi-line caption is used whole, its newlines kept) and draw nothing more.
+_WILD_CAPTIONS = ["a {red|blue} car, {x|y|z}", "line one, a\nline two, b\n\nline three", "{a|{b|c}}, d, {e"]
+_WILD_OFF = [
+    ({}, ["sks, a {red|blue} car, {x|y|z}", "sks, line one, a\nline two, b\n\nline three", "sks, {a|{b|c}}, d, {e"],
+     0.6394267984578837),
+    ({"shuffle": True, "keep_tokens": 1}, ["sks, {x|y|z}, a {red|blue} car",
+                                           "sks, b\n\nline three, a\nline two, line one", "sks, d, {e, {a|{b|c}}"],
+     0.1395379285251439),
+    ({"shuffle": True, "tag_dropout": 0.3, "dropout": 0.2}, ["", "sks", "d, {a|{b|c}}, {e"], 0.6981393949882269),
+]
+
+
+@pytest.mark.parametrize("options,expected,next_draw", _WILD_OFF)
+def test_wildcards_off_keep_braces_and_lines_and_the_draws(options: dict, expected: list[str],
+                                                           next_draw: float) -> None:
+    for extra in ({}, {"enable_wildcard": False}, caption_options(DataConfig())):
+        rng = random.Random(42)
+        assert [process_caption(c, "sks", rng=rng, **options, **extra) for c in _WILD_CAPTIONS] == expected
+        assert rng.random() == next_draw
+
+
+def test_wildcards_pick_an_option_of_each_choice_per_seed() -> None:
+    """On, each {a|b|c} becomes one of its options, drawn from the caption's rng: the same for a
+    seed, every option (and every combination) reached over seeds, no braces left."""
+    cap = "a {red|blue|green} car, {day|night}"
+    outs = [process_caption(cap, rng=random.Random(s), enable_wildcard=True) for s in range(200)]
+    assert outs == [process_caption(cap, rng=random.Random(s), enable_wildcard=True) for s in range(200)]
+    assert set(outs) == {f"a {c} car, {t}" for c in ("red", "blue", "green") for t in ("day", "night")}
+    assert wildcard_expansions(cap, 100) == sorted(set(outs))
+    # an empty option makes a tag optional; a caption without choices draws nothing
+    assert {process_caption("a, {b|}", rng=random.Random(s), enable_wildcard=True) for s in range(50)} == {"a, b", "a,"}
+    rng = random.Random(5)
+    assert process_caption("plain, {one}", rng=rng, enable_wildcard=True) == "plain, one"
+    assert rng.random() == random.Random(5).random()
+
+
+def test_wildcards_pick_one_line_of_a_multi_line_caption() -> None:
+    """On, a caption with several lines trains on one non-blank line per draw (each one over
+    seeds); its choices are expanded after the pick, so a choice never spans lines."""
+    cap = "line one, {a|b}\n\n  line two  \nline three"
+    outs = {process_caption(cap, "sks", rng=random.Random(s), enable_wildcard=True) for s in range(100)}
+    assert outs == {"sks, line one, a", "sks, line one, b", "sks, line two", "sks, line three"}
+    assert process_caption("x {a\nb} y", rng=random.Random(0), enable_wildcard=True) in ("x {a", "b} y")
+    assert expand_wildcards(cap) == "line one, a"  # no rng: the first line and options (the UI's preview)
+
+
+@pytest.mark.parametrize("caption,reachable", [
+    ("{a|{b|c}}", {"a", "b", "c"}),  # nested: innermost first
+    ("x {a|b", {"x {a|b"}),  # unbalanced: left as written
+    ("x a|b} y", {"x a|b} y"}),
+    ("{{a|b}", {"{a", "{b"}),  # the pair that closes is the choice; the lone brace stays
+    ("{}, z", {", z"}),
+])
+def test_wildcard_braces_nest_and_unpaired_ones_stay(caption: str, reachable: set[str]) -> None:
+    outs = {expand_wildcards(caption, random.Random(s)) for s in range(100)}
+    assert outs == reachable and set(wildcard_expansions(caption, 100)) == reachable
+
+
+def test_wildcards_come_first_so_everything_else_sees_the_choice() -> None:
+    """Expanded right after dropout: the trigger word check, prefix/suffix, keep_tokens separator
+    and shuffle see the chosen text (an option holding the trigger word keeps it from being
+    added; an option holding a separator splits there)."""
+    opts = {"enable_wildcard": True, "caption_prefix": "art,", "keep_tokens_separator": "|||"}
+    outs = {process_caption("{sks dog|a cat} ||| {b, c|d}", "sks", shuffle=True, rng=random.Random(s), **opts)
+            for s in range(200)}
+    assert outs == {"art, sks dog, b, c", "art, sks dog, c, b", "art, sks dog, d",
+                    "sks, art, a cat, b, c", "sks, art, a cat, c, b", "sks, art, a cat, d"}
+    assert process_caption("{a|b}", dropout=1.0, rng=random.Random(0), enable_wildcard=True) == ""
+    assert wildcard_expansions("{a|b}{c|d}{e|f}", 7) is None  # 8 ways: past the limit

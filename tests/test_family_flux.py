@@ -356,3 +356,22 @@ def test_the_test_section_renders_a_lora_at_dev_guidance(tmp_path: Path, tok_dir
     from tests.family_flow_helpers import check_test_render
 
     check_test_render("flux1", "dev", tok_dir, tmp_path, 3.5)
+
+
+def test_alpha_mask_weights_the_flow_loss_too(tmp_path: Path, tok_dir: Path) -> None:
+    """Flux.1's 16-channel latents take the (B, 1, h, w) alpha mask like SD's: a run on
+    transparent PNGs trains, to another LoRA than the same run's without alpha_mask."""
+    from lora_trainer.train.trainer import Trainer
+    from tests.train_helpers import TinyHost, lora_tensors, make_transparent_data, tiny_config
+
+    data = make_transparent_data(tmp_path / "data", n=2)
+    host = TinyHost(bundle=build_bundle("flux1", "dev", tok_dir))
+    loras = []
+    for name, on in (("a", True), ("b", False)):
+        cfg = tiny_config(data, tmp_path / name, **{"train.max_train_steps": 2, "train.batch_size": 2,
+                                                    "output.save_precision": "fp32", "data.alpha_mask": on})
+        result = Trainer(cfg, host=host).run()
+        assert result.steps == 2 and result.final_loss is not None
+        loras.append(lora_tensors(result.lora_path))
+    assert loras[0].keys() == loras[1].keys()
+    assert any(not torch.allclose(loras[0][k], loras[1][k]) for k in loras[0])

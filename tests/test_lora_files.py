@@ -119,9 +119,14 @@ def test_metadata_fields(arch, pred, version, spec):
         "v" if pred == "v_prediction" else "epsilon")
     assert md["modelspec.date"] == "2023-11-14T22:15:00" and md["ss_steps"] == "100" and md["ss_seed"] == "7"
     assert md["ss_training_comment"] == "30 photos" and md["ss_optimizer"] == "adamw(weight_decay=0.1,amsgrad=True)"
-    assert "ss_training_comment" not in build_metadata(
+    plain = build_metadata(
         build_config({}), bundle, num_images=1, tag_frequency=None, dataset_dirs=None, steps=1, epoch=1,
         started_at=None, finished_at=None, rank=4, alpha=1.0, output_name="x")
+    assert "ss_training_comment" not in plain and "ss_caption_dropout_every_n_epochs" not in plain
+    every = build_metadata(
+        build_config({"data.caption_dropout_every_n_epochs": 3}), bundle, num_images=1, tag_frequency=None,
+        dataset_dirs=None, steps=1, epoch=1, started_at=None, finished_at=None, rank=4, alpha=1.0, output_name="x")
+    assert every["ss_caption_dropout_every_n_epochs"] == "3"  # kohya's key, written when set
     for key in ("ss_output_name", "ss_sd_model_name", "ss_resolution", "ss_num_train_images", "ss_dataset_dirs",
                 "ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr", "ss_epoch", "ss_optimizer",
                 "ss_training_started_at", "ss_training_finished_at", "modelspec.sai_model_spec",

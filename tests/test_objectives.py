@@ -127,6 +127,32 @@ def test_kohya_v_prediction_loss_weights() -> None:
         objective_for(bundle, None, cfg)
 
 
+def test_zero_terminal_snr_rescales_the_schedule_the_run_trains_and_samples_with() -> None:
+    """kohya's zero_terminal_snr: sqrt(a_t) shifted and scaled so the first a_t is kept and the
+    last is (almost) 0, SNR-based weights stay finite there; objective_for trains and samples on
+    that schedule when the config asks."""
+    from lora_trainer.train.losses import ZERO_TERMINAL_ALPHA, debiased_weights, zero_terminal_snr
+    from lora_trainer.train.objectives import objective_for
+
+    ac = _schedule()
+    z = zero_terminal_snr(ac)
+    assert z.dtype == ac.dtype and z.shape == ac.shape
+    assert float(z[0]) == pytest.approx(float(ac[0]), rel=1e-6) and float(z[-1]) == pytest.approx(ZERO_TERMINAL_ALPHA, rel=1e-6)
+    assert bool((z[1:] < z[:-1]).all())  # still decreasing
+    root = ac.double().sqrt()
+    expected = ((root - root[-1]) * root[0] / (root[0] - root[-1])) ** 2
+    assert torch.allclose(z[:-1].double(), expected[:-1])
+    last = torch.tensor([999])
+    assert torch.isfinite(min_snr_weights(last, z, 5.0, "epsilon")).all()
+    assert torch.isfinite(debiased_weights(last, z, "v_prediction")).all()
+    bundle = type("B", (), {"objective_spec": get_family("sd2").objective, "device": "cpu",
+                            "alphas_cumprod": ac, "prediction_type": "v_prediction"})()
+    on = objective_for(bundle, None, type("T", (), {"zero_terminal_snr": True})())
+    off = objective_for(bundle, None, type("T", (), {})())
+    assert torch.equal(on.alphas, z) and torch.equal(off.alphas, ac)
+    assert float(on._scheduler(4).alphas_cumprod[-1]) == pytest.approx(ZERO_TERMINAL_ALPHA, rel=1e-4)
+
+
 def test_shifts_match_their_definitions() -> None:
     s = torch.tensor([0.1, 0.5, 0.9])
     assert torch.allclose(time_shift(s, 3.0), 3 * s / (1 + 2 * s))

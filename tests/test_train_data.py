@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,44 @@ def test_fixed_captions_are_the_captions_steps_train_with(data: Path) -> None:
     assert sorted(seen) == ds.fixed_captions()
     assert all(c.startswith("sks, art, ") and c.endswith(", flat") and "|" not in c and ";" not in c for c in seen)
     assert any(c.endswith("background, big, bold, flat") for c in seen)
+
+
+def test_wildcard_captions_are_cached_as_every_expansion_or_not_at_all(data: Path) -> None:
+    """With enable_wildcard, captions change per draw: fixed_captions() lists every expansion
+    (what the batches carry over epochs) while they are few, and is None past the limit (the
+    text is then encoded each step); off, the braces and lines are one literal caption."""
+    cfg = _cfg(data, **{"data.enable_wildcard": True, "data.trigger_word": "sks"})
+    base = scan_dataset(cfg.data).items
+    wild = [dataclasses.replace(it, caption=f"{{red|blue}} {it.caption}\nline two" if i == 0 else it.caption)
+            for i, it in enumerate(base)]
+    ds = BucketDataset(wild, cfg.data, batch_size=2, seed=7)
+    seen = {c for epoch in range(12) for b in ds.plan(epoch) for c in ds.load_batch(b).captions}
+    fixed = ds.fixed_captions()
+    assert fixed is not None and sorted(seen) == fixed and len(fixed) == len(base) + 2
+    assert {f"sks, red {base[0].caption}", f"sks, blue {base[0].caption}", "sks, line two"} <= seen
+    off = BucketDataset(wild, _cfg(data, **{"data.trigger_word": "sks"}).data, batch_size=2, seed=7).fixed_captions()
+    assert off is not None and f"sks, {{red|blue}} {base[0].caption}\nline two" in off and len(off) == len(base)
+    many = [dataclasses.replace(it, caption="{a|b}" * 10) for it in base]  # 1024 ways each
+    assert BucketDataset(many, cfg.data, batch_size=2, seed=7).fixed_captions() is None
+    assert BucketDataset(many, _cfg(data).data, batch_size=2, seed=7).fixed_captions() == ["{a|b}" * 10]
+
+
+def test_caption_dropout_every_n_epochs_empties_whole_epochs(data: Path) -> None:
+    """caption_dropout_every_n_epochs: 2 trains epochs 2 and 4 (kohya counts from 1; plan(1) and
+    plan(3) here) on empty captions and epochs 1 and 3 on their
+    captions; the epoch comes from the plan, and the text cache holds "" as well."""
+    cfg = _cfg(data, **{"data.caption_dropout_every_n_epochs": 2, "data.trigger_word": "sks"})
+    ds = BucketDataset(scan_dataset(cfg.data).items, cfg.data, batch_size=2, seed=7)
+
+    def captions(epoch: int) -> list[str]:
+        return [c for b in ds.plan(epoch) for c in ds.load_batch(b).captions]
+
+    assert all(c == "" for e in (1, 3) for c in captions(e))
+    assert all(c.startswith("sks, ") for e in (0, 2) for c in captions(e))
+    assert ds.fixed_captions()[0] == "" and "" not in BucketDataset(
+        ds.items, _cfg(data).data, batch_size=2, seed=7).fixed_captions()
+    tail = [c for b in EpochView(ds, 3, start=1) for c in b.captions]  # a resume inside a dropped epoch
+    assert tail and all(c == "" for c in tail)
 
 
 def test_epoch_view_resumes_at_a_position(data: Path) -> None:
@@ -182,3 +221,85 @@ def test_worker_processes_load_the_same_batches(data: Path) -> None:
     assert len(here) == len(there) > 0
     for a, b in zip(here, there, strict=True):
         assert a.captions == b.captions and a.entries == b.entries and torch.equal(a.pixels, b.pixels)
+
+
+def _half_transparent(folder: Path, size: tuple[int, int], edge: int) -> Path:
+    """One RGBA image, transparent left of column ``edge`` (white once flattened) and opaque black
+    right of it, with its caption."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    w, h = size
+    rgba = np.zeros((h, w, 4), dtype=np.uint8)
+    rgba[:, edge:, 3] = 255
+    Image.fromarray(rgba, mode="RGBA").save(folder / "a.png")
+    (folder / "a.txt").write_text("logo", encoding="utf-8")
+    return folder
+
+
+def test_alpha_masks_follow_the_flip(tmp_path: Path) -> None:
+    """Transparent left half: the mask's zeros are on the left, and on the right once flipped."""
+    data = _half_transparent(tmp_path / "d", (64, 64), 32)
+    cfg = _cfg(data, **{"data.alpha_mask": True})
+    ds = BucketDataset(scan_dataset(cfg.data).items, cfg.data, 1, 0)
+    plain, _, plain_mask = ds.load_sample(0, (64, 64), False, random.Random(0), mask=True)
+    _, _, flipped = ds.load_sample(0, (64, 64), True, random.Random(0), mask=True)
+    assert plain_mask.shape == flipped.shape == (1, 8, 8)
+    assert torch.equal(plain_mask[0, :, :4], torch.zeros(8, 4)) and torch.equal(plain_mask[0, :, 4:], torch.ones(8, 4))
+    assert torch.equal(flipped, plain_mask.flip(-1))
+    assert (plain[:, :, :32] == 1).all()  # the transparent half is white in the pixels
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_alpha_masks_are_cropped_where_the_pixels_are(tmp_path: Path, flip: bool) -> None:
+    """Random crops of a wide image, flipped or not: every batch's mask is the area average of
+    where its own pixels are opaque (black), at the latents' size, fractions included."""
+    data = _half_transparent(tmp_path / "d", (160, 64), 77)
+    cfg = _cfg(data, **{"data.alpha_mask": True, "data.crop": "random", "data.flip": flip, "data.repeats": 6})
+    ds = BucketDataset(scan_dataset(cfg.data).items, cfg.data, 2, 3)
+    lefts = set()
+    for entries in ds.plan(0):
+        batch = ds.load_batch(entries)
+        assert batch.masks is not None and batch.masks.shape == (len(entries), 1, 8, 8)
+        opaque = (batch.pixels[:, :1] < 0).float()
+        expected = torch.nn.functional.avg_pool2d(opaque, 8)
+        assert torch.allclose(batch.masks, expected, atol=0.02), (entries, batch.masks, expected)
+        lefts |= {int(v) for v in batch.size_info[:, 3]}
+    assert len(lefts) > 2  # the crops really moved
+
+
+def test_alpha_masks_of_opaque_images_are_ones_and_off_by_default(data: Path) -> None:
+    entries = None
+    for on in (True, False):
+        cfg = _cfg(data, **{"data.alpha_mask": on})
+        ds = BucketDataset(scan_dataset(cfg.data).items, cfg.data, 2, 0)
+        entries = entries or ds.plan(0)[0]
+        batch = ds.load_batch(entries)
+        if on:
+            assert torch.equal(batch.masks, torch.ones(len(entries), 1, 8, 8))
+        else:
+            assert batch.masks is None
+
+
+def test_cached_latents_come_with_the_same_masks(tmp_path: Path) -> None:
+    """With latents from the cache (memory or a disk cache written before masks existed) the masks
+    are recomputed from the images: equal to the uncached batches' ones."""
+    from tests.train_helpers import make_transparent_data
+
+    data = make_transparent_data(tmp_path / "data", n=4)
+    bundle = tiny_bundle("sd1")
+    cfg = _cfg(data, **{"data.alpha_mask": True, "data.flip": True})
+    for mode in ("memory", "disk"):
+        ds = BucketDataset(scan_dataset(cfg.data).items, cfg.data, 2, 0)
+        fresh = [ds.load_batch(entries) for entries in ds.plan(0)]
+        cache = LatentCache(mode, module_identity(bundle.vae), "center", tmp_path / "cache")
+        fill_latent_cache(ds, cache, bundle, 1)
+        ds = BucketDataset(scan_dataset(cfg.data).items, cfg.data, 2, 0)
+        ds.latent_cache = LatentCache(mode, module_identity(bundle.vae), "center", tmp_path / "cache") \
+            if mode == "disk" else cache
+        for entries, uncached in zip(ds.plan(0), fresh, strict=True):
+            batch = ds.load_batch(entries)
+            assert batch.latents is not None and batch.pixels is None
+            assert torch.equal(batch.masks, uncached.masks)
+        assert any(float(b.masks.min()) == 0.0 for b in fresh) and any(bool((m == 1).all()) for b in fresh for m in b.masks)

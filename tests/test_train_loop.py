@@ -17,7 +17,7 @@ from lora_trainer.errors import HostError
 from lora_trainer.train.events import TrainEvent
 from lora_trainer.train.trainer import Trainer
 from lora_trainer.ui import handlers
-from tests.train_helpers import TinyHost, lora_tensors, make_data, tiny_config
+from tests.train_helpers import TinyHost, lora_tensors, make_data, make_transparent_data, tiny_config
 
 
 def _state_fingerprint(module: torch.nn.Module) -> dict[str, tuple]:
@@ -480,3 +480,58 @@ def test_a_sample_every_few_minutes_of_training(tmp_path: Path, host: TinyHost,
 
     Trainer(build_config({"sample.every_n_minutes": 0}, base=cfg), host=host, callbacks=[seen.append, a_minute]).run()
     assert [e.step for e in seen if e.kind == "sample"] == [9]  # off: the end's alone
+
+
+def test_a_zero_terminal_snr_run_trains_and_samples_finite_values(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    """kohya's zero_terminal_snr on a v-prediction model with Min-SNR and the debiased loss: the
+    losses and the sample stay finite, the LoRA differs from the same run on the plain schedule,
+    and the file says so (ss_zero_terminal_snr)."""
+    from PIL import Image
+
+    from lora_trainer.lora.files import read_lora_file
+
+    values = {"model.prediction_type": "v_prediction", "train.zero_terminal_snr": True, "train.min_snr_gamma": 5.0,
+              "train.debiased_estimation_loss": True, "train.max_train_steps": 4, "train.max_timestep": 1000,
+              "train.min_timestep": 900, "sample.prompt": "a red circle", "sample.steps": 3}
+    on = Trainer(tiny_config(data, tmp_path / "on", **values), host=host).run()
+    off = Trainer(tiny_config(data, tmp_path / "off", **{**values, "train.zero_terminal_snr": False}), host=host).run()
+    assert on.final_loss is not None and torch.isfinite(torch.tensor(on.final_loss))
+    a, b = lora_tensors(on.lora_path), lora_tensors(off.lora_path)
+    assert all(torch.isfinite(v).all() for v in a.values())
+    assert any(not torch.equal(v, b[k]) for k, v in a.items())
+    sample = next((tmp_path / "on" / "samples" / "tiny").glob("*.png"))
+    pixels = torch.tensor(list(Image.open(sample).convert("L").getdata()), dtype=torch.float32)
+    assert float(pixels.std()) > 0  # an image, not a NaN-black square
+    assert read_lora_file(on.lora_path)[1]["ss_zero_terminal_snr"] == "True"
+
+
+def test_alpha_mask_trains_on_transparent_pngs_and_changes_the_lora(tmp_path: Path, host: TinyHost) -> None:
+    """Transparent PNGs whose transparent region differs wildly between images train with
+    alpha_mask (kohya's masked_loss in the file's metadata), to a LoRA other than the same run's
+    without it; the loss the step sees is masked (every batch carries its masks)."""
+    from lora_trainer.lora.files import read_lora_file
+    from lora_trainer.train import session as session_mod
+
+    data = make_transparent_data(tmp_path / "data", n=4)
+    values = {"train.max_train_steps": 3, "train.batch_size": 2, "output.save_precision": "fp32"}
+    seen: list[tuple[int, ...] | None] = []
+    original = session_mod.RunSession.loss_mask
+
+    def spy(self, batch, latents):
+        mask = original(self, batch, latents)
+        seen.append(None if mask is None else tuple(mask.shape))
+        return mask
+
+    session_mod.RunSession.loss_mask = spy
+    try:
+        masked = Trainer(tiny_config(data, tmp_path / "a", **values, **{"data.alpha_mask": True}), host=host).run()
+        plain = Trainer(tiny_config(data, tmp_path / "b", **values), host=host).run()
+    finally:
+        session_mod.RunSession.loss_mask = original
+    assert masked.steps == plain.steps == 3 and masked.final_loss is not None
+    assert seen[:3] == [(2, 1, 8, 8)] * 3 and seen[3:] == [None] * 3
+    a, b = lora_tensors(masked.lora_path), lora_tensors(plain.lora_path)
+    assert a.keys() == b.keys() and all(torch.isfinite(v).all() for v in a.values())
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+    assert read_lora_file(masked.lora_path)[1]["ss_masked_loss"] == "True"
+    assert read_lora_file(plain.lora_path)[1]["ss_masked_loss"] == "False"

@@ -231,6 +231,32 @@ def test_weighted_mse_uses_per_sample_weights() -> None:
     assert losses.weighted_mse(pred, target, w).item() == pytest.approx((1 + 1) / 2)
 
 
+
+def test_a_mask_weights_the_elementwise_loss_before_the_mean_over_every_element() -> None:
+    """alpha_mask: kohya's masked loss, the elementwise loss times the (B, 1, H, W) mask broadcast
+    over the channels, then the mean over all elements (not over the mask's area), per sample,
+    weighted; every loss type. Without a mask the loss is bit for bit the one computed before."""
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 3, 5, generator=g), torch.randn(2, 4, 3, 5, generator=g)
+    mask = torch.rand(2, 1, 3, 5, generator=g)
+    mask[0, 0, :, :2] = 0.0
+    w, c = torch.tensor([1.0, 0.25]), torch.tensor([0.5, 2.0])
+    diff = pred - target
+    hand = {"l2": diff ** 2, "l1": diff.abs(),
+            "huber": 2 * c.view(-1, 1, 1, 1) * (torch.sqrt(diff ** 2 + c.view(-1, 1, 1, 1) ** 2) - c.view(-1, 1, 1, 1))}
+    for kind, elementwise in hand.items():
+        expected = sum(float(w[b]) * float((elementwise[b] * mask[b]).sum()) / (4 * 3 * 5) for b in range(2)) / 2
+        got = losses.weighted_loss(pred, target, w, kind, c, mask=mask)
+        assert got.item() == pytest.approx(expected, rel=1e-5), kind
+        if kind != "huber":  # l2 and l1 by the very formula they used before masks existed
+            assert torch.equal(losses.weighted_loss(pred, target, w, kind, c),
+                               (elementwise.flatten(1).mean(dim=1) * w).mean())
+        assert torch.allclose(losses.weighted_loss(pred, target, w, kind, c, mask=torch.ones(2, 1, 3, 5)),
+                              losses.weighted_loss(pred, target, w, kind, c))
+    assert torch.equal(losses.weighted_mse(pred, target, w), ((pred - target).pow(2).flatten(1).mean(dim=1) * w).mean())
+    transparent = torch.zeros(2, 1, 3, 5)
+    assert losses.weighted_mse(pred, target, w, transparent).item() == 0.0
+
 def test_optimizer_param_groups_and_missing_packages() -> None:
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     opt = build_optimizer([{"params": [a], "lr": 1e-4}, {"params": [b], "lr": 5e-5}],

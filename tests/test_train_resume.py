@@ -63,6 +63,29 @@ def test_three_plus_three_equals_six(tmp_path: Path, data: Path, host: TinyHost)
     assert any(not torch.equal(v, a_v) for v, a_v in zip(c.values(), a.values(), strict=False))
 
 
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_wildcards_and_epoch_caption_dropout_resume_exactly(tmp_path: Path, host: TinyHost, shuffled: bool) -> None:
+    """Wildcard captions (lines and {a|b} drawn per sample) and caption_dropout_every_n_epochs: 2
+    (2 steps an epoch here, so the stop at step 3 falls inside the dropped epoch 2): stopped and
+    resumed, the run ends where the straight one does, with the text cache holding every
+    expansion and "" (unshuffled) or encoding each step (shuffled)."""
+    from lora_trainer.data.captions import read_captions, write_metadata_csv
+
+    data = make_data(tmp_path / "data", n=5)
+    captions = read_captions(data)
+    write_metadata_csv(data / "metadata.csv", {name: f"{{bold|thin}} {cap}\n{{a|b}} {cap}, {{day|night}}"
+                                               for name, cap in captions.items()}, backup=False)
+    values = {**BUSY, "data.enable_wildcard": True, "data.caption_dropout_every_n_epochs": 2,
+              "data.shuffle_captions": shuffled, "data.tag_dropout": 0.2 if shuffled else 0.0}
+    straight = Trainer(tiny_config(data, tmp_path / "a", **values), host=host).run()
+    second = stopped_and_resumed(data, tmp_path / "b", host, **values)
+    assert straight.steps == second.steps == 6
+    a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    c = lora_tensors(tmp_path / "b" / "checkpoints" / "tiny" / "step-000003" / "lora.safetensors")
+    assert any(not torch.equal(c[k], a[k]) for k in a)
+
+
 def test_save_steps_keep_last_and_resume_from_a_path(tmp_path: Path, data: Path, host: TinyHost) -> None:
     cfg = tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 4, "train.save_steps": 1,
                                                  "output.keep_checkpoints": 2})
@@ -395,3 +418,19 @@ def test_input_perturbation_random_offsets_and_a_huber_loss_resume_exactly(
     assert (meta["ss_ip_noise_gamma"], meta["ss_ip_noise_gamma_random_strength"]) == ("0.1", "True")
     assert (meta["ss_noise_offset_random_strength"], meta["ss_adaptive_noise_scale"]) == ("True", "0.01")
     assert (meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_huber_c"]) == ("huber", "snr", "0.1")
+
+
+def test_an_alpha_mask_run_resumes_exactly(tmp_path: Path, host: TinyHost) -> None:
+    """alpha_mask on transparent PNGs, flipped and with cached latents (masks recomputed from
+    the images): 3 + 3 steps give the 6-step LoRA."""
+    from tests.train_helpers import make_transparent_data
+
+    data = make_transparent_data(tmp_path / "data", n=5)
+    values = {**BUSY, "data.alpha_mask": True}
+    straight = Trainer(tiny_config(data, tmp_path / "a", **values), host=host).run()
+    second = stopped_and_resumed(data, tmp_path / "b", host, **values)
+    assert straight.steps == second.steps == 6
+    a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k

@@ -489,6 +489,21 @@ def test_after_a_restart_the_webuis_page_finds_a_run_in_another_output_folder(tm
     assert page_load_outputs(blocks)[0]["output.output_name"] == "cat"
 
 
+def test_the_sample_prompt_of_a_wildcard_caption_is_its_first_choices() -> None:
+    """With enable_wildcard the prompt filled from the first caption reads as a caption: its
+    first line and the first option of each {a|b} (the same every time); off, it is the caption
+    as written, as training uses it."""
+    from lora_trainer.config import DataConfig
+
+    item = SimpleNamespace(rel="a.png", caption="a {red|blue} car, {day|{dusk|night}}\nanother line")
+
+    def prompt(**values: Any) -> str:
+        return handlers.sample_prompt_of(SimpleNamespace(train_items=[item], config=DataConfig(**values)))[1]
+
+    assert {prompt(enable_wildcard=True, trigger_word="sks") for _ in range(5)} == {"sks, a red car, day"}
+    assert prompt() == item.caption
+
+
 def test_an_empty_sample_prompt_is_filled_from_the_datasets_captions_once(tmp_path: Path):
     """With no sample prompt in the form, loading the dataset, captioning it or saving its
     captions fills the prompt (and an empty Test prompt) with the caption the first image trains

@@ -167,3 +167,29 @@ def watch_placement(card: FakeCard, bundle: ModelBundle) -> dict[str, list[dict[
 
     bundle.encode_images, bundle.predict = encode_images, step
     return seen
+
+
+def make_transparent_data(folder: Path, n: int = 4) -> Path:
+    """:func:`make_data`'s images as RGBA PNGs whose transparent region differs wildly between
+    them (none, the left half, all but a corner, a stripe, ...): for alpha_mask runs."""
+    import numpy as np
+    from PIL import Image
+
+    data = make_data(folder, n=n)
+    for i, path in enumerate(sorted(data.glob("*.png"))):
+        rgb = Image.open(path).convert("RGB")
+        w, h = rgb.size
+        alpha = np.full((h, w), 255, dtype=np.uint8)
+        kind = i % 4
+        if kind == 1:
+            alpha[:, : w // 2] = 0
+        elif kind == 2:
+            alpha[:] = 0
+            alpha[: h // 4, : w // 4] = 255
+        elif kind == 3:
+            alpha[h // 3: 2 * h // 3, :] = 0
+            alpha[:, : w // 5] = 128
+        rgba = rgb.copy()
+        rgba.putalpha(Image.fromarray(alpha, mode="L"))
+        rgba.save(path)
+    return data

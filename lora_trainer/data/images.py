@@ -97,14 +97,19 @@ def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def has_alpha(im: Image.Image) -> bool:
+    """Whether ``im`` carries transparency: an alpha band, or a palette/grey transparent colour."""
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return True
+    return im.mode in ("P", "L", "RGBX") and "transparency" in im.info
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB (transparency on white)."""
     mode = im.mode
     if mode == "RGB":
         return im
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
-        return _alpha_on_white(im)
-    if mode in ("L", "RGBX") and "transparency" in im.info:
+    if has_alpha(im):
         return _alpha_on_white(im)
     if mode == "I" or mode == "F" or mode.startswith("I;16"):
         return _high_bit_depth_to_rgb(im)
@@ -142,6 +147,22 @@ def open_image_rgb(path: str | Path, data: bytes | None = None, *,
             rgb = to_rgb(upright)
             # Detach from the file: the result must outlive the ``with`` block.
             return rgb.copy() if rgb is im else rgb
+    except _READ_ERRORS as e:
+        raise _read_error(path, e) from None
+
+
+def open_image_and_alpha(path: str | Path, data: bytes | None = None) -> tuple[Image.Image, Image.Image | None]:
+    """:func:`open_image_rgb`'s image (transparency on white) and its alpha channel as an 8-bit
+    "L" image of the same upright size, or None when the file has no transparency (alpha_mask
+    masks the loss with it). One decode for both."""
+    path = Path(path)
+    try:
+        with _open_source(path, data) as im:
+            im.load()
+            upright = ImageOps.exif_transpose(im)
+            alpha = upright.convert("RGBA").getchannel("A") if has_alpha(upright) else None
+            rgb = to_rgb(upright)
+            return (rgb.copy() if rgb is im else rgb), alpha
     except _READ_ERRORS as e:
         raise _read_error(path, e) from None
 

@@ -1,5 +1,5 @@
-"""Caption processing applied each time an image is drawn: prefix/suffix, trigger word, tag shuffle
-(kohya's keep_tokens and separators), dropout."""
+"""Caption processing applied each time an image is drawn: kohya's wildcards, prefix/suffix, trigger
+word, tag shuffle (kohya's keep_tokens and separators), dropout."""
 
 from __future__ import annotations
 
@@ -24,13 +24,62 @@ def has_trigger(caption: str, trigger_word: str) -> bool:
 
 
 # DataConfig fields that are keyword arguments of process_caption, under the same names.
-CAPTION_OPTIONS = ("caption_prefix", "caption_suffix", "keep_tokens_separator", "secondary_separator")
+CAPTION_OPTIONS = ("caption_prefix", "caption_suffix", "keep_tokens_separator", "secondary_separator",
+                   "enable_wildcard")
 
 
-def caption_options(data_cfg: Any) -> dict[str, str]:
+def caption_options(data_cfg: Any) -> dict[str, Any]:
     """The :data:`CAPTION_OPTIONS` of a DataConfig, as keyword arguments of :func:`process_caption`
     (every caller that shows or trains a caption passes the same ones)."""
-    return {name: getattr(data_cfg, name, "") or "" for name in CAPTION_OPTIONS}
+    out: dict[str, Any] = {name: getattr(data_cfg, name, "") or "" for name in CAPTION_OPTIONS}
+    out["enable_wildcard"] = bool(getattr(data_cfg, "enable_wildcard", False))
+    return out
+
+
+# A wildcard choice: braces holding no other braces; its options are split at '|'.
+_CHOICE = re.compile(r"\{([^{}]*)\}")
+
+
+def _lines(caption: str) -> list[str]:
+    """The non-blank lines of a caption, stripped (a blank one is never a caption to draw)."""
+    return [line.strip() for line in caption.split("\n") if line.strip()]
+
+
+def expand_wildcards(caption: str, rng: random.Random | None = None) -> str:
+    """kohya's enable_wildcard: one line of a multi-line caption, and one option of each
+    ``{a|b|c}``, drawn from ``rng``; without ``rng`` the first line and first options (a
+    readable preview that draws nothing).
+
+    Choices are expanded innermost first, so ``{a|{b|c}}`` nests; braces that do not pair up on
+    one line stay as written, and ``{a}`` (one option) becomes ``a`` as in kohya. Only a real
+    choice (two or more lines or options) draws from ``rng``, so a caption without choices
+    gives the same draws as with the option off.
+    """
+    def pick(options: list[str]) -> str:
+        return options[0] if rng is None or len(options) == 1 else rng.choice(options)
+
+    text = pick(_lines(caption) or [""])
+    count = 1
+    while count:
+        text, count = _CHOICE.subn(lambda m: pick(m.group(1).split("|")), text)
+    return text
+
+
+def wildcard_expansions(caption: str, limit: int) -> list[str] | None:
+    """Every text :func:`expand_wildcards` can make of ``caption`` (sorted, distinct), or None
+    when there are more than ``limit`` ways to expand it (the text cache would grow too big)."""
+    todo, found, ways = _lines(caption) or [""], set[str](), 0
+    while todo:
+        text = todo.pop()
+        m = _CHOICE.search(text)
+        if m is None:
+            found.add(text)
+            ways += 1
+            if ways > limit:
+                return None
+            continue
+        todo += [text[:m.start()] + option + text[m.end():] for option in m.group(1).split("|")]
+    return sorted(found)
 
 
 def add_affixes(text: str, prefix: str = "", suffix: str = "") -> str:
@@ -77,10 +126,13 @@ def _expand(tags: list[str], secondary_separator: str) -> list[str]:
 def process_caption(caption: str, trigger_word: str = "", shuffle: bool = False, keep_tokens: int = 0,
                     dropout: float = 0.0, rng: random.Random | None = None, tag_dropout: float = 0.0, *,
                     caption_prefix: str = "", caption_suffix: str = "", keep_tokens_separator: str = "",
-                    secondary_separator: str = "") -> str:
+                    secondary_separator: str = "", enable_wildcard: bool = False) -> str:
     """The caption one training step sees.
 
     - dropout: with probability ``dropout`` the caption is "" (trains the unconditional case).
+    - enable_wildcard: then one line of a multi-line caption and one option of each ``{a|b}``
+      (:func:`expand_wildcards`), first, so everything below sees the chosen text. Off, a
+      caption's lines and braces are kept as written.
     - caption_prefix / caption_suffix: joined to every other caption first (:func:`add_affixes`),
       so the trigger word check, shuffle, keep_tokens and tag dropout see them.
     - trigger_word: put first, as its own tag, unless the caption already contains it.
@@ -100,6 +152,8 @@ def process_caption(caption: str, trigger_word: str = "", shuffle: bool = False,
     rng = rng or random.Random()
     if dropout > 0.0 and rng.random() < dropout:
         return ""
+    if enable_wildcard:
+        caption = expand_wildcards(caption, rng)
     text = add_affixes(caption.strip(), caption_prefix, caption_suffix)
     trigger = trigger_word.strip()
     add_trigger = bool(trigger) and not has_trigger(text, trigger)

@@ -94,23 +94,10 @@ def build_metadata(config: TrainConfig, bundle: ModelBundle, *, num_images: int,
                          else opt.optimizer),
         "ss_lr_scheduler": opt.lr_scheduler,
         "ss_mixed_precision": config.train.mixed_precision,
-        "ss_noise_offset": _num(float(config.train.noise_offset)),
-        "ss_noise_offset_random_strength": str(config.train.noise_offset_random_strength),
-        "ss_adaptive_noise_scale": _num(float(config.train.adaptive_noise_scale) or None),
-        "ss_ip_noise_gamma": _num(float(config.train.ip_noise_gamma) or None),
-        "ss_ip_noise_gamma_random_strength": str(config.train.ip_noise_gamma_random_strength),
-        "ss_loss_type": config.train.loss_type,
-        "ss_huber_schedule": config.train.huber_schedule,
-        "ss_huber_c": _num(float(config.train.huber_c)),
-        "ss_huber_scale": _num(float(config.train.huber_scale)),
-        "ss_multires_noise_iterations": str(config.train.multires_noise_iterations),
-        "ss_multires_noise_discount": _num(float(config.train.multires_noise_discount)),
-        "ss_min_snr_gamma": _num(config.train.min_snr_gamma),
-        "ss_debiased_estimation": str(config.train.debiased_estimation_loss),
-        "ss_min_timestep": str(config.train.min_timestep),
-        "ss_max_timestep": str(config.train.max_timestep if config.train.max_timestep is not None else 1000),
+        **_noise_and_loss(config),
         "ss_enable_bucket": str(data.enable_buckets),
         "ss_flip_aug": str(data.flip),
+        "ss_masked_loss": str(data.alpha_mask),
         "ss_keep_tokens": str(data.keep_tokens),
         "ss_shuffle_caption": str(data.shuffle_captions),
         "ss_caption_dropout_rate": _num(float(data.caption_dropout)),
@@ -132,6 +119,29 @@ def build_metadata(config: TrainConfig, bundle: ModelBundle, *, num_images: int,
     return {**md, **_set_only(config, bundle)}
 
 
+def _noise_and_loss(config: TrainConfig) -> dict[str, str]:
+    """kohya's keys of the noise, timesteps and loss a run trained with."""
+    t = config.train
+    return {
+        "ss_noise_offset": _num(float(t.noise_offset)),
+        "ss_noise_offset_random_strength": str(t.noise_offset_random_strength),
+        "ss_adaptive_noise_scale": _num(float(t.adaptive_noise_scale) or None),
+        "ss_ip_noise_gamma": _num(float(t.ip_noise_gamma) or None),
+        "ss_ip_noise_gamma_random_strength": str(t.ip_noise_gamma_random_strength),
+        "ss_loss_type": t.loss_type,
+        "ss_huber_schedule": t.huber_schedule,
+        "ss_huber_c": _num(float(t.huber_c)),
+        "ss_huber_scale": _num(float(t.huber_scale)),
+        "ss_multires_noise_iterations": str(t.multires_noise_iterations),
+        "ss_multires_noise_discount": _num(float(t.multires_noise_discount)),
+        "ss_min_snr_gamma": _num(t.min_snr_gamma),
+        "ss_debiased_estimation": str(t.debiased_estimation_loss),
+        "ss_zero_terminal_snr": str(t.zero_terminal_snr),
+        "ss_min_timestep": str(t.min_timestep),
+        "ss_max_timestep": str(t.max_timestep if t.max_timestep is not None else 1000),
+    }
+
+
 def _set_only(config: TrainConfig, bundle: ModelBundle) -> dict[str, str]:
     """The metadata written only when its setting is set (kohya's keys where kohya has them)."""
     net, opt = config.network, config.optim
@@ -139,5 +149,6 @@ def _set_only(config: TrainConfig, bundle: ModelBundle) -> dict[str, str]:
               "ss_training_comment": config.output.training_comment,
               "ss_scale_weight_norms": _num(net.scale_weight_norms),
               "ss_loraplus_lr_ratio": _num(opt.loraplus_lr_ratio),
+              "ss_caption_dropout_every_n_epochs": _num(config.data.caption_dropout_every_n_epochs or None),
               "ss_sd_model_hash": bundle.legacy_hash, "ss_new_sd_model_hash": bundle.model_hash}
     return {k: v for k, v in values.items() if v}

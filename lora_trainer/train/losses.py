@@ -35,6 +35,23 @@ def target_for(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, t: t
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
+# The last a_t a zero-terminal-SNR schedule keeps: not 0, so SNR-based weights stay finite.
+ZERO_TERMINAL_ALPHA = 4.8973451890853435e-08
+
+
+def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The schedule rescaled to a signal-to-noise ratio of (almost) zero at its last timestep
+    (Lin et al. 2023, kohya's zero_terminal_snr): sqrt(a_t) shifted so its last value is 0 and
+    scaled so its first is unchanged; the last a_t is then set to :data:`ZERO_TERMINAL_ALPHA`.
+    Computed in fp64, returned in the input's dtype."""
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    out = root ** 2
+    out[-1] = ZERO_TERMINAL_ALPHA
+    return out.to(alphas_cumprod.dtype)
+
+
 def snr(t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio a_t / (1 - a_t) per sample, fp32."""
     a = alphas_cumprod.float()[t.to(alphas_cumprod.device)]
@@ -146,12 +163,22 @@ def v_like_weights(t: torch.Tensor, alphas_cumprod: torch.Tensor, scale_like_noi
     return weights * (1 + v_pred_like / s) if v_pred_like else weights
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def _masked(elementwise: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``elementwise`` times ``mask`` (B, 1, H, W), broadcast over channels; as is without one."""
+    return elementwise if mask is None else elementwise * mask.to(elementwise.device, torch.float32)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error per sample, times per-sample ``weights`` (min-SNR, prior loss), averaged.
 
     Computed in fp32 whatever the autocast dtype, so fp16 runs do not lose the small losses.
+    ``mask`` (B, 1, H, W) in [0, 1] (data.alpha_mask) multiplies the squared error before the
+    per-sample mean, which stays over every element as kohya's masked_loss takes it (a mostly
+    transparent image contributes less, rather than its few visible pixels more); without it
+    the result is bit for bit the unmasked one.
     """
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    per_sample = _masked((pred.float() - target.float()).pow(2), mask).flatten(1).mean(dim=1)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device, torch.float32)
     return per_sample.mean()
@@ -185,8 +212,10 @@ def huber_threshold(schedule: str, c: float, scale: float, t: torch.Tensor,
 
 
 def weighted_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
-                  kind: str = "l2", threshold: torch.Tensor | None = None) -> torch.Tensor:
-    """The loss of one step per sample, times per-sample ``weights``, averaged; in fp32.
+                  kind: str = "l2", threshold: torch.Tensor | None = None,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of one step per sample, times per-sample ``weights``, averaged; in fp32. ``mask``
+    (B, 1, H, W) multiplies the elementwise loss before the per-sample mean (see :func:`weighted_mse`).
 
     - l2: :func:`weighted_mse`, bit for bit;
     - l1: mean absolute error;
@@ -195,7 +224,7 @@ def weighted_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tenso
     - smooth_l1: the same divided by c, ``2 (sqrt(d^2 + c^2) - c)``: |d|-like above c.
     """
     if kind == "l2":
-        return weighted_mse(pred, target, weights)
+        return weighted_mse(pred, target, weights, mask)
     diff = pred.float() - target.float()
     if kind == "l1":
         elementwise = diff.abs()
@@ -207,7 +236,7 @@ def weighted_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tenso
         elementwise = 2 * c * elementwise if kind == "huber" else 2 * elementwise
     else:
         raise ValueError(f"unknown loss type {kind!r}")
-    per_sample = elementwise.flatten(1).mean(dim=1)
+    per_sample = _masked(elementwise, mask).flatten(1).mean(dim=1)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device, torch.float32)
     return per_sample.mean()

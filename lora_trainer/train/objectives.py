@@ -27,6 +27,7 @@ from lora_trainer.train.losses import (
     sample_timesteps,
     target_for,
     v_like_weights,
+    zero_terminal_snr,
 )
 
 if TYPE_CHECKING:
@@ -270,7 +271,8 @@ def configured_spec(spec: ObjectiveSpec, train_cfg: Any = None) -> ObjectiveSpec
 # LoopConfig fields that shape DDPM training only -> what they are, for the error on a flow model.
 _DDPM_ONLY = {"min_snr_gamma": "Min-SNR weighting", "debiased_estimation_loss": "the debiased estimation loss",
               "min_timestep": "a timestep range", "max_timestep": "a timestep range",
-              "scale_v_pred_loss_like_noise_pred": "the v-prediction loss scale", "v_pred_like_loss": "the v-prediction-like loss"}
+              "scale_v_pred_loss_like_noise_pred": "the v-prediction loss scale", "v_pred_like_loss": "the v-prediction-like loss",
+              "zero_terminal_snr": "a zero-terminal-SNR schedule"}
 
 
 def objective_for(bundle: Any, min_snr_gamma: float | None = None, train_cfg: Any = None) -> Objective:
@@ -290,5 +292,8 @@ def objective_for(bundle: Any, min_snr_gamma: float | None = None, train_cfg: An
 
         raise ConfigError("train.scale_v_pred_loss_like_noise_pred: this model predicts noise (epsilon), not v; "
                           "turn it off (it is for v-prediction models such as SD2 768-v)")
-    return DDPMObjective(bundle.alphas_cumprod, bundle.prediction_type, device, min_snr_gamma, timesteps,
+    alphas = bundle.alphas_cumprod
+    if getattr(train_cfg, "zero_terminal_snr", False):
+        alphas = zero_terminal_snr(torch.as_tensor(alphas))
+    return DDPMObjective(alphas, bundle.prediction_type, device, min_snr_gamma, timesteps,
                          bool(getattr(train_cfg, "debiased_estimation_loss", False)), loss, v_like)

@@ -400,9 +400,20 @@ class RunSession:
             weights = batch.weights.to(self.device, non_blocking=True)
             if step.weights is not None:
                 weights = weights * step.weights
-            loss = weighted_loss(pred, step.target, weights, t.loss_type, step.threshold) / accum
+            mask = self.loss_mask(batch, latents)
+            loss = weighted_loss(pred, step.target, weights, t.loss_type, step.threshold, mask) / accum
             self.scaler.scale(loss).backward()
         return loss.detach()
+
+    def loss_mask(self, batch: Batch, latents: torch.Tensor) -> torch.Tensor | None:
+        """The batch's alpha masks (data.alpha_mask) on the device at the latents' H x W (area
+        interpolation should the VAE's downscale differ from the dataset's); None without."""
+        if batch.masks is None:
+            return None
+        mask = batch.masks.to(self.device, torch.float32, non_blocking=True)
+        if mask.shape[-2:] != latents.shape[-2:]:
+            mask = torch.nn.functional.interpolate(mask, size=tuple(latents.shape[-2:]), mode="area")
+        return mask
 
     def optimizer_step(self) -> None:
         if self.cfg.optim.max_grad_norm > 0:

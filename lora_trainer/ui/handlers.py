@@ -111,12 +111,15 @@ def sample_gallery(samples: list[tuple[int, Any]]) -> list[tuple[Any, str]]:
 
 def sample_prompt_of(report: Any) -> tuple[str, str] | None:
     """``(image, prompt)``: the caption the dataset's first training image trains with (trigger
-    word, caption prefix/suffix added, separators written out; no shuffle or dropout), as a prompt
-    for samples that show what the LoRA learned; None when no image has a caption yet."""
-    from lora_trainer.data.text import caption_options, process_caption
+    word, caption prefix/suffix added, separators written out; no shuffle or dropout; with
+    wildcards on, its first line and the first option of each ``{a|b}``), as a prompt for samples
+    that show what the LoRA learned; None when no image has a caption yet."""
+    from lora_trainer.data.text import caption_options, expand_wildcards, process_caption
 
+    options = caption_options(report.config)
     for item in report.train_items:
-        prompt = process_caption(item.caption, report.config.trigger_word, **caption_options(report.config))
+        caption = expand_wildcards(item.caption) if options["enable_wildcard"] else item.caption
+        prompt = process_caption(caption, report.config.trigger_word, **options)
         if prompt:
             return item.rel, prompt
     return None

@@ -362,29 +362,33 @@ def kohya_options_and_bf16(url: str, data: Path, tag: str, plain: np.ndarray) ->
     # kohya's training options as a lora-scripts user sets them, on the WebUI's torch: LoRA+,
     # Adafactor with a polynomial schedule, pyramid noise, tag dropout, max norm, debiased loss,
     # input perturbation, a random and adaptive noise offset, a Huber loss, caption prefix and
-    # kohya's keep-tokens separator
+    # kohya's keep-tokens separator, wildcards, v-prediction-like loss weights, a zero-terminal-SNR
+    # schedule, alpha masks (the tryout's images are opaque: masks of ones)
     kohya = {"loraplus_lr_ratio": 16, "optimizer_type": "AdaFactor", "lr_scheduler": "polynomial",
              "lr_scheduler_power": 2, "multires_noise_iterations": 4, "caption_tag_dropout_rate": 0.1,
              "shuffle_caption": True, "scale_weight_norms": 1.0, "debiased_estimation_loss": True,
              "training_comment": "tryout", "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True,
              "noise_offset": 0.05, "noise_offset_random_strength": True, "adaptive_noise_scale": 0.005,
              "loss_type": "huber", "huber_schedule": "snr", "huber_c": 0.1, "caption_prefix": "tryout style,",
-             "keep_tokens_separator": "|||"}
+             "keep_tokens_separator": "|||", "enable_wildcard": True, "v_pred_like_loss": 0.1,
+             "zero_terminal_snr": True, "alpha_mask": True, "masked_loss": True}
     run = train_api(url, data, f"kohya_{tag}", 4, **kohya)
     with safe_open(run["result"]["lora_path"], "pt") as f:
         md = f.metadata()
     shown = {k: md.get(k) for k in ("ss_loraplus_lr_ratio", "ss_optimizer", "ss_lr_scheduler", "ss_scale_weight_norms",
                                     "ss_multires_noise_iterations", "ss_training_comment", "ss_ip_noise_gamma",
-                                    "ss_adaptive_noise_scale", "ss_loss_type", "ss_huber_schedule")}
+                                    "ss_adaptive_noise_scale", "ss_loss_type", "ss_huber_schedule",
+                                    "ss_zero_terminal_snr", "ss_masked_loss")}
     config = json.loads(md.get("lora_trainer_config") or "{}").get("data", {})
     check(run["status"] == "done" and shown == {
         "ss_loraplus_lr_ratio": "16.0", "ss_optimizer": "adafactor", "ss_lr_scheduler": "polynomial",
         "ss_scale_weight_norms": "1.0", "ss_multires_noise_iterations": "4", "ss_training_comment": "tryout",
         "ss_ip_noise_gamma": "0.1", "ss_adaptive_noise_scale": "0.005", "ss_loss_type": "huber",
-        "ss_huber_schedule": "snr"} and (config.get("caption_prefix"), config.get("keep_tokens_separator")) == (
-        "tryout style,", "|||"),
+        "ss_huber_schedule": "snr", "ss_zero_terminal_snr": "True", "ss_masked_loss": "True"} and (
+        config.get("caption_prefix"), config.get("keep_tokens_separator")) == ("tryout style,", "|||"),
           f"api: trained with kohya's LoRA+, Adafactor, polynomial, pyramid noise, tag dropout, max norm, input "
-          f"perturbation, adaptive noise offset, Huber loss, caption prefix and separator ({shown})")
+          f"perturbation, adaptive noise offset, Huber loss, caption prefix and separator, wildcards, "
+          f"v-prediction-like weights, zero terminal SNR, alpha masks ({shown})")
     check(differs(txt2img(url, f"a red circle <lora:kohya_{tag}:1>"), plain) > 0, f"txt2img <lora:kohya_{tag}:1>")
 
     # bf16 autocast over the WebUI's model: its GroupNorm32 / LayerNorm layers get our forward for
@@ -395,6 +399,33 @@ def kohya_options_and_bf16(url: str, data: Path, tag: str, plain: np.ndarray) ->
     check(mixed["status"] == "done", f"api: trained in bf16 mixed precision, every block checkpointed "
                                       f"({mixed['status']})")
     check(differs(txt2img(url, f"a red circle <lora:bf16_{tag}:1>"), plain) > 0, f"txt2img <lora:bf16_{tag}:1>")
+
+
+def transparent_images(url: str, tag: str, plain: np.ndarray) -> None:
+    """Logos on transparent PNGs trained with kohya's alpha_mask: the loss leaves the transparent
+    part out, so the LoRA differs from one of the same images without it, and the file says so."""
+    from PIL import Image, ImageDraw
+    from safetensors.torch import load_file
+
+    data = Path(tempfile.mkdtemp(prefix="lt-tryout-alpha-")) / "logo"
+    data.mkdir()
+    for i in range(4):
+        img = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+        ImageDraw.Draw(img).ellipse((8 + 4 * i, 8, 40 + 4 * i, 56), fill=(200, 30 + 50 * i, 40, 255))
+        img.save(data / f"logo{i}.png")
+        (data / f"logo{i}.txt").write_text("a red logo", encoding="utf-8")
+    masked = train_api(url, data, f"alpha_{tag}", 4, alpha_mask=True, masked_loss=True)
+    whole = train_api(url, data, f"noalpha_{tag}", 4)
+    ok = masked["status"] == whole["status"] == "done"
+    a, b = (load_file(r["result"]["lora_path"]) for r in (masked, whole)) if ok else ({}, {})
+    from safetensors import safe_open
+
+    with safe_open(masked["result"]["lora_path"], "pt") as f:
+        said = f.metadata().get("ss_masked_loss")
+    check(ok and said == "True" and any(not np.array_equal(v.numpy(), b[k].numpy()) for k, v in a.items()),
+          f"api: transparent PNGs trained with alpha_mask (ss_masked_loss {said}); the LoRA differs from the "
+          f"same images trained whole")
+    check(differs(txt2img(url, f"a red circle <lora:alpha_{tag}:1>"), plain) > 0, f"txt2img <lora:alpha_{tag}:1>")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -459,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpointed_locon(args.url, data, ckpt, plain)
 
     kohya_options_and_bf16(args.url, data, tag, plain)
+    transparent_images(args.url, tag, plain)
 
     busy_queue(args.url, data, f"behind_{tag}")
 
