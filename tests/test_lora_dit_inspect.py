@@ -26,10 +26,13 @@ def _flux_file(extra: dict[str, torch.Tensor] | None = None) -> dict[str, torch.
 
 
 def test_flux_file_is_named_counted_and_ok_for_its_loaders(tmp_path, capsys):
-    path = save_lora_file(tmp_path / "f.safetensors", _flux_file(), dict(dit_keys.DIT_METADATA["flux1-dev"]))
+    md = {**dit_keys.DIT_METADATA["flux1-dev"], "ss_loss_type": "huber", "ss_huber_schedule": "exponential",
+          "ss_huber_c": "0.1", "ss_masked_loss": "True"}
+    path = save_lora_file(tmp_path / "f.safetensors", _flux_file(), md)
     assert inspect_main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "architecture: flux1-dev" in out
+    assert "  trained with: loss_type huber, huber_schedule exponential, huber_c 0.1, masked_loss" in out.splitlines()
     assert "unet double blocks    4 modules" in out and "unet single blocks    1 modules" in out
     assert "img_attn_qkv×2" in out and "linear1×1" in out
     for loader in ("ComfyUI", "Forge Neo", "diffusers", "kohya sd-scripts"):

@@ -120,3 +120,33 @@ def test_oft_loads_in_a1111_and_comfyui_but_forge_drops_it():
     assert r["verdicts"]["A1111 built-in Lora"]["ok"] and r["verdicts"]["ComfyUI"]["ok"]
     assert "loads NOTHING of this file: 13 keys" in r["verdicts"]["Forge"]["issues"][0]
     assert r["kinds"] == {"oft": 13} and not r["verdicts"]["diffusers"]["ok"]
+
+
+def test_a_lora_of_the_demo_model_fits_its_layout_and_is_ok_everywhere(tmp_path):
+    """The demo's own LoRA (what a newcomer inspects first): its shapes are the demo model's, not
+    the tiny test model's, so every loader is OK and the report says which layout it fits."""
+    from lora_trainer.hosts.standalone import StandaloneHost
+    from lora_trainer.lora.files import read_lora_file
+    from lora_trainer.train.trainer import Trainer
+    from tests.train_helpers import make_data, tiny_config
+
+    data = make_data(tmp_path / "data", n=2)
+    result = Trainer(tiny_config(data, tmp_path / "out", **{"train.max_train_steps": 1}), StandaloneHost()).run()
+    tensors, md = read_lora_file(result.lora_path)
+    r = analyse(tensors, md)
+    assert r["layout"] == "demo" and not r["problems"], r["problems"]
+    assert all(v["ok"] for v in r["verdicts"].values()), r["verdicts"]
+    assert "shapes fit the demo model's sd1 layout" in format_report("demo.safetensors", r)
+
+
+def test_the_report_says_which_training_options_were_on():
+    md = {**SD1, "ss_noise_offset": "0.05", "ss_ip_noise_gamma": "0.1", "ss_loss_type": "huber",
+          "ss_huber_schedule": "snr", "ss_huber_c": "0.1", "ss_masked_loss": "True", "ss_min_snr_gamma": "",
+          "ss_zero_terminal_snr": "False", "ss_max_timestep": "1000", "ss_mixed_precision": "bf16"}
+    r = analyse(_file(), md)
+    assert r["recipe"] == {"mixed_precision": "bf16", "noise_offset": "0.05", "ip_noise_gamma": "0.1",
+                           "loss_type": "huber", "huber_schedule": "snr", "huber_c": "0.1", "masked_loss": "True"}
+    assert ("  trained with: mixed_precision bf16, noise_offset 0.05, ip_noise_gamma 0.1, loss_type huber, "
+            "huber_schedule snr, huber_c 0.1, masked_loss") in format_report("x.safetensors", r).splitlines()
+    plain = analyse(_file(), {**SD1, "ss_loss_type": "l2", "ss_huber_schedule": "snr", "ss_huber_c": "0.1"})
+    assert plain["recipe"] == {} and "trained with" not in format_report("x.safetensors", plain)

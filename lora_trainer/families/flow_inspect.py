@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from lora_trainer.families import flow_lora
-from lora_trainer.lora.tensor_groups import SUMMARY_KEYS, kind_of, split_tensors
+from lora_trainer.lora.tensor_groups import SUMMARY_KEYS, kind_of, recipe, split_tensors
 
 _LABEL = {"flux1": "Flux.1", "sd3": "SD3.5"}
 
@@ -87,6 +87,6 @@ def analyse_dit(family: str, tensors: dict[str, torch.Tensor], md: dict[str, str
         "kinds": dict(sorted(Counter(kinds.values()).items())), "groups": groups,
         "targets": dict(sorted(Counter(_layer_kind(m) for m in modules).items())),
         "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}),
-        "metadata": {k: md[k] for k in SUMMARY_KEYS if k in md}, "metadata_keys": len(md),
+        "metadata": {k: md[k] for k in SUMMARY_KEYS if k in md}, "recipe": recipe(md), "metadata_keys": len(md),
         "problems": problems, "verdicts": _verdicts(family, set(kinds.values()), unknown, problems),
     }

@@ -1,7 +1,7 @@
 """The layer shapes of a model family, by kohya key: what a LoRA file's tensors must fit.
 
-Built from the config folders shipped in the package (full size) or the tiny demo model's
-configs, on PyTorch's ``meta`` device: no weights, no memory. ``inspect`` compares each module's
+Built from the config folders shipped in the package (full size), the tiny test model's or the
+embedded demo model's configs, on PyTorch's ``meta`` device: no weights, no memory. ``inspect`` compares each module's
 tensors with the layer of that name, which catches files whose names are right but whose
 tensors belong elsewhere (q and k swapped in layers of different widths, conv1 and conv2
 swapped in a ResNet block that changes the channel count).
@@ -30,7 +30,10 @@ def _roots(family: Family, size: str) -> dict[str, tuple[nn.Module, str]]:
 
     folder = Path(lora_trainer.models.__file__).parent / "configs" / family.config_folder_name("epsilon")
     with torch.device("meta"):
-        if size == "tiny":
+        if size == "demo":  # the embedded demo model (SD1's topology): its configs are in its file
+            unet, te = _demo_roots()
+            tes = [te]
+        elif size == "tiny":
             unet = UNet2DConditionModel.from_config(family.tiny_unet_config())
             tes = [CLIPTextModel(CLIPTextConfig(**tiny.text_config()))] * len(family.text_encoder_folders)
         else:
@@ -41,10 +44,36 @@ def _roots(family: Family, size: str) -> dict[str, tuple[nn.Module, str]]:
     return {"unet": (unet, "diffusers"), **{k: (te, "hf_clip") for k, te in zip(keys, tes, strict=True)}}
 
 
+def _demo_roots() -> tuple[nn.Module, nn.Module]:
+    """The demo model's UNet and text encoder from the configs in its file's header (call on the
+    meta device: no weights are read)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lora_trainer.models import demo_base
+
+    with safe_open(str(demo_base.WEIGHTS_PATH), "pt") as f:
+        meta = f.metadata() or {}
+    unet = UNet2DConditionModel.from_config(json.loads(meta["unet_config"]))
+    return unet, CLIPTextModel(CLIPTextConfig(**json.loads(meta["text_config"])))
+
+
+def sizes_of(arch: str) -> tuple[str, ...]:
+    """The layouts a file of ``arch`` may fit: the full-size model, the tiny test model, and for
+    SD1 the embedded demo model."""
+    from lora_trainer.models import demo_base
+
+    return ("full", "tiny", "demo") if arch == demo_base.FAMILY else ("full", "tiny")
+
+
 @functools.cache
 def family_shapes(arch: str, size: str = "full") -> dict[str, tuple[int, ...]]:
     """{kohya module key: weight shape} of every Linear/Conv2d with a kohya name in ``arch``'s
-    UNet and text encoder(s); ``size`` "full" (the real models) or "tiny" (the demo model).
+    UNet and text encoder(s); ``size`` "full" (the real models), "tiny" (the tiny test model) or
+    "demo" (the embedded demo model, SD1).
     A family that names its keys itself gives its own (:meth:`Family.lora_shapes`). A family with
     one text encoder also answers to the other prefixes the loaders read for it (SD1: ``lora_te1_``)."""
     from lora_trainer.lora.inject import _candidate_layout

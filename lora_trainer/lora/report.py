@@ -18,7 +18,7 @@ import torch
 from lora_trainer.errors import LoraFormatError
 from lora_trainer.families import Family, all_families, detect_lora, detect_lora_keys, detect_lora_metadata
 from lora_trainer.lora import kohya, kohya_tensors, layout
-from lora_trainer.lora.tensor_groups import SUMMARY_KEYS, kind_of, split_tensors
+from lora_trainer.lora.tensor_groups import SUMMARY_KEYS, kind_of, recipe, split_tensors
 from lora_trainer.lora.verdicts import Facts as _Facts
 from lora_trainer.lora.verdicts import verdicts as _verdicts
 
@@ -80,11 +80,12 @@ def _keys_label(family: Family | None) -> str | None:
 
 def _shapes(arch: str | None, modules: dict[str, dict[str, torch.Tensor]],
             kinds: dict[str, str]) -> tuple[str | None, dict[str, str]]:
-    """Which layout the file fits (full-size or tiny demo model) and the modules that do not fit."""
+    """Which layout the file fits (the full-size, tiny test or demo model) and the modules that do
+    not fit it."""
     if arch is None:
         return None, {}
     best: tuple[str | None, dict[str, str]] = (None, {})
-    for size in ("full", "tiny"):
+    for size in layout.sizes_of(arch):
         try:
             shapes = layout.family_shapes(arch, size)
         except Exception:  # noqa: BLE001 - no diffusers/transformers: names only
@@ -178,9 +179,12 @@ def analyse(tensors: dict[str, torch.Tensor], md: dict[str, str]) -> dict[str, A
         "kinds": dict(sorted(Counter(("dora+" if m in dora else "") + k for m, k in kinds.items()).items())),
         "groups": groups, "targets": dict(sorted(Counter(_target_kind(m) for m in modules).items())),
         "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}),
-        "metadata": {k: md[k] for k in SUMMARY_KEYS if k in md},
+        "metadata": {k: md[k] for k in SUMMARY_KEYS if k in md}, "recipe": recipe(md),
         "metadata_keys": len(md), "problems": problems, "verdicts": _verdicts(facts),
     }
+
+
+_LAYOUTS = {"full": "full-size", "tiny": "tiny test model's", "demo": "demo model's"}
 
 
 def format_report(path: str, r: dict[str, Any]) -> str:
@@ -190,7 +194,7 @@ def format_report(path: str, r: dict[str, Any]) -> str:
              f"  keys: {r['key_count']} tensors, {r['module_count']} modules, prefixes: {', '.join(r['prefixes'])}, "
              f"dtypes: {', '.join(r['dtypes'])}",
              "  kinds: " + ", ".join(f"{k}×{v}" for k, v in r["kinds"].items())
-             + (f"; shapes fit the {r['layout']}-size {r['architecture']} layout" if r["layout"] else "")]
+             + (f"; shapes fit the {_LAYOUTS[r['layout']]} {r['architecture']} layout" if r["layout"] else "")]
     for name, g in r["groups"].items():
         lines.append(f"  {name:<11} {g['modules']:4d} modules  rank {_join(g['ranks'])}  alpha {_join(g['alphas'])}")
     lines.append("  targets: " + ", ".join(f"{k}×{v}" for k, v in r["targets"].items()))
@@ -199,6 +203,8 @@ def format_report(path: str, r: dict[str, Any]) -> str:
         lines += [f"    {k}: {_short(v)}" for k, v in r["metadata"].items()]
     else:
         lines.append("  metadata: none")
+    if r.get("recipe"):
+        lines.append("  trained with: " + ", ".join(k if v == "True" else f"{k} {v}" for k, v in r["recipe"].items()))
     for p in r["problems"]:
         lines.append(f"  problem: {p}")
     lines.append("  loaders:")

@@ -15,6 +15,31 @@ SUMMARY_KEYS = ("ss_output_name", "ss_base_model_version", "ss_v2", "ss_network_
                  "modelspec.architecture", "modelspec.trigger_phrase", "modelspec.date")
 
 
+# The training options a LoRA's metadata records (kohya's keys): the report names those that
+# were on, so an inspected file says how it was trained.
+RECIPE_KEYS = ("ss_mixed_precision", "ss_noise_offset", "ss_noise_offset_random_strength", "ss_adaptive_noise_scale",
+               "ss_multires_noise_iterations", "ss_ip_noise_gamma", "ss_ip_noise_gamma_random_strength",
+               "ss_zero_terminal_snr", "ss_min_snr_gamma", "ss_debiased_estimation", "ss_loss_type",
+               "ss_huber_schedule", "ss_huber_c", "ss_masked_loss", "ss_min_timestep", "ss_max_timestep",
+               "ss_loraplus_lr_ratio", "ss_scale_weight_norms", "ss_flip_aug", "ss_shuffle_caption",
+               "ss_caption_dropout_rate", "ss_caption_tag_dropout_rate")
+_OFF = ("", "None", "none", "False", "0", "0.0", "no")
+
+
+def recipe(md: dict[str, str]) -> dict[str, str]:
+    """{option: value} of the training options that were on (a flag as "True"); the loss type
+    when not l2 with its Huber settings, and the timestep range when not all of 0-1000."""
+    huber = md.get("ss_loss_type") in ("huber", "smooth_l1")
+    out = {}
+    for key in RECIPE_KEYS:
+        value = md.get(key, "")
+        if value in _OFF or (key == "ss_loss_type" and value == "l2") or (key == "ss_max_timestep" and value == "1000"):
+            continue
+        if key in ("ss_huber_schedule", "ss_huber_c") and not huber:
+            continue
+        out[key.removeprefix("ss_")] = value
+    return out
+
 # Module kinds by the names of their tensors (LyCORIS' names; kohya's LoRA; A1111's network_*.py).
 KIND_MARKS = {"lora": ("lora_up.weight", "lora_down.weight", "lora_mid.weight"),
               "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
