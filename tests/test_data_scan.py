@@ -288,3 +288,19 @@ def test_custom_caption_extension(tmp_path: Path) -> None:
     r = build_report(_cfg(tmp_path, caption_extension=".caption"))
     assert [i.caption for i in r.items] == ["from .caption"]
     assert _kinds(r) == {"orphan_caption": ["lost.caption"]}  # other extensions are not captions here
+
+
+def test_the_summary_names_images_enlarged_to_fill_their_bucket(tmp_path: Path) -> None:
+    """Images well below their bucket train on blurred detail: the summary (prepare, and the
+    run's log) counts them with the largest factor and says what to do; not when images are
+    large enough, nor with bucket_no_upscale."""
+    for i in range(3):
+        _caption(_img(tmp_path / f"small{i}.png", (200, 300), colour=(10, 20 + 40 * i, 30)), "a thing")
+    _caption(_img(tmp_path / "big.png", (1200, 800)), "a thing")
+    summary = scan_dataset(DataConfig(train_data_dir=str(tmp_path), resolution=512)).summary()
+    assert ("  note: 3 image(s) are smaller than their bucket and are enlarged (up to 2.1x), which trains on "
+            "blurred detail; use larger images, a lower data.resolution, or data.bucket_no_upscale: true"
+            ) in summary.splitlines()
+    kept = scan_dataset(DataConfig(train_data_dir=str(tmp_path), resolution=512, bucket_no_upscale=True)).summary()
+    small = scan_dataset(DataConfig(train_data_dir=str(tmp_path), resolution=256, min_bucket_reso=128)).summary()
+    assert "enlarged" not in kept and "enlarged" not in small

@@ -436,6 +436,11 @@ def test_dataset_summary_says_what_to_do(tmp_path: Path):
     cfg = build_config({"data.trigger_word": "sks"}, base=cfg)
     summary = handlers.scan(str(folder), cfg)["summary"]
     assert summary.startswith("**3 images** ready") and "without a caption" not in summary
+    assert "enlarged" not in summary  # 64 px images at the demo's 64 px
+    summary = handlers.scan(str(folder), build_config({"data.resolution": 128}, base=cfg))["summary"]
+    assert summary.endswith("\n\n3 image(s) are smaller than their bucket and are enlarged (up to 2.0x), which "
+                            "trains on blurred detail; use larger images, a lower data.resolution, or "
+                            "data.bucket_no_upscale: true.")
 
 
 def test_import_uploads_never_overwrites(tmp_path: Path):

@@ -91,6 +91,13 @@ class DatasetReport:
     def bucket_of(self, item: ImageItem) -> tuple[int, int]:
         return assign_bucket(item.width, item.height, self.config)
 
+    def enlarged(self) -> tuple[int, float]:
+        """(training images enlarged by more than :data:`ENLARGE_NOTE` to cover their bucket, the
+        largest factor): they train on blurred detail."""
+        factors = [max(w / i.width, h / i.height) for i in self.train_items for w, h in [self.bucket_of(i)]]
+        big = [f for f in factors if f > ENLARGE_NOTE]
+        return len(big), max(big, default=1.0)
+
     def bucket_counts(self, is_reg: bool = False) -> dict[tuple[int, int], int]:
         """{(width, height): number of images} for training (or regularization) images."""
         counts = Counter(self.bucket_of(i) for i in self.items if i.is_reg == is_reg)
@@ -314,6 +321,10 @@ def check_report(report: DatasetReport) -> None:
                            "add class images or clear data.reg_data_dir")
 
 
+# An image enlarged by more than this to cover its bucket is named in the summary.
+ENLARGE_NOTE = 1.1
+
+
 def scan_dataset(data_cfg: DataConfig) -> DatasetReport:
     """Scan, validate and decide: the report of a dataset that can train, or DatasetError."""
     report = build_report(data_cfg)
@@ -356,4 +367,16 @@ def format_summary(report: DatasetReport) -> str:
     for is_reg in (False, True):
         for (w, h), n in report.bucket_counts(is_reg).items():
             lines.append(f"    {'reg ' if is_reg else ''}{w}x{h}: {n}")
+    note = enlarged_note(report)
+    if note:
+        lines.append(f"  note: {note}")
     return "\n".join(lines)
+
+
+def enlarged_note(report: DatasetReport) -> str:
+    """What to say of the training images enlarged to cover their bucket ("" for none)."""
+    enlarged, factor = report.enlarged()
+    if not enlarged:
+        return ""
+    return (f"{enlarged} image(s) are smaller than their bucket and are enlarged (up to {factor:.1f}x), which "
+            "trains on blurred detail; use larger images, a lower data.resolution, or data.bucket_no_upscale: true")

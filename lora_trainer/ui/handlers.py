@@ -61,7 +61,7 @@ def scan(folder: str, cfg: TrainConfig) -> dict[str, Any]:
     ``[bucket, images]`` and a one-paragraph summary.
     """
     from lora_trainer.data.captions import IMAGE_EXTENSIONS
-    from lora_trainer.data.scan import build_report
+    from lora_trainer.data.scan import build_report, enlarged_note
 
     if not folder or not Path(folder).is_dir():
         raise DatasetError(f"{folder or '(empty)'}: not a folder; enter the folder of your training images")
@@ -92,6 +92,9 @@ def scan(folder: str, cfg: TrainConfig) -> dict[str, Any]:
     elif counts["no_caption"]:
         summary += (f"\n\n{counts['no_caption']} without a caption: caption them in the Captions section, or "
                     "enter a trigger word there to use it as their caption.")
+    note = enlarged_note(report)
+    if note:
+        summary += f"\n\n{note}."
     buckets = [[f"{w}x{h}", str(n)] for (w, h), n in report.bucket_counts().items()]
     return {"gallery": gallery, "problems": rows, "buckets": buckets, "summary": summary,
             "sample_prompt": sample_prompt_of(report)}
