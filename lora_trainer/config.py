@@ -138,6 +138,12 @@ class NetworkConfig:
     scale_weight_norms: float | None = _f(None, "Max-norm regularization (kohya's scale_weight_norms; 1 is typical): "
                                           "after each step, a module whose update (up x down x alpha/rank) has a "
                                           "larger norm is scaled back to it. lora and locon only; empty: off.")
+    lokr_factor: int = _f(-1, "LoKr: the size of the small Kronecker factor (LyCORIS' factor; lokr_w1 gets this many "
+                          "rows and columns where it divides the layer's sizes). -1: as square as possible. A smaller "
+                          "factor gives more parameters, closer to full fine-tuning. Other types ignore it, as LyCORIS "
+                          "does.")
+    lokr_decompose_both: bool = _f(False, "LoKr: make the small factor (lokr_w1) a low-rank pair too, as the large "
+                                   "one is (LyCORIS' decompose_both). Other types ignore it.")
 
 
 @dataclass
@@ -410,6 +416,7 @@ ALIASES: dict[str, str] = {
     "training_comment": "output.training_comment",
     "loraplus_lr_ratio": "optim.loraplus_lr_ratio",
     "scale_weight_norms": "network.scale_weight_norms",
+    "lokr_factor": "network.lokr_factor",
     "sample_prompt": "sample.prompt",
     "sample_every_n_steps": "sample.every_n_steps",
     "sample_every_n_epochs": "sample.every_n_epochs",
@@ -437,6 +444,7 @@ def _unset(value: Any) -> bool:
 
 
 # Keys of kohya's / lora-scripts' files that change nothing here: accepted, named in one warning.
+_NO_NORM_TRAINING = "LyCORIS' training of the norm layers is not available (false only)"
 IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     **dict.fromkeys(("xformers", "sdpa", "mem_eff_attn"), (None, "attention runs PyTorch's fused kernels")),
     **dict.fromkeys(("lowram", "highvram", "persistent_data_loader_workers"), (None, "set by the trainer itself")),
@@ -482,6 +490,7 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     "masked_loss": (None, "the loss is masked by the images' alpha channel when alpha_mask is on"),
     "conditioning_data_dir": (_unset, "masks from a folder of mask images are not available; use alpha_mask: true "
                                       "(masks from the images' alpha channel)"),
+    "train_norm": (_false, _NO_NORM_TRAINING),
     "enable_contrastive": (_false, "contrastive training is not available (false only)"),
     **dict.fromkeys(("negative_sampling_method", "noise_strength", "contrastive_weight", "contrastive_warmup_steps"),
                     (None, "used only with enable_contrastive")),
@@ -511,7 +520,8 @@ NETWORK_MODULES = {"networks.lora": "lora", "lycoris.kohya": "locon"}
 # LyCORIS' network_args "algo" values we train -> network.type.
 LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr", "dora": "dora"}
 _NETWORK_ARG_FIELDS = {"conv_dim": "network.conv_rank", "conv_alpha": "network.conv_alpha",
-                       "dropout": "network.dropout", "loraplus_lr_ratio": "optim.loraplus_lr_ratio"}
+                       "dropout": "network.dropout", "loraplus_lr_ratio": "optim.loraplus_lr_ratio",
+                       "factor": "network.lokr_factor", "decompose_both": "network.lokr_decompose_both"}
 
 
 # kohya's per-prompt options in a sample prompts line -> the sample field each sets, and its type.
@@ -650,23 +660,45 @@ def optimizer_kwargs(optim: OptimConfig) -> dict[str, Any]:
     return out
 
 
+def _algo_type(value: Any, where: str) -> str:
+    """network.type of a LyCORIS algo name; ``where`` ("network_args: algo=") names it in the error."""
+    if str(value).strip().lower() not in LYCORIS_ALGOS:
+        raise ConfigError(f"{where}{value} is not supported; use one of {', '.join(LYCORIS_ALGOS)}")
+    return LYCORIS_ALGOS[str(value).strip().lower()]
+
+
+def _lycoris_algo(value: Any) -> dict[str, Any]:
+    """lora-scripts' ``lycoris_algo`` (its form's algo for ``network_module = "lycoris.kohya"``)."""
+    return {} if _unset(value) else {"network.type": _algo_type(value, "lycoris_algo: ")}
+
+
+def _check_lycoris_algo(top: dict[str, Any], source: str) -> None:
+    """``lycoris_algo`` picks LyCORIS' algorithm: with another network_module it would be dropped
+    by lora-scripts and kohya alike, so a file holding both is refused rather than guessed."""
+    algo, module = top.get("lycoris_algo"), top.get("network_module")
+    if not _unset(algo) and module is not None and str(module).strip() != "lycoris.kohya":
+        raise ConfigError(f"{source}: lycoris_algo: {algo!r} needs network_module = \"lycoris.kohya\" (it is "
+                          f"{str(module)!r}); remove lycoris_algo or change network_module")
+
+
 def _network_args(value: Any) -> dict[str, Any]:
     """kohya's ``network_args`` -> field paths."""
     value = key_value_pairs(value, "network_args", "conv_dim=8", commas=True)
     out: dict[str, Any] = {}
     for k, v in value.items():
         if k == "algo":
-            if str(v).lower() not in LYCORIS_ALGOS:
-                raise ConfigError(f"network_args: algo={v} is not supported; use one of {', '.join(LYCORIS_ALGOS)}")
-            out["network.type"] = LYCORIS_ALGOS[str(v).lower()]
+            out["network.type"] = _algo_type(v, "network_args: algo=")
         elif k == "dora_wd":
             if _coerce(v, bool, "network_args: dora_wd"):
                 out["network.type"] = "dora"
         elif k in _NETWORK_ARG_FIELDS:
             out[_NETWORK_ARG_FIELDS[k]] = v
+        elif k == "train_norm":
+            if _coerce(v, bool, "network_args: train_norm"):
+                raise ConfigError(f"network_args: train_norm={v}: {_NO_NORM_TRAINING}")
         else:
             raise ConfigError(f"network_args: {k!r} is not supported; supported: algo, "
-                              f"{', '.join(_NETWORK_ARG_FIELDS)}, dora_wd")
+                              f"{', '.join(_NETWORK_ARG_FIELDS)}, dora_wd, train_norm=False")
     if out.get("network.type") == "dora" and value.get("algo", "lora") not in ("lora", "locon", "dora"):
         raise ConfigError(f"network_args: dora_wd with algo={value['algo']} is not supported; DoRA works with "
                           "algo=lora/locon only")
@@ -681,9 +713,9 @@ SCHEMA = ConfigSchema(
     example_header=("# lora-trainer config. Every key is optional; shown with its default.",
                     "# Flat keys from lora-scripts/kohya (lora_rank, train_data_dir, ...) work too."),
     foreign=(("llm", "the 'llm' section needs 'task: llm'"),),
-    # A later expander overrides an earlier one: network_args (more specific) the type network_module
-    # implies, cache_latents_to_disk what cache_latents says.
-    expanders={"network_module": _network_module, "network_args": _network_args, "sample_prompts": _sample_prompts,
+    # A later expander overrides an earlier one: lycoris_algo and network_args (more specific) the type
+    # network_module implies, cache_latents_to_disk what cache_latents says.
+    expanders={"network_module": _network_module, "lycoris_algo": _lycoris_algo, "network_args": _network_args, "sample_prompts": _sample_prompts,
                "cache_latents": _cache_latents, "cache_latents_to_disk": _cache_latents_to_disk,
                "optimizer_args": _optimizer_args},
     ignored=IGNORED_KEYS, key_groups=_kohya_table,
@@ -705,7 +737,9 @@ def _type_of(path: str) -> Any:
 def flatten_user_dict(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Turn nested sections, 'a.b' keys and flat aliases into {field_path: raw value}."""
     values = SCHEMA.flatten(data, source)
-    _check_masked_loss(SCHEMA.top_level(data).get("masked_loss"), values, source)
+    top = SCHEMA.top_level(data)
+    _check_lycoris_algo(top, source)
+    _check_masked_loss(top.get("masked_loss"), values, source)
     return values
 
 
@@ -783,7 +817,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         data = read_yaml(path)
         values.update(SCHEMA.flatten(data, str(path)))
-        masked_loss, source = SCHEMA.top_level(data).get("masked_loss"), str(path)
+        top = SCHEMA.top_level(data)
+        _check_lycoris_algo(top, str(path))
+        masked_loss, source = top.get("masked_loss"), str(path)
         note = ignored_note(data)
         if note:
             log.warning("%s: %s", path, note)
@@ -826,6 +862,8 @@ def _check_network(cfg: TrainConfig) -> None:
     need(n.conv_alpha is None or n.conv_alpha > 0, f"network.conv_alpha: {n.conv_alpha} must be above 0 (or empty)")
     need(n.dropout == 0 or n.type in ("lora", "locon"),
          f"network.dropout: {n.dropout} works with network.type lora/locon only, not {n.type}; set it to 0")
+    need(n.lokr_factor == -1 or n.lokr_factor >= 1,
+         f"network.lokr_factor: {n.lokr_factor} must be -1 (as square as possible) or at least 1 (4-16 is typical)")
     need(n.train_unet or n.train_text_encoder,
          "network: train_unet and train_text_encoder are both false; enable at least one")
     need(n.scale_weight_norms is None or n.scale_weight_norms > 0,

@@ -220,7 +220,7 @@ def test_lokr_scaling_shim_for_peft_before_0_14(monkeypatch):
     ("locon", "networks.lora", {"conv_dim": "2", "conv_alpha": "0.75"}),
     ("dora", "lycoris.kohya", {"algo": "lora", "dora_wd": "True", "wd_on_output": "False"}),
     ("loha", "lycoris.kohya", {"algo": "loha"}),
-    ("lokr", "lycoris.kohya", {"algo": "lokr"}),
+    ("lokr", "lycoris.kohya", {"algo": "lokr", "factor": "-1"}),
 ])
 def test_network_metadata(typ, module, args):
     assert network_module_args(_cfg(typ)) == (module, args)
@@ -345,3 +345,111 @@ def test_strict_reader_of_every_kind_names_the_module():
     m = kohya_tensors.read_modules(ok)["lora_unet_e"]
     assert (m.kind, m.alpha, m.rank) == ("dora", 2.0, 2)
     assert kohya_tensors.write_modules({"lora_unet_e": m}, torch.float32).keys() == ok.keys()
+
+
+# --- LoKr's factor and decompose_both -----------------------------------------------------------
+_TO_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # a 32 -> 32 Linear
+
+
+@pytest.mark.parametrize("factor,both,rank,side", [(-1, False, 2, 4), (2, False, 2, 2), (4, True, 1, 4)])
+def test_lokr_factor_and_decompose_both_shape_the_file_and_round_trip(factor, both, rank, side, tmp_path):
+    """factor f gives lokr_w1 f x f where f divides the sizes (-1: as square as possible); a file of
+    any of them continues (init_from) and renders (inject_file) with the same tensors, whatever the
+    config says."""
+    from lora_trainer.lora.inject import inject_file
+
+    bundle = make_bundle("sd1")
+    net = inject_lora(bundle, _cfg("lokr", rank=rank, lokr_factor=factor, lokr_decompose_both=both))
+    randomize(net, std=0.2)
+    sd = net.to_kohya(torch.float32)
+    want = _unet_out(bundle)
+    # 32 = 4 x 8 as square as possible, 2 x 16 with factor 2; the 4 x 4 factor is a rank-1 pair with both
+    w1_shape = (sd[f"{_TO_K}.lokr_w1_a"].shape[0], sd[f"{_TO_K}.lokr_w1_b"].shape[1]) if both else \
+        sd[f"{_TO_K}.lokr_w1"].shape
+    assert tuple(w1_shape) == (side, side) and (f"{_TO_K}.lokr_w1_a" in sd) == both
+    path = save_lora_file(tmp_path / "k.safetensors", sd, {})
+    net.remove()
+    for load in (lambda: inject_lora(bundle, _cfg("lokr", rank=8, init_from=str(path))),
+                 lambda: inject_file(bundle, str(path))):
+        again = load()
+        back = again.to_kohya(torch.float32)
+        # a file of -1 is rebuilt with -1; one of factor 2 with the first factor that builds it
+        assert back.keys() == sd.keys() and again.lokr == (factor, both)
+        assert all(torch.allclose(back[k], v, rtol=1e-6, atol=0) for k, v in sd.items())
+        assert torch.allclose(_unet_out(bundle), want, atol=1e-6)
+        again.remove()
+
+
+def test_lokr_file_with_two_whole_factors_renders_whatever_the_config_rank(tmp_path):
+    """LyCORIS writes a LoKr module whose rank reaches half a factor's size as two whole
+    factors (no rank in the file); rebuilding it needs a rank that keeps them whole."""
+    from lora_trainer.lora.inject import inject_file
+
+    bundle = make_bundle("sd1")
+    net = inject_lora(bundle, _cfg("lokr", rank=64, alpha=8.0, train_text_encoder=False))
+    randomize(net, std=0.2)
+    sd = net.to_kohya(torch.float32)
+    assert all(not k.endswith(("_a", "_b")) for k in sd)  # every factor whole
+    want = _unet_out(bundle)
+    path = save_lora_file(tmp_path / "whole.safetensors", sd, {})
+    net.remove()
+    again = inject_lora(bundle, _cfg("lokr", rank=1, init_from=str(path), train_text_encoder=False))
+    assert torch.allclose(_unet_out(bundle), want, atol=1e-6)
+    back = again.to_kohya(torch.float32)
+    assert all(torch.allclose(back[k], v, rtol=1e-6, atol=0) for k, v in sd.items())
+    again.remove()
+    inject_file(bundle, str(path)).remove()
+
+
+def test_lokr_file_of_no_single_factor_is_a_one_line_error(tmp_path):
+    bundle = make_bundle("sd1")
+    sd = inject_lora(bundle, _cfg("lokr", rank=2, train_text_encoder=False)).to_kohya(torch.float32)
+    sd[f"{_TO_K}.lokr_w1"] = torch.zeros(8, 8)  # 32 = 8 x 4: w2 would have to be 4 x 4
+    path = save_lora_file(tmp_path / "odd.safetensors", sd, {})
+    with pytest.raises(LoraFormatError, match=f"lokr_w1 8x8 on {_TO_K}, a 32x32 layer") as e:
+        inject_lora(make_bundle("sd1"), _cfg("lokr", init_from=str(path), train_text_encoder=False))
+    assert "\n" not in str(e.value)
+
+
+def test_lokr_settings_from_kohya_and_lora_scripts_keys():
+    n = build_config(flatten_user_dict({"network_module": "lycoris.kohya", "network_args": [
+        "conv_dim=4", "conv_alpha=1", "dropout=0", "algo=lokr", "factor=8", "decompose_both=True",
+        "train_norm=False"]})).network
+    assert (n.type, n.lokr_factor, n.lokr_decompose_both, n.conv_rank) == ("lokr", 8, True, 4)
+    # lora-scripts' own keys (its LoKr preset): lycoris_algo, lokr_factor, train_norm
+    n = build_config(flatten_user_dict({"network_module": "lycoris.kohya", "lycoris_algo": "lokr", "lokr_factor": 8,
+                                        "train_norm": False})).network
+    assert (n.type, n.lokr_factor) == ("lokr", 8)
+    # network_args' algo is the more specific; lycoris_algo alone says LyCORIS too
+    n = build_config(flatten_user_dict({"lycoris_algo": "loha", "network_args": ["algo=lokr"]})).network
+    assert n.type == "lokr"
+    assert build_config(flatten_user_dict({"lycoris_algo": "loha"})).network.type == "loha"
+    assert network_module_args(_cfg("lokr", lokr_factor=8, lokr_decompose_both=True))[1] == {
+        "algo": "lokr", "factor": "8", "decompose_both": "True"}
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"network_module": "networks.lora", "lycoris_algo": "lokr"},
+     "lycoris_algo: 'lokr' needs network_module = \"lycoris.kohya\" (it is 'networks.lora')"),
+    ({"lycoris_algo": "ia3"}, "lycoris_algo: ia3 is not supported"),
+    ({"network_args": ["algo=lokr", "train_norm=True"]}, "train_norm=True: LyCORIS' training of the norm layers"),
+    ({"train_norm": True}, "train_norm: True is not supported here; LyCORIS' training of the norm layers"),
+    ({"network.lokr_factor": 0}, "network.lokr_factor: 0 must be -1 (as square as possible) or at least 1"),
+])
+def test_impossible_lokr_settings_are_one_line_errors(values, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")) as e:
+        build_config(flatten_user_dict(values))
+    assert "\n" not in str(e.value)
+
+
+def test_lora_scripts_lokr_file_loads_from_disk(tmp_path):
+    """A lora-scripts TOML with its LoKr preset's keys, read as a config file: the same settings,
+    and a file naming lycoris_algo with another network_module is refused naming the file."""
+    toml = tmp_path / "lokr.toml"
+    toml.write_text('network_module = "lycoris.kohya"\nlycoris_algo = "lokr"\nlokr_factor = 8\ntrain_norm = false\n'
+                    'network_dim = 8\n', encoding="utf-8")
+    n = load_config(toml).network
+    assert (n.type, n.lokr_factor, n.rank) == ("lokr", 8, 8)
+    toml.write_text('network_module = "networks.lora"\nlycoris_algo = "lokr"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"{toml}: lycoris_algo"):
+        load_config(toml)

@@ -175,12 +175,14 @@ def test_a_fresh_run_never_replaces_another_runs_files(tmp_path: Path, data: Pat
     assert {p.name: p.read_bytes() for p in out.glob("*.safetensors") if p.name in before} == before
 
 
-@pytest.mark.parametrize("typ", ["locon", "dora", "loha", "lokr"])
+@pytest.mark.parametrize("typ,lokr", [("locon", {}), ("dora", {}), ("loha", {}), ("lokr", {}),
+                                      ("lokr", {"network.lokr_factor": 4, "network.lokr_decompose_both": True,
+                                                "network.rank": 1})])
 def test_every_network_type_resumes_exactly_and_continues_from_its_file(
-        typ: str, tmp_path: Path, data: Path, host: TinyHost) -> None:
+        typ: str, lokr: dict, tmp_path: Path, data: Path, host: TinyHost) -> None:
     # The variants take no LoRA dropout; everything else that draws random numbers stays on.
     busy = {**BUSY, "network.dropout": 0.0, "network.type": typ, "network.alpha": 3.0,
-            "network.conv_rank": 2, "network.conv_alpha": 1.0}
+            "network.conv_rank": 2, "network.conv_alpha": 1.0, **lokr}
     straight = Trainer(tiny_config(data, tmp_path / "a", **busy), host=host).run()
     second = stopped_and_resumed(data, tmp_path / "b", host, **busy)
     a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
@@ -192,10 +194,18 @@ def test_every_network_type_resumes_exactly_and_continues_from_its_file(
     md = read_lora_file(straight.lora_path)[1]
     assert md["ss_network_module"] == ("networks.lora" if typ == "locon" else "lycoris.kohya")
     assert json.loads(md["ss_network_args"])["conv_dim"] == "2"
-    # continue from the file with a learning rate of 0: what comes out is what went in
-    cont = Trainer(tiny_config(data, tmp_path / "c", **{**busy, "network.init_from": str(straight.lora_path),
+    # continue from the file with a learning rate of 0: what comes out is what went in (a LoKr
+    # file's factor comes from the file, not the config, and is recorded again)
+    cont = Trainer(tiny_config(data, tmp_path / "c", **{**{k: v for k, v in busy.items() if k not in lokr},
+                                                         "network.init_from": str(straight.lora_path),
                                                          "optim.unet_lr": 0.0,
                                                          "optim.weight_decay": 0.0}), host=host).run()
+    if typ == "lokr":
+        want = {"factor": str(lokr.get("network.lokr_factor", -1)),  # rank 1: the 4 x 4 factors are pairs
+                **({"decompose_both": "True"} if lokr else {})}
+        for path in (straight.lora_path, cont.lora_path):
+            args = json.loads(read_lora_file(path)[1]["ss_network_args"])
+            assert {k: v for k, v in args.items() if k in ("factor", "decompose_both")} == want
     d = lora_tensors(cont.lora_path)
     assert d.keys() == a.keys()
     for k in a:

@@ -55,10 +55,12 @@ class LoraNetwork:
     """The adapter layers of one bundle, addressed by kohya key; ``kind`` is lora, dora, loha or
     lokr (:data:`kohya_tensors.TYPE_KIND`) and says which tensors each module has in the file."""
 
-    def __init__(self, arch: str, layout: dict[str, Slot], roots: dict[str, _RootState], kind: str = "lora") -> None:
+    def __init__(self, arch: str, layout: dict[str, Slot], roots: dict[str, _RootState], kind: str = "lora",
+                 lokr: tuple[int, bool] = (-1, False)) -> None:
         self.arch = arch
         self.layout = layout
         self.kind = kind
+        self.lokr = lokr  # LoKr's (factor, decompose_both) as built (with init_from: the file's)
         self._roots = roots
         self._multiplier = 1.0
         self._removed = False
@@ -259,7 +261,8 @@ def _exact_pattern(path: str) -> str:
 
 
 def _inject_root(root: nn.Module, entries: list[tuple[str, tuple[str, ...]]], ranks: dict[tuple[str, str], int],
-                 alphas: dict[tuple[str, str], float], cfg: NetworkConfig, trainable: bool, kind: str) -> _RootState:
+                 alphas: dict[tuple[str, str], float], dropout: float, trainable: bool, kind: str,
+                 lokr: tuple[int, bool]) -> _RootState:
     mods = dict(root.named_modules())
     paths = [p for p, _ in entries]
     state = _RootState(root, {p: mods[p] for p in paths},
@@ -275,7 +278,7 @@ def _inject_root(root: nn.Module, entries: list[tuple[str, tuple[str, ...]]], ra
                 kind, r0, a0, plain,
                 rank_pattern={_exact_pattern(p): ranks[(p, "")] for p in plain if ranks[(p, "")] != r0},
                 alpha_pattern={_exact_pattern(p): alphas[(p, "")] for p in plain if alphas[(p, "")] != a0},
-                dropout=cfg.dropout)
+                dropout=dropout, lokr=lokr)
             inject_adapter_in_model(config, root, adapter_name=ADAPTER)
             if kind == "dora":
                 variants.wrap_dora(root, plain)
@@ -330,6 +333,41 @@ def _planned(bundle: ModelBundle, cfg: NetworkConfig, all_roots: dict[str, tuple
     return layout, ranks, alphas
 
 
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    """A layer's (out, in) sizes as peft's LoKr splits them."""
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels, module.in_channels // module.groups
+    return module.out_features, module.in_features
+
+
+def _from_file(arch: str, path: str, all_roots: dict[str, tuple[nn.Module, str]], kind: str,
+               lokr: tuple[int, bool]) -> tuple[dict[str, torch.Tensor], dict[str, Slot],
+                                                dict[tuple[str, str, str], int], dict[tuple[str, str, str], float],
+                                                tuple[int, bool]]:
+    """A LoRA file's tensors, and the layout, ranks, alphas (and LoKr factor, decompose_both) that
+    rebuild its modules."""
+    from lora_trainer.lora.files import read_lora_file
+
+    tensors, _ = read_lora_file(path)
+    tensors = _file_side(arch, tensors, to_file=False)
+    incoming = kohya_tensors.read_modules(tensors)
+    _check_init_file(path, kind, incoming)
+    candidates = _candidate_layout(arch, all_roots)
+    unknown = [k for k in incoming if k not in candidates]
+    if unknown:
+        raise LoraFormatError(f"{path}: LoRA key {unknown[0]!r} matches no module of this "
+                              f"{arch} model ({len(unknown)} unmatched)")
+    layout = {k: candidates[k] for k in sorted(incoming)}
+    rank = {k: incoming[k].rank for k in layout}
+    if kind == "lokr" and not any(s.part for s in layout.values()):  # open_clip's attention is refused after
+        dims = {k: _in_out(all_roots[s.root][0].get_submodule(s.path)) for k, s in layout.items()}
+        factor, both, rank = variants.lokr_file_settings(path, {k: incoming[k].tensors for k in layout}, rank, dims)
+        lokr = (factor, both)
+    ranks = {(s.root, s.path, s.part): rank[k] or 1 for k, s in layout.items()}
+    alphas = {(s.root, s.path, s.part): incoming[k].alpha for k, s in layout.items()}
+    return tensors, layout, ranks, alphas, lokr
+
+
 def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
     """Add adapter layers of ``network_cfg.type`` to ``bundle`` in place (UNet when train_unet,
     each text encoder when train_text_encoder; with init_from, the modules and ranks/alphas of
@@ -346,24 +384,10 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
     trained = {k for k in all_roots if (k == "unet" and network_cfg.train_unet)
                or (k != "unet" and network_cfg.train_text_encoder)}
     init_tensors: dict[str, torch.Tensor] | None = None
+    lokr = (network_cfg.lokr_factor, network_cfg.lokr_decompose_both)
     if network_cfg.init_from:
-        from lora_trainer.lora.files import read_lora_file
-
-        init_tensors, _ = read_lora_file(network_cfg.init_from)
-        init_tensors = _file_side(bundle.arch, init_tensors, to_file=False)
-        incoming = kohya_tensors.read_modules(init_tensors)
-        _check_init_file(network_cfg.init_from, kind, incoming)
-        candidates = _candidate_layout(bundle.arch, all_roots)
-        unknown = [k for k in incoming if k not in candidates]
-        if unknown:
-            raise LoraFormatError(f"{network_cfg.init_from}: LoRA key {unknown[0]!r} matches no module of this "
-                                  f"{bundle.arch} model ({len(unknown)} unmatched)")
-        layout = {k: candidates[k] for k in sorted(incoming)}
-        # A LoKr module with two whole factors has no rank in the file: the config's is used.
-        _, cfg_ranks, _ = _planned(bundle, network_cfg, all_roots, set(all_roots)) if kind == "lokr" else ({}, {}, {})
-        ranks = {(s.root, s.path, s.part): incoming[k].rank or cfg_ranks.get((s.root, s.path, s.part), network_cfg.rank)
-                 for k, s in layout.items()}
-        alphas = {(s.root, s.path, s.part): incoming[k].alpha for k, s in layout.items()}
+        init_tensors, layout, ranks, alphas, lokr = _from_file(bundle.arch, network_cfg.init_from, all_roots, kind,
+                                                               lokr)
     else:
         layout, ranks, alphas = _planned(bundle, network_cfg, all_roots, trained)
     if not layout:
@@ -386,11 +410,12 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
             states[root] = _inject_root(
                 all_roots[root][0], [(p, tuple(parts)) for p, parts in entries.items()],
                 {(p, q): r for (rt, p, q), r in ranks.items() if rt == root},
-                {(p, q): a for (rt, p, q), a in alphas.items() if rt == root}, network_cfg, root in trained, kind)
+                {(p, q): a for (rt, p, q), a in alphas.items() if rt == root},
+                network_cfg.dropout, root in trained, kind, lokr)
     except Exception:
         LoraNetwork(bundle.arch, {}, states).remove()
         raise
-    net = LoraNetwork(bundle.arch, layout, states, kind)
+    net = LoraNetwork(bundle.arch, layout, states, kind, lokr)
     if init_tensors is not None:
         net.load_kohya(init_tensors)
     return net

@@ -8,6 +8,7 @@ family-specific ones (base model version, architecture, implementation) come fro
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from typing import Any
@@ -28,6 +29,10 @@ def network_module_args(net: NetworkConfig) -> tuple[str, dict[str, str]]:
     module = NETWORK_MODULE if net.type in ("lora", "locon") else LYCORIS_MODULE
     if module == LYCORIS_MODULE:
         args["algo"] = LYCORIS_ALGO[net.type]
+    if net.type == "lokr":
+        args["factor"] = str(net.lokr_factor)
+        if net.lokr_decompose_both:
+            args["decompose_both"] = "True"
     if net.type == "locon" or net.conv_rank is not None:
         args["conv_dim"] = str(net.conv_rank or net.rank)
         args["conv_alpha"] = _num(float(net.conv_alpha if net.conv_alpha is not None else net.alpha))
@@ -52,13 +57,16 @@ def build_metadata(config: TrainConfig, bundle: ModelBundle, *, num_images: int,
                    tag_frequency: dict[str, dict[str, int]] | None, dataset_dirs: dict[str, dict[str, int]] | None,
                    steps: int, epoch: int, started_at: float | dt.datetime | None,
                    finished_at: float | dt.datetime | None, rank: int, alpha: float,
-                   output_name: str) -> dict[str, str]:
+                   output_name: str, lokr: tuple[int, bool] | None = None) -> dict[str, str]:
     """All metadata of a finished (or checkpointed) LoRA; every value a string.
 
     ``tag_frequency`` is {dataset dir: {tag: count}}, ``dataset_dirs`` is {dir: {"n_repeats": r,
-    "img_count": n}} (kohya's shapes); timestamps are epoch seconds or datetimes.
+    "img_count": n}} (kohya's shapes); timestamps are epoch seconds or datetimes. ``lokr``: LoKr's
+    (factor, decompose_both) as built, where they may differ from the config's (init_from).
     """
     opt, data, net = config.optim, config.data, config.network
+    if lokr is not None:
+        net = dataclasses.replace(net, lokr_factor=lokr[0], lokr_decompose_both=lokr[1])
     family, pred = bundle.family, bundle.prediction_type
     started, finished = _timestamp(started_at), _timestamp(finished_at)
     when = dt.datetime.fromtimestamp(int(finished or started or dt.datetime.now().timestamp()), dt.timezone.utc)

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from peft.tuners.loha.layer import LoHaLayer
-from peft.tuners.lokr.layer import LoKrLayer
+from peft.tuners.lokr.layer import LoKrLayer, factorization
 from torch import nn
 
+from lora_trainer.errors import LoraFormatError
 from lora_trainer.lora.dora import ADAPTER, ColumnDora
 from lora_trainer.lora.mha import LoraMultiheadAttention
 
@@ -40,14 +41,57 @@ ADAPTER_PARAM_MARKS = ("lora_", "hada_", "lokr_", "dora_scale")
 
 
 def peft_config(kind: str, r: int, alpha: float, targets: list[str], rank_pattern: dict[str, int],
-                alpha_pattern: dict[str, float], dropout: float) -> Any:
-    """The peft config that puts ``kind`` layers on ``targets`` (DoRA: plain LoRA, wrapped after)."""
+                alpha_pattern: dict[str, float], dropout: float, lokr: tuple[int, bool] = (-1, False)) -> Any:
+    """The peft config that puts ``kind`` layers on ``targets`` (DoRA: plain LoRA, wrapped after);
+    ``lokr``: LoKr's (factor, decompose_both)."""
     if kind in ("lora", "dora"):
         return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                           rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, init_lora_weights=True)
-    cls = LoHaConfig if kind == "loha" else LoKrConfig
-    return cls(r=r, alpha=alpha, target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-               init_weights=True)
+    if kind == "loha":
+        return LoHaConfig(r=r, alpha=alpha, target_modules=targets, rank_pattern=rank_pattern,
+                          alpha_pattern=alpha_pattern, init_weights=True)
+    return LoKrConfig(r=r, alpha=alpha, target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                      init_weights=True, decompose_factor=lokr[0], decompose_both=lokr[1])
+
+
+def _pair_or_whole(t: dict[str, torch.Tensor], whole: str) -> tuple[tuple[int, int], bool]:
+    """(rows, columns) of LoKr factor ``whole`` ("lokr_w1") in a file, and whether it is whole."""
+    if whole in t:
+        return (int(t[whole].shape[0]), int(t[whole].shape[1])), True
+    return (int(t[f"{whole}_a"].shape[0]), int(t[f"{whole}_b"].shape[1])), False
+
+
+def _lokr_builds(factor: int, both: bool, r: int, out_dim: int, in_dim: int) -> tuple[tuple[int, int], bool, bool]:
+    """What peft's LoKr builds for a layer: lokr_w1's (rows, columns), whether w1 and w2 are whole."""
+    (out_l, out_k), (in_m, in_n) = factorization(out_dim, factor), factorization(in_dim, factor)
+    return (out_l, in_m), not (both and r < max(out_l, in_m) / 2), r >= max(out_k, in_n) / 2
+
+
+def lokr_file_settings(path: str, files: dict[str, dict[str, torch.Tensor]], ranks: dict[str, int | None],
+                       dims: dict[str, tuple[int, int]]) -> tuple[int, bool, dict[str, int]]:
+    """The LoKr settings that rebuild a file's modules: (factor, decompose_both, rank per module).
+
+    ``files`` holds each module's file tensors, ``ranks`` its rank in the file (None: two whole
+    factors, which need a rank of at least half of each factor's size) and ``dims`` its layer's
+    (out, in). LyCORIS and peft split each size the same way for a factor up to its square root,
+    so every file trained here or by LyCORIS with such a factor (or -1) is rebuilt; one whose
+    factors follow no single factor raises :class:`LoraFormatError` naming a module."""
+    w1 = {k: _pair_or_whole(t, "lokr_w1") for k, t in files.items()}
+    w2_whole = {k: "lokr_w2" in t for k, t in files.items()}
+    both = not all(whole for _, whole in w1.values())
+    rank = {k: ranks[k] or max(*w1[k][0], *files[k]["lokr_w2"].shape[:2]) for k in files}
+
+    def fits(f: int, k: str) -> bool:
+        return _lokr_builds(f, both, rank[k], *dims[k]) == (w1[k][0], w1[k][1], w2_whole[k])
+
+    candidates = [-1, *sorted({d for shape, _ in w1.values() for d in shape})]
+    factor = next((f for f in candidates if all(fits(f, k) for k in files)), None)
+    if factor is None:
+        key = next(k for k in files if not fits(-1, k))
+        raise LoraFormatError(f"{path}: its LoKr factors (lokr_w1 {w1[key][0][0]}x{w1[key][0][1]} on {key}, a "
+                              f"{dims[key][0]}x{dims[key][1]} layer, ...) follow no single factor this trainer's LoKr "
+                              "can rebuild; it cannot be loaded here")
+    return factor, both, rank
 
 
 def wrap_dora(root: nn.Module, paths: list[str]) -> None:

@@ -499,7 +499,7 @@ class RunSession:
         metadata = build_metadata(
             self.cfg, self.bundle, num_images=sum(not it.is_reg for it in self.ds.items), tag_frequency=tags,
             dataset_dirs=dirs, steps=self.pos.step, epoch=self.epoch_number, started_at=self.started,
-            finished_at=time.time(), rank=rank, alpha=alpha, output_name=path.stem)
+            finished_at=time.time(), rank=rank, alpha=alpha, output_name=path.stem, lokr=self.network.lokr)
         if path.exists():  # this run's own earlier file (a resumed run) or overwrite: kept in .backup
             backup_file(path)
         try:
