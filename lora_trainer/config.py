@@ -100,9 +100,13 @@ class DataConfig:
     bucket_step: int = _f(64, "Bucket sides are multiples of this.")
     bucket_no_upscale: bool = _f(False, "Never upscale an image to fit a bucket; smaller images get smaller buckets.")
     crop: Literal["center", "random"] = _f("center", "How images are cropped to their bucket (or square).")
+    color_aug: bool = _f(False, "Color augmentation (kohya's color_aug): each time an image is used, a third of the "
+                         "time it gets a hue shift of up to 16 degrees or a gamma of 0.95-1.05. Latents are then "
+                         "encoded every step instead of cached.")
     min_image_size: int = _f(64, "Images with a side below this are reported and skipped.")
     on_invalid: Literal["skip", "stop"] = _f("skip", "What to do with invalid files found by validation: skip them, or stop before training.")
-    cache_latents: Literal["memory", "disk", "off"] = _f("memory", "Cache VAE latents (needs no flip/random crop to be exact; with them the cache is skipped).")
+    cache_latents: Literal["memory", "disk", "off"] = _f("memory", "Cache VAE latents (flipped images too). Random crops and color_aug change the pixels "
+                                                         "each time an image is used: with them the cache is skipped.")
     cache_dir: str | None = _f(None, "Folder of the disk latent cache (default: <output_dir>/.cache).")
     cache_text_embeddings: bool = _f(True, "Cache text-encoder outputs when the text encoder is frozen and captions are fixed.")
     num_workers: int = _f(0, "Data loader worker processes (0 loads in the training process).")
@@ -350,6 +354,7 @@ ALIASES: dict[str, str] = {
     "bucket_reso_steps": "data.bucket_step",
     "bucket_no_upscale": "data.bucket_no_upscale",
     "random_crop": "data.crop",
+    "color_aug": "data.color_aug",
     "cache_latents": "data.cache_latents",
     "cache_latents_to_disk": "data.cache_latents",
     "max_data_loader_n_workers": "data.num_workers",
@@ -483,7 +488,7 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     "fp8_base": (_false, "fp8 base weights are model.weight_dtype: fp8, for Flux.1 and SD3.5 (false only)"),
     **dict.fromkeys(("token_warmup_min", "token_warmup_step"),
                     (lambda v: v in (0, 1, None), "captions are used whole from the first step (1 and 0 only)")),
-    **dict.fromkeys(("weighted_captions", "color_aug", "face_crop_aug_range",
+    **dict.fromkeys(("weighted_captions", "face_crop_aug_range",
                      "stop_text_encoder_training"),
                     (_unset, "lora-trainer has no such setting; leave it off")),
     # masked_loss: true is accepted with alpha_mask: true only (_check_masked_loss)

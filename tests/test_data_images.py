@@ -231,3 +231,38 @@ def test_alpha_comes_beside_the_image_on_white_and_none_without_transparency(tmp
     assert pal_alpha is not None and np.asarray(pal_alpha).tolist() == [[0, 255]]
     opaque = _save(Image.new("RGB", (3, 3), (9, 9, 9)), tmp_path / "o.png")
     assert open_image_and_alpha(opaque)[1] is None
+
+
+def test_color_augmentation_is_kohyas_recipe_drawn_from_the_rng() -> None:
+    """kohya's draws: a third of the uses change the image; of those, half shift the hue by the
+    drawn angle (at most 16 degrees; brightness and saturation kept), half apply the drawn gamma
+    (0.95-1.05) to values in 0-1. The same draws give the same image."""
+    import colorsys
+    import random
+
+    from lora_trainer.data.images import color_augment
+
+    rgb = (200, 80, 40)
+    img = Image.new("RGB", (8, 8), rgb)
+    h0, s0, v0 = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+    kinds = {"same": 0, "hue": 0, "gamma": 0}
+    for seed in range(600):
+        out = color_augment(img, random.Random(seed))
+        assert out.size == img.size and out.mode == "RGB"
+        assert np.array_equal(np.asarray(out), np.asarray(color_augment(img, random.Random(seed))))
+        px = out.getpixel((3, 3))
+        draws = random.Random(seed)
+        if draws.random() > 0.33:
+            kinds["same"] += 1
+            assert px == rgb
+        elif draws.random() > 0.5:
+            kinds["hue"] += 1
+            shift = draws.uniform(-16, 16)
+            h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in px))
+            assert abs((h - h0) * 360 - shift + 180) % 360 - 180 == pytest.approx(0, abs=2.5)  # 8-bit hue steps
+            assert abs(v - v0) <= 2 / 255 and abs(s - s0) < 0.03
+        else:
+            kinds["gamma"] += 1
+            gamma = draws.uniform(0.95, 1.05)
+            assert px == tuple(round(255 * (c / 255) ** gamma) for c in rgb)
+    assert 0.6 < kinds["same"] / 600 < 0.74 and kinds["hue"] > 60 and kinds["gamma"] > 60

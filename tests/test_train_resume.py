@@ -444,3 +444,21 @@ def test_an_alpha_mask_run_resumes_exactly(tmp_path: Path, host: TinyHost) -> No
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+
+
+def test_color_augmentation_with_random_crops_resumes_exactly(tmp_path: Path, data: Path, host: TinyHost) -> None:
+    """kohya's color_aug (data.color_aug) changes the pixels each time an image is used, so the
+    latents are encoded every step; stopped and resumed, the run ends where the straight one does;
+    it changes what is trained and the file records it."""
+    values = {**BUSY, "data.color_aug": True, "data.crop": "random"}
+    seen: list[TrainEvent] = []
+    straight = Trainer(tiny_config(data, tmp_path / "a", **values), host=host, callbacks=[seen.append]).run()
+    assert any(e.message == "latent cache skipped: random crops and color augmentation change the latents every "
+                            "epoch" for e in seen)
+    second = stopped_and_resumed(data, tmp_path / "b", host, **values)
+    a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    plain = lora_tensors(Trainer(tiny_config(data, tmp_path / "c", **{**values, "data.color_aug": False}),
+                                 host=host).run().lora_path)
+    assert any(not torch.equal(v, plain[k]) for k, v in a.items())
+    assert read_lora_file(straight.lora_path)[1]["ss_color_aug"] == "True"

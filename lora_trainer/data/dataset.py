@@ -85,7 +85,13 @@ class BucketDataset:
     @property
     def fixed_crop(self) -> bool:
         """True when an image's pixels depend only on (image, bucket, flip): latents are cacheable."""
-        return self.cfg.crop == "center"
+        return self.cfg.crop == "center" and not self.cfg.color_aug
+
+    @property
+    def varying_pixels(self) -> str:
+        """What makes an image's pixels differ from use to use ("" when nothing does)."""
+        return " and ".join(why for on, why in ((self.cfg.crop == "random", "random crops"),
+                                                (self.cfg.color_aug, "color augmentation")) if on)
 
     def plan(self, epoch: int) -> list[list[Entry]]:
         """The batches of ``epoch``: a pure function of (seed, epoch)."""
@@ -143,6 +149,8 @@ class BucketDataset:
             resized_w = max(bucket[0], round(orig_w * max(bucket[0] / orig_w, bucket[1] / orig_h)))
             left = max(0, resized_w - left - bucket[0])
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.cfg.color_aug:
+            img = images.color_augment(img, rng)
         loss_mask = self.mask_of(alpha, bucket, flip, mask_rng) if mask else None
         return pil_to_tensor(img), [orig_h, orig_w, top, left, bucket[1], bucket[0]], loss_mask
 

@@ -21,7 +21,8 @@ RECIPE_KEYS = ("ss_mixed_precision", "ss_noise_offset", "ss_noise_offset_random_
                "ss_multires_noise_iterations", "ss_ip_noise_gamma", "ss_ip_noise_gamma_random_strength",
                "ss_zero_terminal_snr", "ss_min_snr_gamma", "ss_debiased_estimation", "ss_loss_type",
                "ss_huber_schedule", "ss_huber_c", "ss_masked_loss", "ss_min_timestep", "ss_max_timestep",
-               "ss_loraplus_lr_ratio", "ss_scale_weight_norms", "ss_flip_aug", "ss_shuffle_caption",
+               "ss_loraplus_lr_ratio", "ss_scale_weight_norms", "ss_flip_aug", "ss_color_aug",
+               "ss_shuffle_caption",
                "ss_caption_dropout_rate", "ss_caption_tag_dropout_rate")
 _OFF = ("", "None", "none", "False", "0", "0.0", "no")
 

@@ -214,7 +214,7 @@ class RunSession:
         if self.cfg.data.cache_latents == "off" or self.bundle.vae is None:
             return False
         if not self.ds.fixed_crop:
-            self.status("latent cache skipped: random crops change the latents every epoch")
+            self.status(f"latent cache skipped: {self.ds.varying_pixels} change the latents every epoch")
             return False
         return True
 
