@@ -146,6 +146,23 @@ class NetworkConfig:
                           "rows and columns where it divides the layer's sizes). -1: as square as possible. A smaller "
                           "factor gives more parameters, closer to full fine-tuning. Other types ignore it, as LyCORIS "
                           "does.")
+    down_lr_weight: str = _f("", "Block learning rates (kohya's down_lr_weight; SD1, SD2, SDXL): multipliers of the UNet "
+                             "learning rate for the down blocks, shallow to deep, 12 numbers separated by commas (9 "
+                             "for SDXL; missing ones are 1), or a curve: sine, cosine, linear, reverse_linear, zeros, "
+                             "with '+base' added (e.g. 'sine+0.5'). A block at 0 gets no LoRA. Empty: all 1.")
+    mid_lr_weight: str = _f("", "Block learning rates for the mid block (kohya's mid_lr_weight): 1 number (3 for SDXL).")
+    up_lr_weight: str = _f("", "Block learning rates for the up blocks (kohya's up_lr_weight), deep to shallow, as "
+                           "down_lr_weight.")
+    block_lr_zero_threshold: float = _f(0.0, "A block whose learning-rate weight is at most this is not trained "
+                                        "(kohya's block_lr_zero_threshold).")
+    block_dims: str = _f("", "Ranks per UNet block (kohya's block_dims): 25 whole numbers separated by commas for SD1 "
+                         "and SD2 (12 down, mid, 12 up; the first is unused), 23 for SDXL (base, 9 input, 3 middle, 9 "
+                         "output, out); 0 leaves a block out. Empty: network.rank everywhere.")
+    block_alphas: str = _f("", "Alphas per UNet block (kohya's block_alphas), as block_dims. Empty: network.alpha.")
+    conv_block_dims: str = _f("", "Ranks of the 3x3 convolutions per UNet block (kohya's conv_block_dims), as "
+                              "block_dims; they adapt the 3x3 convolutions as conv_rank does.")
+    conv_block_alphas: str = _f("", "Alphas of the 3x3 convolutions per UNet block (kohya's conv_block_alphas). Empty: "
+                                "conv_alpha.")
     lokr_decompose_both: bool = _f(False, "LoKr: make the small factor (lokr_w1) a low-rank pair too, as the large "
                                    "one is (LyCORIS' decompose_both). Other types ignore it.")
 
@@ -467,7 +484,6 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     "model_train_type": (lambda v: str(v) in ("sd-lora", "sdxl-lora", "flux-lora", "sd3-lora"),
                          "the model's kind is read from the checkpoint (LoRA training only)"),
     "enable_preview": (None, "samples are rendered whenever sample_prompts (sample.prompt) is set"),
-    "enable_block_weights": (_false, "block-wise learning rates are not available (false only)"),
     "enable_base_weight": (_false, "merging other LoRAs into the base model first is not available (false only)"),
     "no_metadata": (_false, "LoRA files always carry their training metadata (false only)"),
     "vae_batch_size": (None, "latents are cached in batches the trainer sizes itself"),
@@ -526,7 +542,10 @@ NETWORK_MODULES = {"networks.lora": "lora", "lycoris.kohya": "locon"}
 LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr", "dora": "dora"}
 _NETWORK_ARG_FIELDS = {"conv_dim": "network.conv_rank", "conv_alpha": "network.conv_alpha",
                        "dropout": "network.dropout", "loraplus_lr_ratio": "optim.loraplus_lr_ratio",
-                       "factor": "network.lokr_factor", "decompose_both": "network.lokr_decompose_both"}
+                       "factor": "network.lokr_factor", "decompose_both": "network.lokr_decompose_both",
+                       **{k: f"network.{k}" for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight",
+                                                      "block_lr_zero_threshold", "block_dims", "block_alphas",
+                                                      "conv_block_dims", "conv_block_alphas")}}
 
 
 # kohya's per-prompt options in a sample prompts line -> the sample field each sets, and its type.
@@ -677,13 +696,25 @@ def _lycoris_algo(value: Any) -> dict[str, Any]:
     return {} if _unset(value) else {"network.type": _algo_type(value, "lycoris_algo: ")}
 
 
-def _check_lycoris_algo(top: dict[str, Any], source: str) -> None:
-    """``lycoris_algo`` picks LyCORIS' algorithm: with another network_module it would be dropped
-    by lora-scripts and kohya alike, so a file holding both is refused rather than guessed."""
+def _enable_block_weights(value: Any) -> dict[str, Any]:
+    """lora-scripts' ``enable_block_weights``: its form's switch for the block weights, which come
+    from network_args (or the down/mid/up_lr_weight keys); checked with them in _check_switches."""
+    _coerce(value, bool, "enable_block_weights")
+    return {}
+
+
+def _check_switches(top: dict[str, Any], source: str) -> None:
+    """lora-scripts' form switches against the keys they govern, where a file holding both would
+    otherwise be guessed at: ``lycoris_algo`` with another network_module (dropped by lora-scripts
+    and kohya alike), block weights with ``enable_block_weights = false`` (lora-scripts drops them)."""
     algo, module = top.get("lycoris_algo"), top.get("network_module")
     if not _unset(algo) and module is not None and str(module).strip() != "lycoris.kohya":
         raise ConfigError(f"{source}: lycoris_algo: {algo!r} needs network_module = \"lycoris.kohya\" (it is "
                           f"{str(module)!r}); remove lycoris_algo or change network_module")
+    weights = [k for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight") if not _unset(top.get(k))]
+    if weights and "enable_block_weights" in top and _false(top["enable_block_weights"]):
+        raise ConfigError(f"{source}: {weights[0]} is set but enable_block_weights is false; set it to true to train "
+                          f"with block weights, or remove {weights[0]}")
 
 
 def _network_args(value: Any) -> dict[str, Any]:
@@ -722,7 +753,7 @@ SCHEMA = ConfigSchema(
     # network_module implies, cache_latents_to_disk what cache_latents says.
     expanders={"network_module": _network_module, "lycoris_algo": _lycoris_algo, "network_args": _network_args, "sample_prompts": _sample_prompts,
                "cache_latents": _cache_latents, "cache_latents_to_disk": _cache_latents_to_disk,
-               "optimizer_args": _optimizer_args},
+               "optimizer_args": _optimizer_args, "enable_block_weights": _enable_block_weights},
     ignored=IGNORED_KEYS, key_groups=_kohya_table,
 )
 
@@ -743,7 +774,7 @@ def flatten_user_dict(data: dict[str, Any], source: str = "config") -> dict[str,
     """Turn nested sections, 'a.b' keys and flat aliases into {field_path: raw value}."""
     values = SCHEMA.flatten(data, source)
     top = SCHEMA.top_level(data)
-    _check_lycoris_algo(top, source)
+    _check_switches(top, source)
     _check_masked_loss(top.get("masked_loss"), values, source)
     return values
 
@@ -823,7 +854,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = read_yaml(path)
         values.update(SCHEMA.flatten(data, str(path)))
         top = SCHEMA.top_level(data)
-        _check_lycoris_algo(top, str(path))
+        _check_switches(top, str(path))
         masked_loss, source = top.get("masked_loss"), str(path)
         note = ignored_note(data)
         if note:
@@ -869,6 +900,7 @@ def _check_network(cfg: TrainConfig) -> None:
          f"network.dropout: {n.dropout} works with network.type lora/locon only, not {n.type}; set it to 0")
     need(n.lokr_factor == -1 or n.lokr_factor >= 1,
          f"network.lokr_factor: {n.lokr_factor} must be -1 (as square as possible) or at least 1 (4-16 is typical)")
+    _check_blocks(cfg)
     need(n.train_unet or n.train_text_encoder,
          "network: train_unet and train_text_encoder are both false; enable at least one")
     need(n.scale_weight_norms is None or n.scale_weight_norms > 0,
@@ -879,6 +911,32 @@ def _check_network(cfg: TrainConfig) -> None:
     need(not (n.type == "dora" and cfg.model.weight_dtype in ("fp8", "nf4")),
          f"network.type dora needs the base weights in full precision (its magnitude is computed from them); "
          f"set model.weight_dtype to auto, or use lora with {cfg.model.weight_dtype}")
+
+
+def _check_blocks(cfg: TrainConfig) -> None:
+    """Block weights and ranks: numbers (or a curve) now, their count against the model's blocks
+    once it is known; DDPM UNets only (kohya's networks.lora)."""
+    from lora_trainer.lora import blocks
+
+    n, arch = cfg.network, cfg.model.arch
+    given = [f for f in (*blocks.LR_FIELDS, *blocks.DIM_FIELDS) if getattr(n, f)]
+    if not given:
+        return
+    _need(not _is_flow_family(arch), f"network.{given[0]}: block weights and ranks are for the SD1, SD2 and SDXL "
+                                     f"UNet (kohya's networks.lora), not {arch}; leave it empty")
+    dims = [f for f in given if f in blocks.DIM_FIELDS]
+    _need(n.init_from is None or not dims,
+          f"network.{dims[0] if dims else ''}: with network.init_from the ranks come from that file; leave it empty")
+    for probe in ([arch] if arch in ("sd1", "sd2", "sdxl") else ["sd1", "sdxl"]):
+        try:
+            weights = blocks.lr_weights(probe, n.down_lr_weight, n.mid_lr_weight, n.up_lr_weight,
+                                        n.block_lr_zero_threshold)
+            blocks.block_ranks(probe, {f: getattr(n, f) for f in blocks.DIM_FIELDS}, n.rank, n.alpha, n.conv_rank,
+                               n.conv_alpha, weights)
+            return
+        except ConfigError:
+            if probe == "sdxl" or arch in ("sd1", "sd2"):
+                raise
 
 
 def _check_loop(cfg: TrainConfig) -> None:

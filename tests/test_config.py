@@ -353,18 +353,25 @@ def test_a_lora_scripts_gui_toml_loads_as_it_is(tmp_path: Path, caplog: pytest.L
     assert (cfg.network.rank, cfg.network.train_text_encoder, cfg.train.mixed_precision) == (32, False, "bf16")
     assert (cfg.train.gradient_checkpointing, cfg.output.training_comment) == (True, "aki, 30 images")
     [warning] = [r.getMessage() for r in caplog.records]
-    for key in ("model_train_type", "enable_block_weights", "enable_base_weight", "enable_preview", "vae_batch_size",
+    for key in ("model_train_type", "enable_base_weight", "enable_preview", "vae_batch_size",
                 "no_metadata", "cache_text_encoder_outputs"):
         assert f"\n  {key}: " in warning, key
+    assert "enable_block_weights" not in warning  # the switch of the block weights, which load (below)
     for cache, to_disk, kept in [(True, False, "memory"), (False, True, "disk"), (False, False, "off")]:
         both = [f"cache_latents={cache}", f"cache_latents_to_disk={to_disk}"]
         assert load_config(None, both).data.cache_latents == kept
     for bad, said in [("model_train_type = 'sdxl-finetune'", "model_train_type: 'sdxl-finetune' is not supported "
                                                              "here; the model's kind is read from the checkpoint "
                                                              "(LoRA training only)"),
-                      ("enable_block_weights = true", "enable_block_weights: True is not supported here; block-wise "
-                                                      "learning rates are not available")]:
+                      ("enable_block_weights = false\ndown_lr_weight = '1,0.5'", "down_lr_weight is set but enable_block_weights is false")]:
         assert_refused(f, bad, said)
+    # switched on, the block weights its form writes into network_args load (or as keys of their own)
+    for lines in ('network_args = ["down_lr_weight=1,0.5", "mid_lr_weight=2", "block_lr_zero_threshold=0.1"]',
+                  'down_lr_weight = "1,0.5"\nmid_lr_weight = "2"\nblock_lr_zero_threshold = 0.1'):
+        f.write_text(LORA_SCRIPTS_GUI_TOML.replace("enable_block_weights = false", "enable_block_weights = true\n"
+                                                   + lines), encoding="utf-8")
+        n = load_config(f).network
+        assert (n.down_lr_weight, n.mid_lr_weight, n.block_lr_zero_threshold) == ("1,0.5", "2", 0.1)
 
 
 def test_kohya_switches_left_off_load_and_switched_on_are_named(tmp_path: Path,

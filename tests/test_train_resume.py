@@ -462,3 +462,28 @@ def test_color_augmentation_with_random_crops_resumes_exactly(tmp_path: Path, da
                                  host=host).run().lora_path)
     assert any(not torch.equal(v, plain[k]) for k, v in a.items())
     assert read_lora_file(straight.lora_path)[1]["ss_color_aug"] == "True"
+
+
+def test_block_weights_and_ranks_resume_exactly_and_report_the_base_rate(
+        tmp_path: Path, data: Path, host: TinyHost) -> None:
+    """kohya's block weights (a down block at 0, the mid block at 2) and block ranks: stopped and
+    resumed, a run ends where the straight one does; the file has no module in the left-out
+    blocks, the others at their block's rank, and records the settings; the run reports the
+    base learning rate, not a block's."""
+    from lora_trainer.lora import blocks
+
+    dims = ",".join(str(2 + b % 2) for b in range(25))
+    values = {**BUSY, "network.down_lr_weight": "1,1,0.5,1,1,1,1,0", "network.mid_lr_weight": "2",
+              "network.block_dims": dims, "optim.lr_scheduler": "constant", "optim.lr_warmup_steps": 0}
+    seen: list[TrainEvent] = []
+    straight = Trainer(tiny_config(data, tmp_path / "a", **values), host=host, callbacks=[seen.append]).run()
+    second = stopped_and_resumed(data, tmp_path / "b", host, **values)
+    a, b = lora_tensors(straight.lora_path), lora_tensors(second.lora_path)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    unet = {k.split(".")[0] for k in a if k.startswith("lora_unet_")}
+    index = {k: blocks.block_index("sd1", k) for k in unet}
+    assert 7 not in index.values() and {2, 12} <= set(index.values())
+    assert all(a[f"{k}.lora_down.weight"].shape[0] == 2 + i % 2 for k, i in index.items())
+    args = json.loads(read_lora_file(straight.lora_path)[1]["ss_network_args"])
+    assert (args["down_lr_weight"], args["mid_lr_weight"], args["block_dims"]) == ("1,1,0.5,1,1,1,1,0", "2", dims)
+    assert {ev.lr for ev in seen if ev.lr is not None} == {BUSY["optim.learning_rate"]}

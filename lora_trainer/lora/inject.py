@@ -22,7 +22,7 @@ from torch import nn
 
 from lora_trainer.config import NetworkConfig
 from lora_trainer.errors import ConfigError, HostError, LoraFormatError
-from lora_trainer.lora import kohya, kohya_tensors, variants
+from lora_trainer.lora import blocks, kohya, kohya_tensors, variants
 from lora_trainer.lora.kohya import Slot
 from lora_trainer.lora.kohya_tensors import ModuleTensors
 from lora_trainer.lora.mha import LoraMultiheadAttention
@@ -61,6 +61,7 @@ class LoraNetwork:
         self.layout = layout
         self.kind = kind
         self.lokr = lokr  # LoKr's (factor, decompose_both) as built (with init_from: the file's)
+        self.lr_weights: dict[str, float] = {}  # learning-rate multiplier by kohya key (block weights); 1 if absent
         self._roots = roots
         self._multiplier = 1.0
         self._removed = False
@@ -109,18 +110,24 @@ class LoraNetwork:
         learning rate; with ``up_ratio`` (LoRA+) each part's up matrices (``lora_up``) in a group
         of their own at ``up_ratio`` times that rate."""
         groups = []
-        for name, lr, roots in (("unet", unet_lr, ["unet"]),
+        for part, lr, roots in (("unet", unet_lr, ["unet"]),
                                 ("text_encoder", te_lr, [r for r in self._roots if r != "unet"])):
-            params = [(file_name, p) for r in roots if r in self._roots and self._roots[r].trainable
-                      for key, slot in self.layout.items() if slot.root == r
-                      for file_name, p in self.tensors(key).items()]
-            is_up = [up_ratio is not None and file_name.startswith("lora_up") for file_name, _ in params]
-            up = [p for (_, p), u in zip(params, is_up, strict=True) if u]
-            rest = [p for (_, p), u in zip(params, is_up, strict=True) if not u]
-            if rest:
-                groups.append({"params": rest, "lr": lr, "name": name})
-            if up:
-                groups.append({"params": up, "lr": lr * up_ratio, "name": f"{name}_lora_up"})
+            by_weight: dict[float, list[tuple[str, nn.Parameter]]] = {}
+            for key, slot in self.layout.items():
+                if slot.root in roots and self._roots[slot.root].trainable:
+                    by_weight.setdefault(self.lr_weights.get(key, 1.0), []).extend(self.tensors(key).items())
+            # weight 1 first, then the largest: the first group's rate is the one the run reports
+            for weight in sorted(by_weight, key=lambda w: (w != 1.0, -w)):
+                name = part if weight == 1.0 else f"{part}_x{weight:g}"
+                params = by_weight[weight]
+                is_up = [up_ratio is not None and file_name.startswith("lora_up") for file_name, _ in params]
+                up = [p for (_, p), u in zip(params, is_up, strict=True) if u]
+                rest = [p for (_, p), u in zip(params, is_up, strict=True) if not u]
+                if rest:
+                    groups.append({"params": rest, "lr": lr * weight, "name": name, "lr_scale": weight})
+                if up:
+                    groups.append({"params": up, "lr": lr * weight * up_ratio, "name": f"{name}_lora_up",
+                                   "lr_scale": weight * up_ratio})
         return groups
 
     @torch.no_grad()
@@ -319,18 +326,41 @@ def _planned(bundle: ModelBundle, cfg: NetworkConfig, all_roots: dict[str, tuple
     blocks and samplers for LoCon or with conv_rank, 3x3 convs at conv_rank/conv_alpha."""
     use = {k: v for k, v in all_roots.items() if k in trained}
     found = find_targets(use, cfg.target_modules or None, bundle.family)
-    with_convs = cfg.type == "locon" or cfg.conv_rank is not None
+    with_convs = cfg.type == "locon" or cfg.conv_rank is not None or bool(cfg.conv_block_dims)
     if with_convs and "unet" in found:
         found["unet"] = sorted(dict.fromkeys(found["unet"] + conv_block_targets(use["unet"][0])))
     targets = {k: (all_roots[k][1], _module_paths(all_roots[k][0], found[k])) for k in use}
     layout = kohya.build_layout(bundle.arch, targets)
+    per_block = _block_ranks(bundle.arch, cfg)
     ranks, alphas = {}, {}
-    for s in layout.values():
+    for key, s in list(layout.items()):
         spatial = is_spatial_conv(all_roots[s.root][0].get_submodule(s.path))
-        ranks[(s.root, s.path, s.part)] = (cfg.conv_rank or cfg.rank) if spatial else cfg.rank
+        rank = (cfg.conv_rank or cfg.rank) if spatial else cfg.rank
         conv_alpha = cfg.conv_alpha if cfg.conv_alpha is not None else cfg.alpha
-        alphas[(s.root, s.path, s.part)] = float(conv_alpha if spatial else cfg.alpha)
+        alpha = float(conv_alpha if spatial else cfg.alpha)
+        block = blocks.block_index(bundle.arch, key) if per_block and s.root == "unet" else None
+        dims, block_alphas = ("conv_block_dims", "conv_block_alphas") if spatial else ("block_dims", "block_alphas")
+        if block is not None and per_block[dims] is not None:
+            rank, alpha = int(per_block[dims][block]), float(per_block[block_alphas][block])
+            if rank == 0:  # a block left out (rank 0, or a learning-rate weight of 0)
+                del layout[key]
+                continue
+        ranks[(s.root, s.path, s.part)], alphas[(s.root, s.path, s.part)] = rank, alpha
     return layout, ranks, alphas
+
+
+def _block_ranks(arch: str, cfg: NetworkConfig) -> dict[str, list[float] | None] | None:
+    """Each UNet block's ranks and alphas when the config sets block weights or ranks (kohya's
+    networks.lora on an SD1/SD2/SDXL UNet), else None."""
+    if not blocks.configured(cfg):
+        return None
+    if arch not in blocks.ARCHS:
+        raise ConfigError(f"network: block weights and ranks are for the SD1, SD2 and SDXL UNet, not {arch}; "
+                          f"leave network.{next(f for f in blocks.LR_FIELDS + blocks.DIM_FIELDS if getattr(cfg, f))} "
+                          "empty")
+    conv_rank = cfg.conv_rank or (cfg.rank if cfg.type == "locon" else None)
+    return blocks.block_ranks(arch, {f: getattr(cfg, f) for f in blocks.DIM_FIELDS}, cfg.rank, cfg.alpha, conv_rank,
+                              cfg.conv_alpha, blocks.network_weights(arch, cfg))
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:
@@ -416,6 +446,10 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
         LoraNetwork(bundle.arch, {}, states).remove()
         raise
     net = LoraNetwork(bundle.arch, layout, states, kind, lokr)
+    weights = blocks.network_weights(bundle.arch, network_cfg) if _block_ranks(bundle.arch, network_cfg) else None
+    if weights is not None:
+        net.lr_weights = {k: weights[b] for k, s in layout.items()
+                          if s.root == "unet" and (b := blocks.block_index(bundle.arch, k)) is not None}
     if init_tensors is not None:
         net.load_kohya(init_tensors)
     return net

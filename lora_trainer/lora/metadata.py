@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from lora_trainer.config import NetworkConfig, TrainConfig
+from lora_trainer.lora import blocks
 from lora_trainer.models.bundle import ModelBundle
 
 NETWORK_MODULE = "networks.lora"
@@ -38,6 +39,10 @@ def network_module_args(net: NetworkConfig) -> tuple[str, dict[str, str]]:
         args["conv_alpha"] = _num(float(net.conv_alpha if net.conv_alpha is not None else net.alpha))
     if net.type == "dora":
         args.update(dora_wd="True", wd_on_output="False")
+    block_fields = (*blocks.LR_FIELDS, *blocks.DIM_FIELDS)
+    args.update({f: getattr(net, f) for f in block_fields if getattr(net, f)})
+    if any(getattr(net, f) for f in blocks.LR_FIELDS) and net.block_lr_zero_threshold:
+        args["block_lr_zero_threshold"] = _num(float(net.block_lr_zero_threshold))
     return module, args
 
 

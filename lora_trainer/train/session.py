@@ -429,7 +429,8 @@ class RunSession:
     def report(self, window: torch.Tensor, steps: int, seconds: float) -> None:
         loss = float(window.item()) / max(1, steps)
         self.final_loss = loss
-        lr = float(self.scheduler.get_last_lr()[0])
+        # the base rate: the first group's, without its block weight (LoRA+ groups come after)
+        lr = float(self.scheduler.get_last_lr()[0]) / (self.optimizer.param_groups[0].get("lr_scale") or 1.0)
         it_s = steps / seconds if seconds > 0 else None
         eta = (self.total_steps - self.pos.step) / it_s if it_s else None
         if self.logger is not None:
