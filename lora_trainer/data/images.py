@@ -213,11 +213,14 @@ def _incomplete(im: Image.Image, path: Path, data: bytes | None) -> bool:
         # 0xFF bytes there are stuffed), which also allows data appended after the image.
         return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
     for tile in im.tile:
-        # Uncompressed tiles (BMP, ...) state their stride: the file must hold every row.
-        args = tile.args if isinstance(tile.args, tuple) else ()
-        if tile.codec_name == "raw" and len(args) > 1 and isinstance(args[1], int) and args[1] > 0:
-            rows = tile.extents[3] - tile.extents[1]
-            if tile.offset + abs(args[1]) * rows > len(data):
+        # Uncompressed tiles (BMP, ...) state their stride: the file must hold every row. A tile is
+        # (codec, extents, offset, args): a named tuple from Pillow 10.4, a plain one before
+        # (Pillow 9.5 in the A1111 WebUI).
+        codec, extents, offset, args = tuple(tile)[:4]
+        args = args if isinstance(args, tuple) else ()
+        if codec == "raw" and len(args) > 1 and isinstance(args[1], int) and args[1] > 0:
+            rows = extents[3] - extents[1]
+            if offset + abs(args[1]) * rows > len(data):
                 return True
     return False
 

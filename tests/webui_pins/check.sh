@@ -58,9 +58,11 @@ TESTS=(
   tests/test_train_resume.py tests/test_train_data.py      # exact resume, text-encoder training
   tests/test_train_maths.py tests/test_objectives.py       # noise, losses, weights, optimizers
   tests/test_data_text.py                                  # the captions a step trains with
+  tests/test_data_images.py                                # reading images on Pillow 9.5
   tests/test_a1111_host.py tests/test_a1111_bundle_archs.py tests/test_a1111_script.py
   tests/test_lora_inject.py tests/test_lora_kohya.py tests/test_lora_files.py tests/test_lora_webui_keys.py
   tests/test_lora_variants.py tests/test_lora_inspect.py  # LoCon, DoRA, LoHa, LoKr on peft 0.13.2
+  tests/test_lora_blocks.py                                # kohya's block weights and ranks
   tests/test_lora_forward.py                               # the lean LoRA forward every run takes
   tests/test_train_speed.py                                # the casts skipped under autocast, peft 0.13.2
   tests/test_train_norms.py                                # the norms in the compute dtype, GroupNorm32 included
@@ -85,6 +87,7 @@ DESELECT=(
   tests/test_models_loaders.py::test_single_file_sdxl_text_encoders_match_sgm_conditioning
   "tests/test_train_checkpointing.py::test_units_of_flux_and_sd3_are_their_transformer_blocks[tiny_flux]"
   tests/test_train_checkpointing.py::test_flux_and_sd35_train_exactly_with_a_share_of_their_blocks_checkpointed
+  tests/test_lora_blocks.py::test_block_settings_are_refused_on_a_transformer
 )
 [ $# -gt 0 ] && TESTS=("$@")
 pins_pytest "${TESTS[@]}" "${DESELECT[@]/#/--deselect=}"

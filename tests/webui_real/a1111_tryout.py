@@ -428,6 +428,36 @@ def transparent_images(url: str, tag: str, plain: np.ndarray) -> None:
     check(differs(txt2img(url, f"a red circle <lora:alpha_{tag}:1>"), plain) > 0, f"txt2img <lora:alpha_{tag}:1>")
 
 
+def lokr_blocks_and_color(url: str, data: Path, tag: str, plain: np.ndarray) -> None:
+    """A LoKr with LyCORIS' factor and decompose_both as a lora-scripts user writes them, and a
+    LoRA with kohya's block weights and ranks, color augmentation and random crops: each trains
+    on the WebUI's own model and the WebUI's loader renders it."""
+    from safetensors import safe_open
+
+    lokr = train_api(url, data, f"lokr_{tag}", 4, network_module="lycoris.kohya", network_dim=1, network_alpha=1,
+                     network_args=["algo=lokr", "factor=4", "decompose_both=True"])
+    with safe_open(lokr["result"]["lora_path"], "pt") as f:
+        keys, args = list(f.keys()), json.loads(f.metadata().get("ss_network_args") or "{}")
+    check(lokr["status"] == "done" and any(k.endswith(".lokr_w1_a") for k in keys)
+          and (args.get("algo"), args.get("factor"), args.get("decompose_both")) == ("lokr", "4", "True"),
+          f"api: a LoKr with factor=4 and decompose_both trained ({sum(k.endswith('.lokr_w1_a') for k in keys)} "
+          f"modules with a low-rank lokr_w1; {args})")
+    check(differs(txt2img(url, f"a red circle <lora:lokr_{tag}:1>"), plain) > 0, f"txt2img <lora:lokr_{tag}:1>")
+
+    dims = ",".join(["4"] * 12 + ["8"] + ["4"] * 12)
+    blocks = train_api(url, data, f"blocks_{tag}", 4, network_args=[
+        "down_lr_weight=0,0,0,1,1,1,1,1,1,1,1,1", "mid_lr_weight=2", "up_lr_weight=cosine+0.25",
+        f"block_dims={dims}"], color_aug=True, random_crop=True)
+    with safe_open(blocks["result"]["lora_path"], "pt") as f:
+        keys, md = list(f.keys()), f.metadata()
+        mid = [f.get_tensor(k).shape[0] for k in keys if "mid_block" in k and k.endswith("lora_down.weight")]
+    first = [k for k in keys if "down_blocks_0_" in k]
+    check(blocks["status"] == "done" and not first and mid and set(mid) == {8} and md.get("ss_color_aug") == "True",
+          f"api: block weights (the first down blocks left out: {len(first)} modules), block ranks (mid block rank "
+          f"{sorted(set(mid))}), color augmentation and random crops trained")
+    check(differs(txt2img(url, f"a red circle <lora:blocks_{tag}:1>"), plain) > 0, f"txt2img <lora:blocks_{tag}:1>")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:7861")
@@ -491,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
 
     kohya_options_and_bf16(args.url, data, tag, plain)
     transparent_images(args.url, tag, plain)
+    lokr_blocks_and_color(args.url, data, tag, plain)
 
     busy_queue(args.url, data, f"behind_{tag}")
 
