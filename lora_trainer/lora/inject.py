@@ -321,9 +321,11 @@ def _check_init_file(path: str, kind: str, incoming: dict[str, ModuleTensors]) -
 
 
 def _planned(bundle: ModelBundle, cfg: NetworkConfig, all_roots: dict[str, tuple[nn.Module, str]],
-             trained: set[str]) -> tuple[dict[str, Slot], dict[tuple[str, str, str], int], dict[tuple[str, str, str], float]]:
+             trained: set[str], per_block: dict[str, list[float] | None] | None = None,
+             ) -> tuple[dict[str, Slot], dict[tuple[str, str, str], int], dict[tuple[str, str, str], float]]:
     """Layout, ranks and alphas from the config: kohya's targets (or the user's), plus the ResNet
-    blocks and samplers for LoCon or with conv_rank, 3x3 convs at conv_rank/conv_alpha."""
+    blocks and samplers for LoCon or with conv_rank, 3x3 convs at conv_rank/conv_alpha; with
+    ``per_block`` (:func:`_block_ranks`) the UNet's at their block's rank, none in a block at 0."""
     use = {k: v for k, v in all_roots.items() if k in trained}
     found = find_targets(use, cfg.target_modules or None, bundle.family)
     with_convs = cfg.type == "locon" or cfg.conv_rank is not None or bool(cfg.conv_block_dims)
@@ -331,7 +333,6 @@ def _planned(bundle: ModelBundle, cfg: NetworkConfig, all_roots: dict[str, tuple
         found["unet"] = sorted(dict.fromkeys(found["unet"] + conv_block_targets(use["unet"][0])))
     targets = {k: (all_roots[k][1], _module_paths(all_roots[k][0], found[k])) for k in use}
     layout = kohya.build_layout(bundle.arch, targets)
-    per_block = _block_ranks(bundle.arch, cfg)
     ranks, alphas = {}, {}
     for key, s in list(layout.items()):
         spatial = is_spatial_conv(all_roots[s.root][0].get_submodule(s.path))
@@ -415,11 +416,12 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
                or (k != "unet" and network_cfg.train_text_encoder)}
     init_tensors: dict[str, torch.Tensor] | None = None
     lokr = (network_cfg.lokr_factor, network_cfg.lokr_decompose_both)
+    per_block = _block_ranks(bundle.arch, network_cfg)
     if network_cfg.init_from:
         init_tensors, layout, ranks, alphas, lokr = _from_file(bundle.arch, network_cfg.init_from, all_roots, kind,
                                                                lokr)
     else:
-        layout, ranks, alphas = _planned(bundle, network_cfg, all_roots, trained)
+        layout, ranks, alphas = _planned(bundle, network_cfg, all_roots, trained, per_block)
     if not layout:
         raise ConfigError("network: no module to put a LoRA on; enable network.train_unet or "
                           "network.train_text_encoder, or check network.target_modules")
@@ -446,7 +448,7 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
         LoraNetwork(bundle.arch, {}, states).remove()
         raise
     net = LoraNetwork(bundle.arch, layout, states, kind, lokr)
-    weights = blocks.network_weights(bundle.arch, network_cfg) if _block_ranks(bundle.arch, network_cfg) else None
+    weights = blocks.network_weights(bundle.arch, network_cfg) if per_block is not None else None
     if weights is not None:
         net.lr_weights = {k: weights[b] for k, s in layout.items()
                           if s.root == "unet" and (b := blocks.block_index(bundle.arch, k)) is not None}
