@@ -573,6 +573,32 @@ def test_auto_on_a_gpu_takes_the_estimators_fastest_fit():
     assert resident["train.batch_size"] >= values["train.batch_size"]
 
 
+def test_auto_counts_the_vae_when_every_step_encodes_its_images():
+    """Random crops or color augmentation leave the latents uncached: every step encodes its
+    images, so "auto" sizes the run with the VAE and its encoding in it, and says so."""
+    from lora_trainer.bench.estimate import _needed_gb, estimate_peak_memory
+    from lora_trainer.hosts.standalone import StandaloneHost
+    from lora_trainer.ui.train_section import auto_note_for_host, preset_for_host
+
+    host = StandaloneHost()
+    cached = preset_for_host(host, "auto", "sdxl", "lora", 12.0)
+    encoded = preset_for_host(host, "auto", "sdxl", "lora", 12.0, encoded=True)
+
+    def need(v, cache):
+        return _needed_gb(estimate_peak_memory(
+            "sdxl", v["data.resolution"], v["train.batch_size"], v["network.rank"], v["train.mixed_precision"],
+            v["train.gradient_checkpointing"], cache_latents=cache,
+            checkpointing_share=v["train.checkpointing_share"]))
+
+    assert need(encoded, False) <= 12.0 - 1.5  # what it picked fits with the images encoded at every step
+    assert need(cached, False) > need(cached, True)  # the VAE's part is real: the cached pick would need more
+    assert (encoded["train.batch_size"], -encoded["train.checkpointing_share"] * encoded[
+        "train.gradient_checkpointing"]) <= (cached["train.batch_size"], -cached["train.checkpointing_share"] * cached[
+            "train.gradient_checkpointing"])
+    assert "images encoded every step" in auto_note_for_host(host, "sdxl", "lora", 12.0, encoded=True)
+    assert "images encoded every step" not in auto_note_for_host(host, "sdxl", "lora", 12.0)
+
+
 def test_auto_sizes_the_chosen_network_type():
     """DoRA keeps a full-size weight per adapted layer: what "auto" picks for LoRA would not fit."""
     from lora_trainer.bench.estimate import _needed_gb, estimate_peak_memory

@@ -460,12 +460,17 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
     text = family.text_encoder_bytes(weight_dtype, DTYPE_BYTES[prec]) if size == "full" else 0
     denoiser, vae = tr["weight_bytes"], cache["vae_bytes"]
     weights = denoiser
-    if train_text_encoder or not cache_latents:
+    if train_text_encoder:  # else the captions' embeddings are cached and the encoders leave
         weights += text
+    step = tr["step"]
     if not cache_latents:
+        # The VAE stays and encodes each step's batch before the denoiser runs: the encoding's
+        # memory is free again (all but the latents) when the denoiser's step begins.
         weights += vae
+        per_step = cache if batch_size == LATENT_CACHE_BATCH else trace_latent_caching(
+            arch, resolution, batch_size, prec, size, device)
+        step = max(step, per_step["encode"])
     lora = tr["lora_params"] * 4 * 3  # fp32 parameters and AdamW's two fp32 moments
-    step = tr["step"] + (0 if cache_latents else cache["encode"])
     resident = 0 if unet_parked else denoiser  # the denoiser beside the encoders
     text_resident = text if train_text_encoder or not unet_parked else 0  # encoders beside the VAE
     caching = vae + cache["encode"] + text_resident + resident if cache_latents else 0
@@ -507,7 +512,7 @@ def _storages(arch: str) -> tuple[str, ...]:
 def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resolution: int | None = None,
                     rank: int = 16, precision: str = "bf16", model_resident: bool = False,
                     variant: str = "", network: str = "lora",
-                    weights_cast: WeightsCast | None = None) -> dict[str, Any]:
+                    weights_cast: WeightsCast | None = None, cache_latents: bool = True) -> dict[str, Any]:
     """The fastest settings predicted to fit ``free_gb - reserve_gb``: the least recomputation
     first — no gradient checkpointing, else the smallest share of the denoiser's blocks
     checkpointed (:data:`~lora_trainer.train.checkpointing.SHARES`) with which one image fits —
@@ -523,7 +528,9 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
 
     ``model_resident``: the model (UNet, text encoders, VAE) is already in memory (a WebUI's
     loaded model), so its weights are not part of what must still fit. ``weights_cast``: the
-    host stores the UNet narrower than it computes and casts per call (see ``WeightsCast``)."""
+    host stores the UNet narrower than it computes and casts per call (see ``WeightsCast``).
+    ``cache_latents=False``: the images are encoded at every step (random crops, color
+    augmentation), so the VAE and its encoding are part of the step."""
     res = resolution or get_family(arch).default_resolution
     budget = free_gb - reserve_gb
     if model_resident:  # the UNet, the text encoders and the VAE are already counted as used
@@ -536,7 +543,7 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
             for batch in (1, 2, 3, 4, 6, 8):  # a batch that does not fit ends the search: larger ones need more
                 est = estimate_peak_memory(arch, res, batch, rank, precision, share > 0, variant=variant,
                                            weight_dtype=storage, network=network, weights_cast=weights_cast,
-                                           checkpointing_share=share or 1.0)
+                                           checkpointing_share=share or 1.0, cache_latents=cache_latents)
                 if _needed_gb(est) > budget:
                     break
                 best = est
@@ -545,7 +552,7 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
             if _fixed_gb(est) > budget:  # no share or batch fits with this storage: the next one
                 break
     est = estimate_peak_memory(arch, res, 1, rank, precision, True, variant=variant, weight_dtype=_storages(arch)[-1],
-                               network=network, weights_cast=weights_cast)
+                               network=network, weights_cast=weights_cast, cache_latents=cache_latents)
     return _choice(est, _needed_gb(est) <= budget and not math.isnan(est.total_gb))
 
 

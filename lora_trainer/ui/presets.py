@@ -100,14 +100,17 @@ def _mixed_precision(compute_dtype: str | None) -> str:
 
 
 def auto_values(arch: str, free_gb: float, model_resident: bool = False, network: str = "lora",
-                weights_cast: tuple[str, str] | None = None, compute_dtype: str | None = None) -> dict[str, Any]:
+                weights_cast: tuple[str, str] | None = None, compute_dtype: str | None = None,
+                latents_cached: bool = True) -> dict[str, Any]:
     """The fastest settings the memory estimator predicts to fit ``free_gb`` (minus a reserve for
     the host) with ``network`` adapters: no gradient checkpointing, else the smallest share of the
     denoiser's blocks checkpointed that fits, with the largest batch that fits then; for Flux.1 / SD3.5 the transformer's weights stored in fp8 or nf4 when bf16 ones do
     not fit. ``weights_cast``: the host casts narrow-stored UNet weights per call
-    (``LoadedModel.weights_cast``); ``compute_dtype``: the dtype the host's model computes in."""
+    (``LoadedModel.weights_cast``); ``compute_dtype``: the dtype the host's model computes in;
+    ``latents_cached``: False when the form's random crops or color augmentation make every step
+    encode its images (the VAE is then part of the step)."""
     precision = _mixed_precision(compute_dtype)
-    c = _auto_choice(arch, free_gb, model_resident, network, weights_cast, precision)
+    c = _auto_choice(arch, free_gb, model_resident, network, weights_cast, precision, latents_cached)
     return {**_COMMON, "data.resolution": c["resolution"], "train.batch_size": c["batch_size"],
             "train.gradient_checkpointing": c["gradient_checkpointing"],
             "train.checkpointing_share": c["checkpointing_share"], "network.rank": c["rank"],
@@ -116,22 +119,25 @@ def auto_values(arch: str, free_gb: float, model_resident: bool = False, network
 
 
 def _auto_choice(arch: str, free_gb: float, model_resident: bool, network: str,
-                 weights_cast: tuple[str, str] | None, precision: str) -> dict[str, Any]:
+                 weights_cast: tuple[str, str] | None, precision: str, latents_cached: bool = True) -> dict[str, Any]:
     from lora_trainer.bench.estimate import choose_settings
 
     return choose_settings(free_gb, arch, precision="fp32" if precision == "no" else precision,
-                           model_resident=model_resident, network=network, weights_cast=weights_cast)
+                           model_resident=model_resident, network=network, weights_cast=weights_cast,
+                           cache_latents=latents_cached)
 
 
 def auto_summary(arch: str, free_gb: float | None, model_resident: bool = False, network: str = "lora",
-                 weights_cast: tuple[str, str] | None = None, compute_dtype: str | None = None) -> str:
+                 weights_cast: tuple[str, str] | None = None, compute_dtype: str | None = None,
+                 latents_cached: bool = True) -> str:
     """One line on what "auto" chose for ``free_gb`` and why: the settings that set the memory,
     the estimate, and what to change when even the smallest settings are estimated not to fit."""
     from lora_trainer.bench.estimate import round_up
 
     if free_gb is None:
         return "auto: no GPU found, so the CPU demo settings"
-    c = _auto_choice(arch, free_gb, model_resident, network, weights_cast, _mixed_precision(compute_dtype))
+    c = _auto_choice(arch, free_gb, model_resident, network, weights_cast, _mixed_precision(compute_dtype),
+                     latents_cached)
     share = c["checkpointing_share"]
     ckpt = ("no gradient checkpointing" if not c["gradient_checkpointing"] else
             "gradient checkpointing of every block" if share >= 1 else
@@ -142,9 +148,10 @@ def auto_summary(arch: str, free_gb: float | None, model_resident: bool = False,
     if not c["fits"]:
         return (f"{head}: even these are estimated to need {peak} GiB at the peak, more than is free; lower "
                 "data.resolution or network.rank, or free GPU memory, or the run will stop out of memory")
+    encoded = "" if latents_cached else ", images encoded every step (random crops or color augmentation)"
     if model_resident:
-        return f"{head}, the fastest that fits beside the loaded model (estimated peak {peak} GiB)"
-    return f"{head}, the fastest that fits (estimated peak {peak} GiB)"
+        return f"{head}, the fastest that fits beside the loaded model{encoded} (estimated peak {peak} GiB)"
+    return f"{head}, the fastest that fits{encoded} (estimated peak {peak} GiB)"
 
 
 # Adapter kinds that build a full-size weight per adapted layer in every step (DoRA's normalised
@@ -155,19 +162,21 @@ FULL_WEIGHT_KINDS = ("dora", "loha", "lokr")
 
 def preset_values(name: str, arch: str = DEFAULT_FAMILY, memory_gb: float | None = None, *,
                   model_resident: bool = False, network: str = "lora",
-                  weights_cast: tuple[str, str] | None = None, compute_dtype: str | None = None) -> dict[str, Any]:
+                  weights_cast: tuple[str, str] | None = None, compute_dtype: str | None = None,
+                  latents_cached: bool = True) -> dict[str, Any]:
     """{field path: value} for preset ``name``. "auto" asks the memory estimator for the fastest
     settings that fit the free GPU memory (``memory_gb`` when given) with ``network`` adapters;
     without a GPU it is the CPU demo preset. The fixed presets turn gradient checkpointing on for
     :data:`FULL_WEIGHT_KINDS`. ``model_resident``: the host's model already sits in that memory;
     ``weights_cast``: the host casts its narrow-stored UNet weights per call; ``compute_dtype``:
-    the dtype the host's model computes in (the mixed precision of every GPU preset follows it)."""
+    the dtype the host's model computes in (the mixed precision of every GPU preset follows it);
+    ``latents_cached``: False when every step encodes its images (auto counts the VAE then)."""
     if name == "auto":
         free = memory_gb if memory_gb is not None else gpu_free_gb()
         if free is None:
             return {**_COMMON, **_CPU}
         return auto_values(arch, free, model_resident, network, weights_cast=weights_cast,
-                           compute_dtype=compute_dtype)
+                           compute_dtype=compute_dtype, latents_cached=latents_cached)
     if name == "cpu (demo)":
         return {**_COMMON, **_CPU}
     try:

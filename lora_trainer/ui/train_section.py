@@ -123,7 +123,8 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
         return run
 
     # .input: the user's choice only; the label a loaded form sets (form_of) must not apply a preset again
-    ctx.later(lambda: preset.input(_preset_applier(ctx), [preset, ctx.fields["model.arch"], ctx.fields["network.type"]],
+    ctx.later(lambda: preset.input(_preset_applier(ctx), [preset, ctx.fields["model.arch"], ctx.fields["network.type"],
+                                                          ctx.fields["data.crop"], ctx.fields["data.color_aug"]],
                                    [ctx.fields[p] for p in PRESET_FIELDS] + [msg]))
     ctx.later(lambda: start.click(do_start, ctx.inputs, [msg, progress]))
     stop.click(command("stop"), None, [msg])
@@ -138,41 +139,46 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
 def _preset_applier(ctx: TabContext) -> Any:
     """The preset dropdown's handler: the preset's values into its fields, and a line saying what
     it set (for "auto": what it picked for the GPU's free memory) into the message."""
-    def apply_preset(name: str, arch: str, network: str) -> list[Any]:
+    def apply_preset(name: str, arch: str, network: str, crop: str = "center", color_aug: bool = False) -> list[Any]:
         if not name or name == CUSTOM_PRESET:  # "custom" changes nothing
             return [compat.update() for _ in PRESET_FIELDS] + [compat.update()]
         free = presets.gpu_free_gb() if name == "auto" else None  # read once: the values and the note agree
-        values = preset_for_host(ctx.host, name, arch, network, free)
-        note = auto_note_for_host(ctx.host, arch, network, free) if name == "auto" else f"preset {name} applied"
+        encoded = crop == "random" or bool(color_aug)  # every step encodes its images: auto counts the VAE
+        values = preset_for_host(ctx.host, name, arch, network, free, encoded)
+        note = auto_note_for_host(ctx.host, arch, network, free, encoded) if name == "auto" else \
+            f"preset {name} applied"
         return [compat.update(value=to_component(values[p], field_kind(p)[0])) if p in values else compat.update()
                 for p in PRESET_FIELDS] + [note]
     return apply_preset
 
 
-def _for_host(host: Host, form_arch: str, network: str) -> tuple[str, dict[str, Any]]:
+def _for_host(host: Host, form_arch: str, network: str, encoded: bool = False) -> tuple[str, dict[str, Any]]:
     """The family a preset is sized for (the host's loaded model's when it has one, a WebUI's
-    checkpoint; else the form's ``model.arch``, auto: the default family) and the loaded model's
-    facts the presets take."""
+    checkpoint; else the form's ``model.arch``, auto: the default family) and the facts the
+    presets take: the loaded model's, and whether every step encodes its images (``encoded``)."""
     loaded = host.loaded_model()
     family = loaded.family if loaded is not None else None
     if family is None:
         family = form_arch if form_arch and form_arch != "auto" else DEFAULT_FAMILY
     return family, {"model_resident": loaded is not None and loaded.resident, "network": network or "lora",
                     "weights_cast": loaded.weights_cast if loaded is not None else None,
-                    "compute_dtype": loaded.compute_dtype if loaded is not None else None}
+                    "compute_dtype": loaded.compute_dtype if loaded is not None else None,
+                    "latents_cached": not encoded}
 
 
 def preset_for_host(host: Host, name: str, form_arch: str, network: str = "lora",
-                    free_gb: float | None = None) -> dict[str, Any]:
+                    free_gb: float | None = None, encoded: bool = False) -> dict[str, Any]:
     """Preset ``name``'s values for the model the run will train, sized for the form's
-    ``network.type``; "auto" for ``free_gb`` of GPU memory (read from the GPU when not given)."""
-    family, facts = _for_host(host, form_arch, network)
+    ``network.type`` (and, ``encoded``, its images encoded every step); "auto" for ``free_gb`` of
+    GPU memory (read from the GPU when not given)."""
+    family, facts = _for_host(host, form_arch, network, encoded)
     return presets.preset_values(name, family, free_gb, **facts)
 
 
-def auto_note_for_host(host: Host, form_arch: str, network: str, free_gb: float | None) -> str:
+def auto_note_for_host(host: Host, form_arch: str, network: str, free_gb: float | None,
+                       encoded: bool = False) -> str:
     """The line the tab shows when "auto" is chosen: what it picked for ``free_gb`` (None: no GPU)."""
-    family, facts = _for_host(host, form_arch, network)
+    family, facts = _for_host(host, form_arch, network, encoded)
     return presets.auto_summary(family, free_gb, **facts)
 
 
@@ -193,7 +199,7 @@ def auto_form(ctx: TabContext) -> tuple[list[Any], str]:
     """The "auto" preset as the form's updates (its fields; the others as they are) and its line,
     for the model the host has loaded now and the GPU's free memory now."""
     d = ctx.defaults
-    *values, note = _preset_applier(ctx)("auto", d.model.arch, d.network.type)
+    *values, note = _preset_applier(ctx)("auto", d.model.arch, d.network.type, d.data.crop, d.data.color_aug)
     by_path = dict(zip(PRESET_FIELDS, values, strict=True))
     return [by_path.get(p, compat.update()) for p in ctx.paths], note
 
