@@ -927,7 +927,8 @@ def _check_blocks(cfg: TrainConfig) -> None:
     dims = [f for f in given if f in blocks.DIM_FIELDS]
     _need(n.init_from is None or not dims,
           f"network.{dims[0] if dims else ''}: with network.init_from the ranks come from that file; leave it empty")
-    for probe in ([arch] if arch in ("sd1", "sd2", "sdxl") else ["sd1", "sdxl"]):
+    probes = [arch] if blocks.has_blocks(arch) else blocks.block_archs()  # auto: any of them
+    for probe in probes:
         try:
             weights = blocks.lr_weights(probe, n.down_lr_weight, n.mid_lr_weight, n.up_lr_weight,
                                         n.block_lr_zero_threshold)
@@ -935,7 +936,7 @@ def _check_blocks(cfg: TrainConfig) -> None:
                                n.conv_alpha, weights)
             return
         except ConfigError:
-            if probe == "sdxl" or arch in ("sd1", "sd2"):
+            if probe == probes[-1]:
                 raise
 
 

@@ -48,7 +48,7 @@ def test_weights_curves_padding_and_zero_threshold() -> None:
     ({"network.down_lr_weight": "fast"}, "network.down_lr_weight: 'fast' is neither numbers separated by commas nor "
                                          "one of cosine"),
     ({"network.mid_lr_weight": "1,a"}, "network.mid_lr_weight: '1,a' must be numbers separated by commas"),
-    ({"network.block_dims": "4,4"}, "network.block_dims: 2 values; sdxl's UNet has 23 blocks (SD1 and SD2: 25"),
+    ({"network.block_dims": "4,4"}, "blocks (SD1 and SD2: 25, SDXL: 23), give one for each"),
     ({"network.block_alphas": ",".join(["1"] * 23), "model.arch": "sd1"}, "network.block_alphas: 23 values; sd1's UNet "
                                                                          "has 25 blocks"),
     ({"network.block_dims": ",".join(["4"] * 25), "network.init_from": "x.safetensors"},

@@ -72,6 +72,9 @@ class Family:
     name: str = ""  # "sd1", "sd2", "sdxl", "flux1", "sd3" (config's model.arch, bundle.arch)
     label: str = ""  # "Stable Diffusion 1.x" (what the tab and errors show)
     default_resolution: int = 512
+    # kohya's UNet blocks for block weights and ranks (lora_trainer.lora.blocks): (blocks per side,
+    # mid blocks, whether its kohya names are SGM paths with a base and an out block); None: none.
+    kohya_blocks: tuple[int, int, bool] | None = None
     # LoRA roots: the denoiser's key and the text encoders' keys, in the bundle's order.
     denoiser_root: str = "unet"
     text_encoder_roots: tuple[str, ...] = ("te",)

@@ -27,6 +27,7 @@ _SDXL_KEYS = ("lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_"
 
 
 class _StableDiffusion(Family):
+    kohya_blocks = (12, 1, False)  # 12 down, the mid block, 12 up, by diffusers names
     objective = ObjectiveSpec(kind="ddpm")
     pipeline_class = "StableDiffusionPipeline"
     text_encoder_folders = (("te", "text_encoder", "tokenizer"),)
@@ -160,6 +161,7 @@ class SD2(_StableDiffusion):
 
 class SDXL(_StableDiffusion):
     name, label = "sdxl", "Stable Diffusion XL"
+    kohya_blocks = (9, 3, True)  # base, 9 input, 3 middle, 9 output, out
     default_resolution = 1024
     text_encoder_roots = ("te1", "te2")
     trainable_text_encoders = ("te1", "te2")

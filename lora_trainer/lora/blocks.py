@@ -18,25 +18,45 @@ from typing import Any
 
 from lora_trainer.errors import ConfigError
 
-# (blocks on the down side and on the up side, mid blocks), by kohya's count
-_SD, _SDXL = (12, 1), (9, 3)
 CURVES = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 _UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
-ARCHS = ("sd1", "sd2", "sdxl")  # the families with kohya's UNet blocks
 LR_FIELDS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
 DIM_FIELDS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
 
 
+def has_blocks(arch: str) -> bool:
+    """Whether family ``arch`` has kohya's UNet blocks (its ``kohya_blocks``)."""
+    from lora_trainer.families import family_names, get_family
+
+    return arch in family_names() and get_family(arch).kohya_blocks is not None
+
+
+def block_archs() -> list[str]:
+    """The families with kohya's UNet blocks."""
+    from lora_trainer.families import family_names
+
+    return [a for a in family_names() if has_blocks(a)]
+
+
+def _layout(arch: str) -> tuple[int, int, bool]:
+    from lora_trainer.families import get_family
+
+    layout = get_family(arch).kohya_blocks
+    assert layout is not None, arch
+    return layout
+
+
 def sizes(arch: str) -> tuple[int, int, int]:
     """(blocks per side, mid blocks, all blocks) of ``arch``'s UNet."""
-    side, mid = _SDXL if arch == "sdxl" else _SD
-    return side, mid, 2 * side + mid + (2 if arch == "sdxl" else 0)
+    side, mid, sgm = _layout(arch)
+    return side, mid, 2 * side + mid + (2 if sgm else 0)
 
 
 def block_index(arch: str, key: str) -> int | None:
     """The block of the UNet module with kohya name ``key`` (None: in no block)."""
     name = key.removeprefix("lora_unet_")
-    if arch == "sdxl":
+    side_count, mid_count, sgm = _layout(arch)
+    if sgm:
         for prefix, first in (("input_blocks_", 1), ("middle_block_", 10), ("output_blocks_", 13)):
             if name.startswith(prefix):
                 return first + int(name[len(prefix):].split("_", 1)[0])
@@ -45,8 +65,8 @@ def block_index(arch: str, key: str) -> int | None:
     if m:
         side, i, kind, j = m.groups()
         idx = 3 * int(i) + (2 if kind.endswith("samplers") else int(j))
-        return 1 + idx if side == "down" else _SD[0] + 1 + idx
-    return _SD[0] if "mid_block_" in name else None
+        return 1 + idx if side == "down" else side_count + 1 + idx
+    return side_count if "mid_block_" in name else None
 
 
 def _numbers(text: str, field: str, kind: type = float) -> list[float]:
@@ -85,7 +105,7 @@ def lr_weights(arch: str, down: str, mid: str, up: str, threshold: float) -> lis
             _numbers(text, field) if text else []
         weights = (weights + [1.0] * count)[:count]
         out += [w if w > threshold or not text else 0.0 for w in weights]
-    return [1.0, *out, 1.0] if arch == "sdxl" else out
+    return [1.0, *out, 1.0] if _layout(arch)[2] else out
 
 
 def _per_block(text: str, field: str, kind: type, total: int, arch: str) -> list[float]:

@@ -355,7 +355,7 @@ def _block_ranks(arch: str, cfg: NetworkConfig) -> dict[str, list[float] | None]
     networks.lora on an SD1/SD2/SDXL UNet), else None."""
     if not blocks.configured(cfg):
         return None
-    if arch not in blocks.ARCHS:
+    if not blocks.has_blocks(arch):
         raise ConfigError(f"network: block weights and ranks are for the SD1, SD2 and SDXL UNet, not {arch}; "
                           f"leave network.{next(f for f in blocks.LR_FIELDS + blocks.DIM_FIELDS if getattr(cfg, f))} "
                           "empty")
