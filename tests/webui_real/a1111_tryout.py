@@ -434,14 +434,17 @@ def lokr_blocks_and_color(url: str, data: Path, tag: str, plain: np.ndarray) -> 
     on the WebUI's own model and the WebUI's loader renders it."""
     from safetensors import safe_open
 
-    lokr = train_api(url, data, f"lokr_{tag}", 4, network_module="lycoris.kohya", network_dim=1, network_alpha=1,
-                     network_args=["algo=lokr", "factor=4", "decompose_both=True"])
+    # A rate that makes 4 steps show in a render; 32 = 8 x 4: lokr_w1 8 x 8 as a rank-2 pair.
+    # Saved in fp32: the WebUI multiplies a LyCORIS pair in the file's dtype, and torch 2.1 has no
+    # fp16 matrix product on a CPU (it skips the layer without a word; on a GPU fp16 works).
+    lokr = train_api(url, data, f"lokr_{tag}", 4, network_module="lycoris.kohya", network_dim=2, network_alpha=2,
+                     network_args=["algo=lokr", "factor=8", "decompose_both=True"], learning_rate=5e-2,
+                     save_precision="fp32")
     with safe_open(lokr["result"]["lora_path"], "pt") as f:
         keys, args = list(f.keys()), json.loads(f.metadata().get("ss_network_args") or "{}")
     check(lokr["status"] == "done" and any(k.endswith(".lokr_w1_a") for k in keys)
-          and (args.get("algo"), args.get("factor"), args.get("decompose_both")) == ("lokr", "4", "True"),
-          f"api: a LoKr with factor=4 and decompose_both trained ({sum(k.endswith('.lokr_w1_a') for k in keys)} "
-          f"modules with a low-rank lokr_w1; {args})")
+          and (args.get("algo"), args.get("factor"), args.get("decompose_both")) == ("lokr", "8", "True"),
+          f"api: a LoKr with LyCORIS' factor=8 and decompose_both trained ({args})")
     check(differs(txt2img(url, f"a red circle <lora:lokr_{tag}:1>"), plain) > 0, f"txt2img <lora:lokr_{tag}:1>")
 
     dims = ",".join(["4"] * 12 + ["8"] + ["4"] * 12)
