@@ -165,6 +165,13 @@ class NetworkConfig:
                                 "conv_alpha.")
     lokr_decompose_both: bool = _f(False, "LoKr: make the small factor (lokr_w1) a low-rank pair too, as the large "
                                    "one is (LyCORIS' decompose_both). Other types ignore it.")
+    rank_dropout: float = _f(0.0, "Rank dropout (kohya's and LyCORIS' rank_dropout): while training, each rank of "
+                             "a LoRA/LoCon module is left out for each image with this probability, the rest scaled "
+                             "up to match; LoHa and LoKr leave out rows of their update instead, as LyCORIS does. "
+                             "0.1 is typical; 0: off. Not with dora.")
+    module_dropout: float = _f(0.0, "Module dropout (kohya's and LyCORIS' module_dropout): while training, each "
+                               "module's whole update is left out of a step with this probability. 0.1 is "
+                               "typical; 0: off. Not with dora.")
 
 
 @dataclass
@@ -543,6 +550,7 @@ LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lok
 _NETWORK_ARG_FIELDS = {"conv_dim": "network.conv_rank", "conv_alpha": "network.conv_alpha",
                        "dropout": "network.dropout", "loraplus_lr_ratio": "optim.loraplus_lr_ratio",
                        "factor": "network.lokr_factor", "decompose_both": "network.lokr_decompose_both",
+                       "rank_dropout": "network.rank_dropout", "module_dropout": "network.module_dropout",
                        **{k: f"network.{k}" for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight",
                                                       "block_lr_zero_threshold", "block_dims", "block_alphas",
                                                       "conv_block_dims", "conv_block_alphas")}}
@@ -898,6 +906,11 @@ def _check_network(cfg: TrainConfig) -> None:
     need(n.conv_alpha is None or n.conv_alpha > 0, f"network.conv_alpha: {n.conv_alpha} must be above 0 (or empty)")
     need(n.dropout == 0 or n.type in ("lora", "locon"),
          f"network.dropout: {n.dropout} works with network.type lora/locon only, not {n.type}; set it to 0")
+    for name in ("rank_dropout", "module_dropout"):
+        value = getattr(n, name)
+        need(0.0 <= value < 1.0, f"network.{name}: {value} must be in [0, 1) (0.1 is typical; 0 is off)")
+        need(value == 0 or n.type != "dora",
+             f"network.{name}: {value} works with network.type lora, locon, loha or lokr, not dora; set it to 0")
     need(n.lokr_factor == -1 or n.lokr_factor >= 1,
          f"network.lokr_factor: {n.lokr_factor} must be -1 (as square as possible) or at least 1 (4-16 is typical)")
     _check_blocks(cfg)

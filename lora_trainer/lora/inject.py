@@ -268,8 +268,10 @@ def _exact_pattern(path: str) -> str:
 
 
 def _inject_root(root: nn.Module, entries: list[tuple[str, tuple[str, ...]]], ranks: dict[tuple[str, str], int],
-                 alphas: dict[tuple[str, str], float], dropout: float, trainable: bool, kind: str,
-                 lokr: tuple[int, bool]) -> _RootState:
+                 alphas: dict[tuple[str, str], float], dropouts: tuple[float, float, float], trainable: bool,
+                 kind: str, lokr: tuple[int, bool]) -> _RootState:
+    """Put ``kind`` layers on ``root``'s ``entries``; ``dropouts``: (peft's LoRA dropout, rank
+    dropout, module dropout)."""
     mods = dict(root.named_modules())
     paths = [p for p, _ in entries]
     state = _RootState(root, {p: mods[p] for p in paths},
@@ -285,8 +287,10 @@ def _inject_root(root: nn.Module, entries: list[tuple[str, tuple[str, ...]]], ra
                 kind, r0, a0, plain,
                 rank_pattern={_exact_pattern(p): ranks[(p, "")] for p in plain if ranks[(p, "")] != r0},
                 alpha_pattern={_exact_pattern(p): alphas[(p, "")] for p in plain if alphas[(p, "")] != a0},
-                dropout=dropout, lokr=lokr)
+                dropout=dropouts[0], lokr=lokr, dropouts=(dropouts[1], dropouts[2]))
             inject_adapter_in_model(config, root, adapter_name=ADAPTER)
+            if kind == "lora":
+                variants.kohya_dropouts(root, dropouts[1], dropouts[2])
             if kind == "dora":
                 variants.wrap_dora(root, plain)
             variants.fix_lokr_scaling(root)
@@ -432,6 +436,9 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
     if kind != "lora" and any(s.part for s in layout.values()):
         raise ConfigError(f"network.type {network_cfg.type}: the text encoder's nn.MultiheadAttention (open_clip) "
                           "takes LoRA/LoCon only; set network.train_text_encoder to false or use lora")
+    if (network_cfg.rank_dropout or network_cfg.module_dropout) and any(s.part for s in layout.values()):
+        raise ConfigError("network.rank_dropout / module_dropout: the text encoder's nn.MultiheadAttention "
+                          "(open_clip) trains without them; set them to 0 or network.train_text_encoder to false")
     states: dict[str, _RootState] = {}
     try:
         for root in dict.fromkeys(s.root for s in layout.values()):
@@ -443,7 +450,8 @@ def inject_lora(bundle: ModelBundle, network_cfg: NetworkConfig) -> LoraNetwork:
                 all_roots[root][0], [(p, tuple(parts)) for p, parts in entries.items()],
                 {(p, q): r for (rt, p, q), r in ranks.items() if rt == root},
                 {(p, q): a for (rt, p, q), a in alphas.items() if rt == root},
-                network_cfg.dropout, root in trained, kind, lokr)
+                (network_cfg.dropout, network_cfg.rank_dropout, network_cfg.module_dropout), root in trained,
+                kind, lokr)
     except Exception:
         LoraNetwork(bundle.arch, {}, states).remove()
         raise

@@ -39,6 +39,7 @@ def network_module_args(net: NetworkConfig) -> tuple[str, dict[str, str]]:
         args["conv_alpha"] = _num(float(net.conv_alpha if net.conv_alpha is not None else net.alpha))
     if net.type == "dora":
         args.update(dora_wd="True", wd_on_output="False")
+    args.update({f: _num(float(getattr(net, f))) for f in ("rank_dropout", "module_dropout") if getattr(net, f)})
     block_fields = (*blocks.LR_FIELDS, *blocks.DIM_FIELDS)
     args.update({f: getattr(net, f) for f in block_fields if getattr(net, f)})
     if any(getattr(net, f) for f in blocks.LR_FIELDS) and net.block_lr_zero_threshold:

@@ -41,17 +41,68 @@ ADAPTER_PARAM_MARKS = ("lora_", "hada_", "lokr_", "dora_scale")
 
 
 def peft_config(kind: str, r: int, alpha: float, targets: list[str], rank_pattern: dict[str, int],
-                alpha_pattern: dict[str, float], dropout: float, lokr: tuple[int, bool] = (-1, False)) -> Any:
+                alpha_pattern: dict[str, float], dropout: float, lokr: tuple[int, bool] = (-1, False),
+                dropouts: tuple[float, float] = (0.0, 0.0)) -> Any:
     """The peft config that puts ``kind`` layers on ``targets`` (DoRA: plain LoRA, wrapped after);
-    ``lokr``: LoKr's (factor, decompose_both)."""
+    ``lokr``: LoKr's (factor, decompose_both); ``dropouts``: (rank, module) dropout, peft's own
+    for LoHa and LoKr (LoRA's are kohya's, added by :func:`kohya_dropouts`)."""
     if kind in ("lora", "dora"):
         return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                           rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, init_lora_weights=True)
+    rank_dropout, module_dropout = dropouts
     if kind == "loha":
         return LoHaConfig(r=r, alpha=alpha, target_modules=targets, rank_pattern=rank_pattern,
-                          alpha_pattern=alpha_pattern, init_weights=True)
+                          alpha_pattern=alpha_pattern, init_weights=True, rank_dropout=rank_dropout,
+                          module_dropout=module_dropout)
+    # peft before 0.14 always scales LoKr's kept rows up (as LoHa's); later only when asked
+    scale = {"rank_dropout_scale": True} if "rank_dropout_scale" in LoKrConfig.__dataclass_fields__ else {}
     return LoKrConfig(r=r, alpha=alpha, target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                      init_weights=True, decompose_factor=lokr[0], decompose_both=lokr[1])
+                      init_weights=True, decompose_factor=lokr[0], decompose_both=lokr[1], rank_dropout=rank_dropout,
+                      module_dropout=module_dropout, **scale)
+
+
+# The attribute that marks a LoRA layer with kohya's rank or module dropout: (rank, module).
+DROPOUT_MARK = "lora_trainer_dropouts"
+
+
+def _module_dropout(p: float, layer: nn.Module, args: Any) -> None:
+    """Before a LoRA layer runs: while training, leave its update out with probability ``p`` (as
+    kohya: its weights get no gradient from this pass); otherwise keep it."""
+    layer._disable_adapters = bool(layer.training and float(torch.rand(1)) < p)
+
+
+def _module_dropout_done(layer: nn.Module, args: Any, out: Any) -> None:
+    layer._disable_adapters = False
+
+
+def _rank_dropout(p: float, down: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor | None:
+    """After a LoRA layer's down projection: while training, zero each rank of each sample with
+    probability ``p`` and scale the others by 1 / (1 - p), as kohya does."""
+    if not down.training:
+        return None
+    batch, rank = out.shape[0], (out.shape[-1] if isinstance(down, nn.Linear) else out.shape[1])
+    keep = (torch.rand((batch, rank), device=out.device) > p).to(out.dtype)
+    ones = [1] * (out.dim() - 2)
+    keep = keep.view(batch, *ones, rank) if isinstance(down, nn.Linear) else keep.view(batch, rank, *ones)
+    return out * keep * (1.0 / (1.0 - p))
+
+
+def kohya_dropouts(root: nn.Module, rank_dropout: float, module_dropout: float) -> int:
+    """kohya's rank and module dropout (networks.lora) on the peft LoRA layers of ``root``; how
+    many layers got them. The hooks go with the layers when the network is removed."""
+    from peft.tuners.lora import LoraLayer
+
+    if not (rank_dropout or module_dropout):
+        return 0
+    layers = [m for m in root.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+    for m in layers:
+        setattr(m, DROPOUT_MARK, (rank_dropout, module_dropout))
+        if module_dropout:
+            m.register_forward_pre_hook(functools.partial(_module_dropout, module_dropout))
+            m.register_forward_hook(_module_dropout_done)
+        if rank_dropout:
+            m.lora_A[ADAPTER].register_forward_hook(functools.partial(_rank_dropout, rank_dropout))
+    return len(layers)
 
 
 def _pair_or_whole(t: dict[str, torch.Tensor], whole: str) -> tuple[tuple[int, int], bool]:

@@ -15,13 +15,16 @@ from torch import nn
 
 
 def _plain_lora_without_dropout(module: nn.Module) -> bool:
-    """A peft LoRA layer without a variant (DoRA, ...) and without dropout: the layers whose
-    casts these options change (a dropout mask drawn in another dtype could differ)."""
+    """A peft LoRA layer without a variant (DoRA, ...) and without dropout (peft's, or kohya's
+    rank and module dropout): the layers whose casts these options change (a dropout mask drawn
+    in another dtype could differ)."""
     from peft.tuners.lora import LoraLayer
+
+    from lora_trainer.lora.variants import DROPOUT_MARK
 
     if not isinstance(module, LoraLayer) or getattr(module, "lora_variant", None):
         return False
-    if any(getattr(module, "use_dora", {}).values()):
+    if any(getattr(module, "use_dora", {}).values()) or getattr(module, DROPOUT_MARK, None):
         return False
     return all(isinstance(d, nn.Identity) for d in module.lora_dropout.values())
 

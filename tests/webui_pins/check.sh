@@ -63,6 +63,7 @@ TESTS=(
   tests/test_lora_inject.py tests/test_lora_kohya.py tests/test_lora_files.py tests/test_lora_webui_keys.py
   tests/test_lora_variants.py tests/test_lora_inspect.py  # LoCon, DoRA, LoHa, LoKr on peft 0.13.2
   tests/test_lora_blocks.py                                # kohya's block weights and ranks
+  tests/test_lora_dropouts.py                              # rank and module dropout (peft 0.13.2 LoHa/LoKr)
   tests/test_lora_forward.py                               # the lean LoRA forward every run takes
   tests/test_train_speed.py                                # the casts skipped under autocast, peft 0.13.2
   tests/test_train_norms.py                                # the norms in the compute dtype, GroupNorm32 included
