@@ -118,6 +118,8 @@ def test_training_writes_a_lora_the_webui_resolves_and_leaves_the_model_exact(en
     assert "lt_test" in trained["listed"]  # the WebUI's list was refreshed by the run
     tensors, meta = read_lora_file(path)
     assert any(k.startswith("lora_te_") for k in tensors) and any(k.startswith("lora_unet_") for k in tensors)
+    weights = {v.dtype for k, v in tensors.items() if not k.endswith(".alpha")}
+    assert weights == {torch.float16}  # output.save_precision: the WebUI casts a LoRA's weights itself
     assert any(v.abs().max() > 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))  # it learned
     # The WebUI's progress saw the run (3 steps) and the job ended.
     assert trained["state"].sampling_steps == 3 and trained["state"].job == ""
@@ -131,6 +133,25 @@ def test_training_writes_a_lora_the_webui_resolves_and_leaves_the_model_exact(en
     for mod in net.modules.values():
         w = layers[mod["layer_name"]].weight
         assert mod["lora_up.weight"].shape[0] == w.shape[0] and mod["lora_down.weight"].shape[1] == w.shape[1]
+
+
+@pytest.mark.parametrize("typ", ["loha", "lokr"])
+def test_on_the_cpu_lycoris_files_are_written_in_fp32_the_webui_can_apply(env, tmp_path: Path, typ: str) -> None:
+    """A1111's LoHa/LoKr modules multiply the file's factors in the file's dtype: on the CPU
+    (torch has no fp16 matrix product there) an fp16 file would not apply at all."""
+    from modules import devices
+
+    from lora_trainer.lora.files import read_lora_file
+    from lora_trainer.train.trainer import Trainer
+
+    assert devices.device.type == "cpu"
+    said: list[str] = []
+    result = Trainer(config(tmp_path, **{"network.type": typ, "train.max_train_steps": 1,
+                                         "network.train_text_encoder": False}), host=host(),
+                     callbacks=[lambda ev: said.append(ev.message) if ev.kind == "status" else None]).run()
+    tensors, _ = read_lora_file(result.lora_path)
+    assert {v.dtype for v in tensors.values()} == {torch.float32}
+    assert any(f"written in fp32, not fp16: on the CPU this WebUI cannot apply {typ} weights" in m for m in said)
 
 
 def test_render_uses_webui_txt2img_with_the_lora(env, trained) -> None:

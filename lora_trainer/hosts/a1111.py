@@ -169,6 +169,8 @@ class A1111Host(WebUIHost):
                 lowvram.send_everything_to_cpu()
                 sd_model.model.to(device)
             bundle = bundle_from_sd_model(sd_model, roots, device, shared)
+            if device.type == "cpu":  # its LyCORIS modules multiply the file's fp16 factors as they are
+                bundle.lycoris_save_dtype = torch.float32
             return bundle
         except BaseException:
             self.release_bundle(None)

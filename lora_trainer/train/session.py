@@ -243,6 +243,9 @@ class RunSession:
         self.network = inject_lora(self.bundle, self.cfg.network)
         self.params = self.network.parameters()
         self.status(f"LoRA: {sum(p.numel() for p in self.params):,} trainable parameters")
+        if self.save_dtype() != _SAVE_DTYPES[self.cfg.output.save_precision]:
+            self.status(f"LoRA files are written in fp32, not {self.cfg.output.save_precision}: on the CPU this "
+                        f"WebUI cannot apply {self.network.kind} weights stored in fp16")
         if self.cfg.train.gradient_checkpointing:
             self.enable_checkpointing()
         self.speed_up_unet()
@@ -487,13 +490,20 @@ class RunSession:
         self.status(f"LoRA written to {path}")
         return path
 
+    def save_dtype(self) -> torch.dtype:
+        """output.save_precision's dtype, unless the host cannot apply this kind of LoRA in fp16."""
+        dtype = _SAVE_DTYPES[self.cfg.output.save_precision]
+        need = self.bundle.lycoris_save_dtype
+        if need is not None and dtype == torch.float16 and self.network.kind in ("loha", "lokr"):
+            return need
+        return dtype
+
     def write_lora(self, path: Path) -> Path:
         """The LoRA as it is now, in kohya format with its metadata, at ``path`` (atomically)."""
         from lora_trainer.lora.files import RUN_KEY, save_lora_file
         from lora_trainer.lora.metadata import build_metadata
 
-        o = self.cfg.output
-        tensors = self.network.to_kohya(dtype=_SAVE_DTYPES[o.save_precision])
+        tensors = self.network.to_kohya(dtype=self.save_dtype())
         tags, dirs = dataset_stats(self.ds.items)
         # Rank and alpha as written (with init_from they come from that file, not the config).
         rank, alpha = self.network.network_dim, self.network.network_alpha

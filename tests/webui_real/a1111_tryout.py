@@ -430,34 +430,39 @@ def transparent_images(url: str, tag: str, plain: np.ndarray) -> None:
 
 def lokr_blocks_and_color(url: str, data: Path, tag: str, plain: np.ndarray) -> None:
     """A LoKr with LyCORIS' factor and decompose_both as a lora-scripts user writes them, and a
-    LoRA with kohya's block weights and ranks, color augmentation and random crops: each trains
-    on the WebUI's own model and the WebUI's loader renders it."""
+    LoRA with kohya's block weights and ranks, rank and module dropout, color augmentation and
+    random crops: each trains on the WebUI's own model and the WebUI's loader renders it."""
     from safetensors import safe_open
 
     # A rate that makes 4 steps show in a render; 32 = 8 x 4: lokr_w1 8 x 8 as a rank-2 pair.
-    # Saved in fp32: the WebUI multiplies a LyCORIS pair in the file's dtype, and torch 2.1 has no
-    # fp16 matrix product on a CPU (it skips the layer without a word; on a GPU fp16 works).
+    # Asked for in fp16, written in fp32: the WebUI multiplies a LyCORIS pair in the file's dtype,
+    # and torch 2.1 has no fp16 matrix product on a CPU (it would skip the layer without a word).
     lokr = train_api(url, data, f"lokr_{tag}", 4, network_module="lycoris.kohya", network_dim=2, network_alpha=2,
-                     network_args=["algo=lokr", "factor=8", "decompose_both=True"], learning_rate=5e-2,
-                     save_precision="fp32")
+                     network_args=["algo=lokr", "factor=8", "decompose_both=True", "rank_dropout=0.1",
+                                   "module_dropout=0.1"], learning_rate=5e-2, save_precision="fp16")
     with safe_open(lokr["result"]["lora_path"], "pt") as f:
         keys, args = list(f.keys()), json.loads(f.metadata().get("ss_network_args") or "{}")
+        dtypes = {str(f.get_tensor(k).dtype) for k in keys if not k.endswith(".alpha")}
     check(lokr["status"] == "done" and any(k.endswith(".lokr_w1_a") for k in keys)
-          and (args.get("algo"), args.get("factor"), args.get("decompose_both")) == ("lokr", "8", "True"),
-          f"api: a LoKr with LyCORIS' factor=8 and decompose_both trained ({args})")
+          and (args.get("algo"), args.get("factor"), args.get("decompose_both")) == ("lokr", "8", "True")
+          and args.get("rank_dropout") == "0.1" and dtypes == {"torch.float32"},
+          f"api: a LoKr with LyCORIS' factor=8, decompose_both and rank/module dropout trained ({args}), "
+          f"written in {sorted(dtypes)} on this CPU WebUI")
     check(differs(txt2img(url, f"a red circle <lora:lokr_{tag}:1>"), plain) > 0, f"txt2img <lora:lokr_{tag}:1>")
 
     dims = ",".join(["4"] * 12 + ["8"] + ["4"] * 12)
     blocks = train_api(url, data, f"blocks_{tag}", 4, network_args=[
         "down_lr_weight=0,0,0,1,1,1,1,1,1,1,1,1", "mid_lr_weight=2", "up_lr_weight=cosine+0.25",
-        f"block_dims={dims}"], color_aug=True, random_crop=True)
+        f"block_dims={dims}", "rank_dropout=0.1", "module_dropout=0.1"], color_aug=True, random_crop=True)
     with safe_open(blocks["result"]["lora_path"], "pt") as f:
         keys, md = list(f.keys()), f.metadata()
         mid = [f.get_tensor(k).shape[0] for k in keys if "mid_block" in k and k.endswith("lora_down.weight")]
     first = [k for k in keys if "down_blocks_0_" in k]
-    check(blocks["status"] == "done" and not first and mid and set(mid) == {8} and md.get("ss_color_aug") == "True",
+    dropped = json.loads(md.get("ss_network_args") or "{}").get("module_dropout")
+    check(blocks["status"] == "done" and not first and mid and set(mid) == {8} and md.get("ss_color_aug") == "True"
+          and dropped == "0.1",
           f"api: block weights (the first down blocks left out: {len(first)} modules), block ranks (mid block rank "
-          f"{sorted(set(mid))}), color augmentation and random crops trained")
+          f"{sorted(set(mid))}), rank and module dropout, color augmentation and random crops trained")
     check(differs(txt2img(url, f"a red circle <lora:blocks_{tag}:1>"), plain) > 0, f"txt2img <lora:blocks_{tag}:1>")
 
 
