@@ -86,6 +86,11 @@ class DataConfig:
                                       "caption file with several) and one option of each '{a|b|c}' in it are drawn, "
                                       "before the prefix, suffix, trigger word and shuffle see it. Off, lines and "
                                       "braces are used as written.")
+    weighted_captions: bool = _f(False, "kohya's weighted_captions: read captions with the WebUI's emphasis syntax, "
+                                        "'(word:1.2)' weighing its tokens, '(word)' by 1.1, '[word]' by 1/1.1, as in a "
+                                        "prompt. Off, brackets are plain text in every host (write '\\(' "
+                                        "in a prompt for them). The run's sample prompts are read the same way. SD1, "
+                                        "SD2 and SDXL.")
     repeats: int = _f(1, "How many times each image is seen per epoch.")
     flip: bool = _f(False, "Random horizontal flip (do not use for text, logos or asymmetric characters).")
     alpha_mask: bool = _f(False, "Weight the loss by each image's alpha channel (kohya's alpha_mask with masked_loss): "
@@ -362,6 +367,7 @@ ALIASES: dict[str, str] = {
     "keep_tokens_separator": "data.keep_tokens_separator",
     "secondary_separator": "data.secondary_separator",
     "caption_dropout": "data.caption_dropout",
+    "weighted_captions": "data.weighted_captions",
     "caption_dropout_every_n_epochs": "data.caption_dropout_every_n_epochs",
     "enable_wildcard": "data.enable_wildcard",
     "repeats": "data.repeats",
@@ -511,8 +517,7 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     "fp8_base": (_false, "fp8 base weights are model.weight_dtype: fp8, for Flux.1 and SD3.5 (false only)"),
     **dict.fromkeys(("token_warmup_min", "token_warmup_step"),
                     (lambda v: v in (0, 1, None), "captions are used whole from the first step (1 and 0 only)")),
-    **dict.fromkeys(("weighted_captions", "face_crop_aug_range",
-                     "stop_text_encoder_training"),
+    **dict.fromkeys(("face_crop_aug_range", "stop_text_encoder_training"),
                     (_unset, "lora-trainer has no such setting; leave it off")),
     # masked_loss: true is accepted with alpha_mask: true only (_check_masked_loss)
     "masked_loss": (None, "the loss is masked by the images' alpha channel when alpha_mask is on"),
@@ -1041,6 +1046,9 @@ def _check_optim(cfg: TrainConfig) -> None:
 
 def _check_data(cfg: TrainConfig) -> None:
     need, d = _need, cfg.data
+    need(not (d.weighted_captions and _is_flow_family(cfg.model.arch)),
+         f"data.weighted_captions: {cfg.model.arch} cannot weigh caption tokens (SD1, SD2 and SDXL can); set it to "
+         "false")
     need(d.resolution >= 64 and d.resolution % 8 == 0,
          f"data.resolution: {d.resolution} must be a multiple of 8 and at least 64")
     need(d.bucket_step >= 8 and d.bucket_step % 8 == 0,

@@ -135,6 +135,25 @@ def test_training_writes_a_lora_the_webui_resolves_and_leaves_the_model_exact(en
         assert mod["lora_up.weight"].shape[0] == w.shape[0] and mod["lora_down.weight"].shape[1] == w.shape[1]
 
 
+def test_captions_reach_the_webui_as_plain_text_unless_weighted(env, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The WebUI reads what it is given as a prompt: a caption's brackets are escaped for it,
+    unless data.weighted_captions asks for its emphasis."""
+    sd = env.model
+    seen: list[list[str]] = []
+    real = sd.get_learned_conditioning
+    monkeypatch.setattr(sd, "get_learned_conditioning", lambda texts: seen.append(list(texts)) or real(texts),
+                        raising=False)
+    h = host()
+    bundle = h.acquire_bundle(config(tmp_path))
+    try:
+        bundle.encode_text(["saber (fate), [red]", "a \\ b"])
+        bundle.encode_weighted(["saber (fate:1.2)"])
+    finally:
+        h.release_bundle(bundle)
+    assert seen == [["saber \\(fate\\), \\[red\\]", "a \\\\ b"], ["saber (fate:1.2)"]]
+
+
 @pytest.mark.parametrize("typ", ["loha", "lokr"])
 def test_on_the_cpu_lycoris_files_are_written_in_fp32_the_webui_can_apply(env, tmp_path: Path, typ: str) -> None:
     """A1111's LoHa/LoKr modules multiply the file's factors in the file's dtype: on the CPU

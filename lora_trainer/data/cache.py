@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,16 +118,18 @@ def fill_latent_cache(ds: BucketDataset, cache: LatentCache, bundle: Any, batch_
 class TextCache:
     """Conditioning of every fixed caption, computed once while the text encoders are frozen."""
 
-    def __init__(self, bundle: Any, captions: list[str], chunk: int = 16) -> None:
+    def __init__(self, encode: Callable[[list[str]], dict[str, torch.Tensor]], captions: list[str],
+                 chunk: int = 16) -> None:
         self._cond: dict[str, dict[str, torch.Tensor]] = {}
-        self.add(bundle, captions, chunk)
+        self.add(encode, captions, chunk)
 
     @torch.no_grad()
-    def add(self, bundle: Any, captions: list[str], chunk: int = 16) -> None:
+    def add(self, encode: Callable[[list[str]], dict[str, torch.Tensor]], captions: list[str], chunk: int = 16) -> None:
+        """Encode the ``captions`` not cached yet with ``encode`` (a bundle's encode_text or encode_weighted)."""
         todo = [c for c in dict.fromkeys(captions) if c not in self._cond]
         for k in range(0, len(todo), chunk):
             part = todo[k:k + chunk]
-            cond = bundle.encode_text(part)
+            cond = encode(part)
             for n, c in enumerate(part):
                 self._cond[c] = {name: t[n:n + 1].detach() for name, t in cond.items()}
 

@@ -198,8 +198,9 @@ class Family:
         return "epsilon" if requested == "auto" else requested
 
     def make_encode_text(self, encoders: list[Any], tokenizers: list[Any],
-                         device: torch.device) -> Any:
-        """``encode_text`` (captions -> conditioning) over the family's diffusers text encoders."""
+                         device: torch.device, weighted: bool = False) -> Any:
+        """``encode_text`` (captions -> conditioning) over the family's diffusers text encoders;
+        ``weighted``: captions read with the WebUI's emphasis syntax (``ModelBundle.encode_weighted``)."""
         raise NotImplementedError(f"{self.label}: no text encoding for diffusers parts")
 
     def tiny_unet_config(self) -> dict[str, Any]:

@@ -73,8 +73,9 @@ class _StableDiffusion(Family):
     def native_resolution(self, prediction_type: str) -> int:
         return 768 if prediction_type == "v_prediction" else 512  # the v models are the 768 ones
 
-    def make_encode_text(self, encoders: list[Any], tokenizers: list[Any], device: torch.device) -> Any:
-        return sd_text.encode_last_hidden(encoders, tokenizers, device)
+    def make_encode_text(self, encoders: list[Any], tokenizers: list[Any], device: torch.device,
+                         weighted: bool = False) -> Any:
+        return sd_text.encode_last_hidden(encoders, tokenizers, device, weighted)
 
     def tiny_unet_config(self) -> dict[str, Any]:
         return sd_tiny.unet_config_sd(v2=False)
@@ -210,8 +211,9 @@ class SDXL(_StableDiffusion):
     def a1111_shows(self, metadata: dict[str, str]) -> bool:
         return metadata.get("ss_base_model_version", "").startswith("sdxl_")
 
-    def make_encode_text(self, encoders: list[Any], tokenizers: list[Any], device: torch.device) -> Any:
-        return sd_text.encode_sdxl(encoders, tokenizers, device)
+    def make_encode_text(self, encoders: list[Any], tokenizers: list[Any], device: torch.device,
+                         weighted: bool = False) -> Any:
+        return sd_text.encode_sdxl(encoders, tokenizers, device, weighted)
 
     def tiny_unet_config(self) -> dict[str, Any]:
         return sd_tiny.unet_config_sdxl()

@@ -31,27 +31,70 @@ def tokenize(tokenizer: Any, captions: list[str], device: torch.device) -> torch
     return ids.to(device)
 
 
-def encode_last_hidden(encoders: list[Any], tokenizers: list[Any], device: torch.device) -> EncodeText:
+def tokenize_weighted(tokenizer: Any, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids as :func:`tokenize` makes them, of each caption read with the WebUI's emphasis
+    syntax (``(word:1.2)``; the brackets leave the text), and each token's weight (1 for the
+    start, end and padding tokens)."""
+    import torch
+
+    from lora_trainer.data.emphasis import parse_emphasis
+
+    rows, weights = [], []
+    for caption in captions:
+        ids: list[int] = []
+        ws: list[float] = []
+        for fragment, weight in parse_emphasis(caption):
+            inner = tokenizer(fragment, truncation=False).input_ids[1:-1]  # without its start and end tokens
+            ids += inner
+            ws += [weight] * len(inner)
+        ids, ws = ids[:MAX_TOKENS - 2], ws[:MAX_TOKENS - 2]
+        pad = MAX_TOKENS - 2 - len(ids)
+        rows.append([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad)
+        weights.append([1.0, *ws, 1.0] + [1.0] * pad)
+    return torch.tensor(rows, device=device), torch.tensor(weights, device=device)
+
+
+def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each token's hidden state times its weight, then the whole caption's scaled back to its
+    mean before (kohya's weighted captions): emphasis moves weight between tokens."""
+    before = hidden.float().mean(dim=(-2, -1), keepdim=True)
+    weighted = hidden.float() * weights.unsqueeze(-1)
+    after = weighted.mean(dim=(-2, -1), keepdim=True)
+    return (weighted * (before / after)).to(hidden.dtype)
+
+
+def encode_last_hidden(encoders: list[Any], tokenizers: list[Any], device: torch.device,
+                       weighted: bool = False) -> EncodeText:
     (te,), (tok,) = encoders, tokenizers
 
     def encode_text(captions: list[str]) -> Conditioning:
-        out = te(tokenize(tok, captions, device), output_hidden_states=False)
-        return {"context": out.last_hidden_state}
+        if not weighted:
+            return {"context": te(tokenize(tok, captions, device), output_hidden_states=False).last_hidden_state}
+        ids, weights = tokenize_weighted(tok, captions, device)
+        return {"context": apply_weights(te(ids, output_hidden_states=False).last_hidden_state, weights)}
 
     return encode_text
 
 
-def encode_sdxl(encoders: list[Any], tokenizers: list[Any], device: torch.device) -> EncodeText:
+def encode_sdxl(encoders: list[Any], tokenizers: list[Any], device: torch.device,
+                weighted: bool = False) -> EncodeText:
     import torch
 
     (te1, te2), (tok1, tok2) = encoders, tokenizers
     install_hidden_state_hooks(encoders, tokenizers, device)
 
+    def hidden(te: Any, tok: Any, captions: list[str]) -> tuple[torch.Tensor, Any]:
+        if not weighted:
+            out = te(tokenize(tok, captions, device), output_hidden_states=True)
+            return out.hidden_states[-2], out
+        ids, weights = tokenize_weighted(tok, captions, device)
+        out = te(ids, output_hidden_states=True)
+        return apply_weights(out.hidden_states[-2], weights), out
+
     def encode_text(captions: list[str]) -> Conditioning:
-        out1 = te1(tokenize(tok1, captions, device), output_hidden_states=True)
-        out2 = te2(tokenize(tok2, captions, device), output_hidden_states=True)
-        context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2].to(out1.hidden_states[-2].dtype)], dim=-1)
-        return {"context": context, "pooled": out2.text_embeds}
+        h1, _ = hidden(te1, tok1, captions)
+        h2, out2 = hidden(te2, tok2, captions)
+        return {"context": torch.cat([h1, h2.to(h1.dtype)], dim=-1), "pooled": out2.text_embeds}
 
     return encode_text
 

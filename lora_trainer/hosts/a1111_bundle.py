@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_trainer.data.emphasis import escape_emphasis
 from lora_trainer.errors import HostError
 from lora_trainer.families import detect_webui_model
 from lora_trainer.models.bundle import ModelBundle, TextEncoderPart
@@ -122,13 +123,16 @@ def bundle_from_sd_model(sd_model: Any, roots: dict[str, nn.Module], device: tor
             latents = sd_model.get_first_stage_encoding(sd_model.encode_first_stage(x))
         return _plain(latents)
 
-    def encode_text(captions: list[str]) -> dict[str, torch.Tensor]:
-        with _autocast(device, unet_dtype):
+    def encode_weighted(captions: list[str]) -> dict[str, torch.Tensor]:
+        with _autocast(device, unet_dtype):  # the WebUI reads a caption as a prompt: emphasis applies
             cond = sd_model.get_learned_conditioning(list(captions))
         if isinstance(cond, dict):  # SDXL: {"crossattn": (B,77,2048), "vector": (B,2816)}
             vector = _plain(cond["vector"])
             return {"context": _plain(cond["crossattn"]), "pooled": vector[:, :SDXL_POOLED_DIM], "vector": vector}
         return {"context": _plain(cond)}
+
+    def encode_text(captions: list[str]) -> dict[str, torch.Tensor]:
+        return encode_weighted([escape_emphasis(c) for c in captions])  # its brackets as plain text
 
     def predict(noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
                 size_info: torch.Tensor | None) -> torch.Tensor:
@@ -150,7 +154,8 @@ def bundle_from_sd_model(sd_model: Any, roots: dict[str, nn.Module], device: tor
         prediction_type=prediction_type,  # type: ignore[arg-type]
         unet=unet, unet_naming="ldm", text_encoders=text_encoders, vae=vae,
         alphas_cumprod=_alphas_cumprod(sd_model) if alphas_cumprod is None else alphas_cumprod,
-        encode_images=encode_images, encode_text=encode_text, predict=predict, decode_latents=decode_latents,
+        encode_images=encode_images, encode_text=encode_text, encode_weighted=encode_weighted, predict=predict,
+        decode_latents=decode_latents,
         name=str(getattr(info, "model_name", None) or getattr(info, "name", None) or "webui-model"),
         model_hash=getattr(info, "sha256", None), legacy_hash=getattr(sd_model, "sd_model_hash", None),
         default_resolution=family.native_resolution(prediction_type),

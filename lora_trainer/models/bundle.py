@@ -68,6 +68,9 @@ class ModelBundle:
     extras: dict[str, Any] = field(default_factory=dict)
     # The training objective when it differs from the family's (None: the family's).
     objective: ObjectiveSpec | None = None
+    # captions read with the WebUI's emphasis syntax ("(word:1.2)", data.weighted_captions) ->
+    # conditioning as encode_text's, which reads them as plain text; None: not available
+    encode_weighted: Callable[[list[str]], Conditioning] | None = None
     # The dtype LoHa/LoKr files must be written in for the host's own loader to apply them, when
     # output.save_precision's fp16 would not do (A1111 on the CPU multiplies their factors in the
     # file's dtype, and torch has no fp16 matrix product there); None: any.

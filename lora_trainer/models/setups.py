@@ -121,6 +121,7 @@ def bundle_from_diffusers(parts: dict[str, Any], arch: str, prediction_type: str
         arch=arch, prediction_type=prediction_type, unet=unet, unet_naming="diffusers",
         text_encoders=te_parts, vae=vae, alphas_cumprod=training_alphas_cumprod(scheduler),
         encode_images=encode_images, encode_text=family.make_encode_text(encoders, tokenizers, device),
+        encode_weighted=family.make_encode_text(encoders, tokenizers, device, weighted=True),
         predict=_make_predict(unet, family, vae_scale_factor), decode_latents=decode_latents,
         name=name, default_resolution=default_resolution,
         latent_channels=int(vae.config.latent_channels), vae_scale_factor=vae_scale_factor,

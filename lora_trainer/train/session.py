@@ -66,6 +66,11 @@ class RunSession:
         if amp is not None and not autocast_supported(self.device.type, amp):
             raise ConfigError(f"train.mixed_precision: {self.cfg.train.mixed_precision} does not run on "
                               f"{self.device.type} with torch {torch.__version__}; choose bf16 or no")
+        # Captions (and the run's sample prompts) are read as plain text, or with the WebUI's emphasis syntax.
+        self.encode_captions = bundle.encode_weighted if self.cfg.data.weighted_captions else bundle.encode_text
+        if self.encode_captions is None:
+            raise ConfigError(f"data.weighted_captions: this {bundle.arch} model cannot weigh caption tokens (the "
+                              "SD1, SD2 and SDXL families can); set it to false")
         self.out = Path(self.cfg.output.output_dir)
         self.network: Any = None
         self.text_cache: TextCache | None = None
@@ -222,7 +227,7 @@ class RunSession:
         b = self.bundle
         self.status(f"caching text embeddings of {len(captions) - len(self.sample_prompts())} captions")
         with placement.parked(b.vae):  # the text encoders alone; they leave before the VAE is back
-            self.text_cache = TextCache(b, captions)
+            self.text_cache = TextCache(self.encode_captions, captions)
             for part in b.text_encoders:
                 self.offload(part.module)
 
@@ -373,12 +378,12 @@ class RunSession:
                 with contextlib.ExitStack() as stack:
                     for part in self.bundle.text_encoders:
                         stack.enter_context(self.onloaded(part.module))
-                    self.text_cache.add(self.bundle, missing)
+                    self.text_cache.add(self.encode_captions, missing)
             return {k: v.to(self.device) for k, v in self.text_cache.get(captions).items()}
         if self.cfg.network.train_text_encoder:
-            return self.bundle.encode_text(captions)
+            return self.encode_captions(captions)
         with torch.no_grad():
-            return self.bundle.encode_text(captions)
+            return self.encode_captions(captions)
 
     def micro_step(self, batch: Batch, accum: int) -> torch.Tensor:
         b, t = self.bundle, self.cfg.train

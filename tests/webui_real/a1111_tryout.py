@@ -466,6 +466,32 @@ def lokr_blocks_and_color(url: str, data: Path, tag: str, plain: np.ndarray) -> 
     check(differs(txt2img(url, f"a red circle <lora:blocks_{tag}:1>"), plain) > 0, f"txt2img <lora:blocks_{tag}:1>")
 
 
+def weighted_captions(url: str, data: Path, tag: str) -> None:
+    """Captions reach the WebUI's encoder as plain text, brackets and all, unless weighted_captions
+    asks for its emphasis: weighted, '(red circle:1.0)' trains exactly as 'red circle' does; plain,
+    its brackets are text and the LoRA differs."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    def folder(caption: str) -> Path:
+        out = Path(tempfile.mkdtemp(prefix="lt-tryout-captions-"))
+        for image in sorted(data.glob("*.png")):
+            shutil.copy2(image, out / image.name)
+            (out / image.name).with_suffix(".txt").write_text(caption, encoding="utf-8")
+        return out
+
+    plain, brackets = folder("a red circle on grass"), folder("a (red circle:1.0) on grass")
+    runs = {name: train_api(url, d, f"{name}_{tag}", 3, weighted_captions=w, save_precision="fp32")
+            for name, d, w in [("plain", plain, False), ("weighted", brackets, True), ("literal", brackets, False)]}
+    files = {k: load_file(r["result"]["lora_path"]) for k, r in runs.items()}
+    same = lambda a, b: a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # noqa: E731
+    check(all(r["status"] == "done" for r in runs.values()) and same(files["weighted"], files["plain"])
+          and not same(files["literal"], files["plain"]),
+          "api: weighted_captions reads '(red circle:1.0)' as 'red circle' (the same LoRA to the bit); without it the "
+          "brackets are text the WebUI does not parse (another LoRA)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:7861")
@@ -530,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     kohya_options_and_bf16(args.url, data, tag, plain)
     transparent_images(args.url, tag, plain)
     lokr_blocks_and_color(args.url, data, tag, plain)
+    weighted_captions(args.url, data, tag)
 
     busy_queue(args.url, data, f"behind_{tag}")
 
