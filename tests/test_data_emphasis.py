@@ -68,6 +68,8 @@ def test_weights_move_emphasis_between_tokens_and_keep_the_mean():
     assert torch.allclose(got, want, atol=1e-6)
     assert torch.equal(got[1], hidden[1])  # no emphasis: the very same numbers
     assert torch.allclose(got.mean(dim=(1, 2)), hidden.mean(dim=(1, 2)), atol=1e-6)
+    symmetric = torch.tensor([[[1.0, -1.0]] * 5])  # a mean of 0 (a plain layer norm's): nothing to scale back to
+    assert torch.equal(sd_text.apply_weights(symmetric, weights[:1]), symmetric * weights[:1].unsqueeze(-1))
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])

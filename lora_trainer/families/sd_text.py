@@ -57,10 +57,15 @@ def tokenize_weighted(tokenizer: Any, captions: list[str], device: torch.device)
 def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Each token's hidden state times its weight, then the whole caption's scaled back to its
     mean before (kohya's weighted captions): emphasis moves weight between tokens."""
+    import torch
+
     before = hidden.float().mean(dim=(-2, -1), keepdim=True)
     weighted = hidden.float() * weights.unsqueeze(-1)
     after = weighted.mean(dim=(-2, -1), keepdim=True)
-    return (weighted * (before / after)).to(hidden.dtype)
+    scale = torch.where(after != 0, before / torch.where(after != 0, after, 1.0), 1.0)  # a mean of 0 stays
+    out = (weighted * scale).to(hidden.dtype)
+    plain = (weights == 1).all(dim=-1).view(-1, *[1] * (hidden.dim() - 1))
+    return torch.where(plain, hidden, out)  # a caption without emphasis: its very numbers
 
 
 def encode_last_hidden(encoders: list[Any], tokenizers: list[Any], device: torch.device,

@@ -59,6 +59,7 @@ TESTS=(
   tests/test_train_maths.py tests/test_objectives.py       # noise, losses, weights, optimizers
   tests/test_data_text.py                                  # the captions a step trains with
   tests/test_data_images.py                                # reading images on Pillow 9.5
+  tests/test_data_emphasis.py                              # weighted captions on transformers 4.30
   tests/test_a1111_host.py tests/test_a1111_bundle_archs.py tests/test_a1111_script.py
   tests/test_lora_inject.py tests/test_lora_kohya.py tests/test_lora_files.py tests/test_lora_webui_keys.py
   tests/test_lora_variants.py tests/test_lora_inspect.py  # LoCon, DoRA, LoHa, LoKr on peft 0.13.2
