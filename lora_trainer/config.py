@@ -96,6 +96,11 @@ class DataConfig:
     alpha_mask: bool = _f(False, "Weight the loss by each image's alpha channel (kohya's alpha_mask with masked_loss): "
                                  "transparent areas of PNGs/WebPs do not train, so the LoRA learns the subject, not "
                                  "the background. Images without transparency train everywhere.")
+    mask_dir: str | None = _f(None, "Folder of loss masks (kohya's conditioning_data_dir with masked_loss): an image "
+                              "for each training image, of the same name (its sub-folder kept, or directly in the "
+                              "folder); white areas train, black ones do not (its red channel, as kohya reads it). "
+                              "An image without one is reported as no_mask. Regularization images train everywhere. "
+                              "Not with alpha_mask.")
     reg_data_dir: str | None = _f(None, "Folder of regularization (class) images with captions.")
     prior_loss_weight: float = _f(1.0, "Loss weight of regularization images.")
     resolution: int = _f(512, "Training resolution (side of the square area buckets are built around).")
@@ -374,6 +379,7 @@ ALIASES: dict[str, str] = {
     "num_repeats": "data.repeats",
     "flip_aug": "data.flip",
     "alpha_mask": "data.alpha_mask",
+    "conditioning_data_dir": "data.mask_dir",
     "reg_data_dir": "data.reg_data_dir",
     "prior_loss_weight": "data.prior_loss_weight",
     "resolution": "data.resolution",
@@ -519,10 +525,9 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
                     (lambda v: v in (0, 1, None), "captions are used whole from the first step (1 and 0 only)")),
     **dict.fromkeys(("face_crop_aug_range", "stop_text_encoder_training"),
                     (_unset, "lora-trainer has no such setting; leave it off")),
-    # masked_loss: true is accepted with alpha_mask: true only (_check_masked_loss)
-    "masked_loss": (None, "the loss is masked by the images' alpha channel when alpha_mask is on"),
-    "conditioning_data_dir": (_unset, "masks from a folder of mask images are not available; use alpha_mask: true "
-                                      "(masks from the images' alpha channel)"),
+    # masked_loss: true is accepted with alpha_mask: true or a conditioning_data_dir (_check_masked_loss)
+    "masked_loss": (None, "the loss is masked by the images' alpha channel (alpha_mask) or the masks of "
+                          "conditioning_data_dir (data.mask_dir)"),
     "train_norm": (_false, _NO_NORM_TRAINING),
     "enable_contrastive": (_false, "contrastive training is not available (false only)"),
     **dict.fromkeys(("negative_sampling_method", "noise_strength", "contrastive_weight", "contrastive_warmup_steps"),
@@ -793,16 +798,16 @@ def flatten_user_dict(data: dict[str, Any], source: str = "config") -> dict[str,
 
 
 def _check_masked_loss(masked_loss: Any, values: dict[str, Any], source: str) -> None:
-    """kohya's ``masked_loss`` alone takes masks from a conditioning_data_dir, which is not
-    available: it is accepted only where the same values turn ``data.alpha_mask`` on (the mask
-    is then the alpha channel, and masked_loss is implied)."""
+    """kohya's ``masked_loss`` takes its masks from the images' alpha channel (``alpha_mask``) or
+    from a ``conditioning_data_dir`` (``data.mask_dir``): it is accepted where the same values
+    give one of them, which implies it."""
     if _unset(masked_loss):
         return
     alpha = values.get("data.alpha_mask", False)
-    if not _coerce(alpha, bool, "data.alpha_mask"):
-        raise ConfigError(f"{source}: masked_loss: {masked_loss!r} needs alpha_mask: true (masks come from the "
-                          "images' alpha channel; masks from a conditioning_data_dir are not available); set "
-                          "alpha_mask: true or leave masked_loss off")
+    if not _coerce(alpha, bool, "data.alpha_mask") and _unset(values.get("data.mask_dir")):
+        raise ConfigError(f"{source}: masked_loss: {masked_loss!r} needs masks: alpha_mask: true (the images' alpha "
+                          "channel) or conditioning_data_dir (a folder of mask images); set one or leave masked_loss "
+                          "off")
 
 
 def build_config(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
@@ -1046,6 +1051,8 @@ def _check_optim(cfg: TrainConfig) -> None:
 
 def _check_data(cfg: TrainConfig) -> None:
     need, d = _need, cfg.data
+    need(not (d.alpha_mask and d.mask_dir), "data.mask_dir: the loss is masked by the alpha channel (data.alpha_mask) "
+                                            "or by a folder of masks, not both; turn one off")
     need(not (d.weighted_captions and _is_flow_family(cfg.model.arch)),
          f"data.weighted_captions: {cfg.model.arch} cannot weigh caption tokens (SD1, SD2 and SDXL can); set it to "
          "false")

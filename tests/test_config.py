@@ -398,8 +398,8 @@ def test_kohya_switches_left_off_load_and_switched_on_are_named(tmp_path: Path,
 def test_alpha_mask_and_masked_loss_load_and_masks_of_other_sources_are_refused(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """kohya's alpha_mask (with masked_loss, which it then implies) turns data.alpha_mask on;
-    masked_loss without alpha_mask (masks from a conditioning_data_dir) and a conditioning_data_dir
-    stop the load in one line saying to use alpha_mask, from a file and from --set alike."""
+    masked_loss without masks (neither alpha_mask nor a conditioning_data_dir) stops the load in
+    one line naming both, from a file and from --set alike."""
     from lora_trainer.config import parse_set_overrides
 
     f = tmp_path / "kohya.toml"
@@ -413,13 +413,14 @@ def test_alpha_mask_and_masked_loss_load_and_masks_of_other_sources_are_refused(
     f.write_text("masked_loss = false\n", encoding="utf-8")
     assert load_config(f).data.alpha_mask is False and build_config({}).data.alpha_mask is False
     for bad in ("masked_loss = true", "masked_loss = true\nalpha_mask = false"):
-        assert_refused(f, bad, "masked_loss: True needs alpha_mask: true")
+        assert_refused(f, bad, "masked_loss: True needs masks: alpha_mask: true")
         assert "\n" not in str(pytest.raises(ConfigError, load_config, f).value)
-    assert_refused(f, 'alpha_mask = true\nconditioning_data_dir = "masks"',
-                   "conditioning_data_dir: 'masks' is not supported here; masks from a folder of mask images are "
-                   "not available; use alpha_mask: true")
+    f.write_text('alpha_mask = true\nconditioning_data_dir = "masks"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^data.mask_dir: the loss is masked by the alpha channel \(data.alpha_mask\) "
+                                          "or by a folder of masks, not both"):
+        load_config(f)
     assert parse_set_overrides(["masked_loss=true", "alpha_mask=true"]) == {"data.alpha_mask": True}
-    with pytest.raises(ConfigError, match=r"^--set: masked_loss: True needs alpha_mask: true"):
+    with pytest.raises(ConfigError, match=r"^--set: masked_loss: True needs masks: alpha_mask: true"):
         load_config(None, ["masked_loss=true"])
     assert load_config(None, ["data.alpha_mask=true"]).data.alpha_mask is True
     # the file and --set are read together: either may hold the other half

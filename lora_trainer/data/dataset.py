@@ -46,7 +46,7 @@ class Batch:
     size_info: torch.Tensor  # (B, 6) [orig_h, orig_w, crop_top, crop_left, target_h, target_w]
     pixels: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1], when latents are not cached
     latents: torch.Tensor | None = None  # (B, C, h, w), from the latent cache
-    masks: torch.Tensor | None = None  # (B, 1, h, w) loss masks in [0, 1] at the latents' size (data.alpha_mask)
+    masks: torch.Tensor | None = None  # (B, 1, h, w) loss masks in [0, 1] at the latents' size (alpha_mask, mask_dir)
 
     def pin_memory(self) -> Batch:
         """The same batch in page-locked memory, so copies to a GPU can overlap its work."""
@@ -139,7 +139,7 @@ class BucketDataset:
         """:meth:`load_pixels`, and with ``mask`` the item's loss mask (:meth:`mask_of`), cropped
         with the same offset (drawn from a copy of ``rng``) and flipped like the pixels."""
         item = self.items[index]
-        img, alpha = images.open_image_and_alpha(item.path) if mask else (images.open_image_rgb(item.path), None)
+        img, alpha = self.open_with_mask(item) if mask else (images.open_image_rgb(item.path), None)
         orig_w, orig_h = img.size
         mask_rng = random.Random()
         mask_rng.setstate(rng.getstate())
@@ -153,6 +153,14 @@ class BucketDataset:
             img = images.color_augment(img, rng)
         loss_mask = self.mask_of(alpha, bucket, flip, mask_rng) if mask else None
         return pil_to_tensor(img), [orig_h, orig_w, top, left, bucket[1], bucket[0]], loss_mask
+
+    def open_with_mask(self, item: Any) -> tuple[Image.Image, Image.Image | None]:
+        """An item's RGB image and its mask as an "L" image of the same size: its file in
+        data.mask_dir, else its alpha channel (None: none, it trains everywhere)."""
+        if getattr(item, "mask", None) is None:
+            return images.open_image_and_alpha(item.path)
+        img = images.open_image_rgb(item.path)
+        return img, images.open_mask(item.mask, img.size)
 
     def mask_of(self, alpha: Image.Image | None, bucket: tuple[int, int], flip: bool,
                 rng: random.Random) -> torch.Tensor:
@@ -174,7 +182,7 @@ class BucketDataset:
         stays as it is)."""
         key = (e.index, e.bucket, e.flip)
         if key not in self._masks:
-            _, alpha = images.open_image_and_alpha(self.items[e.index].path)
+            _, alpha = self.open_with_mask(self.items[e.index])
             self._masks[key] = self.mask_of(alpha, e.bucket, e.flip, random.Random(e.seed))
         return self._masks[key]
 
@@ -227,7 +235,7 @@ class BucketDataset:
         """Latents from the cache when every entry is cached there, else pixels."""
         cached = [self.latent_cache.get(self, e) for e in entries] if self.latent_cache is not None else []
         use_cache = bool(cached) and all(c is not None for c in cached)
-        want_masks = self.cfg.alpha_mask
+        want_masks = self.cfg.alpha_mask or bool(self.cfg.mask_dir)
         pixels, sizes, masks = [], [], []
         for n, e in enumerate(entries):
             if use_cache:

@@ -168,6 +168,20 @@ def open_image_and_alpha(path: str | Path, data: bytes | None = None) -> tuple[I
         raise _read_error(path, e) from None
 
 
+def open_mask(path: str | Path, size: tuple[int, int]) -> Image.Image:
+    """A loss mask image (data.mask_dir) as an 8-bit "L" image of ``size`` (its training image's
+    upright size): its red channel, as kohya reads a conditioning image, upright by its EXIF
+    orientation and resized where its size differs."""
+    path = Path(path)
+    try:
+        with _open_source(path, None) as im:
+            im.load()
+            red = to_rgb(ImageOps.exif_transpose(im)).getchannel("R")
+    except _READ_ERRORS as e:
+        raise _read_error(path, e) from None
+    return red if red.size == size else red.resize(size, Image.Resampling.BILINEAR)
+
+
 # kohya's color_aug: how often an image is changed, the largest hue shift (degrees) and the gamma range.
 COLOR_AUG_SHARE, HUE_SHIFT_DEGREES, GAMMA_RANGE = 0.33, 16.0, (0.95, 1.05)
 

@@ -26,7 +26,7 @@ from lora_trainer.data.captions import IMAGE_EXTENSIONS, METADATA_NAME, list_ima
 from lora_trainer.data.images import ImageProbe, probe_image
 from lora_trainer.errors import DatasetError
 
-PROBLEM_KINDS = ("corrupt", "too_small", "no_caption", "orphan_caption", "duplicate")
+PROBLEM_KINDS = ("corrupt", "too_small", "no_caption", "no_mask", "orphan_caption", "duplicate")
 _KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 _MAX_LISTED = 5  # problems named in an error message
 _MAX_WORKERS = 8
@@ -44,6 +44,7 @@ class ImageItem:
     is_reg: bool
     digest: str  # sha256 of the file bytes
     caption_source: str = "file"  # "file" (csv/sidecar), "folder" (kohya folder name), "none"
+    mask: Path | None = None  # its loss mask in data.mask_dir
 
 
 @dataclass
@@ -231,10 +232,25 @@ def _caption_for(rel_parts: tuple[str, ...], file_caption: str, cfg: DataConfig,
     return None
 
 
+def _mask_of(rel: str, masks: dict[str, Path]) -> Path | None:
+    """The mask of the image at ``rel``: one of the same path in the mask folder (any image
+    extension), else one of the same name at its top (kohya's flat conditioning_data_dir)."""
+    stem = rel.rsplit(".", 1)[0]
+    return masks.get(stem) or masks.get(stem.rsplit("/", 1)[-1])
+
+
+def _masks_in(folder: Path) -> dict[str, Path]:
+    """{path without extension, relative to ``folder``: mask image}."""
+    return {p.relative_to(folder).with_suffix("").as_posix(): p for p in list_images(folder)}
+
+
 def _scan_folder(report: DatasetReport, root: Path, *, is_reg: bool, metadata_path: str | None,
-                 seen: dict[str, str]) -> None:
+                 seen: dict[str, str], masks: dict[str, Path] | None = None) -> None:
     cfg = report.config
     images = list_images(root)
+    if cfg.mask_dir:  # a mask folder inside the dataset: its masks are not training images
+        mask_root = Path(cfg.mask_dir).expanduser().resolve()
+        images = [p for p in images if mask_root not in p.resolve().parents]
     report.images_found += len(images)
     captions = read_captions(root, metadata_path, cfg.caption_extension)
     csv_path = Path(metadata_path) if metadata_path else root / METADATA_NAME
@@ -253,10 +269,16 @@ def _scan_folder(report: DatasetReport, root: Path, *, is_reg: bool, metadata_pa
             report.problems.append(Problem(path, "no_caption", f"no caption in {csv_path.name} or "
                                            f"{path.stem}{cfg.caption_extension}; add one or set data.trigger_word"))
             continue
+        mask = _mask_of(rel, masks) if masks is not None else None
+        if masks is not None and mask is None:
+            report.problems.append(Problem(path, "no_mask", f"no mask named {path.stem}.* in {cfg.mask_dir}; add "
+                                           "one (white trains, black does not)"))
+            continue
         kohya = _kohya_folder(parts)
         repeats = kohya[0] if kohya else cfg.repeats
         report.items.append(ImageItem(path=path, rel=rel, caption=caption[0], width=width, height=height,
-                                      repeats=repeats, is_reg=is_reg, digest=digest, caption_source=caption[1]))
+                                      repeats=repeats, is_reg=is_reg, digest=digest, caption_source=caption[1],
+                                      mask=mask))
 
 
 def check_folder(value: str | None, key: str) -> Path:
@@ -278,8 +300,9 @@ def build_report(data_cfg: DataConfig) -> DatasetReport:
     train_dir = check_folder(data_cfg.train_data_dir, "data.train_data_dir")
     reg_dir = check_folder(data_cfg.reg_data_dir, "data.reg_data_dir") if data_cfg.reg_data_dir else None
     report = DatasetReport(config=data_cfg, train_dir=train_dir, reg_dir=reg_dir)
+    masks = _masks_in(check_folder(data_cfg.mask_dir, "data.mask_dir")) if data_cfg.mask_dir else None
     seen: dict[str, str] = {}
-    _scan_folder(report, train_dir, is_reg=False, metadata_path=data_cfg.metadata_path, seen=seen)
+    _scan_folder(report, train_dir, is_reg=False, metadata_path=data_cfg.metadata_path, seen=seen, masks=masks)
     if reg_dir is not None:
         _scan_folder(report, reg_dir, is_reg=True, metadata_path=None, seen=seen)
     return report
@@ -291,6 +314,7 @@ FIXES = {
     "too_small": "use larger images or lower data.min_image_size",
     "no_caption": "caption them with the 'caption' command or in the tab's Captions section, or set "
                   "data.trigger_word to use it as their caption",
+    "no_mask": "add a mask image of the same name to data.mask_dir",
 }
 
 
