@@ -311,6 +311,8 @@ class SampleConfig:
     negative_prompt: str = _f("", "Negative prompt for samples.")
     every_n_steps: int = _f(0, "Render a sample every N steps (0: only when asked).")
     every_n_epochs: int = _f(0, "Also render a sample at the end of every N epochs (0: off).")
+    at_first: bool = _f(False, "Also render a sample before the first step (kohya's sample_at_first): the model "
+                               "as it draws without this training, to compare the later samples with.")
     every_n_minutes: float = _f(10.0, "Also render a sample when this many minutes of training passed since the "
                                       "last one (0: off), so a long run shows how it goes.")
     seed: int = _f(1234, "Seed of sample images (fixed, so samples are comparable).")
@@ -460,6 +462,7 @@ ALIASES: dict[str, str] = {
     "lokr_factor": "network.lokr_factor",
     "sample_prompt": "sample.prompt",
     "sample_every_n_steps": "sample.every_n_steps",
+    "sample_at_first": "sample.at_first",
     "sample_every_n_epochs": "sample.every_n_epochs",
     "lr_restart_cycles": "optim.lr_num_cycles",
     "network_train_unet_only": "network.train_text_encoder",
@@ -530,6 +533,27 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
                           "conditioning_data_dir (data.mask_dir)"),
     "train_norm": (_false, _NO_NORM_TRAINING),
     "enable_contrastive": (_false, "contrastive training is not available (false only)"),
+    # lora-scripts' form (its exported configs); its prompt, optimizer and network fields are read in
+    # _from_lora_scripts_form
+    "randomly_choice_prompt": (_false, "a sample prompt is not drawn from the captions; put one in sample_prompts "
+                                       "(false only)"),
+    "save_last_n_epochs_state": (None, "how many checkpoints are kept is output.keep_checkpoints"),
+    "dylora_unit": (None, "used only with networks.dylora"),
+    **dict.fromkeys(("base_weights", "base_weights_multiplier"), (_unset, "used only with enable_base_weight, which "
+                                                                         "is not available; leave it empty")),
+    "ui_custom_params": (_unset, "its keys are not read from a text field; put them in the config itself"),
+    # kohya keys
+    "lr_scheduler_type": (_unset, "a scheduler class of your own is not loaded; use lr_scheduler"),
+    "dataset_config": (_unset, "a kohya dataset config file is not read; put train_data_dir and the dataset's keys in "
+                               "this config"),
+    **dict.fromkeys(("save_state_on_train_end", "skip_cache_check", "pytorch_cuda_expandable_segments"),
+                    (None, "set by the trainer itself")),
+    "fp8_base_unet": (_false, "fp8 base weights are model.weight_dtype: fp8, for Flux.1 and SD3.5 (false only)"),
+    "network_multiplier": (lambda v: float(v) == 1.0, "the LoRA trains at strength 1 (1 only)"),
+    **dict.fromkeys(("blocks_to_swap", "cpu_offload_checkpointing"),
+                    (_unset, "block swapping and offloaded checkpoints are not available; model.weight_dtype fp8 or "
+                             "nf4 makes Flux.1 and SD3.5 fit small cards; leave it off")),
+    "model_prediction_type": (lambda v: str(v) == "raw", "the transformer's output is its raw prediction (raw only)"),
     **dict.fromkeys(("negative_sampling_method", "noise_strength", "contrastive_weight", "contrastive_warmup_steps"),
                     (None, "used only with enable_contrastive")),
 }
@@ -788,8 +812,45 @@ def _type_of(path: str) -> Any:
     return SCHEMA.type_of(path)
 
 
+# lora-scripts' form fields of the sample prompt -> the option of kohya's prompt line each becomes.
+_FORM_SAMPLE_OPTIONS = {"negative_prompts": "n", "sample_width": "w", "sample_height": "h", "sample_cfg": "l",
+                        "sample_steps": "s", "sample_seed": "d"}
+
+
+def _listed(value: Any) -> list[Any]:
+    return [] if _unset(value) else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _from_lora_scripts_form(top: dict[str, Any]) -> dict[str, Any]:
+    """A lora-scripts form export's own fields, as lora-scripts turns them into kohya's keys before a
+    run: its sample prompt fields into one ``sample_prompts`` line (unless one is given) or its
+    ``prompt_file``; ``optimizer_args_custom`` and Prodigy's ``prodigy_d0`` / ``prodigy_d_coef`` into
+    ``optimizer_args``; ``network_args_custom`` into ``network_args``."""
+    top = dict(top)
+    optimizer = str(top.get("optimizer_type", top.get("optimizer", ""))).lower()
+    extra = _listed(top.pop("optimizer_args_custom", None))
+    for key, arg in (("prodigy_d0", "d0"), ("prodigy_d_coef", "d_coef")):
+        value = top.pop(key, None)
+        if not _unset(value) and optimizer == "prodigy":
+            extra.append(f"{arg}={value}")
+    if extra:
+        top["optimizer_args"] = _listed(top.get("optimizer_args")) + extra
+    if network := _listed(top.pop("network_args_custom", None)):
+        top["network_args"] = _listed(top.get("network_args")) + network
+    positive = top.pop("positive_prompts", None)
+    options = {flag: top.pop(key) for key, flag in _FORM_SAMPLE_OPTIONS.items() if key in top}
+    prompt_file = top.pop("prompt_file", None)
+    if not _unset(prompt_file):
+        top["sample_prompts"] = prompt_file
+    elif not _unset(positive) and _unset(top.get("sample_prompts")):
+        top["sample_prompts"] = " ".join([str(positive).strip()] + [f"--{flag} {value}" for flag, value in
+                                                                    options.items() if str(value).strip()])
+    return top
+
+
 def flatten_user_dict(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Turn nested sections, 'a.b' keys and flat aliases into {field_path: raw value}."""
+    data = _from_lora_scripts_form(SCHEMA.top_level(data))
     values = SCHEMA.flatten(data, source)
     top = SCHEMA.top_level(data)
     _check_switches(top, source)
@@ -869,7 +930,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     values: dict[str, Any] = {}
     masked_loss, source = None, "--set"
     if path is not None:
-        data = read_yaml(path)
+        data = _from_lora_scripts_form(SCHEMA.top_level(read_yaml(path)))
         values.update(SCHEMA.flatten(data, str(path)))
         top = SCHEMA.top_level(data)
         _check_switches(top, str(path))

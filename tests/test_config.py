@@ -11,6 +11,7 @@ from lora_trainer.config import (
     all_field_paths,
     build_config,
     example_yaml,
+    flatten_user_dict,
     load_config,
     reference_markdown,
     sample_prompts_of,
@@ -372,6 +373,39 @@ def test_a_lora_scripts_gui_toml_loads_as_it_is(tmp_path: Path, caplog: pytest.L
                                                    + lines), encoding="utf-8")
         n = load_config(f).network
         assert (n.down_lr_weight, n.mid_lr_weight, n.block_lr_zero_threshold) == ("1,0.5", "2", 0.1)
+
+
+def test_a_lora_scripts_form_export_loads_as_lora_scripts_runs_it(tmp_path: Path) -> None:
+    """lora-scripts' form fields, as its exported configs hold them: the sample prompt fields become
+    one prompt line with its options, Prodigy's fields and the custom argument lists join
+    optimizer_args and network_args; its other fields are named when they cannot apply."""
+    f = tmp_path / "form.toml"
+    f.write_text('[training_arguments]\noptimizer_type = "Prodigy"\nprodigy_d0 = "1e-6"\nprodigy_d_coef = "2.0"\n'
+                 'optimizer_args_custom = ["decouple=True"]\nnetwork_args = ["conv_dim=4"]\n'
+                 'network_args_custom = ["rank_dropout=0.1"]\npositive_prompts = "1girl, (solo:1.2)"\n'
+                 'negative_prompts = "lowres"\nsample_width = 512\nsample_height = 768\nsample_cfg = 5\n'
+                 'sample_seed = 2333\nsample_steps = 24\nrandomly_choice_prompt = false\nsample_at_first = true\n'
+                 'save_last_n_epochs_state = 2\ndylora_unit = 4\nbase_weights = ""\nui_custom_params = ""\n',
+                 encoding="utf-8")
+    cfg = load_config(f)
+    s, o, n = cfg.sample, cfg.optim, cfg.network
+    assert (s.prompt, s.negative_prompt, s.width, s.height, s.guidance_scale, s.seed, s.steps, s.at_first) == (
+        "1girl, (solo:1.2)", "lowres", 512, 768, 5.0, 2333, 24, True)
+    assert (o.optimizer, o.optimizer_args) == ("prodigy", "decouple=True d0=1e-6 d_coef=2.0")
+    assert (n.conv_rank, n.rank_dropout) == (4, 0.1)
+    f.write_text('optimizer_type = "AdamW"\nprodigy_d_coef = "2.0"\npositive_prompts = "x"\n'
+                 'sample_prompts = "y --w 640"\n', encoding="utf-8")
+    cfg = load_config(f)  # Prodigy's fields go with Prodigy only; a prompts line of kohya's wins
+    assert (cfg.optim.optimizer_args, cfg.sample.prompt, cfg.sample.width) == ("", "y", 640)
+    for bad, said in [("randomly_choice_prompt = true", "randomly_choice_prompt: True is not supported here"),
+                      ('ui_custom_params = "x = 1"', "ui_custom_params: 'x = 1' is not supported here"),
+                      ("blocks_to_swap = 18", "blocks_to_swap: 18 is not supported here"),
+                      ("network_multiplier = 0.5", "network_multiplier: 0.5 is not supported here"),
+                      ('model_prediction_type = "sigma_scaled"', "model_prediction_type: 'sigma_scaled' is not "
+                                                                 "supported here"),
+                      ('dataset_config = "d.toml"', "dataset_config: 'd.toml' is not supported here")]:
+        assert_refused(f, bad, said)
+    assert build_config(flatten_user_dict({"positive_prompts": "a cat", "sample_steps": 8})).sample.steps == 8
 
 
 def test_kohya_switches_left_off_load_and_switched_on_are_named(tmp_path: Path,

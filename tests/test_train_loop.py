@@ -424,6 +424,22 @@ def test_saves_and_samples_at_the_end_of_every_n_epochs(tmp_path: Path, host: Ti
         "step-000002.png", "step-000004.png", "step-000006.png"]
 
 
+def test_sample_at_first_renders_the_model_before_training(tmp_path: Path, host: TinyHost) -> None:
+    """kohya's sample_at_first: a sample before the first step, then the run's own; not again on a resume."""
+    two = make_data(tmp_path / "two", n=2)
+    out = tmp_path / "out"
+    values = {"train.max_train_steps": 2, "sample.prompt": "a cat", "sample.steps": 2, "sample.at_first": True,
+              "train.save_steps": 1}
+    seen: list[TrainEvent] = []
+    Trainer(tiny_config(two, out, **values), host=host, callbacks=[seen.append]).run()
+    assert [e.step for e in seen if e.kind == "sample"] == [0, 2]
+    assert sorted(p.name for p in (out / "samples" / "tiny").iterdir()) == ["step-000000.png", "step-000002.png"]
+    seen.clear()
+    Trainer(tiny_config(two, out, **{**values, "train.max_train_steps": 3, "train.resume": "latest"}), host=host,
+            callbacks=[seen.append]).run()
+    assert [e.step for e in seen if e.kind == "sample"] == [3]
+
+
 def test_each_line_of_the_sample_prompt_is_sampled_with_its_own_options(tmp_path: Path, host: TinyHost) -> None:
     """Several sample prompts, a line each as in a kohya prompts file: every sample step renders
     each with the section's settings and its line's --w/--h/--d/--n; the first prompt's image is

@@ -109,6 +109,8 @@ class RunSession:
         self.resume()
         self.write_config(run_folder(self.out, "logs", self.stem))  # the name is known once a resume has set it
         self.logger = Logger(run_folder(self.out, "logs", self.stem), cfg.output.tensorboard)
+        if cfg.sample.at_first and self.pos.step == 0:
+            self.sample()  # the model before training, to compare the samples with
         # -- the loop
         self.status(f"training {self.total_steps} steps ({self.ds.batches_per_epoch()} batches per epoch)")
         stopped = self.loop()
