@@ -89,8 +89,8 @@ class DataConfig:
     weighted_captions: bool = _f(False, "kohya's weighted_captions: read captions with the WebUI's emphasis syntax, "
                                         "'(word:1.2)' weighing its tokens, '(word)' by 1.1, '[word]' by 1/1.1, as in a "
                                         "prompt. Off, brackets are plain text in every host (write '\\(' "
-                                        "in a prompt for them). The run's sample prompts are read the same way. SD1, "
-                                        "SD2 and SDXL.")
+                                        "in a prompt for them). Sample prompts are read as prompts either way, as "
+                                        "txt2img reads them. SD1, SD2 and SDXL.")
     repeats: int = _f(1, "How many times each image is seen per epoch.")
     flip: bool = _f(False, "Random horizontal flip (do not use for text, logos or asymmetric characters).")
     alpha_mask: bool = _f(False, "Weight the loss by each image's alpha channel (kohya's alpha_mask with masked_loss): "

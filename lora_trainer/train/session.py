@@ -66,14 +66,17 @@ class RunSession:
         if amp is not None and not autocast_supported(self.device.type, amp):
             raise ConfigError(f"train.mixed_precision: {self.cfg.train.mixed_precision} does not run on "
                               f"{self.device.type} with torch {torch.__version__}; choose bf16 or no")
-        # Captions (and the run's sample prompts) are read as plain text, or with the WebUI's emphasis syntax.
-        self.encode_captions = bundle.encode_weighted if self.cfg.data.weighted_captions else bundle.encode_text
-        if self.encode_captions is None:
+        # Captions are read as plain text, or with the WebUI's emphasis syntax (data.weighted_captions);
+        # sample prompts as prompts, with it wherever the model has it (as txt2img and kohya's samples).
+        self.caption_encoder = bundle.encode_weighted if self.cfg.data.weighted_captions else bundle.encode_text
+        if self.caption_encoder is None:
             raise ConfigError(f"data.weighted_captions: this {bundle.arch} model cannot weigh caption tokens (the "
                               "SD1, SD2 and SDXL families can); set it to false")
+        self.prompt_encoder = bundle.encode_weighted or bundle.encode_text
         self.out = Path(self.cfg.output.output_dir)
         self.network: Any = None
-        self.text_cache: TextCache | None = None
+        self.text_cache: TextCache | None = None  # the captions'
+        self.prompt_cache: TextCache | None = None  # the sample prompts'
         self.latent_cache: LatentCache | None = None
         self.pos = ckpt.LoopPosition()
         self.final_loss: float | None = None
@@ -211,11 +214,12 @@ class RunSession:
             self._undo.append(lambda: placement.move(module, where))
 
     def captions_to_cache(self) -> list[str] | None:
-        """The captions and sample prompts to encode once; None when the text is encoded per step."""
+        """The captions to encode once (the sample prompts come with them); None when the text is
+        encoded per step."""
         captions = self.ds.fixed_captions()
         if self.cfg.network.train_text_encoder or not self.cfg.data.cache_text_embeddings or captions is None:
             return None
-        return captions + self.sample_prompts()
+        return captions
 
     def latents_to_cache(self) -> bool:
         if self.cfg.data.cache_latents == "off" or self.bundle.vae is None:
@@ -227,9 +231,10 @@ class RunSession:
 
     def cache_text(self, captions: list[str]) -> None:
         b = self.bundle
-        self.status(f"caching text embeddings of {len(captions) - len(self.sample_prompts())} captions")
+        self.status(f"caching text embeddings of {len(captions)} captions")
         with placement.parked(b.vae):  # the text encoders alone; they leave before the VAE is back
-            self.text_cache = TextCache(self.encode_captions, captions)
+            self.text_cache = TextCache(self.caption_encoder, captions)
+            self.prompt_cache = TextCache(self.prompt_encoder, self.sample_prompts())
             for part in b.text_encoders:
                 self.offload(part.module)
 
@@ -374,18 +379,26 @@ class RunSession:
         return self._cast_once.active() if self._cast_once is not None else contextlib.nullcontext()
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        if self.text_cache is not None:
-            missing = [c for c in captions if c not in self.text_cache]
+        """The conditioning of a batch's captions (cached, or encoded now)."""
+        return self._encoded(captions, self.text_cache, self.caption_encoder)
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The conditioning of sample prompts, read as prompts (cached, or encoded now)."""
+        return self._encoded(prompts, self.prompt_cache, self.prompt_encoder)
+
+    def _encoded(self, texts: list[str], cache: TextCache | None, encode: Any) -> dict[str, torch.Tensor]:
+        if cache is not None:
+            missing = [c for c in texts if c not in cache]
             if missing:  # not foreseen (a prompt given later): encode once, encoders back for a moment
                 with contextlib.ExitStack() as stack:
                     for part in self.bundle.text_encoders:
                         stack.enter_context(self.onloaded(part.module))
-                    self.text_cache.add(self.encode_captions, missing)
-            return {k: v.to(self.device) for k, v in self.text_cache.get(captions).items()}
+                    cache.add(encode, missing)
+            return {k: v.to(self.device) for k, v in cache.get(texts).items()}
         if self.cfg.network.train_text_encoder:
-            return self.encode_captions(captions)
+            return encode(texts)
         with torch.no_grad():
-            return self.encode_captions(captions)
+            return encode(texts)
 
     def micro_step(self, batch: Batch, accum: int) -> torch.Tensor:
         b, t = self.bundle, self.cfg.train
@@ -544,7 +557,7 @@ class RunSession:
         try:
             with self.onloaded(self.bundle.vae), self.compiled.paused() if self.compiled else contextlib.nullcontext():
                 images = [render_sample(self.bundle, s, s.width or res, s.height or res,
-                                        encode=self.encode_text, autocast=self.autocast) for s in settings]
+                                        encode=self.encode_prompts, autocast=self.autocast) for s in settings]
         finally:
             self.set_train_mode(True)
         folder = run_folder(self.out, "samples", self.stem)
