@@ -101,6 +101,25 @@ def test_render_weights(host_and_lora):
     assert np.abs(_to_array(images[1]) - ours).max() <= 2
 
 
+def test_render_reads_emphasis_as_training_samples_do(host_and_lora):
+    """A prompt (or negative prompt) with the WebUI's emphasis renders from the weighted embeddings
+    training's samples use; the brackets are not text the pipeline sees."""
+    host, cfg, bundle, _ = host_and_lora
+    pipe = build_render_pipeline(bundle)
+    prompt, negative = "a photo of a (cat:1.5)", "[blurry]"
+    [got] = host.render(prompt, negative, 7, "test_lora", [0.0], steps=3, width=64, height=64)
+    with torch.no_grad():
+        cond, neg = bundle.encode_weighted([prompt]), bundle.encode_weighted([negative])
+        latents = pipe(prompt_embeds=cond["context"], negative_prompt_embeds=neg["context"], num_inference_steps=3,
+                       width=64, height=64, guidance_scale=7.0, generator=torch.Generator().manual_seed(7),
+                       output_type="latent").images
+        px = bundle.decode_latents(latents)
+    want = ((px[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.int16)
+    assert np.array_equal(_to_array(got), want)
+    literal = _pipeline_image(pipe, bundle, prompt, 7)  # the brackets as text
+    assert not np.array_equal(_to_array(got), literal)
+
+
 def test_render_sdxl_matches_own_injection(tmp_path):
     """SDXL kohya files name UNet modules the LDM way; diffusers must read the file as we do."""
     from lora_trainer.models import tiny
@@ -130,6 +149,8 @@ def test_render_sdxl_matches_own_injection(tmp_path):
     save_lora_file(host.lora_dir(cfg) / "xl_lora.safetensors", tensors, {})
     zero, one = host.render("a red car", "", 3, "xl_lora", [0.0, 1.0], 3, 64, 64)
     assert np.array_equal(_to_array(zero), base)
+    [weighed] = host.render("a (red:1.6) car", "(blue:1.2)", 3, "xl_lora", [0.0], 3, 64, 64)  # pooled ones too
+    assert not np.array_equal(_to_array(weighed), base)
     assert np.abs(_to_array(one) - base).max() > 10
     assert np.abs(_to_array(one) - ours).max() <= 2
 

@@ -225,6 +225,21 @@ def build_render_pipeline(bundle: ModelBundle) -> Any:
     return pipe
 
 
+def _read_as_prompt(bundle: ModelBundle, text: str | None, name: str) -> dict[str, Any]:
+    """The pipeline's arguments for ``text`` (``name``: "prompt" or "negative_prompt") read as the
+    WebUI reads a prompt: a text with emphasis or escapes (``(word:1.2)``, ``\\(``) as the
+    bundle's weighted embeddings, as training's samples take it; any other as the text itself."""
+    from lora_trainer.data.emphasis import parse_emphasis
+
+    if not text or bundle.encode_weighted is None or parse_emphasis(text) == [(text, 1.0)]:
+        return {name: text}
+    cond = bundle.encode_weighted([text])
+    embeds = {f"{name}_embeds": cond["context"]}
+    if "pooled" in cond:  # SDXL: "pooled_prompt_embeds", "negative_pooled_prompt_embeds"
+        embeds[name.replace("prompt", "pooled_prompt") + "_embeds"] = cond["pooled"]
+    return embeds
+
+
 def _render_one(pipe: Any, bundle: ModelBundle, prompt: str, negative_prompt: str, seed: int, weight: float,
                 steps: int, width: int, height: int, guidance_scale: float) -> Image.Image:
     from PIL import Image
@@ -232,9 +247,10 @@ def _render_one(pipe: Any, bundle: ModelBundle, prompt: str, negative_prompt: st
     pipe.set_adapters([RENDER_ADAPTER], adapter_weights=[float(weight)])
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     with torch.no_grad():
-        latents = pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                       width=width, height=height, guidance_scale=guidance_scale, generator=generator,
-                       output_type="latent").images
+        texts = {**_read_as_prompt(bundle, prompt, "prompt"), **_read_as_prompt(bundle, negative_prompt or None,
+                                                                                   "negative_prompt")}
+        latents = pipe(**texts, num_inference_steps=steps, width=width, height=height,
+                       guidance_scale=guidance_scale, generator=generator, output_type="latent").images
         # Decode with the bundle's codec: it keeps the SDXL VAE in fp32, which the pipeline would not.
         pixels = bundle.decode_latents(latents)
     array = ((pixels[0].permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
