@@ -91,6 +91,11 @@ class DataConfig:
                                         "prompt. Off, brackets are plain text in every host (write '\\(' "
                                         "in a prompt for them). Sample prompts are read as prompts either way, as "
                                         "txt2img reads them. SD1, SD2 and SDXL.")
+    max_token_length: int = _f(75, "The longest caption in tokens (kohya's max_token_length: 75, 150 or 225): a "
+                                   "longer one is cut there. Above 75, standalone SD1, SD2 and SDXL runs read captions "
+                                   "(and sample prompts) in chunks of 75, each encoded as the WebUI encodes a long "
+                                   "prompt's, joined. In a WebUI, captions are as long as they are: it chunks them "
+                                   "itself. Flux.1 and SD3.5 read their own lengths.")
     repeats: int = _f(1, "How many times each image is seen per epoch.")
     flip: bool = _f(False, "Random horizontal flip (do not use for text, logos or asymmetric characters).")
     alpha_mask: bool = _f(False, "Weight the loss by each image's alpha channel (kohya's alpha_mask with masked_loss): "
@@ -122,6 +127,11 @@ class DataConfig:
     num_workers: int = _f(0, "Data loader worker processes (0 loads in the training process).")
     prefetch: int | None = _f(None, "Batches loaded ahead in a background thread while the current one trains "
                               "(default: 2 on a GPU; 0 on a CPU, where loading and training share the cores).")
+
+    @property
+    def token_chunks(self) -> int:
+        """How many chunks of 75 tokens a caption may fill (max_token_length)."""
+        return -(-self.max_token_length // 75)
 
 
 NETWORK_TYPES = ("lora", "locon", "dora", "loha", "lokr")
@@ -375,6 +385,7 @@ ALIASES: dict[str, str] = {
     "secondary_separator": "data.secondary_separator",
     "caption_dropout": "data.caption_dropout",
     "weighted_captions": "data.weighted_captions",
+    "max_token_length": "data.max_token_length",
     "caption_dropout_every_n_epochs": "data.caption_dropout_every_n_epochs",
     "enable_wildcard": "data.enable_wildcard",
     "repeats": "data.repeats",
@@ -499,7 +510,6 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     "save_last_n_epochs": (None, "how many checkpoints are kept is output.keep_checkpoints; saved LoRAs are all kept"),
     **dict.fromkeys(("logging_dir", "log_prefix", "log_with"), (None, "logs go to <output_dir>/logs/<output_name>")),
     "sample_sampler": (None, "samples use the model's own scheduler"),
-    "max_token_length": (None, "in a WebUI captions are encoded as its prompts are; standalone, to 77 tokens"),
     "clip_skip": (None, "in a WebUI its own Clip skip setting applies, as in txt2img; standalone, the layer the "
                         "model's family uses (the last for SD 1.x)"),
     "network_train_text_encoder_only": (_false, "the UNet always trains (false only)"),
@@ -1112,6 +1122,8 @@ def _check_optim(cfg: TrainConfig) -> None:
 
 def _check_data(cfg: TrainConfig) -> None:
     need, d = _need, cfg.data
+    need(d.max_token_length >= 75, f"data.max_token_length: {d.max_token_length} must be at least 75 (75, 150 or 225 "
+                                   "as kohya takes it)")
     need(not (d.alpha_mask and d.mask_dir), "data.mask_dir: the loss is masked by the alpha channel (data.alpha_mask) "
                                             "or by a folder of masks, not both; turn one off")
     need(not (d.weighted_captions and _is_flow_family(cfg.model.arch)),

@@ -128,3 +128,61 @@ def test_a_run_reads_captions_as_asked(bracket_data, tmp_path):
     assert all("(red circle:1." in c for c in calls["weighted"]), calls["weighted"]
     a, b = lora_tensors(plain.lora_path), lora_tensors(weighted.lora_path)
     assert any(not torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+# --- long captions: data.max_token_length, in chunks of 75 as the WebUI reads a long prompt -------
+def test_long_captions_fill_chunks_of_75_tokens(sd1):
+    tok = sd1.extras["tokenizers"][0]
+    words = [f"tag{n}" for n in range(120)]
+    caption = ", ".join(words)
+    inner = tok(caption, truncation=False).input_ids[1:-1]
+    assert len(inner) > 225  # longer than three chunks: cut after 225 tokens
+    ids, weights = sd_text.tokenize_weighted(tok, [caption, "a cat"], torch.device("cpu"), chunks=3, weighted=False)
+    assert ids.shape == weights.shape == (6, 77) and torch.equal(weights, torch.ones(6, 77))
+    bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    for n in range(3):
+        assert ids[n].tolist() == [bos, *inner[75 * n:75 * (n + 1)], eos]
+    short = tok("a cat").input_ids
+    assert ids[3].tolist() == short + [pad] * (77 - len(short))  # as tokenize() lays it out
+    assert ids[4].tolist() == ids[5].tolist() == [bos, eos] + [pad] * 75  # the chunks a short caption leaves
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_chunked_encoding_joins_the_chunks_passes(arch):
+    b = tiny_bundle(arch)
+    tok = b.extras["tokenizers"][0]
+    caption = ", ".join(f"word{n}" for n in range(60))  # more than 75 tokens
+    encode = b.make_encoder(False, 2)
+    with torch.no_grad():
+        two = encode([caption, "a cat"])
+        one = b.encode_text(["a cat"])
+        ids, _ = sd_text.tokenize_weighted(tok, [caption], torch.device("cpu"), chunks=2, weighted=False)
+        te = b.text_encoders[0].module
+        passes = te(ids, output_hidden_states=True)
+        first = passes.hidden_states[-2] if arch == "sdxl" else passes.last_hidden_state
+    assert two["context"].shape[:2] == (2, 154)
+    width = first.shape[-1]
+    # (other batch sizes than the reference's: equal to float rounding)
+    assert torch.allclose(two["context"][0, :, :width], first.reshape(154, width), atol=1e-6)  # the passes in turn
+    assert torch.allclose(two["context"][1:, :77], one["context"], atol=1e-6)  # a short caption's first chunk
+    if arch == "sdxl":
+        assert torch.allclose(two["pooled"][1:], one["pooled"], atol=1e-6)  # the first chunk's pooled embedding
+    weighted = b.make_encoder(True, 2)(["a (cat:1.5)"])["context"]
+    assert weighted.shape[1] == 154 and not torch.allclose(weighted[:, :77], one["context"], atol=1e-4)
+
+
+def test_a_run_with_long_captions_conditions_on_every_chunk(bracket_data, tmp_path):
+    from lora_trainer.train.trainer import Trainer
+
+    host = TinyHost()
+    contexts: list[int] = []
+    predict = host.bundle.predict
+    host.bundle.predict = lambda x, t, cond, size: contexts.append(cond["context"].shape[1]) or predict(x, t, cond,
+                                                                                                         size)
+    values = {"train.max_train_steps": 2, "data.max_token_length": 225, "sample.prompt": "a circle",
+              "sample.steps": 1}
+    Trainer(tiny_config(bracket_data, tmp_path / "a", **values), host=host).run()
+    assert contexts and set(contexts) == {231}  # training steps and the sample alike
+    with pytest.raises(ConfigError, match="data.max_token_length: 60 must be at least 75"):
+        build_config({"max_token_length": 60})
+    assert build_config({"max_token_length": 150}).data.token_chunks == 2

@@ -198,9 +198,10 @@ class Family:
         return "epsilon" if requested == "auto" else requested
 
     def make_encode_text(self, encoders: list[Any], tokenizers: list[Any],
-                         device: torch.device, weighted: bool = False) -> Any:
+                         device: torch.device, weighted: bool = False, chunks: int = 1) -> Any:
         """``encode_text`` (captions -> conditioning) over the family's diffusers text encoders;
-        ``weighted``: captions read with the WebUI's emphasis syntax (``ModelBundle.encode_weighted``)."""
+        ``weighted``: captions read with the WebUI's emphasis syntax (``ModelBundle.encode_weighted``);
+        ``chunks``: captions of up to that many chunks of 75 tokens (``ModelBundle.make_encoder``)."""
         raise NotImplementedError(f"{self.label}: no text encoding for diffusers parts")
 
     def tiny_unet_config(self) -> dict[str, Any]:

@@ -74,8 +74,8 @@ class _StableDiffusion(Family):
         return 768 if prediction_type == "v_prediction" else 512  # the v models are the 768 ones
 
     def make_encode_text(self, encoders: list[Any], tokenizers: list[Any], device: torch.device,
-                         weighted: bool = False) -> Any:
-        return sd_text.encode_last_hidden(encoders, tokenizers, device, weighted)
+                         weighted: bool = False, chunks: int = 1) -> Any:
+        return sd_text.encode_last_hidden(encoders, tokenizers, device, weighted, chunks)
 
     def tiny_unet_config(self) -> dict[str, Any]:
         return sd_tiny.unet_config_sd(v2=False)
@@ -212,8 +212,8 @@ class SDXL(_StableDiffusion):
         return metadata.get("ss_base_model_version", "").startswith("sdxl_")
 
     def make_encode_text(self, encoders: list[Any], tokenizers: list[Any], device: torch.device,
-                         weighted: bool = False) -> Any:
-        return sd_text.encode_sdxl(encoders, tokenizers, device, weighted)
+                         weighted: bool = False, chunks: int = 1) -> Any:
+        return sd_text.encode_sdxl(encoders, tokenizers, device, weighted, chunks)
 
     def tiny_unet_config(self) -> dict[str, Any]:
         return sd_tiny.unet_config_sdxl()

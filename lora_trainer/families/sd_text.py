@@ -31,10 +31,17 @@ def tokenize(tokenizer: Any, captions: list[str], device: torch.device) -> torch
     return ids.to(device)
 
 
-def tokenize_weighted(tokenizer: Any, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids as :func:`tokenize` makes them, of each caption read with the WebUI's emphasis
-    syntax (``(word:1.2)``; the brackets leave the text), and each token's weight (1 for the
-    start, end and padding tokens)."""
+CHUNK = MAX_TOKENS - 2  # the tokens of a caption one pass of the encoder reads
+
+
+def tokenize_weighted(tokenizer: Any, captions: list[str], device: torch.device,
+                      chunks: int = 1, weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of each caption in ``chunks`` rows of 77, as :func:`tokenize` lays one out (start
+    token, up to 75 tokens, end token, padding; a caption is cut after 75 x chunks tokens, and a
+    short one gets rows of start and end only), and each token's weight (1 for the start, end and
+    padding tokens). ``weighted``: the caption read with the WebUI's emphasis syntax
+    (``(word:1.2)``; the brackets leave the text), else as plain text. Rows of one caption follow
+    each other: (len(captions) x chunks, 77)."""
     import torch
 
     from lora_trainer.data.emphasis import parse_emphasis
@@ -43,15 +50,22 @@ def tokenize_weighted(tokenizer: Any, captions: list[str], device: torch.device)
     for caption in captions:
         ids: list[int] = []
         ws: list[float] = []
-        for fragment, weight in parse_emphasis(caption):
-            inner = tokenizer(fragment, truncation=False).input_ids[1:-1]  # without its start and end tokens
+        for fragment, weight in parse_emphasis(caption) if weighted else [(caption, 1.0)]:
+            inner = tokenizer(fragment, truncation=False, verbose=False).input_ids[1:-1]  # without start and end
             ids += inner
             ws += [weight] * len(inner)
-        ids, ws = ids[:MAX_TOKENS - 2], ws[:MAX_TOKENS - 2]
-        pad = MAX_TOKENS - 2 - len(ids)
-        rows.append([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad)
-        weights.append([1.0, *ws, 1.0] + [1.0] * pad)
+        for n in range(chunks):
+            part, part_w = ids[n * CHUNK:(n + 1) * CHUNK], ws[n * CHUNK:(n + 1) * CHUNK]
+            pad = CHUNK - len(part)
+            rows.append([tokenizer.bos_token_id, *part, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad)
+            weights.append([1.0, *part_w, 1.0] + [1.0] * pad)
     return torch.tensor(rows, device=device), torch.tensor(weights, device=device)
+
+
+def _joined(hidden: torch.Tensor, chunks: int) -> torch.Tensor:
+    """(B x chunks, 77, C) hidden states -> (B, chunks x 77, C): each caption's chunks one after
+    another, as the WebUI joins a long prompt's."""
+    return hidden.reshape(hidden.shape[0] // chunks, chunks * hidden.shape[1], *hidden.shape[2:])
 
 
 def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -69,37 +83,44 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def encode_last_hidden(encoders: list[Any], tokenizers: list[Any], device: torch.device,
-                       weighted: bool = False) -> EncodeText:
+                       weighted: bool = False, chunks: int = 1) -> EncodeText:
+    """SD1/SD2 conditioning; ``weighted``: emphasis read; ``chunks``: captions of up to 75 x
+    chunks tokens, in that many passes of 77 joined (a context of 77 x chunks tokens)."""
     (te,), (tok,) = encoders, tokenizers
 
     def encode_text(captions: list[str]) -> Conditioning:
-        if not weighted:
+        if not weighted and chunks == 1:
             return {"context": te(tokenize(tok, captions, device), output_hidden_states=False).last_hidden_state}
-        ids, weights = tokenize_weighted(tok, captions, device)
-        return {"context": apply_weights(te(ids, output_hidden_states=False).last_hidden_state, weights)}
+        ids, weights = tokenize_weighted(tok, captions, device, chunks, weighted)
+        hidden = _joined(te(ids, output_hidden_states=False).last_hidden_state, chunks)
+        return {"context": apply_weights(hidden, weights.reshape(len(captions), -1))}
 
     return encode_text
 
 
 def encode_sdxl(encoders: list[Any], tokenizers: list[Any], device: torch.device,
-                weighted: bool = False) -> EncodeText:
+                weighted: bool = False, chunks: int = 1) -> EncodeText:
+    """SDXL conditioning (see :func:`encode_last_hidden`); the pooled embedding is the first
+    chunk's, unweighted."""
     import torch
 
     (te1, te2), (tok1, tok2) = encoders, tokenizers
     install_hidden_state_hooks(encoders, tokenizers, device)
 
     def hidden(te: Any, tok: Any, captions: list[str]) -> tuple[torch.Tensor, Any]:
-        if not weighted:
+        if not weighted and chunks == 1:
             out = te(tokenize(tok, captions, device), output_hidden_states=True)
-            return out.hidden_states[-2], out
-        ids, weights = tokenize_weighted(tok, captions, device)
+            return out.hidden_states[-2], out.text_embeds if hasattr(out, "text_embeds") else None
+        ids, weights = tokenize_weighted(tok, captions, device, chunks, weighted)
         out = te(ids, output_hidden_states=True)
-        return apply_weights(out.hidden_states[-2], weights), out
+        h = apply_weights(_joined(out.hidden_states[-2], chunks), weights.reshape(len(captions), -1))
+        pooled = out.text_embeds[::chunks] if hasattr(out, "text_embeds") else None
+        return h, pooled
 
     def encode_text(captions: list[str]) -> Conditioning:
         h1, _ = hidden(te1, tok1, captions)
-        h2, out2 = hidden(te2, tok2, captions)
-        return {"context": torch.cat([h1, h2.to(h1.dtype)], dim=-1), "pooled": out2.text_embeds}
+        h2, pooled = hidden(te2, tok2, captions)
+        return {"context": torch.cat([h1, h2.to(h1.dtype)], dim=-1), "pooled": pooled}
 
     return encode_text
 

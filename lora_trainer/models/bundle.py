@@ -71,6 +71,10 @@ class ModelBundle:
     # captions read with the WebUI's emphasis syntax ("(word:1.2)", data.weighted_captions) ->
     # conditioning as encode_text's, which reads them as plain text; None: not available
     encode_weighted: Callable[[list[str]], Conditioning] | None = None
+    # (weighted, chunks) -> an encoder as encode_text / encode_weighted of captions of up to
+    # 75 x chunks tokens (data.max_token_length); None: the host reads long captions itself (a
+    # WebUI) or the family has its own length
+    make_encoder: Callable[[bool, int], Callable[[list[str]], Conditioning]] | None = None
     # The dtype LoHa/LoKr files must be written in for the host's own loader to apply them, when
     # output.save_precision's fp16 would not do (A1111 on the CPU multiplies their factors in the
     # file's dtype, and torch has no fp16 matrix product there); None: any.

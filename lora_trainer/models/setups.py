@@ -122,6 +122,7 @@ def bundle_from_diffusers(parts: dict[str, Any], arch: str, prediction_type: str
         text_encoders=te_parts, vae=vae, alphas_cumprod=training_alphas_cumprod(scheduler),
         encode_images=encode_images, encode_text=family.make_encode_text(encoders, tokenizers, device),
         encode_weighted=family.make_encode_text(encoders, tokenizers, device, weighted=True),
+        make_encoder=lambda weighted, chunks: family.make_encode_text(encoders, tokenizers, device, weighted, chunks),
         predict=_make_predict(unet, family, vae_scale_factor), decode_latents=decode_latents,
         name=name, default_resolution=default_resolution,
         latent_channels=int(vae.config.latent_channels), vae_scale_factor=vae_scale_factor,

@@ -73,6 +73,10 @@ class RunSession:
             raise ConfigError(f"data.weighted_captions: this {bundle.arch} model cannot weigh caption tokens (the "
                               "SD1, SD2 and SDXL families can); set it to false")
         self.prompt_encoder = bundle.encode_weighted or bundle.encode_text
+        chunks = self.cfg.data.token_chunks
+        if chunks > 1 and bundle.make_encoder is not None:  # longer captions, and prompts to match
+            self.caption_encoder = bundle.make_encoder(self.cfg.data.weighted_captions, chunks)
+            self.prompt_encoder = bundle.make_encoder(True, chunks)
         self.out = Path(self.cfg.output.output_dir)
         self.network: Any = None
         self.text_cache: TextCache | None = None  # the captions'
