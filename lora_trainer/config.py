@@ -290,9 +290,19 @@ class LoopConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(
         "default", "With train.compile: torch.compile's mode. reduce-overhead replays CUDA graphs (fewer kernel "
         "launches, more memory); max-autotune also tries kernel variants (longer compiles).")
-    timestep_sampling: Literal["auto", "uniform", "logit_normal", "sigmoid", "shift", "flux_shift"] = _f(
+    timestep_sampling: Literal["auto", "uniform", "logit_normal", "sigmoid", "shift", "flux_shift", "sigma"] = _f(
         "auto", "Flux.1/SD3.5: how sigma is drawn; 'auto' is the family's (Flux: sigmoid with the resolution "
-        "shift, kohya's flux_shift; SD3.5: logit-normal with shift 3). 'shift' uses discrete_flow_shift.")
+        "shift, kohya's flux_shift; SD3.5: logit-normal with shift 3). 'shift' uses discrete_flow_shift; 'sigma' "
+        "is kohya's: drawn by weighting_scheme, then shifted by discrete_flow_shift (3 when empty).")
+    weighting_scheme: Literal["uniform", "logit_normal"] = _f(
+        "uniform", "Flux.1/SD3.5 with timestep_sampling 'sigma': how sigma is drawn before its shift (kohya's "
+        "weighting_scheme; 'none' reads as uniform).")
+    sigmoid_scale: float | None = _f(None, "Flux.1/SD3.5: the spread of sigmoid sampling (kohya's sigmoid_scale); "
+                                     "empty: the family's (1).")
+    logit_mean: float | None = _f(None, "Flux.1/SD3.5: the mean of logit-normal sampling (kohya's logit_mean); "
+                                  "empty: the family's (0).")
+    logit_std: float | None = _f(None, "Flux.1/SD3.5: the spread of logit-normal sampling (kohya's logit_std); "
+                                 "empty: the family's (1).")
     discrete_flow_shift: float | None = _f(None, "Flux.1/SD3.5: fixed sigma shift (SD3: 3.0); empty: the family's.")
     guidance_scale: float | None = _f(None, "FLUX.1-dev: guidance value the model is given while training; "
                                       "empty: 3.5 (kohya's and diffusers' default).")
@@ -369,6 +379,10 @@ ALIASES: dict[str, str] = {
     "t5xxl": "model.t5xxl",
     "timestep_sampling": "train.timestep_sampling",
     "discrete_flow_shift": "train.discrete_flow_shift",
+    "weighting_scheme": "train.weighting_scheme",
+    "sigmoid_scale": "train.sigmoid_scale",
+    "logit_mean": "train.logit_mean",
+    "logit_std": "train.logit_std",
     "guidance_scale": "train.guidance_scale",
     "train_data_dir": "data.train_data_dir",
     "metadata_path": "data.metadata_path",
@@ -532,8 +546,8 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
                     (None, "nothing is uploaded; outputs stay in output_dir")),
     "dim_from_weights": (None, "a LoRA continued from network_weights (network.init_from) takes its rank and alpha"),
     "no_half_vae": (None, "the VAE runs in fp32 where fp16 overflows (SDXL's), else in the weights' precision"),
-    **dict.fromkeys(("full_fp16", "full_bf16"), (_false, "the LoRA trains in fp32 under mixed precision (false only)")),
-    "fp8_base": (_false, "fp8 base weights are model.weight_dtype: fp8, for Flux.1 and SD3.5 (false only)"),
+    **dict.fromkeys(("full_fp16", "full_bf16"), (None, "the LoRA's own weights stay in fp32 under mixed precision "
+                                                       "(the model computes in fp16/bf16 all the same)")),
     **dict.fromkeys(("token_warmup_min", "token_warmup_step"),
                     (lambda v: v in (0, 1, None), "captions are used whole from the first step (1 and 0 only)")),
     **dict.fromkeys(("face_crop_aug_range", "stop_text_encoder_training"),
@@ -558,12 +572,20 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
                                "this config"),
     **dict.fromkeys(("save_state_on_train_end", "skip_cache_check", "pytorch_cuda_expandable_segments"),
                     (None, "set by the trainer itself")),
-    "fp8_base_unet": (_false, "fp8 base weights are model.weight_dtype: fp8, for Flux.1 and SD3.5 (false only)"),
     "network_multiplier": (lambda v: float(v) == 1.0, "the LoRA trains at strength 1 (1 only)"),
     **dict.fromkeys(("blocks_to_swap", "cpu_offload_checkpointing"),
                     (_unset, "block swapping and offloaded checkpoints are not available; model.weight_dtype fp8 or "
                              "nf4 makes Flux.1 and SD3.5 fit small cards; leave it off")),
     "model_prediction_type": (lambda v: str(v) == "raw", "the transformer's output is its raw prediction (raw only)"),
+    "model_type": (lambda v: str(v).lower() == "flux", "the model's kind is read from the checkpoint (flux only; "
+                                                       "Chroma is not available)"),
+    "apply_t5_attn_mask": (None, "T5's padding is not masked, as diffusers and ComfyUI render Flux.1"),
+    "t5xxl_max_token_length": (None, "T5 reads 512 tokens (FLUX.1-dev; schnell 256), as diffusers renders it"),
+    "train_t5xxl": (_false, "T5-XXL is never trained (false only)"),
+    "split_mode": (_false, "Flux.1's split mode is not available; model.weight_dtype fp8 or nf4 makes it fit small "
+                           "cards (false only)"),
+    "mem_eff_save": (None, "set by the trainer itself"),
+    "mode_scale": (None, "used only with weighting_scheme mode, which is not available"),
     **dict.fromkeys(("negative_sampling_method", "noise_strength", "contrastive_weight", "contrastive_warmup_steps"),
                     (None, "used only with enable_contrastive")),
 }
@@ -583,6 +605,7 @@ _ALIAS_VALUE_MAPS: dict[str, Any] = {
     "caption_dropout_every_n_epochs": lambda v: 0 if v is None else v,  # lora-scripts may leave it empty
     # every schedule here warms up over lr_warmup_steps
     "lr_scheduler": lambda v: "constant" if str(v).lower() == "constant_with_warmup" else v,
+    "weighting_scheme": lambda v: "uniform" if str(v).lower() in ("none", "") else v,
 }
 
 
@@ -748,6 +771,11 @@ def _lycoris_algo(value: Any) -> dict[str, Any]:
     return {} if _unset(value) else {"network.type": _algo_type(value, "lycoris_algo: ")}
 
 
+def _fp8_base(value: Any) -> dict[str, Any]:
+    """kohya's ``fp8_base`` / ``fp8_base_unet``: the denoiser's weights stored in fp8 (model.weight_dtype)."""
+    return {"model.weight_dtype": "fp8"} if _coerce(value, bool, "fp8_base") else {}
+
+
 def _enable_block_weights(value: Any) -> dict[str, Any]:
     """lora-scripts' ``enable_block_weights``: its form's switch for the block weights, which come
     from network_args (or the down/mid/up_lr_weight keys); checked with them in _check_switches."""
@@ -805,7 +833,8 @@ SCHEMA = ConfigSchema(
     # network_module implies, cache_latents_to_disk what cache_latents says.
     expanders={"network_module": _network_module, "lycoris_algo": _lycoris_algo, "network_args": _network_args, "sample_prompts": _sample_prompts,
                "cache_latents": _cache_latents, "cache_latents_to_disk": _cache_latents_to_disk,
-               "optimizer_args": _optimizer_args, "enable_block_weights": _enable_block_weights},
+               "optimizer_args": _optimizer_args, "enable_block_weights": _enable_block_weights,
+               "fp8_base": _fp8_base, "fp8_base_unet": _fp8_base},
     ignored=IGNORED_KEYS, key_groups=_kohya_table,
 )
 
@@ -1054,6 +1083,8 @@ def _check_loop(cfg: TrainConfig) -> None:
          f"train.min_timestep ({t.min_timestep}) and max_timestep ({t.max_timestep}) must keep 0 <= min < max <= 1000")
     need(t.discrete_flow_shift is None or t.discrete_flow_shift > 0,
          f"train.discrete_flow_shift: {t.discrete_flow_shift} must be above 0 (or empty)")
+    for name in ("sigmoid_scale", "logit_std"):
+        need(getattr(t, name) is None or getattr(t, name) > 0, f"train.{name}: {getattr(t, name)} must be above 0 (or empty)")
     need(t.guidance_scale is None or t.guidance_scale >= 0,
          f"train.guidance_scale: {t.guidance_scale} must be 0 or more (or empty)")
 

@@ -424,8 +424,13 @@ def test_kohya_switches_left_off_load_and_switched_on_are_named(tmp_path: Path,
     assert "weighted_captions" not in warning  # a setting of its own (data.weighted_captions)
     for bad, said in [("face_crop_aug_range = \"2.0,4.0\"", "face_crop_aug_range: '2.0,4.0' is not supported here; "
                                                             "lora-trainer has no such setting; leave it off"),
-                      ("full_bf16 = true", "full_bf16: True is not supported here")]:
+                      ("enable_base_weight = true", "enable_base_weight: True is not supported here")]:
         assert_refused(f, bad, said)
+    f.write_text("full_bf16 = true\n", encoding="utf-8")  # the LoRA stays fp32: named, not refused
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lora_trainer.config"):
+        load_config(f)
+    assert "full_bf16: the LoRA's own weights stay in fp32" in caplog.text
 
 
 

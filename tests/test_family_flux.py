@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from lora_trainer.errors import ConfigError
 from lora_trainer.families import get_family
 from lora_trainer.families.flow_lora import dit_lora_key
 from lora_trainer.families.flow_parts import block_linear_targets
@@ -267,11 +270,55 @@ def test_config_flow_settings_take_kohyas_names_and_reach_the_objective(tmp_path
     flux_shift = configured_spec(SCHNELL_OBJECTIVE, loop(timestep_sampling="flux_shift"))
     assert flux_shift.resolution_shift and flux_shift.sampling == "sigmoid"
     assert configured_spec(SCHNELL_OBJECTIVE, loop(timestep_sampling="uniform")).sampling == "uniform"
+    # kohya's "sigma": drawn by weighting_scheme, then its fixed shift (3 unless discrete_flow_shift says)
+    sigma = configured_spec(DEV_OBJECTIVE, loop(timestep_sampling="sigma", weighting_scheme="none"))
+    assert (sigma.sampling, sigma.resolution_shift, sigma.shift) == ("uniform", False, 3.0)
+    sigma = configured_spec(DEV_OBJECTIVE, loop(timestep_sampling="sigma", weighting_scheme="logit_normal",
+                                                discrete_flow_shift=1.5, logit_mean=0.5, logit_std=2.0))
+    assert (sigma.sampling, sigma.shift, sigma.logit_mean, sigma.logit_std) == ("logit_normal", 1.5, 0.5, 2.0)
+    assert configured_spec(DEV_OBJECTIVE, loop(sigmoid_scale=2.5)).sigmoid_scale == 2.5
     sd1 = get_family("sd1").objective
     with pytest.raises(ConfigError, match="train.discrete_flow_shift: applies to rectified-flow models"):
         configured_spec(sd1, loop(discrete_flow_shift=3.0))
+    with pytest.raises(ConfigError, match="train.sigmoid_scale: applies to rectified-flow models"):
+        configured_spec(sd1, loop(sigmoid_scale=2.0))
+    with pytest.raises(ConfigError, match="train.weighting_scheme: 'mode' is not allowed"):
+        loop(weighting_scheme="mode")
     with pytest.raises(ConfigError, match="train.min_snr_gamma"):
         build_config({"data.train_data_dir": str(tmp_path), "model.arch": "flux1", "train.min_snr_gamma": 5})
+
+
+def test_sigmoid_scale_spreads_the_drawn_sigmas() -> None:
+    from lora_trainer.families.flux import SCHNELL_OBJECTIVE
+    from lora_trainer.train.objectives import FlowObjective
+
+    def spread(scale: float) -> float:
+        obj = FlowObjective(replace(SCHNELL_OBJECTIVE, sigmoid_scale=scale), torch.device("cpu"))
+        return float(obj.sample_sigmas(4000, torch.Generator().manual_seed(0), torch.zeros(1, 16, 8, 8)).std())
+
+    assert spread(3.0) > spread(1.0) + 0.05
+
+
+def test_a_lora_scripts_flux_form_export_loads(tmp_path: Path) -> None:
+    """lora-scripts' Flux form with its defaults: fp8_base is model.weight_dtype fp8; its flow keys
+    reach the settings; the T5 ones it cannot honour are named, not refused."""
+    from lora_trainer.config import load_config
+
+    f = tmp_path / "flux.toml"
+    f.write_text('model_train_type = "flux-lora"\nmodel_type = "flux"\nfp8_base = true\nsdpa = true\n'
+                 'timestep_sampling = "sigmoid"\nsigmoid_scale = 1.0\nmodel_prediction_type = "raw"\n'
+                 'discrete_flow_shift = 1.0\nguidance_scale = 1.0\napply_t5_attn_mask = true\n'
+                 'train_t5xxl = false\nfull_bf16 = true\nmixed_precision = "bf16"\n', encoding="utf-8")
+    cfg = load_config(f)
+    t = cfg.train
+    assert (cfg.model.weight_dtype, t.timestep_sampling, t.sigmoid_scale, t.discrete_flow_shift, t.guidance_scale) \
+        == ("fp8", "sigmoid", 1.0, 1.0, 1.0)
+    for bad, said in [('model_type = "chroma"', "model_type: 'chroma' is not supported here"),
+                      ("train_t5xxl = true", "train_t5xxl: True is not supported here"),
+                      ("split_mode = true", "split_mode: True is not supported here")]:
+        f.write_text(bad + "\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            load_config(f)
 
 
 def test_training_gives_dev_its_guidance_value(tok_dir: Path) -> None:

@@ -240,9 +240,12 @@ def configured_spec(spec: ObjectiveSpec, train_cfg: Any = None) -> ObjectiveSpec
     sampling = getattr(train_cfg, "timestep_sampling", "auto")
     shift = getattr(train_cfg, "discrete_flow_shift", None)
     guidance = getattr(train_cfg, "guidance_scale", None)
+    spreads = {name: getattr(train_cfg, name, None) for name in ("sigmoid_scale", "logit_mean", "logit_std")}
+    weighting = getattr(train_cfg, "weighting_scheme", "uniform")
     if spec.kind != "flow":
         for name, value, unset in (("timestep_sampling", sampling, "auto"), ("discrete_flow_shift", shift, None),
-                                   ("guidance_scale", guidance, None)):
+                                   ("guidance_scale", guidance, None), ("weighting_scheme", weighting, "uniform"),
+                                   *((name, value, None) for name, value in spreads.items())):
             if value != unset:
                 raise ConfigError(f"train.{name}: applies to rectified-flow models (Flux.1, SD3.5) only; "
                                   f"leave it at {unset or 'empty'} for this model")
@@ -259,6 +262,9 @@ def configured_spec(spec: ObjectiveSpec, train_cfg: Any = None) -> ObjectiveSpec
         sampling, spec = "sigmoid", replace(spec, resolution_shift=False, shift=spec.shift if spec.shift != 1 else 3.0)
     if sampling == "flux_shift":  # kohya's: sigmoid of a normal, then Flux's resolution shift
         sampling, spec = "sigmoid", replace(spec, resolution_shift=True)
+    if sampling == "sigma":  # kohya's: drawn by weighting_scheme, then a fixed shift (its default 3.0)
+        sampling, spec = weighting, replace(spec, resolution_shift=False, shift=3.0)
+    spec = replace(spec, **{name: float(value) for name, value in spreads.items() if value is not None})
     if sampling != "auto":
         spec = replace(spec, sampling=sampling)
     if shift is not None:

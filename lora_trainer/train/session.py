@@ -237,8 +237,10 @@ class RunSession:
         b = self.bundle
         self.status(f"caching text embeddings of {len(captions)} captions")
         with placement.parked(b.vae):  # the text encoders alone; they leave before the VAE is back
-            self.text_cache = TextCache(self.caption_encoder, captions)
-            self.prompt_cache = TextCache(self.prompt_encoder, self.sample_prompts())
+            # one pass over captions and prompts where both are read alike (one cache for both)
+            same = self.prompt_encoder is self.caption_encoder
+            self.text_cache = TextCache(self.caption_encoder, captions + (self.sample_prompts() if same else []))
+            self.prompt_cache = self.text_cache if same else TextCache(self.prompt_encoder, self.sample_prompts())
             for part in b.text_encoders:
                 self.offload(part.module)
 
