@@ -791,6 +791,10 @@ def _check_switches(top: dict[str, Any], source: str) -> None:
     if not _unset(algo) and module is not None and str(module).strip() != "lycoris.kohya":
         raise ConfigError(f"{source}: lycoris_algo: {algo!r} needs network_module = \"lycoris.kohya\" (it is "
                           f"{str(module)!r}); remove lycoris_algo or change network_module")
+    fp8 = next((k for k in ("fp8_base", "fp8_base_unet") if not _unset(top.get(k))), None)
+    if fp8 and str(top.get("model_train_type", "")) in ("sd-lora", "sdxl-lora"):
+        raise ConfigError(f"{source}: {fp8}: SD1, SD2 and SDXL train with their weights in fp16/bf16 here (fp8 base "
+                          f"weights are for Flux.1 and SD3.5); set {fp8} to false")
     weights = [k for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight") if not _unset(top.get(k))]
     if weights and "enable_block_weights" in top and _false(top["enable_block_weights"]):
         raise ConfigError(f"{source}: {weights[0]} is set but enable_block_weights is false; set it to true to train "

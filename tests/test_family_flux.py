@@ -314,6 +314,8 @@ def test_a_lora_scripts_flux_form_export_loads(tmp_path: Path) -> None:
     assert (cfg.model.weight_dtype, t.timestep_sampling, t.sigmoid_scale, t.discrete_flow_shift, t.guidance_scale) \
         == ("fp8", "sigmoid", 1.0, 1.0, 1.0)
     for bad, said in [('model_type = "chroma"', "model_type: 'chroma' is not supported here"),
+                      ('model_train_type = "sdxl-lora"\nfp8_base = true', "fp8_base: SD1, SD2 and SDXL train with "
+                                                                          "their weights in fp16/bf16 here"),
                       ("train_t5xxl = true", "train_t5xxl: True is not supported here"),
                       ("split_mode = true", "split_mode: True is not supported here")]:
         f.write_text(bad + "\n", encoding="utf-8")
