@@ -53,18 +53,18 @@ def _advanced_fields(hidden: frozenset[str] = frozenset()) -> dict[str, list[str
     return out
 
 
-def train_section(ctx: TabContext, blocks: Any) -> None:
+def _form(ctx: TabContext) -> Any:
+    """The config fields: the head row with the preset dropdown (returned), the common and sample
+    rows, and the Advanced accordion by section (the fields a WebUI does not read hidden there)."""
     g = compat.gr()
     with g.Row():
         for path in HEAD_FIELDS:
             ctx.field(path, **_host_field_overrides(ctx, path))
         preset = _preset_dropdown(ctx)
-    with g.Row():
-        for path in COMMON_FIELDS:
-            ctx.field(path)
-    with g.Row():
-        for path in SAMPLE_FIELDS:
-            ctx.field(path)
+    for row in (COMMON_FIELDS, SAMPLE_FIELDS):
+        with g.Row():
+            for path in row:
+                ctx.field(path)
     hidden = hidden_fields(ctx.host)
     with g.Accordion("Advanced", open=False, elem_id=ctx.eid("advanced")):
         for section, paths in _advanced_fields(hidden).items():
@@ -75,6 +75,24 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
                         ctx.field(path)
         for path in sorted(hidden):
             ctx.field(path, visible=False)
+    return preset
+
+
+def _command(name: str) -> Any:
+    """A button's handler that asks the running job to ``name`` (stop, save_now, sample_now)."""
+    def run() -> str:
+        job = jobs.current()
+        if job is None or not job.alive:
+            return "no training run is in progress"
+        getattr(job, name)()
+        return {"stop": "stopping: saving a checkpoint and the LoRA…", "save_now": "saving at the next step…",
+                "sample_now": "rendering a sample at the next step…"}[name]
+    return run
+
+
+def train_section(ctx: TabContext, blocks: Any) -> None:
+    g = compat.gr()
+    preset = _form(ctx)
     _yaml_block(ctx)
     with g.Row():
         start = g.Button("Start training", variant="primary", elem_id=ctx.eid("start"))
@@ -112,25 +130,15 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
         except Exception as e:  # noqa: BLE001
             return err_text(e), compat.update()
 
-    def command(name: str) -> Any:
-        def run() -> str:
-            job = jobs.current()
-            if job is None or not job.alive:
-                return "no training run is in progress"
-            getattr(job, name)()
-            return {"stop": "stopping: saving a checkpoint and the LoRA…", "save_now": "saving at the next step…",
-                    "sample_now": "rendering a sample at the next step…"}[name]
-        return run
-
     # .input: the user's choice only; the label a loaded form sets (form_of) must not apply a preset again
     ctx.later(lambda: preset.input(_preset_applier(ctx), [preset, ctx.fields["model.arch"], ctx.fields["network.type"],
                                                           ctx.fields["data.crop"], ctx.fields["data.color_aug"]],
                                    [ctx.fields[p] for p in PRESET_FIELDS] + [msg]))
     ctx.later(lambda: start.click(do_start, ctx.inputs, [msg, progress]))
-    stop.click(command("stop"), None, [msg])
+    stop.click(_command("stop"), None, [msg])
     _wire_continue(ctx, go_on, msg, progress)
-    save.click(command("save_now"), None, [msg])
-    sample.click(command("sample_now"), None, [msg])
+    save.click(_command("save_now"), None, [msg])
+    sample.click(_command("sample_now"), None, [msg])
     ctx.later(lambda: compat.add_timer(blocks, lambda s: _poll(ctx, s), [seen],
                                        [progress, plot, smooth, samples, log, ctx.parts["test_lora"], msg, stop,
                                         go_on, seen], 1.0))
