@@ -75,10 +75,10 @@ def test_auto_preset_checkpoints_the_smallest_share_of_blocks_that_fits() -> Non
     for gb in mid:
         share = got[gb][1]
         fits = estimate.estimate_peak_memory("sdxl", 1024, 1, 16, "bf16", True, checkpointing_share=share)
-        assert estimate._needed_gb(fits) <= gb - 1.5
+        assert estimate.needed_gb(fits) <= gb - 1.5
         less = SHARES[SHARES.index(share) - 1]  # the next smaller share (or none) does not fit one image
         tight = estimate.estimate_peak_memory("sdxl", 1024, 1, 16, "bf16", less > 0, checkpointing_share=less or 1.0)
-        assert estimate._needed_gb(tight) > gb - 1.5
+        assert estimate.needed_gb(tight) > gb - 1.5
     assert "train.checkpointing_share" in PRESET_FIELDS  # the tab applies it
     assert presets.preset_values("8 GB", "sdxl")["train.checkpointing_share"] == 1.0  # a fixed preset: every block
 

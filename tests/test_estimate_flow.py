@@ -125,7 +125,7 @@ def test_choose_settings_for_flux_by_free_memory(monkeypatch: pytest.MonkeyPatch
     # the storage before the chosen one does not fit even at batch 1 with checkpointing
     bf16 = estimate.estimate_peak_memory("flux1", 1024, 1, 16, "bf16", True)
     fp8 = estimate.estimate_peak_memory("flux1", 1024, 1, 16, "bf16", True, weight_dtype="fp8")
-    assert estimate._needed_gb(bf16) > 24.0 - 1.5 and estimate._needed_gb(fp8) > 16.0 - 1.5
+    assert estimate.needed_gb(bf16) > 24.0 - 1.5 and estimate.needed_gb(fp8) > 16.0 - 1.5
 
 
 def test_sd35_large_fits_12_gb_in_fp8_now_t5_and_the_transformer_never_share_the_card() -> None:

@@ -576,7 +576,7 @@ def test_auto_on_a_gpu_takes_the_estimators_fastest_fit():
 def test_auto_counts_the_vae_when_every_step_encodes_its_images():
     """Random crops or color augmentation leave the latents uncached: every step encodes its
     images, so "auto" sizes the run with the VAE and its encoding in it, and says so."""
-    from lora_trainer.bench.estimate import _needed_gb, estimate_peak_memory
+    from lora_trainer.bench.estimate import estimate_peak_memory, needed_gb
     from lora_trainer.hosts.standalone import StandaloneHost
     from lora_trainer.ui.train_section import auto_note_for_host, preset_for_host
 
@@ -585,7 +585,7 @@ def test_auto_counts_the_vae_when_every_step_encodes_its_images():
     encoded = preset_for_host(host, "auto", "sdxl", "lora", 12.0, encoded=True)
 
     def need(v, cache):
-        return _needed_gb(estimate_peak_memory(
+        return needed_gb(estimate_peak_memory(
             "sdxl", v["data.resolution"], v["train.batch_size"], v["network.rank"], v["train.mixed_precision"],
             v["train.gradient_checkpointing"], cache_latents=cache,
             checkpointing_share=v["train.checkpointing_share"]))
@@ -601,13 +601,13 @@ def test_auto_counts_the_vae_when_every_step_encodes_its_images():
 
 def test_auto_sizes_the_chosen_network_type():
     """DoRA keeps a full-size weight per adapted layer: what "auto" picks for LoRA would not fit."""
-    from lora_trainer.bench.estimate import _needed_gb, estimate_peak_memory
+    from lora_trainer.bench.estimate import estimate_peak_memory, needed_gb
 
     lora = presets.preset_values("auto", "sd1", memory_gb=8.0)
     dora = presets.preset_values("auto", "sd1", memory_gb=8.0, network="dora")
 
     def needed(values: dict, network: str) -> float:
-        return _needed_gb(estimate_peak_memory(
+        return needed_gb(estimate_peak_memory(
             "sd1", values["data.resolution"], values["train.batch_size"], values["network.rank"],
             values["train.mixed_precision"], values["train.gradient_checkpointing"], network=network))
 

@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m lora_trainer bench",
         description="Measure LoRA training speed and memory (random weights: speed does not depend on them), "
                     "compare with a plain diffusers+peft reference loop, estimate memory, or time captioning.")
-    p.add_argument("--arch", choices=family_names(), default=DEFAULT_FAMILY)
+    p.add_argument("--arch", choices=family_names(), default=None, help=f"model family (default: {DEFAULT_FAMILY}, "
+                   "or with --config the config's model)")
     p.add_argument("--size", choices=["tiny", "full"], default="tiny",
                    help="tiny models (CPU) or full-size SD1.5/SD2/SDXL built from the packaged configs (GPU)")
     p.add_argument("--resolution", type=int, default=None, help="default: 64 tiny, 512/768/1024 full")
@@ -58,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.add_argument("--estimate", action="store_true",
                    help="only print the pre-flight memory estimate (full-size model, no GPU needed)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="with --estimate: the run of this YAML config, with all its settings (resolution, batch, "
+                        "precision, checkpointing, network, optimizer, caption length, caches); the family is "
+                        "the config's model's unless --arch names one")
     p.add_argument("--free-gb", type=float, default=None,
                    help="with --estimate: also pick the fastest settings that fit this much free memory")
     p.add_argument("--measure-cpu", action="store_true",
@@ -78,6 +83,31 @@ def _compile_args(args: argparse.Namespace) -> dict[str, Any]:
     return {"compile": args.compile or args.compile_mode is not None, "compile_mode": args.compile_mode or "default"}
 
 
+def _config_estimate(args: argparse.Namespace) -> dict:
+    """``--estimate --config``: the estimate of that run, as ``train --check`` prints it, with its parts."""
+    from lora_trainer.config import load_config
+    from lora_trainer.train import memory_check
+
+    cfg = load_config(args.config)
+    model = memory_check.model_of(cfg)
+    arch = args.arch or (model and model[0])
+    if not arch:
+        raise ConfigError(f"{args.config}: the family of model.base_model {cfg.model.base_model!r} is not known "
+                          "before it loads (or it is not there); name it with --arch")
+    variant = args.variant or (model[1] if model and model[0] == arch else "")
+    est = memory_check.run_estimate(cfg, arch, variant=variant)
+    print(f"{args.config}: {memory_check.describe(est, ' '.join(filter(None, (arch, est.variant))))}")
+    _print_parts(est)
+    return {"estimate": est.as_dict()}
+
+
+def _print_parts(est: Any) -> None:
+    for key, label in (("weights_gb", "weights"), ("lora_gb", "LoRA + optimizer"), ("step_gb", "step"),
+                       ("load_gb", "load"), ("text_caching_gb", "text caching"), ("caching_gb", "caching"),
+                       ("total_gb", "total")):
+        print(f"  {label:<16} {getattr(est, key):7.2f} GiB")
+
+
 def _estimate(args: argparse.Namespace, resolution: int, precision: str) -> dict:
     from lora_trainer.bench.estimate import choose_settings, estimate_peak_memory
 
@@ -90,10 +120,7 @@ def _estimate(args: argparse.Namespace, resolution: int, precision: str) -> dict
     print(f"predicted peak for full-size {model} at {resolution}px, batch {args.batch}, {args.network} rank "
           f"{args.rank} ({args.targets} targets), {prec}, weights {args.weight_dtype}, "
           f"checkpointing {describe(args.checkpointing)}, norms in {'fp32' if args.fp32_norms else prec}:")
-    for key, label in (("weights_gb", "weights"), ("lora_gb", "LoRA + AdamW"), ("step_gb", "step"),
-                       ("load_gb", "load"), ("text_caching_gb", "text caching"), ("caching_gb", "caching"),
-                       ("total_gb", "total")):
-        print(f"  {label:<12} {getattr(est, key):7.2f} GiB")
+    _print_parts(est)
     out = {"estimate": est.as_dict()}
     if args.profile:
         from lora_trainer.bench.estimate import trace_step
@@ -137,6 +164,14 @@ def _profile(args: argparse.Namespace, resolution: int, precision: str, device: 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    if args.config is not None:
+        if not args.estimate:
+            raise ConfigError("--config: goes with --estimate (the estimate of that run)")
+        out = _config_estimate(args)
+        if args.json:
+            atomic_write_text(args.json, json.dumps(out, indent=2, default=str))
+        return 0
+    args.arch = args.arch or DEFAULT_FAMILY
     args.targets = args.targets or ("kohya" if args.estimate else "attention")
     configure_cpu_threads(args.threads, small_model=args.size == "tiny" and not args.estimate)
     if args.caption:

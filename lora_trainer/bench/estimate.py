@@ -16,7 +16,11 @@ from the op that makes it until its last reference goes):
   kernel allocates it (not the score matrix) and the trainer's gradient checkpointing of all or
   a share of the blocks (train/checkpointing.py), so the backward's recomputation, the gradients
   so far and the temporaries are all counted as they happen; the UNet weights, LoRA parameters
-  and AdamW's moments are resident.
+  and the optimizer's state are resident.
+
+A run set by hand is traced with all of its network settings (block and conv ranks, targets,
+LoKr factor, dropouts, trained text encoders) by the trainer's own injection, its caption
+length and its optimizer (train/memory_check.py).
 
 The peak is the largest of them. It predicts what ``torch.cuda.max_memory_allocated``
 reports (the CUDA context itself is not included); :mod:`lora_trainer.bench.memcheck` measures
@@ -59,6 +63,11 @@ CUDNN_WORKSPACE = 3.0
 
 
 NETWORK_TYPES = tuple(NETWORK_TYPE_HELP)  # network.type's choices
+# Bytes of optimizer state per fp32 adapter parameter (optim.optimizer): AdamW's two fp32 moments;
+# 8-bit AdamW's two byte-sized ones, with room for the small tensors bitsandbytes keeps in fp32;
+# Prodigy's two moments, its s and the initial weights; Lion's one moment; Adafactor's factored
+# second moment, counted as a whole one for the 1-D tensors it cannot factor.
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 4, "prodigy": 16, "lion": 4, "adafactor": 4}
 
 
 @dataclass
@@ -71,7 +80,7 @@ class MemoryEstimate:
     gradient_checkpointing: bool
     cache_latents: bool
     weights_gb: float  # frozen weights resident while training
-    lora_gb: float  # LoRA parameters and AdamW's moments
+    lora_gb: float  # LoRA parameters and the optimizer's state
     step_gb: float  # the most a training step allocates beyond those
     encode_gb: float  # the most the VAE allocates while encoding an image for the latent cache
     caching_gb: float  # peak of the latent caching: the VAE (and trained text encoders) + encode_gb
@@ -194,14 +203,74 @@ def _quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(level)
 
 
+# The network settings that change where adapters go, their sizes or what a step keeps for them,
+# as (field, value) pairs of ``network.*`` (hashable: part of a traced step's key).
+NetworkArgs = tuple[tuple[str, Any], ...]
+_SHAPING_FIELDS = ("conv_rank", "block_dims", "conv_block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
+                   "block_lr_zero_threshold", "target_modules", "lokr_factor", "lokr_decompose_both", "dropout",
+                   "rank_dropout", "module_dropout", "train_text_encoder")
+
+
+def network_args(net: Any) -> NetworkArgs:
+    """The fields of the run's ``NetworkConfig`` that shape its adapters, where they differ from
+    the defaults (the type and rank are arguments of their own; alphas change no memory)."""
+    from lora_trainer.config import NetworkConfig
+
+    default = NetworkConfig()
+    pairs = [(f, tuple(v) if isinstance(v, list) else v) for f in _SHAPING_FIELDS
+             if (v := getattr(net, f)) != getattr(default, f)]
+    if net.type == "lokr":  # LyCORIS' options of the other kinds change nothing
+        return tuple(pairs)
+    return tuple((f, v) for f, v in pairs if not f.startswith("lokr_"))
+
+
+def _meta_bundle(arch: str, denoiser: nn.Module, text_encoders: list[tuple[str, nn.Module]]) -> Any:
+    """A model bundle of ``denoiser`` (diffusers naming) and Hugging Face CLIP ``text_encoders``
+    for the trainer's LoRA injection, which reads nothing else of it."""
+    from lora_trainer.models.bundle import ModelBundle, TextEncoderPart
+
+    def unused(*_: Any) -> Any:
+        raise RuntimeError("a model bundle for the memory estimate does not encode or predict")
+
+    return ModelBundle(arch, "epsilon", denoiser, "diffusers",
+                       [TextEncoderPart(key, te, "hf_clip") for key, te in text_encoders], None,
+                       torch.zeros(1000), unused, unused, unused)
+
+
+def adapt_as_trainer(model: nn.Module, arch: str, rank: int, network: str, args: NetworkArgs, device: str,
+                     size: str = "full") -> int:
+    """Put the run's adapters on ``model`` (the frozen denoiser) with the trainer's own injection,
+    for the network settings ``args`` (:func:`network_args`) of type ``network`` at ``rank``;
+    with ``train_text_encoder``, on the family's CLIP text encoders too (built here, on
+    ``device``, in fp32: their adapters and optimizer state are counted, their activations are
+    not). Returns the trainable parameter count, fp32 as the trainer keeps them."""
+    from lora_trainer.bench.transformer_step import materialize
+    from lora_trainer.config import NetworkConfig
+    from lora_trainer.lora.inject import inject_lora
+    from lora_trainer.lora.layout import meta_text_encoders
+
+    fields = {f: list(v) if isinstance(v, tuple) else v for f, v in args}
+    cfg = NetworkConfig(type=network, rank=rank, alpha=float(rank), **fields)
+    family = get_family(arch)
+    text = meta_text_encoders(family, size) if cfg.train_text_encoder and not family.transformer_denoiser else []
+    text = [(key, materialize(te, device)) for key, te in text]
+    with torch.device(device):
+        net = inject_lora(_meta_bundle(arch, model, text), cfg)
+    return sum(p.numel() for p in net.parameters())
+
+
 def build_lora_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full",
-                    device: str = "meta", targets: str = "kohya", network: str = "lora") -> tuple[nn.Module, int]:
+                    device: str = "meta", targets: str = "kohya", network: str = "lora",
+                    network_args: NetworkArgs = ()) -> tuple[nn.Module, int]:
     """The ``size`` ("full" or "tiny") UNet of ``arch`` with ``network`` layers (lora, locon,
     dora, loha, lokr; fp32, the only trainable parameters) on ``targets`` ("kohya": the trainer's
     defaults, plus the ResNet blocks' and samplers' layers for locon; "attention": the attention
-    projections the reference loop trains), and their parameter count. On "meta" nothing is
-    allocated (the estimate traces it); on another device the frozen weights are random, which
-    does not change what a step allocates (the CPU check runs it)."""
+    projections the reference loop trains), and their parameter count. ``network_args``: more of
+    the run's network settings (:func:`network_args`), with which the trainer's own injection
+    places the layers (its targets, block ranks, conv ranks, LoKr factor, dropouts, and the text
+    encoders' adapters when those are trained). On "meta" nothing is allocated (the estimate
+    traces it); on another device the frozen weights are random, which does not change what a
+    step allocates (the CPU check runs it)."""
     from diffusers import UNet2DConditionModel
 
     from lora_trainer.bench.reference import REFERENCE_TARGETS
@@ -214,6 +283,8 @@ def build_lora_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full"
         unet = UNet2DConditionModel.from_config(config).to(dtype)
     unet = materialize(unet, device)
     unet.requires_grad_(False)
+    if network_args:
+        return unet, adapt_as_trainer(unet, arch, rank, network, network_args, device, size)
     paths = (default_unet_targets(unet) if targets == "kohya"
              else find_targets({"unet": (unet, "diffusers")}, list(REFERENCE_TARGETS))["unet"])
     if network == "locon":
@@ -263,14 +334,15 @@ def store_cast_per_call(model: nn.Module, storage: torch.dtype, recast: bool = F
     return len(layers)
 
 
-def meta_inputs(unet: nn.Module, resolution: int, batch: int, dtype: torch.dtype) -> dict[str, Any]:
-    """The UNet's inputs for one step (latents, timesteps, text embeddings, SDXL's extras), on meta."""
+def meta_inputs(unet: nn.Module, resolution: int, batch: int, dtype: torch.dtype, token_chunks: int = 1) -> dict[str, Any]:
+    """The UNet's inputs for one step (latents, timesteps, text embeddings of ``token_chunks``
+    chunks of 77 tokens, as long captions are read: ``data.max_token_length``; SDXL's extras), on meta."""
     cfg = unet.config
     side = resolution // 8
     kw: dict[str, Any] = {
         "sample": torch.empty(batch, LATENT_CHANNELS, side, side, device="meta", dtype=dtype),
         "timestep": torch.zeros(batch, device="meta", dtype=torch.long),
-        "encoder_hidden_states": torch.empty(batch, 77, cfg.cross_attention_dim, device="meta", dtype=dtype),
+        "encoder_hidden_states": torch.empty(batch, 77 * token_chunks, cfg.cross_attention_dim, device="meta", dtype=dtype),
     }
     if cfg.addition_embed_type == "text_time":
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
@@ -303,22 +375,26 @@ def _tracing(precision: str, device: str) -> Iterator[LiveBytes]:
 
 def _lora_step(arch: str, resolution: int, batch: int, rank: int, dtype: torch.dtype, size: str, targets: str,
                variant: str, weight_dtype: str, network: str = "lora",
-               weights_cast: WeightsCast | None = None, share: float = 0.0) -> tuple[nn.Module, int, Any]:
+               weights_cast: WeightsCast | None = None, share: float = 0.0, network_args: NetworkArgs = (),
+               token_chunks: int = 1) -> tuple[nn.Module, int, Any]:
     """(denoiser with LoRA, its LoRA parameter count, forward()) on meta; forward makes the
     step's inputs and returns the prediction. ``weights_cast``: the UNet's frozen weights stored
     in its first dtype and cast per call, its inputs in the second (the host's computation), cast
-    again in the backward pass outside the blocks checkpointed (``share`` of them)."""
+    again in the backward pass outside the blocks checkpointed (``share`` of them);
+    ``network_args``: the run's network settings (:func:`network_args`); ``token_chunks``: a
+    UNet's captions of that many chunks of 77 tokens (the transformer families read their own)."""
     if get_family(arch).transformer_denoiser:
         from lora_trainer.bench.transformer_step import build_lora_transformer, step_call
 
         model, lora_params = build_lora_transformer(arch, variant, rank, dtype, size, weight_dtype=weight_dtype,
-                                                    network=network)
+                                                    network=network, network_args=network_args)
         return model, lora_params, step_call(model, arch, variant, resolution, batch, dtype)
-    unet, lora_params = build_lora_unet(arch, rank, dtype, size, targets=targets, network=network)
+    unet, lora_params = build_lora_unet(arch, rank, dtype, size, targets=targets, network=network,
+                                        network_args=network_args)
     if weights_cast is not None:
         store_cast_per_call(unet, _DTYPES[weights_cast[0]], True, share)
         dtype = _DTYPES[weights_cast[1]]
-    return unet, lora_params, lambda: unet(**meta_inputs(unet, resolution, batch, dtype)).sample
+    return unet, lora_params, lambda: unet(**meta_inputs(unet, resolution, batch, dtype, token_chunks)).sample
 
 
 def _weight_bytes(arch: str, model: nn.Module, size: str, variant: str, weight_dtype: str, precision: str) -> int:
@@ -336,7 +412,7 @@ def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str
                size: str = "full", targets: str = "kohya", device: str = "cuda", variant: str = "",
                weight_dtype: str = "auto", network: str = "lora",
                weights_cast: WeightsCast | None = None, fp32_norms: bool = False,
-               count_ops: bool = False) -> dict[str, int]:
+               count_ops: bool = False, network_args: NetworkArgs = (), token_chunks: int = 1) -> dict[str, int]:
     """One training step run on meta as the trainer runs it (frozen weights in the precision's
     dtype, CUDA autocast's rules, fp32 LoRA weights, the trainer's checkpointing of the share
     ``checkpointing`` of the denoiser's blocks, 0 for none): ``step`` is the
@@ -349,7 +425,10 @@ def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str
     a recomputed block keeps are counted as they happen. The norms compute in the autocast dtype
     as the trainer's do (train/norms.py), unless ``fp32_norms`` (``train.fp32_norms``).
     ``count_ops``: also ``computing_ops`` and ``casts``, what the step dispatches (the launches and
-    dtype copies CUDA would run under autocast; the LoRA layers as peft runs them)."""
+    dtype copies CUDA would run under autocast; the LoRA layers as peft runs them).
+    ``network_args``: the run's network settings beyond its type and rank (:func:`network_args`:
+    targets, block and conv ranks, LoKr factor, dropouts, trained text encoders), placed by the
+    trainer's own injection; ``token_chunks``: captions of that many chunks of 77 tokens."""
     import torch.nn.functional as F
     import torch.utils.checkpoint as tuc
 
@@ -359,7 +438,8 @@ def trace_step(arch: str, resolution: int, batch: int, rank: int, precision: str
 
     dtype = _DTYPES[precision]
     unet, lora_params, forward = _lora_step(arch, resolution, batch, rank, dtype, size, targets, variant,
-                                            weight_dtype, network, weights_cast, share=checkpointing)
+                                            weight_dtype, network, weights_cast, share=checkpointing,
+                                            network_args=network_args, token_chunks=token_chunks)
     if checkpointing:
         # The recomputation runs inside the backward pass, where this thread's autocast
         # stand-in is not active: the checkpoint enters one of its own.
@@ -431,13 +511,15 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
                          size: str = "full", targets: str = "kohya", device: str = "cuda",
                          unet_parked: bool = True, variant: str = "", weight_dtype: str = "auto",
                          network: str = "lora", weights_cast: WeightsCast | None = None,
-                         checkpointing_share: float = 1.0, fp32_norms: bool = False) -> MemoryEstimate:
+                         checkpointing_share: float = 1.0, fp32_norms: bool = False,
+                         network_args: NetworkArgs = (), token_chunks: int = 1,
+                         text_cached: bool = True, optimizer: str = "adamw") -> MemoryEstimate:
     """Predicted peak accelerator memory (GiB figures) of a LoRA training run: the largest of
     the model's load (text encoders and VAE; the denoiser is placed once the caches are filled),
     the text embeddings' caching (the text encoders alone: the denoiser and the VAE are parked;
     the encoders' own activations, a few captions at a time, are not counted), the latent
     caching (the VAE while it encodes an image, with text encoders that are trained, hence
-    not cached) and a training step (denoiser, LoRA and AdamW state resident; the step's own
+    not cached) and a training step (denoiser, LoRA and optimizer state resident; the step's own
     allocations). Captions are assumed fixed, so their embeddings are cached unless trained.
 
     ``unet_parked=False`` counts the trainer as it was before it parked the denoiser: the whole
@@ -449,18 +531,25 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
     builds it; ``weights_cast``: a host's UNet stored narrower than it computes, cast per call
     (see ``WeightsCast``); ``checkpointing_share``: with gradient checkpointing, the share of the
     denoiser's blocks it recomputes (``train.checkpointing_share``); ``fp32_norms``: the norms
-    in fp32 under mixed precision, autocast's own rule (``train.fp32_norms``)."""
+    in fp32 under mixed precision, autocast's own rule (``train.fp32_norms``); ``network_args``:
+    the run's other network settings (:func:`network_args`); ``token_chunks``: captions of that
+    many chunks of 77 tokens (``data.max_token_length``); ``text_cached=False``: captions that
+    change from step to step (shuffled, tags dropped) or ``data.cache_text_embeddings`` off, so
+    the text encoders stay and encode each step's captions; ``optimizer``: ``optim.optimizer``,
+    whose state per adapter parameter is :data:`OPTIMIZER_STATE_BYTES`."""
     family = _checked(arch, variant, weight_dtype, network, weights_cast)
     variant = variant or family.default_variant()
     prec = precision if precision in ("fp16", "bf16") else "fp32"
     share = float(checkpointing_share) if gradient_checkpointing else 0.0
     tr = trace_step(arch, resolution, batch_size, rank, prec, share, size, targets, device,
-                    variant, weight_dtype, network, weights_cast, fp32_norms)
+                    variant, weight_dtype, network, weights_cast, fp32_norms,
+                    network_args=network_args, token_chunks=token_chunks)
     cache = trace_latent_caching(arch, resolution, LATENT_CACHE_BATCH, prec, size, device)
     text = family.text_encoder_bytes(weight_dtype, DTYPE_BYTES[prec]) if size == "full" else 0
     denoiser, vae = tr["weight_bytes"], cache["vae_bytes"]
     weights = denoiser
-    if train_text_encoder:  # else the captions' embeddings are cached and the encoders leave
+    text_stays = train_text_encoder or not text_cached  # else the captions' embeddings are cached and
+    if text_stays:  # the encoders leave
         weights += text
     step = tr["step"]
     if not cache_latents:
@@ -470,11 +559,11 @@ def estimate_peak_memory(arch: str, resolution: int, batch_size: int = 1, rank: 
         per_step = cache if batch_size == LATENT_CACHE_BATCH else trace_latent_caching(
             arch, resolution, batch_size, prec, size, device)
         step = max(step, per_step["encode"])
-    lora = tr["lora_params"] * 4 * 3  # fp32 parameters and AdamW's two fp32 moments
+    lora = tr["lora_params"] * (4 + OPTIMIZER_STATE_BYTES[optimizer])  # fp32 parameters and the optimizer's state
     resident = 0 if unet_parked else denoiser  # the denoiser beside the encoders
-    text_resident = text if train_text_encoder or not unet_parked else 0  # encoders beside the VAE
+    text_resident = text if text_stays or not unet_parked else 0  # encoders beside the VAE
     caching = vae + cache["encode"] + text_resident + resident if cache_latents else 0
-    text_caching = 0 if train_text_encoder else text + resident
+    text_caching = 0 if text_stays else text + resident
     load = text + vae + resident
     return MemoryEstimate(arch, resolution, batch_size, rank, precision, gradient_checkpointing, cache_latents,
                           weights / GiB, lora / GiB, step / GiB, cache["encode"] / GiB, caching / GiB,
@@ -544,7 +633,7 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
                 est = estimate_peak_memory(arch, res, batch, rank, precision, share > 0, variant=variant,
                                            weight_dtype=storage, network=network, weights_cast=weights_cast,
                                            checkpointing_share=share or 1.0, cache_latents=cache_latents)
-                if _needed_gb(est) > budget:
+                if needed_gb(est) > budget:
                     break
                 best = est
             if best is not None:
@@ -553,7 +642,7 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
                 break
     est = estimate_peak_memory(arch, res, 1, rank, precision, True, variant=variant, weight_dtype=_storages(arch)[-1],
                                network=network, weights_cast=weights_cast, cache_latents=cache_latents)
-    return _choice(est, _needed_gb(est) <= budget and not math.isnan(est.total_gb))
+    return _choice(est, needed_gb(est) <= budget and not math.isnan(est.total_gb))
 
 
 def _choice(est: MemoryEstimate, fits: bool) -> dict[str, Any]:
@@ -569,12 +658,12 @@ def round_up(gb: float, digits: int) -> float:
     return gb if math.isnan(gb) else math.ceil(round(gb * 10**digits, 6)) / 10**digits
 
 
-def _needed_gb(est: MemoryEstimate) -> float:
+def needed_gb(est: MemoryEstimate) -> float:
     return max(est.weights_gb + est.lora_gb + est.step_gb * (1 + ACTIVATION_HEADROOM), _fixed_gb(est))
 
 
 def _fixed_gb(est: MemoryEstimate) -> float:
-    """What :func:`_needed_gb` asks whatever the share checkpointed and the batch: the weights with
+    """What :func:`needed_gb` asks whatever the share checkpointed and the batch: the weights with
     the adapter and its optimizer state, and the caching and loading before the loop."""
     return max(est.weights_gb + est.lora_gb, est.caching_gb + ACTIVATION_HEADROOM * est.encode_gb,
                est.text_caching_gb, est.load_gb)
@@ -583,4 +672,4 @@ def _fixed_gb(est: MemoryEstimate) -> float:
 def fits_resident(est: MemoryEstimate, free_gb: float, reserve_gb: float = 1.5) -> bool:
     """Whether the run of ``est`` fits ``free_gb - reserve_gb`` when its denoiser already sits in
     memory (a WebUI's model, lent in place): its weights are not part of what must still fit."""
-    return _needed_gb(est) - est.weights_gb <= free_gb - reserve_gb
+    return needed_gb(est) - est.weights_gb <= free_gb - reserve_gb

@@ -88,15 +88,16 @@ def _caching_in_this_process(arch: str, size: str, resolution: int) -> dict[str,
 
 
 def _unet_forward(arch: str, size: str, resolution: int, batch: int, rank: int, network: str = "lora",
-                  stored: str = "", share: float = 0.0) -> tuple[Any, Any]:
+                  stored: str = "", share: float = 0.0, network_args: Any = (), token_chunks: int = 1) -> tuple[Any, Any]:
     import torch
 
     from lora_trainer.bench.estimate import _DTYPES, build_lora_unet, meta_inputs, store_cast_per_call
 
-    unet, _ = build_lora_unet(arch, rank, torch.float32, size, device="cpu", network=network)  # as traced
+    unet, _ = build_lora_unet(arch, rank, torch.float32, size, device="cpu", network=network,
+                              network_args=network_args)  # as traced
     if stored:
         store_cast_per_call(unet, _DTYPES[stored], True, share)  # as the trainer runs it
-    meta = meta_inputs(unet, resolution, batch, torch.float32)
+    meta = meta_inputs(unet, resolution, batch, torch.float32, token_chunks)
 
     def real(x: Any) -> Any:
         if isinstance(x, dict):
@@ -120,7 +121,7 @@ def _transformer_forward(arch: str, size: str, resolution: int, batch: int, rank
 
 def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, rank: int,
                           checkpointing: float, phase: str = "step", network: str = "lora",
-                          stored: str = "") -> dict[str, int]:
+                          stored: str = "", network_args: Any = (), token_chunks: int = 1) -> dict[str, int]:
     import torch
 
     from lora_trainer.train import checkpointing as ckpt
@@ -132,7 +133,8 @@ def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, ran
     if get_family(arch).transformer_denoiser:
         unet, forward = _transformer_forward(arch, size, resolution, batch, rank, network)
     else:
-        unet, forward = _unet_forward(arch, size, resolution, batch, rank, network, stored, share=checkpointing)
+        unet, forward = _unet_forward(arch, size, resolution, batch, rank, network, stored, share=checkpointing,
+                                      network_args=_pairs(network_args), token_chunks=token_chunks)
     params = [p for p in unet.parameters() if p.requires_grad]
     if checkpointing:
         ckpt.checkpoint(unet, checkpointing)  # as the trainer does
@@ -150,20 +152,29 @@ def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, ran
     return {"step_bytes": _peak_rise(step)}
 
 
+def _pairs(network_args: Any) -> tuple[tuple[str, Any], ...]:
+    """``estimate.network_args`` back from JSON (lists for tuples)."""
+    return tuple((f, tuple(v) if isinstance(v, list) else v) for f, v in network_args)
+
+
 def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: int = 1, rank: int = 16,
                         gradient_checkpointing: float = 0.0, size: str = "full",
                         threads: int | None = None, phase: str = "step", network: str = "lora",
-                        stored: str = "") -> StepMemory:
+                        stored: str = "", network_args: tuple[tuple[str, Any], ...] = (),
+                        token_chunks: int = 1) -> StepMemory:
     """Run one fp32 step (``phase`` "caching": the VAE encoding one image) on the CPU in a fresh
     process; compare with the estimator's prediction. ``gradient_checkpointing``: the share of
     the denoiser's blocks checkpointed (True: all, 0: none). ``stored``: the UNet's frozen weights
-    stored in that dtype and cast to fp32 by each layer at every call (as Forge does)."""
+    stored in that dtype and cast to fp32 by each layer at every call (as Forge does).
+    ``network_args`` (``estimate.network_args``), ``token_chunks``: a run's other network settings
+    and its caption length, the adapters placed by the trainer's injection (a UNet family)."""
     from lora_trainer.bench.estimate import estimate_peak_memory
 
     if not os.path.exists("/proc/self/clear_refs"):
         raise RuntimeError("measuring step memory needs Linux (/proc/self/clear_refs)")
     args = {"arch": arch, "size": size, "resolution": resolution, "batch": batch_size, "rank": rank,
-            "checkpointing": float(gradient_checkpointing), "phase": phase, "network": network, "stored": stored}
+            "checkpointing": float(gradient_checkpointing), "phase": phase, "network": network, "stored": stored,
+            "network_args": network_args, "token_chunks": token_chunks}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -176,7 +187,8 @@ def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: in
     got = json.loads(lines[-1])
     est = estimate_peak_memory(arch, resolution, batch_size, rank, "fp32", bool(gradient_checkpointing), size=size,
                                device="cpu", network=network, weights_cast=(stored, "fp32") if stored else None,
-                               checkpointing_share=float(gradient_checkpointing))
+                               checkpointing_share=float(gradient_checkpointing), network_args=network_args,
+                               token_chunks=token_chunks)
     return StepMemory(arch, size, resolution, batch_size, rank, gradient_checkpointing, got["step_bytes"] / GiB,
                       est.encode_gb if phase == "caching" else est.step_gb, phase, network, stored)
 

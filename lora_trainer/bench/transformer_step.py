@@ -60,12 +60,14 @@ def add_network(model: nn.Module, paths: list[str], rank: int, network: str, dev
 
 def build_lora_transformer(arch: str, variant: str, rank: int, dtype: torch.dtype, size: str = "full",
                            device: str = "meta", weight_dtype: str = "auto",
-                           network: str = "lora") -> tuple[nn.Module, int]:
+                           network: str = "lora", network_args: tuple = ()) -> tuple[nn.Module, int]:
     """The family's ``size`` transformer with fp32 ``network`` layers (:func:`add_network`) on
     its default targets, frozen weights in ``dtype`` or, with ``weight_dtype`` fp8 / nf4, its
     block Linear weights stored in fp8 and upcast per call (nf4 also dequantizes per call to the
     compute dtype: traced the same, its smaller storage is counted by the family's
-    ``denoiser_weight_bytes``). Random weights off meta: a step allocates the same."""
+    ``denoiser_weight_bytes``). Random weights off meta: a step allocates the same.
+    ``network_args``: the run's network settings (``estimate.network_args``), placed by the
+    trainer's own injection."""
     from lora_trainer.families.flow_parts import store_fp8
 
     family = get_family(arch)
@@ -73,6 +75,10 @@ def build_lora_transformer(arch: str, variant: str, rank: int, dtype: torch.dtyp
     model.requires_grad_(False)
     if weight_dtype in QUANTIZED:
         store_fp8(model, dtype)
+    if network_args:
+        from lora_trainer.bench.estimate import adapt_as_trainer
+
+        return model, adapt_as_trainer(model, arch, rank, network, network_args, device, size)
     paths = family.default_targets(family.denoiser_root, model, "diffusers")
     lora_params = add_network(model, paths, rank, network, device)
     return model, lora_params

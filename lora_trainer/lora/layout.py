@@ -23,25 +23,40 @@ from lora_trainer.lora.kohya_tensors import ModuleTensors
 def _roots(family: Family, size: str) -> dict[str, tuple[nn.Module, str]]:
     """A UNet family's LoRA roots on the meta device: UNet and CLIP text encoder(s)."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    import lora_trainer.models
-    from lora_trainer.models import tiny
-
-    folder = Path(lora_trainer.models.__file__).parent / "configs" / family.config_folder_name("epsilon")
     with torch.device("meta"):
         if size == "demo":  # the embedded demo model (SD1's topology): its configs are in its file
             unet, te = _demo_roots()
-            tes = [te]
+            tes = [(family.text_encoder_folders[0][0], te)]
         elif size == "tiny":
             unet = UNet2DConditionModel.from_config(family.tiny_unet_config())
-            tes = [CLIPTextModel(CLIPTextConfig(**tiny.text_config()))] * len(family.text_encoder_folders)
         else:
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-            tes = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / sub))
-                   for _, sub, _ in family.text_encoder_folders]
-    keys = [key for key, _, _ in family.text_encoder_folders]
-    return {"unet": (unet, "diffusers"), **{k: (te, "hf_clip") for k, te in zip(keys, tes, strict=True)}}
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(_config_folder(family) / "unet"))
+    if size != "demo":
+        tes = meta_text_encoders(family, size)
+    return {"unet": (unet, "diffusers"), **{k: (te, "hf_clip") for k, te in tes}}
+
+
+def _config_folder(family: Family) -> Path:
+    import lora_trainer.models
+
+    return Path(lora_trainer.models.__file__).parent / "configs" / family.config_folder_name("epsilon")
+
+
+def meta_text_encoders(family: Family, size: str = "full") -> list[tuple[str, nn.Module]]:
+    """(kohya key, Hugging Face CLIP model) of each of a UNet family's text encoders on the meta
+    device, full-size (the packaged configs) or the tiny test model's (``size`` "tiny")."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lora_trainer.models import tiny
+
+    folder = _config_folder(family)
+    with torch.device("meta"):
+        if size == "tiny":
+            return [(key, CLIPTextModel(CLIPTextConfig(**tiny.text_config()))) for key, _, _ in
+                    family.text_encoder_folders]
+        return [(key, CLIPTextModel(CLIPTextConfig.from_pretrained(folder / sub)))
+                for key, sub, _ in family.text_encoder_folders]
 
 
 def _demo_roots() -> tuple[nn.Module, nn.Module]:

@@ -224,8 +224,9 @@ def _scaled_lokr_delta(self: LoKrLayer, adapter_name: str, *args: Any, **kwargs:
 @functools.cache
 def peft_scales_lokr() -> bool:
     """Whether this peft's LoKr update includes alpha / rank (0.14 and later), found by trying
-    (without touching the random state a training run is seeded with)."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    (without touching the random state a training run is seeded with), on the CPU whatever the
+    default device (the memory estimate injects on meta)."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), torch.device("cpu"):
         model = nn.Sequential(nn.Linear(4, 4))
         inject_adapter_in_model(LoKrConfig(r=1, alpha=2.0, target_modules=["0"]), model, adapter_name=ADAPTER)
         layer = model[0]

@@ -56,6 +56,13 @@ def family_of_file(path: Path) -> str | None:
     """The family of a single-file checkpoint from its ``.safetensors`` header alone (tensor names
     and shapes; no tensor is read), or None where that cannot tell: a pickle, an unreadable file,
     or no family this trainer knows."""
+    found = model_of_file(path)
+    return found[0] if found else None
+
+
+def model_of_file(path: Path) -> tuple[str, str] | None:
+    """(family, variant: "dev", "large"; "" for a family without) of a single-file checkpoint from
+    its ``.safetensors`` header alone, or None as :func:`family_of_file`."""
     if path.suffix.lower() not in SAFE_SUFFIXES:
         return None
     from safetensors import safe_open
@@ -65,7 +72,8 @@ def family_of_file(path: Path) -> str | None:
     try:
         with safe_open(str(path), framework="pt") as fh:
             shapes = {k: torch.empty(fh.get_slice(k).get_shape(), device="meta") for k in fh.keys()}  # noqa: SIM118
-        return detect_state_dict(shapes, str(path)).name
+        family = detect_state_dict(shapes, str(path))
+        return family.name, family.variant_of_state_dict(shapes) if family.variants() else ""
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types; detection its ModelLoadError
         log.debug("no family from the header of %s: %s", path, exc)
         return None

@@ -94,7 +94,7 @@ def load_bundle(model_cfg: ModelConfig, device: torch.device | str | None = None
     if path is None:
         bundle = load_demo(model_cfg, device, dtype)
     elif path.is_dir():
-        bundle = _folder_family(path).load_folder(path, model_cfg, device, dtype)
+        bundle = folder_family(path).load_folder(path, model_cfg, device, dtype)
     else:
         bundle = load_single_file(path, model_cfg, device, dtype, config_folder=config_folder)
     if model_cfg.weight_dtype in ("fp8", "nf4") and model_cfg.weight_dtype not in bundle.family.quantized_weights:
@@ -130,7 +130,7 @@ def _read_index(path: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{path}: model_index.json is not valid JSON; re-download or re-save the model") from None
 
 
-def _folder_family(path: Path) -> Family:
+def folder_family(path: Path) -> Family:
     from lora_trainer.families import detect_folder
 
     return detect_folder(path, _read_index(path))

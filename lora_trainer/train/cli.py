@@ -140,4 +140,26 @@ def check_config(cfg: Any, label: str) -> int:
     print(report.summary())
     print(f"{label}: OK (base model {cfg.model.base_model!r}, data {cfg.data.train_data_dir!r}, "
           f"rank {cfg.network.rank}, output {Path(cfg.output.output_dir) / cfg.output.output_name})")
+    for line in memory_lines(cfg):
+        print(line)
     return 0
+
+
+def memory_lines(cfg: Any) -> list[str]:
+    """What the run of ``cfg`` is estimated to need on a GPU, and on this machine's GPU whether that
+    is there; nothing for the demo model or a model whose family cannot be told without loading it."""
+    from lora_trainer.train import memory_check
+
+    model = memory_check.model_of(cfg)
+    if model is None:
+        return []
+    est = memory_check.run_estimate(cfg, model[0], variant=model[1])
+    lines = [memory_check.describe(est, " ".join(filter(None, model)))]
+    import torch
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        available = memory_check.available_gb(device, [])
+        warning = memory_check.memory_warning(cfg, est, available, str(device))
+        lines.append(warning or f"memory: {available:.1f} GiB free on {device}: enough for this run")
+    return lines

@@ -24,7 +24,7 @@ from lora_trainer.data.cache import (
     module_identity,
 )
 from lora_trainer.data.dataset import Batch, BucketDataset, EpochView, steps_per_epoch
-from lora_trainer.errors import ConfigError, LoraFormatError, OutputError
+from lora_trainer.errors import ConfigError, LoraFormatError, OutputError, one_line
 from lora_trainer.fsutil import atomic_write_text, backup_file
 from lora_trainer.models import placement
 from lora_trainer.torch_compat import autocast_supported, enable_hf_checkpointing, grad_scaler
@@ -109,6 +109,7 @@ class RunSession:
         self.write_config(self.out)
         # -- data and caches (before LoRA, so the frozen text encoders and the VAE can leave the GPU)
         self.setup_data()
+        self.check_memory()
         self.setup_caches()
         # -- LoRA, optimizer, schedule, precision
         self.setup_network()
@@ -195,6 +196,29 @@ class RunSession:
     def at_epoch_end(self, every: int) -> bool:
         """Whether the step just taken ends an epoch whose number is a multiple of ``every`` (0: never)."""
         return bool(every) and self.pos.step % (self.steps_per_epoch * every) == 0
+
+    def check_memory(self) -> None:
+        """On a GPU: the run's memory estimate, with all its settings, against what the card has
+        for it; one line when it will likely run out (train/memory_check.py), before the caches
+        fill. An estimate that cannot be made never stops a run."""
+        from lora_trainer.train import memory_check
+
+        b = self.bundle
+        available = memory_check.available_gb(self.device, [b.unet, b.vae, *(p.module for p in b.text_encoders)])
+        if available is None:
+            return
+        loaded = self.host.loaded_model()
+        try:
+            est = memory_check.run_estimate(self.cfg, b.arch, variant=b.extras.get("variant", ""),
+                                            captions_fixed=self.ds.fixed_captions() is not None,
+                                            weights_cast=loaded.weights_cast if loaded is not None else None)
+        except Exception as e:  # noqa: BLE001 - a model the estimate does not know trains all the same
+            log.warning("no memory estimate for this run: %s", one_line(e))
+            return
+        self.trainer.memory_estimate = est
+        warning = memory_check.memory_warning(self.cfg, est, available, str(self.device))
+        if warning is not None:
+            self.status(warning)
 
     def setup_caches(self) -> None:
         """Text conditioning and latents computed once, each encoder alone on the card: the

@@ -23,6 +23,7 @@ from lora_trainer.train.session import RunSession
 from lora_trainer.train.stopping import stop_on_signals
 
 if TYPE_CHECKING:
+    from lora_trainer.bench.estimate import MemoryEstimate
     from lora_trainer.hosts.base import Host
     from lora_trainer.models.bundle import ModelBundle
 
@@ -44,33 +45,28 @@ def _as_output_error(error: OSError, output_dir: str, name: str) -> BaseExceptio
     return OutputError(f"cannot write {error.filename or output_dir}: {problem}; {resume_hint(output_dir, name)}")
 
 
-def _as_memory_error(error: BaseException, cfg: TrainConfig) -> BaseException:
+def _as_memory_error(error: BaseException, cfg: TrainConfig, estimate: MemoryEstimate | None = None) -> BaseException:
     """A device's out-of-memory error as one line saying which of the run's settings to change
-    (torch's own message is a paragraph about the allocator); anything else as it is."""
+    (torch's own message is a paragraph about the allocator) and, when the run was estimated,
+    what its settings need; anything else as it is."""
     import re
 
     import torch
+
+    from lora_trainer.bench.estimate import needed_gb
+    from lora_trainer.train.memory_check import memory_fixes
 
     text = str(error)
     if not (isinstance(error, torch.cuda.OutOfMemoryError)
             or (isinstance(error, RuntimeError) and "out of memory" in text.lower())):
         return error
-    t, d = cfg.train, cfg.data
-    fixes = []
-    if t.fp32_norms and t.mixed_precision != "no":
-        fixes.append("turn off train.fp32_norms")
-    if not t.gradient_checkpointing:
-        fixes.append("turn on train.gradient_checkpointing")
-    elif t.checkpointing_share < 1:
-        fixes.append(f"raise train.checkpointing_share (now {t.checkpointing_share:g}) towards 1")
-    if t.batch_size > 1:
-        fixes.append(f"lower train.batch_size (now {t.batch_size})")
-    fixes.append(f"lower data.resolution (now {d.resolution})")
     asked = re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", text)
     total = re.search(r"total capacity of ([\d.]+ [KMG]iB)", text)
-    detail = ", ".join(filter(None, (asked and f"{asked.group(1)} more asked", total and f"{total.group(1)} in all")))
+    needed = estimate and f"these settings are estimated to need {needed_gb(estimate):.1f} GiB"
+    detail = ", ".join(filter(None, (asked and f"{asked.group(1)} more asked", total and f"{total.group(1)} in all",
+                                     needed)))
     return DeviceMemoryError(
-        f"the GPU ran out of memory{f' ({detail})' if detail else ''}: {', or '.join(fixes)}; the tab's "
+        f"the GPU ran out of memory{f' ({detail})' if detail else ''}: {', or '.join(memory_fixes(cfg))}; the tab's "
         "'auto' preset picks settings that fit this card, and 'python -m lora_trainer bench --estimate' "
         "shows what settings need")
 
@@ -99,6 +95,7 @@ class Trainer(WorkerRun):
         self.config = config
         self.host = host
         self.result: TrainResult | None = None
+        self.memory_estimate: MemoryEstimate | None = None  # the run's, when it was estimated (on a GPU)
 
     # -- events out ----------------------------------------------------------------------
     def emit(self, ev: TrainEvent) -> None:
@@ -117,7 +114,7 @@ class Trainer(WorkerRun):
                         raise
                     raise converted from e
                 except RuntimeError as e:
-                    converted = _as_memory_error(e, self.config)
+                    converted = _as_memory_error(e, self.config, self.memory_estimate)
                     if converted is e:
                         raise
                     # the traceback's frames hold the failed step's tensors: let them go with it
