@@ -52,7 +52,7 @@ def test_the_estimate_traces_the_network_the_trainer_builds() -> None:
     # A trained text encoder's adapters (and their optimizer state) come on top.
     te = estimate.estimate_peak_memory("sd1", 256, 1, 16, "bf16", False, size="tiny", train_text_encoder=True,
                                        network_args=estimate.network_args(NetworkConfig(train_text_encoder=True)))
-    assert te.lora_gb > base.lora_gb
+    assert te.lora_gb > base.lora_gb and te.step_gb > base.step_gb  # and it runs in the step
     # Prodigy keeps four states per parameter, AdamW two.
     prodigy = estimate.estimate_peak_memory("sd1", 256, 1, 16, "bf16", False, size="tiny", optimizer="prodigy")
     assert prodigy.lora_gb == pytest.approx(base.lora_gb * 20 / 12)
@@ -70,12 +70,13 @@ def test_network_args_are_the_shaping_settings_that_differ_from_the_defaults() -
 
 @pytest.mark.parametrize(("network", "args", "chunks"), [
     ("locon", (("conv_rank", 8), ("dropout", 0.1)), 1),
-    ("lora", (("block_dims", ",".join(["4"] * 12 + ["32"] * 13)),), 3),
+    ("lora", (("block_dims", ",".join(["4"] * 12 + ["32"] * 13)), ("train_text_encoder", True)), 3),
 ])
 def test_estimate_with_a_runs_network_settings_matches_a_measured_step(network: str, args: tuple,
                                                                           chunks: int) -> None:
-    # A real fp32 step of the tiny UNet with those adapters (placed by the trainer's injection)
-    # and captions of ``chunks`` x 77 tokens on the CPU, in a fresh process, vs the prediction.
+    # A real fp32 step of the tiny UNet with those adapters (placed by the trainer's injection;
+    # a trained text encoder runs in the step) and captions of ``chunks`` x 77 tokens on the CPU,
+    # in a fresh process, vs the prediction.
     from lora_trainer.bench.memcheck import measure_step_memory
 
     m = measure_step_memory("sd1", 512, 1, 16, False, size="tiny", threads=1, network=network,

@@ -33,7 +33,7 @@ import contextlib
 import functools
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -238,37 +238,58 @@ def _meta_bundle(arch: str, denoiser: nn.Module, text_encoders: list[tuple[str, 
 
 
 def adapt_as_trainer(model: nn.Module, arch: str, rank: int, network: str, args: NetworkArgs, device: str,
-                     size: str = "full") -> int:
+                     text_encoders: TextEncoders = ()) -> int:
     """Put the run's adapters on ``model`` (the frozen denoiser) with the trainer's own injection,
     for the network settings ``args`` (:func:`network_args`) of type ``network`` at ``rank``;
-    with ``train_text_encoder``, on the family's CLIP text encoders too (built here, on
-    ``device``, in fp32: their adapters and optimizer state are counted, their activations are
-    not). Returns the trainable parameter count, fp32 as the trainer keeps them."""
-    from lora_trainer.bench.transformer_step import materialize
+    with ``train_text_encoder``, on ``text_encoders`` too (:func:`trained_text_encoders`).
+    Returns the trainable parameter count, fp32 as the trainer keeps them."""
     from lora_trainer.config import NetworkConfig
     from lora_trainer.lora.inject import inject_lora
-    from lora_trainer.lora.layout import meta_text_encoders
 
     fields = {f: list(v) if isinstance(v, tuple) else v for f, v in args}
     cfg = NetworkConfig(type=network, rank=rank, alpha=float(rank), **fields)
-    family = get_family(arch)
-    text = meta_text_encoders(family, size) if cfg.train_text_encoder and not family.transformer_denoiser else []
-    text = [(key, materialize(te, device)) for key, te in text]
     with torch.device(device):
-        net = inject_lora(_meta_bundle(arch, model, text), cfg)
+        net = inject_lora(_meta_bundle(arch, model, list(text_encoders)), cfg)
     return sum(p.numel() for p in net.parameters())
+
+
+# (kohya key, Hugging Face CLIP text model) of a UNet family's text encoders
+TextEncoders = Sequence[tuple[str, nn.Module]]
+
+
+def trained_text_encoders(arch: str, size: str, dtype: torch.dtype, args: NetworkArgs,
+                          device: str = "meta") -> TextEncoders:
+    """The CLIP text encoders of a UNet family, frozen weights in ``dtype`` on ``device``, when
+    the network settings ``args`` train them (they are then part of every step); else none."""
+    from lora_trainer.bench.transformer_step import materialize
+    from lora_trainer.lora.layout import meta_text_encoders
+
+    family = get_family(arch)
+    if family.transformer_denoiser or not dict(args).get("train_text_encoder"):
+        return []
+    return [(key, materialize(te.to(dtype), device).requires_grad_(False))
+            for key, te in meta_text_encoders(family, size)]
+
+
+def text_conditioning(text_encoders: TextEncoders, batch: int, chunks: int, device: str) -> torch.Tensor:
+    """What trained ``text_encoders`` give the denoiser for a batch of captions of ``chunks`` x 77
+    tokens, computed as a step computes it (with the graph to their adapters): each chunk
+    encoded, the encoders' states side by side, the chunks one after the other."""
+    ids = torch.zeros(batch * chunks, 77, dtype=torch.long, device=device)
+    states = torch.cat([te(ids).last_hidden_state for _, te in text_encoders], dim=-1)
+    return states.reshape(batch, chunks * 77, states.shape[-1])
 
 
 def build_lora_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full",
                     device: str = "meta", targets: str = "kohya", network: str = "lora",
-                    network_args: NetworkArgs = ()) -> tuple[nn.Module, int]:
+                    network_args: NetworkArgs = (), text_encoders: TextEncoders = ()) -> tuple[nn.Module, int]:
     """The ``size`` ("full" or "tiny") UNet of ``arch`` with ``network`` layers (lora, locon,
     dora, loha, lokr; fp32, the only trainable parameters) on ``targets`` ("kohya": the trainer's
     defaults, plus the ResNet blocks' and samplers' layers for locon; "attention": the attention
     projections the reference loop trains), and their parameter count. ``network_args``: more of
     the run's network settings (:func:`network_args`), with which the trainer's own injection
-    places the layers (its targets, block ranks, conv ranks, LoKr factor, dropouts, and the text
-    encoders' adapters when those are trained). On "meta" nothing is allocated (the estimate
+    places the layers (its targets, block ranks, conv ranks, LoKr factor, dropouts, and on
+    ``text_encoders`` when those are trained). On "meta" nothing is allocated (the estimate
     traces it); on another device the frozen weights are random, which does not change what a
     step allocates (the CPU check runs it)."""
     from diffusers import UNet2DConditionModel
@@ -284,7 +305,7 @@ def build_lora_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full"
     unet = materialize(unet, device)
     unet.requires_grad_(False)
     if network_args:
-        return unet, adapt_as_trainer(unet, arch, rank, network, network_args, device, size)
+        return unet, adapt_as_trainer(unet, arch, rank, network, network_args, device, text_encoders)
     paths = (default_unet_targets(unet) if targets == "kohya"
              else find_targets({"unet": (unet, "diffusers")}, list(REFERENCE_TARGETS))["unet"])
     if network == "locon":
@@ -389,12 +410,20 @@ def _lora_step(arch: str, resolution: int, batch: int, rank: int, dtype: torch.d
         model, lora_params = build_lora_transformer(arch, variant, rank, dtype, size, weight_dtype=weight_dtype,
                                                     network=network, network_args=network_args)
         return model, lora_params, step_call(model, arch, variant, resolution, batch, dtype)
+    text = trained_text_encoders(arch, size, dtype, network_args)
     unet, lora_params = build_lora_unet(arch, rank, dtype, size, targets=targets, network=network,
-                                        network_args=network_args)
+                                        network_args=network_args, text_encoders=text)
     if weights_cast is not None:
         store_cast_per_call(unet, _DTYPES[weights_cast[0]], True, share)
         dtype = _DTYPES[weights_cast[1]]
-    return unet, lora_params, lambda: unet(**meta_inputs(unet, resolution, batch, dtype, token_chunks)).sample
+
+    def forward() -> torch.Tensor:
+        inputs = meta_inputs(unet, resolution, batch, dtype, token_chunks)
+        if text:
+            inputs["encoder_hidden_states"] = text_conditioning(text, batch, token_chunks, "meta")
+        return unet(**inputs).sample
+
+    return unet, lora_params, forward
 
 
 def _weight_bytes(arch: str, model: nn.Module, size: str, variant: str, weight_dtype: str, precision: str) -> int:

@@ -88,13 +88,23 @@ def _caching_in_this_process(arch: str, size: str, resolution: int) -> dict[str,
 
 
 def _unet_forward(arch: str, size: str, resolution: int, batch: int, rank: int, network: str = "lora",
-                  stored: str = "", share: float = 0.0, network_args: Any = (), token_chunks: int = 1) -> tuple[Any, Any]:
+                  stored: str = "", share: float = 0.0, network_args: Any = (),
+                  token_chunks: int = 1) -> tuple[Any, Any, list[Any]]:
+    """(UNet with the adapters, forward(), the trained text encoders whose adapters train too)."""
     import torch
 
-    from lora_trainer.bench.estimate import _DTYPES, build_lora_unet, meta_inputs, store_cast_per_call
+    from lora_trainer.bench.estimate import (
+        _DTYPES,
+        build_lora_unet,
+        meta_inputs,
+        store_cast_per_call,
+        text_conditioning,
+        trained_text_encoders,
+    )
 
+    text = trained_text_encoders(arch, size, torch.float32, network_args, device="cpu")
     unet, _ = build_lora_unet(arch, rank, torch.float32, size, device="cpu", network=network,
-                              network_args=network_args)  # as traced
+                              network_args=network_args, text_encoders=text)  # as traced
     if stored:
         store_cast_per_call(unet, _DTYPES[stored], True, share)  # as the trainer runs it
     meta = meta_inputs(unet, resolution, batch, torch.float32, token_chunks)
@@ -105,18 +115,25 @@ def _unet_forward(arch: str, size: str, resolution: int, batch: int, rank: int, 
         return torch.zeros(x.shape, dtype=x.dtype) if x.dtype == torch.long else torch.randn(x.shape)
 
     inputs = real(meta)
-    return unet, lambda: unet(**inputs).sample
+
+    def forward() -> Any:
+        if not text:
+            return unet(**inputs).sample
+        # the trained text encoders run in the step, as the trainer runs them
+        return unet(**{**inputs, "encoder_hidden_states": text_conditioning(text, batch, token_chunks, "cpu")}).sample
+
+    return unet, forward, [te for _, te in text]
 
 
 def _transformer_forward(arch: str, size: str, resolution: int, batch: int, rank: int,
-                         network: str) -> tuple[Any, Any]:
+                         network: str) -> tuple[Any, Any, list[Any]]:
     import torch
 
     from lora_trainer.bench.transformer_step import build_lora_transformer, step_call
 
     variant = get_family(arch).default_variant()
     model, _ = build_lora_transformer(arch, variant, rank, torch.float32, size, device="cpu", network=network)
-    return model, step_call(model, arch, variant, resolution, batch, torch.float32, device="cpu")
+    return model, step_call(model, arch, variant, resolution, batch, torch.float32, device="cpu"), []
 
 
 def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, rank: int,
@@ -131,11 +148,11 @@ def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, ran
 
     torch.manual_seed(0)
     if get_family(arch).transformer_denoiser:
-        unet, forward = _transformer_forward(arch, size, resolution, batch, rank, network)
+        unet, forward, text = _transformer_forward(arch, size, resolution, batch, rank, network)
     else:
-        unet, forward = _unet_forward(arch, size, resolution, batch, rank, network, stored, share=checkpointing,
+        unet, forward, text = _unet_forward(arch, size, resolution, batch, rank, network, stored, share=checkpointing,
                                       network_args=_pairs(network_args), token_chunks=token_chunks)
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = [p for m in (unet, *text) for p in m.parameters() if p.requires_grad]
     if checkpointing:
         ckpt.checkpoint(unet, checkpointing)  # as the trainer does
     unet.train()

@@ -78,7 +78,7 @@ def build_lora_transformer(arch: str, variant: str, rank: int, dtype: torch.dtyp
     if network_args:
         from lora_trainer.bench.estimate import adapt_as_trainer
 
-        return model, adapt_as_trainer(model, arch, rank, network, network_args, device, size)
+        return model, adapt_as_trainer(model, arch, rank, network, network_args, device)
     paths = family.default_targets(family.denoiser_root, model, "diffusers")
     lora_params = add_network(model, paths, rank, network, device)
     return model, lora_params
