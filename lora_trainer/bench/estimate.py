@@ -190,6 +190,20 @@ class _CudaAutocast(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _MetaFills(torch.overrides.TorchFunctionMode):
+    """``torch.full`` with a 0-d tensor as its value, on meta, as an empty tensor of that size: a
+    meta tensor has no value to read (transformers before 4.35 builds CLIP's causal mask so);
+    what it allocates is the same."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        fill = args[1] if len(args) > 1 else kwargs.get("fill_value")
+        if func is torch.full and isinstance(fill, torch.Tensor) and fill.is_meta:
+            return torch.empty(args[0] if args else kwargs["size"], device="meta",
+                               dtype=kwargs.get("dtype") or torch.get_default_dtype())
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _quiet_diffusers() -> Iterator[None]:
     """.to(dtype) warns about modules to keep in fp32; these models have none."""
@@ -388,7 +402,7 @@ def _tracing(precision: str, device: str) -> Iterator[LiveBytes]:
     live = LiveBytes(conv_workspace=CUDNN_WORKSPACE if device == "cuda" else 0.0)
     autocast = _CudaAutocast(_DTYPES[precision]) if precision != "fp32" else contextlib.nullcontext()
     try:
-        with autocast, live:
+        with _MetaFills(), autocast, live:
             yield live
     finally:
         F.scaled_dot_product_attention = original
