@@ -69,6 +69,7 @@ TESTS=(
   tests/test_train_speed.py                                # the casts skipped under autocast, peft 0.13.2
   tests/test_train_norms.py                                # the norms in the compute dtype, GroupNorm32 included
   tests/test_train_checkpointing.py                        # checkpointing of all or a share of the blocks
+  tests/test_memory_check.py                               # a run's memory estimate on torch 2.1.2, CLIP of 4.30
   tests/test_preflight.py tests/test_train_disk.py
   tests/test_models_setups.py tests/test_models_loaders.py
   tests/test_caption_blip.py tests/test_caption_clip.py tests/test_caption_run.py
