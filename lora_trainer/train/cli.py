@@ -148,6 +148,8 @@ def check_config(cfg: Any, label: str) -> int:
 def memory_lines(cfg: Any) -> list[str]:
     """What the run of ``cfg`` is estimated to need on a GPU, and on this machine's GPU whether that
     is there; nothing for the demo model or a model whose family cannot be told without loading it."""
+    import torch
+
     from lora_trainer.train import memory_check
 
     model = memory_check.model_of(cfg)
@@ -155,8 +157,6 @@ def memory_lines(cfg: Any) -> list[str]:
         return []
     est = memory_check.run_estimate(cfg, model[0], variant=model[1])
     lines = [memory_check.describe(est, " ".join(filter(None, model)))]
-    import torch
-
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
         available = memory_check.available_gb(device, [])

@@ -15,8 +15,6 @@ if TYPE_CHECKING:
     from lora_trainer.bench.estimate import MemoryEstimate, WeightsCast
     from lora_trainer.config import TrainConfig
 
-GiB = 1024**3
-
 
 def run_estimate(cfg: TrainConfig, arch: str, *, variant: str = "", captions_fixed: bool | None = None,
                  weights_cast: WeightsCast | None = None) -> MemoryEstimate:
@@ -81,6 +79,8 @@ def available_gb(device: Any, modules: list[Any]) -> float | None:
     """The memory of the CUDA ``device`` a run can use: what is free there, and what ``modules``
     (the run's own model, which the estimate counts) hold there already; None for another device."""
     import torch
+
+    from lora_trainer.bench.estimate import GiB
 
     if getattr(device, "type", None) != "cuda" or not torch.cuda.is_available():
         return None
