@@ -87,7 +87,7 @@ def test_auto_preset_counts_the_resident_webui_model(env, monkeypatch: pytest.Mo
     seen = []
     monkeypatch.setattr(presets, "auto_values",
                         lambda arch, free, resident=False, network="lora", weights_cast=None, compute_dtype=None,
-                        latents_cached=True: seen.append((arch, resident, network, compute_dtype)) or {})
+                        latents_cached=True, form=None: seen.append((arch, resident, network, compute_dtype)) or {})
     monkeypatch.setattr(presets, "gpu_free_gb", lambda: 10.0)
     env.shared.sd_model = make_model("sdxl")
     preset_for_host(A1111Host(), "auto", "auto")

@@ -240,3 +240,38 @@ def test_bench_estimates_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[
         main(["--estimate", "--config", str(config)])
     with pytest.raises(ConfigError, match="--config: goes with --estimate"):
         main(["--config", str(config)])
+
+
+def test_auto_sizes_the_forms_settings_it_leaves_alone() -> None:
+    # Settings no preset sets (conv ranks, long and shuffled captions) make every step larger;
+    # those a preset sets (text encoder frozen, AdamW) are the preset's.
+    from lora_trainer.ui import presets
+
+    form = build_config({"network.conv_rank": 16, "data.max_token_length": 225, "data.shuffle_captions": True,
+                         "network.train_text_encoder": True, "optim.optimizer": "prodigy"})
+    plain, sized = presets.auto_values("sdxl", 12.0), presets.auto_values("sdxl", 12.0, form=form)
+    run = build_config(sized, base=form)  # the preset's values in the form, as the tab puts them
+    assert not run.network.train_text_encoder and run.optim.optimizer == "adamw"
+    budget = 12.0 - 1.5  # the reserve auto leaves the host
+    assert estimate.needed_gb(memory_check.run_estimate(run, "sdxl")) <= budget
+    # what auto picks for the preset's own fields alone would not fit with the form's others
+    assert estimate.needed_gb(memory_check.run_estimate(build_config(plain, base=form), "sdxl")) > budget
+    note = presets.auto_summary("sdxl", 12.0, form=form)
+    shown = float(note[note.rindex("estimated peak ") + len("estimated peak "):-len(" GiB)")])
+    assert memory_check.run_estimate(run, "sdxl").total_gb <= shown  # the note speaks of the form's run
+
+
+def test_the_tabs_auto_preset_reads_the_whole_form() -> None:
+    from lora_trainer.hosts.standalone import StandaloneHost
+    from lora_trainer.ui.tab import build_tab
+    from lora_trainer.ui.train_section import preset_for_host
+
+    blocks = build_tab(StandaloneHost())
+    fns = list(blocks.fns.values()) if isinstance(blocks.fns, dict) else list(blocks.fns)
+    [applier] = [i for i, f in enumerate(fns) if getattr(f.fn, "__name__", "") == "apply_preset"]
+    fields = [c for c in blocks.blocks.values() if (getattr(c, "elem_id", None) or "").startswith("lt-f-")]
+    assert len(fields) > 50 and len(blocks.config["dependencies"][applier]["inputs"]) >= 5 + len(fields)
+    form = build_config({"network.conv_rank": 16, "data.max_token_length": 225, "data.shuffle_captions": True})
+    host = StandaloneHost()
+    assert preset_for_host(host, "auto", "sdxl", "lora", 12.0, form=form) != preset_for_host(
+        host, "auto", "sdxl", "lora", 12.0)

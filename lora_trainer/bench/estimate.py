@@ -644,7 +644,8 @@ def _storages(arch: str) -> tuple[str, ...]:
 def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resolution: int | None = None,
                     rank: int = 16, precision: str = "bf16", model_resident: bool = False,
                     variant: str = "", network: str = "lora",
-                    weights_cast: WeightsCast | None = None, cache_latents: bool = True) -> dict[str, Any]:
+                    weights_cast: WeightsCast | None = None, cache_latents: bool = True,
+                    extras: dict[str, Any] | None = None) -> dict[str, Any]:
     """The fastest settings predicted to fit ``free_gb - reserve_gb``: the least recomputation
     first — no gradient checkpointing, else the smallest share of the denoiser's blocks
     checkpointed (:data:`~lora_trainer.train.checkpointing.SHARES`) with which one image fits —
@@ -662,12 +663,15 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
     loaded model), so its weights are not part of what must still fit. ``weights_cast``: the
     host stores the UNet narrower than it computes and casts per call (see ``WeightsCast``).
     ``cache_latents=False``: the images are encoded at every step (random crops, color
-    augmentation), so the VAE and its encoding are part of the step."""
+    augmentation), so the VAE and its encoding are part of the step. ``extras``: more of the run's
+    settings, as :func:`estimate_peak_memory` takes them (``memory_check.shaping``: the network's
+    other settings, the caption length, the optimizer, ...)."""
     res = resolution or get_family(arch).default_resolution
     budget = free_gb - reserve_gb
+    extras = extras or {}
     if model_resident:  # the UNet, the text encoders and the VAE are already counted as used
         one = estimate_peak_memory(arch, res, 1, rank, precision, variant=variant, network=network,
-                                   weights_cast=weights_cast)
+                                   weights_cast=weights_cast, **extras)
         budget += one.weights_gb + one.load_gb
     for storage in _storages(arch):
         for share in SHARES:
@@ -675,7 +679,7 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
             for batch in (1, 2, 3, 4, 6, 8):  # a batch that does not fit ends the search: larger ones need more
                 est = estimate_peak_memory(arch, res, batch, rank, precision, share > 0, variant=variant,
                                            weight_dtype=storage, network=network, weights_cast=weights_cast,
-                                           checkpointing_share=share or 1.0, cache_latents=cache_latents)
+                                           checkpointing_share=share or 1.0, cache_latents=cache_latents, **extras)
                 if needed_gb(est) > budget:
                     break
                 best = est
@@ -684,7 +688,7 @@ def choose_settings(free_gb: float, arch: str, reserve_gb: float = 1.5, resoluti
             if _fixed_gb(est) > budget:  # no share or batch fits with this storage: the next one
                 break
     est = estimate_peak_memory(arch, res, 1, rank, precision, True, variant=variant, weight_dtype=_storages(arch)[-1],
-                               network=network, weights_cast=weights_cast, cache_latents=cache_latents)
+                               network=network, weights_cast=weights_cast, cache_latents=cache_latents, **extras)
     return _choice(est, needed_gb(est) <= budget and not math.isnan(est.total_gb))
 
 

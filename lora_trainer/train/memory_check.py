@@ -24,7 +24,7 @@ def run_estimate(cfg: TrainConfig, arch: str, *, variant: str = "", captions_fix
     length, and whether latents and text embeddings are cached (``captions_fixed``: whether the
     captions never change, as the dataset knows; None: as the config says, no shuffle and no tag
     dropout). ``weights_cast``: a host's UNet stored narrower than it computes."""
-    from lora_trainer.bench.estimate import estimate_peak_memory, network_args
+    from lora_trainer.bench.estimate import estimate_peak_memory
     from lora_trainer.families import get_family
 
     family = get_family(arch)
@@ -32,16 +32,29 @@ def run_estimate(cfg: TrainConfig, arch: str, *, variant: str = "", captions_fix
     precision = {"no": "fp32", "auto": "bf16"}.get(t.mixed_precision, t.mixed_precision)
     if m.weight_dtype == "fp32" and not family.transformer_denoiser:
         precision = "fp32"  # frozen weights kept in fp32: counted as a full-precision run, never less
-    if captions_fixed is None:
-        captions_fixed = not (d.shuffle_captions or d.tag_dropout)
     return estimate_peak_memory(
         arch, -(-d.resolution // 8) * 8, t.batch_size, n.rank, precision, t.gradient_checkpointing,
-        cache_latents=d.cache_latents != "off" and d.crop == "center" and not d.color_aug,
-        train_text_encoder=n.train_text_encoder, variant=variant,
+        cache_latents=d.cache_latents != "off" and d.crop == "center" and not d.color_aug, variant=variant,
         weight_dtype=m.weight_dtype if m.weight_dtype in family.quantized_weights else "auto", network=n.type,
         weights_cast=weights_cast, checkpointing_share=t.checkpointing_share, fp32_norms=t.fp32_norms,
-        network_args=network_args(n), token_chunks=1 if family.transformer_denoiser else d.token_chunks,
-        text_cached=d.cache_text_embeddings and captions_fixed, optimizer=cfg.optim.optimizer)
+        **shaping(cfg, arch, captions_fixed))
+
+
+def shaping(cfg: TrainConfig, arch: str, captions_fixed: bool | None = None) -> dict[str, Any]:
+    """The estimate's arguments for what ``cfg`` sets beyond the resolution, batch, rank,
+    precision, checkpointing and storage that the "auto" preset chooses: the network's other
+    settings, a trained text encoder, the caption length, whether the captions are encoded once
+    (``captions_fixed``: whether they never change, as the dataset knows; None: as the config
+    says, no shuffle and no tag dropout) and the optimizer."""
+    from lora_trainer.bench.estimate import network_args
+    from lora_trainer.families import get_family
+
+    d, n = cfg.data, cfg.network
+    if captions_fixed is None:
+        captions_fixed = not (d.shuffle_captions or d.tag_dropout)
+    return {"train_text_encoder": n.train_text_encoder, "network_args": network_args(n),
+            "token_chunks": 1 if get_family(arch).transformer_denoiser else d.token_chunks,
+            "text_cached": d.cache_text_embeddings and captions_fixed, "optimizer": cfg.optim.optimizer}
 
 
 def memory_fixes(cfg: TrainConfig) -> list[str]:

@@ -101,16 +101,18 @@ def _mixed_precision(compute_dtype: str | None) -> str:
 
 def auto_values(arch: str, free_gb: float, model_resident: bool = False, network: str = "lora",
                 weights_cast: tuple[str, str] | None = None, compute_dtype: str | None = None,
-                latents_cached: bool = True) -> dict[str, Any]:
+                latents_cached: bool = True, form: Any = None) -> dict[str, Any]:
     """The fastest settings the memory estimator predicts to fit ``free_gb`` (minus a reserve for
     the host) with ``network`` adapters: no gradient checkpointing, else the smallest share of the
     denoiser's blocks checkpointed that fits, with the largest batch that fits then; for Flux.1 / SD3.5 the transformer's weights stored in fp8 or nf4 when bf16 ones do
     not fit. ``weights_cast``: the host casts narrow-stored UNet weights per call
     (``LoadedModel.weights_cast``); ``compute_dtype``: the dtype the host's model computes in;
     ``latents_cached``: False when the form's random crops or color augmentation make every step
-    encode its images (the VAE is then part of the step)."""
+    encode its images (the VAE is then part of the step); ``form``: the form's config, whose
+    settings the preset leaves as they are (block and conv ranks, targets, LoKr factor, dropouts,
+    caption length, shuffled captions) are sized with it (:func:`_form_extras`)."""
     precision = _mixed_precision(compute_dtype)
-    c = _auto_choice(arch, free_gb, model_resident, network, weights_cast, precision, latents_cached)
+    c = _auto_choice(arch, free_gb, model_resident, network, weights_cast, precision, latents_cached, form)
     return {**_COMMON, "data.resolution": c["resolution"], "train.batch_size": c["batch_size"],
             "train.gradient_checkpointing": c["gradient_checkpointing"],
             "train.checkpointing_share": c["checkpointing_share"], "network.rank": c["rank"],
@@ -119,17 +121,29 @@ def auto_values(arch: str, free_gb: float, model_resident: bool = False, network
 
 
 def _auto_choice(arch: str, free_gb: float, model_resident: bool, network: str,
-                 weights_cast: tuple[str, str] | None, precision: str, latents_cached: bool = True) -> dict[str, Any]:
+                 weights_cast: tuple[str, str] | None, precision: str, latents_cached: bool = True,
+                 form: Any = None) -> dict[str, Any]:
     from lora_trainer.bench.estimate import choose_settings
 
     return choose_settings(free_gb, arch, precision="fp32" if precision == "no" else precision,
                            model_resident=model_resident, network=network, weights_cast=weights_cast,
-                           cache_latents=latents_cached)
+                           cache_latents=latents_cached, extras=_form_extras(arch, form))
+
+
+def _form_extras(arch: str, form: Any) -> dict[str, Any]:
+    """What the form's config (None: none) adds to the estimate once a preset has set its values
+    (text encoder frozen, AdamW, text embeddings cached): the settings a preset leaves alone."""
+    if form is None:
+        return {}
+    from lora_trainer.config import build_config
+    from lora_trainer.train.memory_check import shaping
+
+    return shaping(build_config(_COMMON, base=form), arch)
 
 
 def auto_summary(arch: str, free_gb: float | None, model_resident: bool = False, network: str = "lora",
                  weights_cast: tuple[str, str] | None = None, compute_dtype: str | None = None,
-                 latents_cached: bool = True) -> str:
+                 latents_cached: bool = True, form: Any = None) -> str:
     """One line on what "auto" chose for ``free_gb`` and why: the settings that set the memory,
     the estimate, and what to change when even the smallest settings are estimated not to fit."""
     from lora_trainer.bench.estimate import round_up
@@ -137,7 +151,7 @@ def auto_summary(arch: str, free_gb: float | None, model_resident: bool = False,
     if free_gb is None:
         return "auto: no GPU found, so the CPU demo settings"
     c = _auto_choice(arch, free_gb, model_resident, network, weights_cast, _mixed_precision(compute_dtype),
-                     latents_cached)
+                     latents_cached, form)
     share = c["checkpointing_share"]
     ckpt = ("no gradient checkpointing" if not c["gradient_checkpointing"] else
             "gradient checkpointing of every block" if share >= 1 else
@@ -163,20 +177,21 @@ FULL_WEIGHT_KINDS = ("dora", "loha", "lokr")
 def preset_values(name: str, arch: str = DEFAULT_FAMILY, memory_gb: float | None = None, *,
                   model_resident: bool = False, network: str = "lora",
                   weights_cast: tuple[str, str] | None = None, compute_dtype: str | None = None,
-                  latents_cached: bool = True) -> dict[str, Any]:
+                  latents_cached: bool = True, form: Any = None) -> dict[str, Any]:
     """{field path: value} for preset ``name``. "auto" asks the memory estimator for the fastest
     settings that fit the free GPU memory (``memory_gb`` when given) with ``network`` adapters;
     without a GPU it is the CPU demo preset. The fixed presets turn gradient checkpointing on for
     :data:`FULL_WEIGHT_KINDS`. ``model_resident``: the host's model already sits in that memory;
     ``weights_cast``: the host casts its narrow-stored UNet weights per call; ``compute_dtype``:
     the dtype the host's model computes in (the mixed precision of every GPU preset follows it);
-    ``latents_cached``: False when every step encodes its images (auto counts the VAE then)."""
+    ``latents_cached``: False when every step encodes its images (auto counts the VAE then);
+    ``form``: the form's config, the settings no preset sets sized with it (auto)."""
     if name == "auto":
         free = memory_gb if memory_gb is not None else gpu_free_gb()
         if free is None:
             return {**_COMMON, **_CPU}
         return auto_values(arch, free, model_resident, network, weights_cast=weights_cast,
-                           compute_dtype=compute_dtype, latents_cached=latents_cached)
+                           compute_dtype=compute_dtype, latents_cached=latents_cached, form=form)
     if name == "cpu (demo)":
         return {**_COMMON, **_CPU}
     try:

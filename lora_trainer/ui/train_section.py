@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_trainer import config as cfgmod
 from lora_trainer import jobs
-from lora_trainer.errors import ConfigError
+from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.families import DEFAULT_FAMILY, family_names
 from lora_trainer.fsutil import atomic_write_text
 from lora_trainer.locks import WaitCancelled
@@ -131,8 +131,10 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
             return err_text(e), compat.update()
 
     # .input: the user's choice only; the label a loaded form sets (form_of) must not apply a preset again
+    # "auto" sizes the form as it is: the whole form comes too
     ctx.later(lambda: preset.input(_preset_applier(ctx), [preset, ctx.fields["model.arch"], ctx.fields["network.type"],
-                                                          ctx.fields["data.crop"], ctx.fields["data.color_aug"]],
+                                                          ctx.fields["data.crop"], ctx.fields["data.color_aug"],
+                                                          *ctx.inputs],
                                    [ctx.fields[p] for p in PRESET_FIELDS] + [msg]))
     ctx.later(lambda: start.click(do_start, ctx.inputs, [msg, progress]))
     stop.click(_command("stop"), None, [msg])
@@ -147,23 +149,38 @@ def train_section(ctx: TabContext, blocks: Any) -> None:
 def _preset_applier(ctx: TabContext) -> Any:
     """The preset dropdown's handler: the preset's values into its fields, and a line saying what
     it set (for "auto": what it picked for the GPU's free memory) into the message."""
-    def apply_preset(name: str, arch: str, network: str, crop: str = "center", color_aug: bool = False) -> list[Any]:
+    def apply_preset(name: str, arch: str, network: str, crop: str = "center", color_aug: bool = False,
+                     *form: Any) -> list[Any]:
         if not name or name == CUSTOM_PRESET:  # "custom" changes nothing
             return [compat.update() for _ in PRESET_FIELDS] + [compat.update()]
         free = presets.gpu_free_gb() if name == "auto" else None  # read once: the values and the note agree
         encoded = crop == "random" or bool(color_aug)  # every step encodes its images: auto counts the VAE
-        values = preset_for_host(ctx.host, name, arch, network, free, encoded)
-        note = auto_note_for_host(ctx.host, arch, network, free, encoded) if name == "auto" else \
+        cfg = _form_config(ctx, form) if name == "auto" else None
+        values = preset_for_host(ctx.host, name, arch, network, free, encoded, cfg)
+        note = auto_note_for_host(ctx.host, arch, network, free, encoded, cfg) if name == "auto" else \
             f"preset {name} applied"
         return [compat.update(value=to_component(values[p], field_kind(p)[0])) if p in values else compat.update()
                 for p in PRESET_FIELDS] + [note]
     return apply_preset
 
 
-def _for_host(host: Host, form_arch: str, network: str, encoded: bool = False) -> tuple[str, dict[str, Any]]:
+def _form_config(ctx: TabContext, values: tuple[Any, ...]) -> Any:
+    """The form's config from its fields' ``values``, or None without them or where a field does
+    not read (auto then sizes the preset's own settings alone)."""
+    if not values:
+        return None
+    try:
+        return ctx.config(values)
+    except (LoraTrainerError, ValueError):
+        return None
+
+
+def _for_host(host: Host, form_arch: str, network: str, encoded: bool = False,
+              form: Any = None) -> tuple[str, dict[str, Any]]:
     """The family a preset is sized for (the host's loaded model's when it has one, a WebUI's
     checkpoint; else the form's ``model.arch``, auto: the default family) and the facts the
-    presets take: the loaded model's, and whether every step encodes its images (``encoded``)."""
+    presets take: the loaded model's, whether every step encodes its images (``encoded``) and
+    the form's config (``form``, for what auto sizes with it)."""
     loaded = host.loaded_model()
     family = loaded.family if loaded is not None else None
     if family is None:
@@ -171,22 +188,22 @@ def _for_host(host: Host, form_arch: str, network: str, encoded: bool = False) -
     return family, {"model_resident": loaded is not None and loaded.resident, "network": network or "lora",
                     "weights_cast": loaded.weights_cast if loaded is not None else None,
                     "compute_dtype": loaded.compute_dtype if loaded is not None else None,
-                    "latents_cached": not encoded}
+                    "latents_cached": not encoded, "form": form}
 
 
 def preset_for_host(host: Host, name: str, form_arch: str, network: str = "lora",
-                    free_gb: float | None = None, encoded: bool = False) -> dict[str, Any]:
+                    free_gb: float | None = None, encoded: bool = False, form: Any = None) -> dict[str, Any]:
     """Preset ``name``'s values for the model the run will train, sized for the form's
-    ``network.type`` (and, ``encoded``, its images encoded every step); "auto" for ``free_gb`` of
-    GPU memory (read from the GPU when not given)."""
-    family, facts = _for_host(host, form_arch, network, encoded)
+    ``network.type`` (and, ``encoded``, its images encoded every step; ``form``, its config);
+    "auto" for ``free_gb`` of GPU memory (read from the GPU when not given)."""
+    family, facts = _for_host(host, form_arch, network, encoded, form)
     return presets.preset_values(name, family, free_gb, **facts)
 
 
 def auto_note_for_host(host: Host, form_arch: str, network: str, free_gb: float | None,
-                       encoded: bool = False) -> str:
+                       encoded: bool = False, form: Any = None) -> str:
     """The line the tab shows when "auto" is chosen: what it picked for ``free_gb`` (None: no GPU)."""
-    family, facts = _for_host(host, form_arch, network, encoded)
+    family, facts = _for_host(host, form_arch, network, encoded, form)
     return presets.auto_summary(family, free_gb, **facts)
 
 
