@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from lora_trainer.bench import estimate
+from lora_trainer.bench import adapters, estimate
 from lora_trainer.config import NetworkConfig, build_config
 from lora_trainer.train import memory_check
 from lora_trainer.train.events import TrainEvent
@@ -27,7 +27,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _tiny(network: str = "lora", **fields: Any) -> estimate.MemoryEstimate:
     """The estimate of the tiny SD1 UNet at 256 px with the network settings ``fields``."""
-    args = estimate.network_args(NetworkConfig(type=network, **fields))
+    args = adapters.network_args(NetworkConfig(type=network, **fields))
     return estimate.estimate_peak_memory("sd1", 256, 1, 16, "bf16", False, size="tiny", network=network,
                                          network_args=args)
 
@@ -51,7 +51,7 @@ def test_the_estimate_traces_the_network_the_trainer_builds() -> None:
     assert _tiny("lokr", lokr_factor=4).lora_gb > 2 * _tiny("lokr").lora_gb
     # A trained text encoder's adapters (and their optimizer state) come on top.
     te = estimate.estimate_peak_memory("sd1", 256, 1, 16, "bf16", False, size="tiny", train_text_encoder=True,
-                                       network_args=estimate.network_args(NetworkConfig(train_text_encoder=True)))
+                                       network_args=adapters.network_args(NetworkConfig(train_text_encoder=True)))
     assert te.lora_gb > base.lora_gb and te.step_gb > base.step_gb  # and it runs in the step
     # Prodigy keeps four states per parameter, AdamW two.
     prodigy = estimate.estimate_peak_memory("sd1", 256, 1, 16, "bf16", False, size="tiny", optimizer="prodigy")
@@ -59,13 +59,13 @@ def test_the_estimate_traces_the_network_the_trainer_builds() -> None:
 
 
 def test_network_args_are_the_shaping_settings_that_differ_from_the_defaults() -> None:
-    assert estimate.network_args(NetworkConfig()) == ()
-    assert estimate.network_args(NetworkConfig(alpha=4.0, block_alphas="1")) == ()  # alphas allocate nothing
-    assert estimate.network_args(NetworkConfig(conv_rank=8, target_modules=["to_q"])) == (
+    assert adapters.network_args(NetworkConfig()) == ()
+    assert adapters.network_args(NetworkConfig(alpha=4.0, block_alphas="1")) == ()  # alphas allocate nothing
+    assert adapters.network_args(NetworkConfig(conv_rank=8, target_modules=["to_q"])) == (
         ("conv_rank", 8), ("target_modules", ("to_q",)))
     # LoKr's options count for LoKr only, as the trainer reads them
-    assert estimate.network_args(NetworkConfig(lokr_factor=4)) == ()
-    assert estimate.network_args(NetworkConfig(type="lokr", lokr_factor=4)) == (("lokr_factor", 4),)
+    assert adapters.network_args(NetworkConfig(lokr_factor=4)) == ()
+    assert adapters.network_args(NetworkConfig(type="lokr", lokr_factor=4)) == (("lokr_factor", 4),)
 
 
 @pytest.mark.parametrize(("network", "args", "chunks"), [

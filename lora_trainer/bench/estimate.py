@@ -33,7 +33,7 @@ import contextlib
 import functools
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from lora_trainer.bench import trace_cache
+from lora_trainer.bench.adapters import NetworkArgs, TextEncoders
 from lora_trainer.bench.livemem import LiveBytes
 from lora_trainer.config import NETWORK_TYPE_HELP
 from lora_trainer.data.cache import LATENT_CACHE_BATCH
@@ -217,83 +218,6 @@ def _quiet_diffusers() -> Iterator[None]:
         diffusers_logging.set_verbosity(level)
 
 
-# The network settings that change where adapters go, their sizes or what a step keeps for them,
-# as (field, value) pairs of ``network.*`` (hashable: part of a traced step's key).
-NetworkArgs = tuple[tuple[str, Any], ...]
-_SHAPING_FIELDS = ("conv_rank", "block_dims", "conv_block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
-                   "block_lr_zero_threshold", "target_modules", "lokr_factor", "lokr_decompose_both", "dropout",
-                   "rank_dropout", "module_dropout", "train_text_encoder")
-
-
-def network_args(net: Any) -> NetworkArgs:
-    """The fields of the run's ``NetworkConfig`` that shape its adapters, where they differ from
-    the defaults (the type and rank are arguments of their own; alphas change no memory)."""
-    from lora_trainer.config import NetworkConfig
-
-    default = NetworkConfig()
-    pairs = [(f, tuple(v) if isinstance(v, list) else v) for f in _SHAPING_FIELDS
-             if (v := getattr(net, f)) != getattr(default, f)]
-    if net.type == "lokr":  # LyCORIS' options of the other kinds change nothing
-        return tuple(pairs)
-    return tuple((f, v) for f, v in pairs if not f.startswith("lokr_"))
-
-
-def _meta_bundle(arch: str, denoiser: nn.Module, text_encoders: list[tuple[str, nn.Module]]) -> Any:
-    """A model bundle of ``denoiser`` (diffusers naming) and Hugging Face CLIP ``text_encoders``
-    for the trainer's LoRA injection, which reads nothing else of it."""
-    from lora_trainer.models.bundle import ModelBundle, TextEncoderPart
-
-    def unused(*_: Any) -> Any:
-        raise RuntimeError("a model bundle for the memory estimate does not encode or predict")
-
-    return ModelBundle(arch, "epsilon", denoiser, "diffusers",
-                       [TextEncoderPart(key, te, "hf_clip") for key, te in text_encoders], None,
-                       torch.zeros(1000), unused, unused, unused)
-
-
-def adapt_as_trainer(model: nn.Module, arch: str, rank: int, network: str, args: NetworkArgs, device: str,
-                     text_encoders: TextEncoders = ()) -> int:
-    """Put the run's adapters on ``model`` (the frozen denoiser) with the trainer's own injection,
-    for the network settings ``args`` (:func:`network_args`) of type ``network`` at ``rank``;
-    with ``train_text_encoder``, on ``text_encoders`` too (:func:`trained_text_encoders`).
-    Returns the trainable parameter count, fp32 as the trainer keeps them."""
-    from lora_trainer.config import NetworkConfig
-    from lora_trainer.lora.inject import inject_lora
-
-    fields = {f: list(v) if isinstance(v, tuple) else v for f, v in args}
-    cfg = NetworkConfig(type=network, rank=rank, alpha=float(rank), **fields)
-    with torch.device(device):
-        net = inject_lora(_meta_bundle(arch, model, list(text_encoders)), cfg)
-    return sum(p.numel() for p in net.parameters())
-
-
-# (kohya key, Hugging Face CLIP text model) of a UNet family's text encoders
-TextEncoders = Sequence[tuple[str, nn.Module]]
-
-
-def trained_text_encoders(arch: str, size: str, dtype: torch.dtype, args: NetworkArgs,
-                          device: str = "meta") -> TextEncoders:
-    """The CLIP text encoders of a UNet family, frozen weights in ``dtype`` on ``device``, when
-    the network settings ``args`` train them (they are then part of every step); else none."""
-    from lora_trainer.bench.transformer_step import materialize
-    from lora_trainer.lora.layout import meta_text_encoders
-
-    family = get_family(arch)
-    if family.transformer_denoiser or not dict(args).get("train_text_encoder"):
-        return []
-    return [(key, materialize(te.to(dtype), device).requires_grad_(False))
-            for key, te in meta_text_encoders(family, size)]
-
-
-def text_conditioning(text_encoders: TextEncoders, batch: int, chunks: int, device: str) -> torch.Tensor:
-    """What trained ``text_encoders`` give the denoiser for a batch of captions of ``chunks`` x 77
-    tokens, computed as a step computes it (with the graph to their adapters): each chunk
-    encoded, the encoders' states side by side, the chunks one after the other."""
-    ids = torch.zeros(batch * chunks, 77, dtype=torch.long, device=device)
-    states = torch.cat([te(ids).last_hidden_state for _, te in text_encoders], dim=-1)
-    return states.reshape(batch, chunks * 77, states.shape[-1])
-
-
 def build_lora_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full",
                     device: str = "meta", targets: str = "kohya", network: str = "lora",
                     network_args: NetworkArgs = (), text_encoders: TextEncoders = ()) -> tuple[nn.Module, int]:
@@ -308,8 +232,8 @@ def build_lora_unet(arch: str, rank: int, dtype: torch.dtype, size: str = "full"
     step allocates (the CPU check runs it)."""
     from diffusers import UNet2DConditionModel
 
+    from lora_trainer.bench.adapters import adapt_as_trainer, add_network, materialize
     from lora_trainer.bench.reference import REFERENCE_TARGETS
-    from lora_trainer.bench.transformer_step import add_network, materialize
     from lora_trainer.lora.targets import conv_block_targets, default_unet_targets, find_targets
     from lora_trainer.models import tiny
 
@@ -424,6 +348,8 @@ def _lora_step(arch: str, resolution: int, batch: int, rank: int, dtype: torch.d
         model, lora_params = build_lora_transformer(arch, variant, rank, dtype, size, weight_dtype=weight_dtype,
                                                     network=network, network_args=network_args)
         return model, lora_params, step_call(model, arch, variant, resolution, batch, dtype)
+    from lora_trainer.bench.adapters import text_conditioning, trained_text_encoders
+
     text = trained_text_encoders(arch, size, dtype, network_args)
     unet, lora_params = build_lora_unet(arch, rank, dtype, size, targets=targets, network=network,
                                         network_args=network_args, text_encoders=text)

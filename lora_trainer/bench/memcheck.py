@@ -93,14 +93,8 @@ def _unet_forward(arch: str, size: str, resolution: int, batch: int, rank: int, 
     """(UNet with the adapters, forward(), the trained text encoders whose adapters train too)."""
     import torch
 
-    from lora_trainer.bench.estimate import (
-        _DTYPES,
-        build_lora_unet,
-        meta_inputs,
-        store_cast_per_call,
-        text_conditioning,
-        trained_text_encoders,
-    )
+    from lora_trainer.bench.adapters import text_conditioning, trained_text_encoders
+    from lora_trainer.bench.estimate import _DTYPES, build_lora_unet, meta_inputs, store_cast_per_call
 
     text = trained_text_encoders(arch, size, torch.float32, network_args, device="cpu")
     unet, _ = build_lora_unet(arch, rank, torch.float32, size, device="cpu", network=network,
@@ -170,7 +164,7 @@ def _step_in_this_process(arch: str, size: str, resolution: int, batch: int, ran
 
 
 def _pairs(network_args: Any) -> tuple[tuple[str, Any], ...]:
-    """``estimate.network_args`` back from JSON (lists for tuples)."""
+    """``adapters.network_args`` back from JSON (lists for tuples)."""
     return tuple((f, tuple(v) if isinstance(v, list) else v) for f, v in network_args)
 
 
@@ -183,7 +177,7 @@ def measure_step_memory(arch: str = "sd1", resolution: int = 512, batch_size: in
     process; compare with the estimator's prediction. ``gradient_checkpointing``: the share of
     the denoiser's blocks checkpointed (True: all, 0: none). ``stored``: the UNet's frozen weights
     stored in that dtype and cast to fp32 by each layer at every call (as Forge does).
-    ``network_args`` (``estimate.network_args``), ``token_chunks``: a run's other network settings
+    ``network_args`` (``adapters.network_args``), ``token_chunks``: a run's other network settings
     and its caption length, the adapters placed by the trainer's injection (a UNet family)."""
     from lora_trainer.bench.estimate import estimate_peak_memory
 

@@ -14,48 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_trainer.bench.adapters import adapt_as_trainer, add_network, materialize
 from lora_trainer.families import get_family
 
 QUANTIZED = ("fp8", "nf4")
-
-
-def materialize(model: nn.Module, device: str) -> nn.Module:
-    """A meta model on ``device`` with random weights (what a step allocates does not depend on
-    them); on "meta" itself unchanged."""
-    if device == "meta":
-        return model
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-        for b in model.buffers():
-            b.zero_()
-    return model
-
-
-def add_network(model: nn.Module, paths: list[str], rank: int, network: str, device: str) -> int:
-    """Put ``network`` adapters (lora, locon, dora, loha, lokr: the trainer's own peft configs and
-    DoRA layer, at alpha = rank) on ``paths`` of the frozen ``model``, with fp32 weights as the
-    trainer keeps them and the only trainable parameters; returns their parameter count. Each
-    kind then allocates in a step what it does in training (LoHa / LoKr build a full-size delta
-    weight per layer, DoRA a normalised fp32 weight)."""
-    from peft import inject_adapter_in_model
-
-    from lora_trainer.lora.variants import ADAPTER_PARAM_MARKS, peft_config, wrap_dora
-
-    kind = "lora" if network == "locon" else network
-    with torch.device(device):
-        inject_adapter_in_model(peft_config(kind, rank, float(rank), paths, {}, {}, 0.0), model)
-        if kind == "dora":
-            wrap_dora(model, paths)
-    count = 0
-    for n, p in model.named_parameters():
-        trains = any(mark in n for mark in ADAPTER_PARAM_MARKS)
-        if trains:
-            p.data = p.data.float()
-            count += p.numel()
-        p.requires_grad_(trains)
-    return count
 
 
 def build_lora_transformer(arch: str, variant: str, rank: int, dtype: torch.dtype, size: str = "full",
@@ -66,7 +28,7 @@ def build_lora_transformer(arch: str, variant: str, rank: int, dtype: torch.dtyp
     block Linear weights stored in fp8 and upcast per call (nf4 also dequantizes per call to the
     compute dtype: traced the same, its smaller storage is counted by the family's
     ``denoiser_weight_bytes``). Random weights off meta: a step allocates the same.
-    ``network_args``: the run's network settings (``estimate.network_args``), placed by the
+    ``network_args``: the run's network settings (``adapters.network_args``), placed by the
     trainer's own injection."""
     from lora_trainer.families.flow_parts import store_fp8
 
@@ -76,8 +38,6 @@ def build_lora_transformer(arch: str, variant: str, rank: int, dtype: torch.dtyp
     if weight_dtype in QUANTIZED:
         store_fp8(model, dtype)
     if network_args:
-        from lora_trainer.bench.estimate import adapt_as_trainer
-
         return model, adapt_as_trainer(model, arch, rank, network, network_args, device)
     paths = family.default_targets(family.denoiser_root, model, "diffusers")
     lora_params = add_network(model, paths, rank, network, device)

@@ -46,7 +46,7 @@ def shaping(cfg: TrainConfig, arch: str, captions_fixed: bool | None = None) -> 
     settings, a trained text encoder, the caption length, whether the captions are encoded once
     (``captions_fixed``: whether they never change, as the dataset knows; None: as the config
     says, no shuffle and no tag dropout) and the optimizer."""
-    from lora_trainer.bench.estimate import network_args
+    from lora_trainer.bench.adapters import network_args
     from lora_trainer.families import get_family
 
     d, n = cfg.data, cfg.network
