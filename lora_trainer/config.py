@@ -192,6 +192,17 @@ class NetworkConfig:
     module_dropout: float = _f(0.0, "Module dropout (kohya's and LyCORIS' module_dropout): while training, each "
                                "module's whole update is left out of a step with this probability. 0.1 is "
                                "typical; 0: off. Not with dora.")
+    lycoris_preset: Literal["kohya", "full", "full-lin", "attn-mlp", "attn-only", "unet-only",
+                            "unet-transformer-only", "unet-convblock-only"] = _f(
+        "kohya", "Which layers get adapters, by LyCORIS' presets (its network_args preset; SD1, SD2, SDXL), with "
+        "any type. kohya: kohya's targets (the transformer blocks; with locon or conv_rank also the ResNet blocks "
+        "and samplers). full: the transformer and ResNet blocks, samplers, conv_in/conv_out and the time "
+        "embedding, 3x3 convs at conv_rank (empty: rank), and the text encoders' attention and MLP. full-lin: "
+        "the transformer and ResNet blocks and time embedding, no 3x3 conv. attn-mlp: the transformer blocks. "
+        "attn-only: their attention projections (and the text encoders' attention). unet-only: full without "
+        "text-encoder layers; unet-transformer-only: attn-mlp without them; unet-convblock-only: the ResNet "
+        "blocks, samplers and conv_in/conv_out. Presets without 3x3 convs ignore conv_rank, as LyCORIS does. "
+        "Not with target_modules.")
 
 
 @dataclass
@@ -513,7 +524,8 @@ def _unset(value: Any) -> bool:
 
 
 # Keys of kohya's / lora-scripts' files that change nothing here: accepted, named in one warning.
-_NO_NORM_TRAINING = "LyCORIS' training of the norm layers is not available (false only)"
+_NORM_TRAINING = "LyCORIS' training of the norm layers is not available"
+_NO_NORM_TRAINING = f"{_NORM_TRAINING} (false only)"
 IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool] | None, str]] = {
     **dict.fromkeys(("xformers", "sdpa", "mem_eff_attn"), (None, "attention runs PyTorch's fused kernels")),
     **dict.fromkeys(("lowram", "highvram", "persistent_data_loader_workers"), (None, "set by the trainer itself")),
@@ -618,9 +630,32 @@ _NETWORK_ARG_FIELDS = {"conv_dim": "network.conv_rank", "conv_alpha": "network.c
                        "dropout": "network.dropout", "loraplus_lr_ratio": "optim.loraplus_lr_ratio",
                        "factor": "network.lokr_factor", "decompose_both": "network.lokr_decompose_both",
                        "rank_dropout": "network.rank_dropout", "module_dropout": "network.module_dropout",
+                       "preset": "network.lycoris_preset",
                        **{k: f"network.{k}" for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight",
                                                       "block_lr_zero_threshold", "block_dims", "block_alphas",
                                                       "conv_block_dims", "conv_block_alphas")}}
+
+
+# LyCORIS' network_args switches (as kohya_ss writes them for every LyCORIS run): their value off
+# (which changes nothing here) and, for any other, why it is refused.
+_LYCORIS_SWITCHES: dict[str, tuple[Any, str]] = {
+    **dict.fromkeys(("use_tucker", "use_cp", "use_conv_cp"),
+                    (False, "the Tucker decomposition of 3x3 convolutions is not available")),
+    "disable_conv_cp": (True, "the Tucker decomposition of 3x3 convolutions is not available"),
+    "use_scalar": (False, "LyCORIS' trained scalar is not available"),
+    "bypass_mode": (False, "the base weights are never merged while training, so bypass mode is what runs"),
+    "train_norm": (False, _NORM_TRAINING),
+    "full_matrix": (False, "LoKr's factors as full matrices are not available; set network.rank high instead"),
+    "rs_lora": (False, "rank-stabilized scaling is not available; scale with network.alpha"),
+    "unbalanced_factorization": (False, "LoKr's unbalanced factorization is not available"),
+    "wd_on_output": (False, "DoRA's magnitude is per input channel here (wd_on_output=False)"),
+    **dict.fromkeys(("constraint", "constrain"), (0.0, "used only with LyCORIS' OFT, which is not available")),
+    **dict.fromkeys(("rescaled", "train_on_input"), (False, "used only with LyCORIS' OFT and IA3, which are not "
+                                                          "available")),
+}
+# Settings of LyCORIS' other algorithms (DyLoRA's block size, a warning switch): no effect here;
+# rank_dropout_scale is checked against rank_dropout in _network_args.
+_LYCORIS_OTHER_ALGOS = {"block_size", "no_dim_warn", "rank_dropout_scale"}
 
 
 # kohya's per-prompt options in a sample prompts line -> the sample field each sets, and its type.
@@ -813,15 +848,22 @@ def _network_args(value: Any) -> dict[str, Any]:
                 out["network.type"] = "dora"
         elif k in _NETWORK_ARG_FIELDS:
             out[_NETWORK_ARG_FIELDS[k]] = v
-        elif k == "train_norm":
-            if _coerce(v, bool, "network_args: train_norm"):
-                raise ConfigError(f"network_args: train_norm={v}: {_NO_NORM_TRAINING}")
-        else:
+        elif k in _LYCORIS_SWITCHES:
+            off, reason = _LYCORIS_SWITCHES[k]
+            if _coerce(v, type(off), f"network_args: {k}") != off:
+                raise ConfigError(f"network_args: {k}={v}: {reason} ({k}={off} only)")
+        elif k not in _LYCORIS_OTHER_ALGOS:
             raise ConfigError(f"network_args: {k!r} is not supported; supported: algo, "
-                              f"{', '.join(_NETWORK_ARG_FIELDS)}, dora_wd, train_norm=False")
+                              f"{', '.join(_NETWORK_ARG_FIELDS)}, dora_wd, rank_dropout_scale, and LyCORIS' "
+                              f"switches left off ({', '.join(_LYCORIS_SWITCHES)})")
     if out.get("network.type") == "dora" and value.get("algo", "lora") not in ("lora", "locon", "dora"):
         raise ConfigError(f"network_args: dora_wd with algo={value['algo']} is not supported; DoRA works with "
                           "algo=lora/locon only")
+    scale = value.get("rank_dropout_scale")
+    if scale is not None and not _coerce(scale, bool, "network_args: rank_dropout_scale") \
+            and _coerce(value.get("rank_dropout", 0) or 0, float, "network_args: rank_dropout"):
+        raise ConfigError(f"network_args: rank_dropout_scale={scale}: the ranks or rows rank_dropout keeps are "
+                          "always scaled up to make up for the dropped ones here; set rank_dropout_scale=True")
     return out
 
 
@@ -1028,6 +1070,7 @@ def _check_network(cfg: TrainConfig) -> None:
     need(n.lokr_factor == -1 or n.lokr_factor >= 1,
          f"network.lokr_factor: {n.lokr_factor} must be -1 (as square as possible) or at least 1 (4-16 is typical)")
     _check_blocks(cfg)
+    _check_preset(cfg)
     need(n.train_unet or n.train_text_encoder,
          "network: train_unet and train_text_encoder are both false; enable at least one")
     need(n.scale_weight_norms is None or n.scale_weight_norms > 0,
@@ -1038,6 +1081,19 @@ def _check_network(cfg: TrainConfig) -> None:
     need(not (n.type == "dora" and cfg.model.weight_dtype in ("fp8", "nf4")),
          f"network.type dora needs the base weights in full precision (its magnitude is computed from them); "
          f"set model.weight_dtype to auto, or use lora with {cfg.model.weight_dtype}")
+
+
+def _check_preset(cfg: TrainConfig) -> None:
+    """A LyCORIS preset: not with module patterns; one without text-encoder layers not with a
+    trained text encoder; the SD1/SD2/SDXL UNet only (checked again once the model is known)."""
+    from lora_trainer.lora.targets import check_preset
+
+    n, name = cfg.network, cfg.network.lycoris_preset
+    if name == "kohya":
+        return
+    _need(not n.target_modules, f"network.lycoris_preset: {name} and network.target_modules both choose the layers; "
+                                "set the preset to kohya or empty target_modules")
+    check_preset(name, cfg.model.arch, n.train_text_encoder, not _is_flow_family(cfg.model.arch))
 
 
 def _check_blocks(cfg: TrainConfig) -> None:

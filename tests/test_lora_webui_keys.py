@@ -26,6 +26,16 @@ _RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_
 def webui_unet_name(key: str) -> str:
     """A1111: a kohya UNet key -> the LDM module name with underscores."""
     name = key[len("lora_unet_"):]
+    single = {"conv_in": "input_blocks_0_0", "conv_out": "out_2", "time_embedding_linear_1": "time_embed_0",
+              "time_embedding_linear_2": "time_embed_2"}
+    if name in single:
+        return single[name]
+    m = re.fullmatch(r"down_blocks_(\d+)_downsamplers_0_conv", name)
+    if m:
+        return f"input_blocks_{3 + 3 * int(m[1])}_0_op"
+    m = re.fullmatch(r"up_blocks_(\d+)_upsamplers_0_conv", name)
+    if m:
+        return f"output_blocks_{2 + 3 * int(m[1])}_{2 if int(m[1]) > 0 else 1}_conv"
     m = re.fullmatch(r"down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", name)
     if m:
         b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
@@ -33,10 +43,12 @@ def webui_unet_name(key: str) -> str:
         return f"input_blocks_{1 + 3 * b + i}_{1 if kind == 'attentions' else 0}_{rest}"
     m = re.fullmatch(r"mid_block_(attentions|resnets)_(\d+)_(.+)", name)
     if m:
-        return f"middle_block_{1 if m[1] == 'attentions' else 2 * int(m[2])}_{m[3]}"
+        rest = _RESNET.get(m[3], m[3]) if m[1] == "resnets" else m[3]
+        return f"middle_block_{1 if m[1] == 'attentions' else 2 * int(m[2])}_{rest}"
     m = re.fullmatch(r"up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", name)
     if m:
         b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
+        rest = _RESNET.get(rest, rest) if kind == "resnets" else rest
         return f"output_blocks_{3 * b + i}_{1 if kind == 'attentions' else 0}_{rest}"
     return name  # already an LDM name
 
@@ -80,12 +92,14 @@ def test_sdxl_sgm_naming_gives_the_same_keys_as_diffusers_naming():
                for k in sgm_keys)
 
 
-@pytest.mark.parametrize("arch", ["sd1", "sd2"])
-def test_every_unet_key_resolves_in_the_webui_model_at_trained_strength(arch):
-    """Merge the file into a plain LDM UNet the way the WebUI does; it must equal our LoRA model."""
+@pytest.mark.parametrize(("arch", "preset"), [("sd1", "kohya"), ("sd2", "kohya"), ("sd1", "full")])
+def test_every_unet_key_resolves_in_the_webui_model_at_trained_strength(arch, preset):
+    """Merge the file into a plain LDM UNet the way the WebUI does; it must equal our LoRA model
+    (LyCORIS' full preset: ResNet blocks, samplers, conv in/out and time embedding too)."""
     unet = ldm_unet(arch)
     bundle = make_bundle(arch, build_components(arch), unet=unet, unet_naming="ldm")
-    net = inject_lora(bundle, net_cfg(train_text_encoder=False))
+    net = inject_lora(bundle, net_cfg(train_text_encoder=False, lycoris_preset=preset,
+                                      conv_rank=2 if preset == "full" else None))
     randomize(net, std=0.05)
     sd = net.to_kohya(torch.float32)
     g = torch.Generator().manual_seed(0)

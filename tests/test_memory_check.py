@@ -49,6 +49,10 @@ def test_the_estimate_traces_the_network_the_trainer_builds() -> None:
     assert _tiny(dropout=0.1).step_gb > base.step_gb * 1.2
     # LoKr's factor sets the size of its small factor: 4 gives more parameters than the squarest.
     assert _tiny("lokr", lokr_factor=4).lora_gb > 2 * _tiny("lokr").lora_gb
+    # LyCORIS' full preset adds the ResNet blocks, samplers, conv in/out and time embedding.
+    full = _tiny(lycoris_preset="full")
+    assert full.lora_gb > conv.lora_gb and full.step_gb > base.step_gb
+    assert _tiny(lycoris_preset="attn-only").lora_gb < base.lora_gb
     # A trained text encoder's adapters (and their optimizer state) come on top.
     te = estimate.estimate_peak_memory("sd1", 256, 1, 16, "bf16", False, size="tiny", train_text_encoder=True,
                                        network_args=adapters.network_args(NetworkConfig(train_text_encoder=True)))

@@ -61,7 +61,7 @@ def add_network(model: nn.Module, paths: list[str], rank: int, network: str, dev
 NetworkArgs = tuple[tuple[str, Any], ...]
 _SHAPING_FIELDS = ("conv_rank", "block_dims", "conv_block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
                    "block_lr_zero_threshold", "target_modules", "lokr_factor", "lokr_decompose_both", "dropout",
-                   "rank_dropout", "module_dropout", "train_text_encoder")
+                   "rank_dropout", "module_dropout", "train_text_encoder", "lycoris_preset")
 
 
 def network_args(net: Any) -> NetworkArgs:

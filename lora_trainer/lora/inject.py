@@ -26,7 +26,17 @@ from lora_trainer.lora import blocks, kohya, kohya_tensors, variants
 from lora_trainer.lora.kohya import Slot
 from lora_trainer.lora.kohya_tensors import ModuleTensors
 from lora_trainer.lora.mha import LoraMultiheadAttention
-from lora_trainer.lora.targets import _is_adaptable, conv_block_targets, find_targets, is_spatial_conv
+from lora_trainer.lora.targets import (
+    PRESETS,
+    _is_adaptable,
+    check_preset,
+    conv_block_targets,
+    convs_adapted,
+    find_targets,
+    is_spatial_conv,
+    preset_text_targets,
+    preset_unet_targets,
+)
 from lora_trainer.models.bundle import ModelBundle
 
 ADAPTER = variants.ADAPTER
@@ -331,10 +341,12 @@ def _planned(bundle: ModelBundle, cfg: NetworkConfig, all_roots: dict[str, tuple
     blocks and samplers for LoCon or with conv_rank, 3x3 convs at conv_rank/conv_alpha; with
     ``per_block`` (:func:`_block_ranks`) the UNet's at their block's rank, none in a block at 0."""
     use = {k: v for k, v in all_roots.items() if k in trained}
-    found = find_targets(use, cfg.target_modules or None, bundle.family)
-    with_convs = cfg.type == "locon" or cfg.conv_rank is not None or bool(cfg.conv_block_dims)
-    if with_convs and "unet" in found:
-        found["unet"] = sorted(dict.fromkeys(found["unet"] + conv_block_targets(use["unet"][0])))
+    if cfg.lycoris_preset != "kohya":
+        found = _preset_targets(bundle, cfg.lycoris_preset, use)
+    else:
+        found = find_targets(use, cfg.target_modules or None, bundle.family)
+        if convs_adapted(cfg) and "unet" in found:
+            found["unet"] = sorted(dict.fromkeys(found["unet"] + conv_block_targets(use["unet"][0])))
     targets = {k: (all_roots[k][1], _module_paths(all_roots[k][0], found[k])) for k in use}
     layout = kohya.build_layout(bundle.arch, targets)
     ranks, alphas = {}, {}
@@ -354,6 +366,14 @@ def _planned(bundle: ModelBundle, cfg: NetworkConfig, all_roots: dict[str, tuple
     return layout, ranks, alphas
 
 
+def _preset_targets(bundle: ModelBundle, name: str, use: dict[str, tuple[nn.Module, str]]) -> dict[str, list[str]]:
+    """{root key: module paths} of LyCORIS' preset ``name`` on the roots ``use``."""
+    check_preset(name, bundle.arch, any(k != "unet" for k in use), bundle.family.unet_topology is not None)
+    preset = PRESETS[name]
+    return {k: preset_unet_targets(m, preset) if k == "unet" else preset_text_targets(m, naming, preset)
+            for k, (m, naming) in use.items()}
+
+
 def _block_ranks(arch: str, cfg: NetworkConfig) -> dict[str, list[float] | None] | None:
     """Each UNet block's ranks and alphas when the config sets block weights or ranks (kohya's
     networks.lora on an SD1/SD2/SDXL UNet), else None."""
@@ -363,7 +383,7 @@ def _block_ranks(arch: str, cfg: NetworkConfig) -> dict[str, list[float] | None]
         raise ConfigError(f"network: block weights and ranks are for the SD1, SD2 and SDXL UNet, not {arch}; "
                           f"leave network.{next(f for f in blocks.LR_FIELDS + blocks.DIM_FIELDS if getattr(cfg, f))} "
                           "empty")
-    conv_rank = cfg.conv_rank or (cfg.rank if cfg.type == "locon" else None)
+    conv_rank = cfg.conv_rank or (cfg.rank if convs_adapted(cfg) else None)
     return blocks.block_ranks(arch, {f: getattr(cfg, f) for f in blocks.DIM_FIELDS}, cfg.rank, cfg.alpha, conv_rank,
                               cfg.conv_alpha, blocks.network_weights(arch, cfg))
 

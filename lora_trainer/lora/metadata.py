@@ -15,6 +15,7 @@ from typing import Any
 
 from lora_trainer.config import NetworkConfig, TrainConfig
 from lora_trainer.lora import blocks
+from lora_trainer.lora.targets import convs_adapted
 from lora_trainer.models.bundle import ModelBundle
 
 NETWORK_MODULE = "networks.lora"
@@ -34,7 +35,9 @@ def network_module_args(net: NetworkConfig) -> tuple[str, dict[str, str]]:
         args["factor"] = str(net.lokr_factor)
         if net.lokr_decompose_both:
             args["decompose_both"] = "True"
-    if net.type == "locon" or net.conv_rank is not None:
+    if net.lycoris_preset != "kohya":
+        args["preset"] = net.lycoris_preset
+    if convs_adapted(net):
         args["conv_dim"] = str(net.conv_rank or net.rank)
         args["conv_alpha"] = _num(float(net.conv_alpha if net.conv_alpha is not None else net.alpha))
     if net.type == "dora":

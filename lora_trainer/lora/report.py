@@ -55,9 +55,18 @@ def _group(key: str) -> str:
 
 
 def _target_kind(key: str) -> str:
+    if key in _SGM_SINGLE:
+        return _SGM_SINGLE[key]
     m = re.search(r"(attn[12]_to_(?:q|k|v|out_0)|ff_net_0_proj|ff_net_2|proj_in|proj_out|self_attn_[qkv]_proj"
-                  r"|self_attn_out_proj|mlp_fc[12]|conv\w*|op|skip_connection|\w+_layers_\d+)$", key)
+                  r"|self_attn_out_proj|mlp_fc[12]|time_embedding_linear_[12]|add_embedding_linear_[12]|conv\w*|op"
+                  r"|time_emb_proj|skip_connection|(?:in|out|emb)_layers_\d+)$", key)
     return m.group(1) if m else key.rsplit("_", 1)[-1]
+
+
+# The UNet's single layers in SGM/LDM naming (SDXL files), by their diffusers names.
+_SGM_SINGLE = {"lora_unet_input_blocks_0_0": "conv_in", "lora_unet_out_2": "conv_out",
+               "lora_unet_time_embed_0": "time_embedding_linear_1", "lora_unet_time_embed_2": "time_embedding_linear_2",
+               "lora_unet_label_emb_0_0": "add_embedding_linear_1", "lora_unet_label_emb_0_2": "add_embedding_linear_2"}
 
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -16,6 +17,7 @@ from torch import nn
 from lora_trainer.errors import ConfigError
 
 if TYPE_CHECKING:
+    from lora_trainer.config import NetworkConfig
     from lora_trainer.families.base import Family
 
 # Inside every transformer block of the UNet (same names in diffusers and LDM/SGM code).
@@ -65,16 +67,93 @@ def default_unet_targets(unet: nn.Module) -> list[str]:
 CONV_BLOCK_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D", "ResBlock", "Downsample", "Upsample")
 
 
-def conv_block_targets(unet: nn.Module) -> list[str]:
-    """kohya's LoCon targets beyond the defaults: every Linear/Conv2d inside the ResNet blocks and
-    the down/up samplers (3x3 convs get conv_dim; time embedding and 1x1 shortcut the rank)."""
+def _inside(unet: nn.Module, classes: tuple[str, ...]) -> list[str]:
+    """Every adaptable layer inside a module whose class is one of ``classes``."""
     out: list[str] = []
     for path, module in unet.named_modules():
-        if type(module).__name__ not in CONV_BLOCK_CLASSES:
+        if type(module).__name__ not in classes:
             continue
         base = f"{path}." if path else ""
         out += [base + n for n, m in module.named_modules() if n and _is_adaptable(m)]
+    return out
+
+
+def conv_block_targets(unet: nn.Module) -> list[str]:
+    """kohya's LoCon targets beyond the defaults: every Linear/Conv2d inside the ResNet blocks and
+    the down/up samplers (3x3 convs get conv_dim; time embedding and 1x1 shortcut the rank)."""
+    return sorted(dict.fromkeys(_inside(unet, CONV_BLOCK_CLASSES)), key=_natural_key)
+
+
+# LyCORIS' presets (its network_args ``preset=``), for the SD1/SD2/SDXL UNet and CLIP text encoders.
+# unet: the parts adapted ("transformer": kohya's defaults, "attention": their attn1/attn2
+# projections only, "resnets", "samplers", "io": conv_in and conv_out, "time": the time
+# embedding); text: "attn-mlp" (kohya's defaults), "attention" or None (no text-encoder layer);
+# convs: whether 3x3 convolutions are adapted (LyCORIS' enable_conv; 1x1 ones always are).
+@dataclass(frozen=True)
+class Preset:
+    unet: tuple[str, ...]
+    text: str | None
+    convs: bool
+
+
+_WHOLE_UNET = ("transformer", "resnets", "samplers", "io", "time")
+PRESETS = {
+    "full": Preset(_WHOLE_UNET, "attn-mlp", True),
+    "full-lin": Preset(("transformer", "resnets", "time"), "attn-mlp", False),
+    "attn-mlp": Preset(("transformer",), "attn-mlp", False),
+    "attn-only": Preset(("attention",), "attention", False),
+    "unet-only": Preset(_WHOLE_UNET, None, True),
+    "unet-transformer-only": Preset(("transformer",), None, False),
+    "unet-convblock-only": Preset(("resnets", "samplers", "io"), None, True),
+}
+# Single layers a preset names: (diffusers path, LDM/SGM path).
+_NAMED_LAYERS = {"io": (("conv_in", "input_blocks.0.0"), ("conv_out", "out.2")),
+                 "time": (("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"))}
+_CLASSES = {"resnets": ("ResnetBlock2D", "ResBlock"), "samplers": ("Downsample2D", "Upsample2D", "Downsample", "Upsample")}
+_ATTENTION_RE = re.compile(r"(?:^|\.)attn[12]\.")
+_TEXT_ATTENTION_RE = re.compile(r"(?:^|\.)(?:self_attn\.[a-z_]+|attn)$")
+
+
+def convs_adapted(net: NetworkConfig) -> bool:
+    """Whether a run adapts the UNet's 3x3 convolutions: its preset's choice, else (kohya's
+    targets) with locon, conv_rank or conv_block_dims."""
+    if net.lycoris_preset != "kohya":
+        return PRESETS[net.lycoris_preset].convs
+    return net.type == "locon" or net.conv_rank is not None or bool(net.conv_block_dims)
+
+
+def check_preset(name: str, arch: str, text_encoder: bool, unet: bool) -> None:
+    """ConfigError where preset ``name`` cannot run: on a model without a kohya UNet (``unet``
+    false; ``arch`` names it), or with a trained text encoder where it adapts none."""
+    if not unet:
+        raise ConfigError(f"network.lycoris_preset: {name}: LyCORIS' presets are for the SD1, SD2 and SDXL UNet, "
+                          f"not {arch}; set it to kohya")
+    if text_encoder and PRESETS[name].text is None:
+        raise ConfigError(f"network.lycoris_preset: {name} adapts no text-encoder layer; set "
+                          "network.train_text_encoder to false or choose a preset without 'unet-'")
+
+
+def preset_unet_targets(unet: nn.Module, preset: Preset) -> list[str]:
+    """The UNet layers ``preset`` adapts, in the UNet's own naming (diffusers or LDM/SGM)."""
+    modules = dict(unet.named_modules())
+    out: list[str] = []
+    for part in preset.unet:
+        if part in ("transformer", "attention"):
+            paths = default_unet_targets(unet)
+            out += paths if part == "transformer" else [p for p in paths if _ATTENTION_RE.search(p)]
+        elif part in _CLASSES:
+            out += _inside(unet, _CLASSES[part])
+        else:
+            out += [p for pair in _NAMED_LAYERS[part] for p in pair if p in modules and _is_adaptable(modules[p])]
+    if not preset.convs:
+        out = [p for p in out if not is_spatial_conv(modules[p])]
     return sorted(dict.fromkeys(out), key=_natural_key)
+
+
+def preset_text_targets(encoder: nn.Module, naming: str, preset: Preset) -> list[str]:
+    """The text-encoder layers ``preset`` adapts: kohya's defaults, or their attention only."""
+    paths = default_text_targets(encoder, naming) if preset.text else []
+    return [p for p in paths if _TEXT_ATTENTION_RE.search(p)] if preset.text == "attention" else paths
 
 
 def is_spatial_conv(module: nn.Module) -> bool:

@@ -466,6 +466,33 @@ def lokr_blocks_and_color(url: str, data: Path, tag: str, plain: np.ndarray) -> 
     check(differs(txt2img(url, f"a red circle <lora:blocks_{tag}:1>"), plain) > 0, f"txt2img <lora:blocks_{tag}:1>")
 
 
+def lycoris_preset(url: str, data: Path, tag: str, plain: np.ndarray) -> None:
+    """A LoHa with LyCORIS' full preset from kohya_ss' network_args (its switches left off) trains
+    on the WebUI's model; the layers only that preset adds (conv_in, conv_out, the time
+    embedding) alone, in a file of their own, change the WebUI's render, so its loader read them."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    name = f"loha_full_{tag}"
+    run = train_api(url, data, name, 4, network_module="lycoris.kohya", network_dim=2, network_alpha=2,
+                    network_args=["preset=full", "conv_dim=2", "conv_alpha=2", "use_tucker=False", "use_scalar=False",
+                                  "bypass_mode=False", "rank_dropout_scale=False", "algo=loha", "train_norm=False"],
+                    learning_rate=5e-2)
+    path = Path(run["result"]["lora_path"])
+    with safe_open(path, "pt") as f:
+        only = ("lora_unet_conv_in.", "lora_unet_conv_out.", "lora_unet_time_embedding_linear_")
+        extra = {k: f.get_tensor(k) for k in f.keys() if k.startswith(only)}
+        args = json.loads(f.metadata().get("ss_network_args") or "{}")
+    modules = sorted({k.split(".")[0] for k in extra})
+    check(run["status"] == "done" and len(modules) == 4 and (args.get("algo"), args.get("preset")) == ("loha", "full"),
+          f"api: a LoHa with LyCORIS' preset=full from kohya_ss' network_args trained ({modules})")
+    check(differs(txt2img(url, f"a red circle <lora:{name}:1>"), plain) > 0, f"txt2img <lora:{name}:1>")
+    save_file(extra, str(path.with_name(f"{name}_io.safetensors")), {"ss_network_args": json.dumps(args)})
+    api(url, "/sdapi/v1/refresh-loras", {})
+    check(differs(txt2img(url, f"a red circle <lora:{name}_io:1>"), plain) > 0,
+          f"txt2img <lora:{name}_io:1>: conv_in, conv_out and the time embedding alone change the render")
+
+
 def weighted_captions(url: str, data: Path, tag: str) -> None:
     """Captions reach the WebUI's encoder as plain text, brackets and all, unless weighted_captions
     asks for its emphasis: weighted, '(red circle:1.0)' trains exactly as 'red circle' does; plain,
@@ -556,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     kohya_options_and_bf16(args.url, data, tag, plain)
     transparent_images(args.url, tag, plain)
     lokr_blocks_and_color(args.url, data, tag, plain)
+    lycoris_preset(args.url, data, tag, plain)
     weighted_captions(args.url, data, tag)
 
     busy_queue(args.url, data, f"behind_{tag}")
