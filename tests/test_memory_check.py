@@ -62,6 +62,20 @@ def test_the_estimate_traces_the_network_the_trainer_builds() -> None:
     assert prodigy.lora_gb == pytest.approx(base.lora_gb * 20 / 12)
 
 
+def test_a_run_continued_from_a_file_is_estimated_at_the_files_ranks(tmp_path: Path) -> None:
+    from lora_fixtures import make_bundle, net_cfg
+
+    from lora_trainer.lora.files import save_lora_file
+    from lora_trainer.lora.inject import inject_lora
+
+    net = inject_lora(make_bundle("sd1"), net_cfg(rank=64, train_text_encoder=False))
+    path = save_lora_file(tmp_path / "rank64.safetensors", net.to_kohya(), {})
+    net.remove()
+    base = _tiny()  # network.rank 16
+    continued = _tiny(init_from=str(path))
+    assert continued.lora_gb == pytest.approx(base.lora_gb * 4) and continued.step_gb > base.step_gb
+
+
 def test_network_args_are_the_shaping_settings_that_differ_from_the_defaults() -> None:
     assert adapters.network_args(NetworkConfig()) == ()
     assert adapters.network_args(NetworkConfig(alpha=4.0, block_alphas="1")) == ()  # alphas allocate nothing

@@ -61,12 +61,14 @@ def add_network(model: nn.Module, paths: list[str], rank: int, network: str, dev
 NetworkArgs = tuple[tuple[str, Any], ...]
 _SHAPING_FIELDS = ("conv_rank", "block_dims", "conv_block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
                    "block_lr_zero_threshold", "target_modules", "lokr_factor", "lokr_decompose_both", "dropout",
-                   "rank_dropout", "module_dropout", "train_text_encoder", "lycoris_preset")
+                   "rank_dropout", "module_dropout", "train_text_encoder", "lycoris_preset",
+                   "init_from")
 
 
 def network_args(net: Any) -> NetworkArgs:
     """The fields of the run's ``NetworkConfig`` that shape its adapters, where they differ from
-    the defaults (the type and rank are arguments of their own; alphas change no memory)."""
+    the defaults (the type and rank are arguments of their own; alphas change no memory; with
+    ``init_from`` the trainer places that file's modules at its ranks)."""
     from lora_trainer.config import NetworkConfig
 
     default = NetworkConfig()

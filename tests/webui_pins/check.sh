@@ -64,6 +64,7 @@ TESTS=(
   tests/test_lora_inject.py tests/test_lora_kohya.py tests/test_lora_files.py tests/test_lora_webui_keys.py
   tests/test_lora_variants.py tests/test_lora_inspect.py  # LoCon, DoRA, LoHa, LoKr on peft 0.13.2
   tests/test_lora_blocks.py                                # kohya's block weights and ranks
+  tests/test_lora_presets.py                               # LyCORIS' presets and kohya_ss' switches
   tests/test_lora_dropouts.py                              # rank and module dropout (peft 0.13.2 LoHa/LoKr)
   tests/test_lora_forward.py                               # the lean LoRA forward every run takes
   tests/test_train_speed.py                                # the casts skipped under autocast, peft 0.13.2
@@ -91,6 +92,7 @@ DESELECT=(
   "tests/test_train_checkpointing.py::test_units_of_flux_and_sd3_are_their_transformer_blocks[tiny_flux]"
   tests/test_train_checkpointing.py::test_flux_and_sd35_train_exactly_with_a_share_of_their_blocks_checkpointed
   tests/test_lora_blocks.py::test_block_settings_are_refused_on_a_transformer
+  tests/test_lora_presets.py::test_preset_on_a_model_without_a_kohya_unet_is_refused_at_injection
 )
 [ $# -gt 0 ] && TESTS=("$@")
 pins_pytest "${TESTS[@]}" "${DESELECT[@]/#/--deselect=}"
