@@ -111,6 +111,21 @@ def test_the_file_loads_in_forges_loader_and_changes_the_render(env, tmp_path: P
     assert env.main_thread.thread_names and set(env.main_thread.thread_names) == {"forge-main-thread"}
 
 
+def test_a_lycoris_preset_file_loads_whole_in_forges_loader(env, tmp_path: Path) -> None:
+    # LyCORIS' full preset on Forge's UNet: its ResNet blocks, samplers, conv in/out and time embedding too.
+    from safetensors import safe_open
+
+    result = train(env, tmp_path, **{"network.lycoris_preset": "full", "network.conv_rank": 2})
+    with safe_open(str(result.lora_path), "pt") as f:
+        modules = {k.split(".")[0] for k in f.keys()}
+    assert {"lora_unet_conv_in", "lora_unet_conv_out", "lora_unet_time_embedding_linear_1",
+            "lora_unet_down_blocks_0_downsamplers_0_conv", "lora_unet_mid_block_resnets_0_conv1"} <= modules
+    name = Path(result.lora_path).stem
+    off, on = render(env, f"a cat <lora:{name}:0>"), render(env, f"a cat <lora:{name}:1>")
+    assert env.networks.last_unmatched[str(result.lora_path)] == [] and not env.networks.dropped
+    assert np.abs(on - off).max() > 0
+
+
 def test_lora_patches_merged_by_a_render_are_out_before_training_and_back_after(env, tmp_path: Path) -> None:
     engine = env.shared.sd_model
     clean = live_model.state_hash(kmodel(engine))

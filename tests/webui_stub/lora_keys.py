@@ -19,8 +19,21 @@ def _res_suffix(kind: str, rest: str) -> str:
     return next((v + rest[len(k):] for k, v in _RESNET.items() if rest.startswith(k)), rest)
 
 
+# The UNet's single layers (both WebUIs map them: A1111's regexes, Forge's UNET_MAP_BASIC).
+_SINGLE = {"lora_unet_conv_in": "input_blocks_0_0", "lora_unet_conv_out": "out_2",
+           "lora_unet_time_embedding_linear_1": "time_embed_0", "lora_unet_time_embedding_linear_2": "time_embed_2"}
+
+
 def webui_layer_name(key: str) -> str:
     """SD1 file key (without tensor suffix) -> the layer name the WebUI looks up."""
+    if key in _SINGLE:
+        return f"diffusion_model_{_SINGLE[key]}"
+    m = re.fullmatch(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", key)
+    if m:
+        return f"diffusion_model_input_blocks_{3 + 3 * int(m[1])}_0_op"
+    m = re.fullmatch(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", key)
+    if m:  # SD1's first up block has no attention
+        return f"diffusion_model_output_blocks_{2 + 3 * int(m[1])}_{2 if int(m[1]) > 0 else 1}_conv"
     m = re.match(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key)
     if m:
         i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
