@@ -267,16 +267,16 @@ def test_auto_sizes_the_forms_settings_it_leaves_alone() -> None:
 
     form = build_config({"network.conv_rank": 16, "data.max_token_length": 225, "data.shuffle_captions": True,
                          "network.train_text_encoder": True, "optim.optimizer": "prodigy"})
-    plain, sized = presets.auto_values("sdxl", 12.0), presets.auto_values("sdxl", 12.0, form=form)
+    plain, sized = presets.auto_values("sd1", 5.0), presets.auto_values("sd1", 5.0, form=form)
     run = build_config(sized, base=form)  # the preset's values in the form, as the tab puts them
     assert not run.network.train_text_encoder and run.optim.optimizer == "adamw"
-    budget = 12.0 - 1.5  # the reserve auto leaves the host
-    assert estimate.needed_gb(memory_check.run_estimate(run, "sdxl")) <= budget
+    budget = 5.0 - 1.5  # the reserve auto leaves the host
+    assert estimate.needed_gb(memory_check.run_estimate(run, "sd1")) <= budget
     # what auto picks for the preset's own fields alone would not fit with the form's others
-    assert estimate.needed_gb(memory_check.run_estimate(build_config(plain, base=form), "sdxl")) > budget
-    note = presets.auto_summary("sdxl", 12.0, form=form)
+    assert estimate.needed_gb(memory_check.run_estimate(build_config(plain, base=form), "sd1")) > budget
+    note = presets.auto_summary("sd1", 5.0, form=form)
     shown = float(note[note.rindex("estimated peak ") + len("estimated peak "):-len(" GiB)")])
-    assert memory_check.run_estimate(run, "sdxl").total_gb <= shown  # the note speaks of the form's run
+    assert memory_check.run_estimate(run, "sd1").total_gb <= shown  # the note speaks of the form's run
 
 
 def test_the_tabs_auto_preset_reads_the_whole_form() -> None:
@@ -291,5 +291,5 @@ def test_the_tabs_auto_preset_reads_the_whole_form() -> None:
     assert len(fields) > 50 and len(blocks.config["dependencies"][applier]["inputs"]) >= 5 + len(fields)
     form = build_config({"network.conv_rank": 16, "data.max_token_length": 225, "data.shuffle_captions": True})
     host = StandaloneHost()
-    assert preset_for_host(host, "auto", "sdxl", "lora", 12.0, form=form) != preset_for_host(
-        host, "auto", "sdxl", "lora", 12.0)
+    assert preset_for_host(host, "auto", "sd1", "lora", 5.0, form=form) != preset_for_host(
+        host, "auto", "sd1", "lora", 5.0)
