@@ -202,7 +202,8 @@ class NetworkConfig:
         "attn-only: their attention projections (and the text encoders' attention). unet-only: full without "
         "text-encoder layers; unet-transformer-only: attn-mlp without them; unet-convblock-only: the ResNet "
         "blocks, samplers and conv_in/conv_out. Presets without 3x3 convs ignore conv_rank, as LyCORIS does. "
-        "Not with target_modules.")
+        "Not with target_modules. A kohya config with network_module lycoris.kohya gets LyCORIS' default, full, "
+        "unless its network_args name a preset.")
 
 
 @dataclass
@@ -622,7 +623,8 @@ _ALIAS_VALUE_MAPS: dict[str, Any] = {
 
 
 # kohya's network_module values -> network.type ("lycoris.kohya" alone is LyCORIS' default algo,
-# "lora", which adapts the 3x3 convs too: our locon).
+# "lora", which adapts the 3x3 convs too: our locon). LyCORIS' layers are its default preset's,
+# "full", unless network_args names another.
 NETWORK_MODULES = {"networks.lora": "lora", "lycoris.kohya": "locon"}
 # LyCORIS' network_args "algo" values we train -> network.type.
 LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr", "dora": "dora"}
@@ -752,7 +754,9 @@ def _network_module(value: Any) -> dict[str, Any]:
     if str(value).strip() not in NETWORK_MODULES:
         raise ConfigError(f"network_module: {value!r} is not supported; use one of {', '.join(NETWORK_MODULES)} "
                           f"(or network.type: {' | '.join(NETWORK_TYPES)})")
-    return {"network.type": NETWORK_MODULES[str(value).strip()]}
+    module = str(value).strip()
+    return {"network.type": NETWORK_MODULES[module], **({"network.lycoris_preset": "full"}
+                                                        if module == "lycoris.kohya" else {})}
 
 
 def key_value_pairs(value: Any, where: str, example: str, *, commas: bool = False) -> dict[str, str]:

@@ -158,6 +158,20 @@ def test_a_kohya_ss_lycoris_config_loads_with_its_switches_off(tmp_path):
     assert load_config(path).network.type == "lokr"
 
 
+@pytest.mark.parametrize(("args", "preset"), [([], "full"), (["preset=attn-mlp"], "attn-mlp"),
+                                              (["algo=lokr", "preset=unet-transformer-only"], "unet-transformer-only")])
+def test_lycoris_kohya_trains_lycoris_default_preset_unless_network_args_name_one(args, preset):
+    cfg = build_config_from({"network_module": "lycoris.kohya", "network_args": args})
+    assert cfg.network.lycoris_preset == preset
+    assert build_config_from({"network_module": "networks.lora"}).network.lycoris_preset == "kohya"
+
+
+def build_config_from(data: dict) -> TrainConfig:
+    from lora_trainer.config import flatten_user_dict
+
+    return build_config(flatten_user_dict(data))
+
+
 @pytest.mark.parametrize(("arg", "message"), [
     ("use_tucker=True", r"network_args: use_tucker=True: the Tucker decomposition .* \(use_tucker=False only\)"),
     ("train_norm=True", r"network_args: train_norm=True: LyCORIS' training of the norm layers"),

@@ -403,9 +403,10 @@ def _from_file(arch: str, path: str, all_roots: dict[str, tuple[nn.Module, str]]
     rebuild its modules."""
     from lora_trainer.lora.files import read_lora_file
 
-    tensors, _ = read_lora_file(path)
-    tensors = _file_side(arch, tensors, to_file=False)
-    incoming = kohya_tensors.read_modules(tensors)
+    with torch.device("cpu"):  # the file's values, also where the model is built on "meta" (the estimate)
+        tensors, _ = read_lora_file(path)
+        tensors = _file_side(arch, tensors, to_file=False)
+        incoming = kohya_tensors.read_modules(tensors)
     _check_init_file(path, kind, incoming)
     candidates = _candidate_layout(arch, all_roots)
     unknown = [k for k in incoming if k not in candidates]
