@@ -338,8 +338,9 @@ def _planned(bundle: ModelBundle, cfg: NetworkConfig, all_roots: dict[str, tuple
              trained: set[str], per_block: dict[str, list[float] | None] | None = None,
              ) -> tuple[dict[str, Slot], dict[tuple[str, str, str], int], dict[tuple[str, str, str], float]]:
     """Layout, ranks and alphas from the config: kohya's targets (or the user's), plus the ResNet
-    blocks and samplers for LoCon or with conv_rank, 3x3 convs at conv_rank/conv_alpha; with
-    ``per_block`` (:func:`_block_ranks`) the UNet's at their block's rank, none in a block at 0."""
+    blocks and samplers for LoCon or with conv_rank, or a LyCORIS preset's layers; 3x3 convs at
+    conv_rank/conv_alpha; with ``per_block`` (:func:`_block_ranks`) the UNet's at their block's
+    rank, none in a block at 0."""
     use = {k: v for k, v in all_roots.items() if k in trained}
     if cfg.lycoris_preset != "kohya":
         found = _preset_targets(bundle, cfg.lycoris_preset, use)

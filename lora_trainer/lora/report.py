@@ -69,7 +69,6 @@ _SGM_SINGLE = {"lora_unet_input_blocks_0_0": "conv_in", "lora_unet_out_2": "conv
                "lora_unet_label_emb_0_0": "add_embedding_linear_1", "lora_unet_label_emb_0_2": "add_embedding_linear_2"}
 
 
-
 _TUCKER = {"hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight"}
 
 
