@@ -4,7 +4,6 @@ network_args with its switches left off."""
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -132,7 +131,6 @@ def test_the_file_records_the_preset_and_the_conv_rank_it_used():
     _, args = network_module_args(build_config({"network.lycoris_preset": "attn-only", "network.conv_rank": 4}).network)
     assert args["preset"] == "attn-only" and "conv_dim" not in args
     assert "preset" not in network_module_args(TrainConfig().network)[1]
-    json.dumps(args)
 
 
 KOHYA_SS_LOHA = """
