@@ -1,10 +1,11 @@
 """WebUI compatibility: LDM naming gives the same file as diffusers naming, and every key
 resolves to the WebUI's module by A1111's matching rule, at the trained strength.
 
-The rule is re-implemented here from its description (dots -> underscores; diffusers UNet names
-turned into LDM names with input index = 1 + 3*block + i, middle_block_1, output index =
-3*block + i; SD2 text keys turned into open_clip names, q/k/v landing on the attention's
-in_proj), applied to the WebUI's real LDM UNet class and an open_clip text tower.
+The rule (dots -> underscores; diffusers UNet names turned into LDM names with input index =
+1 + 3*block + i, middle_block_1, output index = 3*block + i, and the single layers and samplers
+by name; SD2 text keys turned into open_clip names, q/k/v landing on the attention's in_proj) is
+the WebUI stand-ins' table (``tests/webui_stub/lora_keys.py``), written from A1111's code,
+applied to the WebUI's real LDM UNet class and an open_clip text tower.
 """
 
 from __future__ import annotations
@@ -15,42 +16,17 @@ import pytest
 import torch
 from lora_fixtures import ldm_unet, make_bundle, net_cfg, randomize
 from torch import nn
+from webui_stub.lora_keys import webui_layer_name
 
 from lora_trainer.lora.inject import inject_lora
 from lora_trainer.models.tiny import build_components
 
-_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
-           "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
-
 
 def webui_unet_name(key: str) -> str:
-    """A1111: a kohya UNet key -> the LDM module name with underscores."""
-    name = key[len("lora_unet_"):]
-    single = {"conv_in": "input_blocks_0_0", "conv_out": "out_2", "time_embedding_linear_1": "time_embed_0",
-              "time_embedding_linear_2": "time_embed_2"}
-    if name in single:
-        return single[name]
-    m = re.fullmatch(r"down_blocks_(\d+)_downsamplers_0_conv", name)
-    if m:
-        return f"input_blocks_{3 + 3 * int(m[1])}_0_op"
-    m = re.fullmatch(r"up_blocks_(\d+)_upsamplers_0_conv", name)
-    if m:
-        return f"output_blocks_{2 + 3 * int(m[1])}_{2 if int(m[1]) > 0 else 1}_conv"
-    m = re.fullmatch(r"down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", name)
-    if m:
-        b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
-        rest = _RESNET.get(rest, rest) if kind == "resnets" else rest
-        return f"input_blocks_{1 + 3 * b + i}_{1 if kind == 'attentions' else 0}_{rest}"
-    m = re.fullmatch(r"mid_block_(attentions|resnets)_(\d+)_(.+)", name)
-    if m:
-        rest = _RESNET.get(m[3], m[3]) if m[1] == "resnets" else m[3]
-        return f"middle_block_{1 if m[1] == 'attentions' else 2 * int(m[2])}_{rest}"
-    m = re.fullmatch(r"up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", name)
-    if m:
-        b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
-        rest = _RESNET.get(rest, rest) if kind == "resnets" else rest
-        return f"output_blocks_{3 * b + i}_{1 if kind == 'attentions' else 0}_{rest}"
-    return name  # already an LDM name
+    """A1111: a kohya UNet key -> the LDM module name with underscores (SD1/SD2 diffusers names by
+    the WebUI stand-ins' table of A1111's rules; SDXL's are LDM names already)."""
+    name = webui_layer_name(key)
+    return name[len("diffusion_model_"):] if name != key else key[len("lora_unet_"):]
 
 
 def webui_sd2_text_name(key: str) -> tuple[str, str | None]:
