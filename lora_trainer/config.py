@@ -655,9 +655,9 @@ _LYCORIS_SWITCHES: dict[str, tuple[Any, str]] = {
     **dict.fromkeys(("rescaled", "train_on_input"), (False, "used only with LyCORIS' OFT and IA3, which are not "
                                                           "available")),
 }
-# Settings of LyCORIS' other algorithms (DyLoRA's block size, a warning switch): no effect here;
-# rank_dropout_scale is checked against rank_dropout in _network_args.
-_LYCORIS_OTHER_ALGOS = {"block_size", "no_dim_warn", "rank_dropout_scale"}
+# LyCORIS' network_args accepted whatever their value: DyLoRA's block size and a warning switch
+# (no effect here), and rank_dropout_scale (checked against rank_dropout in _network_args).
+_LYCORIS_ACCEPTED = {"block_size", "no_dim_warn", "rank_dropout_scale"}
 
 
 # kohya's per-prompt options in a sample prompts line -> the sample field each sets, and its type.
@@ -856,7 +856,7 @@ def _network_args(value: Any) -> dict[str, Any]:
             off, reason = _LYCORIS_SWITCHES[k]
             if _coerce(v, type(off), f"network_args: {k}") != off:
                 raise ConfigError(f"network_args: {k}={v}: {reason} ({k}={off} only)")
-        elif k not in _LYCORIS_OTHER_ALGOS:
+        elif k not in _LYCORIS_ACCEPTED:
             raise ConfigError(f"network_args: {k!r} is not supported; supported: algo, "
                               f"{', '.join(_NETWORK_ARG_FIELDS)}, dora_wd, rank_dropout_scale, and LyCORIS' "
                               f"switches left off ({', '.join(_LYCORIS_SWITCHES)})")

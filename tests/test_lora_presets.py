@@ -103,6 +103,8 @@ def test_a_preset_gives_the_same_keys_in_ldm_naming(arch):
 def test_every_type_takes_a_preset(kind):
     keys = _layers(type=kind, lycoris_preset="attn-only", train_text_encoder=False)
     assert keys and all(re.search(r"_attn[12]_", k) for k in keys)
+    full = _layers(type=kind, lycoris_preset="full", train_text_encoder=False)
+    assert {"lora_unet_conv_in", "lora_unet_time_embedding_linear_1", "lora_unet_down_blocks_0_resnets_0_conv1"} <= set(full)
 
 
 def test_preset_errors_name_the_field_and_what_to_do():
@@ -131,6 +133,9 @@ def test_the_file_records_the_preset_and_the_conv_rank_it_used():
     _, args = network_module_args(build_config({"network.lycoris_preset": "attn-only", "network.conv_rank": 4}).network)
     assert args["preset"] == "attn-only" and "conv_dim" not in args
     assert "preset" not in network_module_args(TrainConfig().network)[1]
+    # kohya's block conv ranks without conv_dim: no conv_dim recorded, as kohya records none
+    blocks = build_config({"network.conv_block_dims": ",".join(["4"] * 25)}).network
+    assert "conv_dim" not in network_module_args(blocks)[1]
 
 
 KOHYA_SS_LOHA = """
@@ -185,9 +190,12 @@ def test_a_lycoris_switch_turned_on_is_refused_in_one_line(tmp_path, arg, messag
     assert "\n" not in str(err.value)
 
 
-def test_presets_are_the_lycoris_names():
-    assert set(PRESETS) == {"full", "full-lin", "attn-mlp", "attn-only", "unet-only", "unet-transformer-only",
-                            "unet-convblock-only"}
+def test_the_field_offers_kohya_and_every_preset():
+    import typing
+
+    from lora_trainer.config import _type_of
+
+    assert set(typing.get_args(_type_of("network.lycoris_preset"))) == {"kohya", *PRESETS}
 
 
 @pytest.mark.parametrize(("arch", "unet"), [("sd1", None), ("sdxl", "ldm")])
@@ -203,5 +211,6 @@ def test_inspect_names_a_full_preset_files_layers_and_every_loader_reads_it(arch
         net.remove()
     kinds = set(report["targets"])
     assert {"conv_in", "conv_out", "time_embedding_linear_1", "time_embedding_linear_2"} <= kinds
-    assert kinds & {"time_emb_proj", "emb_layers_1"} and kinds & {"conv", "op"} and not any(k.startswith("lora_") or k.isdigit() for k in kinds)
+    assert kinds & {"time_emb_proj", "emb_layers_1"} and kinds & {"conv", "op"}
+    assert not any(k.startswith("lora_") or k.isdigit() for k in kinds)
     assert not report["problems"] and all(v["ok"] for v in report["verdicts"].values()), report["verdicts"]

@@ -37,7 +37,8 @@ def network_module_args(net: NetworkConfig) -> tuple[str, dict[str, str]]:
             args["decompose_both"] = "True"
     if net.lycoris_preset != "kohya":
         args["preset"] = net.lycoris_preset
-    if convs_adapted(net):
+    # kohya records conv_dim when it was given (or LoCon's); a preset, when it adapts 3x3 convs
+    if convs_adapted(net) and (net.lycoris_preset != "kohya" or net.type == "locon" or net.conv_rank is not None):
         args["conv_dim"] = str(net.conv_rank or net.rank)
         args["conv_alpha"] = _num(float(net.conv_alpha if net.conv_alpha is not None else net.alpha))
     if net.type == "dora":
